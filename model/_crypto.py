@@ -1,0 +1,90 @@
+"""The raw primitives, in one clearly marked place (our "hazmat" layer).
+
+Everything above this module speaks in recipes (sealed events, receipts, chains); only this
+module touches libsodium directly. Every failure of a recipe surfaces as one opaque error type so
+that callers cannot build oracles out of *why* a check failed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.signing
+from nacl.encoding import RawEncoder
+from nacl.hash import blake2b
+
+HASH_BYTES = 32
+AEAD_KEY_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
+AEAD_NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+SIGN_PK_BYTES = 32
+SIGN_SEED_BYTES = 32
+SIGNATURE_BYTES = 64
+
+
+class CryptoError(Exception):
+    """A cryptographic check failed. Deliberately says nothing about which check or why."""
+
+
+def domain_hash(domain: bytes, *parts: bytes) -> bytes:
+    """BLAKE2b-256 over a domain label and length-prefixed parts.
+
+    Length prefixes make the encoding injective, so two different part lists can never hash
+    alike by shifting bytes between neighbours.
+    """
+    buf = bytearray(domain)
+    for part in parts:
+        buf += struct.pack(">Q", len(part))
+        buf += part
+    return blake2b(bytes(buf), digest_size=HASH_BYTES, encoder=RawEncoder)
+
+
+def random_bytes(n: int) -> bytes:
+    return sodium.randombytes(n)
+
+
+def aead_encrypt(key: bytes, nonce: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    _check_len("AEAD key", key, AEAD_KEY_BYTES)
+    _check_len("AEAD nonce", nonce, AEAD_NONCE_BYTES)
+    return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(plaintext, associated, nonce, key)
+
+
+def aead_decrypt(key: bytes, nonce: bytes, ciphertext: bytes, associated: bytes) -> bytes:
+    """Authenticate, then decrypt. Raises `CryptoError` for every failure alike."""
+    if len(key) != AEAD_KEY_BYTES or len(nonce) != AEAD_NONCE_BYTES:
+        raise CryptoError("decryption failed")
+    try:
+        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(ciphertext, associated, nonce, key)
+    except nacl.exceptions.CryptoError:
+        raise CryptoError("decryption failed") from None
+
+
+def signing_key_from_seed(seed: bytes) -> nacl.signing.SigningKey:
+    _check_len("signing seed", seed, SIGN_SEED_BYTES)
+    return nacl.signing.SigningKey(seed)
+
+
+def sign(key: nacl.signing.SigningKey, message: bytes) -> bytes:
+    return key.sign(message).signature
+
+
+def verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """True only when `signature` is a valid Ed25519 signature of `message` by `public_key`."""
+    if len(public_key) != SIGN_PK_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        nacl.signing.VerifyKey(public_key).verify(message, signature)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+def constant_time_equal(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def _check_len(what: str, value: bytes, expected: int) -> None:
+    if len(value) != expected:
+        raise ValueError(f"{what} must be {expected} bytes, got {len(value)}")

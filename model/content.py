@@ -1,0 +1,50 @@
+"""Plaintext content types: what is inside the AEAD. The relay never sees these."""
+
+from __future__ import annotations
+
+from typing import Final, cast
+
+import msgspec
+
+from model.errors import InvalidEvent
+
+KIND_MESSAGE: Final = "msg"
+KIND_COLLAB_META: Final = "collab.meta"
+MAX_TEXT_CHARS: Final = 16_000
+
+
+class Message(msgspec.Struct, frozen=True, tag="msg"):
+    text: str
+
+    def __repr__(self) -> str:
+        return f"Message(<{len(self.text)} chars>)"
+
+
+class CollabMeta(msgspec.Struct, frozen=True, tag="collab.meta"):
+    name: str
+
+    def __repr__(self) -> str:
+        return "CollabMeta(<name>)"
+
+
+Content = Message | CollabMeta
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Content)
+
+
+def encode_content(content: Content) -> bytes:
+    if isinstance(content, Message) and len(content.text) > MAX_TEXT_CHARS:
+        raise InvalidEvent(f"message is {len(content.text)} characters; the limit is 16000")
+    return _encoder.encode(content)
+
+
+def decode_content(data: bytes) -> Content:
+    try:
+        return cast("Content", _decoder.decode(data))
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"decrypted content does not decode: {exc}") from None
+
+
+def kind_of(content: Content) -> str:
+    return KIND_MESSAGE if isinstance(content, Message) else KIND_COLLAB_META

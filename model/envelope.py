@@ -1,0 +1,203 @@
+"""The event envelope: what an author signs, what the relay can see, what stays sealed.
+
+An event is a `SignedEvent`: the exact bytes of an `EventBody` plus an Ed25519 signature over
+``DOMAIN_EVENT ‖ body``. The body carries the only plaintext routing fields the relay learns
+(``collab_id, actor_id, kind, ts, refs``; the relay adds ``seq`` when it orders the event) and
+the content, sealed with XChaCha20-Poly1305 under the collab key. The routing fields are the
+AEAD's associated data, so ciphertext cannot be moved to another collab, author, kind, time or
+set of refs without failing to decrypt.
+
+Signed bytes are kept exactly as received: verifiers check the signature over the bytes on the
+wire, then decode them strictly and require that re-encoding gives the same bytes (one canonical
+encoding per body), so the event id — a hash of body and signature — is a stable identity.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+
+from model import _crypto
+from model.errors import BadSignature, InvalidEvent
+from model.ids import is_id
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+EVENT_VERSION: Final = 1
+MAX_BODY_BYTES: Final = 64 * 1024
+MAX_REFS: Final = 16
+MAX_REF_CHARS: Final = 128
+KIND_RE: Final = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+
+# Domain separation: every signature and hash in the protocol starts with its own label so a
+# value made for one purpose can never be accepted for another.
+DOMAIN_EVENT: Final = b"cozylabs/v1/event-signature\x00"
+DOMAIN_EVENT_ID: Final = b"cozylabs/v1/event-id\x00"
+DOMAIN_CONTENT_AD: Final = b"cozylabs/v1/content-ad\x00"
+
+
+class EventBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """The signed part of an event. Only the fields before ``nonce`` are plaintext metadata."""
+
+    v: int
+    collab_id: str
+    actor_id: str
+    kind: str
+    ts: int
+    refs: tuple[str, ...]
+    nonce: bytes
+    ciphertext: bytes
+
+    def __repr__(self) -> str:  # ciphertext bodies never reach logs
+        return (
+            f"EventBody(v={self.v}, collab_id={self.collab_id!r}, actor_id={self.actor_id!r}, "
+            f"kind={self.kind!r}, ts={self.ts}, refs={self.refs!r}, "
+            f"ciphertext=<{len(self.ciphertext)} bytes>)"
+        )
+
+
+class SignedEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What an author submits: the exact body bytes and the author's signature over them."""
+
+    body: bytes
+    sig: bytes
+
+    def __repr__(self) -> str:
+        return f"SignedEvent(<{len(self.body)} body bytes>, sig={self.sig[:4].hex()}…)"
+
+
+_body_encoder = msgspec.msgpack.Encoder()
+_body_decoder = msgspec.msgpack.Decoder(EventBody)
+_ad_encoder = msgspec.msgpack.Encoder()
+
+
+def content_associated_data(
+    collab_id: str, actor_id: str, kind: str, ts: int, refs: tuple[str, ...]
+) -> bytes:
+    """The AEAD associated data: the routing fields, bound under their own domain label."""
+    return DOMAIN_CONTENT_AD + _ad_encoder.encode(
+        [EVENT_VERSION, collab_id, actor_id, kind, ts, list(refs)]
+    )
+
+
+def event_id(signed: SignedEvent) -> bytes:
+    """The event's identity: a hash of the signed event. Retries of one event share it."""
+    return _crypto.domain_hash(DOMAIN_EVENT_ID, signed.body, signed.sig)
+
+
+def seal_event(
+    *,
+    signing_key: nacl.signing.SigningKey,
+    collab_key: bytes,
+    collab_id: str,
+    actor_id: str,
+    kind: str,
+    ts: int,
+    content: bytes,
+    refs: tuple[str, ...] = (),
+) -> SignedEvent:
+    """Encrypt `content` under the collab key and sign the result as `actor_id`.
+
+    Raises `InvalidEvent` if the routing fields or the resulting size break the protocol's
+    limits, so an author learns about it before the relay refuses the event.
+    """
+    _check_routing(collab_id, actor_id, kind, ts, refs)
+    nonce = _crypto.random_bytes(_crypto.AEAD_NONCE_BYTES)
+    ad = content_associated_data(collab_id, actor_id, kind, ts, refs)
+    body = EventBody(
+        v=EVENT_VERSION,
+        collab_id=collab_id,
+        actor_id=actor_id,
+        kind=kind,
+        ts=ts,
+        refs=refs,
+        nonce=nonce,
+        ciphertext=_crypto.aead_encrypt(collab_key, nonce, content, ad),
+    )
+    body_bytes = _body_encoder.encode(body)
+    if len(body_bytes) > MAX_BODY_BYTES:
+        raise InvalidEvent(
+            f"event body is {len(body_bytes)} bytes; the limit is {MAX_BODY_BYTES}. "
+            "Attach large content as an artifact instead."
+        )
+    return SignedEvent(body=body_bytes, sig=_crypto.sign(signing_key, DOMAIN_EVENT + body_bytes))
+
+
+def decode_body(body: bytes) -> EventBody:
+    """Strictly decode body bytes. Raises `InvalidEvent` on anything but a canonical body."""
+    if len(body) > MAX_BODY_BYTES:
+        raise InvalidEvent(f"event body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        decoded = _body_decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"event body does not decode: {exc}") from None
+    if decoded.v != EVENT_VERSION:
+        raise InvalidEvent(f"event version {decoded.v} is not supported (this side speaks 1)")
+    _check_routing(decoded.collab_id, decoded.actor_id, decoded.kind, decoded.ts, decoded.refs)
+    if len(decoded.nonce) != _crypto.AEAD_NONCE_BYTES:
+        raise InvalidEvent("event nonce has the wrong length")
+    if _body_encoder.encode(decoded) != body:
+        raise InvalidEvent("event body is not in canonical encoding")
+    return decoded
+
+
+class VerifiedEvent:
+    """An event whose author signature held and whose body decoded canonically.
+
+    Only `verify_event` makes these, so code that takes a `VerifiedEvent` never handles
+    unverified input by mistake.
+    """
+
+    __slots__ = ("body", "event_id", "signed")
+
+    def __init__(self, signed: SignedEvent, body: EventBody, eid: bytes, *, _token: object) -> None:
+        if _token is not _VERIFIER:
+            raise TypeError("VerifiedEvent is only made by model.envelope.verify_event")
+        self.signed = signed
+        self.body = body
+        self.event_id = eid
+
+    def __repr__(self) -> str:
+        return f"VerifiedEvent(id={self.event_id.hex()[:16]}…, {self.body!r})"
+
+
+_VERIFIER = object()
+
+
+def verify_event(signed: SignedEvent, author_public_key: bytes) -> VerifiedEvent:
+    """Check the signature over the exact body bytes, then decode them.
+
+    Raises `BadSignature` when the signature does not hold for `author_public_key`, and
+    `InvalidEvent` when the signed body is malformed. The signature is checked first so that
+    no parsing work is spent on forged input.
+    """
+    if len(signed.body) > MAX_BODY_BYTES:
+        raise InvalidEvent(f"event body is {len(signed.body)} bytes; the limit is {MAX_BODY_BYTES}")
+    if not _crypto.verify(author_public_key, DOMAIN_EVENT + signed.body, signed.sig):
+        raise BadSignature("event signature does not verify for the claimed author")
+    return VerifiedEvent(signed, decode_body(signed.body), event_id(signed), _token=_VERIFIER)
+
+
+def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
+    """Decrypt a verified event's content. Raises `CryptoError` (opaque) on any failure."""
+    b = event.body
+    ad = content_associated_data(b.collab_id, b.actor_id, b.kind, b.ts, b.refs)
+    return _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, ad)
+
+
+def _check_routing(
+    collab_id: str, actor_id: str, kind: str, ts: int, refs: tuple[str, ...]
+) -> None:
+    if not is_id(collab_id, "c"):
+        raise InvalidEvent("collab_id must look like c_<26 base32 chars>")
+    if not is_id(actor_id, "a"):
+        raise InvalidEvent("actor_id must look like a_<26 base32 chars>")
+    if not KIND_RE.fullmatch(kind):
+        raise InvalidEvent("kind must match [a-z][a-z0-9._-]{0,31}")
+    if not 0 <= ts < 2**63:
+        raise InvalidEvent("ts must be milliseconds since the epoch (a non-negative int64)")
+    if len(refs) > MAX_REFS or any(not 0 < len(r) <= MAX_REF_CHARS for r in refs):
+        raise InvalidEvent(f"at most {MAX_REFS} refs of 1..{MAX_REF_CHARS} characters each")

@@ -1,0 +1,149 @@
+"""The sealed keystore: an account's private keys, sealed so only the passphrase opens them.
+
+Layout: the private material is sealed (XSalsa20-Poly1305 secretbox) under a random 32-byte
+keystore key; that key is wrapped under a key derived from the encryption passphrase with
+Argon2id. The KDF parameters travel with the keystore so a later client can open it, and the
+client refuses to seal below libsodium's MODERATE parameters unless the caller explicitly asks
+for the documented test profile.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import msgspec
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.utils
+
+from model._crypto import CryptoError
+
+KEYSTORE_VERSION: Final = 1
+KEY_BYTES: Final = nacl.secret.SecretBox.KEY_SIZE
+
+
+class KdfProfile(enum.Enum):
+    """Named Argon2id cost profiles. MODERATE is the floor for real keystores."""
+
+    MODERATE = (nacl.pwhash.argon2id.OPSLIMIT_MODERATE, nacl.pwhash.argon2id.MEMLIMIT_MODERATE)
+    # For tests only: cheap enough to run hundreds of times, far too cheap for real secrets.
+    INSECURE_TEST = (nacl.pwhash.argon2id.OPSLIMIT_MIN, 8 * 1024 * 1024)
+
+
+class KdfParams(msgspec.Struct, frozen=True):
+    alg: str
+    opslimit: int
+    memlimit: int
+    salt: bytes
+
+
+class KeystoreContent(msgspec.Struct):
+    """The private material. Never logged: the repr shows only which collabs have keys."""
+
+    sign_seed: bytes
+    box_sk: bytes
+    collab_keys: dict[str, bytes] = msgspec.field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"KeystoreContent(<keys redacted>, collabs={sorted(self.collab_keys)})"
+
+
+class SealedKeystore(msgspec.Struct, frozen=True):
+    v: int
+    kdf: KdfParams
+    wrapped_key: bytes
+    sealed: bytes
+
+    def __repr__(self) -> str:
+        return f"SealedKeystore(v={self.v}, kdf={self.kdf.alg}/{self.kdf.opslimit}/{self.kdf.memlimit})"
+
+
+class WeakKdfParameters(ValueError):
+    """Refused to seal with Argon2id parameters below MODERATE."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+_content_decoder = msgspec.msgpack.Decoder(KeystoreContent)
+
+
+def derive_passphrase_key(passphrase: str, params: KdfParams) -> bytes:
+    """Argon2id. Slow by design (≈0.5 s and 256 MiB at MODERATE): call it off the event loop."""
+    if params.alg != "argon2id13":
+        raise CryptoError("unsupported keystore KDF")
+    return nacl.pwhash.argon2id.kdf(
+        KEY_BYTES,
+        passphrase.encode("utf-8"),
+        params.salt,
+        opslimit=params.opslimit,
+        memlimit=params.memlimit,
+    )
+
+
+def new_kdf_params(profile: KdfProfile = KdfProfile.MODERATE) -> KdfParams:
+    ops, mem = profile.value
+    return KdfParams(
+        alg="argon2id13",
+        opslimit=ops,
+        memlimit=mem,
+        salt=nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES),
+    )
+
+
+def seal_new(
+    content: KeystoreContent, passphrase: str, profile: KdfProfile = KdfProfile.MODERATE
+) -> tuple[SealedKeystore, bytes]:
+    """Seal `content` under a fresh keystore key wrapped by the passphrase. Returns both."""
+    params = new_kdf_params(profile)
+    mod_ops, mod_mem = KdfProfile.MODERATE.value
+    if profile is not KdfProfile.INSECURE_TEST and (
+        params.opslimit < mod_ops or params.memlimit < mod_mem
+    ):
+        raise WeakKdfParameters(
+            "keystores are sealed with Argon2id MODERATE (t=3, m=256 MiB) or more"
+        )
+    keystore_key = nacl.utils.random(KEY_BYTES)
+    wrapping = derive_passphrase_key(passphrase, params)
+    wrapped = nacl.secret.SecretBox(wrapping).encrypt(keystore_key)
+    return reseal(
+        SealedKeystore(v=KEYSTORE_VERSION, kdf=params, wrapped_key=bytes(wrapped), sealed=b""),
+        keystore_key,
+        content,
+    ), keystore_key
+
+
+def unwrap_key(sealed: SealedKeystore, passphrase: str) -> bytes:
+    """Recover the keystore key. Raises `CryptoError` for a wrong passphrase or damaged data."""
+    try:
+        wrapping = derive_passphrase_key(passphrase, sealed.kdf)
+        return nacl.secret.SecretBox(wrapping).decrypt(sealed.wrapped_key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise CryptoError(
+            "cannot unseal the keystore: wrong passphrase or damaged keystore"
+        ) from None
+
+
+def open_content(sealed: SealedKeystore, keystore_key: bytes) -> KeystoreContent:
+    try:
+        raw = nacl.secret.SecretBox(keystore_key).decrypt(sealed.sealed)
+        return _content_decoder.decode(raw)
+    except (nacl.exceptions.CryptoError, msgspec.DecodeError, ValueError, TypeError):
+        raise CryptoError("cannot unseal the keystore: wrong key or damaged keystore") from None
+
+
+def reseal(sealed: SealedKeystore, keystore_key: bytes, content: KeystoreContent) -> SealedKeystore:
+    """The same wrapping, new sealed content (e.g. after a collab key was added)."""
+    box = nacl.secret.SecretBox(keystore_key)
+    return msgspec.structs.replace(sealed, sealed=bytes(box.encrypt(_encoder.encode(content))))
+
+
+def encode_sealed(sealed: SealedKeystore) -> bytes:
+    return _encoder.encode(sealed)
+
+
+def decode_sealed(data: bytes) -> SealedKeystore:
+    try:
+        return msgspec.msgpack.decode(data, type=SealedKeystore)
+    except msgspec.DecodeError:
+        raise CryptoError("the keystore file is damaged or not a keystore") from None

@@ -1,0 +1,283 @@
+"""Wire frames: one tagged union per direction, msgpack over binary WebSocket messages.
+
+Every request carries a client-chosen ``rid``; the reply to it carries the same ``rid``. Pushes
+(events, end-of-catch-up markers, subscription ends) carry no rid. Frames are frozen
+msgspec Structs decoded by one reused typed decoder per direction; new fields must get defaults
+so older peers keep decoding (see docs/protocol.md).
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final, cast
+
+import msgspec
+
+from model.envelope import SignedEvent
+
+PROTOCOL: Final = "cozylabs/1"
+# Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
+# WebSocket layer's hard cap (WS_HARD_LIMIT) make it close the connection with code 1009.
+MAX_FRAME_BYTES: Final = 128 * 1024
+WS_HARD_LIMIT: Final = 1024 * 1024
+
+
+class ErrorCode(enum.StrEnum):
+    MALFORMED_FRAME = "malformed_frame"
+    FRAME_TOO_LARGE = "frame_too_large"
+    UNAUTHENTICATED = "unauthenticated"
+    UNAUTHORIZED = "unauthorized"
+    INVALID_CREDENTIALS = "invalid_credentials"
+    HANDLE_TAKEN = "handle_taken"
+    INVALID_REQUEST = "invalid_request"
+    INVALID_EVENT = "invalid_event"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_FOUND = "not_found"
+    OVERLOADED = "overloaded"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal"
+
+
+class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
+    pass
+
+
+# --- client → relay -------------------------------------------------------------------------
+
+
+class Signup(_Frame, frozen=True, tag="signup"):
+    rid: int
+    handle: str
+    password: str
+    sign_pk: bytes
+    box_pk: bytes
+
+    def __repr__(self) -> str:
+        return f"Signup(rid={self.rid}, handle={self.handle!r}, password=<redacted>)"
+
+
+class Login(_Frame, frozen=True, tag="login"):
+    rid: int
+    handle: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"Login(rid={self.rid}, handle={self.handle!r}, password=<redacted>)"
+
+
+class Authenticate(_Frame, frozen=True, tag="auth"):
+    rid: int
+    token: str
+
+    def __repr__(self) -> str:
+        return f"Authenticate(rid={self.rid}, token=<redacted>)"
+
+
+class CreateCollab(_Frame, frozen=True, tag="create_collab"):
+    rid: int
+
+
+class Append(_Frame, frozen=True, tag="append"):
+    rid: int
+    event: SignedEvent
+
+
+class Subscribe(_Frame, frozen=True, tag="subscribe"):
+    rid: int
+    collab_id: str
+    from_seq: int = 1
+    follow: bool = True
+
+
+class Unsubscribe(_Frame, frozen=True, tag="unsubscribe"):
+    rid: int
+    collab_id: str
+
+
+class GetAccount(_Frame, frozen=True, tag="get_account"):
+    rid: int
+    account_id: str | None = None
+    handle: str | None = None
+
+
+class Ping(_Frame, frozen=True, tag="ping"):
+    rid: int
+
+
+Request = (
+    Signup
+    | Login
+    | Authenticate
+    | CreateCollab
+    | Append
+    | Subscribe
+    | Unsubscribe
+    | GetAccount
+    | Ping
+)
+
+# --- relay → client -------------------------------------------------------------------------
+
+
+class Welcome(_Frame, frozen=True, tag="welcome"):
+    """First frame on every connection: who the relay is and what it accepts."""
+
+    protocol: str
+    relay_pk: bytes
+    max_frame_bytes: int
+    max_body_bytes: int
+
+
+class SignedUp(_Frame, frozen=True, tag="signed_up"):
+    rid: int
+    account_id: str
+
+
+class LoggedIn(_Frame, frozen=True, tag="logged_in"):
+    rid: int
+    account_id: str
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"LoggedIn(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
+
+
+class Authenticated(_Frame, frozen=True, tag="authenticated"):
+    rid: int
+    account_id: str
+
+
+class CollabCreated(_Frame, frozen=True, tag="collab_created"):
+    rid: int
+    collab_id: str
+
+
+class Appended(_Frame, frozen=True, tag="appended"):
+    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields."""
+
+    rid: int
+    collab_id: str
+    seq: int
+    event_id: bytes
+    chain: bytes
+    receipt_sig: bytes
+    duplicate: bool = False
+
+
+class Subscribed(_Frame, frozen=True, tag="subscribed"):
+    rid: int
+    collab_id: str
+    from_seq: int
+
+
+class Event(_Frame, frozen=True, tag="event"):
+    """A sequenced event pushed to a subscriber. Encoded once, sent to every subscriber."""
+
+    collab_id: str
+    seq: int
+    event: SignedEvent
+    chain: bytes
+
+
+class CaughtUp(_Frame, frozen=True, tag="caught_up"):
+    """Everything up to `seq` has been sent; from here on events arrive live (if following)."""
+
+    collab_id: str
+    seq: int
+
+
+class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):
+    """The relay stopped this subscription. Resume with `Subscribe(from_seq=resume_from)`."""
+
+    collab_id: str
+    reason: str
+    resume_from: int
+
+
+class AccountInfo(_Frame, frozen=True, tag="account"):
+    rid: int
+    account_id: str
+    handle: str
+    sign_pk: bytes
+    box_pk: bytes
+
+
+class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
+    rid: int
+    collab_id: str
+
+
+class Pong(_Frame, frozen=True, tag="pong"):
+    rid: int
+
+
+class Error(_Frame, frozen=True, tag="error"):
+    """A typed refusal. `rid` is None when the offending frame could not be read at all."""
+
+    rid: int | None
+    code: ErrorCode
+    message: str
+
+
+Reply = (
+    Welcome
+    | SignedUp
+    | LoggedIn
+    | Authenticated
+    | CollabCreated
+    | Appended
+    | Subscribed
+    | Event
+    | CaughtUp
+    | SubscriptionEnded
+    | AccountInfo
+    | Unsubscribed
+    | Pong
+    | Error
+)
+
+
+class MalformedFrame(Exception):
+    """The bytes are not a frame of this protocol. `rid` is recovered when possible."""
+
+    def __init__(self, message: str, rid: int | None = None) -> None:
+        super().__init__(message)
+        self.rid = rid
+
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_rid_probe = msgspec.msgpack.Decoder(dict[str, object])
+
+
+def encode(frame: Request | Reply) -> bytes:
+    return _encoder.encode(frame)
+
+
+def decode_request(data: bytes) -> Request:
+    """Decode one client frame. Raises `MalformedFrame` with the rid when it can be recovered."""
+    try:
+        return cast("Request", _request_decoder.decode(data))
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(_describe(exc), _probe_rid(data)) from None
+
+
+def decode_reply(data: bytes) -> Reply:
+    try:
+        return cast("Reply", _reply_decoder.decode(data))
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(_describe(exc)) from None
+
+
+def _describe(exc: msgspec.DecodeError) -> str:
+    return f"frame does not decode ({exc}); see docs/protocol.md for the frame formats"
+
+
+def _probe_rid(data: bytes) -> int | None:
+    try:
+        rid = _rid_probe.decode(data).get("rid")
+    except msgspec.DecodeError:
+        return None
+    return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
