@@ -1,0 +1,13 @@
+"""The append-only Postgres event ledger (blocking API; call it from worker threads)."""
+
+from ledger._store import AccountRow as AccountRow
+from ledger._store import Ledger as Ledger
+from ledger._store import LedgerReport as LedgerReport
+from ledger._store import StoredEvent as StoredEvent
+from ledger._store import migrate as migrate
+from ledger.errors import HandleTaken as HandleTaken
+from ledger.errors import LedgerError as LedgerError
+from ledger.errors import LedgerUnavailable as LedgerUnavailable
+from ledger.errors import SchemaNotReady as SchemaNotReady
+from ledger.errors import SchemaTooNew as SchemaTooNew
+from ledger.errors import SequencingConflict as SequencingConflict

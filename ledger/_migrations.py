@@ -1,0 +1,69 @@
+"""Forward-only schema migrations. A migration, once released, is never edited: add a new one.
+
+Each migration runs in its own transaction under an advisory lock, so two relays starting at
+once cannot both apply it. A database that is newer than this code is refused rather than
+"downgraded": the operator must run the newer relay.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
+    (
+        1,
+        "accounts, collabs, append-only events",
+        """
+        CREATE TABLE accounts (
+            account_id    text PRIMARY KEY,
+            handle        text NOT NULL UNIQUE,
+            password_hash text NOT NULL,
+            sign_pk       bytea NOT NULL CHECK (length(sign_pk) = 32),
+            box_pk        bytea NOT NULL CHECK (length(box_pk) = 32),
+            created_at    timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE collabs (
+            collab_id  text PRIMARY KEY,
+            created_by text NOT NULL REFERENCES accounts (account_id),
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+
+        CREATE TABLE collab_members (
+            collab_id  text NOT NULL REFERENCES collabs (collab_id),
+            account_id text NOT NULL REFERENCES accounts (account_id),
+            role       text NOT NULL CHECK (role IN ('owner', 'manager', 'member')),
+            PRIMARY KEY (collab_id, account_id)
+        );
+        CREATE INDEX collab_members_by_account ON collab_members (account_id);
+
+        -- The ledger. (collab_id, seq) is the order the sequencer assigned; event_id is the hash
+        -- of the signed event and makes appends idempotent; chain is head_seq of the hash chain.
+        CREATE TABLE events (
+            collab_id   text NOT NULL REFERENCES collabs (collab_id),
+            seq         bigint NOT NULL CHECK (seq >= 1),
+            event_id    bytea NOT NULL UNIQUE CHECK (length(event_id) = 32),
+            actor_id    text NOT NULL REFERENCES accounts (account_id),
+            kind        text NOT NULL,
+            ts          bigint NOT NULL,
+            body        bytea NOT NULL,
+            sig         bytea NOT NULL CHECK (length(sig) = 64),
+            chain       bytea NOT NULL CHECK (length(chain) = 32),
+            received_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (collab_id, seq)
+        );
+
+        CREATE FUNCTION events_are_append_only() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN
+            RAISE EXCEPTION 'the events ledger is append-only: % is not allowed', TG_OP
+                USING ERRCODE = 'insufficient_privilege';
+        END;
+        $$;
+        CREATE TRIGGER events_no_update BEFORE UPDATE OR DELETE ON events
+            FOR EACH ROW EXECUTE FUNCTION events_are_append_only();
+        CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON events
+            FOR EACH STATEMENT EXECUTE FUNCTION events_are_append_only();
+        """,
+    ),
+)

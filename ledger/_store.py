@@ -1,0 +1,319 @@
+"""The append-only Postgres ledger, driven by sync psycopg 3.
+
+Every method here blocks: the relay calls them through `trio.to_thread.run_sync` so the event
+loop never waits on the database (ADR-0002). Each method is one transaction; on any error the
+transaction rolls back and nothing is half-written. Driver errors are translated into
+`ledger.errors` with ``raise … from`` so callers never handle psycopg's types.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import msgspec
+import psycopg
+import psycopg.errors
+from psycopg_pool import ConnectionPool
+
+from ledger._migrations import MIGRATIONS
+from ledger.errors import (
+    HandleTaken,
+    LedgerUnavailable,
+    SchemaNotReady,
+    SchemaTooNew,
+    SequencingConflict,
+)
+from model import chain as chainmod
+from model.envelope import SignedEvent, decode_body, event_id, verify_event
+from model.errors import ModelError
+from model.sequencer import Assignment, assign
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Sequence
+
+    from model.envelope import VerifiedEvent
+
+_ACCOUNT_BY_HANDLE = (
+    "SELECT account_id, handle, password_hash, sign_pk, box_pk FROM accounts WHERE handle = %s"
+)
+_ACCOUNT_BY_ID = (
+    "SELECT account_id, handle, password_hash, sign_pk, box_pk FROM accounts WHERE account_id = %s"
+)
+_MIGRATION_LOCK = 0x636F7A79  # "cozy": one advisory lock key for schema changes
+
+
+class AccountRow(msgspec.Struct, frozen=True):
+    account_id: str
+    handle: str
+    password_hash: str
+    sign_pk: bytes
+    box_pk: bytes
+
+    def __repr__(self) -> str:
+        return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
+
+
+class StoredEvent(msgspec.Struct, frozen=True):
+    collab_id: str
+    seq: int
+    event: SignedEvent
+    chain: bytes
+
+
+@dataclass
+class LedgerReport:
+    """What `verify_ledger` found. `ok` only when every collab's chain recomputed exactly."""
+
+    collabs: int = 0
+    events: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@contextmanager
+def _translated() -> Iterator[None]:
+    try:
+        yield
+    except psycopg.errors.UndefinedTable as exc:
+        raise SchemaNotReady("the ledger schema is missing: run `cozy relay migrate`") from exc
+    except psycopg.OperationalError as exc:
+        raise LedgerUnavailable(
+            f"the database is unavailable: {exc.sqlstate or 'connection'}"
+        ) from exc
+
+
+def migrate(conninfo: str) -> list[int]:
+    """Apply every migration this code knows and the database lacks. Returns those applied."""
+    applied: list[int] = []
+    with _translated(), psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version int PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            known = {v for v, _, _ in MIGRATIONS}
+            if done - known:
+                raise SchemaTooNew(
+                    f"the database has migrations {sorted(done - known)} this relay does not know; "
+                    "run the newer relay that applied them"
+                )
+            for version, name, sql in MIGRATIONS:
+                if version in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql.encode())
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+                applied.append(version)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied
+
+
+class Ledger:
+    """Blocking access to the ledger through a small connection pool. Thread-safe."""
+
+    def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:
+        self._pool = ConnectionPool(
+            conninfo,
+            min_size=1,
+            max_size=max_connections,
+            open=False,
+            kwargs={"autocommit": False},
+        )
+
+    def open(self) -> None:
+        """Connect and check the schema. Raises `SchemaNotReady` / `LedgerUnavailable`."""
+        with _translated():
+            self._pool.open(wait=True, timeout=30)
+            with self._pool.connection() as conn:
+                conn.execute("SELECT 1 FROM events LIMIT 0")
+
+    def close(self) -> None:
+        self._pool.close()
+
+    # --- accounts -----------------------------------------------------------------------------
+
+    def create_account(self, row: AccountRow) -> None:
+        with _translated(), self._pool.connection() as conn:
+            try:
+                conn.execute(
+                    "INSERT INTO accounts (account_id, handle, password_hash, sign_pk, box_pk)"
+                    " VALUES (%s, %s, %s, %s, %s)",
+                    (row.account_id, row.handle, row.password_hash, row.sign_pk, row.box_pk),
+                )
+            except psycopg.errors.UniqueViolation as exc:
+                raise HandleTaken(f"the handle {row.handle!r} is taken; pick another") from exc
+
+    def account_by_handle(self, handle: str) -> AccountRow | None:
+        return self._account("handle", handle)
+
+    def account_by_id(self, account_id: str) -> AccountRow | None:
+        return self._account("account_id", account_id)
+
+    def _account(self, column: str, value: str) -> AccountRow | None:
+        query = _ACCOUNT_BY_HANDLE if column == "handle" else _ACCOUNT_BY_ID
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(query, (value,)).fetchone()
+        return None if r is None else AccountRow(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]))
+
+    # --- collabs ------------------------------------------------------------------------------
+
+    def create_collab(self, collab_id: str, owner_id: str) -> None:
+        with _translated(), self._pool.connection() as conn:
+            conn.execute(
+                "INSERT INTO collabs (collab_id, created_by) VALUES (%s, %s)", (collab_id, owner_id)
+            )
+            conn.execute(
+                "INSERT INTO collab_members (collab_id, account_id, role) VALUES (%s, %s, 'owner')",
+                (collab_id, owner_id),
+            )
+
+    def is_member(self, collab_id: str, account_id: str) -> bool:
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "SELECT 1 FROM collab_members WHERE collab_id = %s AND account_id = %s",
+                (collab_id, account_id),
+            ).fetchone()
+        return r is not None
+
+    # --- events -------------------------------------------------------------------------------
+
+    def head(self, collab_id: str) -> chainmod.Head:
+        """The last sequenced position of a collab (the genesis head when it has no events)."""
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "SELECT seq, chain FROM events WHERE collab_id = %s ORDER BY seq DESC LIMIT 1",
+                (collab_id,),
+            ).fetchone()
+        return chainmod.start_of(collab_id) if r is None else chainmod.Head(r[0], bytes(r[1]))
+
+    def append_batch(
+        self, collab_id: str, head: chainmod.Head, events: Sequence[VerifiedEvent]
+    ) -> tuple[chainmod.Head, list[Assignment]]:
+        """Sequence and persist a batch in one transaction (the group commit).
+
+        Ids the ledger already holds get their original position back (idempotent retries);
+        new ids get contiguous seqs after `head`. Returns the new head and one assignment per
+        input event, in order. Raises `SequencingConflict` if `head` is stale (another writer),
+        in which case nothing was written.
+        """
+        ids = [e.event_id for e in events]
+        with _translated(), self._pool.connection() as conn:
+            known = {
+                bytes(r[0]): (r[1], bytes(r[2]))
+                for r in conn.execute(
+                    "SELECT event_id, seq, chain FROM events"
+                    " WHERE collab_id = %s AND event_id = ANY(%s)",
+                    (collab_id, ids),
+                )
+            }
+            new_head, assignments = assign(head, ids, known)
+            rows = [
+                (collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
+                 e.signed.body, e.signed.sig, a.chain)
+                for a, e in zip(assignments, events, strict=True)
+                if not a.duplicate
+            ]  # fmt: skip
+            if rows:
+                try:
+                    with (
+                        conn.cursor() as cur,
+                        cur.copy(
+                            "COPY events (collab_id, seq, event_id, actor_id, kind, ts, body, sig,"
+                            " chain) FROM STDIN (FORMAT BINARY)"
+                        ) as copy,
+                    ):
+                        copy.set_types(
+                            ["text", "int8", "bytea", "text", "text", "int8", "bytea", "bytea",
+                             "bytea"]
+                        )  # fmt: skip
+                        for row in rows:
+                            copy.write_row(row)
+                except psycopg.errors.UniqueViolation as exc:
+                    raise SequencingConflict(
+                        f"collab {collab_id} was appended to by another writer"
+                    ) from exc
+        return new_head, assignments
+
+    def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[StoredEvent]:
+        """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT seq, body, sig, chain FROM events"
+                " WHERE collab_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
+                (collab_id, from_seq, limit),
+            ).fetchall()
+        return [
+            StoredEvent(collab_id, r[0], SignedEvent(bytes(r[1]), bytes(r[2])), bytes(r[3]))
+            for r in rows
+        ]
+
+    # --- integrity ----------------------------------------------------------------------------
+
+    def verify_ledger(self, progress: Callable[[str, int], None] | None = None) -> LedgerReport:
+        """Recompute every collab's chain, every event id and every author signature."""
+        report = LedgerReport()
+        with _translated(), self._pool.connection() as conn:
+            keys = {
+                r[0]: bytes(r[1]) for r in conn.execute("SELECT account_id, sign_pk FROM accounts")
+            }
+            collabs = [r[0] for r in conn.execute("SELECT collab_id FROM collabs ORDER BY 1")]
+            for collab_id in collabs:
+                report.collabs += 1
+                head = chainmod.start_of(collab_id)
+                with conn.cursor(name="verify_ledger") as cur:
+                    cur.itersize = 2000
+                    cur.execute(
+                        "SELECT seq, event_id, actor_id, kind, ts, body, sig, chain FROM events"
+                        " WHERE collab_id = %s ORDER BY seq",
+                        (collab_id,),
+                    )
+                    for seq, eid, actor, kind, ts, body, sig, chain in cur:
+                        report.events += 1
+                        problem = _check_row(
+                            collab_id, head, seq, bytes(eid), actor, kind, ts,
+                            SignedEvent(bytes(body), bytes(sig)), bytes(chain), keys,
+                        )  # fmt: skip
+                        if problem:
+                            report.problems.append(f"{collab_id} seq {seq}: {problem}")
+                        head = chainmod.Head(seq, bytes(chain))
+                if progress is not None:
+                    progress(collab_id, head.seq)
+            conn.rollback()
+        return report
+
+
+def _check_row(
+    collab_id: str,
+    head: chainmod.Head,
+    seq: int,
+    eid: bytes,
+    actor: str,
+    kind: str,
+    ts: int,
+    signed: SignedEvent,
+    chain: bytes,
+    keys: dict[str, bytes],
+) -> str | None:
+    if event_id(signed) != eid:
+        return "event id is not the hash of the stored event"
+    try:
+        chainmod.advance(head, seq, eid, chain)
+        body = decode_body(signed.body)
+        if (body.collab_id, body.actor_id, body.kind, body.ts) != (collab_id, actor, kind, ts):
+            return "routing columns disagree with the signed body"
+        verify_event(signed, keys.get(actor, b""))
+    except ModelError as exc:
+        return str(exc)
+    return None

@@ -1,0 +1,27 @@
+"""Ledger errors, translated from driver errors so callers never depend on psycopg's."""
+
+from __future__ import annotations
+
+
+class LedgerError(Exception):
+    """Base of every ledger error."""
+
+
+class LedgerUnavailable(LedgerError):
+    """The database cannot be reached or failed mid-operation. Nothing was half-written."""
+
+
+class SchemaTooNew(LedgerError):
+    """The database was migrated by a newer relay. Run that version (never downgrade)."""
+
+
+class SchemaNotReady(LedgerError):
+    """The database has not been migrated yet. Run `cozy relay migrate`."""
+
+
+class HandleTaken(LedgerError):
+    """Another account already has this handle."""
+
+
+class SequencingConflict(LedgerError):
+    """Another writer appended to this collab: the single-writer assumption was broken."""
