@@ -3,7 +3,6 @@
 from ledger._store import AccountRow as AccountRow
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
-from ledger._store import StoredEvent as StoredEvent
 from ledger._store import migrate as migrate
 from ledger.errors import HandleTaken as HandleTaken
 from ledger.errors import LedgerError as LedgerError

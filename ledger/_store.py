@@ -26,7 +26,7 @@ from ledger.errors import (
     SequencingConflict,
 )
 from model import chain as chainmod
-from model.envelope import SignedEvent, decode_body, event_id, verify_event
+from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id, verify_event
 from model.errors import ModelError
 from model.sequencer import Assignment, assign
 
@@ -53,13 +53,6 @@ class AccountRow(msgspec.Struct, frozen=True):
 
     def __repr__(self) -> str:
         return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
-
-
-class StoredEvent(msgspec.Struct, frozen=True):
-    collab_id: str
-    seq: int
-    event: SignedEvent
-    chain: bytes
 
 
 @dataclass
@@ -246,7 +239,7 @@ class Ledger:
                     ) from exc
         return new_head, assignments
 
-    def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[StoredEvent]:
+    def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
         """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""
         with _translated(), self._pool.connection() as conn:
             rows = conn.execute(
@@ -255,7 +248,7 @@ class Ledger:
                 (collab_id, from_seq, limit),
             ).fetchall()
         return [
-            StoredEvent(collab_id, r[0], SignedEvent(bytes(r[1]), bytes(r[2])), bytes(r[3]))
+            SequencedEvent(collab_id, r[0], SignedEvent(bytes(r[1]), bytes(r[2])), bytes(r[3]))
             for r in rows
         ]
 

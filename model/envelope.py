@@ -201,3 +201,12 @@ def _check_routing(
         raise InvalidEvent("ts must be milliseconds since the epoch (a non-negative int64)")
     if len(refs) > MAX_REFS or any(not 0 < len(r) <= MAX_REF_CHARS for r in refs):
         raise InvalidEvent(f"at most {MAX_REFS} refs of 1..{MAX_REF_CHARS} characters each")
+
+
+class SequencedEvent(msgspec.Struct, frozen=True):
+    """An event as the relay ordered it: its position and the chain head after it."""
+
+    collab_id: str
+    seq: int
+    event: SignedEvent
+    chain: bytes

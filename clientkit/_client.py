@@ -1,0 +1,340 @@
+"""The async client: one WebSocket connection to a relay, requests matched by rid.
+
+A reader task owns the socket's receive side and routes every frame: replies go to the waiting
+request, pushed events go to their collab's subscription channel. Everything the relay sends is
+treated as untrusted: events are verified (author signature, canonical body, collab binding,
+contiguous seq, recomputed chain) and decrypted before a caller sees them, and acks are checked
+against the relay's signed receipt.
+"""
+
+from __future__ import annotations
+
+import itertools
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed
+
+from clientkit.errors import (
+    ConnectionLost,
+    ReceiptInvalid,
+    RelayIdentityChanged,
+    RelayRefused,
+    ReorderDetected,
+    TamperDetected,
+    WithholdingDetected,
+)
+from model import content as contentmod
+from model import wire
+from model._crypto import CryptoError
+from model.chain import Head, Receipt, advance, start_of, verify_receipt
+from model.envelope import decode_body, event_id, open_content, seal_event, verify_event
+from model.errors import ModelError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+
+    import nacl.signing
+
+    from model.envelope import SignedEvent
+
+R = TypeVar("R", bound=wire.Reply)
+SUBSCRIPTION_BUFFER: Final = 10_000
+CONNECT_TIMEOUT: Final = 10.0
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A verified, decrypted event from a collab's history."""
+
+    collab_id: str
+    seq: int
+    author_id: str
+    kind: str
+    ts: int
+    content: contentmod.Content
+    chain: bytes
+
+    @property
+    def text(self) -> str:
+        c = self.content
+        return c.text if isinstance(c, contentmod.Message) else f"[collab named {c.name!r}]"
+
+
+class Client:
+    """A connected client. Make one with `connect`."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        self._rids = itertools.count(1)
+        self._waiters: dict[int, trio.MemorySendChannel[wire.Reply]] = {}
+        self._subs: dict[str, trio.MemorySendChannel[wire.Reply]] = {}
+        self._welcome = trio.Event()
+        self._closed: ConnectionLost | None = None
+        self.relay_pk = b""
+        self.account_id: str | None = None
+        self._accounts: dict[str, wire.AccountInfo] = {}
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        try:
+            while True:
+                frame = wire.decode_reply(await self._ws.get_message())  # type: ignore[arg-type]
+                match frame:
+                    case wire.Welcome():
+                        self.relay_pk = frame.relay_pk
+                        self._welcome.set()
+                    case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
+                        chan = self._subs.get(frame.collab_id)
+                        if chan is not None:
+                            await chan.send(frame)
+                    case _:
+                        rid = getattr(frame, "rid", None)
+                        waiter = self._waiters.pop(rid, None) if rid is not None else None
+                        if waiter is not None:
+                            waiter.send_nowait(frame)
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            self._fail(
+                ConnectionLost(reason.code if reason else None, reason.reason if reason else None)
+            )
+        except wire.MalformedFrame:
+            self._fail(ConnectionLost(None, "relay sent a frame this client cannot read"))
+            await self._ws.aclose(1002, "malformed frame")
+
+    def _fail(self, err: ConnectionLost) -> None:
+        self._closed = err
+        self._welcome.set()
+        for w in self._waiters.values():
+            w.close()
+        self._waiters.clear()
+        for s in self._subs.values():
+            s.close()
+        self._subs.clear()
+
+    async def request(self, build: Callable[[int], wire.Request], expect: type[R]) -> R:
+        """Send one request and wait for its reply. Raises `RelayRefused` on an error frame."""
+        if self._closed is not None:
+            raise self._closed
+        rid = next(self._rids)
+        send, recv = trio.open_memory_channel[wire.Reply](1)
+        self._waiters[rid] = send
+        await self._ws.send_message(wire.encode(build(rid)))
+        try:
+            reply = await recv.receive()
+        except trio.EndOfChannel:
+            raise self._closed or ConnectionLost() from None
+        if isinstance(reply, wire.Error):
+            raise RelayRefused(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            raise RelayRefused(wire.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
+        return reply
+
+    # --- accounts -----------------------------------------------------------------------------
+
+    async def signup(self, handle: str, password: str, sign_pk: bytes, box_pk: bytes) -> str:
+        reply = await self.request(
+            lambda rid: wire.Signup(
+                rid=rid, handle=handle, password=password, sign_pk=sign_pk, box_pk=box_pk
+            ),
+            wire.SignedUp,
+        )
+        return reply.account_id
+
+    async def login(self, handle: str, password: str) -> wire.LoggedIn:
+        reply = await self.request(
+            lambda rid: wire.Login(rid=rid, handle=handle, password=password), wire.LoggedIn
+        )
+        self.account_id = reply.account_id
+        return reply
+
+    async def authenticate(self, token: str) -> str:
+        reply = await self.request(
+            lambda rid: wire.Authenticate(rid=rid, token=token), wire.Authenticated
+        )
+        self.account_id = reply.account_id
+        return reply.account_id
+
+    async def account(self, account_id: str) -> wire.AccountInfo:
+        """Public keys and handle of an account (cached for this connection)."""
+        info = self._accounts.get(account_id)
+        if info is None:
+            info = await self.request(
+                lambda rid: wire.GetAccount(rid=rid, account_id=account_id), wire.AccountInfo
+            )
+            if info.account_id != account_id:
+                raise TamperDetected("relay answered for another account", collab_id="-", seq=None)
+            self._accounts[account_id] = info
+        return info
+
+    # --- collabs and events -------------------------------------------------------------------
+
+    async def create_collab(self) -> str:
+        return (
+            await self.request(lambda rid: wire.CreateCollab(rid=rid), wire.CollabCreated)
+        ).collab_id
+
+    async def append(self, signed: SignedEvent) -> wire.Appended:
+        """Submit a signed event; return the ack once its receipt checks out.
+
+        Safe to retry with the same `signed` after a lost connection: the relay answers with
+        the original seq (``duplicate=True``).
+        """
+        ack = await self.request(lambda rid: wire.Append(rid=rid, event=signed), wire.Appended)
+        receipt = Receipt(ack.collab_id, ack.seq, ack.event_id, ack.chain)
+        if ack.event_id != event_id(signed) or not verify_receipt(
+            self.relay_pk, receipt, ack.receipt_sig
+        ):
+            raise ReceiptInvalid(
+                "ack receipt does not match the event or the relay key",
+                collab_id=ack.collab_id,
+                seq=ack.seq,
+            )
+        return ack
+
+    async def post(
+        self,
+        *,
+        signing_key: nacl.signing.SigningKey,
+        collab_key: bytes,
+        collab_id: str,
+        content: contentmod.Content,
+        ts: int,
+    ) -> wire.Appended:
+        if self.account_id is None:
+            raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in before posting")
+        signed = seal_event(
+            signing_key=signing_key,
+            collab_key=collab_key,
+            collab_id=collab_id,
+            actor_id=self.account_id,
+            kind=contentmod.kind_of(content),
+            ts=ts,
+            content=contentmod.encode_content(content),
+        )
+        return await self.append(signed)
+
+    @asynccontextmanager
+    async def subscribe(
+        self, collab_id: str, from_seq: int = 1, *, follow: bool = True
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[wire.Reply]]:
+        """Raw pushed frames (`Event`, `CaughtUp`, `SubscriptionEnded`) for one collab."""
+        send, recv = trio.open_memory_channel[wire.Reply](SUBSCRIPTION_BUFFER)
+        self._subs[collab_id] = send
+        try:
+            await self.request(
+                lambda rid: wire.Subscribe(
+                    rid=rid, collab_id=collab_id, from_seq=from_seq, follow=follow
+                ),
+                wire.Subscribed,
+            )
+            yield recv
+        finally:
+            self._subs.pop(collab_id, None)
+
+    async def history(
+        self,
+        collab_id: str,
+        collab_key: bytes,
+        *,
+        head: Head | None = None,
+        follow: bool = False,
+    ) -> AsyncIterator[Delivered]:
+        """Verified, decrypted events after `head` (default: from the start of the collab).
+
+        Every event's author signature, collab binding, seq and chain hash are checked against
+        what this client has verified itself. Raises an `IntegrityAlarm` subclass and stops on
+        the first event that does not verify; raises `ConnectionLost` if the relay goes away.
+        Without `follow`, ends once the history up to the relay's current head is delivered.
+        """
+        verified = head or start_of(collab_id)
+        async with self.subscribe(collab_id, verified.seq + 1, follow=follow) as frames:
+            async for frame in frames:
+                match frame:
+                    case wire.CaughtUp():
+                        if frame.seq > verified.seq:
+                            raise WithholdingDetected(
+                                f"relay says it sent up to {frame.seq} but only {verified.seq} arrived",
+                                collab_id=collab_id,
+                                seq=verified.seq + 1,
+                            )
+                        if not follow:
+                            return
+                    case wire.SubscriptionEnded():
+                        raise ConnectionLost(None, frame.reason)
+                    case wire.Event():
+                        delivered = await self._verify_delivery(
+                            collab_id, collab_key, verified, frame
+                        )
+                        verified = Head(delivered.seq, delivered.chain)
+                        yield delivered
+            if self._closed is not None:
+                raise self._closed
+
+    async def _verify_delivery(
+        self, collab_id: str, collab_key: bytes, head: Head, frame: wire.Event
+    ) -> Delivered:
+        if frame.seq <= head.seq:
+            raise ReorderDetected(
+                f"seq {frame.seq} arrived after {head.seq}", collab_id=collab_id, seq=frame.seq
+            )
+        if frame.seq > head.seq + 1:
+            raise WithholdingDetected(
+                f"seqs {head.seq + 1}..{frame.seq - 1} are missing",
+                collab_id=collab_id,
+                seq=frame.seq,
+            )
+        try:
+            author = decode_body(frame.event.body).actor_id
+            info = await self.account(author)
+            verified = verify_event(frame.event, info.sign_pk)
+            if verified.body.collab_id != collab_id or frame.collab_id != collab_id:
+                raise TamperDetected(
+                    "event belongs to another collab", collab_id=collab_id, seq=frame.seq
+                )
+            advance(head, frame.seq, verified.event_id, frame.chain)
+            content = contentmod.decode_content(open_content(verified, collab_key))
+        except (ModelError, CryptoError) as exc:
+            raise TamperDetected(str(exc), collab_id=collab_id, seq=frame.seq) from None
+        except RelayRefused as exc:
+            raise TamperDetected(
+                f"author of the event is unknown to the relay ({exc.code})",
+                collab_id=collab_id,
+                seq=frame.seq,
+            ) from None
+        b = verified.body
+        return Delivered(collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain)
+
+
+@asynccontextmanager
+async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIterator[Client]:
+    """Open a connection; yields once the relay has introduced itself.
+
+    With `pinned_relay_pk`, refuses a relay whose signing key differs (trust on first use).
+    """
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            ws = await trio_websocket.connect_websocket_url(
+                nursery, url, max_message_size=wire.WS_HARD_LIMIT
+            )
+        client = Client(ws)
+        nursery.start_soon(client._read_loop)
+        try:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                await client._welcome.wait()
+            if client._closed is not None:
+                raise client._closed
+            if pinned_relay_pk is not None and client.relay_pk != pinned_relay_pk:
+                raise RelayIdentityChanged(
+                    "the relay's signing key changed since this device first met it; "
+                    "if the operator rotated it on purpose, re-pin with `cozy account login --repin`"
+                )
+            yield client
+        finally:
+            with trio.move_on_after(2):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()

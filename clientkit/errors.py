@@ -1,0 +1,59 @@
+"""Errors the client kit raises. Integrity alarms are typed and carry their evidence."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model import wire
+
+
+class ClientError(Exception):
+    """Base of every client-kit error."""
+
+
+class RelayRefused(ClientError):
+    """The relay answered a request with a typed error frame."""
+
+    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(ClientError):
+    """The connection to the relay closed; reconnect and resume from the last verified seq."""
+
+    def __init__(self, code: int | None = None, reason: str | None = None) -> None:
+        super().__init__(f"connection to the relay closed ({code}: {reason or 'no reason given'})")
+        self.code = code
+        self.reason = reason
+
+
+class RelayIdentityChanged(ClientError):
+    """The relay presented a different signing key than the one pinned in COZY_HOME."""
+
+
+class IntegrityAlarm(ClientError):
+    """The relay delivered something that fails verification. Do not trust the stream."""
+
+    def __init__(self, message: str, *, collab_id: str, seq: int | None) -> None:
+        super().__init__(f"{type(self).__name__} in {collab_id} at seq {seq}: {message}")
+        self.collab_id = collab_id
+        self.seq = seq
+
+
+class TamperDetected(IntegrityAlarm):
+    """A signature, chain hash or ciphertext did not verify."""
+
+
+class WithholdingDetected(IntegrityAlarm):
+    """The relay skipped a seq (a gap in the history)."""
+
+
+class ReorderDetected(IntegrityAlarm):
+    """The relay delivered a seq out of order or again."""
+
+
+class ReceiptInvalid(IntegrityAlarm):
+    """An ack's receipt is not signed by the relay or does not match the event."""

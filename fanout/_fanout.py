@@ -1,0 +1,193 @@
+"""The fan-out actor: who is subscribed to which collab, catch-up from the ledger, then live.
+
+Only committed events reach `publish` (the sequencer persists first, then notifies), so any
+event a subscriber misses while it catches up is already readable from the ledger. That gives
+the gap-free, duplicate-free switch from catch-up to live:
+
+1. register the subscription in the *catching-up* state: live events now queue in `pending`;
+2. page through the ledger from `from_seq` until a short page (every event committed before
+   registration is there);
+3. with no await in between, replay `pending` from the next expected seq and flip to *live*.
+
+If `pending` overflows during a long catch-up it is dropped and step 2 runs again. Live frames
+are offered to the subscriber's outbox without waiting: a full outbox means the subscriber lags,
+and it is disconnected with a reason and the seq to resume from, so a slow subscriber never
+stalls the sequencer or anyone else. Each event's frame is encoded once and the same bytes go to
+every subscriber.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
+
+import msgspec
+
+from model import wire
+from model.envelope import SequencedEvent
+
+CATCHUP_PAGE: Final = 500
+PENDING_LIMIT: Final = 10_000
+LAG_CLOSE_CODE: Final = 4008
+
+
+ReadRange = Callable[[str, int, int], Awaitable[Sequence[SequencedEvent]]]
+
+
+class Outbox(Protocol):
+    """The subscriber's side of a connection, as fan-out needs it."""
+
+    def offer(self, frame: bytes) -> bool:
+        """Queue a frame without waiting; False when the queue is full."""
+
+    async def send(self, frame: bytes) -> None:
+        """Send a frame now, waiting for the socket (used only while catching up)."""
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Drop the connection with a close code and a human-readable reason."""
+
+
+class Subscription:
+    __slots__ = (
+        "collab_id",
+        "ended",
+        "follow",
+        "live",
+        "next_seq",
+        "outbox",
+        "overflowed",
+        "pending",
+    )
+
+    def __init__(self, collab_id: str, from_seq: int, outbox: Outbox, *, follow: bool) -> None:
+        self.collab_id = collab_id
+        self.next_seq = from_seq
+        self.outbox = outbox
+        self.follow = follow
+        self.live = False
+        self.ended = False
+        self.overflowed = False
+        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.collab_id}, next={self.next_seq}, live={self.live})"
+
+
+class FanoutStats(msgspec.Struct):
+    collabs: int
+    subscriptions: int
+    published_events: int
+    deliveries: int
+    lagging_disconnects: int
+
+
+def encode_event(ev: SequencedEvent) -> bytes:
+    return wire.encode(
+        wire.Event(collab_id=ev.collab_id, seq=ev.seq, event=ev.event, chain=ev.chain)
+    )
+
+
+class Fanout:
+    """Subscriber registry and live streaming. Lives on the Trio loop; never blocks."""
+
+    def __init__(self, read_range: ReadRange) -> None:
+        self._read_range = read_range
+        self._subs: dict[str, set[Subscription]] = {}
+        self._published = 0
+        self._deliveries = 0
+        self._lagging = 0
+
+    def statistics(self) -> FanoutStats:
+        return FanoutStats(
+            collabs=len(self._subs),
+            subscriptions=sum(len(s) for s in self._subs.values()),
+            published_events=self._published,
+            deliveries=self._deliveries,
+            lagging_disconnects=self._lagging,
+        )
+
+    def publish(self, events: Sequence[SequencedEvent]) -> None:
+        """Hand committed events (one collab, ascending seq) to every subscriber of it."""
+        if not events:
+            return
+        self._published += len(events)
+        subs = self._subs.get(events[0].collab_id)
+        if not subs:
+            return
+        frames = [(ev.seq, encode_event(ev)) for ev in events]
+        for sub in list(subs):
+            if sub.live:
+                self._deliver(sub, frames)
+            else:
+                sub.pending.extend(frames)
+                if len(sub.pending) > PENDING_LIMIT:
+                    sub.pending.clear()
+                    sub.overflowed = True
+
+    async def stream(self, sub: Subscription) -> None:
+        """Catch `sub` up from the ledger, then (if following) leave it live until `remove`.
+
+        Returns once the subscription is live (or finished, when not following). The caller
+        owns the subscription's lifetime and must call `remove` when its connection ends.
+        """
+        if sub.follow:
+            self._subs.setdefault(sub.collab_id, set()).add(sub)
+        while True:
+            sub.overflowed = False
+            while True:
+                page = await self._read_range(sub.collab_id, sub.next_seq, CATCHUP_PAGE)
+                for ev in page:
+                    await sub.outbox.send(encode_event(ev))
+                    sub.next_seq = ev.seq + 1
+                if len(page) < CATCHUP_PAGE or sub.ended:
+                    break
+            if sub.ended:
+                return
+            if not sub.follow:
+                await sub.outbox.send(
+                    wire.encode(wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1))
+                )
+                sub.ended = True
+                return
+            if not sub.overflowed:
+                break
+        # No await from here on: replay what queued up while we read, then flip to live.
+        backlog = [f for f in sub.pending if f[0] >= sub.next_seq]
+        sub.pending.clear()
+        sub.live = True
+        self._deliver(sub, backlog)
+        if not sub.ended and not sub.outbox.offer(
+            wire.encode(wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1))
+        ):
+            self._lag(sub)
+
+    def remove(self, sub: Subscription) -> None:
+        sub.ended = True
+        subs = self._subs.get(sub.collab_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.collab_id]
+
+    def _deliver(self, sub: Subscription, frames: Sequence[tuple[int, bytes]]) -> None:
+        for seq, frame in frames:
+            if sub.ended:
+                return
+            if seq < sub.next_seq:
+                continue  # already sent during catch-up
+            if seq != sub.next_seq or not sub.outbox.offer(frame):
+                # A gap cannot happen (publish order is commit order); treat it like lag so the
+                # client resumes from the ledger instead of silently missing an event.
+                self._lag(sub)
+                return
+            sub.next_seq = seq + 1
+            self._deliveries += 1
+
+    def _lag(self, sub: Subscription) -> None:
+        self._lagging += 1
+        self.remove(sub)
+        sub.outbox.disconnect(
+            LAG_CLOSE_CODE,
+            f"subscriber lagging on {sub.collab_id}: reconnect and resume from seq {sub.next_seq}",
+        )

@@ -1,0 +1,77 @@
+"""Accounts and sessions: Argon2id password hashes (argon2-cffi) and HS256 JWTs (PyJWT).
+
+Both hashing and verification are slow on purpose; the relay runs them in worker threads.
+Unknown handles are verified against a dummy hash so a login attempt takes about as long and
+answers exactly the same whether or not the handle exists.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Final
+
+import argon2
+import jwt
+
+HANDLE_RE: Final = re.compile(r"^[a-z0-9][a-z0-9_.-]{2,31}$")
+MIN_PASSWORD_CHARS: Final = 12
+ISSUER: Final = "cozylabs-relay"
+
+_hasher = argon2.PasswordHasher()
+_DUMMY_HASH: Final = _hasher.hash("cozylabs dummy password for timing equalisation")
+
+
+class AuthError(Exception):
+    """Credentials or token refused. The message is safe to show the client."""
+
+
+def check_signup(handle: str, password: str) -> None:
+    if not HANDLE_RE.fullmatch(handle):
+        raise AuthError("handles are 3-32 characters: lowercase letters, digits, '_', '.', '-'")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise AuthError(f"login passwords need at least {MIN_PASSWORD_CHARS} characters")
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """True when `password` matches. With no hash (unknown handle) spends the same effort."""
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
+        return False
+
+
+def issue_token(
+    key: bytes, account_id: str, ttl_seconds: int, now: float | None = None
+) -> tuple[str, int]:
+    issued = int(time.time() if now is None else now)
+    expires = issued + ttl_seconds
+    token = jwt.encode(
+        {"sub": account_id, "iat": issued, "exp": expires, "iss": ISSUER, "typ": "session"},
+        key,
+        algorithm="HS256",
+    )
+    return token, expires
+
+
+def verify_token(key: bytes, token: str) -> str:
+    """The account id a valid session token names. Raises `AuthError` otherwise."""
+    try:
+        claims = jwt.decode(
+            token,
+            key,
+            algorithms=["HS256"],
+            issuer=ISSUER,
+            options={"require": ["sub", "exp", "iat", "iss"]},
+        )
+    except jwt.ExpiredSignatureError:
+        raise AuthError("session expired: log in again") from None
+    except jwt.InvalidTokenError:
+        raise AuthError("session token is invalid: log in again") from None
+    if claims.get("typ") != "session" or not isinstance(claims.get("sub"), str):
+        raise AuthError("session token is invalid: log in again")
+    return str(claims["sub"])

@@ -1,0 +1,92 @@
+"""One client connection: a bounded outbox drained by a writer task, and a close protocol.
+
+Replies, acks and live events are *offered* to the outbox without waiting; when it is full the
+client is not keeping up, so the connection is dropped with a reason rather than letting it
+stall a sequencer or the fan-out. Catch-up frames are sent directly and awaited, so a client
+catching up is paced by its own socket.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+import trio
+from trio_websocket import ConnectionClosed
+
+if TYPE_CHECKING:
+    from trio_websocket import WebSocketConnection
+
+OUTBOX_FRAMES: Final = 8192
+CLOSE_TIMEOUT: Final = 2.0
+
+
+class Connection:
+    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+        self.ws = ws
+        self.account_id: str | None = None
+        self.sign_pk: bytes = b""
+        self.member_of: set[str] = set()
+        self._nursery = nursery
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        self._closing = False
+        self._dropped = False
+        self._flushed = trio.Event()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    async def run_writer(self) -> None:
+        """Send queued frames in order until the outbox closes; then close the socket."""
+        try:
+            async with self._out_recv:
+                async for frame in self._out_recv:
+                    if self._dropped:
+                        return
+                    await self.ws.send_message(frame)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._flushed.set()
+
+    def offer(self, frame: bytes) -> bool:
+        if self._closing:
+            return False
+        try:
+            self._out_send.send_nowait(frame)
+        except trio.WouldBlock:
+            self.disconnect(4008, "client is not reading fast enough: reconnect and resume")
+            return False
+        except trio.ClosedResourceError:
+            return False
+        return True
+
+    async def send(self, frame: bytes) -> None:
+        await self.ws.send_message(frame)
+
+    def disconnect(self, code: int, reason: str) -> None:
+        """Drop now: pending frames are discarded, the peer gets `code` and `reason`."""
+        if self._closing:
+            return
+        self._closing = self._dropped = True
+        self._out_send.close()
+        self._nursery.start_soon(self._close_socket, code, reason)
+
+    def close_gracefully(self, code: int, reason: str) -> None:
+        """Flush what is queued, then close with `code` and `reason` (used at shutdown)."""
+        if self._closing:
+            return
+        self._closing = True
+        self._out_send.close()
+        self._nursery.start_soon(self._close_after_flush, code, reason)
+
+    async def _close_after_flush(self, code: int, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT):
+            await self._flushed.wait()
+        await self._close_socket(code, reason)
+
+    async def _close_socket(self, code: int, reason: str) -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            await self.ws.aclose(code, reason)
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.ws._stream)  # the peer ignored our close

@@ -1,0 +1,282 @@
+"""One sequencer actor per active collab: the single writer of that collab's ledger.
+
+Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
+two stages joined by a one-slot channel, so the signatures of batch n+1 are checked while batch
+n is being written:
+
+    inbox ──► verify stage (worker thread, whole batch) ──► write stage (worker thread:
+              dedup lookup + assign + COPY + commit + receipts) ──► ack authors ──► fan-out
+
+Persist first, then notify: acks and fan-out only ever see committed events. Worker-thread
+calls are not abandoned on cancellation, so a write that started is finished (committed or
+rolled back) before the actor exits. Shutdown closes the inboxes; each actor drains what it
+holds, then exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, Protocol
+
+import msgspec
+import structlog
+import trio
+
+from ledger import LedgerError
+from model import wire
+from model.chain import Head, Receipt, sign_receipt
+from model.envelope import SequencedEvent, SignedEvent, VerifiedEvent, verify_event
+from model.errors import BadSignature, InvalidEvent
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+    from fanout import Fanout
+    from ledger import Ledger
+    from model.sequencer import Assignment
+
+log = structlog.get_logger("cozy.sequencer")
+
+INBOX_SIZE: Final = 4096
+MAX_BATCH: Final = 256
+
+
+class Replier(Protocol):
+    def offer(self, frame: bytes) -> bool: ...
+
+
+@dataclass(slots=True)
+class Submission:
+    """One append request waiting for its seq. `author_pk` is the session account's key."""
+
+    reply_to: Replier
+    rid: int
+    event: SignedEvent
+    author_pk: bytes
+
+
+class SequencerStats(msgspec.Struct):
+    collab_id: str
+    head_seq: int
+    inbox: int
+    batches: int
+    events: int
+    duplicates: int
+    rejected: int
+
+
+class ShuttingDown(Exception):
+    """The relay is draining; no new appends are accepted."""
+
+
+class Sequencer:
+    def __init__(
+        self,
+        collab_id: str,
+        ledger: Ledger,
+        fanout: Fanout,
+        relay_key: nacl.signing.SigningKey,
+        db_limiter: trio.CapacityLimiter,
+        cpu_limiter: trio.CapacityLimiter,
+    ) -> None:
+        self.collab_id = collab_id
+        self._ledger = ledger
+        self._fanout = fanout
+        self._relay_key = relay_key
+        self._db_limiter = db_limiter
+        self._cpu_limiter = cpu_limiter
+        self.inbox, self._inbox_recv = trio.open_memory_channel[Submission](INBOX_SIZE)
+        self._head: Head | None = None
+        self._batches = self._events = self._duplicates = self._rejected = 0
+
+    def statistics(self) -> SequencerStats:
+        return SequencerStats(
+            collab_id=self.collab_id,
+            head_seq=-1 if self._head is None else self._head.seq,
+            inbox=self._inbox_recv.statistics().current_buffer_used,
+            batches=self._batches,
+            events=self._events,
+            duplicates=self._duplicates,
+            rejected=self._rejected,
+        )
+
+    async def run(self) -> None:
+        verified_send, verified_recv = trio.open_memory_channel[
+            list[tuple[Submission, VerifiedEvent]]
+        ](1)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._verify_stage, verified_send)
+            nursery.start_soon(self._write_stage, verified_recv)
+
+    async def _verify_stage(
+        self, out: trio.MemorySendChannel[list[tuple[Submission, VerifiedEvent]]]
+    ) -> None:
+        async with out, self._inbox_recv:
+            async for first in self._inbox_recv:
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        batch.append(self._inbox_recv.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                checked = await trio.to_thread.run_sync(
+                    _verify_batch, batch, limiter=self._cpu_limiter
+                )
+                good: list[tuple[Submission, VerifiedEvent]] = []
+                for sub, result in zip(batch, checked, strict=True):
+                    if isinstance(result, VerifiedEvent):
+                        good.append((sub, result))
+                    else:
+                        self._rejected += 1
+                        _reply(sub, wire.Error(rid=sub.rid, code=result[0], message=result[1]))
+                if good:
+                    await out.send(good)
+
+    async def _write_stage(
+        self, batches: trio.MemoryReceiveChannel[list[tuple[Submission, VerifiedEvent]]]
+    ) -> None:
+        async with batches:
+            async for batch in batches:
+                try:
+                    if self._head is None:
+                        self._head = await trio.to_thread.run_sync(
+                            self._ledger.head, self.collab_id, limiter=self._db_limiter
+                        )
+                    head, assignments, receipts = await trio.to_thread.run_sync(
+                        self._append_and_sign,
+                        self._head,
+                        [v for _, v in batch],
+                        limiter=self._db_limiter,
+                    )
+                except LedgerError as exc:
+                    # Nothing was written. Re-read the head next time; authors retry (idempotent).
+                    self._head = None
+                    log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
+                    for sub, _ in batch:
+                        _reply(
+                            sub,
+                            wire.Error(
+                                rid=sub.rid,
+                                code=wire.ErrorCode.OVERLOADED,
+                                message="the ledger could not store this event; retry it (appends are idempotent)",
+                            ),
+                        )
+                    continue
+                self._head = head
+                self._batches += 1
+                fresh: list[SequencedEvent] = []
+                for (sub, verified), a, sig in zip(batch, assignments, receipts, strict=True):
+                    if a.duplicate:
+                        self._duplicates += 1
+                    else:
+                        self._events += 1
+                        fresh.append(
+                            SequencedEvent(self.collab_id, a.seq, verified.signed, a.chain)
+                        )
+                    _reply(
+                        sub,
+                        wire.Appended(
+                            rid=sub.rid,
+                            collab_id=self.collab_id,
+                            seq=a.seq,
+                            event_id=a.event_id,
+                            chain=a.chain,
+                            receipt_sig=sig,
+                            duplicate=a.duplicate,
+                        ),
+                    )
+                fresh.sort(key=lambda e: e.seq)
+                self._fanout.publish(fresh)
+
+    def _append_and_sign(
+        self, head: Head, events: list[VerifiedEvent]
+    ) -> tuple[Head, list[Assignment], list[bytes]]:
+        """Worker thread: one transaction for the batch, then a receipt per committed event."""
+        new_head, assignments = self._ledger.append_batch(self.collab_id, head, events)
+        receipts = [
+            sign_receipt(self._relay_key, Receipt(self.collab_id, a.seq, a.event_id, a.chain))
+            for a in assignments
+        ]
+        return new_head, assignments, receipts
+
+
+def _verify_batch(
+    batch: list[Submission],
+) -> list[VerifiedEvent | tuple[wire.ErrorCode, str]]:
+    """Worker thread: check every signature in the batch (PyNaCl releases the GIL)."""
+    out: list[VerifiedEvent | tuple[wire.ErrorCode, str]] = []
+    for sub in batch:
+        try:
+            out.append(verify_event(sub.event, sub.author_pk))
+        except BadSignature:
+            out.append(
+                (
+                    wire.ErrorCode.BAD_SIGNATURE,
+                    "event signature does not verify with your account key; nothing was stored",
+                )
+            )
+        except InvalidEvent as exc:
+            out.append((wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"))
+    return out
+
+
+def _reply(sub: Submission, frame: wire.Reply) -> None:
+    # The sequencer never waits on a connection; a client that cannot take its own acks is
+    # disconnected by its outbox as lagging.
+    sub.reply_to.offer(wire.encode(frame))
+
+
+class SequencerRegistry:
+    """Starts one actor per collab on first use, inside the relay's sequencer nursery."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        ledger: Ledger,
+        fanout: Fanout,
+        relay_key: nacl.signing.SigningKey,
+        *,
+        db_threads: int = 6,
+        cpu_threads: int = 2,
+    ) -> None:
+        self._nursery = nursery
+        self._ledger = ledger
+        self._fanout = fanout
+        self._relay_key = relay_key
+        self._db_limiter = trio.CapacityLimiter(db_threads)
+        self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
+        self._actors: dict[str, Sequencer] = {}
+        self._closed = False
+
+    def statistics(self) -> list[SequencerStats]:
+        return [a.statistics() for a in self._actors.values()]
+
+    async def submit(self, collab_id: str, submission: Submission) -> None:
+        """Queue an append for its collab's actor. Waits while that inbox is full.
+
+        Raises `ShuttingDown` once the relay has begun draining.
+        """
+        if self._closed:
+            raise ShuttingDown
+        actor = self._actors.get(collab_id)
+        if actor is None:
+            actor = Sequencer(
+                collab_id,
+                self._ledger,
+                self._fanout,
+                self._relay_key,
+                self._db_limiter,
+                self._cpu_limiter,
+            )
+            self._actors[collab_id] = actor
+            self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")
+        try:
+            await actor.inbox.send(submission)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ShuttingDown from None
+
+    def close(self) -> None:
+        """Stop accepting appends; every actor drains its inbox and exits."""
+        self._closed = True
+        for actor in self._actors.values():
+            actor.inbox.close()

@@ -1,0 +1,395 @@
+"""The relay daemon: WebSocket endpoint, request dispatch, and the structured shutdown.
+
+Nursery layout (outermost first) — the order is the shutdown order, reversed:
+
+    connections nursery      every client connection (reader, writer, subscriptions)
+      sequencers nursery     one actor per active collab
+        accept nursery       the listening socket
+
+Shutdown: cancel the accept nursery (stop accepting), close the sequencer inboxes and wait for
+the actors to drain (in-flight appends are committed and acked), then close every connection
+gracefully with code 1001 and a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack
+
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+from fanout import Fanout, Subscription
+from ledger import AccountRow, HandleTaken, Ledger, LedgerError
+from model import wire
+from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
+from model.errors import InvalidEvent
+from model.ids import is_id, new_id
+from relay import _auth
+from relay._connection import Connection
+from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import nacl.signing
+
+    from relay.config import RelayConfig
+
+log = structlog.get_logger("cozy.relay")
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+SHUTDOWN_CLOSE_CODE: Final = 1001
+READ_QUEUE: Final = 64
+
+
+class RequestRefused(Exception):
+    """A request is refused with a typed error frame; the connection stays open."""
+
+    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class RelayStats:
+    connections: int
+    accepted_total: int
+
+
+class Relay:
+    """A running relay. Use `serve` (via `nursery.start`) to get one that is listening."""
+
+    def __init__(
+        self, config: RelayConfig, ledger: Ledger, relay_key: nacl.signing.SigningKey
+    ) -> None:
+        self.config = config
+        self.ledger = ledger
+        self.relay_key = relay_key
+        self.relay_pk = bytes(relay_key.verify_key)
+        self.fanout = Fanout(self._read_range)
+        self.url = ""
+        self._connections: set[Connection] = set()
+        self._accepted = 0
+        self._db_limiter = trio.CapacityLimiter(8)
+        self._auth_limiter = trio.CapacityLimiter(2)
+        self._shutdown = trio.Event()
+        self._sequencers: SequencerRegistry | None = None
+
+    def statistics(self) -> RelayStats:
+        return RelayStats(connections=len(self._connections), accepted_total=self._accepted)
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until `request_shutdown`, then drain and close everything in order."""
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as sequencers:
+                self._sequencers = SequencerRegistry(
+                    sequencers, self.ledger, self.fanout, self.relay_key
+                )
+                async with trio.open_nursery() as accept:
+                    server = await accept.start(
+                        lambda task_status: serve_websocket(
+                            self._handle,
+                            self.config.host,
+                            self.config.port,
+                            None,
+                            handler_nursery=connections,
+                            message_queue_size=READ_QUEUE,
+                            max_message_size=wire.WS_HARD_LIMIT,
+                            task_status=task_status,
+                        )
+                    )
+                    port = server.port
+                    self.url = f"ws://{self.config.host}:{port}"
+                    log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
+                    task_status.started(self.url)
+                    await self._shutdown.wait()
+                    log.info("relay_stopping", phase="stop_accepting")
+                    accept.cancel_scope.cancel()
+                log.info("relay_stopping", phase="drain_sequencers")
+                self._sequencers.close()
+            log.info(
+                "relay_stopping", phase="close_connections", connections=len(self._connections)
+            )
+            for conn in list(self._connections):
+                conn.close_gracefully(
+                    SHUTDOWN_CLOSE_CODE, "relay shutting down: reconnect later and resume"
+                )
+        log.info("relay_stopped")
+
+    # --- per connection -------------------------------------------------------------------------
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        ws = await request.accept()
+        self._accepted += 1
+        subscriptions: dict[str, Subscription] = {}
+        async with trio.open_nursery() as nursery:
+            conn = Connection(ws, nursery)
+            self._connections.add(conn)
+            nursery.start_soon(conn.run_writer)
+            conn.offer(
+                wire.encode(
+                    wire.Welcome(
+                        protocol=wire.PROTOCOL,
+                        relay_pk=self.relay_pk,
+                        max_frame_bytes=wire.MAX_FRAME_BYTES,
+                        max_body_bytes=MAX_BODY_BYTES,
+                    )
+                )
+            )
+            try:
+                while not conn.closing:
+                    data = await ws.get_message()
+                    await self._on_frame(conn, data, nursery, subscriptions)
+            except ConnectionClosed:
+                pass
+            finally:
+                self._connections.discard(conn)
+                for sub in subscriptions.values():
+                    self.fanout.remove(sub)
+                nursery.cancel_scope.cancel()
+
+    async def _on_frame(
+        self,
+        conn: Connection,
+        data: bytes | str,
+        nursery: trio.Nursery,
+        subscriptions: dict[str, Subscription],
+    ) -> None:
+        rid: int | None = None
+        try:
+            if isinstance(data, str):
+                raise RequestRefused(
+                    wire.ErrorCode.MALFORMED_FRAME,
+                    "send binary msgpack frames, not text; see docs/protocol.md",
+                )
+            if len(data) > wire.MAX_FRAME_BYTES:
+                raise RequestRefused(
+                    wire.ErrorCode.FRAME_TOO_LARGE,
+                    f"frame is {len(data)} bytes; the limit is {wire.MAX_FRAME_BYTES}. Nothing was stored.",
+                )
+            try:
+                req = wire.decode_request(data)
+            except wire.MalformedFrame as exc:
+                rid = exc.rid
+                raise RequestRefused(wire.ErrorCode.MALFORMED_FRAME, str(exc)) from None
+            rid = req.rid
+            await self._dispatch(conn, req, nursery, subscriptions)
+        except RequestRefused as exc:
+            log.info("request_refused", code=exc.code.value, rid=rid, account_id=conn.account_id)
+            conn.offer(wire.encode(wire.Error(rid=rid, code=exc.code, message=exc.message)))
+        except LedgerError as exc:
+            log.warning("ledger_error", error=type(exc).__name__, rid=rid)
+            conn.offer(
+                wire.encode(
+                    wire.Error(
+                        rid=rid,
+                        code=wire.ErrorCode.OVERLOADED,
+                        message="the ledger is unavailable right now; retry shortly",
+                    )
+                )
+            )
+
+    async def _dispatch(
+        self,
+        conn: Connection,
+        req: wire.Request,
+        nursery: trio.Nursery,
+        subscriptions: dict[str, Subscription],
+    ) -> None:
+        match req:
+            case wire.Append():
+                await self._append(conn, req)
+            case wire.Ping():
+                conn.offer(wire.encode(wire.Pong(rid=req.rid)))
+            case wire.Signup():
+                await self._signup(conn, req)
+            case wire.Login():
+                await self._login(conn, req)
+            case wire.Authenticate():
+                try:
+                    account_id = _auth.verify_token(self.config.jwt_signing_key.value, req.token)
+                except _auth.AuthError as exc:
+                    raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
+                await self._bind_account(conn, account_id)
+                conn.offer(wire.encode(wire.Authenticated(rid=req.rid, account_id=account_id)))
+            case wire.CreateCollab():
+                account_id = _require_auth(conn)
+                collab_id = new_id("c")
+                await self._db(self.ledger.create_collab, collab_id, account_id)
+                conn.member_of.add(collab_id)
+                log.info("collab_created", collab_id=collab_id, account_id=account_id)
+                conn.offer(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=collab_id)))
+            case wire.Subscribe():
+                await self._require_member(conn, req.collab_id)
+                if req.from_seq < 1:
+                    raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, "from_seq starts at 1")
+                if req.collab_id in subscriptions:
+                    raise RequestRefused(
+                        wire.ErrorCode.INVALID_REQUEST,
+                        "already subscribed to this collab on this connection",
+                    )
+                sub = Subscription(req.collab_id, req.from_seq, conn, follow=req.follow)
+                if req.follow:
+                    subscriptions[req.collab_id] = sub
+                conn.offer(
+                    wire.encode(
+                        wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
+                    )
+                )
+                nursery.start_soon(self._stream, sub)
+            case wire.Unsubscribe():
+                found = subscriptions.pop(req.collab_id, None)
+                if found is None:
+                    raise RequestRefused(wire.ErrorCode.NOT_FOUND, "not subscribed to this collab")
+                self.fanout.remove(found)
+                conn.offer(wire.encode(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id)))
+            case wire.GetAccount():
+                _require_auth(conn)
+                if req.account_id is not None:
+                    row = await self._db(self.ledger.account_by_id, req.account_id)
+                elif req.handle is not None:
+                    row = await self._db(self.ledger.account_by_handle, req.handle)
+                else:
+                    raise RequestRefused(
+                        wire.ErrorCode.INVALID_REQUEST, "give account_id or handle"
+                    )
+                if row is None:
+                    raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
+                conn.offer(
+                    wire.encode(
+                        wire.AccountInfo(
+                            rid=req.rid,
+                            account_id=row.account_id,
+                            handle=row.handle,
+                            sign_pk=row.sign_pk,
+                            box_pk=row.box_pk,
+                        )
+                    )
+                )
+
+    async def _stream(self, sub: Subscription) -> None:
+        try:
+            await self.fanout.stream(sub)
+        except ConnectionClosed:
+            self.fanout.remove(sub)
+
+    async def _append(self, conn: Connection, req: wire.Append) -> None:
+        account_id = _require_auth(conn)
+        try:
+            body = decode_body(req.event.body)
+        except InvalidEvent as exc:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
+            ) from None
+        if body.actor_id != account_id:
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHORIZED, "events must be authored by the logged-in account"
+            )
+        await self._require_member(conn, body.collab_id)
+        assert self._sequencers is not None
+        try:
+            await self._sequencers.submit(
+                body.collab_id, Submission(conn, req.rid, req.event, conn.sign_pk)
+            )
+        except ShuttingDown:
+            raise RequestRefused(
+                wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down; retry on reconnect"
+            ) from None
+
+    async def _signup(self, conn: Connection, req: wire.Signup) -> None:
+        try:
+            _auth.check_signup(req.handle, req.password)
+        except _auth.AuthError as exc:
+            raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, str(exc)) from None
+        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
+            )
+        password_hash = await trio.to_thread.run_sync(
+            _auth.hash_password, req.password, limiter=self._auth_limiter
+        )
+        account_id = new_id("a")
+        try:
+            await self._db(
+                self.ledger.create_account,
+                AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk),
+            )
+        except HandleTaken as exc:
+            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
+        log.info("account_created", account_id=account_id)
+        conn.offer(wire.encode(wire.SignedUp(rid=req.rid, account_id=account_id)))
+
+    async def _login(self, conn: Connection, req: wire.Login) -> None:
+        row = await self._db(self.ledger.account_by_handle, req.handle)
+        ok = await trio.to_thread.run_sync(
+            _auth.verify_password,
+            None if row is None else row.password_hash,
+            req.password,
+            limiter=self._auth_limiter,
+        )
+        if row is None or not ok:
+            raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
+        token, expires = _auth.issue_token(
+            self.config.jwt_signing_key.value,
+            row.account_id,
+            self.config.session_ttl_seconds,
+            time.time(),
+        )
+        self._bind(conn, row)
+        conn.offer(
+            wire.encode(
+                wire.LoggedIn(
+                    rid=req.rid, account_id=row.account_id, token=token, expires_at=expires
+                )
+            )
+        )
+
+    async def _bind_account(self, conn: Connection, account_id: str) -> None:
+        row = await self._db(self.ledger.account_by_id, account_id)
+        if row is None:
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHENTICATED, "session names an unknown account: log in again"
+            )
+        self._bind(conn, row)
+
+    @staticmethod
+    def _bind(conn: Connection, row: AccountRow) -> None:
+        if conn.account_id != row.account_id:
+            conn.member_of.clear()
+        conn.account_id = row.account_id
+        conn.sign_pk = row.sign_pk
+
+    async def _require_member(self, conn: Connection, collab_id: str) -> None:
+        account_id = _require_auth(conn)
+        if collab_id in conn.member_of:
+            return
+        if not is_id(collab_id, "c") or not await self._db(
+            self.ledger.is_member, collab_id, account_id
+        ):
+            # The same answer whether the collab does not exist or is not yours.
+            raise RequestRefused(wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+        conn.member_of.add(collab_id)
+
+    async def _read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
+        return await self._db(self.ledger.read_range, collab_id, from_seq, limit)
+
+    async def _db(self, fn: Callable[[Unpack[Ts]], T], *args: *Ts) -> T:
+        """Run a blocking ledger call in a worker thread (never abandoned on cancel)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
+
+
+def _require_auth(conn: Connection) -> str:
+    if conn.account_id is None:
+        raise RequestRefused(
+            wire.ErrorCode.UNAUTHENTICATED, "log in or authenticate with a session token first"
+        )
+    return conn.account_id

@@ -1,0 +1,133 @@
+"""Relay configuration: environment variables override a TOML file, which overrides defaults.
+
+Secrets (the JWT signing key, the relay's signing seed) are wrapped in `Secret` so that they
+never show up in a repr, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import secrets
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+DEFAULT_DATA_DIR: Final = Path(".cozy/relay")
+
+
+class ConfigError(Exception):
+    """The configuration is unusable. The message names the setting and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A secret value that refuses to be printed."""
+
+    value: bytes = field(repr=False)
+
+    def __repr__(self) -> str:
+        return "Secret(<redacted>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    database_url: str | None
+    data_dir: Path
+    host: str
+    port: int
+    jwt_signing_key: Secret
+    relay_signing_seed: Secret | None
+    session_ttl_seconds: int = 15 * 60
+    bao_addr: str | None = None
+
+
+def load_config(
+    env: Mapping[str, str] | None = None,
+    toml_path: Path | None = None,
+    **overrides: object,
+) -> RelayConfig:
+    """Build the config. Raises `ConfigError` naming the bad setting."""
+    env = os.environ if env is None else env
+    file_values: dict[str, object] = {}
+    path = toml_path or (Path(env["COZY_RELAY_CONFIG"]) if "COZY_RELAY_CONFIG" in env else None)
+    if path is not None:
+        try:
+            file_values = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from None
+
+    def pick(env_name: str, key: str, default: object = None) -> object:
+        if key in overrides and overrides[key] is not None:
+            return overrides[key]
+        if env_name in env:
+            return env[env_name]
+        return file_values.get(key, default)
+
+    data_dir = Path(str(pick("COZY_DATA_DIR", "data_dir", DEFAULT_DATA_DIR)))
+    port_raw = pick("COZY_LISTEN_PORT", "port", 8765)
+    try:
+        port = int(str(port_raw))
+    except ValueError:
+        raise ConfigError(f"listen port must be an integer, got {port_raw!r}") from None
+    jwt_raw = pick("JWT_SIGNING_KEY", "jwt_signing_key")
+    if jwt_raw is None:
+        jwt_key = _persistent_secret(data_dir / "jwt_signing_key", 32).value
+    else:
+        jwt_key = str(jwt_raw).encode()
+        if len(jwt_key) < 32:
+            raise ConfigError("JWT_SIGNING_KEY must be at least 32 characters of random data")
+    seed_raw = pick("COZY_RELAY_SIGNING_SEED", "relay_signing_seed")
+    seed = None if seed_raw is None else Secret(_b64_seed(str(seed_raw)))
+    ttl = int(str(pick("COZY_SESSION_TTL", "session_ttl_seconds", 15 * 60)))
+    db = pick("DATABASE_URL", "database_url")
+    bao = pick("BAO_ADDR", "bao_addr")
+    return RelayConfig(
+        database_url=None if db is None else str(db),
+        data_dir=data_dir,
+        host=str(pick("COZY_LISTEN_HOST", "host", "127.0.0.1")),
+        port=port,
+        jwt_signing_key=Secret(jwt_key),
+        relay_signing_seed=seed,
+        session_ttl_seconds=ttl,
+        bao_addr=None if bao is None else str(bao),
+    )
+
+
+def relay_signing_seed(config: RelayConfig) -> bytes:
+    """The relay's Ed25519 seed: configured, or created once in the data dir (mode 0600)."""
+    if config.relay_signing_seed is not None:
+        return config.relay_signing_seed.value
+    return _persistent_secret(config.data_dir / "relay_signing_seed", 32).value
+
+
+def _persistent_secret(path: Path, nbytes: int) -> Secret:
+    try:
+        return Secret(base64.b64decode(path.read_bytes(), validate=True))
+    except FileNotFoundError:
+        pass
+    except (binascii.Error, OSError) as exc:
+        raise ConfigError(f"{path} is unreadable or damaged ({type(exc).__name__})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = secrets.token_bytes(nbytes)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(base64.b64encode(value))
+    return Secret(value)
+
+
+def _b64_seed(raw: str) -> bytes:
+    try:
+        seed = base64.b64decode(raw, validate=True)
+    except binascii.Error:
+        raise ConfigError("COZY_RELAY_SIGNING_SEED must be base64 of 32 random bytes") from None
+    if len(seed) != 32:
+        raise ConfigError("COZY_RELAY_SIGNING_SEED must be base64 of exactly 32 bytes")
+    return seed

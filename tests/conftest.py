@@ -1,0 +1,99 @@
+"""Session infrastructure: one Postgres per run, one migrated template, one database per test.
+
+Postgres comes from ``COZY_TEST_DATABASE_URL`` when set (CI, a developer's server) and from the
+embedded ``pgserver`` wheel otherwise. Database tests never skip: a missing Postgres is a failed
+run with instructions, so a green suite always means the ledger contract was exercised.
+
+Each test gets its own database cloned from a template that was migrated once, so tests are
+isolated (and could run in parallel) without paying for a migration each time.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import pytest
+
+import ledger as ledger_pkg
+from tests.helpers import create_database, drop_database, with_dbname
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+_INSTALL_HINT = (
+    "Database tests need Postgres. Either set COZY_TEST_DATABASE_URL to a server where this "
+    "user may CREATE DATABASE, or install the embedded server from the lock file "
+    "(`make install`, which provides the `pgserver` wheel)."
+)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A conninfo for a Postgres role that may create and drop databases."""
+    url = os.environ.get("COZY_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        # pgserver keeps its lock files in the user runtime dir; without one, platformdirs warns
+        # and falls back to a shared /tmp path. Must be set before pgserver is imported.
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime_dir = tmp_path_factory.mktemp("xdg-runtime")
+            runtime_dir.chmod(0o700)
+            mp.setenv("XDG_RUNTIME_DIR", str(runtime_dir))
+        try:
+            import pgserver  # imported late: after XDG_RUNTIME_DIR is set
+        except ImportError as exc:
+            pytest.fail(f"pgserver is not importable ({exc}). {_INSTALL_HINT}", pytrace=False)
+        try:
+            server = pgserver.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="stop")
+            url = server.get_uri()
+        except Exception as exc:
+            pytest.fail(f"the embedded Postgres failed to start: {exc!r}. {_INSTALL_HINT}")
+        try:
+            yield url
+        finally:
+            server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def template_database(pg_admin_url: str) -> Iterator[str]:
+    """The name of a database migrated to the current schema; cloned for every test."""
+    name = create_database(pg_admin_url, "cozy_template")
+    try:
+        ledger_pkg.migrate(with_dbname(pg_admin_url, name))
+        yield name
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def database_url(pg_admin_url: str, template_database: str) -> Iterator[str]:
+    """A fresh, migrated database for this test only; dropped (connections and all) after."""
+    name = create_database(pg_admin_url, "cozy_t", template=template_database)
+    try:
+        yield with_dbname(pg_admin_url, name)
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def empty_database_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh database with no schema at all (for migration tests)."""
+    name = create_database(pg_admin_url, "cozy_e")
+    try:
+        yield with_dbname(pg_admin_url, name)
+    finally:
+        drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+def ledger(database_url: str) -> Iterator[ledger_pkg.Ledger]:
+    """An opened ledger on this test's database."""
+    store = ledger_pkg.Ledger(database_url)
+    store.open()
+    try:
+        yield store
+    finally:
+        store.close()
