@@ -1,0 +1,129 @@
+"""Client state in COZY_HOME: the profile, the sealed keystore and the verified heads.
+
+Files are written atomically (temp file, fsync, rename) with mode 0600, so a crash never leaves
+a half-written keystore and a verified head never moves backwards on disk.
+
+    COZY_HOME/profile.json    relay URL, handle, account id, pinned relay key, session token
+    COZY_HOME/keystore.bin    sealed keystore (Argon2id-wrapped; see model/keystore.py)
+    COZY_HOME/heads.json      last verified (seq, chain) per collab
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import tempfile
+from pathlib import Path
+from typing import Final
+
+import msgspec
+
+from model import keystore
+from model.chain import Head
+
+KDF_PROFILE_ENV: Final = "COZY_KDF_PROFILE"
+
+
+class HomeError(Exception):
+    """COZY_HOME is missing, unwritable or damaged; the message says what to do."""
+
+
+class Profile(msgspec.Struct):
+    relay_url: str
+    handle: str
+    account_id: str
+    relay_pk: str  # hex, pinned on first contact
+    token: str | None = None
+    token_expires_at: int = 0
+
+    def __repr__(self) -> str:
+        return f"Profile(handle={self.handle!r}, relay={self.relay_url!r}, token=<redacted>)"
+
+
+class Home:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def from_env(cls) -> Home:
+        raw = os.environ.get("COZY_HOME")
+        return cls(Path(raw) if raw else Path.home() / ".cozy")
+
+    # --- profile --------------------------------------------------------------------------------
+
+    def load_profile(self) -> Profile:
+        try:
+            return msgspec.json.decode((self.path / "profile.json").read_bytes(), type=Profile)
+        except FileNotFoundError:
+            raise HomeError(
+                f"no account in {self.path}: run `cozy account signup --relay URL --handle H` "
+                "(or `cozy account restore` on a new device)"
+            ) from None
+        except msgspec.DecodeError:
+            raise HomeError(f"{self.path / 'profile.json'} is damaged") from None
+
+    def save_profile(self, profile: Profile) -> None:
+        self._write("profile.json", msgspec.json.encode(profile))
+
+    # --- keystore -------------------------------------------------------------------------------
+
+    def has_keystore(self) -> bool:
+        return (self.path / "keystore.bin").exists()
+
+    def load_keystore(self) -> keystore.SealedKeystore:
+        try:
+            return keystore.decode_sealed((self.path / "keystore.bin").read_bytes())
+        except FileNotFoundError:
+            raise HomeError(f"no keystore in {self.path}: sign up or restore first") from None
+
+    def save_keystore(self, sealed: keystore.SealedKeystore) -> None:
+        self._write("keystore.bin", keystore.encode_sealed(sealed))
+
+    # --- heads ----------------------------------------------------------------------------------
+
+    def load_heads(self) -> dict[str, Head]:
+        try:
+            raw = msgspec.json.decode(
+                (self.path / "heads.json").read_bytes(), type=dict[str, tuple[int, str]]
+            )
+        except FileNotFoundError:
+            return {}
+        return {c: Head(seq, base64.b64decode(chain)) for c, (seq, chain) in raw.items()}
+
+    def save_head(self, collab_id: str, head: Head) -> None:
+        """Record a verified head. Refuses to move a collab's head backwards."""
+        heads = self.load_heads()
+        old = heads.get(collab_id)
+        if old is not None and old.seq >= head.seq:
+            return
+        heads[collab_id] = head
+        data = {c: (h.seq, base64.b64encode(h.chain).decode()) for c, h in heads.items()}
+        self._write("heads.json", msgspec.json.encode(data))
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _write(self, name: str, data: bytes) -> None:
+        try:
+            self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, self.path / name)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        except OSError as exc:
+            raise HomeError(
+                f"cannot write {self.path / name}: {exc.strerror}; check COZY_HOME"
+            ) from None
+
+
+def kdf_profile() -> keystore.KdfProfile:
+    """MODERATE unless COZY_KDF_PROFILE=insecure-test (documented: only for test suites)."""
+    if os.environ.get(KDF_PROFILE_ENV) == "insecure-test":
+        return keystore.KdfProfile.INSECURE_TEST
+    return keystore.KdfProfile.MODERATE

@@ -1,0 +1,76 @@
+"""`cozy`: every subcommand, client and server side. Run `cozy --help`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from clientkit import cli as client_cli
+from cozy import _logging
+from relay.config import ConfigError
+from relay.embedded import EmbeddedServiceError
+
+
+def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    relay = sub.add_parser("relay", help="run and maintain a relay").add_subparsers(
+        dest="action", required=True
+    )
+    for name, help_text in (
+        ("serve", "serve the relay (config from env / --config TOML)"),
+        ("migrate", "apply the ledger's schema migrations"),
+        ("verify-ledger", "recompute every collab's hash chain, event id and signature"),
+    ):
+        p = relay.add_parser(name, help=help_text)
+        p.add_argument("--config", type=Path, help="TOML config file (env vars override it)")
+        p.add_argument("--data-dir", type=Path, help="where embedded Postgres and relay keys live")
+        if name == "serve":
+            p.add_argument("--host")
+            p.add_argument("--port", type=int)
+            p.add_argument("--json-logs", action="store_true")
+        p.set_defaults(server_action=name)
+
+    p = sub.add_parser(
+        "dev", help="embedded Postgres + OpenBao dev server + relay, in the foreground"
+    )
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--data-dir", type=Path, default=Path(".cozy/dev"))
+    p.set_defaults(server_action="dev")
+
+    p = sub.add_parser("bench", help="benchmarks that print JSON")
+    p.add_argument("which", choices=["append"])
+    p.add_argument("--events", type=int, default=20_000, help="events per scenario")
+    p.add_argument("--database-url", help="use this Postgres instead of an embedded one")
+    p.set_defaults(server_action="bench")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cozy", description="CozyLabs end-to-end-encrypted collaboration relay"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    client_cli.register(sub)
+    _relay_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "run"):
+        _logging.configure(level=logging.WARNING)
+        return client_cli.run_command(args.run, args)
+    _logging.configure(json=getattr(args, "json_logs", False))
+    from cozy import _server_commands
+
+    try:
+        return _server_commands.run(args)
+    except (ConfigError, EmbeddedServiceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

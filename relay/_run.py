@@ -1,0 +1,57 @@
+"""Run a relay from a config: open (or embed) the database, migrate if asked, serve, stop on signals."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from ledger import Ledger, migrate
+from model._crypto import signing_key_from_seed
+from relay._server import Relay
+from relay.config import relay_signing_seed
+from relay.embedded import embedded_postgres
+
+if TYPE_CHECKING:
+    from relay.config import RelayConfig
+
+log = structlog.get_logger("cozy.relay")
+
+
+async def run_relay(
+    config: RelayConfig,
+    *,
+    auto_migrate: bool = True,
+    handle_signals: bool = True,
+    task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until SIGINT/SIGTERM (or `Relay.request_shutdown`), then shut down in order."""
+    async with AsyncExitStack() as stack:
+        url = config.database_url
+        if url is None:
+            url = await stack.enter_async_context(embedded_postgres(config.data_dir / "postgres"))
+            log.info("embedded_postgres", data_dir=str(config.data_dir / "postgres"))
+        if auto_migrate:
+            applied = await trio.to_thread.run_sync(migrate, url)
+            if applied:
+                log.info("migrated", versions=applied)
+        ledger = Ledger(url)
+        await trio.to_thread.run_sync(ledger.open)
+        stack.callback(ledger.close)
+        relay = Relay(config, ledger, signing_key_from_seed(relay_signing_seed(config)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(relay.serve)
+            if handle_signals:
+                nursery.start_soon(_stop_on_signal, relay)
+            task_status.started(relay)
+
+
+async def _stop_on_signal(relay: Relay) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("signal_received", signal=signal.Signals(signum).name)
+            relay.request_shutdown()
+            return
