@@ -316,6 +316,19 @@ async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIte
 
     With `pinned_relay_pk`, refuses a relay whose signing key differs (trust on first use).
     """
+    try:
+        async with _connected(url, pinned_relay_pk) as client:
+            yield client
+    except BaseExceptionGroup as group:
+        # The reader task only ever ends quietly, so a group holds the caller's own error:
+        # surface it as itself rather than wrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+@asynccontextmanager
+async def _connected(url: str, pinned_relay_pk: bytes | None) -> AsyncIterator[Client]:
     async with trio.open_nursery() as nursery:
         with trio.fail_after(CONNECT_TIMEOUT):
             ws = await trio_websocket.connect_websocket_url(

@@ -1,6 +1,7 @@
 """The append-only Postgres event ledger (blocking API; call it from worker threads)."""
 
 from ledger._store import AccountRow as AccountRow
+from ledger._store import AppendRequest as AppendRequest
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
 from ledger._store import migrate as migrate

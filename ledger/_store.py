@@ -55,6 +55,15 @@ class AccountRow(msgspec.Struct, frozen=True):
         return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
 
 
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """One collab's batch: its events and the head the sequencer believes is current."""
+
+    collab_id: str
+    head: chainmod.Head
+    events: Sequence[VerifiedEvent]
+
+
 @dataclass
 class LedgerReport:
     """What `verify_ledger` found. `ok` only when every collab's chain recomputed exactly."""
@@ -194,50 +203,50 @@ class Ledger:
     def append_batch(
         self, collab_id: str, head: chainmod.Head, events: Sequence[VerifiedEvent]
     ) -> tuple[chainmod.Head, list[Assignment]]:
-        """Sequence and persist a batch in one transaction (the group commit).
+        """`append_batches` for a single collab."""
+        return self.append_batches([AppendRequest(collab_id, head, events)])[0]
+
+    def append_batches(
+        self, requests: Sequence[AppendRequest]
+    ) -> list[tuple[chainmod.Head, list[Assignment]]]:
+        """Sequence and persist batches of several collabs in one transaction (group commit).
 
         Ids the ledger already holds get their original position back (idempotent retries);
-        new ids get contiguous seqs after `head`. Returns the new head and one assignment per
-        input event, in order. Raises `SequencingConflict` if `head` is stale (another writer),
-        in which case nothing was written.
+        new ids get contiguous seqs after their request's head. Returns, per request, the new
+        head and one assignment per event, in order. Raises `SequencingConflict` naming the
+        collabs whose head was stale (another writer got there first); then nothing at all was
+        written and the caller may retry the other requests.
         """
-        ids = [e.event_id for e in events]
+        all_ids = [e.event_id for r in requests for e in r.events]
+        results: list[tuple[chainmod.Head, list[Assignment]]] = []
+        rows: list[tuple[object, ...]] = []
         with _translated(), self._pool.connection() as conn:
+            # event ids are globally unique (the body names its collab), so one lookup serves all.
             known = {
                 bytes(r[0]): (r[1], bytes(r[2]))
                 for r in conn.execute(
-                    "SELECT event_id, seq, chain FROM events"
-                    " WHERE collab_id = %s AND event_id = ANY(%s)",
-                    (collab_id, ids),
+                    "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (all_ids,)
                 )
             }
-            new_head, assignments = assign(head, ids, known)
-            rows = [
-                (collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
-                 e.signed.body, e.signed.sig, a.chain)
-                for a, e in zip(assignments, events, strict=True)
-                if not a.duplicate
-            ]  # fmt: skip
+            for req in requests:
+                new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
+                results.append((new_head, assignments))
+                rows.extend(
+                    (req.collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
+                     e.signed.body, e.signed.sig, a.chain)
+                    for a, e in zip(assignments, req.events, strict=True)
+                    if not a.duplicate
+                )  # fmt: skip
             if rows:
                 try:
-                    with (
-                        conn.cursor() as cur,
-                        cur.copy(
-                            "COPY events (collab_id, seq, event_id, actor_id, kind, ts, body, sig,"
-                            " chain) FROM STDIN (FORMAT BINARY)"
-                        ) as copy,
-                    ):
-                        copy.set_types(
-                            ["text", "int8", "bytea", "text", "text", "int8", "bytea", "bytea",
-                             "bytea"]
-                        )  # fmt: skip
-                        for row in rows:
-                            copy.write_row(row)
+                    _copy_events(conn, rows)
                 except psycopg.errors.UniqueViolation as exc:
+                    conn.rollback()
+                    stale = _stale_collabs(conn, requests)
                     raise SequencingConflict(
-                        f"collab {collab_id} was appended to by another writer"
+                        f"collabs {stale} were appended to by another writer", stale
                     ) from exc
-        return new_head, assignments
+        return results
 
     def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
         """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""
@@ -285,6 +294,35 @@ class Ledger:
                     progress(collab_id, head.seq)
             conn.rollback()
         return report
+
+
+def _copy_events(
+    conn: psycopg.Connection[tuple[object, ...]], rows: list[tuple[object, ...]]
+) -> None:
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            "COPY events (collab_id, seq, event_id, actor_id, kind, ts, body, sig, chain)"
+            " FROM STDIN (FORMAT BINARY)"
+        ) as copy,
+    ):
+        copy.set_types(["text", "int8", "bytea", "text", "text", "int8", "bytea", "bytea", "bytea"])
+        for row in rows:
+            copy.write_row(row)
+
+
+def _stale_collabs(
+    conn: psycopg.Connection[tuple[object, ...]], requests: Sequence[AppendRequest]
+) -> list[str]:
+    stale = []
+    for req in requests:
+        r = conn.execute(
+            "SELECT seq FROM events WHERE collab_id = %s ORDER BY seq DESC LIMIT 1",
+            (req.collab_id,),
+        ).fetchone()
+        if (0 if r is None else r[0]) != req.head.seq:
+            stale.append(req.collab_id)
+    return stale
 
 
 def _check_row(

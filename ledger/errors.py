@@ -24,4 +24,8 @@ class HandleTaken(LedgerError):
 
 
 class SequencingConflict(LedgerError):
-    """Another writer appended to this collab: the single-writer assumption was broken."""
+    """Another writer appended to these collabs: the single-writer assumption was broken."""
+
+    def __init__(self, message: str, collab_ids: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.collab_ids = collab_ids or []

@@ -22,18 +22,16 @@ import msgspec
 import structlog
 import trio
 
-from ledger import LedgerError
+from ledger import AppendRequest, LedgerError
 from model import wire
-from model.chain import Head, Receipt, sign_receipt
 from model.envelope import SequencedEvent, SignedEvent, VerifiedEvent, verify_event
 from model.errors import BadSignature, InvalidEvent
 
 if TYPE_CHECKING:
-    import nacl.signing
-
     from fanout import Fanout
     from ledger import Ledger
-    from model.sequencer import Assignment
+    from model.chain import Head
+    from relay._writer import LedgerWriter
 
 log = structlog.get_logger("cozy.sequencer")
 
@@ -74,15 +72,15 @@ class Sequencer:
         self,
         collab_id: str,
         ledger: Ledger,
+        writer: LedgerWriter,
         fanout: Fanout,
-        relay_key: nacl.signing.SigningKey,
         db_limiter: trio.CapacityLimiter,
         cpu_limiter: trio.CapacityLimiter,
     ) -> None:
         self.collab_id = collab_id
         self._ledger = ledger
+        self._writer = writer
         self._fanout = fanout
-        self._relay_key = relay_key
         self._db_limiter = db_limiter
         self._cpu_limiter = cpu_limiter
         self.inbox, self._inbox_recv = trio.open_memory_channel[Submission](INBOX_SIZE)
@@ -142,11 +140,8 @@ class Sequencer:
                         self._head = await trio.to_thread.run_sync(
                             self._ledger.head, self.collab_id, limiter=self._db_limiter
                         )
-                    head, assignments, receipts = await trio.to_thread.run_sync(
-                        self._append_and_sign,
-                        self._head,
-                        [v for _, v in batch],
-                        limiter=self._db_limiter,
+                    head, assignments, receipts = await self._writer.write(
+                        AppendRequest(self.collab_id, self._head, [v for _, v in batch])
                     )
                 except LedgerError as exc:
                     # Nothing was written. Re-read the head next time; authors retry (idempotent).
@@ -188,17 +183,6 @@ class Sequencer:
                 fresh.sort(key=lambda e: e.seq)
                 self._fanout.publish(fresh)
 
-    def _append_and_sign(
-        self, head: Head, events: list[VerifiedEvent]
-    ) -> tuple[Head, list[Assignment], list[bytes]]:
-        """Worker thread: one transaction for the batch, then a receipt per committed event."""
-        new_head, assignments = self._ledger.append_batch(self.collab_id, head, events)
-        receipts = [
-            sign_receipt(self._relay_key, Receipt(self.collab_id, a.seq, a.event_id, a.chain))
-            for a in assignments
-        ]
-        return new_head, assignments, receipts
-
 
 def _verify_batch(
     batch: list[Submission],
@@ -233,16 +217,16 @@ class SequencerRegistry:
         self,
         nursery: trio.Nursery,
         ledger: Ledger,
+        writer: LedgerWriter,
         fanout: Fanout,
-        relay_key: nacl.signing.SigningKey,
         *,
         db_threads: int = 6,
         cpu_threads: int = 2,
     ) -> None:
         self._nursery = nursery
         self._ledger = ledger
+        self._writer = writer
         self._fanout = fanout
-        self._relay_key = relay_key
         self._db_limiter = trio.CapacityLimiter(db_threads)
         self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
         self._actors: dict[str, Sequencer] = {}
@@ -263,8 +247,8 @@ class SequencerRegistry:
             actor = Sequencer(
                 collab_id,
                 self._ledger,
+                self._writer,
                 self._fanout,
-                self._relay_key,
                 self._db_limiter,
                 self._cpu_limiter,
             )

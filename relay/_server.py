@@ -7,7 +7,8 @@ Nursery layout (outermost first) — the order is the shutdown order, reversed:
         accept nursery       the listening socket
 
 Shutdown: cancel the accept nursery (stop accepting), close the sequencer inboxes and wait for
-the actors to drain (in-flight appends are committed and acked), then close every connection
+the actors to drain (in-flight appends are committed and acked), stop the ledger writer, then
+close every connection
 gracefully with code 1001 and a reason.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack
 
 import structlog
@@ -30,6 +32,7 @@ from model.ids import is_id, new_id
 from relay import _auth
 from relay._connection import Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
+from relay._writer import LedgerWriter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -89,14 +92,15 @@ class Relay:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until `request_shutdown`, then drain and close everything in order."""
-        async with trio.open_nursery() as connections:
+        async with trio.open_nursery() as connections, trio.open_nursery() as writers:
+            writer = LedgerWriter(self.ledger, self.relay_key)
+            writers.start_soon(writer.run, name="ledger-writer")
             async with trio.open_nursery() as sequencers:
-                self._sequencers = SequencerRegistry(
-                    sequencers, self.ledger, self.fanout, self.relay_key
-                )
+                self._sequencers = SequencerRegistry(sequencers, self.ledger, writer, self.fanout)
                 async with trio.open_nursery() as accept:
                     server = await accept.start(
-                        lambda task_status: serve_websocket(
+                        partial(
+                            serve_websocket,
                             self._handle,
                             self.config.host,
                             self.config.port,
@@ -104,11 +108,9 @@ class Relay:
                             handler_nursery=connections,
                             message_queue_size=READ_QUEUE,
                             max_message_size=wire.WS_HARD_LIMIT,
-                            task_status=task_status,
                         )
                     )
-                    port = server.port
-                    self.url = f"ws://{self.config.host}:{port}"
+                    self.url = f"ws://{self.config.host}:{server.port}"
                     log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
                     task_status.started(self.url)
                     await self._shutdown.wait()
@@ -116,6 +118,7 @@ class Relay:
                     accept.cancel_scope.cancel()
                 log.info("relay_stopping", phase="drain_sequencers")
                 self._sequencers.close()
+            writer.close()
             log.info(
                 "relay_stopping", phase="close_connections", connections=len(self._connections)
             )

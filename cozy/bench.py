@@ -1,0 +1,272 @@
+"""`cozy bench append`: a real relay (its own process) on a real Postgres, driven over WebSockets.
+
+The load generator runs in this process and the relay in a child process, so they do not share
+a GIL; Postgres is a third process. All three share this machine's cores, as in the issue's
+targets. Events are signed before the clock starts (signing is the client's cost, not the
+relay's); the relay verifies every signature, sequences, group-commits and acks.
+
+Prints one JSON document on stdout and a short human summary on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nacl.public
+import nacl.signing
+import trio
+import trio_websocket
+
+from clientkit import connect
+from ledger import migrate
+from model import content as contentmod
+from model import wire
+from model._crypto import random_bytes
+from model.envelope import SignedEvent, event_id, seal_event
+from relay.embedded import embedded_postgres
+
+BODY_BYTES = 512
+WINDOW = 512
+PASSWORD = "bench password that is long enough"  # noqa: S105 — throwaway bench accounts
+
+
+@dataclass
+class Actor:
+    handle: str
+    account_id: str
+    signing_key: nacl.signing.SigningKey
+    token: str
+    collabs: list[str] = field(default_factory=list)
+
+
+def main(args: argparse.Namespace) -> int:
+    result = trio.run(_bench_append, args)
+    print(json.dumps(result, indent=2))
+    s = result["scenarios"]
+    print(
+        f"append, 1 collab:    {s['append_1_collab']['events_per_s']:>9,.0f} events/s\n"
+        f"append, 100 collabs: {s['append_100_collabs']['events_per_s']:>9,.0f} events/s\n"
+        f"append→delivery at {s['latency']['offered_per_s']} events/s: "
+        f"p50 {s['latency']['p50_ms']:.2f} ms, p99 {s['latency']['p99_ms']:.2f} ms",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def _bench_append(args: argparse.Namespace) -> dict[str, object]:
+    async with AsyncExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cozy-bench-")))
+        url = args.database_url or await stack.enter_async_context(embedded_postgres(tmp / "pg"))
+        await trio.to_thread.run_sync(migrate, url)
+        relay_url = await stack.enter_async_context(_relay_process(url, tmp / "relay"))
+        n = args.events
+        one = await _setup(relay_url, accounts=1, collabs_each=1, tag="one")
+        many = await _setup(relay_url, accounts=10, collabs_each=10, tag="many")
+        lat = await _setup(relay_url, accounts=1, collabs_each=1, tag="lat")
+        return {
+            "benchmark": "append",
+            "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "body_bytes": BODY_BYTES,
+            "window_per_connection": WINDOW,
+            "scenarios": {
+                "append_1_collab": await _throughput(relay_url, one, n),
+                "append_100_collabs": await _throughput(relay_url, many, n),
+                "latency": await _latency(relay_url, lat[0], rate=1000, seconds=3.0),
+            },
+        }
+
+
+async def _setup(relay_url: str, *, accounts: int, collabs_each: int, tag: str) -> list[Actor]:
+    actors = []
+    suffix = random_bytes(3).hex()
+    for i in range(accounts):
+        sign = nacl.signing.SigningKey.generate()
+        box = nacl.public.PrivateKey.generate()
+        handle = f"bench-{tag}-{suffix}-{i}"
+        async with connect(relay_url) as client:
+            account_id = await client.signup(handle, PASSWORD, bytes(sign.verify_key), bytes(box.public_key))
+            login = await client.login(handle, PASSWORD)
+            actor = Actor(handle, account_id, sign, login.token)
+            for _ in range(collabs_each):
+                actor.collabs.append(await client.create_collab())
+        actors.append(actor)
+    return actors
+
+
+def _presign(actor: Actor, count: int) -> list[SignedEvent]:
+    key = random_bytes(32)
+    # Pad the plaintext so the sealed body is about BODY_BYTES.
+    text = "x" * (BODY_BYTES - 170)
+    data = contentmod.encode_content(contentmod.Message(text=text))
+    now = int(time.time() * 1000)
+    return [
+        seal_event(
+            signing_key=actor.signing_key,
+            collab_key=key,
+            collab_id=actor.collabs[i % len(actor.collabs)],
+            actor_id=actor.account_id,
+            kind="msg",
+            ts=now + i,
+            content=data,
+        )
+        for i in range(count)
+    ]
+
+
+async def _throughput(relay_url: str, actors: list[Actor], total: int) -> dict[str, object]:
+    per_actor = total // len(actors)
+    batches = [await trio.to_thread.run_sync(_presign, a, per_actor) for a in actors]
+    started = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        for actor, events in zip(actors, batches, strict=True):
+            nursery.start_soon(_pump, relay_url, actor, events)
+    elapsed = time.perf_counter() - started
+    sent = per_actor * len(actors)
+    return {
+        "collabs": sum(len(a.collabs) for a in actors),
+        "connections": len(actors),
+        "events": sent,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(sent / elapsed, 1),
+    }
+
+
+async def _authed(ws: trio_websocket.WebSocketConnection, token: str) -> None:
+    await ws.get_message()  # Welcome
+    await ws.send_message(wire.encode(wire.Authenticate(rid=0, token=token)))
+    reply = wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+    if not isinstance(reply, wire.Authenticated):
+        raise RuntimeError(f"bench login failed: {reply}")
+
+
+async def _pump(relay_url: str, actor: Actor, events: list[SignedEvent]) -> None:
+    """Keep WINDOW appends in flight on one connection until every one is acked."""
+    window = trio.Semaphore(WINDOW)
+    done = trio.Event()
+    acked = 0
+
+    async with trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as ws:
+        await _authed(ws, actor.token)
+
+        async def read_acks() -> None:
+            nonlocal acked
+            while acked < len(events):
+                reply = wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+                if not isinstance(reply, wire.Appended):
+                    raise RuntimeError(f"bench append refused: {reply}")
+                acked += 1
+                window.release()
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read_acks)
+            for rid, ev in enumerate(events, start=1):
+                await window.acquire()
+                await ws.send_message(wire.encode(wire.Append(rid=rid, event=ev)))
+            await done.wait()
+
+
+async def _latency(relay_url: str, actor: Actor, *, rate: int, seconds: float) -> dict[str, object]:
+    """Offer `rate` events/s for `seconds` and time each from send to delivery to a subscriber."""
+    count = int(rate * seconds)
+    events = await trio.to_thread.run_sync(_presign, actor, count)
+    sent_at: dict[bytes, float] = {}
+    delays: list[float] = []
+    async with (
+        trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as sub,
+        trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as pub,
+    ):
+        await _authed(sub, actor.token)
+        await _authed(pub, actor.token)
+        collab = actor.collabs[0]
+        await sub.send_message(wire.encode(wire.Subscribe(rid=1, collab_id=collab, from_seq=1)))
+
+        async def receive() -> None:
+            while len(delays) < count:
+                frame = wire.decode_reply(await sub.get_message())  # type: ignore[arg-type]
+                if isinstance(frame, wire.Event):
+                    t = sent_at.get(event_id(frame.event))
+                    if t is not None:
+                        delays.append(time.perf_counter() - t)
+
+        async def drain_acks() -> None:
+            for _ in range(count):
+                await pub.get_message()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(receive)
+            nursery.start_soon(drain_acks)
+            start = time.perf_counter()
+            for i, ev in enumerate(events):
+                target = start + i / rate
+                await trio.sleep_until(trio.current_time() + max(0.0, target - time.perf_counter()))
+                sent_at[event_id(ev)] = time.perf_counter()
+                await pub.send_message(wire.encode(wire.Append(rid=i + 1, event=ev)))
+    delays.sort()
+    return {
+        "offered_per_s": rate,
+        "events": count,
+        "p50_ms": round(statistics.median(delays) * 1000, 3),
+        "p99_ms": round(delays[int(len(delays) * 0.99) - 1] * 1000, 3),
+        "max_ms": round(delays[-1] * 1000, 3),
+    }
+
+
+def _profiler() -> list[str]:
+    """COZY_BENCH_PROFILE=FILE runs the relay under cProfile (for finding hot spots)."""
+    out = os.environ.get("COZY_BENCH_PROFILE")
+    return ["-m", "cProfile", "-o", out] if out else []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+from contextlib import asynccontextmanager  # noqa: E402
+from collections.abc import AsyncIterator  # noqa: E402
+
+
+@asynccontextmanager
+async def _relay_process(database_url: str, data_dir: Path) -> AsyncIterator[str]:
+    port = _free_port()
+    env = dict(os.environ, DATABASE_URL=database_url)
+    async with trio.open_nursery() as nursery:
+        proc: trio.Process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, *_profiler(), "-m", "cozy.cli", "relay", "serve", "--port", str(port), "--data-dir", str(data_dir)],
+                env=env,
+                stderr=open(data_dir.parent / "relay.log", "wb"),
+                check=False,
+                task_status=task_status,
+            )
+        )
+        with trio.fail_after(30):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    if proc.returncode is not None:
+                        raise RuntimeError(f"relay exited with {proc.returncode}; see {data_dir.parent / 'relay.log'}") from None
+                    await trio.sleep(0.1)
+                else:
+                    await stream.aclose()
+                    break
+        try:
+            yield f"ws://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            with trio.move_on_after(10):
+                await proc.wait()
+            nursery.cancel_scope.cancel()

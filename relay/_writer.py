@@ -1,0 +1,130 @@
+"""The ledger writer: group commit across collabs.
+
+Every sequencer hands its verified batch here and waits; the writer takes everything queued —
+batches of many collabs — and commits them in one transaction, then signs a receipt for each
+event. One commit (and one fsync) then covers many collabs, which is what lets a relay with many
+active collabs approach the rate of one busy collab. Each sequencer has at most one batch in
+flight, so per-collab order is untouched; the writer never reorders within a collab.
+
+If the transaction fails because some collab's head was stale, those requests fail alone and
+the rest are written in a second transaction; any other ledger error fails the whole group and
+nothing of it was written (authors retry; appends are idempotent).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+import trio
+
+from ledger import AppendRequest, LedgerError, SequencingConflict
+from model.chain import Receipt, sign_receipt
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+    from ledger import Ledger
+    from model.chain import Head
+    from model.sequencer import Assignment
+
+MAX_GROUP_EVENTS: Final = 4096
+
+Written = tuple["Head", list["Assignment"], list[bytes]]
+
+
+@dataclass(eq=False)
+class _Job:
+    request: AppendRequest
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Written | LedgerError | None = None
+
+
+class WriterStats(msgspec.Struct):
+    transactions: int
+    batches: int
+    events: int
+
+
+class LedgerWriter:
+    def __init__(self, ledger: Ledger, relay_key: nacl.signing.SigningKey) -> None:
+        self._ledger = ledger
+        self._relay_key = relay_key
+        self._send, self._recv = trio.open_memory_channel[_Job](1024)
+        self._transactions = self._batches = self._events = 0
+
+    def statistics(self) -> WriterStats:
+        return WriterStats(self._transactions, self._batches, self._events)
+
+    async def write(self, request: AppendRequest) -> Written:
+        """Persist one collab's batch (with others) and return its head, assignments, receipts.
+
+        Raises `LedgerError` if it was not written. Not abandoned on cancellation: once queued,
+        the caller waits for the outcome so an ack is never lost for a committed event.
+        """
+        job = _Job(request)
+        await self._send.send(job)
+        with trio.CancelScope(shield=True):
+            await job.done.wait()
+        if isinstance(job.result, LedgerError):
+            raise job.result
+        assert job.result is not None
+        return job.result
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def run(self) -> None:
+        async with self._recv:
+            async for first in self._recv:
+                group = [first]
+                size = len(first.request.events)
+                while size < MAX_GROUP_EVENTS:
+                    try:
+                        job = self._recv.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    group.append(job)
+                    size += len(job.request.events)
+                try:
+                    await trio.to_thread.run_sync(self._write_group, group)
+                finally:
+                    for job in group:
+                        if job.result is None:
+                            job.result = LedgerError("the relay stopped before writing this batch")
+                        job.done.set()
+
+    def _write_group(self, group: list[_Job]) -> None:
+        """Worker thread: one transaction for the group, then receipts for what committed."""
+        pending = group
+        for _attempt in range(2):
+            try:
+                results = self._ledger.append_batches([j.request for j in pending])
+            except SequencingConflict as exc:
+                stale = set(exc.collab_ids)
+                for job in pending:
+                    if job.request.collab_id in stale or not stale:
+                        job.result = exc
+                pending = [j for j in pending if j.result is None]
+                if not pending:
+                    return
+                continue
+            except LedgerError as exc:
+                for job in pending:
+                    job.result = exc
+                return
+            self._transactions += 1
+            for job, (head, assignments) in zip(pending, results, strict=True):
+                self._batches += 1
+                self._events += len(assignments)
+                job.result = (head, assignments, self._receipts(job.request.collab_id, assignments))
+            return
+        for job in pending:
+            job.result = LedgerError("the ledger kept refusing this batch; retry it")
+
+    def _receipts(self, collab_id: str, assignments: list[Assignment]) -> list[bytes]:
+        return [
+            sign_receipt(self._relay_key, Receipt(collab_id, a.seq, a.event_id, a.chain))
+            for a in assignments
+        ]
