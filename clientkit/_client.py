@@ -18,6 +18,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from clientkit._transport import CONNECT_TIMEOUT, open_websocket
 from clientkit.errors import (
     ConnectionLost,
     ReceiptInvalid,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 R = TypeVar("R", bound=wire.Reply)
 SUBSCRIPTION_BUFFER: Final = 10_000
-CONNECT_TIMEOUT: Final = 10.0
 
 
 @dataclass(frozen=True)
@@ -236,6 +236,7 @@ class Client:
         finally:
             self._subs.pop(collab_id, None)
 
+    @asynccontextmanager
     async def history(
         self,
         collab_id: str,
@@ -243,37 +244,18 @@ class Client:
         *,
         head: Head | None = None,
         follow: bool = False,
-    ) -> AsyncIterator[Delivered]:
+    ) -> AsyncIterator[History]:
         """Verified, decrypted events after `head` (default: from the start of the collab).
 
+        Use as ``async with client.history(...) as events: async for ev in events: …``.
         Every event's author signature, collab binding, seq and chain hash are checked against
-        what this client has verified itself. Raises an `IntegrityAlarm` subclass and stops on
-        the first event that does not verify; raises `ConnectionLost` if the relay goes away.
-        Without `follow`, ends once the history up to the relay's current head is delivered.
+        what this client has verified itself. Iteration raises an `IntegrityAlarm` subclass and
+        stops on the first event that does not verify, and `ConnectionLost` if the relay goes
+        away. Without `follow` it ends once the history up to the relay's current head is in.
         """
-        verified = head or start_of(collab_id)
-        async with self.subscribe(collab_id, verified.seq + 1, follow=follow) as frames:
-            async for frame in frames:
-                match frame:
-                    case wire.CaughtUp():
-                        if frame.seq > verified.seq:
-                            raise WithholdingDetected(
-                                f"relay says it sent up to {frame.seq} but only {verified.seq} arrived",
-                                collab_id=collab_id,
-                                seq=verified.seq + 1,
-                            )
-                        if not follow:
-                            return
-                    case wire.SubscriptionEnded():
-                        raise ConnectionLost(None, frame.reason)
-                    case wire.Event():
-                        delivered = await self._verify_delivery(
-                            collab_id, collab_key, verified, frame
-                        )
-                        verified = Head(delivered.seq, delivered.chain)
-                        yield delivered
-            if self._closed is not None:
-                raise self._closed
+        start = head or start_of(collab_id)
+        async with self.subscribe(collab_id, start.seq + 1, follow=follow) as frames:
+            yield History(self, collab_id, collab_key, start, frames, follow=follow)
 
     async def _verify_delivery(
         self, collab_id: str, collab_key: bytes, head: Head, frame: wire.Event
@@ -310,6 +292,56 @@ class Client:
         return Delivered(collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain)
 
 
+class History:
+    """An async iterator of verified `Delivered` events; `head` is the last verified position."""
+
+    def __init__(
+        self,
+        client: Client,
+        collab_id: str,
+        collab_key: bytes,
+        head: Head,
+        frames: trio.MemoryReceiveChannel[wire.Reply],
+        *,
+        follow: bool,
+    ) -> None:
+        self._client = client
+        self._collab_id = collab_id
+        self._collab_key = collab_key
+        self.head = head
+        self._frames = frames
+        self._follow = follow
+        self._done = False
+
+    def __aiter__(self) -> History:
+        return self
+
+    async def __anext__(self) -> Delivered:
+        while not self._done:
+            try:
+                frame = await self._frames.receive()
+            except trio.EndOfChannel:
+                raise self._client._closed or ConnectionLost() from None
+            match frame:
+                case wire.CaughtUp():
+                    if frame.seq > self.head.seq:
+                        raise WithholdingDetected(
+                            f"relay says it sent up to {frame.seq} but only {self.head.seq} arrived",
+                            collab_id=self._collab_id,
+                            seq=self.head.seq + 1,
+                        )
+                    self._done = not self._follow
+                case wire.SubscriptionEnded():
+                    raise ConnectionLost(None, frame.reason)
+                case wire.Event():
+                    delivered = await self._client._verify_delivery(
+                        self._collab_id, self._collab_key, self.head, frame
+                    )
+                    self.head = Head(delivered.seq, delivered.chain)
+                    return delivered
+        raise StopAsyncIteration
+
+
 @asynccontextmanager
 async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIterator[Client]:
     """Open a connection; yields once the relay has introduced itself.
@@ -330,24 +362,20 @@ async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIte
 @asynccontextmanager
 async def _connected(url: str, pinned_relay_pk: bytes | None) -> AsyncIterator[Client]:
     async with trio.open_nursery() as nursery:
-        with trio.fail_after(CONNECT_TIMEOUT):
-            ws = await trio_websocket.connect_websocket_url(
-                nursery, url, max_message_size=wire.WS_HARD_LIMIT
-            )
-        client = Client(ws)
-        nursery.start_soon(client._read_loop)
         try:
-            with trio.fail_after(CONNECT_TIMEOUT):
-                await client._welcome.wait()
-            if client._closed is not None:
-                raise client._closed
-            if pinned_relay_pk is not None and client.relay_pk != pinned_relay_pk:
-                raise RelayIdentityChanged(
-                    "the relay's signing key changed since this device first met it; "
-                    "if the operator rotated it on purpose, re-pin with `cozy account login --repin`"
-                )
-            yield client
+            # Close the WebSocket (handshake and all) before cancelling its reader tasks.
+            async with open_websocket(url, nursery) as ws:
+                client = Client(ws)
+                nursery.start_soon(client._read_loop)
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    await client._welcome.wait()
+                if client._closed is not None:
+                    raise client._closed
+                if pinned_relay_pk is not None and client.relay_pk != pinned_relay_pk:
+                    raise RelayIdentityChanged(
+                        "the relay's signing key changed since this device first met it; "
+                        "if the operator rotated it on purpose, re-pin with `cozy account login --repin`"
+                    )
+                yield client
         finally:
-            with trio.move_on_after(2):
-                await ws.aclose()
             nursery.cancel_scope.cancel()

@@ -24,7 +24,6 @@ from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused
 from model import content as contentmod
 from model import keystore, wire
 from model._crypto import CryptoError, random_bytes
-from model.chain import Head
 
 if TYPE_CHECKING:
     import argparse
@@ -199,15 +198,21 @@ async def cmd_tail(args: argparse.Namespace) -> None:
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
         handles: dict[str, str] = {}
-        async for ev in client.history(
+        async with client.history(
             args.collab, me.collab_key(args.collab), head=start, follow=args.follow
-        ):
-            me.home.save_head(args.collab, Head(ev.seq, ev.chain))
-            if ev.seq < args.from_seq:
-                continue
-            if ev.author_id not in handles:
-                handles[ev.author_id] = (await client.account(ev.author_id)).handle
-            print(f"{ev.seq}\t{handles[ev.author_id]}\t{ev.text}", flush=True)
+        ) as events:
+            try:
+                async for ev in events:
+                    if ev.seq % 100 == 0:
+                        me.home.save_head(args.collab, events.head)
+                    if ev.seq < args.from_seq:
+                        continue
+                    if ev.author_id not in handles:
+                        handles[ev.author_id] = (await client.account(ev.author_id)).handle
+                    print(f"{ev.seq}\t{handles[ev.author_id]}\t{ev.text}", flush=True)
+            finally:
+                # Only verified positions are saved, so a relay cannot roll this device back.
+                me.home.save_head(args.collab, events.head)
 
 
 def _now_ms() -> int:

@@ -5,9 +5,11 @@ from ledger._store import AppendRequest as AppendRequest
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
 from ledger._store import migrate as migrate
+from ledger.errors import AlreadyExists as AlreadyExists
 from ledger.errors import HandleTaken as HandleTaken
 from ledger.errors import LedgerError as LedgerError
 from ledger.errors import LedgerUnavailable as LedgerUnavailable
 from ledger.errors import SchemaNotReady as SchemaNotReady
 from ledger.errors import SchemaTooNew as SchemaTooNew
 from ledger.errors import SequencingConflict as SequencingConflict
+from ledger.errors import UnknownReference as UnknownReference

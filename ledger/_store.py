@@ -19,11 +19,13 @@ from psycopg_pool import ConnectionPool
 
 from ledger._migrations import MIGRATIONS
 from ledger.errors import (
+    AlreadyExists,
     HandleTaken,
     LedgerUnavailable,
     SchemaNotReady,
     SchemaTooNew,
     SequencingConflict,
+    UnknownReference,
 )
 from model import chain as chainmod
 from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id, verify_event
@@ -83,6 +85,10 @@ def _translated() -> Iterator[None]:
         yield
     except psycopg.errors.UndefinedTable as exc:
         raise SchemaNotReady("the ledger schema is missing: run `cozy relay migrate`") from exc
+    except psycopg.errors.ForeignKeyViolation as exc:
+        raise UnknownReference("the account or collab this refers to does not exist") from exc
+    except psycopg.errors.UniqueViolation as exc:
+        raise AlreadyExists("a row with this identity already exists") from exc
     except psycopg.OperationalError as exc:
         raise LedgerUnavailable(
             f"the database is unavailable: {exc.sqlstate or 'connection'}"
@@ -217,6 +223,10 @@ class Ledger:
         collabs whose head was stale (another writer got there first); then nothing at all was
         written and the caller may retry the other requests.
         """
+        if len({r.collab_id for r in requests}) != len(requests):
+            raise ValueError("append_batches takes at most one request per collab")
+        if any(e.body.collab_id != r.collab_id for r in requests for e in r.events):
+            raise ValueError("an event was routed to a collab other than the one it names")
         all_ids = [e.event_id for r in requests for e in r.events]
         results: list[tuple[chainmod.Head, list[Assignment]]] = []
         rows: list[tuple[object, ...]] = []

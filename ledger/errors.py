@@ -29,3 +29,11 @@ class SequencingConflict(LedgerError):
     def __init__(self, message: str, collab_ids: list[str] | None = None) -> None:
         super().__init__(message)
         self.collab_ids = collab_ids or []
+
+
+class UnknownReference(LedgerError):
+    """The row refers to an account or collab the ledger does not have. Nothing was written."""
+
+
+class AlreadyExists(LedgerError):
+    """A row with this identity exists already. Nothing was written."""

@@ -6,7 +6,7 @@ from typing import Final, cast
 
 import msgspec
 
-from model.errors import InvalidEvent
+from model.errors import DECODE_ERRORS, InvalidEvent
 
 KIND_MESSAGE: Final = "msg"
 KIND_COLLAB_META: Final = "collab.meta"
@@ -42,7 +42,7 @@ def encode_content(content: Content) -> bytes:
 def decode_content(data: bytes) -> Content:
     try:
         return cast("Content", _decoder.decode(data))
-    except msgspec.DecodeError as exc:
+    except DECODE_ERRORS as exc:
         raise InvalidEvent(f"decrypted content does not decode: {exc}") from None
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Final
 import msgspec
 
 from model import _crypto
-from model.errors import BadSignature, InvalidEvent
+from model.errors import DECODE_ERRORS, BadSignature, InvalidEvent
 from model.ids import is_id
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def decode_body(body: bytes) -> EventBody:
         raise InvalidEvent(f"event body is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
         decoded = _body_decoder.decode(body)
-    except msgspec.DecodeError as exc:
+    except DECODE_ERRORS as exc:
         raise InvalidEvent(f"event body does not decode: {exc}") from None
     if decoded.v != EVENT_VERSION:
         raise InvalidEvent(f"event version {decoded.v} is not supported (this side speaks 1)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 
 class ModelError(Exception):
     """Base of every error the pure core raises."""
@@ -17,3 +19,9 @@ class BadSignature(ModelError):
 
 class ChainMismatch(ModelError):
     """A sequenced event's chain hash is not the hash of its predecessor and itself."""
+
+
+# msgspec raises more than DecodeError on hostile input: invalid UTF-8 surfaces as
+# UnicodeDecodeError and deep nesting as RecursionError (msgspec issue #714). Every decoder of
+# untrusted bytes catches all three.
+DECODE_ERRORS = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)

@@ -19,9 +19,12 @@ import nacl.secret
 import nacl.utils
 
 from model._crypto import CryptoError
+from model.errors import DECODE_ERRORS
 
 KEYSTORE_VERSION: Final = 1
 KEY_BYTES: Final = nacl.secret.SecretBox.KEY_SIZE
+MAX_OPSLIMIT: Final = 16
+MAX_MEMLIMIT: Final = 2 * 1024 * 1024 * 1024
 
 
 class KdfProfile(enum.Enum):
@@ -72,6 +75,9 @@ def derive_passphrase_key(passphrase: str, params: KdfParams) -> bytes:
     """Argon2id. Slow by design (≈0.5 s and 256 MiB at MODERATE): call it off the event loop."""
     if params.alg != "argon2id13":
         raise CryptoError("unsupported keystore KDF")
+    if params.opslimit > MAX_OPSLIMIT or params.memlimit > MAX_MEMLIMIT:
+        # A keystore comes from the server on restore: never let it demand unbounded work.
+        raise CryptoError("the keystore asks for an unreasonable KDF cost; refusing to derive")
     return nacl.pwhash.argon2id.kdf(
         KEY_BYTES,
         passphrase.encode("utf-8"),
@@ -145,5 +151,5 @@ def encode_sealed(sealed: SealedKeystore) -> bytes:
 def decode_sealed(data: bytes) -> SealedKeystore:
     try:
         return msgspec.msgpack.decode(data, type=SealedKeystore)
-    except msgspec.DecodeError:
+    except DECODE_ERRORS:
         raise CryptoError("the keystore file is damaged or not a keystore") from None

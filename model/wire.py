@@ -14,6 +14,7 @@ from typing import Final, cast
 import msgspec
 
 from model.envelope import SignedEvent
+from model.errors import DECODE_ERRORS as _DECODE_ERRORS
 
 PROTOCOL: Final = "cozylabs/1"
 # Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
@@ -260,24 +261,24 @@ def decode_request(data: bytes) -> Request:
     """Decode one client frame. Raises `MalformedFrame` with the rid when it can be recovered."""
     try:
         return cast("Request", _request_decoder.decode(data))
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise MalformedFrame(_describe(exc), _probe_rid(data)) from None
 
 
 def decode_reply(data: bytes) -> Reply:
     try:
         return cast("Reply", _reply_decoder.decode(data))
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         raise MalformedFrame(_describe(exc)) from None
 
 
-def _describe(exc: msgspec.DecodeError) -> str:
+def _describe(exc: Exception) -> str:
     return f"frame does not decode ({exc}); see docs/protocol.md for the frame formats"
 
 
 def _probe_rid(data: bytes) -> int | None:
     try:
         rid = _rid_probe.decode(data).get("rid")
-    except msgspec.DecodeError:
+    except _DECODE_ERRORS:
         return None
     return rid if isinstance(rid, int) and not isinstance(rid, bool) else None

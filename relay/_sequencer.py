@@ -115,7 +115,7 @@ class Sequencer:
                 while len(batch) < MAX_BATCH:
                     try:
                         batch.append(self._inbox_recv.receive_nowait())
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):
                         break
                 checked = await trio.to_thread.run_sync(
                     _verify_batch, batch, limiter=self._cpu_limiter

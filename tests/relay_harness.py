@@ -1,0 +1,98 @@
+"""A real relay for tests: in this process, on a loopback port, on this test's database."""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
+
+import nacl.public
+import nacl.signing
+import trio
+
+from clientkit import Client, connect
+from model import content as contentmod
+from model._crypto import random_bytes
+from model.envelope import SignedEvent, seal_event
+from relay._run import run_relay
+from relay.config import RelayConfig, Secret
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from relay._server import Relay
+
+PASSWORD = "correct horse battery staple"
+
+
+def relay_config(database_url: str, data_dir: Path) -> RelayConfig:
+    return RelayConfig(
+        database_url=database_url,
+        data_dir=data_dir,
+        host="127.0.0.1",
+        port=0,
+        jwt_signing_key=Secret(secrets.token_bytes(32)),
+        relay_signing_seed=Secret(secrets.token_bytes(32)),
+    )
+
+
+@asynccontextmanager
+async def running_relay(config: RelayConfig) -> AsyncIterator[Relay]:
+    """A relay serving until the block ends, then shut down the way SIGTERM would."""
+    async with trio.open_nursery() as nursery:
+        relay: Relay = await nursery.start(
+            partial(run_relay, config, auto_migrate=False, handle_signals=False)
+        )
+        try:
+            yield relay
+        finally:
+            relay.request_shutdown()
+
+
+@dataclass
+class User:
+    """A signed-up account with its private keys and one collab it owns."""
+
+    handle: str
+    account_id: str
+    signing_key: nacl.signing.SigningKey
+    token: str
+    collab_id: str
+    collab_key: bytes
+
+    def event(
+        self, text: str, *, ts: int = 1_700_000_000_000, collab_id: str | None = None
+    ) -> SignedEvent:
+        return seal_event(
+            signing_key=self.signing_key,
+            collab_key=self.collab_key,
+            collab_id=collab_id or self.collab_id,
+            actor_id=self.account_id,
+            kind="msg",
+            ts=ts,
+            content=contentmod.encode_content(contentmod.Message(text=text)),
+        )
+
+
+async def sign_up(url: str, handle: str | None = None) -> User:
+    """Sign up, log in and create one collab over a real connection."""
+    handle = handle or f"user-{secrets.token_hex(4)}"
+    sign = nacl.signing.SigningKey.generate()
+    box = nacl.public.PrivateKey.generate()
+    async with connect(url) as client:
+        account_id = await client.signup(
+            handle, PASSWORD, bytes(sign.verify_key), bytes(box.public_key)
+        )
+        login = await client.login(handle, PASSWORD)
+        collab_id = await client.create_collab()
+    return User(handle, account_id, sign, login.token, collab_id, random_bytes(32))
+
+
+@asynccontextmanager
+async def session(url: str, user: User) -> AsyncIterator[Client]:
+    async with connect(url) as client:
+        await client.authenticate(user.token)
+        yield client

@@ -1,0 +1,427 @@
+"""End-to-end over real WebSockets, a real relay and a real Postgres."""
+
+from __future__ import annotations
+
+import secrets
+from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
+
+import msgspec
+import pytest
+import trio
+import trio_websocket
+
+import relay._connection as connection_module
+from clientkit import RelayRefused
+from clientkit._transport import open_websocket
+from ledger import Ledger
+from model import wire
+from model.chain import Head, Receipt, advance, start_of, verify_receipt
+from model.envelope import event_id
+from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from relay._server import Relay
+
+pytestmark = pytest.mark.usefixtures("database_url")
+
+
+@pytest.fixture
+async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
+    async with running_relay(relay_config(database_url, tmp_path)) as r:
+        yield r
+
+
+@pytest.fixture
+async def alice(relay: Relay) -> User:
+    return await sign_up(relay.url, "alice")
+
+
+def ledger_rows(database_url: str, collab_id: str) -> list[tuple[int, bytes]]:
+    store = Ledger(database_url)
+    store.open()
+    try:
+        rows = store.read_range(collab_id, 1, 1_000_000)
+    finally:
+        store.close()
+    return [(r.seq, event_id(r.event)) for r in rows]
+
+
+class Raw:
+    """Bare WebSockets (no client kit), for sending frames a real client never would."""
+
+    def __init__(self, nursery: trio.Nursery, stack: AsyncExitStack) -> None:
+        self._nursery = nursery
+        self._stack = stack
+
+    async def open(self, url: str) -> trio_websocket.WebSocketConnection:
+        return await self._stack.enter_async_context(open_websocket(url, self._nursery))
+
+    async def authed(self, url: str, user: User) -> trio_websocket.WebSocketConnection:
+        ws = await self.open(url)
+        assert isinstance(await next_reply(ws), wire.Welcome)
+        await ws.send_message(wire.encode(wire.Authenticate(rid=1, token=user.token)))
+        assert isinstance(await next_reply(ws), wire.Authenticated)
+        return ws
+
+
+@pytest.fixture
+async def raw(nursery: trio.Nursery) -> AsyncIterator[Raw]:
+    async with AsyncExitStack() as stack:
+        yield Raw(nursery, stack)
+
+
+async def next_reply(ws: trio_websocket.WebSocketConnection) -> wire.Reply:
+    with trio.fail_after(10):
+        return wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+
+
+# --- the happy path -----------------------------------------------------------------------------
+
+
+@pytest.mark.objective("SO-3")
+async def test_posts_are_sequenced_acked_with_receipts_and_delivered_verified(
+    relay: Relay, alice: User, database_url: str
+) -> None:
+    with trio.fail_after(30):
+        async with session(relay.url, alice) as client:
+            acks = [
+                await client.append(alice.event(f"m{i}", ts=1_700_000_000_000 + i))
+                for i in range(5)
+            ]
+            assert [a.seq for a in acks] == [1, 2, 3, 4, 5]
+            head = start_of(alice.collab_id)
+            for a in acks:
+                head = advance(head, a.seq, a.event_id, a.chain)
+                receipt = Receipt(alice.collab_id, a.seq, a.event_id, a.chain)
+                assert verify_receipt(relay.relay_pk, receipt, a.receipt_sig)
+            async with client.history(alice.collab_id, alice.collab_key) as events:
+                texts = [d.text async for d in events]
+    assert texts == [f"m{i}" for i in range(5)]
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2, 3, 4, 5]
+
+
+async def test_two_devices_post_concurrently_and_late_subscribers_see_each_event_once(
+    relay: Relay, alice: User
+) -> None:
+    per_device = 150
+    seen: dict[str, list[int]] = {}
+
+    async def device(name: str) -> None:
+        async with session(relay.url, alice) as client:
+            for i in range(per_device):
+                await client.append(alice.event(f"{name}-{i}", ts=1_700_000_000_000 + i))
+                if i in (10, 75):
+                    nursery.start_soon(subscriber, f"{name}-sub-{i}")
+
+    async def subscriber(name: str) -> None:
+        async with session(relay.url, alice) as client:
+            got = seen.setdefault(name, [])
+            async with client.history(alice.collab_id, alice.collab_key, follow=True) as events:
+                async for d in events:
+                    got.append(d.seq)
+                    if d.seq == 2 * per_device:
+                        return
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(subscriber, "early")
+            nursery.start_soon(device, "phone")
+            nursery.start_soon(device, "laptop")
+    assert len(seen) == 5
+    for name, seqs in seen.items():
+        assert seqs == list(range(1, 2 * per_device + 1)), name
+
+
+async def test_subscribe_from_the_middle_then_live_has_no_gap_and_no_duplicate(
+    relay: Relay, alice: User
+) -> None:
+    with trio.fail_after(30):
+        async with session(relay.url, alice) as poster, session(relay.url, alice) as reader:
+            for i in range(20):
+                await poster.append(alice.event(f"before-{i}", ts=1_700_000_000_000 + i))
+            got: list[int] = []
+            async with reader.subscribe(alice.collab_id, from_seq=11) as frames:
+                async with trio.open_nursery() as nursery:
+
+                    async def more() -> None:
+                        for i in range(20):
+                            await poster.append(alice.event(f"after-{i}", ts=1_700_000_100_000 + i))
+
+                    nursery.start_soon(more)
+                    async for frame in frames:
+                        if isinstance(frame, wire.Event):
+                            got.append(frame.seq)
+                            if frame.seq == 40:
+                                break
+    assert got == list(range(11, 41))
+
+
+# --- idempotency --------------------------------------------------------------------------------
+
+
+async def test_a_retried_event_gets_its_original_seq_even_after_reconnecting(
+    relay: Relay, alice: User, database_url: str
+) -> None:
+    ev = alice.event("only once")
+    with trio.fail_after(30):
+        async with session(relay.url, alice) as client:
+            first = await client.append(ev)
+            again = await client.append(ev)
+            await client.append(alice.event("later"))
+        async with session(relay.url, alice) as client:
+            after_reconnect = await client.append(ev)
+    assert (first.seq, first.duplicate) == (1, False)
+    assert (again.seq, again.duplicate) == (1, True)
+    assert (after_reconnect.seq, after_reconnect.duplicate, after_reconnect.chain) == (
+        1,
+        True,
+        first.chain,
+    )
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2]
+
+
+async def test_the_same_event_twice_in_one_pipelined_burst_is_stored_once(
+    raw: Raw, relay: Relay, alice: User, database_url: str
+) -> None:
+    ws = await raw.authed(relay.url, alice)
+    ev = alice.event("dup")
+    for rid in range(10, 20):
+        await ws.send_message(wire.encode(wire.Append(rid=rid, event=ev)))
+    acks = [await next_reply(ws) for _ in range(10)]
+    assert all(isinstance(a, wire.Appended) and a.seq == 1 for a in acks)
+    assert sum(not a.duplicate for a in acks if isinstance(a, wire.Appended)) == 1
+    assert len(ledger_rows(database_url, alice.collab_id)) == 1
+
+
+# --- authorship and authorization ---------------------------------------------------------------
+
+
+@pytest.mark.objective("SO-3")
+async def test_relay_only_appends_events_signed_by_the_sessions_own_key(
+    relay: Relay, alice: User, database_url: str
+) -> None:
+    mallory = await sign_up(relay.url, "mallory")
+    # An event claiming to be alice's but signed with mallory's key.
+    forged = msgspec.structs.replace(alice.event("forged"), sig=mallory.event("x").sig)
+    impostor = User(
+        alice.handle,
+        alice.account_id,
+        mallory.signing_key,
+        alice.token,
+        alice.collab_id,
+        alice.collab_key,
+    )
+    wrong_key = impostor.event("signed with the wrong key")
+    async with session(relay.url, alice) as as_alice, session(relay.url, mallory) as as_mallory:
+        with pytest.raises(RelayRefused) as bad_sig:
+            await as_alice.append(forged)
+        assert bad_sig.value.code is wire.ErrorCode.BAD_SIGNATURE
+        with pytest.raises(RelayRefused) as wrong:
+            await as_alice.append(wrong_key)
+        assert wrong.value.code is wire.ErrorCode.BAD_SIGNATURE
+        with pytest.raises(RelayRefused) as not_author:
+            await as_mallory.append(alice.event("mallory submits alice's event"))
+        assert not_author.value.code is wire.ErrorCode.UNAUTHORIZED
+        with pytest.raises(RelayRefused) as not_member:
+            await as_mallory.append(mallory.event("into alice's collab", collab_id=alice.collab_id))
+        assert not_member.value.code is wire.ErrorCode.UNAUTHORIZED
+        with pytest.raises(RelayRefused) as no_read:
+            async with as_mallory.subscribe(alice.collab_id):
+                pass
+        assert no_read.value.code is wire.ErrorCode.UNAUTHORIZED
+        # Mallory's own collab still works: refusals did not break her connection.
+        assert (await as_mallory.append(mallory.event("mine"))).seq == 1
+    assert ledger_rows(database_url, alice.collab_id) == []
+
+
+async def test_wrong_password_and_unknown_handle_get_the_same_answer(
+    relay: Relay, alice: User
+) -> None:
+    async with session(relay.url, alice) as client:
+        with pytest.raises(RelayRefused) as wrong:
+            await client.login("alice", "not the password at all")
+        with pytest.raises(RelayRefused) as unknown:
+            await client.login("nobody-here", "not the password at all")
+    assert (wrong.value.code, wrong.value.message) == (unknown.value.code, unknown.value.message)
+    assert wrong.value.code is wire.ErrorCode.INVALID_CREDENTIALS
+
+
+async def test_signup_refuses_taken_handles_and_bad_input(relay: Relay, alice: User) -> None:
+    async with session(relay.url, alice) as client:
+        with pytest.raises(RelayRefused) as taken:
+            await client.signup("alice", "another long password", b"\x01" * 32, b"\x02" * 32)
+        assert taken.value.code is wire.ErrorCode.HANDLE_TAKEN
+        with pytest.raises(RelayRefused) as short:
+            await client.signup("bob", "short", b"\x01" * 32, b"\x02" * 32)
+        assert short.value.code is wire.ErrorCode.INVALID_REQUEST
+        with pytest.raises(RelayRefused) as badkey:
+            await client.signup("bob", "a long enough password", b"\x01" * 31, b"\x02" * 32)
+        assert badkey.value.code is wire.ErrorCode.INVALID_REQUEST
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+async def test_every_bad_frame_gets_a_typed_error_and_nothing_else_changes(
+    raw: Raw, relay: Relay, alice: User, database_url: str
+) -> None:
+    ws = await raw.open(relay.url)
+    bystander = await raw.authed(relay.url, alice)
+    assert isinstance(await next_reply(ws), wire.Welcome)
+
+    async def expect(code: wire.ErrorCode, rid: int | None = None) -> None:
+        reply = await next_reply(ws)
+        assert isinstance(reply, wire.Error), reply
+        assert (reply.code, reply.rid) == (code, rid)
+
+    await ws.send_message(b"\xc1 not msgpack")
+    await expect(wire.ErrorCode.MALFORMED_FRAME)
+    await ws.send_message("text frames are refused")
+    await expect(wire.ErrorCode.MALFORMED_FRAME)
+    await ws.send_message(msgspec.msgpack.encode({"t": "no_such_request", "rid": 7}))
+    await expect(wire.ErrorCode.MALFORMED_FRAME, 7)
+    await ws.send_message(msgspec.msgpack.encode({"t": "append", "rid": 8, "event": "nope"}))
+    await expect(wire.ErrorCode.MALFORMED_FRAME, 8)
+    await ws.send_message(b"\x00" * (wire.MAX_FRAME_BYTES + 1))
+    await expect(wire.ErrorCode.FRAME_TOO_LARGE)
+    await ws.send_message(wire.encode(wire.Append(rid=9, event=alice.event("no session"))))
+    await expect(wire.ErrorCode.UNAUTHENTICATED, 9)
+    await ws.send_message(wire.encode(wire.Authenticate(rid=10, token="not.a.jwt")))
+    await expect(wire.ErrorCode.UNAUTHENTICATED, 10)
+    await ws.send_message(wire.encode(wire.Authenticate(rid=11, token=alice.token)))
+    assert isinstance(await next_reply(ws), wire.Authenticated)
+    garbage_body = wire.Append(
+        rid=12, event=msgspec.structs.replace(alice.event("x"), body=b"\x93\x01")
+    )
+    await ws.send_message(wire.encode(garbage_body))
+    await expect(wire.ErrorCode.INVALID_EVENT, 12)
+    await ws.send_message(
+        wire.encode(wire.Subscribe(rid=13, collab_id=alice.collab_id, from_seq=0))
+    )
+    await expect(wire.ErrorCode.INVALID_REQUEST, 13)
+    # The same connection still works, and so does everyone else's.
+    await ws.send_message(wire.encode(wire.Ping(rid=14)))
+    assert await next_reply(ws) == wire.Pong(rid=14)
+    await bystander.send_message(wire.encode(wire.Append(rid=2, event=alice.event("fine"))))
+    ack = await next_reply(bystander)
+    assert isinstance(ack, wire.Appended)
+    assert ack.seq == 1
+    assert len(ledger_rows(database_url, alice.collab_id)) == 1
+
+
+async def test_a_frame_beyond_the_websocket_cap_closes_only_that_connection(
+    raw: Raw, relay: Relay, alice: User
+) -> None:
+    ws = await raw.open(relay.url)
+    other = await raw.authed(relay.url, alice)
+    await next_reply(ws)
+    await ws.send_message(b"\x00" * (wire.WS_HARD_LIMIT + 10))
+    with trio.fail_after(10), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+        await ws.get_message()
+    assert closed.value.reason.code == 1009
+    await other.send_message(wire.encode(wire.Ping(rid=3)))
+    assert await next_reply(other) == wire.Pong(rid=3)
+
+
+# --- backpressure -------------------------------------------------------------------------------
+
+
+async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without_loss(
+    raw: Raw, relay: Relay, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only the slow subscriber's connection gets a tiny outbox.
+    monkeypatch.setattr(connection_module, "OUTBOX_FRAMES", 4)
+    slow = await raw.authed(relay.url, alice)
+    monkeypatch.undo()
+    await slow.send_message(wire.encode(wire.Subscribe(rid=5, collab_id=alice.collab_id)))
+    assert isinstance(await next_reply(slow), wire.Subscribed)
+    assert isinstance(await next_reply(slow), wire.CaughtUp)
+    total = 1500
+    fast_seen: list[int] = []
+    with trio.fail_after(60):
+        async with session(relay.url, alice) as fast, session(relay.url, alice) as poster:
+            async with fast.subscribe(alice.collab_id) as frames:
+                # The slow subscriber reads nothing while a burst of events goes out.
+                async with trio.open_nursery() as nursery:
+
+                    async def burst() -> None:
+                        events = [
+                            alice.event("x" * 400, ts=1_700_000_000_000 + i) for i in range(total)
+                        ]
+                        ws = await raw.authed(relay.url, alice)
+                        for i, ev in enumerate(events):
+                            await ws.send_message(wire.encode(wire.Append(rid=100 + i, event=ev)))
+                        for _ in events:
+                            await next_reply(ws)
+
+                    nursery.start_soon(burst)
+                    async for frame in frames:
+                        if isinstance(frame, wire.Event):
+                            fast_seen.append(frame.seq)
+                            if frame.seq == total:
+                                break
+            del poster
+        slow_seen: list[int] = []
+        last: Head | None = None
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                frame = wire.decode_reply(await slow.get_message())  # type: ignore[arg-type]
+                if isinstance(frame, wire.Event):
+                    slow_seen.append(frame.seq)
+                    last = Head(frame.seq, frame.chain)
+    assert fast_seen == list(range(1, total + 1))
+    assert closed.value.reason.code == 4008
+    assert "resume" in (closed.value.reason.reason or "")
+    assert slow_seen == list(range(1, len(slow_seen) + 1))
+    assert len(slow_seen) < total
+    # Resuming from the last seq it saw gives the rest, exactly once.
+    async with session(relay.url, alice) as again:
+        async with again.history(alice.collab_id, alice.collab_key, head=last) as events:
+            resumed = [d.seq async for d in events]
+    assert resumed == list(range(len(slow_seen) + 1, total + 1))
+
+
+# --- shutdown -----------------------------------------------------------------------------------
+
+
+async def test_shutdown_drains_inflight_appends_and_closes_subscribers_with_a_reason(
+    raw: Raw, database_url: str, tmp_path: Path
+) -> None:
+    config = relay_config(database_url, tmp_path)
+    acked: list[int] = []
+    refused = 0
+    async with running_relay(config) as r:
+        user = await sign_up(r.url)
+        sub = await raw.authed(r.url, user)
+        await sub.send_message(wire.encode(wire.Subscribe(rid=2, collab_id=user.collab_id)))
+        pub = await raw.authed(r.url, user)
+        events = [user.event(secrets.token_hex(8), ts=1_700_000_000_000 + i) for i in range(300)]
+        for i, ev in enumerate(events):
+            await pub.send_message(wire.encode(wire.Append(rid=10 + i, event=ev)))
+        r.request_shutdown()
+        with trio.fail_after(20):
+            try:
+                while True:
+                    reply = await next_reply(pub)
+                    if isinstance(reply, wire.Appended):
+                        acked.append(reply.seq)
+                    else:
+                        assert isinstance(reply, wire.Error)
+                        assert reply.code is wire.ErrorCode.SHUTTING_DOWN
+                        refused += 1
+            except trio_websocket.ConnectionClosed as exc:
+                assert exc.reason.code == 1001
+        with trio.fail_after(20), pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                await sub.get_message()
+        assert closed.value.reason.code == 1001
+        assert "shutting down" in (closed.value.reason.reason or "")
+    stored = [s for s, _ in ledger_rows(database_url, user.collab_id)]
+    # Every acked event is stored, seqs are contiguous, and nothing unacked slipped in after.
+    assert sorted(acked) == acked
+    assert set(acked) <= set(stored)
+    assert stored == list(range(1, len(stored) + 1))
