@@ -57,6 +57,7 @@ class Delivered:
     ts: int
     content: contentmod.Content
     chain: bytes
+    event_id: bytes
 
     @property
     def text(self) -> str:
@@ -72,6 +73,7 @@ class Client:
         self._rids = itertools.count(1)
         self._waiters: dict[int, trio.MemorySendChannel[wire.Reply]] = {}
         self._subs: dict[str, trio.MemorySendChannel[wire.Reply]] = {}
+        self._draining: set[str] = set()  # unsubscribing: late frames are dropped
         self._welcome = trio.Event()
         self._closed: ConnectionLost | None = None
         self.relay_pk = b""
@@ -90,7 +92,7 @@ class Client:
                         self._welcome.set()
                     case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
                         chan = self._subs.get(frame.collab_id)
-                        if chan is not None:
+                        if chan is not None and frame.collab_id not in self._draining:
                             await chan.send(frame)
                     case _:
                         rid = getattr(frame, "rid", None)
@@ -222,7 +224,14 @@ class Client:
     async def subscribe(
         self, collab_id: str, from_seq: int = 1, *, follow: bool = True
     ) -> AsyncIterator[trio.MemoryReceiveChannel[wire.Reply]]:
-        """Raw pushed frames (`Event`, `CaughtUp`, `SubscriptionEnded`) for one collab."""
+        """Raw pushed frames (`Event`, `CaughtUp`, `SubscriptionEnded`) for one collab.
+
+        One subscription per collab per connection at a time. Leaving the block early
+        unsubscribes and waits for the relay's confirmation, so no frame of this subscription
+        can leak into a later one.
+        """
+        if collab_id in self._subs:
+            raise RelayRefused(wire.ErrorCode.INVALID_REQUEST, f"already subscribed to {collab_id}")
         send, recv = trio.open_memory_channel[wire.Reply](SUBSCRIPTION_BUFFER)
         self._subs[collab_id] = send
         try:
@@ -234,7 +243,20 @@ class Client:
             )
             yield recv
         finally:
-            self._subs.pop(collab_id, None)
+            self._draining.add(collab_id)
+            try:
+                with trio.move_on_after(5) as cleanup:
+                    cleanup.shield = True
+                    if self._closed is None:
+                        await self.request(
+                            lambda rid: wire.Unsubscribe(rid=rid, collab_id=collab_id),
+                            wire.Unsubscribed,
+                        )
+            except (RelayRefused, ConnectionLost):
+                pass  # already finished on the relay's side, or the connection is gone
+            finally:
+                self._draining.discard(collab_id)
+                self._subs.pop(collab_id, None)
 
     @asynccontextmanager
     async def history(
@@ -289,7 +311,9 @@ class Client:
                 seq=frame.seq,
             ) from None
         b = verified.body
-        return Delivered(collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain)
+        return Delivered(
+            collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain, verified.event_id
+        )
 
 
 class History:

@@ -138,6 +138,8 @@ class Fanout:
             while True:
                 page = await self._read_range(sub.collab_id, sub.next_seq, CATCHUP_PAGE)
                 for ev in page:
+                    if sub.ended:
+                        return  # unsubscribed: nothing of it may follow the Unsubscribed reply
                     await sub.outbox.send(encode_event(ev))
                     sub.next_seq = ev.seq + 1
                 if len(page) < CATCHUP_PAGE or sub.ended:

@@ -241,14 +241,13 @@ class Relay:
                         "already subscribed to this collab on this connection",
                     )
                 sub = Subscription(req.collab_id, req.from_seq, conn, follow=req.follow)
-                if req.follow:
-                    subscriptions[req.collab_id] = sub
+                subscriptions[req.collab_id] = sub
                 conn.offer(
                     wire.encode(
                         wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
                     )
                 )
-                nursery.start_soon(self._stream, sub)
+                nursery.start_soon(self._stream, sub, subscriptions)
             case wire.Unsubscribe():
                 found = subscriptions.pop(req.collab_id, None)
                 if found is None:
@@ -279,11 +278,15 @@ class Relay:
                     )
                 )
 
-    async def _stream(self, sub: Subscription) -> None:
+    async def _stream(self, sub: Subscription, subscriptions: dict[str, Subscription]) -> None:
         try:
             await self.fanout.stream(sub)
         except ConnectionClosed:
             self.fanout.remove(sub)
+        finally:
+            # A finished (non-following) subscription frees its collab slot on this connection.
+            if sub.ended and subscriptions.get(sub.collab_id) is sub:
+                del subscriptions[sub.collab_id]
 
     async def _append(self, conn: Connection, req: wire.Append) -> None:
         account_id = _require_auth(conn)
