@@ -74,6 +74,8 @@ class Client:
         self._waiters: dict[int, trio.MemorySendChannel[wire.Reply]] = {}
         self._subs: dict[str, trio.MemorySendChannel[wire.Reply]] = {}
         self._draining: set[str] = set()  # unsubscribing: late frames are dropped
+        self._one_shot: set[str] = set()  # subscriptions without follow
+        self._finished: set[str] = set()  # one-shot subscriptions the relay has completed
         self._welcome = trio.Event()
         self._closed: ConnectionLost | None = None
         self.relay_pk = b""
@@ -93,6 +95,11 @@ class Client:
                     case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
                         chan = self._subs.get(frame.collab_id)
                         if chan is not None and frame.collab_id not in self._draining:
+                            if (
+                                isinstance(frame, wire.CaughtUp)
+                                and frame.collab_id in self._one_shot
+                            ):
+                                self._finished.add(frame.collab_id)  # the relay ended it
                             await chan.send(frame)
                     case _:
                         rid = getattr(frame, "rid", None)
@@ -234,6 +241,8 @@ class Client:
             raise RelayRefused(wire.ErrorCode.INVALID_REQUEST, f"already subscribed to {collab_id}")
         send, recv = trio.open_memory_channel[wire.Reply](SUBSCRIPTION_BUFFER)
         self._subs[collab_id] = send
+        if not follow:
+            self._one_shot.add(collab_id)
         try:
             await self.request(
                 lambda rid: wire.Subscribe(
@@ -247,7 +256,7 @@ class Client:
             try:
                 with trio.move_on_after(5) as cleanup:
                     cleanup.shield = True
-                    if self._closed is None:
+                    if self._closed is None and collab_id not in self._finished:
                         await self.request(
                             lambda rid: wire.Unsubscribe(rid=rid, collab_id=collab_id),
                             wire.Unsubscribed,
@@ -256,6 +265,8 @@ class Client:
                 pass  # already finished on the relay's side, or the connection is gone
             finally:
                 self._draining.discard(collab_id)
+                self._one_shot.discard(collab_id)
+                self._finished.discard(collab_id)
                 self._subs.pop(collab_id, None)
 
     @asynccontextmanager

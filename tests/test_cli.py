@@ -1,0 +1,163 @@
+"""The `cozy` command as a person uses it: real processes against a real relay and Postgres."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import TYPE_CHECKING
+
+import psycopg
+import pytest
+import trio
+
+from tests.relay_harness import relay_config, running_relay
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from relay._server import Relay
+
+COZY = [sys.executable, "-m", "cozy.cli"]
+
+
+@pytest.fixture
+async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
+    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
+        yield r
+
+
+def client_env(home: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        COZY_HOME=str(home),
+        COZY_PASSWORD="a long login password",
+        COZY_PASSPHRASE="a different, longer encryption passphrase",
+        COZY_KDF_PROFILE="insecure-test",  # documented test-only Argon2id profile
+    )
+    env.update(extra)
+    return env
+
+
+async def cozy(
+    *args: str, env: dict[str, str], check: bool = True
+) -> subprocess.CompletedProcess[bytes]:
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [*COZY, *args], env=env, capture_stdout=True, capture_stderr=True, check=False
+        )
+    if check and result.returncode != 0:
+        pytest.fail(f"cozy {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
+    return result
+
+
+async def test_signup_create_post_three_and_tail_shows_them_in_order(
+    relay: Relay, tmp_path: Path
+) -> None:
+    env = client_env(tmp_path / "alice")
+    signup = await cozy("account", "signup", "--relay", relay.url, "--handle", "alice", env=env)
+    assert b"signed up as alice" in signup.stdout
+    collab = (await cozy("collab", "create", "demo", env=env)).stdout.decode().strip()
+    assert collab.startswith("c_")
+    for text in ("first", "second", "third"):
+        await cozy("post", collab, text, env=env)
+    tail = (await cozy("tail", collab, env=env)).stdout.decode().splitlines()
+    assert [line.split("\t")[1:] for line in tail[1:]] == [
+        ["alice", "first"],
+        ["alice", "second"],
+        ["alice", "third"],
+    ]
+    assert [int(line.split("\t")[0]) for line in tail] == [1, 2, 3, 4]
+    assert "demo" in tail[0]
+    later = (await cozy("tail", collab, "--from", "3", env=env)).stdout.decode().splitlines()
+    assert later == tail[2:]
+    # Files in COZY_HOME are private to the user.
+    for name in ("keystore.bin", "profile.json", "heads.json"):
+        assert (tmp_path / "alice" / name).stat().st_mode & 0o077 == 0
+
+
+async def test_wrong_passphrase_and_same_password_and_passphrase_are_refused(
+    relay: Relay, tmp_path: Path
+) -> None:
+    same = client_env(tmp_path / "same", COZY_PASSPHRASE="a long login password")
+    refused = await cozy(
+        "account", "signup", "--relay", relay.url, "--handle", "same", env=same, check=False
+    )
+    assert refused.returncode == 1
+    assert b"must differ" in refused.stderr
+    assert not (tmp_path / "same" / "keystore.bin").exists()
+    env = client_env(tmp_path / "bob")
+    await cozy("account", "signup", "--relay", relay.url, "--handle", "bob", env=env)
+    wrong = client_env(tmp_path / "bob", COZY_PASSPHRASE="not the passphrase at all")
+    result = await cozy("collab", "create", "x", env=wrong, check=False)
+    assert result.returncode == 1
+    assert b"wrong passphrase" in result.stderr
+
+
+@pytest.mark.objective("SO-3")
+async def test_tail_raises_an_integrity_alarm_on_a_tampered_ledger_and_verify_ledger_names_it(
+    relay: Relay, tmp_path: Path, database_url: str
+) -> None:
+    env = client_env(tmp_path / "carol")
+    await cozy("account", "signup", "--relay", relay.url, "--handle", "carol", env=env)
+    collab = (await cozy("collab", "create", "audit", env=env)).stdout.decode().strip()
+    await cozy("post", collab, "original words", env=env)
+    server_env = dict(os.environ, DATABASE_URL=database_url)
+    assert (await cozy("relay", "verify-ledger", env=server_env)).returncode == 0
+    # A database thief (superuser: disables the append-only trigger) flips one ciphertext byte.
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update")
+        conn.execute(
+            "UPDATE events SET body = overlay(body placing '\\xff'::bytea from length(body) - 3)"
+            " WHERE collab_id = %s AND seq = 2",
+            (collab,),
+        )
+    tail = await cozy("tail", collab, env=env, check=False)
+    assert tail.returncode == 3
+    assert b"INTEGRITY ALARM" in tail.stderr
+    assert b"original words" not in tail.stdout
+    report = await cozy("relay", "verify-ledger", env=server_env, check=False)
+    assert report.returncode == 2
+    assert f"{collab} seq 2".encode() in report.stdout
+
+
+async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev"
+    proc = subprocess.Popen(  # noqa: ASYNC220 — a long-lived child we signal ourselves
+        [*COZY, "dev", "--port", "0", "--data-dir", str(data_dir)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=dict(os.environ),
+    )
+    assert proc.stdout is not None
+    output = b""
+    url = ""
+    try:
+        with trio.fail_after(90):
+            while "relay    ws://" not in output.decode(errors="replace"):
+                chunk = await trio.to_thread.run_sync(proc.stdout.readline)
+                if not chunk:
+                    pytest.fail(f"cozy dev exited early:\n{output.decode(errors='replace')}")
+                output += chunk
+        url = next(w for w in output.decode().split() if w.startswith("ws://"))
+        env = client_env(tmp_path / "dave")
+        await cozy("account", "signup", "--relay", url, "--handle", "dave", env=env)
+        collab = (await cozy("collab", "create", "devtest", env=env)).stdout.decode().strip()
+        await cozy("post", collab, "hello from dev", env=env)
+        assert b"hello from dev" in (await cozy("tail", collab, env=env)).stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with trio.fail_after(60):
+            output += await trio.to_thread.run_sync(proc.stdout.read)
+            await trio.to_thread.run_sync(proc.wait)
+        proc.stdout.close()
+    assert proc.returncode == 0, output.decode(errors="replace")
+    assert b"Try it in another shell" in output, output.decode(errors="replace")
+    leftovers = subprocess.run(  # noqa: ASYNC221 — pgrep is instant
+        ["pgrep", "-f", str(data_dir)], capture_output=True, check=False
+    )
+    assert leftovers.stdout == b"", "postgres kept running after cozy dev stopped"
+    bao = subprocess.run(["pgrep", "-f", "bao server -dev"], capture_output=True, check=False)  # noqa: ASYNC221
+    assert bao.stdout == b"", "the OpenBao dev server kept running after cozy dev stopped"
