@@ -87,25 +87,8 @@ class Client:
     async def _read_loop(self) -> None:
         try:
             while True:
-                frame = wire.decode_reply(await self._ws.get_message())  # type: ignore[arg-type]
-                match frame:
-                    case wire.Welcome():
-                        self.relay_pk = frame.relay_pk
-                        self._welcome.set()
-                    case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
-                        chan = self._subs.get(frame.collab_id)
-                        if chan is not None and frame.collab_id not in self._draining:
-                            if (
-                                isinstance(frame, wire.CaughtUp)
-                                and frame.collab_id in self._one_shot
-                            ):
-                                self._finished.add(frame.collab_id)  # the relay ended it
-                            await chan.send(frame)
-                    case _:
-                        rid = getattr(frame, "rid", None)
-                        waiter = self._waiters.pop(rid, None) if rid is not None else None
-                        if waiter is not None:
-                            waiter.send_nowait(frame)
+                for frame in wire.unbatch_replies(await self._ws.get_message()):  # type: ignore[arg-type]
+                    await self._route(frame)
         except ConnectionClosed as exc:
             reason = exc.reason
             self._fail(
@@ -114,6 +97,23 @@ class Client:
         except wire.MalformedFrame:
             self._fail(ConnectionLost(None, "relay sent a frame this client cannot read"))
             await self._ws.aclose(1002, "malformed frame")
+
+    async def _route(self, frame: wire.Reply) -> None:
+        match frame:
+            case wire.Welcome():
+                self.relay_pk = frame.relay_pk
+                self._welcome.set()
+            case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
+                chan = self._subs.get(frame.collab_id)
+                if chan is not None and frame.collab_id not in self._draining:
+                    if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
+                        self._finished.add(frame.collab_id)  # the relay ended it
+                    await chan.send(frame)
+            case _:
+                rid = getattr(frame, "rid", None)
+                waiter = self._waiters.pop(rid, None) if rid is not None else None
+                if waiter is not None:
+                    waiter.send_nowait(frame)
 
     def _fail(self, err: ConnectionLost) -> None:
         self._closed = err

@@ -7,6 +7,7 @@ it to `wrap_client_stream`, and close it when the connection's scope ends.
 
 from __future__ import annotations
 
+import collections
 import ssl
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
@@ -64,3 +65,20 @@ async def open_websocket(
             cleanup.shield = True
             await ws.aclose()
         await trio.aclose_forcefully(stream)
+
+
+class FrameReader:
+    """Reads relay frames one at a time from a WebSocket, unpacking batches in order.
+
+    For code that speaks the protocol directly (load generators, protocol tests); `Client`
+    does this itself.
+    """
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self._pending: collections.deque[wire.Reply] = collections.deque()
+
+    async def next(self) -> wire.Reply:
+        while not self._pending:
+            self._pending.extend(wire.unbatch_replies(await self.ws.get_message()))  # type: ignore[arg-type]
+        return self._pending.popleft()

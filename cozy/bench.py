@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 import nacl.public
 import nacl.signing
 import trio
-import trio_websocket
 
 from clientkit import connect
+from clientkit._transport import FrameReader, open_websocket
 from ledger import migrate
 from model import content as contentmod
 from model import wire
@@ -39,8 +39,11 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import AsyncIterator
 
+    import trio_websocket
+
 BODY_BYTES = 512
 WINDOW = 512
+CLIENT_BATCH = 32
 PASSWORD = "bench password that is long enough"  # noqa: S105 — throwaway bench accounts
 
 
@@ -86,6 +89,7 @@ async def _bench_append(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
             "body_bytes": BODY_BYTES,
             "window_per_connection": WINDOW,
+            "appends_per_client_message": CLIENT_BATCH,
             "scenarios": {
                 "append_1_collab": await _throughput(relay_url, one, n),
                 "append_100_collabs": await _throughput(relay_url, many, n),
@@ -151,39 +155,41 @@ async def _throughput(relay_url: str, actors: list[Actor], total: int) -> dict[s
     }
 
 
-async def _authed(ws: trio_websocket.WebSocketConnection, token: str) -> None:
-    await ws.get_message()  # Welcome
+async def _authed(ws: trio_websocket.WebSocketConnection, token: str) -> FrameReader:
+    frames = FrameReader(ws)
+    await frames.next()  # Welcome
     await ws.send_message(wire.encode(wire.Authenticate(rid=0, token=token)))
-    reply = wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+    reply = await frames.next()
     if not isinstance(reply, wire.Authenticated):
         raise BenchError(f"bench login failed: {reply}")
+    return frames
 
 
 async def _pump(relay_url: str, actor: Actor, events: list[SignedEvent]) -> None:
-    """Keep WINDOW appends in flight on one connection until every one is acked."""
-    window = trio.Semaphore(WINDOW)
-    done = trio.Event()
-    acked = 0
+    """Keep WINDOW appends in flight on one connection until every one is acked.
 
-    async with trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as ws:
-        await _authed(ws, actor.token)
+    Appends go out CLIENT_BATCH to a WebSocket message (a `Batch` frame), as a pipelining
+    client would send what it has queued.
+    """
+    window = trio.Semaphore(WINDOW)
+    async with trio.open_nursery() as nursery, open_websocket(relay_url, nursery) as ws:
+        frames = await _authed(ws, actor.token)
 
         async def read_acks() -> None:
-            nonlocal acked
-            while acked < len(events):
-                reply = wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+            for _ in events:
+                reply = await frames.next()
                 if not isinstance(reply, wire.Appended):
                     raise BenchError(f"bench append refused: {reply}")
-                acked += 1
                 window.release()
-            done.set()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_acks)
-            for rid, ev in enumerate(events, start=1):
-                await window.acquire()
-                await ws.send_message(wire.encode(wire.Append(rid=rid, event=ev)))
-            await done.wait()
+        async with trio.open_nursery() as inner:
+            inner.start_soon(read_acks)
+            encoded = [wire.encode(wire.Append(rid=i, event=ev)) for i, ev in enumerate(events, 1)]
+            for start in range(0, len(encoded), CLIENT_BATCH):
+                chunk = encoded[start : start + CLIENT_BATCH]
+                for _ in chunk:
+                    await window.acquire()
+                await ws.send_message(wire.batch(chunk))
 
 
 async def _latency(relay_url: str, actor: Actor, *, rate: int, seconds: float) -> dict[str, object]:
@@ -193,17 +199,18 @@ async def _latency(relay_url: str, actor: Actor, *, rate: int, seconds: float) -
     sent_at: dict[bytes, float] = {}
     delays: list[float] = []
     async with (
-        trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as sub,
-        trio_websocket.open_websocket_url(relay_url, message_queue_size=WINDOW) as pub,
+        trio.open_nursery() as nursery,
+        open_websocket(relay_url, nursery) as sub,
+        open_websocket(relay_url, nursery) as pub,
     ):
-        await _authed(sub, actor.token)
-        await _authed(pub, actor.token)
+        sub_frames = await _authed(sub, actor.token)
+        pub_frames = await _authed(pub, actor.token)
         collab = actor.collabs[0]
         await sub.send_message(wire.encode(wire.Subscribe(rid=1, collab_id=collab, from_seq=1)))
 
         async def receive() -> None:
             while len(delays) < count:
-                frame = wire.decode_reply(await sub.get_message())  # type: ignore[arg-type]
+                frame = await sub_frames.next()
                 if isinstance(frame, wire.Event):
                     t = sent_at.get(event_id(frame.event))
                     if t is not None:
@@ -211,11 +218,11 @@ async def _latency(relay_url: str, actor: Actor, *, rate: int, seconds: float) -
 
         async def drain_acks() -> None:
             for _ in range(count):
-                await pub.get_message()
+                await pub_frames.next()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(receive)
-            nursery.start_soon(drain_acks)
+        async with trio.open_nursery() as inner:
+            inner.start_soon(receive)
+            inner.start_soon(drain_acks)
             start = time.perf_counter()
             for i, ev in enumerate(events):
                 target = start + i / rate

@@ -20,6 +20,7 @@ PROTOCOL: Final = "cozylabs/1"
 # Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
 # WebSocket layer's hard cap (WS_HARD_LIMIT) make it close the connection with code 1009.
 MAX_FRAME_BYTES: Final = 128 * 1024
+MAX_BATCH_FRAMES: Final = 512
 WS_HARD_LIMIT: Final = 1024 * 1024
 
 
@@ -105,8 +106,19 @@ class Ping(_Frame, frozen=True, tag="ping"):
     rid: int
 
 
+class Batch(_Frame, frozen=True, tag="batch"):
+    """Several frames in one WebSocket message, handled in order as if sent one by one.
+
+    Either side may coalesce frames it already has queued; it saves a WebSocket frame and a
+    syscall per frame for pipelined traffic. Batches do not nest.
+    """
+
+    frames: list[msgspec.Raw]
+
+
 Request = (
-    Signup
+    Batch
+    | Signup
     | Login
     | Authenticate
     | CreateCollab
@@ -222,7 +234,8 @@ class Error(_Frame, frozen=True, tag="error"):
 
 
 Reply = (
-    Welcome
+    Batch
+    | Welcome
     | SignedUp
     | LoggedIn
     | Authenticated
@@ -263,6 +276,24 @@ def decode_request(data: bytes) -> Request:
         return cast("Request", _request_decoder.decode(data))
     except _DECODE_ERRORS as exc:
         raise MalformedFrame(_describe(exc), _probe_rid(data)) from None
+
+
+def batch(frames: list[bytes]) -> bytes:
+    """One frame for several already-encoded frames (or the frame itself when alone)."""
+    if len(frames) == 1:
+        return frames[0]
+    return _encoder.encode(Batch(frames=[msgspec.Raw(f) for f in frames]))
+
+
+def unbatch_replies(data: bytes) -> list[Reply]:
+    """Decode a relay message into its frames, in order. Raises `MalformedFrame`."""
+    frame = decode_reply(data)
+    if not isinstance(frame, Batch):
+        return [frame]
+    out = [decode_reply(bytes(raw)) for raw in frame.frames]
+    if any(isinstance(f, Batch) for f in out):
+        raise MalformedFrame("batches do not nest")
+    return out
 
 
 def decode_reply(data: bytes) -> Reply:

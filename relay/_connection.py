@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Final
 import trio
 from trio_websocket import ConnectionClosed
 
+from model import wire
+
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
@@ -40,10 +42,17 @@ class Connection:
         """Send queued frames in order until the outbox closes; then close the socket."""
         try:
             async with self._out_recv:
-                async for frame in self._out_recv:
+                async for first in self._out_recv:
+                    # Coalesce whatever else is already queued into one WebSocket message.
+                    frames = [first]
+                    while len(frames) < wire.MAX_BATCH_FRAMES:
+                        try:
+                            frames.append(self._out_recv.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
                     if self._dropped:
                         return
-                    await self.ws.send_message(frame)
+                    await self.ws.send_message(wire.batch(frames))
         except ConnectionClosed:
             pass
         finally:

@@ -167,39 +167,66 @@ class Relay:
         nursery: trio.Nursery,
         subscriptions: dict[str, Subscription],
     ) -> None:
+        if isinstance(data, str):
+            self._refuse(
+                conn,
+                None,
+                wire.ErrorCode.MALFORMED_FRAME,
+                "send binary msgpack frames, not text; see docs/protocol.md",
+            )
+        elif len(data) > wire.MAX_FRAME_BYTES:
+            self._refuse(
+                conn,
+                None,
+                wire.ErrorCode.FRAME_TOO_LARGE,
+                f"frame is {len(data)} bytes; the limit is {wire.MAX_FRAME_BYTES}. Nothing was stored.",
+            )
+        else:
+            await self._on_request(conn, data, nursery, subscriptions, in_batch=False)
+
+    async def _on_request(
+        self,
+        conn: Connection,
+        data: bytes,
+        nursery: trio.Nursery,
+        subscriptions: dict[str, Subscription],
+        *,
+        in_batch: bool,
+    ) -> None:
+        """Decode and run one request; every refusal becomes a typed error frame."""
         rid: int | None = None
         try:
-            if isinstance(data, str):
-                raise RequestRefused(
-                    wire.ErrorCode.MALFORMED_FRAME,
-                    "send binary msgpack frames, not text; see docs/protocol.md",
-                )
-            if len(data) > wire.MAX_FRAME_BYTES:
-                raise RequestRefused(
-                    wire.ErrorCode.FRAME_TOO_LARGE,
-                    f"frame is {len(data)} bytes; the limit is {wire.MAX_FRAME_BYTES}. Nothing was stored.",
-                )
             try:
                 req = wire.decode_request(data)
             except wire.MalformedFrame as exc:
                 rid = exc.rid
                 raise RequestRefused(wire.ErrorCode.MALFORMED_FRAME, str(exc)) from None
+            if isinstance(req, wire.Batch):
+                if in_batch or len(req.frames) > wire.MAX_BATCH_FRAMES:
+                    raise RequestRefused(
+                        wire.ErrorCode.MALFORMED_FRAME,
+                        f"batches do not nest and hold at most {wire.MAX_BATCH_FRAMES} frames",
+                    )
+                for raw in req.frames:
+                    await self._on_request(conn, bytes(raw), nursery, subscriptions, in_batch=True)
+                return
             rid = req.rid
             await self._dispatch(conn, req, nursery, subscriptions)
         except RequestRefused as exc:
-            log.info("request_refused", code=exc.code.value, rid=rid, account_id=conn.account_id)
-            conn.offer(wire.encode(wire.Error(rid=rid, code=exc.code, message=exc.message)))
+            self._refuse(conn, rid, exc.code, exc.message)
         except LedgerError as exc:
             log.warning("ledger_error", error=type(exc).__name__, rid=rid)
-            conn.offer(
-                wire.encode(
-                    wire.Error(
-                        rid=rid,
-                        code=wire.ErrorCode.OVERLOADED,
-                        message="the ledger is unavailable right now; retry shortly",
-                    )
-                )
+            self._refuse(
+                conn,
+                rid,
+                wire.ErrorCode.OVERLOADED,
+                "the ledger is unavailable right now; retry shortly",
             )
+
+    @staticmethod
+    def _refuse(conn: Connection, rid: int | None, code: wire.ErrorCode, message: str) -> None:
+        log.info("request_refused", code=code.value, rid=rid, account_id=conn.account_id)
+        conn.offer(wire.encode(wire.Error(rid=rid, code=code, message=message)))
 
     async def _dispatch(
         self,

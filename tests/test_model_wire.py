@@ -15,8 +15,13 @@ from model.envelope import SignedEvent, verify_event
 from model.ids import new_id
 from tests.helpers import make_event, new_actor, new_collab_key
 
-REQUEST_TYPES: tuple[type[msgspec.Struct], ...] = typing.get_args(wire.Request)
-REPLY_TYPES: tuple[type[msgspec.Struct], ...] = typing.get_args(wire.Reply)
+# Batch is the one container frame; it has its own tests below.
+REQUEST_TYPES: tuple[type[msgspec.Struct], ...] = tuple(
+    c for c in typing.get_args(wire.Request) if c is not wire.Batch
+)
+REPLY_TYPES: tuple[type[msgspec.Struct], ...] = tuple(
+    c for c in typing.get_args(wire.Reply) if c is not wire.Batch
+)
 
 # msgpack integers span int64 min .. uint64 max; the strategies cover the whole range.
 ints = st.integers(min_value=-(2**63), max_value=2**64 - 1)
@@ -279,3 +284,31 @@ def test_hostile_small_frames_are_malformed_not_a_crash(
     assert len(data) < wire.MAX_FRAME_BYTES
     with pytest.raises(wire.MalformedFrame):
         decode(data)
+
+
+# --- batches ------------------------------------------------------------------------------------
+
+
+@given(frames=st.lists(replies, min_size=1, max_size=20))
+def test_a_batch_of_replies_unpacks_to_the_same_frames_in_order(frames: list[object]) -> None:
+    encoded = [wire.encode(f) for f in frames]  # type: ignore[arg-type]
+    assert wire.unbatch_replies(wire.batch(encoded)) == frames
+
+
+def test_a_single_frame_is_sent_unwrapped() -> None:
+    only = wire.encode(wire.Pong(rid=1))
+    assert wire.batch([only]) == only
+
+
+@given(frames=st.lists(requests, min_size=2, max_size=10))
+def test_a_batch_of_requests_decodes_to_raw_frames_that_decode_alone(frames: list[object]) -> None:
+    decoded = wire.decode_request(wire.batch([wire.encode(f) for f in frames]))  # type: ignore[arg-type]
+    assert isinstance(decoded, wire.Batch)
+    assert [wire.decode_request(bytes(r)) for r in decoded.frames] == frames
+
+
+def test_nested_batches_are_malformed() -> None:
+    inner = wire.batch([wire.encode(wire.Pong(rid=1)), wire.encode(wire.Pong(rid=2))])
+    outer = wire.batch([inner, wire.encode(wire.Pong(rid=3))])
+    with pytest.raises(wire.MalformedFrame):
+        wire.unbatch_replies(outer)

@@ -13,7 +13,7 @@ import trio_websocket
 
 import relay._connection as connection_module
 from clientkit import RelayRefused
-from clientkit._transport import open_websocket
+from clientkit._transport import FrameReader, open_websocket
 from ledger import Ledger
 from model import wire
 from model.chain import Head, Receipt, advance, start_of, verify_receipt
@@ -74,9 +74,15 @@ async def raw(nursery: trio.Nursery) -> AsyncIterator[Raw]:
         yield Raw(nursery, stack)
 
 
+_READERS: dict[int, FrameReader] = {}
+
+
 async def next_reply(ws: trio_websocket.WebSocketConnection) -> wire.Reply:
+    reader = _READERS.get(id(ws))
+    if reader is None or reader.ws is not ws:
+        reader = _READERS[id(ws)] = FrameReader(ws)
     with trio.fail_after(10):
-        return wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+        return await reader.next()
 
 
 # --- the happy path -----------------------------------------------------------------------------
@@ -369,7 +375,7 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
         last: Head | None = None
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
-                frame = wire.decode_reply(await slow.get_message())  # type: ignore[arg-type]
+                frame = await next_reply(slow)
                 if isinstance(frame, wire.Event):
                     slow_seen.append(frame.seq)
                     last = Head(frame.seq, frame.chain)
@@ -425,3 +431,24 @@ async def test_shutdown_drains_inflight_appends_and_closes_subscribers_with_a_re
     assert sorted(acked) == acked
     assert set(acked) <= set(stored)
     assert stored == list(range(1, len(stored) + 1))
+
+
+async def test_a_batch_of_requests_is_handled_in_order_with_a_reply_for_each(
+    raw: Raw, relay: Relay, alice: User, database_url: str
+) -> None:
+    ws = await raw.authed(relay.url, alice)
+    inner = [
+        wire.encode(wire.Append(rid=20, event=alice.event("one"))),
+        b"\xc1 garbage",
+        wire.encode(wire.Append(rid=21, event=alice.event("two"))),
+        wire.batch([wire.encode(wire.Ping(rid=22)), wire.encode(wire.Ping(rid=23))]),
+        wire.encode(wire.Ping(rid=24)),
+    ]
+    await ws.send_message(wire.batch(inner))
+    replies = [await next_reply(ws) for _ in range(5)]
+    acks = [r for r in replies if isinstance(r, wire.Appended)]
+    errors = [r for r in replies if isinstance(r, wire.Error)]
+    assert [(a.rid, a.seq) for a in acks] == [(20, 1), (21, 2)]
+    assert [e.code for e in errors] == [wire.ErrorCode.MALFORMED_FRAME] * 2
+    assert wire.Pong(rid=24) in replies
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2]

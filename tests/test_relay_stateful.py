@@ -24,7 +24,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, Phase, given, settings
 
-from clientkit._transport import open_websocket
+from clientkit._transport import FrameReader, open_websocket
 from model import wire
 from model.envelope import SignedEvent, event_id
 from tests.helpers import create_database, drop_database, with_dbname
@@ -160,13 +160,14 @@ class Run:
 async def pipeline(url: str, user: User, events: list[SignedEvent], run: Run) -> None:
     """Send every event without waiting, then collect every ack (one connection)."""
     async with trio.open_nursery() as nursery, open_websocket(url, nursery) as ws:
-        assert isinstance(wire.decode_reply(await ws.get_message()), wire.Welcome)  # type: ignore[arg-type]
+        frames = FrameReader(ws)
+        assert isinstance(await frames.next(), wire.Welcome)
         await ws.send_message(wire.encode(wire.Authenticate(rid=0, token=user.token)))
-        assert isinstance(wire.decode_reply(await ws.get_message()), wire.Authenticated)  # type: ignore[arg-type]
+        assert isinstance(await frames.next(), wire.Authenticated)
         for rid, ev in enumerate(events, start=1):
             await ws.send_message(wire.encode(wire.Append(rid=rid, event=ev)))
         for _ in events:
-            ack = wire.decode_reply(await ws.get_message())  # type: ignore[arg-type]
+            ack = await frames.next()
             assert isinstance(ack, wire.Appended), ack
             eid = event_id(events[ack.rid - 1])
             assert ack.event_id == eid
