@@ -439,7 +439,7 @@ async def test_a_batch_of_requests_is_handled_in_order_with_a_reply_for_each(
     ws = await raw.authed(relay.url, alice)
     inner = [
         wire.encode(wire.Append(rid=20, event=alice.event("one"))),
-        b"\xc1 garbage",
+        msgspec.msgpack.encode({"t": "no_such_request", "rid": 25}),
         wire.encode(wire.Append(rid=21, event=alice.event("two"))),
         wire.batch([wire.encode(wire.Ping(rid=22)), wire.encode(wire.Ping(rid=23))]),
         wire.encode(wire.Ping(rid=24)),
