@@ -47,6 +47,8 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 SHUTDOWN_CLOSE_CODE: Final = 1001
+SHUTDOWN_GRACE: Final = 5.0
+HANDSHAKE_TIMEOUT: Final = 10.0
 READ_QUEUE: Final = 64
 
 
@@ -92,40 +94,48 @@ class Relay:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until `request_shutdown`, then drain and close everything in order."""
-        async with trio.open_nursery() as connections, trio.open_nursery() as writers:
-            writer = LedgerWriter(self.ledger, self.relay_key)
-            writers.start_soon(writer.run, name="ledger-writer")
-            async with trio.open_nursery() as sequencers:
-                self._sequencers = SequencerRegistry(sequencers, self.ledger, writer, self.fanout)
-                async with trio.open_nursery() as accept:
-                    server = await accept.start(
-                        partial(
-                            serve_websocket,
-                            self._handle,
-                            self.config.host,
-                            self.config.port,
-                            None,
-                            handler_nursery=connections,
-                            message_queue_size=READ_QUEUE,
-                            max_message_size=wire.WS_HARD_LIMIT,
-                        )
+        # Connections get SHUTDOWN_GRACE seconds to close after the sequencers drained; any
+        # still open then (including sockets that never finished the WebSocket handshake) are
+        # cancelled, so shutdown is bounded.
+        with trio.CancelScope() as connections_scope:
+            async with trio.open_nursery() as connections, trio.open_nursery() as writers:
+                writer = LedgerWriter(self.ledger, self.relay_key)
+                writers.start_soon(writer.run, name="ledger-writer")
+                async with trio.open_nursery() as sequencers:
+                    self._sequencers = SequencerRegistry(
+                        sequencers, self.ledger, writer, self.fanout
                     )
-                    self.url = f"ws://{self.config.host}:{server.port}"
-                    log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
-                    task_status.started(self.url)
-                    await self._shutdown.wait()
-                    log.info("relay_stopping", phase="stop_accepting")
-                    accept.cancel_scope.cancel()
-                log.info("relay_stopping", phase="drain_sequencers")
-                self._sequencers.close()
-            writer.close()
-            log.info(
-                "relay_stopping", phase="close_connections", connections=len(self._connections)
-            )
-            for conn in list(self._connections):
-                conn.close_gracefully(
-                    SHUTDOWN_CLOSE_CODE, "relay shutting down: reconnect later and resume"
+                    async with trio.open_nursery() as accept:
+                        server = await accept.start(
+                            partial(
+                                serve_websocket,
+                                self._handle,
+                                self.config.host,
+                                self.config.port,
+                                None,
+                                handler_nursery=connections,
+                                message_queue_size=READ_QUEUE,
+                                max_message_size=wire.WS_HARD_LIMIT,
+                                connect_timeout=HANDSHAKE_TIMEOUT,
+                            )
+                        )
+                        self.url = f"ws://{self.config.host}:{server.port}"
+                        log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
+                        task_status.started(self.url)
+                        await self._shutdown.wait()
+                        log.info("relay_stopping", phase="stop_accepting")
+                        accept.cancel_scope.cancel()
+                    log.info("relay_stopping", phase="drain_sequencers")
+                    self._sequencers.close()
+                writer.close()
+                log.info(
+                    "relay_stopping", phase="close_connections", connections=len(self._connections)
                 )
+                for conn in list(self._connections):
+                    conn.close_gracefully(
+                        SHUTDOWN_CLOSE_CODE, "relay shutting down: reconnect later and resume"
+                    )
+                connections_scope.deadline = trio.current_time() + SHUTDOWN_GRACE
         log.info("relay_stopped")
 
     # --- per connection -------------------------------------------------------------------------

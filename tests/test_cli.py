@@ -12,6 +12,7 @@ import psycopg
 import pytest
 import trio
 
+from relay.embedded import free_port
 from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
@@ -161,3 +162,28 @@ async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_p
     assert leftovers.stdout == b"", "postgres kept running after cozy dev stopped"
     bao = subprocess.run(["pgrep", "-f", "bao server -dev"], capture_output=True, check=False)  # noqa: ASYNC221
     assert bao.stdout == b"", "the OpenBao dev server kept running after cozy dev stopped"
+
+
+async def test_relay_serve_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, COZY_LISTEN_PORT=str(port))
+    with subprocess.Popen(  # noqa: ASYNC220 — a long-lived child we signal ourselves
+        [*COZY, "relay", "serve", "--data-dir", str(tmp_path / "relay")],
+        stderr=subprocess.PIPE,
+        env=env,
+    ) as proc:
+        with trio.fail_after(30):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                except OSError:
+                    assert proc.poll() is None, "relay exited before listening"
+                    await trio.sleep(0.1)
+                else:
+                    await stream.aclose()
+                    break
+        proc.send_signal(signal.SIGTERM)
+        _, err = await trio.to_thread.run_sync(lambda: proc.communicate(timeout=30))
+    assert proc.returncode == 0, err.decode()
+    assert b"signal_received" in err
+    assert b"relay_stopped" in err
