@@ -66,4 +66,36 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
             FOR EACH STATEMENT EXECUTE FUNCTION events_are_append_only();
         """,
     ),
+    (
+        2,
+        "login throttling",
+        """
+        -- Failed logins per handle (known or not, so the table does not reveal which handles
+        -- exist). The relay throttles from these rows; operators list and clear them.
+        CREATE TABLE login_failures (
+            handle          text PRIMARY KEY,
+            failures        integer NOT NULL DEFAULT 0,
+            window_start    timestamptz NOT NULL DEFAULT now(),
+            window_failures integer NOT NULL DEFAULT 0,
+            locked_until    timestamptz,
+            last_failure_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
+    (
+        3,
+        "sealed keystores",
+        """
+        -- One sealed keystore per account. Only the account's signing key can replace it
+        -- (signature over account, version and blob); versions only go up, so a stolen session
+        -- can neither overwrite nor roll it back. A deleted keystore keeps its version row.
+        CREATE TABLE keystores (
+            account_id text PRIMARY KEY REFERENCES accounts (account_id),
+            version    bigint NOT NULL CHECK (version >= 1),
+            blob       bytea,
+            sig        bytea NOT NULL CHECK (length(sig) = 64),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        """,
+    ),
 )

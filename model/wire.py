@@ -30,6 +30,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHENTICATED = "unauthenticated"
     UNAUTHORIZED = "unauthorized"
     INVALID_CREDENTIALS = "invalid_credentials"
+    RATE_LIMITED = "rate_limited"
     HANDLE_TAKEN = "handle_taken"
     INVALID_REQUEST = "invalid_request"
     INVALID_EVENT = "invalid_event"
