@@ -10,6 +10,7 @@ against the relay's signed receipt.
 from __future__ import annotations
 
 import itertools
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -34,6 +35,8 @@ from model._crypto import CryptoError
 from model.chain import Head, Receipt, advance, start_of, verify_receipt
 from model.envelope import decode_body, event_id, open_content, seal_event, verify_event
 from model.errors import ModelError
+from model.ids import new_id
+from model.proofs import sign_create_collab, sign_keystore_write
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -145,14 +148,54 @@ class Client:
 
     # --- accounts -----------------------------------------------------------------------------
 
-    async def signup(self, handle: str, password: str, sign_pk: bytes, box_pk: bytes) -> str:
+    async def signup(
+        self,
+        handle: str,
+        password: str,
+        signing_key: nacl.signing.SigningKey,
+        box_pk: bytes,
+        *,
+        sealed_keystore: bytes = b"",
+        account_id: str | None = None,
+    ) -> str:
+        """Register an account (and, with `sealed_keystore`, store it as version 1)."""
+        account_id = account_id or new_id("a")
+        keystore_sig = (
+            sign_keystore_write(signing_key, account_id, 1, sealed_keystore)
+            if sealed_keystore
+            else b""
+        )
         reply = await self.request(
             lambda rid: wire.Signup(
-                rid=rid, handle=handle, password=password, sign_pk=sign_pk, box_pk=box_pk
+                rid=rid,
+                account_id=account_id,
+                handle=handle,
+                password=password,
+                sign_pk=bytes(signing_key.verify_key),
+                box_pk=box_pk,
+                keystore=sealed_keystore,
+                keystore_sig=keystore_sig,
             ),
             wire.SignedUp,
         )
         return reply.account_id
+
+    async def fetch_keystore(self) -> wire.Keystore:
+        """The caller's sealed keystore as stored on the relay (needs only a session)."""
+        return await self.request(lambda rid: wire.GetKeystore(rid=rid), wire.Keystore)
+
+    async def store_keystore(
+        self, signing_key: nacl.signing.SigningKey, version: int, sealed_keystore: bytes
+    ) -> None:
+        """Replace the stored keystore with `version` (stored version + 1), signed by the
+        account key. Raises `RelayRefused` with code STALE when another device got there first."""
+        if self.account_id is None:
+            raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in first")
+        sig = sign_keystore_write(signing_key, self.account_id, version, sealed_keystore)
+        await self.request(
+            lambda rid: wire.PutKeystore(rid=rid, version=version, blob=sealed_keystore, sig=sig),
+            wire.KeystoreStored,
+        )
 
     async def login(self, handle: str, password: str) -> wire.LoggedIn:
         reply = await self.request(
@@ -182,10 +225,18 @@ class Client:
 
     # --- collabs and events -------------------------------------------------------------------
 
-    async def create_collab(self) -> str:
-        return (
-            await self.request(lambda rid: wire.CreateCollab(rid=rid), wire.CollabCreated)
-        ).collab_id
+    async def create_collab(self, signing_key: nacl.signing.SigningKey) -> str:
+        """Create a collab owned by this account; the account key signs the creation."""
+        if self.account_id is None:
+            raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in first")
+        collab_id = new_id("c")
+        ts = int(time.time() * 1000)
+        sig = sign_create_collab(signing_key, collab_id, self.account_id, ts)
+        reply = await self.request(
+            lambda rid: wire.CreateCollab(rid=rid, collab_id=collab_id, ts=ts, sig=sig),
+            wire.CollabCreated,
+        )
+        return reply.collab_id
 
     async def append(self, signed: SignedEvent) -> wire.Appended:
         """Submit a signed event; return the ack once its receipt checks out.

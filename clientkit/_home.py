@@ -35,6 +35,8 @@ class Profile(msgspec.Struct):
     relay_pk: str  # hex, pinned on first contact
     token: str | None = None
     token_expires_at: int = 0
+    keystore_version: int = 0  # the version last stored on the relay
+    keystore_synced: bool = True  # False while local keystore changes await upload
 
     def __repr__(self) -> str:
         return f"Profile(handle={self.handle!r}, relay={self.relay_url!r}, token=<redacted>)"

@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import nacl.public
@@ -20,9 +21,10 @@ import trio
 
 from clientkit._client import Client, connect
 from clientkit._home import Home, HomeError, Profile, kdf_profile
+from clientkit._passphrase import WeakPassphrase, check_passphrase
 from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused
 from model import content as contentmod
-from model import keystore, wire
+from model import keystore, recovery, wire
 from model._crypto import CryptoError, random_bytes
 
 if TYPE_CHECKING:
@@ -74,9 +76,46 @@ class Unlocked:
         return key
 
     def add_collab_key(self, collab_id: str, key: bytes) -> None:
+        """Keep a collab key: sealed on disk at once, uploaded by `sync_keystore`."""
         self.keys.collab_keys[collab_id] = key
-        self.sealed = keystore.reseal(self.sealed, self.keystore_key, self.keys)
-        self.home.save_keystore(self.sealed)
+        self.replace_sealed(keystore.reseal(self.sealed, self.keystore_key, self.keys))
+
+    def replace_sealed(self, sealed: keystore.SealedKeystore) -> None:
+        self.sealed = sealed
+        self.home.save_keystore(sealed)
+        self.profile.keystore_synced = False
+        self.home.save_profile(self.profile)
+
+    async def sync_keystore(self, client: Client) -> None:
+        """Upload the local keystore as the next version, merging another device's first.
+
+        The keystore key is the same on every device, so a newer stored keystore can be opened
+        and its collab keys merged with ours before writing version n+1.
+        """
+        for _attempt in range(3):
+            if self.profile.keystore_synced:
+                return
+            version = self.profile.keystore_version + 1
+            try:
+                await client.store_keystore(
+                    self.signing_key, version, keystore.encode_sealed(self.sealed)
+                )
+            except RelayRefused as exc:
+                if exc.code is not wire.ErrorCode.STALE:
+                    raise
+                await self._merge_stored(client)
+                continue
+            self.profile.keystore_version, self.profile.keystore_synced = version, True
+            self.home.save_profile(self.profile)
+            return
+        raise CliError("could not store the keystore on the relay (it kept changing); retry")
+
+    async def _merge_stored(self, client: Client) -> None:
+        stored = await client.fetch_keystore()
+        theirs = keystore.open_content(keystore.decode_sealed(stored.blob), self.keystore_key)
+        self.keys.collab_keys = theirs.collab_keys | self.keys.collab_keys
+        self.profile.keystore_version = stored.version
+        self.replace_sealed(keystore.reseal(self.sealed, self.keystore_key, self.keys))
 
 
 async def _unlock(home: Home) -> Unlocked:
@@ -113,22 +152,51 @@ def _pin(profile: Profile) -> bytes:
 # --- commands -------------------------------------------------------------------------------
 
 
+def _new_passphrase(handle: str, login_password: str, env: str = "COZY_PASSPHRASE") -> str:
+    passphrase = _secret(env, "encryption passphrase (15+ characters, not your login password)")
+    try:
+        check_passphrase(passphrase, handle=handle, login_password=login_password)
+    except WeakPassphrase as exc:
+        raise CliError(str(exc)) from None
+    return passphrase
+
+
+def _show_recovery_code(code: str) -> None:
+    print(
+        "\nYour recovery code — shown once, never sent to the relay. Write it down and keep it\n"
+        "offline. It is the only way back in if you forget your encryption passphrase\n"
+        "(`cozy account recover`); without both, your keys and messages are gone for good.\n\n"
+        f"    {code}\n"
+    )
+
+
 async def cmd_signup(args: argparse.Namespace) -> None:
     home = Home.from_env()
     if home.has_keystore():
         raise CliError(f"{home.path} already holds an account; use another COZY_HOME")
     password = _password()
-    passphrase = _passphrase()
-    if password == passphrase:
-        raise CliError("the encryption passphrase must differ from the login password")
+    passphrase = _new_passphrase(args.handle, password)
     sign = nacl.signing.SigningKey.generate()
     box = nacl.public.PrivateKey.generate()
     content = keystore.KeystoreContent(sign_seed=bytes(sign), box_sk=bytes(box))
+    code = recovery.new_recovery_code()
     print("sealing your keystore (Argon2id)…", file=sys.stderr)
-    sealed, _ = await trio.to_thread.run_sync(keystore.seal_new, content, passphrase, kdf_profile())
+    sealed, _ = await trio.to_thread.run_sync(
+        partial(
+            keystore.seal_new,
+            content,
+            passphrase,
+            kdf_profile(),
+            recovery_key=recovery.recovery_key(recovery.parse_code(code)),
+        )
+    )
     async with connect(args.relay) as client:
         account_id = await client.signup(
-            args.handle, password, bytes(sign.verify_key), bytes(box.public_key)
+            args.handle,
+            password,
+            sign,
+            bytes(box.public_key),
+            sealed_keystore=keystore.encode_sealed(sealed),
         )
         reply = await client.login(args.handle, password)
         home.save_keystore(sealed)
@@ -140,10 +208,119 @@ async def cmd_signup(args: argparse.Namespace) -> None:
                 relay_pk=client.relay_pk.hex(),
                 token=reply.token,
                 token_expires_at=reply.expires_at,
+                keystore_version=1,
             )
         )
     print(f"signed up as {args.handle} ({account_id}); keys are in {home.path}")
+    _show_recovery_code(code)
     print("next: cozy collab create NAME")
+
+
+async def cmd_restore(args: argparse.Namespace) -> None:
+    """A new device: log in, fetch the sealed keystore, open it with the passphrase."""
+    home = Home.from_env()
+    if home.has_keystore():
+        raise CliError(f"{home.path} already holds an account; restore into an empty COZY_HOME")
+    step = _Progress(4)
+    step("connecting and logging in")
+    async with connect(args.relay) as client:
+        reply = await client.login(args.handle, _password())
+        step("fetching the sealed keystore")
+        stored = await client.fetch_keystore()
+        sealed = keystore.decode_sealed(stored.blob)
+        step("unsealing it with your passphrase (Argon2id, about a second)")
+        try:
+            key = await trio.to_thread.run_sync(keystore.unwrap_key, sealed, _passphrase())
+            keys = keystore.open_content(sealed, key)
+        except CryptoError:
+            raise CliError("wrong passphrase: nothing was written to this device") from None
+        if (
+            bytes(nacl.signing.SigningKey(keys.sign_seed).verify_key)
+            != (await client.account(reply.account_id)).sign_pk
+        ):
+            raise CliError("the stored keystore does not hold this account's key; refusing it")
+        step("saving to this device")
+        home.save_keystore(sealed)
+        home.save_profile(
+            Profile(
+                relay_url=args.relay,
+                handle=args.handle,
+                account_id=reply.account_id,
+                relay_pk=client.relay_pk.hex(),
+                token=reply.token,
+                token_expires_at=reply.expires_at,
+                keystore_version=stored.version,
+            )
+        )
+    print(f"restored {args.handle} on this device: {len(keys.collab_keys)} collab key(s)")
+
+
+async def cmd_recover(args: argparse.Namespace) -> None:
+    """Open the keystore with the recovery code and set a new passphrase."""
+    home = Home.from_env()
+    local = home.load_profile() if home.has_keystore() else None
+    relay_url = args.relay or (local.relay_url if local else None)
+    handle = args.handle or (local.handle if local else None)
+    if relay_url is None or handle is None:
+        raise CliError("give --relay URL and --handle H (this device holds no account)")
+    try:
+        secret = recovery.parse_code(_secret("COZY_RECOVERY_CODE", "recovery code"))
+    except recovery.InvalidRecoveryCode as exc:
+        raise CliError(str(exc)) from None
+    password = _password()
+    async with connect(relay_url, pinned_relay_pk=_pin(local) if local else None) as client:
+        reply = await client.login(handle, password)
+        stored = await client.fetch_keystore()
+        sealed = keystore.decode_sealed(stored.blob)
+        try:
+            key = keystore.unwrap_with_recovery(sealed, recovery.recovery_key(secret))
+            keys = keystore.open_content(sealed, key)
+        except CryptoError:
+            raise CliError("that recovery code does not open this account's keystore") from None
+        new_passphrase = _new_passphrase(handle, password, env="COZY_NEW_PASSPHRASE")
+        print("re-sealing with the new passphrase (Argon2id)…", file=sys.stderr)
+        resealed = await trio.to_thread.run_sync(
+            keystore.rewrap_passphrase, sealed, key, new_passphrase, kdf_profile()
+        )
+        profile = Profile(
+            relay_url=relay_url,
+            handle=handle,
+            account_id=reply.account_id,
+            relay_pk=client.relay_pk.hex(),
+            token=reply.token,
+            token_expires_at=reply.expires_at,
+            keystore_version=stored.version,
+        )
+        me = Unlocked(home, profile, sealed, key, keys)
+        me.replace_sealed(resealed)
+        await me.sync_keystore(client)
+    print("new passphrase set; the old one no longer opens your keystore (here or on the relay)")
+
+
+async def cmd_change_passphrase(_args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    password = _password()
+    new_passphrase = _new_passphrase(me.profile.handle, password, env="COZY_NEW_PASSPHRASE")
+    resealed = await trio.to_thread.run_sync(
+        keystore.rewrap_passphrase, me.sealed, me.keystore_key, new_passphrase, kdf_profile()
+    )
+    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
+        await _session(client, me.home, me.profile)
+        me.replace_sealed(resealed)
+        await me.sync_keystore(client)
+    print("passphrase changed; your account keys are unchanged")
+
+
+class _Progress:
+    """Numbered steps on stderr, for long operations."""
+
+    def __init__(self, total: int) -> None:
+        self._total = total
+        self._n = 0
+
+    def __call__(self, what: str) -> None:
+        self._n += 1
+        print(f"[{self._n}/{self._total}] {what}…", file=sys.stderr, flush=True)
 
 
 async def cmd_login(_args: argparse.Namespace) -> None:
@@ -160,9 +337,11 @@ async def cmd_collab_create(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
-        collab_id = await client.create_collab()
+        await me.sync_keystore(client)
+        collab_id = await client.create_collab(me.signing_key)
         key = random_bytes(32)
         me.add_collab_key(collab_id, key)
+        await me.sync_keystore(client)
         await client.post(
             signing_key=me.signing_key,
             collab_key=key,
@@ -177,6 +356,7 @@ async def cmd_post(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
+        await me.sync_keystore(client)
         ack = await client.post(
             signing_key=me.signing_key,
             collab_key=me.collab_key(args.collab),
@@ -197,6 +377,7 @@ async def cmd_tail(args: argparse.Namespace) -> None:
         start = None
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
+        await me.sync_keystore(client)
         handles: dict[str, str] = {}
         async with client.history(
             args.collab, me.collab_key(args.collab), head=start, follow=args.follow
@@ -233,6 +414,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=cmd_signup)
     p = account.add_parser("login", help="get a fresh session token")
     p.set_defaults(run=cmd_login)
+    p = account.add_parser("restore", help="set up this device from the relay's sealed keystore")
+    p.add_argument("--relay", required=True)
+    p.add_argument("--handle", required=True)
+    p.set_defaults(run=cmd_restore)
+    p = account.add_parser(
+        "recover", help="open the keystore with the recovery code; set a new passphrase"
+    )
+    p.add_argument("--relay", help="needed when this device holds no account")
+    p.add_argument("--handle")
+    p.set_defaults(run=cmd_recover)
+    p = account.add_parser("passphrase", help="change the encryption passphrase")
+    p.set_defaults(run=cmd_change_passphrase)
 
     collab = sub.add_parser("collab", help="collabs").add_subparsers(dest="action", required=True)
     p = collab.add_parser("create", help="create a collab (prints its id)")

@@ -106,13 +106,11 @@ async def _setup(relay_url: str, *, accounts: int, collabs_each: int, tag: str) 
         box = nacl.public.PrivateKey.generate()
         handle = f"bench-{tag}-{suffix}-{i}"
         async with connect(relay_url) as client:
-            account_id = await client.signup(
-                handle, PASSWORD, bytes(sign.verify_key), bytes(box.public_key)
-            )
+            account_id = await client.signup(handle, PASSWORD, sign, bytes(box.public_key))
             login = await client.login(handle, PASSWORD)
             actor = Actor(handle, account_id, sign, login.token)
             for _ in range(collabs_each):
-                actor.collabs.append(await client.create_collab())
+                actor.collabs.append(await client.create_collab(sign))
         actors.append(actor)
     return actors
 

@@ -2,6 +2,7 @@
 
 from ledger._store import AccountRow as AccountRow
 from ledger._store import AppendRequest as AppendRequest
+from ledger._store import KeystoreRow as KeystoreRow
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
 from ledger._store import migrate as migrate
@@ -12,4 +13,5 @@ from ledger.errors import LedgerUnavailable as LedgerUnavailable
 from ledger.errors import SchemaNotReady as SchemaNotReady
 from ledger.errors import SchemaTooNew as SchemaTooNew
 from ledger.errors import SequencingConflict as SequencingConflict
+from ledger.errors import StaleVersion as StaleVersion
 from ledger.errors import UnknownReference as UnknownReference

@@ -25,6 +25,7 @@ from ledger.errors import (
     SchemaNotReady,
     SchemaTooNew,
     SequencingConflict,
+    StaleVersion,
     UnknownReference,
 )
 from model import chain as chainmod
@@ -55,6 +56,17 @@ class AccountRow(msgspec.Struct, frozen=True):
 
     def __repr__(self) -> str:
         return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
+
+
+class KeystoreRow(msgspec.Struct, frozen=True):
+    """A sealed keystore as stored: opaque to the relay, signed by the account key."""
+
+    version: int
+    blob: bytes
+    sig: bytes
+
+    def __repr__(self) -> str:
+        return f"KeystoreRow(version={self.version}, <{len(self.blob)} bytes>)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +164,8 @@ class Ledger:
 
     # --- accounts -----------------------------------------------------------------------------
 
-    def create_account(self, row: AccountRow) -> None:
+    def create_account(self, row: AccountRow, keystore: KeystoreRow | None = None) -> None:
+        """Create the account and, when given, its keystore (version 1) in one transaction."""
         with _translated(), self._pool.connection() as conn:
             try:
                 conn.execute(
@@ -160,8 +173,46 @@ class Ledger:
                     " VALUES (%s, %s, %s, %s, %s)",
                     (row.account_id, row.handle, row.password_hash, row.sign_pk, row.box_pk),
                 )
+                if keystore is not None:
+                    conn.execute(
+                        "INSERT INTO keystores (account_id, version, blob, sig)"
+                        " VALUES (%s, %s, %s, %s)",
+                        (row.account_id, keystore.version, keystore.blob, keystore.sig),
+                    )
             except psycopg.errors.UniqueViolation as exc:
-                raise HandleTaken(f"the handle {row.handle!r} is taken; pick another") from exc
+                if exc.diag.constraint_name == "accounts_handle_key":
+                    raise HandleTaken(f"the handle {row.handle!r} is taken; pick another") from exc
+                raise AlreadyExists("an account with this id exists already") from exc
+
+    # --- keystores -----------------------------------------------------------------------------
+
+    def keystore(self, account_id: str) -> KeystoreRow | None:
+        """The stored keystore (``blob`` empty once deleted), or None if there never was one."""
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "SELECT version, blob, sig FROM keystores WHERE account_id = %s", (account_id,)
+            ).fetchone()
+        return None if r is None else KeystoreRow(r[0], bytes(r[1] or b""), bytes(r[2]))
+
+    def put_keystore(self, account_id: str, new: KeystoreRow) -> None:
+        """Store `new` if its version is exactly one above the stored one (1 if none).
+
+        The caller has verified the account key's signature. Raises `StaleVersion` naming the
+        stored version otherwise; nothing is written then.
+        """
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "SELECT version FROM keystores WHERE account_id = %s FOR UPDATE", (account_id,)
+            ).fetchone()
+            current = 0 if r is None else int(r[0])
+            if new.version != current + 1:
+                raise StaleVersion(current)
+            conn.execute(
+                "INSERT INTO keystores (account_id, version, blob, sig) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (account_id) DO UPDATE SET version = EXCLUDED.version,"
+                " blob = EXCLUDED.blob, sig = EXCLUDED.sig, updated_at = now()",
+                (account_id, new.version, new.blob or None, new.sig),
+            )
 
     def account_by_handle(self, handle: str) -> AccountRow | None:
         return self._account("handle", handle)

@@ -37,3 +37,11 @@ class UnknownReference(LedgerError):
 
 class AlreadyExists(LedgerError):
     """A row with this identity exists already. Nothing was written."""
+
+
+class StaleVersion(LedgerError):
+    """A versioned write did not name the next version. `current` is the stored one."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"the stored version is {current}; write version {current + 1}")
+        self.current = current

@@ -1,8 +1,10 @@
 """The sealed keystore: an account's private keys, sealed so only the passphrase opens them.
 
 Layout: the private material is sealed (XSalsa20-Poly1305 secretbox) under a random 32-byte
-keystore key; that key is wrapped under a key derived from the encryption passphrase with
-Argon2id. The KDF parameters travel with the keystore so a later client can open it, and the
+keystore key; that key is wrapped twice: under a key derived from the encryption passphrase with
+Argon2id, and under a key derived from the recovery code (see model/recovery.py). Changing the
+passphrase or recovering replaces only the passphrase wrap; the keystore key and the account
+keys stay the same. The KDF parameters travel with the keystore so a later client can open it, and the
 client refuses to seal below libsodium's MODERATE parameters unless the caller explicitly asks
 for the documented test profile.
 """
@@ -58,6 +60,7 @@ class SealedKeystore(msgspec.Struct, frozen=True):
     kdf: KdfParams
     wrapped_key: bytes
     sealed: bytes
+    recovery_wrap: bytes = b""
 
     def __repr__(self) -> str:
         return f"SealedKeystore(v={self.v}, kdf={self.kdf.alg}/{self.kdf.opslimit}/{self.kdf.memlimit})"
@@ -98,9 +101,14 @@ def new_kdf_params(profile: KdfProfile = KdfProfile.MODERATE) -> KdfParams:
 
 
 def seal_new(
-    content: KeystoreContent, passphrase: str, profile: KdfProfile = KdfProfile.MODERATE
+    content: KeystoreContent,
+    passphrase: str,
+    profile: KdfProfile = KdfProfile.MODERATE,
+    *,
+    recovery_key: bytes | None = None,
 ) -> tuple[SealedKeystore, bytes]:
-    """Seal `content` under a fresh keystore key wrapped by the passphrase. Returns both."""
+    """Seal `content` under a fresh keystore key wrapped by the passphrase (and, when given,
+    by the recovery code's key). Returns the sealed keystore and the keystore key."""
     params = new_kdf_params(profile)
     mod_ops, mod_mem = KdfProfile.MODERATE.value
     if profile is not KdfProfile.INSECURE_TEST and (
@@ -112,11 +120,40 @@ def seal_new(
     keystore_key = nacl.utils.random(KEY_BYTES)
     wrapping = derive_passphrase_key(passphrase, params)
     wrapped = nacl.secret.SecretBox(wrapping).encrypt(keystore_key)
-    return reseal(
-        SealedKeystore(v=KEYSTORE_VERSION, kdf=params, wrapped_key=bytes(wrapped), sealed=b""),
-        keystore_key,
-        content,
-    ), keystore_key
+    recovery_wrap = b""
+    if recovery_key is not None:
+        recovery_wrap = bytes(nacl.secret.SecretBox(recovery_key).encrypt(keystore_key))
+    sealed = SealedKeystore(
+        v=KEYSTORE_VERSION,
+        kdf=params,
+        wrapped_key=bytes(wrapped),
+        sealed=b"",
+        recovery_wrap=recovery_wrap,
+    )
+    return reseal(sealed, keystore_key, content), keystore_key
+
+
+def unwrap_with_recovery(sealed: SealedKeystore, recovery_key: bytes) -> bytes:
+    """Recover the keystore key with the recovery code's key. Raises `CryptoError`."""
+    if not sealed.recovery_wrap:
+        raise CryptoError("this keystore has no recovery wrap")
+    try:
+        return nacl.secret.SecretBox(recovery_key).decrypt(sealed.recovery_wrap)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise CryptoError("the recovery code does not open this keystore") from None
+
+
+def rewrap_passphrase(
+    sealed: SealedKeystore,
+    keystore_key: bytes,
+    new_passphrase: str,
+    profile: KdfProfile = KdfProfile.MODERATE,
+) -> SealedKeystore:
+    """Wrap the same keystore key under a new passphrase (fresh salt); the old one stops working."""
+    params = new_kdf_params(profile)
+    wrapping = derive_passphrase_key(new_passphrase, params)
+    wrapped = nacl.secret.SecretBox(wrapping).encrypt(keystore_key)
+    return msgspec.structs.replace(sealed, kdf=params, wrapped_key=bytes(wrapped))
 
 
 def unwrap_key(sealed: SealedKeystore, passphrase: str) -> bytes:

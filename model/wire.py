@@ -31,6 +31,7 @@ class ErrorCode(enum.StrEnum):
     UNAUTHORIZED = "unauthorized"
     INVALID_CREDENTIALS = "invalid_credentials"
     RATE_LIMITED = "rate_limited"
+    STALE = "stale"
     HANDLE_TAKEN = "handle_taken"
     INVALID_REQUEST = "invalid_request"
     INVALID_EVENT = "invalid_event"
@@ -49,11 +50,17 @@ class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=T
 
 
 class Signup(_Frame, frozen=True, tag="signup"):
+    """Create an account. With `keystore`, its sealed keystore is stored as version 1 in the
+    same transaction (`keystore_sig` as for `PutKeystore`)."""
+
     rid: int
+    account_id: str  # chosen by the client (random), so the keystore signature can bind it
     handle: str
     password: str
     sign_pk: bytes
     box_pk: bytes
+    keystore: bytes = b""
+    keystore_sig: bytes = b""
 
     def __repr__(self) -> str:
         return f"Signup(rid={self.rid}, handle={self.handle!r}, password=<redacted>)"
@@ -77,6 +84,33 @@ class Authenticate(_Frame, frozen=True, tag="auth"):
 
 
 class CreateCollab(_Frame, frozen=True, tag="create_collab"):
+    """Create `collab_id` (chosen by the client) with the caller as owner.
+
+    `sig` is the account key's signature over (collab_id, account, ts); see model/proofs.py.
+    """
+
+    rid: int
+    collab_id: str
+    ts: int
+    sig: bytes
+
+
+class PutKeystore(_Frame, frozen=True, tag="put_keystore"):
+    """Store the caller's sealed keystore as `version` (exactly one more than the stored one).
+
+    An empty `blob` deletes it. `sig` is the account key's signature (model/proofs.py).
+    """
+
+    rid: int
+    version: int
+    blob: bytes
+    sig: bytes
+
+    def __repr__(self) -> str:
+        return f"PutKeystore(rid={self.rid}, version={self.version}, <{len(self.blob)} bytes>)"
+
+
+class GetKeystore(_Frame, frozen=True, tag="get_keystore"):
     rid: int
 
 
@@ -127,6 +161,8 @@ Request = (
     | Subscribe
     | Unsubscribe
     | GetAccount
+    | PutKeystore
+    | GetKeystore
     | Ping
 )
 
@@ -217,6 +253,22 @@ class AccountInfo(_Frame, frozen=True, tag="account"):
     box_pk: bytes
 
 
+class KeystoreStored(_Frame, frozen=True, tag="keystore_stored"):
+    rid: int
+    version: int
+
+
+class Keystore(_Frame, frozen=True, tag="keystore"):
+    """The caller's sealed keystore (useless without the passphrase or recovery code)."""
+
+    rid: int
+    version: int
+    blob: bytes
+
+    def __repr__(self) -> str:
+        return f"Keystore(rid={self.rid}, version={self.version}, <{len(self.blob)} bytes>)"
+
+
 class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
     rid: int
     collab_id: str
@@ -248,6 +300,8 @@ Reply = (
     | SubscriptionEnded
     | AccountInfo
     | Unsubscribed
+    | KeystoreStored
+    | Keystore
     | Pong
     | Error
 )

@@ -24,11 +24,20 @@ import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from fanout import Fanout, Subscription
-from ledger import AccountRow, HandleTaken, Ledger, LedgerError
+from ledger import (
+    AccountRow,
+    AlreadyExists,
+    HandleTaken,
+    KeystoreRow,
+    Ledger,
+    LedgerError,
+    StaleVersion,
+)
 from model import wire
 from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
 from model.errors import InvalidEvent
-from model.ids import is_id, new_id
+from model.ids import is_id
+from model.proofs import CREATE_COLLAB_MAX_SKEW_MS, verify_create_collab, verify_keystore_write
 from relay import _auth
 from relay._connection import Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
@@ -262,12 +271,21 @@ class Relay:
                 await self._bind_account(conn, account_id)
                 conn.offer(wire.encode(wire.Authenticated(rid=req.rid, account_id=account_id)))
             case wire.CreateCollab():
+                await self._create_collab(conn, req)
+            case wire.PutKeystore():
+                await self._put_keystore(conn, req)
+            case wire.GetKeystore():
                 account_id = _require_auth(conn)
-                collab_id = new_id("c")
-                await self._db(self.ledger.create_collab, collab_id, account_id)
-                conn.member_of.add(collab_id)
-                log.info("collab_created", collab_id=collab_id, account_id=account_id)
-                conn.offer(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=collab_id)))
+                stored = await self._db(self.ledger.keystore, account_id)
+                if stored is None or not stored.blob:
+                    raise RequestRefused(
+                        wire.ErrorCode.NOT_FOUND, "this account has no stored keystore"
+                    )
+                conn.offer(
+                    wire.encode(
+                        wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob)
+                    )
+                )
             case wire.Subscribe():
                 await self._require_member(conn, req.collab_id)
                 if req.from_seq < 1:
@@ -357,19 +375,87 @@ class Relay:
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
             )
+        if not is_id(req.account_id, "a"):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "account_id must look like a_<26 base32 chars>"
+            )
+        keystore = None
+        if req.keystore:
+            if not verify_keystore_write(
+                req.sign_pk, req.account_id, 1, req.keystore, req.keystore_sig
+            ):
+                raise RequestRefused(
+                    wire.ErrorCode.BAD_SIGNATURE,
+                    "the keystore is not signed by the account key being registered",
+                )
+            keystore = KeystoreRow(1, req.keystore, req.keystore_sig)
         password_hash = await trio.to_thread.run_sync(
             _auth.hash_password, req.password, limiter=self._auth_limiter
         )
-        account_id = new_id("a")
+        account_id = req.account_id
         try:
             await self._db(
                 self.ledger.create_account,
                 AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk),
+                keystore,
             )
         except HandleTaken as exc:
             raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
+            ) from None
         log.info("account_created", account_id=account_id)
         conn.offer(wire.encode(wire.SignedUp(rid=req.rid, account_id=account_id)))
+
+    async def _create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
+        """Only the account key can create a collab: a session token alone cannot (SO-5)."""
+        account_id = _require_auth(conn)
+        if not is_id(req.collab_id, "c"):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "collab_id must look like c_<26 base32 chars>"
+            )
+        if not verify_create_collab(conn.sign_pk, req.collab_id, account_id, req.ts, req.sig):
+            raise RequestRefused(
+                wire.ErrorCode.BAD_SIGNATURE, "collab creation must be signed by your account key"
+            )
+        if abs(time.time() * 1000 - req.ts) > CREATE_COLLAB_MAX_SKEW_MS:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "the creation proof is too old or from the future; check your clock",
+            )
+        try:
+            await self._db(self.ledger.create_collab, req.collab_id, account_id)
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "that collab id exists already; pick another random id",
+            ) from None
+        conn.member_of.add(req.collab_id)
+        log.info("collab_created", collab_id=req.collab_id, account_id=account_id)
+        conn.offer(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id)))
+
+    async def _put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
+        """Keystore writes need the account key: a stolen session cannot replace, roll back or
+        delete the sealed keystore (SO-2)."""
+        account_id = _require_auth(conn)
+        if not verify_keystore_write(conn.sign_pk, account_id, req.version, req.blob, req.sig):
+            raise RequestRefused(
+                wire.ErrorCode.BAD_SIGNATURE, "keystore writes must be signed by your account key"
+            )
+        try:
+            await self._db(
+                self.ledger.put_keystore, account_id, KeystoreRow(req.version, req.blob, req.sig)
+            )
+        except StaleVersion as exc:
+            raise RequestRefused(
+                wire.ErrorCode.STALE,
+                f"the stored keystore is version {exc.current}; fetch it, merge, and write version {exc.current + 1}",
+            ) from None
+        log.info(
+            "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
+        )
+        conn.offer(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
 
     async def _login(self, conn: Connection, req: wire.Login) -> None:
         row = await self._db(self.ledger.account_by_handle, req.handle)

@@ -83,11 +83,9 @@ async def sign_up(url: str, handle: str | None = None) -> User:
     sign = nacl.signing.SigningKey.generate()
     box = nacl.public.PrivateKey.generate()
     async with connect(url) as client:
-        account_id = await client.signup(
-            handle, PASSWORD, bytes(sign.verify_key), bytes(box.public_key)
-        )
+        account_id = await client.signup(handle, PASSWORD, sign, bytes(box.public_key))
         login = await client.login(handle, PASSWORD)
-        collab_id = await client.create_collab()
+        collab_id = await client.create_collab(sign)
     return User(handle, account_id, sign, login.token, collab_id, random_bytes(32))
 
 

@@ -94,8 +94,8 @@ def _tag(cls: type[msgspec.Struct]) -> str:
 def test_every_frame_type_has_a_distinct_tag() -> None:
     tags = [_tag(cls) for cls in (*REQUEST_TYPES, *REPLY_TYPES)]
     assert len(tags) == len(set(tags)), "a tag is shared between frame types"
-    assert len(REQUEST_TYPES) == 9
-    assert len(REPLY_TYPES) == 14
+    assert len(REQUEST_TYPES) == 11
+    assert len(REPLY_TYPES) == 16
 
 
 @pytest.mark.parametrize("cls", REQUEST_TYPES, ids=lambda c: c.__name__)
@@ -164,7 +164,9 @@ def test_signed_event_bytes_cross_the_wire_exactly() -> None:
 
 def test_secrets_are_redacted_from_reprs() -> None:
     frames = [
-        wire.Signup(rid=1, handle="al", password="hunter2-secret", sign_pk=b"", box_pk=b""),
+        wire.Signup(
+            rid=1, account_id="a", handle="al", password="hunter2-secret", sign_pk=b"", box_pk=b""
+        ),
         wire.Login(rid=1, handle="al", password="hunter2-secret"),
         wire.Authenticate(rid=1, token="tok-secret-value"),
         wire.LoggedIn(rid=1, account_id="a", token="tok-secret-value", expires_at=0),

@@ -7,6 +7,7 @@ from contextlib import AsyncExitStack
 from typing import TYPE_CHECKING
 
 import msgspec
+import nacl.signing
 import pytest
 import trio
 import trio_websocket
@@ -18,6 +19,7 @@ from ledger import Ledger
 from model import wire
 from model.chain import Head, Receipt, advance, start_of, verify_receipt
 from model.envelope import event_id
+from model.ids import new_id
 from tests.relay_harness import User, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
@@ -256,17 +258,44 @@ async def test_wrong_password_and_unknown_handle_get_the_same_answer(
     assert wrong.value.code is wire.ErrorCode.INVALID_CREDENTIALS
 
 
-async def test_signup_refuses_taken_handles_and_bad_input(relay: Relay, alice: User) -> None:
+async def test_signup_refuses_taken_handles_and_bad_input(
+    raw: Raw, relay: Relay, alice: User
+) -> None:
+    key = nacl.signing.SigningKey.generate()
     async with session(relay.url, alice) as client:
         with pytest.raises(RelayRefused) as taken:
-            await client.signup("alice", "another long password", b"\x01" * 32, b"\x02" * 32)
+            await client.signup("alice", "another long password", key, b"\x02" * 32)
         assert taken.value.code is wire.ErrorCode.HANDLE_TAKEN
         with pytest.raises(RelayRefused) as short:
-            await client.signup("bob", "short", b"\x01" * 32, b"\x02" * 32)
+            await client.signup("bob", "short", key, b"\x02" * 32)
         assert short.value.code is wire.ErrorCode.INVALID_REQUEST
-        with pytest.raises(RelayRefused) as badkey:
-            await client.signup("bob", "a long enough password", b"\x01" * 31, b"\x02" * 32)
-        assert badkey.value.code is wire.ErrorCode.INVALID_REQUEST
+        with pytest.raises(RelayRefused) as same_id:
+            await client.signup(
+                "bob", "a long enough password", key, b"\x02" * 32, account_id=alice.account_id
+            )
+        assert same_id.value.code is wire.ErrorCode.INVALID_REQUEST
+    ws = await raw.open(relay.url)
+    await next_reply(ws)
+    for rid, bad in enumerate(
+        [
+            {"sign_pk": b"\x01" * 31},
+            {"account_id": "not-an-id"},
+            {"keystore": b"sealed", "keystore_sig": b"\x00" * 64},
+        ],
+        start=1,
+    ):
+        fields = {
+            "rid": rid,
+            "account_id": new_id("a"),
+            "handle": f"bob-{rid}",
+            "password": "a long enough password",
+            "sign_pk": bytes(key.verify_key),
+            "box_pk": b"\x02" * 32,
+        } | bad
+        await ws.send_message(wire.encode(wire.Signup(**fields)))  # type: ignore[arg-type]
+        reply = await next_reply(ws)
+        assert isinstance(reply, wire.Error)
+        assert reply.code in (wire.ErrorCode.INVALID_REQUEST, wire.ErrorCode.BAD_SIGNATURE)
 
 
 # --- bad input ----------------------------------------------------------------------------------
