@@ -92,6 +92,16 @@ class Unlocked:
         The keystore key is the same on every device, so a newer stored keystore can be opened
         and its collab keys merged with ours before writing version n+1.
         """
+        try:
+            stored = await client.fetch_keystore()
+        except RelayRefused as exc:
+            if exc.code is not wire.ErrorCode.NOT_FOUND:
+                raise
+            stored = wire.Keystore(rid=0, version=0, blob=b"")
+        if stored.version > self.profile.keystore_version:
+            # Another device wrote a newer keystore (a new collab key, a new passphrase):
+            # adopt its wrapping and merge its keys with ours.
+            await self._merge_stored(client, stored)
         for _attempt in range(3):
             if self.profile.keystore_synced:
                 return
@@ -103,19 +113,30 @@ class Unlocked:
             except RelayRefused as exc:
                 if exc.code is not wire.ErrorCode.STALE:
                     raise
-                await self._merge_stored(client)
+                await self._merge_stored(client, await client.fetch_keystore())
                 continue
             self.profile.keystore_version, self.profile.keystore_synced = version, True
             self.home.save_profile(self.profile)
             return
         raise CliError("could not store the keystore on the relay (it kept changing); retry")
 
-    async def _merge_stored(self, client: Client) -> None:
-        stored = await client.fetch_keystore()
-        theirs = keystore.open_content(keystore.decode_sealed(stored.blob), self.keystore_key)
-        self.keys.collab_keys = theirs.collab_keys | self.keys.collab_keys
+    async def _merge_stored(self, client: Client, stored: wire.Keystore) -> None:
+        theirs_sealed = keystore.decode_sealed(stored.blob)
+        try:
+            theirs = keystore.open_content(theirs_sealed, self.keystore_key)
+        except CryptoError:
+            raise CliError(
+                "the keystore on the relay is not one this device can open; refusing to merge"
+            ) from None
+        merged = theirs.collab_keys | self.keys.collab_keys
+        changed = merged != theirs.collab_keys
+        self.keys.collab_keys = merged
         self.profile.keystore_version = stored.version
-        self.replace_sealed(keystore.reseal(self.sealed, self.keystore_key, self.keys))
+        # Keep their wrapping (it may carry a new passphrase) around the merged content.
+        self.sealed = keystore.reseal(theirs_sealed, self.keystore_key, self.keys)
+        self.home.save_keystore(self.sealed)
+        self.profile.keystore_synced = not changed
+        self.home.save_profile(self.profile)
 
 
 async def _unlock(home: Home) -> Unlocked:
