@@ -159,11 +159,30 @@ async def _session(client: Client, home: Home, profile: Profile) -> None:
         except RelayRefused as exc:
             if exc.code is not wire.ErrorCode.UNAUTHENTICATED:
                 raise
+            if not os.environ.get("COZY_PASSWORD") and not sys.stdin.isatty():
+                raise CliError(
+                    "the relay refused this device's session: it was revoked (the relay's "
+                    "signing key was rotated) or has expired. Run `cozy account login`"
+                ) from None
         else:
             return
-    reply = await client.login(profile.handle, _password())
+    reply = await _log_in(client, profile.handle)
     profile.token, profile.token_expires_at = reply.token, reply.expires_at
     home.save_profile(profile)
+
+
+async def _log_in(client: Client, handle: str) -> wire.LoggedIn:
+    """Log in with the password; a throttled handle gets a message saying what to do."""
+    try:
+        return await client.login(handle, _password())
+    except RelayRefused as exc:
+        if exc.code is not wire.ErrorCode.RATE_LIMITED:
+            raise
+        raise CliError(
+            f"login refused without checking the password: {exc.message}. Wait, then run "
+            f"`cozy account login` again (a relay operator can lift the lock with "
+            f"`cozy relay lockouts clear {handle}`)"
+        ) from None
 
 
 def _pin(profile: Profile) -> bytes:
@@ -348,7 +367,7 @@ async def cmd_login(_args: argparse.Namespace) -> None:
     home = Home.from_env()
     profile = home.load_profile()
     async with connect(profile.relay_url, pinned_relay_pk=_pin(profile)) as client:
-        reply = await client.login(profile.handle, _password())
+        reply = await _log_in(client, profile.handle)
     profile.token, profile.token_expires_at = reply.token, reply.expires_at
     home.save_profile(profile)
     print(f"logged in as {profile.handle}; session valid until {time.ctime(reply.expires_at)}")

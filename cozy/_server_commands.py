@@ -1,21 +1,31 @@
-"""`cozy relay serve|migrate|verify-ledger` and `cozy dev`."""
+"""`cozy relay serve|migrate|verify-ledger|lockouts|rotate-jwt-key` and `cozy dev`."""
 
 from __future__ import annotations
 
 import dataclasses
 import sys
 from contextlib import AsyncExitStack
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import trio
 
 from ledger import Ledger, LedgerError, migrate
+from relay import _throttle
 from relay._run import run_relay
-from relay.config import RelayConfig, load_config
+from relay.config import (
+    RelayConfig,
+    jwt_signing_key_origin,
+    load_config,
+    new_jwt_signing_key,
+    rotate_jwt_signing_key,
+)
 from relay.embedded import embedded_openbao, embedded_postgres
 
 if TYPE_CHECKING:
     import argparse
+
+    from ledger import LockoutRow
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         config = load_config(data_dir=args.data_dir, port=args.port)
         trio.run(_dev, config)
         return 0
+    if action == "rotate-jwt-key":
+        return _rotate_jwt_key(args)
     config = load_config(
         toml_path=args.config,
         data_dir=args.data_dir,
@@ -38,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         if action == "serve":
             trio.run(_serve, config)
             return 0
+        if action == "lockouts":
+            return trio.run(_lockouts, config, args)
         return trio.run(_maintain, config, action)
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -97,3 +111,80 @@ async def _maintain(config: RelayConfig, action: str) -> int:
         for problem in report.problems:
             print(f"PROBLEM {problem}")
         return 0 if report.ok else 2
+
+
+async def _lockouts(config: RelayConfig, args: argparse.Namespace) -> int:
+    """`cozy relay lockouts list` and `cozy relay lockouts clear HANDLE`."""
+    async with AsyncExitStack() as stack:
+        url = config.database_url
+        if url is None:
+            url = await stack.enter_async_context(embedded_postgres(config.data_dir / "postgres"))
+        ledger = Ledger(url)
+        await trio.to_thread.run_sync(ledger.open)
+        stack.callback(ledger.close)
+        policy = _throttle.LOGIN_POLICY
+        if args.lockouts_action == "list":
+            rows = await trio.to_thread.run_sync(lambda: ledger.list_login_lockouts(policy=policy))
+            _print_lockouts(rows)
+            return 0
+        handle = args.handle
+        cleared = await trio.to_thread.run_sync(
+            lambda: ledger.clear_login_failures(handle, policy=policy)
+        )
+    if not cleared:
+        print(
+            f"nothing to clear: {_printable(handle)} is not locked and has no failed logins counted",
+            file=sys.stderr,
+        )
+        return 1
+    print(f"cleared {_printable(handle)}: its failed logins are forgotten; it may log in now")
+    return 0
+
+
+def _print_lockouts(rows: list[LockoutRow]) -> None:
+    if not rows:
+        print("no handle has failed logins counted")
+        return
+    table = [("HANDLE", "FAILURES", "HOURLY FAILURES", "LOCKED UNTIL")]
+    for r in rows:
+        until = "-"
+        if r.locked_until is not None:
+            until = datetime.fromtimestamp(r.locked_until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        table.append((_printable(r.handle), str(r.failures), str(r.window_failures), until))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _printable(handle: str) -> str:
+    # Anyone can make a row by trying to log in with any string: never echo control characters
+    # (terminal escapes) to the operator's terminal.
+    return handle if handle.isprintable() else ascii(handle)
+
+
+def _rotate_jwt_key(args: argparse.Namespace) -> int:
+    """The kill switch: replace the data dir's key, or hand out a new one for env / TOML."""
+    origin = jwt_signing_key_origin(toml_path=args.config)
+    if origin is not None:
+        # The configured key cannot be replaced from here; never print it, only a new one.
+        print(
+            f"The JWT signing key comes from {origin}; this command cannot replace it there.\n"
+            "A freshly generated key (not stored anywhere; treat it as a secret):\n\n"
+            f"    {new_jwt_signing_key()}\n\n"
+            "To rotate:\n"
+            f"  1. replace the current value ({origin}) with it in your secret store;\n"
+            "  2. restart every relay on this database with the new key (they must all share it);\n"
+            "  3. every session and agent token signed with the old key then stops working:\n"
+            "     people run `cozy account login` again and agents need new tokens.\n"
+            "Discard the old key."
+        )
+        return 0
+    config = load_config(toml_path=args.config, data_dir=args.data_dir)
+    path = rotate_jwt_signing_key(config.data_dir)
+    print(
+        f"rotated the JWT signing key in {path} (a new random key, mode 0600).\n"
+        "Every session and agent token stops working once the relay is restarted with it:\n"
+        "restart the relay now; people then run `cozy account login` again and agents need\n"
+        "new tokens. Relays sharing this database must all get the new key file."
+    )
+    return 0

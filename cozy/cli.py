@@ -17,19 +17,34 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     relay = sub.add_parser("relay", help="run and maintain a relay").add_subparsers(
         dest="action", required=True
     )
+
+    def add_config_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML config file (env vars override it)")
+        p.add_argument("--data-dir", type=Path, help="where embedded Postgres and relay keys live")
+
     for name, help_text in (
         ("serve", "serve the relay (config from env / --config TOML)"),
         ("migrate", "apply the ledger's schema migrations"),
         ("verify-ledger", "recompute every collab's hash chain, event id and signature"),
+        ("rotate-jwt-key", "kill switch: a new JWT signing key ends every session and agent token"),
     ):
         p = relay.add_parser(name, help=help_text)
-        p.add_argument("--config", type=Path, help="TOML config file (env vars override it)")
-        p.add_argument("--data-dir", type=Path, help="where embedded Postgres and relay keys live")
+        add_config_options(p)
         if name == "serve":
             p.add_argument("--host")
             p.add_argument("--port", type=int)
             p.add_argument("--json-logs", action="store_true")
         p.set_defaults(server_action=name)
+
+    lockouts = relay.add_parser("lockouts", help="handles throttled after failed logins")
+    which = lockouts.add_subparsers(dest="lockouts_action", required=True)
+    p = which.add_parser("list", help="handles with failed logins counted, and their locks")
+    add_config_options(p)
+    p.set_defaults(server_action="lockouts")
+    p = which.add_parser("clear", help="lift a handle's lock and forget its failed logins")
+    p.add_argument("handle")
+    add_config_options(p)
+    p.set_defaults(server_action="lockouts")
 
     p = sub.add_parser(
         "dev", help="embedded Postgres + OpenBao dev server + relay, in the foreground"

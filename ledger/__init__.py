@@ -6,6 +6,8 @@ from ledger._store import KeystoreRow as KeystoreRow
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
 from ledger._store import migrate as migrate
+from ledger._throttle import LockoutRow as LockoutRow
+from ledger._throttle import LoginPolicy as LoginPolicy
 from ledger.errors import AlreadyExists as AlreadyExists
 from ledger.errors import HandleTaken as HandleTaken
 from ledger.errors import LedgerError as LedgerError

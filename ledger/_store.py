@@ -8,7 +8,6 @@ transaction rolls back and nothing is half-written. Driver errors are translated
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,16 +16,15 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool
 
+from ledger._db import _translated
 from ledger._migrations import MIGRATIONS
+from ledger._throttle import LoginThrottle
 from ledger.errors import (
     AlreadyExists,
     HandleTaken,
-    LedgerUnavailable,
-    SchemaNotReady,
     SchemaTooNew,
     SequencingConflict,
     StaleVersion,
-    UnknownReference,
 )
 from model import chain as chainmod
 from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id, verify_event
@@ -34,7 +32,7 @@ from model.errors import ModelError
 from model.sequencer import Assignment, assign
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Sequence
 
     from model.envelope import VerifiedEvent
 
@@ -91,22 +89,6 @@ class LedgerReport:
         return not self.problems
 
 
-@contextmanager
-def _translated() -> Iterator[None]:
-    try:
-        yield
-    except psycopg.errors.UndefinedTable as exc:
-        raise SchemaNotReady("the ledger schema is missing: run `cozy relay migrate`") from exc
-    except psycopg.errors.ForeignKeyViolation as exc:
-        raise UnknownReference("the account or collab this refers to does not exist") from exc
-    except psycopg.errors.UniqueViolation as exc:
-        raise AlreadyExists("a row with this identity already exists") from exc
-    except psycopg.OperationalError as exc:
-        raise LedgerUnavailable(
-            f"the database is unavailable: {exc.sqlstate or 'connection'}"
-        ) from exc
-
-
 def migrate(conninfo: str) -> list[int]:
     """Apply every migration this code knows and the database lacks. Returns those applied."""
     applied: list[int] = []
@@ -140,7 +122,7 @@ def migrate(conninfo: str) -> list[int]:
     return applied
 
 
-class Ledger:
+class Ledger(LoginThrottle):
     """Blocking access to the ledger through a small connection pool. Thread-safe."""
 
     def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:

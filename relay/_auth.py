@@ -45,6 +45,11 @@ def verify_password(password_hash: str | None, password: str) -> bool:
         return False
 
 
+def needs_rehash(password_hash: str) -> bool:
+    """True when a (verified) hash was made with other Argon2id parameters than ours today."""
+    return _hasher.check_needs_rehash(password_hash)
+
+
 def issue_token(
     key: bytes, account_id: str, ttl_seconds: int, now: float | None = None
 ) -> tuple[str, int]:

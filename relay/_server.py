@@ -38,7 +38,7 @@ from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
 from model.errors import InvalidEvent
 from model.ids import is_id
 from model.proofs import CREATE_COLLAB_MAX_SKEW_MS, verify_create_collab, verify_keystore_write
-from relay import _auth
+from relay import _auth, _throttle
 from relay._connection import Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
 from relay._writer import LedgerWriter
@@ -458,15 +458,29 @@ class Relay:
         conn.offer(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
 
     async def _login(self, conn: Connection, req: wire.Login) -> None:
-        row = await self._db(self.ledger.account_by_handle, req.handle)
-        ok = await trio.to_thread.run_sync(
-            _auth.verify_password,
-            None if row is None else row.password_hash,
-            req.password,
-            limiter=self._auth_limiter,
-        )
-        if row is None or not ok:
-            raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
+        """Throttled per handle string, known or not, with identical answers (SO-6).
+
+        The lock check, the verification and the bookkeeping of its outcome all happen while
+        holding one verifier slot, so attempts queued behind a failure see the lock it caused:
+        a locked handle's password is never verified, however many attempts arrive at once.
+        """
+        policy = _throttle.LOGIN_POLICY
+        async with self._auth_limiter:
+            wait = await self._db(self.ledger.login_wait, req.handle)
+            if wait > 0:
+                raise RequestRefused(wire.ErrorCode.RATE_LIMITED, _throttle.lockout_message(wait))
+            row = await self._db(self.ledger.account_by_handle, req.handle)
+            ok = await trio.to_thread.run_sync(  # the slot held above bounds the concurrency
+                _auth.verify_password, None if row is None else row.password_hash, req.password
+            )
+            if row is None or not ok:
+                await self._db(partial(self.ledger.record_login_failure, policy=policy), req.handle)
+                raise RequestRefused(
+                    wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong"
+                )
+            await self._db(self.ledger.record_login_success, req.handle)
+        if _auth.needs_rehash(row.password_hash):
+            await self._rehash(row, req.password)
         token, expires = _auth.issue_token(
             self.config.jwt_signing_key.value,
             row.account_id,
@@ -481,6 +495,24 @@ class Relay:
                 )
             )
         )
+
+    async def _rehash(self, row: AccountRow, password: str) -> None:
+        """Store a hash with today's Argon2id parameters; best effort (the login stands)."""
+        new_hash = await trio.to_thread.run_sync(
+            _auth.hash_password, password, limiter=self._auth_limiter
+        )
+        try:
+            await self._db(
+                partial(self.ledger.update_password_hash, replaces=row.password_hash),
+                row.account_id,
+                new_hash,
+            )
+        except LedgerError as exc:
+            log.warning(
+                "password_rehash_failed", account_id=row.account_id, error=type(exc).__name__
+            )
+        else:
+            log.info("password_rehashed", account_id=row.account_id)
 
     async def _bind_account(self, conn: Connection, account_id: str) -> None:
         row = await self._db(self.ledger.account_by_id, account_id)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 DEFAULT_DATA_DIR: Final = Path(".cozy/relay")
+JWT_KEY_FILE: Final = "jwt_signing_key"
 
 
 class ConfigError(Exception):
@@ -79,7 +80,7 @@ def load_config(
         raise ConfigError(f"listen port must be an integer, got {port_raw!r}") from None
     jwt_raw = pick("JWT_SIGNING_KEY", "jwt_signing_key")
     if jwt_raw is None:
-        jwt_key = _persistent_secret(data_dir / "jwt_signing_key", 32).value
+        jwt_key = _persistent_secret(data_dir / JWT_KEY_FILE, 32).value
     else:
         jwt_key = str(jwt_raw).encode()
         if len(jwt_key) < 32:
@@ -106,6 +107,57 @@ def relay_signing_seed(config: RelayConfig) -> bytes:
     if config.relay_signing_seed is not None:
         return config.relay_signing_seed.value
     return _persistent_secret(config.data_dir / "relay_signing_seed", 32).value
+
+
+def jwt_signing_key_origin(
+    env: Mapping[str, str] | None = None, toml_path: Path | None = None
+) -> str | None:
+    """Where the operator set the JWT signing key (as `load_config` would find it), or None
+    when the relay keeps it in its data dir. Raises `ConfigError` for an unreadable TOML."""
+    env = os.environ if env is None else env
+    if "JWT_SIGNING_KEY" in env:
+        return "the JWT_SIGNING_KEY environment variable"
+    path = toml_path or (Path(env["COZY_RELAY_CONFIG"]) if "COZY_RELAY_CONFIG" in env else None)
+    if path is None:
+        return None
+    try:
+        values = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return f"jwt_signing_key in {path}" if "jwt_signing_key" in values else None
+
+
+def new_jwt_signing_key() -> str:
+    """A fresh value for JWT_SIGNING_KEY: 64 URL-safe characters (384 random bits)."""
+    return secrets.token_urlsafe(48)
+
+
+def rotate_jwt_signing_key(data_dir: Path) -> Path:
+    """Replace `<data_dir>/jwt_signing_key` with a new random key, atomically, mode 0600.
+
+    The kill switch (SO-6): a relay (re)started with the new key refuses every session and
+    agent token signed with the old one. Readers see the old file or the new one, never a
+    partial one. Returns the path.
+    """
+    path = data_dir / JWT_KEY_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{JWT_KEY_FILE}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(base64.b64encode(secrets.token_bytes(32)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
 
 
 def _persistent_secret(path: Path, nbytes: int) -> Secret:

@@ -105,7 +105,7 @@ async def test_tail_raises_an_integrity_alarm_on_a_tampered_ledger_and_verify_le
     await cozy("account", "signup", "--relay", relay.url, "--handle", "carol", env=env)
     collab = (await cozy("collab", "create", "audit", env=env)).stdout.decode().strip()
     await cozy("post", collab, "original words", env=env)
-    server_env = dict(os.environ, DATABASE_URL=database_url)
+    server_env = dict(os.environ, DATABASE_URL=database_url, COZY_DATA_DIR=str(tmp_path / "ops"))
     assert (await cozy("relay", "verify-ledger", env=server_env)).returncode == 0
     # A database thief (superuser: disables the append-only trigger) flips one ciphertext byte.
     with psycopg.connect(database_url, autocommit=True) as conn:

@@ -1,0 +1,204 @@
+"""Login throttling state: failed logins per handle, in the `login_failures` table (SO-6).
+
+Rows are keyed by the handle string as the client typed it, whether or not an account has that
+handle, so neither the table nor anything computed from it tells which handles exist. The
+policy (how many failures are free, how the lock grows, the hourly cap) belongs to the relay and
+is passed in as a `LoginPolicy`; the arithmetic is the pure function `after_failure`. Every
+timestamp comes from the database clock (``now()``), so several relays on one database agree on
+every lock whatever their own clocks say.
+
+`LoginThrottle` is a mixin of `ledger.Ledger`: like every ledger method, each of its methods
+blocks, runs one transaction and raises only `ledger.errors`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ledger._db import _translated
+
+if TYPE_CHECKING:
+    import psycopg
+    from psycopg.rows import TupleRow
+    from psycopg_pool import ConnectionPool
+
+
+@dataclass(frozen=True, slots=True)
+class LoginPolicy:
+    """How failed logins are throttled. The relay owns the numbers (`relay._throttle`)."""
+
+    free_failures: int
+    """Consecutive failures that cost nothing extra."""
+    base_delay: float
+    """Seconds locked after the first failure beyond the free ones; doubles with each more."""
+    max_delay: float
+    """Cap on that lock, in seconds."""
+    window_cap: int
+    """Failures per window that may reach the password verifier; then locked to window end."""
+    window_seconds: float
+    """The window opens at the first failure after the previous window closed."""
+
+    def delay_after(self, failures: int) -> float:
+        """Seconds of lock after `failures` consecutive failures (0.0 while they are free)."""
+        beyond = failures - self.free_failures
+        if beyond <= 0:
+            return 0.0
+        return min(self.base_delay * 2.0 ** min(beyond - 1, 64), self.max_delay)
+
+    @property
+    def window(self) -> timedelta:
+        return timedelta(seconds=self.window_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class FailureState:
+    """One handle's stored throttle state (the columns `after_failure` reads and writes)."""
+
+    failures: int
+    window_start: datetime
+    window_failures: int
+    locked_until: datetime | None
+
+
+class LockoutRow(msgspec.Struct, frozen=True):
+    """A handle whose throttle is in effect, as operators see it. Times are Unix epoch seconds.
+
+    `window_failures` counts the failures of the current hourly window (0 once it closed);
+    `locked_until` is None unless the handle is locked right now.
+    """
+
+    handle: str
+    failures: int
+    window_failures: int
+    locked_until: float | None
+    last_failure_at: float
+
+
+def after_failure(state: FailureState, now: datetime, policy: LoginPolicy) -> FailureState:
+    """The state after one more failed login at `now` (the database's clock). Pure.
+
+    A lock already running (set by another relay's concurrent failure) is never shortened.
+    """
+    window_start, window_failures = state.window_start, state.window_failures
+    if now >= window_start + policy.window:
+        window_start, window_failures = now, 0
+    failures = state.failures + 1
+    window_failures += 1
+    ends = [t for t in (state.locked_until,) if t is not None and t > now]
+    delay = policy.delay_after(failures)
+    if delay > 0:
+        ends.append(now + timedelta(seconds=delay))
+    if window_failures >= policy.window_cap:
+        ends.append(window_start + policy.window)
+    return FailureState(failures, window_start, window_failures, max(ends, default=None))
+
+
+class LoginThrottle:
+    """Failed-login bookkeeping per handle string, for `ledger.Ledger` (a mixin)."""
+
+    _pool: ConnectionPool[psycopg.Connection[TupleRow]]
+
+    def login_wait(self, handle: str) -> float:
+        """Seconds `handle` must still wait before a login may be verified; 0.0 if allowed."""
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "SELECT greatest(0, extract(epoch FROM locked_until - now()))::float8"
+                " FROM login_failures WHERE handle = %s",
+                (handle,),
+            ).fetchone()
+        return 0.0 if r is None or r[0] is None else float(r[0])
+
+    def record_login_failure(self, handle: str, *, policy: LoginPolicy) -> float:
+        """Count one failed login for `handle`; returns the seconds it is now locked for.
+
+        Concurrent failures for one handle (from any relay) are serialized on its row.
+        """
+        with _translated(), self._pool.connection() as conn:
+            # Insert-if-missing first so that there is always a row to lock: a new handle's
+            # row starts with a fresh window (window_start = now(), no failures).
+            conn.execute(
+                "INSERT INTO login_failures (handle) VALUES (%s) ON CONFLICT (handle) DO NOTHING",
+                (handle,),
+            )
+            r = conn.execute(
+                "SELECT now(), failures, window_start, window_failures, locked_until"
+                " FROM login_failures WHERE handle = %s FOR UPDATE",
+                (handle,),
+            ).fetchone()
+            assert r is not None
+            now: datetime = r[0]
+            new = after_failure(FailureState(r[1], r[2], r[3], r[4]), now, policy)
+            conn.execute(
+                "UPDATE login_failures SET failures = %s, window_start = %s,"
+                " window_failures = %s, locked_until = %s, last_failure_at = now()"
+                " WHERE handle = %s",
+                (new.failures, new.window_start, new.window_failures, new.locked_until, handle),
+            )
+        if new.locked_until is None:
+            return 0.0
+        return max(0.0, (new.locked_until - now).total_seconds())
+
+    def record_login_success(self, handle: str) -> None:
+        """A successful login resets the consecutive failures (not the hourly window's count).
+
+        A lock is left as it is: one still running was set by a concurrent failure and stands.
+        """
+        with _translated(), self._pool.connection() as conn:
+            conn.execute(
+                "UPDATE login_failures SET failures = 0 WHERE handle = %s AND failures > 0",
+                (handle,),
+            )
+
+    def clear_login_failures(self, handle: str, *, policy: LoginPolicy) -> bool:
+        """Forget everything about `handle` (an operator lifting a lock, hourly cap included).
+
+        True when its throttle was in effect (locked, or failures counted); False when there
+        was nothing to clear.
+        """
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "DELETE FROM login_failures WHERE handle = %(handle)s RETURNING"
+                " failures > 0 OR locked_until > now()"
+                " OR (window_failures > 0 AND window_start + %(window)s > now())",
+                {"handle": handle, "window": policy.window},
+            ).fetchone()
+        return r is not None and bool(r[0])
+
+    def list_login_lockouts(self, *, policy: LoginPolicy) -> list[LockoutRow]:
+        """Every handle whose throttle is in effect, most recent failure first.
+
+        In effect: locked now, consecutive failures counted, or failures in an open window.
+        """
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT handle, failures,"
+                " CASE WHEN window_start + %(window)s > now() THEN window_failures ELSE 0 END,"
+                " CASE WHEN locked_until > now()"
+                "  THEN extract(epoch FROM locked_until)::float8 END,"
+                " extract(epoch FROM last_failure_at)::float8"
+                " FROM login_failures WHERE failures > 0 OR locked_until > now()"
+                "  OR (window_failures > 0 AND window_start + %(window)s > now())"
+                " ORDER BY last_failure_at DESC, handle",
+                {"window": policy.window},
+            ).fetchall()
+        return [LockoutRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    def update_password_hash(
+        self, account_id: str, new_hash: str, *, replaces: str | None = None
+    ) -> bool:
+        """Store a fresh password hash (an Argon2id rehash with current parameters).
+
+        With `replaces`, only if the stored hash is still that one, so a rehash can never undo
+        a password change that happened meanwhile. True when a row was updated.
+        """
+        with _translated(), self._pool.connection() as conn:
+            cur = conn.execute(
+                "UPDATE accounts SET password_hash = %s"
+                " WHERE account_id = %s AND (%s::text IS NULL OR password_hash = %s)",
+                (new_hash, account_id, replaces, replaces),
+            )
+            return cur.rowcount == 1
