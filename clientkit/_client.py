@@ -39,7 +39,7 @@ from model.ids import new_id
 from model.proofs import sign_create_collab, sign_keystore_write
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     import nacl.signing
 
@@ -244,7 +244,55 @@ class Client:
         Safe to retry with the same `signed` after a lost connection: the relay answers with
         the original seq (``duplicate=True``).
         """
-        ack = await self.request(lambda rid: wire.Append(rid=rid, event=signed), wire.Appended)
+        return (await self.append_many([signed]))[0]
+
+    async def append_many(self, events: Sequence[SignedEvent]) -> list[wire.Appended]:
+        """Submit many events pipelined (in `Batch` frames) and return their acks, in order.
+
+        Each ack's receipt is checked. If the relay refuses one, `RelayRefused` is raised after
+        every reply arrived; the others may be stored — retrying them all is safe (idempotent).
+        """
+        if self._closed is not None:
+            raise self._closed
+        waiting: list[trio.MemoryReceiveChannel[wire.Reply]] = []
+        chunk: list[bytes] = []
+        size = 0
+        for signed in events:
+            rid = next(self._rids)
+            send, recv = trio.open_memory_channel[wire.Reply](1)
+            self._waiters[rid] = send
+            waiting.append(recv)
+            frame = wire.encode(wire.Append(rid=rid, event=signed))
+            if chunk and (
+                len(chunk) >= wire.MAX_BATCH_FRAMES or size + len(frame) > wire.MAX_FRAME_BYTES // 2
+            ):
+                await self._ws.send_message(wire.batch(chunk))
+                chunk, size = [], 0
+            chunk.append(frame)
+            size += len(frame)
+        if chunk:
+            await self._ws.send_message(wire.batch(chunk))
+        acks: list[wire.Appended] = []
+        refused: RelayRefused | None = None
+        for signed, recv in zip(events, waiting, strict=True):
+            try:
+                reply = await recv.receive()
+            except trio.EndOfChannel:
+                raise self._closed or ConnectionLost() from None
+            if isinstance(reply, wire.Error):
+                refused = refused or RelayRefused(reply.code, reply.message)
+                continue
+            if not isinstance(reply, wire.Appended):
+                raise RelayRefused(
+                    wire.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}"
+                )
+            self._check_receipt(signed, reply)
+            acks.append(reply)
+        if refused is not None:
+            raise refused
+        return acks
+
+    def _check_receipt(self, signed: SignedEvent, ack: wire.Appended) -> None:
         receipt = Receipt(ack.collab_id, ack.seq, ack.event_id, ack.chain)
         if ack.event_id != event_id(signed) or not verify_receipt(
             self.relay_pk, receipt, ack.receipt_sig
@@ -254,7 +302,6 @@ class Client:
                 collab_id=ack.collab_id,
                 seq=ack.seq,
             )
-        return ack
 
     async def post(
         self,

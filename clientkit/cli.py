@@ -363,11 +363,19 @@ class _Progress:
         print(f"[{self._n}/{self._total}] {what}…", file=sys.stderr, flush=True)
 
 
-async def cmd_login(_args: argparse.Namespace) -> None:
+async def cmd_login(args: argparse.Namespace) -> None:
     home = Home.from_env()
     profile = home.load_profile()
-    async with connect(profile.relay_url, pinned_relay_pk=_pin(profile)) as client:
+    pinned = None if args.repin else _pin(profile)
+    async with connect(profile.relay_url, pinned_relay_pk=pinned) as client:
         reply = await _log_in(client, profile.handle)
+        if args.repin and client.relay_pk.hex() != profile.relay_pk:
+            print(
+                f"re-pinned the relay key: {profile.relay_pk[:16]}… → {client.relay_pk.hex()[:16]}…"
+                " (do this only when the operator told you the key changed)",
+                file=sys.stderr,
+            )
+            profile.relay_pk = client.relay_pk.hex()
     profile.token, profile.token_expires_at = reply.token, reply.expires_at
     home.save_profile(profile)
     print(f"logged in as {profile.handle}; session valid until {time.ctime(reply.expires_at)}")
@@ -453,6 +461,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--handle", required=True)
     p.set_defaults(run=cmd_signup)
     p = account.add_parser("login", help="get a fresh session token")
+    p.add_argument(
+        "--repin", action="store_true", help="accept a new relay signing key (operator rotated it)"
+    )
     p.set_defaults(run=cmd_login)
     p = account.add_parser("restore", help="set up this device from the relay's sealed keystore")
     p.add_argument("--relay", required=True)

@@ -191,5 +191,6 @@ class Fanout:
         self.remove(sub)
         sub.outbox.disconnect(
             LAG_CLOSE_CODE,
-            f"subscriber lagging on {sub.collab_id}: reconnect and resume from seq {sub.next_seq}",
+            f"subscriber lagging on {sub.collab_id}: reconnect and resume after the last seq you"
+            f" received (at most {sub.next_seq - 1} was queued)",
         )

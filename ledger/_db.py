@@ -12,7 +12,13 @@ from typing import TYPE_CHECKING
 import psycopg
 import psycopg.errors
 
-from ledger.errors import AlreadyExists, LedgerUnavailable, SchemaNotReady, UnknownReference
+from ledger.errors import (
+    AlreadyExists,
+    InvalidInput,
+    LedgerUnavailable,
+    SchemaNotReady,
+    UnknownReference,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -28,6 +34,10 @@ def _translated() -> Iterator[None]:
         raise UnknownReference("the account or collab this refers to does not exist") from exc
     except psycopg.errors.UniqueViolation as exc:
         raise AlreadyExists("a row with this identity already exists") from exc
+    except psycopg.DataError as exc:
+        # A value Postgres cannot store (a NUL character, an out-of-range number): the input's
+        # fault, not the database's. Name the SQLSTATE only; the message may quote the value.
+        raise InvalidInput(f"the database refused a value ({exc.sqlstate})") from exc
     except psycopg.OperationalError as exc:
         raise LedgerUnavailable(
             f"the database is unavailable: {exc.sqlstate or 'connection'}"

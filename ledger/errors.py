@@ -45,3 +45,7 @@ class StaleVersion(LedgerError):
     def __init__(self, current: int) -> None:
         super().__init__(f"the stored version is {current}; write version {current + 1}")
         self.current = current
+
+
+class InvalidInput(LedgerError):
+    """Postgres refused a value (e.g. a NUL character in text). Nothing was written."""

@@ -2,8 +2,9 @@
 
 Every request carries a client-chosen ``rid``; the reply to it carries the same ``rid``. Pushes
 (events, end-of-catch-up markers, subscription ends) carry no rid. Frames are frozen
-msgspec Structs decoded by one reused typed decoder per direction; new fields must get defaults
-so older peers keep decoding (see docs/protocol.md).
+msgspec Structs decoded by one reused typed decoder per direction. Decoding is strict: unknown
+fields are refused, so a field added later must get a default (a newer side then still reads
+an older side's frames) and the protocol version in `Welcome` says which fields a peer knows.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ def issue_token(
     return token, expires
 
 
-def verify_token(key: bytes, token: str) -> str:
-    """The account id a valid session token names. Raises `AuthError` otherwise."""
+def verify_token(key: bytes, token: str) -> tuple[str, int]:
+    """The account id a valid session token names, and when it expires. Raises `AuthError`."""
     try:
         claims = jwt.decode(
             token,
@@ -79,4 +79,4 @@ def verify_token(key: bytes, token: str) -> str:
         raise AuthError("session token is invalid: log in again") from None
     if claims.get("typ") != "session" or not isinstance(claims.get("sub"), str):
         raise AuthError("session token is invalid: log in again")
-    return str(claims["sub"])
+    return str(claims["sub"]), int(claims["exp"])

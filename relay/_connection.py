@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
 OUTBOX_FRAMES: Final = 8192
+# Coalesced messages stay well under the WebSocket cap every peer accepts (WS_HARD_LIMIT).
+BATCH_BYTES: Final = 256 * 1024
 CLOSE_TIMEOUT: Final = 2.0
 
 
@@ -27,6 +29,7 @@ class Connection:
         self.ws = ws
         self.account_id: str | None = None
         self.sign_pk: bytes = b""
+        self.session_expires_at = 0.0
         self.member_of: set[str] = set()
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
@@ -39,17 +42,31 @@ class Connection:
         return self._closing
 
     async def run_writer(self) -> None:
-        """Send queued frames in order until the outbox closes; then close the socket."""
+        """Send queued frames in order until the outbox closes; then close the socket.
+
+        Frames already queued are coalesced into one `Batch` message, up to MAX_BATCH_FRAMES
+        frames and BATCH_BYTES bytes, so a batch never exceeds what a client accepts.
+        """
+        carry: bytes | None = None
         try:
             async with self._out_recv:
-                async for first in self._out_recv:
-                    # Coalesce whatever else is already queued into one WebSocket message.
-                    frames = [first]
+                while True:
+                    if carry is None:
+                        try:
+                            carry = await self._out_recv.receive()
+                        except trio.EndOfChannel:
+                            return
+                    frames, size, carry = [carry], len(carry), None
                     while len(frames) < wire.MAX_BATCH_FRAMES:
                         try:
-                            frames.append(self._out_recv.receive_nowait())
+                            nxt = self._out_recv.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
+                        if size + len(nxt) > BATCH_BYTES:
+                            carry = nxt
+                            break
+                        frames.append(nxt)
+                        size += len(nxt)
                     if self._dropped:
                         return
                     await self.ws.send_message(wire.batch(frames))
@@ -59,16 +76,20 @@ class Connection:
             self._flushed.set()
 
     def offer(self, frame: bytes) -> bool:
+        """Queue a frame without waiting. False when the connection is closing or the outbox
+        is full; the caller decides what a full outbox means (see `reply`)."""
         if self._closing:
             return False
         try:
             self._out_send.send_nowait(frame)
-        except trio.WouldBlock:
-            self.disconnect(4008, "client is not reading fast enough: reconnect and resume")
-            return False
-        except trio.ClosedResourceError:
+        except (trio.WouldBlock, trio.ClosedResourceError):
             return False
         return True
+
+    def reply(self, frame: bytes) -> None:
+        """Queue a reply; a client that cannot take its own replies is dropped as lagging."""
+        if not self.offer(frame) and not self._closing:
+            self.disconnect(4008, "client is not reading its replies: reconnect and resume")
 
     async def send(self, frame: bytes) -> None:
         await self.ws.send_message(frame)

@@ -43,7 +43,12 @@ async def run_relay(
         stack.callback(ledger.close)
         relay = Relay(config, ledger, signing_key_from_seed(relay_signing_seed(config)))
         async with trio.open_nursery() as nursery:
-            await nursery.start(relay.serve)
+
+            async def serve_then_stop(task_status: trio.TaskStatus[str]) -> None:
+                await relay.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()  # also ends the signal watcher
+
+            await nursery.start(serve_then_stop)
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, relay)
             task_status.started(relay)

@@ -40,7 +40,7 @@ MAX_BATCH: Final = 256
 
 
 class Replier(Protocol):
-    def offer(self, frame: bytes) -> bool: ...
+    def reply(self, frame: bytes) -> None: ...
 
 
 @dataclass(slots=True)
@@ -207,7 +207,7 @@ def _verify_batch(
 def _reply(sub: Submission, frame: wire.Reply) -> None:
     # The sequencer never waits on a connection; a client that cannot take its own acks is
     # disconnected by its outbox as lagging.
-    sub.reply_to.offer(wire.encode(frame))
+    sub.reply_to.reply(wire.encode(frame))
 
 
 class SequencerRegistry:

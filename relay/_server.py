@@ -21,13 +21,19 @@ from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack
 
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
 
 from fanout import Fanout, Subscription
 from ledger import (
     AccountRow,
     AlreadyExists,
     HandleTaken,
+    InvalidInput,
     KeystoreRow,
     Ledger,
     LedgerError,
@@ -36,7 +42,7 @@ from ledger import (
 from model import wire
 from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
 from model.errors import InvalidEvent
-from model.ids import is_id
+from model.ids import is_id, new_id
 from model.proofs import CREATE_COLLAB_MAX_SKEW_MS, verify_create_collab, verify_keystore_write
 from relay import _auth, _throttle
 from relay._connection import Connection
@@ -153,11 +159,20 @@ class Relay:
         ws = await request.accept()
         self._accepted += 1
         subscriptions: dict[str, Subscription] = {}
+        try:
+            await self._serve_connection(ws, subscriptions)
+        except Exception as exc:  # noqa: BLE001 — contain a connection's failure to itself
+            # Not log.exception: an exception's message may quote request data.
+            log.error("connection_failed", error=type(exc).__name__, where=_where(exc))
+
+    async def _serve_connection(
+        self, ws: WebSocketConnection, subscriptions: dict[str, Subscription]
+    ) -> None:
         async with trio.open_nursery() as nursery:
             conn = Connection(ws, nursery)
             self._connections.add(conn)
             nursery.start_soon(conn.run_writer)
-            conn.offer(
+            conn.reply(
                 wire.encode(
                     wire.Welcome(
                         protocol=wire.PROTOCOL,
@@ -233,6 +248,13 @@ class Relay:
             await self._dispatch(conn, req, nursery, subscriptions)
         except RequestRefused as exc:
             self._refuse(conn, rid, exc.code, exc.message)
+        except InvalidInput:
+            self._refuse(
+                conn,
+                rid,
+                wire.ErrorCode.INVALID_REQUEST,
+                "the request holds a value that cannot be stored (e.g. a NUL character)",
+            )
         except LedgerError as exc:
             log.warning("ledger_error", error=type(exc).__name__, rid=rid)
             self._refuse(
@@ -241,11 +263,26 @@ class Relay:
                 wire.ErrorCode.OVERLOADED,
                 "the ledger is unavailable right now; retry shortly",
             )
+        except Exception as exc:  # noqa: BLE001 — one request's bug must not take the relay down
+            incident = new_id("e")
+            log.error(
+                "request_failed",
+                incident=incident,
+                rid=rid,
+                error=type(exc).__name__,
+                where=_where(exc),
+            )
+            self._refuse(
+                conn,
+                rid,
+                wire.ErrorCode.INTERNAL,
+                f"the relay failed on this request (incident {incident}); it is logged for the operator",
+            )
 
     @staticmethod
     def _refuse(conn: Connection, rid: int | None, code: wire.ErrorCode, message: str) -> None:
         log.info("request_refused", code=code.value, rid=rid, account_id=conn.account_id)
-        conn.offer(wire.encode(wire.Error(rid=rid, code=code, message=message)))
+        conn.reply(wire.encode(wire.Error(rid=rid, code=code, message=message)))
 
     async def _dispatch(
         self,
@@ -258,18 +295,20 @@ class Relay:
             case wire.Append():
                 await self._append(conn, req)
             case wire.Ping():
-                conn.offer(wire.encode(wire.Pong(rid=req.rid)))
+                conn.reply(wire.encode(wire.Pong(rid=req.rid)))
             case wire.Signup():
                 await self._signup(conn, req)
             case wire.Login():
                 await self._login(conn, req)
             case wire.Authenticate():
                 try:
-                    account_id = _auth.verify_token(self.config.jwt_signing_key.value, req.token)
+                    account_id, expires = _auth.verify_token(
+                        self.config.jwt_signing_key.value, req.token
+                    )
                 except _auth.AuthError as exc:
                     raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
-                await self._bind_account(conn, account_id)
-                conn.offer(wire.encode(wire.Authenticated(rid=req.rid, account_id=account_id)))
+                await self._bind_account(conn, account_id, expires)
+                conn.reply(wire.encode(wire.Authenticated(rid=req.rid, account_id=account_id)))
             case wire.CreateCollab():
                 await self._create_collab(conn, req)
             case wire.PutKeystore():
@@ -281,7 +320,7 @@ class Relay:
                     raise RequestRefused(
                         wire.ErrorCode.NOT_FOUND, "this account has no stored keystore"
                     )
-                conn.offer(
+                conn.reply(
                     wire.encode(
                         wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob)
                     )
@@ -297,7 +336,7 @@ class Relay:
                     )
                 sub = Subscription(req.collab_id, req.from_seq, conn, follow=req.follow)
                 subscriptions[req.collab_id] = sub
-                conn.offer(
+                conn.reply(
                     wire.encode(
                         wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
                     )
@@ -308,20 +347,22 @@ class Relay:
                 if found is None:
                     raise RequestRefused(wire.ErrorCode.NOT_FOUND, "not subscribed to this collab")
                 self.fanout.remove(found)
-                conn.offer(wire.encode(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id)))
+                conn.reply(wire.encode(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id)))
             case wire.GetAccount():
                 _require_auth(conn)
                 if req.account_id is not None:
-                    row = await self._db(self.ledger.account_by_id, req.account_id)
+                    ok = is_id(req.account_id, "a")
+                    row = await self._db(self.ledger.account_by_id, req.account_id) if ok else None
                 elif req.handle is not None:
-                    row = await self._db(self.ledger.account_by_handle, req.handle)
+                    ok = bool(_auth.HANDLE_RE.fullmatch(req.handle))
+                    row = await self._db(self.ledger.account_by_handle, req.handle) if ok else None
                 else:
                     raise RequestRefused(
                         wire.ErrorCode.INVALID_REQUEST, "give account_id or handle"
                     )
                 if row is None:
                     raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
-                conn.offer(
+                conn.reply(
                     wire.encode(
                         wire.AccountInfo(
                             rid=req.rid,
@@ -406,7 +447,7 @@ class Relay:
                 wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
             ) from None
         log.info("account_created", account_id=account_id)
-        conn.offer(wire.encode(wire.SignedUp(rid=req.rid, account_id=account_id)))
+        conn.reply(wire.encode(wire.SignedUp(rid=req.rid, account_id=account_id)))
 
     async def _create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
         """Only the account key can create a collab: a session token alone cannot (SO-5)."""
@@ -433,7 +474,7 @@ class Relay:
             ) from None
         conn.member_of.add(req.collab_id)
         log.info("collab_created", collab_id=req.collab_id, account_id=account_id)
-        conn.offer(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id)))
+        conn.reply(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id)))
 
     async def _put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
         """Keystore writes need the account key: a stolen session cannot replace, roll back or
@@ -455,7 +496,7 @@ class Relay:
         log.info(
             "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
         )
-        conn.offer(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
+        conn.reply(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
 
     async def _login(self, conn: Connection, req: wire.Login) -> None:
         """Throttled per handle string, known or not, with identical answers (SO-6).
@@ -465,6 +506,13 @@ class Relay:
         a locked handle's password is never verified, however many attempts arrive at once.
         """
         policy = _throttle.LOGIN_POLICY
+        if not _auth.HANDLE_RE.fullmatch(req.handle):
+            # No account can have this handle: answer as for any unknown handle, after the same
+            # verifier work, without touching the database with arbitrary bytes.
+            await trio.to_thread.run_sync(
+                _auth.verify_password, None, req.password, limiter=self._auth_limiter
+            )
+            raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
         async with self._auth_limiter:
             wait = await self._db(self.ledger.login_wait, req.handle)
             if wait > 0:
@@ -487,8 +535,8 @@ class Relay:
             self.config.session_ttl_seconds,
             time.time(),
         )
-        self._bind(conn, row)
-        conn.offer(
+        self._bind(conn, row, expires)
+        conn.reply(
             wire.encode(
                 wire.LoggedIn(
                     rid=req.rid, account_id=row.account_id, token=token, expires_at=expires
@@ -514,20 +562,21 @@ class Relay:
         else:
             log.info("password_rehashed", account_id=row.account_id)
 
-    async def _bind_account(self, conn: Connection, account_id: str) -> None:
+    async def _bind_account(self, conn: Connection, account_id: str, expires: int) -> None:
         row = await self._db(self.ledger.account_by_id, account_id)
         if row is None:
             raise RequestRefused(
                 wire.ErrorCode.UNAUTHENTICATED, "session names an unknown account: log in again"
             )
-        self._bind(conn, row)
+        self._bind(conn, row, expires)
 
     @staticmethod
-    def _bind(conn: Connection, row: AccountRow) -> None:
+    def _bind(conn: Connection, row: AccountRow, expires: int) -> None:
         if conn.account_id != row.account_id:
             conn.member_of.clear()
         conn.account_id = row.account_id
         conn.sign_pk = row.sign_pk
+        conn.session_expires_at = expires
 
     async def _require_member(self, conn: Connection, collab_id: str) -> None:
         account_id = _require_auth(conn)
@@ -548,7 +597,22 @@ class Relay:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._db_limiter)
 
 
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost frame: enough to find a bug, never a value from it."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return "?" if tb is None else f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
 def _require_auth(conn: Connection) -> str:
+    if conn.account_id is not None and time.time() >= conn.session_expires_at:
+        # The session ran out while the connection stayed open: it is no session any more.
+        conn.account_id = None
+        conn.member_of.clear()
+        raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, "session expired: log in again")
     if conn.account_id is None:
         raise RequestRefused(
             wire.ErrorCode.UNAUTHENTICATED, "log in or authenticate with a session token first"

@@ -87,7 +87,13 @@ def load_config(
             raise ConfigError("JWT_SIGNING_KEY must be at least 32 characters of random data")
     seed_raw = pick("COZY_RELAY_SIGNING_SEED", "relay_signing_seed")
     seed = None if seed_raw is None else Secret(_b64_seed(str(seed_raw)))
-    ttl = int(str(pick("COZY_SESSION_TTL", "session_ttl_seconds", 15 * 60)))
+    ttl_raw = pick("COZY_SESSION_TTL", "session_ttl_seconds", 15 * 60)
+    try:
+        ttl = int(str(ttl_raw))
+    except ValueError:
+        raise ConfigError(f"COZY_SESSION_TTL must be whole seconds, got {ttl_raw!r}") from None
+    if not 60 <= ttl <= 24 * 3600:
+        raise ConfigError("COZY_SESSION_TTL must be between 60 and 86400 seconds")
     db = pick("DATABASE_URL", "database_url")
     bao = pick("BAO_ADDR", "bao_addr")
     return RelayConfig(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from contextlib import AsyncExitStack
+from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -20,6 +22,7 @@ from model import wire
 from model.chain import Head, Receipt, advance, start_of, verify_receipt
 from model.envelope import event_id
 from model.ids import new_id
+from relay._run import run_relay
 from tests.relay_harness import User, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
@@ -410,7 +413,9 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
                     last = Head(frame.seq, frame.chain)
     assert fast_seen == list(range(1, total + 1))
     assert closed.value.reason.code == 4008
-    assert "resume" in (closed.value.reason.reason or "")
+    reason = closed.value.reason.reason or ""
+    assert "resume after the last seq you received" in reason
+    assert int(reason.rsplit("at most ", 1)[1].split()[0]) >= len(slow_seen)
     assert slow_seen == list(range(1, len(slow_seen) + 1))
     assert len(slow_seen) < total
     # Resuming from the last seq it saw gives the rest, exactly once.
@@ -481,3 +486,91 @@ async def test_a_batch_of_requests_is_handled_in_order_with_a_reply_for_each(
     assert [e.code for e in errors] == [wire.ErrorCode.MALFORMED_FRAME] * 2
     assert wire.Pong(rid=24) in replies
     assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2]
+
+
+# --- robustness -------------------------------------------------------------------------------
+
+
+async def test_hostile_strings_get_typed_errors_and_the_relay_stays_up(
+    raw: Raw, relay: Relay, alice: User
+) -> None:
+    ws = await raw.open(relay.url)
+    await next_reply(ws)
+    await ws.send_message(wire.encode(wire.Login(rid=1, handle="ali\x00ce", password="x" * 20)))
+    assert (await next_reply(ws)) == wire.Error(
+        rid=1, code=wire.ErrorCode.INVALID_CREDENTIALS, message="handle or password is wrong"
+    )
+    authed = await raw.authed(relay.url, alice)
+    for rid, probe in enumerate(
+        [wire.GetAccount(rid=0, handle="\x00"), wire.GetAccount(rid=0, account_id="a_\x00")],
+        start=2,
+    ):
+        await authed.send_message(wire.encode(msgspec.structs.replace(probe, rid=rid)))
+        reply = await next_reply(authed)
+        assert isinstance(reply, wire.Error)
+        assert reply.code is wire.ErrorCode.NOT_FOUND
+    await authed.send_message(wire.encode(wire.Ping(rid=9)))
+    assert await next_reply(authed) == wire.Pong(rid=9)
+
+
+async def test_an_unexpected_failure_is_an_internal_error_for_that_request_only(
+    raw: Raw, relay: Relay, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(_account_id: str) -> None:
+        raise RuntimeError("a bug")
+
+    ws = await raw.authed(relay.url, alice)
+    monkeypatch.setattr(relay.ledger, "keystore", broken)
+    await ws.send_message(wire.encode(wire.GetKeystore(rid=5)))
+    reply = await next_reply(ws)
+    assert isinstance(reply, wire.Error)
+    assert reply.code is wire.ErrorCode.INTERNAL
+    assert "incident e_" in reply.message
+    assert "a bug" not in reply.message
+    await ws.send_message(wire.encode(wire.Ping(rid=6)))
+    assert await next_reply(ws) == wire.Pong(rid=6)
+
+
+async def test_coalesced_messages_stay_under_the_clients_size_cap(
+    relay: Relay, alice: User
+) -> None:
+    big = "x" * 15_000
+    count = 150  # ~2.3 MB in all: one uncapped batch would exceed the 1 MiB WebSocket cap
+    with trio.fail_after(60):
+        async with session(relay.url, alice) as reader, session(relay.url, alice) as poster:
+            async with reader.history(alice.collab_id, alice.collab_key, follow=True) as events:
+                await poster.append_many(
+                    [alice.event(big, ts=1_700_000_000_000 + i) for i in range(count)]
+                )
+                seen = 0
+                async for d in events:
+                    seen += 1
+                    if d.seq == count:
+                        break
+    assert seen == count
+
+
+async def test_a_session_that_expires_on_an_open_connection_stops_working(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(relay_config(database_url, tmp_path), session_ttl_seconds=1)
+    async with running_relay(config) as r:
+        user = await sign_up(r.url)
+        async with session(r.url, user) as client:
+            await client.append(user.event("while fresh"))
+            await trio.sleep(1.2)
+            with pytest.raises(RelayRefused) as expired:
+                await client.append(user.event("too late"))
+    assert expired.value.code is wire.ErrorCode.UNAUTHENTICATED
+    assert "expired" in expired.value.message
+
+
+async def test_run_relay_returns_after_a_programmatic_shutdown_even_with_signal_handling(
+    database_url: str, tmp_path: Path
+) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            r = await nursery.start(
+                partial(run_relay, relay_config(database_url, tmp_path), auto_migrate=False)
+            )
+            r.request_shutdown()
