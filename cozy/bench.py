@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 BODY_BYTES = 512
 WINDOW = 512
-CLIENT_BATCH = 32
 PASSWORD = "bench password that is long enough"  # noqa: S105 — throwaway bench accounts
 
 
@@ -89,10 +88,10 @@ async def _bench_append(args: argparse.Namespace) -> dict[str, Any]:
             "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
             "body_bytes": BODY_BYTES,
             "window_per_connection": WINDOW,
-            "appends_per_client_message": CLIENT_BATCH,
+            "appends_per_client_message": args.client_batch,
             "scenarios": {
-                "append_1_collab": await _throughput(relay_url, one, n),
-                "append_100_collabs": await _throughput(relay_url, many, n),
+                "append_1_collab": await _throughput(relay_url, one, n, args.client_batch),
+                "append_100_collabs": await _throughput(relay_url, many, n, args.client_batch),
                 "latency": await _latency(relay_url, lat[0], rate=1000, seconds=3.0),
             },
         }
@@ -135,13 +134,15 @@ def _presign(actor: Actor, count: int) -> list[SignedEvent]:
     ]
 
 
-async def _throughput(relay_url: str, actors: list[Actor], total: int) -> dict[str, object]:
+async def _throughput(
+    relay_url: str, actors: list[Actor], total: int, client_batch: int
+) -> dict[str, object]:
     per_actor = total // len(actors)
     batches = [await trio.to_thread.run_sync(_presign, a, per_actor) for a in actors]
     started = time.perf_counter()
     async with trio.open_nursery() as nursery:
         for actor, events in zip(actors, batches, strict=True):
-            nursery.start_soon(_pump, relay_url, actor, events)
+            nursery.start_soon(_pump, relay_url, actor, events, client_batch)
     elapsed = time.perf_counter() - started
     sent = per_actor * len(actors)
     return {
@@ -163,10 +164,10 @@ async def _authed(ws: trio_websocket.WebSocketConnection, token: str) -> FrameRe
     return frames
 
 
-async def _pump(relay_url: str, actor: Actor, events: list[SignedEvent]) -> None:
+async def _pump(relay_url: str, actor: Actor, events: list[SignedEvent], client_batch: int) -> None:
     """Keep WINDOW appends in flight on one connection until every one is acked.
 
-    Appends go out CLIENT_BATCH to a WebSocket message (a `Batch` frame), as a pipelining
+    Appends go out `client_batch` to a WebSocket message (a `Batch` frame), as a pipelining
     client would send what it has queued.
     """
     window = trio.Semaphore(WINDOW)
@@ -183,8 +184,8 @@ async def _pump(relay_url: str, actor: Actor, events: list[SignedEvent]) -> None
         async with trio.open_nursery() as inner:
             inner.start_soon(read_acks)
             encoded = [wire.encode(wire.Append(rid=i, event=ev)) for i, ev in enumerate(events, 1)]
-            for start in range(0, len(encoded), CLIENT_BATCH):
-                chunk = encoded[start : start + CLIENT_BATCH]
+            for start in range(0, len(encoded), client_batch):
+                chunk = encoded[start : start + client_batch]
                 for _ in chunk:
                     await window.acquire()
                 await ws.send_message(wire.batch(chunk))

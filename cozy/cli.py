@@ -57,6 +57,12 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("which", choices=["append"])
     p.add_argument("--events", type=int, default=20_000, help="events per scenario")
     p.add_argument("--database-url", help="use this Postgres instead of an embedded one")
+    p.add_argument(
+        "--client-batch",
+        type=int,
+        default=32,
+        help="appends per WebSocket message from the load generator (1 = one frame each)",
+    )
     p.set_defaults(server_action="bench")
 
 
