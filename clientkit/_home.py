@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Final
@@ -127,5 +128,10 @@ class Home:
 def kdf_profile() -> keystore.KdfProfile:
     """MODERATE unless COZY_KDF_PROFILE=insecure-test (documented: only for test suites)."""
     if os.environ.get(KDF_PROFILE_ENV) == "insecure-test":
+        print(
+            "warning: COZY_KDF_PROFILE=insecure-test seals with a test-only Argon2id profile "
+            "that offline guessing breaks easily; never use it for a real account",
+            file=sys.stderr,
+        )
         return keystore.KdfProfile.INSECURE_TEST
     return keystore.KdfProfile.MODERATE

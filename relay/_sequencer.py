@@ -28,6 +28,8 @@ from model.envelope import SequencedEvent, SignedEvent, VerifiedEvent, verify_ev
 from model.errors import BadSignature, InvalidEvent
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fanout import Fanout
     from ledger import Ledger
     from model.chain import Head
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cozy.sequencer")
 
 INBOX_SIZE: Final = 4096
+# An actor with nothing to do for this long retires; the next append for its collab starts a
+# fresh one (which re-reads the head), so idle collabs cost nothing.
+IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
 
 
@@ -76,8 +81,10 @@ class Sequencer:
         fanout: Fanout,
         db_limiter: trio.CapacityLimiter,
         cpu_limiter: trio.CapacityLimiter,
+        retire: Callable[[Sequencer], None],
     ) -> None:
         self.collab_id = collab_id
+        self._retire = retire
         self._ledger = ledger
         self._writer = writer
         self._fanout = fanout
@@ -85,6 +92,7 @@ class Sequencer:
         self._cpu_limiter = cpu_limiter
         self.inbox, self._inbox_recv = trio.open_memory_channel[Submission](INBOX_SIZE)
         self._head: Head | None = None
+        self._in_flight = 0  # verified batches handed to the write stage, not yet written
         self._batches = self._events = self._duplicates = self._rejected = 0
 
     def statistics(self) -> SequencerStats:
@@ -110,7 +118,20 @@ class Sequencer:
         self, out: trio.MemorySendChannel[list[tuple[Submission, VerifiedEvent]]]
     ) -> None:
         async with out, self._inbox_recv:
-            async for first in self._inbox_recv:
+            while True:
+                with trio.move_on_after(IDLE_SECONDS) as idle:
+                    try:
+                        first = await self._inbox_recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                if idle.cancelled_caught:
+                    if self._in_flight == 0:
+                        # Retire: the registry forgets this actor and closes its inbox at once
+                        # (no await in between, so nothing can be queued meanwhile); the loop
+                        # drains anything still buffered and ends. A batch still being written
+                        # keeps the actor alive, so a successor never reads a stale head.
+                        self._retire(self)
+                    continue
                 batch = [first]
                 while len(batch) < MAX_BATCH:
                     try:
@@ -128,6 +149,7 @@ class Sequencer:
                         self._rejected += 1
                         _reply(sub, wire.Error(rid=sub.rid, code=result[0], message=result[1]))
                 if good:
+                    self._in_flight += 1
                     await out.send(good)
 
     async def _write_stage(
@@ -136,52 +158,57 @@ class Sequencer:
         async with batches:
             async for batch in batches:
                 try:
-                    if self._head is None:
-                        self._head = await trio.to_thread.run_sync(
-                            self._ledger.head, self.collab_id, limiter=self._db_limiter
-                        )
-                    head, assignments, receipts = await self._writer.write(
-                        AppendRequest(self.collab_id, self._head, [v for _, v in batch])
-                    )
-                except LedgerError as exc:
-                    # Nothing was written. Re-read the head next time; authors retry (idempotent).
-                    self._head = None
-                    log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
-                    for sub, _ in batch:
-                        _reply(
-                            sub,
-                            wire.Error(
-                                rid=sub.rid,
-                                code=wire.ErrorCode.OVERLOADED,
-                                message="the ledger could not store this event; retry it (appends are idempotent)",
-                            ),
-                        )
-                    continue
-                self._head = head
-                self._batches += 1
-                fresh: list[SequencedEvent] = []
-                for (sub, verified), a, sig in zip(batch, assignments, receipts, strict=True):
-                    if a.duplicate:
-                        self._duplicates += 1
-                    else:
-                        self._events += 1
-                        fresh.append(
-                            SequencedEvent(self.collab_id, a.seq, verified.signed, a.chain)
-                        )
-                    _reply(
-                        sub,
-                        wire.Appended(
-                            rid=sub.rid,
-                            collab_id=self.collab_id,
-                            seq=a.seq,
-                            event_id=a.event_id,
-                            chain=a.chain,
-                            receipt_sig=sig,
-                            duplicate=a.duplicate,
-                        ),
-                    )
-                fresh.sort(key=lambda e: e.seq)
-                self._fanout.publish(fresh)
+                    await self._write_batch(batch)
+                finally:
+                    self._in_flight -= 1
+
+    async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
+        """Persist one verified batch, ack its authors, hand it to fan-out."""
+        try:
+            if self._head is None:
+                self._head = await trio.to_thread.run_sync(
+                    self._ledger.head, self.collab_id, limiter=self._db_limiter
+                )
+            head, assignments, receipts = await self._writer.write(
+                AppendRequest(self.collab_id, self._head, [v for _, v in batch])
+            )
+        except LedgerError as exc:
+            # Nothing was written. Re-read the head next time; authors retry (idempotent).
+            self._head = None
+            log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
+            for sub, _ in batch:
+                _reply(
+                    sub,
+                    wire.Error(
+                        rid=sub.rid,
+                        code=wire.ErrorCode.OVERLOADED,
+                        message="the ledger could not store this event; retry it (appends are idempotent)",
+                    ),
+                )
+            return
+        self._head = head
+        self._batches += 1
+        fresh: list[SequencedEvent] = []
+        for (sub, verified), a, sig in zip(batch, assignments, receipts, strict=True):
+            if a.duplicate:
+                self._duplicates += 1
+            else:
+                self._events += 1
+                fresh.append(SequencedEvent(self.collab_id, a.seq, verified.signed, a.chain))
+            _reply(
+                sub,
+                wire.Appended(
+                    rid=sub.rid,
+                    collab_id=self.collab_id,
+                    seq=a.seq,
+                    event_id=a.event_id,
+                    chain=a.chain,
+                    receipt_sig=sig,
+                    duplicate=a.duplicate,
+                ),
+            )
+        fresh.sort(key=lambda e: e.seq)
+        self._fanout.publish(fresh)
 
 
 def _verify_batch(
@@ -240,24 +267,32 @@ class SequencerRegistry:
 
         Raises `ShuttingDown` once the relay has begun draining.
         """
-        if self._closed:
-            raise ShuttingDown
-        actor = self._actors.get(collab_id)
-        if actor is None:
-            actor = Sequencer(
-                collab_id,
-                self._ledger,
-                self._writer,
-                self._fanout,
-                self._db_limiter,
-                self._cpu_limiter,
-            )
-            self._actors[collab_id] = actor
-            self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")
-        try:
-            await actor.inbox.send(submission)
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise ShuttingDown from None
+        while True:
+            if self._closed:
+                raise ShuttingDown
+            actor = self._actors.get(collab_id)
+            if actor is None:
+                actor = Sequencer(
+                    collab_id,
+                    self._ledger,
+                    self._writer,
+                    self._fanout,
+                    self._db_limiter,
+                    self._cpu_limiter,
+                    self._retire,
+                )
+                self._actors[collab_id] = actor
+                self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")
+            try:
+                await actor.inbox.send(submission)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                continue  # that actor retired (or the relay is closing: checked above)
+            return
+
+    def _retire(self, actor: Sequencer) -> None:
+        if self._actors.get(actor.collab_id) is actor:
+            del self._actors[actor.collab_id]
+        actor.inbox.close()
 
     def close(self) -> None:
         """Stop accepting appends; every actor drains its inbox and exits."""

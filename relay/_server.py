@@ -183,9 +183,12 @@ class Relay:
                 )
             )
             try:
-                while not conn.closing:
+                while True:
                     data = await ws.get_message()
-                    await self._on_frame(conn, data, nursery, subscriptions)
+                    # Once closing, keep reading until the close handshake ends the loop (so the
+                    # close frame with its code and reason gets out), but act on nothing more.
+                    if not conn.closing:
+                        await self._on_frame(conn, data, nursery, subscriptions)
             except ConnectionClosed:
                 pass
             finally:

@@ -15,6 +15,7 @@ import trio
 import trio_websocket
 
 import relay._connection as connection_module
+import relay._sequencer as sequencer_module
 from clientkit import RelayRefused
 from clientkit._transport import FrameReader, open_websocket
 from ledger import Ledger
@@ -574,3 +575,24 @@ async def test_run_relay_returns_after_a_programmatic_shutdown_even_with_signal_
                 partial(run_relay, relay_config(database_url, tmp_path), auto_migrate=False)
             )
             r.request_shutdown()
+
+
+async def test_idle_sequencers_retire_and_the_next_append_continues_the_chain(
+    relay: Relay, alice: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sequencer_module, "IDLE_SECONDS", 0.3)
+    registry = relay._sequencers
+    assert registry is not None
+    before = alice.event("before the nap")
+    async with session(relay.url, alice) as client:
+        first = await client.append(before)
+        assert [s.collab_id for s in registry.statistics()] == [alice.collab_id]
+        await trio.sleep(1.0)  # > IDLE_SECONDS: the actor retires
+        assert registry.statistics() == []
+        second = await client.append(alice.event("after the nap"))
+        again = await client.append(before)  # a retry after the restart still dedups
+        async with client.history(alice.collab_id, alice.collab_key) as events:
+            seqs = [d.seq async for d in events]
+    assert (first.seq, second.seq) == (1, 2)
+    assert (again.seq, again.duplicate) == (1, True)
+    assert seqs == [1, 2]
