@@ -98,6 +98,13 @@ class Unlocked:
             if exc.code is not wire.ErrorCode.NOT_FOUND:
                 raise
             stored = wire.Keystore(rid=0, version=0, blob=b"")
+        if stored.version < self.profile.keystore_version:
+            # Versions only go up on the relay; an older one means it rolled the keystore back.
+            raise CliError(
+                f"the relay served keystore version {stored.version}, but this device already "
+                f"saw version {self.profile.keystore_version}: it may be rolling your keystore "
+                "back. Nothing was changed; report this to the relay's operator"
+            )
         if stored.version > self.profile.keystore_version:
             # Another device wrote a newer keystore (a new collab key, a new passphrase):
             # adopt its wrapping and merge its keys with ours.

@@ -194,3 +194,20 @@ def _dump_every_table(database_url: str) -> bytes:
             for row in conn.execute(f'SELECT * FROM "{table}"'):
                 out += repr(row).encode()
     return bytes(out)
+
+
+@pytest.mark.objective("SO-2")
+async def test_a_device_refuses_a_keystore_older_than_one_it_has_seen(
+    relay: Relay, tmp_path: Path
+) -> None:
+    home = tmp_path / "kim"
+    await signup(relay, home, "kim")
+    collab = (await cozy("collab", "create", "notes", env=client_env(home))).stdout.decode().strip()
+    profile = Home(home).load_profile()
+    assert profile.keystore_version == 2  # sign-up, then the new collab key
+    # Pretend this device had seen a later version than the relay now serves (a rollback).
+    profile.keystore_version = 7
+    Home(home).save_profile(profile)
+    rolled_back = await cozy("post", collab, "hello", env=client_env(home), check=False)
+    assert rolled_back.returncode == 1
+    assert b"rolling your keystore back" in rolled_back.stderr
