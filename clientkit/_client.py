@@ -10,9 +10,11 @@ against the relay's signed receipt.
 from __future__ import annotations
 
 import itertools
+import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
@@ -32,6 +34,7 @@ from clientkit.errors import (
 from model import content as contentmod
 from model import wire
 from model._crypto import CryptoError
+from model.artifacts import RefHasher
 from model.chain import Head, Receipt, advance, start_of, verify_receipt
 from model.envelope import decode_body, event_id, open_content, seal_event, verify_event
 from model.errors import ModelError
@@ -39,7 +42,7 @@ from model.ids import new_id
 from model.proofs import sign_create_collab, sign_keystore_write
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
     import nacl.signing
 
@@ -64,8 +67,13 @@ class Delivered:
 
     @property
     def text(self) -> str:
-        c = self.content
-        return c.text if isinstance(c, contentmod.Message) else f"[collab named {c.name!r}]"
+        match self.content:
+            case contentmod.Message(text=text):
+                return text
+            case contentmod.Attachment(name=name, size=size, ref=ref):
+                return f"[file {name!r}, {size} bytes: {ref}]"
+            case contentmod.CollabMeta(name=name):
+                return f"[collab named {name!r}]"
 
 
 class Client:
@@ -77,6 +85,7 @@ class Client:
         self._waiters: dict[int, trio.MemorySendChannel[wire.Reply]] = {}
         self._subs: dict[str, trio.MemorySendChannel[wire.Reply]] = {}
         self._draining: set[str] = set()  # unsubscribing: late frames are dropped
+        self._streams: dict[int, trio.MemorySendChannel[wire.Reply]] = {}  # multi-reply requests
         self._one_shot: set[str] = set()  # subscriptions without follow
         self._finished: set[str] = set()  # one-shot subscriptions the relay has completed
         self._welcome = trio.Event()
@@ -112,8 +121,14 @@ class Client:
                     if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
                         self._finished.add(frame.collab_id)  # the relay ended it
                     await chan.send(frame)
+            case wire.ArtifactData() if frame.rid in self._streams:
+                await self._streams[frame.rid].send(frame)
             case _:
                 rid = getattr(frame, "rid", None)
+                stream = self._streams.get(rid) if rid is not None else None
+                if stream is not None:
+                    await stream.send(frame)  # e.g. an error ending a download
+                    return
                 waiter = self._waiters.pop(rid, None) if rid is not None else None
                 if waiter is not None:
                     waiter.send_nowait(frame)
@@ -127,6 +142,9 @@ class Client:
         for s in self._subs.values():
             s.close()
         self._subs.clear()
+        for st in self._streams.values():
+            st.close()
+        self._streams.clear()
 
     async def request(self, build: Callable[[int], wire.Request], expect: type[R]) -> R:
         """Send one request and wait for its reply. Raises `RelayRefused` on an error frame."""
@@ -311,6 +329,7 @@ class Client:
         collab_id: str,
         content: contentmod.Content,
         ts: int,
+        refs: tuple[str, ...] = (),
     ) -> wire.Appended:
         if self.account_id is None:
             raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in before posting")
@@ -322,8 +341,63 @@ class Client:
             kind=contentmod.kind_of(content),
             ts=ts,
             content=contentmod.encode_content(content),
+            refs=refs,
         )
         return await self.append(signed)
+
+    async def upload_artifact(self, collab_id: str, sealed: Iterable[bytes]) -> wire.ArtifactStored:
+        """Upload the pieces `model.artifacts.seal_stream` made, one acknowledged piece at a
+        time (nothing is held whole); returns the relay's confirmation with the ref."""
+        upload = secrets.token_urlsafe(24)
+        hasher = RefHasher()
+        pieces = iter(sealed)
+        current = next(pieces)
+        index = 0
+        while True:
+            following = next(pieces, None)
+            hasher.update(current)
+            final = following is None
+            build = partial(
+                wire.PutArtifactChunk,
+                collab_id=collab_id,
+                upload=upload,
+                index=index,
+                data=current,
+                final=final,
+                ref=hasher.ref() if final else "",
+            )
+            if final:
+                return await self.request(build, wire.ArtifactStored)
+            await self.request(build, wire.ArtifactChunkStored)
+            assert following is not None
+            current, index = following, index + 1
+
+    async def download_artifact(self, collab_id: str, ref: str) -> AsyncIterator[bytes]:
+        """The stored pieces of an artifact, in order, as the relay sends them (unverified:
+        pass them through `model.artifacts.check_ref` and `open_stream`)."""
+        if self._closed is not None:
+            raise self._closed
+        rid = next(self._rids)
+        send, recv = trio.open_memory_channel[wire.Reply](64)
+        self._streams[rid] = send
+        try:
+            await self._ws.send_message(
+                wire.encode(wire.GetArtifact(rid=rid, collab_id=collab_id, ref=ref))
+            )
+            async with recv:
+                async for frame in recv:
+                    if isinstance(frame, wire.Error):
+                        raise RelayRefused(frame.code, frame.message)
+                    if not isinstance(frame, wire.ArtifactData):
+                        raise RelayRefused(
+                            wire.ErrorCode.INTERNAL, f"unexpected reply {type(frame).__name__}"
+                        )
+                    yield frame.data
+                    if frame.final:
+                        return
+            raise self._closed or ConnectionLost()
+        finally:
+            self._streams.pop(rid, None)
 
     @asynccontextmanager
     async def subscribe(

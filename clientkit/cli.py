@@ -13,6 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import nacl.public
@@ -22,14 +23,14 @@ import trio
 from clientkit._client import Client, connect
 from clientkit._home import Home, HomeError, Profile, kdf_profile
 from clientkit._passphrase import WeakPassphrase, check_passphrase
-from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused
+from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused, TamperDetected
+from model import artifacts, keystore, recovery, wire
 from model import content as contentmod
-from model import keystore, recovery, wire
 from model._crypto import CryptoError, random_bytes
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Coroutine
+    from collections.abc import Callable, Coroutine, Iterator
     from typing import Any
 
 EXIT_FAILED = 1
@@ -422,6 +423,105 @@ async def cmd_post(args: argparse.Namespace) -> None:
     print(f"posted as seq {ack.seq}{' (already posted)' if ack.duplicate else ''}")
 
 
+async def cmd_attach(args: argparse.Namespace) -> None:
+    """Seal a file under the collab key, upload it piece by piece, and post a reference."""
+    me = await _unlock(Home.from_env())
+    key = me.collab_key(args.collab)
+    name, size = _file_facts(args.file)
+    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
+        await _session(client, me.home, me.profile)
+        stored = await client.upload_artifact(
+            args.collab, artifacts.seal_stream(key, args.collab, _read_pieces(args.file))
+        )
+        await client.post(
+            signing_key=me.signing_key,
+            collab_key=key,
+            collab_id=args.collab,
+            content=contentmod.Attachment(name=name, size=size, ref=stored.ref),
+            ts=_now_ms(),
+            refs=(stored.ref,),
+        )
+    print(stored.ref)
+
+
+async def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download an artifact to a spool file, then check it against its ref and decrypt it into
+    OUT piece by piece; only a complete, verified file replaces OUT. Memory stays bounded."""
+    me = await _unlock(Home.from_env())
+    key = me.collab_key(args.collab)
+    out = Path(args.out)
+    spool = out.with_name(f".{out.name}.download")
+    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
+        await _session(client, me.home, me.profile)
+        with _Spool(spool) as writer:
+            async for piece in client.download_artifact(args.collab, args.ref):
+                writer.add(piece)
+    try:
+        written = _open_spool(spool, out, key, args.collab, args.ref)
+    finally:
+        spool.unlink(missing_ok=True)
+    print(f"{out}: {written} bytes, verified against {args.ref}")
+
+
+# Small blocking file helpers: a CLI process does nothing else while they run.
+
+
+def _file_facts(file: str) -> tuple[str, int]:
+    path = Path(file)
+    if not path.is_file():
+        raise CliError(f"{path} is not a readable file")
+    return path.name, path.stat().st_size
+
+
+def _read_pieces(file: str) -> Iterator[bytes]:
+    with Path(file).open("rb") as f:
+        while piece := f.read(artifacts.CHUNK_BYTES):
+            yield piece
+
+
+class _Spool:
+    """Length-prefixed sealed pieces on disk, so a download is never held in memory whole."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = path.open("wb")
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._f.close()
+
+    def add(self, piece: bytes) -> None:
+        self._f.write(len(piece).to_bytes(4, "big") + piece)
+
+
+def _spooled(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while head := f.read(4):
+            yield f.read(int.from_bytes(head, "big"))
+
+
+def _open_spool(spool: Path, out: Path, key: bytes, collab_id: str, ref: str) -> int:
+    partial_out = out.with_name(f".{out.name}.partial")
+    written = 0
+    try:
+        with partial_out.open("wb") as f:
+            for plain in artifacts.open_stream(
+                key, collab_id, artifacts.check_ref(ref, _spooled(spool))
+            ):
+                f.write(plain)
+                written += len(plain)
+        partial_out.replace(out)
+    except CryptoError:
+        partial_out.unlink(missing_ok=True)
+        raise TamperDetected(
+            "the download does not verify against its ref or the collab key; nothing was written",
+            collab_id=collab_id,
+            seq=None,
+        ) from None
+    return written
+
+
 async def cmd_tail(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     heads = me.home.load_heads()
@@ -494,6 +594,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("collab")
     p.add_argument("text")
     p.set_defaults(run=cmd_post)
+
+    p = sub.add_parser("attach", help="encrypt and upload a file; post a reference to it")
+    p.add_argument("collab")
+    p.add_argument("file")
+    p.set_defaults(run=cmd_attach)
+
+    p = sub.add_parser("fetch", help="download, verify and decrypt an attached file")
+    p.add_argument("collab")
+    p.add_argument("ref")
+    p.add_argument("out")
+    p.set_defaults(run=cmd_fetch)
 
     p = sub.add_parser("tail", help="print a collab's verified history (seq, author, text)")
     p.add_argument("collab")

@@ -1,5 +1,6 @@
 """The append-only Postgres event ledger (blocking API; call it from worker threads)."""
 
+from ledger._artifacts import ArtifactRow as ArtifactRow
 from ledger._store import AccountRow as AccountRow
 from ledger._store import AppendRequest as AppendRequest
 from ledger._store import KeystoreRow as KeystoreRow

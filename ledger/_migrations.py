@@ -98,4 +98,29 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         );
         """,
     ),
+    (
+        4,
+        "artifacts",
+        """
+        -- Encrypted blobs, stored as the client sealed them (model/artifacts.py), one row per
+        -- piece so nothing ever needs a whole file in memory. An upload's pieces land first;
+        -- the artifact row appears only once the whole upload hashed to its claimed ref.
+        CREATE TABLE artifact_pieces (
+            upload text NOT NULL,
+            idx    integer NOT NULL CHECK (idx >= 0),
+            data   bytea NOT NULL,
+            PRIMARY KEY (upload, idx)
+        );
+        CREATE TABLE artifacts (
+            collab_id  text NOT NULL REFERENCES collabs (collab_id),
+            ref        text NOT NULL,
+            upload     text NOT NULL UNIQUE,
+            uploader   text NOT NULL REFERENCES accounts (account_id),
+            size       bigint NOT NULL,
+            pieces     integer NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (collab_id, ref)
+        );
+        """,
+    ),
 )

@@ -16,6 +16,7 @@ import psycopg
 import psycopg.errors
 from psycopg_pool import ConnectionPool
 
+from ledger._artifacts import Artifacts
 from ledger._db import _translated
 from ledger._migrations import MIGRATIONS
 from ledger._throttle import LoginThrottle
@@ -122,7 +123,7 @@ def migrate(conninfo: str) -> list[int]:
     return applied
 
 
-class Ledger(LoginThrottle):
+class Ledger(LoginThrottle, Artifacts):
     """Blocking access to the ledger through a small connection pool. Thread-safe."""
 
     def __init__(self, conninfo: str, *, max_connections: int = 8) -> None:

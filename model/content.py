@@ -10,6 +10,7 @@ from model.errors import DECODE_ERRORS, InvalidEvent
 
 KIND_MESSAGE: Final = "msg"
 KIND_COLLAB_META: Final = "collab.meta"
+KIND_FILE: Final = "file"
 MAX_TEXT_CHARS: Final = 16_000
 
 
@@ -27,7 +28,18 @@ class CollabMeta(msgspec.Struct, frozen=True, tag="collab.meta"):
         return "CollabMeta(<name>)"
 
 
-Content = Message | CollabMeta
+class Attachment(msgspec.Struct, frozen=True, tag="file"):
+    """An artifact posted to the collab; the event's `refs` carry the same `ref`."""
+
+    name: str
+    size: int
+    ref: str
+
+    def __repr__(self) -> str:
+        return f"Attachment(<name>, size={self.size})"
+
+
+Content = Message | CollabMeta | Attachment
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Content)
@@ -47,4 +59,10 @@ def decode_content(data: bytes) -> Content:
 
 
 def kind_of(content: Content) -> str:
-    return KIND_MESSAGE if isinstance(content, Message) else KIND_COLLAB_META
+    match content:
+        case Message():
+            return KIND_MESSAGE
+        case Attachment():
+            return KIND_FILE
+        case CollabMeta():
+            return KIND_COLLAB_META

@@ -142,6 +142,31 @@ class Ping(_Frame, frozen=True, tag="ping"):
     rid: int
 
 
+class PutArtifactChunk(_Frame, frozen=True, tag="put_artifact_chunk"):
+    """One piece of an artifact upload (sealed bytes, model/artifacts.py), in order from 0.
+
+    `upload` is a random id the client picks for this upload on this connection. The final
+    piece names the `ref` the whole upload must hash to; the relay checks it before storing.
+    """
+
+    rid: int
+    collab_id: str
+    upload: str
+    index: int
+    data: bytes
+    final: bool = False
+    ref: str = ""
+
+    def __repr__(self) -> str:
+        return f"PutArtifactChunk(rid={self.rid}, upload={self.upload!r}, index={self.index}, <{len(self.data)} bytes>)"
+
+
+class GetArtifact(_Frame, frozen=True, tag="get_artifact"):
+    rid: int
+    collab_id: str
+    ref: str
+
+
 class Batch(_Frame, frozen=True, tag="batch"):
     """Several frames in one WebSocket message, handled in order as if sent one by one.
 
@@ -164,6 +189,8 @@ Request = (
     | GetAccount
     | PutKeystore
     | GetKeystore
+    | PutArtifactChunk
+    | GetArtifact
     | Ping
 )
 
@@ -270,6 +297,29 @@ class Keystore(_Frame, frozen=True, tag="keystore"):
         return f"Keystore(rid={self.rid}, version={self.version}, <{len(self.blob)} bytes>)"
 
 
+class ArtifactChunkStored(_Frame, frozen=True, tag="artifact_chunk_stored"):
+    rid: int
+    index: int
+
+
+class ArtifactStored(_Frame, frozen=True, tag="artifact_stored"):
+    rid: int
+    ref: str
+    size: int
+
+
+class ArtifactData(_Frame, frozen=True, tag="artifact_data"):
+    """One stored piece of an artifact, in order; the one with `final` ends the download."""
+
+    rid: int
+    index: int
+    data: bytes
+    final: bool
+
+    def __repr__(self) -> str:
+        return f"ArtifactData(rid={self.rid}, index={self.index}, <{len(self.data)} bytes>)"
+
+
 class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
     rid: int
     collab_id: str
@@ -303,6 +353,9 @@ Reply = (
     | Unsubscribed
     | KeystoreStored
     | Keystore
+    | ArtifactChunkStored
+    | ArtifactStored
+    | ArtifactData
     | Pong
     | Error
 )

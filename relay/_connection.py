@@ -8,7 +8,7 @@ catching up is paced by its own socket.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -30,6 +30,7 @@ class Connection:
         self.account_id: str | None = None
         self.sign_pk: bytes = b""
         self.session_expires_at = 0.0
+        self.uploads: dict[str, Any] = {}  # artifact uploads in progress (relay._server._Upload)
         self.member_of: set[str] = set()
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)

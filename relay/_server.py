@@ -14,6 +14,7 @@ gracefully with code 1001 and a reason.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -32,6 +33,7 @@ from fanout import Fanout, Subscription
 from ledger import (
     AccountRow,
     AlreadyExists,
+    ArtifactRow,
     HandleTaken,
     InvalidInput,
     KeystoreRow,
@@ -40,6 +42,7 @@ from ledger import (
     StaleVersion,
 )
 from model import wire
+from model.artifacts import RefHasher
 from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
 from model.errors import InvalidEvent
 from model.ids import is_id, new_id
@@ -62,6 +65,21 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 SHUTDOWN_CLOSE_CODE: Final = 1001
+MAX_ARTIFACT_BYTES: Final = 64 * 1024 * 1024
+MAX_UPLOADS: Final = 4
+UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
+
+
+@dataclass
+class _Upload:
+    """An artifact upload in progress on one connection."""
+
+    collab_id: str
+    hasher: RefHasher
+    next_index: int = 0
+    size: int = 0
+
+
 SHUTDOWN_GRACE: Final = 5.0
 HANDSHAKE_TIMEOUT: Final = 10.0
 READ_QUEUE: Final = 64
@@ -316,6 +334,16 @@ class Relay:
                 await self._create_collab(conn, req)
             case wire.PutKeystore():
                 await self._put_keystore(conn, req)
+            case wire.PutArtifactChunk():
+                await self._put_artifact_chunk(conn, req)
+            case wire.GetArtifact():
+                await self._require_member(conn, req.collab_id)
+                artifact_row = await self._db(self.ledger.artifact, req.collab_id, req.ref)
+                if artifact_row is None:
+                    raise RequestRefused(
+                        wire.ErrorCode.NOT_FOUND, "no such artifact in this collab"
+                    )
+                nursery.start_soon(self._send_artifact, conn, req.rid, artifact_row)
             case wire.GetKeystore():
                 account_id = _require_auth(conn)
                 stored = await self._db(self.ledger.keystore, account_id)
@@ -500,6 +528,75 @@ class Relay:
             "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
         )
         conn.reply(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
+
+    async def _put_artifact_chunk(self, conn: Connection, req: wire.PutArtifactChunk) -> None:
+        """Store one piece of an upload; on the final piece check the whole upload's hash.
+
+        Pieces go to the ledger as they arrive, so no upload is ever held in memory whole.
+        """
+        account_id = _require_auth(conn)
+        await self._require_member(conn, req.collab_id)
+        upload = conn.uploads.get(req.upload)
+        if req.index == 0 and upload is None:
+            if not UPLOAD_ID_RE.fullmatch(req.upload) or len(conn.uploads) >= MAX_UPLOADS:
+                raise RequestRefused(
+                    wire.ErrorCode.INVALID_REQUEST,
+                    f"upload ids are 16-64 letters, digits, '_' or '-'; at most {MAX_UPLOADS} uploads at once",
+                )
+            upload = conn.uploads[req.upload] = _Upload(req.collab_id, RefHasher())
+        if upload is None or upload.collab_id != req.collab_id or req.index != upload.next_index:
+            conn.uploads.pop(req.upload, None)
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "artifact pieces must arrive in order, from 0; start again",
+            )
+        upload.size += len(req.data)
+        if upload.size > MAX_ARTIFACT_BYTES:
+            conn.uploads.pop(req.upload, None)
+            raise RequestRefused(
+                wire.ErrorCode.FRAME_TOO_LARGE,
+                f"artifacts are limited to {MAX_ARTIFACT_BYTES} bytes",
+            )
+        upload.hasher.update(req.data)
+        await self._db(self.ledger.put_artifact_piece, req.upload, req.index, req.data)
+        upload.next_index += 1
+        if not req.final:
+            conn.reply(wire.encode(wire.ArtifactChunkStored(rid=req.rid, index=req.index)))
+            return
+        del conn.uploads[req.upload]
+        if upload.hasher.ref() != req.ref:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "the upload does not hash to the ref it claims; nothing was stored",
+            )
+        await self._db(
+            self.ledger.finish_artifact,
+            req.collab_id,
+            req.ref,
+            req.upload,
+            account_id,
+            upload.size,
+            upload.next_index,
+        )
+        log.info("artifact_stored", collab_id=req.collab_id, size=upload.size)
+        conn.reply(wire.encode(wire.ArtifactStored(rid=req.rid, ref=req.ref, size=upload.size)))
+
+    async def _send_artifact(self, conn: Connection, rid: int, found: ArtifactRow) -> None:
+        """Stream the stored pieces a page at a time, paced by the client's socket."""
+        index = 0
+        try:
+            while index < found.pieces:
+                page = await self._db(self.ledger.artifact_pieces, found.upload, index, 16)
+                if not page:
+                    break
+                for data in page:
+                    final = index == found.pieces - 1
+                    await conn.send(
+                        wire.encode(wire.ArtifactData(rid=rid, index=index, data=data, final=final))
+                    )
+                    index += 1
+        except ConnectionClosed:
+            pass
 
     async def _login(self, conn: Connection, req: wire.Login) -> None:
         """Throttled per handle string, known or not, with identical answers (SO-6).
