@@ -558,7 +558,14 @@ class Relay:
                 f"artifacts are limited to {MAX_ARTIFACT_BYTES} bytes",
             )
         upload.hasher.update(req.data)
-        await self._db(self.ledger.put_artifact_piece, req.upload, req.index, req.data)
+        try:
+            await self._db(self.ledger.put_artifact_piece, req.upload, req.index, req.data)
+        except AlreadyExists:
+            conn.uploads.pop(req.upload, None)
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "that upload id is in use; start again with a new random one",
+            ) from None
         upload.next_index += 1
         if not req.final:
             conn.reply(wire.encode(wire.ArtifactChunkStored(rid=req.rid, index=req.index)))
