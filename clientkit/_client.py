@@ -9,6 +9,7 @@ against the relay's signed receipt.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import secrets
 import time
@@ -121,13 +122,14 @@ class Client:
                     if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
                         self._finished.add(frame.collab_id)  # the relay ended it
                     await chan.send(frame)
-            case wire.ArtifactData() if frame.rid in self._streams:
-                await self._streams[frame.rid].send(frame)
             case _:
                 rid = getattr(frame, "rid", None)
-                stream = self._streams.get(rid) if rid is not None else None
+                stream = self._streams.get(rid) if isinstance(rid, int) else None
                 if stream is not None:
-                    await stream.send(frame)  # e.g. an error ending a download
+                    # A multi-reply request (a download): pieces, or the error ending it. A
+                    # consumer that left early closed its end; the rest is dropped.
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send(frame)
                     return
                 waiter = self._waiters.pop(rid, None) if rid is not None else None
                 if waiter is not None:
@@ -372,9 +374,16 @@ class Client:
             assert following is not None
             current, index = following, index + 1
 
-    async def download_artifact(self, collab_id: str, ref: str) -> AsyncIterator[bytes]:
-        """The stored pieces of an artifact, in order, as the relay sends them (unverified:
-        pass them through `model.artifacts.check_ref` and `open_stream`)."""
+    @asynccontextmanager
+    async def download_artifact(
+        self, collab_id: str, ref: str
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """The stored pieces of an artifact, in order, as the relay sends them.
+
+        Use as ``async with client.download_artifact(c, ref) as pieces: async for p in
+        pieces: …``. The pieces are unverified: pass them through `model.artifacts.check_ref`
+        and `open_stream`. Leaving the block early is fine; later pieces are dropped.
+        """
         if self._closed is not None:
             raise self._closed
         rid = next(self._rids)
@@ -385,17 +394,7 @@ class Client:
                 wire.encode(wire.GetArtifact(rid=rid, collab_id=collab_id, ref=ref))
             )
             async with recv:
-                async for frame in recv:
-                    if isinstance(frame, wire.Error):
-                        raise RelayRefused(frame.code, frame.message)
-                    if not isinstance(frame, wire.ArtifactData):
-                        raise RelayRefused(
-                            wire.ErrorCode.INTERNAL, f"unexpected reply {type(frame).__name__}"
-                        )
-                    yield frame.data
-                    if frame.final:
-                        return
-            raise self._closed or ConnectionLost()
+                yield _ArtifactPieces(self, recv)
         finally:
             self._streams.pop(rid, None)
 
@@ -497,6 +496,32 @@ class Client:
         return Delivered(
             collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain, verified.event_id
         )
+
+
+class _ArtifactPieces:
+    """Async iterator over a download's pieces; ends after the piece marked final."""
+
+    def __init__(self, client: Client, frames: trio.MemoryReceiveChannel[wire.Reply]) -> None:
+        self._client = client
+        self._frames = frames
+        self._done = False
+
+    def __aiter__(self) -> _ArtifactPieces:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            frame = await self._frames.receive()
+        except trio.EndOfChannel:
+            raise self._client._closed or ConnectionLost() from None
+        if isinstance(frame, wire.Error):
+            raise RelayRefused(frame.code, frame.message)
+        if not isinstance(frame, wire.ArtifactData):
+            raise RelayRefused(wire.ErrorCode.INTERNAL, f"unexpected reply {type(frame).__name__}")
+        self._done = frame.final
+        return frame.data
 
 
 class History:

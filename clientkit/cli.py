@@ -454,8 +454,9 @@ async def cmd_fetch(args: argparse.Namespace) -> None:
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
         with _Spool(spool) as writer:
-            async for piece in client.download_artifact(args.collab, args.ref):
-                writer.add(piece)
+            async with client.download_artifact(args.collab, args.ref) as pieces:
+                async for piece in pieces:
+                    writer.add(piece)
     try:
         written = _open_spool(spool, out, key, args.collab, args.ref)
     finally:

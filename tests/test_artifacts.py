@@ -73,11 +73,17 @@ async def test_uploads_are_checked_ordered_members_only_and_size_limited(
         async with session(relay.url, alice) as client, session(relay.url, mallory) as other:
             stored = await client.upload_artifact(alice.collab_id, sealed)
             assert stored.size == sum(len(p) for p in sealed)
-            got = [p async for p in client.download_artifact(alice.collab_id, stored.ref)]
+            async with client.download_artifact(alice.collab_id, stored.ref) as pieces:
+                got = [p async for p in pieces]
             assert got == sealed
+            async with client.download_artifact(alice.collab_id, stored.ref) as pieces:
+                first = await pieces.__anext__()  # leave early: the rest is dropped
+            assert first == sealed[0]
+            await client.request(wire.Ping, wire.Pong)  # the connection still works
             # Not a member: neither upload nor download.
             with pytest.raises(RelayRefused) as no_read:
-                _ = [p async for p in other.download_artifact(alice.collab_id, stored.ref)]
+                async with other.download_artifact(alice.collab_id, stored.ref) as pieces:
+                    _ = [p async for p in pieces]
             assert no_read.value.code is wire.ErrorCode.UNAUTHORIZED
             with pytest.raises(RelayRefused) as no_write:
                 await other.upload_artifact(alice.collab_id, sealed)
