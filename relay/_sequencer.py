@@ -24,7 +24,7 @@ import trio
 
 from ledger import AppendRequest, LedgerError
 from model import wire
-from model.envelope import SequencedEvent, SignedEvent, VerifiedEvent, verify_event
+from model.envelope import EventBody, SequencedEvent, SignedEvent, VerifiedEvent, verify_event
 from model.errors import BadSignature, InvalidEvent
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class Submission:
     reply_to: Replier
     rid: int
     event: SignedEvent
+    body: EventBody  # decode_body(event.body), done once when the relay routed the append
     author_pk: bytes
 
 
@@ -218,7 +219,7 @@ def _verify_batch(
     out: list[VerifiedEvent | tuple[wire.ErrorCode, str]] = []
     for sub in batch:
         try:
-            out.append(verify_event(sub.event, sub.author_pk))
+            out.append(verify_event(sub.event, sub.author_pk, decoded=sub.body))
         except BadSignature:
             out.append(
                 (

@@ -431,7 +431,7 @@ class Relay:
         assert self._sequencers is not None
         try:
             await self._sequencers.submit(
-                body.collab_id, Submission(conn, req.rid, req.event, conn.sign_pk)
+                body.collab_id, Submission(conn, req.rid, req.event, body, conn.sign_pk)
             )
         except ShuttingDown:
             raise RequestRefused(

@@ -527,3 +527,14 @@ def test_signed_body_with_invalid_utf8_is_invalid_not_a_crash() -> None:
 def test_hostile_content_is_invalid_not_a_crash(data: bytes) -> None:
     with pytest.raises(InvalidEvent):
         content.decode_content(data)
+
+
+@pytest.mark.objective("SO-3")
+def test_a_body_decoded_ahead_of_time_saves_work_but_not_the_signature_check() -> None:
+    decoded = decode_body(HONEST.body)
+    fast = verify_event(HONEST, ALICE.sign_pk, decoded=decoded)
+    slow = verify_event(HONEST, ALICE.sign_pk)
+    assert (fast.body, fast.event_id) == (slow.body, slow.event_id)
+    forged = msgspec.structs.replace(HONEST, sig=bytes(64))
+    with pytest.raises(BadSignature):
+        verify_event(forged, ALICE.sign_pk, decoded=decoded)
