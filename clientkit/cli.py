@@ -623,7 +623,7 @@ def run_command(
     except IntegrityAlarm as exc:
         print(f"INTEGRITY ALARM: {exc}", file=sys.stderr)
         return EXIT_INTEGRITY
-    except (CliError, ClientError, HomeError, keystore.WeakKdfParameters) as exc:
+    except (CliError, ClientError, HomeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:

@@ -238,18 +238,12 @@ async def _latency(relay_url: str, actor: Actor, *, rate: int, seconds: float) -
     }
 
 
-def _profiler() -> list[str]:
-    """COZY_BENCH_PROFILE=FILE runs the relay under cProfile (for finding hot spots)."""
-    out = os.environ.get("COZY_BENCH_PROFILE")
-    return ["-m", "cProfile", "-o", out] if out else []
-
-
 @asynccontextmanager
 async def _relay_process(database_url: str, data_dir: Path) -> AsyncIterator[str]:
     """`cozy relay serve` in a child process; its log goes to relay.log beside `data_dir`."""
     port = free_port()
     env = dict(os.environ, DATABASE_URL=database_url)
-    command = [sys.executable, *_profiler(), "-m", "cozy.cli", "relay", "serve"]
+    command = [sys.executable, "-m", "cozy.cli", "relay", "serve"]
     command += ["--port", str(port), "--data-dir", str(data_dir)]
     with (data_dir.parent / "relay.log").open("wb") as log_file:
         async with trio.open_nursery() as nursery:

@@ -66,10 +66,6 @@ class SealedKeystore(msgspec.Struct, frozen=True):
         return f"SealedKeystore(v={self.v}, kdf={self.kdf.alg}/{self.kdf.opslimit}/{self.kdf.memlimit})"
 
 
-class WeakKdfParameters(ValueError):
-    """Refused to seal with Argon2id parameters below MODERATE."""
-
-
 _encoder = msgspec.msgpack.Encoder()
 _content_decoder = msgspec.msgpack.Decoder(KeystoreContent)
 
@@ -109,24 +105,15 @@ def seal_new(
 ) -> tuple[SealedKeystore, bytes]:
     """Seal `content` under a fresh keystore key wrapped by the passphrase (and, when given,
     by the recovery code's key). Returns the sealed keystore and the keystore key."""
-    params = new_kdf_params(profile)
-    mod_ops, mod_mem = KdfProfile.MODERATE.value
-    if profile is not KdfProfile.INSECURE_TEST and (
-        params.opslimit < mod_ops or params.memlimit < mod_mem
-    ):
-        raise WeakKdfParameters(
-            "keystores are sealed with Argon2id MODERATE (t=3, m=256 MiB) or more"
-        )
     keystore_key = nacl.utils.random(KEY_BYTES)
-    wrapping = derive_passphrase_key(passphrase, params)
-    wrapped = nacl.secret.SecretBox(wrapping).encrypt(keystore_key)
+    params, wrapped = _wrap_for_passphrase(keystore_key, passphrase, profile)
     recovery_wrap = b""
     if recovery_key is not None:
         recovery_wrap = bytes(nacl.secret.SecretBox(recovery_key).encrypt(keystore_key))
     sealed = SealedKeystore(
         v=KEYSTORE_VERSION,
         kdf=params,
-        wrapped_key=bytes(wrapped),
+        wrapped_key=wrapped,
         sealed=b"",
         recovery_wrap=recovery_wrap,
     )
@@ -150,10 +137,18 @@ def rewrap_passphrase(
     profile: KdfProfile = KdfProfile.MODERATE,
 ) -> SealedKeystore:
     """Wrap the same keystore key under a new passphrase (fresh salt); the old one stops working."""
+    params, wrapped = _wrap_for_passphrase(keystore_key, new_passphrase, profile)
+    return msgspec.structs.replace(sealed, kdf=params, wrapped_key=wrapped)
+
+
+def _wrap_for_passphrase(
+    keystore_key: bytes, passphrase: str, profile: KdfProfile
+) -> tuple[KdfParams, bytes]:
+    """Fresh salt, Argon2id at `profile` (MODERATE unless the documented test profile is asked
+    for: no weaker profile exists), then secretbox the keystore key under the derived key."""
     params = new_kdf_params(profile)
-    wrapping = derive_passphrase_key(new_passphrase, params)
-    wrapped = nacl.secret.SecretBox(wrapping).encrypt(keystore_key)
-    return msgspec.structs.replace(sealed, kdf=params, wrapped_key=bytes(wrapped))
+    wrapping = derive_passphrase_key(passphrase, params)
+    return params, bytes(nacl.secret.SecretBox(wrapping).encrypt(keystore_key))
 
 
 def unwrap_key(sealed: SealedKeystore, passphrase: str) -> bytes:

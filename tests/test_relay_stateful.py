@@ -1,8 +1,9 @@
 """Property test of the whole event path: random schedules against one real relay.
 
-Hypothesis generates schedules of pipelined posts from several device connections, retries of
-already-sent events (on the same or a fresh connection), reconnects, concurrent bursts and
-subscribers that join at random seqs. After each schedule the collab's history must be:
+Hypothesis generates schedules of pipelined posts from several devices (every step on a new
+connection, so each is also a reconnect), retries of already-sequenced events mixed into
+pipelines of new ones, concurrent bursts from all devices, and subscribers that join at
+random seqs. After each schedule the collab's history must be:
 contiguous from 1, free of duplicates, every ack must name the event's one position, each
 connection's events must keep their send order, and every subscriber — whatever seq it joined
 at — must have seen exactly the ledger's events from there on, each verified by the client kit.
@@ -42,13 +43,11 @@ class Post(msgspec.Struct, frozen=True):
 
 
 class Retry(msgspec.Struct, frozen=True):
+    """Send an already-sequenced event again, amid `with_new` new ones on one connection."""
+
     device: int
     back: int  # how many of this device's events ago
-    fresh_connection: bool
-
-
-class Reconnect(msgspec.Struct, frozen=True):
-    device: int
+    with_new: int
 
 
 class Burst(msgspec.Struct, frozen=True):
@@ -59,12 +58,11 @@ class Join(msgspec.Struct, frozen=True):
     at_fraction: float  # join at this fraction of the current head (0 = from seq 1)
 
 
-Step = Post | Retry | Reconnect | Burst | Join
+Step = Post | Retry | Burst | Join
 
 steps = st.one_of(
     st.builds(Post, st.integers(0, DEVICES - 1), st.integers(1, 25)),
-    st.builds(Retry, st.integers(0, DEVICES - 1), st.integers(0, 30), st.booleans()),
-    st.builds(Reconnect, st.integers(0, DEVICES - 1)),
+    st.builds(Retry, st.integers(0, DEVICES - 1), st.integers(0, 30), st.integers(0, 5)),
     st.builds(Burst, st.integers(1, 15)),
     st.builds(Join, st.floats(0, 1)),
 )
@@ -220,15 +218,17 @@ async def run_schedule(url: str, schedule: list[Step]) -> Run:
                         for device in range(DEVICES):
                             evs = [run.new_event(device) for _ in range(count)]
                             burst.start_soon(pipeline, url, run.user, evs, run)
-                case Retry(device, back, _fresh) if run.sent[device]:
+                case Retry(device, back, with_new) if run.sent[device]:
                     eid = run.sent[device][max(0, len(run.sent[device]) - 1 - back)]
-                    await pipeline(url, run.user, [run.events[eid]], run)
+                    fresh = [run.new_event(device) for _ in range(with_new)]
+                    mixed = fresh[: with_new // 2] + [run.events[eid]] + fresh[with_new // 2 :]
+                    await pipeline(url, run.user, mixed, run)
                 case Join(fraction):
                     view = View(from_seq=1 + int(fraction * run.head))
                     run.views.append(view)
                     watchers.start_soon(watch, url, run, view, done)
-                case _:
-                    pass  # Reconnect, or a retry with nothing sent yet: every pipeline reconnects
+                case Retry():
+                    pass  # nothing sent by that device yet
         # Let every watcher reach the final head, then stop them.
         with trio.fail_after(30):
             for view in run.views:
