@@ -221,7 +221,7 @@ async def run_schedule(url: str, schedule: list[Step]) -> Run:
                 case Retry(device, back, with_new) if run.sent[device]:
                     eid = run.sent[device][max(0, len(run.sent[device]) - 1 - back)]
                     fresh = [run.new_event(device) for _ in range(with_new)]
-                    mixed = fresh[: with_new // 2] + [run.events[eid]] + fresh[with_new // 2 :]
+                    mixed = [*fresh[: with_new // 2], run.events[eid], *fresh[with_new // 2 :]]
                     await pipeline(url, run.user, mixed, run)
                 case Join(fraction):
                     view = View(from_seq=1 + int(fraction * run.head))
