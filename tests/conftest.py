@@ -17,9 +17,13 @@ import pytest
 
 import ledger as ledger_pkg
 from tests.helpers import create_database, drop_database, with_dbname
+from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from relay._server import Relay
 
 _INSTALL_HINT = (
     "Database tests need Postgres. Either set COZY_TEST_DATABASE_URL to a server where this "
@@ -86,6 +90,13 @@ def empty_database_url(pg_admin_url: str) -> Iterator[str]:
         yield with_dbname(pg_admin_url, name)
     finally:
         drop_database(pg_admin_url, name)
+
+
+@pytest.fixture
+async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
+    """A real relay on a loopback port, on this test's database; shut down like SIGTERM after."""
+    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
+        yield r
 
 
 @pytest.fixture

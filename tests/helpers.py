@@ -20,9 +20,11 @@ from ledger import AccountRow
 from model import _crypto
 from model.envelope import SignedEvent, VerifiedEvent, seal_event, verify_event
 from model.ids import new_id
+from model.membership import Member, MemberKind, Operation, Proof, Role
 
 if TYPE_CHECKING:
     from ledger import Ledger
+    from model.chain import Head
 
 TS0 = 1_700_000_000_000  # a fixed, realistic timestamp (ms) so tests are deterministic
 
@@ -147,4 +149,30 @@ def drop_database(admin_url: str, name: str) -> None:
     with psycopg.connect(admin_url, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+class Person:
+    """Someone with a signing and a box key, who can become a collab member and propose
+    management changes (model/membership.py)."""
+
+    def __init__(self, kind: MemberKind = MemberKind.HUMAN) -> None:
+        self.key = nacl.signing.SigningKey.generate()
+        self.box = nacl.public.PrivateKey.generate()
+        self.id = new_id("a")
+        self.kind = kind
+
+    def as_member(self, role: Role) -> Member:
+        return Member(
+            self.id, role, self.kind, bytes(self.key.verify_key), bytes(self.box.public_key)
+        )
+
+    def propose(self, op: Operation, head: Head, collab: str) -> Proof:
+        return Proof(
+            v=1,
+            collab_id=collab,
+            signer_id=self.id,
+            base_seq=head.seq,
+            base_chain=head.chain,
+            op=op,
         )

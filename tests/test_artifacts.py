@@ -13,20 +13,13 @@ import relay._server as server_module
 from clientkit import RelayRefused
 from model import artifacts, wire
 from model._crypto import random_bytes
-from tests.relay_harness import relay_config, running_relay, session, sign_up
-from tests.test_cli import client_env, cozy
+from tests.cli_harness import client_env, cozy
+from tests.relay_harness import session, sign_up
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from relay._server import Relay
-
-
-@pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
-        yield r
 
 
 @pytest.mark.objective("SO-3")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -13,45 +12,12 @@ import pytest
 import trio
 
 from relay.embedded import free_port
-from tests.relay_harness import relay_config, running_relay
+from tests.cli_harness import COZY, client_env, cozy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from relay._server import Relay
-
-COZY = [sys.executable, "-m", "cozy.cli"]
-
-
-@pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
-        yield r
-
-
-def client_env(home: Path, **extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        COZY_HOME=str(home),
-        COZY_PASSWORD="a long login password",
-        COZY_PASSPHRASE="a different, longer encryption passphrase",
-        COZY_KDF_PROFILE="insecure-test",  # documented test-only Argon2id profile
-    )
-    env.update(extra)
-    return env
-
-
-async def cozy(
-    *args: str, env: dict[str, str], check: bool = True
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [*COZY, *args], env=env, capture_stdout=True, capture_stderr=True, check=False
-        )
-    if check and result.returncode != 0:
-        pytest.fail(f"cozy {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
-    return result
 
 
 async def test_signup_create_post_three_and_tail_shows_them_in_order(

@@ -4,7 +4,6 @@ database — real `cozy` processes against a real relay and Postgres."""
 from __future__ import annotations
 
 import base64
-import re
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -12,34 +11,14 @@ import pytest
 
 from clientkit._home import Home
 from model import keystore, recovery
-from tests.relay_harness import relay_config, running_relay
-from tests.test_cli import client_env, cozy
+from tests.cli_harness import cli_signup, client_env, cozy
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from relay._server import Relay
 
-CODE_RE = re.compile(rb"(?:[0-9A-Z]{4}-){8}[0-9A-Z]{2}")
 NEW_PASSPHRASE = "quartz lantern before midnight rain"
-
-
-@pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
-        yield r
-
-
-async def signup(relay: Relay, home: Path, handle: str) -> str:
-    out = (
-        await cozy(
-            "account", "signup", "--relay", relay.url, "--handle", handle, env=client_env(home)
-        )
-    ).stdout
-    codes = CODE_RE.findall(out)
-    assert len(codes) == 1, out.decode()
-    return codes[0].decode()
 
 
 @pytest.mark.objective("SO-2")
@@ -47,7 +26,7 @@ async def test_a_new_device_restores_reads_and_posts_and_recovery_replaces_the_p
     relay: Relay, tmp_path: Path
 ) -> None:
     laptop, phone = tmp_path / "laptop", tmp_path / "phone"
-    code = await signup(relay, laptop, "erin")
+    code = await cli_signup(relay.url, laptop, "erin")
     collab = (
         (await cozy("collab", "create", "plans", env=client_env(laptop))).stdout.decode().strip()
     )
@@ -116,7 +95,7 @@ async def test_changing_the_passphrase_rewraps_without_changing_keys(
     relay: Relay, tmp_path: Path
 ) -> None:
     home = tmp_path / "frank"
-    await signup(relay, home, "frank")
+    await cli_signup(relay.url, home, "frank")
     before = keystore.open_content(
         Home(home).load_keystore(),
         keystore.unwrap_key(Home(home).load_keystore(), client_env(home)["COZY_PASSPHRASE"]),
@@ -142,7 +121,7 @@ async def test_a_database_thief_finds_no_secret_in_any_table(
 ) -> None:
     canary = "CANARY-7f3a9c the merger closes on friday"
     homes = {name: tmp_path / name for name in ("gina", "hal")}
-    codes = {name: await signup(relay, home, name) for name, home in homes.items()}
+    codes = {name: await cli_signup(relay.url, home, name) for name, home in homes.items()}
     collabs = []
     for name, home in homes.items():
         collab = (
@@ -201,7 +180,7 @@ async def test_a_device_refuses_a_keystore_older_than_one_it_has_seen(
     relay: Relay, tmp_path: Path
 ) -> None:
     home = tmp_path / "kim"
-    await signup(relay, home, "kim")
+    await cli_signup(relay.url, home, "kim")
     collab = (await cozy("collab", "create", "notes", env=client_env(home))).stdout.decode().strip()
     profile = Home(home).load_profile()
     assert profile.keystore_version == 2  # sign-up, then the new collab key

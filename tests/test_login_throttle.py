@@ -14,8 +14,6 @@ import json
 import os
 import re
 import secrets
-import subprocess
-import sys
 from typing import TYPE_CHECKING
 
 import argon2
@@ -34,16 +32,15 @@ from model import wire
 from model.ids import new_id
 from relay.config import load_config
 from relay.embedded import free_port
-from tests.relay_harness import PASSWORD, relay_config, running_relay
+from tests.cli_harness import client_env, cozy
+from tests.relay_harness import PASSWORD, running_relay
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from relay._server import Relay
     from relay.config import RelayConfig
 
-COZY = [sys.executable, "-m", "cozy.cli"]
 WRONG = "not the password, not even close"
 LOCKED = re.compile(r"^too many failed logins for this handle; try again in (\d+) s$")
 
@@ -68,12 +65,6 @@ def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
 
     monkeypatch.setattr(relay_auth, "verify_password", counting)
     return calls
-
-
-@pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as r:
-        yield r
 
 
 async def sign_up(url: str, handle: str) -> str:
@@ -284,23 +275,6 @@ async def test_a_login_rehashes_a_password_hashed_with_weaker_argon2_parameters(
 # --- operator commands ----------------------------------------------------------------------
 
 
-async def cozy(
-    *args: str, env: dict[str, str], check: bool = True
-) -> subprocess.CompletedProcess[bytes]:
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [*COZY, *args],
-            env=env,
-            stdin=b"",  # never a TTY: nothing may prompt
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    if check and result.returncode != 0:
-        pytest.fail(f"cozy {' '.join(args)} exited {result.returncode}: {result.stderr.decode()}")
-    return result
-
-
 def server_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
@@ -345,19 +319,6 @@ async def test_operators_list_and_clear_lockouts_with_cozy_relay_lockouts(
 
 
 # --- the kill switch ------------------------------------------------------------------------
-
-
-def client_env(home: Path, *, password: bool = True) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        COZY_HOME=str(home),
-        COZY_PASSWORD="a long login password",
-        COZY_PASSPHRASE="a different, longer encryption passphrase",
-        COZY_KDF_PROFILE="insecure-test",  # documented test-only Argon2id profile
-    )
-    if not password:
-        del env["COZY_PASSWORD"]
-    return env
 
 
 @pytest.mark.objective("SO-6")

@@ -18,7 +18,7 @@ from model.epochs import (
 )
 from model.ids import new_id
 from model.membership import AddMember, Membership, Operation, RemoveMember, Role, apply, genesis
-from tests.test_model_membership import Person
+from tests.helpers import Person
 
 COLLAB = new_id("c")
 

@@ -19,11 +19,9 @@ from model.ids import new_id
 from model.membership import (
     AddMember,
     ChangeRole,
-    Member,
     MemberKind,
     Membership,
     Operation,
-    Proof,
     ProofRejected,
     RemoveMember,
     Role,
@@ -34,31 +32,9 @@ from model.membership import (
     open_proof,
     sign_proof,
 )
+from tests.helpers import Person
 
 COLLAB = new_id("c")
-
-
-class Person:
-    def __init__(self, kind: MemberKind = MemberKind.HUMAN) -> None:
-        self.key = nacl.signing.SigningKey.generate()
-        self.box = nacl.public.PrivateKey.generate()
-        self.id = new_id("a")
-        self.kind = kind
-
-    def as_member(self, role: Role) -> Member:
-        return Member(
-            self.id, role, self.kind, bytes(self.key.verify_key), bytes(self.box.public_key)
-        )
-
-    def propose(self, op: Operation, head: Head, collab: str = COLLAB) -> Proof:
-        return Proof(
-            v=1,
-            collab_id=collab,
-            signer_id=self.id,
-            base_seq=head.seq,
-            base_chain=head.chain,
-            op=op,
-        )
 
 
 def _fresh() -> tuple[Person, Membership, Head]:
@@ -71,10 +47,14 @@ def test_a_proof_the_relay_makes_up_does_not_open() -> None:
     owner, state, head = _fresh()
     relay_key = nacl.signing.SigningKey.generate()
     intruder = Person()
-    forged = sign_proof(relay_key, owner.propose(AddMember(intruder.as_member(Role.OWNER)), head))
+    forged = sign_proof(
+        relay_key, owner.propose(AddMember(intruder.as_member(Role.OWNER)), head, COLLAB)
+    )
     with pytest.raises(BadSignature):
         open_proof(forged, state)
-    honest = sign_proof(owner.key, owner.propose(AddMember(intruder.as_member(Role.MEMBER)), head))
+    honest = sign_proof(
+        owner.key, owner.propose(AddMember(intruder.as_member(Role.MEMBER)), head, COLLAB)
+    )
     tampered = msgspec.structs.replace(honest, body=honest.body.replace(b"member", b"owner\x00"))
     with pytest.raises((BadSignature, ProofRejected)):
         open_proof(tampered, state)
@@ -85,7 +65,7 @@ def test_a_proof_the_relay_makes_up_does_not_open() -> None:
 def test_a_proof_is_bound_to_its_collab_and_its_head() -> None:
     owner, state, head = _fresh()
     bob = Person()
-    proof = owner.propose(AddMember(bob.as_member(Role.MEMBER)), head)
+    proof = owner.propose(AddMember(bob.as_member(Role.MEMBER)), head, COLLAB)
     with pytest.raises(ProofRejected, match="wrong_collab"):
         apply(state, owner.propose(AddMember(bob.as_member(Role.MEMBER)), head, new_id("c")), head)
     later = Head(head.seq + 1, next_head(head.chain, b"\x01" * 32))
@@ -98,17 +78,21 @@ def test_a_proof_is_bound_to_its_collab_and_its_head() -> None:
 def test_agents_and_strangers_have_no_management_powers() -> None:
     owner, state, head = _fresh()
     bot, stranger = Person(MemberKind.AGENT), Person()
-    state = apply(state, owner.propose(AddMember(bot.as_member(Role.MEMBER)), head), head)
+    state = apply(state, owner.propose(AddMember(bot.as_member(Role.MEMBER)), head, COLLAB), head)
     with pytest.raises(ProofRejected, match="agent_role"):
         apply(
             state,
-            owner.propose(AddMember(Person(MemberKind.AGENT).as_member(Role.MANAGER)), head),
+            owner.propose(
+                AddMember(Person(MemberKind.AGENT).as_member(Role.MANAGER)), head, COLLAB
+            ),
             head,
         )
     with pytest.raises(ProofRejected, match="agent_signer"):
-        apply(state, bot.propose(RotateKey(state.epoch + 1), head), head)
+        apply(state, bot.propose(RotateKey(state.epoch + 1), head, COLLAB), head)
     with pytest.raises(ProofRejected, match="not_a_member"):
-        apply(state, stranger.propose(AddMember(stranger.as_member(Role.OWNER)), head), head)
+        apply(
+            state, stranger.propose(AddMember(stranger.as_member(Role.OWNER)), head, COLLAB), head
+        )
 
 
 # --- the state machine --------------------------------------------------------------------------
@@ -144,7 +128,7 @@ class MembershipMachine(RuleBasedStateMachine):
 
     def _propose(self, signer: Person, op: Operation, stale: bool) -> None:
         base = Head(self.head.seq - 1, b"\x00" * 32) if stale else self.head
-        signed = sign_proof(signer.key, signer.propose(op, base))
+        signed = sign_proof(signer.key, signer.propose(op, base, COLLAB))
         before = self.state
         try:
             proof = open_proof(signed, self.state)
@@ -222,7 +206,7 @@ def test_a_typical_life_of_a_collab_folds_as_expected() -> None:
 
     def step(signer: Person, op: Operation) -> None:
         nonlocal state, head
-        proof = open_proof(sign_proof(signer.key, signer.propose(op, head)), state)
+        proof = open_proof(sign_proof(signer.key, signer.propose(op, head, COLLAB)), state)
         state = apply(state, proof, head)
         head = Head(head.seq + 1, next_head(head.chain, bytes([head.seq]) * 32))
 

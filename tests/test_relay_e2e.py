@@ -36,12 +36,6 @@ pytestmark = pytest.mark.usefixtures("database_url")
 
 
 @pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path)) as r:
-        yield r
-
-
-@pytest.fixture
 async def alice(relay: Relay) -> User:
     return await sign_up(relay.url, "alice")
 

@@ -20,21 +20,12 @@ from model.envelope import open_content, seal_event, verify_event
 from model.ids import new_id
 from model.keystore import KdfProfile, KeystoreContent
 from model.proofs import sign_create_collab, sign_keystore_write
-from tests.relay_harness import PASSWORD, relay_config, running_relay
+from tests.relay_harness import PASSWORD
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
-    from pathlib import Path
-
     from relay._server import Relay
 
 PASSPHRASE = "violet tractor minus seventeen oysters"
-
-
-@pytest.fixture
-async def relay(database_url: str, tmp_path: Path) -> AsyncIterator[Relay]:
-    async with running_relay(relay_config(database_url, tmp_path)) as r:
-        yield r
 
 
 class Victim:

@@ -12,9 +12,8 @@ import trio
 
 from clientkit._home import Home
 from model import keystore, recovery
+from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import relay_config, running_relay
-from tests.test_cli import client_env, cozy
-from tests.test_cli_keys import CODE_RE
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -67,8 +66,7 @@ async def test_no_content_key_or_passphrase_crosses_the_wire(
         url = f"ws://127.0.0.1:{await tap.serve(nursery)}"
         home = tmp_path / "ivy"
         env = client_env(home)
-        out = (await cozy("account", "signup", "--relay", url, "--handle", "ivy", env=env)).stdout
-        code = CODE_RE.findall(out)[0].decode()
+        code = await cli_signup(url, home, "ivy")
         collab = (await cozy("collab", "create", canaries[1], env=env)).stdout.decode().strip()
         await cozy("post", collab, canaries[0], env=env)
         tail = (await cozy("tail", collab, env=env)).stdout.decode()
