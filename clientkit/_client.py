@@ -150,12 +150,20 @@ class Client:
 
     async def request(self, build: Callable[[int], wire.Request], expect: type[R]) -> R:
         """Send one request and wait for its reply. Raises `RelayRefused` on an error frame."""
+        rid, reply = self._expect_reply()
+        await self._ws.send_message(wire.encode(build(rid)))
+        return await self._reply(reply, expect)
+
+    def _expect_reply(self) -> tuple[int, trio.MemoryReceiveChannel[wire.Reply]]:
+        """A fresh rid and the channel its one reply will arrive on."""
         if self._closed is not None:
             raise self._closed
         rid = next(self._rids)
         send, recv = trio.open_memory_channel[wire.Reply](1)
         self._waiters[rid] = send
-        await self._ws.send_message(wire.encode(build(rid)))
+        return rid, recv
+
+    async def _reply(self, recv: trio.MemoryReceiveChannel[wire.Reply], expect: type[R]) -> R:
         try:
             reply = await recv.receive()
         except trio.EndOfChannel:
@@ -272,16 +280,12 @@ class Client:
         Each ack's receipt is checked. If the relay refuses one, `RelayRefused` is raised after
         every reply arrived; the others may be stored — retrying them all is safe (idempotent).
         """
-        if self._closed is not None:
-            raise self._closed
         waiting: list[trio.MemoryReceiveChannel[wire.Reply]] = []
         chunk: list[bytes] = []
         size = 0
         for signed in events:
-            rid = next(self._rids)
-            send, recv = trio.open_memory_channel[wire.Reply](1)
-            self._waiters[rid] = send
-            waiting.append(recv)
+            rid, reply = self._expect_reply()
+            waiting.append(reply)
             frame = wire.encode(wire.Append(rid=rid, event=signed))
             if chunk and (
                 len(chunk) >= wire.MAX_BATCH_FRAMES or size + len(frame) > wire.MAX_FRAME_BYTES // 2
@@ -294,20 +298,14 @@ class Client:
             await self._ws.send_message(wire.batch(chunk))
         acks: list[wire.Appended] = []
         refused: RelayRefused | None = None
-        for signed, recv in zip(events, waiting, strict=True):
+        for signed, reply in zip(events, waiting, strict=True):
             try:
-                reply = await recv.receive()
-            except trio.EndOfChannel:
-                raise self._closed or ConnectionLost() from None
-            if isinstance(reply, wire.Error):
-                refused = refused or RelayRefused(reply.code, reply.message)
+                ack = await self._reply(reply, wire.Appended)
+            except RelayRefused as exc:
+                refused = refused or exc
                 continue
-            if not isinstance(reply, wire.Appended):
-                raise RelayRefused(
-                    wire.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}"
-                )
-            self._check_receipt(signed, reply)
-            acks.append(reply)
+            self._check_receipt(signed, ack)
+            acks.append(ack)
         if refused is not None:
             raise refused
         return acks

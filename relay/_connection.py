@@ -87,9 +87,9 @@ class Connection:
             return False
         return True
 
-    def reply(self, frame: bytes) -> None:
+    def reply(self, frame: wire.Reply) -> None:
         """Queue a reply; a client that cannot take its own replies is dropped as lagging."""
-        if not self.offer(frame) and not self._closing:
+        if not self.offer(wire.encode(frame)) and not self._closing:
             self.disconnect(4008, "client is not reading its replies: reconnect and resume")
 
     async def send(self, frame: bytes) -> None:

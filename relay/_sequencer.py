@@ -45,7 +45,9 @@ MAX_BATCH: Final = 256
 
 
 class Replier(Protocol):
-    def reply(self, frame: bytes) -> None: ...
+    def reply(self, frame: wire.Reply) -> None:
+        """Queue a reply without waiting: the sequencer never waits on a connection; a client
+        that cannot take its own acks is disconnected as lagging."""
 
 
 @dataclass(slots=True)
@@ -148,7 +150,9 @@ class Sequencer:
                         good.append((sub, result))
                     else:
                         self._rejected += 1
-                        _reply(sub, wire.Error(rid=sub.rid, code=result[0], message=result[1]))
+                        sub.reply_to.reply(
+                            wire.Error(rid=sub.rid, code=result[0], message=result[1])
+                        )
                 if good:
                     self._in_flight += 1
                     await out.send(good)
@@ -178,8 +182,7 @@ class Sequencer:
             self._head = None
             log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
             for sub, _ in batch:
-                _reply(
-                    sub,
+                sub.reply_to.reply(
                     wire.Error(
                         rid=sub.rid,
                         code=wire.ErrorCode.OVERLOADED,
@@ -196,8 +199,7 @@ class Sequencer:
             else:
                 self._events += 1
                 fresh.append(SequencedEvent(self.collab_id, a.seq, verified.signed, a.chain))
-            _reply(
-                sub,
+            sub.reply_to.reply(
                 wire.Appended(
                     rid=sub.rid,
                     collab_id=self.collab_id,
@@ -230,12 +232,6 @@ def _verify_batch(
         except InvalidEvent as exc:
             out.append((wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"))
     return out
-
-
-def _reply(sub: Submission, frame: wire.Reply) -> None:
-    # The sequencer never waits on a connection; a client that cannot take its own acks is
-    # disconnected by its outbox as lagging.
-    sub.reply_to.reply(wire.encode(frame))
 
 
 class SequencerRegistry:

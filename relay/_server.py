@@ -191,13 +191,11 @@ class Relay:
             self._connections.add(conn)
             nursery.start_soon(conn.run_writer)
             conn.reply(
-                wire.encode(
-                    wire.Welcome(
-                        protocol=wire.PROTOCOL,
-                        relay_pk=self.relay_pk,
-                        max_frame_bytes=wire.MAX_FRAME_BYTES,
-                        max_body_bytes=MAX_BODY_BYTES,
-                    )
+                wire.Welcome(
+                    protocol=wire.PROTOCOL,
+                    relay_pk=self.relay_pk,
+                    max_frame_bytes=wire.MAX_FRAME_BYTES,
+                    max_body_bytes=MAX_BODY_BYTES,
                 )
             )
             try:
@@ -303,7 +301,7 @@ class Relay:
     @staticmethod
     def _refuse(conn: Connection, rid: int | None, code: wire.ErrorCode, message: str) -> None:
         log.info("request_refused", code=code.value, rid=rid, account_id=conn.account_id)
-        conn.reply(wire.encode(wire.Error(rid=rid, code=code, message=message)))
+        conn.reply(wire.Error(rid=rid, code=code, message=message))
 
     async def _dispatch(
         self,
@@ -316,7 +314,7 @@ class Relay:
             case wire.Append():
                 await self._append(conn, req)
             case wire.Ping():
-                conn.reply(wire.encode(wire.Pong(rid=req.rid)))
+                conn.reply(wire.Pong(rid=req.rid))
             case wire.Signup():
                 await self._signup(conn, req)
             case wire.Login():
@@ -329,7 +327,7 @@ class Relay:
                 except _auth.AuthError as exc:
                     raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
                 await self._bind_account(conn, account_id, expires)
-                conn.reply(wire.encode(wire.Authenticated(rid=req.rid, account_id=account_id)))
+                conn.reply(wire.Authenticated(rid=req.rid, account_id=account_id))
             case wire.CreateCollab():
                 await self._create_collab(conn, req)
             case wire.PutKeystore():
@@ -351,11 +349,7 @@ class Relay:
                     raise RequestRefused(
                         wire.ErrorCode.NOT_FOUND, "this account has no stored keystore"
                     )
-                conn.reply(
-                    wire.encode(
-                        wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob)
-                    )
-                )
+                conn.reply(wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob))
             case wire.Subscribe():
                 await self._require_member(conn, req.collab_id)
                 if req.from_seq < 1:
@@ -368,9 +362,7 @@ class Relay:
                 sub = Subscription(req.collab_id, req.from_seq, conn, follow=req.follow)
                 subscriptions[req.collab_id] = sub
                 conn.reply(
-                    wire.encode(
-                        wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
-                    )
+                    wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
                 )
                 nursery.start_soon(self._stream, sub, subscriptions)
             case wire.Unsubscribe():
@@ -378,7 +370,7 @@ class Relay:
                 if found is None:
                     raise RequestRefused(wire.ErrorCode.NOT_FOUND, "not subscribed to this collab")
                 self.fanout.remove(found)
-                conn.reply(wire.encode(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id)))
+                conn.reply(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id))
             case wire.GetAccount():
                 _require_auth(conn)
                 if req.account_id is not None:
@@ -394,14 +386,12 @@ class Relay:
                 if row is None:
                     raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
                 conn.reply(
-                    wire.encode(
-                        wire.AccountInfo(
-                            rid=req.rid,
-                            account_id=row.account_id,
-                            handle=row.handle,
-                            sign_pk=row.sign_pk,
-                            box_pk=row.box_pk,
-                        )
+                    wire.AccountInfo(
+                        rid=req.rid,
+                        account_id=row.account_id,
+                        handle=row.handle,
+                        sign_pk=row.sign_pk,
+                        box_pk=row.box_pk,
                     )
                 )
 
@@ -478,7 +468,7 @@ class Relay:
                 wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
             ) from None
         log.info("account_created", account_id=account_id)
-        conn.reply(wire.encode(wire.SignedUp(rid=req.rid, account_id=account_id)))
+        conn.reply(wire.SignedUp(rid=req.rid, account_id=account_id))
 
     async def _create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
         """Only the account key can create a collab: a session token alone cannot (SO-5)."""
@@ -505,7 +495,7 @@ class Relay:
             ) from None
         conn.member_of.add(req.collab_id)
         log.info("collab_created", collab_id=req.collab_id, account_id=account_id)
-        conn.reply(wire.encode(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id)))
+        conn.reply(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id))
 
     async def _put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
         """Keystore writes need the account key: a stolen session cannot replace, roll back or
@@ -527,7 +517,7 @@ class Relay:
         log.info(
             "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
         )
-        conn.reply(wire.encode(wire.KeystoreStored(rid=req.rid, version=req.version)))
+        conn.reply(wire.KeystoreStored(rid=req.rid, version=req.version))
 
     async def _put_artifact_chunk(self, conn: Connection, req: wire.PutArtifactChunk) -> None:
         """Store one piece of an upload; on the final piece check the whole upload's hash.
@@ -568,7 +558,7 @@ class Relay:
             ) from None
         upload.next_index += 1
         if not req.final:
-            conn.reply(wire.encode(wire.ArtifactChunkStored(rid=req.rid, index=req.index)))
+            conn.reply(wire.ArtifactChunkStored(rid=req.rid, index=req.index))
             return
         del conn.uploads[req.upload]
         if upload.hasher.ref() != req.ref:
@@ -586,7 +576,7 @@ class Relay:
             upload.next_index,
         )
         log.info("artifact_stored", collab_id=req.collab_id, size=upload.size)
-        conn.reply(wire.encode(wire.ArtifactStored(rid=req.rid, ref=req.ref, size=upload.size)))
+        conn.reply(wire.ArtifactStored(rid=req.rid, ref=req.ref, size=upload.size))
 
     async def _send_artifact(self, conn: Connection, rid: int, found: ArtifactRow) -> None:
         """Stream the stored pieces a page at a time, paced by the client's socket."""
@@ -644,11 +634,7 @@ class Relay:
         )
         self._bind(conn, row, expires)
         conn.reply(
-            wire.encode(
-                wire.LoggedIn(
-                    rid=req.rid, account_id=row.account_id, token=token, expires_at=expires
-                )
-            )
+            wire.LoggedIn(rid=req.rid, account_id=row.account_id, token=token, expires_at=expires)
         )
 
     async def _rehash(self, row: AccountRow, password: str) -> None:
