@@ -8,7 +8,8 @@ catching up is paced by its own socket.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -18,10 +19,22 @@ from model import wire
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
+    from model.artifacts import RefHasher
+
 OUTBOX_FRAMES: Final = 8192
 # Coalesced messages stay well under the WebSocket cap every peer accepts (WS_HARD_LIMIT).
 BATCH_BYTES: Final = 256 * 1024
 CLOSE_TIMEOUT: Final = 2.0
+
+
+@dataclass
+class ArtifactUpload:
+    """An artifact upload in progress on one connection: where it goes, how far it got."""
+
+    collab_id: str
+    hasher: RefHasher
+    next_index: int = 0
+    size: int = 0
 
 
 class Connection:
@@ -30,7 +43,7 @@ class Connection:
         self.account_id: str | None = None
         self.sign_pk: bytes = b""
         self.session_expires_at = 0.0
-        self.uploads: dict[str, Any] = {}  # artifact uploads in progress (relay._server._Upload)
+        self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
         self.member_of: set[str] = set()
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)

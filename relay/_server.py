@@ -48,7 +48,7 @@ from model.errors import InvalidEvent
 from model.ids import is_id, new_id
 from model.proofs import CREATE_COLLAB_MAX_SKEW_MS, verify_create_collab, verify_keystore_write
 from relay import _auth, _throttle
-from relay._connection import Connection
+from relay._connection import ArtifactUpload, Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
 from relay._writer import LedgerWriter
 
@@ -68,16 +68,6 @@ SHUTDOWN_CLOSE_CODE: Final = 1001
 MAX_ARTIFACT_BYTES: Final = 64 * 1024 * 1024
 MAX_UPLOADS: Final = 4
 UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-
-
-@dataclass
-class _Upload:
-    """An artifact upload in progress on one connection."""
-
-    collab_id: str
-    hasher: RefHasher
-    next_index: int = 0
-    size: int = 0
 
 
 SHUTDOWN_GRACE: Final = 5.0
@@ -533,7 +523,7 @@ class Relay:
                     wire.ErrorCode.INVALID_REQUEST,
                     f"upload ids are 16-64 letters, digits, '_' or '-'; at most {MAX_UPLOADS} uploads at once",
                 )
-            upload = conn.uploads[req.upload] = _Upload(req.collab_id, RefHasher())
+            upload = conn.uploads[req.upload] = ArtifactUpload(req.collab_id, RefHasher())
         if upload is None or upload.collab_id != req.collab_id or req.index != upload.next_index:
             conn.uploads.pop(req.upload, None)
             raise RequestRefused(
