@@ -4,12 +4,14 @@ Everything a bot author needs is re-exported here.
 """
 
 from clientkit._client import Client as Client
-from clientkit._client import Delivered as Delivered
+from clientkit._client import History as History
 from clientkit._client import connect as connect
+from clientkit._collab import describe as describe
 from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
 from clientkit.errors import ClientError as ClientError
 from clientkit.errors import ConnectionLost as ConnectionLost
+from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
@@ -17,3 +19,5 @@ from clientkit.errors import RelayRefused as RelayRefused
 from clientkit.errors import ReorderDetected as ReorderDetected
 from clientkit.errors import TamperDetected as TamperDetected
 from clientkit.errors import WithholdingDetected as WithholdingDetected
+from model.view import CollabView as CollabView
+from model.view import Entry as Entry

@@ -14,7 +14,6 @@ import itertools
 import secrets
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -22,9 +21,12 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
+from clientkit import _collab
 from clientkit._transport import CONNECT_TIMEOUT, open_websocket
 from clientkit.errors import (
     ConnectionLost,
+    ForkDetected,
+    IntegrityAlarm,
     ReceiptInvalid,
     RelayIdentityChanged,
     RelayRefused,
@@ -34,47 +36,26 @@ from clientkit.errors import (
 )
 from model import content as contentmod
 from model import wire
-from model._crypto import CryptoError
 from model.artifacts import RefHasher
-from model.chain import Head, Receipt, advance, start_of, verify_receipt
-from model.envelope import decode_body, event_id, open_content, seal_event, verify_event
-from model.errors import ModelError
+from model.chain import Receipt, verify_receipt
+from model.envelope import event_id, seal_event
+from model.errors import ChainMismatch
 from model.ids import new_id
-from model.proofs import sign_create_collab, sign_keystore_write
+from model.proofs import sign_keystore_write
+from model.view import CollabView, Entry, ViewRejected
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 
+    import nacl.public
     import nacl.signing
 
+    from model.chain import Head
     from model.envelope import SignedEvent
+    from model.membership import Operation
 
 R = TypeVar("R", bound=wire.Reply)
 SUBSCRIPTION_BUFFER: Final = 10_000
-
-
-@dataclass(frozen=True)
-class Delivered:
-    """A verified, decrypted event from a collab's history."""
-
-    collab_id: str
-    seq: int
-    author_id: str
-    kind: str
-    ts: int
-    content: contentmod.Content
-    chain: bytes
-    event_id: bytes
-
-    @property
-    def text(self) -> str:
-        match self.content:
-            case contentmod.Message(text=text):
-                return text
-            case contentmod.Attachment(name=name, size=size, ref=ref):
-                return f"[file {name!r}, {size} bytes: {ref}]"
-            case contentmod.CollabMeta(name=name):
-                return f"[collab named {name!r}]"
 
 
 class Client:
@@ -116,7 +97,7 @@ class Client:
             case wire.Welcome():
                 self.relay_pk = frame.relay_pk
                 self._welcome.set()
-            case wire.Event() | wire.CaughtUp() | wire.SubscriptionEnded():
+            case wire.Event() | wire.Withheld() | wire.CaughtUp() | wire.SubscriptionEnded():
                 chan = self._subs.get(frame.collab_id)
                 if chan is not None and frame.collab_id not in self._draining:
                     if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
@@ -169,7 +150,7 @@ class Client:
         except trio.EndOfChannel:
             raise self._closed or ConnectionLost() from None
         if isinstance(reply, wire.Error):
-            raise RelayRefused(reply.code, reply.message)
+            raise RelayRefused(reply.code, reply.message, head_seq=reply.head_seq)
         if not isinstance(reply, expect):
             raise RelayRefused(wire.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
         return reply
@@ -251,20 +232,67 @@ class Client:
             self._accounts[account_id] = info
         return info
 
+    async def lookup(self, handle: str) -> wire.AccountInfo:
+        """An account by handle, from the relay's directory (use its keys only to add a
+        member, after comparing fingerprints; the fold pins them from then on)."""
+        info = await self.request(
+            lambda rid: wire.GetAccount(rid=rid, handle=handle), wire.AccountInfo
+        )
+        if info.handle != handle:
+            raise TamperDetected("relay answered for another handle", collab_id="-", seq=None)
+        return info
+
     # --- collabs and events -------------------------------------------------------------------
 
-    async def create_collab(self, signing_key: nacl.signing.SigningKey) -> str:
-        """Create a collab owned by this account; the account key signs the creation."""
+    async def create_collab(
+        self, signing_key: nacl.signing.SigningKey, box_pk: bytes
+    ) -> tuple[str, bytes]:
+        """Create a collab owned by this account: its genesis proof, signed by the account key,
+        wraps epoch 0's fresh key for this account. Returns the collab id and that key."""
+        account_id = self._me()
+        collab_id = new_id("c")
+        genesis, key = _collab.genesis(signing_key, account_id, box_pk, collab_id, _now_ms())
+        reply = await self.request(
+            lambda rid: wire.CreateCollab(rid=rid, event=genesis), wire.CollabCreated
+        )
+        return reply.collab_id, key
+
+    def _me(self) -> str:
         if self.account_id is None:
             raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in first")
-        collab_id = new_id("c")
-        ts = int(time.time() * 1000)
-        sig = sign_create_collab(signing_key, collab_id, self.account_id, ts)
-        reply = await self.request(
-            lambda rid: wire.CreateCollab(rid=rid, collab_id=collab_id, ts=ts, sig=sig),
-            wire.CollabCreated,
-        )
-        return reply.collab_id
+        return self.account_id
+
+    async def read(self, collab_id: str, box_key: nacl.public.PrivateKey) -> CollabView:
+        """This account's verified view of the collab's whole history up to the relay's head."""
+        async with self.history(collab_id, box_key) as events:
+            async for _ in events:
+                pass
+        return events.view
+
+    async def manage(
+        self,
+        signing_key: nacl.signing.SigningKey,
+        box_key: nacl.public.PrivateKey,
+        collab_id: str,
+        change: Callable[[CollabView], Operation],
+        *,
+        attempts: int = 3,
+    ) -> tuple[wire.Appended, CollabView]:
+        """Make a management change against a freshly verified head.
+
+        `change` builds the operation from the view (e.g. ``lambda v: _collab.remove(v, id)``);
+        it runs again, drawing any new key afresh, when another change landed first. Returns
+        the ack and the view the change was made against.
+        """
+        for attempt in range(attempts):
+            view = await self.read(collab_id, box_key)
+            signed = _collab.proposal(view, signing_key, change(view), _now_ms())
+            try:
+                return await self.append(signed), view
+            except RelayRefused as exc:
+                if exc.code is not wire.ErrorCode.STALE or attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def append(self, signed: SignedEvent) -> wire.Appended:
         """Submit a signed event; return the ack once its receipt checks out.
@@ -330,7 +358,9 @@ class Client:
         content: contentmod.Content,
         ts: int,
         refs: tuple[str, ...] = (),
+        epoch: int = 0,
     ) -> wire.Appended:
+        """Seal `content` under the collab key of `epoch` and append it."""
         if self.account_id is None:
             raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in before posting")
         signed = seal_event(
@@ -342,6 +372,7 @@ class Client:
             ts=ts,
             content=contentmod.encode_content(content),
             refs=refs,
+            epoch=epoch,
         )
         return await self.append(signed)
 
@@ -442,58 +473,25 @@ class Client:
     async def history(
         self,
         collab_id: str,
-        collab_key: bytes,
+        box_key: nacl.public.PrivateKey,
         *,
-        head: Head | None = None,
+        view: CollabView | None = None,
+        expect: Head | None = None,
         follow: bool = False,
     ) -> AsyncIterator[History]:
-        """Verified, decrypted events after `head` (default: from the start of the collab).
+        """Verified entries of a collab, folded by this client (model/view.py).
 
-        Use as ``async with client.history(...) as events: async for ev in events: …``.
-        Every event's author signature, collab binding, seq and chain hash are checked against
-        what this client has verified itself. Iteration raises an `IntegrityAlarm` subclass and
-        stops on the first event that does not verify, and `ConnectionLost` if the relay goes
-        away. Without `follow` it ends once the history up to the relay's current head is in.
+        Use as ``async with client.history(...) as events: async for entry in events: …``.
+        Reading starts at the genesis, or where `view` (a previous `History.view`) left off.
+        Every event is checked against the chain and the membership this client folded itself;
+        iteration raises an `IntegrityAlarm` subclass and stops on the first that does not
+        verify, and `ConnectionLost` if the relay goes away. `expect` is a head this device
+        verified before: a history that does not pass through it raises `ForkDetected`.
+        Without `follow` it ends once the history up to the relay's current head is in.
         """
-        start = head or start_of(collab_id)
-        async with self.subscribe(collab_id, start.seq + 1, follow=follow) as frames:
-            yield History(self, collab_id, collab_key, start, frames, follow=follow)
-
-    async def _verify_delivery(
-        self, collab_id: str, collab_key: bytes, head: Head, frame: wire.Event
-    ) -> Delivered:
-        if frame.seq <= head.seq:
-            raise ReorderDetected(
-                f"seq {frame.seq} arrived after {head.seq}", collab_id=collab_id, seq=frame.seq
-            )
-        if frame.seq > head.seq + 1:
-            raise WithholdingDetected(
-                f"seqs {head.seq + 1}..{frame.seq - 1} are missing",
-                collab_id=collab_id,
-                seq=frame.seq,
-            )
-        try:
-            author = decode_body(frame.event.body).actor_id
-            info = await self.account(author)
-            verified = verify_event(frame.event, info.sign_pk)
-            if verified.body.collab_id != collab_id or frame.collab_id != collab_id:
-                raise TamperDetected(
-                    "event belongs to another collab", collab_id=collab_id, seq=frame.seq
-                )
-            advance(head, frame.seq, verified.event_id, frame.chain)
-            content = contentmod.decode_content(open_content(verified, collab_key))
-        except (ModelError, CryptoError) as exc:
-            raise TamperDetected(str(exc), collab_id=collab_id, seq=frame.seq) from None
-        except RelayRefused as exc:
-            raise TamperDetected(
-                f"author of the event is unknown to the relay ({exc.code})",
-                collab_id=collab_id,
-                seq=frame.seq,
-            ) from None
-        b = verified.body
-        return Delivered(
-            collab_id, frame.seq, b.actor_id, b.kind, b.ts, content, frame.chain, verified.event_id
-        )
+        view = view or CollabView(collab_id, self._me(), box_key)
+        async with self.subscribe(collab_id, view.head.seq + 1, follow=follow) as frames:
+            yield History(self, view, frames, follow=follow, expect=expect)
 
 
 class _ArtifactPieces:
@@ -523,53 +521,98 @@ class _ArtifactPieces:
 
 
 class History:
-    """An async iterator of verified `Delivered` events; `head` is the last verified position."""
+    """An async iterator of verified `Entry`s; `view` is this client's fold so far."""
 
     def __init__(
         self,
         client: Client,
-        collab_id: str,
-        collab_key: bytes,
-        head: Head,
+        view: CollabView,
         frames: trio.MemoryReceiveChannel[wire.Reply],
         *,
         follow: bool,
+        expect: Head | None,
     ) -> None:
         self._client = client
-        self._collab_id = collab_id
-        self._collab_key = collab_key
-        self.head = head
+        self.view = view
         self._frames = frames
         self._follow = follow
+        self._expect = expect
         self._done = False
+
+    @property
+    def head(self) -> Head:
+        return self.view.head
 
     def __aiter__(self) -> History:
         return self
 
-    async def __anext__(self) -> Delivered:
+    def _alarm(self, kind: type[IntegrityAlarm], message: str, seq: int | None) -> IntegrityAlarm:
+        return kind(message, collab_id=self.view.collab_id, seq=seq)
+
+    async def __anext__(self) -> Entry:
         while not self._done:
             try:
                 frame = await self._frames.receive()
             except trio.EndOfChannel:
                 raise self._client._closed or ConnectionLost() from None
+            head = self.view.head
             match frame:
                 case wire.CaughtUp():
-                    if frame.seq > self.head.seq:
-                        raise WithholdingDetected(
-                            f"relay says it sent up to {frame.seq} but only {self.head.seq} arrived",
-                            collab_id=self._collab_id,
-                            seq=self.head.seq + 1,
+                    if frame.seq > head.seq:
+                        raise self._alarm(
+                            WithholdingDetected,
+                            f"relay says it sent up to {frame.seq} but only {head.seq} arrived",
+                            head.seq + 1,
+                        )
+                    if self._expect is not None and self._expect.seq > head.seq:
+                        raise self._alarm(
+                            ForkDetected,
+                            f"this device verified seq {self._expect.seq} before, but the relay's"
+                            f" history ends at {head.seq}: it was rolled back",
+                            head.seq,
                         )
                     self._done = not self._follow
                 case wire.SubscriptionEnded():
+                    if self.view.membership is not None and not self.view.is_member:
+                        self._done = True  # removed: the relay ends the stream, as it should
+                        continue
                     raise ConnectionLost(None, frame.reason)
-                case wire.Event():
-                    delivered = await self._client._verify_delivery(
-                        self._collab_id, self._collab_key, self.head, frame
-                    )
-                    self.head = Head(delivered.seq, delivered.chain)
-                    return delivered
+                case wire.Event() | wire.Withheld():
+                    entry = self._verify(frame, head)
+                    self._check_expected()
+                    return entry
         raise StopAsyncIteration
+
+    def _verify(self, frame: wire.Event | wire.Withheld, head: Head) -> Entry:
+        if frame.collab_id != self.view.collab_id:
+            raise self._alarm(TamperDetected, "event belongs to another collab", frame.seq)
+        if frame.seq <= head.seq:
+            raise self._alarm(
+                ReorderDetected, f"seq {frame.seq} arrived after {head.seq}", frame.seq
+            )
+        if frame.seq > head.seq + 1:
+            raise self._alarm(
+                WithholdingDetected, f"seqs {head.seq + 1}..{frame.seq - 1} are missing", frame.seq
+            )
+        try:
+            if isinstance(frame, wire.Withheld):
+                return self.view.ingest_withheld(frame.seq, frame.event_id, frame.chain)
+            return self.view.ingest(frame.seq, frame.event, frame.chain)
+        except (ViewRejected, ChainMismatch) as exc:
+            raise self._alarm(TamperDetected, str(exc), frame.seq) from None
+
+    def _check_expected(self) -> None:
+        expect, head = self._expect, self.view.head
+        if expect is not None and head.seq == expect.seq and head.chain != expect.chain:
+            raise self._alarm(
+                ForkDetected,
+                f"the history at seq {head.seq} differs from the one this device verified before",
+                head.seq,
+            )
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 @asynccontextmanager

@@ -11,6 +11,7 @@ import getpass
 import os
 import sys
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -20,18 +21,27 @@ import nacl.public
 import nacl.signing
 import trio
 
+from clientkit import _collab
 from clientkit._client import Client, connect
+from clientkit._collab import describe, fingerprint
 from clientkit._home import Home, HomeError, Profile, kdf_profile
 from clientkit._passphrase import WeakPassphrase, check_passphrase
 from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused, TamperDetected
-from model import artifacts, keystore, recovery, wire
+from model import artifacts, dm, keystore, recovery, wire
 from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
+from model.envelope import seal_event
+from model.epochs import NotARecipient
+from model.membership import AddMember, Member, MemberKind, Role
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable, Coroutine, Iterator
+    from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
     from typing import Any
+
+    from model.envelope import SignedEvent
+    from model.membership import Operation
+    from model.view import CollabView, Entry
 
 EXIT_FAILED = 1
 EXIT_INTEGRITY = 3
@@ -70,16 +80,9 @@ class Unlocked:
     def signing_key(self) -> nacl.signing.SigningKey:
         return nacl.signing.SigningKey(self.keys.sign_seed)
 
-    def collab_key(self, collab_id: str) -> bytes:
-        key = self.keys.collab_keys.get(collab_id)
-        if key is None:
-            raise CliError(f"this device holds no key for {collab_id}: are you a member of it?")
-        return key
-
-    def add_collab_key(self, collab_id: str, key: bytes) -> None:
-        """Keep a collab key: sealed on disk at once, uploaded by `sync_keystore`."""
-        self.keys.collab_keys[collab_id] = key
-        self.replace_sealed(keystore.reseal(self.sealed, self.keystore_key, self.keys))
+    @property
+    def box_key(self) -> nacl.public.PrivateKey:
+        return nacl.public.PrivateKey(self.keys.box_sk)
 
     def replace_sealed(self, sealed: keystore.SealedKeystore) -> None:
         self.sealed = sealed
@@ -136,14 +139,16 @@ class Unlocked:
             raise CliError(
                 "the keystore on the relay is not one this device can open; refusing to merge"
             ) from None
-        merged = theirs.collab_keys | self.keys.collab_keys
-        changed = merged != theirs.collab_keys
-        self.keys.collab_keys = merged
+        if (theirs.sign_seed, theirs.box_sk) != (self.keys.sign_seed, self.keys.box_sk):
+            raise CliError(
+                "the keystore on the relay holds other account keys than this device; refusing"
+                " to adopt it"
+            )
+        # Adopt their wrapping (it may carry a new passphrase) around the same keys.
         self.profile.keystore_version = stored.version
-        # Keep their wrapping (it may carry a new passphrase) around the merged content.
-        self.sealed = keystore.reseal(theirs_sealed, self.keystore_key, self.keys)
+        self.sealed = theirs_sealed
         self.home.save_keystore(self.sealed)
-        self.profile.keystore_synced = not changed
+        self.profile.keystore_synced = True
         self.home.save_profile(self.profile)
 
 
@@ -300,7 +305,7 @@ async def cmd_restore(args: argparse.Namespace) -> None:
                 keystore_version=stored.version,
             )
         )
-    print(f"restored {args.handle} on this device: {len(keys.collab_keys)} collab key(s)")
+    print(f"restored {args.handle} on this device; its collabs' keys come from their ledgers")
 
 
 async def cmd_recover(args: argparse.Namespace) -> None:
@@ -391,13 +396,8 @@ async def cmd_login(args: argparse.Namespace) -> None:
 
 async def cmd_collab_create(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
-        await me.sync_keystore(client)
-        collab_id = await client.create_collab(me.signing_key)
-        key = random_bytes(32)
-        me.add_collab_key(collab_id, key)
-        await me.sync_keystore(client)
+    async with _connected(me) as client:
+        collab_id, key = await client.create_collab(me.signing_key, bytes(me.box_key.public_key))
         await client.post(
             signing_key=me.signing_key,
             collab_key=key,
@@ -408,51 +408,222 @@ async def cmd_collab_create(args: argparse.Namespace) -> None:
     print(collab_id)
 
 
-async def cmd_post(args: argparse.Namespace) -> None:
-    me = await _unlock(Home.from_env())
+@asynccontextmanager
+async def _connected(me: Unlocked) -> AsyncIterator[Client]:
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
-        await me.sync_keystore(client)
-        ack = await client.post(
+        await me.sync_keystore(client)  # also notices a relay rolling the keystore back
+        yield client
+
+
+async def _read(client: Client, me: Unlocked, collab_id: str) -> CollabView:
+    """This device's own verified view of the collab (the whole history, folded)."""
+    try:
+        return await client.read(collab_id, me.box_key)
+    except RelayRefused as exc:
+        if exc.code is wire.ErrorCode.UNAUTHORIZED:
+            raise CliError(f"you are not a member of {collab_id} (or it does not exist)") from None
+        raise
+
+
+async def _post(
+    client: Client,
+    me: Unlocked,
+    collab_id: str,
+    seal: Callable[[CollabView], SignedEvent],
+) -> wire.Appended:
+    """Seal against a freshly verified view; if the key rotated meanwhile, re-read and retry."""
+    for attempt in range(3):
+        view = await _read(client, me, collab_id)
+        try:
+            return await client.append(seal(view))
+        except RelayRefused as exc:
+            if exc.code is not wire.ErrorCode.STALE or attempt == 2:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sealer(
+    me: Unlocked, collab_id: str, content: contentmod.Content, refs: tuple[str, ...] = ()
+) -> Callable[[CollabView], SignedEvent]:
+    def seal(view: CollabView) -> SignedEvent:
+        try:
+            epoch, key = view.current_key()
+        except NotARecipient:
+            raise CliError(f"you are not a member of {collab_id} any more") from None
+        return seal_event(
             signing_key=me.signing_key,
-            collab_key=me.collab_key(args.collab),
-            collab_id=args.collab,
-            content=contentmod.Message(text=args.text),
+            collab_key=key,
+            collab_id=collab_id,
+            actor_id=view.account_id,
+            kind=contentmod.kind_of(content),
             ts=_now_ms(),
+            content=contentmod.encode_content(content),
+            refs=refs,
+            epoch=epoch,
+        )
+
+    return seal
+
+
+async def cmd_post(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        ack = await _post(
+            client, me, args.collab, _sealer(me, args.collab, contentmod.Message(text=args.text))
         )
     print(f"posted as seq {ack.seq}{' (already posted)' if ack.duplicate else ''}")
 
 
-async def cmd_attach(args: argparse.Namespace) -> None:
-    """Seal a file under the collab key, upload it piece by piece, and post a reference."""
+async def _member(client: Client, view: CollabView, handle: str) -> Member:
+    """The member with this handle, with the keys *this device's fold* pinned for them."""
+    info = await _lookup(client, handle)
+    assert view.membership is not None
+    member = view.membership.members.get(info.account_id)
+    if member is None:
+        raise CliError(f"{handle} is not a member of {view.collab_id}")
+    return member
+
+
+async def _lookup(client: Client, handle: str) -> wire.AccountInfo:
+    try:
+        return await client.lookup(handle)
+    except RelayRefused as exc:
+        if exc.code is wire.ErrorCode.NOT_FOUND:
+            raise CliError(f"no account is called {handle!r} on this relay") from None
+        raise
+
+
+async def cmd_collab_add(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    key = me.collab_key(args.collab)
+    async with _connected(me) as client:
+        info = await _lookup(client, args.handle)
+        kind = MemberKind.AGENT if args.agent else MemberKind.HUMAN
+        new = Member(info.account_id, Role(args.role), kind, info.sign_pk, info.box_pk)
+        ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
+    print(
+        f"added {args.handle} as {args.role} at seq {ack.seq}; their key fingerprint is"
+        f" {fingerprint(info.sign_pk, info.box_pk)} — check it with them out of band"
+    )
+
+
+async def cmd_collab_remove(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        target = await _member(client, view, args.handle)
+        ack, view = await _manage(
+            client, me, args.collab, lambda v: _collab.remove(v, target.account_id)
+        )
+    assert view.membership is not None
+    print(
+        f"removed {args.handle} at seq {ack.seq}; the collab key rotated to epoch"
+        f" {view.membership.epoch + 1}, wrapped only for the {len(view.membership.members) - 1}"
+        " remaining member(s)"
+    )
+
+
+async def cmd_collab_role(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        target = await _member(client, view, args.handle)
+        role = Role(args.role)
+        ack, _ = await _manage(
+            client, me, args.collab, lambda _v: _collab.change_role(target.account_id, role)
+        )
+    print(f"{args.handle} is now {args.role} (seq {ack.seq})")
+
+
+async def cmd_collab_rotate(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        ack, view = await _manage(client, me, args.collab, _collab.rotate)
+    assert view.membership is not None
+    print(f"rotated the collab key to epoch {view.membership.epoch + 1} at seq {ack.seq}")
+
+
+async def _manage(
+    client: Client, me: Unlocked, collab_id: str, change: Callable[[CollabView], Operation]
+) -> tuple[wire.Appended, CollabView]:
+    try:
+        return await client.manage(me.signing_key, me.box_key, collab_id, change)
+    except RelayRefused as exc:
+        if exc.code in (wire.ErrorCode.UNAUTHORIZED, wire.ErrorCode.INVALID_EVENT):
+            raise CliError(f"the change was refused: {exc.message}") from None
+        raise
+
+
+async def cmd_collab_members(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        assert view.membership is not None
+        print(f"{args.collab}: epoch {view.membership.epoch}, head seq {view.head.seq}")
+        for m in view.membership.readers():
+            handle = (await client.account(m.account_id)).handle
+            print(f"{handle}\t{m.role.value}\t{m.kind.value}\t{fingerprint(m.sign_pk, m.box_pk)}")
+
+
+async def cmd_dm(args: argparse.Namespace) -> None:
+    """A direct message, sealed to the recipient's key as this device's fold pinned it."""
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        to = await _member(client, view, args.handle)
+
+        def seal(view: CollabView) -> SignedEvent:
+            assert view.membership is not None
+            return dm.seal_dm(
+                signing_key=me.signing_key,
+                sender_box_key=me.box_key,
+                recipient_box_pk=to.box_pk,
+                collab_id=args.collab,
+                sender_id=view.account_id,
+                recipient_id=to.account_id,
+                ts=_now_ms(),
+                epoch=view.membership.epoch,
+                content=contentmod.encode_content(contentmod.Message(text=args.text)),
+            )
+
+        ack = await _post(client, me, args.collab, seal)
+    print(f"sent a direct message to {args.handle} as seq {ack.seq}")
+
+
+async def cmd_attach(args: argparse.Namespace) -> None:
+    """Seal a file under a fresh file key, upload it piece by piece, and post a reference
+    (with the file key, under the collab key) so exactly the collab's readers can open it."""
+    me = await _unlock(Home.from_env())
     name, size = _file_facts(args.file)
-    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
+    file_key = random_bytes(32)
+    async with _connected(me) as client:
         stored = await client.upload_artifact(
-            args.collab, artifacts.seal_stream(key, args.collab, _read_pieces(args.file))
+            args.collab, artifacts.seal_stream(file_key, args.collab, _read_pieces(args.file))
         )
-        await client.post(
-            signing_key=me.signing_key,
-            collab_key=key,
-            collab_id=args.collab,
-            content=contentmod.Attachment(name=name, size=size, ref=stored.ref),
-            ts=_now_ms(),
-            refs=(stored.ref,),
-        )
+        attachment = contentmod.Attachment(name=name, size=size, ref=stored.ref, key=file_key)
+        await _post(client, me, args.collab, _sealer(me, args.collab, attachment, (stored.ref,)))
     print(stored.ref)
 
 
 async def cmd_fetch(args: argparse.Namespace) -> None:
     """Download an artifact to a spool file, then check it against its ref and decrypt it into
-    OUT piece by piece; only a complete, verified file replaces OUT. Memory stays bounded."""
+    OUT piece by piece; only a complete, verified file replaces OUT. Memory stays bounded.
+
+    The file key comes from the attachment event, read through this device's verified view."""
     me = await _unlock(Home.from_env())
-    key = me.collab_key(args.collab)
     out = Path(args.out)
     spool = out.with_name(f".{out.name}.download")
-    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
+    async with _connected(me) as client:
+        key = None
+        async with client.history(args.collab, me.box_key) as events:
+            async for entry in events:
+                if (
+                    isinstance(entry.content, contentmod.Attachment)
+                    and entry.content.ref == args.ref
+                ):
+                    key = entry.content.key
+        if key is None:
+            raise CliError(f"no attachment you can read in {args.collab} has the ref {args.ref}")
         with _Spool(spool) as writer:
             async with client.download_artifact(args.collab, args.ref) as pieces:
                 async for piece in pieces:
@@ -525,31 +696,38 @@ def _open_spool(spool: Path, out: Path, key: bytes, collab_id: str, ref: str) ->
 
 async def cmd_tail(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    heads = me.home.load_heads()
-    start = heads.get(args.collab)
-    # Verification always starts from a head this device verified itself (or the genesis), so
-    # `--from` only filters what is printed, never what is checked.
-    if start is not None and start.seq >= args.from_seq:
-        start = None
-    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
-        await me.sync_keystore(client)
-        handles: dict[str, str] = {}
+    # Verification always starts at the genesis (the membership fold needs every change), so
+    # `--from` only filters what is printed. The head saved last time must be on the path.
+    saved = me.home.load_heads().get(args.collab)
+    async with _connected(me) as client:
+        names: dict[str, str] = {}
         async with client.history(
-            args.collab, me.collab_key(args.collab), head=start, follow=args.follow
+            args.collab, me.box_key, expect=saved, follow=args.follow
         ) as events:
             try:
-                async for ev in events:
-                    if ev.seq % 100 == 0:
+                async for entry in events:
+                    if entry.seq % 100 == 0 and (saved is None or entry.seq > saved.seq):
                         me.home.save_head(args.collab, events.head)
-                    if ev.seq < args.from_seq:
+                    if entry.seq < args.from_seq:
                         continue
-                    if ev.author_id not in handles:
-                        handles[ev.author_id] = (await client.account(ev.author_id)).handle
-                    print(f"{ev.seq}\t{handles[ev.author_id]}\t{ev.text}", flush=True)
+                    for account_id in (entry.author_id, entry.dm_to, *_mentioned(entry)):
+                        if account_id and account_id not in names:
+                            names[account_id] = (await client.account(account_id)).handle
+                    author = names.get(entry.author_id, "-")
+                    print(f"{entry.seq}\t{author}\t{describe(entry, names)}", flush=True)
             finally:
                 # Only verified positions are saved, so a relay cannot roll this device back.
-                me.home.save_head(args.collab, events.head)
+                if saved is None or events.head.seq >= saved.seq:
+                    me.home.save_head(args.collab, events.head)
+
+
+def _mentioned(entry: Entry) -> list[str]:
+    if entry.proof is None:
+        return []
+    op = entry.proof.op
+    if isinstance(op, AddMember):
+        return [op.member.account_id]
+    return [getattr(op, "account_id", "")]
 
 
 def _now_ms() -> int:
@@ -590,6 +768,35 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = collab.add_parser("create", help="create a collab (prints its id)")
     p.add_argument("name")
     p.set_defaults(run=cmd_collab_create)
+    p = collab.add_parser("add", help="add a member (owners and managers)")
+    p.add_argument("collab")
+    p.add_argument("handle")
+    p.add_argument("--role", choices=[r.value for r in Role], default=Role.MEMBER.value)
+    p.add_argument(
+        "--agent", action="store_true", help="the account is a bot: no management powers"
+    )
+    p.set_defaults(run=cmd_collab_add)
+    p = collab.add_parser("remove", help="remove a member and rotate the collab key")
+    p.add_argument("collab")
+    p.add_argument("handle")
+    p.set_defaults(run=cmd_collab_remove)
+    p = collab.add_parser("role", help="change a member's role (owners)")
+    p.add_argument("collab")
+    p.add_argument("handle")
+    p.add_argument("role", choices=[r.value for r in Role])
+    p.set_defaults(run=cmd_collab_role)
+    p = collab.add_parser("rotate", help="rotate the collab key without a membership change")
+    p.add_argument("collab")
+    p.set_defaults(run=cmd_collab_rotate)
+    p = collab.add_parser("members", help="list members as this device verified them")
+    p.add_argument("collab")
+    p.set_defaults(run=cmd_collab_members)
+
+    p = sub.add_parser("dm", help="send a direct message to one member of a collab")
+    p.add_argument("collab")
+    p.add_argument("handle")
+    p.add_argument("text")
+    p.set_defaults(run=cmd_dm)
 
     p = sub.add_parser("post", help="post a message to a collab")
     p.add_argument("collab")

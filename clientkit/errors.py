@@ -15,10 +15,11 @@ class ClientError(Exception):
 class RelayRefused(ClientError):
     """The relay answered a request with a typed error frame."""
 
-    def __init__(self, code: wire.ErrorCode, message: str) -> None:
+    def __init__(self, code: wire.ErrorCode, message: str, *, head_seq: int | None = None) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+        self.head_seq = head_seq  # with code `stale`: the head to make the request against
 
 
 class ConnectionLost(ClientError):
@@ -53,6 +54,11 @@ class WithholdingDetected(IntegrityAlarm):
 
 class ReorderDetected(IntegrityAlarm):
     """The relay delivered a seq out of order or again."""
+
+
+class ForkDetected(IntegrityAlarm):
+    """The relay's history does not pass through a head this device verified before (it was
+    rolled back, or this device is being shown a different history than before)."""
 
 
 class ReceiptInvalid(IntegrityAlarm):

@@ -1,4 +1,5 @@
-"""`cozy relay serve|migrate|verify-ledger|lockouts|rotate-jwt-key` and `cozy dev`."""
+"""`cozy relay serve|migrate|verify-ledger|rebuild-projections|lockouts|rotate-jwt-key` and
+`cozy dev`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from ledger import Ledger, LedgerError, migrate
+from model.errors import ModelError
 from relay import _throttle
 from relay._run import run_relay
 from relay.config import (
@@ -56,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except ModelError as exc:  # a management event in the ledger does not fold
+        print(f"error: {exc}; run `cozy relay verify-ledger` to find tampering", file=sys.stderr)
+        return 2
 
 
 async def _serve(config: RelayConfig) -> None:
@@ -99,6 +104,18 @@ async def _maintain(config: RelayConfig, action: str) -> int:
             return 0
         ledger = Ledger(url)
         await trio.to_thread.run_sync(ledger.open)
+        if action == "rebuild-projections":
+            try:
+                rebuilt = await trio.to_thread.run_sync(ledger.rebuild_projections)
+            finally:
+                ledger.close()
+            print(
+                f"folded the management events of {rebuilt.collabs} collabs;"
+                f" {len(rebuilt.repaired)} projection(s) differed and were rewritten"
+            )
+            for collab_id in rebuilt.repaired:
+                print(f"REPAIRED {collab_id}")
+            return 0
         try:
             report = await trio.to_thread.run_sync(
                 lambda: ledger.verify_ledger(

@@ -109,7 +109,8 @@ async def _setup(relay_url: str, *, accounts: int, collabs_each: int, tag: str) 
             login = await client.login(handle, PASSWORD)
             actor = Actor(handle, account_id, sign, login.token)
             for _ in range(collabs_each):
-                actor.collabs.append(await client.create_collab(sign))
+                collab_id, _key = await client.create_collab(sign, bytes(box.public_key))
+                actor.collabs.append(collab_id)
         actors.append(actor)
     return actors
 

@@ -26,6 +26,10 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ("serve", "serve the relay (config from env / --config TOML)"),
         ("migrate", "apply the ledger's schema migrations"),
         ("verify-ledger", "recompute every collab's hash chain, event id and signature"),
+        (
+            "rebuild-projections",
+            "recompute members, roles and key epochs from the management events",
+        ),
         ("rotate-jwt-key", "kill switch: a new JWT signing key ends every session and agent token"),
     ):
         p = relay.add_parser(name, help=help_text)

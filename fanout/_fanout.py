@@ -13,19 +13,23 @@ If `pending` overflows during a long catch-up it is dropped and step 2 runs agai
 are offered to the subscriber's outbox without waiting: a full outbox means the subscriber lags,
 and it is disconnected with a reason and the seq to resume from, so a slow subscriber never
 stalls the sequencer or anyone else. Each event's frame is encoded once and the same bytes go to
-every subscriber.
+every subscriber — except a DM, whose body goes only to its two participants: everyone else
+gets a `withheld` frame with the event id and chain, enough to keep verifying the chain.
+
+A member removed from a collab has their live subscriptions to it ended (`evict`) right after
+the removal event is queued to them, so they see why their stream ended.
 """
 
 from __future__ import annotations
 
 import collections
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final, Protocol
+from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
 from model import wire
-from model.envelope import SequencedEvent
+from model.envelope import SequencedEvent, event_id
 
 CATCHUP_PAGE: Final = 500
 PENDING_LIMIT: Final = 10_000
@@ -50,6 +54,7 @@ class Outbox(Protocol):
 
 class Subscription:
     __slots__ = (
+        "account_id",
         "collab_id",
         "ended",
         "follow",
@@ -60,15 +65,18 @@ class Subscription:
         "pending",
     )
 
-    def __init__(self, collab_id: str, from_seq: int, outbox: Outbox, *, follow: bool) -> None:
+    def __init__(
+        self, collab_id: str, from_seq: int, outbox: Outbox, *, follow: bool, account_id: str = ""
+    ) -> None:
         self.collab_id = collab_id
+        self.account_id = account_id
         self.next_seq = from_seq
         self.outbox = outbox
         self.follow = follow
         self.live = False
         self.ended = False
         self.overflowed = False
-        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
+        self.pending: collections.deque[_Out] = collections.deque()
 
     def __repr__(self) -> str:
         return f"Subscription({self.collab_id}, next={self.next_seq}, live={self.live})"
@@ -86,6 +94,34 @@ def encode_event(ev: SequencedEvent) -> bytes:
     return wire.encode(
         wire.Event(collab_id=ev.collab_id, seq=ev.seq, event=ev.event, chain=ev.chain)
     )
+
+
+def _encode_withheld(ev: SequencedEvent) -> bytes:
+    return wire.encode(
+        wire.Withheld(
+            collab_id=ev.collab_id, seq=ev.seq, event_id=event_id(ev.event), chain=ev.chain
+        )
+    )
+
+
+class _Out(NamedTuple):
+    """One event's frames: the full one, and for a DM the withheld one for non-participants."""
+
+    seq: int
+    frame: bytes
+    audience: tuple[str, ...] = ()
+    withheld: bytes = b""
+
+    def for_account(self, account_id: str) -> bytes:
+        if not self.audience or account_id in self.audience:
+            return self.frame
+        return self.withheld
+
+    @classmethod
+    def of(cls, ev: SequencedEvent) -> _Out:
+        if not ev.audience:
+            return cls(ev.seq, encode_event(ev))
+        return cls(ev.seq, encode_event(ev), ev.audience, _encode_withheld(ev))
 
 
 class Fanout:
@@ -115,7 +151,7 @@ class Fanout:
         subs = self._subs.get(events[0].collab_id)
         if not subs:
             return
-        frames = [(ev.seq, encode_event(ev)) for ev in events]
+        frames = [_Out.of(ev) for ev in events]
         for sub in list(subs):
             if sub.live:
                 self._deliver(sub, frames)
@@ -140,7 +176,7 @@ class Fanout:
                 for ev in page:
                     if sub.ended:
                         return  # unsubscribed: nothing of it may follow the Unsubscribed reply
-                    await sub.outbox.send(encode_event(ev))
+                    await sub.outbox.send(_Out.of(ev).for_account(sub.account_id))
                     sub.next_seq = ev.seq + 1
                 if len(page) < CATCHUP_PAGE or sub.ended:
                     break
@@ -155,7 +191,7 @@ class Fanout:
             if not sub.overflowed:
                 break
         # No await from here on: replay what queued up while we read, then flip to live.
-        backlog = [f for f in sub.pending if f[0] >= sub.next_seq]
+        backlog = [f for f in sub.pending if f.seq >= sub.next_seq]
         sub.pending.clear()
         sub.live = True
         self._deliver(sub, backlog)
@@ -172,13 +208,36 @@ class Fanout:
             if not subs:
                 del self._subs[sub.collab_id]
 
-    def _deliver(self, sub: Subscription, frames: Sequence[tuple[int, bytes]]) -> None:
-        for seq, frame in frames:
+    def evict(self, collab_id: str, account_id: str, reason: str) -> int:
+        """End `account_id`'s live subscriptions to `collab_id` (they were removed from it).
+
+        Call it after publishing the removal, so the removed member receives the event that
+        removed them before the end. Returns how many subscriptions ended.
+        """
+        ended = 0
+        for sub in list(self._subs.get(collab_id, ())):
+            if sub.account_id != account_id:
+                continue
+            self.remove(sub)
+            ended += 1
+            if not sub.outbox.offer(
+                wire.encode(
+                    wire.SubscriptionEnded(
+                        collab_id=collab_id, reason=reason, resume_from=sub.next_seq
+                    )
+                )
+            ):
+                self._lag(sub)
+        return ended
+
+    def _deliver(self, sub: Subscription, frames: Sequence[_Out]) -> None:
+        for out in frames:
+            seq = out.seq
             if sub.ended:
                 return
             if seq < sub.next_seq:
                 continue  # already sent during catch-up
-            if seq != sub.next_seq or not sub.outbox.offer(frame):
+            if seq != sub.next_seq or not sub.outbox.offer(out.for_account(sub.account_id)):
                 # A gap cannot happen (publish order is commit order); treat it like lag so the
                 # client resumes from the ledger instead of silently missing an event.
                 self._lag(sub)

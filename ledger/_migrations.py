@@ -123,4 +123,18 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         );
         """,
     ),
+    (
+        5,
+        "membership projections",
+        """
+        -- Membership is decided by the signed `mgmt` events on each collab's ledger (ADR-0010);
+        -- collab_members and collabs.epoch are projections of them, written in the same
+        -- transaction as the event that changes them and rebuildable from the events
+        -- (`cozy relay rebuild-projections`).
+        ALTER TABLE collabs ADD COLUMN epoch integer NOT NULL DEFAULT 0 CHECK (epoch >= 0);
+        ALTER TABLE collab_members
+            ADD COLUMN kind text NOT NULL DEFAULT 'human' CHECK (kind IN ('human', 'agent'));
+        CREATE INDEX events_management ON events (collab_id, seq) WHERE kind = 'mgmt';
+        """,
+    ),
 )

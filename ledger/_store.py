@@ -9,7 +9,7 @@ transaction rolls back and nothing is half-written. Driver errors are translated
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psycopg
@@ -28,8 +28,17 @@ from ledger.errors import (
     StaleVersion,
 )
 from model import chain as chainmod
-from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id, verify_event
+from model.envelope import (
+    KIND_DM,
+    SequencedEvent,
+    SignedEvent,
+    audience_of,
+    decode_body,
+    event_id,
+    verify_event,
+)
 from model.errors import ModelError
+from model.membership import Membership, apply, proof_of, signer_key
 from model.sequencer import Assignment, assign
 
 if TYPE_CHECKING:
@@ -70,11 +79,24 @@ class KeystoreRow(msgspec.Struct, frozen=True):
 
 @dataclass(frozen=True, slots=True)
 class AppendRequest:
-    """One collab's batch: its events and the head the sequencer believes is current."""
+    """One collab's batch: its events and the head the sequencer believes is current.
+
+    `membership`, when set, is the membership after this batch (a `mgmt` event changed it):
+    the projection rows are replaced in the same transaction as the events.
+    """
 
     collab_id: str
     head: chainmod.Head
     events: Sequence[VerifiedEvent]
+    membership: Membership | None = None
+
+
+@dataclass
+class ProjectionReport:
+    """What `rebuild_projections` found: collabs whose stored projection differed."""
+
+    collabs: int = 0
+    repaired: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -211,15 +233,28 @@ class Ledger(LoginThrottle, Artifacts):
 
     # --- collabs ------------------------------------------------------------------------------
 
-    def create_collab(self, collab_id: str, owner_id: str) -> None:
+    def create_collab(self, genesis: VerifiedEvent, membership: Membership) -> chainmod.Head:
+        """Create a collab from its verified genesis `mgmt` event (seq 1) and its folded
+        membership, in one transaction. Raises `AlreadyExists` if the collab exists."""
+        collab_id = genesis.body.collab_id
+        head = chainmod.start_of(collab_id)
+        chain = chainmod.next_head(head.chain, genesis.event_id)
         with _translated(), self._pool.connection() as conn:
-            conn.execute(
-                "INSERT INTO collabs (collab_id, created_by) VALUES (%s, %s)", (collab_id, owner_id)
-            )
-            conn.execute(
-                "INSERT INTO collab_members (collab_id, account_id, role) VALUES (%s, %s, 'owner')",
-                (collab_id, owner_id),
-            )
+            try:
+                conn.execute(
+                    "INSERT INTO collabs (collab_id, created_by) VALUES (%s, %s)",
+                    (collab_id, genesis.body.actor_id),
+                )
+            except psycopg.errors.UniqueViolation as exc:
+                raise AlreadyExists("that collab exists already") from exc
+            b = genesis.body
+            _copy_events(
+                conn,
+                [(collab_id, 1, genesis.event_id, b.actor_id, b.kind, b.ts, genesis.signed.body,
+                  genesis.signed.sig, chain)],
+            )  # fmt: skip
+            _write_projection(conn, membership)
+        return chainmod.Head(1, chain)
 
     def is_member(self, collab_id: str, account_id: str) -> bool:
         with _translated(), self._pool.connection() as conn:
@@ -228,6 +263,47 @@ class Ledger(LoginThrottle, Artifacts):
                 (collab_id, account_id),
             ).fetchone()
         return r is not None
+
+    def members(self, collab_id: str) -> tuple[int, dict[str, tuple[str, str]]] | None:
+        """The projected (epoch, {account: (role, kind)}) of a collab, None if it does not exist."""
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute("SELECT epoch FROM collabs WHERE collab_id = %s", (collab_id,))
+            row = r.fetchone()
+            if row is None:
+                return None
+            rows = conn.execute(
+                "SELECT account_id, role, kind FROM collab_members WHERE collab_id = %s",
+                (collab_id,),
+            ).fetchall()
+        return int(row[0]), {a: (role, kind) for a, role, kind in rows}
+
+    def collab_ids(self) -> list[str]:
+        with _translated(), self._pool.connection() as conn:
+            return [r[0] for r in conn.execute("SELECT collab_id FROM collabs ORDER BY 1")]
+
+    def membership(self, collab_id: str) -> Membership | None:
+        """Fold the collab's `mgmt` events from the ledger (None if it has none)."""
+        with _translated(), self._pool.connection() as conn:
+            return _fold_membership(conn, collab_id)
+
+    def rebuild_projections(self, collab_ids: Sequence[str] | None = None) -> ProjectionReport:
+        """Recompute membership, roles and epochs from the events; rewrite what differs.
+
+        One transaction per collab, under the collab row's lock, so a concurrent membership
+        change either lands before the fold or waits for it.
+        """
+        report = ProjectionReport()
+        for collab_id in self.collab_ids() if collab_ids is None else collab_ids:
+            with _translated(), self._pool.connection() as conn:
+                conn.execute("SELECT 1 FROM collabs WHERE collab_id = %s FOR UPDATE", (collab_id,))
+                folded = _fold_membership(conn, collab_id)
+                if folded is None:
+                    continue
+                report.collabs += 1
+                if _read_projection(conn, collab_id) != _projection_of(folded):
+                    _write_projection(conn, folded)
+                    report.repaired.append(collab_id)
+        return report
 
     # --- events -------------------------------------------------------------------------------
 
@@ -284,6 +360,9 @@ class Ledger(LoginThrottle, Artifacts):
             if rows:
                 try:
                     _copy_events(conn, rows)
+                    for req in requests:
+                        if req.membership is not None:
+                            _write_projection(conn, req.membership)
                 except psycopg.errors.UniqueViolation as exc:
                     conn.rollback()
                     stale = _stale_collabs(conn, requests)
@@ -296,12 +375,19 @@ class Ledger(LoginThrottle, Artifacts):
         """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""
         with _translated(), self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT seq, body, sig, chain FROM events"
+                "SELECT seq, body, sig, chain, kind FROM events"
                 " WHERE collab_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
                 (collab_id, from_seq, limit),
             ).fetchall()
         return [
-            SequencedEvent(collab_id, r[0], SignedEvent(bytes(r[1]), bytes(r[2])), bytes(r[3]))
+            SequencedEvent(
+                collab_id,
+                r[0],
+                SignedEvent(bytes(r[1]), bytes(r[2])),
+                bytes(r[3]),
+                # Only DMs have a narrower audience; their bodies were checked on the way in.
+                audience_of(decode_body(bytes(r[1]))) if r[4] == KIND_DM else (),
+            )
             for r in rows
         ]
 
@@ -338,6 +424,53 @@ class Ledger(LoginThrottle, Artifacts):
                     progress(collab_id, head.seq)
             conn.rollback()
         return report
+
+
+def _fold_membership(conn: psycopg.Connection[Any], collab_id: str) -> Membership | None:
+    rows = conn.execute(
+        "SELECT e.seq, e.body, e.sig, p.seq, p.chain FROM events e"
+        " LEFT JOIN events p ON p.collab_id = e.collab_id AND p.seq = e.seq - 1"
+        " WHERE e.collab_id = %s AND e.kind = 'mgmt' ORDER BY e.seq",
+        (collab_id,),
+    ).fetchall()
+    state: Membership | None = None
+    for _seq, body, sig, prev_seq, prev_chain in rows:
+        placed_after = (
+            chainmod.start_of(collab_id)
+            if prev_seq is None
+            else chainmod.Head(int(prev_seq), bytes(prev_chain))
+        )
+        signed = SignedEvent(bytes(body), bytes(sig))
+        decoded = decode_body(signed.body)
+        proof = proof_of(decoded)
+        verify_event(signed, signer_key(state, proof), decoded=decoded)
+        state = apply(state, proof, placed_after, actor_id=decoded.actor_id)
+    return state
+
+
+Projection = tuple[int, dict[str, tuple[str, str]]]
+
+
+def _projection_of(m: Membership) -> Projection:
+    return m.epoch, {a: (x.role.value, x.kind.value) for a, x in m.members.items()}
+
+
+def _read_projection(conn: psycopg.Connection[Any], collab_id: str) -> Projection:
+    r = conn.execute("SELECT epoch FROM collabs WHERE collab_id = %s", (collab_id,)).fetchone()
+    rows = conn.execute(
+        "SELECT account_id, role, kind FROM collab_members WHERE collab_id = %s", (collab_id,)
+    ).fetchall()
+    return (0 if r is None else int(r[0])), {str(a): (str(ro), str(k)) for a, ro, k in rows}
+
+
+def _write_projection(conn: psycopg.Connection[Any], m: Membership) -> None:
+    conn.execute("UPDATE collabs SET epoch = %s WHERE collab_id = %s", (m.epoch, m.collab_id))
+    conn.execute("DELETE FROM collab_members WHERE collab_id = %s", (m.collab_id,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO collab_members (collab_id, account_id, role, kind) VALUES (%s, %s, %s, %s)",
+            [(m.collab_id, x.account_id, x.role.value, x.kind.value) for x in m.members.values()],
+        )
 
 
 def _copy_events(

@@ -29,11 +29,16 @@ class CollabMeta(msgspec.Struct, frozen=True, tag="collab.meta"):
 
 
 class Attachment(msgspec.Struct, frozen=True, tag="file"):
-    """An artifact posted to the collab; the event's `refs` carry the same `ref`."""
+    """An artifact posted to the collab; the event's `refs` carry the same `ref`.
+
+    `key` is the artifact's own file key: it travels only inside this (encrypted) content, so
+    exactly those who can read the event can open the file — whatever the epoch.
+    """
 
     name: str
     size: int
     ref: str
+    key: bytes
 
     def __repr__(self) -> str:
         return f"Attachment(<name>, size={self.size})"

@@ -1,12 +1,12 @@
 """Direct messages (ADR-0023 in the source threat model): sealed per pair, not under the CK.
 
-A DM between two members is encrypted with the X25519 key pair of sender and recipient
-(libsodium `crypto_box`: XSalsa20-Poly1305 under their shared key), so the two of them — and
-nobody else in the collab — can open it; the outer event is still Ed25519-signed by the sender
-like any event. The routing context (collab, sender, recipient, time) is sealed inside and
-checked on open, so the relay cannot re-address a DM to another pair or collab.
-
-Not wired into the relay or the client kit yet (issue 4).
+A DM between two members is an event of kind ``dm`` whose content is encrypted with the X25519
+key pair of sender and recipient (libsodium `crypto_box`: XSalsa20-Poly1305 under their shared
+key) instead of the collab key, so the two of them — and nobody else in the collab — can open
+it. The recipient is the event's single ref, so the relay can route the body to the two
+participants only; the outer event is Ed25519-signed by the sender like any event. `crypto_box`
+has no associated data, so the routing fields are sealed inside and checked on open: the DM
+cannot be re-addressed to another collab, pair, time or epoch.
 """
 
 from __future__ import annotations
@@ -14,60 +14,59 @@ from __future__ import annotations
 import msgspec
 import nacl.exceptions
 import nacl.public
+import nacl.signing
 
-from model._crypto import CryptoError
+from model import _crypto
+from model.envelope import (
+    EVENT_VERSION,
+    KIND_DM,
+    EventBody,
+    SignedEvent,
+    VerifiedEvent,
+    content_associated_data,
+    sign_body,
+)
 from model.errors import DECODE_ERRORS
 
-
-class _Sealed(msgspec.Struct, frozen=True, array_like=True):
-    collab_id: str
-    sender_id: str
-    recipient_id: str
-    ts: int
-    content: bytes
-
-
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_Sealed)
+_decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
 
 
 def seal_dm(
+    *,
+    signing_key: nacl.signing.SigningKey,
     sender_box_key: nacl.public.PrivateKey,
     recipient_box_pk: bytes,
-    *,
     collab_id: str,
     sender_id: str,
     recipient_id: str,
     ts: int,
+    epoch: int,
     content: bytes,
-) -> bytes:
+) -> SignedEvent:
+    header = EventBody(
+        EVENT_VERSION, collab_id, sender_id, KIND_DM, ts, (recipient_id,), b"", b"", epoch
+    )
+    nonce = _crypto.random_bytes(nacl.public.Box.NONCE_SIZE)
+    inner = _encoder.encode((content_associated_data(header), content))
     box = nacl.public.Box(sender_box_key, nacl.public.PublicKey(recipient_box_pk))
-    inner = _Sealed(collab_id, sender_id, recipient_id, ts, content)
-    return bytes(box.encrypt(_encoder.encode(inner)))
+    sealed = box.encrypt(inner, nonce).ciphertext
+    return sign_body(signing_key, msgspec.structs.replace(header, nonce=nonce, ciphertext=sealed))
 
 
-def open_dm(
-    my_box_key: nacl.public.PrivateKey,
-    other_box_pk: bytes,
-    sealed: bytes,
-    *,
-    collab_id: str,
-    sender_id: str,
-    recipient_id: str,
-    ts: int,
-) -> bytes:
-    """The DM's content, for either participant. Raises `CryptoError` for anyone else, for
-    tampering, and for a DM re-addressed to another collab, pair or time."""
+def open_dm(event: VerifiedEvent, my_box_key: nacl.public.PrivateKey, other_box_pk: bytes) -> bytes:
+    """The DM's content, for either participant (`other_box_pk` is the other one's pinned key).
+
+    Raises `CryptoError` for anyone else, for tampering, and for a re-addressed DM.
+    """
+    b = event.body
     try:
-        raw = nacl.public.Box(my_box_key, nacl.public.PublicKey(other_box_pk)).decrypt(sealed)
-        inner = _decoder.decode(raw)
+        raw = nacl.public.Box(my_box_key, nacl.public.PublicKey(other_box_pk)).decrypt(
+            b.ciphertext, b.nonce
+        )
+        ad, content = _decoder.decode(raw)
     except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, *DECODE_ERRORS):
-        raise CryptoError("the direct message does not open") from None
-    if (inner.collab_id, inner.sender_id, inner.recipient_id, inner.ts) != (
-        collab_id,
-        sender_id,
-        recipient_id,
-        ts,
-    ):
-        raise CryptoError("the direct message does not open")
-    return inner.content
+        raise _crypto.CryptoError("the direct message does not open") from None
+    if not _crypto.constant_time_equal(ad, content_associated_data(b)):
+        raise _crypto.CryptoError("the direct message does not open")
+    return content

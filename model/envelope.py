@@ -31,6 +31,8 @@ MAX_BODY_BYTES: Final = 64 * 1024
 MAX_REFS: Final = 16
 MAX_REF_CHARS: Final = 128
 KIND_RE: Final = re.compile(r"^[a-z][a-z0-9._-]{0,31}$")
+KIND_MANAGEMENT: Final = "mgmt"  # membership changes, in plaintext (model/membership.py)
+KIND_DM: Final = "dm"  # direct messages, sealed per pair (model/dm.py)
 
 # Domain separation: every signature and hash in the protocol starts with its own label so a
 # value made for one purpose can never be accepted for another.
@@ -40,7 +42,13 @@ DOMAIN_CONTENT_AD: Final = b"cozylabs/v1/content-ad\x00"
 
 
 class EventBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
-    """The signed part of an event. Only the fields before ``nonce`` are plaintext metadata."""
+    """The signed part of an event. The fields other than ``nonce`` and ``ciphertext`` are
+    plaintext metadata; ``epoch`` is the collab key epoch the content is sealed under (always
+    encoded: the canonical body is the full nine-element array).
+
+    A management event (kind ``mgmt``, ADR-0010) carries its proof in plaintext in
+    ``ciphertext`` with an empty ``nonce``: the relay must read it to authorize and route.
+    """
 
     v: int
     collab_id: str
@@ -50,11 +58,12 @@ class EventBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fie
     refs: tuple[str, ...]
     nonce: bytes
     ciphertext: bytes
+    epoch: int = 0
 
     def __repr__(self) -> str:  # ciphertext bodies never reach logs
         return (
             f"EventBody(v={self.v}, collab_id={self.collab_id!r}, actor_id={self.actor_id!r}, "
-            f"kind={self.kind!r}, ts={self.ts}, refs={self.refs!r}, "
+            f"kind={self.kind!r}, ts={self.ts}, refs={self.refs!r}, epoch={self.epoch}, "
             f"ciphertext=<{len(self.ciphertext)} bytes>)"
         )
 
@@ -74,13 +83,12 @@ _body_decoder = msgspec.msgpack.Decoder(EventBody)
 _ad_encoder = msgspec.msgpack.Encoder()
 
 
-def content_associated_data(
-    collab_id: str, actor_id: str, kind: str, ts: int, refs: tuple[str, ...]
-) -> bytes:
+def content_associated_data(body: EventBody) -> bytes:
     """The AEAD associated data: the routing fields, bound under their own domain label."""
     return DOMAIN_CONTENT_AD + _ad_encoder.encode(
-        [EVENT_VERSION, collab_id, actor_id, kind, ts, list(refs)]
-    )
+        [EVENT_VERSION, body.collab_id, body.actor_id, body.kind, body.ts, list(body.refs),
+         body.epoch]
+    )  # fmt: skip
 
 
 def event_id(signed: SignedEvent) -> bytes:
@@ -98,25 +106,23 @@ def seal_event(
     ts: int,
     content: bytes,
     refs: tuple[str, ...] = (),
+    epoch: int = 0,
 ) -> SignedEvent:
-    """Encrypt `content` under the collab key and sign the result as `actor_id`.
+    """Encrypt `content` under the collab key of `epoch` and sign the result as `actor_id`.
 
     Raises `InvalidEvent` if the routing fields or the resulting size break the protocol's
     limits, so an author learns about it before the relay refuses the event.
     """
-    _check_routing(collab_id, actor_id, kind, ts, refs)
+    header = EventBody(EVENT_VERSION, collab_id, actor_id, kind, ts, refs, b"", b"", epoch)
+    _check_routing(header)
     nonce = _crypto.random_bytes(_crypto.AEAD_NONCE_BYTES)
-    ad = content_associated_data(collab_id, actor_id, kind, ts, refs)
-    body = EventBody(
-        v=EVENT_VERSION,
-        collab_id=collab_id,
-        actor_id=actor_id,
-        kind=kind,
-        ts=ts,
-        refs=refs,
-        nonce=nonce,
-        ciphertext=_crypto.aead_encrypt(collab_key, nonce, content, ad),
-    )
+    sealed = _crypto.aead_encrypt(collab_key, nonce, content, content_associated_data(header))
+    return sign_body(signing_key, msgspec.structs.replace(header, nonce=nonce, ciphertext=sealed))
+
+
+def sign_body(signing_key: nacl.signing.SigningKey, body: EventBody) -> SignedEvent:
+    """Encode and sign a finished body. Raises `InvalidEvent` if it breaks the limits."""
+    _check_routing(body)
     body_bytes = _body_encoder.encode(body)
     if len(body_bytes) > MAX_BODY_BYTES:
         raise InvalidEvent(
@@ -136,9 +142,9 @@ def decode_body(body: bytes) -> EventBody:
         raise InvalidEvent(f"event body does not decode: {exc}") from None
     if decoded.v != EVENT_VERSION:
         raise InvalidEvent(f"event version {decoded.v} is not supported (this side speaks 1)")
-    _check_routing(decoded.collab_id, decoded.actor_id, decoded.kind, decoded.ts, decoded.refs)
-    if len(decoded.nonce) != _crypto.AEAD_NONCE_BYTES:
-        raise InvalidEvent("event nonce has the wrong length")
+    _check_routing(decoded)
+    if len(decoded.nonce) != (0 if decoded.kind == KIND_MANAGEMENT else _crypto.AEAD_NONCE_BYTES):
+        raise InvalidEvent("event nonce has the wrong length for its kind")
     if _body_encoder.encode(decoded) != body:
         raise InvalidEvent("event body is not in canonical encoding")
     return decoded
@@ -189,13 +195,13 @@ def verify_event(
 def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
     """Decrypt a verified event's content. Raises `CryptoError` (opaque) on any failure."""
     b = event.body
-    ad = content_associated_data(b.collab_id, b.actor_id, b.kind, b.ts, b.refs)
-    return _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, ad)
+    return _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
 
 
-def _check_routing(
-    collab_id: str, actor_id: str, kind: str, ts: int, refs: tuple[str, ...]
-) -> None:
+def _check_routing(body: EventBody) -> None:
+    collab_id, actor_id, kind, ts, refs = (
+        body.collab_id, body.actor_id, body.kind, body.ts, body.refs
+    )  # fmt: skip
     if not is_id(collab_id, "c"):
         raise InvalidEvent("collab_id must look like c_<26 base32 chars>")
     if not is_id(actor_id, "a"):
@@ -206,12 +212,26 @@ def _check_routing(
         raise InvalidEvent("ts must be milliseconds since the epoch (a non-negative int64)")
     if len(refs) > MAX_REFS or any(not 0 < len(r) <= MAX_REF_CHARS for r in refs):
         raise InvalidEvent(f"at most {MAX_REFS} refs of 1..{MAX_REF_CHARS} characters each")
+    if not 0 <= body.epoch < 2**31:
+        raise InvalidEvent("epoch must be a non-negative int32")
 
 
 class SequencedEvent(msgspec.Struct, frozen=True):
-    """An event as the relay ordered it: its position and the chain head after it."""
+    """An event as the relay ordered it: its position and the chain head after it.
+
+    `audience` names who may receive the body (a DM's two participants); empty means every
+    member. Everyone else gets only the event id, enough to follow the chain.
+    """
 
     collab_id: str
     seq: int
     event: SignedEvent
     chain: bytes
+    audience: tuple[str, ...] = ()
+
+
+def audience_of(body: EventBody) -> tuple[str, ...]:
+    """Who the relay delivers an event's body to: a DM's participants, or everyone (())."""
+    if body.kind == KIND_DM and body.refs:
+        return (body.actor_id, body.refs[0])
+    return ()

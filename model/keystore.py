@@ -49,10 +49,11 @@ class KeystoreContent(msgspec.Struct):
 
     sign_seed: bytes
     box_sk: bytes
-    collab_keys: dict[str, bytes] = msgspec.field(default_factory=dict)
+    # Collab keys are not kept here: each epoch's key is wrapped to `box_sk` on the collab's
+    # own ledger (model/membership.py), so the account keys alone restore every collab.
 
     def __repr__(self) -> str:
-        return f"KeystoreContent(<keys redacted>, collabs={sorted(self.collab_keys)})"
+        return "KeystoreContent(<keys redacted>)"
 
 
 class SealedKeystore(msgspec.Struct, frozen=True):

@@ -1,18 +1,24 @@
-"""Collab membership as a pure fold over signed management proofs (SO-5).
+"""Collab membership as a pure fold over signed management events (SO-5, SO-7).
 
 The relay must not be able to grant itself power: if it could add a member, clients would wrap
-the next collab key for whoever it named. So every change — add a member, change a role, remove
-a member, rotate the key — is a `Proof` signed by a *human* member's account key, and both the
-relay (to authorize and route) and every client (to verify) fold the same proofs with the same
-code, here. A proof names the collab and the head (seq + chain hash) it was made against, so it
-cannot be replayed into another collab or later in the same one; of two concurrent changes made
-against the same head, the first the sequencer accepts wins and the other is stale (as in MLS,
-RFC 9420 §14).
+the next collab key for whoever it named. So every change — create the collab, add a member,
+change a role, remove a member, rotate the key — is a `Proof` carried in plaintext by a `mgmt`
+event that a *human* member signs with their account key (ADR-0010). The relay (to authorize
+and route) and every client (to verify) fold the same proofs with the same code, here.
 
-Members' public keys are pinned *in the proofs* that add them, so a client verifying a proof or
-an event never has to trust the relay's account directory for a member's key.
+A proof names the collab and the head (seq + chain hash) it was made against, and it must be
+placed by the ledger right after that head, so it cannot be replayed into another collab or
+later in the same one; of two concurrent changes made against one head the sequencer accepts
+the first and the other is stale (as in MLS, RFC 9420 §14).
 
-Not wired into the relay or the client kit yet (issue 4): this module is the shared rulebook.
+Members' public keys are pinned *in the proofs* that add them (the owner's in the genesis
+proof), so whoever verifies an event or a proof never needs the relay's account directory.
+
+Key epochs: every proof that changes who may read carries the epoch key wrapped for exactly the
+right readers — the genesis and every rotation for all readers of the resulting state, an
+addition for the new member only (who then reads the current epoch, not earlier ones). The fold
+checks the *recipient set* against the verified membership, so the relay refuses, and every
+client rejects, a removal that still wraps the next key for the removed member.
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from model import _crypto
-from model.errors import DECODE_ERRORS, BadSignature, ModelError
+from model.envelope import EVENT_VERSION, KIND_MANAGEMENT, EventBody, SignedEvent, sign_body
+from model.errors import DECODE_ERRORS, ModelError
 from model.ids import is_id
 
 if TYPE_CHECKING:
@@ -32,7 +38,7 @@ if TYPE_CHECKING:
     from model.chain import Head
 
 PROOF_VERSION: Final = 1
-DOMAIN_MANAGEMENT: Final = b"cozylabs/v1/management-proof\x00"
+MAX_MEMBERS: Final = 1000
 
 
 class Role(enum.StrEnum):
@@ -46,7 +52,7 @@ class MemberKind(enum.StrEnum):
     AGENT = "agent"
 
 
-class Member(msgspec.Struct, frozen=True):
+class Member(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
     account_id: str
     role: Role
     kind: MemberKind
@@ -55,29 +61,43 @@ class Member(msgspec.Struct, frozen=True):
 
 
 # --- operations -------------------------------------------------------------------------------
+# `wraps` maps account id → sealed box (model/epochs.py) of an epoch key. They travel inside the
+# signed event, so nobody but the signer can add, drop or move one.
 
 
-class AddMember(msgspec.Struct, frozen=True, tag="add"):
+class CreateCollab(msgspec.Struct, frozen=True, tag="create", forbid_unknown_fields=True):
+    """The genesis proof (seq 1): the signer becomes the owner; epoch 0 begins."""
+
+    owner: Member
+    wraps: dict[str, bytes]
+
+
+class AddMember(msgspec.Struct, frozen=True, tag="add", forbid_unknown_fields=True):
+    """Adds `member`; `wraps` holds the *current* epoch key for the new member only."""
+
     member: Member
+    wraps: dict[str, bytes]
 
 
-class ChangeRole(msgspec.Struct, frozen=True, tag="role"):
+class ChangeRole(msgspec.Struct, frozen=True, tag="role", forbid_unknown_fields=True):
     account_id: str
     role: Role
 
 
-class RemoveMember(msgspec.Struct, frozen=True, tag="remove"):
-    """Removal always rotates: `new_epoch` must be the current epoch + 1."""
+class RemoveMember(msgspec.Struct, frozen=True, tag="remove", forbid_unknown_fields=True):
+    """Removal always rotates: `new_epoch` is the current epoch + 1, wrapped for who stays."""
 
     account_id: str
     new_epoch: int
+    wraps: dict[str, bytes]
 
 
-class RotateKey(msgspec.Struct, frozen=True, tag="rotate"):
+class RotateKey(msgspec.Struct, frozen=True, tag="rotate", forbid_unknown_fields=True):
     new_epoch: int
+    wraps: dict[str, bytes]
 
 
-Operation = AddMember | ChangeRole | RemoveMember | RotateKey
+Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey
 
 
 class Proof(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -90,10 +110,8 @@ class Proof(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=
     base_chain: bytes
     op: Operation
 
-
-class SignedProof(msgspec.Struct, frozen=True, array_like=True):
-    body: bytes
-    sig: bytes
+    def __repr__(self) -> str:
+        return f"Proof({type(self.op).__name__} by {self.signer_id} at {self.base_seq})"
 
 
 class ProofRejected(ModelError):
@@ -128,52 +146,75 @@ _encoder = msgspec.msgpack.Encoder()
 _proof_decoder = msgspec.msgpack.Decoder(Proof)
 
 
-def genesis(collab_id: str, owner: Member) -> Membership:
-    """The state right after collab creation: its creator as the only owner, epoch 0."""
-    if owner.kind is not MemberKind.HUMAN or owner.role is not Role.OWNER:
-        raise ProofRejected("bad_genesis", "a collab is created by a human who becomes its owner")
-    return Membership(collab_id=collab_id, members={owner.account_id: owner}, epoch=0)
+def encode_proof(proof: Proof) -> bytes:
+    return _encoder.encode(proof)
 
 
-def sign_proof(signing_key: nacl.signing.SigningKey, proof: Proof) -> SignedProof:
-    body = _encoder.encode(proof)
-    return SignedProof(body=body, sig=_crypto.sign(signing_key, DOMAIN_MANAGEMENT + body))
-
-
-def open_proof(signed: SignedProof, state: Membership) -> Proof:
-    """Decode a proof and check its signature against the *member's pinned key* in `state`.
-
-    Raises `ProofRejected` for a non-member signer or a malformed proof, and `BadSignature`
-    when the signature does not hold — including any proof the relay made up.
-    """
+def decode_proof(data: bytes) -> Proof:
+    """Strictly decode a proof. Raises `ProofRejected("malformed")` on anything else."""
     try:
-        proof = _proof_decoder.decode(signed.body)
+        proof = _proof_decoder.decode(data)
     except DECODE_ERRORS:
         raise ProofRejected("malformed", "the proof does not decode") from None
     if proof.v != PROOF_VERSION:
         raise ProofRejected("malformed", f"proof version {proof.v} is not supported")
-    signer = state.members.get(proof.signer_id)
-    if signer is None:
-        raise ProofRejected("not_a_member", "the signer is not a member of this collab")
-    if not _crypto.verify(signer.sign_pk, DOMAIN_MANAGEMENT + signed.body, signed.sig):
-        raise BadSignature("the proof is not signed by the member's key")
-    if _encoder.encode(proof) != signed.body:
+    if _encoder.encode(proof) != data:
         raise ProofRejected("malformed", "the proof is not in canonical encoding")
     return proof
 
 
-def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
+def management_event(signing_key: nacl.signing.SigningKey, proof: Proof, *, ts: int) -> SignedEvent:
+    """The `mgmt` event that carries `proof`: its signature by the signer *is* the proof's."""
+    body = EventBody(
+        EVENT_VERSION, proof.collab_id, proof.signer_id, KIND_MANAGEMENT, ts, (), b"",
+        encode_proof(proof),
+    )  # fmt: skip
+    return sign_body(signing_key, body)
+
+
+def proof_of(body: EventBody) -> Proof:
+    """The proof a `mgmt` event body carries, bound to the event's collab."""
+    proof = decode_proof(body.ciphertext)
+    if proof.collab_id != body.collab_id:
+        raise ProofRejected("wrong_collab", "the proof was made for another collab")
+    return proof
+
+
+def signer_key(state: Membership | None, proof: Proof) -> bytes:
+    """The key the event carrying `proof` must be signed with: the signer's *pinned* key.
+
+    The genesis proof is self-certifying (signed by the owner key it pins); every later proof
+    is signed by a key an earlier proof pinned. Raises `ProofRejected` for anyone else.
+    """
+    if state is None:
+        if not isinstance(proof.op, CreateCollab):
+            raise ProofRejected("not_a_member", "a collab's first event must create it")
+        return proof.op.owner.sign_pk
+    signer = state.members.get(proof.signer_id)
+    if signer is None:
+        raise ProofRejected("not_a_member", "the signer is not a member of this collab")
+    return signer.sign_pk
+
+
+def apply(
+    state: Membership | None, proof: Proof, placed_after: Head, *, actor_id: str
+) -> Membership:
     """The membership after `proof`, which the ledger placed right after `placed_after`.
 
-    Raises `StaleProof` if the proof was made against another head, and `ProofRejected`
-    naming the rule for anything the signer may not do. Pure: `state` is not modified.
+    `state` is None before the genesis proof. `actor_id` is the signed event's author, which
+    must be the proof's signer. Raises `StaleProof` if the proof was made against another head,
+    and `ProofRejected` naming the rule for anything the signer may not do. Pure.
     """
-    if proof.collab_id != state.collab_id:
-        raise ProofRejected("wrong_collab", "the proof was made for another collab")
+    if proof.signer_id != actor_id:
+        raise ProofRejected("wrong_signer", "the proof names another signer than its event")
     if (proof.base_seq, proof.base_chain) != (placed_after.seq, placed_after.chain):
         raise StaleProof(
             "stale", f"made against seq {proof.base_seq}, but the head is {placed_after.seq}"
         )
+    if state is None:
+        return _genesis(proof)
+    if proof.collab_id != state.collab_id:
+        raise ProofRejected("wrong_collab", "the proof was made for another collab")
     signer = state.members.get(proof.signer_id)
     if signer is None:
         raise ProofRejected("not_a_member", "the signer is not a member of this collab")
@@ -181,7 +222,9 @@ def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
         raise ProofRejected("agent_signer", "agents have no management powers")
     members = dict(state.members)
     match proof.op:
-        case AddMember(member=new):
+        case CreateCollab():
+            raise ProofRejected("exists", "the collab exists already")
+        case AddMember(member=new, wraps=wraps):
             _require(
                 signer.role in (Role.OWNER, Role.MANAGER),
                 "role",
@@ -190,9 +233,9 @@ def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
             _require(
                 new.account_id not in members, "already_member", "that account is a member already"
             )
-            _require(is_id(new.account_id, "a"), "malformed", "the new member's id is malformed")
+            _check_member(new)
             _require(
-                len(new.sign_pk) == 32 and len(new.box_pk) == 32, "malformed", "bad public keys"
+                len(members) < MAX_MEMBERS, "full", f"a collab has at most {MAX_MEMBERS} members"
             )
             if signer.role is Role.MANAGER:
                 _require(
@@ -200,6 +243,7 @@ def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
                 )
             if new.kind is MemberKind.AGENT:
                 _require(new.role is Role.MEMBER, "agent_role", "agents can only be plain members")
+            _require_wraps(wraps, {new.account_id}, "the current key, for the new member only")
             members[new.account_id] = new
             return msgspec.structs.replace(state, members=members)
         case ChangeRole(account_id=target, role=role):
@@ -213,26 +257,30 @@ def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
             members[target] = msgspec.structs.replace(current, role=role)
             _require(_owners(members) > 0, "last_owner", "a collab always keeps an owner")
             return msgspec.structs.replace(state, members=members)
-        case RemoveMember(account_id=target, new_epoch=epoch):
+        case RemoveMember(account_id=target, new_epoch=epoch, wraps=wraps):
             current = members.get(target)
             _require(current is not None, "not_a_member", "that account is not a member")
             assert current is not None
-            leaving = target == signer.account_id
-            allowed = (
-                leaving
-                or signer.role is Role.OWNER
-                or (signer.role is Role.MANAGER and current.role is Role.MEMBER)
+            # Whoever removes draws the next key, so nobody removes themselves: a leaver would
+            # know the key meant to shut them out. Ask an owner or manager instead.
+            _require(
+                target != signer.account_id,
+                "self_removal",
+                "you cannot remove yourself; an owner or manager removes you and rotates",
             )
             _require(
-                allowed, "role", "owners remove anyone, managers remove members, anyone can leave"
+                signer.role is Role.OWNER
+                or (signer.role is Role.MANAGER and current.role is Role.MEMBER),
+                "role",
+                "owners remove anyone, managers remove plain members",
             )
             _require(
                 epoch == state.epoch + 1, "epoch", f"removal must rotate to epoch {state.epoch + 1}"
             )
             del members[target]
-            _require(_owners(members) > 0, "last_owner", "a collab always keeps an owner")
+            _require_wraps(wraps, set(members), "the next key, for exactly the remaining members")
             return Membership(collab_id=state.collab_id, members=members, epoch=epoch)
-        case RotateKey(new_epoch=epoch):
+        case RotateKey(new_epoch=epoch, wraps=wraps):
             _require(
                 signer.role in (Role.OWNER, Role.MANAGER),
                 "role",
@@ -241,8 +289,34 @@ def apply(state: Membership, proof: Proof, placed_after: Head) -> Membership:
             _require(
                 epoch == state.epoch + 1, "epoch", f"rotation must go to epoch {state.epoch + 1}"
             )
+            _require_wraps(wraps, set(members), "the next key, for exactly the members")
             return msgspec.structs.replace(state, epoch=epoch)
     raise ProofRejected("malformed", "unknown operation")  # pragma: no cover — exhaustive match
+
+
+def _genesis(proof: Proof) -> Membership:
+    if not isinstance(proof.op, CreateCollab):
+        raise ProofRejected("not_a_member", "a collab's first event must create it")
+    owner = proof.op.owner
+    _require(is_id(proof.collab_id, "c"), "malformed", "the collab id is malformed")
+    _require(owner.account_id == proof.signer_id, "bad_genesis", "the creator becomes the owner")
+    _require(
+        owner.kind is MemberKind.HUMAN and owner.role is Role.OWNER,
+        "bad_genesis",
+        "a collab is created by a human who becomes its owner",
+    )
+    _check_member(owner)
+    _require_wraps(proof.op.wraps, {owner.account_id}, "epoch 0's key, for the owner")
+    return Membership(collab_id=proof.collab_id, members={owner.account_id: owner}, epoch=0)
+
+
+def _check_member(m: Member) -> None:
+    _require(is_id(m.account_id, "a"), "malformed", "the member's id is malformed")
+    _require(len(m.sign_pk) == 32 and len(m.box_pk) == 32, "malformed", "bad public keys")
+
+
+def _require_wraps(wraps: dict[str, bytes], expected: set[str], what: str) -> None:
+    _require(set(wraps) == expected, "wraps", f"the wraps must carry {what}")
 
 
 def _owners(members: dict[str, Member]) -> int:

@@ -85,15 +85,12 @@ class Authenticate(_Frame, frozen=True, tag="auth"):
 
 
 class CreateCollab(_Frame, frozen=True, tag="create_collab"):
-    """Create `collab_id` (chosen by the client) with the caller as owner.
-
-    `sig` is the account key's signature over (collab_id, account, ts); see model/proofs.py.
-    """
+    """Create a collab from its genesis event: a `mgmt` event whose `create` proof, signed by
+    the caller's account key, makes the caller its owner and wraps epoch 0's key for them
+    (ADR-0010). The collab id is the one the event names (chosen by the client)."""
 
     rid: int
-    collab_id: str
-    ts: int
-    sig: bytes
+    event: SignedEvent
 
 
 class PutKeystore(_Frame, frozen=True, tag="put_keystore"):
@@ -258,6 +255,18 @@ class Event(_Frame, frozen=True, tag="event"):
     chain: bytes
 
 
+class Withheld(_Frame, frozen=True, tag="withheld"):
+    """A position whose body is not for this subscriber (a DM between two other members).
+
+    Carries only what the subscriber needs to keep verifying the chain across it.
+    """
+
+    collab_id: str
+    seq: int
+    event_id: bytes
+    chain: bytes
+
+
 class CaughtUp(_Frame, frozen=True, tag="caught_up"):
     """Everything up to `seq` has been sent; from here on events arrive live (if following)."""
 
@@ -335,6 +344,8 @@ class Error(_Frame, frozen=True, tag="error"):
     rid: int | None
     code: ErrorCode
     message: str
+    # With code `stale`: the head the refused change or event must now be made against.
+    head_seq: int | None = None
 
 
 Reply = (
@@ -347,6 +358,7 @@ Reply = (
     | Appended
     | Subscribed
     | Event
+    | Withheld
     | CaughtUp
     | SubscriptionEnded
     | AccountInfo

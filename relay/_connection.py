@@ -42,6 +42,7 @@ class Connection:
         self.ws = ws
         self.account_id: str | None = None
         self.sign_pk: bytes = b""
+        self.box_pk: bytes = b""
         self.session_expires_at = 0.0
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
         self.member_of: set[str] = set()

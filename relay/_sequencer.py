@@ -7,6 +7,13 @@ n is being written:
     inbox ──► verify stage (worker thread, whole batch) ──► write stage (worker thread:
               dedup lookup + assign + COPY + commit + receipts) ──► ack authors ──► fan-out
 
+The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
+`Membership`, folded from its `mgmt` events when the actor starts. Content is accepted only
+from a current member and under the current key epoch; a `mgmt` event is checked with the
+shared fold against the exact head it would follow and written as a batch of its own, with the
+membership projection in the same transaction. Of two changes made against one head the first
+wins; the other is refused as `stale`, naming the new head.
+
 Persist first, then notify: acks and fan-out only ever see committed events. Worker-thread
 calls are not abandoned on cancellation, so a write that started is finished (committed or
 rolled back) before the actor exits. Shutdown closes the inboxes; each actor drains what it
@@ -24,8 +31,25 @@ import trio
 
 from ledger import AppendRequest, LedgerError
 from model import wire
-from model.envelope import EventBody, SequencedEvent, SignedEvent, VerifiedEvent, verify_event
-from model.errors import BadSignature, InvalidEvent
+from model.envelope import (
+    KIND_MANAGEMENT,
+    EventBody,
+    SequencedEvent,
+    SignedEvent,
+    VerifiedEvent,
+    audience_of,
+    verify_event,
+)
+from model.errors import BadSignature, InvalidEvent, ModelError
+from model.membership import (
+    Membership,
+    ProofRejected,
+    RemoveMember,
+    StaleProof,
+    apply,
+    proof_of,
+    signer_key,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -35,6 +59,9 @@ if TYPE_CHECKING:
     from model.chain import Head
     from relay._writer import LedgerWriter
 
+    # Called after a committed removal: (collab_id, removed account_id).
+    OnRemoved = Callable[[str, str], None]
+
 log = structlog.get_logger("cozy.sequencer")
 
 INBOX_SIZE: Final = 4096
@@ -42,6 +69,10 @@ INBOX_SIZE: Final = 4096
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
+# Proof rules whose breach is a matter of permission rather than of a malformed change.
+_PERMISSION_RULES: Final = frozenset(
+    {"role", "agent_signer", "not_a_member", "self_removal", "wrong_signer"}
+)
 
 
 class Replier(Protocol):
@@ -85,9 +116,11 @@ class Sequencer:
         db_limiter: trio.CapacityLimiter,
         cpu_limiter: trio.CapacityLimiter,
         retire: Callable[[Sequencer], None],
+        on_removed: OnRemoved,
     ) -> None:
         self.collab_id = collab_id
         self._retire = retire
+        self._on_removed = on_removed
         self._ledger = ledger
         self._writer = writer
         self._fanout = fanout
@@ -95,6 +128,7 @@ class Sequencer:
         self._cpu_limiter = cpu_limiter
         self.inbox, self._inbox_recv = trio.open_memory_channel[Submission](INBOX_SIZE)
         self._head: Head | None = None
+        self._membership: Membership | None = None
         self._in_flight = 0  # verified batches handed to the write stage, not yet written
         self._batches = self._events = self._duplicates = self._rejected = 0
 
@@ -168,37 +202,134 @@ class Sequencer:
                     self._in_flight -= 1
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
-        """Persist one verified batch, ack its authors, hand it to fan-out."""
-        try:
-            if self._head is None:
-                self._head = await trio.to_thread.run_sync(
-                    self._ledger.head, self.collab_id, limiter=self._db_limiter
+        """Check each event against the membership at its position; persist content in runs
+        and each management change on its own; ack authors; hand the events to fan-out."""
+        if self._head is None or self._membership is None:
+            try:
+                self._head, self._membership = await trio.to_thread.run_sync(
+                    self._load, limiter=self._db_limiter
                 )
+            except (LedgerError, ModelError) as exc:
+                self._head = None
+                self._fail(batch, exc)
+                return
+        run: list[tuple[Submission, VerifiedEvent]] = []
+        for i, (sub, verified) in enumerate(batch):
+            if verified.body.kind == KIND_MANAGEMENT:
+                if run and not await self._write_run(run):
+                    self._fail(batch[i:], None)  # its order would be lost: all retry
+                    return
+                run = []
+                await self._write_change(sub, verified)
+            elif self._admit(sub, verified.body):
+                run.append((sub, verified))
+        if run:
+            await self._write_run(run)
+
+    def _load(self) -> tuple[Head, Membership]:
+        """Worker thread: the collab's head and its membership folded from the ledger."""
+        membership = self._ledger.membership(self.collab_id)
+        if membership is None:
+            raise LedgerError(f"collab {self.collab_id} has no genesis event")
+        return self._ledger.head(self.collab_id), membership
+
+    def _admit(self, sub: Submission, body: EventBody) -> bool:
+        """Content only from a current member, under the current key epoch."""
+        state = self._membership
+        assert state is not None
+        if body.actor_id not in state.members:
+            self._refuse(sub, wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+            return False
+        if body.epoch != state.epoch:
+            self._refuse(
+                sub,
+                wire.ErrorCode.STALE,
+                f"the collab key is at epoch {state.epoch} (sealed under {body.epoch}): re-read"
+                " the collab, seal under the current key and retry",
+            )
+            return False
+        return True
+
+    async def _write_change(self, sub: Submission, verified: VerifiedEvent) -> None:
+        """Apply one management change at exactly the current head, or refuse it."""
+        before, head = self._membership, self._head
+        assert before is not None
+        assert head is not None
+        try:
+            proof = proof_of(verified.body)
+            if signer_key(before, proof) != sub.author_pk:
+                raise ProofRejected("wrong_signer", "signed by another key than the member's")
+            after = apply(before, proof, head, actor_id=verified.body.actor_id)
+        except StaleProof:
+            self._refuse(
+                sub,
+                wire.ErrorCode.STALE,
+                f"another change landed first: the head is now seq {head.seq}; re-read the"
+                " collab and make the change again (any new key it carried was never used)",
+            )
+            return
+        except ProofRejected as exc:
+            code = (
+                wire.ErrorCode.UNAUTHORIZED
+                if exc.code in _PERMISSION_RULES
+                else wire.ErrorCode.INVALID_EVENT
+            )
+            self._refuse(sub, code, f"management change refused: {exc}; nothing was stored")
+            return
+        if await self._write_run([(sub, verified)], after):
+            self._membership = after
+            if isinstance(proof.op, RemoveMember):
+                self._on_removed(self.collab_id, proof.op.account_id)
+
+    def _refuse(self, sub: Submission, code: wire.ErrorCode, message: str) -> None:
+        self._rejected += 1
+        head_seq = None
+        if code is wire.ErrorCode.STALE and self._head is not None:
+            head_seq = self._head.seq
+        sub.reply_to.reply(wire.Error(rid=sub.rid, code=code, message=message, head_seq=head_seq))
+
+    def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
+        if exc is not None:
+            log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
+        for sub, _ in batch:
+            sub.reply_to.reply(
+                wire.Error(
+                    rid=sub.rid,
+                    code=wire.ErrorCode.OVERLOADED,
+                    message="the ledger could not store this event; retry it (appends are idempotent)",
+                ),
+            )
+
+    async def _write_run(
+        self, run: list[tuple[Submission, VerifiedEvent]], membership: Membership | None = None
+    ) -> bool:
+        """Persist one run of events (with the new `membership`, for a change); ack; publish.
+
+        Returns False when nothing was written (the authors were told to retry).
+        """
+        assert self._head is not None
+        try:
             head, assignments, receipts = await self._writer.write(
-                AppendRequest(self.collab_id, self._head, [v for _, v in batch])
+                AppendRequest(self.collab_id, self._head, [v for _, v in run], membership)
             )
         except LedgerError as exc:
             # Nothing was written. Re-read the head next time; authors retry (idempotent).
             self._head = None
-            log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
-            for sub, _ in batch:
-                sub.reply_to.reply(
-                    wire.Error(
-                        rid=sub.rid,
-                        code=wire.ErrorCode.OVERLOADED,
-                        message="the ledger could not store this event; retry it (appends are idempotent)",
-                    ),
-                )
-            return
+            self._fail(run, exc)
+            return False
         self._head = head
         self._batches += 1
         fresh: list[SequencedEvent] = []
-        for (sub, verified), a, sig in zip(batch, assignments, receipts, strict=True):
+        for (sub, verified), a, sig in zip(run, assignments, receipts, strict=True):
             if a.duplicate:
                 self._duplicates += 1
             else:
                 self._events += 1
-                fresh.append(SequencedEvent(self.collab_id, a.seq, verified.signed, a.chain))
+                fresh.append(
+                    SequencedEvent(
+                        self.collab_id, a.seq, verified.signed, a.chain, audience_of(verified.body)
+                    )
+                )
             sub.reply_to.reply(
                 wire.Appended(
                     rid=sub.rid,
@@ -212,6 +343,7 @@ class Sequencer:
             )
         fresh.sort(key=lambda e: e.seq)
         self._fanout.publish(fresh)
+        return True
 
 
 def _verify_batch(
@@ -244,10 +376,12 @@ class SequencerRegistry:
         writer: LedgerWriter,
         fanout: Fanout,
         *,
+        on_removed: OnRemoved,
         db_threads: int = 6,
         cpu_threads: int = 2,
     ) -> None:
         self._nursery = nursery
+        self._on_removed = on_removed
         self._ledger = ledger
         self._writer = writer
         self._fanout = fanout
@@ -277,6 +411,7 @@ class SequencerRegistry:
                     self._db_limiter,
                     self._cpu_limiter,
                     self._retire,
+                    self._on_removed,
                 )
                 self._actors[collab_id] = actor
                 self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")

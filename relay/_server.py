@@ -43,10 +43,19 @@ from ledger import (
 )
 from model import wire
 from model.artifacts import RefHasher
-from model.envelope import MAX_BODY_BYTES, SequencedEvent, decode_body
-from model.errors import InvalidEvent
+from model.chain import start_of
+from model.envelope import (
+    KIND_MANAGEMENT,
+    MAX_BODY_BYTES,
+    EventBody,
+    SequencedEvent,
+    decode_body,
+    verify_event,
+)
+from model.errors import BadSignature, InvalidEvent, ModelError
 from model.ids import is_id, new_id
-from model.proofs import CREATE_COLLAB_MAX_SKEW_MS, verify_create_collab, verify_keystore_write
+from model.membership import AddMember, CreateCollab, ProofRejected, apply, proof_of
+from model.proofs import verify_keystore_write
 from relay import _auth, _throttle
 from relay._connection import ArtifactUpload, Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
@@ -70,6 +79,8 @@ MAX_UPLOADS: Final = 4
 UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
+# A collab's genesis event must be this fresh (ms) when it reaches the relay.
+CREATE_COLLAB_MAX_SKEW_MS: Final = 10 * 60 * 1000
 SHUTDOWN_GRACE: Final = 5.0
 HANDSHAKE_TIMEOUT: Final = 10.0
 READ_QUEUE: Final = 64
@@ -126,7 +137,7 @@ class Relay:
                 writers.start_soon(writer.run, name="ledger-writer")
                 async with trio.open_nursery() as sequencers:
                     self._sequencers = SequencerRegistry(
-                        sequencers, self.ledger, writer, self.fanout
+                        sequencers, self.ledger, writer, self.fanout, on_removed=self._removed
                     )
                     async with trio.open_nursery() as accept:
                         server = await accept.start(
@@ -349,7 +360,13 @@ class Relay:
                         wire.ErrorCode.INVALID_REQUEST,
                         "already subscribed to this collab on this connection",
                     )
-                sub = Subscription(req.collab_id, req.from_seq, conn, follow=req.follow)
+                sub = Subscription(
+                    req.collab_id,
+                    req.from_seq,
+                    conn,
+                    follow=req.follow,
+                    account_id=conn.account_id or "",
+                )
                 subscriptions[req.collab_id] = sub
                 conn.reply(
                     wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq)
@@ -408,6 +425,8 @@ class Relay:
                 wire.ErrorCode.UNAUTHORIZED, "events must be authored by the logged-in account"
             )
         await self._require_member(conn, body.collab_id)
+        if body.kind == KIND_MANAGEMENT:
+            await self._check_addition(body)
         assert self._sequencers is not None
         try:
             await self._sequencers.submit(
@@ -461,31 +480,77 @@ class Relay:
         conn.reply(wire.SignedUp(rid=req.rid, account_id=account_id))
 
     async def _create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
-        """Only the account key can create a collab: a session token alone cannot (SO-5)."""
+        """A collab starts with its genesis proof, signed by the creator's account key: a
+        session token alone cannot create one, and the relay cannot invent an owner (SO-5)."""
         account_id = _require_auth(conn)
-        if not is_id(req.collab_id, "c"):
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_REQUEST, "collab_id must look like c_<26 base32 chars>"
-            )
-        if not verify_create_collab(conn.sign_pk, req.collab_id, account_id, req.ts, req.sig):
+        try:
+            verified = verify_event(req.event, conn.sign_pk)
+            body = verified.body
+            if body.kind != KIND_MANAGEMENT or body.actor_id != account_id:
+                raise ProofRejected("bad_genesis", "send a `create` proof made by your account")
+            proof = proof_of(body)
+            if not isinstance(proof.op, CreateCollab):
+                raise ProofRejected("bad_genesis", "a collab's first event must create it")
+            owner = proof.op.owner
+            if (owner.sign_pk, owner.box_pk) != (conn.sign_pk, conn.box_pk):
+                raise ProofRejected("bad_genesis", "the owner's keys must be your account's keys")
+            membership = apply(None, proof, start_of(body.collab_id), actor_id=account_id)
+        except BadSignature:
             raise RequestRefused(
                 wire.ErrorCode.BAD_SIGNATURE, "collab creation must be signed by your account key"
-            )
-        if abs(time.time() * 1000 - req.ts) > CREATE_COLLAB_MAX_SKEW_MS:
+            ) from None
+        except ModelError as exc:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
+            ) from None
+        if abs(time.time() * 1000 - body.ts) > CREATE_COLLAB_MAX_SKEW_MS:
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,
                 "the creation proof is too old or from the future; check your clock",
             )
         try:
-            await self._db(self.ledger.create_collab, req.collab_id, account_id)
+            await self._db(self.ledger.create_collab, verified, membership)
         except AlreadyExists:
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,
                 "that collab id exists already; pick another random id",
             ) from None
-        conn.member_of.add(req.collab_id)
-        log.info("collab_created", collab_id=req.collab_id, account_id=account_id)
-        conn.reply(wire.CollabCreated(rid=req.rid, collab_id=req.collab_id))
+        conn.member_of.add(body.collab_id)
+        log.info("collab_created", collab_id=body.collab_id, account_id=account_id)
+        conn.reply(wire.CollabCreated(rid=req.rid, collab_id=body.collab_id))
+
+    async def _check_addition(self, body: EventBody) -> None:
+        """An added member's pinned keys must be that account's keys, so every member's key
+        is one its owner registered (the fold itself cannot know the directory)."""
+        try:
+            op = proof_of(body).op
+        except ProofRejected as exc:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
+            ) from None
+        if not isinstance(op, AddMember):
+            return
+        new = op.member
+        row = (
+            await self._db(self.ledger.account_by_id, new.account_id)
+            if is_id(new.account_id, "a")
+            else None
+        )
+        if row is None or (row.sign_pk, row.box_pk) != (new.sign_pk, new.box_pk):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT,
+                "the member to add must be an existing account with exactly its registered"
+                " keys; look the account up again",
+            )
+
+    def _removed(self, collab_id: str, account_id: str) -> None:
+        """A committed removal: end the removed member's subscriptions and forget the cached
+        membership on their connections, so their next request is checked afresh."""
+        self.fanout.evict(collab_id, account_id, "you were removed from this collab")
+        for conn in self._connections:
+            if conn.account_id == account_id:
+                conn.member_of.discard(collab_id)
+        log.info("member_removed", collab_id=collab_id, account_id=account_id)
 
     async def _put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
         """Keystore writes need the account key: a stolen session cannot replace, roll back or
@@ -659,6 +724,7 @@ class Relay:
             conn.member_of.clear()
         conn.account_id = row.account_id
         conn.sign_pk = row.sign_pk
+        conn.box_pk = row.box_pk
         conn.session_expires_at = expires
 
     async def _require_member(self, conn: Connection, collab_id: str) -> None:

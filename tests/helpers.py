@@ -16,11 +16,13 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from clientkit import _collab
 from ledger import AccountRow
 from model import _crypto
+from model.chain import start_of
 from model.envelope import SignedEvent, VerifiedEvent, seal_event, verify_event
 from model.ids import new_id
-from model.membership import Member, MemberKind, Operation, Proof, Role
+from model.membership import Member, MemberKind, Operation, Proof, Role, apply, proof_of
 
 if TYPE_CHECKING:
     from ledger import Ledger
@@ -72,11 +74,23 @@ def new_collab_key() -> bytes:
     return _crypto.random_bytes(_crypto.AEAD_KEY_BYTES)
 
 
+def genesis_of(owner: Actor, collab_id: str | None = None) -> tuple[VerifiedEvent, bytes]:
+    """An honest genesis event for a new collab owned by `owner`, and its epoch-0 key."""
+    signed, key = _collab.genesis(
+        owner.signing_key, owner.account_id, owner.row.box_pk, collab_id or new_id("c"), TS0
+    )
+    return verify_event(signed, owner.sign_pk), key
+
+
 def make_collab(ledger: Ledger, owner: Actor) -> tuple[str, bytes]:
-    """A fresh collab owned by `owner`; returns its id and a collab key (client-side only)."""
-    collab_id = new_id("c")
-    ledger.create_collab(collab_id, owner.account_id)
-    return collab_id, new_collab_key()
+    """A fresh collab owned by `owner`, created from its genesis event; returns its id and its
+    epoch-0 key (which only clients hold)."""
+    genesis, key = genesis_of(owner)
+    proof = proof_of(genesis.body)
+    ledger.create_collab(
+        genesis, apply(None, proof, start_of(proof.collab_id), actor_id=owner.account_id)
+    )
+    return genesis.body.collab_id, key
 
 
 def make_event(

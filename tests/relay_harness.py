@@ -14,7 +14,6 @@ import trio
 
 from clientkit import Client, connect
 from model import content as contentmod
-from model._crypto import random_bytes
 from model.envelope import SignedEvent, seal_event
 from relay._run import run_relay
 from relay.config import RelayConfig, Secret
@@ -62,6 +61,7 @@ class User:
     token: str
     collab_id: str
     collab_key: bytes
+    box_key: nacl.public.PrivateKey
 
     def event(
         self, text: str, *, ts: int = 1_700_000_000_000, collab_id: str | None = None
@@ -85,8 +85,8 @@ async def sign_up(url: str, handle: str | None = None) -> User:
     async with connect(url) as client:
         account_id = await client.signup(handle, PASSWORD, sign, bytes(box.public_key))
         login = await client.login(handle, PASSWORD)
-        collab_id = await client.create_collab(sign)
-    return User(handle, account_id, sign, login.token, collab_id, random_bytes(32))
+        collab_id, key = await client.create_collab(sign, bytes(box.public_key))
+    return User(handle, account_id, sign, login.token, collab_id, key, box)
 
 
 @asynccontextmanager

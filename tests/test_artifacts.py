@@ -54,7 +54,7 @@ async def test_attach_tail_and_fetch_round_trip_and_a_tampered_piece_is_caught(
     assert not broken.exists()
     missing = await cozy("fetch", collab, "b2:" + "0" * 64, str(broken), env=env, check=False)
     assert missing.returncode == 1
-    assert b"no such artifact" in missing.stderr
+    assert b"no attachment you can read" in missing.stderr
 
 
 async def test_uploads_are_checked_ordered_members_only_and_size_limited(

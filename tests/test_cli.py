@@ -31,15 +31,16 @@ async def test_signup_create_post_three_and_tail_shows_them_in_order(
     for text in ("first", "second", "third"):
         await cozy("post", collab, text, env=env)
     tail = (await cozy("tail", collab, env=env)).stdout.decode().splitlines()
-    assert [line.split("\t")[1:] for line in tail[1:]] == [
+    assert [line.split("\t")[1:] for line in tail] == [
+        ["alice", "[created the collab]"],
+        ["alice", "[collab named 'demo']"],
         ["alice", "first"],
         ["alice", "second"],
         ["alice", "third"],
     ]
-    assert [int(line.split("\t")[0]) for line in tail] == [1, 2, 3, 4]
-    assert "demo" in tail[0]
-    later = (await cozy("tail", collab, "--from", "3", env=env)).stdout.decode().splitlines()
-    assert later == tail[2:]
+    assert [int(line.split("\t")[0]) for line in tail] == [1, 2, 3, 4, 5]
+    later = (await cozy("tail", collab, "--from", "4", env=env)).stdout.decode().splitlines()
+    assert later == tail[3:]
     # Files in COZY_HOME are private to the user.
     for name in ("keystore.bin", "profile.json", "heads.json"):
         assert (tmp_path / "alice" / name).stat().st_mode & 0o077 == 0
@@ -78,7 +79,7 @@ async def test_tail_raises_an_integrity_alarm_on_a_tampered_ledger_and_verify_le
         conn.execute("ALTER TABLE events DISABLE TRIGGER events_no_update")
         conn.execute(
             "UPDATE events SET body = overlay(body placing '\\xff'::bytea from length(body) - 3)"
-            " WHERE collab_id = %s AND seq = 2",
+            " WHERE collab_id = %s AND seq = 3",
             (collab,),
         )
     tail = await cozy("tail", collab, env=env, check=False)
@@ -87,7 +88,7 @@ async def test_tail_raises_an_integrity_alarm_on_a_tampered_ledger_and_verify_le
     assert b"original words" not in tail.stdout
     report = await cozy("relay", "verify-ledger", env=server_env, check=False)
     assert report.returncode == 2
-    assert f"{collab} seq 2".encode() in report.stdout
+    assert f"{collab} seq 3".encode() in report.stdout
 
 
 async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_path: Path) -> None:

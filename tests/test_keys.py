@@ -17,7 +17,7 @@ PASSPHRASE = "violet tractor minus seventeen oysters"
 
 
 def _sealed_with_recovery() -> tuple[keystore.SealedKeystore, bytes, str, KeystoreContent]:
-    content = KeystoreContent(sign_seed=b"s" * 32, box_sk=b"b" * 32, collab_keys={"c": b"k" * 32})
+    content = KeystoreContent(sign_seed=b"s" * 32, box_sk=b"b" * 32)
     code = recovery.new_recovery_code()
     sealed, key = keystore.seal_new(
         content, PASSPHRASE, TEST, recovery_key=recovery.recovery_key(recovery.parse_code(code))

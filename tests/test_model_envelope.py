@@ -231,6 +231,7 @@ _ROUTING_CHANGES = {
     "kind": "msg2",
     "ts": TS0 + 1,
     "refs": ("ref-1",),
+    "epoch": 1,
 }
 
 
@@ -238,17 +239,10 @@ _ROUTING_CHANGES = {
 @pytest.mark.parametrize("field", sorted(_ROUTING_CHANGES))
 def test_ciphertext_is_bound_to_every_routing_field(field: str) -> None:
     body = decode_body(HONEST.body)
-    fields = {
-        "collab_id": body.collab_id,
-        "actor_id": body.actor_id,
-        "kind": body.kind,
-        "ts": body.ts,
-        "refs": body.refs,
-    }
-    assert _crypto.aead_decrypt(CK, body.nonce, body.ciphertext, content_associated_data(**fields))
-    fields[field] = _ROUTING_CHANGES[field]
+    assert _crypto.aead_decrypt(CK, body.nonce, body.ciphertext, content_associated_data(body))
+    moved = msgspec.structs.replace(body, **{field: _ROUTING_CHANGES[field]})
     with pytest.raises(CryptoError):
-        _crypto.aead_decrypt(CK, body.nonce, body.ciphertext, content_associated_data(**fields))
+        _crypto.aead_decrypt(CK, body.nonce, body.ciphertext, content_associated_data(moved))
 
 
 @pytest.mark.objective("SO-1")
@@ -272,6 +266,7 @@ def test_spliced_ciphertext_never_opens(
         "kind": kind if kind != original.kind else "other",
         "ts": ts if ts != original.ts else ts + 1,
         "refs": refs if refs != original.refs else (*refs, "x"),
+        "epoch": original.epoch + 1,
     }[field]
     spliced = msgspec.structs.replace(original, **{field: replacement})
     signed = sign_body(MALLORY, encode_body(spliced))
@@ -323,7 +318,7 @@ def _mp_array_header(n: int, wide: bool) -> bytes:
 
 
 _BODY_PARTS = ("array", "v", "collab_id", "actor_id", "kind", "ts", "refs", "ref0", "nonce",
-               "ciphertext")  # fmt: skip
+               "ciphertext", "epoch")  # fmt: skip
 
 
 def hand_encode(body: EventBody, widen: str | None = None) -> bytes:
@@ -332,7 +327,7 @@ def hand_encode(body: EventBody, widen: str | None = None) -> bytes:
     def w(name: str) -> bool:
         return widen == name
 
-    out = _mp_array_header(8, w("array"))
+    out = _mp_array_header(9, w("array"))
     out += _mp_int(body.v, w("v"))
     out += _mp_str(body.collab_id, w("collab_id"))
     out += _mp_str(body.actor_id, w("actor_id"))
@@ -343,6 +338,7 @@ def hand_encode(body: EventBody, widen: str | None = None) -> bytes:
         out += _mp_str(ref, w(f"ref{i}"))
     out += _mp_bin(body.nonce, w("nonce"))
     out += _mp_bin(body.ciphertext, w("ciphertext"))
+    out += _mp_int(body.epoch, w("epoch"))
     return out
 
 

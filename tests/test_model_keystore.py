@@ -27,7 +27,6 @@ def _content() -> KeystoreContent:
     return KeystoreContent(
         sign_seed=nacl.utils.random(32),
         box_sk=nacl.utils.random(32),
-        collab_keys={"c_" + "a" * 26: nacl.utils.random(32)},
     )
 
 
@@ -70,11 +69,7 @@ def test_reseal_keeps_the_wrapping_and_replaces_the_content(
     sealed_pair: tuple[SealedKeystore, bytes, KeystoreContent],
 ) -> None:
     sealed, key, content = sealed_pair
-    grown = KeystoreContent(
-        sign_seed=content.sign_seed,
-        box_sk=content.box_sk,
-        collab_keys={**content.collab_keys, "c_" + "b" * 26: nacl.utils.random(32)},
-    )
+    grown = KeystoreContent(sign_seed=content.sign_seed, box_sk=nacl.utils.random(32))
     resealed = keystore.reseal(sealed, key, grown)
     assert (resealed.kdf, resealed.wrapped_key) == (sealed.kdf, sealed.wrapped_key)
     assert resealed.sealed != sealed.sealed
@@ -165,7 +160,7 @@ def test_sealed_keystore_holds_no_private_material_in_clear(
 ) -> None:
     sealed, key, content = sealed_pair
     stored = keystore.encode_sealed(sealed)
-    secrets = [content.sign_seed, content.box_sk, key, *content.collab_keys.values()]
+    secrets = [content.sign_seed, content.box_sk, key]
     for secret in secrets:
         assert secret not in stored
         assert secret.hex().encode() not in stored

@@ -11,7 +11,7 @@ import nacl.signing
 import pytest
 import trio
 
-from clientkit import RelayRefused, connect
+from clientkit import RelayRefused, _collab, connect
 from ledger import Ledger
 from model import content as contentmod
 from model import keystore, wire
@@ -19,7 +19,7 @@ from model._crypto import CryptoError, random_bytes
 from model.envelope import open_content, seal_event, verify_event
 from model.ids import new_id
 from model.keystore import KdfProfile, KeystoreContent
-from model.proofs import sign_create_collab, sign_keystore_write
+from model.proofs import sign_keystore_write
 from tests.relay_harness import PASSWORD
 
 if TYPE_CHECKING:
@@ -34,8 +34,8 @@ class Victim:
     def __init__(self) -> None:
         self.sign = nacl.signing.SigningKey.generate()
         self.box = nacl.public.PrivateKey.generate()
-        self.collab_key = random_bytes(32)
-        self.content = KeystoreContent(bytes(self.sign), bytes(self.box), {})
+        self.collab_key = b""
+        self.content = KeystoreContent(bytes(self.sign), bytes(self.box))
         self.account_id = ""
         self.collab_id = ""
 
@@ -50,7 +50,9 @@ class Victim:
                 sealed_keystore=keystore.encode_sealed(sealed),
             )
             await client.login("victim", PASSWORD)
-            self.collab_id = await client.create_collab(self.sign)
+            self.collab_id, self.collab_key = await client.create_collab(
+                self.sign, bytes(self.box.public_key)
+            )
             await client.post(
                 signing_key=self.sign,
                 collab_key=self.collab_key,
@@ -98,7 +100,10 @@ async def test_the_login_password_cracker_can_read_metadata_but_not_content_or_c
                 content=b"injected",
             )
             await refused(attacker.append(forged), wire.ErrorCode.BAD_SIGNATURE)
-            await refused(attacker.create_collab(mallory_key), wire.ErrorCode.BAD_SIGNATURE)
+            await refused(
+                attacker.create_collab(mallory_key, bytes(victim.box.public_key)),
+                wire.ErrorCode.BAD_SIGNATURE,
+            )
             for blob in (b"attacker keystore", b""):  # overwrite, then delete
                 await refused(
                     attacker.store_keystore(mallory_key, 2, blob), wire.ErrorCode.BAD_SIGNATURE
@@ -124,12 +129,12 @@ async def test_the_login_password_cracker_can_read_metadata_but_not_content_or_c
                         break
                     assert isinstance(frame, wire.Event)
                     events.append(frame)
-            assert len(events) == 1
-            verified = verify_event(events[0].event, bytes(victim.sign.verify_key))
-            assert b"secret plan" not in events[0].event.body
+            assert len(events) == 2  # the genesis (with the key wrapped to the victim), the post
+            verified = verify_event(events[1].event, bytes(victim.sign.verify_key))
+            assert b"secret plan" not in events[1].event.body
             with pytest.raises(CryptoError):
                 open_content(verified, random_bytes(32))
-    assert stored_events(database_url, victim.collab_id) == 1
+    assert stored_events(database_url, victim.collab_id) == 2
 
 
 @pytest.mark.objective("SO-2")
@@ -170,23 +175,21 @@ async def test_collab_creation_proofs_cannot_be_replayed_or_backdated(relay: Rel
         await client.login("victim", PASSWORD)
         collab_id = new_id("c")
         ts = 1_000  # 1970: far too old
-        old = sign_create_collab(victim.sign, collab_id, victim.account_id, ts)
+        box_pk = bytes(victim.box.public_key)
+        old, _ = _collab.genesis(victim.sign, victim.account_id, box_pk, collab_id, ts)
         with pytest.raises(RelayRefused) as stale:
             await client.request(
-                lambda rid: wire.CreateCollab(rid=rid, collab_id=collab_id, ts=ts, sig=old),
-                wire.CollabCreated,
+                lambda rid: wire.CreateCollab(rid=rid, event=old), wire.CollabCreated
             )
         assert stale.value.code is wire.ErrorCode.INVALID_REQUEST
         now = int(time.time() * 1000)
-        proof = sign_create_collab(victim.sign, collab_id, victim.account_id, now)
+        genesis, _ = _collab.genesis(victim.sign, victim.account_id, box_pk, collab_id, now)
         created = await client.request(
-            lambda rid: wire.CreateCollab(rid=rid, collab_id=collab_id, ts=now, sig=proof),
-            wire.CollabCreated,
+            lambda rid: wire.CreateCollab(rid=rid, event=genesis), wire.CollabCreated
         )
         assert created.collab_id == collab_id
         with pytest.raises(RelayRefused) as replay:
             await client.request(
-                lambda rid: wire.CreateCollab(rid=rid, collab_id=collab_id, ts=now, sig=proof),
-                wire.CollabCreated,
+                lambda rid: wire.CreateCollab(rid=rid, event=genesis), wire.CollabCreated
             )
         assert replay.value.code is wire.ErrorCode.INVALID_REQUEST

