@@ -13,9 +13,10 @@ anything else reads it:
 
 It then decrypts what this account may read: content with the key of its epoch (opened from the
 wraps addressed to this account), a DM only as one of its two participants. Anything that does
-not verify raises `ViewRejected` (or `ChainMismatch`) and the view stops; content this account
-is simply not meant to read (an epoch before it joined, after it was removed, a DM between
-others) comes back as an `Entry` with `unreadable` saying why.
+not verify raises `ViewRejected` (or `ChainMismatch`) and the view stops: that is the relay
+lying. Content this account is not meant to read (an epoch before it joined, after it was
+removed, a DM between others) — or that its signing author garbled — comes back as an `Entry`
+with `unreadable` saying why, and the fold goes on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ if TYPE_CHECKING:
     import nacl.public
 
 
+# A member signed content that does not open with the key it names. The signature rules out the
+# relay (it cannot sign for a member), so this is the author's doing: shown, not alarmed on, so
+# one member cannot halt everyone's history.
+_GARBLED = "its author sealed content that does not open (blame the author, not the relay)"
+
+
 class ViewRejected(ModelError):
     """The relay delivered something that does not verify against this client's own fold."""
 
@@ -88,6 +95,7 @@ class CollabView:
         self.head: Head = start_of(collab_id)
         self.membership: Membership | None = None
         self._keys: dict[int, bytes] = {}
+        self._bad_wraps: set[int] = set()
 
     @property
     def is_member(self) -> bool:
@@ -149,7 +157,7 @@ class CollabView:
         entry = Entry(seq, verified.event_id, chain, body.actor_id, body.kind, body.ts, body.epoch)
         if body.kind == KIND_MANAGEMENT:
             entry = msgspec.structs.replace(entry, proof=proof)
-            self._take_wraps(proof, after, seq)
+            self._take_wraps(proof, after)
         elif body.kind == KIND_DM:
             entry = self._open_dm(entry, verified, after)
         else:
@@ -157,7 +165,7 @@ class CollabView:
         self.membership, self.head = after, new_head
         return entry
 
-    def _take_wraps(self, proof: Proof, after: Membership, seq: int) -> None:
+    def _take_wraps(self, proof: Proof, after: Membership) -> None:
         op = proof.op
         if not isinstance(op, (CreateCollab, AddMember, RemoveMember, RotateKey)):
             return
@@ -166,32 +174,31 @@ class CollabView:
         try:
             self._keys[after.epoch] = open_wrap(op.wraps, self.account_id, self._box_key)
         except CryptoError:
-            raise ViewRejected(
-                f"seq {seq}: the epoch key wrapped for this account does not open"
-            ) from None
+            # Signed by a member, so not the relay's doing: this account simply has no key for
+            # the epoch, and its content shows as unreadable (`_open`) rather than halting.
+            self._bad_wraps.add(after.epoch)
 
     def _open(self, entry: Entry, verified: VerifiedEvent) -> Entry:
         key = self._keys.get(entry.epoch)
         if key is None:
-            why = (
-                "sealed after this account was removed"
-                if self._keys and not self.is_member
-                else f"sealed under key epoch {entry.epoch}, before this account joined"
-            )
+            if entry.epoch in self._bad_wraps:
+                why = f"the key of epoch {entry.epoch} was wrapped for this account unreadably"
+            elif self._keys and not self.is_member:
+                why = "sealed after this account was removed"
+            else:
+                why = f"sealed under key epoch {entry.epoch}, before this account joined"
             return msgspec.structs.replace(entry, unreadable=why)
         try:
             content = contentmod.decode_content(open_content(verified, key))
         except (CryptoError, ModelError):
-            raise ViewRejected(
-                f"seq {entry.seq}: content does not decrypt under its epoch key"
-            ) from None
+            return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)
 
     def _open_dm(self, entry: Entry, verified: VerifiedEvent, state: Membership) -> Entry:
         refs = verified.body.refs
         recipient = state.members.get(refs[0]) if len(refs) == 1 else None
         if recipient is None:
-            raise ViewRejected(f"seq {entry.seq}: a direct message to a non-member")
+            return msgspec.structs.replace(entry, unreadable="a direct message to a non-member")
         entry = msgspec.structs.replace(entry, dm_to=recipient.account_id)
         if self.account_id == entry.author_id:
             other = recipient
@@ -202,5 +209,5 @@ class CollabView:
         try:
             content = contentmod.decode_content(open_dm(verified, self._box_key, other.box_pk))
         except (CryptoError, ModelError):
-            raise ViewRejected(f"seq {entry.seq}: the direct message does not open") from None
+            return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)

@@ -32,6 +32,7 @@ import trio
 from ledger import AppendRequest, LedgerError
 from model import wire
 from model.envelope import (
+    KIND_DM,
     KIND_MANAGEMENT,
     EventBody,
     SequencedEvent,
@@ -239,6 +240,13 @@ class Sequencer:
         assert state is not None
         if body.actor_id not in state.members:
             self._refuse(sub, wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+            return False
+        if body.kind == KIND_DM and (len(body.refs) != 1 or body.refs[0] not in state.members):
+            self._refuse(
+                sub,
+                wire.ErrorCode.INVALID_EVENT,
+                "a direct message names exactly one recipient, who must be a member",
+            )
             return False
         if body.epoch != state.epoch:
             self._refuse(

@@ -14,17 +14,17 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from clientkit import _collab
 from model._crypto import CryptoError
 from model.dm import open_dm
-from model.envelope import decode_body, verify_event
-from model.epochs import NotARecipient, open_wrap
+from model.envelope import decode_body, seal_event, verify_event
+from model.epochs import NotARecipient, new_epoch_key, open_wrap
 from model.membership import (
     MemberKind,
-    Proof,
     RemoveMember,
     Role,
+    decode_proof,
 )
 from model.view import ViewRejected
 from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
-from tests.helpers import Person
+from tests.helpers import TS0, Person
 
 
 def _team() -> tuple[Sim, Person, Person, Person]:
@@ -57,18 +57,12 @@ def test_after_removal_the_removed_member_reads_nothing_new() -> None:
         views[carol.id].current_key()
     # Nor does the removal's own wrap help her: it has no entry for her.
     op = decode_body(sim.events[removal - 1][1].body)
-    proof = _collab_proof(op.ciphertext)
+    proof = decode_proof(op.ciphertext)
     assert isinstance(proof.op, RemoveMember)
     with pytest.raises(NotARecipient):
         open_wrap(proof.op.wraps, carol.id, carol.box)
     assert views[alice.id].current_key()[0] == 1
     assert views[alice.id].current_key() == views[bob.id].current_key()
-
-
-def _collab_proof(data: bytes) -> Proof:
-    from model.membership import decode_proof
-
-    return decode_proof(data)
 
 
 @pytest.mark.objective("SO-1")
@@ -193,3 +187,25 @@ class ReadersMachine(RuleBasedStateMachine):
 
 TestReadersMachine = pytest.mark.objective("SO-7")(ReadersMachine.TestCase)
 TestReadersMachine.settings = settings(max_examples=40, stateful_step_count=25, deadline=None)
+
+
+@pytest.mark.objective("SO-5")
+def test_a_member_who_signs_garbage_cannot_halt_everyone_elses_history() -> None:
+    # The signature proves the author sent it (the relay cannot sign for members), so readers
+    # show it as unreadable and read on: one member cannot make every client raise an alarm.
+    sim, alice, bob, carol = _team()
+    garbage = seal_event(
+        signing_key=bob.key,
+        collab_key=new_epoch_key(),  # not the collab's key
+        collab_id=sim.collab_id,
+        actor_id=bob.id,
+        kind="msg",
+        ts=TS0,
+        content=b"noise",
+    )
+    bad = sim.submit(garbage)
+    after = sim.post(alice, "still here")
+    for person in (alice, carol):
+        entries = {e.seq: e for e in sim.read(sim.view(person))[1]}
+        assert "author" in entries[bad].unreadable
+        assert text_of(entries[after]) == "still here"
