@@ -476,6 +476,7 @@ class Client:
         box_key: nacl.public.PrivateKey,
         *,
         view: CollabView | None = None,
+        keys: dict[int, bytes] | None = None,
         expect: Head | None = None,
         follow: bool = False,
     ) -> AsyncIterator[History]:
@@ -487,9 +488,11 @@ class Client:
         iteration raises an `IntegrityAlarm` subclass and stops on the first that does not
         verify, and `ConnectionLost` if the relay goes away. `expect` is a head this device
         verified before: a history that does not pass through it raises `ForkDetected`.
+        `keys` primes a fresh view with epoch keys an earlier `read` opened, so a member added
+        mid-epoch also reads that epoch's events from before the addition.
         Without `follow` it ends once the history up to the relay's current head is in.
         """
-        view = view or CollabView(collab_id, self._me(), box_key)
+        view = view or CollabView(collab_id, self._me(), box_key, keys)
         async with self.subscribe(collab_id, view.head.seq + 1, follow=follow) as frames:
             yield History(self, view, frames, follow=follow, expect=expect)
 

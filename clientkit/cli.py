@@ -615,7 +615,8 @@ async def cmd_fetch(args: argparse.Namespace) -> None:
     spool = out.with_name(f".{out.name}.download")
     async with _connected(me) as client:
         key = None
-        async with client.history(args.collab, me.box_key) as events:
+        keys = (await _read(client, me, args.collab)).known_keys()
+        async with client.history(args.collab, me.box_key, keys=keys) as events:
             async for entry in events:
                 if (
                     isinstance(entry.content, contentmod.Attachment)
@@ -701,8 +702,11 @@ async def cmd_tail(args: argparse.Namespace) -> None:
     saved = me.home.load_heads().get(args.collab)
     async with _connected(me) as client:
         names: dict[str, str] = {}
+        # Two passes: the first opens every epoch key this account was given (one arrives with
+        # the addition, after that epoch's earlier events), the second prints with all of them.
+        keys = (await _read(client, me, args.collab)).known_keys()
         async with client.history(
-            args.collab, me.box_key, expect=saved, follow=args.follow
+            args.collab, me.box_key, keys=keys, expect=saved, follow=args.follow
         ) as events:
             try:
                 async for entry in events:

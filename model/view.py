@@ -53,6 +53,8 @@ from model.membership import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     import nacl.public
 
 
@@ -88,14 +90,24 @@ class Entry(msgspec.Struct, frozen=True):
 class CollabView:
     """Feed it every event of one collab from seq 1; it keeps membership, keys and the head."""
 
-    def __init__(self, collab_id: str, account_id: str, box_key: nacl.public.PrivateKey) -> None:
+    def __init__(
+        self,
+        collab_id: str,
+        account_id: str,
+        box_key: nacl.public.PrivateKey,
+        keys: Mapping[int, bytes] | None = None,
+    ) -> None:
+        """`keys` are epoch keys an earlier fold of this collab by this account opened: a
+        member added mid-epoch receives that epoch's key with the addition, so a second pass
+        primed with it reads the epoch's earlier events too."""
         self.collab_id = collab_id
         self.account_id = account_id
         self._box_key = box_key
         self.head: Head = start_of(collab_id)
         self.membership: Membership | None = None
-        self._keys: dict[int, bytes] = {}
+        self._keys: dict[int, bytes] = dict(keys or {})
         self._bad_wraps: set[int] = set()
+        self._joined = False  # this account has been a member at some position
 
     @property
     def is_member(self) -> bool:
@@ -113,6 +125,10 @@ class CollabView:
 
     def key_for(self, epoch: int) -> bytes | None:
         return self._keys.get(epoch)
+
+    def known_keys(self) -> dict[int, bytes]:
+        """The epoch keys this fold opened (to prime a later pass; never log them)."""
+        return dict(self._keys)
 
     def ingest_withheld(self, seq: int, event_id: bytes, chain: bytes) -> Entry:
         """A position whose body the relay kept from this account (a DM between others).
@@ -163,6 +179,7 @@ class CollabView:
         else:
             entry = self._open(entry, verified)
         self.membership, self.head = after, new_head
+        self._joined = self._joined or self.is_member
         return entry
 
     def _take_wraps(self, proof: Proof, after: Membership) -> None:
@@ -183,7 +200,7 @@ class CollabView:
         if key is None:
             if entry.epoch in self._bad_wraps:
                 why = f"the key of epoch {entry.epoch} was wrapped for this account unreadably"
-            elif self._keys and not self.is_member:
+            elif self._joined and not self.is_member:
                 why = "sealed after this account was removed"
             else:
                 why = f"sealed under key epoch {entry.epoch}, before this account joined"

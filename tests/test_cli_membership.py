@@ -38,8 +38,9 @@ async def test_create_add_dm_remove_and_the_removed_member_reads_nothing_new(
     await cozy("collab", "add", collab, "carol", env=env["alice"])
     await cozy("post", collab, "hello all", env=env["alice"])
     for name in env:
-        tail = _lines((await cozy("tail", collab, env=env[name])).stdout)
-        assert ["alice", "hello all"] in [line[1:] for line in tail], name
+        tail = [line[1:] for line in _lines((await cozy("tail", collab, env=env[name])).stdout)]
+        assert ["alice", "hello all"] in tail, name
+        assert ["alice", "[collab named 'plans']"] in tail, name  # epoch 0, before they joined
     members = _lines((await cozy("collab", "members", collab, env=env["carol"])).stdout)
     assert sorted(m[:2] for m in members[1:]) == [
         ["alice", "owner"], ["bob", "manager"], ["carol", "member"]

@@ -22,7 +22,7 @@ from model.membership import (
     Role,
     decode_proof,
 )
-from model.view import ViewRejected
+from model.view import CollabView, ViewRejected
 from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
 from tests.helpers import TS0, Person
 
@@ -209,3 +209,20 @@ def test_a_member_who_signs_garbage_cannot_halt_everyone_elses_history() -> None
         entries = {e.seq: e for e in sim.read(sim.view(person))[1]}
         assert "author" in entries[bad].unreadable
         assert text_of(entries[after]) == "still here"
+
+
+@pytest.mark.objective("SO-7")
+def test_a_member_added_mid_epoch_reads_the_epochs_earlier_events_on_a_primed_pass() -> None:
+    alice, bob = Person(), Person()
+    sim = Sim(alice)
+    early = sim.post(alice, "before bob")
+    sim.add(alice, bob)
+    first = {e.seq: e for e in sim.read(sim.view(bob))[1]}
+    assert "before this account joined" in first[early].unreadable
+    keys = sim.read(sim.view(bob))[0].known_keys()
+    primed = CollabView(sim.collab_id, bob.id, bob.box, keys)
+    assert text_of({e.seq: e for e in sim.read(primed)[1]}[early]) == "before bob"
+    # A key from another epoch opens nothing it should not: rotation leaves bob's old one behind.
+    sim.change(alice, _collab.rotate)
+    later = sim.post(alice, "epoch 1")
+    assert text_of({e.seq: e for e in sim.read(primed)[1]}[later]) == "epoch 1"
