@@ -13,6 +13,7 @@ import pytest
 
 import ledger as ledger_pkg
 from ledger import (
+    AlreadyExists,
     AppendRequest,
     HandleTaken,
     Ledger,
@@ -27,8 +28,10 @@ from model._crypto import domain_hash
 from model.envelope import DOMAIN_EVENT_ID, verify_event
 from model.errors import BadSignature
 from model.ids import new_id
+from model.membership import Membership, apply, proof_of
 from tests.helpers import (
     Actor,
+    genesis_of,
     make_account,
     make_collab,
     make_events,
@@ -47,6 +50,10 @@ def sql(database_url: str) -> Iterator[psycopg.Connection]:
     """A direct autocommit connection, as an operator (or a database thief) would have."""
     with psycopg.connect(database_url, autocommit=True) as conn:
         yield conn
+
+
+# Every collab starts with its genesis event at seq 1 (ADR-0010); content follows it.
+G = 1
 
 
 def count_events(database_url: str, collab_id: str | None = None) -> int:
@@ -152,10 +159,19 @@ def test_stored_events_cannot_be_changed_or_removed(
 # --- appending ------------------------------------------------------------------------------
 
 
-def test_empty_collab_head_is_genesis(ledger: Ledger, collab: tuple[str, bytes]) -> None:
-    collab_id, _ = collab
-    assert ledger.head(collab_id) == chain.start_of(collab_id)
-    assert ledger.read_range(collab_id, 1, 10) == []
+def test_a_new_collabs_head_is_its_genesis_event(ledger: Ledger, alice: Actor) -> None:
+    genesis, _ = genesis_of(alice)
+    collab_id = genesis.body.collab_id
+    start = chain.start_of(collab_id)
+    membership = apply(None, proof_of(genesis.body), start, actor_id=alice.account_id)
+    head = ledger.create_collab(genesis, membership)
+    assert head == ledger.head(collab_id) == chain.advance(start, 1, genesis.event_id, head.chain)
+    [stored] = ledger.read_range(collab_id, 1, 10)
+    assert stored.event == genesis.signed
+    assert ledger.membership(collab_id) == membership
+    with pytest.raises(AlreadyExists):
+        ledger.create_collab(genesis, membership)
+    assert ledger.read_range(collab_id, 1, 10) == [stored]
 
 
 def test_append_assigns_contiguous_seqs_and_a_valid_chain(
@@ -167,10 +183,10 @@ def test_append_assigns_contiguous_seqs_and_a_valid_chain(
     second = make_events(alice, collab_id, ck, 4, ts=2_000_000_000_000)
     head2, out2 = ledger.append_batch(collab_id, head1, second)
 
-    assert [a.seq for a in out1 + out2] == list(range(1, 10))
+    assert [a.seq for a in out1 + out2] == list(range(G + 1, G + 10))
     assert not any(a.duplicate for a in out1 + out2)
     assert [a.event_id for a in out1 + out2] == [e.event_id for e in first + second]
-    assert head2 == ledger.head(collab_id) == chain.Head(9, out2[-1].chain)
+    assert head2 == ledger.head(collab_id) == chain.Head(G + 9, out2[-1].chain)
     # A client recomputing the chain from genesis agrees with every stored position.
     client_head = chain.start_of(collab_id)
     for stored in ledger.read_range(collab_id, 1, 100):
@@ -192,20 +208,20 @@ def test_retry_returns_original_positions_and_writes_nothing(
     assert [(a.seq, a.event_id, a.chain) for a in again] == [
         (a.seq, a.event_id, a.chain) for a in original
     ]
-    assert count_events(database_url) == 6
+    assert count_events(database_url) == G + 6
 
     # A retry mixed with new events: old ones keep their place, new ones go after the head.
     fresh = make_events(alice, collab_id, ck, 2, ts=2_000_000_000_000)
     mixed = [events[4], fresh[0], events[0], fresh[1], fresh[0]]
     _, out = ledger.append_batch(collab_id, head, mixed)
     assert [(a.seq, a.duplicate) for a in out] == [
-        (5, True),
-        (7, False),
-        (1, True),
-        (8, False),
-        (7, True),
+        (G + 5, True),
+        (G + 7, False),
+        (G + 1, True),
+        (G + 8, False),
+        (G + 7, True),
     ]
-    assert count_events(database_url) == 8
+    assert count_events(database_url) == G + 8
     assert ledger.verify_ledger().ok
 
 
@@ -215,8 +231,8 @@ def test_duplicate_within_a_batch_is_stored_once(
     collab_id, ck = collab
     event = make_verified(alice, collab_id, ck)
     _, out = ledger.append_batch(collab_id, ledger.head(collab_id), [event, event, event])
-    assert [(a.seq, a.duplicate) for a in out] == [(1, False), (1, True), (1, True)]
-    assert count_events(database_url) == 1
+    assert [(a.seq, a.duplicate) for a in out] == [(G + 1, False), (G + 1, True), (G + 1, True)]
+    assert count_events(database_url) == G + 1
 
 
 def test_a_batch_of_500_lands_in_one_call(
@@ -225,12 +241,12 @@ def test_a_batch_of_500_lands_in_one_call(
     collab_id, ck = collab
     events = make_events(alice, collab_id, ck, 500)
     head, out = ledger.append_batch(collab_id, ledger.head(collab_id), events)
-    assert head.seq == 500
-    assert [a.seq for a in out] == list(range(1, 501))
-    assert count_events(database_url, collab_id) == 500
+    assert head.seq == G + 500
+    assert [a.seq for a in out] == list(range(G + 1, G + 501))
+    assert count_events(database_url, collab_id) == G + 500
     report = ledger.verify_ledger()
     assert report.ok, report.problems
-    assert report.events == 500
+    assert report.events == G + 500
 
 
 def test_concurrent_batches_for_different_collabs_all_land(ledger: Ledger, alice: Actor) -> None:
@@ -254,12 +270,12 @@ def test_concurrent_batches_for_different_collabs_all_land(ledger: Ledger, alice
 
     for collab_id, head in heads.items():
         assert head == ledger.head(collab_id)
-        assert head.seq == 60
-        stored = ledger.read_range(collab_id, 1, 100)
+        assert head.seq == G + 60
+        stored = ledger.read_range(collab_id, G + 1, 100)
         assert [s.event for s in stored] == [e.signed for b in batches[collab_id] for e in b]
     report = ledger.verify_ledger()
     assert report.ok, report.problems
-    assert (report.collabs, report.events) == (6, 360)
+    assert (report.collabs, report.events) == (6, 6 * (G + 60))
 
 
 def test_stale_head_is_a_sequencing_conflict_and_writes_nothing(
@@ -271,12 +287,12 @@ def test_stale_head_is_a_sequencing_conflict_and_writes_nothing(
     late = make_events(alice, collab_id, ck, 4, ts=2_000_000_000_000)
     with pytest.raises(SequencingConflict):
         ledger.append_batch(collab_id, stale, late)
-    assert count_events(database_url) == 3
+    assert count_events(database_url) == G + 3
     assert ledger.head(collab_id) == current
     # The sequencer recovers by re-reading the head.
     head, out = ledger.append_batch(collab_id, ledger.head(collab_id), late)
-    assert [a.seq for a in out] == [4, 5, 6, 7]
-    assert head.seq == 7
+    assert [a.seq for a in out] == [G + 4, G + 5, G + 6, G + 7]
+    assert head.seq == G + 7
 
 
 def test_two_writers_racing_on_one_collab_cannot_both_win(
@@ -298,7 +314,7 @@ def test_two_writers_racing_on_one_collab_cannot_both_win(
     with ThreadPoolExecutor(max_workers=2) as pool:
         outcomes = sorted(pool.map(writer, batches))
     assert outcomes == ["conflict", "ok"]
-    assert count_events(database_url) == 10
+    assert count_events(database_url) == G + 10
     assert ledger.verify_ledger().ok
 
 
@@ -312,9 +328,9 @@ def test_append_batches_commits_several_collabs_in_one_transaction(
         for (cid, ck), n in zip(collabs, (3, 1, 4), strict=True)
     ]
     results = ledger.append_batches(requests)
-    assert [[a.seq for a in out] for _, out in results] == [[3, 4, 5], [1], [1, 2, 3, 4]]
+    assert [[a.seq - G for a in out] for _, out in results] == [[3, 4, 5], [1], [1, 2, 3, 4]]
     assert [head for head, _ in results] == [ledger.head(cid) for cid, _ in collabs]
-    assert count_events(database_url) == 2 + 8
+    assert count_events(database_url) == 3 * G + 2 + 8
     assert ledger.verify_ledger().ok
 
 
@@ -334,17 +350,17 @@ def test_append_batches_names_the_stale_collab_and_writes_nothing(
     with pytest.raises(SequencingConflict) as info:
         ledger.append_batches([fresh_req, stale_req])
     assert info.value.collab_ids == [stale_id]
-    assert count_events(database_url) == 2  # not even the fresh collab's events
+    assert count_events(database_url) == 2 * G + 2  # not even the fresh collab's events
     # The caller retries the requests that were not stale.
     [(head, _)] = ledger.append_batches([fresh_req])
-    assert head.seq == 3
+    assert head.seq == G + 3
 
 
 def test_collabs_have_independent_sequences(ledger: Ledger, alice: Actor) -> None:
     (c1, k1), (c2, k2) = make_collab(ledger, alice), make_collab(ledger, alice)
     append(ledger, c1, make_events(alice, c1, k1, 3))
     append(ledger, c2, make_events(alice, c2, k2, 2))
-    assert (ledger.head(c1).seq, ledger.head(c2).seq) == (3, 2)
+    assert (ledger.head(c1).seq, ledger.head(c2).seq) == (G + 3, G + 2)
     assert ledger.head(c1).chain != ledger.head(c2).chain
 
 
@@ -358,20 +374,20 @@ def test_read_range_pages_in_seq_order(
     events = make_events(alice, collab_id, ck, 25)
     _, out = ledger.append_batch(collab_id, ledger.head(collab_id), events)
 
-    pages, from_seq = [], 1
+    pages, from_seq = [], G + 1
     while page := ledger.read_range(collab_id, from_seq, 10):
         pages.append(page)
         from_seq = page[-1].seq + 1
     assert [len(p) for p in pages] == [10, 10, 5]
     stored = [s for p in pages for s in p]
-    assert [s.seq for s in stored] == list(range(1, 26))
+    assert [s.seq for s in stored] == list(range(G + 1, G + 26))
     assert [s.event for s in stored] == [e.signed for e in events]
     assert [s.chain for s in stored] == [a.chain for a in out]
     assert {s.collab_id for s in stored} == {collab_id}
 
     assert [s.seq for s in ledger.read_range(collab_id, 0, 3)] == [1, 2, 3]
-    assert [s.seq for s in ledger.read_range(collab_id, 24, 10)] == [24, 25]
-    assert ledger.read_range(collab_id, 26, 10) == []
+    assert [s.seq for s in ledger.read_range(collab_id, G + 24, 10)] == [G + 24, G + 25]
+    assert ledger.read_range(collab_id, G + 26, 10) == []
     assert ledger.read_range(collab_id, 1, 0) == []
     assert ledger.read_range(new_id("c"), 1, 10) == []
 
@@ -388,8 +404,8 @@ def test_verify_ledger_passes_honest_data(ledger: Ledger, alice: Actor) -> None:
     report = ledger.verify_ledger(progress=lambda cid, seq: seen.append((cid, seq)))
     assert report.ok
     assert report.problems == []
-    assert (report.collabs, report.events) == (3, 10)
-    assert sorted(seen) == sorted([(c1, 7), (c2, 3), (c3, 0)])
+    assert (report.collabs, report.events) == (3, 3 * G + 10)
+    assert sorted(seen) == sorted([(c1, G + 7), (c2, G + 3), (c3, G)])
 
 
 def _seed_for_tampering(ledger: Ledger, alice: Actor, collab_id: str, ck: bytes) -> None:
@@ -495,18 +511,18 @@ def test_event_stored_under_the_wrong_collab_is_refused_or_reported(
     foreign = make_verified(alice, collab_id, ck)  # signed for `collab_id`...
     with pytest.raises(ValueError, match="routed to a collab other"):
         ledger.append_batch(other_id, ledger.head(other_id), [foreign])  # ...filed elsewhere
-    assert ledger.read_range(other_id, 1, 10) == []
+    assert ledger.read_range(other_id, G + 1, 10) == []
     # A database thief can still file it there by hand; verify-ledger names the row.
-    link = chain.next_head(chain.genesis_head(other_id), foreign.event_id)
+    link = chain.next_head(ledger.head(other_id).chain, foreign.event_id)
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "INSERT INTO events (collab_id, seq, event_id, actor_id, kind, ts, body, sig, chain)"
-            " VALUES (%s, 1, %s, %s, 'msg', %s, %s, %s, %s)",
+            " VALUES (%s, 2, %s, %s, 'msg', %s, %s, %s, %s)",
             (other_id, foreign.event_id, alice.account_id, foreign.body.ts,
              foreign.signed.body, foreign.signed.sig, link),
         )  # fmt: skip
     report = ledger.verify_ledger()
-    assert report.problems == [f"{other_id} seq 1: routing columns disagree with the signed body"]
+    assert report.problems == [f"{other_id} seq 2: routing columns disagree with the signed body"]
 
 
 # --- accounts and membership ----------------------------------------------------------------
@@ -559,7 +575,13 @@ def test_integrity_errors_are_ledger_errors(
         "unknown-collab": lambda: ledger.append_batch(
             ghost, ledger.head(ghost), [make_verified(alice, ghost, ck)]
         ),
-        "duplicate-collab": lambda: ledger.create_collab(collab_id, alice.account_id),
+        "duplicate-collab": lambda: ledger.create_collab(*_genesis_and_state(alice, collab_id)),
     }
     with pytest.raises(LedgerError):
         attempts[case]()
+
+
+def _genesis_and_state(owner: Actor, collab_id: str) -> tuple[VerifiedEvent, Membership]:
+    genesis, _ = genesis_of(owner, collab_id)
+    start = chain.start_of(collab_id)
+    return genesis, apply(None, proof_of(genesis.body), start, actor_id=owner.account_id)
