@@ -16,14 +16,15 @@ import trio_websocket
 
 import relay._connection as connection_module
 import relay._sequencer as sequencer_module
-from clientkit import RelayRefused
+from clientkit import Client, RelayRefused
 from clientkit._transport import FrameReader, open_websocket
 from ledger import Ledger
 from model import wire
-from model.chain import Head, Receipt, advance, start_of, verify_receipt
+from model.chain import Head, Receipt, advance, verify_receipt
 from model.envelope import event_id
 from model.ids import new_id
 from relay._run import run_relay
+from tests.collab_sim import text_of
 from tests.relay_harness import User, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
@@ -33,6 +34,18 @@ if TYPE_CHECKING:
     from relay._server import Relay
 
 pytestmark = pytest.mark.usefixtures("database_url")
+
+# Every collab starts with its genesis event at seq 1 (ADR-0010); posts follow it.
+G = 1
+
+
+async def genesis_head(client: Client, user: User) -> Head:
+    """The head after the collab's genesis, as this client verified it."""
+    async with client.history(user.collab_id, user.box_key) as events:
+        async for d in events:
+            assert d.seq == G
+            break
+    return events.head
 
 
 @pytest.fixture
@@ -98,16 +111,16 @@ async def test_posts_are_sequenced_acked_with_receipts_and_delivered_verified(
                 await client.append(alice.event(f"m{i}", ts=1_700_000_000_000 + i))
                 for i in range(5)
             ]
-            assert [a.seq for a in acks] == [1, 2, 3, 4, 5]
-            head = start_of(alice.collab_id)
+            assert [a.seq for a in acks] == [G + 1, G + 2, G + 3, G + 4, G + 5]
+            head = await genesis_head(client, alice)
             for a in acks:
                 head = advance(head, a.seq, a.event_id, a.chain)
                 receipt = Receipt(alice.collab_id, a.seq, a.event_id, a.chain)
                 assert verify_receipt(relay.relay_pk, receipt, a.receipt_sig)
-            async with client.history(alice.collab_id, alice.collab_key) as events:
-                texts = [d.text async for d in events]
-    assert texts == [f"m{i}" for i in range(5)]
-    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2, 3, 4, 5]
+            async with client.history(alice.collab_id, alice.box_key) as events:
+                texts = [text_of(d) async for d in events]
+    assert texts == [None] + [f"m{i}" for i in range(5)]  # the genesis, then the posts
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2, 3, 4, 5, 6]
 
 
 async def test_two_devices_post_concurrently_and_late_subscribers_see_each_event_once(
@@ -126,10 +139,10 @@ async def test_two_devices_post_concurrently_and_late_subscribers_see_each_event
     async def subscriber(name: str) -> None:
         async with session(relay.url, alice) as client:
             got = seen.setdefault(name, [])
-            async with client.history(alice.collab_id, alice.collab_key, follow=True) as events:
+            async with client.history(alice.collab_id, alice.box_key, follow=True) as events:
                 async for d in events:
                     got.append(d.seq)
-                    if d.seq == 2 * per_device:
+                    if d.seq == G + 2 * per_device:
                         return
 
     with trio.fail_after(60):
@@ -139,7 +152,7 @@ async def test_two_devices_post_concurrently_and_late_subscribers_see_each_event
             nursery.start_soon(device, "laptop")
     assert len(seen) == 5
     for name, seqs in seen.items():
-        assert seqs == list(range(1, 2 * per_device + 1)), name
+        assert seqs == list(range(1, G + 2 * per_device + 1)), name
 
 
 async def test_subscribe_from_the_middle_then_live_has_no_gap_and_no_duplicate(
@@ -150,7 +163,7 @@ async def test_subscribe_from_the_middle_then_live_has_no_gap_and_no_duplicate(
             for i in range(20):
                 await poster.append(alice.event(f"before-{i}", ts=1_700_000_000_000 + i))
             got: list[int] = []
-            async with reader.subscribe(alice.collab_id, from_seq=11) as frames:
+            async with reader.subscribe(alice.collab_id, from_seq=G + 11) as frames:
                 async with trio.open_nursery() as nursery:
 
                     async def more() -> None:
@@ -161,9 +174,9 @@ async def test_subscribe_from_the_middle_then_live_has_no_gap_and_no_duplicate(
                     async for frame in frames:
                         if isinstance(frame, wire.Event):
                             got.append(frame.seq)
-                            if frame.seq == 40:
+                            if frame.seq == G + 40:
                                 break
-    assert got == list(range(11, 41))
+    assert got == list(range(G + 11, G + 41))
 
 
 # --- idempotency --------------------------------------------------------------------------------
@@ -180,14 +193,14 @@ async def test_a_retried_event_gets_its_original_seq_even_after_reconnecting(
             await client.append(alice.event("later"))
         async with session(relay.url, alice) as client:
             after_reconnect = await client.append(ev)
-    assert (first.seq, first.duplicate) == (1, False)
-    assert (again.seq, again.duplicate) == (1, True)
+    assert (first.seq, first.duplicate) == (G + 1, False)
+    assert (again.seq, again.duplicate) == (G + 1, True)
     assert (after_reconnect.seq, after_reconnect.duplicate, after_reconnect.chain) == (
-        1,
+        G + 1,
         True,
         first.chain,
     )
-    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2]
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, G + 1, G + 2]
 
 
 async def test_the_same_event_twice_in_one_pipelined_burst_is_stored_once(
@@ -198,9 +211,9 @@ async def test_the_same_event_twice_in_one_pipelined_burst_is_stored_once(
     for rid in range(10, 20):
         await ws.send_message(wire.encode(wire.Append(rid=rid, event=ev)))
     acks = [await next_reply(ws) for _ in range(10)]
-    assert all(isinstance(a, wire.Appended) and a.seq == 1 for a in acks)
+    assert all(isinstance(a, wire.Appended) and a.seq == G + 1 for a in acks)
     assert sum(not a.duplicate for a in acks if isinstance(a, wire.Appended)) == 1
-    assert len(ledger_rows(database_url, alice.collab_id)) == 1
+    assert len(ledger_rows(database_url, alice.collab_id)) == G + 1
 
 
 # --- authorship and authorization ---------------------------------------------------------------
@@ -213,14 +226,7 @@ async def test_relay_only_appends_events_signed_by_the_sessions_own_key(
     mallory = await sign_up(relay.url, "mallory")
     # An event claiming to be alice's but signed with mallory's key.
     forged = msgspec.structs.replace(alice.event("forged"), sig=mallory.event("x").sig)
-    impostor = User(
-        alice.handle,
-        alice.account_id,
-        mallory.signing_key,
-        alice.token,
-        alice.collab_id,
-        alice.collab_key,
-    )
+    impostor = dataclasses.replace(alice, signing_key=mallory.signing_key)
     wrong_key = impostor.event("signed with the wrong key")
     async with session(relay.url, alice) as as_alice, session(relay.url, mallory) as as_mallory:
         with pytest.raises(RelayRefused) as bad_sig:
@@ -240,8 +246,8 @@ async def test_relay_only_appends_events_signed_by_the_sessions_own_key(
                 pass
         assert no_read.value.code is wire.ErrorCode.UNAUTHORIZED
         # Mallory's own collab still works: refusals did not break her connection.
-        assert (await as_mallory.append(mallory.event("mine"))).seq == 1
-    assert ledger_rows(database_url, alice.collab_id) == []
+        assert (await as_mallory.append(mallory.event("mine"))).seq == G + 1
+    assert [seq for seq, _ in ledger_rows(database_url, alice.collab_id)] == [G]  # the genesis
 
 
 async def test_wrong_password_and_unknown_handle_get_the_same_answer(
@@ -342,8 +348,8 @@ async def test_every_bad_frame_gets_a_typed_error_and_nothing_else_changes(
     await bystander.send_message(wire.encode(wire.Append(rid=2, event=alice.event("fine"))))
     ack = await next_reply(bystander)
     assert isinstance(ack, wire.Appended)
-    assert ack.seq == 1
-    assert len(ledger_rows(database_url, alice.collab_id)) == 1
+    assert ack.seq == G + 1
+    assert len(ledger_rows(database_url, alice.collab_id)) == G + 1
 
 
 async def test_a_frame_beyond_the_websocket_cap_closes_only_that_connection(
@@ -372,6 +378,7 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
     monkeypatch.undo()
     await slow.send_message(wire.encode(wire.Subscribe(rid=5, collab_id=alice.collab_id)))
     assert isinstance(await next_reply(slow), wire.Subscribed)
+    assert isinstance(await next_reply(slow), wire.Event)  # the genesis
     assert isinstance(await next_reply(slow), wire.CaughtUp)
     total = 1500
     fast_seen: list[int] = []
@@ -395,29 +402,32 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
                     async for frame in frames:
                         if isinstance(frame, wire.Event):
                             fast_seen.append(frame.seq)
-                            if frame.seq == total:
+                            if frame.seq == G + total:
                                 break
             del poster
         slow_seen: list[int] = []
-        last: Head | None = None
         with pytest.raises(trio_websocket.ConnectionClosed) as closed:
             while True:
                 frame = await next_reply(slow)
                 if isinstance(frame, wire.Event):
                     slow_seen.append(frame.seq)
-                    last = Head(frame.seq, frame.chain)
-    assert fast_seen == list(range(1, total + 1))
+    assert fast_seen == list(range(1, G + total + 1))
     assert closed.value.reason.code == 4008
     reason = closed.value.reason.reason or ""
     assert "resume after the last seq you received" in reason
     assert int(reason.rsplit("at most ", 1)[1].split()[0]) >= len(slow_seen)
-    assert slow_seen == list(range(1, len(slow_seen) + 1))
+    assert slow_seen == list(range(G + 1, G + len(slow_seen) + 1))
     assert len(slow_seen) < total
-    # Resuming from the last seq it saw gives the rest, exactly once.
+    # Resuming after the last seq it saw gives the rest, exactly once: a client reads up to
+    # there (verifying), then resumes with that view.
     async with session(relay.url, alice) as again:
-        async with again.history(alice.collab_id, alice.collab_key, head=last) as events:
+        async with again.history(alice.collab_id, alice.box_key) as upto:
+            async for d in upto:
+                if d.seq == G + len(slow_seen):
+                    break
+        async with again.history(alice.collab_id, alice.box_key, view=upto.view) as events:
             resumed = [d.seq async for d in events]
-    assert resumed == list(range(len(slow_seen) + 1, total + 1))
+    assert resumed == list(range(G + len(slow_seen) + 1, G + total + 1))
 
 
 # --- shutdown -----------------------------------------------------------------------------------
@@ -477,10 +487,10 @@ async def test_a_batch_of_requests_is_handled_in_order_with_a_reply_for_each(
     replies = [await next_reply(ws) for _ in range(5)]
     acks = [r for r in replies if isinstance(r, wire.Appended)]
     errors = [r for r in replies if isinstance(r, wire.Error)]
-    assert [(a.rid, a.seq) for a in acks] == [(20, 1), (21, 2)]
+    assert [(a.rid, a.seq) for a in acks] == [(20, G + 1), (21, G + 2)]
     assert [e.code for e in errors] == [wire.ErrorCode.MALFORMED_FRAME] * 2
     assert wire.Pong(rid=24) in replies
-    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, 2]
+    assert [s for s, _ in ledger_rows(database_url, alice.collab_id)] == [1, G + 1, G + 2]
 
 
 # --- robustness -------------------------------------------------------------------------------
@@ -533,16 +543,16 @@ async def test_coalesced_messages_stay_under_the_clients_size_cap(
     count = 150  # ~2.3 MB in all: one uncapped batch would exceed the 1 MiB WebSocket cap
     with trio.fail_after(60):
         async with session(relay.url, alice) as reader, session(relay.url, alice) as poster:
-            async with reader.history(alice.collab_id, alice.collab_key, follow=True) as events:
+            async with reader.history(alice.collab_id, alice.box_key, follow=True) as events:
                 await poster.append_many(
                     [alice.event(big, ts=1_700_000_000_000 + i) for i in range(count)]
                 )
                 seen = 0
                 async for d in events:
                     seen += 1
-                    if d.seq == count:
+                    if d.seq == G + count:
                         break
-    assert seen == count
+    assert seen == G + count
 
 
 async def test_a_session_that_expires_on_an_open_connection_stops_working(
@@ -585,8 +595,8 @@ async def test_idle_sequencers_retire_and_the_next_append_continues_the_chain(
         assert registry.statistics() == []
         second = await client.append(alice.event("after the nap"))
         again = await client.append(before)  # a retry after the restart still dedups
-        async with client.history(alice.collab_id, alice.collab_key) as events:
+        async with client.history(alice.collab_id, alice.box_key) as events:
             seqs = [d.seq async for d in events]
-    assert (first.seq, second.seq) == (1, 2)
-    assert (again.seq, again.duplicate) == (1, True)
-    assert seqs == [1, 2]
+    assert (first.seq, second.seq) == (G + 1, G + 2)
+    assert (again.seq, again.duplicate) == (G + 1, True)
+    assert seqs == [1, G + 1, G + 2]

@@ -142,7 +142,7 @@ class Run:
     events: dict[bytes, SignedEvent] = field(default_factory=dict)
     acks: dict[bytes, set[int]] = field(default_factory=dict)
     views: list[View] = field(default_factory=list)
-    head: int = 0
+    head: int = 1  # the collab's genesis event
     counter: int = 0
 
     def new_event(self, device: int) -> SignedEvent:
@@ -176,19 +176,18 @@ async def pipeline(url: str, user: User, events: list[SignedEvent], run: Run) ->
 async def watch(url: str, run: Run, view: View, until: trio.Event) -> None:
     """A subscriber joining at `view.from_seq`, verified by the client kit, until `until`."""
     async with session(url, run.user) as client:
-        head = None
+        # Verification starts at the genesis: read up to the join point, then follow from there
+        # with the view this client built itself.
+        start = None
         if view.from_seq > 1:
-            # Verification starts from a head this client checked itself: read up to there.
-            async with client.history(run.user.collab_id, run.user.collab_key) as events:
-                async for d in events:
+            async with client.history(run.user.collab_id, run.user.box_key) as upto:
+                async for d in upto:
                     if d.seq == view.from_seq - 1:
                         break
-                head = events.head
-            assert head.seq == view.from_seq - 1
+            assert upto.head.seq == view.from_seq - 1
+            start = upto.view
         async with (
-            client.history(
-                run.user.collab_id, run.user.collab_key, head=head, follow=True
-            ) as events,
+            client.history(run.user.collab_id, run.user.box_key, view=start, follow=True) as events,
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(_cancel_when, until, nursery.cancel_scope)
@@ -257,8 +256,8 @@ def test_any_schedule_gives_one_contiguous_history_that_every_subscriber_sees(
     assert set(run.acks) == set(run.events)
     positions = {eid: seqs.pop() for eid, seqs in run.acks.items() if len(seqs) == 1}
     assert len(positions) == len(run.events), "an event was acked at two different seqs"
-    # Contiguous from 1, no duplicates: the positions are exactly 1..N.
-    assert sorted(positions.values()) == list(range(1, len(run.events) + 1))
+    # Contiguous after the genesis (seq 1), no duplicates: the positions are exactly 2..N+1.
+    assert sorted(positions.values()) == list(range(2, len(run.events) + 2))
     # Each device's events keep their send order (first sends; retries reuse the same id).
     for device, ids in run.sent.items():
         first_sends = list(dict.fromkeys(ids))
@@ -268,4 +267,5 @@ def test_any_schedule_gives_one_contiguous_history_that_every_subscriber_sees(
     by_seq = {seq: eid for eid, seq in positions.items()}
     for view in run.views:
         assert view.seqs == list(range(view.from_seq, run.head + 1))
-        assert view.ids == [by_seq[s] for s in view.seqs]
+        posts = [(s, eid) for s, eid in zip(view.seqs, view.ids, strict=True) if s > 1]
+        assert posts == [(s, by_seq[s]) for s, _ in posts]  # seq 1 is the genesis
