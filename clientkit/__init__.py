@@ -17,6 +17,7 @@ from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
 from clientkit.errors import RelayRefused as RelayRefused
 from clientkit.errors import ReorderDetected as ReorderDetected
+from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected
 from clientkit.errors import WithholdingDetected as WithholdingDetected
 from model.view import CollabView as CollabView

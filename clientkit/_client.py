@@ -31,6 +31,7 @@ from clientkit.errors import (
     RelayIdentityChanged,
     RelayRefused,
     ReorderDetected,
+    ReplayDetected,
     TamperDetected,
     WithholdingDetected,
 )
@@ -42,7 +43,15 @@ from model.envelope import event_id, seal_event
 from model.errors import ChainMismatch
 from model.ids import new_id
 from model.proofs import sign_keystore_write
-from model.view import CollabView, Entry, ViewRejected
+from model.view import (
+    CollabView,
+    Entry,
+    ForkProven,
+    ReorderProven,
+    ReplayProven,
+    ViewRejected,
+    WithholdingProven,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -359,8 +368,10 @@ class Client:
         ts: int,
         refs: tuple[str, ...] = (),
         epoch: int = 0,
+        evidence: contentmod.Evidence | None = None,
     ) -> wire.Appended:
-        """Seal `content` under the collab key of `epoch` and append it."""
+        """Seal `content` (with the author's `evidence`, from `CollabView.evidence`) under the
+        collab key of `epoch` and append it."""
         if self.account_id is None:
             raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in before posting")
         signed = seal_event(
@@ -370,7 +381,7 @@ class Client:
             actor_id=self.account_id,
             kind=contentmod.kind_of(content),
             ts=ts,
-            content=contentmod.encode_content(content),
+            content=contentmod.encode_content(content, evidence),
             refs=refs,
             epoch=epoch,
         )
@@ -602,7 +613,7 @@ class History:
                 return self.view.ingest_withheld(frame.seq, frame.event_id, frame.chain)
             return self.view.ingest(frame.seq, frame.event, frame.chain)
         except (ViewRejected, ChainMismatch) as exc:
-            raise self._alarm(TamperDetected, str(exc), frame.seq) from None
+            raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
 
     def _check_expected(self) -> None:
         expect, head = self._expect, self.view.head
@@ -612,6 +623,15 @@ class History:
                 f"the history at seq {head.seq} differs from the one this device verified before",
                 head.seq,
             )
+
+
+# What each proof the fold raises means to a person (the rest is tampering).
+_ALARMS: dict[type[Exception], type[IntegrityAlarm]] = {
+    ReplayProven: ReplayDetected,
+    ReorderProven: ReorderDetected,
+    WithholdingProven: WithholdingDetected,
+    ForkProven: ForkDetected,
+}
 
 
 def _now_ms() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import sys
 import tempfile
 from pathlib import Path
@@ -38,6 +39,8 @@ class Profile(msgspec.Struct):
     token_expires_at: int = 0
     keystore_version: int = 0  # the version last stored on the relay
     keystore_synced: bool = True  # False while local keystore changes await upload
+    # This device's sending stream: its events in each collab are chained under this id (SO-4).
+    device: str = msgspec.field(default_factory=lambda: secrets.token_hex(8))
 
     def __repr__(self) -> str:
         return f"Profile(handle={self.handle!r}, relay={self.relay_url!r}, token=<redacted>)"

@@ -397,14 +397,9 @@ async def cmd_login(args: argparse.Namespace) -> None:
 async def cmd_collab_create(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with _connected(me) as client:
-        collab_id, key = await client.create_collab(me.signing_key, bytes(me.box_key.public_key))
-        await client.post(
-            signing_key=me.signing_key,
-            collab_key=key,
-            collab_id=collab_id,
-            content=contentmod.CollabMeta(name=args.name),
-            ts=_now_ms(),
-        )
+        collab_id, _key = await client.create_collab(me.signing_key, bytes(me.box_key.public_key))
+        meta = contentmod.CollabMeta(name=args.name)
+        await _post(client, me, collab_id, _sealer(me, collab_id, meta))
     print(collab_id)
 
 
@@ -458,7 +453,7 @@ def _sealer(
             actor_id=view.account_id,
             kind=contentmod.kind_of(content),
             ts=_now_ms(),
-            content=contentmod.encode_content(content),
+            content=contentmod.encode_content(content, view.evidence(me.profile.device, _now_ms())),
             refs=refs,
             epoch=epoch,
         )

@@ -61,5 +61,9 @@ class ForkDetected(IntegrityAlarm):
     rolled back, or this device is being shown a different history than before)."""
 
 
+class ReplayDetected(IntegrityAlarm):
+    """An event this history already held was delivered again at a new position."""
+
+
 class ReceiptInvalid(IntegrityAlarm):
     """An ack's receipt is not signed by the relay or does not match the event."""

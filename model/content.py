@@ -46,21 +46,48 @@ class Attachment(msgspec.Struct, frozen=True, tag="file"):
 
 Content = Message | CollabMeta | Attachment
 
+
+class Evidence(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What the author attests about the history when sealing (SO-4), inside the ciphertext.
+
+    `device` names one sending stream of the author (one `COZY_HOME`); `counter` and `prev` chain
+    that stream's events in this collab (1 and b"" for its first); `seen_seq`/`seen_chain` is
+    the head the author had verified when writing; `clock` is the author's clock (ms). Readers
+    check all of it against their own history (model/view.py).
+    """
+
+    device: str
+    counter: int
+    prev: bytes
+    seen_seq: int
+    seen_chain: bytes
+    clock: int
+
+
+class WithEvidence(msgspec.Struct, frozen=True, tag="ev"):
+    content: Content
+    evidence: Evidence
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Content)
+_decoder = msgspec.msgpack.Decoder(Message | CollabMeta | Attachment | WithEvidence)
 
 
-def encode_content(content: Content) -> bytes:
+def encode_content(content: Content, evidence: Evidence | None = None) -> bytes:
     if isinstance(content, Message) and len(content.text) > MAX_TEXT_CHARS:
         raise InvalidEvent(f"message is {len(content.text)} characters; the limit is 16000")
-    return _encoder.encode(content)
+    return _encoder.encode(content if evidence is None else WithEvidence(content, evidence))
 
 
-def decode_content(data: bytes) -> Content:
+def decode_content(data: bytes) -> tuple[Content, Evidence | None]:
+    """The content and, when the author attached it, its evidence."""
     try:
-        return cast("Content", _decoder.decode(data))
+        decoded = _decoder.decode(data)
     except DECODE_ERRORS as exc:
         raise InvalidEvent(f"decrypted content does not decode: {exc}") from None
+    if isinstance(decoded, WithEvidence):
+        return decoded.content, decoded.evidence
+    return cast("Content", decoded), None
 
 
 def kind_of(content: Content) -> str:

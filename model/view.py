@@ -35,6 +35,7 @@ from model.envelope import (
     SignedEvent,
     VerifiedEvent,
     decode_body,
+    event_id,
     open_content,
     verify_event,
 )
@@ -66,6 +67,24 @@ _GARBLED = "its author sealed content that does not open (blame the author, not 
 
 class ViewRejected(ModelError):
     """The relay delivered something that does not verify against this client's own fold."""
+
+
+class ReplayProven(ViewRejected):
+    """An event this history already holds was delivered again at a new position."""
+
+
+class ReorderProven(ViewRejected):
+    """An event arrived before something its author had already seen, or an author's events
+    arrived out of the order the author wrote them in."""
+
+
+class WithholdingProven(ViewRejected):
+    """An author's event chain skips events this history never delivered."""
+
+
+class ForkProven(ViewRejected):
+    """An author saw a different history than this one: the relay showed members different
+    histories (or rewrote this one)."""
 
 
 class Entry(msgspec.Struct, frozen=True):
@@ -108,6 +127,10 @@ class CollabView:
         self._keys: dict[int, bytes] = dict(keys or {})
         self._bad_wraps: set[int] = set()
         self._joined = False  # this account has been a member at some position
+        self._chains: list[bytes] = [self.head.chain]  # chain hash after each seq, from 0
+        self._ids: set[bytes] = set()
+        # (author, device) -> (counter, event id) of the last readable event of that stream
+        self._streams: dict[tuple[str, str], tuple[int, bytes]] = {}
 
     @property
     def is_member(self) -> bool:
@@ -126,6 +149,18 @@ class CollabView:
     def key_for(self, epoch: int) -> bytes | None:
         return self._keys.get(epoch)
 
+    def evidence(self, device: str, clock: int) -> contentmod.Evidence:
+        """The evidence for this account's next event from `device`, made at this view's head.
+
+        Seal and send one event at a time per device (or re-read after each ack): the next
+        counter follows the last event of the stream *this view has seen*."""
+        counter, last = self._streams.get((self.account_id, device), (0, b""))
+        return contentmod.Evidence(device, counter + 1, last, self.head.seq, self.head.chain, clock)
+
+    def chain_at(self, seq: int) -> bytes | None:
+        """The chain hash this view verified at `seq` (None beyond the head)."""
+        return self._chains[seq] if 0 <= seq < len(self._chains) else None
+
     def known_keys(self) -> dict[int, bytes]:
         """The epoch keys this fold opened (to prime a later pass; never log them)."""
         return dict(self._keys)
@@ -135,7 +170,11 @@ class CollabView:
 
         The chain still has to extend: the relay can hide a body, not rewrite history.
         """
+        if event_id in self._ids:
+            raise ReplayProven(f"seq {seq}: this event was already delivered earlier")
         self.head = advance(self.head, seq, event_id, chain)
+        self._ids.add(event_id)
+        self._chains.append(chain)
         return Entry(
             seq, event_id, chain, unreadable="a direct message between other members (withheld)"
         )
@@ -149,6 +188,8 @@ class CollabView:
             raise ViewRejected(f"seq {seq}: {exc}") from None
         if body.collab_id != self.collab_id:
             raise ViewRejected(f"seq {seq}: the event belongs to another collab")
+        if event_id(signed) in self._ids:
+            raise ReplayProven(f"seq {seq}: this event was already delivered at an earlier seq")
         state = self.membership
         try:
             if body.kind == KIND_MANAGEMENT:
@@ -171,13 +212,21 @@ class CollabView:
         except ModelError as exc:
             raise ViewRejected(f"seq {seq}: {exc}") from None
         entry = Entry(seq, verified.event_id, chain, body.actor_id, body.kind, body.ts, body.epoch)
+        stream: tuple[tuple[str, str], tuple[int, bytes]] | None = None
         if body.kind == KIND_MANAGEMENT:
             entry = msgspec.structs.replace(entry, proof=proof)
             self._take_wraps(proof, after)
         elif body.kind == KIND_DM:
             entry = self._open_dm(entry, verified, after)
         else:
-            entry = self._open(entry, verified)
+            entry, stream = self._open(entry, verified)
+        if stream is not None:
+            self._streams[stream[0]] = stream[1]
+        elif entry.unreadable and body.kind != KIND_DM:
+            # This account cannot follow the authors' streams across what it cannot read.
+            self._streams.clear()
+        self._ids.add(verified.event_id)
+        self._chains.append(chain)
         self.membership, self.head = after, new_head
         self._joined = self._joined or self.is_member
         return entry
@@ -195,7 +244,9 @@ class CollabView:
             # the epoch, and its content shows as unreadable (`_open`) rather than halting.
             self._bad_wraps.add(after.epoch)
 
-    def _open(self, entry: Entry, verified: VerifiedEvent) -> Entry:
+    def _open(
+        self, entry: Entry, verified: VerifiedEvent
+    ) -> tuple[Entry, tuple[tuple[str, str], tuple[int, bytes]] | None]:
         key = self._keys.get(entry.epoch)
         if key is None:
             if entry.epoch in self._bad_wraps:
@@ -204,12 +255,49 @@ class CollabView:
                 why = "sealed after this account was removed"
             else:
                 why = f"sealed under key epoch {entry.epoch}, before this account joined"
-            return msgspec.structs.replace(entry, unreadable=why)
+            return msgspec.structs.replace(entry, unreadable=why), None
         try:
-            content = contentmod.decode_content(open_content(verified, key))
+            content, evidence = contentmod.decode_content(open_content(verified, key))
         except (CryptoError, ModelError):
-            return msgspec.structs.replace(entry, unreadable=_GARBLED)
-        return msgspec.structs.replace(entry, content=content)
+            return msgspec.structs.replace(entry, unreadable=_GARBLED), None
+        stream = None if evidence is None else self._check_evidence(entry, evidence)
+        return msgspec.structs.replace(entry, content=content), stream
+
+    def _check_evidence(
+        self, entry: Entry, ev: contentmod.Evidence
+    ) -> tuple[tuple[str, str], tuple[int, bytes]]:
+        """Hold the author's attestation against this history; return the stream's new state.
+
+        The author signed it inside the ciphertext, so the relay cannot alter it: a mismatch
+        is the relay presenting a history the author did not write into.
+        """
+        where = f"seq {entry.seq} by {entry.author_id}"
+        if ev.seen_seq >= entry.seq:
+            raise ReorderProven(
+                f"{where}: its author had already seen seq {ev.seen_seq}, so it cannot sit before it"
+            )
+        if self.chain_at(ev.seen_seq) != ev.seen_chain:
+            raise ForkProven(
+                f"{where}: its author saw another history at seq {ev.seen_seq} than this one"
+            )
+        key = (entry.author_id, ev.device)
+        last = self._streams.get(key)
+        if last is None:
+            if ev.counter == 1 and ev.prev:
+                raise ForkProven(f"{where}: a first event that names a previous one")
+        else:
+            counter, last_id = last
+            if ev.counter <= counter:
+                raise ReorderProven(
+                    f"{where}: author event #{ev.counter} arrived after #{counter} (repeated or reordered)"
+                )
+            if ev.counter > counter + 1:
+                raise WithholdingProven(
+                    f"{where}: author events #{counter + 1}..#{ev.counter - 1} were never delivered"
+                )
+            if ev.prev != last_id:
+                raise ForkProven(f"{where}: its author's previous event is not the one delivered")
+        return key, (ev.counter, entry.event_id)
 
     def _open_dm(self, entry: Entry, verified: VerifiedEvent, state: Membership) -> Entry:
         refs = verified.body.refs
@@ -224,7 +312,7 @@ class CollabView:
         else:
             return msgspec.structs.replace(entry, unreadable="a direct message between others")
         try:
-            content = contentmod.decode_content(open_dm(verified, self._box_key, other.box_pk))
+            content, _ = contentmod.decode_content(open_dm(verified, self._box_key, other.box_pk))
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)

@@ -103,7 +103,9 @@ class Sim:
                 actor_id=author.id,
                 kind="msg",
                 ts=TS0 + len(self.events),
-                content=contentmod.encode_content(contentmod.Message(text=text)),
+                content=contentmod.encode_content(
+                    contentmod.Message(text=text), view.evidence("sim", TS0 + len(self.events))
+                ),
                 epoch=epoch,
             )
         )

@@ -484,14 +484,14 @@ def test_message_content_round_trips_through_an_event(text: str) -> None:
         ALICE, COLLAB, CK, kind=content.kind_of(message), content=content.encode_content(message)
     )
     opened = open_content(verify_event(signed, ALICE.sign_pk), CK)
-    assert content.decode_content(opened) == message
+    assert content.decode_content(opened) == (message, None)
 
 
 def test_content_kinds_and_limits() -> None:
     assert content.kind_of(content.Message(text="hi")) == content.KIND_MESSAGE
     assert content.kind_of(content.CollabMeta(name="n")) == content.KIND_COLLAB_META
     meta = content.CollabMeta(name="secret project")
-    assert content.decode_content(content.encode_content(meta)) == meta
+    assert content.decode_content(content.encode_content(meta)) == (meta, None)
     assert "secret" not in repr(meta)
     content.encode_content(content.Message(text="x" * content.MAX_TEXT_CHARS))
     with pytest.raises(InvalidEvent):
