@@ -592,22 +592,14 @@ class History:
                         continue
                     raise ConnectionLost(None, frame.reason)
                 case wire.Event() | wire.Withheld():
-                    entry = self._verify(frame, head)
+                    entry = self._verify(frame)
                     self._check_expected()
                     return entry
         raise StopAsyncIteration
 
-    def _verify(self, frame: wire.Event | wire.Withheld, head: Head) -> Entry:
+    def _verify(self, frame: wire.Event | wire.Withheld) -> Entry:
         if frame.collab_id != self.view.collab_id:
             raise self._alarm(TamperDetected, "event belongs to another collab", frame.seq)
-        if frame.seq <= head.seq:
-            raise self._alarm(
-                ReorderDetected, f"seq {frame.seq} arrived after {head.seq}", frame.seq
-            )
-        if frame.seq > head.seq + 1:
-            raise self._alarm(
-                WithholdingDetected, f"seqs {head.seq + 1}..{frame.seq - 1} are missing", frame.seq
-            )
         try:
             if isinstance(frame, wire.Withheld):
                 return self.view.ingest_withheld(frame.seq, frame.event_id, frame.chain)

@@ -131,6 +131,7 @@ class CollabView:
         self._ids: set[bytes] = set()
         # (author, device) -> (counter, event id) of the last readable event of that stream
         self._streams: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._whole = True  # every content event so far was readable to this account
 
     @property
     def is_member(self) -> bool:
@@ -165,11 +166,20 @@ class CollabView:
         """The epoch keys this fold opened (to prime a later pass; never log them)."""
         return dict(self._keys)
 
+    def _check_position(self, seq: int) -> None:
+        if seq <= self.head.seq:
+            raise ReorderProven(
+                f"seq {seq} arrived after seq {self.head.seq} (again, or out of order)"
+            )
+        if seq > self.head.seq + 1:
+            raise WithholdingProven(f"seqs {self.head.seq + 1}..{seq - 1} are missing")
+
     def ingest_withheld(self, seq: int, event_id: bytes, chain: bytes) -> Entry:
         """A position whose body the relay kept from this account (a DM between others).
 
         The chain still has to extend: the relay can hide a body, not rewrite history.
         """
+        self._check_position(seq)
         if event_id in self._ids:
             raise ReplayProven(f"seq {seq}: this event was already delivered earlier")
         self.head = advance(self.head, seq, event_id, chain)
@@ -182,6 +192,7 @@ class CollabView:
     def ingest(self, seq: int, signed: SignedEvent, chain: bytes) -> Entry:
         """Verify and fold one event. Raises `ViewRejected` / `ChainMismatch`; then the view
         is unchanged and must not be fed further."""
+        self._check_position(seq)
         try:
             body = decode_body(signed.body)
         except ModelError as exc:
@@ -225,6 +236,7 @@ class CollabView:
         elif entry.unreadable and body.kind != KIND_DM:
             # This account cannot follow the authors' streams across what it cannot read.
             self._streams.clear()
+            self._whole = False
         self._ids.add(verified.event_id)
         self._chains.append(chain)
         self.membership, self.head = after, new_head
@@ -281,7 +293,9 @@ class CollabView:
                 f"{where}: its author saw another history at seq {ev.seen_seq} than this one"
             )
         key = (entry.author_id, ev.device)
-        last = self._streams.get(key)
+        # A reader that read every event so far knows each stream from its start; one that
+        # could not (content before it joined) takes a stream's first readable event as is.
+        last = self._streams.get(key) or ((0, b"") if self._whole else None)
         if last is None:
             if ev.counter == 1 and ev.prev:
                 raise ForkProven(f"{where}: a first event that names a previous one")

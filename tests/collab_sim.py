@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import msgspec
 import nacl.signing
 
 from clientkit import _collab
@@ -92,9 +93,16 @@ class Sim:
     def remove(self, signer: Person, person: Person) -> int:
         return self.change(signer, lambda v: _collab.remove(v, person.id))
 
-    def post(self, author: Person, text: str) -> int:
+    def post(self, author: Person, text: str, *, lag: int = 0) -> int:
+        """`author` posts having seen the history only up to `lag` events ago (it wrote
+        concurrently with them); it always knows its own stream."""
         view = self.read(self.view(author))[0]
         epoch, key = view.current_key()
+        evidence = view.evidence("sim", TS0 + len(self.events))
+        seen = max(self.head.seq - lag, 0)
+        chain = view.chain_at(seen)
+        assert chain is not None
+        evidence = msgspec.structs.replace(evidence, seen_seq=seen, seen_chain=chain)
         return self.submit(
             seal_event(
                 signing_key=author.key,
@@ -103,9 +111,7 @@ class Sim:
                 actor_id=author.id,
                 kind="msg",
                 ts=TS0 + len(self.events),
-                content=contentmod.encode_content(
-                    contentmod.Message(text=text), view.evidence("sim", TS0 + len(self.events))
-                ),
+                content=contentmod.encode_content(contentmod.Message(text=text), evidence),
                 epoch=epoch,
             )
         )

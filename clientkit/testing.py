@@ -1,0 +1,217 @@
+"""A lying relay for tests: rewrite a collab's history the ways a compromised relay could.
+
+Importable by teams testing their bots and deployments (`from clientkit.testing import …`).
+Two layers:
+
+- `lie(history, Misbehaviour)` — pure: takes the honest history (seq, event, chain) and returns
+  what a lying relay would present instead. Every rewrite that renumbers also *re-chains*, as a
+  real relay can (the chain is computed by the relay, not signed by authors), so the lie is
+  internally consistent and only the evidence inside events, the author streams and saved heads
+  can expose it.
+- `LyingRelay` — a WebSocket proxy that sits between clients and a real relay, passes every
+  request through, and presents each non-following subscription's history through `lie` (and can
+  forge `appended` receipts). One misbehaviour per client connection, or none.
+
+Hypothesis strategies for schedules are in `misbehaviours`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+import msgspec
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    open_websocket_url,
+    serve_websocket,
+)
+
+from model import wire
+from model.chain import Head, next_head, start_of
+from model.envelope import SequencedEvent, SignedEvent, event_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    import hypothesis.strategies as st
+
+
+class Lie(enum.StrEnum):
+    """The misbehaviour classes of issue 5 (docs/ordering.md has what each one triggers)."""
+
+    GAP = "gap"  # drop one event, leave its seq empty
+    DROP = "drop"  # drop one event, renumber and re-chain the rest (a consistent fork)
+    SWAP = "swap"  # deliver two neighbours in the other order, re-chained
+    DUPLICATE = "duplicate"  # deliver one event twice at the same seq
+    REPLAY = "replay"  # append an old event again at the end, re-chained
+    TAMPER = "tamper"  # flip one byte of a body
+    SPLICE = "splice"  # replace an event with one from another collab
+    TRUNCATE = "truncate"  # withhold the tail: stop early, claim to be caught up
+    FORGE_RECEIPT = "forge_receipt"  # sign an ack's receipt for another seq
+
+
+@dataclass(frozen=True)
+class Misbehaviour:
+    lie: Lie
+    at: int  # the seq it applies to (1-based, in the honest history)
+    foreign: SequencedEvent | None = None  # for SPLICE: an event of another collab
+
+
+History = list[SequencedEvent]
+
+
+def rechain(collab_id: str, events: Sequence[SignedEvent]) -> History:
+    """Number `events` from 1 and compute the chain over them, as a relay does."""
+    head = start_of(collab_id)
+    out: History = []
+    for signed in events:
+        head = Head(head.seq + 1, next_head(head.chain, event_id(signed)))
+        out.append(SequencedEvent(collab_id, head.seq, signed, head.chain))
+    return out
+
+
+def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
+    """What a relay telling lie `m` presents instead of the honest `history`."""
+    events = list(history)
+    if not events:
+        return events
+    collab_id = events[0].collab_id
+    i = min(max(m.at, 1), len(events)) - 1
+    signed = [e.event for e in events]
+    match m.lie:
+        case Lie.GAP:
+            return events[:i] + events[i + 1 :]
+        case Lie.DROP:
+            return rechain(collab_id, signed[:i] + signed[i + 1 :])
+        case Lie.SWAP:
+            j = min(i + 1, len(signed) - 1)
+            signed[i], signed[j] = signed[j], signed[i]
+            return rechain(collab_id, signed)
+        case Lie.DUPLICATE:
+            return [*events[: i + 1], events[i], *events[i + 1 :]]
+        case Lie.REPLAY:
+            return rechain(collab_id, [*signed, signed[i]])
+        case Lie.TAMPER:
+            body = bytearray(signed[i].body)
+            body[-1] ^= 1
+            tampered = SignedEvent(bytes(body), signed[i].sig)
+            return [
+                *events[:i],
+                msgspec.structs.replace(events[i], event=tampered),
+                *events[i + 1 :],
+            ]
+        case Lie.SPLICE:
+            assert m.foreign is not None, "SPLICE needs an event of another collab"
+            return rechain(collab_id, [*signed[:i], m.foreign.event, *signed[i + 1 :]])
+        case Lie.TRUNCATE:
+            return events[:i]
+        case Lie.FORGE_RECEIPT:
+            return events
+    raise AssertionError(m)  # pragma: no cover
+
+
+def misbehaviours(length: int, lies: Sequence[Lie] = tuple(Lie)) -> st.SearchStrategy[Misbehaviour]:
+    """Hypothesis strategy: one misbehaviour somewhere in a history of `length` events."""
+    import hypothesis.strategies as st
+
+    return st.builds(Misbehaviour, st.sampled_from(list(lies)), st.integers(1, max(length, 1)))
+
+
+# --- the proxy ------------------------------------------------------------------------------------
+
+
+@dataclass
+class LyingRelay:
+    """A WebSocket proxy in front of `upstream`. `plan(n)` picks the lie for the n-th client
+    connection (None: honest). `url` is set once `serve` has started."""
+
+    upstream: str
+    plan: Callable[[int], Misbehaviour | None] = lambda _n: None
+    url: str = ""
+    connections: int = 0
+    told: list[Misbehaviour] = field(default_factory=list)
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(
+                    serve_websocket,
+                    self._handle,
+                    "127.0.0.1",
+                    0,
+                    None,
+                    max_message_size=wire.WS_HARD_LIMIT,
+                )
+            )
+            self.url = f"ws://127.0.0.1:{server.port}"
+            task_status.started(self.url)
+
+    async def _handle(self, request: WebSocketRequest) -> None:
+        client = await request.accept()
+        self.connections += 1
+        misbehaviour = self.plan(self.connections)
+        if misbehaviour is not None:
+            self.told.append(misbehaviour)
+        try:
+            async with (
+                open_websocket_url(self.upstream, max_message_size=wire.WS_HARD_LIMIT) as relay,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._pump_up, client, relay, nursery.cancel_scope)
+                await self._pump_down(relay, client, misbehaviour)
+                nursery.cancel_scope.cancel()
+        except ConnectionClosed:
+            pass
+
+    @staticmethod
+    async def _pump_up(
+        client: WebSocketConnection, relay: WebSocketConnection, scope: trio.CancelScope
+    ) -> None:
+        try:
+            while True:
+                await relay.send_message(await client.get_message())
+        except ConnectionClosed:
+            scope.cancel()
+
+    async def _pump_down(
+        self, relay: WebSocketConnection, client: WebSocketConnection, m: Misbehaviour | None
+    ) -> None:
+        held: dict[str, History] = {}  # collab -> catch-up events held back until caught_up
+        while True:
+            data = await relay.get_message()
+            for frame in wire.unbatch_replies(data):  # type: ignore[arg-type]
+                for out in self._present(frame, held, m):
+                    await client.send_message(wire.encode(out))
+
+    @staticmethod
+    def _present(
+        frame: wire.Reply, held: dict[str, History], m: Misbehaviour | None
+    ) -> list[wire.Reply]:
+        if m is None:
+            return [frame]
+        match frame:
+            case wire.Subscribed():
+                held[frame.collab_id] = []
+                return [frame]
+            case wire.Event() if frame.collab_id in held:
+                held[frame.collab_id].append(
+                    SequencedEvent(frame.collab_id, frame.seq, frame.event, frame.chain)
+                )
+                return []
+            case wire.CaughtUp() if frame.collab_id in held:
+                presented = lie(held.pop(frame.collab_id), m)
+                last = presented[-1].seq if presented else 0
+                return [
+                    *(wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain)
+                      for e in presented),
+                    wire.CaughtUp(collab_id=frame.collab_id, seq=last),
+                ]  # fmt: skip
+            case wire.Appended() if m.lie is Lie.FORGE_RECEIPT:
+                return [msgspec.structs.replace(frame, seq=frame.seq + 1)]
+        return [frame]
