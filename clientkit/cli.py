@@ -26,7 +26,13 @@ from clientkit._client import Client, connect
 from clientkit._collab import describe, fingerprint
 from clientkit._home import Home, HomeError, Profile, kdf_profile
 from clientkit._passphrase import WeakPassphrase, check_passphrase
-from clientkit.errors import ClientError, IntegrityAlarm, RelayRefused, TamperDetected
+from clientkit.errors import (
+    ClientError,
+    ForkDetected,
+    IntegrityAlarm,
+    RelayRefused,
+    TamperDetected,
+)
 from model import artifacts, dm, keystore, recovery, wire
 from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
@@ -720,6 +726,57 @@ async def cmd_tail(args: argparse.Namespace) -> None:
                     me.home.save_head(args.collab, events.head)
 
 
+async def cmd_verify(args: argparse.Namespace) -> None:
+    """Re-verify a collab's whole history from seq 1 and print the head to compare with other
+    members out of band; with --against, compare with the head another member read out."""
+    me = await _unlock(Home.from_env())
+    against = _parse_head(args.against) if args.against else None
+    saved = me.home.load_heads().get(args.collab)
+    async with _connected(me) as client:
+        keys = (await _read(client, me, args.collab)).known_keys()
+        count = 0
+        async with client.history(args.collab, me.box_key, keys=keys, expect=saved) as events:
+            async for _ in events:
+                count += 1
+                if count % 500 == 0:
+                    print(f"\r  verified {count} events…", end="", file=sys.stderr, flush=True)
+        view = events.view
+    print(f"\r  verified {count} events", file=sys.stderr)
+    if saved is None or view.head.seq >= saved.seq:
+        me.home.save_head(args.collab, view.head)
+    print(f"head {_short_head(view.head.seq, view.head.chain)}")
+    if against is None:
+        return
+    seq, prefix = against
+    mine = view.chain_at(seq)
+    if mine is None:
+        raise ForkDetected(
+            f"the other member read seq {seq}, but the relay has shown this device only up to"
+            f" {view.head.seq}: it is withholding events from one of you",
+            collab_id=args.collab,
+            seq=seq,
+        )
+    if not mine.hex().startswith(prefix):
+        raise ForkDetected(
+            f"at seq {seq} this device verified {_short_head(seq, mine)} but the other member"
+            f" read {seq}:{prefix}: the relay showed you different histories",
+            collab_id=args.collab,
+            seq=seq,
+        )
+    print(f"matches the other member's head at seq {seq}")
+
+
+def _short_head(seq: int, chain: bytes) -> str:
+    return f"{seq}:{chain.hex()[:16]}"
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    seq, _, prefix = text.partition(":")
+    if not seq.isdigit() or len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+        raise CliError("--against takes a head as `cozy verify` prints it: SEQ:HEX (8+ hex digits)")
+    return int(seq), prefix
+
+
 def _mentioned(entry: Entry) -> list[str]:
     if entry.proof is None:
         return []
@@ -812,6 +869,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("ref")
     p.add_argument("out")
     p.set_defaults(run=cmd_fetch)
+
+    p = sub.add_parser(
+        "verify", help="re-verify a collab from seq 1 and print its head to compare with others"
+    )
+    p.add_argument("collab")
+    p.add_argument("--against", metavar="SEQ:HEX", help="a head another member read out")
+    p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("tail", help="print a collab's verified history (seq, author, text)")
     p.add_argument("collab")

@@ -18,6 +18,7 @@ Hypothesis strategies for schedules are in `misbehaviours`.
 from __future__ import annotations
 
 import enum
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -37,7 +38,7 @@ from model.chain import Head, next_head, start_of
 from model.envelope import SequencedEvent, SignedEvent, event_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     import hypothesis.strategies as st
 
@@ -136,6 +137,23 @@ class LyingRelay:
     url: str = ""
     connections: int = 0
     told: list[Misbehaviour] = field(default_factory=list)
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        """Serve for the duration of the block; yields the URL clients should connect to.
+
+        An error raised in the block (an alarm, say) comes out as itself, not wrapped in the
+        proxy's task group."""
+        error: BaseException | None = None
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(self.serve)
+            try:
+                yield url
+            except BaseException as exc:  # noqa: BLE001 — re-raised below, outside the group
+                error = exc
+            nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:

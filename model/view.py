@@ -285,8 +285,9 @@ class CollabView:
         """
         where = f"seq {entry.seq} by {entry.author_id}"
         if ev.seen_seq >= entry.seq:
-            raise ReorderProven(
-                f"{where}: its author had already seen seq {ev.seen_seq}, so it cannot sit before it"
+            raise ForkProven(
+                f"{where}: its author had already seen seq {ev.seen_seq} when writing it, so this"
+                " history moved it earlier or removed events before it"
             )
         if self.chain_at(ev.seen_seq) != ev.seen_chain:
             raise ForkProven(

@@ -1,0 +1,157 @@
+"""The lying-relay harness end to end: a proxy in front of a real relay lies to real clients.
+
+`clientkit.testing.LyingRelay` passes every request to the real relay and rewrites what one
+client is shown; the real client kit (and the `cozy` CLI) must raise the matching alarm, and
+must stay quiet when the proxy is honest.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from clientkit import (
+    ForkDetected,
+    IntegrityAlarm,
+    ReceiptInvalid,
+    ReorderDetected,
+    ReplayDetected,
+    TamperDetected,
+    WithholdingDetected,
+    _collab,
+    connect,
+)
+from clientkit._home import Home
+from clientkit.testing import Lie, LyingRelay, Misbehaviour
+from model import content as contentmod
+from model.membership import Member, MemberKind, Role
+from tests.cli_harness import cli_signup, client_env, cozy
+from tests.relay_harness import User, session, sign_up
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from clientkit import Client
+    from relay._server import Relay
+
+
+async def post(client: Client, user: User, cid: str, text: str) -> int:
+    view = await client.read(cid, user.box_key)
+    epoch, key = view.current_key()
+    ack = await client.post(
+        signing_key=user.signing_key,
+        collab_key=key,
+        epoch=epoch,
+        collab_id=cid,
+        content=contentmod.Message(text),
+        ts=int(time.time() * 1000),
+        evidence=view.evidence("test-device", int(time.time() * 1000)),
+    )
+    return ack.seq
+
+
+async def team_history(relay: Relay) -> tuple[User, User, User, dict[str, list[int]]]:
+    """Alice, Bob and Carol in Alice's collab, each posting in turn (every post built on all
+    before it). Returns the seqs each of them posted at."""
+    alice, bob, carol = [await sign_up(relay.url, h) for h in ("alice", "bob", "carol")]
+    cid = alice.collab_id
+    async with session(relay.url, alice) as a:
+        for user in (bob, carol):
+            info = await a.lookup(user.handle)
+            new = Member(info.account_id, Role.MEMBER, MemberKind.HUMAN, info.sign_pk, info.box_pk)
+            await a.manage(
+                alice.signing_key, alice.box_key, cid, lambda v, m=new: _collab.add(v, m)
+            )
+    posted: dict[str, list[int]] = {"alice": [], "bob": [], "carol": []}
+    for round_ in range(3):
+        for user in (alice, bob, carol):
+            async with session(relay.url, user) as client:
+                posted[user.handle].append(await post(client, user, cid, f"{user.handle} {round_}"))
+    return alice, bob, carol, posted
+
+
+async def read_through(relay: Relay, reader: User, cid: str, m: Misbehaviour | None) -> None:
+    async with LyingRelay(relay.url, plan=lambda _n: m).running() as url, connect(url) as client:
+        await client.authenticate(reader.token)
+        await client.read(cid, reader.box_key)
+
+
+@pytest.mark.objective("SO-4")
+async def test_each_lie_told_through_the_proxy_raises_its_alarm_in_the_real_client(
+    relay: Relay,
+) -> None:
+    alice, bob, _carol, posted = await team_history(relay)
+    cid = alice.collab_id
+    await read_through(relay, bob, cid, None)  # the honest proxy: no alarm
+    cases: list[tuple[Misbehaviour, type[IntegrityAlarm]]] = [
+        (Misbehaviour(Lie.GAP, posted["alice"][0]), WithholdingDetected),
+        (Misbehaviour(Lie.DUPLICATE, posted["bob"][1]), ReorderDetected),
+        (Misbehaviour(Lie.REPLAY, posted["carol"][0]), ReplayDetected),
+        (Misbehaviour(Lie.TAMPER, posted["alice"][1]), TamperDetected),
+        # Dropped and re-chained: the next post had seen it and now sits at its seq.
+        (Misbehaviour(Lie.DROP, posted["alice"][1]), ForkDetected),
+        # Swapped and re-chained: Bob's post had seen Alice's, so it cannot come first.
+        (Misbehaviour(Lie.SWAP, posted["alice"][2]), ForkDetected),
+    ]
+    for misbehaviour, alarm in cases:
+        with pytest.raises(alarm):
+            await read_through(relay, bob, cid, misbehaviour)
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_forged_receipt_is_caught_when_posting(relay: Relay) -> None:
+    alice = await sign_up(relay.url, "alice")
+    forge = Misbehaviour(Lie.FORGE_RECEIPT, 1)
+    async with (
+        LyingRelay(relay.url, plan=lambda _n: forge).running() as url,
+        connect(url) as client,
+    ):
+        await client.authenticate(alice.token)
+        with pytest.raises(ReceiptInvalid):
+            await post(client, alice, alice.collab_id, "acked at a seq it never got")
+
+
+@pytest.mark.objective("SO-4")
+async def test_cozy_verify_prints_the_head_and_names_a_fork_or_a_withheld_tail(
+    relay: Relay, tmp_path: Path
+) -> None:
+    homes = {name: tmp_path / name for name in ("alice", "bob")}
+    for name, home in homes.items():
+        await cli_signup(relay.url, home, name)
+    env = {name: client_env(home) for name, home in homes.items()}
+    collab = (await cozy("collab", "create", "audit", env=env["alice"])).stdout.decode().strip()
+    await cozy("collab", "add", collab, "bob", env=env["alice"])
+    for n in range(3):
+        await cozy("post", collab, f"alice {n}", env=env["alice"])
+        await cozy("post", collab, f"bob {n}", env=env["bob"])
+    heads = {}
+    for name in homes:
+        out = (await cozy("verify", collab, env=env[name])).stdout.decode()
+        heads[name] = out.split("head ", 1)[1].split()[0]
+    assert heads["alice"] == heads["bob"]  # read aloud, compared: the same history
+    ok = await cozy("verify", collab, "--against", heads["alice"], env=env["bob"])
+    assert b"matches" in ok.stdout
+    # Bob's relay now drops Alice's first post and re-chains the rest, for Bob only.
+    profile = Home(homes["bob"]).load_profile()
+    first_post = int(heads["alice"].split(":")[0]) - 5
+    cases = (
+        (Lie.DROP, b"moved it earlier or removed events"),
+        (Lie.TRUNCATE, b"rolled back"),  # Bob's own saved head is beyond the cut
+        (Lie.TRUNCATE, b"withholding events from one of you"),  # a fresh device: Alice's head
+    )
+    for n, (lie, words) in enumerate(cases):
+        if n == 2:
+            (homes["bob"] / "heads.json").unlink()
+        told = Misbehaviour(lie, first_post)
+        async with LyingRelay(relay.url, plan=lambda _n, m=told: m).running() as url:
+            profile.relay_url = url
+            Home(homes["bob"]).save_profile(profile)
+            # Against Alice's head, so the check does not rest on Bob's own saved head alone.
+            lied = await cozy(
+                "verify", collab, "--against", heads["alice"], env=env["bob"], check=False
+            )
+        assert lied.returncode == 3, lied.stderr
+        assert b"INTEGRITY ALARM" in lied.stderr
+        assert words in lied.stderr, lied.stderr
