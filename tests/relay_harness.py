@@ -64,7 +64,12 @@ class User:
     box_key: nacl.public.PrivateKey
 
     def event(
-        self, text: str, *, ts: int = 1_700_000_000_000, collab_id: str | None = None
+        self,
+        text: str,
+        *,
+        ts: int = 1_700_000_000_000,
+        collab_id: str | None = None,
+        evidence: contentmod.Evidence | None = None,
     ) -> SignedEvent:
         return seal_event(
             signing_key=self.signing_key,
@@ -73,7 +78,7 @@ class User:
             actor_id=self.account_id,
             kind="msg",
             ts=ts,
-            content=contentmod.encode_content(contentmod.Message(text=text)),
+            content=contentmod.encode_content(contentmod.Message(text=text), evidence),
         )
 
 

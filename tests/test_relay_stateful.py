@@ -6,7 +6,9 @@ pipelines of new ones, concurrent bursts from all devices, and subscribers that 
 random seqs. After each schedule the collab's history must be:
 contiguous from 1, free of duplicates, every ack must name the event's one position, each
 connection's events must keep their send order, and every subscriber — whatever seq it joined
-at — must have seen exactly the ledger's events from there on, each verified by the client kit.
+at — must have seen exactly the ledger's events from there on, each verified by the client kit,
+including the evidence every device seals into its events (its stream counter and previous
+event, the newest head it learnt from an ack): honest schedules never raise an ordering alarm.
 
 The relay runs once for the module in a background thread (its own Trio loop); each example
 drives it from a fresh Trio loop with fresh accounts and a fresh collab.
@@ -27,6 +29,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 from clientkit._transport import FrameReader, open_websocket
 from model import wire
+from model.chain import Head, start_of
+from model.content import Evidence
 from model.envelope import SignedEvent, event_id
 from tests.helpers import create_database, drop_database, with_dbname
 from tests.relay_harness import User, relay_config, running_relay, session, sign_up
@@ -144,18 +148,28 @@ class Run:
     views: list[View] = field(default_factory=list)
     head: int = 1  # the collab's genesis event
     counter: int = 0
+    # Each device's stream (counter, last event id) and the newest head it learnt from an ack:
+    # the evidence it seals into every event, which every watcher checks (SO-4).
+    streams: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    seen: dict[int, Head] = field(default_factory=dict)
 
     def new_event(self, device: int) -> SignedEvent:
         self.counter += 1
+        count, last = self.streams.get(device, (0, b""))
+        seen = self.seen.get(device) or start_of(self.user.collab_id)
+        evidence = Evidence(f"device-{device}", count + 1, last, seen.seq, seen.chain, self.counter)
         ev = self.user.event(
-            f"d{device}-{self.counter}-{secrets.token_hex(4)}", ts=1_700_000_000_000 + self.counter
+            f"d{device}-{self.counter}-{secrets.token_hex(4)}",
+            ts=1_700_000_000_000 + self.counter,
+            evidence=evidence,
         )
+        self.streams[device] = (count + 1, event_id(ev))
         self.events[event_id(ev)] = ev
         self.sent[device].append(event_id(ev))
         return ev
 
 
-async def pipeline(url: str, user: User, events: list[SignedEvent], run: Run) -> None:
+async def pipeline(url: str, user: User, events: list[SignedEvent], run: Run, device: int) -> None:
     """Send every event without waiting, then collect every ack (one connection)."""
     async with trio.open_nursery() as nursery, open_websocket(url, nursery) as ws:
         frames = FrameReader(ws)
@@ -171,6 +185,8 @@ async def pipeline(url: str, user: User, events: list[SignedEvent], run: Run) ->
             assert ack.event_id == eid
             run.acks.setdefault(eid, set()).add(ack.seq)
             run.head = max(run.head, ack.seq)
+            if ack.seq > run.seen.get(device, start_of(user.collab_id)).seq:
+                run.seen[device] = Head(ack.seq, ack.chain)
 
 
 async def watch(url: str, run: Run, view: View, until: trio.Event) -> None:
@@ -210,18 +226,18 @@ async def run_schedule(url: str, schedule: list[Step]) -> Run:
             match step:
                 case Post(device, count):
                     await pipeline(
-                        url, run.user, [run.new_event(device) for _ in range(count)], run
+                        url, run.user, [run.new_event(device) for _ in range(count)], run, device
                     )
                 case Burst(count):
                     async with trio.open_nursery() as burst:
                         for device in range(DEVICES):
                             evs = [run.new_event(device) for _ in range(count)]
-                            burst.start_soon(pipeline, url, run.user, evs, run)
+                            burst.start_soon(pipeline, url, run.user, evs, run, device)
                 case Retry(device, back, with_new) if run.sent[device]:
                     eid = run.sent[device][max(0, len(run.sent[device]) - 1 - back)]
                     fresh = [run.new_event(device) for _ in range(with_new)]
                     mixed = [*fresh[: with_new // 2], run.events[eid], *fresh[with_new // 2 :]]
-                    await pipeline(url, run.user, mixed, run)
+                    await pipeline(url, run.user, mixed, run, device)
                 case Join(fraction):
                     view = View(from_seq=1 + int(fraction * run.head))
                     run.views.append(view)
