@@ -11,6 +11,7 @@ from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
 from clientkit.errors import ClientError as ClientError
 from clientkit.errors import ConnectionLost as ConnectionLost
+from clientkit.errors import EquivocationDetected as EquivocationDetected
 from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid

@@ -25,6 +25,7 @@ from clientkit import _collab
 from clientkit._transport import CONNECT_TIMEOUT, open_websocket
 from clientkit.errors import (
     ConnectionLost,
+    EquivocationDetected,
     ForkDetected,
     IntegrityAlarm,
     ReceiptInvalid,
@@ -40,6 +41,7 @@ from model import wire
 from model.artifacts import RefHasher
 from model.chain import Receipt, verify_receipt
 from model.envelope import event_id, seal_event
+from model.equivocation import PROOF_KIND, EquivocationProof, Served, SignedReceipt
 from model.errors import ChainMismatch
 from model.ids import new_id
 from model.proofs import sign_keystore_write
@@ -84,6 +86,9 @@ class Client:
         self.relay_pk = b""
         self.account_id: str | None = None
         self._accounts: dict[str, wire.AccountInfo] = {}
+        # Set by a caller with durable state (the CLI): keeps each receipt, returns an earlier
+        # one for the same position that disagrees with it.
+        self.on_receipt: Callable[[SignedReceipt], SignedReceipt | None] | None = None
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -357,6 +362,21 @@ class Client:
                 collab_id=ack.collab_id,
                 seq=ack.seq,
             )
+        if self.on_receipt is None:
+            return
+        signed_receipt = SignedReceipt(
+            ack.collab_id, ack.seq, ack.event_id, ack.chain, ack.receipt_sig
+        )
+        earlier = self.on_receipt(signed_receipt)
+        if earlier is not None:
+            raise EquivocationDetected(
+                "the relay signed two different events for the same position",
+                collab_id=ack.collab_id,
+                seq=ack.seq,
+                proof=EquivocationProof(
+                    PROOF_KIND, self.relay_pk, earlier, other_receipt=signed_receipt
+                ),
+            )
 
     async def post(
         self,
@@ -489,6 +509,7 @@ class Client:
         view: CollabView | None = None,
         keys: dict[int, bytes] | None = None,
         expect: Head | None = None,
+        receipts: dict[int, SignedReceipt] | None = None,
         follow: bool = False,
     ) -> AsyncIterator[History]:
         """Verified entries of a collab, folded by this client (model/view.py).
@@ -500,12 +521,14 @@ class Client:
         verify, and `ConnectionLost` if the relay goes away. `expect` is a head this device
         verified before: a history that does not pass through it raises `ForkDetected`.
         `keys` primes a fresh view with epoch keys an earlier `read` opened, so a member added
-        mid-epoch also reads that epoch's events from before the addition.
+        mid-epoch also reads that epoch's events from before the addition. `receipts` are the
+        relay's signed acks for this account's own events: each must come back at its seq
+        (`EquivocationDetected` with a transferable proof otherwise).
         Without `follow` it ends once the history up to the relay's current head is in.
         """
         view = view or CollabView(collab_id, self._me(), box_key, keys)
         async with self.subscribe(collab_id, view.head.seq + 1, follow=follow) as frames:
-            yield History(self, view, frames, follow=follow, expect=expect)
+            yield History(self, view, frames, follow=follow, expect=expect, receipts=receipts or {})
 
 
 class _ArtifactPieces:
@@ -545,9 +568,11 @@ class History:
         *,
         follow: bool,
         expect: Head | None,
+        receipts: dict[int, SignedReceipt],
     ) -> None:
         self._client = client
         self.view = view
+        self._receipts = receipts
         self._frames = frames
         self._follow = follow
         self._expect = expect
@@ -594,6 +619,7 @@ class History:
                 case wire.Event() | wire.Withheld():
                     entry = self._verify(frame)
                     self._check_expected()
+                    self._check_receipt(entry)
                     return entry
         raise StopAsyncIteration
 
@@ -606,6 +632,22 @@ class History:
             return self.view.ingest(frame.seq, frame.event, frame.chain)
         except (ViewRejected, ChainMismatch) as exc:
             raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
+
+    def _check_receipt(self, entry: Entry) -> None:
+        promised = self._receipts.get(entry.seq)
+        if promised is None or (promised.event_id, promised.chain) == (entry.event_id, entry.chain):
+            return
+        raise EquivocationDetected(
+            "the relay acked one of this account's events at this seq, and now serves another",
+            collab_id=self.view.collab_id,
+            seq=entry.seq,
+            proof=EquivocationProof(
+                PROOF_KIND,
+                self._client.relay_pk,
+                promised,
+                served=Served(entry.seq, entry.event_id, entry.chain),
+            ),
+        )
 
     def _check_expected(self) -> None:
         expect, head = self._expect, self.view.head

@@ -5,12 +5,11 @@ a half-written keystore and a verified head never moves backwards on disk.
 
     COZY_HOME/profile.json    relay URL, handle, account id, pinned relay key, session token
     COZY_HOME/keystore.bin    sealed keystore (Argon2id-wrapped; see model/keystore.py)
-    COZY_HOME/heads.json      last verified (seq, chain) per collab
+    COZY_HOME/state.db        last verified (seq, chain) per collab, receipts (SQLite, WAL)
 """
 
 from __future__ import annotations
 
-import base64
 import os
 import secrets
 import sys
@@ -20,8 +19,8 @@ from typing import Final
 
 import msgspec
 
+from clientkit._state import ClientState
 from model import keystore
-from model.chain import Head
 
 KDF_PROFILE_ENV: Final = "COZY_KDF_PROFILE"
 
@@ -85,26 +84,12 @@ class Home:
     def save_keystore(self, sealed: keystore.SealedKeystore) -> None:
         self._write("keystore.bin", keystore.encode_sealed(sealed))
 
-    # --- heads ----------------------------------------------------------------------------------
+    # --- verified state ---------------------------------------------------------------------
 
-    def load_heads(self) -> dict[str, Head]:
-        try:
-            raw = msgspec.json.decode(
-                (self.path / "heads.json").read_bytes(), type=dict[str, tuple[int, str]]
-            )
-        except FileNotFoundError:
-            return {}
-        return {c: Head(seq, base64.b64decode(chain)) for c, (seq, chain) in raw.items()}
-
-    def save_head(self, collab_id: str, head: Head) -> None:
-        """Record a verified head. Refuses to move a collab's head backwards."""
-        heads = self.load_heads()
-        old = heads.get(collab_id)
-        if old is not None and old.seq >= head.seq:
-            return
-        heads[collab_id] = head
-        data = {c: (h.seq, base64.b64encode(h.chain).decode()) for c, h in heads.items()}
-        self._write("heads.json", msgspec.json.encode(data))
+    @property
+    def state(self) -> ClientState:
+        """Verified heads and the relay's receipts (SQLite, crash-safe): see clientkit/_state.py."""
+        return ClientState(self.path / "state.db")
 
     # --- plumbing -------------------------------------------------------------------------------
 

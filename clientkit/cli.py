@@ -28,12 +28,13 @@ from clientkit._home import Home, HomeError, Profile, kdf_profile
 from clientkit._passphrase import WeakPassphrase, check_passphrase
 from clientkit.errors import (
     ClientError,
+    EquivocationDetected,
     ForkDetected,
     IntegrityAlarm,
     RelayRefused,
     TamperDetected,
 )
-from model import artifacts, dm, keystore, recovery, wire
+from model import artifacts, dm, equivocation, keystore, recovery, wire
 from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
 from model.envelope import seal_event
@@ -414,6 +415,7 @@ async def _connected(me: Unlocked) -> AsyncIterator[Client]:
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
         await me.sync_keystore(client)  # also notices a relay rolling the keystore back
+        client.on_receipt = me.home.state.add_receipt
         yield client
 
 
@@ -700,19 +702,25 @@ async def cmd_tail(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     # Verification always starts at the genesis (the membership fold needs every change), so
     # `--from` only filters what is printed. The head saved last time must be on the path.
-    saved = me.home.load_heads().get(args.collab)
+    state = me.home.state
+    saved = state.head(args.collab)
     async with _connected(me) as client:
         names: dict[str, str] = {}
         # Two passes: the first opens every epoch key this account was given (one arrives with
         # the addition, after that epoch's earlier events), the second prints with all of them.
         keys = (await _read(client, me, args.collab)).known_keys()
         async with client.history(
-            args.collab, me.box_key, keys=keys, expect=saved, follow=args.follow
+            args.collab,
+            me.box_key,
+            keys=keys,
+            expect=saved,
+            receipts=state.receipts(args.collab),
+            follow=args.follow,
         ) as events:
             try:
                 async for entry in events:
-                    if entry.seq % 100 == 0 and (saved is None or entry.seq > saved.seq):
-                        me.home.save_head(args.collab, events.head)
+                    if entry.seq % 100 == 0:
+                        state.save_head(args.collab, events.head)
                     if entry.seq < args.from_seq:
                         continue
                     for account_id in (entry.author_id, entry.dm_to, *_mentioned(entry)):
@@ -722,8 +730,7 @@ async def cmd_tail(args: argparse.Namespace) -> None:
                     print(f"{entry.seq}\t{author}\t{describe(entry, names)}", flush=True)
             finally:
                 # Only verified positions are saved, so a relay cannot roll this device back.
-                if saved is None or events.head.seq >= saved.seq:
-                    me.home.save_head(args.collab, events.head)
+                state.save_head(args.collab, events.head)
 
 
 async def cmd_verify(args: argparse.Namespace) -> None:
@@ -731,19 +738,24 @@ async def cmd_verify(args: argparse.Namespace) -> None:
     members out of band; with --against, compare with the head another member read out."""
     me = await _unlock(Home.from_env())
     against = _parse_head(args.against) if args.against else None
-    saved = me.home.load_heads().get(args.collab)
+    state = me.home.state
     async with _connected(me) as client:
         keys = (await _read(client, me, args.collab)).known_keys()
         count = 0
-        async with client.history(args.collab, me.box_key, keys=keys, expect=saved) as events:
+        async with client.history(
+            args.collab,
+            me.box_key,
+            keys=keys,
+            expect=state.head(args.collab),
+            receipts=state.receipts(args.collab),
+        ) as events:
             async for _ in events:
                 count += 1
                 if count % 500 == 0:
                     print(f"\r  verified {count} events…", end="", file=sys.stderr, flush=True)
         view = events.view
     print(f"\r  verified {count} events", file=sys.stderr)
-    if saved is None or view.head.seq >= saved.seq:
-        me.home.save_head(args.collab, view.head)
+    state.save_head(args.collab, view.head)
     print(f"head {_short_head(view.head.seq, view.head.chain)}")
     if against is None:
         return
@@ -877,11 +889,47 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--against", metavar="SEQ:HEX", help="a head another member read out")
     p.set_defaults(run=cmd_verify)
 
+    evidence = sub.add_parser("evidence", help="proofs that a relay misbehaved").add_subparsers(
+        dest="action", required=True
+    )
+    p = evidence.add_parser("check", help="check an equivocation proof with the relay's key")
+    p.add_argument("file")
+    p.set_defaults(run=cmd_evidence_check)
+
     p = sub.add_parser("tail", help="print a collab's verified history (seq, author, text)")
     p.add_argument("collab")
     p.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq to print")
     p.add_argument("--follow", action="store_true", help="keep printing new events")
     p.set_defaults(run=cmd_tail)
+
+
+def _export_proof(alarm: EquivocationDetected) -> None:
+    """Keep the relay's self-contradiction where the user can hand it on."""
+    home = Home.from_env()
+    path = home.path / "evidence" / f"equivocation-{alarm.collab_id}-{alarm.seq}.json"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_bytes(equivocation.encode(alarm.proof))
+    except OSError as exc:
+        print(f"(could not save the proof: {exc.strerror})", file=sys.stderr)
+        return
+    print(
+        f"the relay's signed contradiction is saved in {path}; anyone can check it with"
+        f" `cozy evidence check {path}`",
+        file=sys.stderr,
+    )
+
+
+async def cmd_evidence_check(args: argparse.Namespace) -> None:
+    print(_check_proof_file(args.file))
+
+
+def _check_proof_file(file: str) -> str:
+    try:
+        proof = equivocation.decode(Path(file).read_bytes())
+        return f"valid proof: {equivocation.check(proof)} (relay key {proof.relay_pk.hex()[:16]}…)"
+    except (OSError, equivocation.NotAProof) as exc:
+        raise CliError(f"{file}: {exc}") from None
 
 
 def run_command(
@@ -892,6 +940,8 @@ def run_command(
         trio.run(fn, args)
     except IntegrityAlarm as exc:
         print(f"INTEGRITY ALARM: {exc}", file=sys.stderr)
+        if isinstance(exc, EquivocationDetected):
+            _export_proof(exc)
         return EXIT_INTEGRITY
     except (CliError, ClientError, HomeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from model import wire
+    from model.equivocation import EquivocationProof
 
 
 class ClientError(Exception):
@@ -63,6 +64,17 @@ class ForkDetected(IntegrityAlarm):
 
 class ReplayDetected(IntegrityAlarm):
     """An event this history already held was delivered again at a new position."""
+
+
+class EquivocationDetected(IntegrityAlarm):
+    """The relay contradicted its own signed receipt. `proof` is transferable evidence:
+    export it with `model.equivocation.encode` and anyone can `check` it with the relay key."""
+
+    def __init__(
+        self, message: str, *, collab_id: str, seq: int | None, proof: EquivocationProof
+    ) -> None:
+        super().__init__(message, collab_id=collab_id, seq=seq)
+        self.proof = proof
 
 
 class ReceiptInvalid(IntegrityAlarm):

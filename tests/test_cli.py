@@ -42,7 +42,7 @@ async def test_signup_create_post_three_and_tail_shows_them_in_order(
     later = (await cozy("tail", collab, "--from", "4", env=env)).stdout.decode().splitlines()
     assert later == tail[3:]
     # Files in COZY_HOME are private to the user.
-    for name in ("keystore.bin", "profile.json", "heads.json"):
+    for name in ("keystore.bin", "profile.json", "state.db"):
         assert (tmp_path / "alice" / name).stat().st_mode & 0o077 == 0
 
 

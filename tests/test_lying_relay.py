@@ -143,7 +143,8 @@ async def test_cozy_verify_prints_the_head_and_names_a_fork_or_a_withheld_tail(
     )
     for n, (lie, words) in enumerate(cases):
         if n == 2:
-            (homes["bob"] / "heads.json").unlink()
+            for leftover in homes["bob"].glob("state.db*"):
+                leftover.unlink()
         told = Misbehaviour(lie, first_post)
         async with LyingRelay(relay.url, plan=lambda _n, m=told: m).running() as url:
             profile.relay_url = url
