@@ -13,7 +13,7 @@ import contextlib
 import itertools
 import secrets
 import time
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -527,8 +527,12 @@ class Client:
         Without `follow` it ends once the history up to the relay's current head is in.
         """
         view = view or CollabView(collab_id, self._me(), box_key, keys)
-        async with self.subscribe(collab_id, view.head.seq + 1, follow=follow) as frames:
-            yield History(self, view, frames, follow=follow, expect=expect, receipts=receipts or {})
+        history = History(self, view, follow=follow, expect=expect, receipts=receipts or {})
+        try:
+            await history._subscribe()
+            yield history
+        finally:
+            await history._unsubscribe()
 
 
 class _ArtifactPieces:
@@ -564,7 +568,6 @@ class History:
         self,
         client: Client,
         view: CollabView,
-        frames: trio.MemoryReceiveChannel[wire.Reply],
         *,
         follow: bool,
         expect: Head | None,
@@ -573,10 +576,37 @@ class History:
         self._client = client
         self.view = view
         self._receipts = receipts
-        self._frames = frames
         self._follow = follow
         self._expect = expect
         self._done = False
+        self._subscription = AsyncExitStack()
+        self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
+        self._refilled_after: int | None = None  # the head a backfill was last asked from
+
+    async def _subscribe(self) -> None:
+        self._frames = await self._subscription.enter_async_context(
+            self._client.subscribe(self.view.collab_id, self.view.head.seq + 1, follow=self._follow)
+        )
+
+    async def _unsubscribe(self) -> None:
+        await self._subscription.aclose()
+        self._subscription = AsyncExitStack()
+        self._frames = None
+
+    async def _backfill(self, missing_from: int, missing_to: int | None) -> None:
+        """A gap: ask again from the last verified seq, once. A relay that skips the same seqs
+        again is withholding them."""
+        head = self.view.head.seq
+        if self._refilled_after == head:
+            upto = "" if missing_to is None else f"..{missing_to}"
+            raise self._alarm(
+                WithholdingDetected,
+                f"the relay skipped seq {missing_from}{upto} and would not fill it when asked again",
+                missing_from,
+            )
+        self._refilled_after = head
+        await self._unsubscribe()
+        await self._subscribe()
 
     @property
     def head(self) -> Head:
@@ -590,6 +620,7 @@ class History:
 
     async def __anext__(self) -> Entry:
         while not self._done:
+            assert self._frames is not None
             try:
                 frame = await self._frames.receive()
             except trio.EndOfChannel:
@@ -597,12 +628,9 @@ class History:
             head = self.view.head
             match frame:
                 case wire.CaughtUp():
-                    if frame.seq > head.seq:
-                        raise self._alarm(
-                            WithholdingDetected,
-                            f"relay says it sent up to {frame.seq} but only {head.seq} arrived",
-                            head.seq + 1,
-                        )
+                    if frame.seq > head.seq:  # claims to have sent more than arrived
+                        await self._backfill(head.seq + 1, frame.seq)
+                        continue
                     if self._expect is not None and self._expect.seq > head.seq:
                         raise self._alarm(
                             ForkDetected,
@@ -616,6 +644,8 @@ class History:
                         self._done = True  # removed: the relay ends the stream, as it should
                         continue
                     raise ConnectionLost(None, frame.reason)
+                case wire.Event() | wire.Withheld() if frame.seq > head.seq + 1:
+                    await self._backfill(head.seq + 1, frame.seq - 1)
                 case wire.Event() | wire.Withheld():
                     entry = self._verify(frame)
                     self._check_expected()

@@ -62,14 +62,15 @@ class Misbehaviour:
     lie: Lie
     at: int  # the seq it applies to (1-based, in the honest history)
     foreign: SequencedEvent | None = None  # for SPLICE: an event of another collab
+    only_first: bool = False  # lie to a connection's first subscription only (then be honest)
 
 
 History = list[SequencedEvent]
 
 
-def rechain(collab_id: str, events: Sequence[SignedEvent]) -> History:
-    """Number `events` from 1 and compute the chain over them, as a relay does."""
-    head = start_of(collab_id)
+def rechain(collab_id: str, events: Sequence[SignedEvent], after: Head | None = None) -> History:
+    """Number `events` after `after` (default: the genesis) and chain them, as a relay does."""
+    head = after or start_of(collab_id)
     out: History = []
     for signed in events:
         head = Head(head.seq + 1, next_head(head.chain, event_id(signed)))
@@ -78,43 +79,55 @@ def rechain(collab_id: str, events: Sequence[SignedEvent]) -> History:
 
 
 def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
-    """What a relay telling lie `m` presents instead of the honest `history`."""
+    """What a relay telling lie `m` presents instead of the honest `history`.
+
+    `history` may be a resumed stretch (not starting at seq 1); a lie about a seq it does not
+    hold changes nothing, and lies that re-chain need the event before `m.at` (or seq 1).
+    """
     events = list(history)
-    if not events:
+    at = [e.seq for e in events].index(m.at) if any(e.seq == m.at for e in events) else None
+    if at is None:
         return events
     collab_id = events[0].collab_id
-    i = min(max(m.at, 1), len(events)) - 1
-    signed = [e.event for e in events]
+    before = events[:at]
+    after = Head(before[-1].seq, before[-1].chain) if before else None
+    if after is None and events[0].seq != 1 and m.lie in _RECHAINING:
+        return events  # the chain before this stretch is unknown to the proxy
+
+    def rechained(tail: list[SignedEvent]) -> History:
+        return [*before, *rechain(collab_id, tail, after)]
+
+    rest = [e.event for e in events[at:]]
     match m.lie:
         case Lie.GAP:
-            return events[:i] + events[i + 1 :]
+            return [*before, *events[at + 1 :]]
         case Lie.DROP:
-            return rechain(collab_id, signed[:i] + signed[i + 1 :])
+            return rechained(rest[1:])
         case Lie.SWAP:
-            j = min(i + 1, len(signed) - 1)
-            signed[i], signed[j] = signed[j], signed[i]
-            return rechain(collab_id, signed)
+            if len(rest) > 1:
+                rest[0], rest[1] = rest[1], rest[0]
+            return rechained(rest)
         case Lie.DUPLICATE:
-            return [*events[: i + 1], events[i], *events[i + 1 :]]
+            return [*before, events[at], *events[at:]]
         case Lie.REPLAY:
-            return rechain(collab_id, [*signed, signed[i]])
+            last = events[-1]
+            return [*events, *rechain(collab_id, [events[at].event], Head(last.seq, last.chain))]
         case Lie.TAMPER:
-            body = bytearray(signed[i].body)
+            body = bytearray(events[at].event.body)
             body[-1] ^= 1
-            tampered = SignedEvent(bytes(body), signed[i].sig)
-            return [
-                *events[:i],
-                msgspec.structs.replace(events[i], event=tampered),
-                *events[i + 1 :],
-            ]
+            tampered = SignedEvent(bytes(body), events[at].event.sig)
+            return [*before, msgspec.structs.replace(events[at], event=tampered), *events[at + 1 :]]
         case Lie.SPLICE:
             assert m.foreign is not None, "SPLICE needs an event of another collab"
-            return rechain(collab_id, [*signed[:i], m.foreign.event, *signed[i + 1 :]])
+            return rechained([m.foreign.event, *rest[1:]])
         case Lie.TRUNCATE:
-            return events[:i]
+            return before
         case Lie.FORGE_RECEIPT:
             return events
     raise AssertionError(m)  # pragma: no cover
+
+
+_RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE})
 
 
 def misbehaviours(length: int, lies: Sequence[Lie] = tuple(Lie)) -> st.SearchStrategy[Misbehaviour]:
@@ -201,9 +214,14 @@ class LyingRelay:
         self, relay: WebSocketConnection, client: WebSocketConnection, m: Misbehaviour | None
     ) -> None:
         held: dict[str, History] = {}  # collab -> catch-up events held back until caught_up
+        lied = 0
         while True:
             data = await relay.get_message()
             for frame in wire.unbatch_replies(data):  # type: ignore[arg-type]
+                if m is not None and m.only_first and lied and isinstance(frame, wire.Subscribed):
+                    m = None  # one lie told; honest from the next subscription on
+                if isinstance(frame, wire.CaughtUp) and frame.collab_id in held:
+                    lied += 1
                 for out in self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 

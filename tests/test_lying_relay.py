@@ -101,6 +101,25 @@ async def test_each_lie_told_through_the_proxy_raises_its_alarm_in_the_real_clie
 
 
 @pytest.mark.objective("SO-4")
+async def test_a_gap_is_backfilled_and_a_gap_the_relay_will_not_fill_is_an_alarm(
+    relay: Relay,
+) -> None:
+    alice, bob, _carol, posted = await team_history(relay)
+    cid = alice.collab_id
+    missing = posted["bob"][0]
+    # Skipped once, then served when the client asks again: the reader gets everything.
+    once = Misbehaviour(Lie.GAP, missing, only_first=True)
+    async with LyingRelay(relay.url, plan=lambda _n: once).running() as url, connect(url) as client:
+        await client.authenticate(bob.token)
+        view = await client.read(cid, bob.box_key)
+    assert view.head.seq == posted["carol"][-1]
+    # Skipped every time: the alarm names the seq the relay will not fill.
+    always = Misbehaviour(Lie.GAP, missing)
+    with pytest.raises(WithholdingDetected, match="would not fill"):
+        await read_through(relay, bob, cid, always)
+
+
+@pytest.mark.objective("SO-4")
 async def test_a_forged_receipt_is_caught_when_posting(relay: Relay) -> None:
     alice = await sign_up(relay.url, "alice")
     forge = Misbehaviour(Lie.FORGE_RECEIPT, 1)

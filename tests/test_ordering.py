@@ -224,7 +224,7 @@ def test_a_withheld_tail_reads_clean_alone_and_is_caught_against_a_saved_head(
     sim, people, _ = honest(posts)
     full = history(sim)
     k = len(full) - cut % len(posts)
-    presented = lie(full, Misbehaviour(Lie.TRUNCATE, k + 1))
+    presented = lie(full, Misbehaviour(Lie.TRUNCATE, k))
     assert read(sim, people[reader], presented) is None
     saved = full[-1]
     view = CollabView(sim.collab_id, people[reader].id, people[reader].box)
