@@ -55,6 +55,7 @@ class Lie(enum.StrEnum):
     SPLICE = "splice"  # replace an event with one from another collab
     TRUNCATE = "truncate"  # withhold the tail: stop early, claim to be caught up
     FORGE_RECEIPT = "forge_receipt"  # sign an ack's receipt for another seq
+    DELAY = "delay"  # hold a subscription's history back for a while, then deliver it honestly
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Misbehaviour:
 
 
 History = list[SequencedEvent]
+DELAY_SECONDS = 0.5  # how long `Lie.DELAY` holds a history back (slow is not a lie)
 
 
 def rechain(collab_id: str, events: Sequence[SignedEvent], after: Head | None = None) -> History:
@@ -122,7 +124,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             return rechained([m.foreign.event, *rest[1:]])
         case Lie.TRUNCATE:
             return before
-        case Lie.FORGE_RECEIPT:
+        case Lie.FORGE_RECEIPT | Lie.DELAY:
             return events
     raise AssertionError(m)  # pragma: no cover
 
@@ -222,6 +224,8 @@ class LyingRelay:
                     m = None  # one lie told; honest from the next subscription on
                 if isinstance(frame, wire.CaughtUp) and frame.collab_id in held:
                     lied += 1
+                    if m is not None and m.lie is Lie.DELAY:
+                        await trio.sleep(DELAY_SECONDS)
                 for out in self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 

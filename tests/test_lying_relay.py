@@ -85,6 +85,7 @@ async def test_each_lie_told_through_the_proxy_raises_its_alarm_in_the_real_clie
     alice, bob, _carol, posted = await team_history(relay)
     cid = alice.collab_id
     await read_through(relay, bob, cid, None)  # the honest proxy: no alarm
+    await read_through(relay, bob, cid, Misbehaviour(Lie.DELAY, 1))  # slow is not a lie
     cases: list[tuple[Misbehaviour, type[IntegrityAlarm]]] = [
         (Misbehaviour(Lie.GAP, posted["alice"][0]), WithholdingDetected),
         (Misbehaviour(Lie.DUPLICATE, posted["bob"][1]), ReorderDetected),
