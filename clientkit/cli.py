@@ -39,7 +39,15 @@ from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
 from model.envelope import seal_event
 from model.epochs import NotARecipient
-from model.membership import AddMember, Member, MemberKind, Role
+from model.membership import (
+    CAP_POST,
+    CAP_READ,
+    AddMember,
+    Member,
+    MemberKind,
+    Role,
+    valid_cap,
+)
 
 if TYPE_CHECKING:
     import argparse
@@ -502,7 +510,13 @@ async def cmd_collab_add(args: argparse.Namespace) -> None:
     async with _connected(me) as client:
         info = await _lookup(client, args.handle)
         kind = MemberKind.AGENT if args.agent else MemberKind.HUMAN
-        new = Member(info.account_id, Role(args.role), kind, info.sign_pk, info.box_pk)
+        caps = tuple(args.cap or (CAP_READ, CAP_POST)) if args.agent else ()
+        if args.cap and not args.agent:
+            raise CliError("--cap is for agents (--agent); people may do what their role allows")
+        bad = [c for c in caps if not valid_cap(c)]
+        if bad:
+            raise CliError(f"unknown capabilities {bad}: use read, post or tool:NAME")
+        new = Member(info.account_id, Role(args.role), kind, info.sign_pk, info.box_pk, caps)
         ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
     print(
         f"added {args.handle} as {args.role} at seq {ack.seq}; their key fingerprint is"
@@ -842,6 +856,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--role", choices=[r.value for r in Role], default=Role.MEMBER.value)
     p.add_argument(
         "--agent", action="store_true", help="the account is a bot: no management powers"
+    )
+    p.add_argument(
+        "--cap",
+        action="append",
+        metavar="CAP",
+        help="an agent's capability: read, post or tool:NAME (repeat; default read and post)",
     )
     p.set_defaults(run=cmd_collab_add)
     p = collab.add_parser("remove", help="remove a member and rotate the collab key")

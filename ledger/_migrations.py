@@ -137,4 +137,13 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         CREATE INDEX events_management ON events (collab_id, seq) WHERE kind = 'mgmt';
         """,
     ),
+    (
+        6,
+        "agent capabilities in the membership projection",
+        """
+        -- An agent's capabilities (read, post, tool:NAME) as its signed `add` proof granted them;
+        -- a projection like the rest of collab_members. Humans have none listed.
+        ALTER TABLE collab_members ADD COLUMN caps text[] NOT NULL DEFAULT '{}';
+        """,
+    ),
 )

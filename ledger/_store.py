@@ -256,13 +256,14 @@ class Ledger(LoginThrottle, Artifacts):
             _write_projection(conn, membership)
         return chainmod.Head(1, chain)
 
-    def is_member(self, collab_id: str, account_id: str) -> bool:
+    def member(self, collab_id: str, account_id: str) -> tuple[str, tuple[str, ...]] | None:
+        """(kind, capabilities) of a member as projected, None if not a member."""
         with _translated(), self._pool.connection() as conn:
             r = conn.execute(
-                "SELECT 1 FROM collab_members WHERE collab_id = %s AND account_id = %s",
+                "SELECT kind, caps FROM collab_members WHERE collab_id = %s AND account_id = %s",
                 (collab_id, account_id),
             ).fetchone()
-        return r is not None
+        return None if r is None else (str(r[0]), tuple(r[1]))
 
     def members(self, collab_id: str) -> tuple[int, dict[str, tuple[str, str]]] | None:
         """The projected (epoch, {account: (role, kind)}) of a collab, None if it does not exist."""
@@ -448,19 +449,22 @@ def _fold_membership(conn: psycopg.Connection[Any], collab_id: str) -> Membershi
     return state
 
 
-Projection = tuple[int, dict[str, tuple[str, str]]]
+Projection = tuple[int, dict[str, tuple[str, str, tuple[str, ...]]]]
 
 
 def _projection_of(m: Membership) -> Projection:
-    return m.epoch, {a: (x.role.value, x.kind.value) for a, x in m.members.items()}
+    return m.epoch, {a: (x.role.value, x.kind.value, x.caps) for a, x in m.members.items()}
 
 
 def _read_projection(conn: psycopg.Connection[Any], collab_id: str) -> Projection:
     r = conn.execute("SELECT epoch FROM collabs WHERE collab_id = %s", (collab_id,)).fetchone()
     rows = conn.execute(
-        "SELECT account_id, role, kind FROM collab_members WHERE collab_id = %s", (collab_id,)
+        "SELECT account_id, role, kind, caps FROM collab_members WHERE collab_id = %s",
+        (collab_id,),
     ).fetchall()
-    return (0 if r is None else int(r[0])), {str(a): (str(ro), str(k)) for a, ro, k in rows}
+    return (0 if r is None else int(r[0])), {
+        str(a): (str(ro), str(k), tuple(c)) for a, ro, k, c in rows
+    }
 
 
 def _write_projection(conn: psycopg.Connection[Any], m: Membership) -> None:
@@ -468,8 +472,12 @@ def _write_projection(conn: psycopg.Connection[Any], m: Membership) -> None:
     conn.execute("DELETE FROM collab_members WHERE collab_id = %s", (m.collab_id,))
     with conn.cursor() as cur:
         cur.executemany(
-            "INSERT INTO collab_members (collab_id, account_id, role, kind) VALUES (%s, %s, %s, %s)",
-            [(m.collab_id, x.account_id, x.role.value, x.kind.value) for x in m.members.values()],
+            "INSERT INTO collab_members (collab_id, account_id, role, kind, caps)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            [
+                (m.collab_id, x.account_id, x.role.value, x.kind.value, list(x.caps))
+                for x in m.members.values()
+            ],
         )
 
 

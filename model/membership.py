@@ -24,6 +24,7 @@ client rejects, a removal that still wraps the next key for the removed member.
 from __future__ import annotations
 
 import enum
+import re
 from typing import TYPE_CHECKING, Final
 
 import msgspec
@@ -58,6 +59,25 @@ class Member(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields
     kind: MemberKind
     sign_pk: bytes
     box_pk: bytes
+    # An agent's capabilities (`read`, `post`, `tool:NAME`); humans have none listed and may do
+    # everything their role allows. Granted in the signed `add` proof, so the relay cannot widen
+    # them.
+    caps: tuple[str, ...] = ()
+
+    def may(self, capability: str) -> bool:
+        return self.kind is MemberKind.HUMAN or capability in self.caps
+
+
+CAP_READ: Final = "read"
+CAP_POST: Final = "post"
+CAP_TOOL_PREFIX: Final = "tool:"
+_TOOL_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+def valid_cap(cap: str) -> bool:
+    return cap in (CAP_READ, CAP_POST) or (
+        cap.startswith(CAP_TOOL_PREFIX) and bool(_TOOL_NAME.fullmatch(cap[len(CAP_TOOL_PREFIX) :]))
+    )
 
 
 # --- operations -------------------------------------------------------------------------------
@@ -313,6 +333,16 @@ def _genesis(proof: Proof) -> Membership:
 def _check_member(m: Member) -> None:
     _require(is_id(m.account_id, "a"), "malformed", "the member's id is malformed")
     _require(len(m.sign_pk) == 32 and len(m.box_pk) == 32, "malformed", "bad public keys")
+    _require(
+        m.kind is MemberKind.AGENT or not m.caps,
+        "caps",
+        "capabilities are for agents; humans may do what their role allows",
+    )
+    _require(
+        len(m.caps) <= 32 and len(set(m.caps)) == len(m.caps) and all(map(valid_cap, m.caps)),
+        "caps",
+        "capabilities are `read`, `post` and `tool:NAME`, each at most once",
+    )
 
 
 def _require_wraps(wraps: dict[str, bytes], expected: set[str], what: str) -> None:

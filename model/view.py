@@ -42,6 +42,7 @@ from model.envelope import (
 from model.epochs import NotARecipient, open_wrap
 from model.errors import ModelError
 from model.membership import (
+    CAP_POST,
     AddMember,
     CreateCollab,
     Membership,
@@ -212,6 +213,8 @@ class CollabView:
                 if state is None or author is None:
                     raise ViewRejected("the author is not a member of the collab at this position")
                 verified = verify_event(signed, author.sign_pk, decoded=body)
+                if not author.may(CAP_POST):
+                    raise ViewRejected("an agent without the post capability wrote this")
                 if body.epoch != state.epoch:
                     raise ViewRejected(
                         f"sealed under key epoch {body.epoch}, but the collab is at {state.epoch}"

@@ -45,7 +45,8 @@ class Connection:
         self.box_pk: bytes = b""
         self.session_expires_at = 0.0
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
-        self.member_of: set[str] = set()
+        # collab -> None for a human member, or an agent's capabilities (checked, then cached)
+        self.member_of: dict[str, tuple[str, ...] | None] = {}
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self._closing = False

@@ -43,6 +43,7 @@ from model.envelope import (
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
 from model.membership import (
+    CAP_POST,
     Membership,
     ProofRejected,
     RemoveMember,
@@ -238,8 +239,14 @@ class Sequencer:
         """Content only from a current member, under the current key epoch."""
         state = self._membership
         assert state is not None
-        if body.actor_id not in state.members:
+        author = state.members.get(body.actor_id)
+        if author is None:
             self._refuse(sub, wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+            return False
+        if not author.may(CAP_POST):
+            self._refuse(
+                sub, wire.ErrorCode.UNAUTHORIZED, "this agent was not given the post capability"
+            )
             return False
         if body.kind == KIND_DM and (len(body.refs) != 1 or body.refs[0] not in state.members):
             self._refuse(

@@ -54,7 +54,16 @@ from model.envelope import (
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
 from model.ids import is_id, new_id
-from model.membership import AddMember, CreateCollab, ProofRejected, apply, proof_of
+from model.membership import (
+    CAP_POST,
+    CAP_READ,
+    AddMember,
+    CreateCollab,
+    MemberKind,
+    ProofRejected,
+    apply,
+    proof_of,
+)
 from model.proofs import verify_keystore_write
 from relay import _auth, _throttle
 from relay._connection import ArtifactUpload, Connection
@@ -336,7 +345,7 @@ class Relay:
             case wire.PutArtifactChunk():
                 await self._put_artifact_chunk(conn, req)
             case wire.GetArtifact():
-                await self._require_member(conn, req.collab_id)
+                await self._require_member(conn, req.collab_id, CAP_READ)
                 artifact_row = await self._db(self.ledger.artifact, req.collab_id, req.ref)
                 if artifact_row is None:
                     raise RequestRefused(
@@ -352,7 +361,7 @@ class Relay:
                     )
                 conn.reply(wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob))
             case wire.Subscribe():
-                await self._require_member(conn, req.collab_id)
+                await self._require_member(conn, req.collab_id, CAP_READ)
                 if req.from_seq < 1:
                     raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, "from_seq starts at 1")
                 if req.collab_id in subscriptions:
@@ -515,7 +524,7 @@ class Relay:
                 wire.ErrorCode.INVALID_REQUEST,
                 "that collab id exists already; pick another random id",
             ) from None
-        conn.member_of.add(body.collab_id)
+        conn.member_of[body.collab_id] = None
         log.info("collab_created", collab_id=body.collab_id, account_id=account_id)
         conn.reply(wire.CollabCreated(rid=req.rid, collab_id=body.collab_id))
 
@@ -549,7 +558,7 @@ class Relay:
         self.fanout.evict(collab_id, account_id, "you were removed from this collab")
         for conn in self._connections:
             if conn.account_id == account_id:
-                conn.member_of.discard(collab_id)
+                conn.member_of.pop(collab_id, None)
         log.info("member_removed", collab_id=collab_id, account_id=account_id)
 
     async def _put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
@@ -580,7 +589,7 @@ class Relay:
         Pieces go to the ledger as they arrive, so no upload is ever held in memory whole.
         """
         account_id = _require_auth(conn)
-        await self._require_member(conn, req.collab_id)
+        await self._require_member(conn, req.collab_id, CAP_POST)
         upload = conn.uploads.get(req.upload)
         if req.index == 0 and upload is None:
             if not UPLOAD_ID_RE.fullmatch(req.upload) or len(conn.uploads) >= MAX_UPLOADS:
@@ -727,16 +736,29 @@ class Relay:
         conn.box_pk = row.box_pk
         conn.session_expires_at = expires
 
-    async def _require_member(self, conn: Connection, collab_id: str) -> None:
+    async def _require_member(
+        self, conn: Connection, collab_id: str, need: str | None = None
+    ) -> None:
+        """A member of the collab — and, for an agent, one granted capability `need`."""
         account_id = _require_auth(conn)
-        if collab_id in conn.member_of:
-            return
-        if not is_id(collab_id, "c") or not await self._db(
-            self.ledger.is_member, collab_id, account_id
-        ):
-            # The same answer whether the collab does not exist or is not yours.
-            raise RequestRefused(wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
-        conn.member_of.add(collab_id)
+        if collab_id not in conn.member_of:
+            found = (
+                await self._db(self.ledger.member, collab_id, account_id)
+                if is_id(collab_id, "c")
+                else None
+            )
+            if found is None:
+                # The same answer whether the collab does not exist or is not yours.
+                raise RequestRefused(
+                    wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab"
+                )
+            kind, granted = found
+            conn.member_of[collab_id] = granted if kind == MemberKind.AGENT else None
+        caps = conn.member_of[collab_id]
+        if need is not None and caps is not None and need not in caps:
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHORIZED, f"this agent was not given the {need!r} capability"
+            )
 
     async def _read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
         return await self._db(self.ledger.read_range, collab_id, from_seq, limit)

@@ -62,7 +62,8 @@ class Sim:
             self.state = apply(self.state, proof_of(body), self.head, actor_id=body.actor_id)
         else:
             assert self.state is not None
-            if body.actor_id not in self.state.members or body.epoch != self.state.epoch:
+            author = self.state.members.get(body.actor_id)
+            if author is None or not author.may("post") or body.epoch != self.state.epoch:
                 raise ValueError("an honest relay refuses this event")
         return self.force(signed)
 

@@ -176,9 +176,12 @@ class Person:
         self.id = new_id("a")
         self.kind = kind
 
-    def as_member(self, role: Role) -> Member:
+    def as_member(self, role: Role, caps: tuple[str, ...] | None = None) -> Member:
+        """As a member; agents can read and post unless `caps` says otherwise."""
+        if caps is None:
+            caps = ("read", "post") if self.kind is MemberKind.AGENT else ()
         return Member(
-            self.id, role, self.kind, bytes(self.key.verify_key), bytes(self.box.public_key)
+            self.id, role, self.kind, bytes(self.key.verify_key), bytes(self.box.public_key), caps
         )
 
     def propose(self, op: Operation, head: Head, collab: str) -> Proof:

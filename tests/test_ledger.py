@@ -547,15 +547,17 @@ def test_duplicate_handle_is_handle_taken(ledger: Ledger, alice: Actor) -> None:
     assert ledger.account_by_id(impostor.account_id) is None
 
 
-def test_is_member(ledger: Ledger, alice: Actor, collab: tuple[str, bytes]) -> None:
+def test_member_is_the_projection_of_the_genesis(
+    ledger: Ledger, alice: Actor, collab: tuple[str, bytes]
+) -> None:
     collab_id, _ = collab
     bob = make_account(ledger, "bob")
-    assert ledger.is_member(collab_id, alice.account_id)
-    assert not ledger.is_member(collab_id, bob.account_id)
-    assert not ledger.is_member(new_id("c"), alice.account_id)
+    assert ledger.member(collab_id, alice.account_id) == ("human", ())
+    assert ledger.member(collab_id, bob.account_id) is None
+    assert ledger.member(new_id("c"), alice.account_id) is None
     bobs_collab, _ = make_collab(ledger, bob)
-    assert ledger.is_member(bobs_collab, bob.account_id)
-    assert not ledger.is_member(bobs_collab, alice.account_id)
+    assert ledger.member(bobs_collab, bob.account_id) == ("human", ())
+    assert ledger.member(bobs_collab, alice.account_id) is None
 
 
 # --- driver errors stay inside the ledger ---------------------------------------------------

@@ -52,7 +52,8 @@ async def member_of(
 ) -> Member:
     info = await client.lookup(user.handle)
     kind = MemberKind.AGENT if agent else MemberKind.HUMAN
-    return Member(info.account_id, role, kind, info.sign_pk, info.box_pk)
+    caps = ("read", "post") if agent else ()
+    return Member(info.account_id, role, kind, info.sign_pk, info.box_pk, caps)
 
 
 async def add(
