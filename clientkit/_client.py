@@ -256,6 +256,17 @@ class Client:
             raise TamperDetected("relay answered for another handle", collab_id="-", seq=None)
         return info
 
+    async def call_tool(
+        self, collab_id: str, tool: str, args: dict[str, str] | None = None
+    ) -> wire.ToolResult:
+        """Have the relay's broker call an operator-declared tool; the secret it uses never
+        reaches this client. Raises `RelayRefused` (`unauthorized` without the capability,
+        `not_found` for an unknown tool, `tool_failed` with a scrubbed reason)."""
+        return await self.request(
+            lambda rid: wire.CallTool(rid=rid, collab_id=collab_id, tool=tool, args=args or {}),
+            wire.ToolResult,
+        )
+
     # --- collabs and events -------------------------------------------------------------------
 
     async def create_collab(

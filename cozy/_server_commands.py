@@ -17,6 +17,7 @@ from relay import _throttle
 from relay._run import run_relay
 from relay.config import (
     RelayConfig,
+    Secret,
     jwt_signing_key_origin,
     load_config,
     new_jwt_signing_key,
@@ -74,7 +75,9 @@ async def _dev(config: RelayConfig) -> None:
         db = await stack.enter_async_context(embedded_postgres(config.data_dir / "postgres"))
         print("starting OpenBao dev server…", file=sys.stderr)
         bao = await stack.enter_async_context(embedded_openbao())
-        config = dataclasses.replace(config, database_url=db, bao_addr=bao.addr)
+        config = dataclasses.replace(
+            config, database_url=db, bao_addr=bao.addr, bao_token=Secret(bao.root_token.encode())
+        )
         async with trio.open_nursery() as nursery:
             relay = await nursery.start(run_relay, config)
             print(

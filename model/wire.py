@@ -39,6 +39,7 @@ class ErrorCode(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
+    TOOL_FAILED = "tool_failed"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
 
@@ -135,6 +136,16 @@ class GetAccount(_Frame, frozen=True, tag="get_account"):
     handle: str | None = None
 
 
+class CallTool(_Frame, frozen=True, tag="call_tool"):
+    """Ask the relay's broker to call an operator-declared tool on behalf of a collab member
+    (an agent needs the `tool:NAME` capability). The secret it needs never reaches the caller."""
+
+    rid: int
+    collab_id: str
+    tool: str
+    args: dict[str, str] = msgspec.field(default_factory=dict)
+
+
 class Ping(_Frame, frozen=True, tag="ping"):
     rid: int
 
@@ -188,6 +199,7 @@ Request = (
     | GetKeystore
     | PutArtifactChunk
     | GetArtifact
+    | CallTool
     | Ping
 )
 
@@ -334,6 +346,14 @@ class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
     collab_id: str
 
 
+class ToolResult(_Frame, frozen=True, tag="tool_result"):
+    """The upstream's answer to a tool call, with every credential value scrubbed."""
+
+    rid: int
+    status: int
+    body: str
+
+
 class Pong(_Frame, frozen=True, tag="pong"):
     rid: int
 
@@ -368,6 +388,7 @@ Reply = (
     | ArtifactChunkStored
     | ArtifactStored
     | ArtifactData
+    | ToolResult
     | Pong
     | Error
 )

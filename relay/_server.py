@@ -57,6 +57,7 @@ from model.ids import is_id, new_id
 from model.membership import (
     CAP_POST,
     CAP_READ,
+    CAP_TOOL_PREFIX,
     AddMember,
     CreateCollab,
     MemberKind,
@@ -69,6 +70,8 @@ from relay import _auth, _throttle
 from relay._connection import ArtifactUpload, Connection
 from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
 from relay._writer import LedgerWriter
+from relay.broker import Broker, SecretStore, ToolFailed, UnknownTool
+from relay.config import bao_auth
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -121,6 +124,8 @@ class Relay:
         self.relay_key = relay_key
         self.relay_pk = bytes(relay_key.verify_key)
         self.fanout = Fanout(self._read_range)
+        auth = bao_auth(config)
+        self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))
         self.url = ""
         self._connections: set[Connection] = set()
         self._accepted = 0
@@ -325,6 +330,14 @@ class Relay:
                 await self._append(conn, req)
             case wire.Ping():
                 conn.reply(wire.Pong(rid=req.rid))
+            case wire.CallTool():
+                # Checked here; the call itself runs beside the read loop (it may take seconds).
+                await self._require_member(conn, req.collab_id, CAP_TOOL_PREFIX + req.tool)
+                if not self.broker.has(req.tool):
+                    raise RequestRefused(
+                        wire.ErrorCode.NOT_FOUND, f"this relay declares no tool {req.tool!r}"
+                    )
+                nursery.start_soon(self._call_tool, conn, req)
             case wire.Signup():
                 await self._signup(conn, req)
             case wire.Login():
@@ -641,6 +654,28 @@ class Relay:
         )
         log.info("artifact_stored", collab_id=req.collab_id, size=upload.size)
         conn.reply(wire.ArtifactStored(rid=req.rid, ref=req.ref, size=upload.size))
+
+    async def _call_tool(self, conn: Connection, req: wire.CallTool) -> None:
+        try:
+            status, body = await self.broker.call(req.tool, req.args)
+        except ToolFailed as exc:
+            self._refuse(conn, req.rid, wire.ErrorCode.TOOL_FAILED, str(exc))
+            return
+        except UnknownTool:
+            self._refuse(conn, req.rid, wire.ErrorCode.NOT_FOUND, "no such tool")
+            return
+        except Exception as exc:  # noqa: BLE001 — a broker bug fails this call, nothing else
+            incident = new_id("e")
+            log.error("tool_failed", incident=incident, error=type(exc).__name__, where=_where(exc))
+            self._refuse(
+                conn,
+                req.rid,
+                wire.ErrorCode.INTERNAL,
+                f"the tool call failed inside the relay (incident {incident})",
+            )
+            return
+        log.info("tool_result", tool=req.tool, status=status, account_id=conn.account_id)
+        conn.reply(wire.ToolResult(rid=req.rid, status=status, body=body))
 
     async def _send_artifact(self, conn: Connection, rid: int, found: ArtifactRow) -> None:
         """Stream the stored pieces a page at a time, paced by the client's socket."""

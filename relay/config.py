@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from relay.broker import BaoAuth, ToolSpec, tools_from_config
+
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
@@ -48,6 +50,10 @@ class RelayConfig:
     relay_signing_seed: Secret | None
     session_ttl_seconds: int = 15 * 60
     bao_addr: str | None = None
+    bao_token: Secret | None = None  # dev and tests; production uses AppRole
+    bao_role_id: str | None = None
+    bao_secret_id: Secret | None = None
+    tools: Mapping[str, ToolSpec] = field(default_factory=dict)
 
 
 def load_config(
@@ -96,6 +102,13 @@ def load_config(
         raise ConfigError("COZY_SESSION_TTL must be between 60 and 86400 seconds")
     db = pick("DATABASE_URL", "database_url")
     bao = pick("BAO_ADDR", "bao_addr")
+    bao_token = pick("BAO_TOKEN", "bao_token")
+    role_id = pick("BAO_ROLE_ID", "bao_role_id")
+    secret_id = pick("BAO_SECRET_ID", "bao_secret_id")
+    try:
+        tools = tools_from_config(overrides.get("tools") or file_values.get("tools"))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return RelayConfig(
         database_url=None if db is None else str(db),
         data_dir=data_dir,
@@ -105,6 +118,22 @@ def load_config(
         relay_signing_seed=seed,
         session_ttl_seconds=ttl,
         bao_addr=None if bao is None else str(bao),
+        bao_token=None if bao_token is None else Secret(str(bao_token).encode()),
+        bao_role_id=None if role_id is None else str(role_id),
+        bao_secret_id=None if secret_id is None else Secret(str(secret_id).encode()),
+        tools=tools,
+    )
+
+
+def bao_auth(config: RelayConfig) -> BaoAuth | None:
+    """How the broker reaches OpenBao, or None when no BAO_ADDR is configured."""
+    if config.bao_addr is None:
+        return None
+    return BaoAuth(
+        config.bao_addr,
+        token=None if config.bao_token is None else config.bao_token.value.decode(),
+        role_id=config.bao_role_id,
+        secret_id=None if config.bao_secret_id is None else config.bao_secret_id.value.decode(),
     )
 
 

@@ -36,6 +36,7 @@ _SCALARS: dict[object, st.SearchStrategy[typing.Any]] = {
     bool: st.booleans(),
     wire.ErrorCode: st.sampled_from(wire.ErrorCode),
     SignedEvent: signed_events,
+    dict[str, str]: st.dictionaries(texts, texts, max_size=4),
 }
 
 
@@ -94,8 +95,8 @@ def _tag(cls: type[msgspec.Struct]) -> str:
 def test_every_frame_type_has_a_distinct_tag() -> None:
     tags = [_tag(cls) for cls in (*REQUEST_TYPES, *REPLY_TYPES)]
     assert len(tags) == len(set(tags)), "a tag is shared between frame types"
-    assert len(REQUEST_TYPES) == 13
-    assert len(REPLY_TYPES) == 20
+    assert len(REQUEST_TYPES) == 14
+    assert len(REPLY_TYPES) == 21
 
 
 @pytest.mark.parametrize("cls", REQUEST_TYPES, ids=lambda c: c.__name__)

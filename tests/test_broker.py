@@ -1,0 +1,243 @@
+"""The broker (SO-9) against a real OpenBao dev server and a real local HTTP upstream that
+echoes its request back — in every common encoding, in error bodies and in redirects. The
+canary secret must never reach the caller."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import dataclasses
+import http.server
+import json
+import secrets
+import threading
+import time
+import urllib.parse
+from typing import TYPE_CHECKING
+
+import hvac
+import msgspec
+import pytest
+import trio
+
+from clientkit import RelayRefused, _collab
+from model import wire
+from model.membership import Member, MemberKind, Role
+from relay.broker import ToolSpec
+from relay.config import Secret
+from relay.embedded import embedded_openbao, free_port
+from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterator
+    from pathlib import Path
+
+    from relay._server import Relay
+
+CANARY = "canary-" + secrets.token_hex(12)
+
+
+class Echo(http.server.BaseHTTPRequestHandler):
+    """Answers with the request it got, encoded the way the path asks."""
+
+    def log_message(self, *_args: object) -> None:  # keep test output clean
+        pass
+
+    def do_GET(self) -> None:
+        seen = f"{self.requestline}\n{self.headers}"
+        kind = self.path.split("?")[0].strip("/")
+        if kind == "slow":
+            time.sleep(3)
+        if kind == "redirect":
+            self.send_response(302)
+            self.send_header("Location", f"http://elsewhere.invalid/?k={CANARY}")
+            self.end_headers()
+            return
+        body = {
+            "raw": seen,
+            "b64": base64.b64encode(seen.encode()).decode(),
+            "url": urllib.parse.quote(seen),
+            "json": json.dumps({"echo": seen}),
+            "hex": seen.encode().hex(),
+            "error": seen,
+            "slow": "late",
+        }.get(kind, "?")
+        self.send_response(500 if kind == "error" else 200)
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+
+@pytest.fixture
+def upstream() -> Iterator[int]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+async def bao() -> AsyncIterator[tuple[str, str]]:
+    async with embedded_openbao() as dev:
+        client = hvac.Client(url=dev.addr, token=dev.root_token)
+        await trio.to_thread.run_sync(
+            lambda: client.secrets.kv.v2.create_or_update_secret(
+                path="tools/echo", secret={"api_key": CANARY}, mount_point="secret"
+            )
+        )
+        # A multi-line secret (a PEM key, say): HTTP refuses it in a header and says why,
+        # quoting it — the error path must scrub too.
+        await trio.to_thread.run_sync(
+            lambda: client.secrets.kv.v2.create_or_update_secret(
+                path="tools/pem", secret={"api_key": f"{CANARY}\nline two"}, mount_point="secret"
+            )
+        )
+        yield dev.addr, dev.root_token
+
+
+def tools(port: int) -> dict[str, ToolSpec]:
+    def tool(path: str) -> ToolSpec:
+        return ToolSpec(
+            url=f"http://127.0.0.1:{port}/{path}?q={{q}}&key={{secret}}",
+            secret_path="tools/echo",
+            secret_field="api_key",
+        )
+
+    return {
+        kind: tool(kind) for kind in ("raw", "b64", "url", "json", "hex", "error", "redirect")
+    } | {
+        "slow": msgspec.structs.replace(tool("slow"), timeout_seconds=1.0),
+        "broken": msgspec.structs.replace(tool("raw"), secret_path="no/such"),
+        "pem": msgspec.structs.replace(tool("raw"), secret_path="tools/pem"),
+    }
+
+
+@pytest.fixture
+async def broker_relay(
+    database_url: str, tmp_path: Path, upstream: int, bao: tuple[str, str]
+) -> AsyncIterator[Relay]:
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"),
+        bao_addr=bao[0],
+        bao_token=Secret(bao[1].encode()),
+        tools=tools(upstream),
+    )
+    async with running_relay(config) as relay:
+        yield relay
+
+
+def _leaks(text: str) -> bool:
+    """Whether the canary can be read back out of `text` by decoding it."""
+    candidates = [text, urllib.parse.unquote_plus(text)]
+    for piece in text.replace("[REDACTED]", " ").split():
+        for start in range(4):
+            chunk = piece[start:]
+            chunk = chunk[: len(chunk) - len(chunk) % 4]
+            with contextlib.suppress(binascii.Error, ValueError):
+                candidates.append(base64.b64decode(chunk).decode(errors="ignore"))
+        with contextlib.suppress(ValueError):
+            candidates.append(bytes.fromhex(piece).decode(errors="ignore"))
+    return any(CANARY in c or CANARY[7:] in c for c in candidates)
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_secret_never_comes_back_in_any_encoding_status_or_redirect(
+    broker_relay: Relay,
+) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    async with session(broker_relay.url, alice) as client:
+        for kind in ("raw", "b64", "url", "json", "hex", "error", "redirect"):
+            result = await client.call_tool(alice.collab_id, kind, {"q": "hello"})
+            assert not _leaks(result.body), (kind, result.body)
+            if kind != "redirect":
+                assert "[REDACTED]" in result.body, kind
+                assert "hello" in urllib.parse.unquote(result.body) or kind in ("b64", "hex")
+        assert (await client.call_tool(alice.collab_id, "error", {"q": "x"})).status == 500
+        assert (await client.call_tool(alice.collab_id, "redirect", {"q": "x"})).status == 302
+
+
+@pytest.mark.objective("SO-9")
+async def test_agents_need_the_tool_capability_and_unknown_tools_are_not_found(
+    broker_relay: Relay,
+) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    bots = {name: await sign_up(broker_relay.url, name) for name in ("plain-bot", "tool-bot")}
+    async with session(broker_relay.url, alice) as a:
+        for name, caps in (("plain-bot", ("read", "post")), ("tool-bot", ("read", "tool:raw"))):
+            info = await a.lookup(name)
+            new = Member(
+                info.account_id, Role.MEMBER, MemberKind.AGENT, info.sign_pk, info.box_pk, caps
+            )
+            await a.manage(
+                alice.signing_key,
+                alice.box_key,
+                alice.collab_id,
+                lambda v, m=new: _collab.add(v, m),
+            )
+    async with session(broker_relay.url, bots["plain-bot"]) as plain:
+        with pytest.raises(RelayRefused) as refused:
+            await plain.call_tool(alice.collab_id, "raw", {"q": "x"})
+        assert refused.value.code is wire.ErrorCode.UNAUTHORIZED
+    async with session(broker_relay.url, bots["tool-bot"]) as bot:
+        result = await bot.call_tool(alice.collab_id, "raw", {"q": "x"})
+        assert result.status == 200
+        assert not _leaks(result.body)
+        with pytest.raises(RelayRefused) as other:
+            await bot.call_tool(alice.collab_id, "b64", {"q": "x"})  # not granted
+        assert other.value.code is wire.ErrorCode.UNAUTHORIZED
+        with pytest.raises(RelayRefused) as post:
+            await bot.append(_as_user(bots["tool-bot"], alice).event("no post capability"))
+        assert post.value.code is wire.ErrorCode.UNAUTHORIZED
+    async with session(broker_relay.url, alice) as a:
+        with pytest.raises(RelayRefused) as unknown:
+            await a.call_tool(alice.collab_id, "nope")
+        assert unknown.value.code is wire.ErrorCode.NOT_FOUND
+
+
+def _as_user(bot: User, owner: User) -> User:
+    return dataclasses.replace(bot, collab_id=owner.collab_id, collab_key=owner.collab_key)
+
+
+@pytest.mark.objective("SO-9")
+async def test_failures_are_clear_scrubbed_and_quick(broker_relay: Relay) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    async with session(broker_relay.url, alice) as client:
+        with trio.fail_after(10), pytest.raises(RelayRefused) as slow:
+            await client.call_tool(alice.collab_id, "slow", {"q": "x"})
+        assert slow.value.code is wire.ErrorCode.TOOL_FAILED
+        assert "did not answer" in slow.value.message
+        assert not _leaks(slow.value.message)
+        with pytest.raises(RelayRefused) as missing:
+            await client.call_tool(alice.collab_id, "broken", {"q": "x"})
+        assert "no secret at" in missing.value.message
+        with pytest.raises(RelayRefused) as pem:
+            await client.call_tool(alice.collab_id, "pem", {"q": "x"})
+        assert pem.value.code is wire.ErrorCode.TOOL_FAILED
+        assert "could not be made" in pem.value.message
+        assert not _leaks(pem.value.message)
+        with pytest.raises(RelayRefused) as no_arg:
+            await client.call_tool(alice.collab_id, "raw")
+        assert "argument 'q'" in no_arg.value.message
+
+
+@pytest.mark.objective("SO-9")
+async def test_openbao_down_is_a_clear_error_not_a_hang(
+    database_url: str, tmp_path: Path, upstream: int
+) -> None:
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"),
+        bao_addr=f"http://127.0.0.1:{free_port()}",  # nothing listens there
+        bao_token=Secret(b"any-token"),
+        tools=tools(upstream),
+    )
+    async with running_relay(config) as relay:
+        alice = await sign_up(relay.url, "alice")
+        async with session(relay.url, alice) as client:
+            with trio.fail_after(15), pytest.raises(RelayRefused) as down:
+                await client.call_tool(alice.collab_id, "raw", {"q": "x"})
+    assert down.value.code is wire.ErrorCode.TOOL_FAILED
+    assert "unreachable" in down.value.message
