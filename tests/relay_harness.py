@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -99,3 +100,20 @@ async def session(url: str, user: User) -> AsyncIterator[Client]:
     async with connect(url) as client:
         await client.authenticate(user.token)
         yield client
+
+
+async def post(client: Client, author: User, collab_id: str, text: str) -> int:
+    """Post as a member would: read the collab, seal under its current epoch with evidence."""
+    view = await client.read(collab_id, author.box_key)
+    epoch, key = view.current_key()
+    now = int(time.time() * 1000)
+    ack = await client.post(
+        signing_key=author.signing_key,
+        collab_key=key,
+        epoch=epoch,
+        collab_id=collab_id,
+        content=contentmod.Message(text),
+        ts=now,
+        evidence=view.evidence("test-device", now),
+    )
+    return ack.seq

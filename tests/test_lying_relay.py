@@ -7,7 +7,6 @@ must stay quiet when the proxy is honest.
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import pytest
@@ -25,31 +24,14 @@ from clientkit import (
 )
 from clientkit._home import Home
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
-from model import content as contentmod
 from model.membership import Member, MemberKind, Role
 from tests.cli_harness import cli_signup, client_env, cozy
-from tests.relay_harness import User, session, sign_up
+from tests.relay_harness import User, post, session, sign_up
 
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from clientkit import Client
     from relay._server import Relay
-
-
-async def post(client: Client, user: User, cid: str, text: str) -> int:
-    view = await client.read(cid, user.box_key)
-    epoch, key = view.current_key()
-    ack = await client.post(
-        signing_key=user.signing_key,
-        collab_key=key,
-        epoch=epoch,
-        collab_id=cid,
-        content=contentmod.Message(text),
-        ts=int(time.time() * 1000),
-        evidence=view.evidence("test-device", int(time.time() * 1000)),
-    )
-    return ack.seq
 
 
 async def team_history(relay: Relay) -> tuple[User, User, User, dict[str, list[int]]]:

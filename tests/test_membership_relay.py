@@ -36,7 +36,7 @@ from model.membership import (
 from model.view import CollabView
 from tests.collab_sim import FORGERIES, forged_collab
 from tests.evil_relay import EvilRelay
-from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -63,20 +63,6 @@ async def add(
     await client.manage(
         owner.signing_key, owner.box_key, owner.collab_id, lambda v: _collab.add(v, new)
     )
-
-
-async def post(client: Client, author: User, collab_id: str, text: str) -> int:
-    view = await client.read(collab_id, author.box_key)
-    epoch, key = view.current_key()
-    ack = await client.post(
-        signing_key=author.signing_key,
-        collab_key=key,
-        collab_id=collab_id,
-        content=contentmod.Message(text),
-        ts=TS,
-        epoch=epoch,
-    )
-    return ack.seq
 
 
 async def texts(client: Client, user: User, collab_id: str) -> dict[int, str | None]:
