@@ -22,6 +22,7 @@ import nacl.signing
 import trio
 
 from clientkit import _collab
+from clientkit._agent import AgentCredentials, CredentialsError, save_credentials
 from clientkit._client import Client, connect
 from clientkit._collab import describe, fingerprint
 from clientkit._home import Home, HomeError, Profile, kdf_profile
@@ -39,6 +40,7 @@ from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
 from model.envelope import seal_event
 from model.epochs import NotARecipient
+from model.ids import new_id
 from model.membership import (
     CAP_POST,
     CAP_READ,
@@ -524,6 +526,75 @@ async def cmd_collab_add(args: argparse.Namespace) -> None:
     )
 
 
+async def cmd_agent_create(args: argparse.Namespace) -> None:
+    """Create a bot's account with fresh keys, add it to the collab with its capabilities (a
+    proof signed by this human), and write its 0600 credential file."""
+    me = await _unlock(Home.from_env())
+    caps = tuple(args.cap or (CAP_READ, CAP_POST))
+    bad = [c for c in caps if not valid_cap(c)]
+    if bad:
+        raise CliError(f"unknown capabilities {bad}: use read, post or tool:NAME")
+    out = _free_path(args.out or f"{args.name}.cozy-agent")  # checked before anything is created
+    sign = nacl.signing.SigningKey.generate()
+    box = nacl.public.PrivateKey.generate()
+    account_id = new_id("a")
+    async with _connected(me) as client:
+        created = await client.create_agent(
+            account_id, args.name, bytes(sign.verify_key), bytes(box.public_key)
+        )
+        new = Member(
+            account_id, Role.MEMBER, MemberKind.AGENT, bytes(sign.verify_key),
+            bytes(box.public_key), caps,
+        )  # fmt: skip
+        ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
+    save_credentials(
+        out,
+        AgentCredentials(
+            relay_url=me.profile.relay_url,
+            relay_pk=me.profile.relay_pk,
+            account_id=account_id,
+            handle=args.name,
+            collab_id=args.collab,
+            sign_seed=bytes(sign),
+            box_sk=bytes(box),
+            token=created.token,
+            expires_at=created.expires_at,
+        ),
+    )
+    print(
+        f"agent {args.name} added to {args.collab} at seq {ack.seq} with {', '.join(caps)};"
+        f" its credentials are in {out} (mode 0600): give that file to the bot and nobody else"
+    )
+
+
+def _free_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        raise CliError(f"{path} exists; choose another --out or move it away first")
+    return path
+
+
+async def cmd_agent_revoke(args: argparse.Namespace) -> None:
+    """Kill the agent's token at once, then remove it from the collab (rotating the key)."""
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        info = await _lookup(client, args.name)
+        try:
+            await client.revoke_agent(info.account_id)
+        except RelayRefused as exc:
+            if exc.code is wire.ErrorCode.NOT_FOUND:
+                raise CliError(f"{args.name} is not an agent you created") from None
+            raise
+        view = await _read(client, me, args.collab)
+        removed = ""
+        if view.membership is not None and info.account_id in view.membership.members:
+            ack, _ = await _manage(
+                client, me, args.collab, lambda v: _collab.remove(v, info.account_id)
+            )
+            removed = f"; removed from {args.collab} at seq {ack.seq}, key rotated"
+    print(f"agent {args.name}: every token revoked{removed}")
+
+
 async def cmd_collab_remove(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with _connected(me) as client:
@@ -880,6 +951,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("collab")
     p.set_defaults(run=cmd_collab_members)
 
+    agent = sub.add_parser("agent", help="bots: create and revoke agents").add_subparsers(
+        dest="action", required=True
+    )
+    p = agent.add_parser("create", help="create an agent in a collab; writes its credential file")
+    p.add_argument("collab")
+    p.add_argument("name", help="the agent's handle")
+    p.add_argument("--cap", action="append", metavar="CAP", help="read, post or tool:NAME (repeat)")
+    p.add_argument("--out", help="credential file to write (default NAME.cozy-agent)")
+    p.set_defaults(run=cmd_agent_create)
+    p = agent.add_parser("revoke", help="revoke an agent's tokens and remove it (rotates the key)")
+    p.add_argument("collab")
+    p.add_argument("name")
+    p.set_defaults(run=cmd_agent_revoke)
+
     p = sub.add_parser("dm", help="send a direct message to one member of a collab")
     p.add_argument("collab")
     p.add_argument("handle")
@@ -963,7 +1048,7 @@ def run_command(
         if isinstance(exc, EquivocationDetected):
             _export_proof(exc)
         return EXIT_INTEGRITY
-    except (CliError, ClientError, HomeError) as exc:
+    except (CliError, ClientError, HomeError, CredentialsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:

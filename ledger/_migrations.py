@@ -146,4 +146,17 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         ALTER TABLE collab_members ADD COLUMN caps text[] NOT NULL DEFAULT '{}';
         """,
     ),
+    (
+        7,
+        "agent accounts",
+        """
+        -- Agents are accounts a human creates for a bot: no password (they authenticate with
+        -- an agent token), the creator recorded, and a token generation that revocation bumps
+        -- so every token issued before is refused at once.
+        ALTER TABLE accounts
+            ADD COLUMN kind text NOT NULL DEFAULT 'human' CHECK (kind IN ('human', 'agent')),
+            ADD COLUMN created_by text REFERENCES accounts (account_id),
+            ADD COLUMN token_generation integer NOT NULL DEFAULT 0;
+        """,
+    ),
 )

@@ -46,12 +46,12 @@ if TYPE_CHECKING:
 
     from model.envelope import VerifiedEvent
 
-_ACCOUNT_BY_HANDLE = (
-    "SELECT account_id, handle, password_hash, sign_pk, box_pk FROM accounts WHERE handle = %s"
+_ACCOUNT_COLUMNS = (
+    "SELECT account_id, handle, password_hash, sign_pk, box_pk, kind, created_by,"
+    " token_generation FROM accounts"
 )
-_ACCOUNT_BY_ID = (
-    "SELECT account_id, handle, password_hash, sign_pk, box_pk FROM accounts WHERE account_id = %s"
-)
+_ACCOUNT_BY_HANDLE = _ACCOUNT_COLUMNS + " WHERE handle = %s"
+_ACCOUNT_BY_ID = _ACCOUNT_COLUMNS + " WHERE account_id = %s"
 _MIGRATION_LOCK = 0x636F7A79  # "cozy": one advisory lock key for schema changes
 
 
@@ -61,6 +61,9 @@ class AccountRow(msgspec.Struct, frozen=True):
     password_hash: str
     sign_pk: bytes
     box_pk: bytes
+    kind: str = "human"  # or "agent": created by `created_by`, authenticates with agent tokens
+    created_by: str | None = None
+    token_generation: int = 0  # agent tokens carry it; revocation bumps it
 
     def __repr__(self) -> str:
         return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
@@ -174,10 +177,11 @@ class Ledger(LoginThrottle, Artifacts):
         with _translated(), self._pool.connection() as conn:
             try:
                 conn.execute(
-                    "INSERT INTO accounts (account_id, handle, password_hash, sign_pk, box_pk)"
-                    " VALUES (%s, %s, %s, %s, %s)",
-                    (row.account_id, row.handle, row.password_hash, row.sign_pk, row.box_pk),
-                )
+                    "INSERT INTO accounts (account_id, handle, password_hash, sign_pk, box_pk,"
+                    " kind, created_by) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                    (row.account_id, row.handle, row.password_hash, row.sign_pk, row.box_pk,
+                     row.kind, row.created_by),
+                )  # fmt: skip
                 if keystore is not None:
                     conn.execute(
                         "INSERT INTO keystores (account_id, version, blob, sig)"
@@ -188,6 +192,18 @@ class Ledger(LoginThrottle, Artifacts):
                 if exc.diag.constraint_name == "accounts_handle_key":
                     raise HandleTaken(f"the handle {row.handle!r} is taken; pick another") from exc
                 raise AlreadyExists("an account with this id exists already") from exc
+
+    def revoke_agent(self, agent_id: str, creator_id: str) -> int | None:
+        """Bump an agent's token generation (every token issued before is refused). Only its
+        creator may; returns the new generation, or None when there is no such agent of theirs."""
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "UPDATE accounts SET token_generation = token_generation + 1"
+                " WHERE account_id = %s AND kind = 'agent' AND created_by = %s"
+                " RETURNING token_generation",
+                (agent_id, creator_id),
+            ).fetchone()
+        return None if r is None else int(r[0])
 
     # --- keystores -----------------------------------------------------------------------------
 
@@ -229,7 +245,9 @@ class Ledger(LoginThrottle, Artifacts):
         query = _ACCOUNT_BY_HANDLE if column == "handle" else _ACCOUNT_BY_ID
         with _translated(), self._pool.connection() as conn:
             r = conn.execute(query, (value,)).fetchone()
-        return None if r is None else AccountRow(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]))
+        if r is None:
+            return None
+        return AccountRow(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5], r[6], int(r[7]))
 
     # --- collabs ------------------------------------------------------------------------------
 

@@ -136,6 +136,25 @@ class GetAccount(_Frame, frozen=True, tag="get_account"):
     handle: str | None = None
 
 
+class CreateAgent(_Frame, frozen=True, tag="create_agent"):
+    """Register a bot's account, created by the (human) caller with keys generated on the
+    caller's device. The reply carries the agent's long-lived token; its capabilities in a
+    collab come from the caller's signed `add` proof."""
+
+    rid: int
+    account_id: str
+    handle: str
+    sign_pk: bytes
+    box_pk: bytes
+
+
+class RevokeAgent(_Frame, frozen=True, tag="revoke_agent"):
+    """Invalidate every token of an agent the caller created, and drop its connections."""
+
+    rid: int
+    account_id: str
+
+
 class CallTool(_Frame, frozen=True, tag="call_tool"):
     """Ask the relay's broker to call an operator-declared tool on behalf of a collab member
     (an agent needs the `tool:NAME` capability). The secret it needs never reaches the caller."""
@@ -200,6 +219,8 @@ Request = (
     | PutArtifactChunk
     | GetArtifact
     | CallTool
+    | CreateAgent
+    | RevokeAgent
     | Ping
 )
 
@@ -346,6 +367,21 @@ class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
     collab_id: str
 
 
+class AgentCreated(_Frame, frozen=True, tag="agent_created"):
+    rid: int
+    account_id: str
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"AgentCreated(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
+
+
+class AgentRevoked(_Frame, frozen=True, tag="agent_revoked"):
+    rid: int
+    account_id: str
+
+
 class ToolResult(_Frame, frozen=True, tag="tool_result"):
     """The upstream's answer to a tool call, with every credential value scrubbed."""
 
@@ -389,6 +425,8 @@ Reply = (
     | ArtifactStored
     | ArtifactData
     | ToolResult
+    | AgentCreated
+    | AgentRevoked
     | Pong
     | Error
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Final
+from typing import Final, NamedTuple
 
 import argon2
 import jwt
@@ -50,21 +50,36 @@ def needs_rehash(password_hash: str) -> bool:
     return _hasher.check_needs_rehash(password_hash)
 
 
+AGENT_TOKEN_TTL: Final = 90 * 24 * 3600
+
+
+class Claims(NamedTuple):
+    account_id: str
+    expires: int
+    agent_generation: int | None  # set for agent tokens: must equal the account's generation
+
+
 def issue_token(
-    key: bytes, account_id: str, ttl_seconds: int, now: float | None = None
+    key: bytes,
+    account_id: str,
+    ttl_seconds: int,
+    now: float | None = None,
+    *,
+    agent_generation: int | None = None,
 ) -> tuple[str, int]:
+    """A session token, or with `agent_generation` an agent token (long-lived, revocable)."""
     issued = int(time.time() if now is None else now)
     expires = issued + ttl_seconds
-    token = jwt.encode(
-        {"sub": account_id, "iat": issued, "exp": expires, "iss": ISSUER, "typ": "session"},
-        key,
-        algorithm="HS256",
-    )
-    return token, expires
+    claims: dict[str, object] = {
+        "sub": account_id, "iat": issued, "exp": expires, "iss": ISSUER, "typ": "session"
+    }  # fmt: skip
+    if agent_generation is not None:
+        claims |= {"typ": "agent", "gen": agent_generation}
+    return jwt.encode(claims, key, algorithm="HS256"), expires
 
 
-def verify_token(key: bytes, token: str) -> tuple[str, int]:
-    """The account id a valid session token names, and when it expires. Raises `AuthError`."""
+def verify_token(key: bytes, token: str) -> Claims:
+    """What a valid session or agent token says. Raises `AuthError`."""
     try:
         claims = jwt.decode(
             token,
@@ -77,6 +92,9 @@ def verify_token(key: bytes, token: str) -> tuple[str, int]:
         raise AuthError("session expired: log in again") from None
     except jwt.InvalidTokenError:
         raise AuthError("session token is invalid: log in again") from None
-    if claims.get("typ") != "session" or not isinstance(claims.get("sub"), str):
+    typ, sub, gen = claims.get("typ"), claims.get("sub"), claims.get("gen")
+    if not isinstance(sub, str) or typ not in ("session", "agent"):
         raise AuthError("session token is invalid: log in again")
-    return str(claims["sub"]), int(claims["exp"])
+    if typ == "agent" and (not isinstance(gen, int) or isinstance(gen, bool)):
+        raise AuthError("agent token is invalid: ask its creator for a new credential file")
+    return Claims(sub, int(claims["exp"]), gen if typ == "agent" else None)

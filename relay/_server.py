@@ -86,6 +86,7 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 SHUTDOWN_CLOSE_CODE: Final = 1001
+AGENT_REVOKED_CODE: Final = 4003
 MAX_ARTIFACT_BYTES: Final = 64 * 1024 * 1024
 MAX_UPLOADS: Final = 4
 UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
@@ -344,13 +345,15 @@ class Relay:
                 await self._login(conn, req)
             case wire.Authenticate():
                 try:
-                    account_id, expires = _auth.verify_token(
-                        self.config.jwt_signing_key.value, req.token
-                    )
+                    claims = _auth.verify_token(self.config.jwt_signing_key.value, req.token)
                 except _auth.AuthError as exc:
                     raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
-                await self._bind_account(conn, account_id, expires)
-                conn.reply(wire.Authenticated(rid=req.rid, account_id=account_id))
+                await self._bind_account(conn, claims)
+                conn.reply(wire.Authenticated(rid=req.rid, account_id=claims.account_id))
+            case wire.CreateAgent():
+                await self._create_agent(conn, req)
+            case wire.RevokeAgent():
+                await self._revoke_agent(conn, req)
             case wire.CreateCollab():
                 await self._create_collab(conn, req)
             case wire.PutKeystore():
@@ -754,13 +757,78 @@ class Relay:
         else:
             log.info("password_rehashed", account_id=row.account_id)
 
-    async def _bind_account(self, conn: Connection, account_id: str, expires: int) -> None:
-        row = await self._db(self.ledger.account_by_id, account_id)
+    async def _bind_account(self, conn: Connection, claims: _auth.Claims) -> None:
+        row = await self._db(self.ledger.account_by_id, claims.account_id)
         if row is None:
             raise RequestRefused(
                 wire.ErrorCode.UNAUTHENTICATED, "session names an unknown account: log in again"
             )
-        self._bind(conn, row, expires)
+        is_agent_token = claims.agent_generation is not None
+        if is_agent_token != (row.kind == "agent") or (
+            is_agent_token and claims.agent_generation != row.token_generation
+        ):
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHENTICATED,
+                "this token was revoked: ask the agent's creator for a new credential file",
+            )
+        self._bind(conn, row, claims.expires)
+
+    async def _create_agent(self, conn: Connection, req: wire.CreateAgent) -> None:
+        """A human registers a bot's account (keys generated on the human's device) and gets
+        the agent's long-lived, revocable token. What the agent may do in a collab is granted
+        separately, by the signed `add` proof with its capabilities."""
+        creator = _require_auth(conn)
+        me = await self._db(self.ledger.account_by_id, creator)
+        if me is None or me.kind != "human":
+            raise RequestRefused(wire.ErrorCode.UNAUTHORIZED, "only people create agents")
+        if not _auth.HANDLE_RE.fullmatch(req.handle) or not is_id(req.account_id, "a"):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "an agent needs a handle (3-32 of a-z, 0-9, '_', '.', '-') and an a_… id",
+            )
+        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
+            )
+        row = AccountRow(
+            req.account_id, req.handle, "!agent: no password", req.sign_pk, req.box_pk,
+            kind="agent", created_by=creator,
+        )  # fmt: skip
+        try:
+            await self._db(self.ledger.create_account, row, None)
+        except HandleTaken as exc:
+            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
+            ) from None
+        token, expires = _auth.issue_token(
+            self.config.jwt_signing_key.value,
+            req.account_id,
+            _auth.AGENT_TOKEN_TTL,
+            agent_generation=0,
+        )
+        log.info("agent_created", account_id=req.account_id, created_by=creator)
+        conn.reply(
+            wire.AgentCreated(
+                rid=req.rid, account_id=req.account_id, token=token, expires_at=expires
+            )
+        )
+
+    async def _revoke_agent(self, conn: Connection, req: wire.RevokeAgent) -> None:
+        """Its creator revokes an agent: every token issued to it stops working at once and
+        its open connections are closed. (Removing it from collabs, which rotates their keys,
+        is the creator's signed `remove`, made separately.)"""
+        creator = _require_auth(conn)
+        generation = await self._db(self.ledger.revoke_agent, req.account_id, creator)
+        if generation is None:
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no agent of yours has that id")
+        for other in list(self._connections):
+            if other.account_id == req.account_id:
+                other.account_id = None
+                other.close_gracefully(AGENT_REVOKED_CODE, "agent revoked by its creator")
+        log.info("agent_revoked", account_id=req.account_id, generation=generation)
+        conn.reply(wire.AgentRevoked(rid=req.rid, account_id=req.account_id))
 
     @staticmethod
     def _bind(conn: Connection, row: AccountRow, expires: int) -> None:
