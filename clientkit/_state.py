@@ -25,6 +25,10 @@ CREATE TABLE IF NOT EXISTS heads (
     seq       INTEGER NOT NULL,
     chain     BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cursors (
+    collab_id TEXT PRIMARY KEY,
+    seq       INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS receipts (
     collab_id TEXT NOT NULL,
     seq       INTEGER NOT NULL,
@@ -64,6 +68,32 @@ class ClientState:
                 " WHERE excluded.seq > heads.seq",
                 (collab_id, head.seq, head.chain),
             )
+
+    def cursor(self, collab_id: str) -> int:
+        """The last seq a bot's handlers finished (0 when none)."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT seq FROM cursors WHERE collab_id = ?", (collab_id,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def commit_cursor(self, collab_id: str, head: Head) -> None:
+        """After a handler finished: the cursor and the verified head move together (one
+        transaction), so a restart neither skips nor repeats what was handled."""
+        with closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "INSERT INTO cursors (collab_id, seq) VALUES (?, ?) ON CONFLICT (collab_id)"
+                " DO UPDATE SET seq = excluded.seq WHERE excluded.seq > cursors.seq",
+                (collab_id, head.seq),
+            )
+            conn.execute(
+                "INSERT INTO heads (collab_id, seq, chain) VALUES (?, ?, ?)"
+                " ON CONFLICT (collab_id) DO UPDATE SET seq = excluded.seq, chain = excluded.chain"
+                " WHERE excluded.seq > heads.seq",
+                (collab_id, head.seq, head.chain),
+            )
+            conn.execute("COMMIT")
 
     def add_receipt(self, receipt: SignedReceipt) -> SignedReceipt | None:
         """Keep a receipt; return an earlier one for the same position that disagrees."""

@@ -1,0 +1,257 @@
+"""The bot kit: a bot is an agent that reacts to what happens in its collab.
+
+    bot = Bot.from_credentials("helper.cozy-agent", store="./helper-state")
+
+    @bot.on_message
+    async def echo(ctx: Context, text: str) -> None:
+        await ctx.reply(f"you said: {text}")
+
+    trio.run(bot.run)
+
+What it takes care of, learning from what users of other bot SDKs trip over:
+
+- **State that must not be lost** lives in `store` (required; checked writable before anything
+  else): the verified head, the relay's receipts and the **cursor** — the last event whose
+  handler finished. Shutting down never revokes anything.
+- **Delivery is at least once.** The cursor is committed, together with the verified head, only
+  after the handler returned; a crash in between replays that event on restart, and nothing is
+  ever skipped. Make handlers idempotent (or check `ctx.entry.event_id`).
+- **Connections that die or go silent** are re-opened with jittered exponential backoff; a ping
+  watchdog notices a silent socket. `on_connect` runs on every (re)connection.
+- **Integrity alarms are not swallowed.** An `IntegrityAlarm` (the relay lied: see
+  docs/ordering.md) goes to the `on_alarm` hook if there is one and otherwise stops `run` by
+  raising it: a bot must not keep acting on a history it cannot trust.
+- The bot never sees its own events as new messages, posts with ordering evidence, and never
+  holds a tool's secret (`ctx.call_tool` goes through the relay's broker).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
+
+import nacl.public
+import nacl.signing
+import trio
+from trio_websocket import ConnectionClosed
+
+from clientkit._agent import AgentCredentials, load_credentials
+from clientkit._client import Client, connect
+from clientkit._state import ClientState
+from clientkit.errors import ConnectionLost, IntegrityAlarm
+from model import content as contentmod
+from model import wire
+from model.envelope import seal_event
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from model.membership import Proof
+    from model.view import CollabView, Entry
+
+    MessageHandler = Callable[["Context", str], Awaitable[None]]
+    MemberHandler = Callable[["Context", Proof], Awaitable[None]]
+    Hook = Callable[["Bot"], Awaitable[None]]
+    AlarmHook = Callable[["Bot", IntegrityAlarm], Awaitable[None]]
+
+DEVICE: Final = "bot"
+BACKOFF_START: Final = 0.5
+BACKOFF_CAP: Final = 30.0
+PING_EVERY: Final = 20.0
+PING_TIMEOUT: Final = 10.0
+
+
+class BotSetupError(Exception):
+    """The bot cannot start: the message says what to fix."""
+
+
+@dataclass
+class Context:
+    """What a handler gets: the entry, and ways to answer."""
+
+    bot: Bot
+    entry: Entry
+    _client: Client
+    _view: CollabView
+
+    async def reply(self, text: str) -> int:
+        """Post `text` to the collab (sealed, signed, with evidence). Returns its seq."""
+        return await self.bot._post(self._client, self._view, text)
+
+    async def call_tool(self, tool: str, args: dict[str, str] | None = None) -> wire.ToolResult:
+        """Have the relay's broker call a tool (needs the `tool:NAME` capability)."""
+        return await self._client.call_tool(self.bot.collab_id, tool, args)
+
+
+@dataclass
+class Bot:
+    credentials: AgentCredentials
+    store: Path
+    _messages: list[MessageHandler] = field(default_factory=list)
+    _dms: list[MessageHandler] = field(default_factory=list)
+    _members: list[MemberHandler] = field(default_factory=list)
+    _on_connect: list[Hook] = field(default_factory=list)
+    _on_alarm: AlarmHook | None = None
+    _sent: tuple[int, bytes] = (0, b"")  # this bot's own stream: (counter, last event id)
+    connections: int = 0
+
+    @classmethod
+    def from_credentials(cls, path: str | Path, *, store: str | Path) -> Bot:
+        """Load the 0600 credential file `cozy agent create` wrote; `store` is where the bot
+        keeps its cursor and verified state (required: losing it means re-handling events)."""
+        bot = cls(load_credentials(Path(path)), Path(store))
+        bot._check_store()
+        return bot
+
+    @property
+    def collab_id(self) -> str:
+        return self.credentials.collab_id
+
+    @property
+    def account_id(self) -> str:
+        return self.credentials.account_id
+
+    def _check_store(self) -> None:
+        try:
+            self.store.mkdir(mode=0o700, parents=True, exist_ok=True)
+            probe = self.store / ".writable"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise BotSetupError(
+                f"the bot's store {self.store} is not writable ({exc.strerror}): fix it before"
+                " starting, or the bot would re-handle or skip events after a restart"
+            ) from None
+
+    @property
+    def state(self) -> ClientState:
+        return ClientState(self.store / "state.db")
+
+    # --- registration -------------------------------------------------------------------------
+
+    def on_message(self, fn: MessageHandler) -> MessageHandler:
+        self._messages.append(fn)
+        return fn
+
+    def on_dm(self, fn: MessageHandler) -> MessageHandler:
+        self._dms.append(fn)
+        return fn
+
+    def on_member(self, fn: MemberHandler) -> MemberHandler:
+        self._members.append(fn)
+        return fn
+
+    def on_connect(self, fn: Hook) -> Hook:
+        self._on_connect.append(fn)
+        return fn
+
+    def on_alarm(self, fn: AlarmHook) -> AlarmHook:
+        self._on_alarm = fn
+        return fn
+
+    # --- running ------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. Reconnects on connection loss; raises integrity alarms
+        (unless `on_alarm` handles them) and refusals that retrying cannot fix."""
+        failures = 0
+        started = False
+        while True:
+            try:
+                await self._session(task_status if not started else None)
+                failures = 0
+            except (ConnectionLost, ConnectionClosed, OSError, _Silent):
+                failures += 1
+            except IntegrityAlarm as alarm:
+                if self._on_alarm is None:
+                    raise
+                await self._on_alarm(self, alarm)
+                failures += 1
+            started = True
+            delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures, 16))
+            await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 — jitter, not crypto
+
+    async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
+        creds = self.credentials
+        box = nacl.public.PrivateKey(creds.box_sk)
+        state = self.state
+        async with connect(
+            creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)
+        ) as client:
+            await client.authenticate(creds.token)
+            client.on_receipt = state.add_receipt
+            self.connections += 1
+            for hook in self._on_connect:
+                await hook(self)
+            keys = (await client.read(self.collab_id, box)).known_keys()
+            cursor = state.cursor(self.collab_id)
+            async with (
+                client.history(
+                    self.collab_id,
+                    box,
+                    keys=keys,
+                    expect=state.head(self.collab_id),
+                    receipts=state.receipts(self.collab_id),
+                    follow=True,
+                ) as events,
+                trio.open_nursery() as nursery,
+            ):
+                nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
+                if task_status is not None:
+                    task_status.started()
+                async for entry in events:
+                    if entry.seq > cursor:
+                        await self._dispatch(Context(self, entry, client, events.view))
+                        state.commit_cursor(self.collab_id, events.head)
+                        cursor = entry.seq
+                nursery.cancel_scope.cancel()
+            raise ConnectionLost(None, "the relay ended the stream")
+
+    async def _watchdog(self, client: Client, scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(PING_EVERY)
+            with trio.move_on_after(PING_TIMEOUT) as waited:
+                await client.request(lambda rid: wire.Ping(rid=rid), wire.Pong)
+            if waited.cancelled_caught:
+                scope.cancel()
+                raise _Silent
+
+    async def _dispatch(self, ctx: Context) -> None:
+        entry = ctx.entry
+        if entry.author_id == self.account_id:
+            return  # never react to our own events
+        if entry.proof is not None:
+            for member_handler in self._members:
+                await member_handler(ctx, entry.proof)
+        elif isinstance(entry.content, contentmod.Message):
+            for handler in self._dms if entry.dm_to else self._messages:
+                await handler(ctx, entry.content.text)
+
+    async def _post(self, client: Client, view: CollabView, text: str) -> int:
+        epoch, key = view.current_key()
+        evidence = view.evidence(DEVICE, int(time.time() * 1000))
+        if self._sent[0] >= evidence.counter:  # posted faster than our own events came back
+            evidence = type(evidence)(
+                evidence.device, self._sent[0] + 1, self._sent[1], evidence.seen_seq,
+                evidence.seen_chain, evidence.clock,
+            )  # fmt: skip
+        signed = seal_event(
+            signing_key=nacl.signing.SigningKey(self.credentials.sign_seed),
+            collab_key=key,
+            collab_id=self.collab_id,
+            actor_id=self.account_id,
+            kind=contentmod.KIND_MESSAGE,
+            ts=evidence.clock,
+            content=contentmod.encode_content(contentmod.Message(text), evidence),
+            epoch=epoch,
+        )
+        ack = await client.append(signed)
+        self._sent = (evidence.counter, ack.event_id)
+        return ack.seq
+
+
+class _Silent(Exception):
+    """The relay stopped answering pings."""

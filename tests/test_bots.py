@@ -1,0 +1,108 @@
+"""The bot kit and the two example bots, run for real as separate processes (SO-9).
+
+A human creates an agent with the CLI, the example bot runs from its credential file, and the
+human's messages make it answer — through a real relay, and for the tool bot through the broker
+and a real OpenBao, with the secret scrubbed from what it posts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from tests.broker_harness import CANARY, bao, broker_relay, upstream
+from tests.cli_harness import cli_signup, client_env, cozy
+
+if TYPE_CHECKING:
+    from relay._server import Relay
+
+__all__ = ["bao", "broker_relay", "upstream"]  # fixtures used by name
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
+
+
+async def _tail(collab: str, env: dict[str, str]) -> list[list[str]]:
+    out = (await cozy("tail", collab, env=env)).stdout.decode()
+    return [line.split("\t")[1:] for line in out.splitlines()]
+
+
+async def _until(collab: str, env: dict[str, str], line: list[str]) -> list[list[str]]:
+    with trio.fail_after(45):
+        while True:
+            lines = await _tail(collab, env)
+            if line in lines:
+                return lines
+            await trio.sleep(0.3)
+
+
+async def _start_bot(nursery: trio.Nursery, script: str, creds: Path, store: Path) -> trio.Process:
+    return await nursery.start(
+        partial(
+            trio.run_process,
+            [sys.executable, str(EXAMPLES / script), str(creds), str(store)],
+            stdout=subprocess.DEVNULL,
+            check=False,
+        )
+    )
+
+
+async def _setup(relay_url: str, tmp_path: Path, *caps: str) -> tuple[str, dict[str, str], Path]:
+    env = client_env(tmp_path / "alice")
+    await cli_signup(relay_url, tmp_path / "alice", "alice")
+    collab = (await cozy("collab", "create", "ops", env=env)).stdout.decode().strip()
+    creds = tmp_path / "bot.cozy-agent"
+    cap_args = [arg for cap in caps for arg in ("--cap", cap)]
+    await cozy("agent", "create", collab, "the-bot", *cap_args, "--out", str(creds), env=env)
+    return collab, env, creds
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_echo_bot_answers_once_per_message_across_a_restart(
+    relay: Relay, tmp_path: Path
+) -> None:
+    collab, env, creds = await _setup(relay.url, tmp_path)
+    store = tmp_path / "bot-store"
+    async with trio.open_nursery() as nursery:
+        bot = await _start_bot(nursery, "echo_bot.py", creds, store)
+        await cozy("post", collab, "hello", env=env)
+        await _until(collab, env, ["the-bot", "echo: hello"])
+        bot.terminate()
+    # Restarted from its store, it does not answer "hello" again (the cursor was committed
+    # after the handler), and it answers what came while it was down.
+    await cozy("post", collab, "while you slept", env=env)
+    async with trio.open_nursery() as nursery:
+        bot = await _start_bot(nursery, "echo_bot.py", creds, store)
+        lines = await _until(collab, env, ["the-bot", "echo: while you slept"])
+        await cozy("post", collab, "again", env=env)
+        lines = await _until(collab, env, ["the-bot", "echo: again"])
+        bot.terminate()
+    assert lines.count(["the-bot", "echo: hello"]) == 1
+    assert lines.count(["the-bot", "echo: while you slept"]) == 1
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_tool_bot_calls_a_tool_whose_secret_stays_in_openbao(
+    broker_relay: Relay, tmp_path: Path
+) -> None:
+    collab, env, creds = await _setup(broker_relay.url, tmp_path, "read", "post", "tool:weather")
+    async with trio.open_nursery() as nursery:
+        bot = await _start_bot(nursery, "tool_bot.py", creds, tmp_path / "bot-store")
+        await cozy("post", collab, "!weather paris", env=env)
+        with trio.fail_after(45):
+            while True:
+                answers = [line for line in await _tail(collab, env) if line[:1] == ["the-bot"]]
+                if answers:
+                    break
+                await trio.sleep(0.3)
+        bot.terminate()
+    [(_, answer)] = answers
+    assert answer.startswith("weather for paris (HTTP 200)")
+    assert "city=paris" in answer  # the upstream's answer reached the room…
+    assert "[REDACTED]" in answer  # …with the key it echoed scrubbed
+    assert CANARY not in answer
