@@ -82,7 +82,8 @@ async def _dev(config: RelayConfig) -> None:
             relay = await nursery.start(run_relay, config)
             print(
                 f"\n  relay    {relay.url}\n  postgres {config.data_dir / 'postgres'} (embedded)\n"
-                f"  openbao  {bao.addr} (dev mode, in memory)\n\n"
+                f"  openbao  {bao.addr} (dev mode, in memory; root token for `bao kv put`:"
+                f" {bao.root_token})\n\n"
                 "Try it in another shell:\n"
                 f"  export COZY_HOME=/tmp/cozy-alice COZY_PASSWORD='a long login password' "
                 "COZY_PASSPHRASE='a different long passphrase for keys'\n"
