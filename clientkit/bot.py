@@ -17,7 +17,8 @@ What it takes care of, learning from what users of other bot SDKs trip over:
   after the handler returned; a crash in between replays that event on restart, and nothing is
   ever skipped. Make handlers idempotent (or check `ctx.entry.event_id`).
 - **Connections that die or go silent** are re-opened with jittered exponential backoff; a ping
-  watchdog notices a silent socket. `on_connect` runs on every (re)connection.
+  watchdog notices a silent socket. `on_connect` runs on the first connection, `on_resume` on
+  each reconnection.
 - **Integrity alarms are not swallowed.** An `IntegrityAlarm` (the relay lied: see
   docs/ordering.md) goes to the `on_alarm` hook if there is one and otherwise stops `run` by
   raising it: a bot must not keep acting on a history it cannot trust.
@@ -94,6 +95,7 @@ class Bot:
     _dms: list[MessageHandler] = field(default_factory=list)
     _members: list[MemberHandler] = field(default_factory=list)
     _on_connect: list[Hook] = field(default_factory=list)
+    _on_resume: list[Hook] = field(default_factory=list)
     _on_alarm: AlarmHook | None = None
     _sent: tuple[int, bytes] = (0, b"")  # this bot's own stream: (counter, last event id)
     connections: int = 0
@@ -148,6 +150,11 @@ class Bot:
         self._on_connect.append(fn)
         return fn
 
+    def on_resume(self, fn: Hook) -> Hook:
+        """Runs on every reconnection after the first connection (not on the first)."""
+        self._on_resume.append(fn)
+        return fn
+
     def on_alarm(self, fn: AlarmHook) -> AlarmHook:
         self._on_alarm = fn
         return fn
@@ -163,12 +170,12 @@ class Bot:
             try:
                 await self._session(task_status if not started else None)
                 failures = 0
-            except (ConnectionLost, ConnectionClosed, OSError, _Silent):
-                failures += 1
-            except IntegrityAlarm as alarm:
-                if self._on_alarm is None:
-                    raise
-                await self._on_alarm(self, alarm)
+            except Exception as exc:  # noqa: BLE001 — classified below; the rest re-raised
+                error = _innermost(exc)
+                if isinstance(error, IntegrityAlarm) and self._on_alarm is not None:
+                    await self._on_alarm(self, error)
+                elif not isinstance(error, (ConnectionLost, ConnectionClosed, OSError, _Silent)):
+                    raise error from None
                 failures += 1
             started = True
             delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures, 16))
@@ -184,7 +191,7 @@ class Bot:
             await client.authenticate(creds.token)
             client.on_receipt = state.add_receipt
             self.connections += 1
-            for hook in self._on_connect:
+            for hook in self._on_connect if self.connections == 1 else self._on_resume:
                 await hook(self)
             keys = (await client.read(self.collab_id, box)).known_keys()
             cursor = state.cursor(self.collab_id)
@@ -251,6 +258,13 @@ class Bot:
         ack = await client.append(signed)
         self._sent = (evidence.counter, ack.event_id)
         return ack.seq
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The one error inside (possibly nested) task-group wrappers."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class _Silent(Exception):

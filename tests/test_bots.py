@@ -7,6 +7,7 @@ and a real OpenBao, with the secret scrubbed from what it posts.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from functools import partial
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
+from clientkit.bot import Bot, Context
+from relay.embedded import free_port
 from tests.broker_harness import CANARY, bao, broker_relay, upstream
 from tests.cli_harness import cli_signup, client_env, cozy
+from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
     from relay._server import Relay
@@ -106,3 +110,39 @@ async def test_the_tool_bot_calls_a_tool_whose_secret_stays_in_openbao(
     assert "city=paris" in answer  # the upstream's answer reached the room…
     assert "[REDACTED]" in answer  # …with the key it echoed scrubbed
     assert CANARY not in answer
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_bot_rides_out_a_relay_restart_and_resumes_after_its_cursor(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(relay_config(database_url, tmp_path / "relay"), port=free_port())
+    handled: list[str] = []
+    resumed: list[int] = []
+    async with running_relay(config) as relay:
+        collab, env, creds = await _setup(relay.url, tmp_path)
+    bot = Bot.from_credentials(creds, store=tmp_path / "store")
+
+    @bot.on_message
+    async def record(ctx: Context, text: str) -> None:
+        handled.append(text)
+        await ctx.reply(f"got {text}")
+
+    @bot.on_resume
+    async def count(b: Bot) -> None:
+        resumed.append(b.connections)
+
+    async with trio.open_nursery() as nursery:
+        async with running_relay(config) as relay:
+            await nursery.start(bot.run)
+            await cozy("post", collab, "before the restart", env=env)
+            await _until(collab, env, ["the-bot", "got before the restart"])
+        # The relay is down; the bot backs off and retries. Then it comes back.
+        async with running_relay(config) as relay:
+            assert relay.url.endswith(str(config.port))
+            await cozy("post", collab, "after the restart", env=env)
+            lines = await _until(collab, env, ["the-bot", "got after the restart"])
+            nursery.cancel_scope.cancel()
+    assert handled == ["before the restart", "after the restart"]  # each exactly once
+    assert resumed
+    assert lines.count(["the-bot", "got before the restart"]) == 1

@@ -141,3 +141,18 @@ async def test_openbao_down_is_a_clear_error_not_a_hang(
                 await client.call_tool(alice.collab_id, "raw", {"q": "x"})
     assert down.value.code is wire.ErrorCode.TOOL_FAILED
     assert "unreachable" in down.value.message
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_secret_never_reaches_the_relays_logs(
+    broker_relay: Relay, capfd: pytest.CaptureFixture[str]
+) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    async with session(broker_relay.url, alice) as client:
+        for kind in ("raw", "b64", "error", "pem", "slow"):
+            with contextlib.suppress(RelayRefused):
+                await client.call_tool(alice.collab_id, kind, {"q": "x"})
+    out, err = capfd.readouterr()
+    logs = out + err
+    assert "tool_called" in logs  # the capture really holds the broker's log lines
+    assert not _leaks(logs)
