@@ -489,18 +489,9 @@ class Relay:
             _auth.hash_password, req.password, limiter=self._auth_limiter
         )
         account_id = req.account_id
-        try:
-            await self._db(
-                self.ledger.create_account,
-                AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk),
-                keystore,
-            )
-        except HandleTaken as exc:
-            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
-        except AlreadyExists:
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
-            ) from None
+        await self._create_account(
+            AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk), keystore
+        )
         log.info("account_created", account_id=account_id)
         conn.reply(wire.SignedUp(rid=req.rid, account_id=account_id))
 
@@ -773,6 +764,16 @@ class Relay:
             )
         self._bind(conn, row, claims.expires)
 
+    async def _create_account(self, row: AccountRow, keystore: KeystoreRow | None) -> None:
+        try:
+            await self._db(self.ledger.create_account, row, keystore)
+        except HandleTaken as exc:
+            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
+            ) from None
+
     async def _create_agent(self, conn: Connection, req: wire.CreateAgent) -> None:
         """A human registers a bot's account (keys generated on the human's device) and gets
         the agent's long-lived, revocable token. What the agent may do in a collab is granted
@@ -794,14 +795,7 @@ class Relay:
             req.account_id, req.handle, "!agent: no password", req.sign_pk, req.box_pk,
             kind="agent", created_by=creator,
         )  # fmt: skip
-        try:
-            await self._db(self.ledger.create_account, row, None)
-        except HandleTaken as exc:
-            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
-        except AlreadyExists:
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
-            ) from None
+        await self._create_account(row, None)
         token, expires = _auth.issue_token(
             self.config.jwt_signing_key.value,
             req.account_id,
