@@ -78,9 +78,12 @@ class Context:
     _client: Client
     _view: CollabView
 
-    async def reply(self, text: str) -> int:
+    async def post(self, text: str) -> int:
         """Post `text` to the collab (sealed, signed, with evidence). Returns its seq."""
         return await self.bot._post(self._client, self._view, text)
+
+    # Collabs have no threads yet: a reply is a post to the same collab.
+    reply = post
 
     async def call_tool(self, tool: str, args: dict[str, str] | None = None) -> wire.ToolResult:
         """Have the relay's broker call a tool (needs the `tool:NAME` capability)."""

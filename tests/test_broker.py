@@ -11,6 +11,7 @@ import dataclasses
 import urllib.parse
 from typing import TYPE_CHECKING
 
+import hvac
 import pytest
 import trio
 
@@ -156,3 +157,44 @@ async def test_the_secret_never_reaches_the_relays_logs(
     logs = out + err
     assert "tool_called" in logs  # the capture really holds the broker's log lines
     assert not _leaks(logs)
+
+
+@pytest.mark.objective("SO-9")
+async def test_approle_login_and_a_fresh_login_when_the_token_is_revoked(
+    database_url: str, tmp_path: Path, upstream: int, bao: tuple[str, str]
+) -> None:
+    addr, root = bao
+    admin = hvac.Client(url=addr, token=root)
+
+    def approle() -> tuple[str, str]:
+        admin.sys.enable_auth_method("approle")
+        admin.sys.create_or_update_policy(
+            "broker", 'path "secret/data/tools/*" { capabilities = ["read"] }'
+        )
+        admin.auth.approle.create_or_update_approle("broker", token_policies=["broker"])
+        role_id = admin.auth.approle.read_role_id("broker")["data"]["role_id"]
+        secret_id = admin.auth.approle.generate_secret_id("broker")["data"]["secret_id"]
+        return role_id, secret_id
+
+    role_id, secret_id = await trio.to_thread.run_sync(approle)
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"),
+        bao_addr=addr,
+        bao_role_id=role_id,
+        bao_secret_id=Secret(secret_id.encode()),
+        tools=tools(upstream),
+    )
+    async with running_relay(config) as relay:
+        alice = await sign_up(relay.url, "alice")
+        async with session(relay.url, alice) as client:
+            first = await client.call_tool(alice.collab_id, "raw", {"q": "x"})
+            assert first.status == 200
+            # The operator revokes the broker's token; the next call logs in again by itself.
+            store = relay.broker._store
+            assert store is not None
+            token = store._client.token
+            await trio.to_thread.run_sync(lambda: admin.auth.token.revoke(token))
+            second = await client.call_tool(alice.collab_id, "raw", {"q": "y"})
+            assert second.status == 200
+            assert store._client.token != token
+            assert not _leaks(second.body)
