@@ -11,11 +11,12 @@ are blocking, so both run in worker threads; the Trio loop never waits on them.
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import hvac
 import hvac.exceptions
@@ -79,17 +80,38 @@ class SecretStore:
         self._auth = auth
         self._client = hvac.Client(url=auth.addr, token=auth.token, timeout=STORE_TIMEOUT)
         self._logged_in = auth.token is not None
+        self._renew_after = float("inf")  # monotonic time after which to renew the token
+        self.renewals = 0
 
     def _login(self) -> None:
         if self._auth.role_id is None or self._auth.secret_id is None:
             raise ToolFailed("the broker's OpenBao token was refused; tell the relay operator")
-        self._client.auth.approle.login(role_id=self._auth.role_id, secret_id=self._auth.secret_id)
+        answer = self._client.auth.approle.login(
+            role_id=self._auth.role_id, secret_id=self._auth.secret_id
+        )
         self._logged_in = True
+        self._schedule_renewal(answer)
+
+    def _schedule_renewal(self, answer: Mapping[str, Any]) -> None:
+        lease = int(answer.get("auth", {}).get("lease_duration") or 0)
+        # Renew once two thirds of the lease have passed; a token without a lease never expires.
+        self._renew_after = time.monotonic() + lease * 2 / 3 if lease else float("inf")
+
+    def _renew_if_due(self) -> None:
+        if time.monotonic() < self._renew_after:
+            return
+        try:
+            self._schedule_renewal(self._client.auth.token.renew_self())
+            self.renewals += 1
+        except hvac.exceptions.VaultError:
+            self._logged_in = False  # past its max TTL or revoked: log in afresh
 
     def read(self, mount: str, path: str, field: str) -> str:
         """The secret's value. Raises `ToolFailed` with a message that names no secret."""
         for attempt in range(2):
             try:
+                if self._logged_in:
+                    self._renew_if_due()
                 if not self._logged_in:
                     self._login()
                 response = self._client.secrets.kv.v2.read_secret_version(

@@ -160,7 +160,7 @@ async def test_the_secret_never_reaches_the_relays_logs(
 
 
 @pytest.mark.objective("SO-9")
-async def test_approle_login_and_a_fresh_login_when_the_token_is_revoked(
+async def test_approle_login_renewal_and_a_fresh_login_when_the_token_is_revoked(
     database_url: str, tmp_path: Path, upstream: int, bao: tuple[str, str]
 ) -> None:
     addr, root = bao
@@ -171,7 +171,9 @@ async def test_approle_login_and_a_fresh_login_when_the_token_is_revoked(
         admin.sys.create_or_update_policy(
             "broker", 'path "secret/data/tools/*" { capabilities = ["read"] }'
         )
-        admin.auth.approle.create_or_update_approle("broker", token_policies=["broker"])
+        admin.auth.approle.create_or_update_approle(
+            "broker", token_policies=["broker"], token_ttl="3s", token_max_ttl="60s"
+        )
         role_id = admin.auth.approle.read_role_id("broker")["data"]["role_id"]
         secret_id = admin.auth.approle.generate_secret_id("broker")["data"]["secret_id"]
         return role_id, secret_id
@@ -198,3 +200,8 @@ async def test_approle_login_and_a_fresh_login_when_the_token_is_revoked(
             assert second.status == 200
             assert store._client.token != token
             assert not _leaks(second.body)
+            # A short-lived token is renewed before it runs out, not left to expire.
+            await trio.sleep(2.2)
+            third = await client.call_tool(alice.collab_id, "raw", {"q": "z"})
+            assert third.status == 200
+            assert store.renewals >= 1
