@@ -102,6 +102,8 @@ class Bot:
     _on_alarm: AlarmHook | None = None
     _sent: tuple[int, bytes] = (0, b"")  # this bot's own stream: (counter, last event id)
     connections: int = 0
+    ping_every: float = PING_EVERY
+    ping_timeout: float = PING_TIMEOUT
 
     @classmethod
     def from_credentials(cls, path: str | Path, *, store: str | Path) -> Bot:
@@ -186,44 +188,47 @@ class Bot:
 
     async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
         creds = self.credentials
-        box = nacl.public.PrivateKey(creds.box_sk)
+        async with (
+            connect(creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)) as client,
+            trio.open_nursery() as nursery,
+        ):
+            # Watched from the first request on: a relay that goes silent at any point (even
+            # mid-handshake of a subscription) ends the session, and `run` reconnects.
+            nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
+            await self._serve(client, task_status)
+            nursery.cancel_scope.cancel()
+        raise ConnectionLost(None, "the relay ended the stream")
+
+    async def _serve(self, client: Client, task_status: trio.TaskStatus[None] | None) -> None:
+        box = nacl.public.PrivateKey(self.credentials.box_sk)
         state = self.state
-        async with connect(
-            creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)
-        ) as client:
-            await client.authenticate(creds.token)
-            client.on_receipt = state.add_receipt
-            self.connections += 1
-            for hook in self._on_connect if self.connections == 1 else self._on_resume:
-                await hook(self)
-            keys = (await client.read(self.collab_id, box)).known_keys()
-            cursor = state.cursor(self.collab_id)
-            async with (
-                client.history(
-                    self.collab_id,
-                    box,
-                    keys=keys,
-                    expect=state.head(self.collab_id),
-                    receipts=state.receipts(self.collab_id),
-                    follow=True,
-                ) as events,
-                trio.open_nursery() as nursery,
-            ):
-                nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
-                if task_status is not None:
-                    task_status.started()
-                async for entry in events:
-                    if entry.seq > cursor:
-                        await self._dispatch(Context(self, entry, client, events.view))
-                        state.commit_cursor(self.collab_id, events.head)
-                        cursor = entry.seq
-                nursery.cancel_scope.cancel()
-            raise ConnectionLost(None, "the relay ended the stream")
+        await client.authenticate(self.credentials.token)
+        client.on_receipt = state.add_receipt
+        self.connections += 1
+        for hook in self._on_connect if self.connections == 1 else self._on_resume:
+            await hook(self)
+        keys = (await client.read(self.collab_id, box)).known_keys()
+        cursor = state.cursor(self.collab_id)
+        async with client.history(
+            self.collab_id,
+            box,
+            keys=keys,
+            expect=state.head(self.collab_id),
+            receipts=state.receipts(self.collab_id),
+            follow=True,
+        ) as events:
+            if task_status is not None:
+                task_status.started()
+            async for entry in events:
+                if entry.seq > cursor:
+                    await self._dispatch(Context(self, entry, client, events.view))
+                    state.commit_cursor(self.collab_id, events.head)
+                    cursor = entry.seq
 
     async def _watchdog(self, client: Client, scope: trio.CancelScope) -> None:
         while True:
-            await trio.sleep(PING_EVERY)
-            with trio.move_on_after(PING_TIMEOUT) as waited:
+            await trio.sleep(self.ping_every)
+            with trio.move_on_after(self.ping_timeout) as waited:
                 await client.request(lambda rid: wire.Ping(rid=rid), wire.Pong)
             if waited.cancelled_caught:
                 scope.cancel()

@@ -7,6 +7,7 @@ and a real OpenBao, with the secret scrubbed from what it posts.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -14,10 +15,17 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nacl.public
+import nacl.signing
 import pytest
 import trio
+import trio_websocket
 
+from clientkit._agent import AgentCredentials, save_credentials
 from clientkit.bot import Bot, Context
+from model import wire
+from model.envelope import MAX_BODY_BYTES
+from model.ids import new_id
 from relay.embedded import free_port
 from tests.broker_harness import CANARY, bao, broker_relay, upstream
 from tests.cli_harness import cli_signup, client_env, cozy
@@ -146,3 +154,67 @@ async def test_the_bot_rides_out_a_relay_restart_and_resumes_after_its_cursor(
     assert handled == ["before the restart", "after the restart"]  # each exactly once
     assert resumed
     assert lines.count(["the-bot", "got before the restart"]) == 1
+
+
+class _MuteRelay:
+    """Says hello, accepts the token, then never answers again (a socket gone silent)."""
+
+    def __init__(self) -> None:
+        self.key = nacl.signing.SigningKey.generate()
+        self.accepted = 0
+        self.came_back = trio.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(
+                partial(trio_websocket.serve_websocket, self._handle, "127.0.0.1", 0, None)
+            )
+            task_status.started(f"ws://127.0.0.1:{server.port}")
+
+    async def _handle(self, request: trio_websocket.WebSocketRequest) -> None:
+        ws = await request.accept()
+        self.accepted += 1
+        if self.accepted == 2:  # the bot gave up on the silent connection and came back
+            self.came_back.set()
+        welcome = wire.Welcome(
+            protocol=wire.PROTOCOL,
+            relay_pk=bytes(self.key.verify_key),
+            max_frame_bytes=wire.MAX_FRAME_BYTES,
+            max_body_bytes=MAX_BODY_BYTES,
+        )
+        await ws.send_message(wire.encode(welcome))
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                req = wire.decode_request(await ws.get_message())  # type: ignore[arg-type]
+                if isinstance(req, wire.Authenticate):
+                    await ws.send_message(
+                        wire.encode(wire.Authenticated(rid=req.rid, account_id=new_id("a")))
+                    )
+
+
+async def test_the_watchdog_notices_a_silent_relay_and_reconnects(tmp_path: Path) -> None:
+    mute = _MuteRelay()
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(mute.serve)
+        creds = tmp_path / "bot.cozy-agent"
+        save_credentials(
+            creds,
+            AgentCredentials(
+                relay_url=url,
+                relay_pk=bytes(mute.key.verify_key).hex(),
+                account_id=new_id("a"),
+                handle="quiet-bot",
+                collab_id=new_id("c"),
+                sign_seed=bytes(nacl.signing.SigningKey.generate()),
+                box_sk=bytes(nacl.public.PrivateKey.generate()),
+                token="t",
+                expires_at=0,
+            ),
+        )
+        bot = Bot.from_credentials(creds, store=tmp_path / "store")
+        bot.ping_every, bot.ping_timeout = 0.2, 0.3
+        nursery.start_soon(bot.run)
+        with trio.fail_after(15):
+            await mute.came_back.wait()
+        nursery.cancel_scope.cancel()
+    assert bot.connections >= 1
