@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 DEFAULT_DATA_DIR: Final = Path(".cozy/relay")
+DEFAULT_OPS_HOST: Final = "127.0.0.1"
+DEFAULT_OPS_PORT: Final = 9465
+_OPS_OFF: Final = frozenset({"off", "none", "disabled", "false"})
 JWT_KEY_FILE: Final = "jwt_signing_key"
 
 
@@ -54,6 +57,10 @@ class RelayConfig:
     bao_role_id: str | None = None
     bao_secret_id: Secret | None = None
     tools: Mapping[str, ToolSpec] = field(default_factory=dict)
+    # The operations listener (/healthz, /readyz, /metrics): its own address, apart from the
+    # WebSocket origin so it need not be published. ops_port None: no listener; 0: a free port.
+    ops_host: str = DEFAULT_OPS_HOST
+    ops_port: int | None = DEFAULT_OPS_PORT
 
 
 def load_config(
@@ -100,6 +107,7 @@ def load_config(
         raise ConfigError(f"COZY_SESSION_TTL must be whole seconds, got {ttl_raw!r}") from None
     if not 60 <= ttl <= 24 * 3600:
         raise ConfigError("COZY_SESSION_TTL must be between 60 and 86400 seconds")
+    ops_port = _ops_port(pick("COZY_OPS_PORT", "ops_port", DEFAULT_OPS_PORT))
     db = pick("DATABASE_URL", "database_url")
     bao = pick("BAO_ADDR", "bao_addr")
     bao_token = pick("BAO_TOKEN", "bao_token")
@@ -122,6 +130,8 @@ def load_config(
         bao_role_id=None if role_id is None else str(role_id),
         bao_secret_id=None if secret_id is None else Secret(str(secret_id).encode()),
         tools=tools,
+        ops_host=str(pick("COZY_OPS_HOST", "ops_host", DEFAULT_OPS_HOST)),
+        ops_port=ops_port,
     )
 
 
@@ -208,6 +218,21 @@ def _persistent_secret(path: Path, nbytes: int) -> Secret:
     with os.fdopen(fd, "wb") as f:
         f.write(base64.b64encode(value))
     return Secret(value)
+
+
+def _ops_port(raw: object) -> int | None:
+    """COZY_OPS_PORT / ops_port: a port (0 picks a free one), or off (`off`, `false`) for none."""
+    if raw is False or str(raw).strip().lower() in _OPS_OFF:
+        return None
+    try:
+        port = int(str(raw))
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535 or isinstance(raw, bool):
+        raise ConfigError(
+            f"COZY_OPS_PORT must be a port number (0 picks a free one) or `off`, got {raw!r}"
+        )
+    return port
 
 
 def _b64_seed(raw: str) -> bytes:
