@@ -18,13 +18,15 @@ from psycopg.conninfo import make_conninfo
 
 from clientkit import _collab
 from ledger import AccountRow
-from model import _crypto
+from model import _crypto, scrub
 from model.chain import start_of
 from model.envelope import SignedEvent, VerifiedEvent, seal_event, verify_event
 from model.ids import new_id
 from model.membership import Member, MemberKind, Operation, Proof, Role, apply, proof_of
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from ledger import Ledger
     from model.chain import Head
 
@@ -193,3 +195,25 @@ class Person:
             base_chain=head.chain,
             op=op,
         )
+
+
+# --- leak searches ------------------------------------------------------------------------------
+
+
+def leak_forms(value: str | bytes) -> set[bytes]:
+    """Every form in which a planted value would still be recognisable in a capture: raw, hex
+    (both cases) and the secret-only core of its base64 at each of the three offsets (standard
+    and URL-safe alphabets); for text also URL-encoded and JSON-escaped (model/scrub.py)."""
+    if isinstance(value, str):
+        return {form.encode() for form in scrub.encodings(value)}
+    forms = {value, value.hex().encode(), value.hex().upper().encode()}
+    return forms | {core.encode() for core in scrub._base64_cores(value)}
+
+
+def find_leaks(haystack: bytes, planted: Mapping[str, str | bytes]) -> list[str]:
+    """The names of the planted values found in `haystack` in any of their `leak_forms`."""
+    return sorted(
+        name
+        for name, value in planted.items()
+        if any(form in haystack for form in leak_forms(value))
+    )
