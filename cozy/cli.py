@@ -70,6 +70,64 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(server_action="bench")
 
 
+def _release_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`cozy release keygen|build|verify` (SO-8); implemented in cozy/_release.py."""
+    release = sub.add_parser(
+        "release", help="build and verify signed releases (RELEASE.json)"
+    ).add_subparsers(dest="release_action", required=True)
+
+    p = release.add_parser("keygen", help="create an Ed25519 release signing key (0600 file)")
+    p.add_argument(
+        "--out", type=Path, required=True, help="where to write the seed (not overwritten)"
+    )
+    p.add_argument("--trust-file", type=Path, help="also record its public key in this trust file")
+
+    p = release.add_parser(
+        "build",
+        help="build sdist + wheel from HEAD (clean tree, fresh pdm.lock) and sign RELEASE.json",
+    )
+    p.add_argument("--out", type=Path, default=Path("dist"), help="artifact directory (dist/)")
+    p.add_argument(
+        "--manifest", type=Path, default=Path("RELEASE.json"), help="where to write RELEASE.json"
+    )
+    p.add_argument(
+        "--key",
+        type=Path,
+        help="signing key file (default $COZY_RELEASE_KEY_FILE, else a development key "
+        "created under .cozy/release/)",
+    )
+    p.add_argument("--valid-days", type=int, default=90, help="days until RELEASE.json expires")
+    p.add_argument(
+        "--pdm", type=Path, help="pdm for `pdm lock --check` (default $COZY_PDM, .tools/pdm, PATH)"
+    )
+
+    p = release.add_parser(
+        "verify", help="check RELEASE.json's signature, expiry, version, artifacts and lock hash"
+    )
+    p.add_argument("manifest", type=Path, help="RELEASE.json; artifacts are looked up beside it")
+    trust = p.add_mutually_exclusive_group()
+    trust.add_argument("--pubkey", help="the release public key (hex) you trust, pinned")
+    trust.add_argument(
+        "--trust-file",
+        type=Path,
+        help="JSON file of trusted keys (default: .cozy/release/trusted.json if present, the "
+        "developer trust file `build` writes; production verifiers pin a key explicitly)",
+    )
+    p.add_argument(
+        "--lock",
+        type=Path,
+        default=Path("pdm.lock"),
+        help="the pdm.lock of the source you install or deploy with; it must be the lock the "
+        "release was built from (default ./pdm.lock)",
+    )
+    p.add_argument(
+        "--state",
+        type=Path,
+        help="records the highest version verified, to refuse downgrades "
+        "(default $COZY_HOME/release-state.json, COZY_HOME defaulting to ~/.cozy)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cozy", description="CozyLabs end-to-end-encrypted collaboration relay"
@@ -77,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     client_cli.register(sub)
     _relay_commands(sub)
+    _release_commands(sub)
     return parser
 
 
@@ -85,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "run"):
         _logging.configure(level=logging.WARNING)
         return client_cli.run_command(args.run, args)
+    if hasattr(args, "release_action"):
+        from cozy import _release
+
+        return _release.run(args)
     _logging.configure(json=getattr(args, "json_logs", False))
     from cozy import _server_commands
 
