@@ -83,11 +83,15 @@ class Subscription:
 
 
 class FanoutStats(msgspec.Struct):
+    """A snapshot for metrics. `subscriptions` are the following ones registered now, of which
+    `live_subscriptions` are past their catch-up; the other counts are totals since start."""
+
     collabs: int
     subscriptions: int
     published_events: int
     deliveries: int
     lagging_disconnects: int
+    live_subscriptions: int = 0
 
 
 def encode_event(ev: SequencedEvent) -> bytes:
@@ -135,12 +139,14 @@ class Fanout:
         self._lagging = 0
 
     def statistics(self) -> FanoutStats:
+        """O(subscriptions): meant for a metrics scrape, not for the publish path."""
         return FanoutStats(
             collabs=len(self._subs),
             subscriptions=sum(len(s) for s in self._subs.values()),
             published_events=self._published,
             deliveries=self._deliveries,
             lagging_disconnects=self._lagging,
+            live_subscriptions=sum(sub.live for subs in self._subs.values() for sub in subs),
         )
 
     def publish(self, events: Sequence[SequencedEvent]) -> None:

@@ -170,6 +170,13 @@ class Ledger(LoginThrottle, Artifacts):
     def close(self) -> None:
         self._pool.close()
 
+    def ping(self, timeout: float) -> None:
+        """One `SELECT 1` through the pool, for readiness checks; waits at most `timeout`
+        seconds for a pooled connection. Raises `LedgerUnavailable` when the database cannot
+        be reached (a connection the server dropped is discarded by the pool on the way out)."""
+        with _translated(), self._pool.connection(timeout=timeout) as conn:
+            conn.execute("SELECT 1")
+
     # --- accounts -----------------------------------------------------------------------------
 
     def create_account(self, row: AccountRow, keystore: KeystoreRow | None = None) -> None:

@@ -23,7 +23,12 @@ _DUMMY_HASH: Final = _hasher.hash("cozylabs dummy password for timing equalisati
 
 
 class AuthError(Exception):
-    """Credentials or token refused. The message is safe to show the client."""
+    """Credentials or token refused. The message is safe to show the client; `reason` is a
+    fixed word for metrics (`expired_token`, `invalid_token`, `invalid_signup`)."""
+
+    def __init__(self, message: str, *, reason: str = "invalid_signup") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def check_signup(handle: str, password: str) -> None:
@@ -89,12 +94,15 @@ def verify_token(key: bytes, token: str) -> Claims:
             options={"require": ["sub", "exp", "iat", "iss"]},
         )
     except jwt.ExpiredSignatureError:
-        raise AuthError("session expired: log in again") from None
+        raise AuthError("session expired: log in again", reason="expired_token") from None
     except jwt.InvalidTokenError:
-        raise AuthError("session token is invalid: log in again") from None
+        raise AuthError("session token is invalid: log in again", reason="invalid_token") from None
     typ, sub, gen = claims.get("typ"), claims.get("sub"), claims.get("gen")
     if not isinstance(sub, str) or typ not in ("session", "agent"):
-        raise AuthError("session token is invalid: log in again")
+        raise AuthError("session token is invalid: log in again", reason="invalid_token")
     if typ == "agent" and (not isinstance(gen, int) or isinstance(gen, bool)):
-        raise AuthError("agent token is invalid: ask its creator for a new credential file")
+        raise AuthError(
+            "agent token is invalid: ask its creator for a new credential file",
+            reason="invalid_token",
+        )
     return Claims(sub, int(claims["exp"]), gen if typ == "agent" else None)

@@ -13,6 +13,7 @@ nothing of it was written (authors retry; appends are idempotent).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -23,6 +24,8 @@ from ledger import AppendRequest, LedgerError, SequencingConflict
 from model.chain import Receipt, sign_receipt
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     import nacl.signing
 
     from ledger import Ledger
@@ -42,20 +45,37 @@ class _Job:
 
 
 class WriterStats(msgspec.Struct):
+    """Counts since start. `events` includes `duplicates` (retried appends answered with their
+    original seq); `failed_transactions` rolled back (nothing of their group was written)."""
+
     transactions: int
     batches: int
     events: int
+    duplicates: int = 0
+    failed_transactions: int = 0
 
 
 class LedgerWriter:
-    def __init__(self, ledger: Ledger, relay_key: nacl.signing.SigningKey) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        relay_key: nacl.signing.SigningKey,
+        *,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        """`on_commit(events_written, seconds)` runs in the writer thread after each committed
+        transaction (for metrics): it must be quick and thread-safe."""
         self._ledger = ledger
         self._relay_key = relay_key
+        self._on_commit = on_commit
         self._send, self._recv = trio.open_memory_channel[_Job](1024)
         self._transactions = self._batches = self._events = 0
+        self._duplicates = self._failed = 0
 
     def statistics(self) -> WriterStats:
-        return WriterStats(self._transactions, self._batches, self._events)
+        return WriterStats(
+            self._transactions, self._batches, self._events, self._duplicates, self._failed
+        )
 
     async def write(self, request: AppendRequest) -> Written:
         """Persist one collab's batch (with others) and return its head, assignments, receipts.
@@ -99,9 +119,11 @@ class LedgerWriter:
         """Worker thread: one transaction for the group, then receipts for what committed."""
         pending = group
         for _attempt in range(2):
+            started = time.perf_counter()
             try:
                 results = self._ledger.append_batches([j.request for j in pending])
             except SequencingConflict as exc:
+                self._failed += 1
                 stale = set(exc.collab_ids)
                 for job in pending:
                     if job.request.collab_id in stale or not stale:
@@ -111,14 +133,22 @@ class LedgerWriter:
                     return
                 continue
             except LedgerError as exc:
+                self._failed += 1
                 for job in pending:
                     job.result = exc
                 return
+            elapsed = time.perf_counter() - started
             self._transactions += 1
+            written = 0
             for job, (head, assignments) in zip(pending, results, strict=True):
                 self._batches += 1
                 self._events += len(assignments)
+                duplicates = sum(a.duplicate for a in assignments)
+                self._duplicates += duplicates
+                written += len(assignments) - duplicates
                 job.result = (head, assignments, self._receipts(job.request.collab_id, assignments))
+            if self._on_commit is not None:
+                self._on_commit(written, elapsed)
             return
         for job in pending:
             job.result = LedgerError("the ledger kept refusing this batch; retry it")
