@@ -10,7 +10,7 @@ an older side's frames) and the protocol version in `Welcome` says which fields 
 from __future__ import annotations
 
 import enum
-from typing import Final, cast
+from typing import Final
 
 import msgspec
 
@@ -39,6 +39,7 @@ class ErrorCode(enum.StrEnum):
     BAD_SIGNATURE = "bad_signature"
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     TOOL_FAILED = "tool_failed"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"
@@ -453,7 +454,7 @@ def encode(frame: Request | Reply) -> bytes:
 def decode_request(data: bytes) -> Request:
     """Decode one client frame. Raises `MalformedFrame` with the rid when it can be recovered."""
     try:
-        return cast("Request", _request_decoder.decode(data))
+        return _request_decoder.decode(data)
     except _DECODE_ERRORS as exc:
         raise MalformedFrame(_describe(exc), _probe_rid(data)) from None
 
@@ -478,7 +479,7 @@ def unbatch_replies(data: bytes) -> list[Reply]:
 
 def decode_reply(data: bytes) -> Reply:
     try:
-        return cast("Reply", _reply_decoder.decode(data))
+        return _reply_decoder.decode(data)
     except _DECODE_ERRORS as exc:
         raise MalformedFrame(_describe(exc)) from None
 

@@ -1,9 +1,14 @@
 """One client connection: a bounded outbox drained by a writer task, and a close protocol.
 
-Replies, acks and live events are *offered* to the outbox without waiting; when it is full the
-client is not keeping up, so the connection is dropped with a reason rather than letting it
-stall a sequencer or the fan-out. Catch-up frames are sent directly and awaited, so a client
-catching up is paced by its own socket.
+Replies, acks and live events are *offered* to the outbox without waiting; when it is full (in
+frames or in bytes) the client is not keeping up, so the connection is dropped with a reason
+rather than letting it stall a sequencer or the fan-out. Catch-up frames are sent directly and
+awaited, so a client catching up is paced by its own socket.
+
+The connection also counts what it has asked of the relay but not yet been answered: appends
+waiting for their seq (`AppendTicket`) and background work such as tool calls and artifact
+downloads. The server refuses more than the limits below with `overloaded` instead of queueing
+it, so one connection's flood costs a bounded amount of memory (docs/protocol.md, "Limits").
 """
 
 from __future__ import annotations
@@ -22,6 +27,15 @@ if TYPE_CHECKING:
     from model.artifacts import RefHasher
 
 OUTBOX_FRAMES: Final = 8192
+# The outbox's byte budget. Live event frames are shared by every subscriber (encoded once), so
+# this bounds what one stalled client pins, not a copy per client.
+OUTBOX_BYTES: Final = 8 * 1024 * 1024
+# Appends submitted on one connection and not yet acked (or refused): beyond either bound the
+# next one is refused with `overloaded`. The bench keeps 512 in flight per connection.
+MAX_APPENDS_IN_FLIGHT: Final = 2048
+MAX_APPEND_BYTES_IN_FLIGHT: Final = 16 * 1024 * 1024
+# Tool calls and artifact downloads run beside the reader; at most this many per connection.
+MAX_BACKGROUND_TASKS: Final = 8
 # Coalesced messages stay well under the WebSocket cap every peer accepts (WS_HARD_LIMIT).
 BATCH_BYTES: Final = 256 * 1024
 CLOSE_TIMEOUT: Final = 2.0
@@ -49,6 +63,11 @@ class Connection:
         self.member_of: dict[str, tuple[str, ...] | None] = {}
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        self._outbox_bytes_limit = OUTBOX_BYTES
+        self.outbox_bytes = 0  # bytes queued in the outbox, not yet handed to the socket
+        self.appends_in_flight = 0
+        self.append_bytes_in_flight = 0
+        self.background_tasks = 0
         self._closing = False
         self._dropped = False
         self._flushed = trio.Event()
@@ -56,6 +75,22 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._closing
+
+    @property
+    def outbox_frames(self) -> int:
+        """Frames queued in the outbox (for `Relay.statistics`)."""
+        return self._out_recv.statistics().current_buffer_used
+
+    def admit_append(self, size: int) -> AppendTicket | None:
+        """Count one more append in flight, or None when this connection is at its limit."""
+        if (
+            self.appends_in_flight >= MAX_APPENDS_IN_FLIGHT
+            or self.append_bytes_in_flight + size > MAX_APPEND_BYTES_IN_FLIGHT
+        ):
+            return None
+        self.appends_in_flight += 1
+        self.append_bytes_in_flight += size
+        return AppendTicket(self, size)
 
     async def run_writer(self) -> None:
         """Send queued frames in order until the outbox closes; then close the socket.
@@ -73,15 +108,17 @@ class Connection:
                         except trio.EndOfChannel:
                             return
                     frames, size, carry = [carry], len(carry), None
+                    self.outbox_bytes -= len(frames[0])
                     while len(frames) < wire.MAX_BATCH_FRAMES:
                         try:
                             nxt = self._out_recv.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                         if size + len(nxt) > BATCH_BYTES:
-                            carry = nxt
+                            carry = nxt  # still counted in outbox_bytes until it goes out
                             break
                         frames.append(nxt)
+                        self.outbox_bytes -= len(nxt)
                         size += len(nxt)
                     if self._dropped:
                         return
@@ -93,13 +130,15 @@ class Connection:
 
     def offer(self, frame: bytes) -> bool:
         """Queue a frame without waiting. False when the connection is closing or the outbox
-        is full; the caller decides what a full outbox means (see `reply`)."""
-        if self._closing:
+        is full (OUTBOX_FRAMES frames or OUTBOX_BYTES bytes); the caller decides what a full
+        outbox means (see `reply`)."""
+        if self._closing or self.outbox_bytes + len(frame) > self._outbox_bytes_limit:
             return False
         try:
             self._out_send.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
+        self.outbox_bytes += len(frame)
         return True
 
     def reply(self, frame: wire.Reply) -> None:
@@ -136,3 +175,27 @@ class Connection:
             await self.ws.aclose(code, reason)
         if scope.cancelled_caught:
             await trio.aclose_forcefully(self.ws._stream)  # the peer ignored our close
+
+
+class AppendTicket:
+    """The reply path of one append in flight: answers the connection, and on that (single)
+    answer frees the connection's in-flight slot. Implements the sequencer's `Replier`."""
+
+    __slots__ = ("_conn", "_size")
+
+    def __init__(self, conn: Connection, size: int) -> None:
+        self._conn: Connection | None = conn
+        self._size = size
+
+    def release(self) -> None:
+        """Free the slot without answering (the append never reached a sequencer)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.appends_in_flight -= 1
+            conn.append_bytes_in_flight -= self._size
+
+    def reply(self, frame: wire.Reply) -> None:
+        conn = self._conn
+        self.release()
+        if conn is not None:
+            conn.reply(frame)

@@ -108,6 +108,11 @@ class ShuttingDown(Exception):
     """The relay is draining; no new appends are accepted."""
 
 
+class InboxFull(Exception):
+    """The collab's inbox holds INBOX_SIZE appends already: refuse this one (`overloaded`)
+    rather than stall the submitting connection's reader behind a flood."""
+
+
 class Sequencer:
     def __init__(
         self,
@@ -408,10 +413,11 @@ class SequencerRegistry:
     def statistics(self) -> list[SequencerStats]:
         return [a.statistics() for a in self._actors.values()]
 
-    async def submit(self, collab_id: str, submission: Submission) -> None:
-        """Queue an append for its collab's actor. Waits while that inbox is full.
+    def submit_nowait(self, collab_id: str, submission: Submission) -> None:
+        """Queue an append for its collab's actor without waiting.
 
-        Raises `ShuttingDown` once the relay has begun draining.
+        Raises `InboxFull` when that inbox is full and `ShuttingDown` once the relay has begun
+        draining.
         """
         while True:
             if self._closed:
@@ -431,7 +437,9 @@ class SequencerRegistry:
                 self._actors[collab_id] = actor
                 self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")
             try:
-                await actor.inbox.send(submission)
+                actor.inbox.send_nowait(submission)
+            except trio.WouldBlock:
+                raise InboxFull from None
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 continue  # that actor retired (or the relay is closing: checked above)
             return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Final, TypeVar, TypeVarTuple, Unpack
 
@@ -29,7 +29,7 @@ from trio_websocket import (
     serve_websocket,
 )
 
-from fanout import Fanout, Subscription
+from fanout import Fanout, FanoutStats, Subscription
 from ledger import (
     AccountRow,
     AlreadyExists,
@@ -67,14 +67,25 @@ from model.membership import (
 )
 from model.proofs import verify_keystore_write
 from relay import _auth, _throttle
-from relay._connection import ArtifactUpload, Connection
-from relay._sequencer import SequencerRegistry, ShuttingDown, Submission
+from relay._connection import (
+    MAX_APPENDS_IN_FLIGHT,
+    MAX_BACKGROUND_TASKS,
+    ArtifactUpload,
+    Connection,
+)
+from relay._sequencer import (
+    InboxFull,
+    SequencerRegistry,
+    SequencerStats,
+    ShuttingDown,
+    Submission,
+)
 from relay._writer import LedgerWriter
 from relay.broker import Broker, SecretStore, ToolFailed, UnknownTool
 from relay.config import bao_auth
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     import nacl.signing
 
@@ -87,8 +98,7 @@ Ts = TypeVarTuple("Ts")
 
 SHUTDOWN_CLOSE_CODE: Final = 1001
 AGENT_REVOKED_CODE: Final = 4003
-MAX_ARTIFACT_BYTES: Final = 64 * 1024 * 1024
-MAX_UPLOADS: Final = 4
+MAX_UPLOADS: Final = 4  # artifact uploads in progress per connection
 UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
@@ -96,6 +106,9 @@ UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 CREATE_COLLAB_MAX_SKEW_MS: Final = 10 * 60 * 1000
 SHUTDOWN_GRACE: Final = 5.0
 HANDSHAKE_TIMEOUT: Final = 10.0
+# Messages trio-websocket reads ahead of the request loop, per connection. When they are not
+# taken, it stops reading the socket (TCP backpressure): at most READ_QUEUE * WS_HARD_LIMIT
+# bytes wait per connection.
 READ_QUEUE: Final = 64
 
 
@@ -110,8 +123,19 @@ class RequestRefused(Exception):
 
 @dataclass
 class RelayStats:
+    """A snapshot of what the relay holds, for metrics and the overload tests: every queue
+    here is bounded (docs/protocol.md, "Limits")."""
+
     connections: int
     accepted_total: int
+    sequencers: list[SequencerStats] = field(default_factory=list)
+    fanout: FanoutStats | None = None
+    outbox_frames: int = 0  # frames queued to clients, summed over connections
+    outbox_bytes: int = 0
+    outbox_frames_max: int = 0  # the fullest single outbox
+    appends_in_flight: int = 0  # submitted, not yet acked or refused, over all connections
+    overloaded_total: int = 0  # requests refused with `overloaded` because a bound was hit
+    connection_limit_refusals: int = 0
 
 
 class Relay:
@@ -134,9 +158,23 @@ class Relay:
         self._auth_limiter = trio.CapacityLimiter(2)
         self._shutdown = trio.Event()
         self._sequencers: SequencerRegistry | None = None
+        self._overloaded = 0
+        self._connection_refusals = 0
 
     def statistics(self) -> RelayStats:
-        return RelayStats(connections=len(self._connections), accepted_total=self._accepted)
+        conns = list(self._connections)
+        return RelayStats(
+            connections=len(conns),
+            accepted_total=self._accepted,
+            sequencers=[] if self._sequencers is None else self._sequencers.statistics(),
+            fanout=self.fanout.statistics(),
+            outbox_frames=sum(c.outbox_frames for c in conns),
+            outbox_bytes=sum(c.outbox_bytes for c in conns),
+            outbox_frames_max=max((c.outbox_frames for c in conns), default=0),
+            appends_in_flight=sum(c.appends_in_flight for c in conns),
+            overloaded_total=self._overloaded,
+            connection_limit_refusals=self._connection_refusals,
+        )
 
     def request_shutdown(self) -> None:
         self._shutdown.set()
@@ -338,7 +376,7 @@ class Relay:
                     raise RequestRefused(
                         wire.ErrorCode.NOT_FOUND, f"this relay declares no tool {req.tool!r}"
                     )
-                nursery.start_soon(self._call_tool, conn, req)
+                self._start_background(conn, nursery, self._call_tool, conn, req)
             case wire.Signup():
                 await self._signup(conn, req)
             case wire.Login():
@@ -367,7 +405,9 @@ class Relay:
                     raise RequestRefused(
                         wire.ErrorCode.NOT_FOUND, "no such artifact in this collab"
                     )
-                nursery.start_soon(self._send_artifact, conn, req.rid, artifact_row)
+                self._start_background(
+                    conn, nursery, self._send_artifact, conn, req.rid, artifact_row
+                )
             case wire.GetKeystore():
                 account_id = _require_auth(conn)
                 stored = await self._db(self.ledger.keystore, account_id)
@@ -453,14 +493,59 @@ class Relay:
         if body.kind == KIND_MANAGEMENT:
             await self._check_addition(body)
         assert self._sequencers is not None
-        try:
-            await self._sequencers.submit(
-                body.collab_id, Submission(conn, req.rid, req.event, body, conn.sign_pk)
+        # Shed load instead of queueing it: a flood gets `overloaded` at once, and the reader
+        # of this connection never waits on a full inbox (which would stall its other requests).
+        ticket = conn.admit_append(len(req.event.body))
+        if ticket is None:
+            self._overloaded += 1
+            raise RequestRefused(
+                wire.ErrorCode.OVERLOADED,
+                f"this connection already has {conn.appends_in_flight} appends waiting for their"
+                f" acks (at most {MAX_APPENDS_IN_FLIGHT}, 16 MiB): wait for acks, then retry",
             )
+        try:
+            self._sequencers.submit_nowait(
+                body.collab_id, Submission(ticket, req.rid, req.event, body, conn.sign_pk)
+            )
+        except InboxFull:
+            ticket.release()
+            self._overloaded += 1
+            raise RequestRefused(
+                wire.ErrorCode.OVERLOADED,
+                "this collab receives appends faster than the relay can store them; nothing was"
+                " stored: retry after a short pause (appends are idempotent)",
+            ) from None
         except ShuttingDown:
+            ticket.release()
             raise RequestRefused(
                 wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down; retry on reconnect"
             ) from None
+
+    def _start_background(
+        self,
+        conn: Connection,
+        nursery: trio.Nursery,
+        fn: Callable[[Unpack[Ts]], Awaitable[None]],
+        *args: *Ts,
+    ) -> None:
+        """Run a request's slow part (tool call, download) beside the reader, at most
+        MAX_BACKGROUND_TASKS at once per connection; more is refused with `overloaded`."""
+        if conn.background_tasks >= MAX_BACKGROUND_TASKS:
+            self._overloaded += 1
+            raise RequestRefused(
+                wire.ErrorCode.OVERLOADED,
+                f"at most {MAX_BACKGROUND_TASKS} tool calls and downloads at once per"
+                " connection: wait for one to finish, then retry",
+            )
+        conn.background_tasks += 1
+
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                conn.background_tasks -= 1
+
+        nursery.start_soon(run)
 
     async def _signup(self, conn: Connection, req: wire.Signup) -> None:
         try:
@@ -612,11 +697,11 @@ class Relay:
                 "artifact pieces must arrive in order, from 0; start again",
             )
         upload.size += len(req.data)
-        if upload.size > MAX_ARTIFACT_BYTES:
+        if upload.size > self.config.max_artifact_bytes:
             conn.uploads.pop(req.upload, None)
             raise RequestRefused(
                 wire.ErrorCode.FRAME_TOO_LARGE,
-                f"artifacts are limited to {MAX_ARTIFACT_BYTES} bytes",
+                f"artifacts are limited to {self.config.max_artifact_bytes} bytes on this relay",
             )
         upload.hasher.update(req.data)
         try:
@@ -824,9 +909,26 @@ class Relay:
         log.info("agent_revoked", account_id=req.account_id, generation=generation)
         conn.reply(wire.AgentRevoked(rid=req.rid, account_id=req.account_id))
 
-    @staticmethod
-    def _bind(conn: Connection, row: AccountRow, expires: int) -> None:
+    def _bind(self, conn: Connection, row: AccountRow, expires: int) -> None:
+        """Make `row` the connection's account, within the per-account connection limit."""
         if conn.account_id != row.account_id:
+            now = time.time()
+            held = sum(
+                1
+                for other in self._connections
+                if other is not conn
+                and other.account_id == row.account_id
+                and not other.closing
+                and other.session_expires_at > now
+            )
+            limit = self.config.max_connections_per_account
+            if held >= limit:
+                self._connection_refusals += 1
+                raise RequestRefused(
+                    wire.ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"this account already has {held} open connections (at most {limit}):"
+                    " close one, or reuse a connection, then retry",
+                )
             conn.member_of.clear()
         conn.account_id = row.account_id
         conn.sign_pk = row.sign_pk

@@ -61,6 +61,10 @@ class RelayConfig:
     # WebSocket origin so it need not be published. ops_port None: no listener; 0: a free port.
     ops_host: str = DEFAULT_OPS_HOST
     ops_port: int | None = DEFAULT_OPS_PORT
+    # Load limits (docs/protocol.md, "Limits"): concurrent connections one account may hold,
+    # and the largest artifact one upload may store.
+    max_connections_per_account: int = 16
+    max_artifact_bytes: int = 64 * 1024 * 1024
 
 
 def load_config(
@@ -132,6 +136,18 @@ def load_config(
         tools=tools,
         ops_host=str(pick("COZY_OPS_HOST", "ops_host", DEFAULT_OPS_HOST)),
         ops_port=ops_port,
+        max_connections_per_account=_bounded_int(
+            "COZY_MAX_CONNECTIONS_PER_ACCOUNT",
+            pick("COZY_MAX_CONNECTIONS_PER_ACCOUNT", "max_connections_per_account", 16),
+            1,
+            10_000,
+        ),
+        max_artifact_bytes=_bounded_int(
+            "COZY_MAX_ARTIFACT_BYTES",
+            pick("COZY_MAX_ARTIFACT_BYTES", "max_artifact_bytes", 64 * 1024 * 1024),
+            1024,
+            1024**4,
+        ),
     )
 
 
@@ -218,6 +234,16 @@ def _persistent_secret(path: Path, nbytes: int) -> Secret:
     with os.fdopen(fd, "wb") as f:
         f.write(base64.b64encode(value))
     return Secret(value)
+
+
+def _bounded_int(name: str, raw: object, low: int, high: int) -> int:
+    try:
+        value = int(str(raw))
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
 
 
 def _ops_port(raw: object) -> int | None:

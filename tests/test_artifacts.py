@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -9,7 +10,6 @@ import psycopg
 import pytest
 import trio
 
-import relay._server as server_module
 from clientkit import RelayRefused
 from model import artifacts, wire
 from model._crypto import random_bytes
@@ -97,7 +97,9 @@ async def test_uploads_are_checked_ordered_members_only_and_size_limited(
                     wire.ArtifactChunkStored,
                 )
             assert order.value.code is wire.ErrorCode.INVALID_REQUEST
-            monkeypatch.setattr(server_module, "MAX_ARTIFACT_BYTES", 100_000)
+            monkeypatch.setattr(
+                relay, "config", dataclasses.replace(relay.config, max_artifact_bytes=100_000)
+            )
             with pytest.raises(RelayRefused) as too_big:
                 await client.upload_artifact(alice.collab_id, sealed)
             assert too_big.value.code is wire.ErrorCode.FRAME_TOO_LARGE
