@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from relay._cf_access import DEFAULT_LEEWAY_SECONDS, AccessConfigError, AccessPolicy
 from relay.broker import BaoAuth, ToolSpec, tools_from_config
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
 DEFAULT_DATA_DIR: Final = Path(".cozy/relay")
 DEFAULT_OPS_HOST: Final = "127.0.0.1"
@@ -61,6 +62,8 @@ class RelayConfig:
     # WebSocket origin so it need not be published. ops_port None: no listener; 0: a free port.
     ops_host: str = DEFAULT_OPS_HOST
     ops_port: int | None = DEFAULT_OPS_PORT
+    # Cloudflare Access at the origin (SO-6): None means no Access check (local and dev use).
+    cf_access: AccessPolicy | None = None
     # Load limits (docs/protocol.md, "Limits"): concurrent connections one account may hold,
     # and the largest artifact one upload may store.
     max_connections_per_account: int = 16
@@ -112,6 +115,7 @@ def load_config(
     if not 60 <= ttl <= 24 * 3600:
         raise ConfigError("COZY_SESSION_TTL must be between 60 and 86400 seconds")
     ops_port = _ops_port(pick("COZY_OPS_PORT", "ops_port", DEFAULT_OPS_PORT))
+    cf_access = _cf_access_policy(pick)
     db = pick("DATABASE_URL", "database_url")
     bao = pick("BAO_ADDR", "bao_addr")
     bao_token = pick("BAO_TOKEN", "bao_token")
@@ -136,6 +140,7 @@ def load_config(
         tools=tools,
         ops_host=str(pick("COZY_OPS_HOST", "ops_host", DEFAULT_OPS_HOST)),
         ops_port=ops_port,
+        cf_access=cf_access,
         max_connections_per_account=_bounded_int(
             "COZY_MAX_CONNECTIONS_PER_ACCOUNT",
             pick("COZY_MAX_CONNECTIONS_PER_ACCOUNT", "max_connections_per_account", 16),
@@ -259,6 +264,41 @@ def _ops_port(raw: object) -> int | None:
             f"COZY_OPS_PORT must be a port number (0 picks a free one) or `off`, got {raw!r}"
         )
     return port
+
+
+def _cf_access_policy(pick: Callable[[str, str], object]) -> AccessPolicy | None:
+    """CF_ACCESS_TEAM_DOMAIN + CF_ACCESS_AUD (both or neither), optional CF_ACCESS_CERTS_URL
+    and CF_ACCESS_LEEWAY. Half a configuration is an error, never a silently open relay."""
+    team = pick("CF_ACCESS_TEAM_DOMAIN", "cf_access_team_domain")
+    aud = pick("CF_ACCESS_AUD", "cf_access_aud")
+    certs_url = pick("CF_ACCESS_CERTS_URL", "cf_access_certs_url")
+    leeway_raw = pick("CF_ACCESS_LEEWAY", "cf_access_leeway_seconds")
+    if team is None and aud is None:
+        if certs_url is not None or leeway_raw is not None:
+            raise ConfigError(
+                "CF_ACCESS_CERTS_URL / CF_ACCESS_LEEWAY are set but Cloudflare Access is not: "
+                "set CF_ACCESS_TEAM_DOMAIN and CF_ACCESS_AUD too, or remove them"
+            )
+        return None
+    if team is None or aud is None or not str(team).strip():
+        raise ConfigError(
+            "Cloudflare Access needs both CF_ACCESS_TEAM_DOMAIN (your team, e.g. 'myteam') and "
+            "CF_ACCESS_AUD (the application's AUD tag); set both, or neither to run without it"
+        )
+    try:
+        leeway = DEFAULT_LEEWAY_SECONDS if leeway_raw is None else int(str(leeway_raw))
+    except ValueError:
+        raise ConfigError(f"CF_ACCESS_LEEWAY must be whole seconds, got {leeway_raw!r}") from None
+    auds: str | list[str] = [str(a) for a in aud] if isinstance(aud, list) else str(aud)
+    try:
+        return AccessPolicy.for_team(
+            str(team),
+            auds,
+            certs_url=None if certs_url is None else str(certs_url),
+            leeway_seconds=leeway,
+        )
+    except AccessConfigError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _b64_seed(raw: str) -> bytes:
