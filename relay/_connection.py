@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
     from model.artifacts import RefHasher
+    from relay._cf_access import AccessIdentity
 
 OUTBOX_FRAMES: Final = 8192
 # The outbox's byte budget. Live event frames are shared by every subscriber (encoded once), so
@@ -61,6 +62,8 @@ class Connection:
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
         # collab -> None for a human member, or an agent's capabilities (checked, then cached)
         self.member_of: dict[str, tuple[str, ...] | None] = {}
+        # Who Cloudflare Access let through (SO-6), when the relay checks it; else None.
+        self.access: AccessIdentity | None = None
         self._nursery = nursery
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
         self._outbox_bytes_limit = OUTBOX_BYTES

@@ -14,6 +14,7 @@ gracefully with code 1001 and a reason.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ from model.membership import (
 )
 from model.proofs import verify_keystore_write
 from relay import _auth, _throttle
+from relay._cf_access import AccessDenied, AccessVerifier
 from relay._connection import (
     MAX_APPENDS_IN_FLIGHT,
     MAX_BACKGROUND_TASKS,
@@ -89,6 +91,7 @@ if TYPE_CHECKING:
 
     import nacl.signing
 
+    from relay._cf_access import AccessIdentity
     from relay.config import RelayConfig
 
 log = structlog.get_logger("cozy.relay")
@@ -158,6 +161,8 @@ class Relay:
         self._auth_limiter = trio.CapacityLimiter(2)
         self._shutdown = trio.Event()
         self._sequencers: SequencerRegistry | None = None
+        # SO-6: the Cloudflare Access gate, when configured; `access.statistics()` for metrics.
+        self.access = None if config.cf_access is None else AccessVerifier(config.cf_access)
         self._overloaded = 0
         self._connection_refusals = 0
 
@@ -181,6 +186,10 @@ class Relay:
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until `request_shutdown`, then drain and close everything in order."""
+        if self.access is not None:
+            # Fetch the Access keys before listening, so a wrong team domain is in the first
+            # log lines. Unreachable is logged, not fatal: upgrades get 503 until a fetch works.
+            await self.access.start()
         # Connections get SHUTDOWN_GRACE seconds to close after the sequencers drained; any
         # still open then (including sockets that never finished the WebSocket handshake) are
         # cancelled, so shutdown is bounded.
@@ -228,20 +237,36 @@ class Relay:
     # --- per connection -------------------------------------------------------------------------
 
     async def _handle(self, request: WebSocketRequest) -> None:
+        identity: AccessIdentity | None = None
+        if self.access is not None:
+            # SO-6: Cloudflare Access before any other surface. A refused upgrade gets a plain
+            # HTTP answer and never becomes a WebSocket, so no frame of it is ever read.
+            try:
+                identity = await self.access.verify_headers(request.headers)
+            except AccessDenied as exc:
+                log.info("access_refused", reason=exc.reason, status=exc.status)
+                with contextlib.suppress(ConnectionClosed):  # the client may be gone already
+                    await request.reject(exc.status, body=str(exc).encode())
+                return
+            log.info("access_verified", **identity.log_fields())
         ws = await request.accept()
         self._accepted += 1
         subscriptions: dict[str, Subscription] = {}
         try:
-            await self._serve_connection(ws, subscriptions)
+            await self._serve_connection(ws, subscriptions, identity)
         except Exception as exc:  # noqa: BLE001 — contain a connection's failure to itself
             # Not log.exception: an exception's message may quote request data.
             log.error("connection_failed", error=type(exc).__name__, where=_where(exc))
 
     async def _serve_connection(
-        self, ws: WebSocketConnection, subscriptions: dict[str, Subscription]
+        self,
+        ws: WebSocketConnection,
+        subscriptions: dict[str, Subscription],
+        identity: AccessIdentity | None = None,
     ) -> None:
         async with trio.open_nursery() as nursery:
             conn = Connection(ws, nursery)
+            conn.access = identity
             self._connections.add(conn)
             nursery.start_soon(conn.run_writer)
             conn.reply(
