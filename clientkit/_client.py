@@ -731,13 +731,17 @@ def _now_ms() -> int:
 
 
 @asynccontextmanager
-async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIterator[Client]:
+async def connect(
+    url: str, *, pinned_relay_pk: bytes | None = None, access_token: str | None = None
+) -> AsyncIterator[Client]:
     """Open a connection; yields once the relay has introduced itself.
 
     With `pinned_relay_pk`, refuses a relay whose signing key differs (trust on first use).
+    `access_token` is a Cloudflare Access token for a relay behind Access (default: the
+    COZY_CF_ACCESS_TOKEN environment variable); see `open_websocket`.
     """
     try:
-        async with _connected(url, pinned_relay_pk) as client:
+        async with _connected(url, pinned_relay_pk, access_token) as client:
             yield client
     except BaseExceptionGroup as group:
         # The reader task only ever ends quietly, so a group holds the caller's own error:
@@ -748,11 +752,13 @@ async def connect(url: str, *, pinned_relay_pk: bytes | None = None) -> AsyncIte
 
 
 @asynccontextmanager
-async def _connected(url: str, pinned_relay_pk: bytes | None) -> AsyncIterator[Client]:
+async def _connected(
+    url: str, pinned_relay_pk: bytes | None, access_token: str | None
+) -> AsyncIterator[Client]:
     async with trio.open_nursery() as nursery:
         try:
             # Close the WebSocket (handshake and all) before cancelling its reader tasks.
-            async with open_websocket(url, nursery) as ws:
+            async with open_websocket(url, nursery, access_token=access_token) as ws:
                 client = Client(ws)
                 nursery.start_soon(client._read_loop)
                 with trio.fail_after(CONNECT_TIMEOUT):

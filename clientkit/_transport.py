@@ -8,6 +8,7 @@ it to `wrap_client_stream`, and close it when the connection's scope ends.
 from __future__ import annotations
 
 import collections
+import os
 import ssl
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
@@ -22,6 +23,9 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 CONNECT_TIMEOUT: Final = 10.0
+# A Cloudflare Access token (e.g. from `cloudflared access token --app URL`) sent on the upgrade
+# as Cf-Access-Jwt-Assertion, for relays behind Access (SO-6). Never logged.
+ACCESS_TOKEN_ENV: Final = "COZY_CF_ACCESS_TOKEN"  # noqa: S105 — a variable name, not a token
 
 
 class BadRelayUrl(ValueError):
@@ -30,9 +34,20 @@ class BadRelayUrl(ValueError):
 
 @asynccontextmanager
 async def open_websocket(
-    url: str, nursery: trio.Nursery, *, message_queue_size: int = 64
+    url: str,
+    nursery: trio.Nursery,
+    *,
+    message_queue_size: int = 64,
+    access_token: str | None = None,
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
-    """A client WebSocket whose TCP (or TLS) stream is closed when the block ends."""
+    """A client WebSocket whose TCP (or TLS) stream is closed when the block ends.
+
+    `access_token` (default: the COZY_CF_ACCESS_TOKEN environment variable) is sent as the
+    Cf-Access-Jwt-Assertion header. A relay that refuses it raises
+    `trio_websocket.ConnectionRejected` (403, or 503 while it cannot check tokens).
+    """
+    token = access_token if access_token is not None else os.environ.get(ACCESS_TOKEN_ENV)
+    headers = [(b"Cf-Access-Jwt-Assertion", token.strip().encode())] if token else None
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise BadRelayUrl(f"relay URL must look like ws://HOST:PORT or wss://HOST, got {url!r}")
@@ -54,6 +69,7 @@ async def open_websocket(
                 resource,
                 message_queue_size=message_queue_size,
                 max_message_size=wire.WS_HARD_LIMIT,
+                extra_headers=headers,
             )
         except BaseException:
             await trio.aclose_forcefully(stream)
