@@ -419,6 +419,28 @@ async def test_a_storm_of_unknown_kids_costs_at_most_one_fetch_per_floor(
 
 
 @pytest.mark.objective("SO-6")
+async def test_concurrent_first_users_of_a_new_key_share_one_fetch_and_all_get_in(
+    jwks: JwksServer, signers: list[Signer]
+) -> None:
+    """Requests arriving while the refetch is in flight wait for it rather than being refused."""
+    clock = Clock()
+    found: list[AccessKind] = []
+
+    async def first_user() -> None:
+        found.append((await verifier.verify(signers[1].token(identity_claims()))).kind)
+
+    with trio.fail_after(10):
+        verifier = await started_verifier(jwks, clock)
+        jwks.keys = [signers[1].jwk(), signers[0].jwk()]
+        clock.now += 31
+        async with trio.open_nursery() as crowd:
+            for _ in range(50):
+                crowd.start_soon(first_user)
+    assert found == [AccessKind.IDENTITY] * 50
+    assert jwks.fetches == 2
+
+
+@pytest.mark.objective("SO-6")
 async def test_a_failed_refetch_keeps_the_keys_it_had(
     jwks: JwksServer, signers: list[Signer]
 ) -> None:
