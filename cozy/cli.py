@@ -58,14 +58,21 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(server_action="dev")
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
-    p.add_argument("which", choices=["append"])
-    p.add_argument("--events", type=int, default=20_000, help="events per scenario")
+    p.add_argument(
+        "which",
+        choices=["all", "append", "fanout", "latency", "subscribers", "catchup"],
+        help="one scenario, or all of them (see docs/performance.md)",
+    )
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
+    p.add_argument("--events", type=int, help="events per append scenario (default 20000)")
+    p.add_argument("--idle-subscribers", type=int, help="idle subscribers to open (default 5000)")
+    p.add_argument("--catchup-events", type=int, help="events to replay (default 100000)")
+    p.add_argument("--loadgen-procs", type=int, help="subscriber processes (default 2)")
     p.add_argument("--database-url", help="use this Postgres instead of an embedded one")
     p.add_argument(
         "--client-batch",
         type=int,
-        default=32,
-        help="appends per WebSocket message from the load generator (1 = one frame each)",
+        help="appends per WebSocket message from the load generator (default 32; 1 = one each)",
     )
     p.set_defaults(server_action="bench")
 
