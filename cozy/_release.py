@@ -647,7 +647,7 @@ def run(args: argparse.Namespace) -> int:
         if args.release_action == "build":
             return _build(args)
         return _verify(args)
-    except ReleaseSetupError as exc:
+    except (ReleaseSetupError, release.MissingDependency) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except BuildRefused as exc:

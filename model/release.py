@@ -28,13 +28,14 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import msgspec
-from packaging.version import InvalidVersion, Version
 
 from model import _crypto
 from model.errors import DECODE_ERRORS, ModelError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
+
+    from packaging.version import Version
 
 FORMAT: Final = "cozy-release/1"
 SIGN_DOMAIN: Final = b"cozy-release-manifest/v1\x00"
@@ -50,6 +51,10 @@ AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 class ReleaseError(ModelError):
     """Base of every refusal to build or trust a release. The message says what to do next."""
+
+
+class MissingDependency(ReleaseError):
+    """A library the check needs is not installed; nothing was judged."""
 
 
 class ManifestMalformed(ReleaseError):
@@ -86,6 +91,25 @@ class ArtifactSizeMismatch(ReleaseError):
 
 class ArtifactHashMismatch(ReleaseError):
     """An artifact's SHA-256 differs from the manifest's."""
+
+
+def _version(text: str) -> Version | None:
+    """`text` as a PEP 440 version, or None when it is not one.
+
+    `packaging` is imported here, not at module level: it comes with the dev dependencies, and
+    its absence should be a clear refusal, not an import error of the whole CLI.
+    """
+    try:
+        from packaging.version import InvalidVersion, Version
+    except ModuleNotFoundError:
+        raise MissingDependency(
+            "comparing release versions needs the `packaging` library; install it "
+            "(`pip install packaging`, or `make install` for the dev dependencies)"
+        ) from None
+    try:
+        return Version(text)
+    except InvalidVersion:
+        return None
 
 
 # --- types ----------------------------------------------------------------------------------------
@@ -222,9 +246,7 @@ def check_body(body: ReleaseBody) -> None:
     problems: list[str] = []
     if body.format != FORMAT:
         problems.append(f"format is {body.format!r}, this cozy reads {FORMAT!r}")
-    try:
-        Version(body.version)
-    except InvalidVersion:
+    if _version(body.version) is None:
         problems.append(f"version {body.version!r} is not a PEP 440 version")
     if not _COMMIT.fullmatch(body.source_commit):
         problems.append("source_commit is not a git commit id")
@@ -282,7 +304,7 @@ def check_not_downgrade(body: ReleaseBody, highest_trusted: str | None) -> None:
     """
     if highest_trusted is None:
         return
-    if Version(body.version) < Version(highest_trusted):
+    if _parsed(body.version) < _parsed(highest_trusted):
         raise ReleaseDowngrade(
             f"release {body.version} is older than {highest_trusted}, which this machine already "
             "trusted: refusing a downgrade (an attacker may be replaying an old, vulnerable "
@@ -290,9 +312,16 @@ def check_not_downgrade(body: ReleaseBody, highest_trusted: str | None) -> None:
         )
 
 
+def _parsed(text: str) -> Version:
+    version = _version(text)
+    if version is None:
+        raise ManifestMalformed(f"{text!r} is not a PEP 440 version")
+    return version
+
+
 def newer_version(a: str, b: str | None) -> str:
     """The higher of two PEP 440 versions (`b` may be absent)."""
-    if b is None or Version(a) > Version(b):
+    if b is None or _parsed(a) > _parsed(b):
         return a
     return b
 
