@@ -23,13 +23,41 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
 CONNECT_TIMEOUT: Final = 10.0
-# A Cloudflare Access token (e.g. from `cloudflared access token --app URL`) sent on the upgrade
-# as Cf-Access-Jwt-Assertion, for relays behind Access (SO-6). Never logged.
+# For relays behind Cloudflare Access (SO-6), sent on the upgrade and never logged: a token
+# (e.g. from `cloudflared access token -app URL`), or a service token's id and secret.
 ACCESS_TOKEN_ENV: Final = "COZY_CF_ACCESS_TOKEN"  # noqa: S105 — a variable name, not a token
+ACCESS_CLIENT_ID_ENV: Final = "COZY_CF_ACCESS_CLIENT_ID"
+ACCESS_CLIENT_SECRET_ENV: Final = "COZY_CF_ACCESS_CLIENT_SECRET"  # noqa: S105 — a variable name
 
 
 class BadRelayUrl(ValueError):
     """The relay URL is not ws://host:port/… or wss://host:port/…."""
+
+
+def access_headers(access_token: str | None = None) -> list[tuple[bytes, bytes]] | None:
+    """The upgrade's Cloudflare Access headers, or None when nothing is configured.
+
+    A token (`access_token`, else COZY_CF_ACCESS_TOKEN; "" means none) goes out twice: as
+    `cf-access-token`, which Cloudflare's edge accepts in place of its login cookie, and as
+    `Cf-Access-Jwt-Assertion`, the header the relay itself checks (what the edge adds, and what
+    a client reaching the origin directly must send). A service token's id and secret
+    (COZY_CF_ACCESS_CLIENT_ID and COZY_CF_ACCESS_CLIENT_SECRET, both set) go out as
+    `CF-Access-Client-Id` / `CF-Access-Client-Secret`, which only the edge understands: it
+    swaps them for a token.
+    """
+    token = access_token if access_token is not None else os.environ.get(ACCESS_TOKEN_ENV, "")
+    headers: list[tuple[bytes, bytes]] = []
+    if token.strip():
+        value = token.strip().encode()
+        headers += [(b"cf-access-token", value), (b"Cf-Access-Jwt-Assertion", value)]
+    client_id = os.environ.get(ACCESS_CLIENT_ID_ENV, "").strip()
+    client_secret = os.environ.get(ACCESS_CLIENT_SECRET_ENV, "").strip()
+    if client_id and client_secret:
+        headers += [
+            (b"CF-Access-Client-Id", client_id.encode()),
+            (b"CF-Access-Client-Secret", client_secret.encode()),
+        ]
+    return headers or None
 
 
 @asynccontextmanager
@@ -42,12 +70,11 @@ async def open_websocket(
 ) -> AsyncIterator[trio_websocket.WebSocketConnection]:
     """A client WebSocket whose TCP (or TLS) stream is closed when the block ends.
 
-    `access_token` (default: the COZY_CF_ACCESS_TOKEN environment variable) is sent as the
-    Cf-Access-Jwt-Assertion header. A relay that refuses it raises
-    `trio_websocket.ConnectionRejected` (403, or 503 while it cannot check tokens).
+    Sends the Cloudflare Access headers of `access_headers(access_token)`. A relay (or
+    Cloudflare) that refuses them raises `trio_websocket.ConnectionRejected` (403, or 503 while
+    the relay cannot check tokens).
     """
-    token = access_token if access_token is not None else os.environ.get(ACCESS_TOKEN_ENV)
-    headers = [(b"Cf-Access-Jwt-Assertion", token.strip().encode())] if token else None
+    headers = access_headers(access_token)
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise BadRelayUrl(f"relay URL must look like ws://HOST:PORT or wss://HOST, got {url!r}")

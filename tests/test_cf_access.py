@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from clientkit import connect
+from clientkit._transport import open_websocket
 from relay._cf_access import (
     AccessDenied,
     AccessKind,
@@ -696,3 +697,50 @@ async def test_a_relay_whose_jwks_is_unreachable_starts_answers_503_and_recovers
     assert "cf_access_jwks_unavailable" in logs
     assert "HTTP 502" in logs
     assert "cf_access_keys_loaded" in logs
+
+
+# --- the client kit's side ---------------------------------------------------------------------
+
+
+async def test_the_client_kit_sends_the_access_headers_it_is_given(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Cloudflare's edge reads (cf-access-token, or a service token's id and secret) and
+    what the relay reads (Cf-Access-Jwt-Assertion), from the environment or the argument."""
+    seen: list[dict[bytes, bytes]] = []
+
+    async def record(request: trio_websocket.WebSocketRequest) -> None:
+        seen.append({name.lower(): value for name, value in request.headers})
+        ws = await request.accept()
+        await ws.aclose()
+
+    server = await nursery.start(trio_websocket.serve_websocket, record, "127.0.0.1", 0, None)
+    url = f"ws://127.0.0.1:{server.port}"
+    access = (b"cf-access-token", b"cf-access-jwt-assertion")
+    service = (b"cf-access-client-id", b"cf-access-client-secret")
+    for name in (
+        "COZY_CF_ACCESS_TOKEN",
+        "COZY_CF_ACCESS_CLIENT_ID",
+        "COZY_CF_ACCESS_CLIENT_SECRET",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as conns:
+            async with open_websocket(url, conns):
+                pass
+            monkeypatch.setenv("COZY_CF_ACCESS_TOKEN", "from.the.environment\n")
+            monkeypatch.setenv("COZY_CF_ACCESS_CLIENT_ID", "f1c0d2a4b5e6.access")
+            monkeypatch.setenv("COZY_CF_ACCESS_CLIENT_SECRET", "service-secret")
+            async with open_websocket(url, conns):
+                pass
+            async with open_websocket(url, conns, access_token="from.the.argument"):
+                pass
+            monkeypatch.delenv("COZY_CF_ACCESS_CLIENT_SECRET")  # half a service token: not sent
+            async with open_websocket(url, conns, access_token=""):
+                pass
+    bare, from_env, from_arg, none = seen
+    assert not any(name in bare for name in access + service)
+    assert [from_env[name] for name in access] == [b"from.the.environment"] * 2
+    assert [from_env[name] for name in service] == [b"f1c0d2a4b5e6.access", b"service-secret"]
+    assert [from_arg[name] for name in access] == [b"from.the.argument"] * 2
+    assert not any(name in none for name in access + service)
