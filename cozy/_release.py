@@ -45,7 +45,6 @@ DEV_KEY_NAME: Final = "release-key"
 DEV_TRUST_NAME: Final = "trusted.json"
 KEY_ENV: Final = "COZY_RELEASE_KEY_FILE"
 PDM_ENV: Final = "COZY_PDM"
-DEFAULT_VALID_DAYS: Final = 90
 STATE_NAME: Final = "release-state.json"
 _SEED_BYTES: Final = 32
 _GIT_TIMEOUT: Final = 60
