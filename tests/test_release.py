@@ -187,6 +187,8 @@ async def test_the_manifest_names_the_commit_the_lock_and_every_artifact(built: 
             assert artifact.size == path.stat().st_size
             assert artifact.sha256 == _release._sha256_file(path)
         assert body.expires - body.created == timedelta(days=90)
+        if PDM.exists():  # pdm's own judgement ran too, not only the recomputed content_hash
+            assert "lock --check` passed" in built.build_out
 
 
 def test_the_development_key_is_announced_loudly_and_its_seed_never_printed(
@@ -339,6 +341,32 @@ async def test_a_manifest_signed_by_another_key_is_not_trusted(
             pubkey=release.public_key_of(other_seed).hex(),
         )
         assert verified.key_id == other_id
+
+
+async def test_a_trust_file_decides_which_signers_are_accepted(
+    built: Built, tmp_path: Path
+) -> None:
+    with trio.fail_after(60):
+        manifest = _copy_release(built, tmp_path / "r")
+        env = _env(tmp_path / "home")
+        trust = tmp_path / "trusted.json"
+        shutil.copy(built.src / ".cozy/release/trusted.json", trust)
+        ok = await _cozy(
+            "release", "verify", "RELEASE.json", "--trust-file", str(trust),
+            cwd=manifest.parent, env=env,
+        )  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+        assert b"OK: cozylabs-relay 0.1.0" in ok.stdout
+        assert WHEEL.encode() in ok.stdout
+
+        other = tmp_path / "other.json"
+        _release.add_to_trust_file(other, release.public_key_of(os.urandom(32)), note="someone")
+        refused = await _cozy(
+            "release", "verify", "RELEASE.json", "--trust-file", str(other),
+            cwd=manifest.parent, env=env,
+        )  # fmt: skip
+        assert refused.returncode == 2
+        assert b"UntrustedSigner" in refused.stderr
 
 
 async def test_first_use_without_a_pinned_key_is_refused(built: Built, tmp_path: Path) -> None:
