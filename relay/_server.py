@@ -157,14 +157,14 @@ class Relay:
         self.url = ""
         self._connections: set[Connection] = set()
         self._accepted = 0
+        self._overloaded = 0  # requests shed with `overloaded` (a bound was reached)
+        self._connection_refusals = 0  # logins/auths refused: too many connections
         self._db_limiter = trio.CapacityLimiter(8)
         self._auth_limiter = trio.CapacityLimiter(2)
         self._shutdown = trio.Event()
         self._sequencers: SequencerRegistry | None = None
         # SO-6: the Cloudflare Access gate, when configured; `access.statistics()` for metrics.
         self.access = None if config.cf_access is None else AccessVerifier(config.cf_access)
-        self._overloaded = 0
-        self._connection_refusals = 0
 
     def statistics(self) -> RelayStats:
         conns = list(self._connections)
