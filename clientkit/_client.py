@@ -24,6 +24,7 @@ from trio_websocket import ConnectionClosed
 from clientkit import _collab
 from clientkit._transport import CONNECT_TIMEOUT, open_websocket
 from clientkit.errors import (
+    AccessRefused,
     ConnectionLost,
     EquivocationDetected,
     ForkDetected,
@@ -747,8 +748,19 @@ async def connect(
         # The reader task only ever ends quietly, so a group holds the caller's own error:
         # surface it as itself rather than wrapped.
         if len(group.exceptions) == 1:
-            raise group.exceptions[0] from None
+            raise _typed_refusal(group.exceptions[0]) from None
         raise
+    except trio_websocket.ConnectionRejected as exc:
+        raise _typed_refusal(exc) from None
+
+
+def _typed_refusal(exc: BaseException) -> BaseException:
+    """A refused upgrade (Cloudflare Access, SO-6) as `AccessRefused`; anything else as is."""
+    if not isinstance(exc, trio_websocket.ConnectionRejected):
+        return exc
+    text = (exc.body or b"").decode("utf-8", "replace")[:300]
+    reason = "".join(c if c.isprintable() else " " for c in text).strip() or "no reason given"
+    return AccessRefused(exc.status_code, reason)
 
 
 @asynccontextmanager

@@ -32,6 +32,26 @@ class ConnectionLost(ClientError):
         self.reason = reason
 
 
+class AccessRefused(ClientError):
+    """The relay, or Cloudflare Access in front of it, refused the WebSocket upgrade.
+
+    `status` is the HTTP status: 403 when an Access token is missing or not accepted, 503
+    while the relay cannot check tokens. `reason` is the answer's text, made printable.
+    """
+
+    def __init__(self, status: int, reason: str) -> None:
+        hint = (
+            "retry shortly"
+            if status == 503
+            else "if the relay is behind Cloudflare Access, set COZY_CF_ACCESS_TOKEN (from "
+            "`cloudflared access token -app=URL`) or a service token's "
+            "COZY_CF_ACCESS_CLIENT_ID and COZY_CF_ACCESS_CLIENT_SECRET"
+        )
+        super().__init__(f"the relay refused the connection (HTTP {status}: {reason}); {hint}")
+        self.status = status
+        self.reason = reason
+
+
 class RelayIdentityChanged(ClientError):
     """The relay presented a different signing key than the one pinned in COZY_HOME."""
 

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from clientkit import connect
+from clientkit import AccessRefused, connect
 from clientkit._transport import open_websocket
 from relay._cf_access import (
     AccessDenied,
@@ -39,6 +39,7 @@ from relay._cf_access import (
     fetch_jwks,
 )
 from relay.config import ConfigError, load_config
+from tests.cli_harness import client_env, cozy
 from tests.relay_harness import relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
@@ -587,10 +588,10 @@ def gated_config(
 
 async def upgrade_refusal(url: str, token: str) -> tuple[int, str]:
     """Connect with the client kit, sending `token` ("" sends no header); return the refusal."""
-    with pytest.raises(trio_websocket.ConnectionRejected) as caught:
+    with pytest.raises(AccessRefused) as caught:
         async with connect(url, access_token=token):
             pass
-    return caught.value.status_code, (caught.value.body or b"").decode()
+    return caught.value.status, caught.value.reason
 
 
 @pytest.mark.objective("SO-6")
@@ -744,3 +745,23 @@ async def test_the_client_kit_sends_the_access_headers_it_is_given(
     assert [from_env[name] for name in service] == [b"f1c0d2a4b5e6.access", b"service-secret"]
     assert [from_arg[name] for name in access] == [b"from.the.argument"] * 2
     assert not any(name in none for name in access + service)
+
+
+@pytest.mark.objective("SO-6")
+async def test_the_cli_explains_an_access_refusal_and_works_with_a_token(
+    database_url: str, tmp_path: Path, jwks: JwksServer, signers: list[Signer]
+) -> None:
+    token = signers[0].token(identity_claims())
+    signup = ("account", "signup", "--handle", "carla")
+    with trio.fail_after(120):
+        async with running_relay(gated_config(database_url, tmp_path, jwks)) as relay:
+            env = client_env(tmp_path / "home")
+            env.pop("COZY_CF_ACCESS_TOKEN", None)
+            refused = await cozy(*signup, "--relay", relay.url, env=env, check=False)
+            env["COZY_CF_ACCESS_TOKEN"] = token
+            await cozy(*signup, "--relay", relay.url, env=env)
+    err = refused.stderr.decode()
+    assert refused.returncode == 1
+    assert "error: the relay refused the connection (HTTP 403: Cloudflare Access: " in err
+    assert "COZY_CF_ACCESS_TOKEN" in err
+    assert "Traceback" not in err
