@@ -147,8 +147,20 @@ class Client:
     async def request(self, build: Callable[[int], wire.Request], expect: type[R]) -> R:
         """Send one request and wait for its reply. Raises `RelayRefused` on an error frame."""
         rid, reply = self._expect_reply()
-        await self._ws.send_message(wire.encode(build(rid)))
+        await self._send(wire.encode(build(rid)))
         return await self._reply(reply, expect)
+
+    async def _send(self, message: bytes) -> None:
+        """Send one WebSocket message; a connection that closed meanwhile raises
+        `ConnectionLost` (as a reply that never comes does), never trio-websocket's own error,
+        so callers retry on one type."""
+        try:
+            await self._ws.send_message(message)
+        except ConnectionClosed as exc:
+            reason = exc.reason
+            raise self._closed or ConnectionLost(
+                reason.code if reason else None, reason.reason if reason else None
+            ) from None
 
     def _expect_reply(self) -> tuple[int, trio.MemoryReceiveChannel[wire.Reply]]:
         """A fresh rid and the channel its one reply will arrive on."""
@@ -361,12 +373,12 @@ class Client:
             if chunk and (
                 len(chunk) >= wire.MAX_BATCH_FRAMES or size + len(frame) > wire.MAX_FRAME_BYTES // 2
             ):
-                await self._ws.send_message(wire.batch(chunk))
+                await self._send(wire.batch(chunk))
                 chunk, size = [], 0
             chunk.append(frame)
             size += len(frame)
         if chunk:
-            await self._ws.send_message(wire.batch(chunk))
+            await self._send(wire.batch(chunk))
         acks: list[wire.Appended] = []
         refused: RelayRefused | None = None
         for signed, reply in zip(events, waiting, strict=True):
@@ -479,9 +491,7 @@ class Client:
         send, recv = trio.open_memory_channel[wire.Reply](64)
         self._streams[rid] = send
         try:
-            await self._ws.send_message(
-                wire.encode(wire.GetArtifact(rid=rid, collab_id=collab_id, ref=ref))
-            )
+            await self._send(wire.encode(wire.GetArtifact(rid=rid, collab_id=collab_id, ref=ref)))
             async with recv:
                 yield _ArtifactPieces(self, recv)
         finally:
