@@ -170,6 +170,16 @@ class Ledger(LoginThrottle, Artifacts):
     def close(self) -> None:
         self._pool.close()
 
+    def durability_settings(self) -> dict[str, str]:
+        """The crash-safety settings as the ledger's own sessions see them (per-database and
+        per-role overrides included): ``fsync``, ``full_page_writes``, ``synchronous_commit``."""
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT name, setting FROM pg_settings WHERE name = ANY(%s)",
+                (["fsync", "full_page_writes", "synchronous_commit"],),
+            ).fetchall()
+        return {str(name): str(setting) for name, setting in rows}
+
     def ping(self, timeout: float) -> None:
         """One `SELECT 1` through the pool, for readiness checks; waits at most `timeout`
         seconds for a pooled connection. Raises `LedgerUnavailable` when the database cannot

@@ -11,6 +11,7 @@ import trio
 
 from ledger import Ledger, migrate
 from model._crypto import signing_key_from_seed
+from relay._durability import check_durability
 from relay._server import Relay
 from relay.config import relay_signing_seed
 from relay.embedded import embedded_postgres
@@ -28,7 +29,11 @@ async def run_relay(
     handle_signals: bool = True,
     task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until SIGINT/SIGTERM (or `Relay.request_shutdown`), then shut down in order."""
+    """Serve until SIGINT/SIGTERM (or `Relay.request_shutdown`), then shut down in order.
+
+    Raises `relay._durability.UnsafeDurability` (a `ConfigError`) before listening when the
+    database could lose acknowledged events, unless `config.allow_unsafe_durability`.
+    """
     async with AsyncExitStack() as stack:
         url = config.database_url
         if url is None:
@@ -41,6 +46,8 @@ async def run_relay(
         ledger = Ledger(url)
         await trio.to_thread.run_sync(ledger.open)
         stack.callback(ledger.close)
+        settings = await trio.to_thread.run_sync(ledger.durability_settings)
+        check_durability(settings, allow_unsafe=config.allow_unsafe_durability)
         relay = Relay(config, ledger, signing_key_from_seed(relay_signing_seed(config)))
         async with trio.open_nursery() as nursery:
 

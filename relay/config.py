@@ -64,6 +64,8 @@ class RelayConfig:
     ops_port: int | None = DEFAULT_OPS_PORT
     # Cloudflare Access at the origin (SO-6): None means no Access check (local and dev use).
     cf_access: AccessPolicy | None = None
+    # Start on a Postgres that may lose commits (fsync/synchronous_commit off): benchmarks only.
+    allow_unsafe_durability: bool = False
     # Load limits (docs/protocol.md, "Limits"): concurrent connections one account may hold,
     # and the largest artifact one upload may store.
     max_connections_per_account: int = 16
@@ -141,6 +143,10 @@ def load_config(
         ops_host=str(pick("COZY_OPS_HOST", "ops_host", DEFAULT_OPS_HOST)),
         ops_port=ops_port,
         cf_access=cf_access,
+        allow_unsafe_durability=_flag(
+            "COZY_ALLOW_UNSAFE_DURABILITY",
+            pick("COZY_ALLOW_UNSAFE_DURABILITY", "allow_unsafe_durability", False),
+        ),
         max_connections_per_account=_bounded_int(
             "COZY_MAX_CONNECTIONS_PER_ACCOUNT",
             pick("COZY_MAX_CONNECTIONS_PER_ACCOUNT", "max_connections_per_account", 16),
@@ -299,6 +305,18 @@ def _cf_access_policy(pick: Callable[[str, str], object]) -> AccessPolicy | None
         )
     except AccessConfigError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def _flag(name: str, raw: object) -> bool:
+    """A yes/no setting: a TOML boolean, or 1/0, true/false, yes/no in the environment."""
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise ConfigError(f"{name} must be 1 or 0 (true/false), got {raw!r}")
 
 
 def _b64_seed(raw: str) -> bytes:
