@@ -8,6 +8,7 @@ transaction rolls back and nothing is half-written. Driver errors are translated
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +24,7 @@ from ledger._throttle import LoginThrottle
 from ledger.errors import (
     AlreadyExists,
     HandleTaken,
+    LedgerUnavailable,
     SchemaTooNew,
     SequencingConflict,
     StaleVersion,
@@ -52,6 +54,8 @@ _ACCOUNT_COLUMNS = (
 )
 _ACCOUNT_BY_HANDLE = _ACCOUNT_COLUMNS + " WHERE handle = %s"
 _ACCOUNT_BY_ID = _ACCOUNT_COLUMNS + " WHERE account_id = %s"
+# How long a commit whose reply was lost may take to settle before the append is refused.
+SETTLE_SECONDS = 5.0
 _MIGRATION_LOCK = 0x636F7A79  # "cozy": one advisory lock key for schema changes
 
 
@@ -376,36 +380,111 @@ class Ledger(LoginThrottle, Artifacts):
         all_ids = [e.event_id for r in requests for e in r.events]
         results: list[tuple[chainmod.Head, list[Assignment]]] = []
         rows: list[tuple[object, ...]] = []
-        with _translated(), self._pool.connection() as conn:
-            # event ids are globally unique (the body names its collab), so one lookup serves all.
-            known = {
-                bytes(r[0]): (r[1], bytes(r[2]))
-                for r in conn.execute(
-                    "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (all_ids,)
-                )
-            }
-            for req in requests:
-                new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
-                results.append((new_head, assignments))
-                rows.extend(
-                    (req.collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
-                     e.signed.body, e.signed.sig, a.chain)
-                    for a, e in zip(assignments, req.events, strict=True)
-                    if not a.duplicate
-                )  # fmt: skip
-            if rows:
-                try:
-                    _copy_events(conn, rows)
-                    for req in requests:
-                        if req.membership is not None:
-                            _write_projection(conn, req.membership)
-                except psycopg.errors.UniqueViolation as exc:
-                    conn.rollback()
-                    stale = _stale_collabs(conn, requests)
-                    raise SequencingConflict(
-                        f"collabs {stale} were appended to by another writer", stale
-                    ) from exc
+        xid: str | None = None  # set once COMMIT is about to be sent
+        try:
+            with _translated(), self._pool.connection() as conn:
+                self._append_in(conn, requests, all_ids, results, rows)
+                if rows:
+                    # Remember this transaction's id before committing: if the connection drops
+                    # while COMMIT is in flight, the outcome is unknown, and the id is how we
+                    # find it out (below) instead of guessing.
+                    r = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+                    assert r is not None
+                    xid = str(r[0])
+                    conn.commit()
+        except LedgerUnavailable:
+            if xid is None:
+                raise  # failed before COMMIT was sent: the server rolls the transaction back
+            self._settle_commit(xid, results)
         return results
+
+    def _append_in(
+        self,
+        conn: psycopg.Connection[Any],
+        requests: Sequence[AppendRequest],
+        all_ids: list[bytes],
+        results: list[tuple[chainmod.Head, list[Assignment]]],
+        rows: list[tuple[object, ...]],
+    ) -> None:
+        """`append_batches` inside its transaction: look up, assign, COPY (no commit)."""
+        # event ids are globally unique (the body names its collab), so one lookup serves all.
+        known = {
+            bytes(r[0]): (r[1], bytes(r[2]))
+            for r in conn.execute(
+                "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (all_ids,)
+            )
+        }
+        for req in requests:
+            new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
+            results.append((new_head, assignments))
+            rows.extend(
+                (req.collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
+                 e.signed.body, e.signed.sig, a.chain)
+                for a, e in zip(assignments, req.events, strict=True)
+                if not a.duplicate
+            )  # fmt: skip
+        if rows:
+            try:
+                _copy_events(conn, rows)
+                for req in requests:
+                    if req.membership is not None:
+                        _write_projection(conn, req.membership)
+            except psycopg.errors.UniqueViolation as exc:
+                conn.rollback()
+                stale = _stale_collabs(conn, requests)
+                raise SequencingConflict(
+                    f"collabs {stale} were appended to by another writer", stale
+                ) from exc
+
+    def _settle_commit(
+        self, xid: str, results: list[tuple[chainmod.Head, list[Assignment]]]
+    ) -> None:
+        """The connection failed while COMMIT was in flight: did transaction `xid` commit?
+
+        The server may have committed and lost only its reply (a backend terminated during
+        commit, a network cut), or never committed. Acking on a guess would either lose an
+        acked event or refuse a stored one, so ask Postgres (``pg_xact_status``, on another
+        connection; a transaction still in progress is waited for, up to SETTLE_SECONDS), then
+        read the new rows back by event id. Returns normally only when every row of `results`
+        is stored where it was assigned; raises `LedgerUnavailable` when it was not committed
+        or the outcome cannot be learnt now (the caller refuses; the author's retry is
+        idempotent, and the sequencer re-reads its head from the ledger before writing again).
+        """
+        new = {
+            a.event_id: (a.seq, a.chain)
+            for _, assignments in results
+            for a in assignments
+            if not a.duplicate
+        }
+        deadline = time.monotonic() + SETTLE_SECONDS
+        try:
+            with _translated(), self._pool.connection(timeout=SETTLE_SECONDS) as conn:
+                while True:
+                    r = conn.execute("SELECT pg_xact_status(%s::xid8)", (xid,)).fetchone()
+                    status = None if r is None else r[0]
+                    if status != "in progress" or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.02)
+                found = {
+                    bytes(r[0]): (int(r[1]), bytes(r[2]))
+                    for r in conn.execute(
+                        "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)",
+                        (list(new),),
+                    )
+                }
+        except LedgerUnavailable:
+            status, found = None, {}
+        if status == "committed" and found == new:
+            return
+        if status == "aborted" and not found:
+            raise LedgerUnavailable(
+                "the database connection failed while committing and nothing was stored; retry"
+            )
+        raise LedgerUnavailable(
+            "the database connection failed while committing and whether the events were"
+            f" stored could not be checked ({status or 'unreachable'}); retry them: appends"
+            " are idempotent"
+        )
 
     def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
         """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""

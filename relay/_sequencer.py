@@ -316,7 +316,8 @@ class Sequencer:
                 wire.Error(
                     rid=sub.rid,
                     code=wire.ErrorCode.OVERLOADED,
-                    message="the ledger could not store this event; retry it (appends are idempotent)",
+                    message="the ledger did not confirm this event; retry it (appends are"
+                    " idempotent: one that was stored gets its seq back)",
                 ),
             )
 
@@ -333,7 +334,11 @@ class Sequencer:
                 AppendRequest(self.collab_id, self._head, [v for _, v in run], membership)
             )
         except LedgerError as exc:
-            # Nothing was written. Re-read the head next time; authors retry (idempotent).
+            # Not acked: the ledger returns only once the rows are known to be stored (a commit
+            # whose reply was lost is settled by asking Postgres; see Ledger.append_batches).
+            # If even that failed, the batch may or may not be stored, so the head is not
+            # guessed: it is forgotten and re-read from the ledger before the next write, and
+            # the authors retry (a stored event gets its seq back as a duplicate).
             self._head = None
             self._fail(run, exc)
             return False

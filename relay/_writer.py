@@ -8,7 +8,10 @@ flight, so per-collab order is untouched; the writer never reorders within a col
 
 If the transaction fails because some collab's head was stale, those requests fail alone and
 the rest are written in a second transaction; any other ledger error fails the whole group and
-nothing of it was written (authors retry; appends are idempotent).
+nothing of it is acked (authors retry; appends are idempotent). A group is never acked on a
+guess: when the connection drops while COMMIT is in flight, `Ledger.append_batches` asks
+Postgres whether that transaction committed and reads the rows back before returning, and
+raises when it cannot tell; the sequencers then re-read their heads from the ledger.
 """
 
 from __future__ import annotations
