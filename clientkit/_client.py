@@ -749,7 +749,8 @@ async def connect(
 
     With `pinned_relay_pk`, refuses a relay whose signing key differs (trust on first use).
     `access_token` is a Cloudflare Access token for a relay behind Access (default: the
-    COZY_CF_ACCESS_TOKEN environment variable); see `open_websocket`.
+    COZY_CF_ACCESS_TOKEN environment variable); see `access_headers`. A refused upgrade raises
+    `AccessRefused`.
     """
     try:
         async with _connected(url, pinned_relay_pk, access_token) as client:
