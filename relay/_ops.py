@@ -41,16 +41,17 @@ import requests.exceptions
 import structlog
 import trio
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
 from ledger import LedgerError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
 
     from fanout import FanoutStats
     from ledger import Ledger
-    from relay._sequencer import SequencerStats
+    from relay._server import RelayStats
     from relay._writer import WriterStats
 
 log = structlog.get_logger("cozy.ops")
@@ -63,6 +64,8 @@ CONNECTION_LIFETIME: Final = 60.0
 MAX_REQUESTS: Final = 100
 MAX_CONNECTIONS: Final = 32
 CHECK_TIMEOUT: Final = 2.0
+LINGER_SECONDS: Final = 1.0
+LINGER_BYTES: Final = 64 * 1024
 
 # The words a readiness check may answer; anything but OK fails it.
 OK: Final = "ok"
@@ -128,12 +131,8 @@ class AccessCounters(Protocol):
 class MetricSources:
     """Where `RelayCollector` reads at scrape time: each a cheap snapshot on the Trio loop."""
 
-    connections: Callable[[], int]
-    connections_accepted: Callable[[], int]
-    outbox_frames: Callable[[], Iterable[int]]
+    relay: Callable[[], RelayStats]
     writer: Callable[[], WriterStats | None]
-    fanout: Callable[[], FanoutStats]
-    sequencers: Callable[[], list[SequencerStats]]
     auth: AuthCounters
     # The Cloudflare Access gate, when one is configured (None: no cf_access metrics).
     cf_access: Callable[[], AccessCounters | None]
@@ -158,22 +157,43 @@ class RelayCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s = self._sources
-        yield _gauge("cozy_connections", "Open WebSocket connections.", s.connections())
+        relay = s.relay()
+        yield _gauge("cozy_connections", "Open WebSocket connections.", relay.connections)
         yield _counter(
             "cozy_connections_accepted",
             "WebSocket connections accepted since start.",
-            s.connections_accepted(),
+            relay.accepted_total,
         )
-        depths = list(s.outbox_frames())
+        yield _counter(
+            "cozy_connection_limit_refusals",
+            "Connections refused because the relay held its maximum.",
+            relay.connection_limit_refusals,
+        )
         yield _gauge(
             "cozy_outbox_queued_frames",
             "Frames queued in all connections' outboxes, not yet written to their sockets.",
-            sum(depths),
+            relay.outbox_frames,
+        )
+        yield _gauge(
+            "cozy_outbox_queued_bytes",
+            "Bytes queued in all connections' outboxes.",
+            relay.outbox_bytes,
         )
         yield _gauge(
             "cozy_outbox_queued_frames_max",
-            "The fullest connection outbox, in frames; at 8192 that client is cut as lagging.",
-            max(depths, default=0),
+            "The fullest connection outbox, in frames: a subscriber this far behind is cut as"
+            " lagging when its outbox fills.",
+            relay.outbox_frames_max,
+        )
+        yield _gauge(
+            "cozy_appends_in_flight",
+            "Appends received and not yet acknowledged or refused.",
+            relay.appends_in_flight,
+        )
+        yield _counter(
+            "cozy_overloaded_refusals",
+            "Requests refused with `overloaded` because a bound was reached.",
+            relay.overloaded_total,
         )
         writer = s.writer()
         if writer is not None:
@@ -195,29 +215,10 @@ class RelayCollector(Collector):
                 "Group-commit transactions that failed; nothing of them was written.",
                 writer.failed_transactions,
             )
-        fan = s.fanout()
-        subs = GaugeMetricFamily(
-            "cozy_subscriptions",
-            "Following subscriptions, by state (catching up from the ledger, or live).",
-            labels=["state"],
-        )
-        subs.add_metric(["live"], fan.live_subscriptions)
-        subs.add_metric(["catching_up"], fan.subscriptions - fan.live_subscriptions)
-        yield subs
-        yield _counter(
-            "cozy_fanout_published_events",
-            "Committed events handed to the fan-out.",
-            fan.published_events,
-        )
-        yield _counter(
-            "cozy_fanout_deliveries", "Live event frames queued to subscribers.", fan.deliveries
-        )
-        yield _counter(
-            "cozy_subscriber_lag_disconnects",
-            "Subscribers disconnected for lagging (they resume from the ledger).",
-            fan.lagging_disconnects,
-        )
-        actors = s.sequencers()
+        fan = relay.fanout
+        if fan is not None:
+            yield from _fanout_metrics(fan)
+        actors = relay.sequencers
         yield _gauge(
             "cozy_sequencers", "Active sequencer actors (one per busy collab).", len(actors)
         )
@@ -240,6 +241,30 @@ class RelayCollector(Collector):
         access = s.cf_access()
         if access is not None:
             yield from _access_metrics(access)
+
+
+def _fanout_metrics(fan: FanoutStats) -> Iterator[Metric]:
+    subs = GaugeMetricFamily(
+        "cozy_subscriptions",
+        "Following subscriptions, by state (catching up from the ledger, or live).",
+        labels=["state"],
+    )
+    subs.add_metric(["live"], fan.live_subscriptions)
+    subs.add_metric(["catching_up"], fan.subscriptions - fan.live_subscriptions)
+    yield subs
+    yield _counter(
+        "cozy_fanout_published_events",
+        "Committed events handed to the fan-out.",
+        fan.published_events,
+    )
+    yield _counter(
+        "cozy_fanout_deliveries", "Live event frames queued to subscribers.", fan.deliveries
+    )
+    yield _counter(
+        "cozy_subscriber_lag_disconnects",
+        "Subscribers disconnected for lagging (they resume from the ledger).",
+        fan.lagging_disconnects,
+    )
 
 
 def _access_metrics(access: AccessCounters) -> Iterator[Metric]:
@@ -274,7 +299,7 @@ class RelayMetrics:
     """
 
     def __init__(self, sources: MetricSources) -> None:
-        self.registry = prometheus_client.CollectorRegistry(auto_describe=True)
+        self.registry = prometheus_client.CollectorRegistry()
         self.registry.register(RelayCollector(sources))
         self._commit_events = prometheus_client.Histogram(
             "cozy_ledger_commit_events",
@@ -407,7 +432,9 @@ class OpsApp:
         return Answer(503 if failing else 200, json.dumps(body).encode() + b"\n", JSON)
 
     async def _metrics_text(self) -> Answer:
-        return Answer(200, self._metrics.render(), prometheus_client.CONTENT_TYPE_LATEST)
+        # The classic text format (0.0.4): every Prometheus and agent reads it, and our names
+        # need nothing newer.
+        return Answer(200, self._metrics.render(), CONTENT_TYPE_PLAIN_0_0_4)
 
 
 class OpsServer:
@@ -446,8 +473,11 @@ class OpsServer:
         except Exception as exc:  # noqa: BLE001 — one request's failure stays on its connection
             log.error("ops_request_failed", error=type(exc).__name__)
         finally:
-            self._open -= 1
-            await trio.aclose_forcefully(stream)
+            try:
+                await _linger(stream)
+            finally:
+                self._open -= 1
+                await trio.aclose_forcefully(stream)
 
     async def _exchange(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -518,6 +548,20 @@ class OpsServer:
         data += conn.send(h11.EndOfMessage()) or b""
         with trio.move_on_after(SEND_TIMEOUT):
             await stream.send_all(data)
+
+
+async def _linger(stream: trio.SocketStream) -> None:
+    """Close our side, then read and drop what the client still sends (for at most LINGER
+    seconds and bytes), so a request we refused unread does not turn the close into a reset
+    that destroys our answer before the client read it."""
+    with trio.move_on_after(LINGER_SECONDS):
+        try:
+            await stream.send_eof()
+            dropped = 0
+            while dropped < LINGER_BYTES and (chunk := await stream.receive_some(RECEIVE_BYTES)):
+                dropped += len(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 def _has_body(request: h11.Request) -> bool:

@@ -2,14 +2,18 @@
 
 Nursery layout (outermost first) — the order is the shutdown order, reversed:
 
-    connections nursery      every client connection (reader, writer, subscriptions)
-      sequencers nursery     one actor per active collab
-        accept nursery       the listening socket
+    ops nursery                the operations listener (relay/_ops.py: /healthz, /readyz,
+                               /metrics) on its own port: up before the WebSocket listener,
+                               down after the last connection closed
+      connections nursery      every client connection (reader, writer, subscriptions)
+        sequencers nursery     one actor per active collab
+          accept nursery       the listening socket
 
 Shutdown: cancel the accept nursery (stop accepting), close the sequencer inboxes and wait for
 the actors to drain (in-flight appends are committed and acked), stop the ledger writer, then
 close every connection
-gracefully with code 1001 and a reason.
+gracefully with code 1001 and a reason. `/readyz` answers 503 from the moment shutdown begins
+(and until the WebSocket listener is up), so a load balancer stops sending clients first.
 """
 
 from __future__ import annotations
@@ -74,6 +78,18 @@ from relay._connection import (
     MAX_BACKGROUND_TASKS,
     ArtifactUpload,
     Connection,
+)
+from relay._ops import (
+    OK,
+    SHUTTING_DOWN,
+    STARTING,
+    AuthCounters,
+    MetricSources,
+    OpsApp,
+    OpsServer,
+    Readiness,
+    RelayMetrics,
+    ops_url,
 )
 from relay._sequencer import (
     InboxFull,
@@ -163,6 +179,21 @@ class Relay:
         self._auth_limiter = trio.CapacityLimiter(2)
         self._shutdown = trio.Event()
         self._sequencers: SequencerRegistry | None = None
+        self._writer: LedgerWriter | None = None
+        self._listening = False
+        # Operations: refusals counted on the login paths (O(1)); everything else is read from
+        # the actors' statistics() when /metrics is scraped. `ops_url` is set once listening.
+        self.auth_counters = AuthCounters()
+        self.metrics = RelayMetrics(
+            MetricSources(
+                relay=self.statistics,
+                writer=lambda: None if self._writer is None else self._writer.statistics(),
+                auth=self.auth_counters,
+                cf_access=lambda: None if self.access is None else self.access.statistics(),
+            )
+        )
+        self._ops = OpsApp(Readiness(ledger, config.bao_addr, self._readiness), self.metrics)
+        self.ops_url = ""
         # SO-6: the Cloudflare Access gate, when configured; `access.statistics()` for metrics.
         self.access = None if config.cf_access is None else AccessVerifier(config.cf_access)
 
@@ -184,8 +215,41 @@ class Relay:
     def request_shutdown(self) -> None:
         self._shutdown.set()
 
+    def _readiness(self) -> str:
+        if self._shutdown.is_set():
+            return SHUTTING_DOWN
+        return OK if self._listening else STARTING
+
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Listen until `request_shutdown`, then drain and close everything in order."""
+        """Listen until `request_shutdown`, then drain and close everything in order.
+
+        The operations listener (unless `ops_port` is None) comes up first and goes down last;
+        `ops_url` names it. Raises OSError when either address cannot be bound.
+        """
+        async with trio.open_nursery() as ops:
+            if self.config.ops_port is not None:
+                host, port = self.config.ops_host, self.config.ops_port
+                try:
+                    bound = await ops.start(OpsServer(self._ops).serve, host, port)
+                except OSError as exc:
+                    log.error(
+                        "ops_listen_failed",
+                        host=host,
+                        port=port,
+                        error=exc.strerror,
+                        hint="set COZY_OPS_PORT to a free port, 0 for any, or off",
+                    )
+                    raise
+                self.ops_url = ops_url(host, bound)
+                log.info("ops_listening", url=self.ops_url)
+            async with trio.open_nursery() as relay:
+                url = await relay.start(self._serve_relay)
+                self._listening = True
+                task_status.started(url)
+            ops.cancel_scope.cancel()
+
+    async def _serve_relay(self, *, task_status: trio.TaskStatus[str]) -> None:
+        """The WebSocket relay itself, in the nursery order of the module docstring."""
         if self.access is not None:
             # Fetch the Access keys before listening, so a wrong team domain is in the first
             # log lines. Unreachable is logged, not fatal: upgrades get 503 until a fetch works.
@@ -195,7 +259,9 @@ class Relay:
         # cancelled, so shutdown is bounded.
         with trio.CancelScope() as connections_scope:
             async with trio.open_nursery() as connections, trio.open_nursery() as writers:
-                writer = LedgerWriter(self.ledger, self.relay_key)
+                writer = self._writer = LedgerWriter(
+                    self.ledger, self.relay_key, on_commit=self.metrics.observe_commit
+                )
                 writers.start_soon(writer.run, name="ledger-writer")
                 async with trio.open_nursery() as sequencers:
                     self._sequencers = SequencerRegistry(
@@ -410,6 +476,7 @@ class Relay:
                 try:
                     claims = _auth.verify_token(self.config.jwt_signing_key.value, req.token)
                 except _auth.AuthError as exc:
+                    self.auth_counters.failed(exc.reason)
                     raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
                 await self._bind_account(conn, claims)
                 conn.reply(wire.Authenticated(rid=req.rid, account_id=claims.account_id))
@@ -812,17 +879,22 @@ class Relay:
             await trio.to_thread.run_sync(
                 _auth.verify_password, None, req.password, limiter=self._auth_limiter
             )
+            self.auth_counters.failed("invalid_credentials")
             raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
         async with self._auth_limiter:
             wait = await self._db(self.ledger.login_wait, req.handle)
             if wait > 0:
+                self.auth_counters.failed("locked_out")
                 raise RequestRefused(wire.ErrorCode.RATE_LIMITED, _throttle.lockout_message(wait))
             row = await self._db(self.ledger.account_by_handle, req.handle)
             ok = await trio.to_thread.run_sync(  # the slot held above bounds the concurrency
                 _auth.verify_password, None if row is None else row.password_hash, req.password
             )
             if row is None or not ok:
-                await self._db(partial(self.ledger.record_login_failure, policy=policy), req.handle)
+                locked_for = await self._db(
+                    partial(self.ledger.record_login_failure, policy=policy), req.handle
+                )
+                self.auth_counters.failed("invalid_credentials", locked=locked_for > 0)
                 raise RequestRefused(
                     wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong"
                 )
@@ -861,6 +933,7 @@ class Relay:
     async def _bind_account(self, conn: Connection, claims: _auth.Claims) -> None:
         row = await self._db(self.ledger.account_by_id, claims.account_id)
         if row is None:
+            self.auth_counters.failed("invalid_token")
             raise RequestRefused(
                 wire.ErrorCode.UNAUTHENTICATED, "session names an unknown account: log in again"
             )
@@ -868,6 +941,7 @@ class Relay:
         if is_agent_token != (row.kind == "agent") or (
             is_agent_token and claims.agent_generation != row.token_generation
         ):
+            self.auth_counters.failed("revoked_token")
             raise RequestRefused(
                 wire.ErrorCode.UNAUTHENTICATED,
                 "this token was revoked: ask the agent's creator for a new credential file",

@@ -32,6 +32,16 @@ _INSTALL_HINT = (
 )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _ops_on_free_ports() -> Iterator[None]:
+    """Relays that tests start from the environment (`cozy relay serve`, `cozy dev` as child
+    processes) put their operations listener on a free port, not on the fixed default 9465
+    that concurrent runs would fight over."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("COZY_OPS_PORT", os.environ.get("COZY_OPS_PORT", "0"))
+        yield
+
+
 @pytest.fixture(scope="session")
 def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A conninfo for a Postgres role that may create and drop databases."""

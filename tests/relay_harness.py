@@ -36,6 +36,7 @@ def relay_config(database_url: str, data_dir: Path) -> RelayConfig:
         port=0,
         jwt_signing_key=Secret(secrets.token_bytes(32)),
         relay_signing_seed=Secret(secrets.token_bytes(32)),
+        ops_port=0,  # the operations listener on a free port too (Relay.ops_url)
     )
 
 

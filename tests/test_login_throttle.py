@@ -329,7 +329,9 @@ async def test_rotating_the_jwt_key_kills_every_session_and_the_cli_says_to_log_
     port = free_port()
 
     def config() -> RelayConfig:
-        return load_config(env={}, data_dir=data_dir, database_url=database_url, port=port)
+        return load_config(
+            env={}, data_dir=data_dir, database_url=database_url, port=port, ops_port=0
+        )
 
     home = tmp_path / "erin"
     first = config()
