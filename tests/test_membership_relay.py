@@ -301,6 +301,7 @@ async def test_of_two_changes_against_one_head_the_first_wins_and_the_other_is_s
 
 
 @pytest.mark.objective("SO-1")
+@pytest.mark.objective("ADR-0023")
 async def test_a_dm_reaches_its_two_participants_only(relay: Relay) -> None:
     alice, bob, carol = await team(relay)
     cid = alice.collab_id

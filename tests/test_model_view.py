@@ -66,6 +66,7 @@ def test_after_removal_the_removed_member_reads_nothing_new() -> None:
 
 
 @pytest.mark.objective("SO-1")
+@pytest.mark.objective("ADR-0023")
 def test_a_third_member_cannot_read_a_dm() -> None:
     sim, alice, bob, carol = _team()
     assert sim.state is not None
@@ -83,6 +84,7 @@ def test_a_third_member_cannot_read_a_dm() -> None:
 
 
 @pytest.mark.objective("SO-1")
+@pytest.mark.objective("ADR-0023")
 def test_a_dm_readdressed_to_someone_else_does_not_open() -> None:
     sim, alice, bob, carol = _team()
     assert sim.state is not None
