@@ -22,7 +22,12 @@ DOMAIN_KEYSTORE_WRITE: Final = b"cozylabs/v1/keystore-write\x00"
 
 
 def keystore_write_bytes(account_id: str, version: int, blob: bytes) -> bytes:
-    """What the account key signs to store `blob` as keystore `version` (empty blob = delete)."""
+    """What the account key signs to store `blob` as keystore `version` (empty blob = delete).
+
+    Raises `ValueError` for a version outside 0..2**64-1 (it is signed as 8 bytes).
+    """
+    if not 0 <= version < 2**64:
+        raise ValueError("a keystore version is an unsigned 64-bit number")
     return DOMAIN_KEYSTORE_WRITE + _crypto.domain_hash(
         b"", account_id.encode(), struct.pack(">Q", version), blob
     )
@@ -37,4 +42,8 @@ def sign_keystore_write(
 def verify_keystore_write(
     public_key: bytes, account_id: str, version: int, blob: bytes, sig: bytes
 ) -> bool:
+    """True only for the account key's signature; False also for an impossible version (the
+    relay calls this with whatever integer a client sent)."""
+    if not 0 <= version < 2**64:
+        return False
     return _crypto.verify(public_key, keystore_write_bytes(account_id, version, blob), sig)
