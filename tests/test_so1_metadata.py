@@ -280,6 +280,10 @@ async def run_scenario(s: Scenario) -> Outcome:
 
         async with s.session(bob) as b:
             await post(b, bob, cid, contentmod.Message(cn["bob message"]))
+            async with b.subscribe(cid, follow=True) as frames:  # live, then left: unsubscribed
+                async for frame in frames:
+                    if isinstance(frame, wire.CaughtUp):
+                        break
             await send_dm(a, alice, bob, cid, cn["dm alice to bob"])
             await send_dm(b, bob, alice, cid, cn["dm bob to alice"])
             # Alice attaches a file; Bob fetches it and opens it with the key from the event.
