@@ -239,8 +239,10 @@ async def run_scenario(s: Scenario) -> Outcome:
     alice, bob, carol = [await s.sign_up(h) for h in ("alice", "bob", "carol")]
     people = [alice, bob, carol]
     keys = Keyring(handles={"alice", "bob", "carol", "helper-bot"})
-    filler = random_bytes(150_000)  # three pieces; the canary sits at the start, a chunk
-    tag = cn["file bytes"].encode()  # boundary and the end
+    # Three sealed chunks (CHUNK_BYTES each at most) with the canary at the start, in the
+    # second chunk and at the end.
+    tag = cn["file bytes"].encode()
+    filler = random_bytes(150_000)
     file_bytes = tag + filler[:70_000] + tag + filler[70_000:] + tag
     read_by: dict[str, set[str]] = {}
     agent = Person("helper-bot")
