@@ -87,6 +87,77 @@ class OwnedPostgres:
         self._pg_ctl(args, pgdata=self.data_dir, user=self._server.system_user, timeout=30)
 
 
+class CuttingProxy:
+    """TCP on loopback → a Postgres unix socket, able to cut a connection at COMMIT.
+
+    `arm(mode)` cuts the next COMMIT of a transaction that wrote events (one that ran
+    ``COPY events``), on whichever connection sends it first:
+    ``after_commit`` forwards COMMIT, swallows the server's reply and closes both sides (the
+    transaction committed, its client cannot know); ``instead_of_commit`` closes both sides
+    without forwarding it (the server rolls back).
+    """
+
+    def __init__(self, postgres_url: str) -> None:
+        params = conninfo_to_dict(postgres_url)
+        self._socket_path = f"{params['host']}/.s.PGSQL.{params.get('port') or 5432}"
+        self._base_url = postgres_url
+        self.port = 0
+        self.cuts = 0
+        self._mode: str | None = None
+        self._cut = trio.Event()
+
+    def url(self, **params: str) -> str:
+        """A conninfo reaching the same database through this proxy."""
+        return make_conninfo(
+            self._base_url, host="127.0.0.1", port=str(self.port), sslmode="disable", **params
+        )
+
+    def arm(self, mode: str) -> None:
+        assert mode in ("after_commit", "instead_of_commit")
+        self._mode, self._cut = mode, trio.Event()
+
+    async def wait_cut(self) -> None:
+        await self._cut.wait()
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        server = await trio.open_unix_socket(self._socket_path)
+        swallow = trio.Event()
+        async with client, server, trio.open_nursery() as nursery:
+
+            async def upstream() -> None:
+                wrote = False
+                async for data in client:
+                    wrote = wrote or b"COPY events" in data
+                    if b"COMMIT\x00" in data and wrote and self._mode is not None:
+                        mode, self._mode = self._mode, None
+                        self.cuts += 1
+                        if mode == "after_commit":
+                            swallow.set()
+                            await server.send_all(data)
+                            await trio.sleep(0.3)  # the server commits; its reply is dropped
+                        self._cut.set()
+                        break
+                    if b"COMMIT\x00" in data:
+                        wrote = False
+                    await server.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            async def downstream() -> None:
+                async for data in server:
+                    if not swallow.is_set():
+                        await client.send_all(data)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upstream)
+            nursery.start_soon(downstream)
+
+
 class RelayProcess:
     """`cozy relay serve` in a child process on a fixed loopback port (kept across restarts)."""
 

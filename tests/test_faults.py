@@ -22,7 +22,10 @@ import trio
 from tests.fault_harness import (
     RELAY_APP_NAME,
     Author,
+    CuttingProxy,
     Follower,
+    OwnedPostgres,
+    RelayProcess,
     check_acked_are_stored,
     check_exactly_once,
     fault_stack,
@@ -117,6 +120,58 @@ def _terminate_relay_backends(admin: psycopg.Connection[tuple[object, ...]]) -> 
         (RELAY_APP_NAME,),
     ).fetchall()
     return sum(1 for (ok,) in rows if ok)
+
+
+async def test_a_lost_commit_reply_is_settled_never_guessed(tmp_path: Path) -> None:
+    """The relay's database connections go through a proxy that cuts them at COMMIT: after
+    forwarding it (committed, reply lost: the batch must still be acked, so no refusal at all)
+    and instead of forwarding it (rolled back: it must be refused, never acked)."""
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            pg = await trio.to_thread.run_sync(OwnedPostgres, tmp_path / "pg")
+            try:
+                proxy = CuttingProxy(pg.url)
+                await nursery.start(proxy.serve)
+                relay = RelayProcess(proxy.url(application_name=RELAY_APP_NAME), tmp_path / "r")
+                await relay.start()
+                try:
+                    await _cut_commits(relay, proxy, pg.database_url())
+                finally:
+                    await relay.stop()
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(pg.close)
+            nursery.cancel_scope.cancel()
+
+
+async def _cut_commits(relay: RelayProcess, proxy: CuttingProxy, db: str) -> None:
+    async with trio.open_nursery() as nursery:
+        owner, authors = await team(relay.url, AUTHORS)
+        follower = Follower()
+        nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+        async with under_load(relay.url, authors):
+            await authors[0].acks.grow(100)
+            for _ in range(6):
+                proxy.arm("after_commit")
+                await proxy.wait_cut()
+                await trio.sleep(random.uniform(0.05, 0.2))
+            await authors[0].acks.grow(100)
+        # Every lost reply was settled as committed and acked: nothing was refused.
+        assert not any(a.refusals for a in authors)
+        where = await check_acked_are_stored(db, authors)
+        assert not await retry_unacked(relay.url, authors, where)  # nothing left unacked
+        async with under_load(relay.url, authors):
+            await authors[0].acks.grow(100)
+            for _ in range(6):
+                proxy.arm("instead_of_commit")
+                await proxy.wait_cut()
+                await trio.sleep(random.uniform(0.05, 0.2))
+            await authors[0].acks.grow(100)
+        assert proxy.cuts == 12
+        # Each rolled-back batch was refused (typed, retryable) and none of it acked.
+        assert {code for a in authors for code in a.refusals} == {"overloaded"}
+        await _check_after_fault(relay.url, db, authors, follower)
+        nursery.cancel_scope.cancel()
 
 
 async def test_a_relay_frozen_with_sigstop_resumes_where_it_was(tmp_path: Path) -> None:
