@@ -76,21 +76,22 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         peer = Peer(tmp)
         samples: dict[str, tuple[list[SignedEvent], bytes]] = {}
         raw: dict[str, Any] = {}
-        async with relay_process(url, tmp / "relay") as relay:
-            if "append" in which:
-                raw["append"] = await _scenarios.append(relay, sizes, peer, samples)
-            if "fanout" in which:
-                raw["fanout"] = await _scenarios.fanout(relay, sizes, peer)
-            if "latency" in which:
-                (tmp / "latency").mkdir()
-                raw["latency"] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
-            if "subscribers" in which:
-                raw["subscribers"] = await _scenarios.subscribers(relay, sizes, peer)
-            if "catchup" in which:
-                raw["catchup"] = await _scenarios.catchup(relay, sizes, peer)
-            if not samples:  # the references still need the same kind of events
-                samples["512B"] = await _scenarios.reference_events(relay, sizes)
-        # The relay has stopped: the references run on a quiet machine, one after another.
+        # A fresh relay per scenario: nothing one leaves behind (idle sequencers, freed memory
+        # the allocator would reuse) colours the next, least of all the RSS per subscriber.
+        for i, name in enumerate(which):
+            _progress(f"{name}: running")
+            async with relay_process(url, tmp / f"relay-{name}") as relay:
+                if name == "append":
+                    raw[name] = await _scenarios.append(relay, sizes, peer, samples)
+                elif name == "latency":
+                    (tmp / "latency").mkdir()
+                    raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
+                else:
+                    raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
+                if i == len(which) - 1 and not samples:  # the references need such events
+                    samples["512B"] = await _scenarios.reference_events(relay, sizes)
+        # No relay is running: the references run one after another on a quieter machine.
+        _progress("references: one commit per event, Ed25519 verify ceiling, JetStream")
         refs: dict[str, Any] = {"per_event_commit": {}, "verify_ceiling": {}}
         for size_name, (events, pk) in samples.items():
             refs["per_event_commit"][size_name] = await trio.to_thread.run_sync(
@@ -114,6 +115,10 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         "references": refs,
         "figures": figures(raw, refs),
     }
+
+
+def _progress(message: str) -> None:
+    print(f"cozy bench: {message}", file=sys.stderr, flush=True)
 
 
 def _run_jetstream(peer: Peer) -> dict[str, Any]:

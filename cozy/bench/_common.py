@@ -18,8 +18,10 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import msgspec
 import nacl.public
 import nacl.signing
 import trio
@@ -34,7 +36,6 @@ from relay.embedded import EmbeddedServiceError, free_port, wait_until_listening
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
-    from pathlib import Path
 
     import trio_websocket
 
@@ -91,6 +92,15 @@ def percentiles(samples: Sequence[float]) -> dict[str, float]:
         return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 3)
 
     return {"p50_ms": at(0.5), "p99_ms": at(0.99), "p999_ms": at(0.999), "max_ms": at(1.0)}
+
+
+def load_payloads(path: str) -> list[tuple[int, bytes]]:
+    """(collab index, payload) pairs written by the bench with msgspec msgpack."""
+    return msgspec.msgpack.decode(Path(path).read_bytes(), type=list[tuple[int, bytes]])
+
+
+def save_payloads(path: Path, pairs: list[tuple[int, bytes]]) -> None:
+    path.write_bytes(msgspec.msgpack.encode(pairs))
 
 
 async def setup_actors(

@@ -25,12 +25,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import nats
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 
-from cozy.bench._common import percentiles, raise_nofile_limit
+from cozy.bench._common import load_payloads, percentiles, raise_nofile_limit
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -42,15 +41,7 @@ if TYPE_CHECKING:
 STREAM = "COLLABS"
 CONSUMERS_PER_CONNECTION = 50
 OPEN_CONCURRENCY = 64
-
-
-def load_payloads(path: str) -> list[tuple[int, bytes]]:
-    """(collab index, payload) pairs written by the bench with msgspec msgpack."""
-    return msgspec.msgpack.decode(Path(path).read_bytes(), type=list[tuple[int, bytes]])
-
-
-def save_payloads(path: Path, pairs: list[tuple[int, bytes]]) -> None:
-    path.write_bytes(msgspec.msgpack.encode(pairs))
+MAX_CONSUMERS = 100_000
 
 
 @contextlib.asynccontextmanager
@@ -90,7 +81,16 @@ async def _nats_server(binary: str, work: Path) -> AsyncIterator[tuple[str, psut
 async def _fresh_stream(js: JetStreamContext) -> None:
     with contextlib.suppress(nats.js.errors.NotFoundError):
         await js.delete_stream(STREAM)
-    await js.add_stream(StreamConfig(name=STREAM, subjects=["collab.>"], storage=StorageType.FILE))
+    # nats-server 2.15 caps a stream at 1000 consumers unless the stream sets its own limit
+    # (and a value <= 0 means "the default", not "unlimited").
+    await js.add_stream(
+        StreamConfig(
+            name=STREAM,
+            subjects=["collab.>"],
+            storage=StorageType.FILE,
+            max_consumers=MAX_CONSUMERS,
+        )
+    )
 
 
 async def _publish_sequential(js: JetStreamContext, pairs: list[tuple[int, bytes]]) -> float:
@@ -294,23 +294,36 @@ async def _catchup(url: str, js: JetStreamContext, spec: dict[str, Any]) -> dict
 
 async def _main(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"server": "nats-server", "sync_interval": "always"}
-    async with (
-        _nats_server(spec["nats_server"], Path(spec["work_dir"])) as (url, server),
-        contextlib.AsyncExitStack() as stack,
-    ):
-        (nc,) = await _connections(url, 1, stack)
-        js = nc.jetstream(publish_async_max_pending=4096)
+    work = Path(spec["work_dir"])
+    if "subscribers" in spec:
+        # Its own fresh server, so the RSS difference is not absorbed by memory that earlier
+        # scenarios' consumers left for the Go runtime to reuse.
+        (work / "idle").mkdir(exist_ok=True)
+        async with (
+            _nats_server(spec["nats_server"], work / "idle") as (url, server),
+            _jetstream(url) as js,
+        ):
+            out["subscribers"] = await _subscribers(url, js, server, spec["subscribers"])
+    async with _nats_server(spec["nats_server"], work) as (url, _server), _jetstream(url) as js:
         if "append" in spec:
             out["append"] = {s["name"]: await _append(js, s) for s in spec["append"]}
         if "fanout" in spec:
             out["fanout"] = [await _fanout(url, js, s) for s in spec["fanout"]]
         if "latency" in spec:
             out["latency"] = await _latency(url, js, spec["latency"])
-        if "subscribers" in spec:
-            out["subscribers"] = await _subscribers(url, js, server, spec["subscribers"])
         if "catchup" in spec:
             out["catchup"] = await _catchup(url, js, spec["catchup"])
     return out
+
+
+@contextlib.asynccontextmanager
+async def _jetstream(url: str) -> AsyncIterator[JetStreamContext]:
+    """The publishing connection's JetStream context, closed on exit."""
+    nc = await nats.connect(url, max_reconnect_attempts=0)
+    try:
+        yield nc.jetstream(publish_async_max_pending=4096)
+    finally:
+        await nc.close()
 
 
 if __name__ == "__main__":

@@ -26,9 +26,9 @@ from cozy.bench._common import (
     presign,
     pump,
     pump_all,
+    save_payloads,
     setup_actors,
 )
-from cozy.bench._jetstream import save_payloads
 from model import wire
 
 if TYPE_CHECKING:
