@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 
 SCENARIOS: Final = ("append", "fanout", "latency", "subscribers", "catchup")
 CHOICES: Final = ("all", *SCENARIOS)
+# COZY_MAX_CONNECTIONS_PER_ACCOUNT's ceiling, less room for the bench's own connections.
+MAX_IDLE_SUBSCRIBERS: Final = 9990
 
 __all__ = ["CHOICES", "SCENARIOS", "BenchError", "main"]
 
@@ -55,8 +57,23 @@ def main(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             setattr(sizes, attr, value)
+    if sizes.idle_subscribers > MAX_IDLE_SUBSCRIBERS:
+        print(
+            f"error: --idle-subscribers is at most {MAX_IDLE_SUBSCRIBERS}: one bench account"
+            " opens them all and the relay allows an account 10,000 connections at most",
+            file=sys.stderr,
+        )
+        return 2
     which = SCENARIOS if args.which == "all" else (args.which,)
-    result = trio.run(_run, which, sizes, args.database_url)
+    failures: list[BaseException] = []
+    try:
+        result = trio.run(_run, which, sizes, args.database_url)
+    except* BenchError as group:
+        failures.extend(_leaves(group))
+    if failures:
+        for exc in failures:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps(result, indent=2))
     print(summary(result), file=sys.stderr)
     return 0
@@ -115,6 +132,13 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         "references": refs,
         "figures": figures(raw, refs),
     }
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def _progress(message: str) -> None:
