@@ -226,8 +226,14 @@ async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[Rela
     """
     port = free_port()
     # One bench account stands in for many clients, so lift the per-account connection cap
-    # (an operator setting) to what the idle-subscriber scenario opens.
-    env = dict(os.environ, DATABASE_URL=database_url, COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000")
+    # (an operator setting) to what the idle-subscriber scenario opens. The ops listener takes a
+    # free port, so two benches (or a bench and a relay) on one machine do not collide on 9465.
+    env = dict(
+        os.environ,
+        DATABASE_URL=database_url,
+        COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
+        COZY_OPS_PORT="0",
+    )
     command = [sys.executable, "-m", "cozy.cli", "relay", "serve"]
     command += ["--port", str(port), "--data-dir", str(data_dir)]
     log_path = data_dir.parent / "relay.log"
