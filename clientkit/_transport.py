@@ -3,6 +3,12 @@
 trio-websocket leaves the underlying stream open on the client side when the server closes
 first (it waits for a TCP close that already happened), so we open the stream ourselves, hand
 it to `wrap_client_stream`, and close it when the connection's scope ends.
+
+The close handshake needs trio-websocket's reader task: `aclose` sends the close frame and then
+waits for the reader to see the relay's answer. A caller cancelled from outside (a timeout, a
+bot being stopped, a nursery cancelled with the connection still open) would cancel that reader
+too, and every close would then sit out its whole timeout. So the reader runs under a shield of
+its own that only this module lifts, after the handshake or its bound.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ import collections
 import os
 import ssl
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
 import trio
@@ -20,9 +26,12 @@ import trio_websocket
 from model import wire
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable
 
 CONNECT_TIMEOUT: Final = 10.0
+# How long a close may wait for the relay's answering close frame: on loopback it takes about a
+# millisecond; a relay that never answers (stalled, gone, a black-holed network) costs this much.
+CLOSE_TIMEOUT: Final = 2.0
 # For relays behind Cloudflare Access (SO-6), sent on the upgrade and never logged: a token
 # (e.g. from `cloudflared access token -app URL`), or a service token's id and secret.
 ACCESS_TOKEN_ENV: Final = "COZY_CF_ACCESS_TOKEN"  # noqa: S105 — a variable name, not a token
@@ -60,6 +69,31 @@ def access_headers(access_token: str | None = None) -> list[tuple[bytes, bytes]]
     return headers or None
 
 
+class _ShieldedReader:
+    """Stands in for the nursery `wrap_client_stream` starts its reader task in.
+
+    Runs the task in the caller's nursery under a shielded cancel scope, so cancelling the
+    caller does not end the reader before the close handshake is done; `stop` ends it.
+    `wrap_client_stream` only ever calls `start_soon` on its nursery.
+    """
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._scope = trio.CancelScope(shield=True)
+
+    def start_soon(
+        self, fn: Callable[..., Awaitable[object]], *args: Any, name: object = None
+    ) -> None:
+        async def shielded() -> None:
+            with self._scope:
+                await fn(*args)
+
+        self._nursery.start_soon(shielded, name=name or fn)
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+
 @asynccontextmanager
 async def open_websocket(
     url: str,
@@ -73,6 +107,10 @@ async def open_websocket(
     Sends the Cloudflare Access headers of `access_headers(access_token)`. A relay (or
     Cloudflare) that refuses them raises `trio_websocket.ConnectionRejected` (403, or 503 while
     the relay cannot check tokens).
+
+    Closing sends close code 1000 and waits for the relay's answering close frame, also when the
+    caller was cancelled, for at most CLOSE_TIMEOUT seconds; then the stream is closed either
+    way. The reader task runs in `nursery` until then.
     """
     headers = access_headers(access_token)
     parts = urlsplit(url)
@@ -88,9 +126,10 @@ async def open_websocket(
             )
         else:
             stream = await trio.open_tcp_stream(parts.hostname, port)
+        reader = _ShieldedReader(nursery)
         try:
             ws = await trio_websocket.wrap_client_stream(
-                nursery,
+                cast("trio.Nursery", reader),
                 stream,
                 parts.hostname,
                 resource,
@@ -99,14 +138,15 @@ async def open_websocket(
                 extra_headers=headers,
             )
         except BaseException:
+            reader.stop()
             await trio.aclose_forcefully(stream)
             raise
     try:
         yield ws
     finally:
-        with trio.move_on_after(2) as cleanup:
-            cleanup.shield = True
+        with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
             await ws.aclose()
+        reader.stop()
         await trio.aclose_forcefully(stream)
 
 
