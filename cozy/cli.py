@@ -9,8 +9,6 @@ from pathlib import Path
 
 from clientkit import cli as client_cli
 from cozy import _logging
-from relay.config import ConfigError
-from relay.embedded import EmbeddedServiceError
 
 
 def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -156,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return _release.run(args)
     _logging.configure(json=getattr(args, "json_logs", False))
+    # Server-side modules load only here: the relay's config pulls in hvac, requests and PyJWT
+    # (about 0.2 s), which every client command (`cozy post`, `cozy tail`, …) would pay for.
     from cozy import _server_commands
+    from relay.config import ConfigError
+    from relay.embedded import EmbeddedServiceError
 
     try:
         return _server_commands.run(args)
