@@ -210,6 +210,11 @@ class _Loadgen:
         docs = [await trio.to_thread.run_sync(_read_json, p) for p in self.procs]
         for p in self.procs:
             await trio.to_thread.run_sync(p.wait)
+        if errors := sum(d["seq_errors"] for d in docs):
+            raise BenchError(
+                f"{errors} deliveries came out of order (not the seq after the previous one):"
+                " the relay's fan-out lost or reordered events"
+            )
         return {
             "deliveries": sum(d["deliveries"] for d in docs),
             "complete": sum(d["complete"] for d in docs),

@@ -15,6 +15,12 @@ JSON document per line:
    ``samples_path`` is set, writes each delivery's latency (receipt - the event's scheduled
    send time T + (seq - B)/R, in seconds) to that file as native doubles.
 
+Every delivery is counted, and each subscriber checks that its seqs are contiguous (the count
+of breaks is reported as ``seq_errors``; the bench fails on any). The subscribers speak
+WebSocket through `LeanSocket`, a minimal client of their own, so that the load generator is
+not the bottleneck (see the class and docs/performance.md). A delivery's receipt time is when
+the chunk of bytes that completed it came off the socket.
+
 Times are `time.monotonic()` (CLOCK_MONOTONIC, shared by every process on the machine), not
 Trio's clock, which carries a per-run offset.
 """
@@ -22,27 +28,192 @@ Trio's clock, which carries a per-run offset.
 from __future__ import annotations
 
 import array
+import base64
+import hashlib
 import json
+import os
+import struct
 import sys
 import time
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
+from urllib.parse import urlsplit
 
+import msgspec
 import trio
-from trio_websocket import ConnectionClosed
 
-from clientkit._transport import open_websocket
-from cozy.bench._common import authed, raise_nofile_limit
+from cozy.bench._common import BenchError, raise_nofile_limit
 from model import wire
 
-OPEN_CONCURRENCY = 64
+OPEN_CONCURRENCY: Final = 64
+RECV_BYTES: Final = 256 * 1024
+_WS_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_OP_CONT, _OP_BINARY, _OP_CLOSE, _OP_PING = 0x0, 0x2, 0x8, 0x9
+
+
+class _Probe(msgspec.Struct):
+    """The few fields of a relay frame the subscriber looks at; the rest (the event's body)
+    is skipped by the decoder without being built."""
+
+    t: str
+    seq: int = 0
+    frames: list[msgspec.Raw] = []
+    code: str = ""
+    message: str = ""
+
+
+_probe = msgspec.msgpack.Decoder(_Probe)
+
+
+class SubscriberError(Exception):
+    """The relay refused the subscriber, sent a malformed stream, or closed it."""
+
+
+class LeanSocket:
+    """A minimal WebSocket client for the load generator: the opening handshake, masked
+    sends, and a reader that takes large chunks off the socket and walks frame headers itself.
+
+    Why not trio-websocket (which every real client here uses): the subscribers of `fanout` and
+    `latency` receive up to ~100k messages/s on the same two cores as the relay and Postgres,
+    and wsproto's per-frame Python (events, buffers, a task hand-off per message) made the load
+    generator the bottleneck it was meant to measure, like a benchmark client written in C
+    rather than in the server's language. It speaks only what the relay sends: unmasked binary
+    messages (fragmented or not), pings (answered) and close (ends the stream).
+    """
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self._stream = stream
+        self._buf = bytearray()
+        self._parts: list[bytes] = []  # fragments of a message not yet complete
+        self._pings: list[bytes] = []  # payloads of pings still to answer
+        self.received_at = 0.0  # time.monotonic() when the last chunk came off the socket
+
+    @classmethod
+    async def connect(cls, url: str) -> LeanSocket:
+        parts = urlsplit(url)
+        if parts.scheme != "ws" or not parts.hostname:
+            raise SubscriberError(f"the bench subscribers speak ws:// only, not {url!r}")
+        port = parts.port or 80
+        stream = await trio.open_tcp_stream(parts.hostname, port)
+        key = base64.b64encode(os.urandom(16))
+        await stream.send_all(
+            b"GET %s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: %s\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            % ((parts.path or "/").encode(), parts.hostname.encode(), port, key)
+        )
+        sock = cls(stream)
+        while b"\r\n\r\n" not in sock._buf:
+            await sock._fill()
+        head, _, rest = bytes(sock._buf).partition(b"\r\n\r\n")
+        sock._buf = bytearray(rest)
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())  # noqa: S324 — RFC 6455
+        lines = head.split(b"\r\n")
+        headers = dict(
+            (k.strip().lower(), v.strip()) for k, _, v in (ln.partition(b":") for ln in lines[1:])
+        )
+        if b" 101 " not in lines[0] + b" " or headers.get(b"sec-websocket-accept") != accept:
+            raise SubscriberError(f"WebSocket upgrade refused: {lines[0].decode(errors='replace')}")
+        return sock
+
+    async def _fill(self) -> None:
+        chunk = await self._stream.receive_some(RECV_BYTES)
+        if not chunk:
+            raise SubscriberError("the relay closed the connection")
+        self.received_at = time.monotonic()
+        self._buf += chunk
+
+    async def send(self, payload: bytes, opcode: int = _OP_BINARY) -> None:
+        """One masked message (a client must mask every frame it sends)."""
+        n = len(payload)
+        if n < 126:
+            head = struct.pack("!BB", 0x80 | opcode, 0x80 | n)
+        elif n < 1 << 16:
+            head = struct.pack("!BBH", 0x80 | opcode, 0x80 | 126, n)
+        else:
+            head = struct.pack("!BBQ", 0x80 | opcode, 0x80 | 127, n)
+        mask = os.urandom(4)
+        masked = bytes(b ^ mask[i & 3] for i, b in enumerate(payload))  # requests are small
+        await self._stream.send_all(head + mask + masked)
+
+    def messages(self) -> list[bytes]:
+        """Every complete message already buffered (possibly none); control frames handled."""
+        out: list[bytes] = []
+        buf = self._buf
+        pos, end = 0, len(buf)
+        while end - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            if b1 & 0x80:
+                raise SubscriberError("the relay sent a masked frame")
+            n, hdr = b1 & 0x7F, 2
+            if n == 126:
+                if end - pos < 4:
+                    break
+                n, hdr = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif n == 127:
+                if end - pos < 10:
+                    break
+                n, hdr = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if end - pos < hdr + n:
+                break
+            payload = bytes(buf[pos + hdr : pos + hdr + n])
+            pos += hdr + n
+            opcode = b0 & 0x0F
+            if opcode in (_OP_BINARY, _OP_CONT):
+                if b0 & 0x80:
+                    if self._parts:
+                        payload = b"".join([*self._parts, payload])
+                        self._parts.clear()
+                    out.append(payload)
+                else:
+                    self._parts.append(payload)
+            elif opcode == _OP_CLOSE:
+                code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
+                raise SubscriberError(f"the relay closed the stream ({code}: {payload[2:]!r})")
+            elif opcode == _OP_PING:
+                self._pings.append(payload)
+            # pongs and text frames (the relay sends none) are ignored
+        del buf[:pos]
+        return out
+
+    async def frames(self) -> list[_Probe]:
+        """The next relay frames (at least one), batches unpacked, in order."""
+        while True:
+            msgs = self.messages()
+            while self._pings:
+                await self.send(self._pings.pop(), 0xA)
+            if msgs:
+                break
+            await self._fill()
+        out: list[_Probe] = []
+        for msg in msgs:
+            frame = _probe.decode(msg)
+            if frame.t == "batch":
+                out.extend(_probe.decode(raw) for raw in frame.frames)
+            else:
+                out.append(frame)
+        return out
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self._stream)
 
 
 @dataclass
 class _Sub:
-    received: list[tuple[int, float]] = field(default_factory=list)
+    seqs: array.array[int] = field(default_factory=lambda: array.array("q"))
+    times: array.array[float] = field(default_factory=lambda: array.array("d"))
     dropped: bool = False
+    seq_errors: int = 0  # deliveries whose seq was not the one after the previous
+
+
+async def _expect(sock: LeanSocket, tag: str) -> list[_Probe]:
+    """Read until a frame tagged `tag` arrives; what came after it in the same read."""
+    while True:
+        frames = await sock.frames()
+        for i, f in enumerate(frames):
+            if f.t == tag:
+                return frames[i + 1 :]
+            if f.t == "error":
+                raise BenchError(f"bench subscriber refused: {f.code}: {f.message}")
 
 
 async def _subscriber(
@@ -56,29 +227,44 @@ async def _subscriber(
     expect: int = spec["expect"]
     base: int = spec["from_seq"]
     readied = False
-    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
-        try:
-            async with opening:
-                ws = await stack.enter_async_context(open_websocket(spec["url"], nursery))
-                frames = await authed(ws, spec["token"])
-                request = wire.Subscribe(rid=1, collab_id=spec["collab_id"], from_seq=base)
-                await ws.send_message(wire.encode(request))
-                while not isinstance(await frames.next(), wire.CaughtUp):
-                    pass
-            readied = True
-            await ready.send(True)
-            received = sub.received
-            while len(received) < expect:
-                frame = await frames.next()
-                if isinstance(frame, wire.Event) and frame.seq >= base:
-                    received.append((frame.seq, time.monotonic()))
-        except (ConnectionClosed, OSError, trio.TooSlowError):
-            sub.dropped = True
-            if not readied:
-                await ready.send(False)
-        remaining[0] -= 1
-        if remaining[0] == 0:
-            all_done.set()
+    sock: LeanSocket | None = None
+    try:
+        async with opening:
+            sock = await LeanSocket.connect(spec["url"])
+            await _expect(sock, "welcome")
+            await sock.send(wire.encode(wire.Authenticate(rid=0, token=spec["token"])))
+            await _expect(sock, "authenticated")
+            request = wire.Subscribe(rid=1, collab_id=spec["collab_id"], from_seq=base)
+            await sock.send(wire.encode(request))
+            # Nothing is published before every subscriber is ready, so nothing that follows
+            # `caught_up` in the same read is an event to count.
+            await _expect(sock, "caught_up")
+        readied = True
+        await ready.send(True)
+        seqs, times = sub.seqs, sub.times
+        nxt = base
+        while len(seqs) < expect:
+            frames = await sock.frames()
+            at = sock.received_at
+            for f in frames:
+                if f.t == "event" and f.seq >= base:
+                    if f.seq != nxt:
+                        sub.seq_errors += 1
+                    nxt = f.seq + 1
+                    seqs.append(f.seq)
+                    times.append(at)
+                elif f.t == "error":
+                    raise SubscriberError(f"{f.code}: {f.message}")
+    except (SubscriberError, OSError, trio.BrokenResourceError, msgspec.DecodeError):
+        sub.dropped = True
+        if not readied:
+            await ready.send(False)
+    finally:
+        if sock is not None:
+            await sock.aclose()
+    remaining[0] -= 1
+    if remaining[0] == 0:
+        all_done.set()
 
 
 async def _main(spec: dict[str, Any]) -> None:
@@ -105,18 +291,24 @@ async def _main(spec: dict[str, Any]) -> None:
             await all_done.wait()
         nursery.cancel_scope.cancel()
     t0, rate, base = go["t0"], go["rate"], go["base_seq"]
-    times = [t for s in subs for _, t in s.received]
+    times = [t for s in subs for t in s.times]
     if spec.get("samples_path"):
         samples = array.array(
-            "d", (t - (t0 + (seq - base) / rate) for s in subs for seq, t in s.received)
+            "d",
+            (
+                t - (t0 + (seq - base) / rate)
+                for s in subs
+                for seq, t in zip(s.seqs, s.times, strict=True)
+            ),
         )
         with open(spec["samples_path"], "wb") as f:  # noqa: ASYNC230 — the loop is finished
             samples.tofile(f)
     _emit(
         {
             "deliveries": len(times),
-            "complete": sum(len(s.received) >= spec["expect"] for s in subs),
+            "complete": sum(len(s.seqs) >= spec["expect"] for s in subs),
             "dropped": sum(s.dropped for s in subs),
+            "seq_errors": sum(s.seq_errors for s in subs),
             "first": min(times, default=0.0),
             "last": max(times, default=0.0),
         }
