@@ -17,10 +17,12 @@ from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
+from clientkit.errors import RelayOverloaded as RelayOverloaded
 from clientkit.errors import RelayRefused as RelayRefused
 from clientkit.errors import ReorderDetected as ReorderDetected
 from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected
+from clientkit.errors import TooManyConnections as TooManyConnections
 from clientkit.errors import WithholdingDetected as WithholdingDetected
 from model.view import CollabView as CollabView
 from model.view import Entry as Entry

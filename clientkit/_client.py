@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
+import random
 import secrets
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,10 +33,12 @@ from clientkit.errors import (
     IntegrityAlarm,
     ReceiptInvalid,
     RelayIdentityChanged,
+    RelayOverloaded,
     RelayRefused,
     ReorderDetected,
     ReplayDetected,
     TamperDetected,
+    TooManyConnections,
     WithholdingDetected,
 )
 from model import content as contentmod
@@ -68,6 +72,44 @@ if TYPE_CHECKING:
 
 R = TypeVar("R", bound=wire.Reply)
 SUBSCRIPTION_BUFFER: Final = 10_000
+# The relay refuses appends past 2 048 in flight or 16 MiB of bodies per connection (protocol.md
+# "Limits"). One Client keeps at most half of that in flight across all its callers, so its own
+# pipelining is never what gets shed.
+APPEND_WINDOW: Final = 1024
+APPEND_WINDOW_BYTES: Final = 8 * 1024 * 1024
+# `overloaded` refusals of appends are retried for this long (seconds), with jittered
+# exponential backoff from RETRY_START doubling up to RETRY_CAP.
+APPEND_RETRY_FOR: Final = 30.0
+RETRY_START: Final = 0.05
+RETRY_CAP: Final = 2.0
+
+
+class _AppendWindow:
+    """Appends this connection has sent and holds no reply for: a count and body bytes.
+
+    Admits one more while both stay within their bounds, and always admits one when none is in
+    flight (an event's body is far below the byte bound anyway)."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self._max_count, self._max_bytes = count, size
+        self.count = self.bytes = 0
+        self._released = trio.Event()
+
+    def try_acquire(self, size: int) -> bool:
+        if self.count and (self.count >= self._max_count or self.bytes + size > self._max_bytes):
+            return False
+        self.count += 1
+        self.bytes += size
+        return True
+
+    async def wait_released(self) -> None:
+        await self._released.wait()
+
+    def release(self, size: int, count: int = 1) -> None:
+        self.count -= count
+        self.bytes -= size
+        self._released.set()
+        self._released = trio.Event()
 
 
 class Client:
@@ -87,6 +129,7 @@ class Client:
         self.relay_pk = b""
         self.account_id: str | None = None
         self._accounts: dict[str, wire.AccountInfo] = {}
+        self._append_window = _AppendWindow(APPEND_WINDOW, APPEND_WINDOW_BYTES)
         # Set by a caller with durable state (the CLI): keeps each receipt, returns an earlier
         # one for the same position that disagrees with it.
         self.on_receipt: Callable[[SignedReceipt], SignedReceipt | None] | None = None
@@ -177,6 +220,8 @@ class Client:
         except trio.EndOfChannel:
             raise self._closed or ConnectionLost() from None
         if isinstance(reply, wire.Error):
+            if reply.code is wire.ErrorCode.TOO_MANY_CONNECTIONS:
+                raise TooManyConnections(reply.message)
             raise RelayRefused(reply.code, reply.message, head_seq=reply.head_seq)
         if not isinstance(reply, expect):
             raise RelayRefused(wire.ErrorCode.INTERNAL, f"unexpected reply {type(reply).__name__}")
@@ -349,49 +394,151 @@ class Client:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def append(self, signed: SignedEvent) -> wire.Appended:
+    async def append(
+        self, signed: SignedEvent, *, retry_for: float = APPEND_RETRY_FOR
+    ) -> wire.Appended:
         """Submit a signed event; return the ack once its receipt checks out.
 
         Safe to retry with the same `signed` after a lost connection: the relay answers with
-        the original seq (``duplicate=True``).
+        the original seq (``duplicate=True``). `overloaded` refusals are retried as in
+        `append_many`.
         """
-        return (await self.append_many([signed]))[0]
+        return (await self.append_many([signed], retry_for=retry_for))[0]
 
-    async def append_many(self, events: Sequence[SignedEvent]) -> list[wire.Appended]:
+    async def append_many(
+        self, events: Sequence[SignedEvent], *, retry_for: float = APPEND_RETRY_FOR
+    ) -> list[wire.Appended]:
         """Submit many events pipelined (in `Batch` frames) and return their acks, in order.
 
-        Each ack's receipt is checked. If the relay refuses one, `RelayRefused` is raised after
-        every reply arrived; the others may be stored — retrying them all is safe (idempotent).
+        At most APPEND_WINDOW appends (APPEND_WINDOW_BYTES of bodies) of this connection are in
+        flight at once, whoever sends them, so the relay's per-connection limit is never hit.
+        Each ack's receipt is checked.
+
+        The relay sheds load with `overloaded` (a full collab inbox): those events are sent
+        again, the same signed bytes, after a jittered exponential backoff, and nothing more is
+        sent until then; this goes on for at most `retry_for` seconds, after which
+        `RelayOverloaded` is raised. Events are submitted in order, but one refused and sent
+        again lands after the ones stored meanwhile: events whose order readers check (one
+        device stream's evidence, docs/ordering.md) go one at a time with `append`.
+
+        If the relay refuses one for another reason, `RelayRefused` is raised after every reply
+        arrived; the others may be stored — retrying them all is safe (idempotent).
         """
-        waiting: list[trio.MemoryReceiveChannel[wire.Reply]] = []
-        chunk: list[bytes] = []
-        size = 0
-        for signed in events:
-            rid, reply = self._expect_reply()
-            waiting.append(reply)
-            frame = wire.encode(wire.Append(rid=rid, event=signed))
-            if chunk and (
-                len(chunk) >= wire.MAX_BATCH_FRAMES or size + len(frame) > wire.MAX_FRAME_BYTES // 2
-            ):
-                await self._send(wire.batch(chunk))
-                chunk, size = [], 0
-            chunk.append(frame)
-            size += len(frame)
-        if chunk:
-            await self._send(wire.batch(chunk))
-        acks: list[wire.Appended] = []
+        acks: list[wire.Appended | None] = [None] * len(events)
+        pending = list(range(len(events)))
         refused: RelayRefused | None = None
-        for signed, reply in zip(events, waiting, strict=True):
-            try:
-                ack = await self._reply(reply, wire.Appended)
-            except RelayRefused as exc:
-                refused = refused or exc
-                continue
-            self._check_receipt(signed, ack)
-            acks.append(ack)
+        deadline = trio.current_time() + retry_for
+        delay = RETRY_START
+        while True:
+            shed, other = await self._append_round(events, pending, acks)
+            refused = refused or other
+            if not shed:
+                break
+            now = trio.current_time()
+            if now >= deadline:
+                raise RelayOverloaded(
+                    f"the relay refused {len(shed)} of {len(events)} appends with `overloaded`"
+                    f" for {retry_for:g} s; those were not stored",
+                    stored=len(events) - len(shed),
+                    pending=len(shed),
+                )
+            delay = delay * 2 if len(shed) == len(pending) else RETRY_START  # no progress: back off
+            delay = min(RETRY_CAP, delay)
+            await trio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))  # noqa: S311 — jitter
+            pending = shed
         if refused is not None:
             raise refused
-        return acks
+        done = [ack for ack in acks if ack is not None]
+        assert len(done) == len(events)
+        return done
+
+    async def _append_round(
+        self,
+        events: Sequence[SignedEvent],
+        indexes: list[int],
+        acks: list[wire.Appended | None],
+    ) -> tuple[list[int], RelayRefused | None]:
+        """Send `events[i]` for each i in `indexes` through the window, and collect the replies
+        into `acks`. Returns the indexes to send again (refused with `overloaded`, or not sent
+        because of one), in order, and the first other refusal."""
+        window = self._append_window
+        again: list[int] = []
+        unsent: list[int] = []
+        refused: RelayRefused | None = None
+        shedding = False  # the relay said `overloaded`: send nothing more this round
+        held = [0, 0]  # this round's share of the window: count, bytes
+        sent, to_collect = trio.open_memory_channel[
+            tuple[int, trio.MemoryReceiveChannel[wire.Reply], int]
+        ](math.inf)
+
+        def release(size: int) -> None:
+            window.release(size)
+            held[0] -= 1
+            held[1] -= size
+
+        async def submit() -> None:
+            chunk: list[bytes] = []
+            size = 0
+            async with sent:
+                for pos, i in enumerate(indexes):
+                    body = len(events[i].body)
+                    if not window.try_acquire(body):
+                        if chunk:  # what waits for the window must be on the wire first
+                            await self._send(wire.batch(chunk))
+                            chunk, size = [], 0
+                        while not window.try_acquire(body):
+                            await window.wait_released()
+                    held[0] += 1
+                    held[1] += body
+                    if shedding:
+                        release(body)
+                        unsent.extend(indexes[pos:])
+                        break
+                    rid, reply = self._expect_reply()
+                    frame = wire.encode(wire.Append(rid=rid, event=events[i]))
+                    if chunk and (
+                        len(chunk) >= wire.MAX_BATCH_FRAMES
+                        or size + len(frame) > wire.MAX_FRAME_BYTES // 2
+                    ):
+                        await self._send(wire.batch(chunk))
+                        chunk, size = [], 0
+                    chunk.append(frame)
+                    size += len(frame)
+                    sent.send_nowait((i, reply, body))
+                if chunk:
+                    await self._send(wire.batch(chunk))
+
+        async def collect() -> None:
+            nonlocal refused, shedding
+            async for i, reply, body in to_collect:
+                try:
+                    ack = await self._reply(reply, wire.Appended)
+                except RelayRefused as exc:
+                    if exc.code is wire.ErrorCode.OVERLOADED:
+                        shedding = True
+                        again.append(i)
+                    else:
+                        refused = refused or exc
+                    continue
+                finally:
+                    release(body)
+                self._check_receipt(events[i], ack)
+                acks[i] = ack
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(submit)
+                nursery.start_soon(collect)
+        except BaseExceptionGroup as group:
+            # A lost connection (seen by both tasks) or an alarm: raise it as itself.
+            error = _first_error(group)
+            if error is None:
+                raise  # only cancellation: leave it to Trio
+            raise error from None
+        finally:
+            # Ended early: give back the window this round still held.
+            window.release(held[1], held[0])
+        return again + unsent, refused
 
     def _check_receipt(self, signed: SignedEvent, ack: wire.Appended) -> None:
         receipt = Receipt(ack.collab_id, ack.seq, ack.event_id, ack.chain)
@@ -735,6 +882,24 @@ _ALARMS: dict[type[Exception], type[IntegrityAlarm]] = {
     WithholdingProven: WithholdingDetected,
     ForkProven: ForkDetected,
 }
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The error that ended a group of tasks: an integrity alarm before anything else, then
+    the first one raised; None when the group holds only cancellations."""
+    leaves: list[BaseException] = []
+    pending: list[BaseException] = [group]
+    while pending:
+        exc = pending.pop(0)
+        if isinstance(exc, BaseExceptionGroup):
+            pending[:0] = exc.exceptions
+        else:
+            leaves.append(exc)
+    for wanted in (IntegrityAlarm, Exception, BaseException):
+        for exc in leaves:
+            if isinstance(exc, wanted) and not isinstance(exc, trio.Cancelled):
+                return exc
+    return None
 
 
 def _now_ms() -> int:

@@ -19,6 +19,11 @@ What it takes care of, learning from what users of other bot SDKs trip over:
 - **Connections that die or go silent** are re-opened with jittered exponential backoff; a ping
   watchdog notices a silent socket. `on_connect` runs on the first connection, `on_resume` on
   each reconnection.
+- **A busy relay** (`overloaded`): `ctx.post` retries with jittered backoff for up to
+  `Client.append`'s `retry_for`; past it `RelayOverloaded` reaches the handler, and if the
+  handler lets it through, `run` backs off, reconnects and handles that event again (its post
+  was not stored). `too_many_connections` is not retried: `run` raises `TooManyConnections`,
+  whose message says which connection to close.
 - **Integrity alarms are not swallowed.** An `IntegrityAlarm` (the relay lied: see
   docs/ordering.md) goes to the `on_alarm` hook if there is one and otherwise stops `run` by
   raising it: a bot must not keep acting on a history it cannot trust.
@@ -42,7 +47,7 @@ from trio_websocket import ConnectionClosed
 from clientkit._agent import AgentCredentials, load_credentials
 from clientkit._client import Client, connect
 from clientkit._state import ClientState
-from clientkit.errors import ConnectionLost, IntegrityAlarm
+from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded
 from model import content as contentmod
 from model import wire
 from model.envelope import seal_event
@@ -179,8 +184,10 @@ class Bot:
                 error = _innermost(exc)
                 if isinstance(error, IntegrityAlarm) and self._on_alarm is not None:
                     await self._on_alarm(self, error)
-                elif not isinstance(error, (ConnectionLost, ConnectionClosed, OSError, _Silent)):
-                    raise error from None
+                elif not isinstance(
+                    error, (ConnectionLost, ConnectionClosed, OSError, _Silent, RelayOverloaded)
+                ):
+                    raise error from None  # TooManyConnections among them: retrying won't help
                 failures += 1
             started = True
             delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures, 16))

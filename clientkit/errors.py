@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from model import wire
+
 if TYPE_CHECKING:
-    from model import wire
     from model.equivocation import EquivocationProof
 
 
@@ -16,11 +17,53 @@ class ClientError(Exception):
 class RelayRefused(ClientError):
     """The relay answered a request with a typed error frame."""
 
-    def __init__(self, code: wire.ErrorCode, message: str, *, head_seq: int | None = None) -> None:
-        super().__init__(f"{code.value}: {message}")
+    def __init__(
+        self,
+        code: wire.ErrorCode,
+        message: str,
+        *,
+        head_seq: int | None = None,
+        advice: str = "",
+    ) -> None:
+        super().__init__(f"{code.value}: {message}" + (f"; {advice}" if advice else ""))
         self.code = code
-        self.message = message
+        self.message = message  # the relay's own words
         self.head_seq = head_seq  # with code `stale`: the head to make the request against
+
+
+class RelayOverloaded(RelayRefused):
+    """The relay kept shedding appends with `overloaded` until the retry deadline passed.
+
+    `Client.append_many` (and `append`) retry `overloaded` refusals with jittered exponential
+    backoff on their own; this surfaces only when the relay stayed overloaded for the whole
+    `retry_for`. `stored` of the call's events were acked (their acks were checked), `pending`
+    were not stored. Sending the same signed events again later is safe: appends are idempotent,
+    and one already stored is answered with its original seq.
+    """
+
+    def __init__(self, message: str, *, stored: int, pending: int) -> None:
+        super().__init__(
+            wire.ErrorCode.OVERLOADED,
+            message,
+            advice="retry the same signed events later, or with a longer retry_for",
+        )
+        self.stored = stored
+        self.pending = pending
+
+
+class TooManyConnections(RelayRefused):
+    """`login`/`authenticate` refused: the account already holds the most connections the relay
+    allows (`max_connections_per_account`). Retrying on its own does not free a slot; this is
+    not retried by `Client` or the bot kit."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            wire.ErrorCode.TOO_MANY_CONNECTIONS,
+            message,
+            advice="close another connection of this account (a second copy of this bot, a"
+            " `cozy tail -f` still running), or ask the relay's operator to raise"
+            " max_connections_per_account",
+        )
 
 
 class ConnectionLost(ClientError):
