@@ -172,6 +172,12 @@ class Relay:
         self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))
         self.url = ""
         self._connections: set[Connection] = set()
+        # Connections by the account they were bound to (`_bind`), so a login counts only its
+        # own account's connections instead of scanning every open one. An entry may be stale
+        # (the session expired or an agent was revoked: `account_id` went to None); every use
+        # re-checks `account_id`, and the entry goes when the connection does or rebinds.
+        self._by_account: dict[str, set[Connection]] = {}
+        self._filed_under: dict[Connection, str] = {}
         self._accepted = 0
         self._overloaded = 0  # requests shed with `overloaded` (a bound was reached)
         self._connection_refusals = 0  # logins/auths refused: too many connections
@@ -354,6 +360,7 @@ class Relay:
                 pass
             finally:
                 self._connections.discard(conn)
+                self._unfile(conn)
                 for sub in subscriptions.values():
                     self.fanout.remove(sub)
                 nursery.cancel_scope.cancel()
@@ -740,7 +747,7 @@ class Relay:
         """A committed removal: end the removed member's subscriptions and forget the cached
         membership on their connections, so their next request is checked afresh."""
         self.fanout.evict(collab_id, account_id, "you were removed from this collab")
-        for conn in self._connections:
+        for conn in self._by_account.get(account_id, ()):
             if conn.account_id == account_id:
                 conn.member_of.pop(collab_id, None)
         log.info("member_removed", collab_id=collab_id, account_id=account_id)
@@ -1001,7 +1008,7 @@ class Relay:
         generation = await self._db(self.ledger.revoke_agent, req.account_id, creator)
         if generation is None:
             raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no agent of yours has that id")
-        for other in list(self._connections):
+        for other in list(self._by_account.get(req.account_id, ())):
             if other.account_id == req.account_id:
                 other.account_id = None
                 other.close_gracefully(AGENT_REVOKED_CODE, "agent revoked by its creator")
@@ -1011,16 +1018,22 @@ class Relay:
     def _bind(self, conn: Connection, row: AccountRow, expires: int) -> None:
         """Make `row` the connection's account, within the per-account connection limit."""
         if conn.account_id != row.account_id:
-            now = time.time()
-            held = sum(
-                1
-                for other in self._connections
-                if other is not conn
-                and other.account_id == row.account_id
-                and not other.closing
-                and other.session_expires_at > now
-            )
             limit = self.config.max_connections_per_account
+            filed = self._by_account.get(row.account_id, set())
+            # The filed set bounds the count from above (it also holds connections that are
+            # closing, expired or revoked), so the exact count is only needed near the limit:
+            # a login costs O(1) below it, not a scan of every open connection.
+            held = len(filed) - (conn in filed)
+            if held >= limit:
+                now = time.time()
+                held = sum(
+                    1
+                    for other in filed
+                    if other is not conn
+                    and other.account_id == row.account_id
+                    and not other.closing
+                    and other.session_expires_at > now
+                )
             if held >= limit:
                 self._connection_refusals += 1
                 raise RequestRefused(
@@ -1029,10 +1042,22 @@ class Relay:
                     " close one, or reuse a connection, then retry",
                 )
             conn.member_of.clear()
+            self._unfile(conn)
+            self._by_account.setdefault(row.account_id, set()).add(conn)
+            self._filed_under[conn] = row.account_id
         conn.account_id = row.account_id
         conn.sign_pk = row.sign_pk
         conn.box_pk = row.box_pk
         conn.session_expires_at = expires
+
+    def _unfile(self, conn: Connection) -> None:
+        """Take `conn` out of the by-account index (it closed, or binds another account)."""
+        account_id = self._filed_under.pop(conn, None)
+        if account_id is not None:
+            filed = self._by_account[account_id]
+            filed.discard(conn)
+            if not filed:
+                del self._by_account[account_id]
 
     async def _require_member(
         self, conn: Connection, collab_id: str, need: str | None = None
