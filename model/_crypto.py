@@ -7,14 +7,13 @@ that callers cannot build oracles out of *why* a check failed.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
 
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.signing
-from nacl.encoding import RawEncoder
-from nacl.hash import blake2b
 
 HASH_BYTES = 32
 AEAD_KEY_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
@@ -22,6 +21,7 @@ AEAD_NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 SIGN_PK_BYTES = 32
 SIGN_SEED_BYTES = 32
 SIGNATURE_BYTES = 64
+_LENGTH = struct.Struct(">Q")
 
 
 class CryptoError(Exception):
@@ -34,11 +34,14 @@ def domain_hash(domain: bytes, *parts: bytes) -> bytes:
     Length prefixes make the encoding injective, so two different part lists can never hash
     alike by shifting bytes between neighbours.
     """
-    buf = bytearray(domain)
+    # hashlib's BLAKE2b is the same function as libsodium's generichash (unkeyed, 32-byte
+    # digest), fed incrementally: no copy of a 4 KiB body into a buffer, and no per-call
+    # binding overhead (~5x cheaper per event id; tests/test_model_hash.py pins the two equal).
+    h = hashlib.blake2b(domain, digest_size=HASH_BYTES)
     for part in parts:
-        buf += struct.pack(">Q", len(part))
-        buf += part
-    return blake2b(bytes(buf), digest_size=HASH_BYTES, encoder=RawEncoder)
+        h.update(_LENGTH.pack(len(part)))
+        h.update(part)
+    return h.digest()
 
 
 def random_bytes(n: int) -> bytes:
