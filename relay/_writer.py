@@ -1,9 +1,10 @@
 """The ledger writer: group commit across collabs.
 
 Every sequencer hands its verified batch here and waits; the writer takes everything queued —
-batches of many collabs — and commits them in one transaction, then signs a receipt for each
-event. One commit (and one fsync) then covers many collabs, which is what lets a relay with many
-active collabs approach the rate of one busy collab. Each sequencer has at most one batch in
+batches of many collabs — and commits them in one transaction. One commit (and one fsync) then
+covers many collabs, which is what lets a relay with many active collabs approach the rate of
+one busy collab. Receipts are signed by the sequencers after `write` returns (so after the
+commit), in their own worker threads, while this writer already runs the next transaction. Each sequencer has at most one batch in
 flight, so per-collab order is untouched; the writer never reorders within a collab.
 
 If the transaction fails because some collab's head was stale, those requests fail alone and
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 MAX_GROUP_EVENTS: Final = 4096
 
-Written = tuple["Head", list["Assignment"], list[bytes]]
+Written = tuple["Head", list["Assignment"]]
 
 
 @dataclass(eq=False)
@@ -81,7 +82,7 @@ class LedgerWriter:
         )
 
     async def write(self, request: AppendRequest) -> Written:
-        """Persist one collab's batch (with others) and return its head, assignments, receipts.
+        """Persist one collab's batch (with others) and return its new head and assignments.
 
         Raises `LedgerError` if it was not written. Not abandoned on cancellation: once queued,
         the caller waits for the outcome so an ack is never lost for a committed event.
@@ -118,8 +119,17 @@ class LedgerWriter:
                             job.result = LedgerError("the relay stopped before writing this batch")
                         job.done.set()
 
+    def sign_receipts(self, collab_id: str, assignments: list[Assignment]) -> list[bytes]:
+        """The relay's receipt for each committed assignment (ADR-0007). Pure and thread-safe:
+        sequencers call it in their own worker threads after `write` returned, so the single
+        writer thread goes straight on to the next commit instead of signing (ADR-0004)."""
+        return [
+            sign_receipt(self._relay_key, Receipt(collab_id, a.seq, a.event_id, a.chain))
+            for a in assignments
+        ]
+
     def _write_group(self, group: list[_Job]) -> None:
-        """Worker thread: one transaction for the group, then receipts for what committed."""
+        """Worker thread: one transaction for the group."""
         pending = group
         for _attempt in range(2):
             started = time.perf_counter()
@@ -149,15 +159,9 @@ class LedgerWriter:
                 duplicates = sum(a.duplicate for a in assignments)
                 self._duplicates += duplicates
                 written += len(assignments) - duplicates
-                job.result = (head, assignments, self._receipts(job.request.collab_id, assignments))
+                job.result = (head, assignments)
             if self._on_commit is not None:
                 self._on_commit(written, elapsed)
             return
         for job in pending:
             job.result = LedgerError("the ledger kept refusing this batch; retry it")
-
-    def _receipts(self, collab_id: str, assignments: list[Assignment]) -> list[bytes]:
-        return [
-            sign_receipt(self._relay_key, Receipt(collab_id, a.seq, a.event_id, a.chain))
-            for a in assignments
-        ]
