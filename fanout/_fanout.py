@@ -12,9 +12,13 @@ the gap-free, duplicate-free switch from catch-up to live:
 If `pending` overflows during a long catch-up it is dropped and step 2 runs again. Live frames
 are offered to the subscriber's outbox without waiting: a full outbox means the subscriber lags,
 and it is disconnected with a reason and the seq to resume from, so a slow subscriber never
-stalls the sequencer or anyone else. Each event's frame is encoded once and the same bytes go to
-every subscriber — except a DM, whose body goes only to its two participants: everyone else
-gets a `withheld` frame with the event id and chain, enough to keep verifying the chain.
+stalls the sequencer or anyone else. Each published batch (one commit's events of one collab)
+becomes one `Message` — the events' frames in one `batch`, already framed for WebSocket — built
+once, and the same bytes go to every subscriber as one item of its outbox, written with one
+`send` (ADR-0005). A DM's body goes only to its two participants: everyone else gets a
+`withheld` frame with the event id and chain, enough to keep verifying the chain; so a batch
+holding DMs is built once per distinct view of it (usually three: each participant's, and
+everyone else's).
 
 A member removed from a collab has their live subscriptions to it ended (`evict`) right after
 the removal event is queued to them, so they see why their stream ended.
@@ -28,12 +32,16 @@ from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
+from fanout._message import Message
 from model import wire
 from model.envelope import SequencedEvent, event_id
 
 CATCHUP_PAGE: Final = 500
 PENDING_LIMIT: Final = 10_000
 LAG_CLOSE_CODE: Final = 4008
+# A published batch goes out as messages of at most this many bytes of frames (and
+# MAX_BATCH_FRAMES frames), well under the WebSocket cap every client accepts (WS_HARD_LIMIT).
+MESSAGE_BYTES: Final = 256 * 1024
 
 
 ReadRange = Callable[[str, int, int], Awaitable[Sequence[SequencedEvent]]]
@@ -42,8 +50,9 @@ ReadRange = Callable[[str, int, int], Awaitable[Sequence[SequencedEvent]]]
 class Outbox(Protocol):
     """The subscriber's side of a connection, as fan-out needs it."""
 
-    def offer(self, frame: bytes) -> bool:
-        """Queue a frame without waiting; False when the queue is full."""
+    def offer(self, frame: bytes | Message) -> bool:
+        """Queue a frame, or a whole `Message` (sent as is), without waiting; False when the
+        queue is full."""
 
     async def send(self, frame: bytes) -> None:
         """Send a frame now, waiting for the socket (used only while catching up)."""
@@ -128,6 +137,45 @@ class _Out(NamedTuple):
         return cls(ev.seq, encode_event(ev), ev.audience, _encode_withheld(ev))
 
 
+class _Group:
+    """One published batch (ascending, contiguous seqs) and its messages, built on first use:
+    one for everyone when it holds no DM, else one per distinct view of its DMs."""
+
+    __slots__ = ("_dms", "_messages", "first_seq", "frames", "last_seq")
+
+    def __init__(self, frames: list[_Out]) -> None:
+        self.frames = frames
+        self.first_seq = frames[0].seq
+        self.last_seq = frames[-1].seq
+        self._dms = [out.audience for out in frames if out.audience]
+        self._messages: dict[tuple[bool, ...], list[Message]] = {}
+
+    def messages_for(self, account_id: str) -> list[Message]:
+        view = tuple(account_id in audience for audience in self._dms)
+        msgs = self._messages.get(view)
+        if msgs is None:
+            msgs = self._messages[view] = _messages(
+                [o.for_account(account_id) for o in self.frames]
+            )
+        return msgs
+
+
+def _messages(frames: list[bytes]) -> list[Message]:
+    """`frames` as `batch` messages of at most MAX_BATCH_FRAMES frames and MESSAGE_BYTES bytes
+    (a lone frame over that goes alone), so no message exceeds what a client accepts."""
+    out: list[Message] = []
+    run: list[bytes] = []
+    size = 0
+    for frame in frames:
+        if run and (len(run) >= wire.MAX_BATCH_FRAMES or size + len(frame) > MESSAGE_BYTES):
+            out.append(Message(wire.batch(run), len(run)))
+            run, size = [], 0
+        run.append(frame)
+        size += len(frame)
+    out.append(Message(wire.batch(run), len(run)))
+    return out
+
+
 class Fanout:
     """Subscriber registry and live streaming. Lives on the Trio loop; never blocks."""
 
@@ -158,9 +206,14 @@ class Fanout:
         if not subs:
             return
         frames = [_Out.of(ev) for ev in events]
+        group = _Group(frames)
+
         for sub in list(subs):
             if sub.live:
-                self._deliver(sub, frames)
+                if sub.next_seq == group.first_seq:
+                    self._deliver_group(sub, group)
+                else:
+                    self._deliver(sub, frames)
             else:
                 sub.pending.extend(frames)
                 if len(sub.pending) > PENDING_LIMIT:
@@ -235,6 +288,17 @@ class Fanout:
             ):
                 self._lag(sub)
         return ended
+
+    def _deliver_group(self, sub: Subscription, group: _Group) -> None:
+        """The whole published batch as one message: the live path's common case."""
+        if sub.ended:
+            return
+        for msg in group.messages_for(sub.account_id):
+            if not sub.outbox.offer(msg):
+                self._lag(sub)
+                return
+        sub.next_seq = group.last_seq + 1
+        self._deliveries += len(group.frames)
 
     def _deliver(self, sub: Subscription, frames: Sequence[_Out]) -> None:
         for out in frames:

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Final
 import trio
 from trio_websocket import ConnectionClosed
 
+from fanout import Message, ws_binary_frame
 from model import wire
+from relay._wsraw import check_compatible, send_framed
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
@@ -39,6 +41,8 @@ MAX_APPEND_BYTES_IN_FLIGHT: Final = 16 * 1024 * 1024
 MAX_BACKGROUND_TASKS: Final = 8
 # Coalesced messages stay well under the WebSocket cap every peer accepts (WS_HARD_LIMIT).
 BATCH_BYTES: Final = 256 * 1024
+# The writer drains the outbox into one `send` of at most about this many bytes.
+WRITE_BYTES: Final = 1024 * 1024
 CLOSE_TIMEOUT: Final = 2.0
 
 
@@ -65,9 +69,14 @@ class Connection:
         # Who Cloudflare Access let through (SO-6), when the relay checks it; else None.
         self.access: AccessIdentity | None = None
         self._nursery = nursery
-        self._out_send, self._out_recv = trio.open_memory_channel[bytes](OUTBOX_FRAMES)
+        check_compatible(ws)  # the writer sends through relay/_wsraw.py
+        # Items are single frames (coalesced into batches by the writer) or whole messages
+        # built once by fan-out for every subscriber (written as they are).
+        self._out_send, self._out_recv = trio.open_memory_channel[bytes | Message](OUTBOX_FRAMES)
         self._outbox_bytes_limit = OUTBOX_BYTES
+        self._outbox_frames_limit = OUTBOX_FRAMES
         self.outbox_bytes = 0  # bytes queued in the outbox, not yet handed to the socket
+        self.outbox_frames = 0  # frames queued (a fan-out Message counts its event frames)
         self.appends_in_flight = 0
         self.append_bytes_in_flight = 0
         self.background_tasks = 0
@@ -78,11 +87,6 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._closing
-
-    @property
-    def outbox_frames(self) -> int:
-        """Frames queued in the outbox (for `Relay.statistics`)."""
-        return self._out_recv.statistics().current_buffer_used
 
     def admit_append(self, size: int) -> AppendTicket | None:
         """Count one more append in flight, or None when this connection is at its limit."""
@@ -96,52 +100,78 @@ class Connection:
         return AppendTicket(self, size)
 
     async def run_writer(self) -> None:
-        """Send queued frames in order until the outbox closes; then close the socket.
+        """Send queued items in order until the outbox closes; then close the socket.
 
-        Frames already queued are coalesced into one `Batch` message, up to MAX_BATCH_FRAMES
-        frames and BATCH_BYTES bytes, so a batch never exceeds what a client accepts.
+        Everything already queued goes out in one `send` (up to about WRITE_BYTES): runs of
+        single frames are coalesced into `batch` messages of at most MAX_BATCH_FRAMES frames and
+        BATCH_BYTES bytes (so a batch never exceeds what a client accepts), each framed here; a
+        fan-out `Message` is written as the WebSocket frame it already is.
         """
-        carry: bytes | None = None
+        recv = self._out_recv
         try:
-            async with self._out_recv:
+            async with recv:
                 while True:
-                    if carry is None:
+                    try:
+                        item = await recv.receive()
+                    except trio.EndOfChannel:
+                        return
+                    out: list[bytes] = []
+                    run: list[bytes] = []
+                    run_size = size = 0
+                    while True:
+                        n = len(item)
+                        self.outbox_bytes -= n
+                        size += n
+                        if isinstance(item, Message):
+                            self.outbox_frames -= item.events
+                            if run:
+                                out.append(ws_binary_frame(wire.batch(run)))
+                                run, run_size = [], 0
+                            out.append(item.framed)
+                        else:
+                            if run and (
+                                len(run) >= wire.MAX_BATCH_FRAMES or run_size + n > BATCH_BYTES
+                            ):
+                                out.append(ws_binary_frame(wire.batch(run)))
+                                run, run_size = [], 0
+                            self.outbox_frames -= 1
+                            run.append(item)
+                            run_size += n
+                        if size >= WRITE_BYTES:
+                            break
                         try:
-                            carry = await self._out_recv.receive()
-                        except trio.EndOfChannel:
-                            return
-                    frames, size, carry = [carry], len(carry), None
-                    self.outbox_bytes -= len(frames[0])
-                    while len(frames) < wire.MAX_BATCH_FRAMES:
-                        try:
-                            nxt = self._out_recv.receive_nowait()
+                            item = recv.receive_nowait()
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                        if size + len(nxt) > BATCH_BYTES:
-                            carry = nxt  # still counted in outbox_bytes until it goes out
-                            break
-                        frames.append(nxt)
-                        self.outbox_bytes -= len(nxt)
-                        size += len(nxt)
+                    if run:
+                        out.append(ws_binary_frame(wire.batch(run)))
                     if self._dropped:
                         return
-                    await self.ws.send_message(wire.batch(frames))
+                    await send_framed(self.ws, out[0] if len(out) == 1 else b"".join(out))
         except ConnectionClosed:
             pass
         finally:
             self._flushed.set()
 
-    def offer(self, frame: bytes) -> bool:
-        """Queue a frame without waiting. False when the connection is closing or the outbox
-        is full (OUTBOX_FRAMES frames or OUTBOX_BYTES bytes); the caller decides what a full
-        outbox means (see `reply`)."""
-        if self._closing or self.outbox_bytes + len(frame) > self._outbox_bytes_limit:
+    def offer(self, frame: bytes | Message) -> bool:
+        """Queue a frame (or a fan-out `Message`) without waiting. False when the connection is
+        closing or the outbox is full (OUTBOX_FRAMES frames, counting each event frame of a
+        `Message`, or OUTBOX_BYTES bytes); the caller decides what a full outbox means (see
+        `reply`)."""
+        n = len(frame)
+        frames = frame.events if isinstance(frame, Message) else 1
+        if (
+            self._closing
+            or self.outbox_bytes + n > self._outbox_bytes_limit
+            or self.outbox_frames + frames > self._outbox_frames_limit
+        ):
             return False
         try:
             self._out_send.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
-        self.outbox_bytes += len(frame)
+        self.outbox_bytes += n
+        self.outbox_frames += frames
         return True
 
     def reply(self, frame: wire.Reply) -> None:

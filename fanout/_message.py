@@ -1,0 +1,43 @@
+"""A relay message built once and written, byte for byte, to many connections.
+
+Relay → client WebSocket frames are never masked (RFC 6455 §5.1: only a client masks), so the
+complete frame of a message — header and payload — is the same bytes for every subscriber.
+Fan-out builds it once per published batch of events and every subscriber's connection writes
+those bytes as they are: no per-subscriber encoding, batching or framing (ADR-0005).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+_FIN_BINARY: Final = 0x82  # FIN + opcode 2 (binary); RSV bits clear: never compressed
+
+
+def ws_binary_frame(payload: bytes) -> bytes:
+    """The unmasked, unfragmented WebSocket frame carrying `payload` as one binary message."""
+    n = len(payload)
+    if n < 126:
+        head = struct.pack("!BB", _FIN_BINARY, n)
+    elif n < 1 << 16:
+        head = struct.pack("!BBH", _FIN_BINARY, 126, n)
+    else:
+        head = struct.pack("!BBQ", _FIN_BINARY, 127, n)
+    return head + payload
+
+
+class Message:
+    """One complete relay message (a frame, or a `batch` of frames): sent as is, never wrapped
+    in another batch. `framed` is its WebSocket frame, built once for every connection."""
+
+    __slots__ = ("events", "framed")
+
+    def __init__(self, payload: bytes, events: int) -> None:
+        self.framed = ws_binary_frame(payload)
+        self.events = events  # how many event frames it carries (for the delivery count)
+
+    def __len__(self) -> int:
+        return len(self.framed)
+
+    def __repr__(self) -> str:
+        return f"Message({len(self.framed)} bytes, {self.events} events)"

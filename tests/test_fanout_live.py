@@ -1,0 +1,105 @@
+"""Live fan-out over a real relay: one committed batch is one message per view (SO-1, ADR-0023).
+
+Fan-out builds each published batch once (`fanout.Message`, a `batch` of the events' frames,
+already a WebSocket frame) and writes the same bytes to every subscriber — except that a batch
+holding a DM is built once per view of it: the two participants get the DM's body, everyone
+else a `withheld` frame at its seq. These tests follow three members live while one author
+sends posts and a DM in one WebSocket message (so they are sequenced, committed and published
+together), and check what each member's socket carried.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from model import content as contentmod
+from model import wire
+from model.dm import seal_dm
+from model.envelope import seal_event
+from tests.relay_harness import session
+from tests.test_membership_relay import team
+from tests.test_relay_e2e import Raw, next_reply
+from tests.test_relay_e2e import raw as raw  # the `raw` fixture
+
+if TYPE_CHECKING:
+    import trio_websocket
+
+    from relay._server import Relay
+    from tests.relay_harness import User
+
+TS = 1_700_000_000_000
+
+
+async def _follow(
+    raw: Raw, relay: Relay, user: User, collab_id: str
+) -> trio_websocket.WebSocketConnection:
+    ws = await raw.authed(relay.url, user)
+    await ws.send_message(wire.encode(wire.Subscribe(rid=2, collab_id=collab_id)))
+    while not isinstance(await next_reply(ws), wire.CaughtUp):
+        pass
+    return ws
+
+
+async def _read_until(ws: trio_websocket.WebSocketConnection, seq: int) -> dict[int, wire.Reply]:
+    got: dict[int, wire.Reply] = {}
+    while seq not in got:
+        frame = await next_reply(ws)
+        if isinstance(frame, wire.Event | wire.Withheld):
+            assert frame.seq not in got  # each seq once
+            got[frame.seq] = frame
+    return got
+
+
+@pytest.mark.objective("SO-1")
+@pytest.mark.objective("ADR-0023")
+async def test_a_dm_published_with_posts_reaches_live_participants_only(
+    relay: Relay, raw: Raw
+) -> None:
+    with trio.fail_after(60):
+        alice, bob, carol = await team(relay)
+        cid = alice.collab_id
+        async with session(relay.url, alice) as a:
+            view = await a.read(cid, alice.box_key)
+        assert view.membership is not None
+        epoch, key = view.current_key()
+        followers = {u.handle: await _follow(raw, relay, u, cid) for u in (alice, bob, carol)}
+
+        def note(text: str, i: int) -> bytes:
+            ev = seal_event(
+                signing_key=alice.signing_key, collab_key=key, collab_id=cid,
+                actor_id=alice.account_id, kind="msg", ts=TS + i, epoch=epoch,
+                content=contentmod.encode_content(contentmod.Message(text)),
+            )  # fmt: skip
+            return wire.encode(wire.Append(rid=10 + i, event=ev))
+
+        dm = seal_dm(
+            signing_key=alice.signing_key, sender_box_key=alice.box_key,
+            recipient_box_pk=view.membership.members[bob.account_id].box_pk, collab_id=cid,
+            sender_id=alice.account_id, recipient_id=bob.account_id, ts=TS + 1, epoch=epoch,
+            content=contentmod.encode_content(contentmod.Message("psst")),
+        )  # fmt: skip
+        frames = [note("one", 0), wire.encode(wire.Append(rid=11, event=dm)), note("two", 2)]
+        poster = await raw.authed(relay.url, alice)
+        await poster.send_message(wire.batch(frames))
+        acks = [await next_reply(poster) for _ in frames]
+        assert all(isinstance(ack, wire.Appended) for ack in acks), acks
+        seqs = sorted(ack.seq for ack in acks if isinstance(ack, wire.Appended))
+        dm_seq = next(ack.seq for ack in acks if isinstance(ack, wire.Appended) and ack.rid == 11)
+        assert seqs == list(range(seqs[0], seqs[0] + 3))
+
+        seen = {h: await _read_until(ws, seqs[-1]) for h, ws in followers.items()}
+    for handle, got in seen.items():
+        assert sorted(s for s in got if s >= seqs[0]) == seqs, handle
+        at_dm = got[dm_seq]
+        if handle == "carol":
+            # No body and no ciphertext: just what keeps the chain verifiable.
+            assert isinstance(at_dm, wire.Withheld), handle
+        else:
+            assert isinstance(at_dm, wire.Event), handle
+            assert at_dm.event == dm
+        for s in seqs:
+            if s != dm_seq:
+                assert isinstance(got[s], wire.Event), (handle, s)
