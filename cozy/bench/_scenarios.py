@@ -220,6 +220,7 @@ class _Loadgen:
             "complete": sum(d["complete"] for d in docs),
             "dropped": sum(d["dropped"] for d in docs),
             "last": max(d["last"] for d in docs),
+            "cpu_seconds": round(sum(d["cpu_seconds"] for d in docs), 3),
         }
 
     def kill(self) -> None:
@@ -269,6 +270,7 @@ async def fanout(relay: RelayProcess, sizes: Sizes, peer: Peer) -> dict[str, Any
             "deliveries": res["deliveries"],
             "expected_deliveries": n * events_n,
             "dropped_subscribers": res["dropped"],
+            "loadgen_cpu_seconds": res["cpu_seconds"],
             "seconds": round(elapsed, 3),
             "deliveries_per_s": round(res["deliveries"] / elapsed, 1),
         }
@@ -323,6 +325,7 @@ async def latency(relay: RelayProcess, sizes: Sizes, peer: Peer, work: Path) -> 
         "deliveries": res["deliveries"],
         "expected_deliveries": n * count,
         "dropped_subscribers": res["dropped"],
+        "loadgen_cpu_seconds": res["cpu_seconds"],
         "publisher_max_behind_ms": round(behind * 1000, 3),
     } | percentiles(delays)
 

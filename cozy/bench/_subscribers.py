@@ -32,6 +32,7 @@ import base64
 import hashlib
 import json
 import os
+import resource
 import struct
 import sys
 import time
@@ -309,6 +310,7 @@ async def _main(spec: dict[str, Any]) -> None:
             "complete": sum(len(s.seqs) >= spec["expect"] for s in subs),
             "dropped": sum(s.dropped for s in subs),
             "seq_errors": sum(s.seq_errors for s in subs),
+            "cpu_seconds": _cpu_seconds(),
             "first": min(times, default=0.0),
             "last": max(times, default=0.0),
         }
@@ -323,6 +325,12 @@ async def _read_line(stream: trio.lowlevel.FdStream) -> str:
             raise EOFError("the bench closed our stdin before saying go")
         buf += chunk
     return buf.decode()
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time so far (user + system): what the load generator cost."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return round(usage.ru_utime + usage.ru_stime, 3)
 
 
 def _emit(doc: dict[str, Any]) -> None:
