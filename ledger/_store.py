@@ -57,6 +57,7 @@ _ACCOUNT_BY_ID = _ACCOUNT_COLUMNS + " WHERE account_id = %s"
 # How long a commit whose reply was lost may take to settle before the append is refused.
 SETTLE_SECONDS = 5.0
 _MIGRATION_LOCK = 0x636F7A79  # "cozy": one advisory lock key for schema changes
+_EVENT_ID_UNIQUE = "events_event_id_key"  # the UNIQUE (event_id) of migration 1
 
 
 class AccountRow(msgspec.Struct, frozen=True):
@@ -379,11 +380,17 @@ class Ledger(LoginThrottle, Artifacts):
             raise ValueError("an event was routed to a collab other than the one it names")
         all_ids = [e.event_id for r in requests for e in r.events]
         results: list[tuple[chainmod.Head, list[Assignment]]] = []
-        rows: list[tuple[object, ...]] = []
         xid: str | None = None  # set once COMMIT is about to be sent
         try:
             with _translated(), self._pool.connection() as conn:
-                self._append_in(conn, requests, all_ids, results, rows)
+                # Fast path: assume no id is stored yet (retries are rare) and let the unique
+                # index on event_id say otherwise; only then look the ids up and redo it. This
+                # saves a round trip and an index probe per event on every group commit.
+                rows = self._append_in(conn, requests, all_ids, results, lookup=False)
+                if rows is None:
+                    results.clear()
+                    rows = self._append_in(conn, requests, all_ids, results, lookup=True)
+                    assert rows is not None
                 if rows:
                     # Remember this transaction's id before committing: if the connection drops
                     # while COMMIT is in flight, the outcome is unknown, and the id is how we
@@ -404,16 +411,25 @@ class Ledger(LoginThrottle, Artifacts):
         requests: Sequence[AppendRequest],
         all_ids: list[bytes],
         results: list[tuple[chainmod.Head, list[Assignment]]],
-        rows: list[tuple[object, ...]],
-    ) -> None:
-        """`append_batches` inside its transaction: look up, assign, COPY (no commit)."""
-        # event ids are globally unique (the body names its collab), so one lookup serves all.
-        known = {
-            bytes(r[0]): (r[1], bytes(r[2]))
-            for r in conn.execute(
-                "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (all_ids,)
-            )
-        }
+        *,
+        lookup: bool,
+    ) -> list[tuple[object, ...]] | None:
+        """`append_batches` inside its transaction: look up, assign, COPY (no commit).
+
+        Returns the rows written. With ``lookup=False`` no stored id is looked up first; if
+        one turns out to be stored (a retry), the transaction is rolled back and None returned,
+        so the caller redoes it with the lookup.
+        """
+        rows: list[tuple[object, ...]] = []
+        known: dict[bytes, tuple[int, bytes]] = {}
+        if lookup:
+            # event ids are globally unique (the body names its collab): one lookup serves all.
+            known = {
+                bytes(r[0]): (r[1], bytes(r[2]))
+                for r in conn.execute(
+                    "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (all_ids,)
+                )
+            }
         for req in requests:
             new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
             results.append((new_head, assignments))
@@ -431,10 +447,13 @@ class Ledger(LoginThrottle, Artifacts):
                         _write_projection(conn, req.membership)
             except psycopg.errors.UniqueViolation as exc:
                 conn.rollback()
+                if not lookup and exc.diag.constraint_name == _EVENT_ID_UNIQUE:
+                    return None  # an id is stored already: redo with the lookup
                 stale = _stale_collabs(conn, requests)
                 raise SequencingConflict(
                     f"collabs {stale} were appended to by another writer", stale
                 ) from exc
+        return rows
 
     def _settle_commit(
         self, xid: str, results: list[tuple[chainmod.Head, list[Assignment]]]

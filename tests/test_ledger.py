@@ -334,6 +334,35 @@ def test_append_batches_commits_several_collabs_in_one_transaction(
     assert ledger.verify_ledger().ok
 
 
+def test_a_retry_in_one_collab_of_a_group_leaves_the_others_batches_intact(
+    ledger: Ledger, database_url: str, alice: Actor
+) -> None:
+    # The group is first written on the guess that no id is stored; the retried id makes the
+    # unique index refuse that, and the group is redone with the lookup, in one call.
+    (retry_id, retry_ck), (other_id, other_ck) = (
+        make_collab(ledger, alice),
+        make_collab(ledger, alice),
+    )
+    stored = make_events(alice, retry_id, retry_ck, 2)
+    head, original = ledger.append_batch(retry_id, ledger.head(retry_id), stored)
+    fresh = make_events(alice, retry_id, retry_ck, 1, ts=7_000)
+    results = ledger.append_batches(
+        [
+            AppendRequest(retry_id, head, [fresh[0], stored[1]]),
+            AppendRequest(
+                other_id, ledger.head(other_id), make_events(alice, other_id, other_ck, 2, ts=8)
+            ),
+        ]
+    )
+    (_, retry_out), (_, other_out) = results
+    assert [(a.seq - G, a.duplicate) for a in retry_out] == [(3, False), (2, True)]
+    assert retry_out[1].chain == original[1].chain
+    assert [(a.seq - G, a.duplicate) for a in other_out] == [(1, False), (2, False)]
+    assert [head for head, _ in results] == [ledger.head(retry_id), ledger.head(other_id)]
+    assert count_events(database_url) == 2 * G + 5
+    assert ledger.verify_ledger().ok
+
+
 def test_append_batches_names_the_stale_collab_and_writes_nothing(
     ledger: Ledger, database_url: str, alice: Actor
 ) -> None:
