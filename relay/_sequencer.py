@@ -25,6 +25,7 @@ holds, then exits.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
@@ -54,9 +55,10 @@ from model.membership import (
     proof_of,
     signer_key,
 )
+from relay._cryptopool import CryptoPool
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from fanout import Fanout
     from ledger import Ledger
@@ -130,7 +132,7 @@ class Sequencer:
         writer: LedgerWriter,
         fanout: Fanout,
         db_limiter: trio.CapacityLimiter,
-        cpu_limiter: trio.CapacityLimiter,
+        crypto: CryptoPool,
         retire: Callable[[Sequencer], None],
         on_removed: OnRemoved,
     ) -> None:
@@ -141,7 +143,7 @@ class Sequencer:
         self._writer = writer
         self._fanout = fanout
         self._db_limiter = db_limiter
-        self._cpu_limiter = cpu_limiter
+        self._crypto = crypto
         self.inbox, self._inbox_recv = trio.open_memory_channel[Submission](INBOX_SIZE)
         self._head: Head | None = None
         self._membership: Membership | None = None
@@ -194,9 +196,7 @@ class Sequencer:
                         batch.append(self._inbox_recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                checked = await trio.to_thread.run_sync(
-                    _verify_batch, batch, limiter=self._cpu_limiter
-                )
+                checked = await self._crypto.map(_verify_batch, batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
                 for sub, result in zip(batch, checked, strict=True):
                     if isinstance(result, VerifiedEvent):
@@ -222,18 +222,15 @@ class Sequencer:
                     self._in_flight -= 1
 
     async def _ack_stage(self, committed: trio.MemoryReceiveChannel[_Committed]) -> None:
-        """Sign the receipts of committed runs in a worker thread, then ack their authors.
+        """Sign the receipts of committed runs in the crypto pool, then ack their authors.
 
         Off the write stage, so the next group commit does not wait for ~20 µs of Ed25519 per
         event; the runs come in commit order, so acks keep their order too.
         """
         async with committed:
             async for run, assignments in committed:
-                receipts = await trio.to_thread.run_sync(
-                    self._writer.sign_receipts,
-                    self.collab_id,
-                    assignments,
-                    limiter=self._cpu_limiter,
+                receipts = await self._crypto.map(
+                    partial(self._writer.sign_receipts, self.collab_id), assignments
                 )
                 for (sub, _), a, sig in zip(run, assignments, receipts, strict=True):
                     sub.reply_to.reply(
@@ -404,7 +401,7 @@ class Sequencer:
 
 
 def _verify_batch(
-    batch: list[Submission],
+    batch: Sequence[Submission],
 ) -> list[VerifiedEvent | tuple[wire.ErrorCode, str]]:
     """Worker thread: check every signature in the batch (PyNaCl releases the GIL)."""
     out: list[VerifiedEvent | tuple[wire.ErrorCode, str]] = []
@@ -443,8 +440,12 @@ class SequencerRegistry:
         self._writer = writer
         self._fanout = fanout
         self._db_limiter = trio.CapacityLimiter(db_threads)
-        self._cpu_limiter = trio.CapacityLimiter(cpu_threads)
+        # Verification and receipt signing of every actor, coalesced (relay/_cryptopool.py).
+        # It runs in the sequencer nursery and is closed once the last actor has exited.
+        self._crypto = CryptoPool(cpu_threads)
+        nursery.start_soon(self._crypto.run, name="crypto-pool")
         self._actors: dict[str, Sequencer] = {}
+        self._running = 0  # actors started and not yet exited (retired ones included)
         self._closed = False
 
     def statistics(self) -> list[SequencerStats]:
@@ -467,12 +468,13 @@ class SequencerRegistry:
                     self._writer,
                     self._fanout,
                     self._db_limiter,
-                    self._cpu_limiter,
+                    self._crypto,
                     self._retire,
                     self._on_removed,
                 )
                 self._actors[collab_id] = actor
-                self._nursery.start_soon(actor.run, name=f"sequencer:{collab_id}")
+                self._running += 1
+                self._nursery.start_soon(self._run_actor, actor, name=f"sequencer:{collab_id}")
             try:
                 actor.inbox.send_nowait(submission)
             except trio.WouldBlock:
@@ -480,6 +482,14 @@ class SequencerRegistry:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 continue  # that actor retired (or the relay is closing: checked above)
             return
+
+    async def _run_actor(self, actor: Sequencer) -> None:
+        try:
+            await actor.run()
+        finally:
+            self._running -= 1
+            if self._closed and self._running == 0:
+                self._crypto.close()
 
     def _retire(self, actor: Sequencer) -> None:
         if self._actors.get(actor.collab_id) is actor:
@@ -491,3 +501,5 @@ class SequencerRegistry:
         self._closed = True
         for actor in self._actors.values():
             actor.inbox.close()
+        if self._running == 0:
+            self._crypto.close()

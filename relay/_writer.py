@@ -28,7 +28,7 @@ from ledger import AppendRequest, LedgerError, SequencingConflict
 from model.chain import Receipt, sign_receipt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     import nacl.signing
 
@@ -119,7 +119,7 @@ class LedgerWriter:
                             job.result = LedgerError("the relay stopped before writing this batch")
                         job.done.set()
 
-    def sign_receipts(self, collab_id: str, assignments: list[Assignment]) -> list[bytes]:
+    def sign_receipts(self, collab_id: str, assignments: Sequence[Assignment]) -> list[bytes]:
         """The relay's receipt for each committed assignment (ADR-0007). Pure and thread-safe:
         sequencers call it in their own worker threads after `write` returned, so the single
         writer thread goes straight on to the next commit instead of signing (ADR-0004)."""

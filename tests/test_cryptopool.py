@@ -1,0 +1,81 @@
+"""The sequencers' crypto pool: many callers' jobs, split across threads, each answered in
+order with exactly its own results."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import pytest
+import trio
+
+from relay._cryptopool import MIN_SHARE, CryptoPool, _Job, _shares
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+
+def _square(items: Sequence[int]) -> list[int]:
+    return [i * i for i in items]
+
+
+async def test_concurrent_callers_get_their_own_results_in_order() -> None:
+    with trio.fail_after(10):
+        pool = CryptoPool(2)
+        results: dict[int, list[int]] = {}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+
+            async def call(k: int, n: int) -> None:
+                items = list(range(k * 1000, k * 1000 + n))
+                results[k] = await pool.map(_square, items)
+
+            async with trio.open_nursery() as callers:
+                for k, n in enumerate([1, 0, 500, 33, 64, 2, 300]):
+                    callers.start_soon(call, k, n)
+            pool.close()
+        for k, n in enumerate([1, 0, 500, 33, 64, 2, 300]):
+            assert results[k] == [i * i for i in range(k * 1000, k * 1000 + n)]
+        assert pool.rounds >= 1
+
+
+async def test_a_large_round_runs_on_both_threads() -> None:
+    with trio.fail_after(10):
+        pool = CryptoPool(2)
+        seen: set[int] = set()
+
+        def record(items: Sequence[int]) -> list[int]:
+            seen.add(threading.get_ident())
+            return list(items)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            assert await pool.map(record, range(4 * MIN_SHARE)) == list(range(4 * MIN_SHARE))
+            pool.close()
+        assert len(seen) == 2
+
+
+async def test_an_error_reaches_its_caller_only() -> None:
+    with trio.fail_after(10):
+        pool = CryptoPool(2)
+
+        def boom(items: Sequence[int]) -> list[int]:
+            raise ValueError("broken job")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            with pytest.raises(ValueError, match="broken job"):
+                await pool.map(boom, [1, 2, 3])
+            assert await pool.map(_square, [3]) == [9]  # the pool goes on
+            pool.close()
+        with pytest.raises(trio.ClosedResourceError):
+            await pool.map(_square, [1])
+
+
+def test_shares_cover_every_item_once_in_order() -> None:
+    jobs = [_Job(_square, list(range(n))) for n in (5, 100, 0, 41)]
+    for threads in (1, 2, 3):
+        shares = _shares(jobs, threads)
+        assert len(shares) <= threads
+        covered = [(id(j), i) for share in shares for j, s, e in share for i in range(s, e)]
+        assert covered == [(id(j), i) for j in jobs for i in range(len(j.items))]
