@@ -21,7 +21,7 @@ from trio_websocket import ConnectionClosed
 
 from fanout import Message, ws_binary_frame
 from model import wire
-from relay._wsraw import check_compatible, send_framed
+from relay._wsraw import check_compatible, send_framed, write_now
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
@@ -77,6 +77,7 @@ class Connection:
         self._outbox_frames_limit = OUTBOX_FRAMES
         self.outbox_bytes = 0  # bytes queued in the outbox, not yet handed to the socket
         self.outbox_frames = 0  # frames queued (a fan-out Message counts its event frames)
+        self._unsent = 0  # items offered to the outbox and not yet written by the writer
         self.appends_in_flight = 0
         self.append_bytes_in_flight = 0
         self.background_tasks = 0
@@ -117,8 +118,9 @@ class Connection:
                         return
                     out: list[bytes] = []
                     run: list[bytes] = []
-                    run_size = size = 0
+                    run_size = size = taken = 0
                     while True:
+                        taken += 1
                         n = len(item)
                         self.outbox_bytes -= n
                         size += n
@@ -148,6 +150,7 @@ class Connection:
                     if self._dropped:
                         return
                     await send_framed(self.ws, out[0] if len(out) == 1 else b"".join(out))
+                    self._unsent -= taken
         except ConnectionClosed:
             pass
         finally:
@@ -158,11 +161,16 @@ class Connection:
         closing or the outbox is full (OUTBOX_FRAMES frames, counting each event frame of a
         `Message`, or OUTBOX_BYTES bytes); the caller decides what a full outbox means (see
         `reply`)."""
+        if self._closing:
+            return False
+        # Nothing queued ahead of a fan-out message: write it now if the socket is drained
+        # (this saves the writer task a wakeup per published batch), else queue it as usual.
+        if self._unsent == 0 and isinstance(frame, Message) and write_now(self.ws, frame.framed):
+            return True
         n = len(frame)
         frames = frame.events if isinstance(frame, Message) else 1
         if (
-            self._closing
-            or self.outbox_bytes + n > self._outbox_bytes_limit
+            self.outbox_bytes + n > self._outbox_bytes_limit
             or self.outbox_frames + frames > self._outbox_frames_limit
         ):
             return False
@@ -170,6 +178,7 @@ class Connection:
             self._out_send.send_nowait(frame)
         except (trio.WouldBlock, trio.ClosedResourceError):
             return False
+        self._unsent += 1
         self.outbox_bytes += n
         self.outbox_frames += frames
         return True

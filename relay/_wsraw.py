@@ -21,8 +21,13 @@ written wrong.
 
 from __future__ import annotations
 
+import array
+import fcntl
+import os
+import termios
 from typing import TYPE_CHECKING, Final
 
+import structlog
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed
@@ -32,6 +37,9 @@ if TYPE_CHECKING:
 
 # The trio-websocket releases whose internals this module was checked against.
 CHECKED_VERSIONS: Final = ("0.12.2",)
+# `write_now` writes at most this much at once (several published batches' worth).
+WRITE_NOW_BYTES: Final = 8 * 1024
+log = structlog.get_logger("cozy.connection")
 _ATTRIBUTES: Final = ("_close_reason", "_stream_lock", "_stream", "_wsproto", "_abort_web_socket")
 
 
@@ -56,6 +64,43 @@ def check_compatible(ws: WebSocketConnection | None = None) -> None:
     proto = getattr(ws._wsproto.connection, "_proto", None)
     if proto is None or getattr(proto, "extensions", None) != []:
         raise IncompatibleWebSocketLibrary("a WebSocket extension was negotiated (or unknown)")
+
+
+def write_now(ws: WebSocketConnection, data: bytes) -> bool:
+    """Write `data` (complete frames, at most WRITE_NOW_BYTES) straight to the socket without
+    waiting, or do nothing and return False. True means the kernel took all of it.
+
+    For the live fan-out path: a subscriber whose socket is drained gets its message in the
+    publishing task, with no writer-task wakeup. It only tries when nothing can be in the way
+    or left half-written: the caller has nothing queued before it (see `Connection.offer`), no
+    send of the connection is in progress (the stream lock is free), it is not closing, it is a
+    plain TCP socket whose send queue is empty (TIOCOUTQ), and the frames are small; an empty
+    queue takes a few KiB whole (the smallest TCP send buffer is larger). Should the kernel take
+    only part anyway, the connection cannot continue (half a frame is on the wire and the lock
+    cannot be held across tasks to finish it), so it is aborted: the client reconnects and
+    resumes, exactly as after a lagging disconnect.
+    """
+    if (
+        len(data) > WRITE_NOW_BYTES
+        or ws._close_reason
+        or ws._stream_lock.locked()
+        or not isinstance(ws._stream, trio.SocketStream)
+    ):
+        return False
+    fd = ws._stream.socket.fileno()
+    try:
+        queued = array.array("i", [0])
+        fcntl.ioctl(fd, termios.TIOCOUTQ, queued)
+        if queued[0]:
+            return False
+        written = os.write(fd, data)
+    except OSError:  # full (EAGAIN), broken or closed: the writer's send_all will tell
+        return False
+    if written == len(data):
+        return True
+    log.warning("direct_write_partial", written=written, size=len(data))
+    ws._stream.socket.close()  # the reader and writer see the stream closed and end
+    return False
 
 
 async def send_framed(ws: WebSocketConnection, data: bytes) -> None:

@@ -10,6 +10,10 @@ the connection is closing.
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
+import termios
 from typing import TYPE_CHECKING
 
 import pytest
@@ -75,7 +79,8 @@ async def test_a_stock_client_reads_prebuilt_frames_interleaved_with_library_sen
                 await _wsraw.send_framed(ws, Message(p, 1).framed)
         # Several frames in one write, as a writer sends a drained outbox.
         await _wsraw.send_framed(ws, b"".join(ws_binary_frame(p) for p in (b"x", b"yy", b"zzz")))
-        await ws.get_message()  # until the client closes
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()  # until the client closes
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -112,3 +117,46 @@ async def test_nothing_is_written_once_the_connection_is_closing() -> None:
     assert closed.value.reason is not None
     assert closed.value.reason.code == 4008
     assert outcome == ["refused"]
+
+
+async def test_write_now_writes_only_into_a_drained_socket_with_no_send_in_progress() -> None:
+    results: dict[str, bool] = {}
+    filled = trio.Event()
+
+    async def handler(ws: WebSocketConnection) -> None:
+        results["drained"] = _wsraw.write_now(ws, ws_binary_frame(b"now"))
+        async with ws._stream_lock:  # another send of the connection is in progress
+            results["locked"] = _wsraw.write_now(ws, ws_binary_frame(b"never"))
+        big = ws_binary_frame(b"z" * (_wsraw.WRITE_NOW_BYTES + 1))
+        results["too_big"] = _wsraw.write_now(ws, big)
+        # The client stops reading: fill the socket with whole frames until the kernel refuses.
+        frame = ws_binary_frame(b"f" * 1000)
+        sent = 0
+        with trio.move_on_after(5):
+            while True:
+                await _wsraw.send_framed(ws, frame)
+                sent += 1
+                if sent >= 4 and not _socket_has_room(ws):
+                    break
+        results["queue_not_empty"] = _wsraw.write_now(ws, ws_binary_frame(b"late"))
+        filled.set()
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()  # until the client closes
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve_one(nursery, handler)
+            async with open_websocket(url, nursery, message_queue_size=0) as client:
+                assert await client.get_message() == b"now"
+                await filled.wait()
+            nursery.cancel_scope.cancel()
+    assert results == {"drained": True, "locked": False, "too_big": False, "queue_not_empty": False}
+
+
+def _socket_has_room(ws: WebSocketConnection) -> bool:
+    """The server socket's send queue is empty (what `write_now` checks)."""
+    stream = ws._stream
+    assert isinstance(stream, trio.SocketStream)
+    queued = array.array("i", [0])
+    fcntl.ioctl(stream.socket.fileno(), termios.TIOCOUTQ, queued)
+    return queued[0] == 0
