@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 # The trio-websocket releases whose internals this module was checked against.
 CHECKED_VERSIONS: Final = ("0.12.2",)
-# `write_now` writes at most this much at once (several published batches' worth).
+# `write_now` writes only while the socket's send buffer would hold at most this much.
 WRITE_NOW_BYTES: Final = 8 * 1024
 log = structlog.get_logger("cozy.connection")
 _ATTRIBUTES: Final = ("_close_reason", "_stream_lock", "_stream", "_wsproto", "_abort_web_socket")
@@ -74,8 +74,9 @@ def write_now(ws: WebSocketConnection, data: bytes) -> bool:
     publishing task, with no writer-task wakeup. It only tries when nothing can be in the way
     or left half-written: the caller has nothing queued before it (see `Connection.offer`), no
     send of the connection is in progress (the stream lock is free), it is not closing, it is a
-    plain TCP socket whose send queue is empty (TIOCOUTQ), and the frames are small; an empty
-    queue takes a few KiB whole (the smallest TCP send buffer is larger). Should the kernel take
+    plain TCP socket, and what its send buffer holds (TIOCOUTQ) plus `data` is at most
+    WRITE_NOW_BYTES, half of Linux's default TCP send buffer (16 KiB, which the relay never
+    lowers), so the kernel takes it whole. Should the kernel take
     only part anyway, the connection cannot continue (half a frame is on the wire and the lock
     cannot be held across tasks to finish it), so it is aborted: the client reconnects and
     resumes, exactly as after a lagging disconnect.
@@ -89,9 +90,11 @@ def write_now(ws: WebSocketConnection, data: bytes) -> bool:
         return False
     fd = ws._stream.socket.fileno()
     try:
+        # Bytes still in the send buffer (sent but unacknowledged too: a peer's delayed ACK
+        # keeps a few KiB there for a while even when it reads promptly).
         queued = array.array("i", [0])
         fcntl.ioctl(fd, termios.TIOCOUTQ, queued)
-        if queued[0]:
+        if queued[0] + len(data) > WRITE_NOW_BYTES:
             return False
         written = os.write(fd, data)
     except OSError:  # full (EAGAIN), broken or closed: the writer's send_all will tell
