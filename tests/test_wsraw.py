@@ -13,6 +13,7 @@ from __future__ import annotations
 import array
 import contextlib
 import fcntl
+import os
 import termios
 from typing import TYPE_CHECKING
 
@@ -158,3 +159,37 @@ def _queued(ws: WebSocketConnection) -> int:
     queued = array.array("i", [0])
     fcntl.ioctl(stream.socket.fileno(), termios.TIOCOUTQ, queued)
     return queued[0]
+
+
+async def test_a_partial_direct_write_aborts_the_connection(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Never expected in practice (see write_now), but if the kernel took half a frame the
+    # stream must end, not carry on with a corrupt frame.
+    ended: list[str] = []
+    server_done = trio.Event()
+
+    real_write = os.write
+
+    def half(fd: int, data: bytes) -> int:
+        return real_write(fd, data[: len(data) // 2])
+
+    async def handler(ws: WebSocketConnection) -> None:
+        with monkeypatch.context() as m:
+            m.setattr(os, "write", half)
+            assert not _wsraw.write_now(ws, ws_binary_frame(b"h" * 1000))
+        try:
+            await ws.get_message()
+        except ConnectionClosed:
+            ended.append("server")
+        server_done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve_one(nursery, handler)
+            async with open_websocket(url, nursery) as client:
+                with pytest.raises(ConnectionClosed):
+                    await client.get_message()  # never a message made of the half frame
+            await server_done.wait()
+            nursery.cancel_scope.cancel()
+    assert ended == ["server"]
