@@ -320,6 +320,36 @@ async def ping(client: Client) -> None:
     await client.request(lambda rid: wire.Ping(rid=rid), wire.Pong)
 
 
+async def test_a_connection_that_switches_account_frees_its_slot(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Connections are counted per account (an index kept on bind); a rebind moves the
+    # connection from one account's count to the other's.
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path), max_connections_per_account=2
+    )
+    with trio.fail_after(60):
+        async with running_relay(config) as relay:
+            alice = await sign_up(relay.url, "alice")
+            bob = await sign_up(relay.url, "bob")
+            async with (
+                session(relay.url, alice),
+                session(relay.url, alice) as switching,
+                connect(relay.url) as extra,
+                session(relay.url, bob),
+            ):
+                with pytest.raises(RelayRefused) as full:
+                    await extra.authenticate(alice.token)
+                assert full.value.code is wire.ErrorCode.TOO_MANY_CONNECTIONS
+                await switching.authenticate(bob.token)  # bob now holds 2, alice 1
+                await extra.authenticate(alice.token)
+                assert (await extra.append(alice.event("a freed slot"))).seq == G + 1
+                async with connect(relay.url) as third_bob:
+                    with pytest.raises(RelayRefused) as bob_full:
+                        await third_bob.authenticate(bob.token)
+                    assert bob_full.value.code is wire.ErrorCode.TOO_MANY_CONNECTIONS
+
+
 async def test_an_account_holds_at_most_its_connection_limit(
     database_url: str, tmp_path: Path
 ) -> None:
