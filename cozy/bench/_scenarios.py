@@ -166,6 +166,7 @@ async def reference_events(relay: RelayProcess, sizes: Sizes) -> tuple[list[Sign
 @dataclass
 class _Loadgen:
     procs: list[subprocess.Popen[bytes]]
+    count: int
 
     @classmethod
     def start(
@@ -193,11 +194,19 @@ class _Loadgen:
                     stdout=subprocess.PIPE,
                 )
             )
-        return cls(children)
+        return cls(children, count)
 
     async def ready(self) -> tuple[int, int]:
+        """(ready, failed) subscribers. Raises `BenchError` unless every one of them is ready:
+        a figure measured with missing subscribers would be quietly wrong."""
         docs = [await trio.to_thread.run_sync(_read_json, p) for p in self.procs]
-        return sum(d["ready"] for d in docs), sum(d["failed"] for d in docs)
+        ready, failed = sum(d["ready"] for d in docs), sum(d["failed"] for d in docs)
+        if ready != self.count:
+            raise BenchError(
+                f"only {ready} of {self.count} subscribers got ready ({failed} failed); the"
+                " relay refused or dropped them: check its log and the open-files limit"
+            )
+        return ready, failed
 
     def go(self, *, t0: float, rate: float, base_seq: int, timeout: float) -> None:
         line = json.dumps({"t0": t0, "rate": rate, "base_seq": base_seq, "timeout": timeout})
