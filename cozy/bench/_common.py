@@ -218,13 +218,17 @@ class RelayProcess:
     pid: int
 
 
+# How often to pick another port when the one `free_port` found was taken before the child bound
+# it (the bench's own thousands of client connections use ephemeral ports from the same range).
+PORT_ATTEMPTS = 3
+
+
 @asynccontextmanager
 async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[RelayProcess]:
     """`cozy relay serve` in a child process; its log goes to relay.log beside `data_dir`.
 
     The child inherits this process's raised open-file limit (see `raise_nofile_limit`).
     """
-    port = free_port()
     # One bench account stands in for many clients, so lift the per-account connection cap
     # (an operator setting) to what the idle-subscriber scenario opens. The ops listener takes a
     # free port, so two benches (or a bench and a relay) on one machine do not collide on 9465.
@@ -234,20 +238,25 @@ async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[Rela
         COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
         COZY_OPS_PORT="0",
     )
-    command = [sys.executable, "-m", "cozy.cli", "relay", "serve"]
-    command += ["--port", str(port), "--data-dir", str(data_dir)]
     log_path = data_dir.parent / "relay.log"
     with log_path.open("wb") as log_file:
         async with trio.open_nursery() as nursery:
-            proc: trio.Process = await nursery.start(
-                partial(trio.run_process, command, env=env, stderr=log_file, check=False)
-            )
-            try:
-                await wait_until_listening(port, proc, "the benchmark relay")
-            except EmbeddedServiceError as exc:
-                log_file.flush()
-                tail = log_path.read_bytes()[-2000:].decode(errors="replace")
-                raise BenchError(f"{exc}; the end of its log:\n{tail}") from None
+            for attempt in range(1, PORT_ATTEMPTS + 1):
+                port = free_port()
+                command = [sys.executable, "-m", "cozy.cli", "relay", "serve"]
+                command += ["--port", str(port), "--data-dir", str(data_dir)]
+                proc: trio.Process = await nursery.start(
+                    partial(trio.run_process, command, env=env, stderr=log_file, check=False)
+                )
+                try:
+                    await wait_until_listening(port, proc, "the benchmark relay")
+                    break
+                except EmbeddedServiceError as exc:
+                    log_file.flush()
+                    tail = log_path.read_bytes()[-2000:].decode(errors="replace")
+                    if "Address already in use" in tail and attempt < PORT_ATTEMPTS:
+                        continue  # someone took the port between free_port and the bind
+                    raise BenchError(f"{exc}; the end of its log:\n{tail}") from None
             try:
                 yield RelayProcess(f"ws://127.0.0.1:{port}", proc.pid)
             finally:
