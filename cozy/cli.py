@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -167,6 +168,23 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BaseExceptionGroup as group:
+        # A listener that cannot bind reaches here wrapped in Trio's nursery groups; anything
+        # else in the group is a real failure and keeps its traceback.
+        taken, rest = group.split(_address_in_use)
+        if taken is None or rest is not None:
+            raise
+        print(
+            "error: an address the relay listens on is already in use (the WebSocket port,"
+            " --port / COZY_LISTEN_PORT, or the ops port, COZY_OPS_PORT): stop the other"
+            " process or choose another port",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE
 
 
 if __name__ == "__main__":

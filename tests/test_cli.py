@@ -154,3 +154,25 @@ async def test_relay_serve_stops_cleanly_on_sigterm(database_url: str, tmp_path:
     assert proc.returncode == 0, err.decode()
     assert b"signal_received" in err
     assert b"relay_stopped" in err
+
+
+@pytest.mark.parametrize("which", ["COZY_LISTEN_PORT", "COZY_OPS_PORT"])
+async def test_relay_serve_on_a_taken_port_says_so_in_one_line(
+    database_url: str, tmp_path: Path, which: str
+) -> None:
+    with trio.socket.socket() as holder:
+        await holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        ports = {"COZY_LISTEN_PORT": str(free_port()), "COZY_OPS_PORT": "0", which: str(taken)}
+        env = dict(os.environ, DATABASE_URL=database_url, **ports)
+        with trio.fail_after(60):
+            result = await trio.run_process(
+                [*COZY, "relay", "serve", "--data-dir", str(tmp_path / "relay")],
+                env=env,
+                capture_stderr=True,
+                check=False,
+            )
+    assert result.returncode == 1
+    assert b"error: an address the relay listens on is already in use" in result.stderr
+    assert b"Traceback" not in result.stderr
