@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import secrets
+import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING
@@ -20,7 +21,7 @@ from relay._run import run_relay
 from relay.config import RelayConfig, Secret
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
     from relay._server import Relay
@@ -51,6 +52,71 @@ async def running_relay(config: RelayConfig) -> AsyncIterator[Relay]:
             yield relay
         finally:
             relay.request_shutdown()
+
+
+@dataclass
+class ThreadedRelay:
+    """A relay serving in a Trio loop of its own thread, for synchronous (hypothesis) tests.
+
+    Reach into its loop with ``trio.from_thread.run_sync(fn, trio_token=handle.token)``;
+    setting ``stop`` (from that loop) shuts it down.
+    """
+
+    relay: Relay
+    token: trio.lowlevel.TrioToken
+    stop: trio.Event
+
+    @property
+    def url(self) -> str:
+        return self.relay.url
+
+
+@contextmanager
+def relay_in_thread(
+    config: RelayConfig,
+    setup: Callable[[ThreadedRelay, trio.Nursery], Awaitable[None]] | None = None,
+    *,
+    name: str = "test-relay",
+    start_timeout: float = 60,
+) -> Iterator[ThreadedRelay]:
+    """Run `running_relay(config)` on a thread until the block ends, then stop it like SIGTERM.
+
+    `setup` runs inside the relay's loop before the block starts, with a nursery whose tasks
+    (probes, say) live as long as the relay. A failure to start, or of the relay while it ran,
+    is raised in the calling thread.
+    """
+    ready = threading.Event()
+    handles: list[ThreadedRelay] = []
+    failures: list[BaseException] = []
+
+    async def serve() -> None:
+        async with running_relay(config) as relay, trio.open_nursery() as nursery:
+            handle = ThreadedRelay(relay, trio.lowlevel.current_trio_token(), trio.Event())
+            if setup is not None:
+                await setup(handle, nursery)
+            handles.append(handle)
+            ready.set()
+            await handle.stop.wait()
+
+    def main() -> None:
+        try:
+            trio.run(serve)
+        except BaseException as exc:  # handed to the calling thread
+            failures.append(exc)
+            ready.set()
+
+    thread = threading.Thread(target=main, name=name, daemon=True)
+    thread.start()
+    assert ready.wait(start_timeout), f"the relay did not start within {start_timeout:g} s"
+    if failures:
+        raise failures[0]
+    handle = handles[0]
+    try:
+        yield handle
+    finally:
+        trio.from_thread.run_sync(handle.stop.set, trio_token=handle.token)
+        thread.join(30)
+        assert not failures, f"the relay failed: {failures[0]!r}"
 
 
 @dataclass

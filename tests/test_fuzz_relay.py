@@ -30,7 +30,7 @@ from clientkit._transport import FrameReader, open_websocket
 from model import wire
 from model.envelope import SignedEvent
 from tests.helpers import create_database, drop_database, with_dbname
-from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+from tests.relay_harness import ThreadedRelay, User, relay_config, relay_in_thread, session, sign_up
 from tests.test_model_wire import REQUEST_TYPES, frames_of
 
 if TYPE_CHECKING:
@@ -55,8 +55,6 @@ class World:
     probe_collab: str = ""
     probe_failures: list[str] = field(default_factory=list)
     probe_rounds: int = 0
-    failure: BaseException | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
 
 
 def count_tasks() -> int:
@@ -95,47 +93,24 @@ def world(
     w = World(db=with_dbname(pg_admin_url, name))
     config = relay_config(w.db, tmp_path_factory.mktemp("relay"))
 
-    async def serve() -> None:
-        async with running_relay(config) as relay, trio.open_nursery() as nursery:
-            w.url, w.relay, w.token, w.stop = (
-                relay.url,
-                relay,
-                trio.lowlevel.current_trio_token(),
-                trio.Event(),
-            )
-            w.alice = await sign_up(relay.url, "alice")
-            w.mallory = await sign_up(relay.url, "mallory")
-            carol = await sign_up(relay.url, "carol")
-            w.probe_collab = carol.collab_id
-            # The member's collab has an actor already, so the baseline task count includes it.
-            async with session(relay.url, w.alice) as client:
-                await client.append(w.alice.event("before the fuzz"))
-            async with session(relay.url, carol) as client:
-                await client.append(carol.event("warm-up"))
-            nursery.start_soon(probe, w, carol, w.stop)
-            w.ready.set()
-            await w.stop.wait()
+    async def setup(served: ThreadedRelay, nursery: trio.Nursery) -> None:
+        w.url, w.relay, w.token, w.stop = served.url, served.relay, served.token, served.stop
+        w.alice = await sign_up(w.url, "alice")
+        w.mallory = await sign_up(w.url, "mallory")
+        carol = await sign_up(w.url, "carol")
+        w.probe_collab = carol.collab_id
+        # The member's collab has an actor already, so the baseline task count includes it.
+        async with session(w.url, w.alice) as client:
+            await client.append(w.alice.event("before the fuzz"))
+        async with session(w.url, carol) as client:
+            await client.append(carol.event("warm-up"))
+        nursery.start_soon(probe, w, carol, served.stop)
 
-    def main() -> None:
-        try:
-            trio.run(serve)
-        except BaseException as exc:  # handed to the main thread
-            w.failure = exc
-            w.ready.set()
-
-    thread = threading.Thread(target=main, name="fuzz-relay", daemon=True)
-    thread.start()
-    assert w.ready.wait(60), "the relay did not start"
-    if w.failure is not None:
-        raise w.failure
     try:
-        yield w
+        with relay_in_thread(config, setup, name="fuzz-relay"):
+            yield w
     finally:
-        assert w.stop is not None
-        trio.from_thread.run_sync(w.stop.set, trio_token=w.token)
-        thread.join(30)
         drop_database(pg_admin_url, name)
-        assert w.failure is None, f"the relay failed: {w.failure!r}"
 
 
 def row_counts(world: World) -> dict[str, int]:

@@ -17,7 +17,6 @@ drives it from a fresh Trio loop with fresh accounts and a fresh collab.
 from __future__ import annotations
 
 import secrets
-import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,7 +32,7 @@ from model.chain import Head, start_of
 from model.content import Evidence
 from model.envelope import SignedEvent, event_id
 from tests.helpers import create_database, drop_database, with_dbname
-from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+from tests.relay_harness import User, relay_config, relay_in_thread, session, sign_up
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -72,53 +71,17 @@ steps = st.one_of(
 )
 
 
-@dataclass
-class _RelayThread:
-    url: str = ""
-    token: trio.lowlevel.TrioToken | None = None
-    stop: trio.Event | None = None
-    failure: BaseException | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
-
-
 @pytest.fixture(scope="module")
 def relay_url(
     pg_admin_url: str, template_database: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     name = create_database(pg_admin_url, "cozy_stateful", template=template_database)
     config = relay_config(with_dbname(pg_admin_url, name), tmp_path_factory.mktemp("relay"))
-    state = _RelayThread()
-
-    async def serve() -> None:
-        async with running_relay(config) as relay:
-            state.url, state.token, state.stop = (
-                relay.url,
-                trio.lowlevel.current_trio_token(),
-                trio.Event(),
-            )
-            state.ready.set()
-            await state.stop.wait()
-
-    def thread_main() -> None:
-        try:
-            trio.run(serve)
-        except BaseException as exc:  # handed to the main thread below
-            state.failure = exc
-            state.ready.set()
-
-    thread = threading.Thread(target=thread_main, name="stateful-relay", daemon=True)
-    thread.start()
-    assert state.ready.wait(30), "the relay did not start within 30 s"
-    if state.failure is not None:
-        raise state.failure
     try:
-        yield state.url
+        with relay_in_thread(config, name="stateful-relay", start_timeout=30) as served:
+            yield served.url
     finally:
-        assert state.stop is not None
-        trio.from_thread.run_sync(state.stop.set, trio_token=state.token)
-        thread.join(30)
         drop_database(pg_admin_url, name)
-        assert state.failure is None, f"the relay failed: {state.failure!r}"
 
 
 @dataclass
