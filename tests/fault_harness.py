@@ -405,6 +405,16 @@ async def follow(url: str, owner: User, collab_id: str, follower: Follower) -> N
         await trio.sleep(0.1)
 
 
+async def team_with_follower(
+    url: str, size: int, nursery: trio.Nursery
+) -> tuple[list[Author], Follower]:
+    """`team(url, size)`'s authors, and its owner following the collab live in `nursery`."""
+    owner, authors = await team(url, size)
+    follower = Follower()
+    nursery.start_soon(follow, url, owner, owner.collab_id, follower)
+    return authors, follower
+
+
 async def wait_for_follower(follower: Follower, head: int) -> None:
     follower.target, follower.reached = head, trio.Event()
     if not follower.seen or follower.seen[-1] < head:

@@ -29,9 +29,8 @@ from tests.fault_harness import (
     check_acked_are_stored,
     check_exactly_once,
     fault_stack,
-    follow,
     retry_unacked,
-    team,
+    team_with_follower,
     under_load,
     verify_ledger,
     wait_for_follower,
@@ -47,9 +46,7 @@ async def test_acked_events_survive_kill_9_of_the_relay_three_times(tmp_path: Pa
     with trio.fail_after(90):
         async with fault_stack(tmp_path) as (pg, relay), trio.open_nursery() as nursery:
             db = pg.database_url()
-            owner, authors = await team(relay.url, AUTHORS)
-            follower = Follower()
-            nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+            authors, follower = await team_with_follower(relay.url, AUTHORS, nursery)
             for _round in range(3):
                 async with under_load(relay.url, authors):
                     await authors[0].acks.grow(200)
@@ -70,9 +67,7 @@ async def test_acked_events_survive_a_postgres_crash_stop_and_the_relay_recovers
 ) -> None:
     with trio.fail_after(90):
         async with fault_stack(tmp_path) as (pg, relay), trio.open_nursery() as nursery:
-            owner, authors = await team(relay.url, AUTHORS)
-            follower = Follower()
-            nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+            authors, follower = await team_with_follower(relay.url, AUTHORS, nursery)
             async with under_load(relay.url, authors):
                 await authors[0].acks.grow(200)
                 await trio.to_thread.run_sync(pg.stop_immediate)
@@ -96,9 +91,7 @@ async def test_killing_the_relays_database_connections_mid_commit_loses_no_acked
 ) -> None:
     with trio.fail_after(90):
         async with fault_stack(tmp_path) as (pg, relay), trio.open_nursery() as nursery:
-            owner, authors = await team(relay.url, AUTHORS)
-            follower = Follower()
-            nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+            authors, follower = await team_with_follower(relay.url, AUTHORS, nursery)
             killed = 0
             with psycopg.connect(pg.database_url(), autocommit=True) as admin:
                 async with under_load(relay.url, authors):
@@ -146,9 +139,7 @@ async def test_a_lost_commit_reply_is_settled_never_guessed(tmp_path: Path) -> N
 
 async def _cut_commits(relay: RelayProcess, proxy: CuttingProxy, db: str) -> None:
     async with trio.open_nursery() as nursery:
-        owner, authors = await team(relay.url, AUTHORS)
-        follower = Follower()
-        nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+        authors, follower = await team_with_follower(relay.url, AUTHORS, nursery)
         async with under_load(relay.url, authors):
             await authors[0].acks.grow(100)
             for _ in range(6):
@@ -177,9 +168,7 @@ async def _cut_commits(relay: RelayProcess, proxy: CuttingProxy, db: str) -> Non
 async def test_a_relay_frozen_with_sigstop_resumes_where_it_was(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with fault_stack(tmp_path) as (pg, relay), trio.open_nursery() as nursery:
-            owner, authors = await team(relay.url, AUTHORS)
-            follower = Follower()
-            nursery.start_soon(follow, relay.url, owner, owner.collab_id, follower)
+            authors, follower = await team_with_follower(relay.url, AUTHORS, nursery)
             async with under_load(relay.url, authors):
                 await authors[0].acks.grow(200)
                 relay.send_signal(signal.SIGSTOP)
