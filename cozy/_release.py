@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 
 DEV_DIR: Final = Path(".cozy/release")
 DEV_KEY_NAME: Final = "release-key"
-DEV_TRUST_NAME: Final = "trusted.json"
+# The developer trust file lives with the user's release state, never in a checkout or a
+# download: a directory someone hands you could otherwise bring its own "trusted" keys.
+DEV_TRUST_NAME: Final = "release-trusted.json"
 KEY_ENV: Final = "COZY_RELEASE_KEY_FILE"
 PDM_ENV: Final = "COZY_PDM"
 STATE_NAME: Final = "release-state.json"
@@ -498,11 +500,13 @@ def _release_seed(root: Path, key_file: Path | None, warn: Callable[[str], None]
     if key_file is not None:
         return read_key(key_file)
     dev_key = root / DEV_DIR / DEV_KEY_NAME
+    trust = default_trust_path()
     if dev_key.exists():
         warn(f"signing with the DEVELOPMENT release key {dev_key} (pass --key for a real release)")
-        return read_key(dev_key)
+        seed = read_key(dev_key)
+        add_to_trust_file(trust, release.public_key_of(seed), note=f"development key {dev_key}")
+        return seed
     public_key = write_new_key(dev_key)
-    trust = root / DEV_DIR / DEV_TRUST_NAME
     add_to_trust_file(trust, public_key, note=f"development key {dev_key}")
     warn(
         "\n".join(
@@ -526,9 +530,19 @@ def _release_seed(root: Path, key_file: Path | None, warn: Callable[[str], None]
 # --- verify ---------------------------------------------------------------------------------------
 
 
-def default_state_path() -> Path:
+def _user_dir() -> Path:
     home = os.environ.get("COZY_HOME")
-    return (Path(home) if home else Path.home() / ".cozy") / STATE_NAME
+    return Path(home) if home else Path.home() / ".cozy"
+
+
+def default_state_path() -> Path:
+    return _user_dir() / STATE_NAME
+
+
+def default_trust_path() -> Path:
+    """The developer trust file: `build` records its development key here, and `verify` falls
+    back to it when no key is pinned."""
+    return _user_dir() / DEV_TRUST_NAME
 
 
 def _trusted_keys(
@@ -539,10 +553,10 @@ def _trusted_keys(
         return {release.key_id(public_key): public_key}
     if trust_file is not None:
         return load_trust_file(trust_file)
-    local = DEV_DIR / DEV_TRUST_NAME
+    local = default_trust_path()
     if local.exists():
         warn(
-            f"trusting the keys in {local}, this checkout's local developer trust file; "
+            f"trusting the keys in {local}, this user's developer trust file; "
             "production verifiers pin the release key with --pubkey or --trust-file"
         )
         return load_trust_file(local)

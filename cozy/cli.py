@@ -116,7 +116,7 @@ def _release_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     trust.add_argument(
         "--trust-file",
         type=Path,
-        help="JSON file of trusted keys (default: .cozy/release/trusted.json if present, the "
+        help="JSON file of trusted keys (default: $COZY_HOME/release-trusted.json if present, the "
         "developer trust file `build` writes; production verifiers pin a key explicitly)",
     )
     p.add_argument(

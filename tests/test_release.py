@@ -80,7 +80,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    trust = msgspec.json.decode((src / ".cozy/release/trusted.json").read_bytes())
+    trust = msgspec.json.decode((home / _release.DEV_TRUST_NAME).read_bytes())
     seed = _release.read_key(src / ".cozy/release/release-key")
     return Built(
         src=src,
@@ -350,7 +350,7 @@ async def test_a_trust_file_decides_which_signers_are_accepted(
         manifest = _copy_release(built, tmp_path / "r")
         env = _env(tmp_path / "home")
         trust = tmp_path / "trusted.json"
-        shutil.copy(built.src / ".cozy/release/trusted.json", trust)
+        shutil.copy(built.home / _release.DEV_TRUST_NAME, trust)
         ok = await _cozy(
             "release", "verify", "RELEASE.json", "--trust-file", str(trust),
             cwd=manifest.parent, env=env,
@@ -379,6 +379,28 @@ async def test_first_use_without_a_pinned_key_is_refused(built: Built, tmp_path:
         assert b"no trusted release key" in result.stderr
         assert b"--pubkey" in result.stderr
         assert not (tmp_path / "home" / _release.STATE_NAME).exists()
+
+
+@pytest.mark.objective("SO-8")
+async def test_a_trust_file_shipped_inside_a_release_is_not_trusted(
+    built: Built, tmp_path: Path
+) -> None:
+    with trio.fail_after(30):
+        manifest = _copy_release(built, tmp_path / "r")
+        # An attacker re-signs the release and plants "trusted" keys where the developer trust
+        # file used to live (in the directory verify runs from) and beside the manifest.
+        forged = os.urandom(32)
+        manifest.write_bytes(release.sign_release(_body(manifest), forged))
+        for planted in (
+            manifest.parent / ".cozy/release/trusted.json",
+            manifest.parent / _release.DEV_TRUST_NAME,
+        ):
+            _release.add_to_trust_file(planted, release.public_key_of(forged), note="planted")
+        result = await _cozy(
+            "release", "verify", "RELEASE.json", cwd=manifest.parent, env=_env(tmp_path / "home")
+        )
+        assert result.returncode == 1, result.stderr
+        assert b"no trusted release key" in result.stderr
 
 
 async def test_an_expired_release_is_refused(built: Built, tmp_path: Path) -> None:
