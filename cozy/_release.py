@@ -183,8 +183,13 @@ def read_key(path: Path) -> bytes:
         raise KeyFileError(
             f"no release key at {path}; create one with `cozy release keygen --out {path}`"
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"cannot read the release key {path}: {exc}") from None
+    except UnicodeDecodeError:
+        # Not the exception's text: it quotes the offending byte, a byte of the seed.
+        raise KeyFileError(
+            f"the release key {path} is not a hex seed; make one with `cozy release keygen`"
+        ) from None
+    except OSError as exc:
+        raise KeyFileError(f"cannot read the release key {path}: {exc.strerror}") from None
     if st.st_mode & 0o077:
         raise KeyFileError(
             f"the release key {path} is readable by other users; run `chmod 600 {path}` "
@@ -660,7 +665,7 @@ def run(args: argparse.Namespace) -> int:
         if args.release_action == "build":
             return _build(args)
         return _verify(args)
-    except (ReleaseSetupError, release.MissingDependency) as exc:
+    except ReleaseSetupError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except BuildRefused as exc:

@@ -334,7 +334,11 @@ class Readiness:
     def __init__(self, ledger: Ledger, bao_addr: str | None, state: Callable[[], str]) -> None:
         self._ledger = ledger
         self._state = state
-        self._bao = None if bao_addr is None else hvac.Client(url=bao_addr, timeout=CHECK_TIMEOUT)
+        # token="" (not None): hvac would otherwise pick up $VAULT_TOKEN or ~/.vault-token and
+        # send it with every readiness probe; sys/health needs no token.
+        self._bao = (
+            None if bao_addr is None else hvac.Client(url=bao_addr, token="", timeout=CHECK_TIMEOUT)
+        )
         self._pg_limiter = trio.CapacityLimiter(2)
         self._bao_limiter = trio.CapacityLimiter(2)
 
