@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
 import msgspec
+from packaging.version import InvalidVersion, Version
 
 from model import _crypto
 from model.errors import DECODE_ERRORS, ModelError
@@ -35,7 +36,6 @@ from model.errors import DECODE_ERRORS, ModelError
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-    from packaging.version import Version
 
 FORMAT: Final = "cozy-release/1"
 SIGN_DOMAIN: Final = b"cozy-release-manifest/v1\x00"
@@ -51,10 +51,6 @@ AwareDatetime = Annotated[datetime, msgspec.Meta(tz=True)]
 
 class ReleaseError(ModelError):
     """Base of every refusal to build or trust a release. The message says what to do next."""
-
-
-class MissingDependency(ReleaseError):
-    """A library the check needs is not installed; nothing was judged."""
 
 
 class ManifestMalformed(ReleaseError):
@@ -94,18 +90,7 @@ class ArtifactHashMismatch(ReleaseError):
 
 
 def _version(text: str) -> Version | None:
-    """`text` as a PEP 440 version, or None when it is not one.
-
-    `packaging` is imported here, not at module level: it comes with the dev dependencies, and
-    its absence should be a clear refusal, not an import error of the whole CLI.
-    """
-    try:
-        from packaging.version import InvalidVersion, Version
-    except ModuleNotFoundError:
-        raise MissingDependency(
-            "comparing release versions needs the `packaging` library; install it "
-            "(`pip install packaging`, or `make install` for the dev dependencies)"
-        ) from None
+    """`text` as a PEP 440 version, or None when it is not one."""
     try:
         return Version(text)
     except InvalidVersion:

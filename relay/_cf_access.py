@@ -34,12 +34,14 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import jwt
 import structlog
 import trio
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
+from relay.broker import NoRedirects
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -63,7 +65,7 @@ _TEAM_HOST_RE: Final = re.compile(
 )
 _TEAM_NAME_RE: Final = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _AUD_RE: Final = re.compile(r"^[A-Za-z0-9._:/-]{1,256}$")
-_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+_LOOPBACK_HOSTS: Final = frozenset({"127.0.0.1", "localhost", "::1"})  # urlsplit drops [ ]
 
 
 class AccessConfigError(ValueError):
@@ -212,7 +214,7 @@ def fetch_jwks(url: str, timeout: float, max_bytes: int = MAX_JWKS_BYTES) -> dic
         _check_certs_url(url)
     except AccessConfigError as exc:
         raise JwksUnavailable(str(exc)) from None
-    opener = urllib.request.build_opener(_NoRedirects)
+    opener = urllib.request.build_opener(NoRedirects)
     # S310: the scheme was just checked (https, or http on loopback); no file: or custom ones.
     request = urllib.request.Request(url, headers={"Accept": "application/json"})  # noqa: S310
     try:
@@ -256,11 +258,6 @@ def _usable_key(member: object) -> jwt.PyJWK | None:
     if not isinstance(key.key, RSAPublicKey) or key.key.key_size < MIN_RSA_BITS:
         return None
     return key
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None  # a redirect is answered as the HTTPError it is
 
 
 class JwksCache:

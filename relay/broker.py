@@ -139,12 +139,14 @@ class SecretStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
+class NoRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib then answers a 3xx as the HTTPError it is."""
+
     def redirect_request(self, *_args: object, **_kwargs: object) -> None:
         return None  # a redirect could leave the allowlist: hand the 3xx back as the result
 
 
-_opener = urllib.request.build_opener(_NoRedirects)
+_opener = urllib.request.build_opener(NoRedirects)
 
 
 class Broker:
