@@ -32,16 +32,13 @@ from typing import Final, NamedTuple, Protocol
 
 import msgspec
 
-from fanout._message import Message
+from fanout._message import Message, starts_new_batch
 from model import wire
 from model.envelope import SequencedEvent, event_id
 
 CATCHUP_PAGE: Final = 500
 PENDING_LIMIT: Final = 10_000
 LAG_CLOSE_CODE: Final = 4008
-# A published batch goes out as messages of at most this many bytes of frames (and
-# MAX_BATCH_FRAMES frames), well under the WebSocket cap every client accepts (WS_HARD_LIMIT).
-MESSAGE_BYTES: Final = 256 * 1024
 
 
 ReadRange = Callable[[str, int, int], Awaitable[Sequence[SequencedEvent]]]
@@ -161,13 +158,13 @@ class _Group:
 
 
 def _messages(frames: list[bytes]) -> list[Message]:
-    """`frames` as `batch` messages of at most MAX_BATCH_FRAMES frames and MESSAGE_BYTES bytes
+    """`frames` as `batch` messages of at most MAX_BATCH_FRAMES frames and BATCH_BYTES bytes
     (a lone frame over that goes alone), so no message exceeds what a client accepts."""
     out: list[Message] = []
     run: list[bytes] = []
     size = 0
     for frame in frames:
-        if run and (len(run) >= wire.MAX_BATCH_FRAMES or size + len(frame) > MESSAGE_BYTES):
+        if starts_new_batch(len(run), size, len(frame)):
             out.append(Message(wire.batch(run), len(run)))
             run, size = [], 0
         run.append(frame)

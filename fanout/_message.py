@@ -11,7 +11,20 @@ from __future__ import annotations
 import struct
 from typing import Final
 
+from model import wire
+
 _FIN_BINARY: Final = 0x82  # FIN + opcode 2 (binary); RSV bits clear: never compressed
+# Coalesced `batch` messages stay well under the WebSocket cap every peer accepts
+# (wire.WS_HARD_LIMIT); a lone frame over this goes in a batch of its own.
+BATCH_BYTES: Final = 256 * 1024
+
+
+def starts_new_batch(run_frames: int, run_bytes: int, frame_bytes: int) -> bool:
+    """True when a frame of `frame_bytes` must not join a run of `run_frames` frames holding
+    `run_bytes`: the one batching rule of fan-out and of a connection's writer."""
+    return run_frames > 0 and (
+        run_frames >= wire.MAX_BATCH_FRAMES or run_bytes + frame_bytes > BATCH_BYTES
+    )
 
 
 def ws_binary_frame(payload: bytes) -> bytes:

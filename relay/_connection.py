@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from trio_websocket import ConnectionClosed
 
-from fanout import Message, ws_binary_frame
+from fanout import Message, starts_new_batch, ws_binary_frame
 from model import wire
 from relay._wsraw import check_compatible, send_framed, write_now
 
@@ -39,8 +39,6 @@ MAX_APPENDS_IN_FLIGHT: Final = 2048
 MAX_APPEND_BYTES_IN_FLIGHT: Final = 16 * 1024 * 1024
 # Tool calls and artifact downloads run beside the reader; at most this many per connection.
 MAX_BACKGROUND_TASKS: Final = 8
-# Coalesced messages stay well under the WebSocket cap every peer accepts (WS_HARD_LIMIT).
-BATCH_BYTES: Final = 256 * 1024
 # The writer drains the outbox into one `send` of at most about this many bytes.
 WRITE_BYTES: Final = 1024 * 1024
 CLOSE_TIMEOUT: Final = 2.0
@@ -73,6 +71,8 @@ class Connection:
         # Items are single frames (coalesced into batches by the writer) or whole messages
         # built once by fan-out for every subscriber (written as they are).
         self._out_send, self._out_recv = trio.open_memory_channel[bytes | Message](OUTBOX_FRAMES)
+        # The limits as they were when the connection opened (a test gives one connection a tiny
+        # outbox by patching the module constant around its creation).
         self._outbox_bytes_limit = OUTBOX_BYTES
         self._outbox_frames_limit = OUTBOX_FRAMES
         self.outbox_bytes = 0  # bytes queued in the outbox, not yet handed to the socket
@@ -131,9 +131,7 @@ class Connection:
                                 run, run_size = [], 0
                             out.append(item.framed)
                         else:
-                            if run and (
-                                len(run) >= wire.MAX_BATCH_FRAMES or run_size + n > BATCH_BYTES
-                            ):
+                            if starts_new_batch(len(run), run_size, n):
                                 out.append(ws_binary_frame(wire.batch(run)))
                                 run, run_size = [], 0
                             self.outbox_frames -= 1
