@@ -85,6 +85,11 @@ class CryptoPool:
                     self.rounds += 1
                 finally:
                     for job in jobs:
+                        # Cancelled mid-round (the relay's nurseries are being torn down), a
+                        # job can miss parts: fail it rather than hand back a short list.
+                        done = sum(len(part) for part in job.parts.values())
+                        if job.error is None and done != len(job.items):
+                            job.error = RuntimeError("the crypto pool stopped before this job ran")
                         job.done.set()
 
 
