@@ -272,19 +272,38 @@ class Fanout:
         """
         ended = 0
         for sub in list(self._subs.get(collab_id, ())):
-            if sub.account_id != account_id:
-                continue
-            self.remove(sub)
-            ended += 1
-            if not sub.outbox.offer(
-                wire.encode(
-                    wire.SubscriptionEnded(
-                        collab_id=collab_id, reason=reason, resume_from=sub.next_seq
-                    )
-                )
-            ):
-                self._lag(sub)
+            if sub.account_id == account_id:
+                self.end(sub, reason)
+                ended += 1
         return ended
+
+    def evict_account(self, account_id: str, reason: str) -> int:
+        """End every subscription of `account_id`, in every collab and on every connection
+        (its agent token was revoked). Returns how many subscriptions ended."""
+        ended = 0
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                if sub.account_id == account_id:
+                    self.end(sub, reason)
+                    ended += 1
+        return ended
+
+    def end(self, sub: Subscription, reason: str) -> None:
+        """End one subscription now, telling its subscriber why and where to resume.
+
+        Works in either state: a subscription still catching up stops at its next page.
+        """
+        if sub.ended:
+            return
+        self.remove(sub)
+        if not sub.outbox.offer(
+            wire.encode(
+                wire.SubscriptionEnded(
+                    collab_id=sub.collab_id, reason=reason, resume_from=sub.next_seq
+                )
+            )
+        ):
+            self._lag(sub)
 
     def _deliver_group(self, sub: Subscription, group: _Group) -> None:
         """The whole published batch as one message: the live path's common case."""

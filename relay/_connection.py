@@ -26,7 +26,10 @@ from relay._wsraw import check_compatible, send_framed, write_now
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
 
+    from fanout import Subscription
     from model.artifacts import RefHasher
+    from model.authz import MemberView
+    from model.membership import MemberKind
     from relay._cf_access import AccessIdentity
 
 OUTBOX_FRAMES: Final = 8192
@@ -61,12 +64,22 @@ class Connection:
         self.sign_pk: bytes = b""
         self.box_pk: bytes = b""
         self.session_expires_at = 0.0
+        self.session_expired = False  # the last session ended by running out (for the message)
+        self.account_kind: MemberKind | None = None  # the bound account's kind
+        # Everything below belongs to the current session, and ends with it (relay/_sessions.py).
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
-        # collab -> None for a human member, or an agent's capabilities (checked, then cached)
-        self.member_of: dict[str, tuple[str, ...] | None] = {}
+        self.subscriptions: dict[str, Subscription] = {}  # by collab
+        self.session_tasks: set[trio.CancelScope] = set()  # tool calls, downloads
+        # collab -> the sender's membership there, checked once and then cached until a removal
+        # evicts it; `membership_generation` moves on every eviction, so a lookup that started
+        # before one never writes its stale answer back.
+        self.member_of: dict[str, MemberView] = {}
+        self.membership_generation = 0
+        # Set whenever the session changes (bound, rebound, ended), to wake its expiry watch.
+        self.session_changed = trio.Event()
         # Who Cloudflare Access let through (SO-6), when the relay checks it; else None.
         self.access: AccessIdentity | None = None
-        self._nursery = nursery
+        self.nursery = nursery
         check_compatible(ws)  # the writer sends through relay/_wsraw.py
         # Items are single frames (coalesced into batches by the writer) or whole messages
         # built once by fan-out for every subscriber (written as they are).
@@ -195,7 +208,7 @@ class Connection:
             return
         self._closing = self._dropped = True
         self._out_send.close()
-        self._nursery.start_soon(self._close_socket, code, reason)
+        self.nursery.start_soon(self._close_socket, code, reason)
 
     def close_gracefully(self, code: int, reason: str) -> None:
         """Flush what is queued, then close with `code` and `reason` (used at shutdown)."""
@@ -203,7 +216,7 @@ class Connection:
             return
         self._closing = True
         self._out_send.close()
-        self._nursery.start_soon(self._close_after_flush, code, reason)
+        self.nursery.start_soon(self._close_after_flush, code, reason)
 
     async def _close_after_flush(self, code: int, reason: str) -> None:
         with trio.move_on_after(CLOSE_TIMEOUT):

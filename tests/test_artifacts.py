@@ -97,8 +97,9 @@ async def test_uploads_are_checked_ordered_members_only_and_size_limited(
                     wire.ArtifactChunkStored,
                 )
             assert order.value.code is wire.ErrorCode.INVALID_REQUEST
+            services = relay._services  # the config the request handlers read
             monkeypatch.setattr(
-                relay, "config", dataclasses.replace(relay.config, max_artifact_bytes=100_000)
+                services, "config", dataclasses.replace(relay.config, max_artifact_bytes=100_000)
             )
             with pytest.raises(RelayRefused) as too_big:
                 await client.upload_artifact(alice.collab_id, sealed)

@@ -1,0 +1,190 @@
+"""Who may send which request: the relay's authorization rules, written as one table.
+
+What lives here: for every request type of the wire (model/wire.py) one `Rule` saying what
+standing the sender needs — a live session or none, a person or also an agent, a signature by
+the account's own key, membership of the collab it names and which capability there — and the
+pure function `decide` that applies a rule to what the relay knows about the sender. The relay
+enforces the table in exactly one place (relay/_dispatch.py) before any handler runs, and a
+request type with no row cannot be dispatched at all (`rule_for` raises), so a new request is
+refused until someone writes down who may send it. tests/test_authz_matrix.py drives every row
+against a real relay for every kind of principal.
+
+What does not live here: looking the sender up (sessions, the membership projection) is I/O and
+lives in the relay; checking the signature itself needs the request's own signed bytes and is
+done by the handler the rule names (`signed`), which must refuse with `bad_signature`; the
+sequencer's admission of events at their position in the ledger is model/sequencer.py's.
+
+Principals, as the table sees them (SO-5, SO-6, SO-9):
+- ANONYMOUS: nobody logged in — never authenticated, session expired, agent token revoked, or
+  a token signed with a rotated `JWT_SIGNING_KEY` (all look the same once refused at bind).
+- HUMAN / AGENT: a live session of that account kind. A password session proves only the login
+  password; whatever changes state must also carry the account key's signature (`signed`).
+- In a collab: a member with a role and capabilities, or a non-member (never added, or removed:
+  a removal evicts the relay's cached membership, so the two look the same).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Final
+
+from model import wire
+from model.membership import CAP_POST, CAP_READ, CAP_TOOL_PREFIX, MemberKind
+
+
+class Standing(enum.StrEnum):
+    """Who the connection speaks for right now."""
+
+    ANONYMOUS = "anonymous"
+    HUMAN = "human"
+    AGENT = "agent"
+
+
+class Senders(enum.StrEnum):
+    """Which standings a rule admits at all."""
+
+    ANYONE = "anyone"  # no session needed (sign-up, login, authenticate, ping)
+    ACCOUNTS = "accounts"  # a live session of any account kind
+    PEOPLE = "people"  # a live session of a human account; agents are refused
+
+
+class Capability(enum.StrEnum):
+    """What a collab-scoped request needs of the sender's membership in that collab."""
+
+    MEMBER = "member"  # membership only (content appends: the sequencer checks `post` itself)
+    READ = CAP_READ
+    POST = CAP_POST
+    TOOL = "tool"  # `tool:NAME` for the tool the request names (granted, or open to members)
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    senders: Senders
+    # The handler checks a signature by the account's own key over this request (or the event it
+    # carries); without it the request is refused with `bad_signature` and changes nothing.
+    signed: bool = False
+    # Membership the request needs in the collab it names; None for requests outside a collab.
+    capability: Capability | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MemberView:
+    """What the relay knows of the sender's membership in one collab (the projection)."""
+
+    kind: MemberKind
+    caps: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    code: wire.ErrorCode
+    message: str
+
+
+ANYONE: Final = Rule(Senders.ANYONE)
+
+# One row per request type. `signed` rows are the changes (SO-5): a login session without the
+# account key can read metadata and its own sealed keystore, and nothing more.
+RULES: Final[dict[type[wire.Request], Rule]] = {
+    wire.Ping: ANYONE,
+    wire.Signup: ANYONE,  # registers keys; a keystore sent with it is signed by the new key
+    wire.Login: ANYONE,  # answers a person's password only; agents have none
+    wire.Authenticate: ANYONE,
+    wire.GetAccount: Rule(Senders.ACCOUNTS),
+    wire.GetKeystore: Rule(Senders.ACCOUNTS),  # sealed: a new device restores through it
+    wire.PutKeystore: Rule(Senders.ACCOUNTS, signed=True),
+    wire.CreateCollab: Rule(Senders.PEOPLE, signed=True),
+    wire.CreateAgent: Rule(Senders.PEOPLE, signed=True),
+    wire.RevokeAgent: Rule(Senders.PEOPLE, signed=True),
+    wire.Append: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.MEMBER),
+    wire.Subscribe: Rule(Senders.ACCOUNTS, capability=Capability.READ),
+    wire.Unsubscribe: Rule(Senders.ACCOUNTS),  # only this connection's own subscriptions
+    wire.GetArtifact: Rule(Senders.ACCOUNTS, capability=Capability.READ),
+    wire.PutArtifactChunk: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.POST),
+    wire.CallTool: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.TOOL),
+}
+
+
+class NoRule(Exception):
+    """A request type without a row in `RULES`: a programming error, refused as `internal`."""
+
+
+def rule_for(request: wire.Request) -> Rule:
+    try:
+        return RULES[type(request)]
+    except KeyError:
+        raise NoRule(type(request).__name__) from None
+
+
+def collab_of(request: wire.Request) -> str | None:
+    """The collab a collab-scoped request names on its face (None for the others).
+
+    An append names its collab inside the signed body, which the relay decodes first and passes
+    to `decide` itself.
+    """
+    match request:
+        case (
+            wire.Subscribe(collab_id=c)
+            | wire.GetArtifact(collab_id=c)
+            | wire.PutArtifactChunk(collab_id=c)
+            | wire.CallTool(collab_id=c)
+        ):
+            return c
+    return None
+
+
+def needed_capability(rule: Rule, request: wire.Request) -> str | None:
+    """The membership capability string `request` needs, or None for membership alone."""
+    match rule.capability:
+        case None | Capability.MEMBER:
+            return None
+        case Capability.TOOL:
+            assert isinstance(request, wire.CallTool)
+            return CAP_TOOL_PREFIX + request.tool
+        case cap:
+            return cap.value
+
+
+def decide_sender(rule: Rule, standing: Standing, *, expired: bool = False) -> Refusal | None:
+    """The first half of the decision: may this kind of principal send the request at all?
+
+    `expired` says the connection's session ran out just now (only the message differs).
+    """
+    if rule.senders is Senders.ANYONE:
+        return None
+    if standing is Standing.ANONYMOUS:
+        return Refusal(
+            wire.ErrorCode.UNAUTHENTICATED,
+            "session expired: log in again"
+            if expired
+            else "log in or authenticate with a session token first",
+        )
+    if rule.senders is Senders.PEOPLE and standing is not Standing.HUMAN:
+        return Refusal(
+            wire.ErrorCode.UNAUTHORIZED,
+            "agents cannot do this: only a person's account may (agents have no management"
+            " surface)",
+        )
+    return None
+
+
+def decide_member(
+    member: MemberView | None, capability: str | None, *, open_tools: frozenset[str] = frozenset()
+) -> Refusal | None:
+    """The second half, for a collab-scoped request: is the sender a member holding `capability`?
+
+    A non-member gets the same answer whether or not the collab exists. Capabilities are explicit
+    for agents (`read`, `post`, `tool:NAME` from their signed `add`); people may everything their
+    membership allows. (Tool grants for people: issue 13, next commit.)
+    """
+    if member is None:
+        return Refusal(wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+    if capability is None or member.kind is MemberKind.HUMAN:
+        return None
+    tool = capability[len(CAP_TOOL_PREFIX) :] if capability.startswith(CAP_TOOL_PREFIX) else None
+    if capability in member.caps or (tool is not None and tool in open_tools):
+        return None
+    return Refusal(
+        wire.ErrorCode.UNAUTHORIZED, f"this agent was not given the {capability!r} capability"
+    )

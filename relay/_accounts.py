@@ -1,0 +1,242 @@
+"""Accounts: sign-up, login, agents, and the account directory members look each other up in.
+
+Passwords are verified with Argon2id in worker threads under a small limiter (relay/_auth.py);
+logins are throttled per handle string with identical answers whether or not it exists (SO-6).
+Keys never come from here unsigned: a keystore is stored only with the account key's signature
+(model/proofs.py), so a session alone cannot replace it (SO-2).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+import structlog
+import trio
+
+from ledger import AccountRow, AlreadyExists, HandleTaken, KeystoreRow, LedgerError, StaleVersion
+from model import wire
+from model.ids import is_id
+from model.proofs import verify_keystore_write
+from relay import _auth, _throttle
+from relay._context import RequestRefused
+
+if TYPE_CHECKING:
+    from relay._connection import Connection
+    from relay._context import Services
+    from relay._sessions import Sessions
+
+log = structlog.get_logger("cozy.relay")
+
+
+class Accounts:
+    def __init__(self, services: Services, sessions: Sessions) -> None:
+        self._s = services
+        self._sessions = sessions
+
+    async def signup(self, conn: Connection, req: wire.Signup) -> None:
+        try:
+            _auth.check_signup(req.handle, req.password)
+        except _auth.AuthError as exc:
+            raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, str(exc)) from None
+        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
+            )
+        if not is_id(req.account_id, "a"):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "account_id must look like a_<26 base32 chars>"
+            )
+        keystore = None
+        if req.keystore:
+            if not verify_keystore_write(
+                req.sign_pk, req.account_id, 1, req.keystore, req.keystore_sig
+            ):
+                raise RequestRefused(
+                    wire.ErrorCode.BAD_SIGNATURE,
+                    "the keystore is not signed by the account key being registered",
+                )
+            keystore = KeystoreRow(1, req.keystore, req.keystore_sig)
+        password_hash = await trio.to_thread.run_sync(
+            _auth.hash_password, req.password, limiter=self._s.auth_limiter
+        )
+        account_id = req.account_id
+        await self._create_account(
+            AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk), keystore
+        )
+        log.info("account_created", account_id=account_id)
+        conn.reply(wire.SignedUp(rid=req.rid, account_id=account_id))
+
+    async def login(self, conn: Connection, req: wire.Login) -> None:
+        """Throttled per handle string, known or not, with identical answers (SO-6).
+
+        The lock check, the verification and the bookkeeping of its outcome all happen while
+        holding one verifier slot, so attempts queued behind a failure see the lock it caused:
+        a locked handle's password is never verified, however many attempts arrive at once.
+        """
+        s = self._s
+        policy = _throttle.LOGIN_POLICY
+        if not _auth.HANDLE_RE.fullmatch(req.handle):
+            # No account can have this handle: answer as for any unknown handle, after the same
+            # verifier work, without touching the database with arbitrary bytes.
+            await trio.to_thread.run_sync(
+                _auth.verify_password, None, req.password, limiter=s.auth_limiter
+            )
+            s.auth_counters.failed("invalid_credentials")
+            raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
+        async with s.auth_limiter:
+            wait = await s.db(s.ledger.login_wait, req.handle)
+            if wait > 0:
+                s.auth_counters.failed("locked_out")
+                raise RequestRefused(wire.ErrorCode.RATE_LIMITED, _throttle.lockout_message(wait))
+            row = await s.db(s.ledger.account_by_handle, req.handle)
+            ok = await trio.to_thread.run_sync(  # the slot held above bounds the concurrency
+                _auth.verify_password, None if row is None else row.password_hash, req.password
+            )
+            if row is None or not ok:
+                locked_for = await s.db(
+                    partial(s.ledger.record_login_failure, policy=policy), req.handle
+                )
+                s.auth_counters.failed("invalid_credentials", locked=locked_for > 0)
+                raise RequestRefused(
+                    wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong"
+                )
+            await s.db(s.ledger.record_login_success, req.handle)
+        if _auth.needs_rehash(row.password_hash):
+            await self._rehash(row, req.password)
+        token, expires = _auth.issue_token(
+            s.config.jwt_signing_key.value,
+            row.account_id,
+            s.config.session_ttl_seconds,
+            time.time(),
+        )
+        self._sessions.bind(conn, row, expires)
+        conn.reply(
+            wire.LoggedIn(rid=req.rid, account_id=row.account_id, token=token, expires_at=expires)
+        )
+
+    async def _rehash(self, row: AccountRow, password: str) -> None:
+        """Store a hash with today's Argon2id parameters; best effort (the login stands)."""
+        s = self._s
+        new_hash = await trio.to_thread.run_sync(
+            _auth.hash_password, password, limiter=s.auth_limiter
+        )
+        try:
+            await s.db(
+                partial(s.ledger.update_password_hash, replaces=row.password_hash),
+                row.account_id,
+                new_hash,
+            )
+        except LedgerError as exc:
+            log.warning(
+                "password_rehash_failed", account_id=row.account_id, error=type(exc).__name__
+            )
+        else:
+            log.info("password_rehashed", account_id=row.account_id)
+
+    async def get_account(self, conn: Connection, req: wire.GetAccount) -> None:
+        s = self._s
+        if req.account_id is not None:
+            ok = is_id(req.account_id, "a")
+            row = await s.db(s.ledger.account_by_id, req.account_id) if ok else None
+        elif req.handle is not None:
+            ok = bool(_auth.HANDLE_RE.fullmatch(req.handle))
+            row = await s.db(s.ledger.account_by_handle, req.handle) if ok else None
+        else:
+            raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, "give account_id or handle")
+        if row is None:
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
+        conn.reply(
+            wire.AccountInfo(
+                rid=req.rid,
+                account_id=row.account_id,
+                handle=row.handle,
+                sign_pk=row.sign_pk,
+                box_pk=row.box_pk,
+            )
+        )
+
+    async def get_keystore(self, conn: Connection, req: wire.GetKeystore) -> None:
+        stored = await self._s.db(self._s.ledger.keystore, self._sessions.account_of(conn))
+        if stored is None or not stored.blob:
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "this account has no stored keystore")
+        conn.reply(wire.Keystore(rid=req.rid, version=stored.version, blob=stored.blob))
+
+    async def put_keystore(self, conn: Connection, req: wire.PutKeystore) -> None:
+        """Keystore writes need the account key: a stolen session cannot replace, roll back or
+        delete the sealed keystore (SO-2)."""
+        account_id = self._sessions.account_of(conn)
+        if not verify_keystore_write(conn.sign_pk, account_id, req.version, req.blob, req.sig):
+            raise RequestRefused(
+                wire.ErrorCode.BAD_SIGNATURE, "keystore writes must be signed by your account key"
+            )
+        try:
+            await self._s.db(
+                self._s.ledger.put_keystore,
+                account_id,
+                KeystoreRow(req.version, req.blob, req.sig),
+            )
+        except StaleVersion as exc:
+            raise RequestRefused(
+                wire.ErrorCode.STALE,
+                f"the stored keystore is version {exc.current}; fetch it, merge, and write version {exc.current + 1}",
+            ) from None
+        log.info(
+            "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
+        )
+        conn.reply(wire.KeystoreStored(rid=req.rid, version=req.version))
+
+    async def _create_account(self, row: AccountRow, keystore: KeystoreRow | None) -> None:
+        try:
+            await self._s.db(self._s.ledger.create_account, row, keystore)
+        except HandleTaken as exc:
+            raise RequestRefused(wire.ErrorCode.HANDLE_TAKEN, str(exc)) from None
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "that account id is taken; pick another random id"
+            ) from None
+
+    async def create_agent(self, conn: Connection, req: wire.CreateAgent) -> None:
+        """A person registers a bot's account (keys generated on the person's device) and gets
+        the agent's long-lived, revocable token. What the agent may do in a collab is granted
+        separately, by the signed `add` proof with its capabilities."""
+        creator = self._sessions.account_of(conn)
+        if not _auth.HANDLE_RE.fullmatch(req.handle) or not is_id(req.account_id, "a"):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "an agent needs a handle (3-32 of a-z, 0-9, '_', '.', '-') and an a_… id",
+            )
+        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
+            )
+        row = AccountRow(
+            req.account_id, req.handle, "!agent: no password", req.sign_pk, req.box_pk,
+            kind="agent", created_by=creator,
+        )  # fmt: skip
+        await self._create_account(row, None)
+        token, expires = _auth.issue_token(
+            self._s.config.jwt_signing_key.value,
+            req.account_id,
+            _auth.AGENT_TOKEN_TTL,
+            agent_generation=0,
+        )
+        log.info("agent_created", account_id=req.account_id, created_by=creator)
+        conn.reply(
+            wire.AgentCreated(
+                rid=req.rid, account_id=req.account_id, token=token, expires_at=expires
+            )
+        )
+
+    async def revoke_agent(self, conn: Connection, req: wire.RevokeAgent) -> None:
+        """Its creator revokes an agent: every token issued to it stops working at once, its
+        connections close and its subscriptions end wherever they are. (Removing it from
+        collabs, which rotates their keys, is the creator's signed `remove`, made separately.)"""
+        creator = self._sessions.account_of(conn)
+        generation = await self._s.db(self._s.ledger.revoke_agent, req.account_id, creator)
+        if generation is None:
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no agent of yours has that id")
+        self._sessions.revoke(req.account_id, "agent revoked by its creator")
+        log.info("agent_revoked", account_id=req.account_id, generation=generation)
+        conn.reply(wire.AgentRevoked(rid=req.rid, account_id=req.account_id))

@@ -1,0 +1,206 @@
+"""Collabs: creation from a signed genesis proof, appends handed to the collab's sequencer,
+the membership the authorization point asks about, and tool calls through the broker.
+
+Who may send each of these is decided before they get here (relay/_dispatch.py, model/authz.py);
+what is checked here is what only the request's own content can tell: the genesis proof's
+signature and owner keys, an added member's registered keys, the tool's existence.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final
+
+import structlog
+
+from ledger import AlreadyExists
+from model import wire
+from model.authz import MemberView
+from model.chain import start_of
+from model.envelope import KIND_MANAGEMENT, EventBody, verify_event
+from model.errors import BadSignature, ModelError
+from model.ids import is_id, new_id
+from model.membership import AddMember, CreateCollab, MemberKind, ProofRejected, apply, proof_of
+from relay._connection import MAX_APPENDS_IN_FLIGHT
+from relay._context import RequestRefused, refuse, where
+from relay._sequencer import InboxFull, ShuttingDown, Submission
+from relay.broker import ToolFailed, UnknownTool
+
+if TYPE_CHECKING:
+    from relay._connection import Connection
+    from relay._context import Services
+    from relay._sessions import Sessions
+
+log = structlog.get_logger("cozy.relay")
+
+# A collab's genesis event must be this fresh (ms) when it reaches the relay.
+CREATE_COLLAB_MAX_SKEW_MS: Final = 10 * 60 * 1000
+
+
+class Collabs:
+    def __init__(self, services: Services, sessions: Sessions) -> None:
+        self._s = services
+        self._sessions = sessions
+        # Tools the operator declared open to every member of a collab (no grant needed).
+        self.open_tools: frozenset[str] = frozenset()
+
+    async def member_view(self, conn: Connection, collab_id: str) -> MemberView | None:
+        """The sender's membership in `collab_id` (None: not a member, or no such collab).
+
+        Cached per connection until a removal evicts it (`removed`); a lookup that raced an
+        eviction answers but does not write its result back.
+        """
+        cached = conn.member_of.get(collab_id)
+        if cached is not None:
+            return cached
+        account_id = self._sessions.account_of(conn)
+        generation = conn.membership_generation
+        found = (
+            await self._s.db(self._s.ledger.member, collab_id, account_id)
+            if is_id(collab_id, "c")
+            else None
+        )
+        if found is None:
+            return None
+        kind, caps = found
+        view = MemberView(MemberKind(kind), caps)
+        if generation == conn.membership_generation and conn.account_id == account_id:
+            conn.member_of[collab_id] = view
+        return view
+
+    def removed(self, collab_id: str, account_id: str) -> None:
+        """A committed removal: end the removed member's subscriptions and forget the cached
+        membership on their connections, so their next request is checked afresh."""
+        self._s.fanout.evict(collab_id, account_id, "you were removed from this collab")
+        for conn in self._sessions.connections_of(account_id):
+            conn.member_of.pop(collab_id, None)
+            conn.membership_generation += 1
+        log.info("member_removed", collab_id=collab_id, account_id=account_id)
+
+    async def create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
+        """A collab starts with its genesis proof, signed by the creator's account key: a
+        session token alone cannot create one, and the relay cannot invent an owner (SO-5)."""
+        account_id = self._sessions.account_of(conn)
+        try:
+            verified = verify_event(req.event, conn.sign_pk)
+            body = verified.body
+            if body.kind != KIND_MANAGEMENT or body.actor_id != account_id:
+                raise ProofRejected("bad_genesis", "send a `create` proof made by your account")
+            proof = proof_of(body)
+            if not isinstance(proof.op, CreateCollab):
+                raise ProofRejected("bad_genesis", "a collab's first event must create it")
+            owner = proof.op.owner
+            if (owner.sign_pk, owner.box_pk) != (conn.sign_pk, conn.box_pk):
+                raise ProofRejected("bad_genesis", "the owner's keys must be your account's keys")
+            membership = apply(None, proof, start_of(body.collab_id), actor_id=account_id)
+        except BadSignature:
+            raise RequestRefused(
+                wire.ErrorCode.BAD_SIGNATURE, "collab creation must be signed by your account key"
+            ) from None
+        except ModelError as exc:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
+            ) from None
+        if abs(time.time() * 1000 - body.ts) > CREATE_COLLAB_MAX_SKEW_MS:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "the creation proof is too old or from the future; check your clock",
+            )
+        try:
+            await self._s.db(self._s.ledger.create_collab, verified, membership)
+        except AlreadyExists:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "that collab id exists already; pick another random id",
+            ) from None
+        conn.member_of[body.collab_id] = MemberView(MemberKind.HUMAN, ())
+        log.info("collab_created", collab_id=body.collab_id, account_id=account_id)
+        conn.reply(wire.CollabCreated(rid=req.rid, collab_id=body.collab_id))
+
+    async def append(self, conn: Connection, req: wire.Append, body: EventBody) -> None:
+        """Hand a signed event to its collab's sequencer, which verifies and orders it."""
+        if body.actor_id != self._sessions.account_of(conn):
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHORIZED, "events must be authored by the logged-in account"
+            )
+        if body.kind == KIND_MANAGEMENT:
+            await self._check_addition(body)
+        sequencers = self._s.sequencers
+        assert sequencers is not None
+        # Shed load instead of queueing it: a flood gets `overloaded` at once, and the reader
+        # of this connection never waits on a full inbox (which would stall its other requests).
+        ticket = conn.admit_append(len(req.event.body))
+        if ticket is None:
+            raise self._s.overload(
+                f"this connection already has {conn.appends_in_flight} appends waiting for their"
+                f" acks (at most {MAX_APPENDS_IN_FLIGHT}, 16 MiB): wait for acks, then retry"
+            )
+        try:
+            sequencers.submit_nowait(
+                body.collab_id, Submission(ticket, req.rid, req.event, body, conn.sign_pk)
+            )
+        except InboxFull:
+            ticket.release()
+            raise self._s.overload(
+                "this collab receives appends faster than the relay can store them; nothing was"
+                " stored: retry after a short pause (appends are idempotent)"
+            ) from None
+        except ShuttingDown:
+            ticket.release()
+            raise RequestRefused(
+                wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down; retry on reconnect"
+            ) from None
+
+    async def _check_addition(self, body: EventBody) -> None:
+        """An added member's pinned keys must be that account's keys, so every member's key
+        is one its owner registered (the fold itself cannot know the directory)."""
+        try:
+            op = proof_of(body).op
+        except ProofRejected as exc:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
+            ) from None
+        if not isinstance(op, AddMember):
+            return
+        new = op.member
+        row = (
+            await self._s.db(self._s.ledger.account_by_id, new.account_id)
+            if is_id(new.account_id, "a")
+            else None
+        )
+        if row is None or (row.sign_pk, row.box_pk) != (new.sign_pk, new.box_pk):
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT,
+                "the member to add must be an existing account with exactly its registered"
+                " keys; look the account up again",
+            )
+
+    def call_tool(self, conn: Connection, req: wire.CallTool) -> None:
+        """Checked already; the call itself runs beside the read loop (it may take seconds)."""
+        if not self._s.broker.has(req.tool):
+            raise RequestRefused(
+                wire.ErrorCode.NOT_FOUND, f"this relay declares no tool {req.tool!r}"
+            )
+        self._s.start_background(conn, self._call_tool, conn, req)
+
+    async def _call_tool(self, conn: Connection, req: wire.CallTool) -> None:
+        try:
+            status, body = await self._s.broker.call(req.tool, req.args)
+        except ToolFailed as exc:
+            refuse(conn, req.rid, wire.ErrorCode.TOOL_FAILED, str(exc))
+            return
+        except UnknownTool:
+            refuse(conn, req.rid, wire.ErrorCode.NOT_FOUND, "no such tool")
+            return
+        except Exception as exc:  # noqa: BLE001 — a broker bug fails this call, nothing else
+            incident = new_id("e")
+            log.error("tool_failed", incident=incident, error=type(exc).__name__, where=where(exc))
+            refuse(
+                conn,
+                req.rid,
+                wire.ErrorCode.INTERNAL,
+                f"the tool call failed inside the relay (incident {incident})",
+            )
+            return
+        log.info("tool_result", tool=req.tool, status=status, account_id=conn.account_id)
+        conn.reply(wire.ToolResult(rid=req.rid, status=status, body=body))

@@ -1,0 +1,201 @@
+"""Who a connection speaks for, and the rule that a session ends everything it opened.
+
+A connection is bound to an account by a login or a token (`bind`). What it opens under that
+binding — subscriptions, artifact uploads, tool calls and downloads in progress — belongs to the
+session, and ends with it, at once (SO-5, SO-6):
+
+- expiry: each connection has a watch that fires at the session's expiry, not merely at the
+  next request, so a quiet subscription stops being fed when its session runs out;
+- re-authentication as another account: the old account's subscriptions and uploads end before
+  the new binding takes effect, so nothing opened under one account keeps serving another;
+- revocation of an agent: every connection bound to it is closed (4003), and every subscription
+  of the agent anywhere in the fan-out ends, whichever connection opened it.
+
+The by-account index lets a login count its own account's connections (the per-account cap)
+and lets revocation find them, without scanning every open connection.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Final
+
+import structlog
+import trio
+
+from model import wire
+from model.authz import Standing
+from model.membership import MemberKind
+from relay import _auth
+from relay._context import RequestRefused
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ledger import AccountRow
+    from relay._connection import Connection
+    from relay._context import Services
+
+log = structlog.get_logger("cozy.relay")
+
+AGENT_REVOKED_CODE: Final = 4003
+SESSION_EXPIRED: Final = "session expired: log in again"
+
+
+class Sessions:
+    def __init__(self, services: Services, *, on_end: Callable[[Connection, str], None]) -> None:
+        self._s = services
+        # Called with (connection, reason) when a session ends: the roles that keep per-session
+        # state (subscriptions, uploads) drop theirs.
+        self._on_end = on_end
+        # Connections by the account they were bound to. An entry may be stale (the session
+        # expired: `account_id` went to None); every use re-checks `account_id`, and the entry
+        # goes when the connection does or rebinds.
+        self._by_account: dict[str, set[Connection]] = {}
+        self._filed_under: dict[Connection, str] = {}
+
+    # --- the standing of a connection -----------------------------------------------------------
+
+    def standing(self, conn: Connection) -> tuple[Standing, bool]:
+        """(who the connection speaks for now, whether a session just ran out).
+
+        An expired session is ended here too, in case its watch has not run yet.
+        """
+        if conn.account_id is None:
+            return Standing.ANONYMOUS, conn.session_expired
+        if time.time() >= conn.session_expires_at:
+            self.end(conn, SESSION_EXPIRED)
+            return Standing.ANONYMOUS, True
+        return (Standing.AGENT if conn.account_kind is MemberKind.AGENT else Standing.HUMAN), False
+
+    @staticmethod
+    def account_of(conn: Connection) -> str:
+        """The bound account of a connection the dispatcher already admitted."""
+        assert conn.account_id is not None, "authorized requests come from a bound connection"
+        return conn.account_id
+
+    # --- binding --------------------------------------------------------------------------------
+
+    async def authenticate(self, conn: Connection, req: wire.Authenticate) -> None:
+        try:
+            claims = _auth.verify_token(self._s.config.jwt_signing_key.value, req.token)
+        except _auth.AuthError as exc:
+            self._s.auth_counters.failed(exc.reason)
+            raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, str(exc)) from None
+        row = await self._s.db(self._s.ledger.account_by_id, claims.account_id)
+        if row is None:
+            self._s.auth_counters.failed("invalid_token")
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHENTICATED, "session names an unknown account: log in again"
+            )
+        is_agent_token = claims.agent_generation is not None
+        if is_agent_token != (row.kind == "agent") or (
+            is_agent_token and claims.agent_generation != row.token_generation
+        ):
+            self._s.auth_counters.failed("revoked_token")
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHENTICATED,
+                "this token was revoked: ask the agent's creator for a new credential file",
+            )
+        self.bind(conn, row, claims.expires)
+        conn.reply(wire.Authenticated(rid=req.rid, account_id=claims.account_id))
+
+    def bind(self, conn: Connection, row: AccountRow, expires: int) -> None:
+        """Make `row` the connection's account, within the per-account connection limit.
+
+        Binding another account than the current one first ends the current session.
+        """
+        if conn.account_id != row.account_id:
+            limit = self._s.config.max_connections_per_account
+            filed = self._by_account.get(row.account_id, set())
+            # The filed set bounds the count from above (it also holds connections that are
+            # closing or expired), so the exact count is only needed near the limit: a login
+            # costs O(1) below it, not a scan of every open connection.
+            held = len(filed) - (conn in filed)
+            if held >= limit:
+                now = time.time()
+                held = sum(
+                    1
+                    for other in filed
+                    if other is not conn
+                    and other.account_id == row.account_id
+                    and not other.closing
+                    and other.session_expires_at > now
+                )
+            if held >= limit:
+                self._s.connection_refusals += 1
+                raise RequestRefused(
+                    wire.ErrorCode.TOO_MANY_CONNECTIONS,
+                    f"this account already has {held} open connections (at most {limit}):"
+                    " close one, or reuse a connection, then retry",
+                )
+            if conn.account_id is not None:
+                self.end(conn, "this connection authenticated as another account")
+            self.unfile(conn)
+            self._by_account.setdefault(row.account_id, set()).add(conn)
+            self._filed_under[conn] = row.account_id
+        conn.account_id = row.account_id
+        conn.account_kind = MemberKind(row.kind)
+        conn.sign_pk = row.sign_pk
+        conn.box_pk = row.box_pk
+        conn.session_expires_at = expires
+        conn.session_expired = False
+        self._changed(conn)
+
+    def unfile(self, conn: Connection) -> None:
+        """Take `conn` out of the by-account index (it closed, or binds another account)."""
+        account_id = self._filed_under.pop(conn, None)
+        if account_id is not None:
+            filed = self._by_account[account_id]
+            filed.discard(conn)
+            if not filed:
+                del self._by_account[account_id]
+
+    def connections_of(self, account_id: str) -> list[Connection]:
+        """The open connections bound to `account_id` now."""
+        return [c for c in self._by_account.get(account_id, ()) if c.account_id == account_id]
+
+    # --- ending ---------------------------------------------------------------------------------
+
+    def end(self, conn: Connection, reason: str) -> None:
+        """End the connection's session and everything it opened; the connection stays open
+        (the client may log in again on it)."""
+        if conn.account_id is not None:
+            log.info("session_ended", account_id=conn.account_id, reason=reason)
+        conn.account_id = None
+        conn.account_kind = None
+        conn.session_expired = reason == SESSION_EXPIRED
+        conn.member_of.clear()
+        conn.membership_generation += 1
+        for scope in list(conn.session_tasks):
+            scope.cancel()
+        self._on_end(conn, reason)
+        self._changed(conn)
+
+    def revoke(self, account_id: str, reason: str) -> None:
+        """An agent's tokens were revoked: close its connections and end its subscriptions
+        wherever they are."""
+        for conn in self.connections_of(account_id):
+            self.end(conn, reason)
+            conn.close_gracefully(AGENT_REVOKED_CODE, reason)
+        self._s.fanout.evict_account(account_id, reason)
+
+    @staticmethod
+    def _changed(conn: Connection) -> None:
+        event, conn.session_changed = conn.session_changed, trio.Event()
+        event.set()
+
+    async def watch_expiry(self, conn: Connection) -> None:
+        """Runs for the connection's life: ends its session the moment it expires."""
+        while True:
+            changed = conn.session_changed
+            if conn.account_id is None:
+                await changed.wait()
+                continue
+            left = conn.session_expires_at - time.time()
+            with trio.move_on_after(max(0.0, left) if math.isfinite(left) else math.inf):
+                await changed.wait()
+                continue
+            if conn.account_id is not None and time.time() >= conn.session_expires_at:
+                self.end(conn, SESSION_EXPIRED)

@@ -1,0 +1,69 @@
+"""Reads: a subscription catches up from the ledger and, when following, stays live through the
+fan-out (fanout/_fanout.py). Each belongs to the session that opened it and ends with it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from trio_websocket import ConnectionClosed
+
+from fanout import Subscription
+from model import wire
+from relay._context import RequestRefused
+
+if TYPE_CHECKING:
+    from relay._connection import Connection
+    from relay._context import Services
+
+
+class Subscriptions:
+    def __init__(self, services: Services) -> None:
+        self._s = services
+
+    def subscribe(self, conn: Connection, req: wire.Subscribe) -> None:
+        if req.from_seq < 1:
+            raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, "from_seq starts at 1")
+        if req.collab_id in conn.subscriptions:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                "already subscribed to this collab on this connection",
+            )
+        sub = Subscription(
+            req.collab_id,
+            req.from_seq,
+            conn,
+            follow=req.follow,
+            account_id=conn.account_id or "",
+        )
+        conn.subscriptions[req.collab_id] = sub
+        conn.reply(wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq))
+        conn.nursery.start_soon(self._stream, conn, sub)
+
+    def unsubscribe(self, conn: Connection, req: wire.Unsubscribe) -> None:
+        found = conn.subscriptions.pop(req.collab_id, None)
+        if found is None:
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "not subscribed to this collab")
+        self._s.fanout.remove(found)
+        conn.reply(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id))
+
+    def end_all(self, conn: Connection, reason: str) -> None:
+        """The session ended: end every subscription it opened, telling the client why."""
+        subs, conn.subscriptions = list(conn.subscriptions.values()), {}
+        for sub in subs:
+            self._s.fanout.end(sub, reason)
+
+    def drop_all(self, conn: Connection) -> None:
+        """The connection closed: forget its subscriptions without a word."""
+        subs, conn.subscriptions = list(conn.subscriptions.values()), {}
+        for sub in subs:
+            self._s.fanout.remove(sub)
+
+    async def _stream(self, conn: Connection, sub: Subscription) -> None:
+        try:
+            await self._s.fanout.stream(sub)
+        except ConnectionClosed:
+            self._s.fanout.remove(sub)
+        finally:
+            # A finished (non-following) subscription frees its collab slot on this connection.
+            if sub.ended and conn.subscriptions.get(sub.collab_id) is sub:
+                del conn.subscriptions[sub.collab_id]
