@@ -8,7 +8,10 @@ map lists, per objective, the tests that prove it. This meta-test reads the test
 - the map lists a test that does not exist, or that is not marked with that objective;
 - a marker names something other than SO-1 … SO-9 or ADR-0023, or is not a literal string;
 - the map does not cover exactly SO-1 … SO-9 and ADR-0023, or an entry is malformed;
-- an objective has no test (whatever its status).
+- an objective has no test (whatever its status);
+- an objective marked built lists no attacker test (`attacker_tests`: the tests written as an
+  attack on a real component, the cheapest abuse that would break the promise), or lists one
+  that is not among its `tests`.
 
 Marker forms understood: decorators on test functions, on test classes (applies to their test
 methods) and on methods; module-level and class-level ``pytestmark`` (one mark or a list); and
@@ -424,3 +427,25 @@ def test_every_listed_test_exists_and_carries_its_objective() -> None:
                     f'{objective}"): add the marker to the test or remove the entry'
                 )
     assert not problems, "\n  ".join(["the map lists tests that do not prove it:", *problems])
+
+
+def test_every_built_objective_names_its_attacker_tests() -> None:
+    problems = []
+    for objective in OBJECTIVES:
+        entry = _entry(objective)
+        attacks = entry.get("attacker_tests", [])
+        if not (isinstance(attacks, list) and all(isinstance(t, str) for t in attacks)):
+            problems.append(f"[{objective}] attacker_tests must be a list of node ids")
+            continue
+        if entry.get("status") == "built" and not attacks:
+            problems.append(
+                f"[{objective}] is marked built but lists no attacker_tests: name the tests that"
+                " attack it (a real relay or client, the cheapest abuse), or mark it partial"
+            )
+        listed = _listed(objective)
+        problems.extend(
+            f"[{objective}] attacker test {node} is not among its tests"
+            for node in attacks
+            if node not in listed
+        )
+    assert not problems, f"fix {MAP_NAME}:\n  " + "\n  ".join(problems)
