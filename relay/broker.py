@@ -2,11 +2,19 @@
 
 A tool is declared by the operator (`[tools.NAME]` in the relay's TOML): an HTTP request
 template, the upstream hosts it may reach, and the OpenBao KV v2 path and field of the secret it
-needs. When a member with the `tool:NAME` capability calls it, the broker resolves the secret
-with hvac (token or AppRole auth, re-login when the token is refused), makes the request with a
-timeout, no redirects and a size cap, and returns the status and body — after scrubbing every
-encoding of the secret from the body and from any error (model/scrub.py). hvac and the HTTP call
-are blocking, so both run in worker threads; the Trio loop never waits on them.
+needs. When a member with the `tool:NAME` capability calls it, the broker:
+
+1. checks the caller's arguments against the template (model/toolcall.py: nothing placed in the
+   path may move the call out of its endpoint; the URL stays within `allow_hosts`) — before any
+   secret is resolved;
+2. resolves the secret with hvac (token or AppRole auth, re-login when the token is refused);
+3. makes the request with a timeout, no redirects and a size cap, re-checking the final URL;
+4. decodes the answer by its declared charset, scrubs the secret's common forms and then
+   withholds the whole answer (`ToolWithheld`) if any decoding of what is left still holds the
+   secret (model/scrub.py). Error messages get the same treatment.
+
+hvac, the HTTP call and the scrubbing are blocking, so they run in worker threads; the Trio loop
+never waits on them.
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ import requests.exceptions
 import structlog
 import trio
 
-from model.scrub import MIN_SECRET_BYTES, scrub
+from model.scrub import MIN_SECRET_BYTES, ScrubLimits, SecretWithheld, clean_answer, inspect, scrub
+from model.toolcall import CallRefused, UrlTemplate, fill_url, plan_call
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -49,13 +58,30 @@ class ToolSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     header: str = "Authorization"
     header_value: str = "Bearer {secret}"
     body: str = ""
-    allow_hosts: tuple[str, ...] = ()  # default: the host in `url`
+    allow_hosts: tuple[str, ...] = ()  # "host" or "host:port"; default: the host:port in `url`
     timeout_seconds: float = 10.0
     max_response_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        UrlTemplate.parse(self.url, self.allow_hosts)  # raises ValueError: a bad declaration
+
+    @property
+    def template(self) -> UrlTemplate:
+        return UrlTemplate.parse(self.url, self.allow_hosts)
 
 
 class ToolFailed(Exception):
     """A tool call failed; the message is safe to show the caller (already scrubbed)."""
+
+
+class ToolArgumentRefused(ToolFailed):
+    """The arguments would move the call outside its template's path or hosts; nothing was
+    resolved or sent."""
+
+
+class ToolWithheld(ToolFailed):
+    """The upstream answered, but its answer (or error) still held the tool's credential after
+    scrubbing, so none of it is returned."""
 
 
 class UnknownTool(Exception):
@@ -150,19 +176,30 @@ _opener = urllib.request.build_opener(NoRedirects)
 
 
 class Broker:
-    def __init__(self, tools: Mapping[str, ToolSpec], store: SecretStore | None) -> None:
+    def __init__(
+        self,
+        tools: Mapping[str, ToolSpec],
+        store: SecretStore | None,
+        scrub_limits: ScrubLimits | None = None,
+    ) -> None:
         self._tools = dict(tools)
+        self._templates = {name: spec.template for name, spec in self._tools.items()}
         self._store = store
         self._limiter = trio.CapacityLimiter(4)
+        self._scrub_limits = scrub_limits or ScrubLimits()
 
     def has(self, tool: str) -> bool:
         return tool in self._tools
 
     async def call(self, tool: str, args: Mapping[str, str]) -> tuple[int, str]:
-        """(status, body) of the upstream's answer, scrubbed. Raises `UnknownTool`, `ToolFailed`."""
+        """(status, body) of the upstream's answer, scrubbed. Raises `UnknownTool`,
+        `ToolArgumentRefused` (before any secret is resolved), `ToolWithheld`, `ToolFailed`."""
         spec = self._tools.get(tool)
         if spec is None:
             raise UnknownTool(tool)
+        template = self._templates[tool]
+        args = dict(args)
+        _check_arguments(spec, template, args)
         if self._store is None:
             raise ToolFailed(
                 "this relay has no secret store configured (BAO_ADDR); tell its operator"
@@ -177,49 +214,85 @@ class Broker:
         )
         try:
             status, body = await trio.to_thread.run_sync(
-                _perform, spec, dict(args), secret, limiter=self._limiter
+                _perform, spec, template, args, secret, self._scrub_limits, limiter=self._limiter
             )
+        except ToolWithheld as exc:
+            log.warning("tool_answer_withheld", tool=tool)
+            raise ToolWithheld(_safe_message(str(exc), secret)) from None
         except ToolFailed as exc:
-            raise ToolFailed(scrub(str(exc), [secret])) from None
+            raise ToolFailed(_safe_message(str(exc), secret)) from None
         log.info("tool_called", tool=tool, status=status, size=len(body))
-        return status, scrub(body, [secret])
+        return status, body
 
 
-def _perform(spec: ToolSpec, args: dict[str, str], secret: str) -> tuple[int, str]:
-    """Worker thread: build the request, check the host, call, cap the answer."""
+def _check_arguments(spec: ToolSpec, template: UrlTemplate, args: Mapping[str, str]) -> None:
+    """Everything that can be refused without the secret: sizes, missing arguments, and where
+    the arguments would take the call (model/toolcall.py)."""
     if any(len(v) > MAX_ARG_CHARS for v in args.values()):
-        raise ToolFailed(f"tool arguments are limited to {MAX_ARG_CHARS} characters each")
-    quoted = {k: urllib.parse.quote(v, safe="") for k, v in args.items()}
+        raise ToolArgumentRefused(f"tool arguments are limited to {MAX_ARG_CHARS} characters each")
     try:
-        url = spec.url.format(**quoted, secret=urllib.parse.quote(secret, safe=""))
-        body = spec.body.format(**args, secret=secret).encode() if spec.body else None
-        header_value = spec.header_value.format(secret=secret)
+        plan_call(template, args)
+        if spec.body:
+            spec.body.format_map({**args, "secret": ""})
+    except CallRefused as exc:
+        raise ToolArgumentRefused(str(exc)) from None
+    except (KeyError, IndexError) as exc:
+        raise ToolArgumentRefused(f"the tool needs the argument {exc.args[0]!r}") from None
+
+
+def _safe_message(message: str, secret: str) -> str:
+    """An error message with the secret's forms replaced — or, if any decoding of it still
+    holds the secret, a message that says only that."""
+    scrubbed = scrub(message, [secret])
+    if inspect(scrubbed, [secret]) is not None:
+        return "the tool call failed with an error that quoted its credential; details withheld"
+    return scrubbed
+
+
+def _perform(
+    spec: ToolSpec, template: UrlTemplate, args: dict[str, str], secret: str, limits: ScrubLimits
+) -> tuple[int, str]:
+    """Worker thread: build the request, re-check where it goes, call, cap and clean the
+    answer."""
+    try:
+        url = fill_url(template, args, secret)
+        body = spec.body.format_map({**args, "secret": secret}).encode() if spec.body else None
+        header_value = spec.header_value.format_map({"secret": secret})
+    except CallRefused as exc:
+        raise ToolArgumentRefused(str(exc)) from None
     except (KeyError, IndexError) as exc:
         raise ToolFailed(f"the tool needs the argument {exc.args[0]!r}") from None
-    parts = urllib.parse.urlsplit(url)
-    allowed = spec.allow_hosts or (urllib.parse.urlsplit(spec.url).hostname or "",)
-    if parts.scheme not in ("http", "https") or parts.hostname not in allowed:
-        raise ToolFailed("the tool's URL leaves its allowed hosts; nothing was sent")
-    request = urllib.request.Request(url, data=body, method=spec.method)  # noqa: S310 — scheme checked above
+    request = urllib.request.Request(url, data=body, method=spec.method)  # noqa: S310 — scheme checked by fill_url
     request.add_header(spec.header, header_value)
     try:
         with _opener.open(request, timeout=spec.timeout_seconds) as response:
-            return response.status, _read_capped(response, spec.max_response_bytes)
+            status = response.status
+            raw = _read_capped(response, spec.max_response_bytes)
+            content_type = response.headers.get("Content-Type")
     except urllib.error.HTTPError as exc:  # the upstream answered with an error status
         with exc:
-            return exc.code, _read_capped(exc, spec.max_response_bytes)
+            status = exc.code
+            raw = _read_capped(exc, spec.max_response_bytes)
+            content_type = exc.headers.get("Content-Type")
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ToolFailed(f"the upstream did not answer: {reason}") from None
     except ValueError as exc:  # e.g. http.client refusing a header value; it quotes the value
         raise ToolFailed(f"the request could not be made: {exc}") from None
+    try:
+        return status, clean_answer(raw, content_type, [secret], limits)
+    except SecretWithheld as exc:
+        raise ToolWithheld(f"the upstream answered {status}, but {exc}") from None
 
 
-def _read_capped(stream: object, limit: int) -> str:
+def _read_capped(stream: object, limit: int) -> bytes:
     data = stream.read(limit + 1)  # type: ignore[attr-defined]
     if len(data) > limit:
-        raise ToolFailed(f"the upstream's answer is larger than {limit} bytes")
-    return bytes(data).decode("utf-8", errors="replace")
+        raise ToolFailed(
+            f"the upstream's answer is larger than this tool's limit of {limit} bytes; "
+            "ask the relay operator to raise max_response_bytes or narrow the call"
+        )
+    return bytes(data)
 
 
 def tools_from_config(raw: object) -> dict[str, ToolSpec]:

@@ -27,14 +27,14 @@ from model import wire
 from model.envelope import MAX_BODY_BYTES
 from model.ids import new_id
 from relay.embedded import free_port
-from tests.broker_harness import CANARY, bao, broker_relay, upstream
+from tests.broker_harness import CANARY, bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
     from relay._server import Relay
 
-__all__ = ["bao", "broker_relay", "upstream"]  # fixtures used by name
+__all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 

@@ -8,6 +8,9 @@ import base64
 import binascii
 import contextlib
 import dataclasses
+import html
+import json
+import quopri
 import urllib.parse
 from typing import TYPE_CHECKING
 
@@ -20,15 +23,26 @@ from model import wire
 from model.membership import Member, MemberKind, Role
 from relay.config import Secret
 from relay.embedded import free_port
-from tests.broker_harness import CANARY, bao, broker_relay, tools, upstream
+from tests.broker_harness import (
+    CANARY,
+    ENCODINGS,
+    RICH,
+    bao,
+    broker_relay,
+    elsewhere,
+    tools,
+    upstream,
+    upstream_server,
+)
 from tests.relay_harness import User, relay_config, running_relay, session, sign_up
 
-__all__ = ["bao", "broker_relay", "upstream"]  # fixtures used by name
+__all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from relay._server import Relay
+    from tests.broker_harness import Recorder
 
 
 def _leaks(text: str) -> bool:
@@ -205,3 +219,144 @@ async def test_approle_login_renewal_and_a_fresh_login_when_the_token_is_revoked
             third = await client.call_tool(alice.collab_id, "raw", {"q": "z"})
             assert third.status == 200
             assert store.renewals >= 1
+
+
+# --- red team: what an attacker (or a careless upstream) tries --------------------------------------
+
+
+def _stdlib_decodings(text: str) -> list[str]:
+    """One layer of every decoding the stdlib offers, applied to `text` (the oracle: none of
+    these is model/scrub.py)."""
+    out = [
+        urllib.parse.unquote(text),
+        urllib.parse.unquote_plus(text),
+        html.unescape(text),
+        quopri.decodestring(text.encode(errors="replace")).decode(errors="replace"),
+        text.encode(errors="surrogatepass").decode("utf-16-le", errors="replace"),
+    ]
+    with contextlib.suppress(ValueError):
+        doc = json.loads(text)
+        out += [str(v) for v in doc.values()] if isinstance(doc, dict) else [str(doc)]
+    packed = "".join(text.split())
+    for start in range(4):
+        chunk = packed[start:]
+        with contextlib.suppress(ValueError):
+            out.append(base64.b64decode(chunk + "=" * (-len(chunk) % 4)).decode(errors="replace"))
+    return out
+
+
+def _oracle_recovers(text: str, secret: str) -> bool:
+    stages = [text]
+    for _ in range(3):
+        stages = [d for stage in stages for d in _stdlib_decodings(stage)] + stages
+        if any(secret in stage for stage in stages):
+            return True
+    return False
+
+
+@pytest.mark.objective("SO-9")
+async def test_no_encoding_an_upstream_echoes_gives_the_caller_the_secret(
+    broker_relay: Relay,
+) -> None:
+    """Issue 13 item 5: lowercase percent-escapes, Go's JSON escapes, ``\\/``, UTF-16 (declared,
+    BOM, undeclared), HTML references, MIME-wrapped and spaced base64, quoted-printable, and
+    base64 inside JSON. Each answer is either scrubbed or withheld whole."""
+    alice = await sign_up(broker_relay.url, "alice")
+    outcomes = {}
+    async with session(broker_relay.url, alice) as client:
+        for kind in ENCODINGS:
+            try:
+                result = await client.call_tool(alice.collab_id, f"rich-{kind}", {"q": "hello"})
+            except RelayRefused as refused:
+                assert refused.code is wire.ErrorCode.TOOL_FAILED, kind
+                assert "withheld" in refused.message, (kind, refused.message)
+                assert not _oracle_recovers(refused.message, RICH), kind
+                outcomes[kind] = "withheld"
+                continue
+            assert result.status == 200, kind
+            assert not _oracle_recovers(result.body, RICH), (kind, result.body)
+            assert not _oracle_recovers(result.body, RICH[8:-8]), (kind, result.body)
+            outcomes[kind] = "scrubbed"
+    # Declared charsets are honoured (scrubbed, still useful); layered encodings are withheld.
+    assert outcomes["utf-16le"] == outcomes["utf-16-bom"] == "scrubbed"
+    assert outcomes["mime-crlf"] == outcomes["html-decimal"] == "withheld"
+
+
+ESCAPES = [
+    "../admin",
+    "..%2fadmin",
+    "..%2Fadmin",
+    "%2e%2e%2fadmin",
+    "%252e%252e%252fadmin",
+    "..%5cadmin",
+    "..\\admin",
+    "..",
+    ".",
+    "%2E%2E",
+    "..;jsessionid=x",
+    "",
+]
+
+
+@pytest.mark.objective("SO-9")
+async def test_arguments_cannot_move_a_call_outside_its_template_path(
+    broker_relay: Relay, upstream_server: Recorder
+) -> None:
+    """A credential scoped to /v1/users/{id} never reaches /v1/admin on the same host, however
+    the argument is encoded; the refusal comes before the secret is resolved."""
+    alice = await sign_up(broker_relay.url, "alice")
+    async with session(broker_relay.url, alice) as client:
+        ok = await client.call_tool(alice.collab_id, "user", {"id": "42"})
+        assert ok.body == "you reached /v1/users/42"
+        for attack in ESCAPES:
+            with pytest.raises(RelayRefused) as refused:
+                await client.call_tool(alice.collab_id, "user", {"id": attack})
+            assert refused.value.code is wire.ErrorCode.TOOL_FAILED, attack
+            assert "argument 'id'" in refused.value.message, attack
+            assert "nothing was sent" in refused.value.message or "empty" in refused.value.message
+            # Refused before OpenBao is asked: this tool's secret path does not exist.
+            with pytest.raises(RelayRefused) as early:
+                await client.call_tool(alice.collab_id, "user-unresolvable", {"id": attack})
+            assert "no secret at" not in early.value.message, attack
+    assert upstream_server.routed == ["/v1/users/42"]
+    assert all(path.startswith("/v1/users/") for path in upstream_server.paths)
+
+
+@pytest.mark.objective("SO-9")
+async def test_allow_hosts_holds_for_the_template_its_port_and_redirects(
+    broker_relay: Relay, elsewhere: Recorder
+) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    other = f"http://127.0.0.1:{elsewhere.server_address[1]}"
+    async with session(broker_relay.url, alice) as client:
+        # A template naming a host outside allow_hosts is refused before anything is sent.
+        with pytest.raises(RelayRefused) as off_host:
+            await client.call_tool(alice.collab_id, "off-host", {})
+        assert "allowed hosts" in off_host.value.message
+        # allow_hosts = ["127.0.0.1"] means that host on its default port, not every port.
+        with pytest.raises(RelayRefused) as any_port:
+            await client.call_tool(
+                alice.collab_id, "any-port", {"port": str(elsewhere.server_address[1])}
+            )
+        assert "allowed hosts" in any_port.value.message
+        # A redirect to another host is handed back, never followed.
+        bounced = await client.call_tool(alice.collab_id, "bounce", {"to": other})
+        assert bounced.status == 302
+        assert not _oracle_recovers(bounced.body, CANARY)
+    assert elsewhere.paths == []
+    assert elsewhere.requests == []
+
+
+@pytest.mark.objective("SO-9")
+async def test_the_response_cap_holds(broker_relay: Relay) -> None:
+    alice = await sign_up(broker_relay.url, "alice")
+    async with session(broker_relay.url, alice) as client:
+        at_cap = await client.call_tool(alice.collab_id, "sized", {"n": "1000"})
+        assert at_cap.status == 200
+        assert at_cap.body == "x" * 1000
+        for n in ("1001", "5000000"):
+            with pytest.raises(RelayRefused) as over:
+                await client.call_tool(alice.collab_id, "sized", {"n": n})
+            assert over.value.code is wire.ErrorCode.TOOL_FAILED
+            assert "larger than" in over.value.message
+            assert "1000 bytes" in over.value.message
