@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from model import content as contentmod
 from model._crypto import domain_hash
 from model.chain import start_of
@@ -23,11 +25,13 @@ from model.membership import (
     MemberKind,
     Operation,
     Proof,
+    RekeyMember,
     RemoveMember,
     Role,
     RotateKey,
     management_event,
 )
+from model.proofs import KeyPair, sign_collab_rekey
 
 if TYPE_CHECKING:
     import nacl.signing
@@ -73,6 +77,29 @@ def rotate(view: CollabView) -> Operation:
     )
 
 
+def rekey(view: CollabView, new_key: nacl.signing.SigningKey, new_box_pk: bytes) -> Operation:
+    """Re-pin this account's keys to `new_key` / `new_box_pk` and rotate: the next epoch key is
+    wrapped for every member, this account's wrap to the new box key. The event carrying it
+    must be signed with the key the fold pins now (the old one)."""
+    assert view.membership is not None
+    me = view.membership.members[view.account_id]
+    old, new = KeyPair(me.sign_pk, me.box_pk), KeyPair(bytes(new_key.verify_key), new_box_pk)
+    readers = [
+        msgspec.structs.replace(m, sign_pk=new.sign_pk, box_pk=new.box_pk)
+        if m.account_id == me.account_id
+        else m
+        for m in view.membership.readers()
+    ]
+    return RekeyMember(
+        old_sign_pk=old.sign_pk,
+        sign_pk=new.sign_pk,
+        box_pk=new.box_pk,
+        possession=sign_collab_rekey(new_key, view.collab_id, me.account_id, old, new),
+        new_epoch=view.membership.epoch + 1,
+        wraps=wrap_for(readers, new_epoch_key()),
+    )
+
+
 def change_role(account_id: str, role: Role) -> Operation:
     return ChangeRole(account_id=account_id, role=role)
 
@@ -107,6 +134,11 @@ def describe(entry: Entry, name: dict[str, str]) -> str:
                 return f"[removed {who(a)}; key rotated to epoch {e}]"
             case RotateKey(new_epoch=e):
                 return f"[rotated the key to epoch {e}]"
+            case RekeyMember(sign_pk=s, box_pk=b, new_epoch=e):
+                return (
+                    f"[replaced their account keys (new fingerprint {fingerprint(s, b)});"
+                    f" key rotated to epoch {e}]"
+                )
     prefix = f"(DM to {who(entry.dm_to)}) " if entry.dm_to else ""
     match entry.content:
         case contentmod.Message(text=text):

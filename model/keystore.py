@@ -4,7 +4,8 @@ Layout: the private material is sealed (XSalsa20-Poly1305 secretbox) under a ran
 keystore key; that key is wrapped twice: under a key derived from the encryption passphrase with
 Argon2id, and under a key derived from the recovery code (see model/recovery.py). Changing the
 passphrase or recovering replaces only the passphrase wrap; the keystore key and the account
-keys stay the same. The KDF parameters travel with the keystore so a later client can open it, and the
+keys stay the same. Rotating the account keys (ADR-0017) seals a new keystore under a *fresh*
+keystore key and a new recovery code, so an old copy's secrets open none of what follows. The KDF parameters travel with the keystore so a later client can open it, and the
 client refuses to seal below libsodium's MODERATE parameters unless the caller explicitly asks
 for the documented test profile.
 """
@@ -44,6 +45,19 @@ class KdfParams(msgspec.Struct, frozen=True):
     salt: bytes
 
 
+class RetiredKeys(msgspec.Struct, frozen=True, array_like=True):
+    """Keys an account had before a rotation (`cozy account rotate-keys`, ADR-0017): the public
+    signing key, to recognise this account's own past `rekey` proofs, and the private box key,
+    which still opens the epoch keys and DMs sealed to it before the rotation. The old signing
+    seed is not kept: it signs nothing any more."""
+
+    sign_pk: bytes
+    box_sk: bytes
+
+    def __repr__(self) -> str:
+        return "RetiredKeys(<redacted>)"
+
+
 class KeystoreContent(msgspec.Struct):
     """The private material. Never logged: the repr shows only which collabs have keys."""
 
@@ -51,6 +65,12 @@ class KeystoreContent(msgspec.Struct):
     box_sk: bytes
     # Collab keys are not kept here: each epoch's key is wrapped to `box_sk` on the collab's
     # own ledger (model/membership.py), so the account keys alone restore every collab.
+    # Keys from before each rotation, oldest first (to read the history sealed to them).
+    retired: list[RetiredKeys] = msgspec.field(default_factory=list)
+    # While a rotation is unfinished: the old signing seed. The collabs not yet re-pinned still
+    # pin its key, and their `rekey` proofs must be signed with it. Emptied when every collab
+    # is re-pinned.
+    rotating_from: bytes = b""
 
     def __repr__(self) -> str:
         return "KeystoreContent(<keys redacted>)"

@@ -12,7 +12,12 @@ later in the same one; of two concurrent changes made against one head the seque
 the first and the other is stale (as in MLS, RFC 9420 §14).
 
 Members' public keys are pinned *in the proofs* that add them (the owner's in the genesis
-proof), so whoever verifies an event or a proof never needs the relay's account directory.
+proof), so whoever verifies an event or a proof never needs the relay's account directory. A
+member re-pins their *own* keys with a `rekey` proof (`cozy account rotate-keys`, ADR-0017):
+signed by the key pinned so far, carrying the new signing key's proof of possession, and
+rotating the epoch so the old box key opens nothing sealed after it. Nobody re-pins anyone
+else: the operation has no target, it always re-pins its signer. From the `rekey` on, events
+and proofs signed by the old key do not verify (the fold pins only the new one).
 
 Key epochs: every proof that changes who may read carries the epoch key wrapped for exactly the
 right readers — the genesis and every rotation for all readers of the resulting state, an
@@ -32,6 +37,7 @@ import msgspec
 from model.envelope import EVENT_VERSION, KIND_MANAGEMENT, EventBody, SignedEvent, sign_body
 from model.errors import DECODE_ERRORS, ModelError
 from model.ids import is_id
+from model.proofs import KeyPair, verify_collab_rekey
 
 if TYPE_CHECKING:
     import nacl.signing
@@ -117,7 +123,24 @@ class RotateKey(msgspec.Struct, frozen=True, tag="rotate", forbid_unknown_fields
     wraps: dict[str, bytes]
 
 
-Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey
+class RekeyMember(msgspec.Struct, frozen=True, tag="rekey", forbid_unknown_fields=True):
+    """The signer re-pins their own keys: `sign_pk`/`box_pk` replace `old_sign_pk` (which must be
+    the pinned key, and signs the event). `possession` is the new signing key's signature over
+    `model.proofs.collab_rekey_bytes`. A rekey always rotates: `new_epoch` is the current epoch
+    + 1, wrapped for every member, the signer's wrap sealed to the new box key."""
+
+    old_sign_pk: bytes
+    sign_pk: bytes
+    box_pk: bytes
+    possession: bytes
+    new_epoch: int
+    wraps: dict[str, bytes]
+
+    def __repr__(self) -> str:
+        return f"RekeyMember(new_epoch={self.new_epoch})"
+
+
+Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey | RekeyMember
 
 
 class Proof(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -311,7 +334,50 @@ def apply(
             )
             _require_wraps(wraps, set(members), "the next key, for exactly the members")
             return msgspec.structs.replace(state, epoch=epoch)
+        case RekeyMember():
+            return _rekey(state, signer, proof.op)
     raise ProofRejected("malformed", "unknown operation")  # pragma: no cover — exhaustive match
+
+
+def _rekey(state: Membership, signer: Member, op: RekeyMember) -> Membership:
+    """`signer` re-pins their own keys (any human member may; nobody may for someone else)."""
+    _require(
+        op.old_sign_pk == signer.sign_pk,
+        "rekey_old_key",
+        "a rekey replaces the signing key pinned for its signer, and is signed by it",
+    )
+    _require(len(op.sign_pk) == 32 and len(op.box_pk) == 32, "malformed", "bad public keys")
+    _require(
+        op.sign_pk != signer.sign_pk and op.box_pk != signer.box_pk,
+        "rekey_same_key",
+        "a rekey replaces both keys with new ones",
+    )
+    _require(
+        all(
+            op.sign_pk != m.sign_pk and op.box_pk != m.box_pk
+            for m in state.members.values()
+            if m.account_id != signer.account_id
+        ),
+        "rekey_key_in_use",
+        "another member's key cannot be pinned for you",
+    )
+    old, new = KeyPair(signer.sign_pk, signer.box_pk), KeyPair(op.sign_pk, op.box_pk)
+    _require(
+        verify_collab_rekey(state.collab_id, signer.account_id, old, new, op.possession),
+        "rekey_possession",
+        "the new signing key must sign the rekey (proof of possession)",
+    )
+    _require(
+        op.new_epoch == state.epoch + 1,
+        "epoch",
+        f"a rekey must rotate the key to epoch {state.epoch + 1}",
+    )
+    members = dict(state.members)
+    members[signer.account_id] = msgspec.structs.replace(
+        signer, sign_pk=op.sign_pk, box_pk=op.box_pk
+    )
+    _require_wraps(op.wraps, set(members), "the next key, for exactly the members")
+    return Membership(collab_id=state.collab_id, members=members, epoch=op.new_epoch)
 
 
 def _genesis(proof: Proof) -> Membership:

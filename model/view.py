@@ -11,6 +11,11 @@ anything else reads it:
 - for content, that the author is a member at this position and sealed it under the epoch the
   membership is in at this position.
 
+An account whose keys were rotated (`rekey`, ADR-0017) reads each position with the box key the
+fold pinned for it there, so a view is given the account's past box keys too. A `rekey` of this
+account to keys this device does not hold is `ForeignRekeyProven`: someone with the old key
+re-pinned the account, and the owner must hear of it.
+
 It then decrypts what this account may read: content with the key of its epoch (opened from the
 wraps addressed to this account), a DM only as one of its two participants. Anything that does
 not verify raises `ViewRejected` (or `ChainMismatch`) and the view stops: that is the relay
@@ -47,6 +52,7 @@ from model.membership import (
     CreateCollab,
     Membership,
     Proof,
+    RekeyMember,
     RemoveMember,
     RotateKey,
     apply,
@@ -55,7 +61,7 @@ from model.membership import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
     import nacl.public
 
@@ -88,6 +94,11 @@ class ForkProven(ViewRejected):
     histories (or rewrote this one)."""
 
 
+class ForeignRekeyProven(ViewRejected):
+    """A `rekey` signed with this account's own pinned key re-pinned it to keys this device
+    does not hold: whoever holds the account's old key took the account over in this collab."""
+
+
 class Entry(msgspec.Struct, frozen=True):
     """One verified position of the collab, as this account sees it."""
 
@@ -116,13 +127,24 @@ class CollabView:
         account_id: str,
         box_key: nacl.public.PrivateKey,
         keys: Mapping[int, bytes] | None = None,
+        *,
+        past_box_keys: Iterable[nacl.public.PrivateKey] = (),
+        own_sign_pks: Iterable[bytes] = (),
     ) -> None:
         """`keys` are epoch keys an earlier fold of this collab by this account opened: a
         member added mid-epoch receives that epoch's key with the addition, so a second pass
-        primed with it reads the epoch's earlier events too."""
+        primed with it reads the epoch's earlier events too.
+
+        `past_box_keys` are this account's box keys from before its key rotations (each
+        position is read with the box key pinned there). `own_sign_pks` are every signing
+        public key this account has had on this device; when given, a `rekey` of this account
+        to a signing key outside it is `ForeignRekeyProven` (the box key is always checked).
+        """
         self.collab_id = collab_id
         self.account_id = account_id
         self._box_key = box_key
+        self._box_keys = {bytes(k.public_key): k for k in (*past_box_keys, box_key)}
+        self._own_sign_pks = frozenset(own_sign_pks)
         self.head: Head = start_of(collab_id)
         self.membership: Membership | None = None
         self._keys: dict[int, bytes] = dict(keys or {})
@@ -225,6 +247,8 @@ class CollabView:
             raise ViewRejected(f"seq {seq}: {exc}") from None
         except ModelError as exc:
             raise ViewRejected(f"seq {seq}: {exc}") from None
+        if body.kind == KIND_MANAGEMENT and proof.signer_id == self.account_id:
+            self._check_own_rekey(seq, proof)
         entry = Entry(seq, verified.event_id, chain, body.actor_id, body.kind, body.ts, body.epoch)
         stream: tuple[tuple[str, str], tuple[int, bytes]] | None = None
         if body.kind == KIND_MANAGEMENT:
@@ -246,14 +270,35 @@ class CollabView:
         self._joined = self._joined or self.is_member
         return entry
 
+    def _check_own_rekey(self, seq: int, proof: Proof) -> None:
+        op = proof.op
+        if not isinstance(op, RekeyMember):
+            return
+        if op.box_pk not in self._box_keys or (
+            self._own_sign_pks and op.sign_pk not in self._own_sign_pks
+        ):
+            raise ForeignRekeyProven(
+                f"seq {seq}: this account's keys were replaced, with a proof signed by its own"
+                " previous key, by keys this device does not hold: someone who has that old key"
+                " took the account over in this collab"
+            )
+
+    def _my_box_key(self, state: Membership) -> nacl.public.PrivateKey | None:
+        """This account's box key as the fold pins it in `state` (None: not held here)."""
+        me = state.members.get(self.account_id)
+        return self._box_key if me is None else self._box_keys.get(me.box_pk)
+
     def _take_wraps(self, proof: Proof, after: Membership) -> None:
         op = proof.op
-        if not isinstance(op, (CreateCollab, AddMember, RemoveMember, RotateKey)):
+        if not isinstance(op, (CreateCollab, AddMember, RemoveMember, RotateKey, RekeyMember)):
             return
         if self.account_id not in op.wraps:
             return
+        box_key = self._my_box_key(after)
         try:
-            self._keys[after.epoch] = open_wrap(op.wraps, self.account_id, self._box_key)
+            if box_key is None:
+                raise CryptoError("this device does not hold the box key pinned here")
+            self._keys[after.epoch] = open_wrap(op.wraps, self.account_id, box_key)
         except CryptoError:
             # Signed by a member, so not the relay's doing: this account simply has no key for
             # the epoch, and its content shows as unreadable (`_open`) rather than halting.
@@ -329,8 +374,13 @@ class CollabView:
             other = state.members[entry.author_id]
         else:
             return msgspec.structs.replace(entry, unreadable="a direct message between others")
+        box_key = self._my_box_key(state)
+        if box_key is None:
+            return msgspec.structs.replace(
+                entry, unreadable="sealed to a box key of this account this device does not hold"
+            )
         try:
-            content, _ = contentmod.decode_content(open_dm(verified, self._box_key, other.box_pk))
+            content, _ = contentmod.decode_content(open_dm(verified, box_key, other.box_pk))
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)

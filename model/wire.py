@@ -114,6 +114,39 @@ class GetKeystore(_Frame, frozen=True, tag="get_keystore"):
     rid: int
 
 
+class RotateAccountKeys(_Frame, frozen=True, tag="rotate_account_keys"):
+    """Replace the caller's two public keys in the relay's directory (`cozy account
+    rotate-keys`, ADR-0017), storing with them a keystore sealed to the new keys.
+
+    `old_sig` (by the registered key: the authority) and `new_sig` (by the new key: proof of
+    possession) both sign `model.proofs.account_rekey_bytes` over the old and new keys and the
+    keystore; `keystore_sig` is the new key's keystore-write signature for `keystore_version`
+    (exactly one more than the stored one). From then on the relay refuses the old key.
+    """
+
+    rid: int
+    sign_pk: bytes
+    box_pk: bytes
+    keystore_version: int
+    keystore: bytes
+    keystore_sig: bytes
+    old_sig: bytes
+    new_sig: bytes
+
+    def __repr__(self) -> str:
+        return (
+            f"RotateAccountKeys(rid={self.rid}, keystore_version={self.keystore_version},"
+            f" <{len(self.keystore)} bytes>)"
+        )
+
+
+class ListCollabs(_Frame, frozen=True, tag="list_collabs"):
+    """The collabs the caller is a member of, from the relay's membership projection (a lying
+    relay can leave one out: the client keeps its own list of collabs it verified)."""
+
+    rid: int
+
+
 class Append(_Frame, frozen=True, tag="append"):
     rid: int
     event: SignedEvent
@@ -217,6 +250,8 @@ Request = (
     | GetAccount
     | PutKeystore
     | GetKeystore
+    | RotateAccountKeys
+    | ListCollabs
     | PutArtifactChunk
     | GetArtifact
     | CallTool
@@ -395,6 +430,16 @@ class Pong(_Frame, frozen=True, tag="pong"):
     rid: int
 
 
+class AccountKeysRotated(_Frame, frozen=True, tag="account_keys_rotated"):
+    rid: int
+    keystore_version: int
+
+
+class Collabs(_Frame, frozen=True, tag="collabs"):
+    rid: int
+    collab_ids: list[str]
+
+
 class Error(_Frame, frozen=True, tag="error"):
     """A typed refusal. `rid` is None when the offending frame could not be read at all."""
 
@@ -428,6 +473,8 @@ Reply = (
     | ToolResult
     | AgentCreated
     | AgentRevoked
+    | AccountKeysRotated
+    | Collabs
     | Pong
     | Error
 )

@@ -17,7 +17,14 @@ from clientkit import _collab
 from model import content as contentmod
 from model.chain import Head, next_head, start_of
 from model.dm import seal_dm
-from model.envelope import KIND_MANAGEMENT, SignedEvent, decode_body, event_id, seal_event
+from model.envelope import (
+    KIND_MANAGEMENT,
+    SignedEvent,
+    decode_body,
+    event_id,
+    seal_event,
+    verify_event,
+)
 from model.epochs import new_epoch_key, wrap_for
 from model.ids import new_id
 from model.membership import (
@@ -31,6 +38,7 @@ from model.membership import (
     apply,
     management_event,
     proof_of,
+    signer_key,
 )
 from model.view import CollabView, Entry
 from tests.helpers import TS0, Person
@@ -56,15 +64,19 @@ class Sim:
     # --- the honest relay ------------------------------------------------------------------
 
     def submit(self, signed: SignedEvent) -> int:
-        """Append if an honest relay would; raise `ProofRejected`/`ValueError` otherwise."""
+        """Append if an honest relay would; raise `ProofRejected`/`ValueError`/`BadSignature`
+        otherwise (signatures are checked against the keys the fold pins)."""
         body = decode_body(signed.body)
         if body.kind == KIND_MANAGEMENT:
-            self.state = apply(self.state, proof_of(body), self.head, actor_id=body.actor_id)
+            proof = proof_of(body)
+            verify_event(signed, signer_key(self.state, proof), decoded=body)
+            self.state = apply(self.state, proof, self.head, actor_id=body.actor_id)
         else:
             assert self.state is not None
             author = self.state.members.get(body.actor_id)
             if author is None or not author.may("post") or body.epoch != self.state.epoch:
                 raise ValueError("an honest relay refuses this event")
+            verify_event(signed, author.sign_pk, decoded=body)
         return self.force(signed)
 
     def force(self, signed: SignedEvent) -> int:

@@ -126,6 +126,11 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.CreateCollab: {"rid": _RID, "event": C.EVENT},
     wire.PutKeystore: {"rid": _RID, "version": C.NUMBER, "blob": C.KEYSTORE, "sig": C.SIGNATURE},
     wire.GetKeystore: {"rid": _RID},
+    wire.RotateAccountKeys: {"rid": _RID, "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY,
+                             "keystore_version": C.NUMBER, "keystore": C.KEYSTORE,
+                             "keystore_sig": C.SIGNATURE, "old_sig": C.SIGNATURE,
+                             "new_sig": C.SIGNATURE},
+    wire.ListCollabs: {"rid": _RID},
     wire.Append: {"rid": _RID, "event": C.EVENT},
     wire.Subscribe: {"rid": _RID, "collab_id": _ID, "from_seq": C.NUMBER, "follow": C.FLAG},
     wire.Unsubscribe: {"rid": _RID, "collab_id": _ID},
@@ -166,6 +171,8 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.AgentCreated: {"rid": _RID, "account_id": _ID, "token": C.TOKEN,
                         "expires_at": C.NUMBER},
     wire.AgentRevoked: {"rid": _RID, "account_id": _ID},
+    wire.AccountKeysRotated: {"rid": _RID, "keystore_version": C.NUMBER},
+    wire.Collabs: {"rid": _RID, "collab_ids": C.REFS},  # a list of collab ids
     wire.ToolResult: {"rid": _RID, "status": C.NUMBER, "body": C.BROKER},
     wire.Pong: {"rid": _RID},
     wire.Error: {"rid": _RID, "code": C.CODE, "message": C.RELAY_TEXT, "head_seq": C.NUMBER},
@@ -184,6 +191,9 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     membership.ChangeRole: {"account_id": _ID, "role": C.ROLE},
     membership.RemoveMember: {"account_id": _ID, "new_epoch": C.NUMBER, "wraps": C.WRAPS},
     membership.RotateKey: {"new_epoch": C.NUMBER, "wraps": C.WRAPS},
+    membership.RekeyMember: {"old_sign_pk": C.PUBLIC_KEY, "sign_pk": C.PUBLIC_KEY,
+                             "box_pk": C.PUBLIC_KEY, "possession": C.SIGNATURE,
+                             "new_epoch": C.NUMBER, "wraps": C.WRAPS},
     # sealed keystores: the `keystore` / `blob` bytes
     keystore.SealedKeystore: {"v": C.NUMBER, "kdf": C.STRUCT, "wrapped_key": C.SEALED,
                               "sealed": C.SEALED, "recovery_wrap": C.SEALED},
@@ -193,6 +203,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
 PROOF_TYPES = {
     membership.Proof, membership.Member, membership.CreateCollab, membership.AddMember,
     membership.ChangeRole, membership.RemoveMember, membership.RotateKey,
+    membership.RekeyMember,
 }  # fmt: skip
 # Bytes fields that hold an encoded struct of their own (walked after decoding).
 EMBEDDED: dict[Check, type[msgspec.Struct]] = {
