@@ -10,6 +10,7 @@ from clientkit._collab import describe as describe
 from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
 from clientkit.errors import AccessRefused as AccessRefused
+from clientkit.errors import AccountTakeoverDetected as AccountTakeoverDetected
 from clientkit.errors import ClientError as ClientError
 from clientkit.errors import ConnectionLost as ConnectionLost
 from clientkit.errors import EquivocationDetected as EquivocationDetected

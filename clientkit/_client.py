@@ -27,6 +27,7 @@ from clientkit import _collab
 from clientkit._transport import CONNECT_TIMEOUT, open_websocket
 from clientkit.errors import (
     AccessRefused,
+    AccountTakeoverDetected,
     ConnectionLost,
     EquivocationDetected,
     ForkDetected,
@@ -49,10 +50,11 @@ from model.envelope import event_id, seal_event
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, SignedReceipt
 from model.errors import ChainMismatch
 from model.ids import new_id
-from model.proofs import sign_keystore_write
+from model.proofs import KeyPair, account_rekey_bytes, sign_keystore_write
 from model.view import (
     CollabView,
     Entry,
+    ForeignRekeyProven,
     ForkProven,
     ReorderProven,
     ReplayProven,
@@ -61,7 +63,7 @@ from model.view import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+    from collections.abc import AsyncIterator, Callable, Collection, Iterable, Sequence
 
     import nacl.public
     import nacl.signing
@@ -278,6 +280,45 @@ class Client:
             wire.KeystoreStored,
         )
 
+    async def rotate_account_keys(
+        self,
+        old_key: nacl.signing.SigningKey,
+        old_box_pk: bytes,
+        new_key: nacl.signing.SigningKey,
+        new_box_pk: bytes,
+        version: int,
+        sealed_keystore: bytes,
+    ) -> wire.AccountKeysRotated:
+        """Replace this account's keys in the relay's directory (ADR-0017), storing
+        `sealed_keystore` (sealed to the new keys) as keystore `version` with them. Signed by
+        the old key (authority) and the new one (possession). Raises `RelayRefused`: STALE when
+        the keys or the keystore changed meanwhile, BAD_SIGNATURE when `old_key` is not the
+        registered key."""
+        account_id = self._me()
+        old = KeyPair(bytes(old_key.verify_key), old_box_pk)
+        new = KeyPair(bytes(new_key.verify_key), new_box_pk)
+        statement = account_rekey_bytes(account_id, old, new, version, sealed_keystore)
+        reply = await self.request(
+            lambda rid: wire.RotateAccountKeys(
+                rid=rid,
+                sign_pk=new.sign_pk,
+                box_pk=new.box_pk,
+                keystore_version=version,
+                keystore=sealed_keystore,
+                keystore_sig=sign_keystore_write(new_key, account_id, version, sealed_keystore),
+                old_sig=old_key.sign(statement).signature,
+                new_sig=new_key.sign(statement).signature,
+            ),
+            wire.AccountKeysRotated,
+        )
+        self._accounts.pop(account_id, None)  # the cached directory entry is out of date
+        return reply
+
+    async def collabs(self) -> list[str]:
+        """The collabs the relay says this account is a member of (it can leave one out)."""
+        reply = await self.request(lambda rid: wire.ListCollabs(rid=rid), wire.Collabs)
+        return list(reply.collab_ids)
+
     async def login(self, handle: str, password: str) -> wire.LoggedIn:
         reply = await self.request(
             lambda rid: wire.Login(rid=rid, handle=handle, password=password), wire.LoggedIn
@@ -362,9 +403,20 @@ class Client:
             raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in first")
         return self.account_id
 
-    async def read(self, collab_id: str, box_key: nacl.public.PrivateKey) -> CollabView:
-        """This account's verified view of the collab's whole history up to the relay's head."""
-        async with self.history(collab_id, box_key) as events:
+    async def read(
+        self,
+        collab_id: str,
+        box_key: nacl.public.PrivateKey,
+        *,
+        past_box_keys: Sequence[nacl.public.PrivateKey] = (),
+        own_sign_pks: Collection[bytes] = (),
+    ) -> CollabView:
+        """This account's verified view of the collab's whole history up to the relay's head.
+        `past_box_keys` and `own_sign_pks` are as for `CollabView` (an account whose keys were
+        rotated)."""
+        async with self.history(
+            collab_id, box_key, past_box_keys=past_box_keys, own_sign_pks=own_sign_pks
+        ) as events:
             async for _ in events:
                 pass
         return events.view
@@ -377,6 +429,8 @@ class Client:
         change: Callable[[CollabView], Operation],
         *,
         attempts: int = 3,
+        past_box_keys: Sequence[nacl.public.PrivateKey] = (),
+        own_sign_pks: Collection[bytes] = (),
     ) -> tuple[wire.Appended, CollabView]:
         """Make a management change against a freshly verified head.
 
@@ -385,7 +439,9 @@ class Client:
         the ack and the view the change was made against.
         """
         for attempt in range(attempts):
-            view = await self.read(collab_id, box_key)
+            view = await self.read(
+                collab_id, box_key, past_box_keys=past_box_keys, own_sign_pks=own_sign_pks
+            )
             signed = _collab.proposal(view, signing_key, change(view), _now_ms())
             try:
                 return await self.append(signed), view
@@ -697,6 +753,8 @@ class Client:
         expect: Head | None = None,
         receipts: dict[int, SignedReceipt] | None = None,
         follow: bool = False,
+        past_box_keys: Sequence[nacl.public.PrivateKey] = (),
+        own_sign_pks: Collection[bytes] = (),
     ) -> AsyncIterator[History]:
         """Verified entries of a collab, folded by this client (model/view.py).
 
@@ -709,10 +767,19 @@ class Client:
         `keys` primes a fresh view with epoch keys an earlier `read` opened, so a member added
         mid-epoch also reads that epoch's events from before the addition. `receipts` are the
         relay's signed acks for this account's own events: each must come back at its seq
-        (`EquivocationDetected` with a transferable proof otherwise).
+        (`EquivocationDetected` with a transferable proof otherwise). `past_box_keys` and
+        `own_sign_pks` are as for `CollabView`: a `rekey` of this account to keys outside them
+        raises `AccountTakeoverDetected`.
         Without `follow` it ends once the history up to the relay's current head is in.
         """
-        view = view or CollabView(collab_id, self._me(), box_key, keys)
+        view = view or CollabView(
+            collab_id,
+            self._me(),
+            box_key,
+            keys,
+            past_box_keys=past_box_keys,
+            own_sign_pks=own_sign_pks,
+        )
         history = History(self, view, follow=follow, expect=expect, receipts=receipts or {})
         try:
             await history._subscribe()
@@ -877,6 +944,7 @@ class History:
 
 # What each proof the fold raises means to a person (the rest is tampering).
 _ALARMS: dict[type[Exception], type[IntegrityAlarm]] = {
+    ForeignRekeyProven: AccountTakeoverDetected,
     ReplayProven: ReplayDetected,
     ReorderProven: ReorderDetected,
     WithholdingProven: WithholdingDetected,

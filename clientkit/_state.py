@@ -59,6 +59,11 @@ class ClientState:
             row = r.fetchone()
         return None if row is None else Head(int(row[0]), bytes(row[1]))
 
+    def collabs(self) -> list[str]:
+        """Every collab this device has verified a head of."""
+        with closing(self._connect()) as conn:
+            return [str(r[0]) for r in conn.execute("SELECT collab_id FROM heads ORDER BY 1")]
+
     def save_head(self, collab_id: str, head: Head) -> None:
         """Record a verified head; never moves a collab's head backwards."""
         with closing(self._connect()) as conn:

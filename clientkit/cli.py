@@ -17,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import nacl.public
 import nacl.signing
 import trio
@@ -101,6 +102,28 @@ class Unlocked:
     def box_key(self) -> nacl.public.PrivateKey:
         return nacl.public.PrivateKey(self.keys.box_sk)
 
+    @property
+    def past_box_keys(self) -> list[nacl.public.PrivateKey]:
+        """Box keys from before each key rotation: they open what was sealed to them then."""
+        return [nacl.public.PrivateKey(r.box_sk) for r in self.keys.retired]
+
+    @property
+    def own_sign_pks(self) -> list[bytes]:
+        """Every signing key this account has had: a `rekey` to any other is an alarm."""
+        return [bytes(self.signing_key.verify_key), *(r.sign_pk for r in self.keys.retired)]
+
+    @property
+    def rotating(self) -> bool:
+        """A key rotation was started and not finished (`cozy account rotate-keys`)."""
+        return bool(self.keys.rotating_from)
+
+    def adopt(
+        self, sealed: keystore.SealedKeystore, key: bytes, keys: keystore.KeystoreContent
+    ) -> None:
+        """Take a whole keystore (new keys after a rotation) as this device's, unsynced."""
+        self.sealed, self.keystore_key, self.keys = sealed, key, keys
+        self.replace_sealed(sealed)
+
     def replace_sealed(self, sealed: keystore.SealedKeystore) -> None:
         self.sealed = sealed
         self.home.save_keystore(sealed)
@@ -153,23 +176,56 @@ class Unlocked:
         try:
             theirs = keystore.open_content(theirs_sealed, self.keystore_key)
         except CryptoError:
-            raise CliError(
-                "the keystore on the relay is not one this device can open; refusing to merge"
-            ) from None
+            # Another device rotated the account keys (ADR-0017): a new keystore key, sealed
+            # under the same passphrase. Adopt it only if it succeeds this device's keys.
+            await self._adopt_rotated(client, stored, theirs_sealed)
+            return
         if (theirs.sign_seed, theirs.box_sk) != (self.keys.sign_seed, self.keys.box_sk):
             raise CliError(
                 "the keystore on the relay holds other account keys than this device; refusing"
                 " to adopt it"
             )
-        # Adopt their wrapping (it may carry a new passphrase) around the same keys.
+        # Adopt their wrapping (it may carry a new passphrase) around the same keys, and the
+        # rest of their content (a finished rotation drops the old signing seed).
         self.profile.keystore_version = stored.version
-        self.sealed = theirs_sealed
+        self.sealed, self.keys = theirs_sealed, theirs
         self.home.save_keystore(self.sealed)
         self.profile.keystore_synced = True
         self.home.save_profile(self.profile)
 
+    async def _adopt_rotated(
+        self, client: Client, stored: wire.Keystore, sealed: keystore.SealedKeystore
+    ) -> None:
+        try:
+            key = await trio.to_thread.run_sync(keystore.unwrap_key, sealed, _passphrase())
+            theirs = keystore.open_content(sealed, key)
+        except CryptoError:
+            raise CliError(
+                "the keystore on the relay is not one this device can open; refusing to merge"
+            ) from None
+        mine = bytes(self.signing_key.verify_key)
+        registered = await client.account(self.profile.account_id)
+        theirs_pk = bytes(nacl.signing.SigningKey(theirs.sign_seed).verify_key)
+        if mine not in {r.sign_pk for r in theirs.retired} or theirs_pk != registered.sign_pk:
+            raise CliError(
+                "the keystore on the relay holds other account keys than this device, and not"
+                " ones rotated from them; refusing to adopt it"
+            )
+        print(
+            "this account's keys were rotated on another device; adopting the new keys",
+            file=sys.stderr,
+        )
+        self.sealed, self.keystore_key, self.keys = sealed, key, theirs
+        self.home.save_keystore(sealed)
+        self.profile.keystore_version, self.profile.keystore_synced = stored.version, True
+        self.home.save_profile(self.profile)
+
 
 async def _unlock(home: Home) -> Unlocked:
+    return (await _unlock_with_passphrase(home))[0]
+
+
+async def _unlock_with_passphrase(home: Home) -> tuple[Unlocked, str]:
     profile = home.load_profile()
     sealed = home.load_keystore()
     passphrase = _passphrase()
@@ -178,7 +234,7 @@ async def _unlock(home: Home) -> Unlocked:
         keys = keystore.open_content(sealed, key)
     except CryptoError:
         raise CliError("wrong passphrase (or a damaged keystore): nothing was changed") from None
-    return Unlocked(home, profile, sealed, key, keys)
+    return Unlocked(home, profile, sealed, key, keys), passphrase
 
 
 async def _session(client: Client, home: Home, profile: Profile) -> None:
@@ -381,6 +437,168 @@ async def cmd_change_passphrase(_args: argparse.Namespace) -> None:
     print("passphrase changed; your account keys are unchanged")
 
 
+async def cmd_rotate_keys(args: argparse.Namespace) -> None:
+    """Replace this account's keys after a suspected compromise (ADR-0017).
+
+    Steps, each safe to repeat: (1) new keys, sealed with the current passphrase under a fresh
+    keystore key and a new recovery code, saved here; (2) the relay's directory moves to the
+    new keys (signed by the old and the new key), storing that keystore; (3) in every collab a
+    `rekey` proof, signed by the old key, re-pins the new keys and rotates the collab key;
+    (4) the old signing seed is dropped from the keystore. An interrupted run is finished by
+    running the command again: it starts where the keystore and the relay say it stopped.
+    """
+    home = Home.from_env()
+    me, passphrase = await _unlock_with_passphrase(home)
+    resuming = me.rotating
+    if not resuming:
+        _confirm_rotation(args)
+        code = recovery.new_recovery_code()
+        old_seed, old_box = me.keys.sign_seed, me.keys.box_sk
+        new_sign = nacl.signing.SigningKey.generate()
+        new_box = nacl.public.PrivateKey.generate()
+        retired = keystore.RetiredKeys(bytes(nacl.signing.SigningKey(old_seed).verify_key), old_box)
+        content = keystore.KeystoreContent(
+            sign_seed=bytes(new_sign),
+            box_sk=bytes(new_box),
+            retired=[*me.keys.retired, retired],
+            rotating_from=old_seed,
+        )
+        print("[1/4] sealing new keys with your passphrase (Argon2id)…", file=sys.stderr)
+        sealed, key = await trio.to_thread.run_sync(
+            partial(
+                keystore.seal_new,
+                content,
+                passphrase,
+                kdf_profile(),
+                recovery_key=recovery.recovery_key(recovery.parse_code(code)),
+            )
+        )
+        # Shown before anything is stored: a run interrupted later keeps this code valid (the
+        # keystore it opens is the one saved next); one interrupted before the save never
+        # used it, and the next run prints another.
+        _show_recovery_code(code)
+        print("(it replaces your old recovery code, which opens only the old keys)\n")
+        me.adopt(sealed, key, content)
+    else:
+        print("resuming the unfinished key rotation of this account", file=sys.stderr)
+    old_key = nacl.signing.SigningKey(me.keys.rotating_from)
+    old_box_pk = bytes(nacl.public.PrivateKey(me.keys.retired[-1].box_sk).public_key)
+    new_pair = (bytes(me.signing_key.verify_key), bytes(me.box_key.public_key))
+    async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
+        await _session(client, me.home, me.profile)
+        client.on_receipt = me.home.state.add_receipt
+        print("[2/4] replacing your keys in the relay's directory…", file=sys.stderr)
+        await _rotate_in_directory(client, me, old_key, old_box_pk, new_pair)
+        ids = sorted({*await client.collabs(), *me.home.state.collabs()})
+        print(f"[3/4] re-pinning your keys in {len(ids)} collab(s)…", file=sys.stderr)
+        failed: list[str] = []
+        for collab_id in ids:
+            outcome = await _repin(client, me, old_key, collab_id)
+            print(f"  {collab_id}: {outcome}", file=sys.stderr)
+            if outcome.startswith("NOT"):
+                failed.append(collab_id)
+        if failed:
+            raise CliError(
+                f"{len(failed)} collab(s) still pin your old key ({', '.join(failed)}); run"
+                " `cozy account rotate-keys` again to retry them (the rotation stays unfinished)"
+            )
+        print("[4/4] dropping the old signing key from your keystore…", file=sys.stderr)
+        done = msgspec.structs.replace(me.keys, rotating_from=b"")
+        me.keys = done
+        me.replace_sealed(keystore.reseal(me.sealed, me.keystore_key, done))
+        await me.sync_keystore(client)
+    print(
+        "your account keys are replaced: new fingerprint"
+        f" {fingerprint(*new_pair)}. The old keys can no longer post, change anything or read"
+        " what is sealed from now on; tell your collabs' members to expect the new fingerprint"
+    )
+
+
+def _confirm_rotation(args: argparse.Namespace) -> None:
+    if args.yes:
+        return
+    if not sys.stdin.isatty():
+        raise CliError("rotating the account keys needs --yes when not run interactively")
+    print(
+        "This replaces your account keys in every collab, rotates each collab's key and gives"
+        " you a NEW recovery code (the old one stops mattering)."
+    )
+    if input("Type 'rotate' to go on: ").strip() != "rotate":
+        raise CliError("not confirmed: nothing was changed")
+
+
+async def _rotate_in_directory(
+    client: Client,
+    me: Unlocked,
+    old_key: nacl.signing.SigningKey,
+    old_box_pk: bytes,
+    new_pair: tuple[bytes, bytes],
+) -> None:
+    """Step 2: the relay's directory moves from the old keys to the new ones (or already has)."""
+    info = await client.account(me.profile.account_id)
+    registered = (info.sign_pk, info.box_pk)
+    if registered == new_pair:  # done by an earlier run whose reply was lost: adopt the
+        await me.sync_keystore(client)  # version it stored (our own keystore)
+        return
+    if registered != (bytes(old_key.verify_key), old_box_pk):
+        raise CliError(
+            "the relay's directory holds keys for your account that are neither your old nor"
+            " your new ones: someone who has your old key rotated them first. Nothing more was"
+            " changed. Tell your collabs' owners to remove this account, and report it to the"
+            " relay's operator"
+        )
+    version = me.profile.keystore_version + 1
+    try:
+        await client.rotate_account_keys(
+            old_key,
+            old_box_pk,
+            me.signing_key,
+            new_pair[1],
+            version,
+            keystore.encode_sealed(me.sealed),
+        )
+    except RelayRefused as exc:
+        raise CliError(
+            f"the relay refused the key rotation: {exc.message}. Run `cozy account"
+            " rotate-keys` again to retry"
+        ) from None
+    me.profile.keystore_version, me.profile.keystore_synced = version, True
+    me.home.save_profile(me.profile)
+
+
+async def _repin(
+    client: Client, me: Unlocked, old_key: nacl.signing.SigningKey, collab_id: str
+) -> str:
+    """Step 3 for one collab: a `rekey` signed by the old key, unless it pins the new one."""
+    try:
+        view = await _read(client, me, collab_id)
+    except CliError:
+        return "skipped: you are not a member"
+    pinned = None if view.membership is None else view.membership.members.get(view.account_id)
+    if pinned is None:
+        return "skipped: you are not a member"
+    if pinned.sign_pk == bytes(me.signing_key.verify_key):
+        return "already pins your new keys"
+    if pinned.sign_pk != bytes(old_key.verify_key):
+        return (
+            "NOT re-pinned: it pins a key from before an earlier rotation that this device no"
+            " longer holds; ask an owner to remove and re-add you"
+        )
+    new_box_pk = bytes(me.box_key.public_key)
+    try:
+        ack, _ = await client.manage(
+            old_key,
+            me.box_key,
+            collab_id,
+            lambda v: _collab.rekey(v, me.signing_key, new_box_pk),
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        )
+    except RelayRefused as exc:
+        return f"NOT re-pinned: {exc.message}"
+    return f"re-pinned at seq {ack.seq}; the collab key rotated"
+
+
 class _Progress:
     """Numbered steps on stderr, for long operations."""
 
@@ -422,17 +640,32 @@ async def cmd_collab_create(args: argparse.Namespace) -> None:
 
 @asynccontextmanager
 async def _connected(me: Unlocked) -> AsyncIterator[Client]:
+    if me.rotating:
+        raise CliError(_UNFINISHED_ROTATION)
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile)
         await me.sync_keystore(client)  # also notices a relay rolling the keystore back
+        if me.rotating:  # adopted from another device that has not finished it
+            raise CliError(_UNFINISHED_ROTATION)
         client.on_receipt = me.home.state.add_receipt
         yield client
+
+
+_UNFINISHED_ROTATION = (
+    "a key rotation of this account is unfinished: run `cozy account rotate-keys` to finish it"
+    " (nothing else was done)"
+)
 
 
 async def _read(client: Client, me: Unlocked, collab_id: str) -> CollabView:
     """This device's own verified view of the collab (the whole history, folded)."""
     try:
-        return await client.read(collab_id, me.box_key)
+        return await client.read(
+            collab_id,
+            me.box_key,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        )
     except RelayRefused as exc:
         if exc.code is wire.ErrorCode.UNAUTHORIZED:
             raise CliError(f"you are not a member of {collab_id} (or it does not exist)") from None
@@ -635,7 +868,14 @@ async def _manage(
     client: Client, me: Unlocked, collab_id: str, change: Callable[[CollabView], Operation]
 ) -> tuple[wire.Appended, CollabView]:
     try:
-        return await client.manage(me.signing_key, me.box_key, collab_id, change)
+        return await client.manage(
+            me.signing_key,
+            me.box_key,
+            collab_id,
+            change,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        )
     except RelayRefused as exc:
         if exc.code in (wire.ErrorCode.UNAUTHORIZED, wire.ErrorCode.INVALID_EVENT):
             raise CliError(f"the change was refused: {exc.message}") from None
@@ -704,7 +944,13 @@ async def cmd_fetch(args: argparse.Namespace) -> None:
     async with _connected(me) as client:
         key = None
         keys = (await _read(client, me, args.collab)).known_keys()
-        async with client.history(args.collab, me.box_key, keys=keys) as events:
+        async with client.history(
+            args.collab,
+            me.box_key,
+            keys=keys,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        ) as events:
             async for entry in events:
                 if (
                     isinstance(entry.content, contentmod.Attachment)
@@ -801,6 +1047,8 @@ async def cmd_tail(args: argparse.Namespace) -> None:
             expect=saved,
             receipts=state.receipts(args.collab),
             follow=args.follow,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
         ) as events:
             try:
                 async for entry in events:
@@ -833,6 +1081,8 @@ async def cmd_verify(args: argparse.Namespace) -> None:
             keys=keys,
             expect=state.head(args.collab),
             receipts=state.receipts(args.collab),
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
         ) as events:
             async for _ in events:
                 count += 1
@@ -916,6 +1166,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=cmd_recover)
     p = account.add_parser("passphrase", help="change the encryption passphrase")
     p.set_defaults(run=cmd_change_passphrase)
+    p = account.add_parser(
+        "rotate-keys",
+        help="replace your account keys everywhere (after a suspected compromise)",
+    )
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    p.set_defaults(run=cmd_rotate_keys)
 
     collab = sub.add_parser("collab", help="collabs").add_subparsers(dest="action", required=True)
     p = collab.add_parser("create", help="create a collab (prints its id)")

@@ -140,5 +140,11 @@ class EquivocationDetected(IntegrityAlarm):
         self.proof = proof
 
 
+class AccountTakeoverDetected(IntegrityAlarm):
+    """This account's keys were re-pinned in the collab, by a proof signed with its own
+    previous key, to keys this device does not hold (ADR-0017): someone who has the old key
+    took the account over there. Ask an owner to remove the account from the collab."""
+
+
 class ReceiptInvalid(IntegrityAlarm):
     """An ack's receipt is not signed by the relay or does not match the event."""

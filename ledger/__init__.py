@@ -12,6 +12,7 @@ from ledger._throttle import LoginPolicy as LoginPolicy
 from ledger.errors import AlreadyExists as AlreadyExists
 from ledger.errors import HandleTaken as HandleTaken
 from ledger.errors import InvalidInput as InvalidInput
+from ledger.errors import KeysChanged as KeysChanged
 from ledger.errors import LedgerError as LedgerError
 from ledger.errors import LedgerUnavailable as LedgerUnavailable
 from ledger.errors import SchemaNotReady as SchemaNotReady

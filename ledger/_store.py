@@ -24,6 +24,7 @@ from ledger._throttle import LoginThrottle
 from ledger.errors import (
     AlreadyExists,
     HandleTaken,
+    KeysChanged,
     LedgerUnavailable,
     SchemaTooNew,
     SequencingConflict,
@@ -32,6 +33,7 @@ from ledger.errors import (
 from model import chain as chainmod
 from model.envelope import (
     KIND_DM,
+    KIND_MANAGEMENT,
     SequencedEvent,
     SignedEvent,
     audience_of,
@@ -244,18 +246,58 @@ class Ledger(LoginThrottle, Artifacts):
         stored version otherwise; nothing is written then.
         """
         with _translated(), self._pool.connection() as conn:
+            self._put_keystore_in(conn, account_id, new)
+
+    @staticmethod
+    def _put_keystore_in(conn: psycopg.Connection[Any], account_id: str, new: KeystoreRow) -> None:
+        r = conn.execute(
+            "SELECT version FROM keystores WHERE account_id = %s FOR UPDATE", (account_id,)
+        ).fetchone()
+        current = 0 if r is None else int(r[0])
+        if new.version != current + 1:
+            raise StaleVersion(current)
+        conn.execute(
+            "INSERT INTO keystores (account_id, version, blob, sig) VALUES (%s, %s, %s, %s)"
+            " ON CONFLICT (account_id) DO UPDATE SET version = EXCLUDED.version,"
+            " blob = EXCLUDED.blob, sig = EXCLUDED.sig, updated_at = now()",
+            (account_id, new.version, new.blob or None, new.sig),
+        )
+
+    def rotate_account_keys(
+        self,
+        account_id: str,
+        old: tuple[bytes, bytes],
+        new: tuple[bytes, bytes],
+        keystore: KeystoreRow,
+    ) -> None:
+        """Replace the account's (sign_pk, box_pk) `old` by `new` and store `keystore` (the
+        next version) with them, in one transaction (ADR-0017).
+
+        The caller has verified the old and new keys' signatures. Raises `KeysChanged` when
+        the stored keys are not `old` (another rotation won), `StaleVersion` when the keystore
+        version is not the next one; nothing is written then.
+        """
+        with _translated(), self._pool.connection() as conn:
             r = conn.execute(
-                "SELECT version FROM keystores WHERE account_id = %s FOR UPDATE", (account_id,)
+                "SELECT sign_pk, box_pk FROM accounts WHERE account_id = %s FOR UPDATE",
+                (account_id,),
             ).fetchone()
-            current = 0 if r is None else int(r[0])
-            if new.version != current + 1:
-                raise StaleVersion(current)
+            if r is None or (bytes(r[0]), bytes(r[1])) != old:
+                raise KeysChanged("the account's keys changed meanwhile")
+            self._put_keystore_in(conn, account_id, keystore)
             conn.execute(
-                "INSERT INTO keystores (account_id, version, blob, sig) VALUES (%s, %s, %s, %s)"
-                " ON CONFLICT (account_id) DO UPDATE SET version = EXCLUDED.version,"
-                " blob = EXCLUDED.blob, sig = EXCLUDED.sig, updated_at = now()",
-                (account_id, new.version, new.blob or None, new.sig),
+                "UPDATE accounts SET sign_pk = %s, box_pk = %s WHERE account_id = %s",
+                (new[0], new[1], account_id),
             )
+
+    def collabs_of(self, account_id: str) -> list[str]:
+        """The collabs the account is a member of, as projected from the ledger."""
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT collab_id FROM collab_members WHERE account_id = %s ORDER BY 1",
+                (account_id,),
+            ).fetchall()
+        return [str(r[0]) for r in rows]
 
     def account_by_handle(self, handle: str) -> AccountRow | None:
         return self._account("handle", handle)
@@ -545,14 +587,18 @@ class Ledger(LoginThrottle, Artifacts):
                         " WHERE collab_id = %s ORDER BY seq",
                         (collab_id,),
                     )
+                    state: Membership | None = None
                     for seq, eid, actor, kind, ts, body, sig, chain in cur:
                         report.events += 1
+                        signed = SignedEvent(bytes(body), bytes(sig))
                         problem = _check_row(
-                            collab_id, head, seq, bytes(eid), actor, kind, ts,
-                            SignedEvent(bytes(body), bytes(sig)), bytes(chain), keys,
+                            collab_id, head, seq, bytes(eid), actor, kind, ts, signed,
+                            bytes(chain), _pinned_key(state, actor, kind, signed, keys),
                         )  # fmt: skip
                         if problem:
                             report.problems.append(f"{collab_id} seq {seq}: {problem}")
+                        elif kind == KIND_MANAGEMENT:
+                            state = _folded(state, signed, head)
                         head = chainmod.Head(seq, bytes(chain))
                 if progress is not None:
                     progress(collab_id, head.seq)
@@ -643,6 +689,33 @@ def _stale_collabs(
     return stale
 
 
+def _pinned_key(
+    state: Membership | None, actor: str, kind: str, signed: SignedEvent, keys: dict[str, bytes]
+) -> bytes:
+    """The key an event at this position must verify under: the one the collab's fold pins
+    for its author there (a `rekey` changes it, ADR-0017), or for a management event the
+    signer key of its proof; the directory's key only where the fold names none."""
+    try:
+        if kind == KIND_MANAGEMENT:
+            return signer_key(state, proof_of(decode_body(signed.body)))
+    except ModelError:
+        return keys.get(actor, b"")
+    member = None if state is None else state.members.get(actor)
+    return member.sign_pk if member is not None else keys.get(actor, b"")
+
+
+def _folded(
+    state: Membership | None, signed: SignedEvent, head: chainmod.Head
+) -> Membership | None:
+    """The membership after a verified `mgmt` event (unchanged if the fold refuses it: that is
+    reported by the signature or chain checks, or by rebuild-projections)."""
+    try:
+        body = decode_body(signed.body)
+        return apply(state, proof_of(body), head, actor_id=body.actor_id)
+    except ModelError:
+        return state
+
+
 def _check_row(
     collab_id: str,
     head: chainmod.Head,
@@ -653,7 +726,7 @@ def _check_row(
     ts: int,
     signed: SignedEvent,
     chain: bytes,
-    keys: dict[str, bytes],
+    key: bytes,
 ) -> str | None:
     if event_id(signed) != eid:
         return "event id is not the hash of the stored event"
@@ -662,7 +735,7 @@ def _check_row(
         body = decode_body(signed.body)
         if (body.collab_id, body.actor_id, body.kind, body.ts) != (collab_id, actor, kind, ts):
             return "routing columns disagree with the signed body"
-        verify_event(signed, keys.get(actor, b""))
+        verify_event(signed, key)
     except ModelError as exc:
         return str(exc)
     return None

@@ -47,5 +47,10 @@ class StaleVersion(LedgerError):
         self.current = current
 
 
+class KeysChanged(LedgerError):
+    """A key rotation named other current keys than the account's stored ones (another
+    rotation got there first). Nothing was written."""
+
+
 class InvalidInput(LedgerError):
     """Postgres refused a value (e.g. a NUL character in text). Nothing was written."""

@@ -94,6 +94,9 @@ RULES: Final[dict[type[wire.Request], Rule]] = {
     wire.GetAccount: Rule(Senders.ACCOUNTS),
     wire.GetKeystore: Rule(Senders.ACCOUNTS),  # sealed: a new device restores through it
     wire.PutKeystore: Rule(Senders.ACCOUNTS, signed=True),
+    # Signed by the old and the new account key (ADR-0017); agents rotate by being replaced.
+    wire.RotateAccountKeys: Rule(Senders.PEOPLE, signed=True),
+    wire.ListCollabs: Rule(Senders.ACCOUNTS),  # metadata: which collabs the caller is in
     wire.CreateCollab: Rule(Senders.PEOPLE, signed=True),
     wire.CreateAgent: Rule(Senders.PEOPLE, signed=True),
     wire.RevokeAgent: Rule(Senders.PEOPLE, signed=True),

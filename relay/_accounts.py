@@ -18,8 +18,8 @@ import trio
 from ledger import AccountRow, AlreadyExists, HandleTaken, KeystoreRow, LedgerError, StaleVersion
 from model import wire
 from model.ids import is_id
-from model.proofs import verify_keystore_write
-from relay import _auth, _throttle
+from model.proofs import KeyPair, verify_keystore_write
+from relay import _auth, _rekey, _throttle
 from relay._context import RequestRefused
 
 if TYPE_CHECKING:
@@ -186,6 +186,27 @@ class Accounts:
             "keystore_stored", account_id=account_id, version=req.version, deleted=not req.blob
         )
         conn.reply(wire.KeystoreStored(rid=req.rid, version=req.version))
+
+    async def rotate_account_keys(self, conn: Connection, req: wire.RotateAccountKeys) -> None:
+        """Replace the account's keys in the directory (ADR-0017, relay/_rekey.py); from then
+        on every connection of the account is bound to the new keys."""
+        account_id = self._sessions.account_of(conn)
+        row = await self._s.db(self._s.ledger.account_by_id, account_id)
+        if row is None:
+            raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, "log in again")
+        new = await _rekey.rotate_account_keys(
+            self._s.db, self._s.ledger.rotate_account_keys, account_id,
+            KeyPair(row.sign_pk, row.box_pk), req,
+        )  # fmt: skip
+        for other in (conn, *self._sessions.connections_of(account_id)):
+            other.sign_pk, other.box_pk = new
+        log.info("account_keys_rotated", account_id=account_id, version=req.keystore_version)
+        conn.reply(wire.AccountKeysRotated(rid=req.rid, keystore_version=req.keystore_version))
+
+    async def list_collabs(self, conn: Connection, req: wire.ListCollabs) -> None:
+        account_id = self._sessions.account_of(conn)
+        collab_ids = await self._s.db(self._s.ledger.collabs_of, account_id)
+        conn.reply(wire.Collabs(rid=req.rid, collab_ids=collab_ids))
 
     async def _create_account(self, row: AccountRow, keystore: KeystoreRow | None) -> None:
         try:

@@ -21,6 +21,8 @@ from model.envelope import KIND_MANAGEMENT, EventBody, verify_event
 from model.errors import BadSignature, ModelError
 from model.ids import is_id, new_id
 from model.membership import AddMember, CreateCollab, MemberKind, ProofRejected, apply, proof_of
+from model.proofs import KeyPair
+from relay import _rekey
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
 from relay._sequencer import InboxFull, ShuttingDown, Submission
@@ -123,8 +125,10 @@ class Collabs:
             raise RequestRefused(
                 wire.ErrorCode.UNAUTHORIZED, "events must be authored by the logged-in account"
             )
+        author_pk = conn.sign_pk
         if body.kind == KIND_MANAGEMENT:
             await self._check_addition(body)
+            author_pk = _rekey.append_key(body, KeyPair(conn.sign_pk, conn.box_pk))
         sequencers = self._s.sequencers
         assert sequencers is not None
         # Shed load instead of queueing it: a flood gets `overloaded` at once, and the reader
@@ -137,7 +141,7 @@ class Collabs:
             )
         try:
             sequencers.submit_nowait(
-                body.collab_id, Submission(ticket, req.rid, req.event, body, conn.sign_pk)
+                body.collab_id, Submission(ticket, req.rid, req.event, body, author_pk)
             )
         except InboxFull:
             ticket.release()

@@ -165,6 +165,10 @@ class Dispatcher:
                 await self._accounts.get_keystore(conn, req)
             case wire.PutKeystore():
                 await self._accounts.put_keystore(conn, req)
+            case wire.RotateAccountKeys():
+                await self._accounts.rotate_account_keys(conn, req)
+            case wire.ListCollabs():
+                await self._accounts.list_collabs(conn, req)
             case wire.CreateAgent():
                 await self._accounts.create_agent(conn, req)
             case wire.RevokeAgent():

@@ -92,7 +92,8 @@ class Replier(Protocol):
 
 @dataclass(slots=True)
 class Submission:
-    """One append request waiting for its seq. `author_pk` is the session account's key."""
+    """One append request waiting for its seq. `author_pk` is the key it verifies under: the
+    session account's registered key, or for a `rekey` the old key it names (relay/_rekey.py)."""
 
     reply_to: Replier
     rid: int
@@ -284,6 +285,17 @@ class Sequencer:
         author = state.members.get(body.actor_id)
         if author is None:
             self._refuse(sub, wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
+            return False
+        if author.sign_pk != sub.author_pk:
+            # The event verified under the account's registered key, which is not the one this
+            # collab's fold pins: the account rotated its keys (ADR-0017) and has not re-pinned
+            # them here yet, or the event was signed with a key the collab no longer pins.
+            self._refuse(
+                sub,
+                wire.ErrorCode.UNAUTHORIZED,
+                "this collab pins another key for you than the one that signed this event:"
+                " finish your key rotation with `cozy account rotate-keys`; nothing was stored",
+            )
             return False
         if not author.may(CAP_POST):
             self._refuse(

@@ -273,6 +273,18 @@ def reads_as_text(data: bytes) -> bool:
     return re.search(r"[A-Za-z]{4}", text) is not None
 
 
+def _first_that_opens(fn: Callable[[Any, Any], Any], candidates: list[tuple[Any, Any]]) -> Any:
+    """`fn` on the first candidate it succeeds with; the last error if none (KeyError if
+    there are none)."""
+    error: Exception = KeyError("no candidate keys")
+    for a, b in candidates:
+        try:
+            return fn(a, b)
+        except (CryptoError, ModelError) as exc:
+            error = exc
+    raise error
+
+
 @dataclass
 class Keyring:
     """What the members' clients hold: enough to prove that every opaque field is ciphertext."""
@@ -284,10 +296,20 @@ class Keyring:
     passwords: set[str] = field(default_factory=set)  # including the wrong guess
     handles: set[str] = field(default_factory=set)
     relay_pk: bytes = b""
+    # Keys an account had before `rotate-keys` (ADR-0017): its events and wraps from before.
+    past_sign_pk: dict[str, list[bytes]] = field(default_factory=dict)
+    past_box: dict[str, list[nacl.public.PrivateKey]] = field(default_factory=dict)
+
+    def sign_pks(self, account_id: str) -> list[bytes]:
+        return [self.sign_pk[account_id], *self.past_sign_pk.get(account_id, [])]
+
+    def boxes(self, account_id: str) -> list[nacl.public.PrivateKey]:
+        return [self.box[account_id], *self.past_box.get(account_id, [])]
 
     def public_keys(self) -> set[bytes]:
-        boxes = {bytes(k.public_key) for k in self.box.values()}
-        return set(self.sign_pk.values()) | boxes | {self.relay_pk}
+        boxes = {bytes(k.public_key) for a in self.box for k in self.boxes(a)}
+        signs = {k for a in self.sign_pk for k in self.sign_pks(a)}
+        return signs | boxes | {self.relay_pk}
 
 
 class Walker:
@@ -504,8 +526,13 @@ class Walker:
                 if self._pushed:
                     receiver = self.conn_account.get(self._conn, "?")
                     self.dm_pushes.append((receiver, sender, recipient))
-                plain = dm.open_dm(
-                    event, self.keys.box[sender], bytes(self.keys.box[recipient].public_key)
+                plain = _first_that_opens(
+                    lambda mine, theirs: dm.open_dm(event, mine, bytes(theirs.public_key)),
+                    [
+                        (mine, theirs)
+                        for mine in self.keys.boxes(sender)
+                        for theirs in self.keys.boxes(recipient)
+                    ],
                 )
             else:
                 key = self.keys.epoch_keys[body.collab_id][body.epoch]
@@ -525,7 +552,10 @@ class Walker:
             if self._check_id(account_id, None, ""):
                 return "a wrap for something that is not an account id"
             try:
-                opened = open_wrap(v, account_id, self.keys.box[account_id])
+                opened = _first_that_opens(
+                    lambda box, who: open_wrap(v, who, box),
+                    [(box, account_id) for box in self.keys.boxes(account_id)],
+                )
             except (CryptoError, KeyError):
                 return f"the wrap for {account_id} does not open with that account's box key"
             if opened not in epoch_keys or reads_as_text(wrap):
@@ -572,7 +602,10 @@ class Walker:
         sig = parent["sig"] if isinstance(parent, dict) else parent.sig
         try:
             body = decode_body(v)
-            event = verify_event(SignedEvent(v, sig), self.keys.sign_pk[body.actor_id])
+            event = _first_that_opens(
+                lambda pk, _: verify_event(SignedEvent(v, sig), pk),
+                [(pk, None) for pk in self.keys.sign_pks(body.actor_id)],
+            )
         except (ModelError, KeyError):
             return "not a canonical event body signed by a known author"
         self._event = event

@@ -5,7 +5,7 @@ People sign up (with sealed keystores), one creates a collab and names it, adds 
 roles, members post (one batch of two), exchange DMs, attach a file that another member fetches,
 a human creates an agent with capabilities that reads and posts, a member is removed (the key
 rotates), the key is rotated again, the agent is revoked and removed, and a new device restores
-a keystore and changes its passphrase. Every piece of content carries its own canary.
+a keystore, changes its passphrase and rotates the account keys. Every piece of content carries its own canary.
 
 Then three kinds of assertion:
 
@@ -98,6 +98,11 @@ class Person:
     account_id: str = ""
     token: str = ""
     recovery_code: str = ""
+    past: list[tuple[nacl.signing.SigningKey, nacl.public.PrivateKey]] = field(default_factory=list)
+
+    @property
+    def past_boxes(self) -> list[nacl.public.PrivateKey]:
+        return [box for _, box in self.past]
 
     @property
     def sign_pk(self) -> bytes:
@@ -183,9 +188,9 @@ async def send_dm(client: Client, sender: Person, to: Person, cid: str, text: st
 async def readable(client: Client, who: Person, cid: str) -> dict[int, contentmod.Content]:
     """What this member's client verified and decrypted, seq → content (two passes, so a
     member added mid-epoch reads that epoch's earlier events too)."""
-    keys = (await client.read(cid, who.box)).known_keys()
+    keys = (await client.read(cid, who.box, past_box_keys=who.past_boxes)).known_keys()
     out: dict[int, contentmod.Content] = {}
-    async with client.history(cid, who.box, keys=keys) as events:
+    async with client.history(cid, who.box, keys=keys, past_box_keys=who.past_boxes) as events:
         async for entry in events:
             if entry.content is not None:
                 out[entry.seq] = entry.content
@@ -369,21 +374,52 @@ async def run_scenario(s: Scenario) -> Outcome:
         await phone.store_keystore(
             bob.sign, stored_ks.version + 1, keystore.encode_sealed(rewrapped)
         )
+        # …and rotates his account keys (ADR-0017): directory first, then the collab.
+        new_sign, new_box = nacl.signing.SigningKey.generate(), nacl.public.PrivateKey.generate()
+        rotated = keystore.KeystoreContent(
+            sign_seed=bytes(new_sign),
+            box_sk=bytes(new_box),
+            retired=[keystore.RetiredKeys(bob.sign_pk, bytes(bob.box))],
+            rotating_from=bytes(bob.sign),
+        )
+        bob.recovery_code = recovery.new_recovery_code()
+        resealed, _ = keystore.seal_new(
+            rotated, bob.passphrase, keystore.KdfProfile.INSECURE_TEST,
+            recovery_key=recovery.recovery_key(recovery.parse_code(bob.recovery_code)),
+        )  # fmt: skip
+        await phone.rotate_account_keys(
+            bob.sign, bob.box_pk, new_sign, bytes(new_box.public_key), stored_ks.version + 2,
+            keystore.encode_sealed(resealed),
+        )  # fmt: skip
+        assert await phone.collabs() == [cid]
+        await phone.manage(
+            bob.sign, new_box, cid,
+            lambda v: _collab.rekey(v, new_sign, bytes(new_box.public_key)),
+            past_box_keys=[bob.box],
+        )  # fmt: skip
+        bob.past.append((bob.sign, bob.box))
+        bob.sign, bob.box = new_sign, new_box
         read_by["bob"] = texts_of(await readable(phone, bob, cid))
+        final = await phone.read(cid, bob.box, past_box_keys=bob.past_boxes)
 
     for who in (*people, agent):
         keys.sign_pk[who.account_id] = who.sign_pk
         keys.box[who.account_id] = who.box
+        keys.past_sign_pk[who.account_id] = [bytes(s.verify_key) for s, _ in who.past]
+        keys.past_box[who.account_id] = who.past_boxes
         keys.passwords.add(who.password)
     keys.passwords.add("a wrong guess at the password")
     keys.passphrases = [p.passphrase for p in people] + [bob_old_passphrase]
     keys.epoch_keys[cid] = final.known_keys()
-    assert sorted(keys.epoch_keys[cid]) == [0, 1, 2, 3]
+    assert sorted(keys.epoch_keys[cid]) == [0, 1, 2, 3, 4]  # 4: bob's rekey
     secret_keys = {f"epoch {e} key": k for e, k in keys.epoch_keys[cid].items()}
     secret_keys["file key"] = file_key
     for who in (*people, agent):
         secret_keys[f"{who.handle} signing seed"] = bytes(who.sign)
         secret_keys[f"{who.handle} box key"] = bytes(who.box)
+        for n, (old_sign, old_box) in enumerate(who.past):
+            secret_keys[f"{who.handle} old signing seed {n}"] = bytes(old_sign)
+            secret_keys[f"{who.handle} old box key {n}"] = bytes(old_box)
     for who in people:
         secret_keys[f"{who.handle} passphrase"] = who.passphrase.encode()
         secret_keys[f"{who.handle} recovery secret"] = recovery.parse_code(who.recovery_code)
