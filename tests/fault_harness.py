@@ -172,12 +172,18 @@ class RelayProcess:
     async def start(self, **env: str) -> None:
         command = [sys.executable, "-m", "cozy.cli", "relay", "serve"]
         command += ["--port", str(self.port), "--data-dir", str(self.data_dir)]
-        full_env = dict(os.environ, DATABASE_URL=self.database_url, COZY_OPS_PORT="off", **env)
+        full_env = {**os.environ, "DATABASE_URL": self.database_url, "COZY_OPS_PORT": "off", **env}
         with self.log_path.open("ab") as log:
             self._proc = await trio.lowlevel.open_process(
                 command, env=full_env, stdout=log, stderr=log
             )
         await wait_until_listening(self.port, self._proc, "the relay under test")
+
+    @property
+    def pid(self) -> int:
+        """The running relay's process id (its memory is in /proc/<pid>/status)."""
+        assert self._proc is not None
+        return self._proc.pid
 
     def send_signal(self, signum: signal.Signals) -> None:
         assert self._proc is not None
