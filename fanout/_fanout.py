@@ -5,11 +5,18 @@ event a subscriber misses while it catches up is already readable from the ledge
 the gap-free, duplicate-free switch from catch-up to live:
 
 1. register the subscription in the *catching-up* state: live events now queue in `pending`;
-2. page through the ledger from `from_seq` until a short page (every event committed before
-   registration is there);
+2. page through the ledger from `from_seq` until the ledger says it held no more (every event
+   committed before registration is there);
 3. with no await in between, replay `pending` from the next expected seq and flip to *live*.
 
-If `pending` overflows during a long catch-up it is dropped and step 2 runs again. Live frames
+If `pending` overflows during a long catch-up it is dropped and step 2 runs again.
+
+Catch-up costs bounded memory whatever the client does (fanout/_catchup.py): each ledger page
+is bounded in events and in bytes, becomes pre-framed `batch` messages (as live batches do),
+and goes through the connection's bounded outbox, each message only once the outbox holds at
+most a small share; the next page is read only when this one is queued. A subscriber that stops
+reading pins one page and that share, is disconnected as lagging after a while without room,
+and how many catch-ups may run at once is capped per connection, account and relay. Live frames
 are offered to the subscriber's outbox without waiting: a full outbox means the subscriber lags,
 and it is disconnected with a reason and the seq to resume from, so a slow subscriber never
 stalls the sequencer or anyone else. Each published batch (one commit's events of one collab)
@@ -31,17 +38,19 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, NamedTuple, Protocol
 
 import msgspec
+import trio
 
+from fanout._catchup import CatchupGate, CatchupLimits
 from fanout._message import Message, starts_new_batch
 from model import wire
 from model.envelope import SequencedEvent, event_id
 
-CATCHUP_PAGE: Final = 500
-PENDING_LIMIT: Final = 10_000
 LAG_CLOSE_CODE: Final = 4008
 
 
-ReadRange = Callable[[str, int, int], Awaitable[Sequence[SequencedEvent]]]
+# (collab_id, from_seq, max_events, max_bytes) -> (events, whether the ledger held more):
+# `Ledger.read_page` run in a worker thread.
+ReadPage = Callable[[str, int, int, int], Awaitable[tuple[Sequence[SequencedEvent], bool]]]
 
 
 class Outbox(Protocol):
@@ -51,8 +60,9 @@ class Outbox(Protocol):
         """Queue a frame, or a whole `Message` (sent as is), without waiting; False when the
         queue is full."""
 
-    async def send(self, frame: bytes) -> None:
-        """Send a frame now, waiting for the socket (used only while catching up)."""
+    async def wait_for_room(self, message: Message, share: int) -> bool:
+        """Wait until `message` may be queued as catch-up: the outbox is empty, or it holds at
+        most `share` bytes and has room for the message. False once the connection closes."""
 
     def disconnect(self, code: int, reason: str) -> None:
         """Drop the connection with a close code and a human-readable reason."""
@@ -61,6 +71,7 @@ class Outbox(Protocol):
 class Subscription:
     __slots__ = (
         "account_id",
+        "admitted",
         "collab_id",
         "ended",
         "follow",
@@ -69,6 +80,7 @@ class Subscription:
         "outbox",
         "overflowed",
         "pending",
+        "pending_bytes",
     )
 
     def __init__(
@@ -82,7 +94,9 @@ class Subscription:
         self.live = False
         self.ended = False
         self.overflowed = False
+        self.admitted = False  # holds a catch-up slot (`Fanout.admit`) until live or gone
         self.pending: collections.deque[_Out] = collections.deque()
+        self.pending_bytes = 0
 
     def __repr__(self) -> str:
         return f"Subscription({self.collab_id}, next={self.next_seq}, live={self.live})"
@@ -90,7 +104,8 @@ class Subscription:
 
 class FanoutStats(msgspec.Struct):
     """A snapshot for metrics. `subscriptions` are the following ones registered now, of which
-    `live_subscriptions` are past their catch-up; the other counts are totals since start."""
+    `live_subscriptions` are past their catch-up; `catchups` are running now; the other counts
+    are totals since start."""
 
     collabs: int
     subscriptions: int
@@ -98,6 +113,9 @@ class FanoutStats(msgspec.Struct):
     deliveries: int
     lagging_disconnects: int
     live_subscriptions: int = 0
+    catchups: int = 0  # catch-ups running now (following or not)
+    catchup_refusals: int = 0  # subscribes refused with `overloaded` by a catch-up cap
+    catchup_stalls: int = 0  # catch-ups disconnected for finding no room in their outbox
 
 
 def encode_event(ev: SequencedEvent) -> bytes:
@@ -132,6 +150,10 @@ class _Out(NamedTuple):
         if not ev.audience:
             return cls(ev.seq, encode_event(ev))
         return cls(ev.seq, encode_event(ev), ev.audience, _encode_withheld(ev))
+
+    @property
+    def size(self) -> int:
+        return len(self.frame) + len(self.withheld)
 
 
 class _Group:
@@ -173,15 +195,39 @@ def _messages(frames: list[bytes]) -> list[Message]:
     return out
 
 
+def _catchup_messages(
+    events: Sequence[SequencedEvent], account_id: str
+) -> collections.deque[tuple[Message, int]]:
+    """A ledger page as `account_id` may see it, in `batch` messages by the one batching rule,
+    each with the seq of its last event."""
+    out: collections.deque[tuple[Message, int]] = collections.deque()
+    run: list[bytes] = []
+    size = last = 0
+    for ev in events:
+        frame = _Out.of(ev).for_account(account_id)
+        if starts_new_batch(len(run), size, len(frame)):
+            out.append((Message(wire.batch(run), len(run)), last))
+            run, size = [], 0
+        run.append(frame)
+        size += len(frame)
+        last = ev.seq
+    if run:
+        out.append((Message(wire.batch(run), len(run)), last))
+    return out
+
+
 class Fanout:
     """Subscriber registry and live streaming. Lives on the Trio loop; never blocks."""
 
-    def __init__(self, read_range: ReadRange) -> None:
-        self._read_range = read_range
+    def __init__(self, read_page: ReadPage, limits: CatchupLimits | None = None) -> None:
+        self._read_page = read_page
+        self.limits = limits or CatchupLimits()
+        self._gate = CatchupGate(self.limits)
         self._subs: dict[str, set[Subscription]] = {}
         self._published = 0
         self._deliveries = 0
         self._lagging = 0
+        self._stalls = 0
 
     def statistics(self) -> FanoutStats:
         """O(subscriptions): meant for a metrics scrape, not for the publish path."""
@@ -192,6 +238,9 @@ class Fanout:
             deliveries=self._deliveries,
             lagging_disconnects=self._lagging,
             live_subscriptions=sum(sub.live for subs in self._subs.values() for sub in subs),
+            catchups=self._gate.running,
+            catchup_refusals=self._gate.refused,
+            catchup_stalls=self._stalls,
         )
 
     def publish(self, events: Sequence[SequencedEvent]) -> None:
@@ -204,6 +253,7 @@ class Fanout:
             return
         frames = [_Out.of(ev) for ev in events]
         group = _Group(frames)
+        size = 0  # computed for the first subscriber that is catching up
 
         for sub in list(subs):
             if sub.live:
@@ -211,37 +261,59 @@ class Fanout:
                     self._deliver_group(sub, group)
                 else:
                     self._deliver(sub, frames)
-            else:
+            elif not sub.overflowed:
+                size = size or sum(out.size for out in frames)
                 sub.pending.extend(frames)
-                if len(sub.pending) > PENDING_LIMIT:
+                sub.pending_bytes += size
+                if (
+                    len(sub.pending) > self.limits.pending_events
+                    or sub.pending_bytes > self.limits.pending_bytes
+                ):
                     sub.pending.clear()
+                    sub.pending_bytes = 0
                     sub.overflowed = True
+
+    def admit(self, sub: Subscription) -> str | None:
+        """Take a catch-up slot for `sub` before `stream`ing it, or return why not: a message
+        for the client, to refuse its subscribe with `overloaded` (fanout/_catchup.py). The slot
+        is given back when `sub` goes live, finishes or is removed."""
+        refusal = self._gate.admit(sub.outbox, sub.account_id)
+        sub.admitted = refusal is None
+        return refusal
 
     async def stream(self, sub: Subscription) -> None:
         """Catch `sub` up from the ledger, then (if following) leave it live until `remove`.
 
-        Returns once the subscription is live (or finished, when not following). The caller
-        owns the subscription's lifetime and must call `remove` when its connection ends.
+        Returns once the subscription is live (or finished, when not following, or its
+        connection closed). The caller owns the subscription's lifetime and must call `remove`
+        when its connection ends. A subscription that was not `admit`ted is caught up all the
+        same, without a slot (for callers with a bound of their own).
         """
+        try:
+            await self._catch_up(sub)
+        finally:
+            self._release(sub)
+
+    async def _catch_up(self, sub: Subscription) -> None:
         if sub.follow:
             self._subs.setdefault(sub.collab_id, set()).add(sub)
         while True:
             sub.overflowed = False
-            while True:
-                page = await self._read_range(sub.collab_id, sub.next_seq, CATCHUP_PAGE)
-                for ev in page:
-                    if sub.ended:
-                        return  # unsubscribed: nothing of it may follow the Unsubscribed reply
-                    await sub.outbox.send(_Out.of(ev).for_account(sub.account_id))
-                    sub.next_seq = ev.seq + 1
-                if len(page) < CATCHUP_PAGE or sub.ended:
-                    break
-            if sub.ended:
-                return
+            more = True
+            while more:
+                messages, more = await self._read_messages(sub)
+                while messages:
+                    message, last_seq = messages.popleft()  # let go of each once it is queued
+                    if not await self._queue(sub, message):
+                        return
+                    sub.next_seq = last_seq + 1
+                if sub.ended:
+                    return
             if not sub.follow:
-                await sub.outbox.send(
+                if not sub.outbox.offer(
                     wire.encode(wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1))
-                )
+                ):
+                    self._lag(sub)
                 sub.ended = True
                 return
             if not sub.overflowed:
@@ -249,6 +321,7 @@ class Fanout:
         # No await from here on: replay what queued up while we read, then flip to live.
         backlog = [f for f in sub.pending if f.seq >= sub.next_seq]
         sub.pending.clear()
+        sub.pending_bytes = 0
         sub.live = True
         self._deliver(sub, backlog)
         if not sub.ended and not sub.outbox.offer(
@@ -256,8 +329,37 @@ class Fanout:
         ):
             self._lag(sub)
 
+    async def _read_messages(
+        self, sub: Subscription
+    ) -> tuple[collections.deque[tuple[Message, int]], bool]:
+        """The next ledger page as messages, and whether the ledger held more. The events
+        themselves are dropped here, so a catch-up holds one copy of its page."""
+        limits = self.limits
+        events, more = await self._read_page(
+            sub.collab_id, sub.next_seq, limits.page_events, limits.page_bytes
+        )
+        return _catchup_messages(events, sub.account_id), more
+
+    async def _queue(self, sub: Subscription, message: Message) -> bool:
+        """Queue one catch-up message once the outbox has room for it; False when the
+        subscription must stop (ended, connection closing, or stalled and disconnected)."""
+        with trio.move_on_after(self.limits.stall_seconds):
+            if not await sub.outbox.wait_for_room(message, self.limits.outbox_bytes):
+                self.remove(sub)  # the connection is going away
+                return False
+            if sub.ended:
+                return False  # unsubscribed: nothing of it may follow the Unsubscribed reply
+            if not sub.outbox.offer(message):
+                self._lag(sub)
+                return False
+            return True
+        self._stalls += 1
+        self._lag(sub, f"not reading its catch-up for {self.limits.stall_seconds:g} s")
+        return False
+
     def remove(self, sub: Subscription) -> None:
         sub.ended = True
+        self._release(sub)
         subs = self._subs.get(sub.collab_id)
         if subs is not None:
             subs.discard(sub)
@@ -331,11 +433,16 @@ class Fanout:
             sub.next_seq = seq + 1
             self._deliveries += 1
 
-    def _lag(self, sub: Subscription) -> None:
+    def _release(self, sub: Subscription) -> None:
+        if sub.admitted:
+            sub.admitted = False
+            self._gate.release(sub.outbox, sub.account_id)
+
+    def _lag(self, sub: Subscription, how: str = "lagging") -> None:
         self._lagging += 1
         self.remove(sub)
         sub.outbox.disconnect(
             LAG_CLOSE_CODE,
-            f"subscriber lagging on {sub.collab_id}: reconnect and resume after the last seq you"
+            f"subscriber {how} on {sub.collab_id}: reconnect and resume after the last seq you"
             f" received (at most {sub.next_seq - 1} was queued)",
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import psycopg
@@ -60,6 +60,13 @@ _ACCOUNT_BY_ID = _ACCOUNT_COLUMNS + " WHERE account_id = %s"
 SETTLE_SECONDS = 5.0
 _MIGRATION_LOCK = 0x636F7A79  # "cozy": one advisory lock key for schema changes
 _EVENT_ID_UNIQUE = "events_event_id_key"  # the UNIQUE (event_id) of migration 1
+
+
+class Page(NamedTuple):
+    """One page of a collab's events (`Ledger.read_page`); `more`: the ledger held more."""
+
+    events: list[SequencedEvent]
+    more: bool
 
 
 class AccountRow(msgspec.Struct, frozen=True):
@@ -566,6 +573,47 @@ class Ledger(LoginThrottle, Artifacts):
             )
             for r in rows
         ]
+
+    def read_page(self, collab_id: str, from_seq: int, max_events: int, max_bytes: int) -> Page:
+        """Events from ``from_seq`` on, in seq order: at most `max_events` of them, and no more
+        than fit in `max_bytes` (an event's size is its body, signature and chain), except that
+        the first event is always included however large. `Page.more` says whether the ledger
+        held further events when it was read, so a reader knows it reached the head without
+        another round trip.
+
+        Only the page's own bodies are fetched: sizes come from a running sum in seq order
+        (Postgres reads a TOASTed body's length without the body), and the one row past the
+        page, which sets `more`, comes back without its body.
+        """
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT seq,"
+                "  CASE WHEN rn <= %(events)s AND (rn = 1 OR run <= %(bytes)s) THEN body END,"
+                "  sig, chain, kind"
+                " FROM ("
+                "  SELECT seq, body, sig, chain, kind, octet_length(body) + 96 AS size,"
+                "    row_number() OVER w AS rn, sum(octet_length(body) + 96) OVER w AS run"
+                "  FROM events WHERE collab_id = %(collab)s AND seq >= %(from)s"
+                "  WINDOW w AS (ORDER BY seq ROWS UNBOUNDED PRECEDING)"
+                "  ORDER BY seq LIMIT %(events)s + 1"
+                " ) AS page"
+                # the page, and the one row after it (never the rows after that one)
+                " WHERE rn <= 2 OR run - size <= %(bytes)s"
+                " ORDER BY seq",
+                {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes},
+            ).fetchall()
+        events = [
+            SequencedEvent(
+                collab_id,
+                r[0],
+                SignedEvent(bytes(r[1]), bytes(r[2])),
+                bytes(r[3]),
+                audience_of(decode_body(bytes(r[1]))) if r[4] == KIND_DM else (),
+            )
+            for r in rows
+            if r[1] is not None
+        ]
+        return Page(events, more=len(rows) > len(events))
 
     # --- integrity ----------------------------------------------------------------------------
 

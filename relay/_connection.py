@@ -2,8 +2,10 @@
 
 Replies, acks and live events are *offered* to the outbox without waiting; when it is full (in
 frames or in bytes) the client is not keeping up, so the connection is dropped with a reason
-rather than letting it stall a sequencer or the fan-out. Catch-up frames are sent directly and
-awaited, so a client catching up is paced by its own socket.
+rather than letting it stall a sequencer or the fan-out. Catch-up goes through the same outbox,
+paced: the fan-out waits (`wait_for_room`) until the outbox holds at most a small share before
+queueing each catch-up message, so a client catching up is paced by its own socket and leaves
+the rest of the outbox to replies and live events.
 
 The connection also counts what it has asked of the relay but not yet been answered: appends
 waiting for their seq (`AppendTicket`) and background work such as tool calls and artifact
@@ -97,6 +99,7 @@ class Connection:
         self._closing = False
         self._dropped = False
         self._flushed = trio.Event()
+        self._room = trio.lowlevel.ParkingLot()  # catch-ups waiting for the outbox to drain
 
     @property
     def closing(self) -> bool:
@@ -160,12 +163,34 @@ class Connection:
                         out.append(ws_binary_frame(wire.batch(run)))
                     if self._dropped:
                         return
-                    await send_framed(self.ws, out[0] if len(out) == 1 else b"".join(out))
+                    self._room.unpark_all()  # taken off the queue: catch-up may queue more
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    out.clear()  # hold one copy of what is being written, not two
+                    await send_framed(self.ws, data)
                     self._unsent -= taken
         except ConnectionClosed:
             pass
         finally:
             self._flushed.set()
+
+    async def wait_for_room(self, message: Message, share: int) -> bool:
+        """Wait until `message` may be queued as catch-up: the outbox is empty, or it holds at
+        most `share` bytes and `offer` would take the message. False once closing. The caller
+        offers it right after, with no await in between (a message too big even for an empty
+        outbox is then refused, as a live one would be)."""
+        while not self._closing:
+            if self.outbox_frames == 0 or (
+                self.outbox_bytes <= share and self._fits(len(message), message.events)
+            ):
+                return True
+            await self._room.park()
+        return False
+
+    def _fits(self, size: int, frames: int) -> bool:
+        return (
+            self.outbox_bytes + size <= self._outbox_bytes_limit
+            and self.outbox_frames + frames <= self._outbox_frames_limit
+        )
 
     def offer(self, frame: bytes | Message) -> bool:
         """Queue a frame (or a fan-out `Message`) without waiting. False when the connection is
@@ -180,10 +205,7 @@ class Connection:
             return True
         n = len(frame)
         frames = frame.events if isinstance(frame, Message) else 1
-        if (
-            self.outbox_bytes + n > self._outbox_bytes_limit
-            or self.outbox_frames + frames > self._outbox_frames_limit
-        ):
+        if not self._fits(n, frames):
             return False
         try:
             self._out_send.send_nowait(frame)
@@ -200,6 +222,7 @@ class Connection:
             self.disconnect(4008, "client is not reading its replies: reconnect and resume")
 
     async def send(self, frame: bytes) -> None:
+        """Send a frame now, waiting for the socket (artifact downloads)."""
         await self.ws.send_message(frame)
 
     def disconnect(self, code: int, reason: str) -> None:
@@ -208,6 +231,7 @@ class Connection:
             return
         self._closing = self._dropped = True
         self._out_send.close()
+        self._room.unpark_all()
         self.nursery.start_soon(self._close_socket, code, reason)
 
     def close_gracefully(self, code: int, reason: str) -> None:
@@ -216,6 +240,7 @@ class Connection:
             return
         self._closing = True
         self._out_send.close()
+        self._room.unpark_all()
         self.nursery.start_soon(self._close_after_flush, code, reason)
 
     async def _close_after_flush(self, code: int, reason: str) -> None:

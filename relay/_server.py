@@ -34,7 +34,7 @@ from trio_websocket import (
 
 from fanout import Fanout, FanoutStats
 from model import wire
-from model.envelope import MAX_BODY_BYTES, SequencedEvent
+from model.envelope import MAX_BODY_BYTES
 from relay._accounts import Accounts
 from relay._artifacts import Artifacts
 from relay._cf_access import AccessDenied, AccessVerifier
@@ -64,7 +64,7 @@ from relay.config import bao_auth
 if TYPE_CHECKING:
     import nacl.signing
 
-    from ledger import Ledger
+    from ledger import Ledger, Page
     from relay._cf_access import AccessIdentity
     from relay.config import RelayConfig
 
@@ -110,7 +110,7 @@ class Relay:
         self.ledger = ledger
         self.relay_key = relay_key
         self.relay_pk = bytes(relay_key.verify_key)
-        self.fanout = Fanout(self._read_range)
+        self.fanout = Fanout(self._read_page, config.catchup)
         auth = bao_auth(config)
         self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))
         self.url = ""
@@ -320,5 +320,9 @@ class Relay:
         self._subscriptions.end_all(conn, reason)
         self._artifacts.abandon(conn)
 
-    async def _read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
-        return await self._services.db(self.ledger.read_range, collab_id, from_seq, limit)
+    async def _read_page(
+        self, collab_id: str, from_seq: int, max_events: int, max_bytes: int
+    ) -> Page:
+        return await self._services.db(
+            self.ledger.read_page, collab_id, from_seq, max_events, max_bytes
+        )

@@ -35,6 +35,8 @@ class Subscriptions:
             follow=req.follow,
             account_id=conn.account_id or "",
         )
+        if (busy := self._s.fanout.admit(sub)) is not None:  # catch-up caps (fanout/_catchup.py)
+            raise self._s.overload(busy)
         conn.subscriptions[req.collab_id] = sub
         conn.reply(wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq))
         conn.nursery.start_soon(self._stream, conn, sub)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import secrets
 import tomllib
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from fanout import CatchupLimits
 from relay._cf_access import DEFAULT_LEEWAY_SECONDS, AccessConfigError, AccessPolicy
 from relay.broker import BaoAuth, ToolSpec, tools_from_config
 
@@ -70,6 +72,8 @@ class RelayConfig:
     # and the largest artifact one upload may store.
     max_connections_per_account: int = 16
     max_artifact_bytes: int = 64 * 1024 * 1024
+    # What catch-ups may cost and how many run at once (fanout/_catchup.py).
+    catchup: CatchupLimits = field(default_factory=CatchupLimits)
 
 
 def load_config(
@@ -159,7 +163,27 @@ def load_config(
             1024,
             1024**4,
         ),
+        catchup=_catchup_limits(pick),
     )
+
+
+# Catch-up settings: (environment, TOML key, CatchupLimits field, lowest, highest).
+_CATCHUP_SETTINGS: Final = (
+    ("COZY_CATCHUPS_PER_CONNECTION", "catchups_per_connection", "per_connection", 1, 1000),
+    ("COZY_CATCHUPS_PER_ACCOUNT", "catchups_per_account", "per_account", 1, 100_000),
+    ("COZY_CATCHUPS_PER_RELAY", "catchups_per_relay", "per_relay", 1, 100_000),
+    ("COZY_CATCHUP_PAGE_BYTES", "catchup_page_bytes", "page_bytes", 64 * 1024, 64 * 1024 * 1024),
+    ("COZY_CATCHUP_STALL_SECONDS", "catchup_stall_seconds", "stall_seconds", 1, 86_400),
+)
+
+
+def _catchup_limits(pick: Callable[[str, str, object], object]) -> CatchupLimits:
+    default = CatchupLimits()
+    values = {
+        attr: _bounded_int(env, pick(env, key, getattr(default, attr)), low, high)
+        for env, key, attr, low, high in _CATCHUP_SETTINGS
+    }
+    return dataclasses.replace(default, **values)
 
 
 def bao_auth(config: RelayConfig) -> BaoAuth | None:

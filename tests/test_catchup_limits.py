@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
-import trio_websocket
 
 from clientkit._transport import FrameReader
+from fanout import BATCH_BYTES, CatchupLimits
 from model import wire
 from model.envelope import SignedEvent, seal_event
+from relay._connection import WRITE_BYTES
 from relay.embedded import free_port
 from tests.fault_harness import RelayProcess
 from tests.relay_harness import User, session, sign_up
@@ -34,6 +35,12 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.usefixtures("database_url")
 
 MiB = 1024 * 1024
+LIMITS = CatchupLimits()  # the relay's defaults, which the memory test runs with
+# What one stalled catch-up may pin: its page, its share of the outbox and one message over
+# it, and what the connection's writer holds while the socket does not take it (a chunk of
+# about WRITE_BYTES, plus the message that crossed it).
+PER_CATCHUP_BYTES = LIMITS.page_bytes + LIMITS.outbox_bytes + WRITE_BYTES + 2 * BATCH_BYTES
+MARGIN_BYTES = 64 * MiB  # fifty connections' own state, allocator slack
 STALLED = 50
 BIG_EVENTS = 640  # more than one 500-event page of the old code
 BIG_CONTENT = 60_000  # each event's body is just under the 64 KiB limit
@@ -77,10 +84,16 @@ async def fill(url: str, user: User, events: int, size: int) -> int:
 
 
 async def stall_after_first_event(
-    url: str, user: User, collab_id: str, stalled: trio.Event, release: trio.Event, seen: list[int]
+    url: str,
+    user: User,
+    collab_id: str,
+    stalled: trio.Event,
+    release: trio.Event,
+    seen: list[int],
+    done: trio.Event,
 ) -> None:
     """Subscribe from seq 1, read up to the first event, then read nothing until `release`;
-    then read everything (into `seen`) up to `caught_up`."""
+    then read everything (into `seen`) up to `caught_up`, and set `done`."""
     async with stalling_socket(url) as ws:
         frames = FrameReader(ws)
         assert isinstance(await frames.next(), wire.Welcome)
@@ -98,6 +111,7 @@ async def stall_after_first_event(
         while not isinstance(frame := await frames.next(), wire.CaughtUp):
             assert isinstance(frame, wire.Event), frame
             seen.append(frame.seq)
+        done.set()
 
 
 async def settle(sample: Callable[[], int], *, quiet: float = 3.0, limit: float = 90.0) -> None:
@@ -116,9 +130,9 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
     database_url: str, tmp_path: Path
 ) -> None:
     """Fifty connections subscribe from seq 1 to a ~38 MiB collab and stop reading. The
-    relay's resident memory grows by at most 50 × (catch-up page + the catch-up's share of the
-    outbox + the writer's chunk + one message) plus a fixed margin; and one of them, once it
-    reads again, gets every event once and in order, then `caught_up`."""
+    relay's resident memory grows by at most 50 x PER_CATCHUP_BYTES (3.5 MiB) plus a fixed
+    margin; and one of them, once it reads again, gets every event once and in order, then
+    `caught_up`. Before the fix: +1903 MiB (88 MiB before, 1990 MiB peak)."""
     ops_port = free_port()
     relay = RelayProcess(database_url, tmp_path / "relay")
     await relay.start(
@@ -136,7 +150,7 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
             head = await fill(relay.url, alice, BIG_EVENTS, BIG_CONTENT)
             before = rss_kib(relay.pid)
             reset_peak(relay.pid)
-            release = trio.Event()
+            release, done = trio.Event(), trio.Event()
             seen: list[list[int]] = [[] for _ in range(STALLED)]
             async with trio.open_nursery() as nursery:
                 stalled = [trio.Event() for _ in range(STALLED)]
@@ -149,6 +163,7 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
                         stalled[i],
                         release if i == 0 else trio.Event(),  # only the first reads again
                         seen[i],
+                        done,
                     )
                 for s in stalled:
                     await s.wait()
@@ -156,8 +171,7 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
                 catching_up = (await metrics(ops_url))['cozy_subscriptions{state="catching_up"}']
                 peak = rss_kib(relay.pid, "VmHWM")
                 release.set()
-                while len(seen[0]) < head or seen[0][-1] != head:
-                    await trio.sleep(0.1)
+                await done.wait()
                 nursery.cancel_scope.cancel()
     finally:
         await relay.stop()
@@ -171,7 +185,3 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
     assert catching_up == STALLED  # every one was held mid-catch-up while measured
     assert seen[0] == list(range(1, head + 1))
     assert growth <= bound, f"{growth / MiB:.0f} MiB for {STALLED} stalled catch-ups"
-
-
-PER_CATCHUP_BYTES = 4 * MiB
-MARGIN_BYTES = 64 * MiB

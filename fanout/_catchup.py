@@ -1,0 +1,104 @@
+"""What a catch-up may cost: its page and outbox bounds, and how many may run at once.
+
+A catch-up reads a subscriber's missed events from the ledger and queues them to its
+connection. A client that stops reading must not make the relay hold more than a bounded amount
+for it, and many cheap clients must not make it hold many such amounts (issue 13, item 6). So:
+
+- the ledger is read in pages of at most `page_events` events and `page_bytes` bytes, and the
+  next page is read only once the previous one is queued;
+- a page is queued message by message, each only while the connection's outbox holds at most
+  `outbox_bytes`; a client that does not read pins at most one page and that share of its
+  outbox (plus what the connection's writer is writing), and after `stall_seconds` without
+  room it is disconnected as lagging, so it does not hold its slot for ever;
+- at most `per_connection` catch-ups run on one connection, `per_account` over all of an
+  account's connections and `per_relay` in the whole relay. A subscribe over a cap is refused
+  with `overloaded` and a message saying which cap and what to do (`CatchupGate.admit`).
+
+`CatchupGate` is plain bookkeeping (no I/O): the fan-out admits a subscription before its
+catch-up and releases it when the subscription goes live, finishes or is removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+MiB: Final = 1024 * 1024
+K = TypeVar("K")
+
+
+@dataclass(frozen=True)
+class CatchupLimits:
+    """The bounds of catch-up (docs/protocol.md, "Limits"); the relay's config sets them."""
+
+    page_events: int = 500
+    page_bytes: int = MiB
+    # A catch-up queues its next message only while the outbox holds at most this many bytes.
+    outbox_bytes: int = MiB
+    # A catch-up that finds no room for this long is disconnected as lagging.
+    stall_seconds: float = 60
+    # Live events held for a subscriber while it catches up; beyond either, they are dropped and
+    # the catch-up reads the ledger again (the frames are shared by every such subscriber).
+    pending_events: int = 10_000
+    pending_bytes: int = 4 * MiB
+    per_connection: int = 4
+    per_account: int = 16
+    per_relay: int = 128
+
+    def worst_case_bytes(self) -> int:
+        """What all catch-ups together can pin in pages and outbox shares at the caps (the
+        writer's chunk and one message over the share come on top, per connection)."""
+        return self.per_relay * (self.page_bytes + self.outbox_bytes)
+
+
+class CatchupGate:
+    """Counts running catch-ups per connection, per account and in all; admits or refuses."""
+
+    def __init__(self, limits: CatchupLimits) -> None:
+        self.limits = limits
+        self.running = 0
+        self.refused = 0
+        self._per_connection: dict[object, int] = {}
+        self._per_account: dict[str, int] = {}
+
+    def admit(self, connection: object, account_id: str) -> str | None:
+        """Count one more catch-up, or return why not (a message for the client) and count
+        nothing. Every admitted catch-up must be `release`d exactly once."""
+        limits = self.limits
+        if self._per_connection.get(connection, 0) >= limits.per_connection:
+            reason = (
+                f"{limits.per_connection} subscriptions are already catching up on this"
+                " connection (the limit): wait for `caught_up` on one of them, then subscribe"
+                " again"
+            )
+        elif self._per_account.get(account_id, 0) >= limits.per_account:
+            reason = (
+                f"this account already has {limits.per_account} subscriptions catching up over"
+                " its connections (the limit): wait for `caught_up` on one of them, then"
+                " subscribe again"
+            )
+        elif self.running >= limits.per_relay:
+            reason = (
+                f"the relay is serving {limits.per_relay} catch-ups (its limit): retry in a few"
+                " seconds"
+            )
+        else:
+            self.running += 1
+            self._per_connection[connection] = self._per_connection.get(connection, 0) + 1
+            self._per_account[account_id] = self._per_account.get(account_id, 0) + 1
+            return None
+        self.refused += 1
+        return reason
+
+    def release(self, connection: object, account_id: str) -> None:
+        self.running -= 1
+        _decrement(self._per_connection, connection)
+        _decrement(self._per_account, account_id)
+
+
+def _decrement(counts: dict[K, int], key: K) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
