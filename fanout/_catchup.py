@@ -45,11 +45,6 @@ class CatchupLimits:
     per_account: int = 16
     per_relay: int = 128
 
-    def worst_case_bytes(self) -> int:
-        """What all catch-ups together can pin in pages and outbox shares at the caps (the
-        writer's chunk and one message over the share come on top, per connection)."""
-        return self.per_relay * (self.page_bytes + self.outbox_bytes)
-
 
 class CatchupGate:
     """Counts running catch-ups per connection, per account and in all; admits or refuses."""

@@ -12,25 +12,30 @@ its resident memory can be read from /proc, and fills a collab with large events
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio_websocket
 
 from clientkit._transport import FrameReader
-from fanout import BATCH_BYTES, CatchupLimits
+from fanout import BATCH_BYTES, LAG_CLOSE_CODE, CatchupLimits
 from model import wire
 from model.envelope import SignedEvent, seal_event
 from relay._connection import WRITE_BYTES
 from relay.embedded import free_port
 from tests.fault_harness import RelayProcess
-from tests.relay_harness import User, session, sign_up
+from tests.relay_harness import User, relay_config, running_relay, session, sign_up
 from tests.test_ops import metrics
-from tests.test_overload import stalling_socket
+from tests.test_overload import authed, stalling_socket, wait_until
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Callable
+
+    from relay._server import Relay
 
 pytestmark = pytest.mark.usefixtures("database_url")
 
@@ -41,6 +46,7 @@ LIMITS = CatchupLimits()  # the relay's defaults, which the memory test runs wit
 # about WRITE_BYTES, plus the message that crossed it).
 PER_CATCHUP_BYTES = LIMITS.page_bytes + LIMITS.outbox_bytes + WRITE_BYTES + 2 * BATCH_BYTES
 MARGIN_BYTES = 64 * MiB  # fifty connections' own state, allocator slack
+G = 1  # the genesis event
 STALLED = 50
 BIG_EVENTS = 640  # more than one 500-event page of the old code
 BIG_CONTENT = 60_000  # each event's body is just under the 64 KiB limit
@@ -185,3 +191,161 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
     assert catching_up == STALLED  # every one was held mid-catch-up while measured
     assert seen[0] == list(range(1, head + 1))
     assert growth <= bound, f"{growth / MiB:.0f} MiB for {STALLED} stalled catch-ups"
+
+
+# --- caps, stalls and the hand-over, on a relay in this process --------------------------------
+
+
+@asynccontextmanager
+async def relay_with(
+    database_url: str, tmp_path: Path, limits: CatchupLimits
+) -> AsyncIterator[Relay]:
+    config = dataclasses.replace(relay_config(database_url, tmp_path), catchup=limits)
+    async with running_relay(config) as relay:
+        yield relay
+
+
+@asynccontextmanager
+async def stalled_catchup(url: str, user: User, collab_id: str) -> AsyncIterator[FrameReader]:
+    """A connection whose subscription from seq 1 started catching up and then stopped reading."""
+    async with stalling_socket(url) as ws:
+        frames = FrameReader(ws)
+        assert isinstance(await frames.next(), wire.Welcome)
+        await ws.send_message(wire.encode(wire.Authenticate(rid=1, token=user.token)))
+        assert isinstance(await frames.next(), wire.Authenticated)
+        await ws.send_message(wire.encode(wire.Subscribe(rid=2, collab_id=collab_id)))
+        assert isinstance(await frames.next(), wire.Subscribed)
+        assert isinstance(await frames.next(), wire.Event)
+        yield frames
+
+
+async def answer(frames: FrameReader, collab_id: str, rid: int) -> wire.Reply:
+    """Subscribe to `collab_id` and return the answer, reading past any catch-up queued ahead."""
+    await frames.ws.send_message(wire.encode(wire.Subscribe(rid=rid, collab_id=collab_id)))
+    while True:
+        frame = await frames.next()
+        if getattr(frame, "rid", None) == rid:
+            return frame
+
+
+# Bigger than what the kernel's socket buffers and the relay's bounds absorb, so a client that
+# stops reading leaves its catch-up running: ~9 MiB.
+HELD_EVENTS = 150
+
+
+@pytest.mark.objective("SO-6")
+async def test_catchups_over_a_cap_are_refused_with_overloaded_and_say_what_to_do(
+    database_url: str, tmp_path: Path
+) -> None:
+    """One connection, one account and the whole relay each run at most their cap of
+    catch-ups; the next subscribe is refused with `overloaded` naming the cap and what to do,
+    and the slots come back when the catch-ups end."""
+    limits = CatchupLimits(per_connection=1, per_account=2, per_relay=2)
+    async with relay_with(database_url, tmp_path, limits) as relay:
+        with trio.fail_after(120):
+            alice = await sign_up(relay.url, "alice")
+            bob = await sign_up(relay.url, "bob")
+            await fill(relay.url, alice, HELD_EVENTS, BIG_CONTENT)
+            async with session(relay.url, alice) as client:
+                other, _ = await client.create_collab(
+                    alice.signing_key, bytes(alice.box_key.public_key)
+                )
+            async with authed(relay.url, bob) as (_, bobs):
+                async with (
+                    stalled_catchup(relay.url, alice, alice.collab_id) as first,
+                    stalled_catchup(relay.url, alice, alice.collab_id),
+                ):
+                    assert relay.fanout.statistics().catchups == 2
+                    # A third connection of the same account: the per-account cap.
+                    async with authed(relay.url, alice) as (_, third):
+                        by_account = await answer(third, other, 11)
+                    # Another account: the relay's cap.
+                    by_relay = await answer(bobs, bob.collab_id, 12)
+                    # The first connection, another collab: the per-connection cap (decided on
+                    # arrival; the answer queues behind the catch-up the client did not read).
+                    by_connection = await answer(first, other, 10)
+                # The stalled connections closed: their slots are back, and bob gets in.
+                await wait_until(lambda: relay.fanout.statistics().catchups == 0)
+                assert await answer(bobs, bob.collab_id, 13) == wire.Subscribed(
+                    rid=13, collab_id=bob.collab_id, from_seq=1
+                )
+                while not isinstance(await bobs.next(), wire.CaughtUp):
+                    pass
+                assert relay.fanout.statistics().catchups == 0  # live now: the slot is back
+    for refused, rid, says in [
+        (by_connection, 10, "1 subscriptions are already catching up on this connection"),
+        (by_account, 11, "this account already has 2 subscriptions catching up"),
+        (by_relay, 12, "the relay is serving 2 catch-ups"),
+    ]:
+        assert isinstance(refused, wire.Error), refused
+        assert (refused.rid, refused.code) == (rid, wire.ErrorCode.OVERLOADED)
+        assert says in refused.message
+    assert "wait for `caught_up` on one of them, then subscribe again" in by_account.message
+    assert "retry in a few seconds" in by_relay.message
+    stats = relay.statistics()
+    assert stats.fanout is not None
+    assert stats.fanout.catchup_refusals == 3
+    assert stats.overloaded_total == 3
+
+
+@pytest.mark.objective("SO-6")
+async def test_a_catchup_that_finds_no_room_is_disconnected_and_frees_its_slot(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A client that stops reading mid catch-up does not hold its slot for ever: after
+    `stall_seconds` without room it is closed with 4008 and a reason to resume."""
+    limits = CatchupLimits(per_relay=1, stall_seconds=1)
+    async with relay_with(database_url, tmp_path, limits) as relay:
+        with trio.fail_after(120):
+            alice = await sign_up(relay.url, "alice")
+            await fill(relay.url, alice, HELD_EVENTS, BIG_CONTENT)
+            async with stalled_catchup(relay.url, alice, alice.collab_id) as frames:
+                await wait_until(lambda: relay.fanout.statistics().catchup_stalls == 1)
+                assert relay.fanout.statistics().catchups == 0
+                with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                    while True:
+                        await frames.next()
+            # The slot is free: a reading client catches up.
+            async with session(relay.url, alice) as client:
+                seqs = []
+                async with client.subscribe(alice.collab_id, follow=False) as pushed:
+                    async for frame in pushed:
+                        if isinstance(frame, wire.CaughtUp):
+                            break
+                        assert isinstance(frame, wire.Event)
+                        seqs.append(frame.seq)
+    assert seqs == list(range(1, G + HELD_EVENTS + 1))
+    assert closed.value.reason.code == LAG_CLOSE_CODE
+    assert "subscriber stalled on " + alice.collab_id in (closed.value.reason.reason or "")
+    assert "reconnect and resume after the last seq you received (at most" in (
+        closed.value.reason.reason or ""
+    )
+
+
+async def test_a_catchup_of_many_small_pages_hands_over_to_live_without_gap_or_duplicate(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Pages of three events (and a few hundred bytes) while an author keeps appending: the
+    subscriber sees every seq exactly once, in order, across the pages, the backlog and live."""
+    limits = CatchupLimits(page_events=3, page_bytes=600)
+    async with relay_with(database_url, tmp_path, limits) as relay:
+        with trio.fail_after(120):
+            alice = await sign_up(relay.url, "alice")
+            async with session(relay.url, alice) as poster, session(relay.url, alice) as reader:
+                await poster.append_many(
+                    [alice.event(f"before-{i}", ts=1_700_000_000_000 + i) for i in range(60)]
+                )
+                got: list[int] = []
+                async with reader.subscribe(alice.collab_id) as frames, trio.open_nursery() as n:
+
+                    async def more() -> None:
+                        for i in range(60):
+                            await poster.append(alice.event(f"after-{i}", ts=1_700_000_100_000 + i))
+
+                    n.start_soon(more)
+                    async for frame in frames:
+                        if isinstance(frame, wire.Event):
+                            got.append(frame.seq)
+                            if frame.seq == G + 120:
+                                break
+    assert got == list(range(1, G + 121))

@@ -421,6 +421,43 @@ def test_read_range_pages_in_seq_order(
     assert ledger.read_range(new_id("c"), 1, 10) == []
 
 
+def test_read_page_is_bounded_in_events_and_bytes_and_says_whether_more_follow(
+    ledger: Ledger, alice: Actor, collab: tuple[str, bytes]
+) -> None:
+    """Catch-up pages (issue 13, item 6): at most `max_events` events and `max_bytes` bytes
+    (body + signature + chain), the first event always, and `more` exactly when the ledger
+    holds events after the page."""
+    collab_id, ck = collab
+    append(ledger, collab_id, make_events(alice, collab_id, ck, 25))
+    everything = ledger.read_range(collab_id, 1, 100)
+    sizes = {e.seq: len(e.event.body) + 96 for e in everything}
+
+    def pages(max_events: int, max_bytes: int) -> list[list[int]]:
+        out, from_seq, more = [], 1, True
+        while more:
+            page = ledger.read_page(collab_id, from_seq, max_events, max_bytes)
+            assert page.events, "a page that says more followed is never empty"
+            seqs = [e.seq for e in page.events]
+            out.append(seqs)
+            assert len(seqs) <= max_events
+            assert len(seqs) == 1 or sum(sizes[s] for s in seqs) <= max_bytes
+            from_seq, more = seqs[-1] + 1, page.more
+        return out
+
+    by_count = pages(10, 1 << 30)
+    assert [len(p) for p in by_count] == [10, 10, 6]
+    one = sizes[2]  # every event here has about the same size
+    by_bytes = pages(500, 3 * one + 40)
+    assert all(len(p) <= 3 for p in by_bytes)
+    assert [s for p in by_bytes for s in p] == list(range(1, G + 26))
+    assert all(len(p) == 1 for p in pages(500, 1))  # one event even when it alone is too big
+    last = ledger.read_page(collab_id, G + 25, 10, 1 << 30)
+    assert [e.seq for e in last.events] == [G + 25]
+    assert not last.more
+    assert ledger.read_page(collab_id, G + 26, 10, 1 << 30) == ([], False)
+    assert ledger.read_page(collab_id, 1, 100, 1 << 30).events == everything
+
+
 # --- verify_ledger --------------------------------------------------------------------------
 
 
