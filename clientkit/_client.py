@@ -84,6 +84,8 @@ APPEND_WINDOW_BYTES: Final = 8 * 1024 * 1024
 APPEND_RETRY_FOR: Final = 30.0
 RETRY_START: Final = 0.05
 RETRY_CAP: Final = 2.0
+# `overloaded` refusals of subscribes (the relay's catch-up caps) are retried for this long.
+SUBSCRIBE_RETRY_FOR: Final = 30.0
 
 
 class _AppendWindow:
@@ -717,12 +719,7 @@ class Client:
         if not follow:
             self._one_shot.add(collab_id)
         try:
-            await self.request(
-                lambda rid: wire.Subscribe(
-                    rid=rid, collab_id=collab_id, from_seq=from_seq, follow=follow
-                ),
-                wire.Subscribed,
-            )
+            await self._subscribe(collab_id, from_seq, follow=follow)
             yield recv
         finally:
             self._draining.add(collab_id)
@@ -741,6 +738,30 @@ class Client:
                 self._one_shot.discard(collab_id)
                 self._finished.discard(collab_id)
                 self._subs.pop(collab_id, None)
+
+    async def _subscribe(self, collab_id: str, from_seq: int, *, follow: bool) -> None:
+        """Send `subscribe` until it is accepted. The relay caps how many catch-ups run at once
+        (per connection, account and relay) and refuses more with `overloaded`: those are sent
+        again after a jittered exponential backoff, for at most SUBSCRIBE_RETRY_FOR seconds,
+        after which the refusal is raised."""
+        deadline = trio.current_time() + SUBSCRIBE_RETRY_FOR
+        delay = RETRY_START
+        while True:
+            try:
+                await self.request(
+                    lambda rid: wire.Subscribe(
+                        rid=rid, collab_id=collab_id, from_seq=from_seq, follow=follow
+                    ),
+                    wire.Subscribed,
+                )
+            except RelayRefused as exc:
+                left = deadline - trio.current_time()
+                if exc.code is not wire.ErrorCode.OVERLOADED or left <= 0:
+                    raise
+            else:
+                return
+            await trio.sleep(min(delay * random.uniform(0.5, 1.0), left))  # noqa: S311 — jitter
+            delay = min(RETRY_CAP, delay * 2)
 
     @asynccontextmanager
     async def history(

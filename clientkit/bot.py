@@ -22,7 +22,9 @@ What it takes care of, learning from what users of other bot SDKs trip over:
 - **A busy relay** (`overloaded`): `ctx.post` retries with jittered backoff for up to
   `Client.append`'s `retry_for`; past it `RelayOverloaded` reaches the handler, and if the
   handler lets it through, `run` backs off, reconnects and handles that event again (its post
-  was not stored). `too_many_connections` is not retried: `run` raises `TooManyConnections`,
+  was not stored). A subscribe refused with `overloaded` (the relay's catch-up caps) is retried
+  by the client kit for 30 s and then, like any `overloaded`, by `run` reconnecting later.
+  `too_many_connections` is not retried: `run` raises `TooManyConnections`,
   whose message says which connection to close.
 - **Integrity alarms are not swallowed.** An `IntegrityAlarm` (the relay lied: see
   docs/ordering.md) goes to the `on_alarm` hook if there is one and otherwise stops `run` by
@@ -47,7 +49,7 @@ from trio_websocket import ConnectionClosed
 from clientkit._agent import AgentCredentials, load_credentials
 from clientkit._client import Client, connect
 from clientkit._state import ClientState
-from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded
+from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded, RelayRefused
 from model import content as contentmod
 from model import wire
 from model.envelope import seal_event
@@ -186,7 +188,7 @@ class Bot:
                     await self._on_alarm(self, error)
                 elif not isinstance(
                     error, (ConnectionLost, ConnectionClosed, OSError, _Silent, RelayOverloaded)
-                ):
+                ) and not _overloaded(error):
                     raise error from None  # TooManyConnections among them: retrying won't help
                 failures += 1
             started = True
@@ -280,6 +282,11 @@ def _innermost(exc: BaseException) -> BaseException:
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         exc = exc.exceptions[0]
     return exc
+
+
+def _overloaded(error: BaseException) -> bool:
+    """A refusal that says the relay is busy (e.g. its catch-up caps): reconnecting later helps."""
+    return isinstance(error, RelayRefused) and error.code is wire.ErrorCode.OVERLOADED
 
 
 class _Silent(Exception):

@@ -265,6 +265,19 @@ def _fanout_metrics(fan: FanoutStats) -> Iterator[Metric]:
         "Subscribers disconnected for lagging (they resume from the ledger).",
         fan.lagging_disconnects,
     )
+    yield GaugeMetricFamily(
+        "cozy_catchups", "Catch-ups from the ledger running now (capped).", value=fan.catchups
+    )
+    yield _counter(
+        "cozy_catchup_refusals",
+        "Subscribes refused with `overloaded` because a catch-up cap was reached.",
+        fan.catchup_refusals,
+    )
+    yield _counter(
+        "cozy_catchup_stalls",
+        "Catch-ups disconnected after finding no room in their outbox for the stall time.",
+        fan.catchup_stalls,
+    )
 
 
 def _access_metrics(access: AccessCounters) -> Iterator[Metric]:
