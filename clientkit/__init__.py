@@ -25,5 +25,6 @@ from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected
 from clientkit.errors import TooManyConnections as TooManyConnections
 from clientkit.errors import WithholdingDetected as WithholdingDetected
+from clientkit.errors import WrongAccountKind as WrongAccountKind
 from model.view import CollabView as CollabView
 from model.view import Entry as Entry

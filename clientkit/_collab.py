@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from clientkit.errors import WrongAccountKind
 from model import content as contentmod
 from model._crypto import domain_hash
 from model.chain import start_of
@@ -29,6 +30,7 @@ from model.membership import (
     RemoveMember,
     Role,
     RotateKey,
+    SetCaps,
     management_event,
 )
 from model.proofs import KeyPair, sign_collab_rekey
@@ -36,6 +38,7 @@ from model.proofs import KeyPair, sign_collab_rekey
 if TYPE_CHECKING:
     import nacl.signing
 
+    from model import wire
     from model.envelope import SignedEvent
     from model.view import CollabView, Entry
 
@@ -50,6 +53,30 @@ def genesis(
     head = start_of(collab_id)
     proof = Proof(PROOF_VERSION, collab_id, account_id, head.seq, head.chain, op)
     return management_event(signing_key, proof, ts=ts), key
+
+
+def member_for(
+    info: wire.AccountInfo, role: Role, kind: MemberKind, caps: tuple[str, ...] = ()
+) -> Member:
+    """The account `info` describes, as a member of `kind` with `role` and `caps`.
+
+    Raises `WrongAccountKind` when the directory says the account is of another kind: an agent
+    seated as a person would get management powers (and a relay that does not say the kind is
+    not trusted to be right about it). The relay refuses such an `add` too; this says so before
+    anything is signed.
+    """
+    if info.kind is None:
+        raise WrongAccountKind(
+            f"the relay does not say what kind of account {info.handle} is, so it cannot be"
+            f" added as {kind.value}; nothing was changed (the relay needs an upgrade)"
+        )
+    if info.kind is not kind:
+        flag = "with --agent" if info.kind is MemberKind.AGENT else "without --agent"
+        raise WrongAccountKind(
+            f"{info.handle} is an account of kind {info.kind.value}, not {kind.value}: nothing"
+            f" was changed; add it {flag}"
+        )
+    return Member(info.account_id, role, kind, info.sign_pk, info.box_pk, caps)
 
 
 def add(view: CollabView, member: Member) -> Operation:
@@ -104,6 +131,16 @@ def change_role(account_id: str, role: Role) -> Operation:
     return ChangeRole(account_id=account_id, role=role)
 
 
+def set_caps(
+    view: CollabView, account_id: str, *, grant: tuple[str, ...] = (), revoke: tuple[str, ...] = ()
+) -> Operation:
+    """The member's capabilities as this device's fold has them, plus `grant`, minus `revoke`."""
+    assert view.membership is not None
+    current = view.membership.members[account_id].caps
+    kept = [c for c in current if c not in revoke]
+    return SetCaps(account_id=account_id, caps=(*kept, *(c for c in grant if c not in kept)))
+
+
 def proposal(
     view: CollabView, signing_key: nacl.signing.SigningKey, op: Operation, ts: int
 ) -> SignedEvent:
@@ -139,6 +176,8 @@ def describe(entry: Entry, name: dict[str, str]) -> str:
                     f"[replaced their account keys (new fingerprint {fingerprint(s, b)});"
                     f" key rotated to epoch {e}]"
                 )
+            case SetCaps(account_id=a, caps=c):
+                return f"[gave {who(a)} the capabilities {', '.join(c) or '(none)'}]"
     prefix = f"(DM to {who(entry.dm_to)}) " if entry.dm_to else ""
     match entry.content:
         case contentmod.Message(text=text):

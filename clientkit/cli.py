@@ -45,10 +45,12 @@ from model.ids import new_id
 from model.membership import (
     CAP_POST,
     CAP_READ,
+    CAP_TOOL_PREFIX,
     AddMember,
     Member,
     MemberKind,
     Role,
+    SetCaps,
     valid_cap,
 )
 
@@ -742,20 +744,52 @@ async def _lookup(client: Client, handle: str) -> wire.AccountInfo:
 
 async def cmd_collab_add(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
+    kind = MemberKind.AGENT if args.agent else MemberKind.HUMAN
+    caps = tuple(args.cap or ((CAP_READ, CAP_POST) if args.agent else ()))
+    _check_caps(kind, caps)
     async with _connected(me) as client:
         info = await _lookup(client, args.handle)
-        kind = MemberKind.AGENT if args.agent else MemberKind.HUMAN
-        caps = tuple(args.cap or (CAP_READ, CAP_POST)) if args.agent else ()
-        if args.cap and not args.agent:
-            raise CliError("--cap is for agents (--agent); people may do what their role allows")
-        bad = [c for c in caps if not valid_cap(c)]
-        if bad:
-            raise CliError(f"unknown capabilities {bad}: use read, post or tool:NAME")
-        new = Member(info.account_id, Role(args.role), kind, info.sign_pk, info.box_pk, caps)
+        new = _collab.member_for(info, Role(args.role), kind, caps)  # refuses the wrong kind
         ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
     print(
         f"added {args.handle} as {args.role} at seq {ack.seq}; their key fingerprint is"
         f" {fingerprint(info.sign_pk, info.box_pk)} — check it with them out of band"
+    )
+
+
+def _check_caps(kind: MemberKind, caps: tuple[str, ...]) -> None:
+    bad = [c for c in caps if not valid_cap(c)]
+    if bad:
+        raise CliError(f"unknown capabilities {bad}: use read, post or tool:NAME")
+    if kind is MemberKind.HUMAN and any(not c.startswith(CAP_TOOL_PREFIX) for c in caps):
+        raise CliError(
+            "people read and post by membership: give them only tool:NAME capabilities"
+            " (--agent for a bot's account)"
+        )
+
+
+async def cmd_collab_grant(args: argparse.Namespace) -> None:
+    """Grant (or with --revoke take back) capabilities of a member: tool:NAME for anyone, read
+    and post for agents. A signed `caps` change (owners; managers for plain members)."""
+    me = await _unlock(Home.from_env())
+    caps = tuple(args.caps)
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        target = await _member(client, view, args.handle)
+        _check_caps(target.kind, caps)
+        grant, revoke = ((), caps) if args.revoke else (caps, ())
+        made: list[Operation] = []
+
+        def change(v: CollabView) -> Operation:
+            made.append(_collab.set_caps(v, target.account_id, grant=grant, revoke=revoke))
+            return made[-1]
+
+        ack, _ = await _manage(client, me, args.collab, change)
+    after = made[-1]
+    assert isinstance(after, SetCaps)
+    print(
+        f"{args.handle} has {', '.join(after.caps) or 'no capabilities'} in {args.collab}"
+        f" (seq {ack.seq})"
     )
 
 
@@ -1188,9 +1222,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--cap",
         action="append",
         metavar="CAP",
-        help="an agent's capability: read, post or tool:NAME (repeat; default read and post)",
+        help="a capability: tool:NAME, and for agents read or post (repeat; an agent's default"
+        " is read and post)",
     )
     p.set_defaults(run=cmd_collab_add)
+    p = collab.add_parser(
+        "grant", help="grant a member capabilities (tool:NAME; read/post for agents)"
+    )
+    p.add_argument("collab")
+    p.add_argument("handle")
+    p.add_argument("caps", nargs="+", metavar="CAP", help="tool:NAME, read or post")
+    p.add_argument("--revoke", action="store_true", help="take these capabilities back instead")
+    p.set_defaults(run=cmd_collab_grant)
     p = collab.add_parser("remove", help="remove a member and rotate the collab key")
     p.add_argument("collab")
     p.add_argument("handle")

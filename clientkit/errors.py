@@ -66,6 +66,11 @@ class TooManyConnections(RelayRefused):
         )
 
 
+class WrongAccountKind(ClientError):
+    """A change would seat an account as another kind than the relay's directory says it is
+    (an agent's account as a person, who could then manage the collab, or the reverse)."""
+
+
 class ConnectionLost(ClientError):
     """The connection to the relay closed; reconnect and resume from the last verified seq."""
 

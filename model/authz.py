@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from model import wire
 from model.membership import CAP_POST, CAP_READ, CAP_TOOL_PREFIX, MemberKind
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 
 class Standing(enum.StrEnum):
@@ -55,7 +58,7 @@ class Capability(enum.StrEnum):
     MEMBER = "member"  # membership only (content appends: the sequencer checks `post` itself)
     READ = CAP_READ
     POST = CAP_POST
-    TOOL = "tool"  # `tool:NAME` for the tool the request names (granted, or open to members)
+    TOOL = "tool"  # `tool:NAME` for the tool the request names (see `ToolAccess`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,27 @@ class MemberView:
 
     kind: MemberKind
     caps: tuple[str, ...]
+
+
+# In `ToolAccess.collabs`: the tool may be used in every collab (then anyone who signs up can
+# create a collab and grant it to themselves: only for a credential the operator means to share).
+ANY_COLLAB: Final = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class ToolAccess:
+    """What the operator declared about who may use one tool (`[tools.NAME]`, docs/broker.md).
+
+    A tool is usable only in the collabs the operator names, so a fresh account cannot create a
+    collab, grant itself the tool and spend the operator's credential. There, a member needs
+    the `tool:NAME` grant, unless the operator opened the tool to every member.
+    """
+
+    collabs: frozenset[str]
+    open_to_members: bool = False
+
+    def available_in(self, collab_id: str) -> bool:
+        return ANY_COLLAB in self.collabs or collab_id in self.collabs
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,21 +197,49 @@ def decide_sender(rule: Rule, standing: Standing, *, expired: bool = False) -> R
 
 
 def decide_member(
-    member: MemberView | None, capability: str | None, *, open_tools: frozenset[str] = frozenset()
+    member: MemberView | None,
+    capability: str | None,
+    *,
+    collab_id: str,
+    tools: Mapping[str, ToolAccess],
 ) -> Refusal | None:
     """The second half, for a collab-scoped request: is the sender a member holding `capability`?
 
-    A non-member gets the same answer whether or not the collab exists. Capabilities are explicit
-    for agents (`read`, `post`, `tool:NAME` from their signed `add`); people may everything their
-    membership allows. (Tool grants for people: issue 13, next commit.)
+    A non-member gets the same answer whether or not the collab exists (and learns nothing of
+    the relay's tools). People read and post by membership; agents need `read` and `post`
+    explicitly. A tool needs, for people as for agents, the operator's leave to be used in this
+    collab and then the member's `tool:NAME` grant, unless the operator opened it to every
+    member there.
     """
     if member is None:
         return Refusal(wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
-    if capability is None or member.kind is MemberKind.HUMAN:
+    if capability is None:
         return None
-    tool = capability[len(CAP_TOOL_PREFIX) :] if capability.startswith(CAP_TOOL_PREFIX) else None
-    if capability in member.caps or (tool is not None and tool in open_tools):
+    if capability.startswith(CAP_TOOL_PREFIX):
+        return _decide_tool(member, capability[len(CAP_TOOL_PREFIX) :], collab_id, tools)
+    if member.kind is MemberKind.HUMAN or capability in member.caps:
         return None
     return Refusal(
         wire.ErrorCode.UNAUTHORIZED, f"this agent was not given the {capability!r} capability"
+    )
+
+
+def _decide_tool(
+    member: MemberView, tool: str, collab_id: str, tools: Mapping[str, ToolAccess]
+) -> Refusal | None:
+    access = tools.get(tool)
+    if access is None:
+        return Refusal(wire.ErrorCode.NOT_FOUND, f"this relay declares no tool {tool!r}")
+    if not access.available_in(collab_id):
+        return Refusal(
+            wire.ErrorCode.UNAUTHORIZED,
+            f"the relay's operator has not made the tool {tool!r} available in this collab;"
+            " ask them to add it to the tool's `collabs`",
+        )
+    if access.open_to_members or CAP_TOOL_PREFIX + tool in member.caps:
+        return None
+    return Refusal(
+        wire.ErrorCode.UNAUTHORIZED,
+        f"you were not granted {CAP_TOOL_PREFIX}{tool} in this collab: an owner or manager"
+        f" grants it (cozy collab grant COLLAB HANDLE {CAP_TOOL_PREFIX}{tool})",
     )

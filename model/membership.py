@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 PROOF_VERSION: Final = 1
 MAX_MEMBERS: Final = 1000
+MAX_CAPS: Final = 32
 
 
 class Role(enum.StrEnum):
@@ -65,12 +66,14 @@ class Member(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields
     kind: MemberKind
     sign_pk: bytes
     box_pk: bytes
-    # An agent's capabilities (`read`, `post`, `tool:NAME`); humans have none listed and may do
-    # everything their role allows. Granted in the signed `add` proof, so the relay cannot widen
-    # them.
+    # What the member was granted, in the signed `add` proof and later `caps` proofs, so the
+    # relay cannot widen it: an agent's `read`, `post` and `tool:NAME`; a person's `tool:NAME`
+    # only (people read and post by membership). Every tool needs its grant, for people too.
     caps: tuple[str, ...] = ()
 
     def may(self, capability: str) -> bool:
+        if capability.startswith(CAP_TOOL_PREFIX):
+            return capability in self.caps
         return self.kind is MemberKind.HUMAN or capability in self.caps
 
 
@@ -110,6 +113,16 @@ class ChangeRole(msgspec.Struct, frozen=True, tag="role", forbid_unknown_fields=
     role: Role
 
 
+class SetCaps(msgspec.Struct, frozen=True, tag="caps", forbid_unknown_fields=True):
+    """Replaces a member's capabilities with `caps` (a grant or a revocation): an agent's `read`,
+    `post` and `tool:NAME`, a person's `tool:NAME` only. Owners change anyone's, managers plain
+    members'. It does not rotate the key: an agent whose `read` is taken away keeps the current
+    epoch key it already holds (remove it to shut it out)."""
+
+    account_id: str
+    caps: tuple[str, ...]
+
+
 class RemoveMember(msgspec.Struct, frozen=True, tag="remove", forbid_unknown_fields=True):
     """Removal always rotates: `new_epoch` is the current epoch + 1, wrapped for who stays."""
 
@@ -140,7 +153,7 @@ class RekeyMember(msgspec.Struct, frozen=True, tag="rekey", forbid_unknown_field
         return f"RekeyMember(new_epoch={self.new_epoch})"
 
 
-Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey | RekeyMember
+Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey | RekeyMember | SetCaps
 
 
 class Proof(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -300,6 +313,19 @@ def apply(
             members[target] = msgspec.structs.replace(current, role=role)
             _require(_owners(members) > 0, "last_owner", "a collab always keeps an owner")
             return msgspec.structs.replace(state, members=members)
+        case SetCaps(account_id=target, caps=caps):
+            current = members.get(target)
+            _require(current is not None, "not_a_member", "that account is not a member")
+            assert current is not None
+            _require(
+                signer.role is Role.OWNER
+                or (signer.role is Role.MANAGER and current.role is Role.MEMBER),
+                "role",
+                "owners change anyone's capabilities, managers plain members'",
+            )
+            _check_caps(current.kind, caps)
+            members[target] = msgspec.structs.replace(current, caps=caps)
+            return msgspec.structs.replace(state, members=members)
         case RemoveMember(account_id=target, new_epoch=epoch, wraps=wraps):
             current = members.get(target)
             _require(current is not None, "not_a_member", "that account is not a member")
@@ -399,15 +425,19 @@ def _genesis(proof: Proof) -> Membership:
 def _check_member(m: Member) -> None:
     _require(is_id(m.account_id, "a"), "malformed", "the member's id is malformed")
     _require(len(m.sign_pk) == 32 and len(m.box_pk) == 32, "malformed", "bad public keys")
+    _check_caps(m.kind, m.caps)
+
+
+def _check_caps(kind: MemberKind, caps: tuple[str, ...]) -> None:
     _require(
-        m.kind is MemberKind.AGENT or not m.caps,
+        len(caps) <= MAX_CAPS and len(set(caps)) == len(caps) and all(map(valid_cap, caps)),
         "caps",
-        "capabilities are for agents; humans may do what their role allows",
+        f"capabilities are `read`, `post` and `tool:NAME`, each at most once, at most {MAX_CAPS}",
     )
     _require(
-        len(m.caps) <= 32 and len(set(m.caps)) == len(m.caps) and all(map(valid_cap, m.caps)),
+        kind is MemberKind.AGENT or all(c.startswith(CAP_TOOL_PREFIX) for c in caps),
         "caps",
-        "capabilities are `read`, `post` and `tool:NAME`, each at most once",
+        "people read and post by membership: grant them only `tool:NAME` capabilities",
     )
 
 

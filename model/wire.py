@@ -16,6 +16,7 @@ import msgspec
 
 from model.envelope import SignedEvent
 from model.errors import DECODE_ERRORS as _DECODE_ERRORS
+from model.membership import MemberKind
 
 PROTOCOL: Final = "cozylabs/1"
 # Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
@@ -191,7 +192,8 @@ class RevokeAgent(_Frame, frozen=True, tag="revoke_agent"):
 
 class CallTool(_Frame, frozen=True, tag="call_tool"):
     """Ask the relay's broker to call an operator-declared tool on behalf of a collab member
-    (an agent needs the `tool:NAME` capability). The secret it needs never reaches the caller."""
+    who was granted `tool:NAME` there (people as agents), unless the operator opened the tool
+    to every member. The secret it needs never reaches the caller."""
 
     rid: int
     collab_id: str
@@ -352,11 +354,16 @@ class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):
 
 
 class AccountInfo(_Frame, frozen=True, tag="account"):
+    """An entry of the relay's account directory. `kind` says whether the account is a person's
+    or an agent's: a client seats it in a collab only as that kind (None: a relay from before
+    the field, whose answer is not enough to add anyone)."""
+
     rid: int
     account_id: str
     handle: str
     sign_pk: bytes
     box_pk: bytes
+    kind: MemberKind | None = None
 
 
 class KeystoreStored(_Frame, frozen=True, tag="keystore_stored"):

@@ -18,6 +18,7 @@ import trio
 from ledger import AccountRow, AlreadyExists, HandleTaken, KeystoreRow, LedgerError, StaleVersion
 from model import wire
 from model.ids import is_id
+from model.membership import MemberKind
 from model.proofs import KeyPair, verify_keystore_write
 from relay import _auth, _rekey, _throttle
 from relay._context import RequestRefused
@@ -154,6 +155,7 @@ class Accounts:
                 handle=row.handle,
                 sign_pk=row.sign_pk,
                 box_pk=row.box_pk,
+                kind=MemberKind(row.kind),
             )
         )
 

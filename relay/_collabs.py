@@ -20,13 +20,25 @@ from model.chain import start_of
 from model.envelope import KIND_MANAGEMENT, EventBody, verify_event
 from model.errors import BadSignature, ModelError
 from model.ids import is_id, new_id
-from model.membership import AddMember, CreateCollab, MemberKind, ProofRejected, apply, proof_of
+from model.membership import (
+    CAP_READ,
+    AddMember,
+    CreateCollab,
+    MemberKind,
+    Membership,
+    Operation,
+    ProofRejected,
+    RemoveMember,
+    SetCaps,
+    apply,
+    proof_of,
+)
 from model.proofs import KeyPair
 from relay import _rekey
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
 from relay._sequencer import InboxFull, ShuttingDown, Submission
-from relay.broker import ToolFailed, UnknownTool
+from relay.broker import ToolFailed, UnknownTool, tool_access
 
 if TYPE_CHECKING:
     from relay._connection import Connection
@@ -43,8 +55,8 @@ class Collabs:
     def __init__(self, services: Services, sessions: Sessions) -> None:
         self._s = services
         self._sessions = sessions
-        # Tools the operator declared open to every member of a collab (no grant needed).
-        self.open_tools: frozenset[str] = frozenset()
+        # Where the operator lets each tool be used, and whether a grant is needed there.
+        self.tool_access = tool_access(services.config.tools)
 
     async def member_view(self, conn: Connection, collab_id: str) -> MemberView | None:
         """The sender's membership in `collab_id` (None: not a member, or no such collab).
@@ -70,14 +82,29 @@ class Collabs:
             conn.member_of[collab_id] = view
         return view
 
-    def removed(self, collab_id: str, account_id: str) -> None:
-        """A committed removal: end the removed member's subscriptions and forget the cached
-        membership on their connections, so their next request is checked afresh."""
-        self._s.fanout.evict(collab_id, account_id, "you were removed from this collab")
+    def changed(self, collab_id: str, op: Operation, after: Membership) -> None:
+        """A committed management change: what the relay cached or serves under the membership
+        before it must not outlive it (called by the collab's sequencer)."""
+        match op:
+            case RemoveMember(account_id=account_id):
+                self._forget(collab_id, account_id)
+                self._s.fanout.evict(collab_id, account_id, "you were removed from this collab")
+                log.info("member_removed", collab_id=collab_id, account_id=account_id)
+            case SetCaps(account_id=account_id):
+                # A grant or revocation takes effect on the member's very next request.
+                self._forget(collab_id, account_id)
+                if not after.members[account_id].may(CAP_READ):
+                    self._s.fanout.evict(
+                        collab_id, account_id, "your read capability in this collab was revoked"
+                    )
+                log.info("member_caps_changed", collab_id=collab_id, account_id=account_id)
+
+    def _forget(self, collab_id: str, account_id: str) -> None:
+        """Drop the cached membership on the account's connections, so their next request is
+        checked afresh (a lookup racing this one does not write its stale answer back)."""
         for conn in self._sessions.connections_of(account_id):
             conn.member_of.pop(collab_id, None)
             conn.membership_generation += 1
-        log.info("member_removed", collab_id=collab_id, account_id=account_id)
 
     async def create_collab(self, conn: Connection, req: wire.CreateCollab) -> None:
         """A collab starts with its genesis proof, signed by the creator's account key: a
@@ -115,7 +142,7 @@ class Collabs:
                 wire.ErrorCode.INVALID_REQUEST,
                 "that collab id exists already; pick another random id",
             ) from None
-        conn.member_of[body.collab_id] = MemberView(MemberKind.HUMAN, ())
+        conn.member_of[body.collab_id] = MemberView(MemberKind.HUMAN, proof.op.owner.caps)
         log.info("collab_created", collab_id=body.collab_id, account_id=account_id)
         conn.reply(wire.CollabCreated(rid=req.rid, collab_id=body.collab_id))
 
@@ -156,8 +183,10 @@ class Collabs:
             ) from None
 
     async def _check_addition(self, body: EventBody) -> None:
-        """An added member's pinned keys must be that account's keys, so every member's key
-        is one its owner registered (the fold itself cannot know the directory)."""
+        """An added member's pinned keys and kind must be that account's (SO-5): every member's
+        key is one its owner registered, and an agent's account is never seated as a person
+        (who could manage the collab) nor a person's as an agent. The fold itself cannot know
+        the directory; clients check the same against `AccountInfo.kind`."""
         try:
             op = proof_of(body).op
         except ProofRejected as exc:
@@ -177,6 +206,12 @@ class Collabs:
                 wire.ErrorCode.INVALID_EVENT,
                 "the member to add must be an existing account with exactly its registered"
                 " keys; look the account up again",
+            )
+        if row.kind != new.kind.value:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_EVENT,
+                f"that account is of kind {row.kind}, but the proof adds it as {new.kind.value};"
+                " nothing was stored: add it as what it is (agents with --agent)",
             )
 
     def call_tool(self, conn: Connection, req: wire.CallTool) -> None:

@@ -140,7 +140,8 @@ class Dispatcher:
             refusal = authz.decide_member(
                 member,
                 authz.needed_capability(rule, req),
-                open_tools=self._collabs.open_tools,
+                collab_id=collab_id,
+                tools=self._collabs.tool_access,
             )
         if refusal is not None:
             raise RequestRefused(refusal.code, refusal.message)

@@ -49,7 +49,6 @@ from model.membership import (
     CAP_POST,
     Membership,
     ProofRejected,
-    RemoveMember,
     StaleProof,
     apply,
     proof_of,
@@ -63,11 +62,13 @@ if TYPE_CHECKING:
     from fanout import Fanout
     from ledger import Ledger
     from model.chain import Head
+    from model.membership import Operation
     from model.sequencer import Assignment
     from relay._writer import LedgerWriter
 
-    # Called after a committed removal: (collab_id, removed account_id).
-    OnRemoved = Callable[[str, str], None]
+    # Called after a committed management change: (collab_id, the change, the membership after
+    # it). The relay drops what it cached or served under the old membership.
+    OnChanged = Callable[[str, Operation, Membership], None]
 
 log = structlog.get_logger("cozy.sequencer")
 
@@ -135,11 +136,11 @@ class Sequencer:
         db_limiter: trio.CapacityLimiter,
         crypto: CryptoPool,
         retire: Callable[[Sequencer], None],
-        on_removed: OnRemoved,
+        on_changed: OnChanged,
     ) -> None:
         self.collab_id = collab_id
         self._retire = retire
-        self._on_removed = on_removed
+        self._on_changed = on_changed
         self._ledger = ledger
         self._writer = writer
         self._fanout = fanout
@@ -347,8 +348,7 @@ class Sequencer:
             return
         if await self._write_run([(sub, verified)], after):
             self._membership = after
-            if isinstance(proof.op, RemoveMember):
-                self._on_removed(self.collab_id, proof.op.account_id)
+            self._on_changed(self.collab_id, proof.op, after)
 
     def _refuse(self, sub: Submission, code: wire.ErrorCode, message: str) -> None:
         self._rejected += 1
@@ -442,12 +442,12 @@ class SequencerRegistry:
         writer: LedgerWriter,
         fanout: Fanout,
         *,
-        on_removed: OnRemoved,
+        on_changed: OnChanged,
         db_threads: int = 6,
         cpu_threads: int = 2,
     ) -> None:
         self._nursery = nursery
-        self._on_removed = on_removed
+        self._on_changed = on_changed
         self._ledger = ledger
         self._writer = writer
         self._fanout = fanout
@@ -482,7 +482,7 @@ class SequencerRegistry:
                     self._db_limiter,
                     self._crypto,
                     self._retire,
-                    self._on_removed,
+                    self._on_changed,
                 )
                 self._actors[collab_id] = actor
                 self._running += 1

@@ -223,7 +223,7 @@ class Relay:
                         self.ledger,
                         writer,
                         self.fanout,
-                        on_removed=self._collabs.removed,
+                        on_changed=self._collabs.changed,
                     )
                     async with trio.open_nursery() as accept:
                         server = await accept.start(

@@ -1,8 +1,9 @@
 """The broker (SO-9): agents call operator-declared tools; secrets never reach them.
 
 A tool is declared by the operator (`[tools.NAME]` in the relay's TOML): an HTTP request
-template, the upstream hosts it may reach, and the OpenBao KV v2 path and field of the secret it
-needs. When a member with the `tool:NAME` capability calls it, the broker:
+template, the upstream hosts it may reach, the OpenBao KV v2 path and field of the secret it
+needs, and the collabs where it may be used. When a member granted `tool:NAME` there calls it
+(who may is decided before, by model/authz.py), the broker:
 
 1. checks the caller's arguments against the template (model/toolcall.py: nothing placed in the
    path may move the call out of its endpoint; the URL stays within `allow_hosts`) — before any
@@ -33,6 +34,8 @@ import requests.exceptions
 import structlog
 import trio
 
+from model.authz import ANY_COLLAB, ToolAccess
+from model.ids import is_id
 from model.scrub import MIN_SECRET_BYTES, ScrubLimits, SecretWithheld, clean_answer, inspect, scrub
 from model.toolcall import CallRefused, UrlTemplate, fill_url, plan_call
 
@@ -48,11 +51,17 @@ STORE_TIMEOUT: Final = 5.0
 class ToolSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """An operator-declared tool. `{name}` placeholders in `url` and `body` are filled with the
     caller's arguments (URL-quoted in the URL); `{secret}` may appear in `header_value`, `url`
-    or `body` and is filled by the broker only."""
+    or `body` and is filled by the broker only.
+
+    `collabs` (required) names the collabs where the tool may be used, or is `["*"]` for every
+    collab; there a member needs the `tool:NAME` grant unless `open_to_members` is set.
+    """
 
     url: str
     secret_path: str
     secret_field: str
+    collabs: tuple[str, ...]
+    open_to_members: bool = False
     method: str = "GET"
     secret_mount: str = "secret"  # noqa: S105 — the KV mount's name, not a password
     header: str = "Authorization"
@@ -64,6 +73,11 @@ class ToolSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     def __post_init__(self) -> None:
         UrlTemplate.parse(self.url, self.allow_hosts)  # raises ValueError: a bad declaration
+        if not self.collabs or not all(c == ANY_COLLAB or is_id(c, "c") for c in self.collabs):
+            raise ValueError(
+                "`collabs` names the collabs where the tool may be used (c_… ids), or is"
+                f' ["{ANY_COLLAB}"] for every collab'
+            )
 
     @property
     def template(self) -> UrlTemplate:
@@ -293,6 +307,14 @@ def _read_capped(stream: object, limit: int) -> bytes:
             "ask the relay operator to raise max_response_bytes or narrow the call"
         )
     return bytes(data)
+
+
+def tool_access(tools: Mapping[str, ToolSpec]) -> dict[str, ToolAccess]:
+    """Who may use each tool, as the authorization point (model/authz.py) reads it."""
+    return {
+        name: ToolAccess(frozenset(spec.collabs), spec.open_to_members)
+        for name, spec in tools.items()
+    }
 
 
 def tools_from_config(raw: object) -> dict[str, ToolSpec]:

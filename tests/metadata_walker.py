@@ -160,7 +160,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.CaughtUp: {"collab_id": _ID, "seq": C.NUMBER},
     wire.SubscriptionEnded: {"collab_id": _ID, "reason": C.RELAY_TEXT, "resume_from": C.NUMBER},
     wire.AccountInfo: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE,
-                       "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY},
+                       "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY, "kind": C.MEMBER_KIND},
     wire.KeystoreStored: {"rid": _RID, "version": C.NUMBER},
     wire.Keystore: {"rid": _RID, "version": C.NUMBER, "blob": C.KEYSTORE},
     wire.ArtifactChunkStored: {"rid": _RID, "index": C.NUMBER},
@@ -194,6 +194,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     membership.RekeyMember: {"old_sign_pk": C.PUBLIC_KEY, "sign_pk": C.PUBLIC_KEY,
                              "box_pk": C.PUBLIC_KEY, "possession": C.SIGNATURE,
                              "new_epoch": C.NUMBER, "wraps": C.WRAPS},
+    membership.SetCaps: {"account_id": _ID, "caps": C.CAPS},
     # sealed keystores: the `keystore` / `blob` bytes
     keystore.SealedKeystore: {"v": C.NUMBER, "kdf": C.STRUCT, "wrapped_key": C.SEALED,
                               "sealed": C.SEALED, "recovery_wrap": C.SEALED},
@@ -203,7 +204,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
 PROOF_TYPES = {
     membership.Proof, membership.Member, membership.CreateCollab, membership.AddMember,
     membership.ChangeRole, membership.RemoveMember, membership.RotateKey,
-    membership.RekeyMember,
+    membership.RekeyMember, membership.SetCaps,
 }  # fmt: skip
 # Bytes fields that hold an encoded struct of their own (walked after decoding).
 EMBEDDED: dict[Check, type[msgspec.Struct]] = {

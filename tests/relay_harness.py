@@ -14,9 +14,11 @@ import nacl.public
 import nacl.signing
 import trio
 
-from clientkit import Client, connect
+from clientkit import Client, _collab, connect
 from model import content as contentmod
 from model.envelope import SignedEvent, seal_event
+from model.ids import new_id
+from model.membership import Member, MemberKind, Role
 from relay._run import run_relay
 from relay.config import RelayConfig, Secret
 
@@ -184,3 +186,40 @@ async def post(client: Client, author: User, collab_id: str, text: str) -> int:
         evidence=view.evidence("test-device", now),
     )
     return ack.seq
+
+
+async def make_agent(
+    client: Client, creator: User, caps: tuple[str, ...], handle: str | None = None
+) -> User:
+    """An agent created by `creator` (on `client`, bound to the creator) and added to the
+    creator's collab with `caps`, as `cozy agent create` does; its `token` is the agent token."""
+    handle = handle or f"bot-{secrets.token_hex(4)}"
+    sign = nacl.signing.SigningKey.generate()
+    box = nacl.public.PrivateKey.generate()
+    account_id = new_id("a")
+    sign_pk, box_pk = bytes(sign.verify_key), bytes(box.public_key)
+    created = await client.create_agent(account_id, handle, sign_pk, box_pk)
+    new = Member(account_id, Role.MEMBER, MemberKind.AGENT, sign_pk, box_pk, caps)
+    await client.manage(
+        creator.signing_key, creator.box_key, creator.collab_id, lambda v: _collab.add(v, new)
+    )
+    return User(handle, account_id, sign, created.token, creator.collab_id, creator.collab_key, box)
+
+
+async def grant(
+    client: Client,
+    signer: User,
+    account_id: str,
+    *caps: str,
+    revoke: bool = False,
+    collab_id: str | None = None,
+) -> None:
+    """`signer` grants (or revokes) `caps` of a member of `collab_id` (by default the signer's
+    own collab) with a signed change, as `cozy collab grant` does."""
+    grant, taken = ((), caps) if revoke else (caps, ())
+    await client.manage(
+        signer.signing_key,
+        signer.box_key,
+        collab_id or signer.collab_id,
+        lambda v: _collab.set_caps(v, account_id, grant=grant, revoke=taken),
+    )

@@ -18,9 +18,8 @@ import hvac
 import pytest
 import trio
 
-from clientkit import RelayRefused, _collab
+from clientkit import RelayRefused
 from model import wire
-from model.membership import Member, MemberKind, Role
 from relay.config import Secret
 from relay.embedded import free_port
 from tests.broker_harness import (
@@ -34,7 +33,7 @@ from tests.broker_harness import (
     upstream,
     upstream_server,
 )
-from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+from tests.relay_harness import grant, make_agent, relay_config, running_relay, session, sign_up
 
 __all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
@@ -64,8 +63,10 @@ async def test_the_secret_never_comes_back_in_any_encoding_status_or_redirect(
     broker_relay: Relay,
 ) -> None:
     alice = await sign_up(broker_relay.url, "alice")
+    kinds = ("raw", "b64", "url", "json", "hex", "error", "redirect")
     async with session(broker_relay.url, alice) as client:
-        for kind in ("raw", "b64", "url", "json", "hex", "error", "redirect"):
+        await grant(client, alice, alice.account_id, *(f"tool:{k}" for k in kinds))
+        for kind in kinds:
             result = await client.call_tool(alice.collab_id, kind, {"q": "hello"})
             assert not _leaks(result.body), (kind, result.body)
             if kind != "redirect":
@@ -80,19 +81,11 @@ async def test_agents_need_the_tool_capability_and_unknown_tools_are_not_found(
     broker_relay: Relay,
 ) -> None:
     alice = await sign_up(broker_relay.url, "alice")
-    bots = {name: await sign_up(broker_relay.url, name) for name in ("plain-bot", "tool-bot")}
     async with session(broker_relay.url, alice) as a:
-        for name, caps in (("plain-bot", ("read", "post")), ("tool-bot", ("read", "tool:raw"))):
-            info = await a.lookup(name)
-            new = Member(
-                info.account_id, Role.MEMBER, MemberKind.AGENT, info.sign_pk, info.box_pk, caps
-            )
-            await a.manage(
-                alice.signing_key,
-                alice.box_key,
-                alice.collab_id,
-                lambda v, m=new: _collab.add(v, m),
-            )
+        bots = {
+            name: await make_agent(a, alice, caps, name)
+            for name, caps in (("plain-bot", ("read", "post")), ("tool-bot", ("read", "tool:raw")))
+        }
     async with session(broker_relay.url, bots["plain-bot"]) as plain:
         with pytest.raises(RelayRefused) as refused:
             await plain.call_tool(alice.collab_id, "raw", {"q": "x"})
@@ -105,7 +98,7 @@ async def test_agents_need_the_tool_capability_and_unknown_tools_are_not_found(
             await bot.call_tool(alice.collab_id, "b64", {"q": "x"})  # not granted
         assert other.value.code is wire.ErrorCode.UNAUTHORIZED
         with pytest.raises(RelayRefused) as post:
-            await bot.append(_as_user(bots["tool-bot"], alice).event("no post capability"))
+            await bot.append(bots["tool-bot"].event("no post capability"))
         assert post.value.code is wire.ErrorCode.UNAUTHORIZED
     async with session(broker_relay.url, alice) as a:
         with pytest.raises(RelayRefused) as unknown:
@@ -113,14 +106,12 @@ async def test_agents_need_the_tool_capability_and_unknown_tools_are_not_found(
         assert unknown.value.code is wire.ErrorCode.NOT_FOUND
 
 
-def _as_user(bot: User, owner: User) -> User:
-    return dataclasses.replace(bot, collab_id=owner.collab_id, collab_key=owner.collab_key)
-
-
 @pytest.mark.objective("SO-9")
 async def test_failures_are_clear_scrubbed_and_quick(broker_relay: Relay) -> None:
     alice = await sign_up(broker_relay.url, "alice")
     async with session(broker_relay.url, alice) as client:
+        await grant(client, alice, alice.account_id, "tool:slow", "tool:broken", "tool:pem")
+        await grant(client, alice, alice.account_id, "tool:raw")
         with trio.fail_after(10), pytest.raises(RelayRefused) as slow:
             await client.call_tool(alice.collab_id, "slow", {"q": "x"})
         assert slow.value.code is wire.ErrorCode.TOOL_FAILED
@@ -152,6 +143,7 @@ async def test_openbao_down_is_a_clear_error_not_a_hang(
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")
         async with session(relay.url, alice) as client:
+            await grant(client, alice, alice.account_id, "tool:raw")
             with trio.fail_after(15), pytest.raises(RelayRefused) as down:
                 await client.call_tool(alice.collab_id, "raw", {"q": "x"})
     assert down.value.code is wire.ErrorCode.TOOL_FAILED
@@ -163,8 +155,10 @@ async def test_the_secret_never_reaches_the_relays_logs(
     broker_relay: Relay, capfd: pytest.CaptureFixture[str]
 ) -> None:
     alice = await sign_up(broker_relay.url, "alice")
+    kinds = ("raw", "b64", "error", "pem", "slow")
     async with session(broker_relay.url, alice) as client:
-        for kind in ("raw", "b64", "error", "pem", "slow"):
+        await grant(client, alice, alice.account_id, *(f"tool:{k}" for k in kinds))
+        for kind in kinds:
             with contextlib.suppress(RelayRefused):
                 await client.call_tool(alice.collab_id, kind, {"q": "x"})
     out, err = capfd.readouterr()
@@ -203,6 +197,7 @@ async def test_approle_login_renewal_and_a_fresh_login_when_the_token_is_revoked
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")
         async with session(relay.url, alice) as client:
+            await grant(client, alice, alice.account_id, "tool:raw")
             first = await client.call_tool(alice.collab_id, "raw", {"q": "x"})
             assert first.status == 200
             # The operator revokes the broker's token; the next call logs in again by itself.
@@ -264,6 +259,7 @@ async def test_no_encoding_an_upstream_echoes_gives_the_caller_the_secret(
     alice = await sign_up(broker_relay.url, "alice")
     outcomes = {}
     async with session(broker_relay.url, alice) as client:
+        await grant(client, alice, alice.account_id, *(f"tool:rich-{k}" for k in ENCODINGS))
         for kind in ENCODINGS:
             try:
                 result = await client.call_tool(alice.collab_id, f"rich-{kind}", {"q": "hello"})
@@ -306,6 +302,7 @@ async def test_arguments_cannot_move_a_call_outside_its_template_path(
     the argument is encoded; the refusal comes before the secret is resolved."""
     alice = await sign_up(broker_relay.url, "alice")
     async with session(broker_relay.url, alice) as client:
+        await grant(client, alice, alice.account_id, "tool:user", "tool:user-unresolvable")
         ok = await client.call_tool(alice.collab_id, "user", {"id": "42"})
         assert ok.body == "you reached /v1/users/42"
         for attack in ESCAPES:
@@ -329,6 +326,9 @@ async def test_allow_hosts_holds_for_the_template_its_port_and_redirects(
     alice = await sign_up(broker_relay.url, "alice")
     other = f"http://127.0.0.1:{elsewhere.server_address[1]}"
     async with session(broker_relay.url, alice) as client:
+        await grant(
+            client, alice, alice.account_id, "tool:off-host", "tool:any-port", "tool:bounce"
+        )
         # A template naming a host outside allow_hosts is refused before anything is sent.
         with pytest.raises(RelayRefused) as off_host:
             await client.call_tool(alice.collab_id, "off-host", {})
@@ -351,6 +351,7 @@ async def test_allow_hosts_holds_for_the_template_its_port_and_redirects(
 async def test_the_response_cap_holds(broker_relay: Relay) -> None:
     alice = await sign_up(broker_relay.url, "alice")
     async with session(broker_relay.url, alice) as client:
+        await grant(client, alice, alice.account_id, "tool:sized")
         at_cap = await client.call_tool(alice.collab_id, "sized", {"n": "1000"})
         assert at_cap.status == 200
         assert at_cap.body == "x" * 1000

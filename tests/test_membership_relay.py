@@ -36,7 +36,15 @@ from model.membership import (
 from model.view import CollabView
 from tests.collab_sim import FORGERIES, forged_collab
 from tests.evil_relay import EvilRelay
-from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
+from tests.relay_harness import (
+    User,
+    make_agent,
+    post,
+    relay_config,
+    running_relay,
+    session,
+    sign_up,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -47,19 +55,14 @@ if TYPE_CHECKING:
 TS = 1_700_000_000_000
 
 
-async def member_of(
-    client: Client, user: User, role: Role = Role.MEMBER, *, agent: bool = False
-) -> Member:
+async def member_of(client: Client, user: User, role: Role = Role.MEMBER) -> Member:
+    """`user` as a person member, as the directory (checked for its kind) gives them."""
     info = await client.lookup(user.handle)
-    kind = MemberKind.AGENT if agent else MemberKind.HUMAN
-    caps = ("read", "post") if agent else ()
-    return Member(info.account_id, role, kind, info.sign_pk, info.box_pk, caps)
+    return _collab.member_for(info, role, MemberKind.HUMAN)
 
 
-async def add(
-    client: Client, owner: User, user: User, role: Role = Role.MEMBER, *, agent: bool = False
-) -> None:
-    new = await member_of(client, user, role, agent=agent)
+async def add(client: Client, owner: User, user: User, role: Role = Role.MEMBER) -> None:
+    new = await member_of(client, user, role)
     await client.manage(
         owner.signing_key, owner.box_key, owner.collab_id, lambda v: _collab.add(v, new)
     )
@@ -157,11 +160,10 @@ async def test_the_relay_refuses_changes_the_fold_does_not_allow(
     relay: Relay, ledger: Ledger
 ) -> None:
     alice, bob, carol = await team(relay)
-    bot = await sign_up(relay.url, "bot")
     mallory = await sign_up(relay.url, "mallory")
     cid = alice.collab_id
     async with session(relay.url, alice) as a:
-        await add(a, alice, bot, agent=True)
+        bot = await make_agent(a, alice, ("read", "post"), "bot")
         alice_view = await a.read(cid, alice.box_key)
     head_before = alice_view.head
 

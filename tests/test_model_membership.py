@@ -25,6 +25,7 @@ from model.membership import (
     RemoveMember,
     Role,
     RotateKey,
+    SetCaps,
     StaleProof,
     apply,
 )
@@ -110,6 +111,42 @@ def test_wraps_must_address_exactly_the_members_the_fold_names() -> None:
     assert (sorted(after.members), after.epoch) == (sorted([owner.id, bob.id]), 1)
 
 
+@pytest.mark.objective("SO-9")
+def test_grants_are_signed_changes_people_hold_only_tool_grants() -> None:
+    owner, state, head = _fresh()
+    bob, carol, bot = Person(), Person(), Person(MemberKind.AGENT)
+    state = step(state, owner, add(bob, Role.MANAGER), head)
+    state = step(state, owner, add(carol, Role.MEMBER), head)
+    state = step(state, owner, add(bot, Role.MEMBER), head)
+    assert not state.members[carol.id].may("tool:raw")  # membership alone: no tool
+    assert state.members[carol.id].may("read")
+    assert state.members[carol.id].may("post")
+    state = step(state, bob, SetCaps(carol.id, ("tool:raw",)), head)  # a manager, a member
+    assert state.members[carol.id].may("tool:raw")
+    assert not state.members[carol.id].may("tool:b64")
+    with pytest.raises(ProofRejected, match="caps"):
+        step(state, owner, SetCaps(carol.id, ("read",)), head)  # people read by membership
+    with pytest.raises(ProofRejected, match="caps"):
+        step(state, owner, SetCaps(carol.id, ("tool:../x",)), head)
+    with pytest.raises(ProofRejected, match="role"):
+        step(state, carol, SetCaps(carol.id, ("tool:raw", "tool:b64")), head)  # not herself
+    with pytest.raises(ProofRejected, match="role"):
+        step(state, bob, SetCaps(owner.id, ("tool:raw",)), head)  # managers: plain members only
+    with pytest.raises(ProofRejected, match="agent_signer"):
+        step(state, bot, SetCaps(bot.id, ("read", "post", "tool:raw")), head)
+    with pytest.raises(ProofRejected, match="not_a_member"):
+        step(state, owner, SetCaps(Person().id, ("tool:raw",)), head)
+    state = step(state, owner, SetCaps(bot.id, ("tool:raw",)), head)  # read and post taken
+    assert [state.members[bot.id].may(c) for c in ("read", "post", "tool:raw")] == [
+        False,
+        False,
+        True,
+    ]
+    state = step(state, owner, SetCaps(carol.id, ()), head)
+    assert not state.members[carol.id].may("tool:raw")
+    assert state.epoch == 0  # a grant or revocation does not rotate the key
+
+
 # --- the state machine --------------------------------------------------------------------------
 
 PERMITTED: dict[str, set[Role]] = {
@@ -118,6 +155,7 @@ PERMITTED: dict[str, set[Role]] = {
     "role": {Role.OWNER},
     "remove": {Role.OWNER, Role.MANAGER},
     "rotate": {Role.OWNER, Role.MANAGER},
+    "caps": {Role.OWNER, Role.MANAGER},
 }
 
 
@@ -198,6 +236,27 @@ class MembershipMachine(RuleBasedStateMachine):
         self._propose(
             self.people[signer], rotate(self.state, self.state.epoch + 1 + skew), stale=False
         )
+
+    @rule(
+        signer=st.integers(0, 6),
+        who=st.integers(0, 6),
+        caps=st.lists(st.sampled_from(["read", "post", "tool:raw", "tool:b64"]), unique=True),
+    )
+    def set_caps(self, signer: int, who: int, caps: list[str]) -> None:
+        target = self.state.members.get(self.people[who].id)
+        self._propose(self.people[signer], SetCaps(self.people[who].id, tuple(caps)), stale=False)
+        after = self.state.members.get(self.people[who].id)
+        if target is not None and after is not None and after.caps != target.caps:
+            signer_member = self.state.members[self.people[signer].id]
+            assert signer_member.role is Role.OWNER or target.role is Role.MEMBER
+
+    @invariant()
+    def people_hold_only_tool_grants(self) -> None:
+        for m in self.state.members.values():
+            if m.kind is MemberKind.HUMAN:
+                assert all(c.startswith("tool:") for c in m.caps)
+                assert m.may("read")
+                assert m.may("post")
 
     @invariant()
     def always_an_owner_and_agents_stay_members(self) -> None:
