@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from model import wire
 from model.envelope import SignedEvent, verify_event
 from model.ids import new_id
+from model.membership import MemberKind
 from tests.helpers import make_event, new_actor, new_collab_key
 
 # Batch is the one container frame; it has its own tests below.
@@ -35,6 +36,7 @@ _SCALARS: dict[object, st.SearchStrategy[typing.Any]] = {
     bytes: blobs,
     bool: st.booleans(),
     wire.ErrorCode: st.sampled_from(wire.ErrorCode),
+    MemberKind: st.sampled_from(MemberKind),
     SignedEvent: signed_events,
     dict[str, str]: st.dictionaries(texts, texts, max_size=4),
     list[str]: st.lists(texts, max_size=4),

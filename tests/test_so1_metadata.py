@@ -263,6 +263,12 @@ async def run_scenario(s: Scenario) -> Outcome:
         await a.manage(
             alice.sign, alice.box, cid, lambda _v: _collab.change_role(bob.account_id, Role.MANAGER)
         )
+        await a.manage(  # a tool grant: capability names are the metadata a `caps` proof shows
+            alice.sign,
+            alice.box,
+            cid,
+            lambda v: _collab.set_caps(v, carol.account_id, grant=("tool:weather",)),
+        )
         await post(a, alice, cid, contentmod.Message(cn["alice message"]))
         view = await a.read(cid, alice.box)
         epoch, key = view.current_key()
