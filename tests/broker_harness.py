@@ -37,7 +37,75 @@ if TYPE_CHECKING:
     from relay._server import Relay
 
 CANARY = "canary-" + secrets.token_hex(12)
-SCOPED_COLLAB = new_id("c")
+SCOPED_COLLAB = new_id("c")  # a collab the tests never create
+# A secret with characters that every encoding changes (and long enough that its base64 always
+# crosses a 76-column MIME line break).
+RICH = "canary/" + secrets.token_hex(24) + "+&<>='\""
+
+# How upstreams echo a request: (Content-Type, encoder of the echoed text to body bytes).
+ENCODINGS: dict[str, tuple[str | None, Callable[[str], bytes]]] = {
+    "percent-lower": (
+        None,
+        lambda t: re.sub(
+            "%[0-9A-F]{2}", lambda m: m.group().lower(), urllib.parse.quote(t, safe="")
+        ).encode(),
+    ),
+    "json-go": (
+        "application/json",
+        lambda t: (
+            json.dumps({"echo": t}, ensure_ascii=False)
+            .replace("<", "\\u003c")
+            .replace(">", "\\u003e")
+            .replace("&", "\\u0026")
+            .encode()
+        ),
+    ),
+    "json-slash": (
+        "application/json",
+        lambda t: json.dumps({"echo": t}).replace("/", "\\/").encode(),
+    ),
+    "utf-16le": ("text/plain; charset=utf-16le", lambda t: t.encode("utf-16-le")),
+    "utf-16be": ("text/plain; charset=UTF-16BE", lambda t: t.encode("utf-16-be")),
+    "utf-16-bom": ("text/plain", lambda t: t.encode("utf-16")),
+    "utf-16-undeclared": ("text/plain", lambda t: t.encode("utf-16-le")),
+    "html-named": ("text/html", lambda t: html.escape(t).encode()),
+    "html-decimal": ("text/html", lambda t: "".join(f"&#{ord(c)};" for c in t).encode()),
+    "html-hex": ("text/html", lambda t: "".join(f"&#x{ord(c):x};" for c in t).encode()),
+    "mime-lf": ("message/rfc822", lambda t: base64.encodebytes(t.encode())),
+    "mime-crlf": (
+        "message/rfc822",
+        lambda t: base64.encodebytes(t.encode()).replace(b"\n", b"\r\n"),
+    ),
+    "base64-spaced": (
+        None,
+        lambda t: b" ".join(re.findall(b".{1,5}", base64.b64encode(t.encode()))),
+    ),
+    "quoted-printable": ("text/plain", lambda t: quopri.encodestring(t.encode())),
+    "json-mime": (
+        "application/json",
+        lambda t: json.dumps({"d": base64.encodebytes(t.encode()).decode()}).encode(),
+    ),
+}
+
+
+class Recorder(http.server.ThreadingHTTPServer):
+    """Keeps every path it was asked for: as sent, and as a server that decodes
+    percent-escapes (twice, as a proxy in front of an application would) and resolves dot
+    segments would route it."""
+
+    def __init__(self, handler: type[http.server.BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.paths: list[str] = []
+        self.routed: list[str] = []
+        self.requests: list[str] = []
+
+    def record(self, path: str) -> str:
+        raw = path.split("?")[0]
+        decoded = urllib.parse.unquote(urllib.parse.unquote(raw)).replace("\\", "/")
+        routed = posixpath.normpath(decoded)
+        self.paths.append(raw)
+        self.routed.append(routed)
+        return routed
 
 
 class Echo(http.server.BaseHTTPRequestHandler):
@@ -217,7 +285,7 @@ def tools(port: int, elsewhere: int = 9) -> dict[str, ToolSpec]:
             ),
             # Opened by the operator to every member of every collab: no grant needed.
             "open": msgspec.structs.replace(tool("raw"), open_to_members=True),
-            # Usable only in SCOPED_COLLAB, a collab the tests never create.
+            # Usable only in SCOPED_COLLAB.
             "scoped": msgspec.structs.replace(tool("raw"), collabs=(SCOPED_COLLAB,)),
         }
     )

@@ -49,10 +49,10 @@ from model.artifacts import RefHasher
 from model.envelope import seal_event
 from model.ids import new_id
 from model.membership import CAP_POST, CAP_READ, MemberKind, Role
-from model.proofs import sign_keystore_write
+from model.proofs import KeyPair, account_rekey_bytes, sign_keystore_write
 from relay import _auth
 from relay.config import Secret
-from tests.broker_harness import bao, tools, upstream
+from tests.broker_harness import bao, tools, upstream, upstream_server
 from tests.relay_harness import (
     PASSWORD,
     User,
@@ -64,7 +64,7 @@ from tests.relay_harness import (
     sign_up,
 )
 
-__all__ = ["bao", "upstream"]  # fixtures used by name
+__all__ = ["bao", "upstream", "upstream_server"]  # fixtures used by name
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -101,8 +101,11 @@ TABLE: Final[dict[type[wire.Request], tuple[str, ...]]] = {
     wire.GetArtifact:   (UNAUTHN, UNAUTHN, OK,       OK,     OK,     OK,     DENIED,  DENIED,  DENIED, OK,     DENIED, DENIED, DENIED, UNAUTHN),
     wire.PutArtifactChunk: (UNAUTHN, UNAUTHN, BADSIG, OK,    OK,     OK,     DENIED,  DENIED,  DENIED, DENIED, OK,     DENIED, DENIED, UNAUTHN),
     wire.CallTool:      (UNAUTHN, UNAUTHN, BADSIG,   DENIED, DENIED, OK,     DENIED,  DENIED,  DENIED, DENIED, DENIED, OK,     DENIED, UNAUTHN),
+    wire.ListCollabs:   (UNAUTHN, UNAUTHN, OK,       OK,     OK,     OK,     OK,      OK,      OK,     OK,     OK,     OK,     OK,     UNAUTHN),
     # A batch is authorized frame by frame: here it carries a CreateCollab.
     wire.Batch:         (UNAUTHN, UNAUTHN, BADSIG,   OK,     OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
+    # Last: it replaces the principal's account keys.
+    wire.RotateAccountKeys: (UNAUTHN, UNAUTHN, BADSIG, OK,   OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
 }
 # fmt: on
 
@@ -135,6 +138,8 @@ SUCCESS: Final[dict[type[wire.Request], type[wire.Reply]]] = {
     wire.PutArtifactChunk: wire.ArtifactStored,
     wire.CallTool: wire.ToolResult,
     wire.Batch: wire.CollabCreated,
+    wire.ListCollabs: wire.Collabs,
+    wire.RotateAccountKeys: wire.AccountKeysRotated,
 }
 
 
@@ -353,6 +358,44 @@ async def _call_tool(w: World, _p: Principal) -> Build:
     )
 
 
+async def _list_collabs(w: World, _p: Principal) -> Build:
+    rid = w.rid()
+    return Build([wire.ListCollabs(rid=rid)], rid)
+
+
+async def _rotate_account_keys(w: World, p: Principal) -> Build:
+    """The principal replaces its account keys (ADR-0017): signed by the registered key (the
+    principal's own signing key stands for it) and by the new one, with a keystore for them."""
+    rid, account_id = w.rid(), p.account_id
+    registered = (
+        KeyPair(bytes(p.user.signing_key.verify_key), bytes(p.user.box_key.public_key))
+        if p.user is not None
+        else KeyPair(bytes(p.sign.verify_key), bytes(p.box.public_key))
+    )
+    sign, box = _stranger()
+    new = KeyPair(bytes(sign.verify_key), bytes(box.public_key))
+    version = w.keystore_versions.get(account_id, 0) + 1
+    blob = secrets.token_bytes(48)
+    statement = account_rekey_bytes(account_id, registered, new, version, blob)
+    req = wire.RotateAccountKeys(
+        rid=rid,
+        sign_pk=new.sign_pk,
+        box_pk=new.box_pk,
+        keystore_version=version,
+        keystore=blob,
+        keystore_sig=sign_keystore_write(sign, account_id, version, blob),
+        old_sig=p.sign.sign(statement).signature,
+        new_sig=sign.sign(statement).signature,
+    )
+
+    def rotated() -> None:
+        w.keystore_versions[account_id] = version
+        assert p.user is not None
+        p.user.signing_key, p.user.box_key = sign, box
+
+    return Build([req], rid, rotated)
+
+
 BUILDERS: Final[dict[type[wire.Request], Builder]] = {
     wire.Ping: _ping,
     wire.Signup: _signup,
@@ -371,6 +414,8 @@ BUILDERS: Final[dict[type[wire.Request], Builder]] = {
     wire.PutArtifactChunk: _put_artifact_chunk,
     wire.CallTool: _call_tool,
     wire.Batch: _batch,
+    wire.ListCollabs: _list_collabs,
+    wire.RotateAccountKeys: _rotate_account_keys,
 }
 
 REQUEST_TYPES: Final = frozenset(typing.get_args(wire.Request))

@@ -16,11 +16,11 @@ from clientkit import RelayRefused, WrongAccountKind, _collab, connect
 from model import wire
 from model.ids import new_id
 from model.membership import CAP_READ, Member, MemberKind, Role
-from tests.broker_harness import CANARY, bao, broker_relay, upstream
+from tests.broker_harness import CANARY, bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import grant, make_agent, session, sign_up
 
-__all__ = ["bao", "broker_relay", "upstream"]  # fixtures used by name
+__all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
 if TYPE_CHECKING:
     from pathlib import Path
