@@ -924,7 +924,11 @@ async def cmd_collab_members(args: argparse.Namespace) -> None:
         print(f"{args.collab}: epoch {view.membership.epoch}, head seq {view.head.seq}")
         for m in view.membership.readers():
             handle = (await client.account(m.account_id)).handle
-            print(f"{handle}\t{m.role.value}\t{m.kind.value}\t{fingerprint(m.sign_pk, m.box_pk)}")
+            caps = ",".join(m.caps) or "-"
+            print(
+                f"{handle}\t{m.role.value}\t{m.kind.value}"
+                f"\t{fingerprint(m.sign_pk, m.box_pk)}\t{caps}"
+            )
 
 
 async def cmd_dm(args: argparse.Namespace) -> None:

@@ -36,6 +36,7 @@ import trio
 
 from model.authz import ANY_COLLAB, ToolAccess
 from model.ids import is_id
+from model.membership import CAP_TOOL_PREFIX, valid_cap
 from model.scrub import MIN_SECRET_BYTES, ScrubLimits, SecretWithheld, clean_answer, inspect, scrub
 from model.toolcall import CallRefused, UrlTemplate, fill_url, plan_call
 
@@ -321,7 +322,17 @@ def tools_from_config(raw: object) -> dict[str, ToolSpec]:
     """`[tools.NAME]` tables of the relay's TOML. Raises `ValueError` naming the bad tool."""
     if raw is None:
         return {}
-    try:
-        return msgspec.convert(raw, dict[str, ToolSpec])
-    except msgspec.ValidationError as exc:
-        raise ValueError(f"bad [tools] configuration: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError("bad [tools] configuration: expected [tools.NAME] tables")  # noqa: TRY004 — the config loader reports ValueError
+    tools: dict[str, ToolSpec] = {}
+    for name, table in raw.items():
+        if not isinstance(name, str) or not valid_cap(CAP_TOOL_PREFIX + name):
+            raise ValueError(
+                f"bad [tools] configuration: the tool name {name!r} cannot be granted as"
+                f" {CAP_TOOL_PREFIX}NAME; use 1-32 of a-z, 0-9, '_' and '-', starting with a letter"
+            )
+        try:
+            tools[name] = msgspec.convert(table, ToolSpec)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"bad [tools.{name}] configuration: {exc}") from None
+    return tools

@@ -16,6 +16,7 @@ from clientkit import RelayRefused, WrongAccountKind, _collab, connect
 from model import wire
 from model.ids import new_id
 from model.membership import CAP_READ, Member, MemberKind, Role
+from relay.broker import tools_from_config
 from tests.broker_harness import CANARY, bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import grant, make_agent, session, sign_up
@@ -194,3 +195,46 @@ async def test_an_agent_whose_read_is_revoked_stops_being_served(relay: Relay) -
                     async for _ in frames:
                         pass
             assert again.value.code is wire.ErrorCode.UNAUTHORIZED
+
+
+@pytest.mark.objective("SO-9")
+async def test_cozy_collab_grant_gives_and_takes_back_a_tool_grant(
+    relay: Relay, tmp_path: Path
+) -> None:
+    env = {name: client_env(tmp_path / name) for name in ("alice", "bob")}
+    for name in env:
+        await cli_signup(relay.url, tmp_path / name, name)
+    collab = (await cozy("collab", "create", "ops", env=env["alice"])).stdout.decode().strip()
+    await cozy("collab", "add", collab, "bob", env=env["alice"])
+
+    async def bobs_caps() -> str:
+        out = (await cozy("collab", "members", collab, env=env["alice"])).stdout.decode()
+        [line] = [row for row in out.splitlines() if row.startswith("bob\t")]
+        return line.split("\t")[-1]
+
+    granted = await cozy("collab", "grant", collab, "bob", "tool:raw", env=env["alice"])
+    assert "bob has tool:raw" in granted.stdout.decode()
+    assert await bobs_caps() == "tool:raw"
+    # A plain member cannot grant themselves more; people are not granted read or post.
+    himself = await cozy("collab", "grant", collab, "bob", "tool:b64", env=env["bob"], check=False)
+    assert himself.returncode != 0
+    assert "refused" in himself.stderr.decode()
+    people = await cozy("collab", "grant", collab, "bob", "post", env=env["alice"], check=False)
+    assert people.returncode != 0
+    assert "by membership" in people.stderr.decode()
+    await cozy("collab", "grant", collab, "bob", "tool:raw", "--revoke", env=env["alice"])
+    assert await bobs_caps() == "-"
+
+
+@pytest.mark.objective("SO-9")
+def test_a_tool_is_declared_with_where_it_may_be_used_and_a_grantable_name() -> None:
+    table = {"url": "https://api.example.com/v1/x", "secret_path": "p", "secret_field": "f"}
+    with pytest.raises(ValueError, match=r"tools\.weather.*collabs"):
+        tools_from_config({"weather": table})  # no scope: refused, not "everywhere"
+    with pytest.raises(ValueError, match="collabs"):
+        tools_from_config({"weather": table | {"collabs": ["not-a-collab"]}})
+    with pytest.raises(ValueError, match="cannot be granted"):
+        tools_from_config({"Weather.API": table | {"collabs": ["*"]}})
+    scoped = new_id("c")
+    [spec] = tools_from_config({"weather": table | {"collabs": [scoped]}}).values()
+    assert (spec.collabs, spec.open_to_members) == ((scoped,), False)
