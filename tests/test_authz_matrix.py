@@ -205,15 +205,17 @@ def _now_ms() -> int:
 # --- one request builder per row -------------------------------------------------------------------
 
 if TYPE_CHECKING:
-    Builder = Callable[[World, Principal], Awaitable[Build]]
+    # A builder makes its row's request honestly for the principal, on the cell's connection
+    # (whose welcome a connection-bound signature would sign).
+    Builder = Callable[[World, Principal, "Conn"], Awaitable[Build]]
 
 
-async def _ping(w: World, _p: Principal) -> Build:
+async def _ping(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.Ping(rid=rid)], rid)
 
 
-async def _signup(w: World, _p: Principal) -> Build:
+async def _signup(w: World, _p: Principal, _conn: Conn) -> Build:
     rid, (sign, box) = w.rid(), _stranger()
     req = wire.Signup(
         rid=rid,
@@ -226,27 +228,27 @@ async def _signup(w: World, _p: Principal) -> Build:
     return Build([req], rid)
 
 
-async def _login(w: World, _p: Principal) -> Build:
+async def _login(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.Login(rid=rid, handle=w.login_handle, password=PASSWORD)], rid)
 
 
-async def _authenticate(w: World, _p: Principal) -> Build:
+async def _authenticate(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.Authenticate(rid=rid, token=w.spare_token)], rid)
 
 
-async def _get_account(w: World, _p: Principal) -> Build:
+async def _get_account(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.GetAccount(rid=rid, handle=w.owner.handle)], rid)
 
 
-async def _get_keystore(w: World, _p: Principal) -> Build:
+async def _get_keystore(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.GetKeystore(rid=rid)], rid)
 
 
-async def _put_keystore(w: World, p: Principal) -> Build:
+async def _put_keystore(w: World, p: Principal, _conn: Conn) -> Build:
     rid, account_id = w.rid(), p.account_id
     version = w.keystore_versions.get(account_id, 0) + 1
     blob = secrets.token_bytes(48)  # opaque to the relay (a sealed keystore)
@@ -265,17 +267,17 @@ def _genesis(w: World, p: Principal) -> wire.CreateCollab:
     return wire.CreateCollab(rid=w.rid(), event=event)
 
 
-async def _create_collab(w: World, p: Principal) -> Build:
+async def _create_collab(w: World, p: Principal, _conn: Conn) -> Build:
     req = _genesis(w, p)
     return Build([req], req.rid)
 
 
-async def _batch(w: World, p: Principal) -> Build:
+async def _batch(w: World, p: Principal, _conn: Conn) -> Build:
     inner = _genesis(w, p)
     return Build([wire.Batch(frames=[msgspec.Raw(wire.encode(inner))])], inner.rid)
 
 
-async def _create_agent(w: World, _p: Principal) -> Build:
+async def _create_agent(w: World, _p: Principal, _conn: Conn) -> Build:
     rid, (sign, box) = w.rid(), _stranger()
     req = wire.CreateAgent(
         rid=rid,
@@ -287,7 +289,7 @@ async def _create_agent(w: World, _p: Principal) -> Build:
     return Build([req], rid)
 
 
-async def _revoke_agent(w: World, p: Principal) -> Build:
+async def _revoke_agent(w: World, p: Principal, _conn: Conn) -> Build:
     """A person revokes an agent of their own (made just now); anyone else tries the owner's."""
     target = w.spare_agent
     if p.user is not None and p.kind is MemberKind.HUMAN:
@@ -302,7 +304,7 @@ async def _revoke_agent(w: World, p: Principal) -> Build:
     return Build([wire.RevokeAgent(rid=rid, account_id=target)], rid)
 
 
-async def _append(w: World, p: Principal) -> Build:
+async def _append(w: World, p: Principal, _conn: Conn) -> Build:
     event = seal_event(
         signing_key=p.sign,
         collab_key=w.key,
@@ -317,24 +319,24 @@ async def _append(w: World, p: Principal) -> Build:
     return Build([wire.Append(rid=rid, event=event)], rid)
 
 
-async def _subscribe(w: World, _p: Principal) -> Build:
+async def _subscribe(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.Subscribe(rid=rid, collab_id=w.collab_id, follow=False)], rid)
 
 
-async def _unsubscribe(w: World, _p: Principal) -> Build:
+async def _unsubscribe(w: World, _p: Principal, _conn: Conn) -> Build:
     """Ends a subscription the same connection opened first (when it was allowed to)."""
     opened = wire.Subscribe(rid=w.rid(), collab_id=w.collab_id, follow=True)
     rid = w.rid()
     return Build([opened, wire.Unsubscribe(rid=rid, collab_id=w.collab_id)], rid)
 
 
-async def _get_artifact(w: World, _p: Principal) -> Build:
+async def _get_artifact(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.GetArtifact(rid=rid, collab_id=w.collab_id, ref=w.artifact_ref)], rid)
 
 
-async def _put_artifact_chunk(w: World, _p: Principal) -> Build:
+async def _put_artifact_chunk(w: World, _p: Principal, _conn: Conn) -> Build:
     data = secrets.token_bytes(64)
     hasher = RefHasher()
     hasher.update(data)
@@ -351,19 +353,19 @@ async def _put_artifact_chunk(w: World, _p: Principal) -> Build:
     return Build([req], rid)
 
 
-async def _call_tool(w: World, _p: Principal) -> Build:
+async def _call_tool(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build(
         [wire.CallTool(rid=rid, collab_id=w.collab_id, tool="raw", args={"q": "matrix"})], rid
     )
 
 
-async def _list_collabs(w: World, _p: Principal) -> Build:
+async def _list_collabs(w: World, _p: Principal, _conn: Conn) -> Build:
     rid = w.rid()
     return Build([wire.ListCollabs(rid=rid)], rid)
 
 
-async def _rotate_account_keys(w: World, p: Principal) -> Build:
+async def _rotate_account_keys(w: World, p: Principal, _conn: Conn) -> Build:
     """The principal replaces its account keys (ADR-0017): signed by the registered key (the
     principal's own signing key stands for it) and by the new one, with a keystore for them."""
     rid, account_id = w.rid(), p.account_id
@@ -445,6 +447,7 @@ class Conn:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self.ws = ws
         self._buffer: collections.deque[wire.Reply] = collections.deque()
+        self.welcome: wire.Welcome | None = None  # what a connection-bound signature signs
 
     async def send(self, frame: wire.Request) -> None:
         await self.ws.send_message(wire.encode(frame))
@@ -464,7 +467,9 @@ class Conn:
 
 async def _enter(conn: Conn, w: World, p: Principal) -> None:
     """Open the cell's connection as `p`: the relay's welcome, then the principal's token."""
-    assert isinstance(await conn.next_frame(), wire.Welcome)
+    welcome = await conn.next_frame()
+    assert isinstance(welcome, wire.Welcome)
+    conn.welcome = welcome
     if p.token is None:
         return
     rid = w.rid()
@@ -491,28 +496,35 @@ async def _outcome(conn: Conn, row: type[wire.Request], build: Build) -> str:
 
 
 async def _run_column(w: World, p: Principal) -> dict[type[wire.Request], str]:
-    """Every row for one principal. Each cell gets a connection of its own; all are opened
-    (and their sessions bound) first, so an expiring session is waited out once per column."""
-    rows = list(TABLE)
+    """Every row for one principal, each cell on a connection of its own, in TABLE order.
+
+    A cell's connection is opened right before its request (so a row that ends the account's
+    other sessions cannot disturb the next cell), except for an expiring session: then every
+    cell's connection is opened and bound first, and the expiry is waited out once.
+    """
     seen: dict[type[wire.Request], str] = {}
-    expires_at = None
-    if p.expires_after is not None:
-        assert p.user is not None
-        now = int(time.time())
-        expires_at = now + p.expires_after
-        token, _ = _auth.issue_token(w.jwt_key, p.user.account_id, p.expires_after, now)
-        p = dataclasses.replace(p, token=token)
+    if p.expires_after is None:
+        for row in TABLE:
+            async with trio_websocket.open_websocket_url(w.url) as ws:
+                conn = Conn(ws)
+                await _enter(conn, w, p)
+                seen[row] = await _outcome(conn, row, await BUILDERS[row](w, p, conn))
+        return seen
+    assert p.user is not None
+    now = int(time.time())
+    expires_at = now + p.expires_after
+    token, _ = _auth.issue_token(w.jwt_key, p.user.account_id, p.expires_after, now)
+    p = dataclasses.replace(p, token=token)
     async with AsyncExitStack() as stack:
         conns = []
-        for _ in rows:
+        for _ in TABLE:
             conn = Conn(await stack.enter_async_context(trio_websocket.open_websocket_url(w.url)))
             await _enter(conn, w, p)
             conns.append(conn)
-        if expires_at is not None:
-            assert time.time() < expires_at, "binding the column took longer than the session"
-            await trio.sleep(expires_at - time.time() + 0.3)
-        for row, conn in zip(rows, conns, strict=True):
-            seen[row] = await _outcome(conn, row, await BUILDERS[row](w, p))
+        assert time.time() < expires_at, "binding the column took longer than the session"
+        await trio.sleep(expires_at - time.time() + 0.3)
+        for row, conn in zip(TABLE, conns, strict=True):
+            seen[row] = await _outcome(conn, row, await BUILDERS[row](w, p, conn))
     return seen
 
 
