@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -15,8 +16,6 @@ from relay.embedded import free_port
 from tests.cli_harness import COZY, client_env, cozy
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from relay._server import Relay
 
 
@@ -110,6 +109,9 @@ async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_p
                     pytest.fail(f"cozy dev exited early:\n{output.decode(errors='replace')}")
                 output += chunk
         url = next(w for w in output.decode().split() if w.startswith("ws://"))
+        # This stack's own children (OpenBao, Postgres), not any other on the machine.
+        started = descendants(proc.pid)
+        assert started, "cozy dev started no child processes"
         env = client_env(tmp_path / "dave")
         await cozy("account", "signup", "--relay", url, "--handle", "dave", env=env)
         collab = (await cozy("collab", "create", "devtest", env=env)).stdout.decode().strip()
@@ -127,8 +129,8 @@ async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_p
         ["pgrep", "-f", str(data_dir)], capture_output=True, check=False
     )
     assert leftovers.stdout == b"", "postgres kept running after cozy dev stopped"
-    bao = subprocess.run(["pgrep", "-f", "bao server -dev"], capture_output=True, check=False)  # noqa: ASYNC221
-    assert bao.stdout == b"", "the OpenBao dev server kept running after cozy dev stopped"
+    still_running = [pid for pid in started if os.path.exists(f"/proc/{pid}")]  # noqa: PTH110
+    assert not still_running, f"cozy dev left its children running: {started}"
 
 
 async def test_relay_serve_stops_cleanly_on_sigterm(database_url: str, tmp_path: Path) -> None:
@@ -176,3 +178,20 @@ async def test_relay_serve_on_a_taken_port_says_so_in_one_line(
     assert result.returncode == 1
     assert b"error: an address the relay listens on is already in use" in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (PID reuse within one test is ignored)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # it ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
