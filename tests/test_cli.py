@@ -129,7 +129,7 @@ async def test_cozy_dev_serves_and_ctrl_c_stops_relay_postgres_and_openbao(tmp_p
         ["pgrep", "-f", str(data_dir)], capture_output=True, check=False
     )
     assert leftovers.stdout == b"", "postgres kept running after cozy dev stopped"
-    still_running = [pid for pid in started if os.path.exists(f"/proc/{pid}")]  # noqa: PTH110
+    still_running = alive(started)
     assert not still_running, f"cozy dev left its children running: {started}"
 
 
@@ -195,3 +195,7 @@ def descendants(pid: int) -> list[int]:
             found.append(child)
             todo.append(child)
     return found
+
+
+def alive(pids: list[int]) -> list[int]:
+    return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
