@@ -163,10 +163,17 @@ class FrontDoor:
         return len(self._waiting)
 
     def admit(self, conn: Connection) -> None:
-        """Count a new connection as unauthenticated; over the cap, close the oldest one."""
+        """Count a new connection as unauthenticated; over the cap, close the oldest one.
+
+        The oldest that is not waiting for a login or sign-up answer goes first, so a flood of
+        new sockets does not cut off a user whose login is already in the Argon2 queue.
+        """
         self._waiting[conn] = None
         while len(self._waiting) > self.limits.max_unauthenticated_connections:
-            oldest, _ = self._waiting.popitem(last=False)
+            oldest = next((c for c in self._waiting if c not in self._busy), None)
+            if oldest is None:
+                oldest = next(iter(self._waiting))
+            del self._waiting[oldest]
             self.evicted += 1
             oldest.close_gracefully(
                 EVICTED_CODE,

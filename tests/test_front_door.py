@@ -26,7 +26,7 @@ from model import wire
 from model.ids import new_id
 from relay._frontdoor import AUTH_TIMEOUT_CODE, EVICTED_CODE, Argon2Slots
 from relay._throttle import RateBudget
-from relay.config import FrontDoorLimits, RelayConfig
+from relay.config import FRONT_DOOR_ENV, ConfigError, FrontDoorLimits, RelayConfig, load_config
 from tests.relay_harness import PASSWORD, relay_config, running_relay
 
 if TYPE_CHECKING:
@@ -448,3 +448,17 @@ async def test_argon2_slots_alternate_classes_and_lanes_and_survive_cancellation
     assert order == ["carol", "m0", "bob", "m1", "m2"], order
     stats = slots.statistics()
     assert (stats.busy, sum(stats.waiting.values())) == (0, 0)
+
+
+def test_every_front_door_limit_is_a_setting_with_an_environment_variable(tmp_path: Path) -> None:
+    env = {name: str(low + 1) for name, low, _ in FRONT_DOOR_ENV.values()}
+    loaded = load_config(env=env, data_dir=tmp_path).front_door
+    assert dataclasses.asdict(loaded) == {
+        key: low + 1 for key, (_, low, _) in FRONT_DOOR_ENV.items()
+    }
+    assert set(FRONT_DOOR_ENV) == {f.name for f in dataclasses.fields(FrontDoorLimits)}
+    assert load_config(env={}, data_dir=tmp_path).front_door == SHIPPED
+    with pytest.raises(ConfigError, match="COZY_MAX_UNAUTHENTICATED_CONNECTIONS"):
+        load_config(env={"COZY_MAX_UNAUTHENTICATED_CONNECTIONS": "0"}, data_dir=tmp_path)
+    with pytest.raises(ConfigError, match="COZY_AUTH_TIMEOUT"):
+        load_config(env={"COZY_AUTH_TIMEOUT": "soon"}, data_dir=tmp_path)
