@@ -1,7 +1,10 @@
 """Accounts: sign-up, login, agents, and the account directory members look each other up in.
 
-Passwords are verified with Argon2id in worker threads under a small limiter (relay/_auth.py);
-logins are throttled per handle string with identical answers whether or not it exists (SO-6).
+Passwords are hashed and verified with Argon2id in worker threads, in the fair turns of the
+front door's Argon2 slots (relay/_frontdoor.py); logins are throttled per handle string with
+identical answers and identical Argon2 cost whether the handle is unknown, a person's or an
+agent's (SO-6). Sign-up, handle lookups and agent creation tell whether a handle exists, so
+they are charged to the caller's and the relay's rate budgets first (ADR-0018).
 Keys never come from here unsigned: a keystore is stored only with the account key's signature
 (model/proofs.py), so a session alone cannot replace it (SO-2).
 """
@@ -37,6 +40,8 @@ class Accounts:
         self._sessions = sessions
 
     async def signup(self, conn: Connection, req: wire.Signup) -> None:
+        # Answers whether a handle exists (`handle_taken`): charged before any work.
+        self._s.front_door.spend_signup(conn.caller)
         try:
             _auth.check_signup(req.handle, req.password)
         except _auth.AuthError as exc:
@@ -59,9 +64,8 @@ class Accounts:
                     "the keystore is not signed by the account key being registered",
                 )
             keystore = KeystoreRow(1, req.keystore, req.keystore_sig)
-        password_hash = await trio.to_thread.run_sync(
-            _auth.hash_password, req.password, limiter=self._s.auth_limiter
-        )
+        async with self._s.front_door.argon2.turn("signup", conn.caller):
+            password_hash = await trio.to_thread.run_sync(_auth.hash_password, req.password)
         account_id = req.account_id
         await self._create_account(
             AccountRow(account_id, req.handle, password_hash, req.sign_pk, req.box_pk), keystore
@@ -73,29 +77,34 @@ class Accounts:
         """Throttled per handle string, known or not, with identical answers (SO-6).
 
         The lock check, the verification and the bookkeeping of its outcome all happen while
-        holding one verifier slot, so attempts queued behind a failure see the lock it caused:
-        a locked handle's password is never verified, however many attempts arrive at once.
+        holding one Argon2 slot (taken in the handle's turn, so a flood for one handle cannot
+        starve others), and attempts queued behind a failure see the lock it caused: a locked
+        handle's password is never verified, however many attempts arrive at once. Every
+        attempt that is not locked costs exactly one Argon2 verification, whether the handle
+        is unknown, a person's or an agent's (agents have no password and never log in).
         """
         s = self._s
         policy = _throttle.LOGIN_POLICY
         if not _auth.HANDLE_RE.fullmatch(req.handle):
             # No account can have this handle: answer as for any unknown handle, after the same
             # verifier work, without touching the database with arbitrary bytes.
-            await trio.to_thread.run_sync(
-                _auth.verify_password, None, req.password, limiter=s.auth_limiter
-            )
+            async with s.front_door.argon2.turn("login", req.handle):
+                await trio.to_thread.run_sync(_auth.verify_password, None, req.password)
             s.auth_counters.failed("invalid_credentials")
             raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
-        async with s.auth_limiter:
+        async with s.front_door.argon2.turn("login", req.handle):
             wait = await s.db(s.ledger.login_wait, req.handle)
             if wait > 0:
                 s.auth_counters.failed("locked_out")
                 raise RequestRefused(wire.ErrorCode.RATE_LIMITED, _throttle.lockout_message(wait))
             row = await s.db(s.ledger.account_by_handle, req.handle)
+            # Only a person's account has a password; an agent's handle is verified against
+            # the dummy hash like an unknown one, so neither answer nor cost tells them apart.
+            stored = row.password_hash if row is not None and row.kind == "human" else None
             ok = await trio.to_thread.run_sync(  # the slot held above bounds the concurrency
-                _auth.verify_password, None if row is None else row.password_hash, req.password
+                _auth.verify_password, stored, req.password
             )
-            if row is None or not ok:
+            if row is None or stored is None or not ok:
                 locked_for = await s.db(
                     partial(s.ledger.record_login_failure, policy=policy), req.handle
                 )
@@ -120,9 +129,8 @@ class Accounts:
     async def _rehash(self, row: AccountRow, password: str) -> None:
         """Store a hash with today's Argon2id parameters; best effort (the login stands)."""
         s = self._s
-        new_hash = await trio.to_thread.run_sync(
-            _auth.hash_password, password, limiter=s.auth_limiter
-        )
+        async with s.front_door.argon2.turn("login", row.handle):
+            new_hash = await trio.to_thread.run_sync(_auth.hash_password, password)
         try:
             await s.db(
                 partial(s.ledger.update_password_hash, replaces=row.password_hash),
@@ -142,6 +150,9 @@ class Accounts:
             ok = is_id(req.account_id, "a")
             row = await s.db(s.ledger.account_by_id, req.account_id) if ok else None
         elif req.handle is not None:
+            # Answers whether a handle exists: charged to the rate budgets. Ids are not (130
+            # random bits cannot be guessed, and members must resolve the ids they see).
+            s.front_door.spend_handle_lookup(conn.caller)
             ok = bool(_auth.HANDLE_RE.fullmatch(req.handle))
             row = await s.db(s.ledger.account_by_handle, req.handle) if ok else None
         else:
@@ -225,6 +236,8 @@ class Accounts:
         the agent's long-lived, revocable token. What the agent may do in a collab is granted
         separately, by the signed `add` proof with its capabilities."""
         creator = self._sessions.account_of(conn)
+        # Answers whether a handle exists (`handle_taken`): charged like a handle lookup.
+        self._s.front_door.spend_handle_lookup(conn.caller)
         if not _auth.HANDLE_RE.fullmatch(req.handle) or not is_id(req.account_id, "a"):
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,

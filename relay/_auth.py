@@ -43,11 +43,27 @@ def hash_password(password: str) -> str:
 
 
 def verify_password(password_hash: str | None, password: str) -> bool:
-    """True when `password` matches. With no hash (unknown handle) spends the same effort."""
+    """True when `password` matches `password_hash`.
+
+    Always costs exactly one Argon2id verification: with no hash (an unknown handle, or an
+    account without a password such as an agent's) or a stored value that is not an Argon2
+    hash, the password is verified against a dummy hash and the answer is False. So neither
+    the answer nor the time tells those cases from a wrong password.
+    """
+    usable = password_hash if password_hash is not None and _is_argon2_hash(password_hash) else None
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        ok = _hasher.verify(usable or _DUMMY_HASH, password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
+    return ok and usable is not None
+
+
+def _is_argon2_hash(value: str) -> bool:
+    try:
+        argon2.extract_parameters(value)
+    except (argon2.exceptions.InvalidHashError, ValueError):
+        return False
+    return True
 
 
 def needs_rehash(password_hash: str) -> bool:

@@ -81,6 +81,8 @@ class Connection:
         self.session_changed = trio.Event()
         # Who Cloudflare Access let through (SO-6), when the relay checks it; else None.
         self.access: AccessIdentity | None = None
+        # Whom the relay's rate budgets charge for this connection (relay._throttle.caller_key).
+        self.caller = ""
         self.nursery = nursery
         check_compatible(ws)  # the writer sends through relay/_wsraw.py
         # Items are single frames (coalesced into batches by the writer) or whole messages

@@ -22,6 +22,7 @@ import trio
 
 from model import wire
 from relay._connection import MAX_BACKGROUND_TASKS
+from relay._frontdoor import FrontDoor
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -40,7 +41,6 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 DB_THREADS: Final = 8
-AUTH_THREADS: Final = 2
 
 
 class RequestRefused(Exception):
@@ -69,7 +69,8 @@ class Services:
         self.broker = broker
         self.auth_counters = auth_counters
         self.db_limiter = trio.CapacityLimiter(DB_THREADS)
-        self.auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
+        # Unauthenticated connections, fair Argon2 slots, enumeration budgets (ADR-0018).
+        self.front_door = FrontDoor(config.front_door)
         self.sequencers: SequencerRegistry | None = None  # set while the relay serves
         self.overloaded = 0  # requests shed with `overloaded` (a bound was reached)
         self.connection_refusals = 0  # logins/auths refused: too many connections

@@ -22,12 +22,14 @@ from model.envelope import EventBody, decode_body
 from model.errors import InvalidEvent
 from model.ids import new_id
 from relay._context import RequestRefused, refuse, where
+from relay._throttle import Throttled
 
 if TYPE_CHECKING:
     from relay._accounts import Accounts
     from relay._artifacts import Artifacts
     from relay._collabs import Collabs
     from relay._connection import Connection
+    from relay._frontdoor import FrontDoor
     from relay._sessions import Sessions
     from relay._subscriptions import Subscriptions
 
@@ -43,7 +45,9 @@ class Dispatcher:
         collabs: Collabs,
         artifacts: Artifacts,
         subscriptions: Subscriptions,
+        front_door: FrontDoor,
     ) -> None:
+        self._front_door = front_door
         self._sessions = sessions
         self._accounts = accounts
         self._collabs = collabs
@@ -91,6 +95,8 @@ class Dispatcher:
             await self._route(conn, req, body)
         except RequestRefused as exc:
             refuse(conn, rid, exc.code, exc.message)
+        except Throttled as exc:
+            refuse(conn, rid, wire.ErrorCode.RATE_LIMITED, exc.message)
         except InvalidInput:
             refuse(
                 conn,
@@ -155,9 +161,11 @@ class Dispatcher:
             case wire.Ping():
                 conn.reply(wire.Pong(rid=req.rid))
             case wire.Signup():
-                await self._accounts.signup(conn, req)
+                async with self._front_door.answering(conn):  # its login deadline waits
+                    await self._accounts.signup(conn, req)
             case wire.Login():
-                await self._accounts.login(conn, req)
+                async with self._front_door.answering(conn):
+                    await self._accounts.login(conn, req)
             case wire.Authenticate():
                 await self._sessions.authenticate(conn, req)
             case wire.GetAccount():

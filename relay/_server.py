@@ -57,6 +57,7 @@ from relay._ops import (
 from relay._sequencer import SequencerRegistry, SequencerStats
 from relay._sessions import Sessions
 from relay._subscriptions import Subscriptions
+from relay._throttle import caller_key
 from relay._writer import LedgerWriter
 from relay.broker import Broker, SecretStore
 from relay.config import bao_auth
@@ -135,7 +136,10 @@ class Relay:
             collabs=self._collabs,
             artifacts=self._artifacts,
             subscriptions=self._subscriptions,
+            front_door=services.front_door,
         )
+        # Unauthenticated connections, fair Argon2 slots, enumeration budgets (ADR-0018).
+        self.front_door = services.front_door
         # Operations: refusals counted on the login paths (O(1)); everything else is read from
         # the actors' statistics() when /metrics is scraped. `ops_url` is set once listening.
         self.metrics = RelayMetrics(
@@ -288,9 +292,12 @@ class Relay:
         async with trio.open_nursery() as nursery:
             conn = Connection(ws, nursery)
             conn.access = identity
+            conn.caller = caller_key(None if identity is None else identity.subject, ws.remote)
             self._connections.add(conn)
+            self.front_door.admit(conn)  # over the cap, the oldest unauthenticated one closes
             nursery.start_soon(conn.run_writer)
             nursery.start_soon(self._sessions.watch_expiry, conn)
+            nursery.start_soon(self.front_door.enforce_deadline, conn)
             conn.reply(
                 wire.Welcome(
                     protocol=wire.PROTOCOL,
@@ -310,6 +317,7 @@ class Relay:
                 pass
             finally:
                 self._connections.discard(conn)
+                self.front_door.closed(conn)
                 self._sessions.unfile(conn)
                 self._subscriptions.drop_all(conn)
                 self._artifacts.abandon(conn)

@@ -141,6 +141,7 @@ class Sessions:
         conn.box_pk = row.box_pk
         conn.session_expires_at = expires
         conn.session_expired = False
+        self._s.front_door.authenticated(conn)  # off the unauthenticated cap and deadline
         self._changed(conn)
 
     def unfile(self, conn: Connection) -> None:

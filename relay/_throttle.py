@@ -8,7 +8,9 @@ runs. The bookkeeping lives in the ledger (`ledger.LoginThrottle`, on the databa
 
 from __future__ import annotations
 
+import ipaddress
 import math
+from dataclasses import dataclass, field
 from typing import Final
 
 from ledger import LoginPolicy
@@ -37,3 +39,92 @@ LOGIN_POLICY = LoginPolicy(
 def lockout_message(wait: float) -> str:
     """The refusal for a locked handle: it depends on nothing but the time left."""
     return f"too many failed logins for this handle; try again in {max(1, math.ceil(wait))} s"
+
+
+# --- rate budgets: sign-ups and handle lookups (ADR-0018) -----------------------------------
+
+
+class Throttled(Exception):
+    """A request was refused because a rate budget ran out. The message says what ran out and
+    how long to wait; it never depends on whether a handle exists (wire code `rate_limited`)."""
+
+    def __init__(self, message: str, *, wait: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.wait = wait
+
+
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float
+
+
+@dataclass(slots=True)
+class RateBudget:
+    """Token buckets of `per_hour` tokens each, refilled at `per_hour` per hour: one per caller
+    and one shared by every caller. Pure: the caller passes the (monotonic) time.
+
+    `spend` takes one token from the caller's bucket *and* the shared one, or from neither.
+    A refused attempt stores nothing, so the table holds only callers that spent within the
+    last hour (those with a full bucket are dropped): its size is bounded by what the shared
+    budget lets through, however many addresses an attacker has.
+    """
+
+    per_caller_per_hour: int
+    per_hour: int
+    _callers: dict[str, _Bucket] = field(default_factory=dict)
+    _shared: _Bucket | None = None
+    _prune_at: int = 1024
+
+    def _level(self, bucket: _Bucket | None, size: int, now: float) -> float:
+        if bucket is None:
+            return float(size)
+        return min(float(size), bucket.tokens + (now - bucket.at) * size / 3600.0)
+
+    def spend(self, caller: str, now: float) -> float:
+        """0.0 when one token was spent; else the seconds until the refusing bucket has one."""
+        mine = self._level(self._callers.get(caller), self.per_caller_per_hour, now)
+        shared = self._level(self._shared, self.per_hour, now)
+        if mine < 1.0:
+            return (1.0 - mine) * 3600.0 / self.per_caller_per_hour
+        if shared < 1.0:
+            return (1.0 - shared) * 3600.0 / self.per_hour
+        self._callers[caller] = _Bucket(mine - 1.0, now)
+        self._shared = _Bucket(shared - 1.0, now)
+        if len(self._callers) > self._prune_at:  # amortised: at most once per doubling
+            self._forget_full(now)
+            self._prune_at = max(1024, 2 * len(self._callers))
+        return 0.0
+
+    def caller_refused(self, caller: str, now: float) -> bool:
+        """True when `caller`'s own bucket (not the shared one) has no token left."""
+        return self._level(self._callers.get(caller), self.per_caller_per_hour, now) < 1.0
+
+    def _forget_full(self, now: float) -> None:
+        size = self.per_caller_per_hour
+        for key in [k for k, b in self._callers.items() if self._level(b, size, now) >= size]:
+            del self._callers[key]
+
+    def tracked_callers(self) -> int:
+        return len(self._callers)
+
+
+def caller_key(access_subject: str | None, remote: object) -> str:
+    """Whom rate budgets charge for a connection: its Cloudflare Access identity when the relay
+    checks Access, else its peer address (an IPv6 peer by its /64, which one host usually
+    holds whole). Behind a proxy without Access every client shares the proxy's address."""
+    if access_subject is not None:
+        return f"access:{access_subject}"
+    host = getattr(remote, "address", None)  # trio-websocket's Endpoint: an ip_address
+    try:
+        ip = ipaddress.ip_address(host) if isinstance(host, str) else host
+    except ValueError:
+        return f"peer:{host}"
+    if not isinstance(ip, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return "peer:local"  # a Unix socket: every client is a local process
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return f"peer:{ip.ipv4_mapped}"
+        return f"peer:{ipaddress.IPv6Network((ip, 64), strict=False)}"
+    return f"peer:{ip}"

@@ -47,6 +47,48 @@ class Secret:
 
 
 @dataclass(frozen=True)
+class FrontDoorLimits:
+    """What the relay spends on callers who have not logged in yet (docs/operator-guide.md,
+    "The front door"; ADR-0018). Each field has an environment variable, named in
+    `FRONT_DOOR_ENV`, and the same key in the TOML file."""
+
+    # Connections accepted that have not logged in or authenticated yet. One more closes the
+    # oldest of them with 4002, so idle sockets cannot keep a new user out.
+    max_unauthenticated_connections: int = 256
+    # Seconds a connection may stay unauthenticated; then it is closed with 4001 (after the
+    # login or sign-up it is waiting for, if any, is answered).
+    auth_timeout_seconds: int = 30
+    # Argon2id computations at once (password hashing and verification), shared fairly:
+    # sign-ups and logins take turns, and within logins each handle, within sign-ups each
+    # caller, gets one turn per round.
+    argon2_slots: int = 2
+    # Sign-ups per caller (Cloudflare Access identity, else peer address) and for the whole
+    # relay, per hour; each budget also allows a burst of its full hourly size.
+    signups_per_caller_per_hour: int = 20
+    signups_per_hour: int = 600
+    # `get_account` by handle and `create_agent` (the requests that answer whether a handle
+    # exists), per caller and for the whole relay, per hour.
+    handle_lookups_per_caller_per_hour: int = 120
+    handle_lookups_per_hour: int = 3600
+
+
+FRONT_DOOR_ENV: Final = {
+    "max_unauthenticated_connections": ("COZY_MAX_UNAUTHENTICATED_CONNECTIONS", 1, 1_000_000),
+    "auth_timeout_seconds": ("COZY_AUTH_TIMEOUT", 1, 3600),
+    "argon2_slots": ("COZY_ARGON2_SLOTS", 1, 256),
+    "signups_per_caller_per_hour": ("COZY_SIGNUPS_PER_CALLER_PER_HOUR", 1, 1_000_000),
+    "signups_per_hour": ("COZY_SIGNUPS_PER_HOUR", 1, 10_000_000),
+    "handle_lookups_per_caller_per_hour": (
+        "COZY_HANDLE_LOOKUPS_PER_CALLER_PER_HOUR",
+        1,
+        1_000_000,
+    ),
+    "handle_lookups_per_hour": ("COZY_HANDLE_LOOKUPS_PER_HOUR", 1, 10_000_000),
+}
+"""Each front-door limit's environment variable and allowed range (inclusive)."""
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     database_url: str | None
     data_dir: Path
@@ -74,6 +116,8 @@ class RelayConfig:
     max_artifact_bytes: int = 64 * 1024 * 1024
     # What catch-ups may cost and how many run at once (fanout/_catchup.py).
     catchup: CatchupLimits = field(default_factory=CatchupLimits)
+    # Unauthenticated connections, Argon2 slots and the enumeration budgets (ADR-0018).
+    front_door: FrontDoorLimits = field(default_factory=FrontDoorLimits)
 
 
 def load_config(
@@ -164,6 +208,7 @@ def load_config(
             1024**4,
         ),
         catchup=_catchup_limits(pick),
+        front_door=_front_door(pick),
     )
 
 
@@ -184,6 +229,15 @@ def _catchup_limits(pick: Callable[[str, str, object], object]) -> CatchupLimits
         for env, key, attr, low, high in _CATCHUP_SETTINGS
     }
     return dataclasses.replace(default, **values)
+
+
+def _front_door(pick: Callable[[str, str, object], object]) -> FrontDoorLimits:
+    defaults = FrontDoorLimits()
+    values = {
+        key: _bounded_int(env_name, pick(env_name, key, getattr(defaults, key)), low, high)
+        for key, (env_name, low, high) in FRONT_DOOR_ENV.items()
+    }
+    return FrontDoorLimits(**values)
 
 
 def bao_auth(config: RelayConfig) -> BaoAuth | None:

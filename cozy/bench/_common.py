@@ -230,12 +230,16 @@ async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[Rela
     The child inherits this process's raised open-file limit (see `raise_nofile_limit`).
     """
     # One bench account stands in for many clients, so lift the per-account connection cap
-    # (an operator setting) to what the idle-subscriber scenario opens. The ops listener takes a
-    # free port, so two benches (or a bench and a relay) on one machine do not collide on 9465.
+    # (an operator setting) to what the idle-subscriber scenario opens, and the front door's
+    # limits that charge one address (connections not yet authenticated, sign-ups), since
+    # every bench client connects from loopback at once. The ops listener takes a free port,
+    # so two benches (or a bench and a relay) on one machine do not collide on 9465.
     env = dict(
         os.environ,
         DATABASE_URL=database_url,
         COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
+        COZY_MAX_UNAUTHENTICATED_CONNECTIONS="100000",
+        COZY_SIGNUPS_PER_CALLER_PER_HOUR="100000",
         COZY_OPS_PORT="0",
     )
     log_path = data_dir.parent / "relay.log"
