@@ -47,8 +47,10 @@ LOCKED = re.compile(r"^too many failed logins for this handle; try again in (\d+
 
 @pytest.fixture
 def fast_policy(monkeypatch: pytest.MonkeyPatch) -> LoginPolicy:
-    """The relay's policy with a 0.2 s base delay instead of 1 s (everything else as shipped)."""
-    policy = dataclasses.replace(relay_throttle.LOGIN_POLICY, base_delay=0.2)
+    """The relay's policy as shipped but for the base delay, which is long enough (2 s) that the
+    next attempt reliably arrives while the lock holds, even on a loaded machine where a login
+    round trip with its Argon2 work takes most of a second (0.2 s made these tests flaky)."""
+    policy = dataclasses.replace(relay_throttle.LOGIN_POLICY, base_delay=2.0)
     monkeypatch.setattr(relay_throttle, "LOGIN_POLICY", policy)
     return policy
 
@@ -115,7 +117,7 @@ async def wait_unlocked(database_url: str, handle: str) -> None:
     store = Ledger(database_url)
     store.open()
     try:
-        with trio.fail_after(5):
+        with trio.fail_after(20):
             for _ in range(100):
                 wait = store.login_wait(handle)
                 if wait == 0:
@@ -165,7 +167,7 @@ async def test_lockout_grows_refuses_without_verifying_and_a_success_resets_it(
         assert LOCKED.match(message), message
         assert len(verifications) == n
         assert throttle_row(database_url, "alice")["window_failures"] == n
-    assert locks == pytest.approx([0.2, 0.4, 0.8], abs=0.01)
+    assert locks == pytest.approx([2.0, 4.0, 8.0], abs=0.01)
     await wait_unlocked(database_url, "alice")
     assert isinstance(await login(relay.url, "alice", PASSWORD), wire.LoggedIn)
     # A success resets the consecutive failures but not the hourly count.
