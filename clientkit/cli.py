@@ -239,9 +239,25 @@ async def _unlock_with_passphrase(home: Home) -> tuple[Unlocked, str]:
     return Unlocked(home, profile, sealed, key, keys), passphrase
 
 
-async def _session(client: Client, home: Home, profile: Profile) -> None:
-    """Reuse the stored session token; log in again with the password when it has expired."""
-    if profile.token and profile.token_expires_at > time.time() + 30:
+def _password_for(profile: Profile) -> str | None:
+    """The login password when the stored session will not do, asked *before* connecting: the
+    relay closes a connection that has not authenticated within its deadline (30 s by
+    default), so nobody should be typing a password into an open one."""
+    if _token_fresh(profile):
+        return None
+    return _password()
+
+
+def _token_fresh(profile: Profile) -> bool:
+    return bool(profile.token) and profile.token_expires_at > time.time() + 30
+
+
+async def _session(
+    client: Client, home: Home, profile: Profile, password: str | None = None
+) -> None:
+    """Reuse the stored session token; log in again with the password when it has expired
+    (`password`, read by `_password_for` before connecting)."""
+    if _token_fresh(profile) and profile.token:
         try:
             await client.authenticate(profile.token)
         except RelayRefused as exc:
@@ -254,15 +270,15 @@ async def _session(client: Client, home: Home, profile: Profile) -> None:
                 ) from None
         else:
             return
-    reply = await _log_in(client, profile.handle)
+    reply = await _log_in(client, profile.handle, password)
     profile.token, profile.token_expires_at = reply.token, reply.expires_at
     home.save_profile(profile)
 
 
-async def _log_in(client: Client, handle: str) -> wire.LoggedIn:
+async def _log_in(client: Client, handle: str, password: str | None = None) -> wire.LoggedIn:
     """Log in with the password; a throttled handle gets a message saying what to do."""
     try:
-        return await client.login(handle, _password())
+        return await client.login(handle, _password() if password is None else password)
     except RelayRefused as exc:
         if exc.code is not wire.ErrorCode.RATE_LIMITED:
             raise
@@ -350,9 +366,10 @@ async def cmd_restore(args: argparse.Namespace) -> None:
     if home.has_keystore():
         raise CliError(f"{home.path} already holds an account; restore into an empty COZY_HOME")
     step = _Progress(4)
+    password = _password()  # before connecting: see _password_for
     step("connecting and logging in")
     async with connect(args.relay) as client:
-        reply = await client.login(args.handle, _password())
+        reply = await client.login(args.handle, password)
         step("fetching the sealed keystore")
         stored = await client.fetch_keystore()
         sealed = keystore.decode_sealed(stored.blob)
@@ -433,7 +450,7 @@ async def cmd_change_passphrase(_args: argparse.Namespace) -> None:
         keystore.rewrap_passphrase, me.sealed, me.keystore_key, new_passphrase, kdf_profile()
     )
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
+        await _session(client, me.home, me.profile, password)
         me.replace_sealed(resealed)
         await me.sync_keystore(client)
     print("passphrase changed; your account keys are unchanged")
@@ -486,8 +503,9 @@ async def cmd_rotate_keys(args: argparse.Namespace) -> None:
     old_key = nacl.signing.SigningKey(me.keys.rotating_from)
     old_box_pk = bytes(nacl.public.PrivateKey(me.keys.retired[-1].box_sk).public_key)
     new_pair = (bytes(me.signing_key.verify_key), bytes(me.box_key.public_key))
+    password = _password_for(me.profile)
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
+        await _session(client, me.home, me.profile, password)
         client.on_receipt = me.home.state.add_receipt
         print("[2/4] replacing your keys in the relay's directory…", file=sys.stderr)
         await _rotate_in_directory(client, me, old_key, old_box_pk, new_pair)
@@ -644,8 +662,9 @@ async def cmd_collab_create(args: argparse.Namespace) -> None:
 async def _connected(me: Unlocked) -> AsyncIterator[Client]:
     if me.rotating:
         raise CliError(_UNFINISHED_ROTATION)
+    password = _password_for(me.profile)
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
-        await _session(client, me.home, me.profile)
+        await _session(client, me.home, me.profile, password)
         await me.sync_keystore(client)  # also notices a relay rolling the keystore back
         if me.rotating:  # adopted from another device that has not finished it
             raise CliError(_UNFINISHED_ROTATION)
