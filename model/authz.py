@@ -12,7 +12,7 @@ against a real relay for every kind of principal.
 What does not live here: looking the sender up (sessions, the membership projection) is I/O and
 lives in the relay; checking the signature itself needs the request's own signed bytes and is
 done by the handler the rule names (`signed`), which must refuse with `bad_signature`; the
-sequencer's admission of events at their position in the ledger is model/sequencer.py's.
+sequencer's admission of events at their position in the ledger is model/admission.py's.
 
 Principals, as the table sees them (SO-5, SO-6, SO-9):
 - ANONYMOUS: nobody logged in — never authenticated, session expired, agent token revoked, or

@@ -9,11 +9,13 @@ is being written and the receipts of batch n-1 are signed:
               (worker thread: sign receipts) ──► ack authors
 
 The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
-`Membership`, folded from its `mgmt` events when the actor starts. Content is accepted only
-from a current member and under the current key epoch; a `mgmt` event is checked with the
-shared fold against the exact head it would follow and written as a batch of its own, with the
-membership projection in the same transaction. Of two changes made against one head the first
-wins; the other is refused as `stale`, naming the new head.
+`Membership`, folded from its `mgmt` events when the actor starts, and asks the pure admission
+rules (model/admission.py) about each event at its exact position — content only from a current
+member with `post`, under the current key epoch, a DM only to one member; a `mgmt` event only
+if the shared fold accepts it against the exact head it would follow. A change is written as a
+batch of its own, with the membership projection in the same transaction. Of two changes made
+against one head the first wins; the other is refused as `stale`, naming the new head. The
+actor itself only moves data: it writes what is admitted and replies with each refusal.
 
 Persist first, then notify: acks and fan-out only ever see committed events (the ack stage
 only receives a batch once `LedgerWriter.write` has returned it committed). Worker-thread
@@ -34,8 +36,8 @@ import trio
 
 from ledger import AppendRequest, LedgerError
 from model import wire
+from model.admission import Refused, admit_change, admit_content
 from model.envelope import (
-    KIND_DM,
     KIND_MANAGEMENT,
     EventBody,
     SequencedEvent,
@@ -45,15 +47,6 @@ from model.envelope import (
     verify_event,
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
-from model.membership import (
-    CAP_POST,
-    Membership,
-    ProofRejected,
-    StaleProof,
-    apply,
-    proof_of,
-    signer_key,
-)
 from relay._cryptopool import CryptoPool
 
 if TYPE_CHECKING:
@@ -62,7 +55,7 @@ if TYPE_CHECKING:
     from fanout import Fanout
     from ledger import Ledger
     from model.chain import Head
-    from model.membership import Operation
+    from model.membership import Membership, Operation
     from model.sequencer import Assignment
     from relay._writer import LedgerWriter
 
@@ -79,10 +72,6 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
-# Proof rules whose breach is a matter of permission rather than of a malformed change.
-_PERMISSION_RULES: Final = frozenset(
-    {"role", "agent_signer", "not_a_member", "self_removal", "wrong_signer"}
-)
 
 
 class Replier(Protocol):
@@ -261,14 +250,24 @@ class Sequencer:
                 return
         run: list[tuple[Submission, VerifiedEvent]] = []
         for i, (sub, verified) in enumerate(batch):
+            if self._head is None:
+                # A change's write failed and the head is forgotten until it is re-read: the
+                # rest of the batch cannot be placed, so its authors retry.
+                self._fail(batch[i:], None)
+                return
             if verified.body.kind == KIND_MANAGEMENT:
                 if run and not await self._write_run(run):
                     self._fail(batch[i:], None)  # its order would be lost: all retry
                     return
                 run = []
                 await self._write_change(sub, verified)
-            elif self._admit(sub, verified.body):
-                run.append((sub, verified))
+            else:
+                assert self._membership is not None
+                refusal = admit_content(self._membership, self._head, verified.body, sub.author_pk)
+                if refusal is None:
+                    run.append((sub, verified))
+                else:
+                    self._refuse(sub, refusal)
         if run:
             await self._write_run(run)
 
@@ -279,83 +278,26 @@ class Sequencer:
             raise LedgerError(f"collab {self.collab_id} has no genesis event")
         return self._ledger.head(self.collab_id), membership
 
-    def _admit(self, sub: Submission, body: EventBody) -> bool:
-        """Content only from a current member, under the current key epoch."""
-        state = self._membership
-        assert state is not None
-        author = state.members.get(body.actor_id)
-        if author is None:
-            self._refuse(sub, wire.ErrorCode.UNAUTHORIZED, "you are not a member of this collab")
-            return False
-        if author.sign_pk != sub.author_pk:
-            # The event verified under the account's registered key, which is not the one this
-            # collab's fold pins: the account rotated its keys (ADR-0017) and has not re-pinned
-            # them here yet, or the event was signed with a key the collab no longer pins.
-            self._refuse(
-                sub,
-                wire.ErrorCode.UNAUTHORIZED,
-                "this collab pins another key for you than the one that signed this event:"
-                " finish your key rotation with `cozy account rotate-keys`; nothing was stored",
-            )
-            return False
-        if not author.may(CAP_POST):
-            self._refuse(
-                sub, wire.ErrorCode.UNAUTHORIZED, "this agent was not given the post capability"
-            )
-            return False
-        if body.kind == KIND_DM and (len(body.refs) != 1 or body.refs[0] not in state.members):
-            self._refuse(
-                sub,
-                wire.ErrorCode.INVALID_EVENT,
-                "a direct message names exactly one recipient, who must be a member",
-            )
-            return False
-        if body.epoch != state.epoch:
-            self._refuse(
-                sub,
-                wire.ErrorCode.STALE,
-                f"the collab key is at epoch {state.epoch} (sealed under {body.epoch}): re-read"
-                " the collab, seal under the current key and retry",
-            )
-            return False
-        return True
-
     async def _write_change(self, sub: Submission, verified: VerifiedEvent) -> None:
-        """Apply one management change at exactly the current head, or refuse it."""
-        before, head = self._membership, self._head
-        assert before is not None
-        assert head is not None
-        try:
-            proof = proof_of(verified.body)
-            if signer_key(before, proof) != sub.author_pk:
-                raise ProofRejected("wrong_signer", "signed by another key than the member's")
-            after = apply(before, proof, head, actor_id=verified.body.actor_id)
-        except StaleProof:
-            self._refuse(
-                sub,
-                wire.ErrorCode.STALE,
-                f"another change landed first: the head is now seq {head.seq}; re-read the"
-                " collab and make the change again (any new key it carried was never used)",
-            )
+        """Write one management change at exactly the current head, if it is admitted there."""
+        assert self._membership is not None
+        assert self._head is not None
+        decision = admit_change(self._membership, self._head, verified.body, sub.author_pk)
+        if isinstance(decision, Refused):
+            self._refuse(sub, decision)
             return
-        except ProofRejected as exc:
-            code = (
-                wire.ErrorCode.UNAUTHORIZED
-                if exc.code in _PERMISSION_RULES
-                else wire.ErrorCode.INVALID_EVENT
-            )
-            self._refuse(sub, code, f"management change refused: {exc}; nothing was stored")
-            return
-        if await self._write_run([(sub, verified)], after):
-            self._membership = after
-            self._on_changed(self.collab_id, proof.op, after)
+        if await self._write_run([(sub, verified)], decision.membership):
+            self._membership = decision.membership
+            assert decision.proof is not None
+            self._on_changed(self.collab_id, decision.proof.op, decision.membership)
 
-    def _refuse(self, sub: Submission, code: wire.ErrorCode, message: str) -> None:
+    def _refuse(self, sub: Submission, refusal: Refused) -> None:
         self._rejected += 1
-        head_seq = None
-        if code is wire.ErrorCode.STALE and self._head is not None:
-            head_seq = self._head.seq
-        sub.reply_to.reply(wire.Error(rid=sub.rid, code=code, message=message, head_seq=head_seq))
+        sub.reply_to.reply(
+            wire.Error(
+                rid=sub.rid, code=refusal.code, message=refusal.message, head_seq=refusal.head_seq
+            )
+        )
 
     def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
         if exc is not None:

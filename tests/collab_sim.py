@@ -15,6 +15,7 @@ import nacl.signing
 
 from clientkit import _collab
 from model import content as contentmod
+from model.admission import Refused, admit
 from model.chain import Head, next_head, start_of
 from model.dm import seal_dm
 from model.envelope import (
@@ -33,6 +34,7 @@ from model.membership import (
     MemberKind,
     Membership,
     Proof,
+    ProofRejected,
     RemoveMember,
     Role,
     apply,
@@ -67,16 +69,25 @@ class Sim:
         """Append if an honest relay would; raise `ProofRejected`/`ValueError`/`BadSignature`
         otherwise (signatures are checked against the keys the fold pins)."""
         body = decode_body(signed.body)
-        if body.kind == KIND_MANAGEMENT:
+        if self.state is None:
             proof = proof_of(body)
-            verify_event(signed, signer_key(self.state, proof), decoded=body)
-            self.state = apply(self.state, proof, self.head, actor_id=body.actor_id)
-        else:
-            assert self.state is not None
-            author = self.state.members.get(body.actor_id)
-            if author is None or not author.may("post") or body.epoch != self.state.epoch:
-                raise ValueError("an honest relay refuses this event")
-            verify_event(signed, author.sign_pk, decoded=body)
+            verify_event(signed, signer_key(None, proof), decoded=body)
+            self.state = apply(None, proof, self.head, actor_id=body.actor_id)
+            return self.force(signed)
+        author = self.state.members.get(body.actor_id)
+        pinned = b"" if author is None else author.sign_pk
+        if body.kind == KIND_MANAGEMENT and author is not None:
+            verify_event(signed, pinned, decoded=body)
+        # The sequencer's own rules (model/admission.py), with the session's key being the one
+        # the fold pins, as it is for an honest author.
+        decision = admit(self.state, self.head, body, pinned)
+        if isinstance(decision, Refused):
+            if body.kind == KIND_MANAGEMENT:
+                raise ProofRejected(decision.rule, decision.message)
+            raise ValueError(f"an honest relay refuses this event: {decision.message}")
+        if body.kind != KIND_MANAGEMENT:
+            verify_event(signed, pinned, decoded=body)
+        self.state = decision.membership
         return self.force(signed)
 
     def force(self, signed: SignedEvent) -> int:
