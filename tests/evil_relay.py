@@ -2,8 +2,10 @@
 
 It accepts any session token and answers subscriptions with whatever events the test hands it
 — forged proofs, spliced content, anything a compromised relay could send — with a chain it
-computed itself. The client kit on the other end is the real one, so a test shows the alarm a
-user would get.
+computed itself. Its account directory lies as told: `directory` holds the `AccountInfo` it
+answers `get_account` with (any keys the test likes), and with `silent_directory` it never
+answers a lookup at all; `directory_requests` counts the lookups it was asked. The client kit
+on the other end is the real one, so a test shows the alarm a user would get.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from functools import partial
 from typing import TYPE_CHECKING
 
+import msgspec
 import nacl.signing
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
@@ -23,11 +26,21 @@ if TYPE_CHECKING:
 
 
 class EvilRelay:
-    def __init__(self, collab_id: str, events: list[tuple[int, SignedEvent, bytes]]) -> None:
+    def __init__(
+        self,
+        collab_id: str,
+        events: list[tuple[int, SignedEvent, bytes]],
+        *,
+        directory: dict[str, wire.AccountInfo] | None = None,
+        silent_directory: bool = False,
+    ) -> None:
         self.collab_id = collab_id
         self.events = events
         self.key = nacl.signing.SigningKey.generate()
         self.url = ""
+        self.directory = directory or {}
+        self.silent_directory = silent_directory
+        self.directory_requests = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -73,6 +86,21 @@ class EvilRelay:
                         await ws.send_message(
                             wire.encode(wire.CaughtUp(collab_id=self.collab_id, seq=last))
                         )
+                    case wire.GetAccount():
+                        self.directory_requests += 1
+                        info = self.directory.get(req.account_id or req.handle or "")
+                        if self.silent_directory:
+                            continue  # never answers: the client must not need it to verify
+                        reply: wire.Reply = (
+                            wire.Error(
+                                rid=req.rid,
+                                code=wire.ErrorCode.NOT_FOUND,
+                                message="no such account",
+                            )
+                            if info is None
+                            else msgspec.structs.replace(info, rid=req.rid)
+                        )
+                        await ws.send_message(wire.encode(reply))
                     case wire.Unsubscribe():
                         await ws.send_message(
                             wire.encode(wire.Unsubscribed(rid=req.rid, collab_id=req.collab_id))
