@@ -9,6 +9,7 @@ against the relay's signed receipt.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import math
@@ -452,6 +453,47 @@ class Client:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def seal_and_append(
+        self,
+        collab_id: str,
+        box_key: nacl.public.PrivateKey,
+        seal: Callable[[CollabView], SignedEvent],
+        *,
+        view: CollabView | None = None,
+        history: History | None = None,
+        attempts: int = 3,
+    ) -> tuple[wire.Appended, CollabView]:
+        """Seal content against a verified view of the collab and append it.
+
+        `seal(view)` seals under ``view.current_key()``. When the relay bounces the event as
+        `stale` — the key rotated since that view, because a member was removed or the key was
+        rotated — the view is brought up to the relay's head and `seal` runs again, under the
+        new key: the bounced ciphertext is never sent again, so nothing sealed under a key a
+        removed member still holds is stored after their removal (SO-7).
+
+        `view`, a verified view the caller holds already, saves the first read; the collab is
+        read afresh after a bounce. With `history` — a history of this collab open on this
+        connection, which allows one subscription per collab (a bot's followed stream) — its
+        view is used and advanced from its own stream instead (`History.read_ahead`), the
+        entries read kept for the iteration. Returns the ack and the view the stored event was
+        sealed against; the last refusal is raised after `attempts`.
+        """
+        if history is not None:
+            view = history.view
+        for attempt in range(attempts):
+            if view is None:
+                view = await self.read(collab_id, box_key)
+            try:
+                return await self.append(seal(view)), view
+            except RelayRefused as exc:
+                if exc.code is not wire.ErrorCode.STALE or attempt == attempts - 1:
+                    raise
+                if history is not None:
+                    view = await history.read_ahead(exc.head_seq or view.head.seq + 1)
+                else:
+                    view = None
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def append(
         self, signed: SignedEvent, *, retry_for: float = APPEND_RETRY_FOR
     ) -> wire.Appended:
@@ -856,6 +898,7 @@ class History:
         self._subscription = AsyncExitStack()
         self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
         self._refilled_after: int | None = None  # the head a backfill was last asked from
+        self._ahead: collections.deque[Entry] = collections.deque()  # verified, not handed out
 
     async def _subscribe(self) -> None:
         self._frames = await self._subscription.enter_async_context(
@@ -892,7 +935,27 @@ class History:
     def _alarm(self, kind: type[IntegrityAlarm], message: str, seq: int | None) -> IntegrityAlarm:
         return kind(message, collab_id=self.view.collab_id, seq=seq)
 
+    async def read_ahead(self, seq: int) -> CollabView:
+        """Verify the stream up to `seq` now (or until it ends) and return the view there.
+
+        The entries read are kept and handed out next, in order, so nothing is skipped: this is
+        for code that must act on the collab as it is now while it is still handling an earlier
+        entry — a post bounced as `stale` because the key rotated after that entry
+        (`Client.seal_and_append`). Raises what iterating would raise.
+        """
+        while self.view.head.seq < seq:
+            try:
+                self._ahead.append(await self._next_entry())
+            except StopAsyncIteration:
+                break
+        return self.view
+
     async def __anext__(self) -> Entry:
+        if self._ahead:
+            return self._ahead.popleft()
+        return await self._next_entry()
+
+    async def _next_entry(self) -> Entry:
         while not self._done:
             assert self._frames is not None
             try:

@@ -47,16 +47,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from clientkit._agent import AgentCredentials, load_credentials
-from clientkit._client import Client, connect
+from clientkit._client import Client, History, connect
 from clientkit._state import ClientState
 from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded, RelayRefused
 from model import content as contentmod
 from model import wire
+from model.chain import Head
 from model.envelope import seal_event
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from model.envelope import SignedEvent
     from model.membership import Proof
     from model.view import CollabView, Entry
 
@@ -83,11 +85,15 @@ class Context:
     bot: Bot
     entry: Entry
     _client: Client
-    _view: CollabView
+    _history: History
 
     async def post(self, text: str) -> int:
-        """Post `text` to the collab (sealed, signed, with evidence). Returns its seq."""
-        return await self.bot._post(self._client, self._view, text)
+        """Post `text` to the collab (sealed, signed, with evidence). Returns its seq.
+
+        If the collab key rotated while the handler ran (a member was removed), the relay
+        bounces the post and it is sealed again under the new key, never stored under the old.
+        """
+        return await self.bot._post(self._client, self._history, text)
 
     # Collabs have no threads yet: a reply is a post to the same collab.
     reply = post
@@ -230,8 +236,10 @@ class Bot:
                 task_status.started()
             async for entry in events:
                 if entry.seq > cursor:
-                    await self._dispatch(Context(self, entry, client, events.view))
-                    state.commit_cursor(self.collab_id, events.head)
+                    await self._dispatch(Context(self, entry, client, events))
+                    # The entry's own position: a handler may have read the stream ahead
+                    # (`History.read_ahead`), and those entries are still to be handled.
+                    state.commit_cursor(self.collab_id, Head(entry.seq, entry.chain))
                     cursor = entry.seq
 
     async def _watchdog(self, client: Client, scope: trio.CancelScope) -> None:
@@ -254,26 +262,37 @@ class Bot:
             for handler in self._dms if entry.dm_to else self._messages:
                 await handler(ctx, entry.content.text)
 
-    async def _post(self, client: Client, view: CollabView, text: str) -> int:
-        epoch, key = view.current_key()
-        evidence = view.evidence(DEVICE, int(time.time() * 1000))
-        if self._sent[0] >= evidence.counter:  # posted faster than our own events came back
-            evidence = type(evidence)(
-                evidence.device, self._sent[0] + 1, self._sent[1], evidence.seen_seq,
-                evidence.seen_chain, evidence.clock,
-            )  # fmt: skip
-        signed = seal_event(
-            signing_key=nacl.signing.SigningKey(self.credentials.sign_seed),
-            collab_key=key,
-            collab_id=self.collab_id,
-            actor_id=self.account_id,
-            kind=contentmod.KIND_MESSAGE,
-            ts=evidence.clock,
-            content=contentmod.encode_content(contentmod.Message(text), evidence),
-            epoch=epoch,
-        )
-        ack = await client.append(signed)
-        self._sent = (evidence.counter, ack.event_id)
+    async def _post(self, client: Client, history: History, text: str) -> int:
+        """Seal against the followed view; if the key rotated meanwhile (a member was removed
+        while the handler ran), the relay bounces it, the view reads its stream ahead to the
+        rotation, and it is sealed again under the new key."""
+        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
+        counter = 0  # the author counter of the last sealing: the one stored
+
+        def seal(view: CollabView) -> SignedEvent:
+            nonlocal counter
+            epoch, key = view.current_key()
+            evidence = view.evidence(DEVICE, int(time.time() * 1000))
+            if self._sent[0] >= evidence.counter:  # posted faster than our own events came back
+                evidence = type(evidence)(
+                    evidence.device, self._sent[0] + 1, self._sent[1], evidence.seen_seq,
+                    evidence.seen_chain, evidence.clock,
+                )  # fmt: skip
+            counter = evidence.counter
+            return seal_event(
+                signing_key=signing_key,
+                collab_key=key,
+                collab_id=self.collab_id,
+                actor_id=self.account_id,
+                kind=contentmod.KIND_MESSAGE,
+                ts=evidence.clock,
+                content=contentmod.encode_content(contentmod.Message(text), evidence),
+                epoch=epoch,
+            )
+
+        box = nacl.public.PrivateKey(self.credentials.box_sk)
+        ack, _ = await client.seal_and_append(self.collab_id, box, seal, history=history)
+        self._sent = (counter, ack.event_id)
         return ack.seq
 
 

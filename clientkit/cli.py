@@ -699,15 +699,11 @@ async def _post(
     collab_id: str,
     seal: Callable[[CollabView], SignedEvent],
 ) -> wire.Appended:
-    """Seal against a freshly verified view; if the key rotated meanwhile, re-read and retry."""
-    for attempt in range(3):
-        view = await _read(client, me, collab_id)
-        try:
-            return await client.append(seal(view))
-        except RelayRefused as exc:
-            if exc.code is not wire.ErrorCode.STALE or attempt == 2:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
+    """Seal against a freshly verified view; if the key rotated meanwhile, the relay bounces it
+    and it is sealed again under the new key (`Client.seal_and_append`)."""
+    view = await _read(client, me, collab_id)
+    ack, _ = await client.seal_and_append(collab_id, me.box_key, seal, view=view)
+    return ack
 
 
 def _sealer(
