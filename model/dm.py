@@ -6,17 +6,21 @@ key) instead of the collab key, so the two of them — and nobody else in the co
 it. The recipient is the event's single ref, so the relay can route the body to the two
 participants only; the outer event is Ed25519-signed by the sender like any event. `crypto_box`
 has no associated data, so the routing fields are sealed inside and checked on open: the DM
-cannot be re-addressed to another collab, pair, time or epoch.
+cannot be re-addressed to another collab, pair, time or epoch. What is sealed is padded to a
+size bucket first, like every event's content (model/padding.py, ADR-0016).
 """
 
 from __future__ import annotations
 
+from typing import Final
+
 import msgspec
+import nacl.bindings
 import nacl.exceptions
 import nacl.public
 import nacl.signing
 
-from model import _crypto
+from model import _crypto, padding
 from model.envelope import (
     EVENT_VERSION,
     KIND_DM,
@@ -24,10 +28,13 @@ from model.envelope import (
     SignedEvent,
     VerifiedEvent,
     content_associated_data,
+    pad_for_body,
     sign_body,
 )
 from model.errors import DECODE_ERRORS
 
+# crypto_box is XSalsa20-Poly1305 like secretbox: the same 16-byte tag.
+_BOX_MAC_BYTES: Final = nacl.bindings.crypto_secretbox_MACBYTES
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(tuple[bytes, bytes])
 
@@ -49,8 +56,9 @@ def seal_dm(
     )
     nonce = _crypto.random_bytes(nacl.public.Box.NONCE_SIZE)
     inner = _encoder.encode((content_associated_data(header), content))
+    padded = pad_for_body(header, inner, nonce_bytes=len(nonce), tag_bytes=_BOX_MAC_BYTES)
     box = nacl.public.Box(sender_box_key, nacl.public.PublicKey(recipient_box_pk))
-    sealed = box.encrypt(inner, nonce).ciphertext
+    sealed = box.encrypt(padded, nonce).ciphertext
     return sign_body(signing_key, msgspec.structs.replace(header, nonce=nonce, ciphertext=sealed))
 
 
@@ -64,8 +72,13 @@ def open_dm(event: VerifiedEvent, my_box_key: nacl.public.PrivateKey, other_box_
         raw = nacl.public.Box(my_box_key, nacl.public.PublicKey(other_box_pk)).decrypt(
             b.ciphertext, b.nonce
         )
-        ad, content = _decoder.decode(raw)
-    except (nacl.exceptions.CryptoError, nacl.exceptions.ValueError, *DECODE_ERRORS):
+        ad, content = _decoder.decode(padding.unpad(raw))
+    except (
+        nacl.exceptions.CryptoError,
+        nacl.exceptions.ValueError,
+        padding.BadPadding,
+        *DECODE_ERRORS,
+    ):
         raise _crypto.CryptoError("the direct message does not open") from None
     if not _crypto.constant_time_equal(ad, content_associated_data(b)):
         raise _crypto.CryptoError("the direct message does not open")

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
-from model import _crypto
+from model import _crypto, padding
 from model.errors import DECODE_ERRORS, BadSignature, InvalidEvent
 from model.ids import is_id
 
@@ -108,7 +108,8 @@ def seal_event(
     refs: tuple[str, ...] = (),
     epoch: int = 0,
 ) -> SignedEvent:
-    """Encrypt `content` under the collab key of `epoch` and sign the result as `actor_id`.
+    """Pad `content` to its size bucket (model/padding.py), encrypt it under the collab key of
+    `epoch` and sign the result as `actor_id`.
 
     Raises `InvalidEvent` if the routing fields or the resulting size break the protocol's
     limits, so an author learns about it before the relay refuses the event.
@@ -116,8 +117,28 @@ def seal_event(
     header = EventBody(EVENT_VERSION, collab_id, actor_id, kind, ts, refs, b"", b"", epoch)
     _check_routing(header)
     nonce = _crypto.random_bytes(_crypto.AEAD_NONCE_BYTES)
-    sealed = _crypto.aead_encrypt(collab_key, nonce, content, content_associated_data(header))
+    padded = pad_for_body(header, content, nonce_bytes=len(nonce), tag_bytes=AEAD_TAG_BYTES)
+    sealed = _crypto.aead_encrypt(collab_key, nonce, padded, content_associated_data(header))
     return sign_body(signing_key, msgspec.structs.replace(header, nonce=nonce, ciphertext=sealed))
+
+
+AEAD_TAG_BYTES: Final = 16
+
+
+def pad_for_body(header: EventBody, content: bytes, *, nonce_bytes: int, tag_bytes: int) -> bytes:
+    """`content` padded to its bucket, the last bucket cut to what fits in a body with this
+    header. Raises `InvalidEvent` when the content cannot fit at all."""
+    # The body's size with a ciphertext of 256..65535 bytes (every padded size: a msgpack bin16
+    # length prefix) is this fixed part plus the ciphertext itself.
+    bare = len(_body_encoder.encode(msgspec.structs.replace(header, nonce=bytes(nonce_bytes))))
+    fixed = bare - 2 + 3  # an empty bin is 2 bytes; a bin16 prefix is 3
+    try:
+        return padding.pad(content, limit=MAX_BODY_BYTES - fixed - tag_bytes)
+    except ValueError:
+        raise InvalidEvent(
+            f"the content is {len(content)} bytes; an event body holds at most {MAX_BODY_BYTES}."
+            " Attach large content as an artifact instead."
+        ) from None
 
 
 def sign_body(signing_key: nacl.signing.SigningKey, body: EventBody) -> SignedEvent:
@@ -193,9 +214,14 @@ def verify_event(
 
 
 def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
-    """Decrypt a verified event's content. Raises `CryptoError` (opaque) on any failure."""
+    """Decrypt a verified event's content and strip its padding. Raises `CryptoError`
+    (opaque) on any failure, a malformed padding included."""
     b = event.body
-    return _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
+    plain = _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
+    try:
+        return padding.unpad(plain)
+    except padding.BadPadding:
+        raise _crypto.CryptoError("decryption failed") from None
 
 
 def _check_routing(body: EventBody) -> None:

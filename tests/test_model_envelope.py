@@ -448,23 +448,26 @@ def test_routing_field_limits_are_inclusive() -> None:
     assert verify_event(signed, ALICE.sign_pk).body.ts == 2**63 - 1
 
 
-def _overhead() -> int:
-    """Body bytes that are not content, for a ciphertext in the bin16 range (like the limit's)."""
-    probe = make_event(ALICE, COLLAB, CK, content=b"\x00" * 60_000)
-    return len(probe.body) - 60_000
+def _max_content() -> int:
+    """The most content bytes an event holds: padding cuts its last bucket to the body limit
+    (model/padding.py), which then holds the content, the padding's two framing bytes and the
+    AEAD tag."""
+    probe = make_event(ALICE, COLLAB, CK, content=b"\x00" * 63_000)
+    assert len(probe.body) == MAX_BODY_BYTES
+    return len(decode_body(probe.body).ciphertext) - 16 - 2
 
 
 def test_largest_content_that_fits_is_accepted_and_one_more_byte_is_not() -> None:
-    fits = MAX_BODY_BYTES - _overhead()
+    fits = _max_content()
     signed = make_event(ALICE, COLLAB, CK, content=b"\x01" * fits)
     assert len(signed.body) == MAX_BODY_BYTES
     assert open_content(verify_event(signed, ALICE.sign_pk), CK) == b"\x01" * fits
-    with pytest.raises(InvalidEvent, match="limit"):
+    with pytest.raises(InvalidEvent, match="Attach large content as an artifact"):
         make_event(ALICE, COLLAB, CK, content=b"\x01" * (fits + 1))
 
 
 def test_oversized_bodies_are_refused_before_any_crypto() -> None:
-    big = make_event(ALICE, COLLAB, CK, content=b"\x00" * (MAX_BODY_BYTES - _overhead()))
+    big = make_event(ALICE, COLLAB, CK, content=b"\x00" * _max_content())
     oversized = big.body + b"\x00"
     with pytest.raises(InvalidEvent, match="limit"):
         decode_body(oversized)
