@@ -135,7 +135,14 @@ async def _maintain(config: RelayConfig, action: str) -> int:
 
 
 async def _lockouts(config: RelayConfig, args: argparse.Namespace) -> int:
-    """`cozy relay lockouts list` and `cozy relay lockouts clear HANDLE`."""
+    """`cozy relay lockouts list` and `cozy relay lockouts clear HANDLE`.
+
+    Rows are stored under keyed hashes of the handles (relay/_throttle.py), made with a key
+    derived from this relay's JWT signing key: the list names the rows of existing accounts
+    by recomputing their keys, and shows any other row (a typo, a guessed or made-up handle)
+    only as an unnamed one.
+    """
+    keyer = _throttle.HandleKeyer(config.jwt_signing_key.value)
     async with AsyncExitStack() as stack:
         url = config.database_url
         if url is None:
@@ -146,15 +153,20 @@ async def _lockouts(config: RelayConfig, args: argparse.Namespace) -> int:
         policy = _throttle.LOGIN_POLICY
         if args.lockouts_action == "list":
             rows = await trio.to_thread.run_sync(lambda: ledger.list_login_lockouts(policy=policy))
-            _print_lockouts(rows)
+            names: dict[bytes, str] = {}
+            if rows:
+                handles = await trio.to_thread.run_sync(ledger.account_handles)
+                names = {keyer(h): h for h in handles}
+            _print_lockouts(rows, names)
             return 0
         handle = args.handle
         cleared = await trio.to_thread.run_sync(
-            lambda: ledger.clear_login_failures(handle, policy=policy)
+            lambda: ledger.clear_login_failures(keyer(handle), policy=policy)
         )
     if not cleared:
         print(
-            f"nothing to clear: {_printable(handle)} is not locked and has no failed logins counted",
+            f"nothing to clear: {_printable(handle)} is not locked and has no failed logins"
+            " counted (under this relay's JWT signing key)",
             file=sys.stderr,
         )
         return 1
@@ -162,7 +174,7 @@ async def _lockouts(config: RelayConfig, args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_lockouts(rows: list[LockoutRow]) -> None:
+def _print_lockouts(rows: list[LockoutRow], names: dict[bytes, str]) -> None:
     if not rows:
         print("no handle has failed logins counted")
         return
@@ -171,7 +183,10 @@ def _print_lockouts(rows: list[LockoutRow]) -> None:
         until = "-"
         if r.locked_until is not None:
             until = datetime.fromtimestamp(r.locked_until, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-        table.append((_printable(r.handle), str(r.failures), str(r.window_failures), until))
+        name = names.get(r.handle_key)
+        # Not an account's handle: the string tried is not stored, only its keyed hash.
+        shown = _printable(name) if name is not None else f"(no-account:{r.handle_key.hex()[:12]})"
+        table.append((shown, str(r.failures), str(r.window_failures), until))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

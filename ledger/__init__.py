@@ -1,6 +1,7 @@
 """The append-only Postgres event ledger (blocking API; call it from worker threads)."""
 
 from ledger._artifacts import ArtifactRow as ArtifactRow
+from ledger._artifacts import SweepReport as SweepReport
 from ledger._store import AccountRow as AccountRow
 from ledger._store import AppendRequest as AppendRequest
 from ledger._store import KeystoreRow as KeystoreRow
@@ -16,6 +17,7 @@ from ledger.errors import InvalidInput as InvalidInput
 from ledger.errors import KeysChanged as KeysChanged
 from ledger.errors import LedgerError as LedgerError
 from ledger.errors import LedgerUnavailable as LedgerUnavailable
+from ledger.errors import QuotaExceeded as QuotaExceeded
 from ledger.errors import SchemaNotReady as SchemaNotReady
 from ledger.errors import SchemaTooNew as SchemaTooNew
 from ledger.errors import SequencingConflict as SequencingConflict

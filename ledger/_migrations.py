@@ -159,4 +159,44 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
             ADD COLUMN token_generation integer NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        8,
+        "uploads with owners and quota; login failures keyed by a keyed hash",
+        """
+        -- An upload in progress: whose it is, where it goes, how many bytes it holds so far,
+        -- and when its last piece came. Its pieces (artifact_pieces) are deleted with it when
+        -- it is refused, abandoned or idle too long; when it finishes, this row goes and the
+        -- artifacts row takes over. Uploads plus artifacts are what counts against a quota.
+        CREATE TABLE uploads (
+            upload     text PRIMARY KEY,
+            account_id text NOT NULL REFERENCES accounts (account_id),
+            collab_id  text NOT NULL REFERENCES collabs (collab_id),
+            bytes      bigint NOT NULL DEFAULT 0 CHECK (bytes >= 0),
+            touched_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX uploads_by_account ON uploads (account_id);
+        CREATE INDEX uploads_by_touched ON uploads (touched_at);
+        CREATE INDEX artifacts_by_uploader ON artifacts (uploader);
+        -- Pieces stored before this migration that belong to no finished artifact were left by
+        -- refused or abandoned uploads: nothing refers to them.
+        DELETE FROM artifact_pieces p
+            WHERE NOT EXISTS (SELECT 1 FROM artifacts a WHERE a.upload = p.upload);
+
+        -- Failed logins were keyed by the handle string as typed, which kept every string ever
+        -- tried (a password typed into the handle field included). They are now keyed by a
+        -- keyed BLAKE2b of the handle whose key lives in the relay's config, not here. The old
+        -- rows cannot be converted without that key; they are throttle state of the last hour
+        -- at most, so they are dropped (running lockouts end with the upgrade).
+        DROP TABLE login_failures;
+        CREATE TABLE login_failures (
+            handle_key      bytea PRIMARY KEY CHECK (length(handle_key) = 32),
+            failures        integer NOT NULL DEFAULT 0,
+            window_start    timestamptz NOT NULL DEFAULT now(),
+            window_failures integer NOT NULL DEFAULT 0,
+            locked_until    timestamptz,
+            last_failure_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX login_failures_by_last_failure ON login_failures (last_failure_at);
+        """,
+    ),
 )

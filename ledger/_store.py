@@ -312,6 +312,11 @@ class Ledger(LoginThrottle, Artifacts):
     def account_by_id(self, account_id: str) -> AccountRow | None:
         return self._account("account_id", account_id)
 
+    def account_handles(self) -> list[str]:
+        """Every account's handle (operator tools name lockouts with them)."""
+        with _translated(), self._pool.connection() as conn:
+            return [str(r[0]) for r in conn.execute("SELECT handle FROM accounts ORDER BY handle")]
+
     def _account(self, column: str, value: str) -> AccountRow | None:
         query = _ACCOUNT_BY_HANDLE if column == "handle" else _ACCOUNT_BY_ID
         with _translated(), self._pool.connection() as conn:

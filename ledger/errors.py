@@ -54,3 +54,12 @@ class KeysChanged(LedgerError):
 
 class InvalidInput(LedgerError):
     """Postgres refused a value (e.g. a NUL character in text). Nothing was written."""
+
+
+class QuotaExceeded(LedgerError):
+    """Storing this would take an account past its storage quota. Nothing was written."""
+
+    def __init__(self, used: int, quota: int) -> None:
+        super().__init__(f"the account stores {used} bytes; its quota is {quota}")
+        self.used = used
+        self.quota = quota

@@ -5,9 +5,19 @@ keystore key; that key is wrapped twice: under a key derived from the encryption
 Argon2id, and under a key derived from the recovery code (see model/recovery.py). Changing the
 passphrase or recovering replaces only the passphrase wrap; the keystore key and the account
 keys stay the same. Rotating the account keys (ADR-0017) seals a new keystore under a *fresh*
-keystore key and a new recovery code, so an old copy's secrets open none of what follows. The KDF parameters travel with the keystore so a later client can open it, and the
-client refuses to seal below libsodium's MODERATE parameters unless the caller explicitly asks
-for the documented test profile.
+keystore key and a new recovery code, so an old copy's secrets open none of what follows.
+The KDF parameters travel with the keystore, in plaintext, so a later client can open it.
+
+Cost bounds, checked on both sides (SO-2):
+- sealing: only the named profiles exist — MODERATE, and the documented test profile that a
+  caller must ask for by name; anything else is refused (`KdfCostRefused`);
+- unwrapping: a client refuses to derive with parameters above MAX_OPSLIMIT / MAX_MEMLIMIT, so
+  a hostile relay cannot plant a keystore that makes a device derive for minutes or exhaust
+  its memory;
+- storing: the relay reads the plaintext header with `kdf_header` (pure, no secret needed)
+  and refuses a keystore below the floor (`check_kdf_floor`), so a database thief never finds
+  a cheaply sealed keystore to crack first. The test profile passes only where the relay's
+  own configuration allows it.
 """
 
 from __future__ import annotations
@@ -26,8 +36,12 @@ from model.errors import DECODE_ERRORS
 
 KEYSTORE_VERSION: Final = 1
 KEY_BYTES: Final = nacl.secret.SecretBox.KEY_SIZE
-MAX_OPSLIMIT: Final = 16
-MAX_MEMLIMIT: Final = 2 * 1024 * 1024 * 1024
+# The most a client derives with (libsodium's SENSITIVE memory, a little over twice its passes):
+# above MODERATE so a future, stronger default still opens, and bounded so it cannot hang or
+# exhaust a device.
+MAX_OPSLIMIT: Final = 10
+MAX_MEMLIMIT: Final = 1024 * 1024 * 1024
+KDF_ALG: Final = "argon2id13"
 
 
 class KdfProfile(enum.Enum):
@@ -56,6 +70,60 @@ class RetiredKeys(msgspec.Struct, frozen=True, array_like=True):
 
     def __repr__(self) -> str:
         return "RetiredKeys(<redacted>)"
+
+
+class KdfCostRefused(CryptoError):
+    """The keystore's KDF parameters are outside the accepted bounds: too cheap to protect a
+    passphrase (below the floor), or too costly to derive safely (above the caps)."""
+
+
+class _Header(msgspec.Struct):
+    """The plaintext part of an encoded keystore that says how its passphrase wrap was made."""
+
+    v: int
+    kdf: KdfParams
+
+
+def kdf_header(blob: bytes) -> KdfParams:
+    """The KDF parameters an encoded keystore declares, read without any secret. Pure.
+
+    Raises `CryptoError` when `blob` is not an encoded keystore.
+    """
+    try:
+        return msgspec.msgpack.decode(blob, type=_Header).kdf
+    except DECODE_ERRORS:
+        raise CryptoError("the keystore is damaged or not a keystore") from None
+
+
+def kdf_floor(*, allow_test_profile: bool = False) -> tuple[int, int]:
+    """The least (opslimit, memlimit) accepted: MODERATE, or the test profile's when allowed."""
+    profile = KdfProfile.INSECURE_TEST if allow_test_profile else KdfProfile.MODERATE
+    ops, mem = profile.value
+    return ops, mem
+
+
+def check_kdf_floor(params: KdfParams, *, allow_test_profile: bool = False) -> None:
+    """Refuse parameters below the floor or above the caps with `KdfCostRefused`. Pure.
+
+    The floor is MODERATE (t=3, m=256 MiB) — both numbers, not a trade of one for the other —
+    or, only with `allow_test_profile`, the documented test profile (t=1, m=8 MiB).
+    """
+    if params.alg != KDF_ALG:
+        raise KdfCostRefused(f"keystores are sealed with {KDF_ALG}, not {params.alg[:32]!r}")
+    least_ops, least_mem = kdf_floor(allow_test_profile=allow_test_profile)
+    if params.opslimit < least_ops or params.memlimit < least_mem:
+        raise KdfCostRefused(
+            f"the keystore is sealed with Argon2id t={params.opslimit},"
+            f" m={params.memlimit // (1024 * 1024)} MiB; the least accepted is t={least_ops},"
+            f" m={least_mem // (1024 * 1024)} MiB (libsodium MODERATE)"
+        )
+    _check_kdf_caps(params)
+
+
+def _check_kdf_caps(params: KdfParams) -> None:
+    if params.opslimit > MAX_OPSLIMIT or params.memlimit > MAX_MEMLIMIT:
+        # A keystore comes from the server on restore: never let it demand unbounded work.
+        raise KdfCostRefused("the keystore asks for an unreasonable KDF cost; refusing to derive")
 
 
 class KeystoreContent(msgspec.Struct):
@@ -93,11 +161,9 @@ _content_decoder = msgspec.msgpack.Decoder(KeystoreContent)
 
 def derive_passphrase_key(passphrase: str, params: KdfParams) -> bytes:
     """Argon2id. Slow by design (≈0.5 s and 256 MiB at MODERATE): call it off the event loop."""
-    if params.alg != "argon2id13":
+    if params.alg != KDF_ALG:
         raise CryptoError("unsupported keystore KDF")
-    if params.opslimit > MAX_OPSLIMIT or params.memlimit > MAX_MEMLIMIT:
-        # A keystore comes from the server on restore: never let it demand unbounded work.
-        raise CryptoError("the keystore asks for an unreasonable KDF cost; refusing to derive")
+    _check_kdf_caps(params)
     return nacl.pwhash.argon2id.kdf(
         KEY_BYTES,
         passphrase.encode("utf-8"),
@@ -108,9 +174,13 @@ def derive_passphrase_key(passphrase: str, params: KdfParams) -> bytes:
 
 
 def new_kdf_params(profile: KdfProfile = KdfProfile.MODERATE) -> KdfParams:
+    """Fresh parameters for `profile`. Raises `KdfCostRefused` for anything but a named
+    profile: no caller can seal with home-made, cheaper numbers."""
+    if not isinstance(profile, KdfProfile):
+        raise KdfCostRefused("seal with KdfProfile.MODERATE (or the named test profile)")
     ops, mem = profile.value
     return KdfParams(
-        alg="argon2id13",
+        alg=KDF_ALG,
         opslimit=ops,
         memlimit=mem,
         salt=nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES),

@@ -41,6 +41,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     OVERLOADED = "overloaded"
     TOO_MANY_CONNECTIONS = "too_many_connections"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    WEAK_KEYSTORE = "weak_keystore"
     TOOL_FAILED = "tool_failed"
     SHUTTING_DOWN = "shutting_down"
     INTERNAL = "internal"

@@ -6,7 +6,10 @@ identical answers and identical Argon2 cost whether the handle is unknown, a per
 agent's (SO-6). Sign-up, handle lookups and agent creation tell whether a handle exists, so
 they are charged to the caller's and the relay's rate budgets first (ADR-0018).
 Keys never come from here unsigned: a keystore is stored only with the account key's signature
-(model/proofs.py), so a session alone cannot replace it (SO-2).
+(model/proofs.py), so a session alone cannot replace it (SO-2), and only when its plaintext KDF
+header is at the floor (relay/_keystores.py), so a database thief finds no cheap one to crack.
+Failed logins are recorded under a keyed hash of the handle (`_throttle.HandleKeyer`), never
+the string typed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from model import wire
 from model.ids import is_id
 from model.membership import MemberKind
 from model.proofs import KeyPair, verify_keystore_write
-from relay import _auth, _rekey, _throttle
+from relay import _auth, _keystores, _rekey, _throttle
 from relay._context import RequestRefused
 
 if TYPE_CHECKING:
@@ -38,6 +41,7 @@ class Accounts:
     def __init__(self, services: Services, sessions: Sessions) -> None:
         self._s = services
         self._sessions = sessions
+        self._handle_key = _throttle.HandleKeyer(services.config.jwt_signing_key.value)
 
     async def signup(self, conn: Connection, req: wire.Signup) -> None:
         # Answers whether a handle exists (`handle_taken`): charged before any work.
@@ -63,6 +67,7 @@ class Accounts:
                     wire.ErrorCode.BAD_SIGNATURE,
                     "the keystore is not signed by the account key being registered",
                 )
+            _check_keystore_kdf(req.keystore, self._s)
             keystore = KeystoreRow(1, req.keystore, req.keystore_sig)
         async with self._s.front_door.argon2.turn("signup", conn.caller):
             password_hash = await trio.to_thread.run_sync(_auth.hash_password, req.password)
@@ -93,7 +98,8 @@ class Accounts:
             s.auth_counters.failed("invalid_credentials")
             raise RequestRefused(wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong")
         async with s.front_door.argon2.turn("login", req.handle):
-            wait = await s.db(s.ledger.login_wait, req.handle)
+            handle_key = self._handle_key(req.handle)
+            wait = await s.db(s.ledger.login_wait, handle_key)
             if wait > 0:
                 s.auth_counters.failed("locked_out")
                 raise RequestRefused(wire.ErrorCode.RATE_LIMITED, _throttle.lockout_message(wait))
@@ -106,13 +112,13 @@ class Accounts:
             )
             if row is None or stored is None or not ok:
                 locked_for = await s.db(
-                    partial(s.ledger.record_login_failure, policy=policy), req.handle
+                    partial(s.ledger.record_login_failure, policy=policy), handle_key
                 )
                 s.auth_counters.failed("invalid_credentials", locked=locked_for > 0)
                 raise RequestRefused(
                     wire.ErrorCode.INVALID_CREDENTIALS, "handle or password is wrong"
                 )
-            await s.db(s.ledger.record_login_success, req.handle)
+            await s.db(s.ledger.record_login_success, handle_key)
         if _auth.needs_rehash(row.password_hash):
             await self._rehash(row, req.password)
         token, expires = _auth.issue_token(
@@ -184,6 +190,8 @@ class Accounts:
             raise RequestRefused(
                 wire.ErrorCode.BAD_SIGNATURE, "keystore writes must be signed by your account key"
             )
+        if req.blob:  # an empty blob deletes the keystore
+            _check_keystore_kdf(req.blob, self._s)
         try:
             await self._s.db(
                 self._s.ledger.put_keystore,
@@ -207,6 +215,8 @@ class Accounts:
         row = await self._s.db(self._s.ledger.account_by_id, account_id)
         if row is None:
             raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, "log in again")
+        if req.keystore:  # the keystore stored with the new keys meets the floor too
+            _check_keystore_kdf(req.keystore, self._s)
         new = await _rekey.rotate_account_keys(
             self._s.db, self._s.ledger.rotate_account_keys, account_id,
             KeyPair(row.sign_pk, row.box_pk), req,
@@ -276,3 +286,11 @@ class Accounts:
         self._sessions.revoke(req.account_id, "agent revoked by its creator")
         log.info("agent_revoked", account_id=req.account_id, generation=generation)
         conn.reply(wire.AgentRevoked(rid=req.rid, account_id=req.account_id))
+
+
+def _check_keystore_kdf(blob: bytes, services: Services) -> None:
+    """The keystore floor (relay/_keystores.py) as a typed refusal."""
+    try:
+        _keystores.check_stored_kdf(blob, services.config)
+    except _keystores.KeystoreRefused as exc:
+        raise RequestRefused(exc.code, exc.message) from None

@@ -2,20 +2,24 @@
 end, and downloads streamed a page at a time, paced by the client's socket.
 
 The relay sees ciphertext only (model/artifacts.py): it checks that the pieces hash to the ref
-the client claims, never what they say. An upload belongs to the session that started it.
+the client claims, never what they say. An upload belongs to the session that started it,
+and nothing of it outlives a refusal, the session or the connection (relay/_uploads.py); what
+one account stores is bounded by its quota (`storage_quota_bytes`).
 """
 
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import structlog
 from trio_websocket import ConnectionClosed
 
-from ledger import AlreadyExists
+from ledger import AlreadyExists, QuotaExceeded, UnknownReference
 from model import wire
 from model.artifacts import RefHasher
+from relay import _uploads
 from relay._connection import ArtifactUpload
 from relay._context import RequestRefused
 
@@ -41,6 +45,8 @@ class Artifacts:
         """Store one piece of an upload; on the final piece check the whole upload's hash.
 
         Pieces go to the ledger as they arrive, so no upload is ever held in memory whole.
+        Every refusal of a piece of an upload this connection owns deletes the whole upload's
+        pieces before it is answered (relay/_uploads.py): nothing of a refused upload stays.
         """
         account_id = self._sessions.account_of(conn)
         upload = conn.uploads.get(req.upload)
@@ -50,34 +56,76 @@ class Artifacts:
                     wire.ErrorCode.INVALID_REQUEST,
                     f"upload ids are 16-64 letters, digits, '_' or '-'; at most {MAX_UPLOADS} uploads at once",
                 )
-            upload = conn.uploads[req.upload] = ArtifactUpload(req.collab_id, RefHasher())
+            try:
+                await self._s.db(self._s.ledger.start_upload, req.upload, account_id, req.collab_id)
+            except AlreadyExists:
+                # Someone's upload or artifact has this id: refused, and theirs left alone.
+                raise RequestRefused(
+                    wire.ErrorCode.INVALID_REQUEST,
+                    "that upload id is in use; start again with a new random one",
+                ) from None
+            upload = conn.uploads[req.upload] = ArtifactUpload(
+                req.collab_id, RefHasher(), account_id=account_id
+            )
+        try:
+            await self._store_piece(conn, req, upload, account_id)
+        except RequestRefused:
+            if upload is not None:
+                if conn.uploads.get(req.upload) is upload:
+                    del conn.uploads[req.upload]
+                await _uploads.drop_upload(self._s.db, self._s.ledger, req.upload, upload)
+            raise
+
+    async def _store_piece(
+        self,
+        conn: Connection,
+        req: wire.PutArtifactChunk,
+        upload: ArtifactUpload | None,
+        account_id: str,
+    ) -> None:
+        """One piece of an upload this connection owns; raises `RequestRefused` to end it."""
         if upload is None or upload.collab_id != req.collab_id or req.index != upload.next_index:
-            conn.uploads.pop(req.upload, None)
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,
                 "artifact pieces must arrive in order, from 0; start again",
             )
+        if upload.account_id != account_id:
+            raise RequestRefused(
+                wire.ErrorCode.UNAUTHORIZED,
+                "this upload was started by another account; start again",
+            )
+        config = self._s.config
         upload.size += len(req.data)
-        if upload.size > self._s.config.max_artifact_bytes:
-            conn.uploads.pop(req.upload, None)
+        if upload.size > config.max_artifact_bytes:
             raise RequestRefused(
                 wire.ErrorCode.FRAME_TOO_LARGE,
-                f"artifacts are limited to {self._s.config.max_artifact_bytes} bytes on this relay",
+                f"artifacts are limited to {config.max_artifact_bytes} bytes on this relay;"
+                " nothing of this upload was kept",
             )
         upload.hasher.update(req.data)
         try:
-            await self._s.db(self._s.ledger.put_artifact_piece, req.upload, req.index, req.data)
-        except AlreadyExists:
-            conn.uploads.pop(req.upload, None)
+            await self._s.db(
+                partial(self._s.ledger.put_upload_piece, quota=config.storage_quota_bytes),
+                req.upload,
+                account_id,
+                req.index,
+                req.data,
+            )
+        except QuotaExceeded as exc:
+            raise RequestRefused(
+                wire.ErrorCode.QUOTA_EXCEEDED,
+                f"this account stores {exc.used} bytes and may store {exc.quota}; the upload"
+                " was refused and nothing of it kept: ask the relay's operator for more room",
+            ) from None
+        except (UnknownReference, AlreadyExists):
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,
-                "that upload id is in use; start again with a new random one",
+                "this upload is no longer in progress (it sat idle too long); start again",
             ) from None
         upload.next_index += 1
         if not req.final:
             conn.reply(wire.ArtifactChunkStored(rid=req.rid, index=req.index))
             return
-        del conn.uploads[req.upload]
         if upload.hasher.ref() != req.ref:
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST,
@@ -92,12 +140,19 @@ class Artifacts:
             upload.size,
             upload.next_index,
         )
+        del conn.uploads[req.upload]
         log.info("artifact_stored", collab_id=req.collab_id, size=upload.size)
         conn.reply(wire.ArtifactStored(rid=req.rid, ref=req.ref, size=upload.size))
 
     def abandon(self, conn: Connection) -> None:
-        """The session (or the connection) ended: its uploads in progress are dropped."""
-        conn.uploads.clear()
+        """The session (or the connection) ended: its uploads in progress are dropped, and
+        their pieces deleted from the ledger by a task of the connection (shielded, so a
+        closing connection still finishes it)."""
+        uploads, conn.uploads = list(conn.uploads.items()), {}
+        if uploads:
+            conn.nursery.start_soon(
+                _uploads.drop_connection_uploads, self._s.db, self._s.ledger, uploads
+            )
 
     async def get(self, conn: Connection, req: wire.GetArtifact) -> None:
         found = await self._s.db(self._s.ledger.artifact, req.collab_id, req.ref)

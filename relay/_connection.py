@@ -51,10 +51,11 @@ CLOSE_TIMEOUT: Final = 2.0
 
 @dataclass
 class ArtifactUpload:
-    """An artifact upload in progress on one connection: where it goes, how far it got."""
+    """An artifact upload in progress on one connection: whose, where it goes, how far it got."""
 
     collab_id: str
     hasher: RefHasher
+    account_id: str = ""
     next_index: int = 0
     size: int = 0
 

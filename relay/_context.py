@@ -11,6 +11,9 @@ point in relay/_dispatch.py:
     _collabs.py        collab creation, appends (handed to the sequencers), tool calls
     _artifacts.py      uploads and downloads of encrypted artifacts
     _subscriptions.py  live and catch-up reads through the fan-out
+
+and beside them, called from those: `_keystores.py` (the KDF floor for stored keystores) and
+`_uploads.py` (deleting refused and abandoned uploads; the periodic housekeeping sweep).
 """
 
 from __future__ import annotations

@@ -48,6 +48,12 @@ async def run_relay(
         stack.callback(ledger.close)
         settings = await trio.to_thread.run_sync(ledger.durability_settings)
         check_durability(settings, allow_unsafe=config.allow_unsafe_durability)
+        if config.allow_test_kdf:
+            log.warning(
+                "test_kdf_allowed",
+                hint="COZY_ALLOW_TEST_KDF is on: keystores sealed with the test Argon2id profile"
+                " are stored, and a database thief cracks them at once; test suites only",
+            )
         relay = Relay(config, ledger, signing_key_from_seed(relay_signing_seed(config)))
         async with trio.open_nursery() as nursery:
 

@@ -58,6 +58,7 @@ from relay._sequencer import SequencerRegistry, SequencerStats
 from relay._sessions import Sessions
 from relay._subscriptions import Subscriptions
 from relay._throttle import caller_key
+from relay._uploads import Housekeeping
 from relay._writer import LedgerWriter
 from relay.broker import Broker, SecretStore
 from relay.config import bao_auth
@@ -127,6 +128,8 @@ class Relay:
             config, ledger, self.fanout, self.broker, self.auth_counters
         )
         self._subscriptions = Subscriptions(services)
+        # Sweeps uploads a crash left and old login-failure records (relay/_uploads.py).
+        self.housekeeping = Housekeeping(ledger, config, services.db)
         self._sessions = sessions = Sessions(services, on_end=self._session_ended)
         self._artifacts = Artifacts(services, sessions)
         self._collabs = Collabs(services, sessions)
@@ -245,6 +248,7 @@ class Relay:
                             )
                         )
                         self.url = f"ws://{self.config.host}:{server.port}"
+                        accept.start_soon(self.housekeeping.run, name="housekeeping")
                         log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
                         task_status.started(self.url)
                         await self._shutdown.wait()

@@ -1,13 +1,15 @@
 """The relay's login-throttling policy (SO-6; SPEC §4). Operators: docs/operator-guide.md.
 
-Failures are counted per handle *string*, the same way whether or not an account has that
-handle, and a locked handle gets the same answer either way, so throttling never reveals which
-handles exist. While a handle is locked its logins are refused before the password verifier
+Failures are counted per handle *string* (stored only as a keyed hash, `HandleKeyer`), the
+same way whether or not an account has that handle, and a locked handle gets the same answer
+either way, so throttling never reveals which handles exist. While a handle is locked its logins are refused before the password verifier
 runs. The bookkeeping lives in the ledger (`ledger.LoginThrottle`, on the database clock).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import ipaddress
 import math
 from dataclasses import dataclass, field
@@ -128,3 +130,32 @@ def caller_key(access_subject: str | None, remote: object) -> str:
             return f"peer:{ip.ipv4_mapped}"
         return f"peer:{ipaddress.IPv6Network((ip, 64), strict=False)}"
     return f"peer:{ip}"
+
+
+_HANDLE_KEY_DOMAIN: Final = b"cozylabs/v1/login-failures/handle-key\x00"
+
+
+class HandleKeyer:
+    """Makes the key a handle's `login_failures` row is stored under: a keyed BLAKE2b of the
+    handle, so the table never holds the strings people typed (SO-2/SO-6, docs/threat-model.md).
+
+    Its key is derived from the relay's JWT signing key (HMAC-SHA256 under a label of its own,
+    so it is never the signing key itself) and is never written to the database: a thief with
+    only the database can neither read the handles nor test guesses against them. Every relay
+    sharing a database shares the JWT key, so they agree on every row. Rotating the JWT key
+    (`cozy relay rotate-jwt-key`) changes every handle key: running lockouts and failure counts
+    are forgotten, like the sessions it kills, and the old rows age out (`prune_login_failures`).
+    """
+
+    __slots__ = ("_key",)
+
+    def __init__(self, jwt_signing_key: bytes) -> None:
+        self._key = hmac.new(jwt_signing_key, _HANDLE_KEY_DOMAIN, hashlib.sha256).digest()
+
+    def __call__(self, handle: str) -> bytes:
+        return hashlib.blake2b(
+            handle.encode("utf-8", "surrogatepass"), key=self._key, digest_size=32
+        ).digest()
+
+    def __repr__(self) -> str:
+        return "HandleKeyer(<key redacted>)"

@@ -118,6 +118,16 @@ class RelayConfig:
     catchup: CatchupLimits = field(default_factory=CatchupLimits)
     # Unauthenticated connections, Argon2 slots and the enumeration budgets (ADR-0018).
     front_door: FrontDoorLimits = field(default_factory=FrontDoorLimits)
+    # Bytes one account may keep stored: its finished artifacts plus its uploads in progress.
+    storage_quota_bytes: int = 1024 * 1024 * 1024
+    # An upload that gets no piece for this long is deleted with its pieces (one left by a
+    # crash; a live connection's uploads are deleted when it closes). Swept at start-up and
+    # every `housekeeping_seconds`, with login-failure records older than the lockout window.
+    upload_idle_seconds: int = 10 * 60
+    housekeeping_seconds: int = 60
+    # Accept keystores sealed with the documented test Argon2id profile (t=1, 8 MiB) instead of
+    # MODERATE. Test suites only: a database thief cracks such a keystore in no time.
+    allow_test_kdf: bool = False
 
 
 def load_config(
@@ -209,6 +219,27 @@ def load_config(
         ),
         catchup=_catchup_limits(pick),
         front_door=_front_door(pick),
+        storage_quota_bytes=_bounded_int(
+            "COZY_STORAGE_QUOTA_BYTES",
+            pick("COZY_STORAGE_QUOTA_BYTES", "storage_quota_bytes", 1024**3),
+            0,
+            1024**5,
+        ),
+        upload_idle_seconds=_bounded_int(
+            "COZY_UPLOAD_IDLE_SECONDS",
+            pick("COZY_UPLOAD_IDLE_SECONDS", "upload_idle_seconds", 10 * 60),
+            10,
+            7 * 24 * 3600,
+        ),
+        housekeeping_seconds=_bounded_int(
+            "COZY_HOUSEKEEPING_SECONDS",
+            pick("COZY_HOUSEKEEPING_SECONDS", "housekeeping_seconds", 60),
+            1,
+            24 * 3600,
+        ),
+        allow_test_kdf=_flag(
+            "COZY_ALLOW_TEST_KDF", pick("COZY_ALLOW_TEST_KDF", "allow_test_kdf", False)
+        ),
     )
 
 

@@ -36,9 +36,11 @@ _INSTALL_HINT = (
 def _ops_on_free_ports() -> Iterator[None]:
     """Relays that tests start from the environment (`cozy relay serve`, `cozy dev` as child
     processes) put their operations listener on a free port, not on the fixed default 9465
-    that concurrent runs would fight over."""
+    that concurrent runs would fight over. They also accept keystores sealed with the test
+    Argon2id profile that test clients use (COZY_ALLOW_TEST_KDF; never on by default)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("COZY_OPS_PORT", os.environ.get("COZY_OPS_PORT", "0"))
+        mp.setenv("COZY_ALLOW_TEST_KDF", os.environ.get("COZY_ALLOW_TEST_KDF", "1"))
         yield
 
 

@@ -49,6 +49,9 @@ def relay_config(database_url: str, data_dir: Path) -> RelayConfig:
             handle_lookups_per_caller_per_hour=1_000_000,
             handle_lookups_per_hour=1_000_000,
         ),
+        # Test clients seal keystores with the cheap, documented test profile; a real relay
+        # refuses those (relay/_keystores.py).
+        allow_test_kdf=True,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -100,26 +101,31 @@ def refusal(reply: wire.Reply) -> tuple[wire.ErrorCode, str]:
     return reply.code, reply.message
 
 
-def throttle_row(database_url: str, handle: str) -> dict[str, object]:
+def keyer(relay: Relay) -> relay_throttle.HandleKeyer:
+    """How `relay` keys its `login_failures` rows (a keyed hash of the handle)."""
+    return relay_throttle.HandleKeyer(relay.config.jwt_signing_key.value)
+
+
+def throttle_row(database_url: str, handle_key: bytes) -> dict[str, object]:
     """The handle's `login_failures` row; `lock` is the current lock length in seconds."""
     with psycopg.connect(database_url) as conn:
         r = conn.execute(
             "SELECT failures, window_failures,"
             " extract(epoch FROM locked_until - last_failure_at)::float8"
-            " FROM login_failures WHERE handle = %s",
-            (handle,),
+            " FROM login_failures WHERE handle_key = %s",
+            (handle_key,),
         ).fetchone()
-    assert r is not None, f"no login_failures row for {handle!r}"
+    assert r is not None, "no login_failures row for that handle"
     return {"failures": r[0], "window_failures": r[1], "lock": r[2]}
 
 
-async def wait_unlocked(database_url: str, handle: str) -> None:
+async def wait_unlocked(database_url: str, handle_key: bytes) -> None:
     store = Ledger(database_url)
     store.open()
     try:
         with trio.fail_after(20):
             for _ in range(100):
-                wait = store.login_wait(handle)
+                wait = store.login_wait(handle_key)
                 if wait == 0:
                     break
                 await trio.sleep(wait + 0.02)
@@ -146,19 +152,20 @@ def test_the_shipped_policy_is_five_free_failures_then_doubling_from_1s_to_15min
 async def test_lockout_grows_refuses_without_verifying_and_a_success_resets_it(
     relay: Relay, database_url: str, fast_policy: LoginPolicy, verifications: list[str | None]
 ) -> None:
+    key = keyer(relay)
     await sign_up(relay.url, "alice")
     for n in range(1, 6):  # the free failures: answered, verified, no lock
         assert (
             refusal(await login(relay.url, "alice", WRONG))[0] is wire.ErrorCode.INVALID_CREDENTIALS
         )
-        assert throttle_row(database_url, "alice")["lock"] is None
+        assert throttle_row(database_url, key("alice"))["lock"] is None
         assert len(verifications) == n
     locks = []
     for n in (6, 7, 8):
-        await wait_unlocked(database_url, "alice")
+        await wait_unlocked(database_url, key("alice"))
         code, _ = refusal(await login(relay.url, "alice", WRONG))
         assert code is wire.ErrorCode.INVALID_CREDENTIALS
-        row = throttle_row(database_url, "alice")
+        row = throttle_row(database_url, key("alice"))
         assert (row["failures"], row["window_failures"]) == (n, n)
         locks.append(row["lock"])
         # Locked: even the right password is refused, and it never reaches the verifier.
@@ -166,27 +173,28 @@ async def test_lockout_grows_refuses_without_verifying_and_a_success_resets_it(
         assert code is wire.ErrorCode.RATE_LIMITED
         assert LOCKED.match(message), message
         assert len(verifications) == n
-        assert throttle_row(database_url, "alice")["window_failures"] == n
+        assert throttle_row(database_url, key("alice"))["window_failures"] == n
     assert locks == pytest.approx([2.0, 4.0, 8.0], abs=0.01)
-    await wait_unlocked(database_url, "alice")
+    await wait_unlocked(database_url, key("alice"))
     assert isinstance(await login(relay.url, "alice", PASSWORD), wire.LoggedIn)
     # A success resets the consecutive failures but not the hourly count.
-    row = throttle_row(database_url, "alice")
+    row = throttle_row(database_url, key("alice"))
     assert (row["failures"], row["window_failures"]) == (0, 8)
     assert refusal(await login(relay.url, "alice", WRONG))[0] is wire.ErrorCode.INVALID_CREDENTIALS
-    assert throttle_row(database_url, "alice")["lock"] is None
+    assert throttle_row(database_url, key("alice"))["lock"] is None
 
 
 @pytest.mark.objective("SO-6")
 async def test_a_known_and_an_unknown_handle_get_byte_identical_answers_at_every_step(
     relay: Relay, database_url: str, fast_policy: LoginPolicy, verifications: list[str | None]
 ) -> None:
+    key = keyer(relay)
     await sign_up(relay.url, "bob-known")
     steps: list[bytes] = []
     for step in range(1, 10):
         if step in (8,):
-            await wait_unlocked(database_url, "bob-known")
-            await wait_unlocked(database_url, "bob-ghost")
+            await wait_unlocked(database_url, key("bob-known"))
+            await wait_unlocked(database_url, key("bob-ghost"))
         known = await login_frame(relay.url, "bob-known", WRONG)
         unknown = await login_frame(relay.url, "bob-ghost", WRONG)
         assert known == unknown, f"step {step}: {known!r} != {unknown!r}"
@@ -197,24 +205,26 @@ async def test_a_known_and_an_unknown_handle_get_byte_identical_answers_at_every
     # Both were verified equally often (the unknown one against the dummy hash), and both rows
     # look alike.
     assert verifications.count(None) == len(verifications) // 2 == 7
-    known_row = throttle_row(database_url, "bob-known")
-    assert known_row == pytest.approx(throttle_row(database_url, "bob-ghost"), abs=0.01)
+    known_row = throttle_row(database_url, key("bob-known"))
+    assert known_row == pytest.approx(throttle_row(database_url, key("bob-ghost")), abs=0.01)
 
 
 @pytest.mark.objective("SO-6")
 async def test_after_100_failures_in_an_hour_the_handle_is_locked_until_the_hour_ends(
     relay: Relay, database_url: str, verifications: list[str | None]
 ) -> None:
+    key = keyer(relay)
     await sign_up(relay.url, "carol")
     # 99 failures in the last 10 minutes, with logins in between (no consecutive lock).
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "INSERT INTO login_failures (handle, failures, window_start, window_failures)"
-            " VALUES ('carol', 0, now() - interval '10 minutes', 99)"
+            "INSERT INTO login_failures (handle_key, failures, window_start, window_failures)"
+            " VALUES (%s, 0, now() - interval '10 minutes', 99)",
+            (key("carol"),),
         )
     assert refusal(await login(relay.url, "carol", WRONG))[0] is wire.ErrorCode.INVALID_CREDENTIALS
     assert len(verifications) == 1  # the 100th attempt was verified
-    row = throttle_row(database_url, "carol")
+    row = throttle_row(database_url, key("carol"))
     assert (row["failures"], row["window_failures"]) == (1, 100)
     # Attempt 101, with the right password: refused until the window's hour is over, unverified.
     code, message = refusal(await login(relay.url, "carol", PASSWORD))
@@ -227,11 +237,12 @@ async def test_after_100_failures_in_an_hour_the_handle_is_locked_until_the_hour
     with psycopg.connect(database_url) as conn:
         conn.execute(
             "UPDATE login_failures SET window_start = now() - interval '1 hour',"
-            " locked_until = now() WHERE handle = 'carol'"
+            " locked_until = now() WHERE handle_key = %s",
+            (key("carol"),),
         )
     assert isinstance(await login(relay.url, "carol", PASSWORD), wire.LoggedIn)
     assert refusal(await login(relay.url, "carol", WRONG))[0] is wire.ErrorCode.INVALID_CREDENTIALS
-    row = throttle_row(database_url, "carol")
+    row = throttle_row(database_url, key("carol"))
     assert (row["failures"], row["window_failures"], row["lock"]) == (1, 1, None)
 
 
@@ -292,12 +303,24 @@ async def test_operators_list_and_clear_lockouts_with_cozy_relay_lockouts(
     ledger: Ledger, database_url: str, tmp_path: Path
 ) -> None:
     policy = relay_throttle.LOGIN_POLICY
-    for _ in range(12):  # locked for 2**6 = 64 s
-        ledger.record_login_failure("mallory", policy=policy)
-    ledger.record_login_failure("typo-only", policy=policy)
-    ledger.record_login_failure("\x1b[31mred", policy=policy)
-    env = server_env(DATABASE_URL=database_url)
     data_dir = ["--data-dir", str(tmp_path / "relay")]
+    # The relay's own key (created in its data dir on first use), as `cozy relay` finds it.
+    config = load_config(env={}, data_dir=tmp_path / "relay")
+    key = relay_throttle.HandleKeyer(config.jwt_signing_key.value)
+    ledger.create_account(
+        AccountRow(
+            new_id("a"),
+            "mallory",
+            "$argon2id$x",
+            bytes(nacl.signing.SigningKey.generate().verify_key),
+            bytes(nacl.public.PrivateKey.generate().public_key),
+        )
+    )
+    for _ in range(12):  # locked for 2**6 = 64 s
+        ledger.record_login_failure(key("mallory"), policy=policy)
+    ledger.record_login_failure(key("typo-only"), policy=policy)
+    ledger.record_login_failure(key("\x1b[31mred"), policy=policy)
+    env = server_env(DATABASE_URL=database_url)
 
     listed = (await cozy("relay", "lockouts", "list", *data_dir, env=env)).stdout.decode()
     lines = [line.split() for line in listed.splitlines()]
@@ -305,19 +328,64 @@ async def test_operators_list_and_clear_lockouts_with_cozy_relay_lockouts(
     rows = {line[0]: line[1:] for line in lines[1:]}
     assert rows["mallory"][:2] == ["12", "12"]
     assert rows["mallory"][-1] == "UTC"
-    assert rows["typo-only"] == ["1", "1", "-"]
-    assert "\x1b" not in listed  # handles are anyone's input: no terminal escapes
-    assert rows[ascii("\x1b[31mred")] == ["1", "1", "-"]
+    # Strings that are no account's handle are not stored, so they cannot be shown: only
+    # their keyed hash is, and that is all an operator (or a thief) sees.
+    unnamed = [r for name, r in rows.items() if name.startswith("(no-account:")]
+    assert unnamed == [["1", "1", "-"], ["1", "1", "-"]]
+    assert "typo-only" not in listed
+    assert "red" not in listed
+    assert "\x1b" not in listed
 
     cleared = await cozy("relay", "lockouts", "clear", "mallory", *data_dir, env=env)
     assert b"cleared mallory" in cleared.stdout
-    assert ledger.login_wait("mallory") == 0.0
+    assert ledger.login_wait(key("mallory")) == 0.0
     again = await cozy("relay", "lockouts", "clear", "mallory", *data_dir, env=env, check=False)
     assert again.returncode == 1
     assert b"nothing to clear" in again.stderr
+    # A handle that is no account can still be cleared by name.
+    await cozy("relay", "lockouts", "clear", "typo-only", *data_dir, env=env)
     listed = (await cozy("relay", "lockouts", "list", *data_dir, env=env)).stdout.decode()
     assert "mallory" not in listed
-    assert "typo-only" in listed
+    assert listed.count("(no-account:") == 1
+
+
+@pytest.mark.objective("SO-6")
+async def test_a_database_thief_finds_no_handle_ever_tried_in_login_failures(
+    relay: Relay, database_url: str
+) -> None:
+    await sign_up(relay.url, "grace")
+    # Someone types a password into the handle field (it fits the handle pattern), and
+    # someone probes made-up handles; each attempt is counted.
+    tried = ["grace", "tr0ub4dor-and-3", "ceo.of.acme", "mallory-was-here"]
+    for handle in tried:
+        assert (
+            refusal(await login(relay.url, handle, WRONG))[0] is wire.ErrorCode.INVALID_CREDENTIALS
+        )
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT * FROM login_failures").fetchall()
+        columns = [
+            r[0]
+            for r in conn.execute(
+                "SELECT column_name FROM information_schema.columns"
+                " WHERE table_name = 'login_failures'"
+            )
+        ]
+    assert len(rows) == len(tried)  # still one row per handle tried: the throttle works
+    assert "handle" not in columns
+    dump = repr(rows).encode() + b"".join(
+        bytes(v) for row in rows for v in row if isinstance(v, bytes | memoryview)
+    )
+    for handle in tried:
+        for form in (handle.encode(), handle.encode().hex().encode()):
+            assert form not in dump, handle
+    # Without the relay's key a thief cannot test a guess either: the row of "grace" is not
+    # an unkeyed hash of it, nor one keyed with anything but the relay's derived key.
+    keys = {bytes(r[columns.index("handle_key")]) for r in rows}
+    assert keyer(relay)("grace") in keys
+    assert hashlib.blake2b(b"grace", digest_size=32).digest() not in keys
+    assert hashlib.sha256(b"grace").digest() not in keys
+    other = relay_throttle.HandleKeyer(b"another relay's jwt signing key, 32+ bytes long")
+    assert other("grace") not in keys
 
 
 # --- the kill switch ------------------------------------------------------------------------
@@ -332,7 +400,12 @@ async def test_rotating_the_jwt_key_kills_every_session_and_the_cli_says_to_log_
 
     def config() -> RelayConfig:
         return load_config(
-            env={}, data_dir=data_dir, database_url=database_url, port=port, ops_port=0
+            env={},
+            data_dir=data_dir,
+            database_url=database_url,
+            port=port,
+            ops_port=0,
+            allow_test_kdf=True,  # the CLI below seals with the test profile
         )
 
     home = tmp_path / "erin"
@@ -403,8 +476,9 @@ async def test_cozy_account_login_explains_a_lockout(
     await cozy("account", "signup", "--relay", relay.url, "--handle", "fay", env=client_env(home))
     with psycopg.connect(database_url) as conn:
         conn.execute(
-            "INSERT INTO login_failures (handle, failures, locked_until)"
-            " VALUES ('fay', 9, now() + interval '5 minutes')"
+            "INSERT INTO login_failures (handle_key, failures, locked_until)"
+            " VALUES (%s, 9, now() + interval '5 minutes')",
+            (keyer(relay)("fay"),),
         )
     result = await cozy("account", "login", env=client_env(home), check=False)
     assert result.returncode == 1

@@ -145,11 +145,18 @@ async def test_keystore_writes_are_versioned_and_signed_by_the_account_key(relay
         await client.login("victim", PASSWORD)
         first = await client.fetch_keystore()
         assert first.version == 1
-        await client.store_keystore(victim.sign, 2, b"version two")
-        assert (await client.fetch_keystore()).blob == b"version two"
+        # Real keystores (the relay refuses anything that is not one sealed at its KDF floor).
+        two, out_of_order = (
+            keystore.encode_sealed(
+                keystore.seal_new(victim.content, PASSPHRASE, KdfProfile.INSECURE_TEST)[0]
+            )
+            for _ in range(2)
+        )
+        await client.store_keystore(victim.sign, 2, two)
+        assert (await client.fetch_keystore()).blob == two
         for stale in (1, 2, 4):
             with pytest.raises(RelayRefused) as err:
-                await client.store_keystore(victim.sign, stale, b"out of order")
+                await client.store_keystore(victim.sign, stale, out_of_order)
             assert err.value.code is wire.ErrorCode.STALE
             assert "version 2" in err.value.message
         await client.store_keystore(victim.sign, 3, b"")  # a signed delete

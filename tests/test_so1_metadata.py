@@ -518,6 +518,11 @@ async def test_the_relay_sees_only_classified_metadata_on_the_wire_in_the_ledger
     assert column_problems(columns) == []
     db = Walker(out.keys)
     for table, table_rows in ledger_rows.items():
+        if table == "uploads":
+            # Uploads in progress: nothing of one outlives its connection (issue 13, item 7),
+            # and the relay stopped before the dump. Its columns are classified all the same.
+            assert table_rows == []
+            continue
         assert table_rows, f"table {table} is empty: extend the scenario so it is exercised"
         for row in table_rows:
             db.row(table, row)
