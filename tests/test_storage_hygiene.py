@@ -90,55 +90,59 @@ def _sealed(collab_key: bytes, collab_id: str, size: int) -> list[bytes]:
 
 @pytest.mark.objective("SO-6")
 async def test_a_refused_upload_leaves_no_piece_whatever_the_refusal(
-    relay: Relay, database_url: str, monkeypatch: pytest.MonkeyPatch
+    database_url: str, tmp_path: Path
 ) -> None:
-    alice = await sign_up(relay.url)
-    sealed = _sealed(alice.collab_key, alice.collab_id, 4 * artifacts.CHUNK_BYTES)
-    assert len(sealed) >= 5
-    with trio.fail_after(60):
-        async with session(relay.url, alice) as client:
-            # Every piece stored, then a final one whose bytes do not hash to the claimed ref.
-            bad = await _send_pieces(
-                client, alice.collab_id, _upload_id(), sealed, ref="b2:" + "1" * 64
-            )
-            assert isinstance(bad, RelayRefused)
-            assert bad.code is wire.ErrorCode.INVALID_REQUEST
-            assert "nothing was stored" in bad.message
-            assert _counts(database_url) == (0, 0)
-
-            # Three pieces stored, then one out of order.
-            upload = _upload_id()
-            assert await _send_pieces(client, alice.collab_id, upload, sealed[:3]) is None
-            assert _counts(database_url) == (3, 1)
-            with pytest.raises(RelayRefused) as order:
-                await client.request(
-                    lambda rid: wire.PutArtifactChunk(
-                        rid=rid, collab_id=alice.collab_id, upload=upload, index=7, data=b"x"
-                    ),
-                    wire.ArtifactChunkStored,
+    limit = 3 * artifacts.CHUNK_BYTES
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"), max_artifact_bytes=limit
+    )
+    async with running_relay(config) as relay:
+        alice = await sign_up(relay.url)
+        sealed = _sealed(alice.collab_key, alice.collab_id, 4 * artifacts.CHUNK_BYTES)
+        assert len(sealed) >= 5
+        within = sealed[:3]  # the header and two chunks: under the size limit
+        assert sum(map(len, within)) < limit < sum(map(len, sealed))
+        with trio.fail_after(60):
+            async with session(relay.url, alice) as client:
+                # Every piece stored, then a final one whose bytes do not hash to the claim.
+                bad = await _send_pieces(
+                    client, alice.collab_id, _upload_id(), within, ref="b2:" + "1" * 64
                 )
-            assert order.value.code is wire.ErrorCode.INVALID_REQUEST
-            assert _counts(database_url) == (0, 0)
+                assert isinstance(bad, RelayRefused)
+                assert bad.code is wire.ErrorCode.INVALID_REQUEST
+                assert "nothing was stored" in bad.message
+                assert _counts(database_url) == (0, 0)
 
-            # Pieces up to the size limit stored, then one over it.
-            monkeypatch.setattr(
-                relay,
-                "config",
-                dataclasses.replace(relay.config, max_artifact_bytes=3 * artifacts.CHUNK_BYTES),
-            )
-            big = await _send_pieces(client, alice.collab_id, _upload_id(), sealed, ref="b2:x")
-            assert isinstance(big, RelayRefused)
-            assert big.code is wire.ErrorCode.FRAME_TOO_LARGE
-            assert _counts(database_url) == (0, 0)
+                # Three pieces stored, then one out of order.
+                upload = _upload_id()
+                assert await _send_pieces(client, alice.collab_id, upload, within) is None
+                assert _counts(database_url) == (3, 1)
+                with pytest.raises(RelayRefused) as order:
+                    await client.request(
+                        lambda rid: wire.PutArtifactChunk(
+                            rid=rid, collab_id=alice.collab_id, upload=upload, index=7, data=b"x"
+                        ),
+                        wire.ArtifactChunkStored,
+                    )
+                assert order.value.code is wire.ErrorCode.INVALID_REQUEST
+                assert _counts(database_url) == (0, 0)
 
-            # After all that, an honest upload still works, and is all that is stored.
-            small = [sealed[0], sealed[-1]]
-            hasher = RefHasher()
-            for piece in small:
-                hasher.update(piece)
-            ok = await _send_pieces(client, alice.collab_id, _upload_id(), small, ref=hasher.ref())
-            assert isinstance(ok, wire.ArtifactStored)
-            assert _counts(database_url) == (2, 0)
+                # Pieces up to the size limit stored, then one over it.
+                big = await _send_pieces(client, alice.collab_id, _upload_id(), sealed, ref="b2:x")
+                assert isinstance(big, RelayRefused)
+                assert big.code is wire.ErrorCode.FRAME_TOO_LARGE
+                assert _counts(database_url) == (0, 0)
+
+                # After all that, an honest upload still works, and is all that is stored.
+                small = [sealed[0], sealed[-1]]
+                hasher = RefHasher()
+                for piece in small:
+                    hasher.update(piece)
+                ok = await _send_pieces(
+                    client, alice.collab_id, _upload_id(), small, ref=hasher.ref()
+                )
+                assert isinstance(ok, wire.ArtifactStored)
+                assert _counts(database_url) == (2, 0)
 
 
 @pytest.mark.objective("SO-6")
@@ -318,3 +322,22 @@ async def test_an_upload_swept_while_idle_is_refused_on_its_next_piece(
                     await _send_pieces_from(client, alice.collab_id, upload, sealed, 1, "b2:x")
                 assert "start again" in gone.value.message
                 assert _counts(database_url) == (0, 0)
+
+
+@pytest.mark.objective("SO-6")
+async def test_an_upload_ends_with_the_session_that_started_it(
+    relay: Relay, database_url: str
+) -> None:
+    alice, bob = await sign_up(relay.url), await sign_up(relay.url)
+    sealed = _sealed(alice.collab_key, alice.collab_id, 2 * artifacts.CHUNK_BYTES)
+    upload = _upload_id()
+    with trio.fail_after(60):
+        async with session(relay.url, alice) as client:
+            assert await _send_pieces(client, alice.collab_id, upload, sealed[:2]) is None
+            assert _counts(database_url) == (2, 1)
+            # The same connection now speaks for Bob: Alice's upload ends, and is deleted.
+            await client.authenticate(bob.token)
+            await _until_empty(database_url)
+            with pytest.raises(RelayRefused):
+                await _send_pieces_from(client, alice.collab_id, upload, sealed, 2, "b2:x")
+            assert _counts(database_url) == (0, 0)
