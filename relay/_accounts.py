@@ -215,11 +215,10 @@ class Accounts:
         row = await self._s.db(self._s.ledger.account_by_id, account_id)
         if row is None:
             raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, "log in again")
-        if req.keystore:  # the keystore stored with the new keys meets the floor too
-            _check_keystore_kdf(req.keystore, self._s)
         new = await _rekey.rotate_account_keys(
             self._s.db, self._s.ledger.rotate_account_keys, account_id,
             KeyPair(row.sign_pk, row.box_pk), req,
+            check_keystore=partial(_check_keystore_kdf, services=self._s),
         )  # fmt: skip
         for other in (conn, *self._sessions.connections_of(account_id)):
             other.sign_pk, other.box_pk = new

@@ -59,9 +59,12 @@ async def rotate_account_keys(
     account_id: str,
     registered: KeyPair,
     req: wire.RotateAccountKeys,
+    *,
+    check_keystore: Callable[[bytes], None] | None = None,
 ) -> KeyPair:
     """Check and store a directory rotation; return the new keys. `db(rotate, …)` runs the
-    ledger call in a worker thread. Raises `RequestRefused`."""
+    ledger call in a worker thread; `check_keystore`, once every signature held, refuses a
+    keystore below the relay's KDF floor (relay/_keystores.py). Raises `RequestRefused`."""
     new = KeyPair(req.sign_pk, req.box_pk)
     if len(new.sign_pk) != 32 or len(new.box_pk) != 32:
         raise RequestRefused(
@@ -94,6 +97,8 @@ async def rotate_account_keys(
             wire.ErrorCode.BAD_SIGNATURE,
             "the keystore stored with new keys must be signed by the new key",
         )
+    if check_keystore is not None:
+        check_keystore(req.keystore)
     row = KeystoreRow(req.keystore_version, req.keystore, req.keystore_sig)
     try:
         await db(rotate, account_id, registered, new, row)

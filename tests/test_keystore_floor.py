@@ -26,7 +26,7 @@ from model import keystore, wire
 from model.keystore import KdfCostRefused, KdfParams, KdfProfile, KeystoreContent, SealedKeystore
 from model.proofs import sign_keystore_write
 from relay.config import load_config
-from tests.relay_harness import PASSWORD, relay_config, running_relay
+from tests.relay_harness import PASSWORD, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -217,3 +217,37 @@ def test_sealing_below_moderate_is_refused_outside_the_test_profile(
         keystore.check_kdf_floor(params)
     keystore.check_kdf_floor(params, allow_test_profile=True)
     keystore.check_kdf_floor(keystore.new_kdf_params())
+
+
+@pytest.mark.objective("SO-2")
+async def test_a_key_rotation_cannot_store_a_keystore_below_the_floor(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"), allow_test_kdf=False
+    )
+    store = Ledger(database_url)
+    store.open()
+    try:
+        async with running_relay(config) as relay:
+            user = await sign_up(relay.url)
+            new_sign = nacl.signing.SigningKey.generate()
+            new_box = nacl.public.PrivateKey.generate()
+            with trio.fail_after(60):
+                async with session(relay.url, user) as client:
+                    with pytest.raises(RelayRefused) as refused:
+                        await client.rotate_account_keys(
+                            user.signing_key,
+                            bytes(user.box_key.public_key),
+                            new_sign,
+                            bytes(new_box.public_key),
+                            1,
+                            _test_profile_keystore(new_sign, new_box),
+                        )
+                    assert refused.value.code is wire.ErrorCode.WEAK_KEYSTORE
+            row = store.account_by_id(user.account_id)
+            assert row is not None
+            assert row.sign_pk == bytes(user.signing_key.verify_key)  # nothing changed
+            assert store.keystore(user.account_id) is None
+    finally:
+        store.close()

@@ -19,9 +19,10 @@ import trio
 
 from clientkit import RelayRefused, TamperDetected, _collab, connect
 from model import content as contentmod
-from model import wire
+from model import keystore, wire
 from model.chain import next_head
 from model.envelope import event_id, seal_event
+from model.keystore import KdfProfile, KeystoreContent
 from model.membership import Proof, RekeyMember, management_event
 from model.proofs import KeyPair, sign_collab_rekey
 from tests.evil_relay import EvilRelay
@@ -54,7 +55,15 @@ async def rotate_directory(client: Client, user: User, new: NewKeys, version: in
         new.sign,
         new.pair.box_pk,
         version,
-        b"a keystore sealed to the new keys",
+        # A real keystore (the relay refuses anything below its KDF floor), sealed with the
+        # test profile this suite's relays allow.
+        keystore.encode_sealed(
+            keystore.seal_new(
+                KeystoreContent(bytes(new.sign), bytes(new.box)),
+                "a passphrase for the new keys",
+                KdfProfile.INSECURE_TEST,
+            )[0]
+        ),
     )
 
 
