@@ -43,7 +43,7 @@ import trio
 import trio_websocket
 
 from clientkit import _collab, connect
-from model import artifacts, authz, wire
+from model import artifacts, authz, keystore, wire
 from model import content as contentmod
 from model.artifacts import RefHasher
 from model.envelope import seal_event
@@ -141,6 +141,20 @@ SUCCESS: Final[dict[type[wire.Request], type[wire.Reply]]] = {
     wire.ListCollabs: wire.Collabs,
     wire.RotateAccountKeys: wire.AccountKeysRotated,
 }
+
+
+def _sealed_keystore() -> bytes:
+    """A keystore as a client uploads it: opaque to the relay except its plaintext KDF header,
+    which must be at the relay's floor (relay/_keystores.py). The relay never derives, so the
+    wrapped parts are random bytes here (no Argon2 run per cell)."""
+    return keystore.encode_sealed(
+        keystore.SealedKeystore(
+            v=keystore.KEYSTORE_VERSION,
+            kdf=keystore.KdfParams("argon2id13", 3, 256 * 1024 * 1024, secrets.token_bytes(16)),
+            wrapped_key=secrets.token_bytes(72),
+            sealed=secrets.token_bytes(48),
+        )
+    )
 
 
 # --- the world the cells run in ------------------------------------------------------------------
@@ -251,7 +265,7 @@ async def _get_keystore(w: World, _p: Principal, _conn: Conn) -> Build:
 async def _put_keystore(w: World, p: Principal, _conn: Conn) -> Build:
     rid, account_id = w.rid(), p.account_id
     version = w.keystore_versions.get(account_id, 0) + 1
-    blob = secrets.token_bytes(48)  # opaque to the relay (a sealed keystore)
+    blob = _sealed_keystore()
     sig = sign_keystore_write(p.sign, account_id, version, blob)
 
     def stored() -> None:
@@ -377,7 +391,7 @@ async def _rotate_account_keys(w: World, p: Principal, _conn: Conn) -> Build:
     sign, box = _stranger()
     new = KeyPair(bytes(sign.verify_key), bytes(box.public_key))
     version = w.keystore_versions.get(account_id, 0) + 1
-    blob = secrets.token_bytes(48)
+    blob = _sealed_keystore()
     statement = account_rekey_bytes(account_id, registered, new, version, blob)
     req = wire.RotateAccountKeys(
         rid=rid,
@@ -590,7 +604,7 @@ async def _world(url: str, jwt_key: bytes) -> tuple[World, list[Principal]]:
             continue
         async with connect(url) as c:
             await c.authenticate(user.token)
-            await c.store_keystore(user.signing_key, 1, secrets.token_bytes(48))
+            await c.store_keystore(user.signing_key, 1, _sealed_keystore())
         world.keystore_versions[user.account_id] = 1
 
     def own(name: str, user: User, kind: MemberKind) -> Principal:
