@@ -172,12 +172,25 @@ class Artifacts:
             ).fetchone()
         return None if r is None else ArtifactRow(r[0], r[1], r[2])
 
-    def artifact_pieces(self, upload: str, from_index: int, limit: int) -> list[bytes]:
+    def artifact_pieces(
+        self, upload: str, from_index: int, limit: int, max_bytes: int
+    ) -> list[bytes]:
+        """Pieces from `from_index` on, in order: at most `limit` of them and no more than fit
+        in `max_bytes`, except that the first is always included. A download holds one such
+        page while its client reads, so the bound is in bytes whatever size the uploader
+        chose for its pieces; only the page's own pieces are fetched (sizes come from a
+        running sum, which Postgres reads without the data)."""
         with _translated(), self._pool.connection() as conn:
             rows = conn.execute(
-                "SELECT data FROM artifact_pieces WHERE upload = %s AND idx >= %s"
-                " ORDER BY idx LIMIT %s",
-                (upload, from_index, limit),
+                "SELECT p.data FROM artifact_pieces p JOIN ("
+                "  SELECT idx, row_number() OVER w AS rn, sum(octet_length(data)) OVER w AS run"
+                "  FROM artifact_pieces WHERE upload = %(upload)s AND idx >= %(from)s"
+                "  WINDOW w AS (ORDER BY idx ROWS UNBOUNDED PRECEDING)"
+                "  ORDER BY idx LIMIT %(limit)s"
+                " ) AS page ON p.upload = %(upload)s AND p.idx = page.idx"
+                " WHERE page.rn = 1 OR page.run <= %(bytes)s"
+                " ORDER BY p.idx",
+                {"upload": upload, "from": from_index, "limit": limit, "bytes": max_bytes},
             ).fetchall()
         return [bytes(r[0]) for r in rows]
 

@@ -33,7 +33,11 @@ log = structlog.get_logger("cozy.relay")
 
 MAX_UPLOADS: Final = 4  # artifact uploads in progress per connection
 UPLOAD_ID_RE: Final = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
-DOWNLOAD_PAGE: Final = 16  # pieces read from the ledger at a time
+# A download reads at most this many pieces, and this many bytes, from the ledger at a time and
+# holds them until its client has taken them: with MAX_BACKGROUND_TASKS downloads per connection
+# that bounds what a client that stops reading pins, whatever piece size the uploader chose.
+DOWNLOAD_PAGE: Final = 16
+DOWNLOAD_PAGE_BYTES: Final = 256 * 1024
 
 
 class Artifacts:
@@ -166,7 +170,11 @@ class Artifacts:
         try:
             while index < found.pieces:
                 page = await self._s.db(
-                    self._s.ledger.artifact_pieces, found.upload, index, DOWNLOAD_PAGE
+                    self._s.ledger.artifact_pieces,
+                    found.upload,
+                    index,
+                    DOWNLOAD_PAGE,
+                    DOWNLOAD_PAGE_BYTES,
                 )
                 if not page:
                     break

@@ -653,3 +653,22 @@ def _genesis_and_state(owner: Actor, collab_id: str) -> tuple[VerifiedEvent, Mem
     genesis, _ = genesis_of(owner, collab_id)
     start = chain.start_of(collab_id)
     return genesis, apply(None, proof_of(genesis.body), start, actor_id=owner.account_id)
+
+
+def test_artifact_pieces_are_paged_in_bytes_whatever_the_piece_sizes(ledger: Ledger) -> None:
+    """A download holds one page while its client reads: the page is bounded in bytes, so an
+    uploader's choice of large pieces cannot make each stalled download pin more."""
+    owner = make_account(ledger)
+    collab_id, _ = make_collab(ledger, owner)
+    upload = "p" * 20
+    ledger.start_upload(upload, owner.account_id, collab_id)
+    sizes = [300_000, 10, 10, 200_000, 60_000, 60_000, 5]
+    for index, size in enumerate(sizes):
+        ledger.put_upload_piece(upload, owner.account_id, index, bytes([index]) * size, quota=2**40)
+    read = [len(p) for p in ledger.artifact_pieces(upload, 0, 16, 250_000)]
+    assert read == [300_000]  # the first piece always comes, however large
+    read = [len(p) for p in ledger.artifact_pieces(upload, 1, 16, 250_000)]
+    assert read == [10, 10, 200_000]  # the next one would pass the bound
+    read = [len(p) for p in ledger.artifact_pieces(upload, 4, 16, 250_000)]
+    assert read == [60_000, 60_000, 5]
+    assert [len(p) for p in ledger.artifact_pieces(upload, 1, 2, 250_000)] == [10, 10]
