@@ -24,17 +24,18 @@ from clientkit import Client, RelayRefused, connect
 from model import artifacts, proofs, wire
 from model._crypto import random_bytes
 from model.ids import new_id
-from tests.broker_harness import bao, broker_relay, upstream
+from tests.broker_harness import bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import PASSWORD, User, session, sign_up
 
-__all__ = ["bao", "broker_relay", "upstream"]  # fixtures used by name
+__all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from relay._server import Relay
+    from tests.broker_harness import Recorder
 
 NEW_PASSWORD = "a brand new login password"
 
@@ -106,7 +107,9 @@ async def test_a_password_only_session_cannot_create_or_revoke_agents_or_upload(
 
 @pytest.mark.objective("SO-5")
 @pytest.mark.objective("SO-9")
-async def test_a_password_only_session_cannot_call_a_tool(broker_relay: Relay) -> None:
+async def test_a_password_only_session_cannot_call_a_tool(
+    broker_relay: Relay, upstream_server: Recorder
+) -> None:
     victim = await sign_up(broker_relay.url, "victim")
     with trio.fail_after(60):
         async with connect(broker_relay.url) as attacker:
@@ -118,10 +121,12 @@ async def test_a_password_only_session_cannot_call_a_tool(broker_relay: Relay) -
             assert_bad_signature(
                 await refused(attacker.call_tool(victim.collab_id, "raw", {"q": "x"}))
             )
+        assert upstream_server.paths == []  # the operator's credential was never spent
         # The owner's own client signs with the account key: the same call goes through.
         async with session(broker_relay.url, victim) as owner:
             result = await owner.call_tool(victim.collab_id, "raw", {"q": "x"})
             assert result.status == 200
+        assert upstream_server.paths == ["/raw"]
 
 
 @pytest.mark.objective("SO-5")
