@@ -26,7 +26,7 @@ from model._crypto import random_bytes
 from model.ids import new_id
 from tests.broker_harness import bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
-from tests.relay_harness import PASSWORD, User, session, sign_up
+from tests.relay_harness import PASSWORD, User, grant, session, sign_up
 
 __all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
@@ -111,6 +111,8 @@ async def test_a_password_only_session_cannot_call_a_tool(
     broker_relay: Relay, upstream_server: Recorder
 ) -> None:
     victim = await sign_up(broker_relay.url, "victim")
+    async with session(broker_relay.url, victim) as owner:  # tools need a grant, people's too
+        await grant(owner, victim, victim.account_id, "tool:raw")
     with trio.fail_after(60):
         async with connect(broker_relay.url) as attacker:
             await attacker.login("victim", PASSWORD)
