@@ -218,6 +218,7 @@ class Bot:
         box = nacl.public.PrivateKey(self.credentials.box_sk)
         state = self.state
         await client.authenticate(self.credentials.token)
+        client.use_key(nacl.signing.SigningKey(self.credentials.sign_seed))  # tool calls, uploads
         client.on_receipt = state.add_receipt
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:

@@ -1,12 +1,15 @@
 """The people's CLI: `cozy account …`, `cozy collab …`, `cozy post`, `cozy tail`.
 
 Non-interactive when COZY_HOME, COZY_PASSWORD (login password) and COZY_PASSPHRASE (keystore
-passphrase) are set; otherwise it prompts. Exit codes: 0 ok, 1 refused or failed, 2 usage,
+passphrase) are set (COZY_NEW_PASSWORD / COZY_NEW_PASSPHRASE for the changes); otherwise it
+prompts. Every change is signed with the account key, so it needs the passphrase: a login
+session alone can only read. Exit codes: 0 ok, 1 refused or failed, 2 usage,
 3 integrity alarm (the relay delivered something that does not verify).
 """
 
 from __future__ import annotations
 
+import argparse
 import getpass
 import os
 import sys
@@ -41,7 +44,7 @@ from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
 from model.envelope import seal_event
 from model.epochs import NotARecipient
-from model.ids import new_id
+from model.ids import is_id, new_id
 from model.membership import (
     CAP_POST,
     CAP_READ,
@@ -55,7 +58,6 @@ from model.membership import (
 )
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
     from typing import Any
 
@@ -265,8 +267,9 @@ async def _session(
                 raise
             if not os.environ.get("COZY_PASSWORD") and not sys.stdin.isatty():
                 raise CliError(
-                    "the relay refused this device's session: it was revoked (the relay's "
-                    "signing key was rotated) or has expired. Run `cozy account login`"
+                    "the relay refused this device's session: it was ended (every session of"
+                    " the account was ended, or the login password changed), revoked (the"
+                    " relay's signing key was rotated) or has expired. Run `cozy account login`"
                 ) from None
         else:
             return
@@ -665,6 +668,7 @@ async def _connected(me: Unlocked) -> AsyncIterator[Client]:
     password = _password_for(me.profile)
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile, password)
+        client.use_key(me.signing_key)  # changes (agents, uploads, tools…) are signed with it
         await me.sync_keystore(client)  # also notices a relay rolling the keystore back
         if me.rotating:  # adopted from another device that has not finished it
             raise CliError(_UNFINISHED_ROTATION)
@@ -856,25 +860,105 @@ def _free_path(name: str) -> Path:
     return path
 
 
+def _find_agent(agents: list[wire.AgentInfo], name_or_id: str) -> wire.AgentInfo:
+    for agent in agents:
+        if name_or_id in (agent.handle, agent.account_id):
+            return agent
+    raise CliError(
+        f"no agent you created is called {name_or_id!r}: `cozy account agents` lists yours"
+    )
+
+
 async def cmd_agent_revoke(args: argparse.Namespace) -> None:
-    """Kill the agent's token at once, then remove it from the collab (rotating the key)."""
+    """Kill the agent's tokens at once (a request signed by this account's key), then remove
+    it from each collab given with --collab (rotating its key)."""
+    name, collabs = args.agent, list(args.collab or ())
+    if args.legacy is not None:  # the older form: cozy agent revoke COLLAB NAME
+        if not is_id(args.agent, "c"):
+            raise CliError("usage: cozy agent revoke NAME|ID [--collab COLLAB]")
+        name, collabs = args.legacy, [args.agent, *collabs]
     me = await _unlock(Home.from_env())
     async with _connected(me) as client:
-        info = await _lookup(client, args.name)
+        agent = _find_agent(await client.list_agents(), name)
+        done = ["already revoked" if agent.revoked else "every token revoked"]
+        if not agent.revoked:
+            await client.revoke_agent(agent.account_id)
+        for collab_id in collabs:
+            view = await _read(client, me, collab_id)
+            if view.membership is not None and agent.account_id in view.membership.members:
+                ack, _ = await _manage(
+                    client, me, collab_id, lambda v: _collab.remove(v, agent.account_id)
+                )
+                done.append(f"removed from {collab_id} at seq {ack.seq}, key rotated")
+            else:
+                done.append(f"not a member of {collab_id}")
+    print(f"agent {agent.handle} ({agent.account_id}): {'; '.join(done)}")
+    if not collabs:
+        print(
+            "its collabs can still show it as a member: remove it from each with"
+            " `cozy collab remove COLLAB NAME` (which also rotates the key)",
+            file=sys.stderr,
+        )
+
+
+async def cmd_account_agents(_args: argparse.Namespace) -> None:
+    """The agents this account created (needs only a session: metadata)."""
+    home = Home.from_env()
+    profile = home.load_profile()
+    password = _password_for(profile)
+    async with connect(profile.relay_url, pinned_relay_pk=_pin(profile)) as client:
+        await _session(client, home, profile, password)
+        agents = await client.list_agents()
+    if not agents:
+        print("you have created no agents (`cozy agent create COLLAB NAME` makes one)")
+    for agent in agents:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(agent.created_at))
+        status = "revoked" if agent.revoked else "active"
+        print(f"{agent.handle}\t{agent.account_id}\t{created} UTC\t{status}")
+
+
+async def cmd_account_password(_args: argparse.Namespace) -> None:
+    """Change the login password: a request signed by the account key, so it needs the
+    passphrase as well. Every other session of the account ends."""
+    me, passphrase = await _unlock_with_passphrase(Home.from_env())
+    new_password = _secret("COZY_NEW_PASSWORD", "new login password (12+ characters)")
+    if new_password == passphrase:
+        raise CliError(
+            "that is your encryption passphrase: the login password must be a different"
+            " secret (the relay checks the password; it must never learn the passphrase)"
+        )
+    async with _connected(me) as client:
         try:
-            await client.revoke_agent(info.account_id)
+            reply = await client.change_password(new_password)
         except RelayRefused as exc:
-            if exc.code is wire.ErrorCode.NOT_FOUND:
-                raise CliError(f"{args.name} is not an agent you created") from None
+            if exc.code is wire.ErrorCode.INVALID_REQUEST:
+                raise CliError(exc.message) from None
             raise
-        view = await _read(client, me, args.collab)
-        removed = ""
-        if view.membership is not None and info.account_id in view.membership.members:
-            ack, _ = await _manage(
-                client, me, args.collab, lambda v: _collab.remove(v, info.account_id)
-            )
-            removed = f"; removed from {args.collab} at seq {ack.seq}, key rotated"
-    print(f"agent {args.name}: every token revoked{removed}")
+    me.profile.token, me.profile.token_expires_at = reply.token, reply.expires_at
+    me.home.save_profile(me.profile)
+    print(
+        "login password changed; every other session of your account was ended (other devices"
+        " log in again with the new password)"
+    )
+
+
+async def cmd_account_sessions(args: argparse.Namespace) -> None:
+    """End every session of the account (signed by the account key): every token issued so
+    far, on every device, stops working at once."""
+    if not args.end_all:
+        raise CliError(
+            "sessions are stateless tokens and are not listed; `cozy account sessions"
+            " --end-all` ends all of them (change the password too if it may be known)"
+        )
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        await client.end_sessions()
+    me.profile.token, me.profile.token_expires_at = None, 0
+    me.home.save_profile(me.profile)
+    print(
+        "every session of your account was ended, this device's too; the next command logs in"
+        " again with your login password"
+    )
 
 
 async def cmd_collab_remove(args: argparse.Namespace) -> None:
@@ -1225,6 +1309,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p.set_defaults(run=cmd_rotate_keys)
+    p = account.add_parser(
+        "password", help="change the login password (signed; ends your other sessions)"
+    )
+    p.set_defaults(run=cmd_account_password)
+    p = account.add_parser("agents", help="list the agents you created")
+    p.set_defaults(run=cmd_account_agents)
+    p = account.add_parser("sessions", help="end every session of your account")
+    p.add_argument(
+        "--end-all",
+        action="store_true",
+        help="end every session on every device (each logs in again with the password)",
+    )
+    p.set_defaults(run=cmd_account_sessions)
 
     collab = sub.add_parser("collab", help="collabs").add_subparsers(dest="action", required=True)
     p = collab.add_parser("create", help="create a collab (prints its id)")
@@ -1278,9 +1375,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--cap", action="append", metavar="CAP", help="read, post or tool:NAME (repeat)")
     p.add_argument("--out", help="credential file to write (default NAME.cozy-agent)")
     p.set_defaults(run=cmd_agent_create)
-    p = agent.add_parser("revoke", help="revoke an agent's tokens and remove it (rotates the key)")
-    p.add_argument("collab")
-    p.add_argument("name")
+    p = agent.add_parser(
+        "revoke", help="revoke an agent's tokens; with --collab also remove it (rotates the key)"
+    )
+    p.add_argument("agent", metavar="NAME|ID", help="the agent's handle or account id")
+    p.add_argument("legacy", nargs="?", help=argparse.SUPPRESS)  # older form: COLLAB NAME
+    p.add_argument(
+        "--collab",
+        action="append",
+        metavar="COLLAB",
+        help="remove it from this collab too, rotating its key (repeat)",
+    )
     p.set_defaults(run=cmd_agent_revoke)
 
     p = sub.add_parser("dm", help="send a direct message to one member of a collab")

@@ -3,6 +3,7 @@
 from ledger._artifacts import ArtifactRow as ArtifactRow
 from ledger._artifacts import SweepReport as SweepReport
 from ledger._store import AccountRow as AccountRow
+from ledger._store import AgentRow as AgentRow
 from ledger._store import AppendRequest as AppendRequest
 from ledger._store import KeystoreRow as KeystoreRow
 from ledger._store import Ledger as Ledger

@@ -199,4 +199,16 @@ MIGRATIONS: Final[tuple[tuple[int, str, str], ...]] = (
         CREATE INDEX login_failures_by_last_failure ON login_failures (last_failure_at);
         """,
     ),
+    (
+        9,
+        "session generations",
+        """
+        -- A person's session tokens carry the generation they were issued under; ending every
+        -- session (or changing the login password) bumps it, so every token issued before is
+        -- refused at once, like an agent's `token_generation`.
+        ALTER TABLE accounts ADD COLUMN session_generation integer NOT NULL DEFAULT 0;
+        -- A person lists the agents they created (`cozy account agents`).
+        CREATE INDEX accounts_agents_by_creator ON accounts (created_by) WHERE kind = 'agent';
+        """,
+    ),
 )

@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 
 _ACCOUNT_COLUMNS = (
     "SELECT account_id, handle, password_hash, sign_pk, box_pk, kind, created_by,"
-    " token_generation FROM accounts"
+    " token_generation, session_generation FROM accounts"
 )
 _ACCOUNT_BY_HANDLE = _ACCOUNT_COLUMNS + " WHERE handle = %s"
 _ACCOUNT_BY_ID = _ACCOUNT_COLUMNS + " WHERE account_id = %s"
@@ -78,9 +78,19 @@ class AccountRow(msgspec.Struct, frozen=True):
     kind: str = "human"  # or "agent": created by `created_by`, authenticates with agent tokens
     created_by: str | None = None
     token_generation: int = 0  # agent tokens carry it; revocation bumps it
+    session_generation: int = 0  # a person's session tokens carry it; ending sessions bumps it
 
     def __repr__(self) -> str:
         return f"AccountRow(account_id={self.account_id!r}, handle={self.handle!r})"
+
+
+class AgentRow(msgspec.Struct, frozen=True):
+    """An agent as its creator lists it. `created_at` in seconds since the epoch."""
+
+    account_id: str
+    handle: str
+    created_at: int
+    revoked: bool  # every token issued to it is refused (revocation is final)
 
 
 class KeystoreRow(msgspec.Struct, frozen=True):
@@ -236,6 +246,32 @@ class Ledger(LoginThrottle, Artifacts):
             ).fetchone()
         return None if r is None else int(r[0])
 
+    def agents_of(self, creator_id: str, *, limit: int) -> list[AgentRow]:
+        """The first `limit` agents `creator_id` created, oldest first, revoked ones included."""
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT account_id, handle, created_at, token_generation > 0 FROM accounts"
+                " WHERE kind = 'agent' AND created_by = %s ORDER BY created_at, account_id"
+                " LIMIT %s",
+                (creator_id, limit),
+            ).fetchall()
+        return [AgentRow(r[0], r[1], int(r[2].timestamp()), bool(r[3])) for r in rows]
+
+    def end_sessions(self, account_id: str, *, password_hash: str | None = None) -> int | None:
+        """Bump a person's session generation, so every session token issued before is refused;
+        with `password_hash`, store it as the new login password in the same statement.
+
+        Returns the new generation, or None when there is no such (human) account.
+        """
+        with _translated(), self._pool.connection() as conn:
+            r = conn.execute(
+                "UPDATE accounts SET session_generation = session_generation + 1,"
+                " password_hash = coalesce(%s, password_hash)"
+                " WHERE account_id = %s AND kind = 'human' RETURNING session_generation",
+                (password_hash, account_id),
+            ).fetchone()
+        return None if r is None else int(r[0])
+
     # --- keystores -----------------------------------------------------------------------------
 
     def keystore(self, account_id: str) -> KeystoreRow | None:
@@ -323,7 +359,9 @@ class Ledger(LoginThrottle, Artifacts):
             r = conn.execute(query, (value,)).fetchone()
         if r is None:
             return None
-        return AccountRow(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5], r[6], int(r[7]))
+        return AccountRow(
+            r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), r[5], r[6], int(r[7]), int(r[8])
+        )
 
     # --- collabs ------------------------------------------------------------------------------
 

@@ -10,9 +10,11 @@ refused until someone writes down who may send it. tests/test_authz_matrix.py dr
 against a real relay for every kind of principal.
 
 What does not live here: looking the sender up (sessions, the membership projection) is I/O and
-lives in the relay; checking the signature itself needs the request's own signed bytes and is
-done by the handler the rule names (`signed`), which must refuse with `bad_signature`; the
-sequencer's admission of events at their position in the ledger is model/admission.py's.
+lives in the relay; the signatures themselves (`Signed`) are checked by the relay: a signed
+request's own `sig` by the dispatcher at the same point (model/proofs.py), a signed statement
+the request carries (an event, a keystore write) by the handler that understands it; both
+refuse with `bad_signature` and change nothing. The sequencer's admission of events at their
+position in the ledger is model/admission.py's.
 
 Principals, as the table sees them (SO-5, SO-6, SO-9):
 - ANONYMOUS: nobody logged in — never authenticated, session expired, agent token revoked, or
@@ -61,12 +63,25 @@ class Capability(enum.StrEnum):
     TOOL = "tool"  # `tool:NAME` for the tool the request names (see `ToolAccess`)
 
 
+class Signed(enum.StrEnum):
+    """Which signature by the sender's own account key (the one bound at login) a request needs.
+
+    Without it the request is refused with `bad_signature` and changes nothing (SO-5).
+    """
+
+    NONE = "none"  # reads: a session alone may send it
+    # The request's own `sig`, over the request and this connection's challenge
+    # (model/proofs.py `verify_request`); checked by the authorization point itself.
+    REQUEST = "request"
+    # The request carries a statement signed on its own terms (a signed event; a keystore
+    # write signed with its version); checked by the handler that reads that statement.
+    PAYLOAD = "payload"
+
+
 @dataclass(frozen=True, slots=True)
 class Rule:
     senders: Senders
-    # The handler checks a signature by the account's own key over this request (or the event it
-    # carries); without it the request is refused with `bad_signature` and changes nothing.
-    signed: bool = False
+    signed: Signed = Signed.NONE
     # Membership the request needs in the collab it names; None for requests outside a collab.
     capability: Capability | None = None
 
@@ -108,7 +123,7 @@ class Refusal:
 
 ANYONE: Final = Rule(Senders.ANYONE)
 
-# One row per request type. `signed` rows are the changes (SO-5): a login session without the
+# One row per request type. Signed rows are the changes (SO-5): a login session without the
 # account key can read metadata and its own sealed keystore, and nothing more.
 RULES: Final[dict[type[wire.Request], Rule]] = {
     wire.Ping: ANYONE,
@@ -117,19 +132,23 @@ RULES: Final[dict[type[wire.Request], Rule]] = {
     wire.Authenticate: ANYONE,
     wire.GetAccount: Rule(Senders.ACCOUNTS),
     wire.GetKeystore: Rule(Senders.ACCOUNTS),  # sealed: a new device restores through it
-    wire.PutKeystore: Rule(Senders.ACCOUNTS, signed=True),
+    wire.PutKeystore: Rule(Senders.ACCOUNTS, Signed.PAYLOAD),  # signed with its version
     # Signed by the old and the new account key (ADR-0017); agents rotate by being replaced.
-    wire.RotateAccountKeys: Rule(Senders.PEOPLE, signed=True),
+    wire.RotateAccountKeys: Rule(Senders.PEOPLE, Signed.PAYLOAD),
     wire.ListCollabs: Rule(Senders.ACCOUNTS),  # metadata: which collabs the caller is in
-    wire.CreateCollab: Rule(Senders.PEOPLE, signed=True),
-    wire.CreateAgent: Rule(Senders.PEOPLE, signed=True),
-    wire.RevokeAgent: Rule(Senders.PEOPLE, signed=True),
-    wire.Append: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.MEMBER),
+    wire.ListAgents: Rule(Senders.PEOPLE),  # metadata: the caller's own agents
+    wire.ChangePassword: Rule(Senders.PEOPLE, Signed.REQUEST),
+    wire.EndSessions: Rule(Senders.PEOPLE, Signed.REQUEST),
+    wire.CreateCollab: Rule(Senders.PEOPLE, Signed.PAYLOAD),  # the genesis event
+    wire.CreateAgent: Rule(Senders.PEOPLE, Signed.REQUEST),
+    wire.RevokeAgent: Rule(Senders.PEOPLE, Signed.REQUEST),
+    wire.Append: Rule(Senders.ACCOUNTS, Signed.PAYLOAD, capability=Capability.MEMBER),
     wire.Subscribe: Rule(Senders.ACCOUNTS, capability=Capability.READ),
     wire.Unsubscribe: Rule(Senders.ACCOUNTS),  # only this connection's own subscriptions
     wire.GetArtifact: Rule(Senders.ACCOUNTS, capability=Capability.READ),
-    wire.PutArtifactChunk: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.POST),
-    wire.CallTool: Rule(Senders.ACCOUNTS, signed=True, capability=Capability.TOOL),
+    # Every piece: each is stored as it arrives, so an unsigned one would already be a change.
+    wire.PutArtifactChunk: Rule(Senders.ACCOUNTS, Signed.REQUEST, capability=Capability.POST),
+    wire.CallTool: Rule(Senders.ACCOUNTS, Signed.REQUEST, capability=Capability.TOOL),
 }
 
 
@@ -173,19 +192,19 @@ def needed_capability(rule: Rule, request: wire.Request) -> str | None:
             return cap.value
 
 
-def decide_sender(rule: Rule, standing: Standing, *, expired: bool = False) -> Refusal | None:
+def decide_sender(rule: Rule, standing: Standing, *, ended: str | None = None) -> Refusal | None:
     """The first half of the decision: may this kind of principal send the request at all?
 
-    `expired` says the connection's session ran out just now (only the message differs).
+    `ended` is why the relay ended the connection's last session (it expired; the account
+    ended its sessions or changed its password), a message saying what to do next; only the
+    message differs.
     """
     if rule.senders is Senders.ANYONE:
         return None
     if standing is Standing.ANONYMOUS:
         return Refusal(
             wire.ErrorCode.UNAUTHENTICATED,
-            "session expired: log in again"
-            if expired
-            else "log in or authenticate with a session token first",
+            ended or "log in or authenticate with a session token first",
         )
     if rule.senders is Senders.PEOPLE and standing is not Standing.HUMAN:
         return Refusal(
@@ -194,6 +213,19 @@ def decide_sender(rule: Rule, standing: Standing, *, expired: bool = False) -> R
             " surface)",
         )
     return None
+
+
+def decide_signature(rule: Rule, *, verified: bool) -> Refusal | None:
+    """The signature half, for `Signed.REQUEST` rows: `verified` says whether the request's
+    `sig` is the bound account key's signature over it on this connection."""
+    if rule.signed is not Signed.REQUEST or verified:
+        return None
+    return Refusal(
+        wire.ErrorCode.BAD_SIGNATURE,
+        "this request must be signed by your account key on this connection: unlock your"
+        " keys (the CLI does it with your passphrase; a bot with its credential file) and"
+        " send it again. A login session alone can only read. Nothing was changed",
+    )
 
 
 def decide_member(

@@ -3,9 +3,19 @@
 A login session proves only that someone knows the login password. Everything that changes
 state therefore carries a signature by the account's Ed25519 key, which lives only in the
 sealed keystore: events (model/envelope.py; management proofs travel as events,
-model/membership.py), keystore writes and key rotations (here).
+model/membership.py), keystore writes, key rotations, and the other changing requests (here).
 Each statement has its own domain label and binds who, what and which version/time, so a
 signature made for one purpose or one account cannot be replayed for another.
+
+Signed requests (ADR-0019). A request that changes state without carrying a signed statement
+of its own — creating or revoking an agent, a tool call, each artifact piece, a password
+change, ending sessions — carries `sig` over `request_signing_bytes`: the connection's
+`challenge` (random, from `Welcome`), the signer's account id, the request's wire tag and its
+fields in a canonical form. The challenge makes a signature good on one connection only: a
+session thief cannot replay what the owner's client signed elsewhere, and nothing signed needs
+a clock or a nonce store. The canonical form is the msgpack encoding of the request's fields
+other than `sig`, sorted by name, leaving out those at their default: a field added later with
+a default keeps every older client's signatures valid (model/wire.py's evolution rule).
 """
 
 from __future__ import annotations
@@ -13,14 +23,22 @@ from __future__ import annotations
 import struct
 from typing import TYPE_CHECKING, Final, NamedTuple
 
+import msgspec
+
 from model import _crypto
 
 if TYPE_CHECKING:
     import nacl.signing
 
+    from model import wire
+
 DOMAIN_KEYSTORE_WRITE: Final = b"cozylabs/v1/keystore-write\x00"
 DOMAIN_ACCOUNT_REKEY: Final = b"cozylabs/v1/account-rekey\x00"
 DOMAIN_COLLAB_REKEY: Final = b"cozylabs/v1/collab-rekey\x00"
+DOMAIN_REQUEST: Final = b"cozylabs/v1/signed-request\x00"
+CHALLENGE_BYTES: Final = 32
+
+_canonical = msgspec.msgpack.Encoder(order="sorted")
 
 
 def keystore_write_bytes(account_id: str, version: int, blob: bytes) -> bytes:
@@ -101,3 +119,49 @@ def verify_collab_rekey(
     return _crypto.verify(
         new.sign_pk, collab_rekey_bytes(collab_id, account_id, old, new), possession
     )
+
+
+# --- signed requests (ADR-0019) -------------------------------------------------------------
+
+
+def request_signing_bytes(challenge: bytes, account_id: str, request: wire.Request) -> bytes:
+    """What the account key signs to send `request` on the connection that sent `challenge`.
+
+    `request` must be a request type with a `sig` field (its value is ignored here). Raises
+    `TypeError` for one without: only the signed request types are ever signed.
+    """
+    fields = msgspec.structs.fields(request)
+    if not any(f.name == "sig" for f in fields):
+        raise TypeError(f"{type(request).__name__} is not a signed request type")
+    canonical: dict[str, object] = {}
+    for f in fields:
+        if f.name == "sig":
+            continue
+        value = getattr(request, f.name)
+        if f.default is not msgspec.NODEFAULT and value == f.default:
+            continue
+        if f.default_factory is not msgspec.NODEFAULT and value == f.default_factory():
+            continue
+        canonical[f.name] = value
+    tag = request.__struct_config__.tag
+    assert isinstance(tag, str), "request types are tagged"
+    return DOMAIN_REQUEST + _crypto.domain_hash(
+        b"", challenge, account_id.encode(), tag.encode(), _canonical.encode(canonical)
+    )
+
+
+def sign_request(
+    key: nacl.signing.SigningKey, challenge: bytes, account_id: str, request: wire.Request
+) -> bytes:
+    return _crypto.sign(key, request_signing_bytes(challenge, account_id, request))
+
+
+def verify_request(
+    public_key: bytes, challenge: bytes, account_id: str, request: wire.Request
+) -> bool:
+    """True only when the request's `sig` is `public_key`'s signature over it as sent on the
+    connection with `challenge`. False for a missing challenge or a request without `sig`."""
+    sig = getattr(request, "sig", None)
+    if len(challenge) != CHALLENGE_BYTES or not isinstance(sig, bytes):
+        return False
+    return _crypto.verify(public_key, request_signing_bytes(challenge, account_id, request), sig)

@@ -176,31 +176,62 @@ class GetAccount(_Frame, frozen=True, tag="get_account"):
 class CreateAgent(_Frame, frozen=True, tag="create_agent"):
     """Register a bot's account, created by the (human) caller with keys generated on the
     caller's device. The reply carries the agent's long-lived token; its capabilities in a
-    collab come from the caller's signed `add` proof."""
+    collab come from the caller's signed `add` proof. Signed (`sig`, model/proofs.py)."""
 
     rid: int
     account_id: str
     handle: str
     sign_pk: bytes
     box_pk: bytes
+    sig: bytes = b""
 
 
 class RevokeAgent(_Frame, frozen=True, tag="revoke_agent"):
-    """Invalidate every token of an agent the caller created, and drop its connections."""
+    """Invalidate every token of an agent the caller created, and drop its connections.
+    Signed (`sig`, model/proofs.py)."""
 
     rid: int
     account_id: str
+    sig: bytes = b""
+
+
+class ListAgents(_Frame, frozen=True, tag="list_agents"):
+    """The agents the caller created, revoked ones included (metadata: a session may ask)."""
+
+    rid: int
+
+
+class ChangePassword(_Frame, frozen=True, tag="change_password"):
+    """Replace the caller's login password; every other session of the account ends, and this
+    connection gets a fresh token. Signed (`sig`, model/proofs.py): a session alone cannot."""
+
+    rid: int
+    password: str
+    sig: bytes = b""
+
+    def __repr__(self) -> str:
+        return f"ChangePassword(rid={self.rid}, password=<redacted>)"
+
+
+class EndSessions(_Frame, frozen=True, tag="end_sessions"):
+    """End every session of the caller's account, this connection's included: every session
+    token issued so far is refused from now on. Signed (`sig`, model/proofs.py)."""
+
+    rid: int
+    sig: bytes = b""
 
 
 class CallTool(_Frame, frozen=True, tag="call_tool"):
     """Ask the relay's broker to call an operator-declared tool on behalf of a collab member
     who was granted `tool:NAME` there (people as agents), unless the operator opened the tool
-    to every member. The secret it needs never reaches the caller."""
+    to every member. The secret it needs never reaches the caller.
+    Signed by the caller's own key (`sig`, model/proofs.py)."""
 
     rid: int
     collab_id: str
     tool: str
     args: dict[str, str] = msgspec.field(default_factory=dict)
+    sig: bytes = b""
 
 
 class Ping(_Frame, frozen=True, tag="ping"):
@@ -212,6 +243,7 @@ class PutArtifactChunk(_Frame, frozen=True, tag="put_artifact_chunk"):
 
     `upload` is a random id the client picks for this upload on this connection. The final
     piece names the `ref` the whole upload must hash to; the relay checks it before storing.
+    Every piece is signed by the uploader's own key (`sig`, model/proofs.py).
     """
 
     rid: int
@@ -221,6 +253,7 @@ class PutArtifactChunk(_Frame, frozen=True, tag="put_artifact_chunk"):
     data: bytes
     final: bool = False
     ref: str = ""
+    sig: bytes = b""
 
     def __repr__(self) -> str:
         return f"PutArtifactChunk(rid={self.rid}, upload={self.upload!r}, index={self.index}, <{len(self.data)} bytes>)"
@@ -261,6 +294,9 @@ Request = (
     | CallTool
     | CreateAgent
     | RevokeAgent
+    | ListAgents
+    | ChangePassword
+    | EndSessions
     | Ping
 )
 
@@ -268,12 +304,17 @@ Request = (
 
 
 class Welcome(_Frame, frozen=True, tag="welcome"):
-    """First frame on every connection: who the relay is and what it accepts."""
+    """First frame on every connection: who the relay is and what it accepts.
+
+    `challenge` is fresh random bytes for this connection: signed requests sign it
+    (model/proofs.py), so a signature made on one connection is refused on every other.
+    """
 
     protocol: str
     relay_pk: bytes
     max_frame_bytes: int
     max_body_bytes: int
+    challenge: bytes = b""
 
 
 class SignedUp(_Frame, frozen=True, tag="signed_up"):
@@ -427,6 +468,38 @@ class AgentRevoked(_Frame, frozen=True, tag="agent_revoked"):
     account_id: str
 
 
+class AgentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One agent in an `Agents` reply. `created_at` is in seconds since the epoch."""
+
+    account_id: str
+    handle: str
+    created_at: int
+    revoked: bool
+
+
+class Agents(_Frame, frozen=True, tag="agents"):
+    rid: int
+    agents: list[AgentInfo]
+
+
+class PasswordChanged(_Frame, frozen=True, tag="password_changed"):
+    """The new password is stored and every other session ended; `token` is this device's new
+    session (the old one was ended with the others)."""
+
+    rid: int
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"PasswordChanged(rid={self.rid}, token=<redacted>)"
+
+
+class SessionsEnded(_Frame, frozen=True, tag="sessions_ended"):
+    """Every session of the account ended, this connection's too: log in again to go on."""
+
+    rid: int
+
+
 class ToolResult(_Frame, frozen=True, tag="tool_result"):
     """The upstream's answer to a tool call, with every credential value scrubbed."""
 
@@ -484,6 +557,9 @@ Reply = (
     | AgentRevoked
     | AccountKeysRotated
     | Collabs
+    | Agents
+    | PasswordChanged
+    | SessionsEnded
     | Pong
     | Error
 )

@@ -9,14 +9,16 @@ Keys never come from here unsigned: a keystore is stored only with the account k
 (model/proofs.py), so a session alone cannot replace it (SO-2), and only when its plaintext KDF
 header is at the floor (relay/_keystores.py), so a database thief finds no cheap one to crack.
 Failed logins are recorded under a keyed hash of the handle (`_throttle.HandleKeyer`), never
-the string typed.
+the string typed. Creating and revoking agents, changing the login password and ending sessions
+arrive here only with a signature by the account key over the request (checked at the
+authorization point, relay/_dispatch.py), so a session alone cannot do them either (SO-5).
 """
 
 from __future__ import annotations
 
 import time
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
     from relay._sessions import Sessions
 
 log = structlog.get_logger("cozy.relay")
+
+# An `Agents` reply lists at most this many (about 100 bytes each, well inside a frame).
+MAX_LISTED_AGENTS: Final = 1000
 
 
 class Accounts:
@@ -126,6 +131,7 @@ class Accounts:
             row.account_id,
             s.config.session_ttl_seconds,
             time.time(),
+            session_generation=row.session_generation,
         )
         self._sessions.bind(conn, row, expires)
         conn.reply(
@@ -285,6 +291,66 @@ class Accounts:
         self._sessions.revoke(req.account_id, "agent revoked by its creator")
         log.info("agent_revoked", account_id=req.account_id, generation=generation)
         conn.reply(wire.AgentRevoked(rid=req.rid, account_id=req.account_id))
+
+    async def list_agents(self, conn: Connection, req: wire.ListAgents) -> None:
+        """The caller's agents (at most MAX_LISTED_AGENTS, oldest first): metadata only."""
+        rows = await self._s.db(
+            partial(self._s.ledger.agents_of, limit=MAX_LISTED_AGENTS),
+            self._sessions.account_of(conn),
+        )
+        agents = [wire.AgentInfo(r.account_id, r.handle, r.created_at, r.revoked) for r in rows]
+        conn.reply(wire.Agents(rid=req.rid, agents=agents))
+
+    async def change_password(self, conn: Connection, req: wire.ChangePassword) -> None:
+        """Store a new login password (signed by the account key: checked already) and end
+        every other session of the account; this connection goes on under a fresh token."""
+        s = self._s
+        account_id = self._sessions.account_of(conn)
+        if len(req.password) < _auth.MIN_PASSWORD_CHARS:
+            raise RequestRefused(
+                wire.ErrorCode.INVALID_REQUEST,
+                f"login passwords need at least {_auth.MIN_PASSWORD_CHARS} characters;"
+                " nothing was changed",
+            )
+        # A login-class Argon2 turn, in a lane of its own per account (":" is in no handle), so
+        # an account changing its password in a loop gets one turn per round like a handle.
+        async with s.front_door.argon2.turn("login", f"password:{account_id}"):
+            password_hash = await trio.to_thread.run_sync(_auth.hash_password, req.password)
+        generation = await s.db(
+            partial(s.ledger.end_sessions, password_hash=password_hash), account_id
+        )
+        if generation is None:  # pragma: no cover — the row of a bound person's session
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
+        token, expires = _auth.issue_token(
+            s.config.jwt_signing_key.value,
+            account_id,
+            s.config.session_ttl_seconds,
+            session_generation=generation,
+        )
+        keep = conn if conn.account_id == account_id else None
+        ended = self._sessions.end_account(
+            account_id,
+            generation,
+            "the account's login password was changed: log in again with the new one",
+            keep=keep,
+        )
+        if keep is not None:
+            self._sessions.renew(conn, expires)
+        log.info("password_changed", account_id=account_id, sessions_ended=ended)
+        conn.reply(wire.PasswordChanged(rid=req.rid, token=token, expires_at=expires))
+
+    async def end_sessions(self, conn: Connection, req: wire.EndSessions) -> None:
+        """End every session of the caller's account, this one too (signed: checked already).
+        Every session token issued so far is refused from now on."""
+        account_id = self._sessions.account_of(conn)
+        generation = await self._s.db(self._s.ledger.end_sessions, account_id)
+        if generation is None:  # pragma: no cover — the row of a bound person's session
+            raise RequestRefused(wire.ErrorCode.NOT_FOUND, "no such account")
+        conn.reply(wire.SessionsEnded(rid=req.rid))
+        ended = self._sessions.end_account(
+            account_id, generation, "every session of this account was ended: log in again"
+        )
+        log.info("sessions_ended", account_id=account_id, sessions_ended=ended)
 
 
 def _check_keystore_kdf(blob: bytes, services: Services) -> None:

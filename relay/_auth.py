@@ -78,6 +78,9 @@ class Claims(NamedTuple):
     account_id: str
     expires: int
     agent_generation: int | None  # set for agent tokens: must equal the account's generation
+    # A person's session tokens: the account's session generation when issued (0 for tokens
+    # from before generations existed); ending sessions moves the account's on.
+    session_generation: int = 0
 
 
 def issue_token(
@@ -87,12 +90,16 @@ def issue_token(
     now: float | None = None,
     *,
     agent_generation: int | None = None,
+    session_generation: int = 0,
 ) -> tuple[str, int]:
-    """A session token, or with `agent_generation` an agent token (long-lived, revocable)."""
+    """A person's session token under `session_generation`, or with `agent_generation` an
+    agent token (long-lived, revocable). Both are refused once the account's generation moved.
+    """
     issued = int(time.time() if now is None else now)
     expires = issued + ttl_seconds
     claims: dict[str, object] = {
-        "sub": account_id, "iat": issued, "exp": expires, "iss": ISSUER, "typ": "session"
+        "sub": account_id, "iat": issued, "exp": expires, "iss": ISSUER, "typ": "session",
+        "gen": session_generation,
     }  # fmt: skip
     if agent_generation is not None:
         claims |= {"typ": "agent", "gen": agent_generation}
@@ -113,12 +120,18 @@ def verify_token(key: bytes, token: str) -> Claims:
         raise AuthError("session expired: log in again", reason="expired_token") from None
     except jwt.InvalidTokenError:
         raise AuthError("session token is invalid: log in again", reason="invalid_token") from None
-    typ, sub, gen = claims.get("typ"), claims.get("sub"), claims.get("gen")
+    typ, sub = claims.get("typ"), claims.get("sub")
+    # Session tokens from before session generations carry none: generation 0.
+    gen = claims.get("gen", 0 if typ == "session" else None)
     if not isinstance(sub, str) or typ not in ("session", "agent"):
         raise AuthError("session token is invalid: log in again", reason="invalid_token")
-    if typ == "agent" and (not isinstance(gen, int) or isinstance(gen, bool)):
-        raise AuthError(
-            "agent token is invalid: ask its creator for a new credential file",
-            reason="invalid_token",
-        )
-    return Claims(sub, int(claims["exp"]), gen if typ == "agent" else None)
+    if not isinstance(gen, int) or isinstance(gen, bool):
+        if typ == "agent":
+            raise AuthError(
+                "agent token is invalid: ask its creator for a new credential file",
+                reason="invalid_token",
+            )
+        raise AuthError("session token is invalid: log in again", reason="invalid_token")
+    if typ == "agent":
+        return Claims(sub, int(claims["exp"]), gen)
+    return Claims(sub, int(claims["exp"]), None, gen)

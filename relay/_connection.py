@@ -23,6 +23,8 @@ from trio_websocket import ConnectionClosed
 
 from fanout import Message, starts_new_batch, ws_binary_frame
 from model import wire
+from model._crypto import random_bytes
+from model.proofs import CHALLENGE_BYTES
 from relay._wsraw import check_compatible, send_framed, write_now
 
 if TYPE_CHECKING:
@@ -63,11 +65,16 @@ class ArtifactUpload:
 class Connection:
     def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         self.ws = ws
+        # Sent in `Welcome`; signed requests sign it, so their signatures hold on this
+        # connection only (model/proofs.py).
+        self.challenge = random_bytes(CHALLENGE_BYTES)
         self.account_id: str | None = None
         self.sign_pk: bytes = b""
         self.box_pk: bytes = b""
         self.session_expires_at = 0.0
-        self.session_expired = False  # the last session ended by running out (for the message)
+        # Why the relay ended the last session while the connection stayed open (it expired,
+        # the account ended its sessions): the next refusal says so.
+        self.session_ended: str | None = None
         self.account_kind: MemberKind | None = None  # the bound account's kind
         # Everything below belongs to the current session, and ends with it (relay/_sessions.py).
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress

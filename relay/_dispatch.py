@@ -1,9 +1,11 @@
 """Every frame a client sends comes through here: decoded, authorized, then routed to its role.
 
 This is the relay's one authorization point. `_authorize` applies the request type's row of
-model/authz.py — who may send it (anyone, any account, people only), and for a collab-scoped
-request the sender's membership and capability there — before any handler runs. Handlers only
-check what the request's own content can tell (signatures over their own bytes, keys, hashes).
+model/authz.py — who may send it (anyone, any account, people only), for a signed request its
+signature by the account key bound at login over this connection's challenge, and for a
+collab-scoped request the sender's membership and capability there — before any handler runs.
+Handlers only check what the request's own content can tell (the signed events and keystore
+writes it carries, keys, hashes).
 A request type without a row is refused as `internal` and never reaches a handler.
 
 Every refusal is a typed error frame on that connection (SO-6); an unexpected exception in one
@@ -21,6 +23,7 @@ from model import authz, wire
 from model.envelope import EventBody, decode_body
 from model.errors import InvalidEvent
 from model.ids import new_id
+from model.proofs import verify_request
 from relay._context import RequestRefused, refuse, where
 from relay._throttle import Throttled
 
@@ -129,14 +132,19 @@ class Dispatcher:
             )
 
     async def _authorize(self, conn: Connection, req: wire.Request) -> EventBody | None:
-        """The authorization point: the request's rule against the sender's standing, then its
-        membership and capability in the collab it names. Raises `RequestRefused`.
+        """The authorization point: the request's rule against the sender's standing, then the
+        request's signature, then the sender's membership and capability in the collab it
+        names. Raises `RequestRefused`.
 
         Returns an append's decoded body (it names the append's collab), else None.
         """
         rule = authz.rule_for(req)
-        standing, expired = self._sessions.standing(conn)
-        refusal = authz.decide_sender(rule, standing, expired=expired)
+        standing, ended = self._sessions.standing(conn)
+        refusal = authz.decide_sender(rule, standing, ended=ended)
+        if refusal is None and rule.signed is authz.Signed.REQUEST:
+            assert conn.account_id is not None, "signed rows need a session"
+            verified = verify_request(conn.sign_pk, conn.challenge, conn.account_id, req)
+            refusal = authz.decide_signature(rule, verified=verified)
         body = None
         if refusal is None and rule.capability is not None:
             body = _append_body(req) if isinstance(req, wire.Append) else None
@@ -182,6 +190,12 @@ class Dispatcher:
                 await self._accounts.create_agent(conn, req)
             case wire.RevokeAgent():
                 await self._accounts.revoke_agent(conn, req)
+            case wire.ListAgents():
+                await self._accounts.list_agents(conn, req)
+            case wire.ChangePassword():
+                await self._accounts.change_password(conn, req)
+            case wire.EndSessions():
+                await self._accounts.end_sessions(conn, req)
             case wire.CreateCollab():
                 await self._collabs.create_collab(conn, req)
             case wire.CallTool():

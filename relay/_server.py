@@ -308,6 +308,7 @@ class Relay:
                     relay_pk=self.relay_pk,
                     max_frame_bytes=wire.MAX_FRAME_BYTES,
                     max_body_bytes=MAX_BODY_BYTES,
+                    challenge=conn.challenge,
                 )
             )
             try:

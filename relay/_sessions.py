@@ -9,7 +9,12 @@ session, and ends with it, at once (SO-5, SO-6):
 - re-authentication as another account: the old account's subscriptions and uploads end before
   the new binding takes effect, so nothing opened under one account keeps serving another;
 - revocation of an agent: every connection bound to it is closed (4003), and every subscription
-  of the agent anywhere in the fan-out ends, whichever connection opened it.
+  of the agent anywhere in the fan-out ends, whichever connection opened it;
+- a person ending every session of their account, or changing the login password: the
+  account's session generation moves on (in the ledger, so every token issued before is refused
+  by `authenticate`), and every connection bound to the account loses its session at once (the
+  connection stays open; its client may log in again). A login or authentication that read the
+  account before the change and binds after it is refused (`bind` checks the generation).
 
 The by-account index lets a login count its own account's connections (the per-account cap)
 and lets revocation find them, without scanning every open connection.
@@ -41,6 +46,10 @@ log = structlog.get_logger("cozy.relay")
 
 AGENT_REVOKED_CODE: Final = 4003
 SESSION_EXPIRED: Final = "session expired: log in again"
+SESSIONS_ENDED: Final = (
+    "this session was ended (every session of the account was ended, or its login password"
+    " changed): log in again"
+)
 
 
 class Sessions:
@@ -54,20 +63,24 @@ class Sessions:
         # goes when the connection does or rebinds.
         self._by_account: dict[str, set[Connection]] = {}
         self._filed_under: dict[Connection, str] = {}
+        # Account -> the session generation its sessions were last ended at (end_account): a
+        # binding made from an account row older than that is refused. One int per account that
+        # ever ended its sessions while this relay ran.
+        self._ended_at: dict[str, int] = {}
 
     # --- the standing of a connection -----------------------------------------------------------
 
-    def standing(self, conn: Connection) -> tuple[Standing, bool]:
-        """(who the connection speaks for now, whether a session just ran out).
+    def standing(self, conn: Connection) -> tuple[Standing, str | None]:
+        """(who the connection speaks for now, why the relay ended its last session if it did).
 
         An expired session is ended here too, in case its watch has not run yet.
         """
         if conn.account_id is None:
-            return Standing.ANONYMOUS, conn.session_expired
+            return Standing.ANONYMOUS, conn.session_ended
         if time.time() >= conn.session_expires_at:
             self.end(conn, SESSION_EXPIRED)
-            return Standing.ANONYMOUS, True
-        return (Standing.AGENT if conn.account_kind is MemberKind.AGENT else Standing.HUMAN), False
+            return Standing.ANONYMOUS, SESSION_EXPIRED
+        return (Standing.AGENT if conn.account_kind is MemberKind.AGENT else Standing.HUMAN), None
 
     @staticmethod
     def account_of(conn: Connection) -> str:
@@ -98,14 +111,22 @@ class Sessions:
                 wire.ErrorCode.UNAUTHENTICATED,
                 "this token was revoked: ask the agent's creator for a new credential file",
             )
+        if not is_agent_token and claims.session_generation != row.session_generation:
+            self._s.auth_counters.failed("revoked_token")
+            raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, SESSIONS_ENDED)
         self.bind(conn, row, claims.expires)
         conn.reply(wire.Authenticated(rid=req.rid, account_id=claims.account_id))
 
     def bind(self, conn: Connection, row: AccountRow, expires: int) -> None:
         """Make `row` the connection's account, within the per-account connection limit.
 
-        Binding another account than the current one first ends the current session.
+        Binding another account than the current one first ends the current session. A row
+        read before the account's sessions were ended (its session generation is older) is
+        refused: the login or token it came from was ended meanwhile.
         """
+        if row.session_generation < self._ended_at.get(row.account_id, 0):
+            self._s.auth_counters.failed("revoked_token")
+            raise RequestRefused(wire.ErrorCode.UNAUTHENTICATED, SESSIONS_ENDED)
         if conn.account_id != row.account_id:
             limit = self._s.config.max_connections_per_account
             filed = self._by_account.get(row.account_id, set())
@@ -140,7 +161,7 @@ class Sessions:
         conn.sign_pk = row.sign_pk
         conn.box_pk = row.box_pk
         conn.session_expires_at = expires
-        conn.session_expired = False
+        conn.session_ended = None
         self._s.front_door.authenticated(conn)  # off the unauthenticated cap and deadline
         self._changed(conn)
 
@@ -166,7 +187,7 @@ class Sessions:
             log.info("session_ended", account_id=conn.account_id, reason=reason)
         conn.account_id = None
         conn.account_kind = None
-        conn.session_expired = reason == SESSION_EXPIRED
+        conn.session_ended = reason
         conn.member_of.clear()
         conn.membership_generation += 1
         for scope in list(conn.session_tasks):
@@ -181,6 +202,27 @@ class Sessions:
             self.end(conn, reason)
             conn.close_gracefully(AGENT_REVOKED_CODE, reason)
         self._s.fanout.evict_account(account_id, reason)
+
+    def end_account(
+        self, account_id: str, generation: int, reason: str, *, keep: Connection | None = None
+    ) -> int:
+        """A person's sessions were ended in the ledger at `generation`: end the session of every
+        connection bound to the account (all but `keep`, whose session goes on under a new
+        token), and refuse bindings from older account rows. Returns how many ended."""
+        self._ended_at[account_id] = max(generation, self._ended_at.get(account_id, 0))
+        ended = 0
+        for conn in self.connections_of(account_id):
+            if conn is not keep:
+                self.end(conn, reason)
+                ended += 1
+        if keep is None:
+            self._s.fanout.evict_account(account_id, reason)
+        return ended
+
+    def renew(self, conn: Connection, expires: int) -> None:
+        """The connection's session goes on under a fresh token expiring at `expires`."""
+        conn.session_expires_at = expires
+        self._changed(conn)
 
     @staticmethod
     def _changed(conn: Connection) -> None:

@@ -87,6 +87,7 @@ class Check(enum.Enum):
     SIGNATURE = "signature"
     PUBLIC_KEY = "public_key"
     NONCE = "nonce"
+    CHALLENGE = "challenge"
     SALT = "salt"
     # Opaque: must open as ciphertext with a key the members hold.
     CIPHERTEXT = "ciphertext"
@@ -99,13 +100,14 @@ class Check(enum.Enum):
     EVENT = "event"
     BODY = "body"
     STRUCT = "struct"
+    STRUCTS = "structs"
     OPERATION = "operation"
     FRAMES = "frames"
 
 
 C = Check
 OPAQUE = {C.CIPHERTEXT, C.SEALED, C.WRAPS, C.KEYSTORE, C.ARTIFACT_PIECE, C.PASSWORD_HASH}
-CONTAINERS = {C.EVENT, C.BODY, C.STRUCT, C.OPERATION, C.FRAMES}
+CONTAINERS = {C.EVENT, C.BODY, C.STRUCT, C.STRUCTS, C.OPERATION, C.FRAMES}
 SPECIAL_PLAINTEXT = {
     C.PASSWORD: "credential",  # the login secret the relay verifies (hashed at rest)
     C.TOKEN: "credential",  # the relay's own session / agent token
@@ -136,18 +138,23 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.Unsubscribe: {"rid": _RID, "collab_id": _ID},
     wire.GetAccount: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE},
     wire.CreateAgent: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE,
-                       "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY},
-    wire.RevokeAgent: {"rid": _RID, "account_id": _ID},
-    wire.CallTool: {"rid": _RID, "collab_id": _ID, "tool": C.TOOL, "args": C.BROKER},
+                       "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY, "sig": C.SIGNATURE},
+    wire.RevokeAgent: {"rid": _RID, "account_id": _ID, "sig": C.SIGNATURE},
+    wire.ListAgents: {"rid": _RID},
+    wire.ChangePassword: {"rid": _RID, "password": C.PASSWORD, "sig": C.SIGNATURE},
+    wire.EndSessions: {"rid": _RID, "sig": C.SIGNATURE},
+    wire.CallTool: {"rid": _RID, "collab_id": _ID, "tool": C.TOOL, "args": C.BROKER,
+                    "sig": C.SIGNATURE},
     wire.Ping: {"rid": _RID},
     wire.PutArtifactChunk: {"rid": _RID, "collab_id": _ID, "upload": C.UPLOAD,
                             "index": C.NUMBER, "data": C.ARTIFACT_PIECE, "final": C.FLAG,
-                            "ref": C.REF},
+                            "ref": C.REF, "sig": C.SIGNATURE},
     wire.GetArtifact: {"rid": _RID, "collab_id": _ID, "ref": C.REF},
     wire.Batch: {"frames": C.FRAMES},
     # relay → client
     wire.Welcome: {"protocol": C.PROTOCOL, "relay_pk": C.PUBLIC_KEY,
-                   "max_frame_bytes": C.NUMBER, "max_body_bytes": C.NUMBER},
+                   "max_frame_bytes": C.NUMBER, "max_body_bytes": C.NUMBER,
+                   "challenge": C.CHALLENGE},
     wire.SignedUp: {"rid": _RID, "account_id": _ID},
     wire.LoggedIn: {"rid": _RID, "account_id": _ID, "token": C.TOKEN, "expires_at": C.NUMBER},
     wire.Authenticated: {"rid": _RID, "account_id": _ID},
@@ -173,6 +180,11 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.AgentRevoked: {"rid": _RID, "account_id": _ID},
     wire.AccountKeysRotated: {"rid": _RID, "keystore_version": C.NUMBER},
     wire.Collabs: {"rid": _RID, "collab_ids": C.REFS},  # a list of collab ids
+    wire.Agents: {"rid": _RID, "agents": C.STRUCTS},
+    wire.AgentInfo: {"account_id": _ID, "handle": C.HANDLE, "created_at": C.NUMBER,
+                     "revoked": C.FLAG},
+    wire.PasswordChanged: {"rid": _RID, "token": C.TOKEN, "expires_at": C.NUMBER},
+    wire.SessionsEnded: {"rid": _RID},
     wire.ToolResult: {"rid": _RID, "status": C.NUMBER, "body": C.BROKER},
     wire.Pong: {"rid": _RID},
     wire.Error: {"rid": _RID, "code": C.CODE, "message": C.RELAY_TEXT, "head_seq": C.NUMBER},
@@ -216,7 +228,8 @@ EMBEDDED: dict[Check, type[msgspec.Struct]] = {
 COLUMNS: dict[str, dict[str, Check]] = {
     "accounts": {"account_id": _ID, "handle": C.HANDLE, "password_hash": C.PASSWORD_HASH,
                  "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY, "created_at": C.TIME,
-                 "kind": C.MEMBER_KIND, "created_by": _ID, "token_generation": C.NUMBER},
+                 "kind": C.MEMBER_KIND, "created_by": _ID, "token_generation": C.NUMBER,
+                 "session_generation": C.NUMBER},
     "collabs": {"collab_id": _ID, "created_by": _ID, "created_at": C.TIME, "epoch": C.NUMBER},
     "collab_members": {"collab_id": _ID, "account_id": _ID, "role": C.ROLE,
                        "kind": C.MEMBER_KIND, "caps": C.CAPS},
@@ -495,6 +508,12 @@ class Walker:
         expected = 0 if getattr(parent, "kind", "") == KIND_MANAGEMENT else 24
         return None if isinstance(v, bytes) and len(v) == expected else "not a nonce"
 
+    def _check_challenge(self, v: Any, _p: Any, _w: str) -> str | None:
+        # Fresh random bytes per connection (signed requests sign them); never words.
+        if not isinstance(v, bytes) or len(v) != 32 or reads_as_text(v):
+            return "not a 32-byte random challenge"
+        return None
+
     def _check_salt(self, v: Any, _p: Any, _w: str) -> str | None:
         return None if isinstance(v, bytes) and len(v) == 16 else "not a salt"
 
@@ -621,6 +640,13 @@ class Walker:
 
     def _check_struct(self, v: Any, _p: Any, where: str) -> str | None:
         self.struct(v, where)
+        return None
+
+    def _check_structs(self, v: Any, _p: Any, where: str) -> str | None:
+        if not isinstance(v, list):
+            return "not a list of structs"
+        for i, item in enumerate(v):
+            self.struct(item, f"{where}[{i}]")
         return None
 
     def _check_operation(self, v: Any, _p: Any, where: str) -> str | None:

@@ -178,8 +178,10 @@ async def sign_up(url: str, handle: str | None = None) -> User:
 
 @asynccontextmanager
 async def session(url: str, user: User) -> AsyncIterator[Client]:
+    """A connection as `user`'s own client: authenticated, and signing with the account key."""
     async with connect(url) as client:
         await client.authenticate(user.token)
+        client.use_key(user.signing_key)
         yield client
 
 

@@ -19,6 +19,7 @@ from tests.relay_harness import session, sign_up
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from clientkit import Client
     from relay._server import Relay
 
 
@@ -91,8 +92,10 @@ async def test_uploads_are_checked_ordered_members_only_and_size_limited(
             # Pieces out of order are refused.
             with pytest.raises(RelayRefused) as order:
                 await client.request(
-                    lambda rid: wire.PutArtifactChunk(
-                        rid=rid, collab_id=alice.collab_id, upload="u" * 20, index=3, data=b"x"
+                    client.signed(
+                        lambda rid: wire.PutArtifactChunk(
+                            rid=rid, collab_id=alice.collab_id, upload="u" * 20, index=3, data=b"x"
+                        )
                     ),
                     wire.ArtifactChunkStored,
                 )
@@ -107,21 +110,23 @@ async def test_uploads_are_checked_ordered_members_only_and_size_limited(
 
 
 async def _upload_claiming(
-    client: object, collab_id: str, sealed: list[bytes], ref: str
+    client: Client, collab_id: str, sealed: list[bytes], ref: str
 ) -> RelayRefused:
     upload = "claim-" + "x" * 20
     for index, piece in enumerate(sealed):
         final = index == len(sealed) - 1
         try:
-            await client.request(  # type: ignore[attr-defined]
-                lambda rid, i=index, p=piece, f=final: wire.PutArtifactChunk(
-                    rid=rid,
-                    collab_id=collab_id,
-                    upload=upload,
-                    index=i,
-                    data=p,
-                    final=f,
-                    ref=ref if f else "",
+            await client.request(
+                client.signed(
+                    lambda rid, i=index, p=piece, f=final: wire.PutArtifactChunk(
+                        rid=rid,
+                        collab_id=collab_id,
+                        upload=upload,
+                        index=i,
+                        data=p,
+                        final=f,
+                        ref=ref if f else "",
+                    )
                 ),
                 wire.ArtifactStored if final else wire.ArtifactChunkStored,
             )

@@ -49,7 +49,7 @@ from model.artifacts import RefHasher
 from model.envelope import seal_event
 from model.ids import new_id
 from model.membership import CAP_POST, CAP_READ, MemberKind, Role
-from model.proofs import KeyPair, account_rekey_bytes, sign_keystore_write
+from model.proofs import KeyPair, account_rekey_bytes, sign_keystore_write, sign_request
 from relay import _auth
 from relay.config import Secret
 from tests.broker_harness import bao, tools, upstream, upstream_server
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
     from pathlib import Path
 
+R = typing.TypeVar("R", bound=wire.Request)
 OK: Final = "ok"
 UNAUTHN: Final = wire.ErrorCode.UNAUTHENTICATED.value
 DENIED: Final = wire.ErrorCode.UNAUTHORIZED.value
@@ -102,22 +103,21 @@ TABLE: Final[dict[type[wire.Request], tuple[str, ...]]] = {
     wire.PutArtifactChunk: (UNAUTHN, UNAUTHN, BADSIG, OK,    OK,     OK,     DENIED,  DENIED,  DENIED, DENIED, OK,     DENIED, DENIED, UNAUTHN),
     wire.CallTool:      (UNAUTHN, UNAUTHN, BADSIG,   DENIED, DENIED, OK,     DENIED,  DENIED,  DENIED, DENIED, DENIED, OK,     DENIED, UNAUTHN),
     wire.ListCollabs:   (UNAUTHN, UNAUTHN, OK,       OK,     OK,     OK,     OK,      OK,      OK,     OK,     OK,     OK,     OK,     UNAUTHN),
+    wire.ListAgents:    (UNAUTHN, UNAUTHN, OK,       OK,     OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
+    # Sets the same password again, and hands the column its fresh token (the old one is ended).
+    wire.ChangePassword: (UNAUTHN, UNAUTHN, BADSIG,  OK,     OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
     # A batch is authorized frame by frame: here it carries a CreateCollab.
     wire.Batch:         (UNAUTHN, UNAUTHN, BADSIG,   OK,     OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
     # Last: it replaces the principal's account keys.
     wire.RotateAccountKeys: (UNAUTHN, UNAUTHN, BADSIG, OK,   OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
+    # After the last: it ends every session of the principal's account.
+    wire.EndSessions:   (UNAUTHN, UNAUTHN, BADSIG,   OK,     OK,     OK,     OK,      OK,      DENIED, DENIED, DENIED, DENIED, DENIED, UNAUTHN),
 }
 # fmt: on
 
-# Cells whose stated outcome is not met yet, with the outcome seen today. Per-request signatures
-# (issue 13 item 2, helper h-signed) make them hold; the test fails as soon as one holds, so the
-# entry is removed then (and the builder signs the request).
-PENDING: Final[dict[tuple[type[wire.Request], str], str]] = {
-    (wire.CreateAgent, "session"): OK,
-    (wire.RevokeAgent, "session"): OK,
-    (wire.PutArtifactChunk, "session"): OK,
-    (wire.CallTool, "session"): OK,
-}
+# Cells whose stated outcome is not met yet, with the outcome seen today; the test fails as soon
+# as one holds, so the entry is removed then. (Empty since per-request signatures, ADR-0019.)
+PENDING: Final[dict[tuple[type[wire.Request], str], str]] = {}
 
 # What a request's success looks like (the first reply frame carrying its rid).
 SUCCESS: Final[dict[type[wire.Request], type[wire.Reply]]] = {
@@ -140,6 +140,9 @@ SUCCESS: Final[dict[type[wire.Request], type[wire.Reply]]] = {
     wire.Batch: wire.CollabCreated,
     wire.ListCollabs: wire.Collabs,
     wire.RotateAccountKeys: wire.AccountKeysRotated,
+    wire.ListAgents: wire.Agents,
+    wire.ChangePassword: wire.PasswordChanged,
+    wire.EndSessions: wire.SessionsEnded,
 }
 
 
@@ -201,7 +204,7 @@ class World:
 class Build:
     frames: list[wire.Request]  # sent in order; the last one's answer is the cell's outcome
     rid: int  # the rid whose first reply is the outcome
-    on_ok: Callable[[], None] | None = None
+    on_ok: Callable[[wire.Reply], None] | None = None  # called with the success reply
 
 
 def _stranger() -> tuple[nacl.signing.SigningKey, nacl.public.PrivateKey]:
@@ -268,7 +271,7 @@ async def _put_keystore(w: World, p: Principal, _conn: Conn) -> Build:
     blob = _sealed_keystore()
     sig = sign_keystore_write(p.sign, account_id, version, blob)
 
-    def stored() -> None:
+    def stored(_reply: wire.Reply) -> None:
         w.keystore_versions[account_id] = version
 
     return Build([wire.PutKeystore(rid=rid, version=version, blob=blob, sig=sig)], rid, stored)
@@ -291,7 +294,14 @@ async def _batch(w: World, p: Principal, _conn: Conn) -> Build:
     return Build([wire.Batch(frames=[msgspec.Raw(wire.encode(inner))])], inner.rid)
 
 
-async def _create_agent(w: World, _p: Principal, _conn: Conn) -> Build:
+def _signed(conn: Conn, p: Principal, request: R) -> R:
+    """`request` signed by the principal's own key for the cell's connection (ADR-0019)."""
+    assert conn.welcome is not None
+    sig = sign_request(p.sign, conn.welcome.challenge, p.account_id, request)
+    return msgspec.structs.replace(request, sig=sig)
+
+
+async def _create_agent(w: World, p: Principal, conn: Conn) -> Build:
     rid, (sign, box) = w.rid(), _stranger()
     req = wire.CreateAgent(
         rid=rid,
@@ -300,10 +310,10 @@ async def _create_agent(w: World, _p: Principal, _conn: Conn) -> Build:
         sign_pk=bytes(sign.verify_key),
         box_pk=bytes(box.public_key),
     )
-    return Build([req], rid)
+    return Build([_signed(conn, p, req)], rid)
 
 
-async def _revoke_agent(w: World, p: Principal, _conn: Conn) -> Build:
+async def _revoke_agent(w: World, p: Principal, conn: Conn) -> Build:
     """A person revokes an agent of their own (made just now); anyone else tries the owner's."""
     target = w.spare_agent
     if p.user is not None and p.kind is MemberKind.HUMAN:
@@ -311,11 +321,12 @@ async def _revoke_agent(w: World, p: Principal, _conn: Conn) -> Build:
         target = new_id("a")
         async with connect(w.url) as side:
             await side.authenticate(p.user.token)
+            side.use_key(p.user.signing_key)
             await side.create_agent(
                 target, _handle(), bytes(sign.verify_key), bytes(box.public_key)
             )
     rid = w.rid()
-    return Build([wire.RevokeAgent(rid=rid, account_id=target)], rid)
+    return Build([_signed(conn, p, wire.RevokeAgent(rid=rid, account_id=target))], rid)
 
 
 async def _append(w: World, p: Principal, _conn: Conn) -> Build:
@@ -350,7 +361,7 @@ async def _get_artifact(w: World, _p: Principal, _conn: Conn) -> Build:
     return Build([wire.GetArtifact(rid=rid, collab_id=w.collab_id, ref=w.artifact_ref)], rid)
 
 
-async def _put_artifact_chunk(w: World, _p: Principal, _conn: Conn) -> Build:
+async def _put_artifact_chunk(w: World, p: Principal, conn: Conn) -> Build:
     data = secrets.token_bytes(64)
     hasher = RefHasher()
     hasher.update(data)
@@ -364,14 +375,37 @@ async def _put_artifact_chunk(w: World, _p: Principal, _conn: Conn) -> Build:
         final=True,
         ref=hasher.ref(),
     )
-    return Build([req], rid)
+    return Build([_signed(conn, p, req)], rid)
 
 
-async def _call_tool(w: World, _p: Principal, _conn: Conn) -> Build:
+async def _call_tool(w: World, p: Principal, conn: Conn) -> Build:
     rid = w.rid()
-    return Build(
-        [wire.CallTool(rid=rid, collab_id=w.collab_id, tool="raw", args={"q": "matrix"})], rid
-    )
+    req = wire.CallTool(rid=rid, collab_id=w.collab_id, tool="raw", args={"q": "matrix"})
+    return Build([_signed(conn, p, req)], rid)
+
+
+async def _list_agents(w: World, _p: Principal, _conn: Conn) -> Build:
+    rid = w.rid()
+    return Build([wire.ListAgents(rid=rid)], rid)
+
+
+async def _change_password(w: World, p: Principal, conn: Conn) -> Build:
+    """The same password again: the account's other sessions end, and the column goes on with
+    the fresh token of the reply."""
+    rid = w.rid()
+
+    def renewed(reply: wire.Reply) -> None:
+        assert isinstance(reply, wire.PasswordChanged)
+        assert p.user is not None
+        p.token = p.user.token = reply.token
+
+    req = _signed(conn, p, wire.ChangePassword(rid=rid, password=PASSWORD))
+    return Build([req], rid, renewed)
+
+
+async def _end_sessions(w: World, p: Principal, conn: Conn) -> Build:
+    rid = w.rid()
+    return Build([_signed(conn, p, wire.EndSessions(rid=rid))], rid)
 
 
 async def _list_collabs(w: World, _p: Principal, _conn: Conn) -> Build:
@@ -404,10 +438,11 @@ async def _rotate_account_keys(w: World, p: Principal, _conn: Conn) -> Build:
         new_sig=sign.sign(statement).signature,
     )
 
-    def rotated() -> None:
+    def rotated(_reply: wire.Reply) -> None:
         w.keystore_versions[account_id] = version
         assert p.user is not None
         p.user.signing_key, p.user.box_key = sign, box
+        p.sign, p.box = sign, box  # the column's later requests are signed with the new key
 
     return Build([req], rid, rotated)
 
@@ -432,6 +467,9 @@ BUILDERS: Final[dict[type[wire.Request], Builder]] = {
     wire.Batch: _batch,
     wire.ListCollabs: _list_collabs,
     wire.RotateAccountKeys: _rotate_account_keys,
+    wire.ListAgents: _list_agents,
+    wire.ChangePassword: _change_password,
+    wire.EndSessions: _end_sessions,
 }
 
 REQUEST_TYPES: Final = frozenset(typing.get_args(wire.Request))
@@ -505,7 +543,7 @@ async def _outcome(conn: Conn, row: type[wire.Request], build: Build) -> str:
     if not isinstance(answer, SUCCESS[row]):
         return f"unexpected {type(answer).__name__}"
     if build.on_ok is not None:
-        build.on_ok()
+        build.on_ok(answer)
     return OK
 
 

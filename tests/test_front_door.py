@@ -126,12 +126,14 @@ def signup_frame(rid: int, handle: str, password: str = PASSWORD) -> wire.Signup
     )
 
 
-async def sign_up(url: str, handle: str, password: str = PASSWORD) -> str:
+async def sign_up(
+    url: str, handle: str, password: str = PASSWORD, key: nacl.signing.SigningKey | None = None
+) -> str:
     async with connect(url) as client:
         return await client.signup(
             handle,
             password,
-            nacl.signing.SigningKey.generate(),
+            key or nacl.signing.SigningKey.generate(),
             bytes(nacl.public.PrivateKey.generate().public_key),
         )
 
@@ -235,9 +237,11 @@ async def test_every_login_costs_one_argon2_verification_whatever_the_handle(
 ) -> None:
     """An agent's handle used to be answered without any Argon2 work (its stored value is not
     an Argon2 hash), so one timed try told agents from people. Count, do not time."""
-    await sign_up(relay.url, "alice")
+    alice_key = nacl.signing.SigningKey.generate()
+    await sign_up(relay.url, "alice", key=alice_key)
     async with connect(relay.url) as client:
         await client.login("alice", PASSWORD)
+        client.use_key(alice_key)  # creating an agent is signed (ADR-0019)
         await client.create_agent(
             new_id("a"),
             "alice-bot",
@@ -265,9 +269,11 @@ async def test_an_agent_handle_never_logs_in_and_is_answered_like_a_wrong_passwo
 ) -> None:
     """Agents have no password: whatever is tried, including the relay's own placeholder, the
     answer is byte for byte the one a person's handle gets for a wrong password."""
-    await sign_up(relay.url, "alice")
+    alice_key = nacl.signing.SigningKey.generate()
+    await sign_up(relay.url, "alice", key=alice_key)
     async with connect(relay.url) as client:
         await client.login("alice", PASSWORD)
+        client.use_key(alice_key)  # creating an agent is signed (ADR-0019)
         created = await client.create_agent(
             new_id("a"),
             "alice-bot",

@@ -134,6 +134,7 @@ class Scenario:
     async def session(self, who: Person) -> AsyncIterator[Client]:
         async with self.dial() as client:
             await client.authenticate(who.token)
+            client.use_key(who.sign)
             yield client
 
     async def sign_up(self, handle: str) -> Person:
@@ -352,6 +353,7 @@ async def run_scenario(s: Scenario) -> Outcome:
             read_by["agent"] = texts_of(await readable(bot, agent, cid))
             # Revoked while connected: its connection is closed at once; then removed.
             await a.revoke_agent(agent.account_id)
+            assert [x.revoked for x in await a.list_agents()] == [True]
             agent_cut_off = False
             try:
                 with trio.fail_after(10):
@@ -407,6 +409,11 @@ async def run_scenario(s: Scenario) -> Outcome:
         bob.sign, bob.box = new_sign, new_box
         read_by["bob"] = texts_of(await readable(phone, bob, cid))
         final = await phone.read(cid, bob.box, past_box_keys=bob.past_boxes)
+        # Then a new login password and the end of every session: signed with the account key.
+        phone.use_key(bob.sign)
+        bob_old_password, bob.password = bob.password, f"new login password {secrets.token_hex(6)}"
+        await phone.change_password(bob.password)
+        await phone.end_sessions()
 
     for who in (*people, agent):
         keys.sign_pk[who.account_id] = who.sign_pk
@@ -414,7 +421,7 @@ async def run_scenario(s: Scenario) -> Outcome:
         keys.past_sign_pk[who.account_id] = [bytes(s.verify_key) for s, _ in who.past]
         keys.past_box[who.account_id] = who.past_boxes
         keys.passwords.add(who.password)
-    keys.passwords.add("a wrong guess at the password")
+    keys.passwords |= {"a wrong guess at the password", bob_old_password}
     keys.passphrases = [p.passphrase for p in people] + [bob_old_passphrase]
     keys.epoch_keys[cid] = final.known_keys()
     assert sorted(keys.epoch_keys[cid]) == [0, 1, 2, 3, 4]  # 4: bob's rekey
@@ -595,7 +602,9 @@ def test_every_frame_field_is_classified() -> None:
     }
     assert defined <= set(reachable), "a frame type that is in neither union"
     # Every bytes field is a cryptographic value or opaque: none is classified as plaintext text.
-    cryptographic = {Check.HASH, Check.SIGNATURE, Check.PUBLIC_KEY, Check.NONCE, Check.SALT}
+    cryptographic = {
+        Check.HASH, Check.SIGNATURE, Check.PUBLIC_KEY, Check.NONCE, Check.SALT, Check.CHALLENGE
+    }  # fmt: skip
     for cls, rules in FIELDS.items():
         for name, check in rules.items():
             if isinstance(reachable[cls][name], mi.BytesType):

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 import trio
 
-from clientkit import RelayRefused, connect
+from clientkit import RelayRefused
 from ledger import Ledger
 from model import artifacts, wire
 from model._crypto import random_bytes
@@ -61,14 +61,16 @@ async def _send_pieces(
         final = ref is not None and index == len(pieces) - 1
         try:
             reply = await client.request(
-                lambda rid, i=index, p=piece, f=final: wire.PutArtifactChunk(
-                    rid=rid,
-                    collab_id=collab_id,
-                    upload=upload,
-                    index=i,
-                    data=p,
-                    final=f,
-                    ref=(ref or "") if f else "",
+                client.signed(
+                    lambda rid, i=index, p=piece, f=final: wire.PutArtifactChunk(
+                        rid=rid,
+                        collab_id=collab_id,
+                        upload=upload,
+                        index=i,
+                        data=p,
+                        final=f,
+                        ref=(ref or "") if f else "",
+                    )
                 ),
                 wire.ArtifactStored if final else wire.ArtifactChunkStored,
             )
@@ -119,8 +121,14 @@ async def test_a_refused_upload_leaves_no_piece_whatever_the_refusal(
                 assert _counts(database_url) == (3, 1)
                 with pytest.raises(RelayRefused) as order:
                     await client.request(
-                        lambda rid: wire.PutArtifactChunk(
-                            rid=rid, collab_id=alice.collab_id, upload=upload, index=7, data=b"x"
+                        client.signed(
+                            lambda rid: wire.PutArtifactChunk(
+                                rid=rid,
+                                collab_id=alice.collab_id,
+                                upload=upload,
+                                index=7,
+                                data=b"x",
+                            )
                         ),
                         wire.ArtifactChunkStored,
                     )
@@ -162,8 +170,10 @@ async def test_a_reused_upload_id_is_refused_without_touching_the_upload_that_ow
             assert "in use" in stolen.message
             with pytest.raises(RelayRefused):
                 await other.request(
-                    lambda rid: wire.PutArtifactChunk(
-                        rid=rid, collab_id=mallory.collab_id, upload=upload, index=2, data=b"x"
+                    other.signed(
+                        lambda rid: wire.PutArtifactChunk(
+                            rid=rid, collab_id=mallory.collab_id, upload=upload, index=2, data=b"x"
+                        )
                     ),
                     wire.ArtifactChunkStored,
                 )
@@ -183,14 +193,16 @@ async def _send_pieces_from(
     for index in range(start, len(pieces)):
         final = index == len(pieces) - 1
         reply = await client.request(
-            lambda rid, i=index, f=final: wire.PutArtifactChunk(
-                rid=rid,
-                collab_id=collab_id,
-                upload=upload,
-                index=i,
-                data=pieces[i],
-                final=f,
-                ref=ref if f else "",
+            client.signed(
+                lambda rid, i=index, f=final: wire.PutArtifactChunk(
+                    rid=rid,
+                    collab_id=collab_id,
+                    upload=upload,
+                    index=i,
+                    data=pieces[i],
+                    final=f,
+                    ref=ref if f else "",
+                )
             ),
             wire.ArtifactStored if final else wire.ArtifactChunkStored,
         )
@@ -311,8 +323,7 @@ async def test_an_upload_swept_while_idle_is_refused_on_its_next_piece(
         sealed = _sealed(alice.collab_key, alice.collab_id, 2 * artifacts.CHUNK_BYTES)
         upload = _upload_id()
         with trio.fail_after(60):
-            async with connect(relay.url) as client:
-                await client.authenticate(alice.token)
+            async with session(relay.url, alice) as client:
                 assert await _send_pieces(client, alice.collab_id, upload, sealed[:1]) is None
                 with psycopg.connect(database_url) as conn:
                     conn.execute("UPDATE uploads SET touched_at = now() - interval '1 day'")
