@@ -11,7 +11,9 @@ map lists, per objective, the tests that prove it. This meta-test reads the test
 - an objective has no test (whatever its status);
 - an objective marked built lists no attacker test (`attacker_tests`: the tests written as an
   attack on a real component, the cheapest abuse that would break the promise), or lists one
-  that is not among its `tests`.
+  that is not among its `tests`;
+- an attacker test is not named in docs/threat-model.md (its "Attacker tests, by objective"
+  section states each promise with the test that checks it).
 
 Marker forms understood: decorators on test functions, on test classes (applies to their test
 methods) and on methods; module-level and class-level ``pytestmark`` (one mark or a list); and
@@ -449,3 +451,17 @@ def test_every_built_objective_names_its_attacker_tests() -> None:
             if node not in listed
         )
     assert not problems, f"fix {MAP_NAME}:\n  " + "\n  ".join(problems)
+
+
+def test_the_prose_names_every_attacker_test() -> None:
+    prose = (ROOT / "docs" / "threat-model.md").read_text()
+    missing = [
+        f"[{objective}] {node}"
+        for objective in OBJECTIVES
+        for node in _entry(objective).get("attacker_tests", [])
+        if f"`{node}`" not in prose
+    ]
+    assert not missing, (
+        "docs/threat-model.md does not name these attacker tests (add each to 'Attacker tests,"
+        " by objective' with the promise it checks):\n  " + "\n  ".join(missing)
+    )
