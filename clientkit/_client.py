@@ -489,23 +489,37 @@ class Client:
         attempts: int = 3,
         past_box_keys: Sequence[nacl.public.PrivateKey] = (),
         own_sign_pks: Collection[bytes] = (),
+        resend: SignedEvent | None = None,
     ) -> tuple[wire.Appended, CollabView]:
         """Make a management change against a freshly verified head.
 
         `change` builds the operation from the view (e.g. ``lambda v: _collab.remove(v, id)``);
-        it runs again, drawing any new key afresh, when another change landed first. Returns
-        the ack and the view the change was made against.
+        it runs again, drawing any new key afresh, only when the relay refused the change as
+        `stale` — another change landed first and this one is known not to be stored. A
+        change the relay holds already is answered as a duplicate with its stored seq, which
+        is success. Returns the ack and the view the change was made against.
+
+        If the connection is lost before the ack, the raised `ConnectionLost` carries the sent
+        proof as `unacked`; pass it as `resend` on the next connection: that same signed proof
+        is sent first (a rotation is never made twice), and `change` runs only if it is
+        refused as `stale`.
         """
         for attempt in range(attempts):
             view = await self.read(
                 collab_id, box_key, past_box_keys=past_box_keys, own_sign_pks=own_sign_pks
             )
-            signed = _collab.proposal(view, signing_key, change(view), _now_ms())
+            if resend is not None:
+                signed, resend = resend, None
+            else:
+                signed = _collab.proposal(view, signing_key, change(view), _now_ms())
             try:
                 return await self.append(signed), view
             except RelayRefused as exc:
                 if exc.code is not wire.ErrorCode.STALE or attempt == attempts - 1:
                     raise
+            except ConnectionLost as exc:
+                exc.unacked = signed
+                raise
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def seal_and_append(
@@ -517,6 +531,7 @@ class Client:
         view: CollabView | None = None,
         history: History | None = None,
         attempts: int = 3,
+        resend: SignedEvent | None = None,
     ) -> tuple[wire.Appended, CollabView]:
         """Seal content against a verified view of the collab and append it.
 
@@ -532,14 +547,27 @@ class Client:
         view is used and advanced from its own stream instead (`History.read_ahead`), the
         entries read kept for the iteration. Returns the ack and the view the stored event was
         sealed against; the last refusal is raised after `attempts`.
+
+        Content is never sealed again while it may be stored: a `stale` refusal means the relay
+        does not hold the event (one it holds is answered as a duplicate, whatever changed
+        since). If the connection is lost before the ack, the raised `ConnectionLost` carries
+        the sent event as `unacked`; pass it as `resend` on the next connection and that same
+        signed event is sent first, sealed again only if it is refused as `stale`.
         """
         if history is not None:
             view = history.view
         for attempt in range(attempts):
             if view is None:
                 view = await self.read(collab_id, box_key)
+            if resend is not None:
+                signed, resend = resend, None
+            else:
+                signed = seal(view)
             try:
-                return await self.append(seal(view)), view
+                return await self.append(signed), view
+            except ConnectionLost as exc:
+                exc.unacked = signed
+                raise
             except RelayRefused as exc:
                 if exc.code is not wire.ErrorCode.STALE or attempt == attempts - 1:
                     raise

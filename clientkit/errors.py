@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from model import wire
 
 if TYPE_CHECKING:
+    from model.envelope import SignedEvent
     from model.equivocation import EquivocationProof
 
 
@@ -72,12 +73,19 @@ class WrongAccountKind(ClientError):
 
 
 class ConnectionLost(ClientError):
-    """The connection to the relay closed; reconnect and resume from the last verified seq."""
+    """The connection to the relay closed; reconnect and resume from the last verified seq.
+
+    `unacked`, when set, is the signed event a `Client.manage` or `Client.seal_and_append` call
+    had sent without receiving its ack: it may be stored. Hand it back to the same call on the
+    next connection (``resend=``) so that exactly it is sent again — a new sealing or a change
+    made again could be stored beside it.
+    """
 
     def __init__(self, code: int | None = None, reason: str | None = None) -> None:
         super().__init__(f"connection to the relay closed ({code}: {reason or 'no reason given'})")
         self.code = code
         self.reason = reason
+        self.unacked: SignedEvent | None = None
 
 
 class AccessRefused(ClientError):

@@ -9,6 +9,7 @@ from ledger._store import KeystoreRow as KeystoreRow
 from ledger._store import Ledger as Ledger
 from ledger._store import LedgerReport as LedgerReport
 from ledger._store import Page as Page
+from ledger._store import StoredAt as StoredAt
 from ledger._store import migrate as migrate
 from ledger._throttle import LockoutRow as LockoutRow
 from ledger._throttle import LoginPolicy as LoginPolicy

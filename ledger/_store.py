@@ -104,6 +104,15 @@ class KeystoreRow(msgspec.Struct, frozen=True):
         return f"KeystoreRow(version={self.version}, <{len(self.blob)} bytes>)"
 
 
+class StoredAt(NamedTuple):
+    """Where an event the ledger holds was stored, and who authored it (`Ledger.stored_at`)."""
+
+    collab_id: str
+    seq: int
+    chain: bytes
+    actor_id: str
+
+
 @dataclass(frozen=True, slots=True)
 class AppendRequest:
     """One collab's batch: its events and the head the sequencer believes is current.
@@ -448,6 +457,24 @@ class Ledger(LoginThrottle, Artifacts):
                 (collab_id,),
             ).fetchone()
         return chainmod.start_of(collab_id) if r is None else chainmod.Head(r[0], bytes(r[1]))
+
+    def stored_at(self, event_ids: Sequence[bytes]) -> dict[bytes, StoredAt]:
+        """Where each of `event_ids` that the ledger holds is stored (ids it lacks are absent).
+
+        The identity lookup behind idempotent appends: a resent event is answered with its
+        stored position whatever has changed since (relay/_sequencer.py, relay/_dispatch.py).
+        """
+        if not event_ids:
+            return {}
+        with _translated(), self._pool.connection() as conn:
+            return {
+                bytes(r[0]): StoredAt(r[1], r[2], bytes(r[3]), r[4])
+                for r in conn.execute(
+                    "SELECT event_id, collab_id, seq, chain, actor_id FROM events"
+                    " WHERE event_id = ANY(%s)",
+                    (list(event_ids),),
+                )
+            }
 
     def append_batch(
         self, collab_id: str, head: chainmod.Head, events: Sequence[VerifiedEvent]

@@ -9,7 +9,9 @@ is a member. A management change is admitted only when the shared fold
 (model/membership.py) accepts it at exactly this head and the event was signed with the key the
 fold pinned for its signer. Every refusal is typed (`Refused`: the wire error code, the rule's
 name, and a message that says what to do next), so the actor only moves data: it writes what is
-admitted, replies with what is refused, and adopts the membership the decision names.
+admitted, replies with what is refused, and adopts the membership the decision names. An
+event whose id the ledger holds already is answered with its stored position before any of
+these rules (`identify`): a refusal always means "not stored".
 
 What does not live here: checking the signature (the actor's verify stage, in the crypto pool),
 who may send an append at all (model/authz.py, before the sequencer), positions and chain
@@ -71,7 +73,34 @@ class Refused:
     head_seq: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The event is in the ledger already, at `seq` with `chain`: answer the author with that
+    position (`Appended(duplicate=True)`), whatever the rules would say about it now."""
+
+    seq: int
+    chain: bytes
+
+
 Decision = Admitted | Refused
+
+
+def identify(refusal: Refused, stored: tuple[int, bytes] | None) -> Refused | Stored:
+    """Identity before admission: the final answer to an event the rules refused at this head,
+    given where the ledger holds its id (``(seq, chain)``, or None when it does not).
+
+    A retry of an event that is stored already — a rotation resent after its ack was lost,
+    content resent after a rotation, a removed member's retry — is answered with its stored
+    position, never refused: a refusal would tell the author the event was not stored (a
+    `stale` one tells it to make the change again or seal again, which would store it twice),
+    and would leave a removed author unable to learn its event's fate. A refusal therefore
+    always means "not stored".
+
+    The actor asks the ledger only about events the rules refuse: one the rules admit that is
+    stored already gets the same answer from the ledger's own idempotent append
+    (model/sequencer.py `assign`), so the common path costs no lookup.
+    """
+    return refusal if stored is None else Stored(*stored)
 
 
 def admit(state: Membership, head: Head, body: EventBody, author_pk: bytes) -> Decision:

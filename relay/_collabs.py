@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from ledger import AlreadyExists
-from model import wire
+from model import authz, wire
 from model.authz import MemberView
 from model.chain import start_of
-from model.envelope import KIND_MANAGEMENT, EventBody, verify_event
+from model.envelope import KIND_MANAGEMENT, EventBody, event_id, verify_event
 from model.errors import BadSignature, ModelError
 from model.ids import is_id, new_id
 from model.membership import (
@@ -34,6 +34,7 @@ from model.membership import (
     proof_of,
 )
 from model.proofs import KeyPair
+from model.sequencer import Assignment
 from relay import _rekey
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
@@ -181,6 +182,42 @@ class Collabs:
             raise RequestRefused(
                 wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down; retry on reconnect"
             ) from None
+
+    async def answer_stored_fate(
+        self, conn: Connection, req: wire.Append, body: EventBody, rule: authz.Rule
+    ) -> bool:
+        """A non-member's append: if the event is stored already and its author is the sender,
+        answer with its stored seq, chain and receipt (`duplicate`) and return True; else
+        return False (the caller refuses as usual). A removed member thus learns the fate of
+        its own retried event, and nothing of anyone else's (model/authz.py `may_learn_fate`).
+        """
+        sequencers = self._s.sequencers
+        if sequencers is None or not is_id(body.collab_id, "c"):
+            return False
+        sender = self._sessions.account_of(conn)
+        if body.actor_id != sender:
+            return False  # no lookup at all for an event the sender does not claim
+        eid = event_id(req.event)
+        at = (await self._s.db(self._s.ledger.stored_at, [eid])).get(eid)
+        stored_author = None if at is None or at.collab_id != body.collab_id else at.actor_id
+        if at is None or not authz.may_learn_fate(
+            rule, None, sender=sender, author=body.actor_id, stored_author=stored_author
+        ):
+            return False
+        assignment = Assignment(at.seq, eid, at.chain, duplicate=True)
+        (receipt,) = sequencers.sign_receipts(body.collab_id, [assignment])
+        conn.reply(
+            wire.Appended(
+                rid=req.rid,
+                collab_id=body.collab_id,
+                seq=at.seq,
+                event_id=eid,
+                chain=at.chain,
+                receipt_sig=receipt,
+                duplicate=True,
+            )
+        )
+        return True
 
     async def _check_addition(self, body: EventBody) -> None:
         """An added member's pinned keys and kind must be that account's (SO-5): every member's

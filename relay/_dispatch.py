@@ -39,6 +39,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("cozy.relay")
 
 
+class _Answered(Exception):
+    """The authorization point answered the request itself (a stored event's fate)."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -96,6 +100,8 @@ class Dispatcher:
             rid = req.rid
             body = await self._authorize(conn, req)
             await self._route(conn, req, body)
+        except _Answered:
+            pass
         except RequestRefused as exc:
             refuse(conn, rid, exc.code, exc.message)
         except Throttled as exc:
@@ -136,7 +142,9 @@ class Dispatcher:
         request's signature, then the sender's membership and capability in the collab it
         names. Raises `RequestRefused`.
 
-        Returns an append's decoded body (it names the append's collab), else None.
+        Returns an append's decoded body (it names the append's collab), else None. A non-member
+        resending an event of its own that is stored already is answered here with its stored
+        fate when the rule allows it (`authz.may_learn_fate`), and `_Answered` is raised.
         """
         rule = authz.rule_for(req)
         standing, ended = self._sessions.standing(conn)
@@ -157,6 +165,15 @@ class Dispatcher:
                 collab_id=collab_id,
                 tools=self._collabs.tool_access,
             )
+            if (
+                refusal is not None
+                and rule.own_stored_fate
+                and member is None
+                and isinstance(req, wire.Append)
+                and body is not None
+                and await self._collabs.answer_stored_fate(conn, req, body, rule)
+            ):
+                raise _Answered
         if refusal is not None:
             raise RequestRefused(refusal.code, refusal.message)
         return body

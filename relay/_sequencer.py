@@ -36,7 +36,7 @@ import trio
 
 from ledger import AppendRequest, LedgerError
 from model import wire
-from model.admission import Refused, admit_change, admit_content
+from model.admission import Refused, admit_change, admit_content, identify
 from model.envelope import (
     KIND_MANAGEMENT,
     EventBody,
@@ -47,6 +47,7 @@ from model.envelope import (
     verify_event,
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
+from model.sequencer import Assignment
 from relay._cryptopool import CryptoPool
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ if TYPE_CHECKING:
     from ledger import Ledger
     from model.chain import Head
     from model.membership import Membership, Operation
-    from model.sequencer import Assignment
     from relay._writer import LedgerWriter
 
     # Called after a committed management change: (collab_id, the change, the membership after
@@ -140,6 +140,8 @@ class Sequencer:
         self._membership: Membership | None = None
         self._in_flight = 0  # verified batches handed to the write stage, not yet written
         self._acks: trio.MemorySendChannel[_Committed] | None = None  # set while running
+        # This batch's refusals, answered once its writes are done (`_answer_refused`).
+        self._refused: list[tuple[Submission, VerifiedEvent, Refused]] = []
         self._batches = self._events = self._duplicates = self._rejected = 0
 
     def statistics(self) -> SequencerStats:
@@ -209,6 +211,7 @@ class Sequencer:
             async for batch in batches:
                 try:
                     await self._write_batch(batch)
+                    await self._answer_refused()
                 finally:
                     self._in_flight -= 1
 
@@ -267,7 +270,7 @@ class Sequencer:
                 if refusal is None:
                     run.append((sub, verified))
                 else:
-                    self._refuse(sub, refusal)
+                    self._refuse(sub, verified, refusal)
         if run:
             await self._write_run(run)
 
@@ -284,20 +287,59 @@ class Sequencer:
         assert self._head is not None
         decision = admit_change(self._membership, self._head, verified.body, sub.author_pk)
         if isinstance(decision, Refused):
-            self._refuse(sub, decision)
+            self._refuse(sub, verified, decision)
             return
         if await self._write_run([(sub, verified)], decision.membership):
             self._membership = decision.membership
             assert decision.proof is not None
             self._on_changed(self.collab_id, decision.proof.op, decision.membership)
 
-    def _refuse(self, sub: Submission, refusal: Refused) -> None:
-        self._rejected += 1
-        sub.reply_to.reply(
-            wire.Error(
-                rid=sub.rid, code=refusal.code, message=refusal.message, head_seq=refusal.head_seq
+    def _refuse(self, sub: Submission, verified: VerifiedEvent, refusal: Refused) -> None:
+        """Hold a refusal until the batch is written: it is final only once the event's id is
+        known not to be stored (`_answer_refused`)."""
+        self._refused.append((sub, verified, refusal))
+
+    async def _answer_refused(self) -> None:
+        """Identity before admission (model/admission.py `identify`): an event the rules
+        refused whose id the ledger holds — stored before, or earlier in this very batch — is
+        answered with its stored seq, chain and receipt as a duplicate; the others get their
+        refusal. When the ledger cannot be asked, they are told to retry (`overloaded`): a
+        refusal is only ever sent for an event known not to be stored."""
+        refused, self._refused = self._refused, []
+        if not refused:
+            return
+        try:
+            stored = await trio.to_thread.run_sync(
+                self._ledger.stored_at,
+                [v.event_id for _, v, _ in refused],
+                limiter=self._db_limiter,
             )
-        )
+        except LedgerError as exc:
+            self._fail([(sub, verified) for sub, verified, _ in refused], exc)
+            return
+        run: list[tuple[Submission, VerifiedEvent]] = []
+        assignments: list[Assignment] = []
+        for sub, verified, refusal in refused:
+            at = stored.get(verified.event_id)
+            position = None if at is None or at.collab_id != self.collab_id else (at.seq, at.chain)
+            answer = identify(refusal, position)
+            if isinstance(answer, Refused):
+                self._rejected += 1
+                sub.reply_to.reply(
+                    wire.Error(
+                        rid=sub.rid,
+                        code=answer.code,
+                        message=answer.message,
+                        head_seq=answer.head_seq,
+                    )
+                )
+            else:
+                self._duplicates += 1
+                run.append((sub, verified))
+                assignments.append(Assignment(answer.seq, verified.event_id, answer.chain, True))
+        if run:
+            assert self._acks is not None
+            await self._acks.send((run, assignments))
 
     def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
         if exc is not None:
@@ -404,6 +446,10 @@ class SequencerRegistry:
 
     def statistics(self) -> list[SequencerStats]:
         return [a.statistics() for a in self._actors.values()]
+
+    def sign_receipts(self, collab_id: str, assignments: Sequence[Assignment]) -> list[bytes]:
+        """The relay's receipts for stored positions (`LedgerWriter.sign_receipts`)."""
+        return self._writer.sign_receipts(collab_id, assignments)
 
     def submit_nowait(self, collab_id: str, submission: Submission) -> None:
         """Queue an append for its collab's actor without waiting.
