@@ -16,6 +16,11 @@ if the shared fold accepts it against the exact head it would follow. A change i
 batch of its own, with the membership projection in the same transaction. Of two changes made
 against one head the first wins; the other is refused as `stale`, naming the new head. The
 actor itself only moves data: it writes what is admitted and replies with each refusal.
+Identity comes before admission (model/admission.py `identify`): the refusals of a batch are
+held until its writes are done, then the ledger is asked about their ids, and one it holds —
+stored before, or earlier in this batch — is acked as a duplicate with its stored position
+instead. So a refusal always means "not stored", and a retry after a lost ack resolves
+whatever changed since (a rotation, a removal).
 
 Persist first, then notify: acks and fan-out only ever see committed events (the ack stage
 only receives a batch once `LedgerWriter.write` has returned it committed). Worker-thread
