@@ -42,6 +42,8 @@ from relay._sequencer import InboxFull, ShuttingDown, Submission
 from relay.broker import ToolFailed, UnknownTool, tool_access
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from relay._connection import Connection
     from relay._context import Services
     from relay._sessions import Sessions
@@ -155,8 +157,15 @@ class Collabs:
             )
         author_pk = conn.sign_pk
         if body.kind == KIND_MANAGEMENT:
-            await self._check_addition(body)
-            author_pk = _rekey.append_key(body, KeyPair(conn.sign_pk, conn.box_pk))
+            try:
+                await self._check_addition(body)
+                author_pk = _rekey.append_key(body, KeyPair(conn.sign_pk, conn.box_pk))
+            except RequestRefused:
+                # Checked against the directory as it is now: a change stored before an added
+                # member or the sender rotated their keys is answered with its stored fate.
+                if await self._answer_if_stored(conn, req, body):
+                    return
+                raise
         sequencers = self._s.sequencers
         assert sequencers is not None
         # Shed load instead of queueing it: a flood gets `overloaded` at once, and the reader
@@ -191,6 +200,25 @@ class Collabs:
         return False (the caller refuses as usual). A removed member thus learns the fate of
         its own retried event, and nothing of anyone else's (model/authz.py `may_learn_fate`).
         """
+        sender = self._sessions.account_of(conn)
+        return await self._answer_if_stored(
+            conn,
+            req,
+            body,
+            lambda stored_author: authz.may_learn_fate(
+                rule, None, sender=sender, author=body.actor_id, stored_author=stored_author
+            ),
+        )
+
+    async def _answer_if_stored(
+        self,
+        conn: Connection,
+        req: wire.Append,
+        body: EventBody,
+        allowed: Callable[[str], bool] | None = None,
+    ) -> bool:
+        """If the sender's own event `req` is stored already (and `allowed(its author)`),
+        answer it as a duplicate with its stored seq, chain and receipt and return True."""
         sequencers = self._s.sequencers
         if sequencers is None or not is_id(body.collab_id, "c"):
             return False
@@ -199,10 +227,9 @@ class Collabs:
             return False  # no lookup at all for an event the sender does not claim
         eid = event_id(req.event)
         at = (await self._s.db(self._s.ledger.stored_at, [eid])).get(eid)
-        stored_author = None if at is None or at.collab_id != body.collab_id else at.actor_id
-        if at is None or not authz.may_learn_fate(
-            rule, None, sender=sender, author=body.actor_id, stored_author=stored_author
-        ):
+        if at is None or at.collab_id != body.collab_id or at.actor_id != sender:
+            return False
+        if allowed is not None and not allowed(at.actor_id):
             return False
         assignment = Assignment(at.seq, eid, at.chain, duplicate=True)
         (receipt,) = sequencers.sign_receipts(body.collab_id, [assignment])

@@ -25,6 +25,7 @@ from model.chain import next_head
 from model.envelope import decode_body, event_id, seal_event
 from model.membership import PROOF_VERSION, MemberKind, Proof, Role, management_event
 from tests.relay_harness import session, sign_up
+from tests.test_rotate_keys import NewKeys, rotate_directory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -252,3 +253,24 @@ async def test_manage_after_a_lost_ack_applies_the_rotation_once(
     assert view.membership.epoch == 1, "the rotation was applied twice"
     ids = await _stored_ids(ledger, cid)
     assert ids == [ids[0], event_id(unacked)]
+
+
+async def test_a_stored_addition_resent_after_the_member_rotated_keys_gets_duplicate(
+    relay: Relay, ledger: Ledger
+) -> None:
+    """The relay checks an added member's keys against the directory as it is now; Carol
+    rotated hers since the addition was stored, and the retry still learns its seq."""
+    alice, carol = [await sign_up(relay.url, h) for h in ("alice", "carol")]
+    cid = alice.collab_id
+    async with session(relay.url, alice) as a:
+        view = await a.read(cid, alice.box_key)
+        info = await a.lookup(carol.handle)
+        new = _collab.member_for(info, Role.MEMBER, MemberKind.HUMAN)
+        addition = _collab.proposal(view, alice.signing_key, _collab.add(view, new), TS)
+        first = await a.append(addition)
+    async with session(relay.url, carol) as c:
+        await rotate_directory(c, carol, NewKeys())
+    async with session(relay.url, alice) as a:
+        again = await a.append(addition)
+    assert (again.seq, again.chain, again.duplicate) == (first.seq, first.chain, True)
+    assert (await _stored_ids(ledger, cid)).count(event_id(addition)) == 1
