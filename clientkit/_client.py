@@ -497,7 +497,8 @@ class Client:
         it runs again, drawing any new key afresh, only when the relay refused the change as
         `stale` — another change landed first and this one is known not to be stored. A
         change the relay holds already is answered as a duplicate with its stored seq, which
-        is success. Returns the ack and the view the change was made against.
+        is success. Returns the ack and the view the change was made against (for a duplicate
+        answered to `resend`, the view read before resending, which holds the change already).
 
         If the connection is lost before the ack, the raised `ConnectionLost` carries the sent
         proof as `unacked`; pass it as `resend` on the next connection: that same signed proof

@@ -33,6 +33,7 @@ from clientkit._home import Home, HomeError, Profile, kdf_profile
 from clientkit._passphrase import WeakPassphrase, check_passphrase
 from clientkit.errors import (
     ClientError,
+    ConnectionLost,
     EquivocationDetected,
     ForkDetected,
     IntegrityAlarm,
@@ -704,10 +705,35 @@ async def _post(
     seal: Callable[[CollabView], SignedEvent],
 ) -> wire.Appended:
     """Seal against a freshly verified view; if the key rotated meanwhile, the relay bounces it
-    and it is sealed again under the new key (`Client.seal_and_append`)."""
+    and it is sealed again under the new key (`Client.seal_and_append`).
+
+    If the connection is lost before the ack, the event may be stored: it is sent again on a
+    new connection, the same signed bytes (`resend`), never sealed anew while it may be
+    stored (`_after_lost_ack`)."""
     view = await _read(client, me, collab_id)
-    ack, _ = await client.seal_and_append(collab_id, me.box_key, seal, view=view)
+    try:
+        ack, _ = await client.seal_and_append(collab_id, me.box_key, seal, view=view)
+    except ConnectionLost as exc:
+        if exc.unacked is None:
+            raise
+        async with _after_lost_ack(me) as again:
+            view = await _read(again, me, collab_id)
+            ack, _ = await again.seal_and_append(
+                collab_id, me.box_key, seal, view=view, resend=exc.unacked
+            )
     return ack
+
+
+@asynccontextmanager
+async def _after_lost_ack(me: Unlocked) -> AsyncIterator[Client]:
+    """A new connection for resending an event whose ack the lost one never delivered."""
+    print(
+        "the connection to the relay was lost before it confirmed; sending the same event"
+        " again (if it was stored, the relay says so and nothing is stored twice)…",
+        file=sys.stderr,
+    )
+    async with _connected(me) as client:
+        yield client
 
 
 def _sealer(
@@ -970,10 +996,12 @@ async def cmd_collab_remove(args: argparse.Namespace) -> None:
             client, me, args.collab, lambda v: _collab.remove(v, target.account_id)
         )
     assert view.membership is not None
+    # A duplicate (resent after a lost ack) was answered against a view that holds it already.
+    done = 0 if ack.duplicate else 1
     print(
         f"removed {args.handle} at seq {ack.seq}; the collab key rotated to epoch"
-        f" {view.membership.epoch + 1}, wrapped only for the {len(view.membership.members) - 1}"
-        " remaining member(s)"
+        f" {view.membership.epoch + done}, wrapped only for the"
+        f" {len(view.membership.members) - done} remaining member(s)"
     )
 
 
@@ -994,21 +1022,40 @@ async def cmd_collab_rotate(args: argparse.Namespace) -> None:
     async with _connected(me) as client:
         ack, view = await _manage(client, me, args.collab, _collab.rotate)
     assert view.membership is not None
-    print(f"rotated the collab key to epoch {view.membership.epoch + 1} at seq {ack.seq}")
+    # A duplicate (resent after a lost ack) was answered against a view that holds it already.
+    epoch = view.membership.epoch + (0 if ack.duplicate else 1)
+    print(f"rotated the collab key to epoch {epoch} at seq {ack.seq}")
 
 
 async def _manage(
     client: Client, me: Unlocked, collab_id: str, change: Callable[[CollabView], Operation]
 ) -> tuple[wire.Appended, CollabView]:
+    """`Client.manage`; if the connection is lost before the ack, the same signed proof is sent
+    again on a new connection (a change is never made twice: a stored one comes back as a
+    duplicate)."""
     try:
-        return await client.manage(
-            me.signing_key,
-            me.box_key,
-            collab_id,
-            change,
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
-        )
+        try:
+            return await client.manage(
+                me.signing_key,
+                me.box_key,
+                collab_id,
+                change,
+                past_box_keys=me.past_box_keys,
+                own_sign_pks=me.own_sign_pks,
+            )
+        except ConnectionLost as exc:
+            if exc.unacked is None:
+                raise
+            async with _after_lost_ack(me) as again:
+                return await again.manage(
+                    me.signing_key,
+                    me.box_key,
+                    collab_id,
+                    change,
+                    past_box_keys=me.past_box_keys,
+                    own_sign_pks=me.own_sign_pks,
+                    resend=exc.unacked,
+                )
     except RelayRefused as exc:
         if exc.code in (wire.ErrorCode.UNAUTHORIZED, wire.ErrorCode.INVALID_EVENT):
             raise CliError(f"the change was refused: {exc.message}") from None

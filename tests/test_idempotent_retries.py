@@ -22,13 +22,15 @@ from clientkit import ConnectionLost, RelayRefused, _collab
 from model import content as contentmod
 from model import wire
 from model.chain import next_head
-from model.envelope import decode_body, event_id, seal_event
+from model.envelope import KIND_MANAGEMENT, decode_body, event_id, seal_event
 from model.membership import PROOF_VERSION, MemberKind, Proof, Role, management_event
+from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import session, sign_up
 from tests.test_rotate_keys import NewKeys, rotate_directory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
     from clientkit import Client
     from ledger import Ledger
@@ -169,15 +171,14 @@ async def test_a_batch_holding_the_same_events_twice_stores_each_once(
 
 
 class _AckCutter:
-    """A loopback TCP proxy in front of the relay that, once armed, cuts the connection as
-    soon as the relay answers what the client sent after arming — the ack is lost on the way
-    back, after the relay stored the event."""
+    """A loopback TCP proxy in front of the relay that, once armed, cuts the connection when the
+    relay's next ack (an `appended` frame) is on its way back: the relay stored the event, the
+    client never hears so."""
 
     def __init__(self, relay_port: int) -> None:
         self._relay_port = relay_port
         self.port = 0
         self._armed = False
-        self._sent_after_arming = False
         self.cuts = 0
 
     @property
@@ -185,7 +186,7 @@ class _AckCutter:
         return f"ws://127.0.0.1:{self.port}"
 
     def arm(self) -> None:
-        self._armed, self._sent_after_arming = True, False
+        self._armed = True
 
     async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -199,17 +200,16 @@ class _AckCutter:
 
             async def upstream() -> None:
                 async for data in client:
-                    if self._armed:
-                        self._sent_after_arming = True
                     await server.send_all(data)
                 nursery.cancel_scope.cancel()
 
             async def downstream() -> None:
                 async for data in server:
-                    if self._armed and self._sent_after_arming:
+                    # Server frames are not masked: the ack's msgpack tag shows in the bytes.
+                    if self._armed and b"appended" in data:
                         self._armed = False
                         self.cuts += 1
-                        break  # the reply never reaches the client
+                        break  # the ack never reaches the client
                     await client.send_all(data)
                 nursery.cancel_scope.cancel()
 
@@ -228,16 +228,13 @@ async def test_manage_after_a_lost_ack_applies_the_rotation_once(
     port = int(relay.url.rsplit(":", 1)[1])
     cutter = _AckCutter(port)
 
-    def rotate_and_arm(view: CollabView) -> Operation:
-        cutter.arm()  # the next thing sent is this change; its answer is cut
-        return _collab.rotate(view)
-
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(cutter.serve)
             with pytest.raises(ConnectionLost) as lost:
                 async with session(cutter.url, alice) as a:
-                    await a.manage(alice.signing_key, alice.box_key, cid, rotate_and_arm)
+                    cutter.arm()  # the first ack from here on is this change's
+                    await a.manage(alice.signing_key, alice.box_key, cid, _collab.rotate)
             assert cutter.cuts == 1
             unacked = lost.value.unacked
             assert unacked is not None
@@ -274,3 +271,34 @@ async def test_a_stored_addition_resent_after_the_member_rotated_keys_gets_dupli
         again = await a.append(addition)
     assert (again.seq, again.chain, again.duplicate) == (first.seq, first.chain, True)
     assert (await _stored_ids(ledger, cid)).count(event_id(addition)) == 1
+
+
+async def test_cozy_rotate_and_post_resend_the_same_event_after_a_lost_ack(
+    relay: Relay, ledger: Ledger, tmp_path: Path
+) -> None:
+    """Through the `cozy` command: the ack of `cozy collab rotate`, then of `cozy post`, is cut
+    on the way back. Each command resends the same signed event on a new connection, reports
+    success, and the collab holds one rotation and one post."""
+    cutter = _AckCutter(int(relay.url.rsplit(":", 1)[1]))
+    home = tmp_path / "alice"
+    env = client_env(home)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(cutter.serve)
+            await cli_signup(cutter.url, home, "alice")
+            created = await cozy("collab", "create", "plans", env=env)
+            cid = created.stdout.decode().strip()
+            cutter.arm()
+            rotated = await cozy("collab", "rotate", cid, env=env)
+            assert cutter.cuts == 1
+            assert b"sending the same event again" in rotated.stderr
+            assert b"rotated the collab key to epoch 1" in rotated.stdout
+            cutter.arm()
+            posted = await cozy("post", cid, "said once", env=env)
+            assert cutter.cuts == 2
+            assert b"(already posted)" in posted.stdout
+            nursery.cancel_scope.cancel()
+    stored = await trio.to_thread.run_sync(ledger.read_range, cid, 1, 100)
+    kinds = [decode_body(e.event.body).kind for e in stored]
+    assert kinds.count(contentmod.KIND_MESSAGE) == 1, "the post was stored twice"
+    assert kinds.count(KIND_MANAGEMENT) == 2, "the rotation was applied twice"  # genesis + rotation
