@@ -19,11 +19,11 @@ import hypothesis.strategies as st
 import nacl.public
 import nacl.signing
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from model import wire
-from model.admission import Admitted, Refused, admit
+from model.admission import Admitted, Refused, Stored, admit, identify
 from model.chain import Head, next_head, start_of
 from model.envelope import EVENT_VERSION, KIND_DM, KIND_MANAGEMENT, EventBody
 from model.epochs import new_epoch_key, wrap_for
@@ -497,3 +497,20 @@ def test_refusals_name_their_rule_code_and_next_step() -> None:
     wrong = admit(state, head, dm, keys[agent.id])
     assert isinstance(wrong, Refused)
     assert wrong.rule == "pinned_key"
+
+
+@given(
+    code=st.sampled_from(list(wire.ErrorCode)),
+    stored=st.none() | st.tuples(st.integers(1, 2**40), st.binary(min_size=32, max_size=32)),
+)
+def test_identity_comes_before_admission(
+    code: wire.ErrorCode, stored: tuple[int, bytes] | None
+) -> None:
+    """Whatever a rule refused, a stored event is answered with its stored position, and a
+    refusal survives only for an event the ledger does not hold."""
+    refusal = Refused(code, "rule", "message", head_seq=3)
+    answer = identify(refusal, stored)
+    if stored is None:
+        assert answer is refusal
+    else:
+        assert answer == Stored(*stored)
