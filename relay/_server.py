@@ -221,7 +221,10 @@ class Relay:
         with trio.CancelScope() as connections_scope:
             async with trio.open_nursery() as connections, trio.open_nursery() as writers:
                 writer = self._writer = LedgerWriter(
-                    self.ledger, self.relay_key, on_commit=self.metrics.observe_commit
+                    self.ledger,
+                    self.relay_key,
+                    on_commit=self.metrics.observe_commit,
+                    stall_after=self.config.writer_stall_ms / 1000,
                 )
                 writers.start_soon(writer.run, name="ledger-writer")
                 async with trio.open_nursery() as sequencers:
