@@ -117,7 +117,10 @@ class LedgerWriter:
         the caller waits for the outcome so an ack is never lost for a committed event.
         """
         job = _Job(request)
-        await self._send.send(job)
+        try:
+            await self._send.send(job)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LedgerError("the relay is stopping; this batch was not written") from None
         with trio.CancelScope(shield=True):
             await job.done.wait()
         if isinstance(job.result, LedgerError):
@@ -129,9 +132,30 @@ class LedgerWriter:
         self._send.close()
 
     async def run(self) -> None:
-        async with self._recv, trio.open_nursery() as groups:
-            async for first in self._recv:
+        try:
+            await self._run()
+        finally:
+            # Stopped (closed, or cancelled with the relay): a job still queued would leave
+            # its sequencer waiting (shielded) forever; answer it instead.
+            # Drained before closing (closing drops what is buffered), with no await between.
+            while True:
+                try:
+                    job = self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                job.result = LedgerError("the relay stopped before writing this batch")
+                job.done.set()
+            self._recv.close()
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as groups:
+            while True:
+                # A slot first, then the job: a job taken is always handed to a group.
                 await self._slots.acquire()
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
                 group = [first]
                 size = len(first.request.events)
                 while size < MAX_GROUP_EVENTS:
