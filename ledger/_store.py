@@ -428,6 +428,21 @@ class Ledger(LoginThrottle, Artifacts):
         with _translated(), self._pool.connection() as conn:
             return _fold_membership(conn, collab_id)
 
+    def head_and_membership(self, collab_id: str) -> tuple[chainmod.Head, Membership | None]:
+        """The collab's head and its membership folded from the ledger, from one snapshot.
+
+        One REPEATABLE READ transaction, so both describe the same ledger: a change committed by
+        anyone between the two reads cannot give a head past a change the fold did not see."""
+        with _translated(), self._pool.connection() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            folded = _fold_membership(conn, collab_id)
+            r = conn.execute(
+                "SELECT seq, chain FROM events WHERE collab_id = %s ORDER BY seq DESC LIMIT 1",
+                (collab_id,),
+            ).fetchone()
+        head = chainmod.start_of(collab_id) if r is None else chainmod.Head(r[0], bytes(r[1]))
+        return head, folded
+
     def rebuild_projections(self, collab_ids: Sequence[str] | None = None) -> ProjectionReport:
         """Recompute membership, roles and epochs from the events; rewrite what differs.
 

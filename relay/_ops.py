@@ -215,9 +215,21 @@ class RelayCollector(Collector):
                 "Group-commit transactions that failed; nothing of them was written.",
                 writer.failed_transactions,
             )
+            yield _counter(
+                "cozy_ledger_stalled_groups",
+                "Group commits the writer stopped waiting for after writer_stall_ms (a commit in"
+                " doubt); later groups were written beside them.",
+                writer.stalled_groups,
+            )
         fan = relay.fanout
         if fan is not None:
             yield from _fanout_metrics(fan)
+        yield _counter(
+            "cozy_sequencer_failures",
+            "Sequencer actors that failed with an unexpected exception and were dropped (their"
+            " appends refused with `overloaded`; the collab's next append starts a fresh one).",
+            relay.sequencer_failures,
+        )
         actors = relay.sequencers
         yield _gauge(
             "cozy_sequencers", "Active sequencer actors (one per busy collab).", len(actors)

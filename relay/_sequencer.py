@@ -22,6 +22,13 @@ stored before, or earlier in this batch — is acked as a duplicate with its sto
 instead. So a refusal always means "not stored", and a retry after a lost ack resolves
 whatever changed since (a rotation, a removal).
 
+A fault stays in its collab. A write the ledger did not confirm fails the rest of its batch, in
+order, with `overloaded` (retryable: appends are idempotent) and the head is re-read before the
+next write. Any other exception in one actor, at any stage, ends that actor alone: its
+registry answers every submission it held with `overloaded`, forgets it, and the next append
+for that collab starts a fresh actor that re-reads head and membership from the ledger. The
+exception never reaches the sequencers nursery, so the relay and every other collab go on.
+
 Persist first, then notify: acks and fan-out only ever see committed events (the ack stage
 only receives a batch once `LedgerWriter.write` has returned it committed). Worker-thread
 calls are not abandoned on cancellation, so a write that started is finished (committed or
@@ -147,6 +154,9 @@ class Sequencer:
         self._acks: trio.MemorySendChannel[_Committed] | None = None  # set while running
         # This batch's refusals, answered once its writes are done (`_answer_refused`).
         self._refused: list[tuple[Submission, VerifiedEvent, Refused]] = []
+        # Submissions taken from the inbox and not answered yet, by identity: if the actor
+        # fails, its registry answers exactly these (and what is left in the inbox).
+        self._pending: dict[int, Submission] = {}
         self._batches = self._events = self._duplicates = self._rejected = 0
 
     def statistics(self) -> SequencerStats:
@@ -173,7 +183,9 @@ class Sequencer:
     async def _verify_stage(
         self, out: trio.MemorySendChannel[list[tuple[Submission, VerifiedEvent]]]
     ) -> None:
-        async with out, self._inbox_recv:
+        # The inbox's receiving end stays open here: if the actor fails, its registry still
+        # drains what was queued and answers it (`fail_all`), then closes it.
+        async with out:
             while True:
                 with trio.move_on_after(IDLE_SECONDS) as idle:
                     try:
@@ -194,6 +206,8 @@ class Sequencer:
                         batch.append(self._inbox_recv.receive_nowait())
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
+                for sub in batch:
+                    self._pending[id(sub)] = sub
                 checked = await self._crypto.map(_verify_batch, batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
                 for sub, result in zip(batch, checked, strict=True):
@@ -201,9 +215,7 @@ class Sequencer:
                         good.append((sub, result))
                     else:
                         self._rejected += 1
-                        sub.reply_to.reply(
-                            wire.Error(rid=sub.rid, code=result[0], message=result[1])
-                        )
+                        self._reply(sub, wire.Error(rid=sub.rid, code=result[0], message=result[1]))
                 if good:
                     self._in_flight += 1
                     await out.send(good)
@@ -232,7 +244,8 @@ class Sequencer:
                     partial(self._writer.sign_receipts, self.collab_id), assignments
                 )
                 for (sub, _), a, sig in zip(run, assignments, receipts, strict=True):
-                    sub.reply_to.reply(
+                    self._reply(
+                        sub,
                         wire.Appended(
                             rid=sub.rid,
                             collab_id=self.collab_id,
@@ -280,11 +293,12 @@ class Sequencer:
             await self._write_run(run)
 
     def _load(self) -> tuple[Head, Membership]:
-        """Worker thread: the collab's head and its membership folded from the ledger."""
-        membership = self._ledger.membership(self.collab_id)
+        """Worker thread: the collab's head and its membership folded from the ledger, read
+        from one snapshot (no change can land between the two reads)."""
+        head, membership = self._ledger.head_and_membership(self.collab_id)
         if membership is None:
             raise LedgerError(f"collab {self.collab_id} has no genesis event")
-        return self._ledger.head(self.collab_id), membership
+        return head, membership
 
     async def _write_change(self, sub: Submission, verified: VerifiedEvent) -> None:
         """Write one management change at exactly the current head, if it is admitted there."""
@@ -330,13 +344,14 @@ class Sequencer:
             answer = identify(refusal, position)
             if isinstance(answer, Refused):
                 self._rejected += 1
-                sub.reply_to.reply(
+                self._reply(
+                    sub,
                     wire.Error(
                         rid=sub.rid,
                         code=answer.code,
                         message=answer.message,
                         head_seq=answer.head_seq,
-                    )
+                    ),
                 )
             else:
                 self._duplicates += 1
@@ -350,7 +365,8 @@ class Sequencer:
         if exc is not None:
             log.warning("append_failed", collab_id=self.collab_id, error=type(exc).__name__)
         for sub, _ in batch:
-            sub.reply_to.reply(
+            self._reply(
+                sub,
                 wire.Error(
                     rid=sub.rid,
                     code=wire.ErrorCode.OVERLOADED,
@@ -358,6 +374,33 @@ class Sequencer:
                     " idempotent: one that was stored gets its seq back)",
                 ),
             )
+
+    def _reply(self, sub: Submission, frame: wire.Reply) -> None:
+        self._pending.pop(id(sub), None)
+        sub.reply_to.reply(frame)
+
+    def fail_all(self) -> int:
+        """After the actor failed: answer every submission it held or that is still in its
+        (closed) inbox with a retryable `overloaded`, in the order they came. Returns how many."""
+        held = list(self._pending.values())
+        self._pending.clear()
+        while True:
+            try:
+                held.append(self._inbox_recv.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        self._inbox_recv.close()
+        for sub in held:
+            sub.reply_to.reply(
+                wire.Error(
+                    rid=sub.rid,
+                    code=wire.ErrorCode.OVERLOADED,
+                    message="the relay could not place this event (its collab's sequencer"
+                    " failed and was restarted); retry it: appends are idempotent, one that was"
+                    " stored gets its seq back",
+                )
+            )
+        return len(held)
 
     async def _write_run(
         self, run: list[tuple[Submission, VerifiedEvent]], membership: Membership | None = None
@@ -421,6 +464,13 @@ def _verify_batch(
     return out
 
 
+def _describe(exc: BaseException) -> str:
+    """The exception's type names only (an event's fields never reach the log)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return ", ".join(_describe(e) for e in exc.exceptions)
+    return type(exc).__name__
+
+
 class SequencerRegistry:
     """Starts one actor per collab on first use, inside the relay's sequencer nursery."""
 
@@ -447,6 +497,7 @@ class SequencerRegistry:
         nursery.start_soon(self._crypto.run, name="crypto-pool")
         self._actors: dict[str, Sequencer] = {}
         self._running = 0  # actors started and not yet exited (retired ones included)
+        self.failures = 0  # actors that ended with an exception (each one contained)
         self._closed = False
 
     def statistics(self) -> list[SequencerStats]:
@@ -491,6 +542,22 @@ class SequencerRegistry:
     async def _run_actor(self, actor: Sequencer) -> None:
         try:
             await actor.run()
+        except Exception as exc:  # noqa: BLE001 — contained: one collab's fault, not the relay's
+            # A bug or an unexpected fault in any stage of this actor. Its nursery has already
+            # waited for a write in flight (writes are shielded), so nothing of this collab is
+            # being written now: forget the actor (the next append starts a fresh one, which
+            # re-reads head and membership from the ledger) and tell everyone it held to retry.
+            self._retire(actor)
+            failed = actor.fail_all()
+            self.failures += 1
+            log.error(
+                "sequencer_failed",
+                collab_id=actor.collab_id,
+                error=_describe(exc),
+                answered=failed,
+            )
+        else:
+            actor.fail_all()  # normally empty: a drained actor's inbox is closed and empty
         finally:
             self._running -= 1
             if self._closed and self._running == 0:

@@ -100,6 +100,8 @@ class RelayStats:
     appends_in_flight: int = 0  # submitted, not yet acked or refused, over all connections
     overloaded_total: int = 0  # requests refused with `overloaded` because a bound was hit
     connection_limit_refusals: int = 0
+    sequencer_failures: int = 0  # actors that failed and were dropped (each one contained)
+    writer_stalled_groups: int = 0  # group commits the writer stopped waiting for (in doubt)
 
 
 class Relay:
@@ -171,6 +173,10 @@ class Relay:
             appends_in_flight=sum(c.appends_in_flight for c in conns),
             overloaded_total=self._services.overloaded,
             connection_limit_refusals=self._services.connection_refusals,
+            sequencer_failures=0 if self._sequencers is None else self._sequencers.failures,
+            writer_stalled_groups=0
+            if self._writer is None
+            else self._writer.statistics().stalled_groups,
         )
 
     def request_shutdown(self) -> None:
@@ -221,7 +227,10 @@ class Relay:
         with trio.CancelScope() as connections_scope:
             async with trio.open_nursery() as connections, trio.open_nursery() as writers:
                 writer = self._writer = LedgerWriter(
-                    self.ledger, self.relay_key, on_commit=self.metrics.observe_commit
+                    self.ledger,
+                    self.relay_key,
+                    on_commit=self.metrics.observe_commit,
+                    stall_after=self.config.writer_stall_ms / 1000,
                 )
                 writers.start_soon(writer.run, name="ledger-writer")
                 async with trio.open_nursery() as sequencers:

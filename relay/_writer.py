@@ -13,15 +13,27 @@ nothing of it is acked (authors retry; appends are idempotent). A group is never
 guess: when the connection drops while COMMIT is in flight, `Ledger.append_batches` asks
 Postgres whether that transaction committed and reads the rows back before returning, and
 raises when it cannot tell; the sequencers then re-read their heads from the ledger.
+
+Liveness: settling a commit in doubt can take seconds (`ledger.SETTLE_SECONDS`), and a COMMIT
+whose reply never comes (a silent network) blocks its thread until TCP gives up. So the writer
+waits for a group only `stall_after` seconds; a group still running then is left to finish on
+its own thread and the next group starts beside it (at most `MAX_GROUPS` at once). That is
+safe because a collab is in at most one group at a time (its sequencer waits for its batch),
+so groups running side by side never touch the same collab's rows. Another collab's append
+therefore waits at most `stall_after` for a commit in doubt, plus its own write, while fewer
+than `MAX_GROUPS` commits are in doubt at once. An unexpected exception while writing a group
+fails that group's batches (their authors retry), never the writer.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
 import msgspec
+import structlog
 import trio
 
 from ledger import AppendRequest, LedgerError, SequencingConflict
@@ -36,7 +48,12 @@ if TYPE_CHECKING:
     from model.chain import Head
     from model.sequencer import Assignment
 
+log = structlog.get_logger("cozy.writer")
+
 MAX_GROUP_EVENTS: Final = 4096
+# Groups written at once: the normal one and those left behind in doubt. Each holds a pooled
+# connection (and settling takes a second one), so this stays well below the pool's size.
+MAX_GROUPS: Final = 3
 
 Written = tuple["Head", list["Assignment"]]
 
@@ -57,6 +74,7 @@ class WriterStats(msgspec.Struct):
     events: int
     duplicates: int = 0
     failed_transactions: int = 0
+    stalled_groups: int = 0  # groups the writer stopped waiting for after `stall_after`
 
 
 class LedgerWriter:
@@ -66,20 +84,31 @@ class LedgerWriter:
         relay_key: nacl.signing.SigningKey,
         *,
         on_commit: Callable[[int, float], None] | None = None,
+        stall_after: float = 1.0,
     ) -> None:
         """`on_commit(events_written, seconds)` runs in the writer thread after each committed
-        transaction (for metrics): it must be quick and thread-safe."""
+        transaction (for metrics): it must be quick and thread-safe. `stall_after`: seconds
+        the writer waits for one group before starting the next beside it."""
         self._ledger = ledger
         self._relay_key = relay_key
         self._on_commit = on_commit
         self._send, self._recv = trio.open_memory_channel[_Job](1024)
+        self._stall_after = stall_after
+        self._slots = trio.Semaphore(MAX_GROUPS)
+        self._lock = threading.Lock()  # the counters, updated from concurrent group threads
         self._transactions = self._batches = self._events = 0
-        self._duplicates = self._failed = 0
+        self._duplicates = self._failed = self._stalled = 0
 
     def statistics(self) -> WriterStats:
-        return WriterStats(
-            self._transactions, self._batches, self._events, self._duplicates, self._failed
-        )
+        with self._lock:
+            return WriterStats(
+                self._transactions,
+                self._batches,
+                self._events,
+                self._duplicates,
+                self._failed,
+                self._stalled,
+            )
 
     async def write(self, request: AppendRequest) -> Written:
         """Persist one collab's batch (with others) and return its new head and assignments.
@@ -88,7 +117,10 @@ class LedgerWriter:
         the caller waits for the outcome so an ack is never lost for a committed event.
         """
         job = _Job(request)
-        await self._send.send(job)
+        try:
+            await self._send.send(job)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise LedgerError("the relay is stopping; this batch was not written") from None
         with trio.CancelScope(shield=True):
             await job.done.wait()
         if isinstance(job.result, LedgerError):
@@ -100,8 +132,30 @@ class LedgerWriter:
         self._send.close()
 
     async def run(self) -> None:
-        async with self._recv:
-            async for first in self._recv:
+        try:
+            await self._run()
+        finally:
+            # Stopped (closed, or cancelled with the relay): a job still queued would leave
+            # its sequencer waiting (shielded) forever; answer it instead.
+            # Drained before closing (closing drops what is buffered), with no await between.
+            while True:
+                try:
+                    job = self._recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                job.result = LedgerError("the relay stopped before writing this batch")
+                job.done.set()
+            self._recv.close()
+
+    async def _run(self) -> None:
+        async with trio.open_nursery() as groups:
+            while True:
+                # A slot first, then the job: a job taken is always handed to a group.
+                await self._slots.acquire()
+                try:
+                    first = await self._recv.receive()
+                except trio.EndOfChannel:
+                    return
                 group = [first]
                 size = len(first.request.events)
                 while size < MAX_GROUP_EVENTS:
@@ -111,13 +165,38 @@ class LedgerWriter:
                         break
                     group.append(job)
                     size += len(job.request.events)
-                try:
-                    await trio.to_thread.run_sync(self._write_group, group)
-                finally:
-                    for job in group:
-                        if job.result is None:
-                            job.result = LedgerError("the relay stopped before writing this batch")
-                        job.done.set()
+                finished = trio.Event()
+                groups.start_soon(self._run_group, group, finished)
+                # Group commit: the next group gathers while this one is written. A group
+                # still running after `stall_after` (a commit in doubt) is left to finish on
+                # its thread; the next one starts beside it, so other collabs go on.
+                with trio.move_on_after(self._stall_after):
+                    await finished.wait()
+                if not finished.is_set():
+                    with self._lock:
+                        self._stalled += 1
+                    log.warning(
+                        "writer_group_stalled", batches=len(group), seconds=self._stall_after
+                    )
+
+    async def _run_group(self, group: list[_Job], finished: trio.Event) -> None:
+        try:
+            await trio.to_thread.run_sync(self._write_group, group)
+        except Exception as exc:  # noqa: BLE001 — a bug fails this group's batches, not the writer
+            log.error("writer_group_failed", error=type(exc).__name__, batches=len(group))
+            for job in group:
+                if job.result is None:
+                    job.result = LedgerError(
+                        "the relay could not write this batch (an internal error); retry it:"
+                        " appends are idempotent"
+                    )
+        finally:
+            for job in group:
+                if job.result is None:
+                    job.result = LedgerError("the relay stopped before writing this batch")
+                job.done.set()
+            finished.set()
+            self._slots.release()
 
     def sign_receipts(self, collab_id: str, assignments: Sequence[Assignment]) -> list[bytes]:
         """The relay's receipt for each committed assignment (ADR-0007). Pure and thread-safe:
@@ -136,7 +215,8 @@ class LedgerWriter:
             try:
                 results = self._ledger.append_batches([j.request for j in pending])
             except SequencingConflict as exc:
-                self._failed += 1
+                with self._lock:
+                    self._failed += 1
                 stale = set(exc.collab_ids)
                 for job in pending:
                     if job.request.collab_id in stale or not stale:
@@ -146,20 +226,22 @@ class LedgerWriter:
                     return
                 continue
             except LedgerError as exc:
-                self._failed += 1
+                with self._lock:
+                    self._failed += 1
                 for job in pending:
                     job.result = exc
                 return
             elapsed = time.perf_counter() - started
-            self._transactions += 1
             written = 0
-            for job, (head, assignments) in zip(pending, results, strict=True):
-                self._batches += 1
-                self._events += len(assignments)
-                duplicates = sum(a.duplicate for a in assignments)
-                self._duplicates += duplicates
-                written += len(assignments) - duplicates
-                job.result = (head, assignments)
+            with self._lock:
+                self._transactions += 1
+                for job, (head, assignments) in zip(pending, results, strict=True):
+                    self._batches += 1
+                    self._events += len(assignments)
+                    duplicates = sum(a.duplicate for a in assignments)
+                    self._duplicates += duplicates
+                    written += len(assignments) - duplicates
+                    job.result = (head, assignments)
             if self._on_commit is not None:
                 self._on_commit(written, elapsed)
             return

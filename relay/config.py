@@ -114,6 +114,10 @@ class RelayConfig:
     # and the largest artifact one upload may store.
     max_connections_per_account: int = 16
     max_artifact_bytes: int = 64 * 1024 * 1024
+    # Writer liveness (docs/reliability.md): how long the ledger writer waits for one group
+    # commit before it starts the next group beside it, so a commit in doubt (its outcome being
+    # settled, or its reply never coming) holds up only its own collabs.
+    writer_stall_ms: int = 1000
     # What catch-ups may cost and how many run at once (fanout/_catchup.py).
     catchup: CatchupLimits = field(default_factory=CatchupLimits)
     # Unauthenticated connections, Argon2 slots and the enumeration budgets (ADR-0018).
@@ -216,6 +220,12 @@ def load_config(
             pick("COZY_MAX_ARTIFACT_BYTES", "max_artifact_bytes", 64 * 1024 * 1024),
             1024,
             1024**4,
+        ),
+        writer_stall_ms=_bounded_int(
+            "COZY_WRITER_STALL_MS",
+            pick("COZY_WRITER_STALL_MS", "writer_stall_ms", 1000),
+            10,
+            60_000,
         ),
         catchup=_catchup_limits(pick),
         front_door=_front_door(pick),

@@ -94,7 +94,9 @@ class CuttingProxy:
     ``COPY events``), on whichever connection sends it first:
     ``after_commit`` forwards COMMIT, swallows the server's reply and closes both sides (the
     transaction committed, its client cannot know); ``instead_of_commit`` closes both sides
-    without forwarding it (the server rolls back).
+    without forwarding it (the server rolls back); ``hold_commit`` holds COMMIT back until
+    `release()` (a commit in doubt for as long as the test likes: the client waits for a reply
+    that does not come), then forwards it. `wait_cut` returns once the COMMIT was caught.
     """
 
     def __init__(self, postgres_url: str) -> None:
@@ -105,6 +107,7 @@ class CuttingProxy:
         self.cuts = 0
         self._mode: str | None = None
         self._cut = trio.Event()
+        self._release = trio.Event()
 
     def url(self, **params: str) -> str:
         """A conninfo reaching the same database through this proxy."""
@@ -113,8 +116,12 @@ class CuttingProxy:
         )
 
     def arm(self, mode: str) -> None:
-        assert mode in ("after_commit", "instead_of_commit")
-        self._mode, self._cut = mode, trio.Event()
+        assert mode in ("after_commit", "instead_of_commit", "hold_commit")
+        self._mode, self._cut, self._release = mode, trio.Event(), trio.Event()
+
+    def release(self) -> None:
+        """Forward the COMMIT that ``hold_commit`` holds back."""
+        self._release.set()
 
     async def wait_cut(self) -> None:
         await self._cut.wait()
@@ -137,6 +144,13 @@ class CuttingProxy:
                     if b"COMMIT\x00" in data and wrote and self._mode is not None:
                         mode, self._mode = self._mode, None
                         self.cuts += 1
+                        if mode == "hold_commit":
+                            release = self._release
+                            self._cut.set()
+                            await release.wait()
+                            wrote = False
+                            await server.send_all(data)
+                            continue
                         if mode == "after_commit":
                             swallow.set()
                             await server.send_all(data)

@@ -338,6 +338,8 @@ async def test_metrics_count_appends_commits_subscribers_and_auth_failures(relay
         assert delta("cozy_ledger_commit_seconds_count") == commits
         assert after["cozy_ledger_commit_seconds_sum"] > 0
         assert after["cozy_ledger_commit_failures_total"] == 0
+        assert after["cozy_sequencer_failures_total"] == 0
+        assert "cozy_ledger_stalled_groups_total" in after
         assert (
             after['cozy_ledger_commit_events_bucket{le="+Inf"}']
             == after["cozy_ledger_commit_events_count"]
