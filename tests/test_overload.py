@@ -237,13 +237,11 @@ async def test_an_append_flood_is_shed_with_overloaded_and_other_connections_are
 
             nursery.start_soon(read)
             flooding.set()
-            for start in range(0, per_conn, wire.MAX_BATCH_FRAMES):
-                chunk = events[start : start + wire.MAX_BATCH_FRAMES]
-                frames_out = [
-                    wire.encode(wire.Append(rid=start + i + 1, event=ev))
-                    for i, ev in enumerate(chunk)
-                ]
-                await ws.send_message(wire.batch(frames_out))
+            frames_out = [
+                wire.encode(wire.Append(rid=i + 1, event=ev)) for i, ev in enumerate(events)
+            ]
+            for batch in batches_that_fit(frames_out):
+                await ws.send_message(batch)
 
     async def sample() -> None:
         while True:
@@ -291,12 +289,14 @@ async def test_an_append_flood_is_shed_with_overloaded_and_other_connections_are
 async def test_a_full_collab_inbox_refuses_at_once_instead_of_stalling_the_reader(
     relay: Relay, alice: User, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a 32-slot inbox, one 512-append batch (handled without yielding) overflows it: the
-    rest are refused with `overloaded` while the same connection's ping is answered at once."""
+    """With a 32-slot inbox, one batch of as many appends as a frame holds (handled without
+    yielding) overflows it: the rest are refused with `overloaded` while the same connection's
+    ping is answered at once."""
     monkeypatch.setattr(sequencer_module, "INBOX_SIZE", 32)  # before the collab's actor starts
-    events = [
-        alice.event(f"b{i}", ts=1_700_000_000_000 + i) for i in range(wire.MAX_BATCH_FRAMES - 1)
-    ]
+    one = len(wire.encode(wire.Append(rid=1, event=alice.event("b0"))))
+    fits = min(wire.MAX_BATCH_FRAMES, (wire.MAX_FRAME_BYTES - 64) // (one + 8)) - 1
+    assert fits > 64, "the test needs a batch well over the 32-slot inbox"
+    events = [alice.event(f"b{i}", ts=1_700_000_000_000 + i) for i in range(fits)]
     with trio.fail_after(30):
         async with authed(relay.url, alice) as (ws, frames):
             batch = [wire.encode(wire.Append(rid=i + 1, event=ev)) for i, ev in enumerate(events)]
@@ -312,7 +312,7 @@ async def test_a_full_collab_inbox_refuses_at_once_instead_of_stalling_the_reade
     refused = [r for r in codes if isinstance(r, wire.Error)]
     assert {r.code for r in refused} == {wire.ErrorCode.OVERLOADED}
     assert len(stored) >= 32
-    assert refused, "a 512-append batch did not overflow a 32-slot inbox"
+    assert refused, f"a {fits}-append batch did not overflow a 32-slot inbox"
     assert stored_seqs(database_url, alice.collab_id) == list(range(1, G + len(stored) + 1))
 
 
@@ -382,3 +382,21 @@ async def test_an_account_holds_at_most_its_connection_limit(
                 await wait_until(lambda: relay.statistics().connections == 4)
                 await extra.authenticate(alice.token)  # a slot is free again
                 assert (await extra.append(alice.event("now it works"))).seq == G + 1
+
+
+def batches_that_fit(frames: list[bytes]) -> list[bytes]:
+    """`frames` as `batch` messages within both of the relay's limits (frames and bytes)."""
+    out: list[bytes] = []
+    run: list[bytes] = []
+    size = 64  # the batch's own envelope, generously
+    for frame in frames:
+        if run and (
+            len(run) == wire.MAX_BATCH_FRAMES or size + len(frame) + 8 > wire.MAX_FRAME_BYTES
+        ):
+            out.append(wire.batch(run))
+            run, size = [], 64
+        run.append(frame)
+        size += len(frame) + 8
+    if run:
+        out.append(wire.batch(run))
+    return out
