@@ -3,7 +3,10 @@
 A relay must not be able to roll a device back or make it forget a promise, so what the device
 verified outlives the process: the last verified head per collab (a later history must pass
 through it), and every receipt the relay signed for this device's own appends (the history must
-later show that event at that seq; two receipts for one position are an equivocation proof).
+later show that event at that seq; two receipts for one position are an equivocation proof);
+and this device's own author streams (`sent`): every event it signs is kept here *before* it is
+sent, so a crash or a lost ack is followed by a resend of those same signed bytes, never by a
+new event under a counter already used (clientkit/_outbox.py).
 Each write is one transaction; WAL keeps readers and a crash from seeing half a write.
 """
 
@@ -11,9 +14,11 @@ from __future__ import annotations
 
 import sqlite3
 from contextlib import closing
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from model.chain import Head
+from model.envelope import SignedEvent
 from model.equivocation import SignedReceipt
 
 if TYPE_CHECKING:
@@ -37,7 +42,59 @@ CREATE TABLE IF NOT EXISTS receipts (
     sig       BLOB NOT NULL,
     PRIMARY KEY (collab_id, seq, event_id, chain)
 );
+CREATE TABLE IF NOT EXISTS sent (
+    collab_id TEXT NOT NULL,
+    device    TEXT NOT NULL,
+    counter   INTEGER NOT NULL,
+    event_id  BLOB NOT NULL,
+    body      BLOB NOT NULL,
+    sig       BLOB NOT NULL,
+    intent    BLOB NOT NULL,
+    source    INTEGER NOT NULL,
+    seq       INTEGER,
+    PRIMARY KEY (collab_id, device, counter)
+);
 """
+# `sent`: one row per event this device signed in a collab's author stream `device`. `seq` is
+# NULL while the outcome is unknown (signed, maybe sent, no ack recorded). `intent` is what the
+# caller meant by it (a bot: the event handled and the post's number in that handler; the CLI:
+# the content), so a replay finds its earlier event. `source` is the seq a bot was handling (0
+# otherwise): rows are pruned once acked, superseded by a later counter, and — for a bot —
+# behind the committed cursor.
+
+
+@dataclass(frozen=True)
+class SentEvent:
+    """One signed event of this device's author stream, as kept in `sent`."""
+
+    collab_id: str
+    device: str
+    counter: int
+    event_id: bytes
+    signed: SignedEvent
+    intent: bytes
+    source: int
+    seq: int | None  # None: the relay's answer was never recorded
+
+    def __repr__(self) -> str:
+        return f"SentEvent({self.collab_id}, {self.device}, #{self.counter}, seq={self.seq})"
+
+
+_SENT_COLUMNS = "collab_id, device, counter, event_id, body, sig, intent, source, seq"
+
+
+def _sent_row(row: tuple[object, ...]) -> SentEvent:
+    c, d, n, e, b, g, i, s, q = row
+    return SentEvent(
+        str(c),
+        str(d),
+        int(n),  # type: ignore[call-overload]
+        bytes(e),  # type: ignore[call-overload]
+        SignedEvent(bytes(b), bytes(g)),  # type: ignore[call-overload]
+        bytes(i),  # type: ignore[call-overload]
+        int(s),  # type: ignore[call-overload]
+        None if q is None else int(q),  # type: ignore[call-overload]
+    )
 
 
 class ClientState:
@@ -98,6 +155,14 @@ class ClientState:
                 " WHERE excluded.seq > heads.seq",
                 (collab_id, head.seq, head.chain),
             )
+            # The replies to what is now behind the cursor are never looked up again; only
+            # each stream's last event stays (the next counter follows it).
+            conn.execute(
+                "DELETE FROM sent WHERE collab_id = ? AND seq IS NOT NULL AND source <= ?"
+                " AND counter < (SELECT MAX(counter) FROM sent AS last"
+                " WHERE last.collab_id = sent.collab_id AND last.device = sent.device)",
+                (collab_id, head.seq),
+            )
             conn.execute("COMMIT")
 
     def add_receipt(self, receipt: SignedReceipt) -> SignedReceipt | None:
@@ -130,3 +195,82 @@ class ClientState:
             int(s): SignedReceipt(collab_id, int(s), bytes(e), bytes(c), bytes(g))
             for s, e, c, g in rows
         }
+
+    # --- this device's author streams (clientkit/_outbox.py) -----------------------------------
+
+    def last_sent(self, collab_id: str, device: str) -> SentEvent | None:
+        """The event with the highest counter this device signed in the stream, stored or not."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                f"SELECT {_SENT_COLUMNS} FROM sent WHERE collab_id = ? AND device = ?"  # noqa: S608 — constant columns
+                " ORDER BY counter DESC LIMIT 1",
+                (collab_id, device),
+            ).fetchone()
+        return None if row is None else _sent_row(row)
+
+    def unacked(self, collab_id: str, device: str) -> list[SentEvent]:
+        """The stream's signed events whose outcome was never recorded, in counter order."""
+        with closing(self._connect()) as conn:
+            rows = conn.execute(
+                f"SELECT {_SENT_COLUMNS} FROM sent WHERE collab_id = ? AND device = ?"  # noqa: S608 — constant columns
+                " AND seq IS NULL ORDER BY counter",
+                (collab_id, device),
+            ).fetchall()
+        return [_sent_row(r) for r in rows]
+
+    def sent_for(self, collab_id: str, device: str, intent: bytes) -> SentEvent | None:
+        """The latest event signed for `intent` in the stream, if it is still kept."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                f"SELECT {_SENT_COLUMNS} FROM sent WHERE collab_id = ? AND device = ?"  # noqa: S608 — constant columns
+                " AND intent = ? ORDER BY counter DESC LIMIT 1",
+                (collab_id, device, intent),
+            ).fetchone()
+        return None if row is None else _sent_row(row)
+
+    def keep_signed(self, event: SentEvent) -> None:
+        """Record a signed event before it is sent (durably: FULL synchronous WAL).
+        Raises `sqlite3.IntegrityError` if its counter is taken in the stream."""
+        with closing(self._connect()) as conn:
+            conn.execute(
+                f"INSERT INTO sent ({_SENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL)",  # noqa: S608 — constant columns
+                (
+                    event.collab_id,
+                    event.device,
+                    event.counter,
+                    event.event_id,
+                    event.signed.body,
+                    event.signed.sig,
+                    event.intent,
+                    event.source,
+                ),
+            )
+
+    def mark_stored(self, collab_id: str, device: str, counter: int, seq: int) -> None:
+        """The relay acked the stream's event `counter` at `seq`; acked events of the stream
+        before it that no bot cursor still needs are dropped."""
+        with closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE sent SET seq = ? WHERE collab_id = ? AND device = ? AND counter = ?",
+                (seq, collab_id, device, counter),
+            )
+            cursor = conn.execute(
+                "SELECT seq FROM cursors WHERE collab_id = ?", (collab_id,)
+            ).fetchone()
+            conn.execute(
+                "DELETE FROM sent WHERE collab_id = ? AND device = ? AND counter < ?"
+                " AND seq IS NOT NULL AND source <= ?",
+                (collab_id, device, counter, 0 if cursor is None else int(cursor[0])),
+            )
+            conn.execute("COMMIT")
+
+    def forget_signed(self, collab_id: str, device: str, counter: int) -> None:
+        """The relay refused the stream's event `counter` for good (it is not stored and never
+        will be): its counter is free again."""
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "DELETE FROM sent WHERE collab_id = ? AND device = ? AND counter = ?"
+                " AND seq IS NULL",
+                (collab_id, device, counter),
+            )

@@ -13,9 +13,13 @@ What it takes care of, learning from what users of other bot SDKs trip over:
 - **State that must not be lost** lives in `store` (required; checked writable before anything
   else): the verified head, the relay's receipts and the **cursor** — the last event whose
   handler finished. Shutting down never revokes anything.
-- **Delivery is at least once.** The cursor is committed, together with the verified head, only
-  after the handler returned; a crash in between replays that event on restart, and nothing is
-  ever skipped. Make handlers idempotent (or check `ctx.entry.event_id`).
+- **Delivery is at least once; posts are exactly once.** The cursor is committed, together with
+  the verified head, only after the handler returned; a crash in between replays that event on
+  restart, and nothing is ever skipped. A handler's posts are not repeated by a replay: each
+  reply is kept in the store, signed, before it is sent, and the handler's n-th `ctx.post` for
+  an entry returns the stored n-th reply (sending the kept bytes again if its ack was lost)
+  instead of signing a new one. Other side effects (tool calls, anything outside the collab)
+  happen again on a replay: make those idempotent (or check `ctx.entry.event_id`).
 - **Connections that die or go silent** are re-opened with jittered exponential backoff; a ping
   watchdog notices a silent socket. `on_connect` runs on the first connection, `on_resume` on
   each reconnection.
@@ -36,7 +40,6 @@ What it takes care of, learning from what users of other bot SDKs trip over:
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -48,6 +51,7 @@ from trio_websocket import ConnectionClosed
 
 from clientkit._agent import AgentCredentials, load_credentials
 from clientkit._client import Client, History, connect
+from clientkit._outbox import AuthorStream
 from clientkit._state import ClientState
 from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded, RelayRefused
 from model import content as contentmod
@@ -86,6 +90,7 @@ class Context:
     entry: Entry
     _client: Client
     _history: History
+    _posts: int = 0  # posts this handler made so far: the n-th is the same post on a replay
 
     async def post(self, text: str) -> int:
         """Post `text` to the collab (sealed, signed, with evidence). Returns its seq.
@@ -93,7 +98,7 @@ class Context:
         If the collab key rotated while the handler ran (a member was removed), the relay
         bounces the post and it is sealed again under the new key, never stored under the old.
         """
-        return await self.bot._post(self._client, self._history, text)
+        return await self.bot._post(self, text)
 
     # Collabs have no threads yet: a reply is a post to the same collab.
     reply = post
@@ -113,7 +118,6 @@ class Bot:
     _on_connect: list[Hook] = field(default_factory=list)
     _on_resume: list[Hook] = field(default_factory=list)
     _on_alarm: AlarmHook | None = None
-    _sent: tuple[int, bytes] = (0, b"")  # this bot's own stream: (counter, last event id)
     connections: int = 0
     ping_every: float = PING_EVERY
     ping_timeout: float = PING_TIMEOUT
@@ -220,6 +224,9 @@ class Bot:
         await client.authenticate(self.credentials.token)
         client.use_key(nacl.signing.SigningKey(self.credentials.sign_seed))  # tool calls, uploads
         client.on_receipt = state.add_receipt
+        # A reply signed before a crash or a lost connection, whose ack was never recorded,
+        # goes out again (the same bytes) before anything new is signed.
+        await self._stream.resend_unacked(client)
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
@@ -263,23 +270,19 @@ class Bot:
             for handler in self._dms if entry.dm_to else self._messages:
                 await handler(ctx, entry.content.text)
 
-    async def _post(self, client: Client, history: History, text: str) -> int:
+    async def _post(self, ctx: Context, text: str) -> int:
         """Seal against the followed view; if the key rotated meanwhile (a member was removed
         while the handler ran), the relay bounces it, the view reads its stream ahead to the
-        rotation, and it is sealed again under the new key."""
-        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
-        counter = 0  # the author counter of the last sealing: the one stored
+        rotation, and it is sealed again under the new key.
 
-        def seal(view: CollabView) -> SignedEvent:
-            nonlocal counter
+        The reply is the handler's n-th post for its entry: kept in the store before it is
+        sent, and on a replay of that entry (a crash or lost ack before the cursor was
+        committed) the same reply is sent again or, if stored, its seq returned — exactly once.
+        """
+        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
+
+        def seal(view: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
             epoch, key = view.current_key()
-            evidence = view.evidence(DEVICE, int(time.time() * 1000))
-            if self._sent[0] >= evidence.counter:  # posted faster than our own events came back
-                evidence = type(evidence)(
-                    evidence.device, self._sent[0] + 1, self._sent[1], evidence.seen_seq,
-                    evidence.seen_chain, evidence.clock,
-                )  # fmt: skip
-            counter = evidence.counter
             return seal_event(
                 signing_key=signing_key,
                 collab_key=key,
@@ -291,10 +294,20 @@ class Bot:
                 epoch=epoch,
             )
 
-        box = nacl.public.PrivateKey(self.credentials.box_sk)
-        ack, _ = await client.seal_and_append(self.collab_id, box, seal, history=history)
-        self._sent = (counter, ack.event_id)
-        return ack.seq
+        ctx._posts += 1
+        sent = await self._stream.send(
+            ctx._client,
+            nacl.public.PrivateKey(self.credentials.box_sk),
+            seal,
+            intent=b"reply:%s:%d" % (ctx.entry.event_id.hex().encode(), ctx._posts),
+            source=ctx.entry.seq,
+            history=ctx._history,
+        )
+        return sent.seq
+
+    @property
+    def _stream(self) -> AuthorStream:
+        return AuthorStream(self.state, self.collab_id, DEVICE)
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ from clientkit._agent import AgentCredentials, CredentialsError, save_credential
 from clientkit._client import Client, connect
 from clientkit._collab import describe, fingerprint
 from clientkit._home import Home, HomeError, Profile, kdf_profile
+from clientkit._outbox import AuthorStream, Sent
 from clientkit._passphrase import WeakPassphrase, check_passphrase
 from clientkit.errors import (
     ClientError,
@@ -702,26 +704,29 @@ async def _post(
     client: Client,
     me: Unlocked,
     collab_id: str,
-    seal: Callable[[CollabView], SignedEvent],
-) -> wire.Appended:
-    """Seal against a freshly verified view; if the key rotated meanwhile, the relay bounces it
-    and it is sealed again under the new key (`Client.seal_and_append`).
+    seal: tuple[Callable[[CollabView, contentmod.Evidence], SignedEvent], bytes],
+) -> Sent:
+    """Post in this device's author stream (clientkit/_outbox.py): an event signed by an earlier
+    run whose ack was never recorded is sent again first (the same bytes), and if it was made
+    for this same content it is the answer (exactly once: a rerun after an interruption does
+    not post twice). The new event is kept before it is sent, sealed against a freshly
+    verified view; if the key rotated meanwhile, the relay bounces it and it is sealed again
+    under the new key (`Client.seal_and_append`).
 
     If the connection is lost before the ack, the event may be stored: it is sent again on a
-    new connection, the same signed bytes (`resend`), never sealed anew while it may be
-    stored (`_after_lost_ack`)."""
+    new connection, the same signed bytes kept in the stream, never sealed anew while it may
+    be stored (`_after_lost_ack`)."""
+    sealer, intent = seal
     view = await _read(client, me, collab_id)
+    stream = AuthorStream(me.home.state, collab_id, me.profile.device)
     try:
-        ack, _ = await client.seal_and_append(collab_id, me.box_key, seal, view=view)
+        return await stream.send(client, me.box_key, sealer, intent=intent, view=view)
     except ConnectionLost as exc:
         if exc.unacked is None:
             raise
         async with _after_lost_ack(me) as again:
             view = await _read(again, me, collab_id)
-            ack, _ = await again.seal_and_append(
-                collab_id, me.box_key, seal, view=view, resend=exc.unacked
-            )
-    return ack
+            return await stream.send(again, me.box_key, sealer, intent=intent, view=view)
 
 
 @asynccontextmanager
@@ -738,8 +743,11 @@ async def _after_lost_ack(me: Unlocked) -> AsyncIterator[Client]:
 
 def _sealer(
     me: Unlocked, collab_id: str, content: contentmod.Content, refs: tuple[str, ...] = ()
-) -> Callable[[CollabView], SignedEvent]:
-    def seal(view: CollabView) -> SignedEvent:
+) -> tuple[Callable[[CollabView, contentmod.Evidence], SignedEvent], bytes]:
+    """The sealing of `content` with its evidence, and the intent that names it (a rerun of
+    the same command with the same content is the same intent)."""
+
+    def seal(view: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
         try:
             epoch, key = view.current_key()
         except NotARecipient:
@@ -750,22 +758,32 @@ def _sealer(
             collab_id=collab_id,
             actor_id=view.account_id,
             kind=contentmod.kind_of(content),
-            ts=_now_ms(),
-            content=contentmod.encode_content(content, view.evidence(me.profile.device, _now_ms())),
+            ts=evidence.clock,
+            content=contentmod.encode_content(content, evidence),
             refs=refs,
             epoch=epoch,
         )
 
-    return seal
+    intent = hashlib.sha256(
+        b"\0".join(
+            [
+                b"post",
+                collab_id.encode(),
+                contentmod.encode_content(content),
+                *map(str.encode, refs),
+            ]
+        )
+    ).digest()
+    return seal, intent
 
 
 async def cmd_post(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with _connected(me) as client:
-        ack = await _post(
+        sent = await _post(
             client, me, args.collab, _sealer(me, args.collab, contentmod.Message(text=args.text))
         )
-    print(f"posted as seq {ack.seq}{' (already posted)' if ack.duplicate else ''}")
+    print(f"posted as seq {sent.seq}{' (already posted)' if sent.earlier else ''}")
 
 
 async def _member(client: Client, view: CollabView, handle: str) -> Member:
@@ -1098,7 +1116,19 @@ async def cmd_dm(args: argparse.Namespace) -> None:
                 content=contentmod.encode_content(contentmod.Message(text=args.text)),
             )
 
-        ack = await _post(client, me, args.collab, seal)
+        # A DM carries no author-stream evidence (docs/ordering.md): it is not kept in the
+        # stream; a lost ack is answered by resending it on a new connection, as `_post` does.
+        view = await _read(client, me, args.collab)
+        try:
+            ack, _ = await client.seal_and_append(args.collab, me.box_key, seal, view=view)
+        except ConnectionLost as exc:
+            if exc.unacked is None:
+                raise
+            async with _after_lost_ack(me) as again:
+                view = await _read(again, me, args.collab)
+                ack, _ = await again.seal_and_append(
+                    args.collab, me.box_key, seal, view=view, resend=exc.unacked
+                )
     print(f"sent a direct message to {args.handle} as seq {ack.seq}")
 
 
