@@ -20,9 +20,11 @@ So, here:
   never recorded is sent again, the same bytes: the relay answers with its seq (it was stored)
   or stores it now. Only a refusal that says the event is not stored and never will be (its
   code in `NOT_STORED`) frees its counter.
-- **exactly once per intent.** A send whose intent already has a stored event returns that
-  event's seq instead of posting again (`Sent.earlier`): a replayed bot handler gets its
-  stored reply back, a rerun `cozy post` of the same text reports the post it made.
+- **exactly once per intent.** A send whose intent has an event whose ack was never recorded
+  resends that event and returns its seq instead of posting again (`Sent.earlier`): a rerun
+  `cozy post` of the same text after an interruption reports the post it made. A bot's
+  replayed handler (`once`) also gets back a reply whose ack *was* recorded but whose cursor
+  was not: its stored reply, not a second one.
 
 What this module does not do: decide the relay's answer. A relay that answers a stored event
 with a refusal (rather than `duplicate`) leads to the counter being reused; the relay answers
@@ -125,20 +127,25 @@ class AuthorStream:
         source: int = 0,
         view: CollabView | None = None,
         history: History | None = None,
+        once: bool = False,
     ) -> Sent:
         """Seal (with the stream's next evidence), keep, then append one event for `intent`.
 
-        If an event for `intent` is stored already, its seq is returned and nothing is signed.
-        Unacked events of the stream are sent again first. `view`/`history` are as for
+        Unacked events of the stream are sent again first. If one of them was made for `intent`
+        (an interrupted earlier attempt), its seq is returned and nothing new is signed; with
+        `once` (a bot's replayed handler), so is the seq of any kept stored event for `intent`.
+        Without `once` an intent whose event was acked is simply posted again: a person who
+        repeats a finished command means it. `view`/`history` are as for
         `Client.seal_and_append`, which does the append (and seals again under a new key
         after a `stale` bounce: the bounced event's counter is freed first). A refusal in
         NOT_STORED forgets the event and is raised; any other error leaves it kept.
         """
         done = self.state.sent_for(self.collab_id, self.device, intent)
+        interrupted = done is not None and done.seq is None
         if done is None or done.seq is None:
             await self.resend_unacked(client)
             done = self.state.sent_for(self.collab_id, self.device, intent)
-        if done is not None and done.seq is not None:
+        if done is not None and done.seq is not None and (interrupted or once):
             return Sent(done.seq, earlier=True)
         attempt: list[int] = []
 

@@ -302,6 +302,7 @@ class Bot:
             intent=b"reply:%s:%d" % (ctx.entry.event_id.hex().encode(), ctx._posts),
             source=ctx.entry.seq,
             history=ctx._history,
+            once=True,
         )
         return sent.seq
 
