@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from clientkit import _collab
 from clientkit._agent import AgentCredentials, save_credentials
-from clientkit._state import ClientState
+from clientkit._state import ClientState, SentEvent
 from clientkit.bot import Bot, Context
 from model import content as contentmod
 from model.ids import new_id
@@ -41,9 +41,11 @@ from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, relay_in_thread, session, sign_up
 
 if TYPE_CHECKING:
+    from model.chain import Head
     from model.equivocation import SignedReceipt
     from model.view import CollabView
     from relay._server import Relay
+    from tests.relay_harness import User
 
 KILL_POINTS = ("before_sign", "after_sign", "after_send", "after_ack")
 
@@ -64,22 +66,26 @@ class _KillingState(ClientState):
             self._bot.kill_at = None
             raise _Killed(point)
 
-    def keep_signed(self, event: object) -> None:  # type: ignore[override]
-        super().keep_signed(event)  # type: ignore[arg-type]
+    def keep_signed(self, event: SentEvent) -> None:
+        super().keep_signed(event)
         self._maybe_kill("after_sign")  # signed and kept, not sent
 
     def add_receipt(self, receipt: SignedReceipt) -> SignedReceipt | None:
         self._maybe_kill("after_send")  # stored by the relay; its ack never recorded
+        self._bot.replied = True  # (only the bot's replies are appended)
         return super().add_receipt(receipt)
 
-    def commit_cursor(self, collab_id: str, head: object) -> None:  # type: ignore[override]
-        self._maybe_kill("after_ack")  # the reply's ack recorded; the cursor not committed
-        super().commit_cursor(collab_id, head)  # type: ignore[arg-type]
+    def commit_cursor(self, collab_id: str, head: Head) -> None:
+        if self._bot.replied:  # the reply's ack recorded; the cursor not committed
+            self._maybe_kill("after_ack")
+        self._bot.replied = False
+        super().commit_cursor(collab_id, head)
 
 
 @dataclasses.dataclass
 class _KillableBot(Bot):
     kill_at: str | None = None
+    replied: bool = False  # a reply was acked since the last cursor commit
 
     @property
     def state(self) -> ClientState:
@@ -97,27 +103,27 @@ def _answering(bot: _KillableBot) -> _KillableBot:
     return bot
 
 
-async def _bot_for(url: str, relay_pk: bytes, owner: object, tmp: Path) -> Path:
+async def _bot_for(url: str, relay_pk: bytes, owner: User, tmp: Path) -> Path:
     """An agent with read and post in `owner`'s collab; returns its credential file."""
     sign, box = nacl.signing.SigningKey.generate(), nacl.public.PrivateKey.generate()
     agent_id = new_id("a")
-    async with session(url, owner) as client:  # type: ignore[arg-type]
+    async with session(url, owner) as client:
         created = await client.create_agent(
             agent_id, f"bot-{agent_id[-6:]}", bytes(sign.verify_key), bytes(box.public_key)
         )
         member = Member(agent_id, Role.MEMBER, MemberKind.AGENT, bytes(sign.verify_key),
                         bytes(box.public_key), ("read", "post"))  # fmt: skip
         await client.manage(
-            owner.signing_key,  # type: ignore[attr-defined]
-            owner.box_key,  # type: ignore[attr-defined]
-            owner.collab_id,  # type: ignore[attr-defined]
+            owner.signing_key,
+            owner.box_key,
+            owner.collab_id,
             lambda v: _collab.add(v, member),
         )
     creds = tmp / "bot.cozy-agent"
     save_credentials(
         creds,
         AgentCredentials(relay_url=url, relay_pk=relay_pk.hex(), account_id=agent_id,
-                         handle="bot", collab_id=owner.collab_id,  # type: ignore[attr-defined]
+                         handle="bot", collab_id=owner.collab_id,
                          sign_seed=bytes(sign), box_sk=bytes(box), token=created.token,
                          expires_at=created.expires_at),
     )  # fmt: skip
@@ -127,7 +133,9 @@ async def _bot_for(url: str, relay_pk: bytes, owner: object, tmp: Path) -> Path:
 async def _run_bot(creds: Path, store: Path, until_seq: int, kill_at: str | None) -> bool:
     """Run a fresh bot from its store until its cursor reaches `until_seq` (False) or it is
     killed at `kill_at` (True)."""
-    bot = _answering(_KillableBot.from_credentials(creds, store=store))  # type: ignore[arg-type]
+    bot = _KillableBot.from_credentials(creds, store=store)
+    assert isinstance(bot, _KillableBot)
+    _answering(bot)
     bot.kill_at = kill_at
     cid = bot.collab_id
     try:
@@ -148,11 +156,11 @@ async def _run_bot(creds: Path, store: Path, until_seq: int, kill_at: str | None
     return False
 
 
-async def _read_all(url: str, reader: object, cid: str) -> tuple[CollabView, list[str]]:
+async def _read_all(url: str, reader: User, cid: str) -> tuple[CollabView, list[str]]:
     """`reader`'s verified read of the whole collab (raises any alarm) and the bot's replies."""
-    async with session(url, reader) as client:  # type: ignore[arg-type]
+    async with session(url, reader) as client:
         replies: list[str] = []
-        async with client.history(cid, reader.box_key) as events:  # type: ignore[attr-defined]
+        async with client.history(cid, reader.box_key) as events:
             async for entry in events:
                 text = entry.content.text if isinstance(entry.content, contentmod.Message) else ""
                 if text.startswith("re: "):
