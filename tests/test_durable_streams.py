@@ -239,33 +239,37 @@ async def _kill_schedule(url: str, relay_pk: bytes, tmp: Path, kills: list[str])
     assert not await _run_bot(creds, store, last, kill_at=None)
     view, replies = await _read_all(url, alice, cid)  # no alarm on an honest relay
     assert replies == ["re: a", "re: b", "re: c"]  # each reply stored once, in order
+    with closing(sqlite3.connect(store / "state.db")) as conn:
+        [(kept,)] = conn.execute("SELECT count(*) FROM sent").fetchall()
+    assert kept == 1  # behind the cursor, only the stream's last reply is kept
     bot_id = next(m for m in view.membership.members if m != alice.account_id)  # type: ignore[union-attr]
     assert _bot_counters(view, bot_id) == 3  # counters 1, 2, 3: none used twice, none skipped
 
 
 @pytest.mark.objective("SO-4")
+@pytest.mark.parametrize("kill_at", ["after_sign", "after_send"])
 async def test_cozy_post_interrupted_after_sending_and_run_again_posts_once(
-    relay: Relay, tmp_path: Path
+    relay: Relay, tmp_path: Path, kill_at: str
 ) -> None:
     home = tmp_path / "alice"
     env = client_env(home)
     await cli_signup(relay.url, home, "alice")
     cid = (await cozy("collab", "create", "ops", env=env)).stdout.decode().strip()
-    # The first run is killed once the relay acked its post, before the CLI recorded that
-    # (COZY_TEST_KILL_AFTER_SEND: a process exit at that point, see below).
-    killed = await cozy(
-        "post", cid, "hello", env={**env, "PYTHONPATH": _kill_hook(tmp_path)}, check=False
-    )
+    # The first run is killed (a process exit, code 9, no cleanup) once its post is signed and
+    # kept (after_sign: never sent), or once the relay acked it, before the CLI recorded that.
+    hooked = {**env, "PYTHONPATH": _kill_hook(tmp_path, kill_at)}
+    killed = await cozy("post", cid, "hello", env=hooked, check=False)
     assert killed.returncode == 9, killed.stderr.decode()
     again = await cozy("post", cid, "hello", env=env)
     assert b"(already posted)" in again.stdout
     await cozy("post", cid, "hello", env=env)  # a deliberate second "hello" is a new post
-    alice = ClientState(home / "state.db")
-    assert alice.unacked(cid, _device(home)) == []
+    device = _device(home)
+    assert ClientState(home / "state.db").unacked(cid, device) == []
     out = (await cozy("tail", cid, env=env)).stdout.decode()  # verifies: raises on any alarm
     assert [line.split("\t")[-1] for line in out.splitlines()].count("hello") == 2
     verify = await cozy("verify", cid, env=env)
     assert verify.returncode == 0
+    assert _kept(home) == 1  # only the stream's last event is kept once acked
 
 
 def _device(home: Path) -> str:
@@ -274,16 +278,27 @@ def _device(home: Path) -> str:
     return str(device)
 
 
-def _kill_hook(tmp: Path) -> str:
-    """A `sitecustomize` that ends the `cozy` process (exit code 9, no cleanup) the moment the
-    relay's receipt for its first append arrives: after the send, before anything is recorded."""
-    hook = tmp / "kill-hook"
+def _kept(home: Path) -> int:
+    with closing(sqlite3.connect(home / "state.db")) as conn:
+        [(n,)] = conn.execute("SELECT count(*) FROM sent").fetchall()
+    return int(n)
+
+
+def _kill_hook(tmp: Path, kill_at: str) -> str:
+    """A `sitecustomize` that ends the `cozy` process (exit code 9, no cleanup) right after it
+    kept its first signed event (`after_sign`), or the moment the relay's receipt for its first
+    append arrives (`after_send`: stored, nothing recorded)."""
+    hook = tmp / f"kill-hook-{kill_at}"
     hook.mkdir(exist_ok=True)
-    (hook / "sitecustomize.py").write_text(
-        "import os\n"
-        "from clientkit._state import ClientState\n"
-        "def _die(self, receipt):\n"
+    patch = {
+        "after_sign": "_keep = ClientState.keep_signed\n"
+        "def _die(self, event):\n"
+        "    _keep(self, event)\n"
         "    os._exit(9)\n"
-        "ClientState.add_receipt = _die\n"
+        "ClientState.keep_signed = _die\n",
+        "after_send": "def _die(self, receipt):\n    os._exit(9)\nClientState.add_receipt = _die\n",
+    }[kill_at]
+    (hook / "sitecustomize.py").write_text(
+        "import os\nfrom clientkit._state import ClientState\n" + patch
     )
     return os.pathsep.join([str(hook), *sys.path])
