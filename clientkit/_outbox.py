@@ -84,15 +84,25 @@ class Sent:
 class AuthorStream:
     """This device's author stream `device` in `collab_id`, kept in `state`."""
 
-    def __init__(self, state: ClientState, collab_id: str, device: str) -> None:
+    def __init__(
+        self, state: ClientState, collab_id: str, device: str, *, seen: CollabView | None = None
+    ) -> None:
+        """`seen` is a further view to take the stream's position from: a bot's read at the
+        relay's head when it connected, while its handlers see views of older positions."""
         self.state = state
         self.collab_id = collab_id
         self.device = device
+        self.seen = seen
 
     def evidence(self, view: CollabView, clock: int) -> contentmod.Evidence:
         """The evidence for the stream's next event, made at `view`'s head: its counter
-        follows the later of the view's last event of the stream and the last one signed."""
+        follows the latest of the view's (and `seen`'s) last event of the stream and the last
+        one signed."""
         evidence = view.evidence(self.device, clock)
+        if self.seen is not None:
+            later = self.seen.evidence(self.device, clock)
+            if later.counter > evidence.counter:
+                evidence = msgspec.structs.replace(evidence, counter=later.counter, prev=later.prev)
         last = self.state.last_sent(self.collab_id, self.device)
         if last is not None and last.counter >= evidence.counter:
             evidence = msgspec.structs.replace(

@@ -118,6 +118,7 @@ class Bot:
     _on_connect: list[Hook] = field(default_factory=list)
     _on_resume: list[Hook] = field(default_factory=list)
     _on_alarm: AlarmHook | None = None
+    _seen: CollabView | None = None  # this session's read of the collab at the relay's head
     connections: int = 0
     ping_every: float = PING_EVERY
     ping_timeout: float = PING_TIMEOUT
@@ -230,7 +231,10 @@ class Bot:
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
-        keys = (await client.read(self.collab_id, box)).known_keys()
+        # The collab at the relay's head: its keys, and how far this bot's own stream got (a
+        # store that was lost or restored from a backup must not make a replay reuse counters).
+        self._seen = await client.read(self.collab_id, box)
+        keys = self._seen.known_keys()
         cursor = state.cursor(self.collab_id)
         async with client.history(
             self.collab_id,
@@ -308,7 +312,7 @@ class Bot:
 
     @property
     def _stream(self) -> AuthorStream:
-        return AuthorStream(self.state, self.collab_id, DEVICE)
+        return AuthorStream(self.state, self.collab_id, DEVICE, seen=self._seen)
 
 
 def _innermost(exc: BaseException) -> BaseException:

@@ -199,6 +199,23 @@ async def test_a_bot_killed_between_its_stored_reply_and_its_cursor_leaves_an_ho
 
 
 @pytest.mark.objective("SO-4")
+async def test_a_bot_whose_store_was_lost_answers_again_without_reusing_a_counter(
+    relay: Relay, tmp_path: Path
+) -> None:
+    alice = await sign_up(relay.url, "alice")
+    cid = alice.collab_id
+    creds = await _bot_for(relay.url, relay.relay_pk, alice, tmp_path)
+    async with session(relay.url, alice) as a:
+        first = await post(a, alice, cid, "one")
+    assert not await _run_bot(creds, tmp_path / "store", first, kill_at=None)
+    # The store is gone (a new disk): the bot handles the history again from the start. Its
+    # replies follow its stream as the relay's head shows it, not its handler's older view.
+    assert not await _run_bot(creds, tmp_path / "new-store", first, kill_at=None)
+    _, replies = await _read_all(relay.url, alice, cid)  # no alarm
+    assert replies == ["re: one", "re: one"]  # at least once: documented for a lost store
+
+
+@pytest.mark.objective("SO-4")
 def test_a_bot_killed_anywhere_in_its_handler_never_causes_an_alarm(
     database_url: str, tmp_path: Path
 ) -> None:
