@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from clientkit import _collab
 from clientkit._agent import AgentCredentials, save_credentials
-from clientkit._state import ClientState, SentEvent
+from clientkit._state import ClientState
 from clientkit.bot import Bot, Context
 from model import content as contentmod
 from model.ids import new_id
@@ -41,6 +41,7 @@ from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, relay_in_thread, session, sign_up
 
 if TYPE_CHECKING:
+    from clientkit._state import SentEvent
     from model.chain import Head
     from model.equivocation import SignedReceipt
     from model.view import CollabView
