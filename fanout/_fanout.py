@@ -294,9 +294,16 @@ class Fanout:
         finally:
             self._release(sub)
 
-    async def _catch_up(self, sub: Subscription) -> None:
-        if sub.follow:
+    def register(self, sub: Subscription) -> None:
+        """Make a following `sub` known to `publish` and `evict` now, before its task runs
+        `stream` (which registers it too, for callers that do not). An ended one stays out."""
+        if sub.follow and not sub.ended:
             self._subs.setdefault(sub.collab_id, set()).add(sub)
+
+    async def _catch_up(self, sub: Subscription) -> None:
+        if _already_ended(sub):
+            return  # ended (evicted, unsubscribed) before its task started
+        self.register(sub)
         while True:
             sub.overflowed = False
             more = True
@@ -446,3 +453,9 @@ class Fanout:
             f"subscriber {how} on {sub.collab_id}: reconnect and resume after the last seq you"
             f" received (at most {sub.next_seq - 1} was queued)",
         )
+
+
+def _already_ended(sub: Subscription) -> bool:
+    """`sub.ended`, read through a call so the type checker does not carry the answer past
+    the awaits after it (another task ends subscriptions)."""
+    return sub.ended

@@ -64,25 +64,29 @@ class Collabs:
     async def member_view(self, conn: Connection, collab_id: str) -> MemberView | None:
         """The sender's membership in `collab_id` (None: not a member, or no such collab).
 
-        Cached per connection until a removal evicts it (`removed`); a lookup that raced an
-        eviction answers but does not write its result back.
+        Cached per connection until a change of this account's membership evicts it
+        (`changed`). The answer is never older than the last eviction: a lookup during which
+        an eviction happened (the connection's membership generation moved while it awaited the
+        database) is thrown away and made again, so a removal that commits while a subscribe,
+        a tool call or a download is being authorized cannot be overtaken by it (issue 14).
         """
         cached = conn.member_of.get(collab_id)
         if cached is not None:
             return cached
+        if not is_id(collab_id, "c"):
+            return None
         account_id = self._sessions.account_of(conn)
-        generation = conn.membership_generation
-        found = (
-            await self._s.db(self._s.ledger.member, collab_id, account_id)
-            if is_id(collab_id, "c")
-            else None
-        )
+        while True:
+            generation = conn.membership_generation
+            found = await self._s.db(self._s.ledger.member, collab_id, account_id)
+            if conn.account_id != account_id:
+                return None  # the session ended meanwhile: nothing to authorize
+            if generation == conn.membership_generation:
+                break
         if found is None:
             return None
         kind, caps = found
-        view = MemberView(MemberKind(kind), caps)
-        if generation == conn.membership_generation and conn.account_id == account_id:
-            conn.member_of[collab_id] = view
+        view = conn.member_of[collab_id] = MemberView(MemberKind(kind), caps)
         return view
 
     def changed(self, collab_id: str, op: Operation, after: Membership) -> None:

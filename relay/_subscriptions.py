@@ -37,6 +37,9 @@ class Subscriptions:
         )
         if (busy := self._s.fanout.admit(sub)) is not None:  # catch-up caps (fanout/_catchup.py)
             raise self._s.overload(busy)
+        # Registered now, with no await since its membership was checked, so a removal that
+        # commits from here on finds it and ends it (the streaming task starts later).
+        self._s.fanout.register(sub)
         conn.subscriptions[req.collab_id] = sub
         conn.reply(wire.Subscribed(rid=req.rid, collab_id=req.collab_id, from_seq=req.from_seq))
         conn.nursery.start_soon(self._stream, conn, sub)
