@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING
 
 import psycopg
 import trio
+import trio_websocket
 
+from clientkit import ConnectionLost, RelayRefused, _collab
+from model import wire
 from tests.fault_harness import (
     RELAY_APP_NAME,
     Author,
@@ -30,11 +33,13 @@ from tests.fault_harness import (
     check_exactly_once,
     fault_stack,
     retry_unacked,
+    team,
     team_with_follower,
     under_load,
     verify_ledger,
     wait_for_follower,
 )
+from tests.relay_harness import session
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -84,6 +89,76 @@ async def test_acked_events_survive_a_postgres_crash_stop_and_the_relay_recovers
             assert refusals == {"overloaded"}  # refused with a typed error, told to retry
             await _check_after_fault(relay.url, pg.database_url(), authors, follower)
             nursery.cancel_scope.cancel()
+
+
+async def test_rotations_under_a_postgres_crash_stop_each_apply_exactly_once(
+    tmp_path: Path,
+) -> None:
+    """The owner rotates the collab key in a loop while Postgres is crash-stopped and
+    restarted, then while the relay is killed with SIGKILL three times (some kills land between
+    a rotation's commit and its ack). A rotation whose outcome was lost is resent as the same
+    signed proof (never made afresh), so every acked rotation applied once and no other did:
+    the epoch equals the acked rotations, and the owner's client verifies the whole history
+    without an alarm."""
+    with trio.fail_after(150):
+        async with fault_stack(tmp_path) as (pg, relay):
+            owner, _ = await team(relay.url, 2)
+            acked = 0
+            progress = trio.Condition()
+            stop = trio.Event()
+
+            async def rotate_until_stopped() -> None:
+                nonlocal acked
+                pending = None
+                while not stop.is_set():
+                    try:
+                        async with session(relay.url, owner) as client:
+                            while not stop.is_set():
+                                await client.manage(
+                                    owner.signing_key,
+                                    owner.box_key,
+                                    owner.collab_id,
+                                    _collab.rotate,
+                                    resend=pending,
+                                )
+                                pending = None
+                                async with progress:
+                                    acked += 1
+                                    progress.notify_all()
+                    except ConnectionLost as exc:
+                        pending = exc.unacked or pending
+                    except (OSError, trio_websocket.HandshakeError):
+                        pass  # the relay is down: try again shortly
+                    except RelayRefused as exc:  # refused: known not stored, made afresh
+                        assert exc.code is wire.ErrorCode.OVERLOADED, exc
+                        pending = None
+                    await trio.sleep(0.1)
+
+            async def rotations(at_least: int) -> None:
+                async with progress:
+                    while acked < at_least:
+                        await progress.wait()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(rotate_until_stopped)
+                await rotations(3)
+                await trio.to_thread.run_sync(pg.stop_immediate)
+                await trio.sleep(2)
+                await trio.to_thread.run_sync(pg.start)
+                with trio.fail_after(60):  # the relay's pool reconnects by itself
+                    await rotations(acked + 3)
+                for _round in range(3):
+                    await trio.sleep(random.uniform(0.0, 0.2))
+                    await relay.kill9()
+                    await relay.start()
+                    with trio.fail_after(60):
+                        await rotations(acked + 2)
+                stop.set()
+            async with session(relay.url, owner) as client:
+                view = await client.read(owner.collab_id, owner.box_key)  # verifies everything
+            assert view.membership is not None
+            assert view.membership.epoch == acked, "a rotation applied twice, or one was lost"
+            await trio.to_thread.run_sync(verify_ledger, pg.database_url())
 
 
 async def test_killing_the_relays_database_connections_mid_commit_loses_no_acked_event(
