@@ -982,6 +982,9 @@ class History:
         self._follow = follow
         self._expect = expect
         self._done = False
+        # The head before an event that raised an alarm: `head` never names an event that did
+        # not pass every check, so a caller saving it cannot save the relay's lie.
+        self._alarmed_at: Head | None = None
         self._subscription = AsyncExitStack()
         self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
         self._refilled_after: int | None = None  # the head a backfill was last asked from
@@ -1014,7 +1017,10 @@ class History:
 
     @property
     def head(self) -> Head:
-        return self.view.head
+        """The last position that passed every check (signature, chain, the saved head this
+        device expects, the receipts it holds): after an alarm, the one before the event that
+        raised it, although the view may have taken that event in already."""
+        return self.view.head if self._alarmed_at is None else self._alarmed_at
 
     def __aiter__(self) -> History:
         return self
@@ -1071,9 +1077,14 @@ class History:
                 case wire.Event() | wire.Withheld() if frame.seq > head.seq + 1:
                     await self._backfill(head.seq + 1, frame.seq - 1)
                 case wire.Event() | wire.Withheld():
-                    entry = self._verify(frame)
-                    self._check_expected()
-                    self._check_receipt(entry)
+                    before = self.view.head
+                    try:
+                        entry = self._verify(frame)
+                        self._check_expected()
+                        self._check_receipt(entry)
+                    except IntegrityAlarm:
+                        self._alarmed_at = before
+                        raise
                     return entry
         raise StopAsyncIteration
 

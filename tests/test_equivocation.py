@@ -77,6 +77,9 @@ async def test_an_acked_event_served_elsewhere_later_is_an_equivocation(relay: R
                 async for _ in events:
                     pass
     assert alarm.value.seq == 2
+    # The head a device would save is the last position that passed every check, never the
+    # event that raised the alarm (cozy tail saves it on the way out).
+    assert events.head.seq == 1
     assert "later served another" in equivocation.check(alarm.value.proof)
     # The honest receipts the client keeps for its own posts pass the same check silently.
     async with session(relay.url, alice) as client:
