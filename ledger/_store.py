@@ -647,17 +647,7 @@ class Ledger(LoginThrottle, Artifacts):
                 " WHERE collab_id = %s AND seq >= %s ORDER BY seq LIMIT %s",
                 (collab_id, from_seq, limit),
             ).fetchall()
-        return [
-            SequencedEvent(
-                collab_id,
-                r[0],
-                SignedEvent(bytes(r[1]), bytes(r[2])),
-                bytes(r[3]),
-                # Only DMs have a narrower audience; their bodies were checked on the way in.
-                audience_of(decode_body(bytes(r[1]))) if r[4] == KIND_DM else (),
-            )
-            for r in rows
-        ]
+        return [_sequenced(collab_id, r) for r in rows]
 
     def read_page(self, collab_id: str, from_seq: int, max_events: int, max_bytes: int) -> Page:
         """Events from ``from_seq`` on, in seq order: at most `max_events` of them, and no more
@@ -687,17 +677,7 @@ class Ledger(LoginThrottle, Artifacts):
                 " ORDER BY seq",
                 {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes},
             ).fetchall()
-        events = [
-            SequencedEvent(
-                collab_id,
-                r[0],
-                SignedEvent(bytes(r[1]), bytes(r[2])),
-                bytes(r[3]),
-                audience_of(decode_body(bytes(r[1]))) if r[4] == KIND_DM else (),
-            )
-            for r in rows
-            if r[1] is not None
-        ]
+        events = [_sequenced(collab_id, r) for r in rows if r[1] is not None]
         return Page(events, more=len(rows) > len(events))
 
     # --- integrity ----------------------------------------------------------------------------
@@ -872,3 +852,16 @@ def _check_row(
     except ModelError as exc:
         return str(exc)
     return None
+
+
+def _sequenced(collab_id: str, row: tuple[Any, ...]) -> SequencedEvent:
+    """An events row read as (seq, body, sig, chain, kind)."""
+    seq, body, sig, chain, kind = row
+    return SequencedEvent(
+        collab_id,
+        seq,
+        SignedEvent(bytes(body), bytes(sig)),
+        bytes(chain),
+        # Only DMs have a narrower audience; their bodies were checked on the way in.
+        audience_of(decode_body(bytes(body))) if kind == KIND_DM else (),
+    )
