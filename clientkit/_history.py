@@ -1,0 +1,287 @@
+"""Verified history: `History`, the iterator that checks every event the relay pushes.
+
+Everything the relay sends is untrusted: each event is verified (author signature, canonical
+body, collab binding, contiguous seq, recomputed chain) and decrypted by this client's own fold
+(model/view.py) before a caller sees it; a gap is asked for again once, then is withholding;
+a saved head this device expects and the receipts it holds are checked on the way. Each failure
+raises its `IntegrityAlarm` subclass.
+"""
+
+from __future__ import annotations
+
+import collections
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from clientkit._connection import ClientCore
+from clientkit.errors import (
+    AccountTakeoverDetected,
+    ConnectionLost,
+    EquivocationDetected,
+    ForkDetected,
+    IntegrityAlarm,
+    ReorderDetected,
+    ReplayDetected,
+    TamperDetected,
+    WithholdingDetected,
+)
+from model import wire
+from model.equivocation import PROOF_KIND, EquivocationProof, Served
+from model.errors import ChainMismatch
+from model.view import (
+    CollabView,
+    Entry,
+    ForeignRekeyProven,
+    ForkProven,
+    ReorderProven,
+    ReplayProven,
+    ViewRejected,
+    WithholdingProven,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Collection, Sequence
+
+    import nacl.public
+
+    from model.chain import Head
+    from model.equivocation import SignedReceipt
+
+
+class HistoryCalls(ClientCore):
+    """Reading a collab's verified history."""
+
+    async def read(
+        self,
+        collab_id: str,
+        box_key: nacl.public.PrivateKey,
+        *,
+        past_box_keys: Sequence[nacl.public.PrivateKey] = (),
+        own_sign_pks: Collection[bytes] = (),
+    ) -> CollabView:
+        """This account's verified view of the collab's whole history up to the relay's head.
+        `past_box_keys` and `own_sign_pks` are as for `CollabView` (an account whose keys were
+        rotated)."""
+        async with self.history(
+            collab_id, box_key, past_box_keys=past_box_keys, own_sign_pks=own_sign_pks
+        ) as events:
+            async for _ in events:
+                pass
+        return events.view
+
+    @asynccontextmanager
+    async def history(
+        self,
+        collab_id: str,
+        box_key: nacl.public.PrivateKey,
+        *,
+        view: CollabView | None = None,
+        keys: dict[int, bytes] | None = None,
+        expect: Head | None = None,
+        receipts: dict[int, SignedReceipt] | None = None,
+        follow: bool = False,
+        past_box_keys: Sequence[nacl.public.PrivateKey] = (),
+        own_sign_pks: Collection[bytes] = (),
+    ) -> AsyncIterator[History]:
+        """Verified entries of a collab, folded by this client (model/view.py).
+
+        Use as ``async with client.history(...) as events: async for entry in events: …``.
+        Reading starts at the genesis, or where `view` (a previous `History.view`) left off.
+        Every event is checked against the chain and the membership this client folded itself;
+        iteration raises an `IntegrityAlarm` subclass and stops on the first that does not
+        verify, and `ConnectionLost` if the relay goes away. `expect` is a head this device
+        verified before: a history that does not pass through it raises `ForkDetected`.
+        `keys` primes a fresh view with epoch keys an earlier `read` opened, so a member added
+        mid-epoch also reads that epoch's events from before the addition. `receipts` are the
+        relay's signed acks for this account's own events: each must come back at its seq
+        (`EquivocationDetected` with a transferable proof otherwise). `past_box_keys` and
+        `own_sign_pks` are as for `CollabView`: a `rekey` of this account to keys outside them
+        raises `AccountTakeoverDetected`.
+        Without `follow` it ends once the history up to the relay's current head is in.
+        """
+        view = view or CollabView(
+            collab_id,
+            self._me(),
+            box_key,
+            keys,
+            past_box_keys=past_box_keys,
+            own_sign_pks=own_sign_pks,
+        )
+        history = History(self, view, follow=follow, expect=expect, receipts=receipts or {})
+        try:
+            await history._subscribe()
+            yield history
+        finally:
+            await history._unsubscribe()
+
+
+class History:
+    """An async iterator of verified `Entry`s; `view` is this client's fold so far."""
+
+    def __init__(
+        self,
+        client: ClientCore,
+        view: CollabView,
+        *,
+        follow: bool,
+        expect: Head | None,
+        receipts: dict[int, SignedReceipt],
+    ) -> None:
+        self._client = client
+        self.view = view
+        self._receipts = receipts
+        self._follow = follow
+        self._expect = expect
+        self._done = False
+        # The head before an event that raised an alarm: `head` never names an event that did
+        # not pass every check, so a caller saving it cannot save the relay's lie.
+        self._alarmed_at: Head | None = None
+        self._subscription = AsyncExitStack()
+        self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
+        self._refilled_after: int | None = None  # the head a backfill was last asked from
+        self._ahead: collections.deque[Entry] = collections.deque()  # verified, not handed out
+
+    async def _subscribe(self) -> None:
+        self._frames = await self._subscription.enter_async_context(
+            self._client.subscribe(self.view.collab_id, self.view.head.seq + 1, follow=self._follow)
+        )
+
+    async def _unsubscribe(self) -> None:
+        await self._subscription.aclose()
+        self._subscription = AsyncExitStack()
+        self._frames = None
+
+    async def _backfill(self, missing_from: int, missing_to: int | None) -> None:
+        """A gap: ask again from the last verified seq, once. A relay that skips the same seqs
+        again is withholding them."""
+        head = self.view.head.seq
+        if self._refilled_after == head:
+            upto = "" if missing_to is None else f"..{missing_to}"
+            raise self._alarm(
+                WithholdingDetected,
+                f"the relay skipped seq {missing_from}{upto} and would not fill it when asked again",
+                missing_from,
+            )
+        self._refilled_after = head
+        await self._unsubscribe()
+        await self._subscribe()
+
+    @property
+    def head(self) -> Head:
+        """The last position that passed every check (signature, chain, the saved head this
+        device expects, the receipts it holds): after an alarm, the one before the event that
+        raised it, although the view may have taken that event in already."""
+        return self.view.head if self._alarmed_at is None else self._alarmed_at
+
+    def __aiter__(self) -> History:
+        return self
+
+    def _alarm(self, kind: type[IntegrityAlarm], message: str, seq: int | None) -> IntegrityAlarm:
+        return kind(message, collab_id=self.view.collab_id, seq=seq)
+
+    async def read_ahead(self, seq: int) -> CollabView:
+        """Verify the stream up to `seq` now (or until it ends) and return the view there.
+
+        The entries read are kept and handed out next, in order, so nothing is skipped: this is
+        for code that must act on the collab as it is now while it is still handling an earlier
+        entry — a post bounced as `stale` because the key rotated after that entry
+        (`Client.seal_and_append`). Raises what iterating would raise.
+        """
+        while self.view.head.seq < seq:
+            try:
+                self._ahead.append(await self._next_entry())
+            except StopAsyncIteration:
+                break
+        return self.view
+
+    async def __anext__(self) -> Entry:
+        if self._ahead:
+            return self._ahead.popleft()
+        return await self._next_entry()
+
+    async def _next_entry(self) -> Entry:
+        while not self._done:
+            assert self._frames is not None
+            try:
+                frame = await self._frames.receive()
+            except trio.EndOfChannel:
+                raise self._client._closed or ConnectionLost() from None
+            head = self.view.head
+            match frame:
+                case wire.CaughtUp():
+                    if frame.seq > head.seq:  # claims to have sent more than arrived
+                        await self._backfill(head.seq + 1, frame.seq)
+                        continue
+                    if self._expect is not None and self._expect.seq > head.seq:
+                        raise self._alarm(
+                            ForkDetected,
+                            f"this device verified seq {self._expect.seq} before, but the relay's"
+                            f" history ends at {head.seq}: it was rolled back",
+                            head.seq,
+                        )
+                    self._done = not self._follow
+                case wire.SubscriptionEnded():
+                    if self.view.membership is not None and not self.view.is_member:
+                        self._done = True  # removed: the relay ends the stream, as it should
+                        continue
+                    raise ConnectionLost(None, frame.reason)
+                case wire.Event() | wire.Withheld() if frame.seq > head.seq + 1:
+                    await self._backfill(head.seq + 1, frame.seq - 1)
+                case wire.Event() | wire.Withheld():
+                    before = self.view.head
+                    try:
+                        entry = self._verify(frame)
+                        self._check_expected()
+                        self._check_receipt(entry)
+                    except IntegrityAlarm:
+                        self._alarmed_at = before
+                        raise
+                    return entry
+        raise StopAsyncIteration
+
+    def _verify(self, frame: wire.Event | wire.Withheld) -> Entry:
+        if frame.collab_id != self.view.collab_id:
+            raise self._alarm(TamperDetected, "event belongs to another collab", frame.seq)
+        try:
+            if isinstance(frame, wire.Withheld):
+                return self.view.ingest_withheld(frame.seq, frame.event_id, frame.chain)
+            return self.view.ingest(frame.seq, frame.event, frame.chain)
+        except (ViewRejected, ChainMismatch) as exc:
+            raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
+
+    def _check_receipt(self, entry: Entry) -> None:
+        promised = self._receipts.get(entry.seq)
+        if promised is None or (promised.event_id, promised.chain) == (entry.event_id, entry.chain):
+            return
+        raise EquivocationDetected(
+            "the relay acked one of this account's events at this seq, and now serves another",
+            collab_id=self.view.collab_id,
+            seq=entry.seq,
+            proof=EquivocationProof(
+                PROOF_KIND,
+                self._client.relay_pk,
+                promised,
+                served=Served(entry.seq, entry.event_id, entry.chain),
+            ),
+        )
+
+    def _check_expected(self) -> None:
+        expect, head = self._expect, self.view.head
+        if expect is not None and head.seq == expect.seq and head.chain != expect.chain:
+            raise self._alarm(
+                ForkDetected,
+                f"the history at seq {head.seq} differs from the one this device verified before",
+                head.seq,
+            )
+
+
+# What each proof the fold raises means to a person (the rest is tampering).
+_ALARMS: dict[type[Exception], type[IntegrityAlarm]] = {
+    ForeignRekeyProven: AccountTakeoverDetected,
+    ReplayProven: ReplayDetected,
+    ReorderProven: ReorderDetected,
+    WithholdingProven: WithholdingDetected,
+    ForkProven: ForkDetected,
+}
