@@ -1,15 +1,15 @@
 """The append-only Postgres event ledger (blocking API; call it from worker threads)."""
 
+from ledger._accounts import AccountRow as AccountRow
+from ledger._accounts import AgentRow as AgentRow
+from ledger._accounts import KeystoreRow as KeystoreRow
 from ledger._artifacts import ArtifactRow as ArtifactRow
 from ledger._artifacts import SweepReport as SweepReport
-from ledger._store import AccountRow as AccountRow
-from ledger._store import AgentRow as AgentRow
-from ledger._store import AppendRequest as AppendRequest
-from ledger._store import KeystoreRow as KeystoreRow
+from ledger._events import AppendRequest as AppendRequest
+from ledger._events import Page as Page
+from ledger._events import StoredAt as StoredAt
+from ledger._integrity import LedgerReport as LedgerReport
 from ledger._store import Ledger as Ledger
-from ledger._store import LedgerReport as LedgerReport
-from ledger._store import Page as Page
-from ledger._store import StoredAt as StoredAt
 from ledger._store import migrate as migrate
 from ledger._throttle import LockoutRow as LockoutRow
 from ledger._throttle import LoginPolicy as LoginPolicy

@@ -1,6 +1,6 @@
 """What every ledger module shares: translating driver errors into `ledger.errors`.
 
-Its own module so that the `Ledger` class and the mixins it inherits (`ledger._throttle`) can
+Its own module so that the `Ledger` class and the mixins it inherits (`ledger._accounts`, …) can
 all use it without importing each other.
 """
 
