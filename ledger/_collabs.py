@@ -14,7 +14,7 @@ import psycopg
 import psycopg.errors
 
 from ledger._db import _translated
-from ledger._events import _copy_events
+from ledger._events import _copy_events, _event_row
 from ledger._projection import _collab_ids_in, _fold_membership, _write_projection
 from ledger.errors import AlreadyExists
 from model import chain as chainmod
@@ -44,12 +44,7 @@ class Collabs:
                 )
             except psycopg.errors.UniqueViolation as exc:
                 raise AlreadyExists("that collab exists already") from exc
-            b = genesis.body
-            _copy_events(
-                conn,
-                [(collab_id, 1, genesis.event_id, b.actor_id, b.kind, b.ts, genesis.signed.body,
-                  genesis.signed.sig, chain)],
-            )  # fmt: skip
+            _copy_events(conn, [_event_row(collab_id, 1, genesis, chain)])
             _write_projection(conn, membership)
         return chainmod.Head(1, chain)
 

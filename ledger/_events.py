@@ -164,11 +164,10 @@ class Events:
             new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
             results.append((new_head, assignments))
             rows.extend(
-                (req.collab_id, a.seq, a.event_id, e.body.actor_id, e.body.kind, e.body.ts,
-                 e.signed.body, e.signed.sig, a.chain)
+                _event_row(req.collab_id, a.seq, e, a.chain)
                 for a, e in zip(assignments, req.events, strict=True)
                 if not a.duplicate
-            )  # fmt: skip
+            )
         if rows:
             try:
                 _copy_events(conn, rows)
@@ -300,6 +299,13 @@ def _positions_of(
             "SELECT event_id, seq, chain FROM events WHERE event_id = ANY(%s)", (event_ids,)
         )
     }
+
+
+def _event_row(collab_id: str, seq: int, ev: VerifiedEvent, chain: bytes) -> tuple[object, ...]:
+    """The `events` row of `ev` stored at `seq`, in `_copy_events`'s column order."""
+    b = ev.body
+    return (collab_id, seq, ev.event_id, b.actor_id, b.kind, b.ts, ev.signed.body, ev.signed.sig,
+            chain)  # fmt: skip
 
 
 def _copy_events(
