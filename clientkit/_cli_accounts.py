@@ -55,6 +55,22 @@ def _show_recovery_code(code: str) -> None:
     )
 
 
+async def _seal_new(
+    content: keystore.KeystoreContent, passphrase: str, recovery_code: str
+) -> tuple[keystore.SealedKeystore, bytes]:
+    """`keystore.seal_new` in a worker thread (Argon2id): `content` under a fresh keystore key,
+    wrapped by the passphrase and by the recovery code. Returns the sealed keystore and its key."""
+    return await trio.to_thread.run_sync(
+        partial(
+            keystore.seal_new,
+            content,
+            passphrase,
+            kdf_profile(),
+            recovery_key=recovery.recovery_key(recovery.parse_code(recovery_code)),
+        )
+    )
+
+
 async def cmd_signup(args: argparse.Namespace) -> None:
     home = Home.from_env()
     if home.has_keystore():
@@ -66,15 +82,7 @@ async def cmd_signup(args: argparse.Namespace) -> None:
     content = keystore.KeystoreContent(sign_seed=bytes(sign), box_sk=bytes(box))
     code = recovery.new_recovery_code()
     print("sealing your keystore (Argon2id)…", file=sys.stderr)
-    sealed, _ = await trio.to_thread.run_sync(
-        partial(
-            keystore.seal_new,
-            content,
-            passphrase,
-            kdf_profile(),
-            recovery_key=recovery.recovery_key(recovery.parse_code(code)),
-        )
-    )
+    sealed, _ = await _seal_new(content, passphrase, code)
     async with connect(args.relay) as client:
         account_id = await client.signup(
             args.handle,

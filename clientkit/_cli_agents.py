@@ -13,6 +13,7 @@ import nacl.signing
 from clientkit import _collab
 from clientkit._agent import AgentCredentials, save_credentials
 from clientkit._cli_changes import _manage
+from clientkit._cli_collabs import _check_caps
 from clientkit._cli_session import (
     CliError,
     _connected,
@@ -25,7 +26,7 @@ from clientkit._cli_session import (
 from clientkit._client import connect
 from clientkit._home import Home
 from model.ids import is_id, new_id
-from model.membership import CAP_POST, CAP_READ, Member, MemberKind, Role, valid_cap
+from model.membership import CAP_POST, CAP_READ, Member, MemberKind, Role
 
 if TYPE_CHECKING:
     import argparse
@@ -38,9 +39,7 @@ async def cmd_agent_create(args: argparse.Namespace) -> None:
     proof signed by this human), and write its 0600 credential file."""
     me = await _unlock(Home.from_env())
     caps = tuple(args.cap or (CAP_READ, CAP_POST))
-    bad = [c for c in caps if not valid_cap(c)]
-    if bad:
-        raise CliError(f"unknown capabilities {bad}: use read, post or tool:NAME")
+    _check_caps(MemberKind.AGENT, caps)
     out = _free_path(args.out or f"{args.name}.cozy-agent")  # checked before anything is created
     sign = nacl.signing.SigningKey.generate()
     box = nacl.public.PrivateKey.generate()

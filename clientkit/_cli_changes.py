@@ -109,29 +109,28 @@ async def _manage(
     """`Client.manage`; if the connection is lost before the ack, the same signed proof is sent
     again on a new connection (a change is never made twice: a stored one comes back as a
     duplicate)."""
+
+    async def manage_on(
+        c: Client, resend: SignedEvent | None = None
+    ) -> tuple[wire.Appended, CollabView]:
+        return await c.manage(
+            me.signing_key,
+            me.box_key,
+            collab_id,
+            change,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+            resend=resend,
+        )
+
     try:
         try:
-            return await client.manage(
-                me.signing_key,
-                me.box_key,
-                collab_id,
-                change,
-                past_box_keys=me.past_box_keys,
-                own_sign_pks=me.own_sign_pks,
-            )
+            return await manage_on(client)
         except ConnectionLost as exc:
             if exc.unacked is None:
                 raise
             async with _after_lost_ack(me) as again:
-                return await again.manage(
-                    me.signing_key,
-                    me.box_key,
-                    collab_id,
-                    change,
-                    past_box_keys=me.past_box_keys,
-                    own_sign_pks=me.own_sign_pks,
-                    resend=exc.unacked,
-                )
+                return await manage_on(again, resend=exc.unacked)
     except RelayRefused as exc:
         if exc.code in (wire.ErrorCode.UNAUTHORIZED, wire.ErrorCode.INVALID_EVENT):
             raise CliError(f"the change was refused: {exc.message}") from None

@@ -4,16 +4,14 @@
 from __future__ import annotations
 
 import sys
-from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
 import nacl.public
 import nacl.signing
-import trio
 
 from clientkit import _collab
-from clientkit._cli_accounts import _show_recovery_code
+from clientkit._cli_accounts import _seal_new, _show_recovery_code
 from clientkit._cli_session import (
     CliError,
     Unlocked,
@@ -25,7 +23,7 @@ from clientkit._cli_session import (
 )
 from clientkit._client import Client, connect
 from clientkit._collab import fingerprint
-from clientkit._home import Home, kdf_profile
+from clientkit._home import Home
 from clientkit.errors import RelayRefused
 from model import keystore, recovery
 
@@ -60,15 +58,7 @@ async def cmd_rotate_keys(args: argparse.Namespace) -> None:
             rotating_from=old_seed,
         )
         print("[1/4] sealing new keys with your passphrase (Argon2id)…", file=sys.stderr)
-        sealed, key = await trio.to_thread.run_sync(
-            partial(
-                keystore.seal_new,
-                content,
-                passphrase,
-                kdf_profile(),
-                recovery_key=recovery.recovery_key(recovery.parse_code(code)),
-            )
-        )
+        sealed, key = await _seal_new(content, passphrase, code)
         # Shown before anything is stored: a run interrupted later keeps this code valid (the
         # keystore it opens is the one saved next); one interrupted before the save never
         # used it, and the next run prints another.
