@@ -22,8 +22,10 @@ from model.membership import (
 
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
 
-    from model.membership import Operation
+    from model import wire
+    from model.membership import Member, Operation
     from model.view import CollabView
 
 
@@ -62,23 +64,35 @@ def _check_caps(kind: MemberKind, caps: tuple[str, ...]) -> None:
         )
 
 
+async def _change_member(
+    collab_id: str, handle: str, change_for: Callable[[Member], Callable[[CollabView], Operation]]
+) -> tuple[wire.Appended, CollabView]:
+    """A signed change about one member, named by handle: their keys and kind as this device's
+    fold pinned them go to `change_for`, whose change is sent with `_manage`."""
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, collab_id)
+        target = await _member(client, view, handle)
+        return await _manage(client, me, collab_id, change_for(target))
+
+
 async def cmd_collab_grant(args: argparse.Namespace) -> None:
     """Grant (or with --revoke take back) capabilities of a member: tool:NAME for anyone, read
     and post for agents. A signed `caps` change (owners; managers for plain members)."""
-    me = await _unlock(Home.from_env())
     caps = tuple(args.caps)
-    async with _connected(me) as client:
-        view = await _read(client, me, args.collab)
-        target = await _member(client, view, args.handle)
+    grant, revoke = ((), caps) if args.revoke else (caps, ())
+    made: list[Operation] = []
+
+    def change_for(target: Member) -> Callable[[CollabView], Operation]:
         _check_caps(target.kind, caps)
-        grant, revoke = ((), caps) if args.revoke else (caps, ())
-        made: list[Operation] = []
 
         def change(v: CollabView) -> Operation:
             made.append(_collab.set_caps(v, target.account_id, grant=grant, revoke=revoke))
             return made[-1]
 
-        ack, _ = await _manage(client, me, args.collab, change)
+        return change
+
+    ack, _ = await _change_member(args.collab, args.handle, change_for)
     after = made[-1]
     assert isinstance(after, SetCaps)
     print(
@@ -88,13 +102,9 @@ async def cmd_collab_grant(args: argparse.Namespace) -> None:
 
 
 async def cmd_collab_remove(args: argparse.Namespace) -> None:
-    me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        view = await _read(client, me, args.collab)
-        target = await _member(client, view, args.handle)
-        ack, view = await _manage(
-            client, me, args.collab, lambda v: _collab.remove(v, target.account_id)
-        )
+    ack, view = await _change_member(
+        args.collab, args.handle, lambda target: lambda v: _collab.remove(v, target.account_id)
+    )
     assert view.membership is not None
     # A duplicate (resent after a lost ack) was answered against a view that holds it already.
     done = 0 if ack.duplicate else 1
@@ -106,14 +116,12 @@ async def cmd_collab_remove(args: argparse.Namespace) -> None:
 
 
 async def cmd_collab_role(args: argparse.Namespace) -> None:
-    me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        view = await _read(client, me, args.collab)
-        target = await _member(client, view, args.handle)
-        role = Role(args.role)
-        ack, _ = await _manage(
-            client, me, args.collab, lambda _v: _collab.change_role(target.account_id, role)
-        )
+    role = Role(args.role)
+    ack, _ = await _change_member(
+        args.collab,
+        args.handle,
+        lambda target: lambda _v: _collab.change_role(target.account_id, role),
+    )
     print(f"{args.handle} is now {args.role} (seq {ack.seq})")
 
 
