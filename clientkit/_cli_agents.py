@@ -1,0 +1,137 @@
+"""`cozy agent create|revoke` and `cozy account agents`: bots' accounts and credential files."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import nacl.public
+import nacl.signing
+
+from clientkit import _collab
+from clientkit._agent import AgentCredentials, save_credentials
+from clientkit._cli_changes import _manage
+from clientkit._cli_collabs import _check_caps
+from clientkit._cli_session import (
+    CliError,
+    _connected,
+    _password_for,
+    _pin,
+    _read,
+    _session,
+    _unlock,
+)
+from clientkit._client import connect
+from clientkit._home import Home
+from model.ids import is_id, new_id
+from model.membership import CAP_POST, CAP_READ, Member, MemberKind, Role
+
+if TYPE_CHECKING:
+    import argparse
+
+    from model import wire
+
+
+async def cmd_agent_create(args: argparse.Namespace) -> None:
+    """Create a bot's account with fresh keys, add it to the collab with its capabilities (a
+    proof signed by this human), and write its 0600 credential file."""
+    me = await _unlock(Home.from_env())
+    caps = tuple(args.cap or (CAP_READ, CAP_POST))
+    _check_caps(MemberKind.AGENT, caps)
+    out = _free_path(args.out or f"{args.name}.cozy-agent")  # checked before anything is created
+    sign = nacl.signing.SigningKey.generate()
+    box = nacl.public.PrivateKey.generate()
+    account_id = new_id("a")
+    async with _connected(me) as client:
+        created = await client.create_agent(
+            account_id, args.name, bytes(sign.verify_key), bytes(box.public_key)
+        )
+        new = Member(
+            account_id, Role.MEMBER, MemberKind.AGENT, bytes(sign.verify_key),
+            bytes(box.public_key), caps,
+        )  # fmt: skip
+        ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
+    save_credentials(
+        out,
+        AgentCredentials(
+            relay_url=me.profile.relay_url,
+            relay_pk=me.profile.relay_pk,
+            account_id=account_id,
+            handle=args.name,
+            collab_id=args.collab,
+            sign_seed=bytes(sign),
+            box_sk=bytes(box),
+            token=created.token,
+            expires_at=created.expires_at,
+        ),
+    )
+    print(
+        f"agent {args.name} added to {args.collab} at seq {ack.seq} with {', '.join(caps)};"
+        f" its credentials are in {out} (mode 0600): give that file to the bot and nobody else"
+    )
+
+
+def _free_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        raise CliError(f"{path} exists; choose another --out or move it away first")
+    return path
+
+
+def _find_agent(agents: list[wire.AgentInfo], name_or_id: str) -> wire.AgentInfo:
+    for agent in agents:
+        if name_or_id in (agent.handle, agent.account_id):
+            return agent
+    raise CliError(
+        f"no agent you created is called {name_or_id!r}: `cozy account agents` lists yours"
+    )
+
+
+async def cmd_agent_revoke(args: argparse.Namespace) -> None:
+    """Kill the agent's tokens at once (a request signed by this account's key), then remove
+    it from each collab given with --collab (rotating its key)."""
+    name, collabs = args.agent, list(args.collab or ())
+    if args.legacy is not None:  # the older form: cozy agent revoke COLLAB NAME
+        if not is_id(args.agent, "c"):
+            raise CliError("usage: cozy agent revoke NAME|ID [--collab COLLAB]")
+        name, collabs = args.legacy, [args.agent, *collabs]
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        agent = _find_agent(await client.list_agents(), name)
+        done = ["already revoked" if agent.revoked else "every token revoked"]
+        if not agent.revoked:
+            await client.revoke_agent(agent.account_id)
+        for collab_id in collabs:
+            view = await _read(client, me, collab_id)
+            if view.membership is not None and agent.account_id in view.membership.members:
+                ack, _ = await _manage(
+                    client, me, collab_id, lambda v: _collab.remove(v, agent.account_id)
+                )
+                done.append(f"removed from {collab_id} at seq {ack.seq}, key rotated")
+            else:
+                done.append(f"not a member of {collab_id}")
+    print(f"agent {agent.handle} ({agent.account_id}): {'; '.join(done)}")
+    if not collabs:
+        print(
+            "its collabs can still show it as a member: remove it from each with"
+            " `cozy collab remove COLLAB NAME` (which also rotates the key)",
+            file=sys.stderr,
+        )
+
+
+async def cmd_account_agents(_args: argparse.Namespace) -> None:
+    """The agents this account created (needs only a session: metadata)."""
+    home = Home.from_env()
+    profile = home.load_profile()
+    password = _password_for(profile)
+    async with connect(profile.relay_url, pinned_relay_pk=_pin(profile)) as client:
+        await _session(client, home, profile, password)
+        agents = await client.list_agents()
+    if not agents:
+        print("you have created no agents (`cozy agent create COLLAB NAME` makes one)")
+    for agent in agents:
+        created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(agent.created_at))
+        status = "revoked" if agent.revoked else "active"
+        print(f"{agent.handle}\t{agent.account_id}\t{created} UTC\t{status}")

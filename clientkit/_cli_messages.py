@@ -1,0 +1,320 @@
+"""Posting and reading: `cozy post`, `dm`, `attach`, `fetch`, `tail`, `verify`, and
+`cozy evidence check` with the proof export an equivocation alarm leaves behind."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from clientkit._cli_changes import _after_lost_ack, _post, _sealer
+from clientkit._cli_session import CliError, _connected, _member, _read, _unlock
+from clientkit._collab import describe
+from clientkit._home import Home
+from clientkit.errors import ConnectionLost, EquivocationDetected, ForkDetected, TamperDetected
+from model import artifacts, dm, equivocation
+from model import content as contentmod
+from model._crypto import CryptoError, random_bytes
+from model.membership import AddMember
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator
+
+    from model.envelope import SignedEvent
+    from model.view import CollabView, Entry
+
+
+async def cmd_post(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        sent = await _post(
+            client, me, args.collab, _sealer(me, args.collab, contentmod.Message(text=args.text))
+        )
+    print(f"posted as seq {sent.seq}{' (already posted)' if sent.earlier else ''}")
+
+
+async def cmd_dm(args: argparse.Namespace) -> None:
+    """A direct message, sealed to the recipient's key as this device's fold pinned it."""
+    me = await _unlock(Home.from_env())
+    async with _connected(me) as client:
+        view = await _read(client, me, args.collab)
+        to = await _member(client, view, args.handle)
+
+        def seal(view: CollabView) -> SignedEvent:
+            assert view.membership is not None
+            return dm.seal_dm(
+                signing_key=me.signing_key,
+                sender_box_key=me.box_key,
+                recipient_box_pk=to.box_pk,
+                collab_id=args.collab,
+                sender_id=view.account_id,
+                recipient_id=to.account_id,
+                ts=_now_ms(),
+                epoch=view.membership.epoch,
+                content=contentmod.encode_content(contentmod.Message(text=args.text)),
+            )
+
+        # A DM carries no author-stream evidence (docs/ordering.md): it is not kept in the
+        # stream; a lost ack is answered by resending it on a new connection, as `_post` does.
+        view = await _read(client, me, args.collab)
+        try:
+            ack, _ = await client.seal_and_append(args.collab, me.box_key, seal, view=view)
+        except ConnectionLost as exc:
+            if exc.unacked is None:
+                raise
+            async with _after_lost_ack(me) as again:
+                view = await _read(again, me, args.collab)
+                ack, _ = await again.seal_and_append(
+                    args.collab, me.box_key, seal, view=view, resend=exc.unacked
+                )
+    print(f"sent a direct message to {args.handle} as seq {ack.seq}")
+
+
+async def cmd_attach(args: argparse.Namespace) -> None:
+    """Seal a file under a fresh file key, upload it piece by piece, and post a reference
+    (with the file key, under the collab key) so exactly the collab's readers can open it."""
+    me = await _unlock(Home.from_env())
+    name, size = _file_facts(args.file)
+    file_key = random_bytes(32)
+    async with _connected(me) as client:
+        stored = await client.upload_artifact(
+            args.collab, artifacts.seal_stream(file_key, args.collab, _read_pieces(args.file))
+        )
+        attachment = contentmod.Attachment(name=name, size=size, ref=stored.ref, key=file_key)
+        await _post(client, me, args.collab, _sealer(me, args.collab, attachment, (stored.ref,)))
+    print(stored.ref)
+
+
+async def cmd_fetch(args: argparse.Namespace) -> None:
+    """Download an artifact to a spool file, then check it against its ref and decrypt it into
+    OUT piece by piece; only a complete, verified file replaces OUT. Memory stays bounded.
+
+    The file key comes from the attachment event, read through this device's verified view."""
+    me = await _unlock(Home.from_env())
+    out = Path(args.out)
+    spool = out.with_name(f".{out.name}.download")
+    async with _connected(me) as client:
+        key = None
+        keys = (await _read(client, me, args.collab)).known_keys()
+        async with client.history(
+            args.collab,
+            me.box_key,
+            keys=keys,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        ) as events:
+            async for entry in events:
+                if (
+                    isinstance(entry.content, contentmod.Attachment)
+                    and entry.content.ref == args.ref
+                ):
+                    key = entry.content.key
+        if key is None:
+            raise CliError(f"no attachment you can read in {args.collab} has the ref {args.ref}")
+        with _Spool(spool) as writer:
+            async with client.download_artifact(args.collab, args.ref) as pieces:
+                async for piece in pieces:
+                    writer.add(piece)
+    try:
+        written = _open_spool(spool, out, key, args.collab, args.ref)
+    finally:
+        spool.unlink(missing_ok=True)
+    print(f"{out}: {written} bytes, verified against {args.ref}")
+
+
+# Small blocking file helpers: a CLI process does nothing else while they run.
+
+
+def _file_facts(file: str) -> tuple[str, int]:
+    path = Path(file)
+    if not path.is_file():
+        raise CliError(f"{path} is not a readable file")
+    return path.name, path.stat().st_size
+
+
+def _read_pieces(file: str) -> Iterator[bytes]:
+    with Path(file).open("rb") as f:
+        while piece := f.read(artifacts.CHUNK_BYTES):
+            yield piece
+
+
+class _Spool:
+    """Length-prefixed sealed pieces on disk, so a download is never held in memory whole."""
+
+    def __init__(self, path: Path) -> None:
+        self._f = path.open("wb")
+
+    def __enter__(self) -> _Spool:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._f.close()
+
+    def add(self, piece: bytes) -> None:
+        self._f.write(len(piece).to_bytes(4, "big") + piece)
+
+
+def _spooled(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while head := f.read(4):
+            yield f.read(int.from_bytes(head, "big"))
+
+
+def _open_spool(spool: Path, out: Path, key: bytes, collab_id: str, ref: str) -> int:
+    partial_out = out.with_name(f".{out.name}.partial")
+    written = 0
+    try:
+        with partial_out.open("wb") as f:
+            for plain in artifacts.open_stream(
+                key, collab_id, artifacts.check_ref(ref, _spooled(spool))
+            ):
+                f.write(plain)
+                written += len(plain)
+        partial_out.replace(out)
+    except CryptoError:
+        partial_out.unlink(missing_ok=True)
+        raise TamperDetected(
+            "the download does not verify against its ref or the collab key; nothing was written",
+            collab_id=collab_id,
+            seq=None,
+        ) from None
+    return written
+
+
+async def cmd_tail(args: argparse.Namespace) -> None:
+    me = await _unlock(Home.from_env())
+    # Verification always starts at the genesis (the membership fold needs every change), so
+    # `--from` only filters what is printed. The head saved last time must be on the path.
+    state = me.home.state
+    saved = state.head(args.collab)
+    async with _connected(me) as client:
+        names: dict[str, str] = {}
+        # Two passes: the first opens every epoch key this account was given (one arrives with
+        # the addition, after that epoch's earlier events), the second prints with all of them.
+        keys = (await _read(client, me, args.collab)).known_keys()
+        async with client.history(
+            args.collab,
+            me.box_key,
+            keys=keys,
+            expect=saved,
+            receipts=state.receipts(args.collab),
+            follow=args.follow,
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        ) as events:
+            try:
+                async for entry in events:
+                    if entry.seq % 100 == 0:
+                        state.save_head(args.collab, events.head)
+                    if entry.seq < args.from_seq:
+                        continue
+                    for account_id in (entry.author_id, entry.dm_to, *_mentioned(entry)):
+                        if account_id and account_id not in names:
+                            names[account_id] = (await client.account(account_id)).handle
+                    author = names.get(entry.author_id, "-")
+                    print(f"{entry.seq}\t{author}\t{describe(entry, names)}", flush=True)
+            finally:
+                # Only verified positions are saved, so a relay cannot roll this device back.
+                state.save_head(args.collab, events.head)
+
+
+async def cmd_verify(args: argparse.Namespace) -> None:
+    """Re-verify a collab's whole history from seq 1 and print the head to compare with other
+    members out of band; with --against, compare with the head another member read out."""
+    me = await _unlock(Home.from_env())
+    against = _parse_head(args.against) if args.against else None
+    state = me.home.state
+    async with _connected(me) as client:
+        keys = (await _read(client, me, args.collab)).known_keys()
+        count = 0
+        async with client.history(
+            args.collab,
+            me.box_key,
+            keys=keys,
+            expect=state.head(args.collab),
+            receipts=state.receipts(args.collab),
+            past_box_keys=me.past_box_keys,
+            own_sign_pks=me.own_sign_pks,
+        ) as events:
+            async for _ in events:
+                count += 1
+                if count % 500 == 0:
+                    print(f"\r  verified {count} events…", end="", file=sys.stderr, flush=True)
+        view = events.view
+    print(f"\r  verified {count} events", file=sys.stderr)
+    state.save_head(args.collab, view.head)
+    print(f"head {_short_head(view.head.seq, view.head.chain)}")
+    if against is None:
+        return
+    seq, prefix = against
+    mine = view.chain_at(seq)
+    if mine is None:
+        raise ForkDetected(
+            f"the other member read seq {seq}, but the relay has shown this device only up to"
+            f" {view.head.seq}: it is withholding events from one of you",
+            collab_id=args.collab,
+            seq=seq,
+        )
+    if not mine.hex().startswith(prefix):
+        raise ForkDetected(
+            f"at seq {seq} this device verified {_short_head(seq, mine)} but the other member"
+            f" read {seq}:{prefix}: the relay showed you different histories",
+            collab_id=args.collab,
+            seq=seq,
+        )
+    print(f"matches the other member's head at seq {seq}")
+
+
+def _short_head(seq: int, chain: bytes) -> str:
+    return f"{seq}:{chain.hex()[:16]}"
+
+
+def _parse_head(text: str) -> tuple[int, str]:
+    seq, _, prefix = text.partition(":")
+    if not seq.isdigit() or len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
+        raise CliError("--against takes a head as `cozy verify` prints it: SEQ:HEX (8+ hex digits)")
+    return int(seq), prefix
+
+
+def _mentioned(entry: Entry) -> list[str]:
+    if entry.proof is None:
+        return []
+    op = entry.proof.op
+    if isinstance(op, AddMember):
+        return [op.member.account_id]
+    return [getattr(op, "account_id", "")]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _export_proof(alarm: EquivocationDetected) -> None:
+    """Keep the relay's self-contradiction where the user can hand it on."""
+    home = Home.from_env()
+    path = home.path / "evidence" / f"equivocation-{alarm.collab_id}-{alarm.seq}.json"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.write_bytes(equivocation.encode(alarm.proof))
+    except OSError as exc:
+        print(f"(could not save the proof: {exc.strerror})", file=sys.stderr)
+        return
+    print(
+        f"the relay's signed contradiction is saved in {path}; anyone can check it with"
+        f" `cozy evidence check {path}`",
+        file=sys.stderr,
+    )
+
+
+async def cmd_evidence_check(args: argparse.Namespace) -> None:
+    print(_check_proof_file(args.file))
+
+
+def _check_proof_file(file: str) -> str:
+    try:
+        proof = equivocation.decode(Path(file).read_bytes())
+        return f"valid proof: {equivocation.check(proof)} (relay key {proof.relay_pk.hex()[:16]}…)"
+    except (OSError, equivocation.NotAProof) as exc:
+        raise CliError(f"{file}: {exc}") from None
