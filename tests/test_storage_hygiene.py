@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -25,10 +26,12 @@ from relay import _throttle
 from tests.relay_harness import relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from clientkit import Client
     from relay._server import Relay
+    from tests.relay_harness import User
 
 
 def _counts(database_url: str) -> tuple[int, int]:
@@ -90,16 +93,22 @@ def _sealed(collab_key: bytes, collab_id: str, size: int) -> list[bytes]:
     return list(artifacts.seal_stream(collab_key, collab_id, [random_bytes(size)]))
 
 
+@asynccontextmanager
+async def _relay_and_user(
+    database_url: str, tmp_path: Path, **limits: int
+) -> AsyncIterator[tuple[Relay, User]]:
+    """A relay with `limits` replacing its configuration's defaults, and one signed-up user."""
+    config = dataclasses.replace(relay_config(database_url, tmp_path / "relay"), **limits)
+    async with running_relay(config) as relay:
+        yield relay, await sign_up(relay.url)
+
+
 @pytest.mark.objective("SO-6")
 async def test_a_refused_upload_leaves_no_piece_whatever_the_refusal(
     database_url: str, tmp_path: Path
 ) -> None:
     limit = 3 * artifacts.CHUNK_BYTES
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), max_artifact_bytes=limit
-    )
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path, max_artifact_bytes=limit) as (relay, alice):
         sealed = _sealed(alice.collab_key, alice.collab_id, 4 * artifacts.CHUNK_BYTES)
         assert len(sealed) >= 5
         within = sealed[:3]  # the header and two chunks: under the size limit
@@ -230,11 +239,7 @@ async def test_an_upload_past_the_quota_is_refused_and_nothing_of_it_is_kept(
     database_url: str, tmp_path: Path
 ) -> None:
     quota = 5 * artifacts.CHUNK_BYTES
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), storage_quota_bytes=quota
-    )
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path, storage_quota_bytes=quota) as (relay, alice):
         first = _sealed(alice.collab_key, alice.collab_id, 3 * artifacts.CHUNK_BYTES)
         second = _sealed(alice.collab_key, alice.collab_id, 3 * artifacts.CHUNK_BYTES)
         with trio.fail_after(60):
@@ -317,9 +322,7 @@ async def test_a_relay_sweeps_what_a_crashed_relay_left_at_start_up(
 async def test_an_upload_swept_while_idle_is_refused_on_its_next_piece(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = relay_config(database_url, tmp_path / "relay")
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path) as (relay, alice):
         sealed = _sealed(alice.collab_key, alice.collab_id, 2 * artifacts.CHUNK_BYTES)
         upload = _upload_id()
         with trio.fail_after(60):
