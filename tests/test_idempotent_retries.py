@@ -22,10 +22,10 @@ from clientkit import ConnectionLost, RelayRefused, _collab
 from model import content as contentmod
 from model import wire
 from model.chain import next_head
-from model.envelope import KIND_MANAGEMENT, decode_body, event_id, seal_event
+from model.envelope import KIND_MANAGEMENT, decode_body, event_id
 from model.membership import PROOF_VERSION, MemberKind, Proof, Role, management_event
 from tests.cli_harness import cli_signup, client_env, cozy
-from tests.relay_harness import session, sign_up
+from tests.relay_harness import seal_in_view, session, sign_up
 from tests.test_rotate_keys import NewKeys, rotate_directory
 
 if TYPE_CHECKING:
@@ -46,20 +46,7 @@ pytestmark = pytest.mark.objective("SO-4")
 
 
 def _sealer(author: User, text: str) -> Callable[[CollabView], SignedEvent]:
-    def seal(view: CollabView) -> SignedEvent:
-        epoch, key = view.current_key()
-        return seal_event(
-            signing_key=author.signing_key,
-            collab_key=key,
-            collab_id=view.collab_id,
-            actor_id=author.account_id,
-            kind=contentmod.KIND_MESSAGE,
-            ts=TS,
-            content=contentmod.encode_content(contentmod.Message(text)),
-            epoch=epoch,
-        )
-
-    return seal
+    return lambda view: seal_in_view(author, view, text, ts=TS)
 
 
 async def _stored_ids(ledger: Ledger, collab_id: str) -> list[bytes]:

@@ -27,10 +27,10 @@ from clientkit._transport import FrameReader, open_websocket
 from clientkit.bot import Bot, Context
 from model import content as contentmod
 from model import wire
-from model.envelope import decode_body, event_id, seal_event
+from model.envelope import decode_body, event_id
 from model.ids import new_id
 from model.membership import Member, MemberKind, Role
-from tests.relay_harness import User, post, session, sign_up
+from tests.relay_harness import User, post, seal_in_view, session, sign_up
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -129,23 +129,7 @@ async def test_a_revoked_agents_connections_close_with_code_4003(relay: Relay) -
 
 
 def _sealer(user: User, text: str) -> Callable[[CollabView], SignedEvent]:
-    def seal(view: CollabView) -> SignedEvent:
-        epoch, key = view.current_key()
-        now = int(time.time() * 1000)
-        return seal_event(
-            signing_key=user.signing_key,
-            collab_key=key,
-            collab_id=view.collab_id,
-            actor_id=user.account_id,
-            kind="msg",
-            ts=now,
-            content=contentmod.encode_content(
-                contentmod.Message(text), view.evidence("test-device", now)
-            ),
-            epoch=epoch,
-        )
-
-    return seal
+    return lambda view: seal_in_view(user, view, text, ts=int(time.time() * 1000), evidence=True)
 
 
 async def _readable(client: Client, user: User, cid: str) -> dict[int, str | None]:
