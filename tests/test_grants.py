@@ -190,6 +190,8 @@ async def test_an_agent_whose_read_is_revoked_stops_being_served(relay: Relay) -
                         if isinstance(frame, wire.SubscriptionEnded):
                             assert "read capability" in frame.reason
                             break
+                    else:
+                        raise AssertionError("the feed stopped without a SubscriptionEnded")
             with pytest.raises(RelayRefused) as again:
                 async with b.subscribe(alice.collab_id, follow=False) as frames:
                     async for _ in frames:
