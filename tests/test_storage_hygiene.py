@@ -177,7 +177,7 @@ async def test_a_reused_upload_id_is_refused_without_touching_the_upload_that_ow
             stolen = await _send_pieces(other, mallory.collab_id, upload, [b"mine"])
             assert isinstance(stolen, RelayRefused)
             assert "in use" in stolen.message
-            with pytest.raises(RelayRefused):
+            with pytest.raises(RelayRefused) as continued:
                 await other.request(
                     other.signed(
                         lambda rid: wire.PutArtifactChunk(
@@ -186,6 +186,7 @@ async def test_a_reused_upload_id_is_refused_without_touching_the_upload_that_ow
                     ),
                     wire.ArtifactChunkStored,
                 )
+            assert "start again" in continued.value.message, continued.value.message
             assert _counts(database_url) == (2, 1)  # Alice's upload is intact
             hasher = RefHasher()
             for piece in sealed:
@@ -351,7 +352,15 @@ async def test_an_upload_ends_with_the_session_that_started_it(
             assert _counts(database_url) == (2, 1)
             # The same connection now speaks for Bob: Alice's upload ends, and is deleted.
             await client.authenticate(bob.token)
+            client.use_key(bob.signing_key)  # Bob's own signature, not a bad one
             await _until_empty(database_url)
-            with pytest.raises(RelayRefused):
+            with pytest.raises(RelayRefused) as by_bob:
                 await _send_pieces_from(client, alice.collab_id, upload, sealed, 2, "b2:x")
+            assert by_bob.value.code is not wire.ErrorCode.BAD_SIGNATURE, by_bob.value.message
+            # Back as Alice, on the same connection: the upload is gone, not resumed.
+            await client.authenticate(alice.token)
+            client.use_key(alice.signing_key)
+            with pytest.raises(RelayRefused) as resumed:
+                await _send_pieces_from(client, alice.collab_id, upload, sealed, 2, "b2:x")
+            assert "start again" in resumed.value.message, resumed.value.message
             assert _counts(database_url) == (0, 0)
