@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
     from pathlib import Path
 
+    from model.view import CollabView
     from relay._server import Relay
 
 PASSWORD = "correct horse battery staple"
@@ -162,6 +163,31 @@ class User:
             ts=ts,
             content=contentmod.encode_content(contentmod.Message(text=text), evidence),
         )
+
+
+def seal_in_view(
+    author: User,
+    view: CollabView,
+    text: str,
+    *,
+    ts: int = 1_700_000_000_000,
+    evidence: bool = False,
+) -> SignedEvent:
+    """`text` sealed by `author` (with `author.signing_key`) under the current epoch of
+    `view`, as the kit's post would, without sending it; with `evidence`, carrying the view's
+    evidence as `post` does."""
+    epoch, key = view.current_key()
+    proof = view.evidence("test-device", ts) if evidence else None
+    return seal_event(
+        signing_key=author.signing_key,
+        collab_key=key,
+        collab_id=view.collab_id,
+        actor_id=author.account_id,
+        kind=contentmod.KIND_MESSAGE,
+        ts=ts,
+        content=contentmod.encode_content(contentmod.Message(text), proof),
+        epoch=epoch,
+    )
 
 
 async def sign_up(url: str, handle: str | None = None) -> User:

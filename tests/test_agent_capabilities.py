@@ -97,8 +97,10 @@ async def test_an_agent_without_read_gets_no_events_and_no_artifacts(relay: Rela
                         await _download(bot, alice.collab_id, stored.ref)
                 assert refused.value.code is wire.ErrorCode.UNAUTHORIZED, attempt
                 assert "'read'" in refused.value.message, attempt
-            with pytest.raises(RelayRefused):
+            with pytest.raises(RelayRefused) as kit_refused:
                 await bot.read(alice.collab_id, blind.box_key)  # the kit's own reader too
+            assert kit_refused.value.code is wire.ErrorCode.UNAUTHORIZED
+            assert "'read'" in kit_refused.value.message
             await bot.request(wire.Ping, wire.Pong)  # refused, not disconnected
         # The same requests succeed for an agent that holds `read`: the refusal is the rule.
         async with connect(relay.url) as bot:

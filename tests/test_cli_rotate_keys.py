@@ -135,7 +135,7 @@ async def test_rotate_keys_replaces_the_keys_everywhere_and_an_old_keystore_copy
             await thief.append(posted)
         assert refused.value.code is wire.ErrorCode.BAD_SIGNATURE
     # Every epoch key drawn since the first rekey is wrapped to keys the thief does not hold.
-    rekeys = 0
+    rekeys = wraps_checked = 0
     for e in ledger.read_range(collab, 1, 1000):
         body = decode_body(e.event.body)
         if body.kind != KIND_MANAGEMENT:
@@ -146,5 +146,7 @@ async def test_rotate_keys_replaces_the_keys_everywhere_and_an_old_keystore_copy
         if rekeys and account_id in getattr(op, "wraps", {}):
             with pytest.raises(CryptoError):
                 open_wrap(op.wraps, account_id, old_box)  # type: ignore[union-attr]
+            wraps_checked += 1
     assert rekeys == 2
+    assert wraps_checked, "no epoch key drawn after the first rekey was wrapped for the account"
     assert msgspec.structs.asdict(now)["retired"]  # the old box key is kept to read the past

@@ -139,6 +139,8 @@ async def test_an_exception_in_one_sequencer_stage_stays_in_its_collab(
             assert acks[1].seq == acks[0].seq + 1
             if stage == "ack":  # committed before the ack failed: the retry finds them stored
                 assert all(x.duplicate for x in acks)
+            else:  # the fault came before the commit: nothing was stored, the retry stores
+                assert not any(x.duplicate for x in acks)
             await a.append(alice.event("later"), retry_for=0)
             await _bystander_works(b, bob, bob_frames, "later")
     stats = relay.statistics()

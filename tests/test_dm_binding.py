@@ -12,7 +12,6 @@ recipient.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -25,11 +24,11 @@ from model import wire
 from model.dm import seal_dm
 from model.envelope import decode_body, sign_body
 from model.ids import new_id
-from model.membership import Member, MemberKind, Role
 from tests.collab_sim import Sim
 from tests.evil_relay import EvilRelay
 from tests.helpers import TS0, Person
 from tests.relay_harness import session, sign_up
+from tests.test_membership_relay import add
 
 if TYPE_CHECKING:
     from ledger import Ledger
@@ -153,9 +152,7 @@ async def test_the_sequencer_refuses_a_dm_without_exactly_one_member_recipient(
     cid = alice.collab_id
     async with session(relay.url, alice) as a:
         for user in (bob, carol, dave):
-            info = await a.lookup(user.handle)
-            new = Member(info.account_id, Role.MEMBER, MemberKind.HUMAN, info.sign_pk, info.box_pk)
-            await a.manage(alice.signing_key, alice.box_key, cid, partial(_collab.add, member=new))
+            await add(a, alice, user)
         await a.manage(
             alice.signing_key, alice.box_key, cid, lambda v: _collab.remove(v, dave.account_id)
         )

@@ -39,6 +39,7 @@ from model.ids import new_id
 from model.membership import Member, MemberKind, Role
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, relay_in_thread, session, sign_up
+from tests.test_membership_relay import add
 
 if TYPE_CHECKING:
     from clientkit._state import SentEvent
@@ -179,11 +180,7 @@ async def test_a_bot_killed_between_its_stored_reply_and_its_cursor_leaves_an_ho
 ) -> None:
     alice, bob = await sign_up(relay.url, "alice"), await sign_up(relay.url, "bob")
     async with session(relay.url, alice) as a:
-        info = await a.lookup(bob.handle)
-        new = Member(info.account_id, Role.MEMBER, MemberKind.HUMAN, info.sign_pk, info.box_pk)
-        await a.manage(
-            alice.signing_key, alice.box_key, alice.collab_id, lambda v: _collab.add(v, new)
-        )
+        await add(a, alice, bob)
     cid = alice.collab_id
     creds = await _bot_for(relay.url, relay.relay_pk, alice, tmp_path)
     store = tmp_path / "bot-store"

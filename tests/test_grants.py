@@ -20,6 +20,7 @@ from relay.broker import tools_from_config
 from tests.broker_harness import CANARY, bao, broker_relay, elsewhere, upstream, upstream_server
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import grant, make_agent, session, sign_up
+from tests.test_membership_relay import add
 
 __all__ = ["bao", "broker_relay", "elsewhere", "upstream", "upstream_server"]  # fixtures
 
@@ -140,11 +141,7 @@ async def test_people_need_a_grant_per_tool_and_a_revocation_holds_at_once(
 ) -> None:
     alice, bob, carol = [await sign_up(broker_relay.url, h) for h in ("alice", "bob", "carol")]
     async with session(broker_relay.url, alice) as a, session(broker_relay.url, bob) as b:
-        info = await a.lookup("bob")
-        member = _collab.member_for(info, Role.MEMBER, MemberKind.HUMAN)
-        await a.manage(
-            alice.signing_key, alice.box_key, alice.collab_id, lambda v: _collab.add(v, member)
-        )
+        await add(a, alice, bob)
         with pytest.raises(RelayRefused) as before:
             await b.call_tool(alice.collab_id, "raw", {"q": "x"})
         assert before.value.code is wire.ErrorCode.UNAUTHORIZED
@@ -190,6 +187,8 @@ async def test_an_agent_whose_read_is_revoked_stops_being_served(relay: Relay) -
                         if isinstance(frame, wire.SubscriptionEnded):
                             assert "read capability" in frame.reason
                             break
+                    else:
+                        raise AssertionError("the feed stopped without a SubscriptionEnded")
             with pytest.raises(RelayRefused) as again:
                 async with b.subscribe(alice.collab_id, follow=False) as frames:
                     async for _ in frames:

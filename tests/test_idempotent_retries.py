@@ -22,17 +22,17 @@ from clientkit import ConnectionLost, RelayRefused, _collab
 from model import content as contentmod
 from model import wire
 from model.chain import next_head
-from model.envelope import KIND_MANAGEMENT, decode_body, event_id, seal_event
+from model.envelope import KIND_MANAGEMENT, decode_body, event_id
 from model.membership import PROOF_VERSION, MemberKind, Proof, Role, management_event
 from tests.cli_harness import cli_signup, client_env, cozy
-from tests.relay_harness import session, sign_up
+from tests.relay_harness import seal_in_view, session, sign_up
+from tests.test_membership_relay import add
 from tests.test_rotate_keys import NewKeys, rotate_directory
 
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
 
-    from clientkit import Client
     from ledger import Ledger
     from model.envelope import SignedEvent
     from model.membership import Operation
@@ -46,34 +46,13 @@ pytestmark = pytest.mark.objective("SO-4")
 
 
 def _sealer(author: User, text: str) -> Callable[[CollabView], SignedEvent]:
-    def seal(view: CollabView) -> SignedEvent:
-        epoch, key = view.current_key()
-        return seal_event(
-            signing_key=author.signing_key,
-            collab_key=key,
-            collab_id=view.collab_id,
-            actor_id=author.account_id,
-            kind=contentmod.KIND_MESSAGE,
-            ts=TS,
-            content=contentmod.encode_content(contentmod.Message(text)),
-            epoch=epoch,
-        )
-
-    return seal
+    return lambda view: seal_in_view(author, view, text, ts=TS)
 
 
 async def _stored_ids(ledger: Ledger, collab_id: str) -> list[bytes]:
     events = await trio.to_thread.run_sync(ledger.read_range, collab_id, 1, 10_000)
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
     return [event_id(e.event) for e in events]
-
-
-async def _add(client: Client, owner: User, user: User) -> None:
-    info = await client.lookup(user.handle)
-    new = _collab.member_for(info, Role.MEMBER, MemberKind.HUMAN)
-    await client.manage(
-        owner.signing_key, owner.box_key, owner.collab_id, lambda v: _collab.add(v, new)
-    )
 
 
 async def test_a_stored_rotation_resent_gets_duplicate_with_its_seq(
@@ -123,7 +102,7 @@ async def test_a_removed_members_retry_of_its_stored_event_gets_duplicate(
     alice, bob, mallory = [await sign_up(relay.url, h) for h in ("alice", "bob", "mallory")]
     cid = alice.collab_id
     async with session(relay.url, alice) as a:
-        await _add(a, alice, bob)
+        await add(a, alice, bob)
     async with session(relay.url, bob) as b:
         view = await b.read(cid, bob.box_key)
         posted = _sealer(bob, "bob's last word")(view)

@@ -11,6 +11,7 @@ MODERATE, or to derive with the absurd parameters a malicious relay could plant.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -29,7 +30,10 @@ from relay.config import load_config
 from tests.relay_harness import PASSWORD, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
+
+    from relay._server import Relay
 
 PASSPHRASE = "violet tractor minus seventeen oysters"
 MiB = 1024 * 1024
@@ -54,6 +58,22 @@ def _test_profile_keystore(sign: nacl.signing.SigningKey, box: nacl.public.Priva
     return keystore.encode_sealed(sealed)
 
 
+@asynccontextmanager
+async def _strict_relay(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[Relay, Ledger]]:
+    """A relay whose configuration does not allow the test KDF profile, and the ledger it
+    stores into (to see what it kept)."""
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"), allow_test_kdf=False
+    )
+    store = Ledger(database_url)
+    store.open()
+    try:
+        async with running_relay(config) as relay:
+            yield relay, store
+    finally:
+        store.close()
+
+
 WEAK = {
     "test-profile-8MiB-1-pass": (1, 8 * MiB),
     "moderate-passes-little-memory": (3, 64 * MiB),
@@ -67,73 +87,65 @@ WEAK = {
 async def test_the_relay_refuses_to_store_a_keystore_sealed_below_moderate(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), allow_test_kdf=False
-    )
-    store = Ledger(database_url)
-    store.open()
-    try:
-        async with running_relay(config) as relay:
-            with trio.fail_after(60):
-                async with connect(relay.url) as client:
-                    # At sign-up: a real test-profile keystore, and hand-made weak headers.
-                    for n, (name, (ops, mem)) in enumerate(WEAK.items()):
-                        sign = nacl.signing.SigningKey.generate()
-                        box = nacl.public.PrivateKey.generate()
-                        blob = (
-                            _test_profile_keystore(sign, box)
-                            if name.startswith("test-profile")
-                            else _header_only(ops, mem)
-                        )
-                        with pytest.raises(RelayRefused) as refused:
-                            await client.signup(
-                                f"weak-{n}", PASSWORD, sign, bytes(box.public_key),
-                                sealed_keystore=blob,
-                            )  # fmt: skip
-                        assert refused.value.code is wire.ErrorCode.WEAK_KEYSTORE, name
-                        assert "seal it again" in refused.value.message, refused.value.message
-                        assert store.account_by_handle(f"weak-{n}") is None  # nothing stored
-                    garbage = b"\x81\xa1v\x01"
-                    with pytest.raises(RelayRefused) as not_one:
-                        await client.signup(
-                            "garbage", PASSWORD, sign, bytes(box.public_key),
-                            sealed_keystore=garbage,
-                        )  # fmt: skip
-                    assert not_one.value.code is wire.ErrorCode.WEAK_KEYSTORE
-
-                    # MODERATE is stored.
+    async with _strict_relay(database_url, tmp_path) as (relay, store):
+        with trio.fail_after(60):
+            async with connect(relay.url) as client:
+                # At sign-up: a real test-profile keystore, and hand-made weak headers.
+                for n, (name, (ops, mem)) in enumerate(WEAK.items()):
                     sign = nacl.signing.SigningKey.generate()
                     box = nacl.public.PrivateKey.generate()
-                    moderate = _header_only(3, 256 * MiB)
-                    account_id = await client.signup(
-                        "strong", PASSWORD, sign, bytes(box.public_key), sealed_keystore=moderate
+                    blob = (
+                        _test_profile_keystore(sign, box)
+                        if name.startswith("test-profile")
+                        else _header_only(ops, mem)
                     )
-                    stored = store.keystore(account_id)
-                    assert stored is not None
-                    assert stored.blob == moderate
+                    with pytest.raises(RelayRefused) as refused:
+                        await client.signup(
+                            f"weak-{n}", PASSWORD, sign, bytes(box.public_key),
+                            sealed_keystore=blob,
+                        )  # fmt: skip
+                    assert refused.value.code is wire.ErrorCode.WEAK_KEYSTORE, name
+                    assert "seal it again" in refused.value.message, refused.value.message
+                    assert store.account_by_handle(f"weak-{n}") is None  # nothing stored
+                garbage = b"\x81\xa1v\x01"
+                with pytest.raises(RelayRefused) as not_one:
+                    await client.signup(
+                        "garbage", PASSWORD, sign, bytes(box.public_key),
+                        sealed_keystore=garbage,
+                    )  # fmt: skip
+                assert not_one.value.code is wire.ErrorCode.WEAK_KEYSTORE
 
-                    # put_keystore: a weaker replacement is refused, the stored one stays.
-                    await client.login("strong", PASSWORD)
-                    for ops, mem in WEAK.values():
-                        blob = _header_only(ops, mem)
-                        with pytest.raises(RelayRefused) as replaced:
-                            await client.store_keystore(sign, 2, blob)
-                        assert replaced.value.code is wire.ErrorCode.WEAK_KEYSTORE
-                    again = store.keystore(account_id)
-                    assert again is not None
-                    assert (again.version, again.blob) == (1, moderate)
-                    # Deleting (an empty, signed blob) is not a weak keystore.
-                    await client.request(
-                        lambda rid: wire.PutKeystore(
-                            rid=rid,
-                            version=2,
-                            blob=b"",
-                            sig=sign_keystore_write(sign, account_id, 2, b""),
-                        ),
-                        wire.KeystoreStored,
-                    )
-    finally:
-        store.close()
+                # MODERATE is stored.
+                sign = nacl.signing.SigningKey.generate()
+                box = nacl.public.PrivateKey.generate()
+                moderate = _header_only(3, 256 * MiB)
+                account_id = await client.signup(
+                    "strong", PASSWORD, sign, bytes(box.public_key), sealed_keystore=moderate
+                )
+                stored = store.keystore(account_id)
+                assert stored is not None
+                assert stored.blob == moderate
+
+                # put_keystore: a weaker replacement is refused, the stored one stays.
+                await client.login("strong", PASSWORD)
+                for ops, mem in WEAK.values():
+                    blob = _header_only(ops, mem)
+                    with pytest.raises(RelayRefused) as replaced:
+                        await client.store_keystore(sign, 2, blob)
+                    assert replaced.value.code is wire.ErrorCode.WEAK_KEYSTORE
+                again = store.keystore(account_id)
+                assert again is not None
+                assert (again.version, again.blob) == (1, moderate)
+                # Deleting (an empty, signed blob) is not a weak keystore.
+                await client.request(
+                    lambda rid: wire.PutKeystore(
+                        rid=rid,
+                        version=2,
+                        blob=b"",
+                        sig=sign_keystore_write(sign, account_id, 2, b""),
+                    ),
+                    wire.KeystoreStored,
+                )
 
 
 @pytest.mark.objective("SO-2")
@@ -223,31 +235,23 @@ def test_sealing_below_moderate_is_refused_outside_the_test_profile(
 async def test_a_key_rotation_cannot_store_a_keystore_below_the_floor(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), allow_test_kdf=False
-    )
-    store = Ledger(database_url)
-    store.open()
-    try:
-        async with running_relay(config) as relay:
-            user = await sign_up(relay.url)
-            new_sign = nacl.signing.SigningKey.generate()
-            new_box = nacl.public.PrivateKey.generate()
-            with trio.fail_after(60):
-                async with session(relay.url, user) as client:
-                    with pytest.raises(RelayRefused) as refused:
-                        await client.rotate_account_keys(
-                            user.signing_key,
-                            bytes(user.box_key.public_key),
-                            new_sign,
-                            bytes(new_box.public_key),
-                            1,
-                            _test_profile_keystore(new_sign, new_box),
-                        )
-                    assert refused.value.code is wire.ErrorCode.WEAK_KEYSTORE
-            row = store.account_by_id(user.account_id)
-            assert row is not None
-            assert row.sign_pk == bytes(user.signing_key.verify_key)  # nothing changed
-            assert store.keystore(user.account_id) is None
-    finally:
-        store.close()
+    async with _strict_relay(database_url, tmp_path) as (relay, store):
+        user = await sign_up(relay.url)
+        new_sign = nacl.signing.SigningKey.generate()
+        new_box = nacl.public.PrivateKey.generate()
+        with trio.fail_after(60):
+            async with session(relay.url, user) as client:
+                with pytest.raises(RelayRefused) as refused:
+                    await client.rotate_account_keys(
+                        user.signing_key,
+                        bytes(user.box_key.public_key),
+                        new_sign,
+                        bytes(new_box.public_key),
+                        1,
+                        _test_profile_keystore(new_sign, new_box),
+                    )
+                assert refused.value.code is wire.ErrorCode.WEAK_KEYSTORE
+        row = store.account_by_id(user.account_id)
+        assert row is not None
+        assert row.sign_pk == bytes(user.signing_key.verify_key)  # nothing changed
+        assert store.keystore(user.account_id) is None

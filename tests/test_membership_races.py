@@ -71,7 +71,8 @@ async def test_a_removal_that_commits_during_a_subscribes_lookup_leaves_no_live_
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(subscribe_as_bob)
-                await trio.to_thread.run_sync(looked_up.wait, 20)
+                staged = await trio.to_thread.run_sync(looked_up.wait, 20)
+                assert staged, "Bob's membership lookup never reached the ledger: no race was run"
                 await owner.manage(
                     alice.signing_key,
                     alice.box_key,

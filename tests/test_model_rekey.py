@@ -281,10 +281,20 @@ def test_nobody_rekeys_someone_else_and_agents_cannot_rekey(who: str) -> None:
             forged = outsider.event(sim, msgspec.structs.replace(rot.op(sim)), key=outsider.old_key)
         case _:
             raise AssertionError(who)
-    with pytest.raises((ProofRejected, BadSignature)):
+    # Each forgery is refused for its own reason (a union of refusals would also pass a
+    # forgery that broke for an unrelated one, say a malformed change).
+    refused, reason = {
+        "owner-signs-as-bob": (BadSignature, "does not verify for the claimed author"),
+        "owner-repins-bob": (ProofRejected, "rekey_old_key"),
+        "agent": (ProofRejected, "agent_signer"),
+        "stranger": (ProofRejected, "not_a_member"),
+    }[who]
+    with pytest.raises((ProofRejected, BadSignature)) as at_the_relay:
         sim.submit(forged)
+    assert isinstance(at_the_relay.value, refused), repr(at_the_relay.value)
+    assert reason in str(at_the_relay.value)
     sim.force(forged)
-    with pytest.raises(ViewRejected):
+    with pytest.raises(ViewRejected, match=reason):
         sim.read(sim.view(alice))
 
 

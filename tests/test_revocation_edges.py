@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import time
-from functools import partial
 from typing import TYPE_CHECKING
 
 import nacl.public
@@ -27,10 +26,11 @@ from clientkit._transport import FrameReader, open_websocket
 from clientkit.bot import Bot, Context
 from model import content as contentmod
 from model import wire
-from model.envelope import decode_body, event_id, seal_event
+from model.envelope import decode_body, event_id
 from model.ids import new_id
 from model.membership import Member, MemberKind, Role
-from tests.relay_harness import User, post, session, sign_up
+from tests.relay_harness import User, post, seal_in_view, session, sign_up
+from tests.test_membership_relay import team, texts
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,18 +60,6 @@ async def _agent(
         owner.signing_key, owner.box_key, owner.collab_id, lambda v: _collab.add(v, member)
     )
     return agent_id, created, sign, box
-
-
-async def _team(relay: Relay) -> tuple[User, User, User]:
-    alice, bob, carol = [await sign_up(relay.url, h) for h in ("alice", "bob", "carol")]
-    async with session(relay.url, alice) as a:
-        for user in (bob, carol):
-            info = await a.lookup(user.handle)
-            new = Member(info.account_id, Role.MEMBER, MemberKind.HUMAN, info.sign_pk, info.box_pk)
-            await a.manage(
-                alice.signing_key, alice.box_key, alice.collab_id, partial(_collab.add, member=new)
-            )
-    return alice, bob, carol
 
 
 async def _close_code(ws: object, frames: FrameReader) -> int | None:
@@ -129,39 +117,14 @@ async def test_a_revoked_agents_connections_close_with_code_4003(relay: Relay) -
 
 
 def _sealer(user: User, text: str) -> Callable[[CollabView], SignedEvent]:
-    def seal(view: CollabView) -> SignedEvent:
-        epoch, key = view.current_key()
-        now = int(time.time() * 1000)
-        return seal_event(
-            signing_key=user.signing_key,
-            collab_key=key,
-            collab_id=view.collab_id,
-            actor_id=user.account_id,
-            kind="msg",
-            ts=now,
-            content=contentmod.encode_content(
-                contentmod.Message(text), view.evidence("test-device", now)
-            ),
-            epoch=epoch,
-        )
-
-    return seal
-
-
-async def _readable(client: Client, user: User, cid: str) -> dict[int, str | None]:
-    out: dict[int, str | None] = {}
-    async with client.history(cid, user.box_key) as events:
-        async for e in events:
-            if e.proof is None:
-                out[e.seq] = e.content.text if isinstance(e.content, contentmod.Message) else None
-    return out
+    return lambda view: seal_in_view(user, view, text, ts=int(time.time() * 1000), evidence=True)
 
 
 @pytest.mark.objective("SO-7")
 async def test_a_post_sealed_before_a_removal_is_bounced_and_resealed_under_the_new_key(
     relay: Relay, ledger: Ledger
 ) -> None:
-    alice, bob, carol = await _team(relay)
+    alice, bob, carol = await team(relay)
     cid = alice.collab_id
     async with (
         session(relay.url, alice) as a,
@@ -185,7 +148,7 @@ async def test_a_post_sealed_before_a_removal_is_bounced_and_resealed_under_the_
         ack, used = await b.seal_and_append(cid, bob.box_key, seal, view=bob_view)
         assert used.membership is not None
         assert used.membership.epoch == 1
-        assert (await _readable(a, alice, cid))[ack.seq] == "sealed while carol was still here"
+        assert (await texts(a, alice, cid))[ack.seq] == "sealed while carol was still here"
     stored = await trio.to_thread.run_sync(ledger.read_range, cid, removal.seq + 1, 100)
     assert [e.seq for e in stored] == [ack.seq]
     assert decode_body(stored[0].event.body).epoch == 1
@@ -202,7 +165,7 @@ async def test_a_post_sealed_before_a_removal_is_bounced_and_resealed_under_the_
 async def test_a_bot_reply_sealed_before_a_removal_is_resealed_not_lost(
     relay: Relay, ledger: Ledger, tmp_path: Path
 ) -> None:
-    alice, _bob, carol = await _team(relay)
+    alice, _bob, carol = await team(relay)
     cid = alice.collab_id
     async with session(relay.url, alice) as a:
         agent_id, created, sign, box = await _agent(a, alice, "read", "post")

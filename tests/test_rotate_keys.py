@@ -21,18 +21,17 @@ from clientkit import RelayRefused, TamperDetected, _collab, connect
 from model import content as contentmod
 from model import keystore, wire
 from model.chain import next_head
-from model.envelope import event_id, seal_event
+from model.envelope import event_id
 from model.keystore import KdfProfile, KeystoreContent
 from model.membership import Proof, RekeyMember, management_event
 from model.proofs import KeyPair, sign_collab_rekey
 from tests.evil_relay import EvilRelay
-from tests.relay_harness import User, post, session, sign_up
+from tests.relay_harness import User, post, seal_in_view, session, sign_up
 from tests.test_membership_relay import add, texts
 
 if TYPE_CHECKING:
     from clientkit import Client
     from ledger import Ledger
-    from model.view import CollabView
     from relay._server import Relay
 
 TS = 1_700_000_000_000
@@ -79,20 +78,6 @@ async def repin(client: Client, user: User, new: NewKeys, cid: str) -> wire.Appe
     return ack
 
 
-def old_key_post(user: User, view: CollabView, text: str) -> object:
-    epoch, key = view.current_key()
-    return seal_event(
-        signing_key=user.signing_key,
-        collab_key=key,
-        collab_id=view.collab_id,
-        actor_id=user.account_id,
-        kind=contentmod.KIND_MESSAGE,
-        ts=TS,
-        content=contentmod.encode_content(contentmod.Message(text)),
-        epoch=epoch,
-    )
-
-
 async def post_rotated(client: Client, user: User, new: NewKeys, cid: str, text: str) -> int:
     """Post with the new keys, reading the history with the old box key kept (as the CLI does)."""
     view = await client.read(cid, new.box, past_box_keys=[user.box_key])
@@ -127,7 +112,7 @@ async def test_after_rotate_keys_the_relay_and_every_members_client_refuse_the_o
         view = await b.read(cid, bob.box_key)
         new_bob = dataclasses.replace(bob, signing_key=new.sign)
         with pytest.raises(RelayRefused) as refused:
-            await b.append(old_key_post(new_bob, view, "too early"))  # type: ignore[arg-type]
+            await b.append(seal_in_view(new_bob, view, "too early", ts=TS))
         assert refused.value.code is wire.ErrorCode.UNAUTHORIZED
         assert "rotate-keys" in refused.value.message
         ack = await repin(b, bob, new, cid)
@@ -135,7 +120,7 @@ async def test_after_rotate_keys_the_relay_and_every_members_client_refuse_the_o
         # re-bound it to the new keys, so every old-key signature is refused on it too.
         view = await thief.read(cid, new.box, past_box_keys=[bob.box_key])
         for forged in (
-            old_key_post(bob, view, "signed with the old key"),  # content
+            seal_in_view(bob, view, "signed with the old key", ts=TS),  # content
             _collab.proposal(view, bob.signing_key, _collab.rotate(view), TS),  # a change
         ):
             with pytest.raises(RelayRefused) as refused:
@@ -172,7 +157,7 @@ async def test_after_rotate_keys_the_relay_and_every_members_client_refuse_the_o
     events = [(e.seq, e.event, e.chain) for e in stored]
     async with session(relay.url, alice) as a:
         alice_view = await a.read(cid, alice.box_key)
-    forged = old_key_post(bob, alice_view, "the thief speaks as bob")
+    forged = seal_in_view(bob, alice_view, "the thief speaks as bob", ts=TS)
     events.append((events[-1][0] + 1, forged, next_head(events[-1][2], event_id(forged))))  # type: ignore[arg-type]
     evil = EvilRelay(cid, events)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:

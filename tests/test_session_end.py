@@ -16,11 +16,12 @@ import nacl.signing
 import pytest
 import trio
 
-from clientkit import _collab, connect
+from clientkit import RelayRefused, _collab, connect
 from model import wire
 from model.ids import new_id
 from model.membership import Member, MemberKind, Role
 from tests.relay_harness import PASSWORD, post, relay_config, running_relay, session, sign_up
+from tests.test_membership_relay import add
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -131,3 +132,28 @@ async def test_revoking_an_agent_ends_its_subscriptions_even_on_a_connection_it_
                 seq = await post(creator, owner, owner.collab_id, "after the revocation")
             after = await frames_until_quiet(frames)
     assert seq not in events_of(after), "a revoked agent's subscription kept streaming"
+
+
+@pytest.mark.objective("SO-5")
+async def test_no_other_connection_can_unsubscribe_someone_elses_live_feed(relay: Relay) -> None:
+    """`Unsubscribe` names only a collab, so it must end the subscriptions of the connection
+    that sends it and no other. A stranger, a fellow member and the owner's own second
+    connection each try to end the owner's live feed; it keeps being fed."""
+    alice, bob, mallory = [await sign_up(relay.url) for _ in range(3)]
+    async with session(relay.url, alice) as a:
+        await add(a, alice, bob)
+    cid = alice.collab_id
+    async with session(relay.url, alice) as reader, reader.subscribe(cid) as frames:
+        await caught_up(frames)
+        for attacker in (mallory, bob, alice):
+            async with session(relay.url, attacker) as other:
+                with pytest.raises(RelayRefused) as refused:
+                    await other.request(
+                        lambda rid: wire.Unsubscribe(rid=rid, collab_id=cid), wire.Unsubscribed
+                    )
+                assert refused.value.code is wire.ErrorCode.NOT_FOUND, attacker.handle
+        async with session(relay.url, alice) as writer:
+            seq = await post(writer, alice, cid, "still live")
+        after = await frames_until_quiet(frames)
+    assert seq in events_of(after), "another connection's unsubscribe ended the live feed"
+    assert not any(isinstance(f, wire.SubscriptionEnded) for f in after)

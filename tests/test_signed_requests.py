@@ -301,6 +301,8 @@ async def test_cli_lists_and_revokes_agents_changes_the_password_and_ends_every_
                 async for frame in frames:
                     if isinstance(frame, wire.SubscriptionEnded):
                         break
+                else:
+                    raise AssertionError("the feed stopped without a SubscriptionEnded")
             lost = await refused(device.list_agents())
             assert lost.code is wire.ErrorCode.UNAUTHENTICATED
         async with connect(relay.url) as again:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -25,10 +26,12 @@ from relay import _throttle
 from tests.relay_harness import relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
     from pathlib import Path
 
     from clientkit import Client
     from relay._server import Relay
+    from tests.relay_harness import User
 
 
 def _counts(database_url: str) -> tuple[int, int]:
@@ -90,16 +93,22 @@ def _sealed(collab_key: bytes, collab_id: str, size: int) -> list[bytes]:
     return list(artifacts.seal_stream(collab_key, collab_id, [random_bytes(size)]))
 
 
+@asynccontextmanager
+async def _relay_and_user(
+    database_url: str, tmp_path: Path, **limits: int
+) -> AsyncIterator[tuple[Relay, User]]:
+    """A relay with `limits` replacing its configuration's defaults, and one signed-up user."""
+    config = dataclasses.replace(relay_config(database_url, tmp_path / "relay"), **limits)
+    async with running_relay(config) as relay:
+        yield relay, await sign_up(relay.url)
+
+
 @pytest.mark.objective("SO-6")
 async def test_a_refused_upload_leaves_no_piece_whatever_the_refusal(
     database_url: str, tmp_path: Path
 ) -> None:
     limit = 3 * artifacts.CHUNK_BYTES
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), max_artifact_bytes=limit
-    )
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path, max_artifact_bytes=limit) as (relay, alice):
         sealed = _sealed(alice.collab_key, alice.collab_id, 4 * artifacts.CHUNK_BYTES)
         assert len(sealed) >= 5
         within = sealed[:3]  # the header and two chunks: under the size limit
@@ -168,7 +177,7 @@ async def test_a_reused_upload_id_is_refused_without_touching_the_upload_that_ow
             stolen = await _send_pieces(other, mallory.collab_id, upload, [b"mine"])
             assert isinstance(stolen, RelayRefused)
             assert "in use" in stolen.message
-            with pytest.raises(RelayRefused):
+            with pytest.raises(RelayRefused) as continued:
                 await other.request(
                     other.signed(
                         lambda rid: wire.PutArtifactChunk(
@@ -177,6 +186,7 @@ async def test_a_reused_upload_id_is_refused_without_touching_the_upload_that_ow
                     ),
                     wire.ArtifactChunkStored,
                 )
+            assert "start again" in continued.value.message, continued.value.message
             assert _counts(database_url) == (2, 1)  # Alice's upload is intact
             hasher = RefHasher()
             for piece in sealed:
@@ -230,11 +240,7 @@ async def test_an_upload_past_the_quota_is_refused_and_nothing_of_it_is_kept(
     database_url: str, tmp_path: Path
 ) -> None:
     quota = 5 * artifacts.CHUNK_BYTES
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), storage_quota_bytes=quota
-    )
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path, storage_quota_bytes=quota) as (relay, alice):
         first = _sealed(alice.collab_key, alice.collab_id, 3 * artifacts.CHUNK_BYTES)
         second = _sealed(alice.collab_key, alice.collab_id, 3 * artifacts.CHUNK_BYTES)
         with trio.fail_after(60):
@@ -317,9 +323,7 @@ async def test_a_relay_sweeps_what_a_crashed_relay_left_at_start_up(
 async def test_an_upload_swept_while_idle_is_refused_on_its_next_piece(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = relay_config(database_url, tmp_path / "relay")
-    async with running_relay(config) as relay:
-        alice = await sign_up(relay.url)
+    async with _relay_and_user(database_url, tmp_path) as (relay, alice):
         sealed = _sealed(alice.collab_key, alice.collab_id, 2 * artifacts.CHUNK_BYTES)
         upload = _upload_id()
         with trio.fail_after(60):
@@ -348,7 +352,15 @@ async def test_an_upload_ends_with_the_session_that_started_it(
             assert _counts(database_url) == (2, 1)
             # The same connection now speaks for Bob: Alice's upload ends, and is deleted.
             await client.authenticate(bob.token)
+            client.use_key(bob.signing_key)  # Bob's own signature, not a bad one
             await _until_empty(database_url)
-            with pytest.raises(RelayRefused):
+            with pytest.raises(RelayRefused) as by_bob:
                 await _send_pieces_from(client, alice.collab_id, upload, sealed, 2, "b2:x")
+            assert by_bob.value.code is not wire.ErrorCode.BAD_SIGNATURE, by_bob.value.message
+            # Back as Alice, on the same connection: the upload is gone, not resumed.
+            await client.authenticate(alice.token)
+            client.use_key(alice.signing_key)
+            with pytest.raises(RelayRefused) as resumed:
+                await _send_pieces_from(client, alice.collab_id, upload, sealed, 2, "b2:x")
+            assert "start again" in resumed.value.message, resumed.value.message
             assert _counts(database_url) == (0, 0)
