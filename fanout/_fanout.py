@@ -34,7 +34,7 @@ the removal event is queued to them, so they see why their stream ended.
 from __future__ import annotations
 
 import collections
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final, NamedTuple, Protocol
 
 import msgspec
@@ -179,7 +179,7 @@ class _Group:
         return msgs
 
 
-def _messages(frames: list[bytes]) -> list[Message]:
+def _messages(frames: Iterable[bytes]) -> list[Message]:
     """`frames` as `batch` messages of at most MAX_BATCH_FRAMES frames and BATCH_BYTES bytes
     (a lone frame over that goes alone), so no message exceeds what a client accepts."""
     out: list[Message] = []
@@ -191,29 +191,31 @@ def _messages(frames: list[bytes]) -> list[Message]:
             run, size = [], 0
         run.append(frame)
         size += len(frame)
-    out.append(Message(wire.batch(run), len(run)))
+    if run:
+        out.append(Message(wire.batch(run), len(run)))
     return out
 
 
 def _catchup_messages(
     events: Sequence[SequencedEvent], account_id: str
 ) -> collections.deque[tuple[Message, int]]:
-    """A ledger page as `account_id` may see it, in `batch` messages by the one batching rule,
-    each with the seq of its last event."""
+    """A ledger page as `account_id` may see it, in `batch` messages by the one batching rule
+    (`_messages`), each with the seq of its last event. Only the frame this account sees is
+    encoded for each event."""
     out: collections.deque[tuple[Message, int]] = collections.deque()
-    run: list[bytes] = []
-    size = last = 0
-    for ev in events:
-        frame = _Out.of(ev).for_account(account_id)
-        if starts_new_batch(len(run), size, len(frame)):
-            out.append((Message(wire.batch(run), len(run)), last))
-            run, size = [], 0
-        run.append(frame)
-        size += len(frame)
-        last = ev.seq
-    if run:
-        out.append((Message(wire.batch(run), len(run)), last))
+    sent = 0
+    for message in _messages(_frame_for(ev, account_id) for ev in events):
+        sent += message.events
+        out.append((message, events[sent - 1].seq))
     return out
+
+
+def _frame_for(ev: SequencedEvent, account_id: str) -> bytes:
+    """`_Out.of(ev).for_account(account_id)` without encoding the frame the account does not
+    see."""
+    if not ev.audience or account_id in ev.audience:
+        return encode_event(ev)
+    return _encode_withheld(ev)
 
 
 class Fanout:
