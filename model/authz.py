@@ -84,9 +84,11 @@ class Rule:
     signed: Signed = Signed.NONE
     # Membership the request needs in the collab it names; None for requests outside a collab.
     capability: Capability | None = None
-    # A sender refused for want of membership may still learn the fate of an event of its own
-    # that is stored already (`may_learn_fate`): a removed member's retry of an append whose ack
-    # it lost is answered with the stored position, never with `unauthorized`.
+    # A non-member (refused for want of membership; a member lacking a capability is refused as
+    # usual) may still learn the fate of an event of its own that is stored already — sent by
+    # it, naming it as the author, stored as its (relay/_collabs.py `answer_if_stored`): a
+    # removed member's retry of an append whose ack it lost is answered with the stored
+    # position, never with `unauthorized`, and it learns nothing of anyone else's events.
     own_stored_fate: bool = False
 
 
@@ -259,24 +261,6 @@ def decide_member(
         return None
     return Refusal(
         wire.ErrorCode.UNAUTHORIZED, f"this agent was not given the {capability!r} capability"
-    )
-
-
-def may_learn_fate(
-    rule: Rule, member: MemberView | None, *, sender: str, author: str, stored_author: str | None
-) -> bool:
-    """May a sender the membership check refused be answered with its request's stored fate?
-
-    Only for a rule that says so (`own_stored_fate`), only for a non-member (a member lacking a
-    capability is refused as usual), and only when the event is stored (`stored_author` is its
-    author, None when it is not stored) and was authored by the sender, who names itself as the
-    author: a non-member learns where its own event landed, and nothing of anyone else's.
-    """
-    return (
-        rule.own_stored_fate
-        and member is None
-        and stored_author is not None
-        and sender == author == stored_author
     )
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 
 from ledger import AlreadyExists
-from model import authz, wire
+from model import wire
 from model.authz import MemberView
 from model.chain import start_of
 from model.envelope import KIND_MANAGEMENT, EventBody, event_id, verify_event
@@ -42,8 +42,6 @@ from relay._sequencer import InboxFull, ShuttingDown, Submission
 from relay.broker import ToolFailed, UnknownTool, tool_access
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from relay._connection import Connection
     from relay._context import Services
     from relay._sessions import Sessions
@@ -167,7 +165,7 @@ class Collabs:
             except RequestRefused:
                 # Checked against the directory as it is now: a change stored before an added
                 # member or the sender rotated their keys is answered with its stored fate.
-                if await self._answer_if_stored(conn, req, body):
+                if await self.answer_if_stored(conn, req, body):
                     return
                 raise
         sequencers = self._s.sequencers
@@ -196,33 +194,13 @@ class Collabs:
                 wire.ErrorCode.SHUTTING_DOWN, "the relay is shutting down; retry on reconnect"
             ) from None
 
-    async def answer_stored_fate(
-        self, conn: Connection, req: wire.Append, body: EventBody, rule: authz.Rule
-    ) -> bool:
-        """A non-member's append: if the event is stored already and its author is the sender,
-        answer with its stored seq, chain and receipt (`duplicate`) and return True; else
-        return False (the caller refuses as usual). A removed member thus learns the fate of
-        its own retried event, and nothing of anyone else's (model/authz.py `may_learn_fate`).
-        """
-        sender = self._sessions.account_of(conn)
-        return await self._answer_if_stored(
-            conn,
-            req,
-            body,
-            lambda stored_author: authz.may_learn_fate(
-                rule, None, sender=sender, author=body.actor_id, stored_author=stored_author
-            ),
-        )
-
-    async def _answer_if_stored(
-        self,
-        conn: Connection,
-        req: wire.Append,
-        body: EventBody,
-        allowed: Callable[[str], bool] | None = None,
-    ) -> bool:
-        """If the sender's own event `req` is stored already (and `allowed(its author)`),
-        answer it as a duplicate with its stored seq, chain and receipt and return True."""
+    async def answer_if_stored(self, conn: Connection, req: wire.Append, body: EventBody) -> bool:
+        """If the sender's own event `req` is stored already, answer it as a duplicate with its
+        stored seq, chain and receipt and return True; else return False (the caller refuses
+        as usual). Only an event the sender names itself the author of, and whose stored
+        author is the sender, is answered: a removed member (the authorization point asks for
+        a non-member on a row with `own_stored_fate`) learns the fate of its own retried event,
+        and nothing of anyone else's."""
         sequencers = self._s.sequencers
         if sequencers is None or not is_id(body.collab_id, "c"):
             return False
@@ -232,8 +210,6 @@ class Collabs:
         eid = event_id(req.event)
         at = (await self._s.db(self._s.ledger.stored_at, [eid])).get(eid)
         if at is None or at.collab_id != body.collab_id or at.actor_id != sender:
-            return False
-        if allowed is not None and not allowed(at.actor_id):
             return False
         assignment = Assignment(at.seq, eid, at.chain, duplicate=True)
         (receipt,) = sequencers.sign_receipts(body.collab_id, [assignment])

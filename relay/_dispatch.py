@@ -144,7 +144,8 @@ class Dispatcher:
 
         Returns an append's decoded body (it names the append's collab), else None. A non-member
         resending an event of its own that is stored already is answered here with its stored
-        fate when the rule allows it (`authz.may_learn_fate`), and `_Answered` is raised.
+        fate when the rule allows it (`own_stored_fate`; `Collabs.answer_if_stored`), and
+        `_Answered` is raised.
         """
         rule = authz.rule_for(req)
         standing, ended = self._sessions.standing(conn)
@@ -171,7 +172,7 @@ class Dispatcher:
                 and member is None
                 and isinstance(req, wire.Append)
                 and body is not None
-                and await self._collabs.answer_stored_fate(conn, req, body, rule)
+                and await self._collabs.answer_if_stored(conn, req, body)
             ):
                 raise _Answered
         if refusal is not None:
