@@ -171,11 +171,6 @@ def scrub(text: str, secrets: Iterable[str]) -> str:
     return text
 
 
-def contains_secret(text: str, secrets: Iterable[str]) -> bool:
-    """Whether any decoding `inspect` knows recovers any secret from `text`."""
-    return inspect(text, secrets) is not None
-
-
 # --- decoding an answer's bytes ------------------------------------------------------------------
 
 _CHARSET = re.compile(r"""charset\s*=\s*["']?([A-Za-z0-9._:-]+)""", re.IGNORECASE)
