@@ -38,7 +38,7 @@ from model.sequencer import Assignment
 from relay import _rekey
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
-from relay._sequencer import InboxFull, ShuttingDown, Submission
+from relay._sequencer import InboxFull, ShuttingDown, Submission, appended
 from relay.broker import ToolFailed, UnknownTool, tool_access
 
 if TYPE_CHECKING:
@@ -213,17 +213,7 @@ class Collabs:
             return False
         assignment = Assignment(at.seq, eid, at.chain, duplicate=True)
         (receipt,) = sequencers.sign_receipts(body.collab_id, [assignment])
-        conn.reply(
-            wire.Appended(
-                rid=req.rid,
-                collab_id=body.collab_id,
-                seq=at.seq,
-                event_id=eid,
-                chain=at.chain,
-                receipt_sig=receipt,
-                duplicate=True,
-            )
-        )
+        conn.reply(appended(req.rid, body.collab_id, assignment, receipt))
         return True
 
     async def _check_addition(self, body: EventBody) -> None:

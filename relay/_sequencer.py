@@ -244,18 +244,7 @@ class Sequencer:
                     partial(self._writer.sign_receipts, self.collab_id), assignments
                 )
                 for (sub, _), a, sig in zip(run, assignments, receipts, strict=True):
-                    self._reply(
-                        sub,
-                        wire.Appended(
-                            rid=sub.rid,
-                            collab_id=self.collab_id,
-                            seq=a.seq,
-                            event_id=a.event_id,
-                            chain=a.chain,
-                            receipt_sig=sig,
-                            duplicate=a.duplicate,
-                        ),
-                    )
+                    self._reply(sub, appended(sub.rid, self.collab_id, a, sig))
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
         """Check each event against the membership at its position; persist content in runs
@@ -442,6 +431,19 @@ class Sequencer:
         assert self._acks is not None
         await self._acks.send((run, assignments))
         return True
+
+
+def appended(rid: int, collab_id: str, a: Assignment, receipt_sig: bytes) -> wire.Appended:
+    """The ack of an append stored at `a` (a fresh position, or a duplicate's stored one)."""
+    return wire.Appended(
+        rid=rid,
+        collab_id=collab_id,
+        seq=a.seq,
+        event_id=a.event_id,
+        chain=a.chain,
+        receipt_sig=receipt_sig,
+        duplicate=a.duplicate,
+    )
 
 
 def _verify_batch(
