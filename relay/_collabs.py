@@ -160,8 +160,9 @@ class Collabs:
         author_pk = conn.sign_pk
         if body.kind == KIND_MANAGEMENT:
             try:
-                await self._check_addition(body)
-                author_pk = _rekey.append_key(body, KeyPair(conn.sign_pk, conn.box_pk))
+                op = _operation(body)
+                await self._check_addition(op)
+                author_pk = _rekey.append_key(op, KeyPair(conn.sign_pk, conn.box_pk))
             except RequestRefused:
                 # Checked against the directory as it is now: a change stored before an added
                 # member or the sender rotated their keys is answered with its stored fate.
@@ -216,17 +217,11 @@ class Collabs:
         conn.reply(appended(req.rid, body.collab_id, assignment, receipt))
         return True
 
-    async def _check_addition(self, body: EventBody) -> None:
+    async def _check_addition(self, op: Operation) -> None:
         """An added member's pinned keys and kind must be that account's (SO-5): every member's
         key is one its owner registered, and an agent's account is never seated as a person
         (who could manage the collab) nor a person's as an agent. The fold itself cannot know
         the directory; clients check the same against `AccountInfo.kind`."""
-        try:
-            op = proof_of(body).op
-        except ProofRejected as exc:
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"
-            ) from None
         if not isinstance(op, AddMember):
             return
         new = op.member
@@ -277,3 +272,11 @@ class Collabs:
             return
         log.info("tool_result", tool=req.tool, status=status, account_id=conn.account_id)
         conn.reply(wire.ToolResult(rid=req.rid, status=status, body=body))
+
+
+def _operation(body: EventBody) -> Operation:
+    """The change a `mgmt` event's proof makes, decoded once for the relay's checks of it."""
+    try:
+        return proof_of(body).op
+    except ProofRejected as exc:
+        raise RequestRefused(wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored") from None

@@ -23,25 +23,21 @@ from ledger import KeystoreRow
 from ledger.errors import KeysChanged, StaleVersion
 from model import wire
 from model._crypto import verify
-from model.membership import ProofRejected, RekeyMember, proof_of
+from model.membership import RekeyMember
 from model.proofs import KeyPair, account_rekey_bytes, verify_keystore_write
 from relay._context import RequestRefused
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from model.envelope import EventBody
+    from model.membership import Operation
 
 
-def append_key(body: EventBody, registered: KeyPair) -> bytes:
-    """The key the `mgmt` event `body` must verify under, for an author whose directory keys are
-    `registered`: the registered signing key, or for a `rekey` the old key it names (which the
-    sequencer then checks against the fold's pin). Raises `RequestRefused` for a `rekey` that does
-    not re-pin exactly the registered keys."""
-    try:
-        op = proof_of(body).op
-    except ProofRejected as exc:
-        raise RequestRefused(wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored") from None
+def append_key(op: Operation, registered: KeyPair) -> bytes:
+    """The key a `mgmt` event making the change `op` must verify under, for an author whose
+    directory keys are `registered`: the registered signing key, or for a `rekey` the old key it
+    names (which the sequencer then checks against the fold's pin). Raises `RequestRefused` for
+    a `rekey` that does not re-pin exactly the registered keys."""
     if not isinstance(op, RekeyMember):
         return registered.sign_pk
     if KeyPair(op.sign_pk, op.box_pk) != registered:
