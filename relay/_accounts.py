@@ -29,7 +29,7 @@ from model.ids import is_id
 from model.membership import MemberKind
 from model.proofs import KeyPair, verify_keystore_write
 from relay import _auth, _keystores, _rekey, _throttle
-from relay._context import RequestRefused
+from relay._context import RequestRefused, require_public_keys
 
 if TYPE_CHECKING:
     from relay._connection import Connection
@@ -55,10 +55,7 @@ class Accounts:
             _auth.check_signup(req.handle, req.password)
         except _auth.AuthError as exc:
             raise RequestRefused(wire.ErrorCode.INVALID_REQUEST, str(exc)) from None
-        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
-            )
+        require_public_keys(req.sign_pk, req.box_pk)
         if not is_id(req.account_id, "a"):
             raise RequestRefused(
                 wire.ErrorCode.INVALID_REQUEST, "account_id must look like a_<26 base32 chars>"
@@ -258,10 +255,7 @@ class Accounts:
                 wire.ErrorCode.INVALID_REQUEST,
                 "an agent needs a handle (3-32 of a-z, 0-9, '_', '.', '-') and an a_… id",
             )
-        if len(req.sign_pk) != 32 or len(req.box_pk) != 32:
-            raise RequestRefused(
-                wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
-            )
+        require_public_keys(req.sign_pk, req.box_pk)
         row = AccountRow(
             req.account_id, req.handle, "!agent: no password", req.sign_pk, req.box_pk,
             kind="agent", created_by=creator,

@@ -116,6 +116,14 @@ class Services:
         conn.nursery.start_soon(run)
 
 
+def require_public_keys(sign_pk: bytes, box_pk: bytes) -> None:
+    """Refuse a request whose signing or box public key is not 32 bytes."""
+    if len(sign_pk) != 32 or len(box_pk) != 32:
+        raise RequestRefused(
+            wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
+        )
+
+
 def refuse(conn: Connection, rid: int | None, code: wire.ErrorCode, message: str) -> None:
     """Answer one request with a typed error frame (logged by code, never by message)."""
     log.info("request_refused", code=code.value, rid=rid, account_id=conn.account_id)

@@ -25,7 +25,7 @@ from model import wire
 from model._crypto import verify
 from model.membership import RekeyMember
 from model.proofs import KeyPair, account_rekey_bytes, verify_keystore_write
-from relay._context import RequestRefused
+from relay._context import RequestRefused, require_public_keys
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -62,10 +62,7 @@ async def rotate_account_keys(
     ledger call in a worker thread; `check_keystore`, once every signature held, refuses a
     keystore below the relay's KDF floor (relay/_keystores.py). Raises `RequestRefused`."""
     new = KeyPair(req.sign_pk, req.box_pk)
-    if len(new.sign_pk) != 32 or len(new.box_pk) != 32:
-        raise RequestRefused(
-            wire.ErrorCode.INVALID_REQUEST, "sign_pk and box_pk must be 32-byte public keys"
-        )
+    require_public_keys(new.sign_pk, new.box_pk)
     if new.sign_pk == registered.sign_pk or new.box_pk == registered.box_pk:
         raise RequestRefused(
             wire.ErrorCode.INVALID_REQUEST, "a rotation replaces both keys with new ones"
