@@ -69,7 +69,7 @@ class Accounts:
                     wire.ErrorCode.BAD_SIGNATURE,
                     "the keystore is not signed by the account key being registered",
                 )
-            _check_keystore_kdf(req.keystore, self._s)
+            _keystores.check_stored_kdf(req.keystore, self._s.config)
             keystore = KeystoreRow(1, req.keystore, req.keystore_sig)
         async with self._s.front_door.argon2.turn("signup", conn.caller):
             password_hash = await trio.to_thread.run_sync(_auth.hash_password, req.password)
@@ -194,7 +194,7 @@ class Accounts:
                 wire.ErrorCode.BAD_SIGNATURE, "keystore writes must be signed by your account key"
             )
         if req.blob:  # an empty blob deletes the keystore
-            _check_keystore_kdf(req.blob, self._s)
+            _keystores.check_stored_kdf(req.blob, self._s.config)
         try:
             await self._s.db(
                 self._s.ledger.put_keystore,
@@ -221,7 +221,7 @@ class Accounts:
         new = await _rekey.rotate_account_keys(
             self._s.db, self._s.ledger.rotate_account_keys, account_id,
             KeyPair(row.sign_pk, row.box_pk), req,
-            check_keystore=partial(_check_keystore_kdf, services=self._s),
+            check_keystore=partial(_keystores.check_stored_kdf, config=self._s.config),
         )  # fmt: skip
         for other in (conn, *self._sessions.connections_of(account_id)):
             other.sign_pk, other.box_pk = new
@@ -345,11 +345,3 @@ class Accounts:
             account_id, generation, "every session of this account was ended: log in again"
         )
         log.info("sessions_ended", account_id=account_id, sessions_ended=ended)
-
-
-def _check_keystore_kdf(blob: bytes, services: Services) -> None:
-    """The keystore floor (relay/_keystores.py) as a typed refusal."""
-    try:
-        _keystores.check_stored_kdf(blob, services.config)
-    except _keystores.KeystoreRefused as exc:
-        raise RequestRefused(exc.code, exc.message) from None

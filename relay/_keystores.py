@@ -15,28 +15,20 @@ from typing import TYPE_CHECKING
 from model import wire
 from model._crypto import CryptoError
 from model.keystore import check_kdf_floor, kdf_header
+from relay._context import RequestRefused
 
 if TYPE_CHECKING:
     from relay.config import RelayConfig
 
 
-class KeystoreRefused(Exception):
-    """A keystore the relay will not store; `message` says what to do instead."""
-
-    code = wire.ErrorCode.WEAK_KEYSTORE
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-
 def check_stored_kdf(blob: bytes, config: RelayConfig) -> None:
-    """Raise `KeystoreRefused` unless `blob` is a keystore sealed at or above the floor."""
+    """Refuse (`weak_keystore`) unless `blob` is a keystore sealed at or above the floor."""
     try:
         params = kdf_header(blob)
         check_kdf_floor(params, allow_test_profile=config.allow_test_kdf)
     except CryptoError as exc:
-        raise KeystoreRefused(
+        raise RequestRefused(
+            wire.ErrorCode.WEAK_KEYSTORE,
             f"{exc}. Nothing was stored: seal it again with a current client"
-            " (`cozy account passphrase` re-seals at MODERATE)"
+            " (`cozy account passphrase` re-seals at MODERATE)",
         ) from None
