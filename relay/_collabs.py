@@ -244,11 +244,9 @@ class Collabs:
             )
 
     def call_tool(self, conn: Connection, req: wire.CallTool) -> None:
-        """Checked already; the call itself runs beside the read loop (it may take seconds)."""
-        if not self._s.broker.has(req.tool):
-            raise RequestRefused(
-                wire.ErrorCode.NOT_FOUND, f"this relay declares no tool {req.tool!r}"
-            )
+        """Checked already (the authorization point refuses a tool the relay does not declare:
+        model/authz.py reads the same `[tools]` as the broker); the call itself runs beside the
+        read loop (it may take seconds)."""
         self._s.start_background(conn, self._call_tool, conn, req)
 
     async def _call_tool(self, conn: Connection, req: wire.CallTool) -> None:

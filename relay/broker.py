@@ -203,9 +203,6 @@ class Broker:
         self._limiter = trio.CapacityLimiter(4)
         self._scrub_limits = scrub_limits or ScrubLimits()
 
-    def has(self, tool: str) -> bool:
-        return tool in self._tools
-
     async def call(self, tool: str, args: Mapping[str, str]) -> tuple[int, str]:
         """(status, body) of the upstream's answer, scrubbed. Raises `UnknownTool`,
         `ToolArgumentRefused` (before any secret is resolved), `ToolWithheld`, `ToolFailed`."""
