@@ -18,6 +18,7 @@ import nacl.signing
 HASH_BYTES = 32
 AEAD_KEY_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_KEYBYTES
 AEAD_NONCE_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
+AEAD_TAG_BYTES = sodium.crypto_aead_xchacha20poly1305_ietf_ABYTES
 SIGN_PK_BYTES = 32
 SIGN_SEED_BYTES = 32
 SIGNATURE_BYTES = 64

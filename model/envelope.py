@@ -117,12 +117,9 @@ def seal_event(
     header = EventBody(EVENT_VERSION, collab_id, actor_id, kind, ts, refs, b"", b"", epoch)
     _check_routing(header)
     nonce = _crypto.random_bytes(_crypto.AEAD_NONCE_BYTES)
-    padded = pad_for_body(header, content, nonce_bytes=len(nonce), tag_bytes=AEAD_TAG_BYTES)
+    padded = pad_for_body(header, content, nonce_bytes=len(nonce), tag_bytes=_crypto.AEAD_TAG_BYTES)
     sealed = _crypto.aead_encrypt(collab_key, nonce, padded, content_associated_data(header))
     return sign_body(signing_key, msgspec.structs.replace(header, nonce=nonce, ciphertext=sealed))
-
-
-AEAD_TAG_BYTES: Final = 16
 
 
 def pad_for_body(header: EventBody, content: bytes, *, nonce_bytes: int, tag_bytes: int) -> bytes:
