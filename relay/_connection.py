@@ -173,7 +173,8 @@ class Connection:
                         out.append(ws_binary_frame(wire.batch(run)))
                     if self._dropped:
                         return
-                    self._room.unpark_all()  # taken off the queue: catch-up may queue more
+                    if self._room:  # a catch-up waits: taken off the queue, it may queue more
+                        self._room.unpark_all()
                     data = out[0] if len(out) == 1 else b"".join(out)
                     out.clear()  # hold one copy of what is being written, not two
                     await send_framed(self.ws, data)
