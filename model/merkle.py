@@ -417,6 +417,28 @@ class GroupTree:
             )
         return tuple(_path(index, 0, self.size, self._mth))
 
+    def inclusion_proofs(self) -> tuple[tuple[bytes, ...], ...]:
+        """Every leaf's inclusion proof, in order: one walk down the new part of the tree.
+
+        Same proofs as `inclusion_proof` for each index, several times cheaper for a whole group:
+        each node is visited once and the paths share their upper parts.
+        """
+        out: list[tuple[bytes, ...]] = []
+        m = self._before_size
+
+        def walk(lo: int, hi: int, above: tuple[bytes, ...]) -> None:
+            if hi - lo == 1:
+                out.append(above)
+                return
+            mid = lo + _split(hi - lo)
+            if mid > m:  # the left half holds new leaves
+                walk(lo, mid, (self._mth(mid, hi), *above))
+            walk(mid, hi, (self._mth(lo, mid), *above))
+
+        if self.size > m:
+            walk(0, self.size, ())
+        return tuple(out)
+
     def consistency_proof(self) -> tuple[bytes, ...]:
         """Consistency proof from the size before the group to the size after it."""
         if self._before_size in (0, self.size):

@@ -146,8 +146,9 @@ def test_compact_range_and_commit_groups_match_the_whole_list(sizes: list[int]) 
         all_leaves += group
         assert tree.size == len(all_leaves)
         assert tree.root() == tree_root(all_leaves) == ref_mth_hashed(all_leaves)
-        for i in range(tree.old_size, tree.size):
-            assert tree.inclusion_proof(i) == inclusion_proof(all_leaves, i)
+        expected = tuple(inclusion_proof(all_leaves, i) for i in range(tree.old_size, tree.size))
+        assert tuple(tree.inclusion_proof(i) for i in range(tree.old_size, tree.size)) == expected
+        assert tree.inclusion_proofs() == expected
         assert tree.consistency_proof() == consistency_proof(all_leaves, tree.old_size)
         rng = tree.after
         assert rng.root() == tree.root()
@@ -184,8 +185,7 @@ def test_a_group_costs_about_one_node_hash_per_leaf(monkeypatch: pytest.MonkeyPa
     group = hashes(data(64))
     tree = GroupTree(rng, group)
     tree.root()
-    for i in range(tree.old_size, tree.size):
-        tree.inclusion_proof(i)
+    tree.inclusion_proofs()
     tree.consistency_proof()
     # 64 leaves: ~64 to extend the range, ~64 + log2(n) for the memoised proof nodes, + root.
     assert calls <= 3 * 64 + 3 * 17, calls
