@@ -96,7 +96,13 @@ def b64decode_strict(text: str) -> bytes:
 
 def is_valid_key_name(name: str) -> bool:
     """Non-empty, no Unicode space and no "+" (signed-note); no control characters either."""
-    return bool(name) and not any(c.isspace() or c == "+" or c < " " for c in name)
+    if not name or any(c.isspace() or c == "+" or c < " " for c in name):
+        return False
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: not text a note can carry
+        return False
+    return True
 
 
 def key_id(name: str, alg: int, public_key: bytes) -> int:

@@ -11,6 +11,7 @@ independent implementations of the C2SP specs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,12 +26,14 @@ from model.merkle import EMPTY_ROOT, leaf_hash, tree_root
 from model.note import (
     ALG_COSIGNATURE_V1,
     MalformedNote,
+    NoteError,
     NoteSignatureInvalid,
     NoteSigner,
     NoteUnverified,
     NoteVerifier,
     b64decode_strict,
     b64encode,
+    open_note,
     parse_note,
 )
 from model.tlog import (
@@ -380,3 +383,60 @@ def test_an_unparseable_note_inside_a_request_is_malformed() -> None:
     with pytest.raises(MalformedNote):
         parse_note(parse_add_checkpoint_request(b"old 0\n\nno signatures\n").checkpoint)
     assert b64decode_strict(b64encode(b"x")) == b"x"
+
+
+# --- Hostile bytes: typed errors only --------------------------------------------------------------
+
+
+def near_valid_inputs() -> st.SearchStrategy[bytes]:
+    """Valid bodies with a few bytes changed, cut or inserted, and plain random bytes."""
+    valid = [
+        AddCheckpointRequest(
+            13,
+            merkle.consistency_proof(LEAVES, 13),
+            add_signatures(
+                sign_checkpoint(checkpoint(21), LOG), [cosign_checkpoint(checkpoint(21), W1, NOW)]
+            ),
+        ).encode(),
+        sign_checkpoint(checkpoint(21), LOG),
+        LOG.verifier.vkey().encode(),
+    ]
+
+    @st.composite
+    def mutate(draw: st.DrawFn) -> bytes:
+        data = bytearray(draw(st.sampled_from(valid)))
+        for _ in range(draw(st.integers(1, 4))):
+            at = draw(st.integers(0, len(data)))
+            op = draw(st.sampled_from(["flip", "cut", "insert"]))
+            if op == "flip" and at < len(data):
+                data[at] ^= draw(st.integers(1, 255))
+            elif op == "cut":
+                del data[at : at + draw(st.integers(1, 8))]
+            else:
+                data[at:at] = draw(st.binary(min_size=1, max_size=4))
+        return bytes(data)
+
+    return st.one_of(mutate(), st.binary(max_size=300))
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=near_valid_inputs())
+def test_hostile_bytes_raise_only_typed_errors_and_the_witness_always_answers(body: bytes) -> None:
+    for parse in (
+        parse_note,
+        parse_add_checkpoint_request,
+        parse_cosignature_reply,
+        parse_size_body,
+        lambda b: open_note(b, [LOG.verifier, W1.verifier]),
+        lambda b: open_checkpoint(b, LOG.verifier, witnesses=[W1.verifier], quorum=1),
+        lambda b: parse_checkpoint(b.decode("utf-8", "surrogateescape")),
+        lambda b: NoteVerifier.from_vkey(b.decode("utf-8", "surrogateescape")),
+    ):
+        with contextlib.suppress(NoteError):
+            parse(body)
+    reply = witness_add_checkpoint(
+        body, logs={ORIGIN: [LOG.verifier]}, latest={ORIGIN: checkpoint(13)}, cosigner=W2, now=NOW
+    )
+    assert reply.status in (200, 400, 403, 404, 409, 422)
+    if reply.status == 200:  # only ever for the one consistent checkpoint the log signed
+        assert reply.cosigned == checkpoint(21)
