@@ -25,8 +25,9 @@ most 65 bytes, measured against an Ed25519 signature in docs/adr/0020-signed-che
 - `GroupTree` is one commit group appended to a `CompactRange`: from the range before the group
   and the group's leaf hashes alone it derives the new root, an inclusion proof for every leaf
   of the group, and the consistency proof from the size before the group. Each node it needs is
-  hashed once (memoised), so a group of k leaves on a tree of n costs about k leaf hashes plus
-  k + log2 n node hashes in total, whatever the number of proofs asked for. That is what lets a
+  hashed once (memoised), so a group of k leaves on a tree of n costs about 2k + popcount(n)
+  node hashes in total (k to extend the range, k for the proofs' nodes, the rest for the root;
+  counted in tests/test_model_merkle.py), plus the caller's k leaf hashes. That is what lets a
   relay sign one checkpoint per commit group and hand every event an inclusion proof under it,
   and hand a witness the consistency proof from the last checkpoint, without reading old leaves.
 
@@ -362,8 +363,8 @@ class GroupTree:
     """One commit group appended to a compact range: its root and all its proofs, no old leaves.
 
     `before` is the range as it stood before the group (it is copied, not changed). Every node
-    hash is computed once and remembered, so asking for every leaf's inclusion proof and the
-    consistency proof costs about k + log2 n node hashes for a group of k on a tree of n.
+    hash is computed once and remembered: the root, every leaf's inclusion proof and the
+    consistency proof cost about 2k + popcount(n) node hashes for a group of k on a tree of n.
     """
 
     __slots__ = ("_after", "_before_size", "_leaves", "_memo")
