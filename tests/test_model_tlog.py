@@ -440,3 +440,49 @@ def test_hostile_bytes_raise_only_typed_errors_and_the_witness_always_answers(bo
     assert reply.status in (200, 400, 403, 404, 409, 422)
     if reply.status == 200:  # only ever for the one consistent checkpoint the log signed
         assert reply.cosigned == checkpoint(21)
+
+
+@pytest.mark.objective("SO-4")
+@settings(max_examples=120, deadline=None)
+@given(
+    fork_at=st.integers(0, 12),
+    steps=st.lists(
+        st.tuples(st.sampled_from("ab"), st.integers(1, 24), st.integers(0, 24)),
+        min_size=1,
+        max_size=12,
+    ),
+)
+def test_a_forking_relay_never_gets_two_inconsistent_checkpoints_cosigned(
+    fork_at: int, steps: list[tuple[str, int, int]]
+) -> None:
+    """A relay keeps two branches that share `fork_at` events and submits checkpoints of either
+    branch in any order, each with a correct proof (within its branch) from whatever old size it
+    claims, retrying with the witness's size after a 409. However it interleaves them, every pair of checkpoints the witness cosigned is a prefix pair: a split
+    view can never carry the same witness's cosignature on both sides."""
+    branch = {
+        "a": [leaf_hash(f"a{i}".encode()) if i >= fork_at else LEAVES[i] for i in range(24)],
+        "b": [leaf_hash(f"b{i}".encode()) if i >= fork_at else LEAVES[i] for i in range(24)],
+    }
+    latest: dict[str, Checkpoint] = {}
+    cosigned: list[tuple[str, Checkpoint]] = []
+    for name, size, claimed_old in steps:
+        leaves = branch[name][:size]
+        old = min(claimed_old, size)
+        cp = Checkpoint(ORIGIN, size, tree_root(leaves))
+        request = AddCheckpointRequest(
+            old, merkle.consistency_proof(leaves, old), sign_checkpoint(cp, LOG)
+        )
+        reply = decide(request, latest)
+        if reply.status == 409:  # as a real relay does: learn the witness's size, try again
+            old = parse_size_body(reply.body)
+            if old <= size:
+                proof = merkle.consistency_proof(leaves, old)
+                reply = decide(AddCheckpointRequest(old, proof, request.checkpoint), latest)
+        if reply.status == 200:
+            assert reply.cosigned == cp
+            latest = {ORIGIN: cp}
+            cosigned.append((name, cp))
+    for _, small in cosigned:
+        for name, big in cosigned:
+            if small.size <= big.size:
+                assert tree_root(branch[name][: small.size]) == small.root
