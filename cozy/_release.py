@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 import msgspec
 
+from localfs import atomic_write
 from model import release
 from model.release import ReleaseError
 
@@ -132,21 +133,6 @@ class StateFile(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     projects: dict[str, ProjectState] = {}
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _sha256_file(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -160,17 +146,13 @@ def write_new_key(path: Path) -> bytes:
     seed = os.urandom(_SEED_BYTES)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        atomic_write(path, (seed.hex() + "\n").encode("ascii"), mode=0o600, overwrite=False)
     except FileExistsError:
         raise KeyFileError(
             f"{path} already exists; a release key is never overwritten (move it away first)"
         ) from None
     except OSError as exc:
         raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        f.write(seed.hex() + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     return release.public_key_of(seed)
 
 
@@ -252,7 +234,8 @@ def add_to_trust_file(path: Path, public_key: bytes, note: str) -> None:
         return
     entry = TrustedKey(public_key=public_key.hex(), key_id=kid, note=note)
     data = msgspec.json.format(msgspec.json.encode(TrustFile(keys=(*existing, entry))), indent=2)
-    _atomic_write(path, data + b"\n", 0o644)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, data + b"\n", mode=0o644)
 
 
 # --- git and pdm ----------------------------------------------------------------------------------
@@ -469,8 +452,7 @@ def build_release(
             if path.suffix == ".gz":
                 _fix_gzip_mtime(path, epoch)
             target = out_dir / path.name
-            shutil.copyfile(path, target.with_name(f".{path.name}.part"))
-            os.replace(target.with_name(f".{path.name}.part"), target)
+            atomic_write(target, path.read_bytes(), mode=0o644)
             records.append(
                 release.ArtifactRecord(
                     path=(rel_out / path.name).as_posix(),
@@ -491,7 +473,7 @@ def build_release(
         created=created,
         expires=created + timedelta(days=valid_days),
     )
-    _atomic_write(manifest_path, release.sign_release(body, seed), 0o644)
+    atomic_write(manifest_path, release.sign_release(body, seed), mode=0o644)
     return BuildResult(
         body=body, manifest=manifest_path, key_id=release.key_id(public_key), lock_note=lock_note
     )
@@ -640,7 +622,8 @@ def verify_release(
         )
         new_state = StateFile(projects={**state.projects, body.project: entry})
         try:
-            _atomic_write(state_path, msgspec.json.encode(new_state, order="sorted"), 0o600)
+            state_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(state_path, msgspec.json.encode(new_state, order="sorted"), mode=0o600)
         except OSError as exc:
             raise StateFileError(
                 f"release {body.version} verified, but the state file {state_path} could not be "
