@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from fanout import Fanout
     from ledger import Ledger
     from relay._connection import Connection
-    from relay._ops import AuthCounters
+    from relay._metrics import AuthCounters
     from relay._sequencer import SequencerRegistry
     from relay.broker import Broker
     from relay.config import RelayConfig
