@@ -8,12 +8,15 @@ Loading refuses a file that others can read: a leaked credential file is a stole
 
 from __future__ import annotations
 
-import os
 import stat
-import tempfile
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
+
+from localfs import atomic_write
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 class CredentialsError(Exception):
@@ -40,16 +43,7 @@ def save_credentials(path: Path, creds: AgentCredentials) -> None:
     if path.exists():
         raise CredentialsError(f"{path} exists; choose another --out or move it away first")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(msgspec.json.encode(creds))
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # fails if someone created `path` meanwhile
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, msgspec.json.encode(creds), mode=0o600, overwrite=False)
 
 
 def load_credentials(path: Path) -> AgentCredentials:

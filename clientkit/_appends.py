@@ -9,7 +9,6 @@ every ack's signed receipt (kept through `on_receipt` to catch equivocation).
 from __future__ import annotations
 
 import math
-import random
 import time
 from typing import TYPE_CHECKING, Final
 
@@ -18,6 +17,7 @@ import trio
 from clientkit import _collab
 from clientkit._connection import RETRY_CAP, RETRY_START
 from clientkit._history import HistoryCalls
+from clientkit._retry import backoff_delay
 from clientkit.errors import (
     ConnectionLost,
     EquivocationDetected,
@@ -31,6 +31,7 @@ from model import wire
 from model.chain import Receipt, verify_receipt
 from model.envelope import event_id, seal_event
 from model.equivocation import PROOF_KIND, EquivocationProof, SignedReceipt
+from model.excgroups import first_error
 from model.ids import new_id
 
 if TYPE_CHECKING:
@@ -239,7 +240,7 @@ class AppendCalls(HistoryCalls):
         pending = list(range(len(events)))
         refused: RelayRefused | None = None
         deadline = trio.current_time() + retry_for
-        delay = RETRY_START
+        stalled = 0  # rounds in a row in which nothing got through
         while True:
             shed, other = await self._append_round(events, pending, acks)
             refused = refused or other
@@ -253,9 +254,9 @@ class AppendCalls(HistoryCalls):
                     stored=len(events) - len(shed),
                     pending=len(shed),
                 )
-            delay = delay * 2 if len(shed) == len(pending) else RETRY_START  # no progress: back off
-            delay = min(RETRY_CAP, delay)
-            await trio.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))  # noqa: S311 — jitter
+            stalled = stalled + 1 if len(shed) == len(pending) else 0  # no progress: back off
+            delay = backoff_delay(stalled, start=RETRY_START, cap=RETRY_CAP)
+            await trio.sleep(min(delay, deadline - now))
             pending = shed
         if refused is not None:
             raise refused
@@ -342,7 +343,7 @@ class AppendCalls(HistoryCalls):
                 nursery.start_soon(collect)
         except BaseExceptionGroup as group:
             # A lost connection (seen by both tasks) or an alarm: raise it as itself.
-            error = _first_error(group)
+            error = first_error(group, prefer=(IntegrityAlarm,), skip=(trio.Cancelled,))
             if error is None:
                 raise  # only cancellation: leave it to Trio
             raise error from None
@@ -405,24 +406,6 @@ class AppendCalls(HistoryCalls):
             epoch=epoch,
         )
         return await self.append(signed)
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The error that ended a group of tasks: an integrity alarm before anything else, then
-    the first one raised; None when the group holds only cancellations."""
-    leaves: list[BaseException] = []
-    pending: list[BaseException] = [group]
-    while pending:
-        exc = pending.pop(0)
-        if isinstance(exc, BaseExceptionGroup):
-            pending[:0] = exc.exceptions
-        else:
-            leaves.append(exc)
-    for wanted in (IntegrityAlarm, Exception, BaseException):
-        for exc in leaves:
-            if isinstance(exc, wanted) and not isinstance(exc, trio.Cancelled):
-                return exc
-    return None
 
 
 def _now_ms() -> int:

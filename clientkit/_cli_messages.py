@@ -13,6 +13,7 @@ from clientkit._cli_session import CliError, _connected, _member, _read, _unlock
 from clientkit._collab import describe
 from clientkit._home import Home
 from clientkit.errors import ConnectionLost, EquivocationDetected, ForkDetected, TamperDetected
+from localfs import atomic_write
 from model import artifacts, dm, equivocation
 from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
@@ -297,7 +298,7 @@ def _export_proof(alarm: EquivocationDetected) -> None:
     path = home.path / "evidence" / f"equivocation-{alarm.collab_id}-{alarm.seq}.json"
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path.write_bytes(equivocation.encode(alarm.proof))
+        atomic_write(path, equivocation.encode(alarm.proof), mode=0o600)
     except OSError as exc:
         print(f"(could not save the proof: {exc.strerror})", file=sys.stderr)
         return

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import random
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -20,6 +19,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed
 
+from clientkit._retry import backoff_delay
 from clientkit.errors import ConnectionLost, RelayRefused, TooManyConnections
 from model import wire
 from model.proofs import sign_request
@@ -226,7 +226,7 @@ class ClientCore:
         again after a jittered exponential backoff, for at most SUBSCRIBE_RETRY_FOR seconds,
         after which the refusal is raised."""
         deadline = trio.current_time() + SUBSCRIBE_RETRY_FOR
-        delay = RETRY_START
+        attempt = 0
         while True:
             try:
                 await self.request(
@@ -241,5 +241,5 @@ class ClientCore:
                     raise
             else:
                 return
-            await trio.sleep(min(delay * random.uniform(0.5, 1.0), left))  # noqa: S311 — jitter
-            delay = min(RETRY_CAP, delay * 2)
+            await trio.sleep(min(backoff_delay(attempt, start=RETRY_START, cap=RETRY_CAP), left))
+            attempt += 1

@@ -1,6 +1,6 @@
 """Client state in COZY_HOME: the profile, the sealed keystore and the verified heads.
 
-Files are written atomically (temp file, fsync, rename) with mode 0600, so a crash never leaves
+Files are written atomically (`localfs.atomic_write`: temp file, fsync, rename) with mode 0600, so a crash never leaves
 a half-written keystore and a verified head never moves backwards on disk.
 
     COZY_HOME/profile.json    relay URL, handle, account id, pinned relay key, session token
@@ -13,13 +13,13 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Final
 
 import msgspec
 
 from clientkit._state import ClientState
+from localfs import atomic_write
 from model import keystore
 
 KDF_PROFILE_ENV: Final = "COZY_KDF_PROFILE"
@@ -96,17 +96,7 @@ class Home:
     def _write(self, name: str, data: bytes) -> None:
         try:
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{name}.")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.chmod(tmp, 0o600)
-                os.replace(tmp, self.path / name)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write(self.path / name, data, mode=0o600)
         except OSError as exc:
             raise HomeError(
                 f"cannot write {self.path / name}: {exc.strerror}; check COZY_HOME"

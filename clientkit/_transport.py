@@ -9,6 +9,14 @@ waits for the reader to see the relay's answer. A caller cancelled from outside 
 bot being stopped, a nursery cancelled with the connection still open) would cancel that reader
 too, and every close would then sit out its whole timeout. So the reader runs under a shield of
 its own that only this module lifts, after the handshake or its bound.
+
+That shield is the client's one reliance on trio-websocket's internals, and it lives only here
+(tests/test_house.py checks the source tree; the relay's are in relay/_wsraw.py): it hands
+`wrap_client_stream` a stand-in nursery, trusting that the library only ever calls `start_soon`
+on it, to start its reader task. A version that called anything else would fail every connect
+with an AttributeError, never misbehave quietly; CHECKED_VERSIONS names the releases this was
+read against (tests/test_house.py pins the installed one, tests/test_client_close.py the
+handshake).
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ from model import wire
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
+# The trio-websocket releases whose `wrap_client_stream` was checked to use only
+# `nursery.start_soon` (see `_ShieldedReader`).
+CHECKED_VERSIONS: Final = ("0.12.2",)
 CONNECT_TIMEOUT: Final = 10.0
 # How long a close may wait for the relay's answering close frame: on loopback it takes about a
 # millisecond; a relay that never answers (stalled, gone, a black-holed network) costs this much.

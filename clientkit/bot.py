@@ -39,7 +39,6 @@ What it takes care of, learning from what users of other bot SDKs trip over:
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -52,12 +51,14 @@ from trio_websocket import ConnectionClosed
 from clientkit._agent import AgentCredentials, load_credentials
 from clientkit._client import Client, History, connect
 from clientkit._outbox import AuthorStream
+from clientkit._retry import backoff_delay
 from clientkit._state import ClientState
 from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded, RelayRefused
 from model import content as contentmod
 from model import wire
 from model.chain import Head
 from model.envelope import seal_event
+from model.excgroups import innermost
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -194,7 +195,7 @@ class Bot:
                 await self._session(task_status if not started else None)
                 failures = 0
             except Exception as exc:  # noqa: BLE001 — classified below; the rest re-raised
-                error = _innermost(exc)
+                error = innermost(exc)
                 if isinstance(error, IntegrityAlarm) and self._on_alarm is not None:
                     await self._on_alarm(self, error)
                 elif not isinstance(
@@ -203,8 +204,7 @@ class Bot:
                     raise error from None  # TooManyConnections among them: retrying won't help
                 failures += 1
             started = True
-            delay = min(BACKOFF_CAP, BACKOFF_START * 2 ** min(failures, 16))
-            await trio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 — jitter, not crypto
+            await trio.sleep(backoff_delay(failures, start=BACKOFF_START, cap=BACKOFF_CAP))
 
     async def _session(self, task_status: trio.TaskStatus[None] | None) -> None:
         creds = self.credentials
@@ -313,13 +313,6 @@ class Bot:
     @property
     def _stream(self) -> AuthorStream:
         return AuthorStream(self.state, self.collab_id, DEVICE, seen=self._seen)
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    """The one error inside (possibly nested) task-group wrappers."""
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 def _overloaded(error: BaseException) -> bool:

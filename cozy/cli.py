@@ -77,7 +77,7 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def _release_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`cozy release keygen|build|verify` (SO-8); implemented in cozy/_release.py."""
+    """`cozy release keygen|build|verify` (SO-8); implemented in cozy/_release/."""
     release = sub.add_parser(
         "release", help="build and verify signed releases (RELEASE.json)"
     ).add_subparsers(dest="release_action", required=True)

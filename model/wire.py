@@ -5,18 +5,51 @@ Every request carries a client-chosen ``rid``; the reply to it carries the same 
 msgspec Structs decoded by one reused typed decoder per direction. Decoding is strict: unknown
 fields are refused, so a field added later must get a default (a newer side then still reads
 an older side's frames) and the protocol version in `Welcome` says which fields a peer knows.
+
+The request frames, both unions and the codec live here; the relay → client frames are in
+model/_wire_replies.py and the shared base and error codes in model/_wire_base.py (so no module
+grows past ~600 lines). All are re-exported here: import frames from `model.wire`.
 """
 
 from __future__ import annotations
 
-import enum
 from typing import Final
 
 import msgspec
 
+from model._wire_base import ErrorCode as ErrorCode
+from model._wire_base import _Frame as _Frame
+from model._wire_replies import AccountInfo as AccountInfo
+from model._wire_replies import AccountKeysRotated as AccountKeysRotated
+from model._wire_replies import AgentCreated as AgentCreated
+from model._wire_replies import AgentInfo as AgentInfo
+from model._wire_replies import AgentRevoked as AgentRevoked
+from model._wire_replies import Agents as Agents
+from model._wire_replies import Appended as Appended
+from model._wire_replies import ArtifactChunkStored as ArtifactChunkStored
+from model._wire_replies import ArtifactData as ArtifactData
+from model._wire_replies import ArtifactStored as ArtifactStored
+from model._wire_replies import Authenticated as Authenticated
+from model._wire_replies import CaughtUp as CaughtUp
+from model._wire_replies import CollabCreated as CollabCreated
+from model._wire_replies import Collabs as Collabs
+from model._wire_replies import Error as Error
+from model._wire_replies import Event as Event
+from model._wire_replies import Keystore as Keystore
+from model._wire_replies import KeystoreStored as KeystoreStored
+from model._wire_replies import LoggedIn as LoggedIn
+from model._wire_replies import PasswordChanged as PasswordChanged
+from model._wire_replies import Pong as Pong
+from model._wire_replies import SessionsEnded as SessionsEnded
+from model._wire_replies import SignedUp as SignedUp
+from model._wire_replies import Subscribed as Subscribed
+from model._wire_replies import SubscriptionEnded as SubscriptionEnded
+from model._wire_replies import ToolResult as ToolResult
+from model._wire_replies import Unsubscribed as Unsubscribed
+from model._wire_replies import Welcome as Welcome
+from model._wire_replies import Withheld as Withheld
 from model.envelope import SignedEvent
 from model.errors import DECODE_ERRORS as _DECODE_ERRORS
-from model.membership import MemberKind
 
 PROTOCOL: Final = "cozylabs/1"
 # Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
@@ -24,32 +57,6 @@ PROTOCOL: Final = "cozylabs/1"
 MAX_FRAME_BYTES: Final = 128 * 1024
 MAX_BATCH_FRAMES: Final = 512
 WS_HARD_LIMIT: Final = 1024 * 1024
-
-
-class ErrorCode(enum.StrEnum):
-    MALFORMED_FRAME = "malformed_frame"
-    FRAME_TOO_LARGE = "frame_too_large"
-    UNAUTHENTICATED = "unauthenticated"
-    UNAUTHORIZED = "unauthorized"
-    INVALID_CREDENTIALS = "invalid_credentials"
-    RATE_LIMITED = "rate_limited"
-    STALE = "stale"
-    HANDLE_TAKEN = "handle_taken"
-    INVALID_REQUEST = "invalid_request"
-    INVALID_EVENT = "invalid_event"
-    BAD_SIGNATURE = "bad_signature"
-    NOT_FOUND = "not_found"
-    OVERLOADED = "overloaded"
-    TOO_MANY_CONNECTIONS = "too_many_connections"
-    QUOTA_EXCEEDED = "quota_exceeded"
-    WEAK_KEYSTORE = "weak_keystore"
-    TOOL_FAILED = "tool_failed"
-    SHUTTING_DOWN = "shutting_down"
-    INTERNAL = "internal"
-
-
-class _Frame(msgspec.Struct, frozen=True, tag_field="t", forbid_unknown_fields=True):
-    pass
 
 
 # --- client → relay -------------------------------------------------------------------------
@@ -299,238 +306,6 @@ Request = (
     | EndSessions
     | Ping
 )
-
-# --- relay → client -------------------------------------------------------------------------
-
-
-class Welcome(_Frame, frozen=True, tag="welcome"):
-    """First frame on every connection: who the relay is and what it accepts.
-
-    `challenge` is fresh random bytes for this connection: signed requests sign it
-    (model/proofs.py), so a signature made on one connection is refused on every other.
-    """
-
-    protocol: str
-    relay_pk: bytes
-    max_frame_bytes: int
-    max_body_bytes: int
-    challenge: bytes = b""
-
-
-class SignedUp(_Frame, frozen=True, tag="signed_up"):
-    rid: int
-    account_id: str
-
-
-class LoggedIn(_Frame, frozen=True, tag="logged_in"):
-    rid: int
-    account_id: str
-    token: str
-    expires_at: int
-
-    def __repr__(self) -> str:
-        return f"LoggedIn(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
-
-
-class Authenticated(_Frame, frozen=True, tag="authenticated"):
-    rid: int
-    account_id: str
-
-
-class CollabCreated(_Frame, frozen=True, tag="collab_created"):
-    rid: int
-    collab_id: str
-
-
-class Appended(_Frame, frozen=True, tag="appended"):
-    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields."""
-
-    rid: int
-    collab_id: str
-    seq: int
-    event_id: bytes
-    chain: bytes
-    receipt_sig: bytes
-    duplicate: bool = False
-
-
-class Subscribed(_Frame, frozen=True, tag="subscribed"):
-    rid: int
-    collab_id: str
-    from_seq: int
-
-
-class Event(_Frame, frozen=True, tag="event"):
-    """A sequenced event pushed to a subscriber. Encoded once, sent to every subscriber."""
-
-    collab_id: str
-    seq: int
-    event: SignedEvent
-    chain: bytes
-
-
-class Withheld(_Frame, frozen=True, tag="withheld"):
-    """A position whose body is not for this subscriber (a DM between two other members).
-
-    Carries only what the subscriber needs to keep verifying the chain across it.
-    """
-
-    collab_id: str
-    seq: int
-    event_id: bytes
-    chain: bytes
-
-
-class CaughtUp(_Frame, frozen=True, tag="caught_up"):
-    """Everything up to `seq` has been sent; from here on events arrive live (if following)."""
-
-    collab_id: str
-    seq: int
-
-
-class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):
-    """The relay stopped this subscription. Resume with `Subscribe(from_seq=resume_from)`."""
-
-    collab_id: str
-    reason: str
-    resume_from: int
-
-
-class AccountInfo(_Frame, frozen=True, tag="account"):
-    """An entry of the relay's account directory. `kind` says whether the account is a person's
-    or an agent's: a client seats it in a collab only as that kind (None: a relay from before
-    the field, whose answer is not enough to add anyone)."""
-
-    rid: int
-    account_id: str
-    handle: str
-    sign_pk: bytes
-    box_pk: bytes
-    kind: MemberKind | None = None
-
-
-class KeystoreStored(_Frame, frozen=True, tag="keystore_stored"):
-    rid: int
-    version: int
-
-
-class Keystore(_Frame, frozen=True, tag="keystore"):
-    """The caller's sealed keystore (useless without the passphrase or recovery code)."""
-
-    rid: int
-    version: int
-    blob: bytes
-
-    def __repr__(self) -> str:
-        return f"Keystore(rid={self.rid}, version={self.version}, <{len(self.blob)} bytes>)"
-
-
-class ArtifactChunkStored(_Frame, frozen=True, tag="artifact_chunk_stored"):
-    rid: int
-    index: int
-
-
-class ArtifactStored(_Frame, frozen=True, tag="artifact_stored"):
-    rid: int
-    ref: str
-    size: int
-
-
-class ArtifactData(_Frame, frozen=True, tag="artifact_data"):
-    """One stored piece of an artifact, in order; the one with `final` ends the download."""
-
-    rid: int
-    index: int
-    data: bytes
-    final: bool
-
-    def __repr__(self) -> str:
-        return f"ArtifactData(rid={self.rid}, index={self.index}, <{len(self.data)} bytes>)"
-
-
-class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
-    rid: int
-    collab_id: str
-
-
-class AgentCreated(_Frame, frozen=True, tag="agent_created"):
-    rid: int
-    account_id: str
-    token: str
-    expires_at: int
-
-    def __repr__(self) -> str:
-        return f"AgentCreated(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
-
-
-class AgentRevoked(_Frame, frozen=True, tag="agent_revoked"):
-    rid: int
-    account_id: str
-
-
-class AgentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """One agent in an `Agents` reply. `created_at` is in seconds since the epoch."""
-
-    account_id: str
-    handle: str
-    created_at: int
-    revoked: bool
-
-
-class Agents(_Frame, frozen=True, tag="agents"):
-    rid: int
-    agents: list[AgentInfo]
-
-
-class PasswordChanged(_Frame, frozen=True, tag="password_changed"):
-    """The new password is stored and every other session ended; `token` is this device's new
-    session (the old one was ended with the others)."""
-
-    rid: int
-    token: str
-    expires_at: int
-
-    def __repr__(self) -> str:
-        return f"PasswordChanged(rid={self.rid}, token=<redacted>)"
-
-
-class SessionsEnded(_Frame, frozen=True, tag="sessions_ended"):
-    """Every session of the account ended, this connection's too: log in again to go on."""
-
-    rid: int
-
-
-class ToolResult(_Frame, frozen=True, tag="tool_result"):
-    """The upstream's answer to a tool call, with every credential value scrubbed."""
-
-    rid: int
-    status: int
-    body: str
-
-
-class Pong(_Frame, frozen=True, tag="pong"):
-    rid: int
-
-
-class AccountKeysRotated(_Frame, frozen=True, tag="account_keys_rotated"):
-    rid: int
-    keystore_version: int
-
-
-class Collabs(_Frame, frozen=True, tag="collabs"):
-    rid: int
-    collab_ids: list[str]
-
-
-class Error(_Frame, frozen=True, tag="error"):
-    """A typed refusal. `rid` is None when the offending frame could not be read at all."""
-
-    rid: int | None
-    code: ErrorCode
-    message: str
-    # With code `stale`: the head the refused change or event must now be made against.
-    head_seq: int | None = None
-
 
 Reply = (
     Batch

@@ -25,7 +25,7 @@ from fanout import Message, starts_new_batch, ws_binary_frame
 from model import wire
 from model._crypto import random_bytes
 from model.proofs import CHALLENGE_BYTES
-from relay._wsraw import check_compatible, send_framed, write_now
+from relay._wsraw import abort_stream, check_compatible, send_framed, write_now
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
@@ -263,7 +263,7 @@ class Connection:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             await self.ws.aclose(code, reason)
         if scope.cancelled_caught:
-            await trio.aclose_forcefully(self.ws._stream)  # the peer ignored our close
+            await abort_stream(self.ws)  # the peer ignored our close
 
 
 class AppendTicket:

@@ -24,6 +24,7 @@ import structlog
 import trio
 
 from model import wire
+from model.excgroups import leaves
 from relay._connection import MAX_BACKGROUND_TASKS
 from relay._frontdoor import FrontDoor
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from fanout import Fanout
     from ledger import Ledger
     from relay._connection import Connection
-    from relay._ops import AuthCounters
+    from relay._metrics import AuthCounters
     from relay._sequencer import SequencerRegistry
     from relay.broker import Broker
     from relay.config import RelayConfig
@@ -132,9 +133,7 @@ def refuse(conn: Connection, rid: int | None, code: wire.ErrorCode, message: str
 
 def where(exc: BaseException) -> str:
     """file:line of the innermost frame: enough to find a bug, never a value from it."""
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    tb = exc.__traceback__
+    tb = leaves(exc)[0].__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     return "?" if tb is None else f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"

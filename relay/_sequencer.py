@@ -59,6 +59,7 @@ from model.envelope import (
     verify_event,
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
+from model.excgroups import leaves
 from model.sequencer import Assignment
 from relay._cryptopool import CryptoPool
 
@@ -468,9 +469,7 @@ def _verify_batch(
 
 def _describe(exc: BaseException) -> str:
     """The exception's type names only (an event's fields never reach the log)."""
-    if isinstance(exc, BaseExceptionGroup):
-        return ", ".join(_describe(e) for e in exc.exceptions)
-    return type(exc).__name__
+    return ", ".join(type(e).__name__ for e in leaves(exc))
 
 
 class SequencerRegistry:

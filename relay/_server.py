@@ -42,18 +42,8 @@ from relay._collabs import Collabs
 from relay._connection import Connection
 from relay._context import Services, where
 from relay._dispatch import Dispatcher
-from relay._ops import (
-    OK,
-    SHUTTING_DOWN,
-    STARTING,
-    AuthCounters,
-    MetricSources,
-    OpsApp,
-    OpsServer,
-    Readiness,
-    RelayMetrics,
-    ops_url,
-)
+from relay._metrics import AuthCounters, MetricSources, RelayMetrics
+from relay._ops import OK, SHUTTING_DOWN, STARTING, OpsApp, OpsServer, Readiness, ops_url
 from relay._sequencer import SequencerRegistry, SequencerStats
 from relay._sessions import Sessions
 from relay._subscriptions import Subscriptions

@@ -6,17 +6,19 @@ replies the same way, so one drained outbox is one `send`. trio-websocket has no
 for writing bytes that are already a frame; `send_message` would frame (and copy) the message
 again for every connection through wsproto.
 
-This module is the only place that touches trio-websocket's private state, and only to do what
-its own `WebSocketConnection._send` does: check `_close_reason`, hold `_stream_lock` (the lock
-its reader task also takes to send pongs and the close frame, so frames never interleave), and
-`send_all` on `_stream`; a broken stream is handled by its `_abort_web_socket`, as `_send` does.
-wsproto keeps no per-message state on the sending side between complete messages (only a
-fragmented message in progress, which trio-websocket never leaves open), so frames written
-beside it do not confuse it; and trio-websocket's server negotiates no extensions, so the frames
-need no RSV bits. `check_compatible` asserts all of this for every connection (`Connection`
-calls it first) and tests/test_wsraw.py pins it: if an upgrade of trio-websocket changes these
-internals, every connection fails with this error and that test fails, rather than frames being
-written wrong.
+This module is the only place in the relay that touches trio-websocket's private state
+(tests/test_house.py checks the source tree; the client's one reliance on its internals is
+pinned in clientkit/_transport.py), and only to do what its own `WebSocketConnection._send`
+does: check `_close_reason`, hold `_stream_lock` (the lock its reader task also takes to send
+pongs and the close frame, so frames never interleave), and `send_all` on `_stream`; a broken
+stream is handled by its `_abort_web_socket`, as `_send` does. wsproto keeps no per-message
+state on the sending side between complete messages (only a fragmented message in progress,
+which trio-websocket never leaves open), so frames written beside it do not confuse it; and
+trio-websocket's server negotiates no extensions, so the frames need no RSV bits.
+`check_compatible` asserts all of this for every connection (`Connection` calls it first) and
+tests/test_wsraw.py pins it: if an upgrade of trio-websocket changes these internals, every
+connection fails with this error and that test fails, rather than frames being written wrong.
+`abort_stream` closes `_stream` for a peer that ignores the close handshake.
 """
 
 from __future__ import annotations
@@ -104,6 +106,12 @@ def write_now(ws: WebSocketConnection, data: bytes) -> bool:
     log.warning("direct_write_partial", written=written, size=len(data))
     ws._stream.socket.close()  # the reader and writer see the stream closed and end
     return False
+
+
+async def abort_stream(ws: WebSocketConnection) -> None:
+    """Close the connection's TCP stream at once, without a close handshake: for a peer that
+    ignored ours. trio-websocket's `aclose` gives up waiting but leaves the stream open."""
+    await trio.aclose_forcefully(ws._stream)
 
 
 async def send_framed(ws: WebSocketConnection, data: bytes) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from fanout import CatchupLimits
+from localfs import atomic_write
 from relay._cf_access import DEFAULT_LEEWAY_SECONDS, AccessConfigError, AccessPolicy
 from relay.broker import BaoAuth, ToolSpec, tools_from_config
 
@@ -332,22 +333,7 @@ def rotate_jwt_signing_key(data_dir: Path) -> Path:
     """
     path = data_dir / JWT_KEY_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{JWT_KEY_FILE}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(base64.b64encode(secrets.token_bytes(32)))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, base64.b64encode(secrets.token_bytes(32)), mode=0o600)
     return path
 
 
@@ -360,9 +346,10 @@ def _persistent_secret(path: Path, nbytes: int) -> Secret:
         raise ConfigError(f"{path} is unreadable or damaged ({type(exc).__name__})") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     value = secrets.token_bytes(nbytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(base64.b64encode(value))
+    try:
+        atomic_write(path, base64.b64encode(value), mode=0o600, overwrite=False)
+    except FileExistsError:  # another relay on this data dir created it first: use theirs
+        return _persistent_secret(path, nbytes)
     return Secret(value)
 
 

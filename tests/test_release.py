@@ -10,6 +10,7 @@ file. Build refusals (stale lock, dirty tree) run the real command in their own 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import stat
@@ -180,12 +181,12 @@ async def test_the_manifest_names_the_commit_the_lock_and_every_artifact(built: 
         assert body.source_commit == head
         assert body.version == "0.1.0"
         lock = (built.src / "pdm.lock").read_bytes()
-        assert body.lock_sha256 == _release.hashlib.sha256(lock).hexdigest()
+        assert body.lock_sha256 == hashlib.sha256(lock).hexdigest()
         assert [a.path for a in body.artifacts] == [WHEEL, SDIST]
         for artifact in body.artifacts:
             path = built.src / artifact.path
             assert artifact.size == path.stat().st_size
-            assert artifact.sha256 == _release._sha256_file(path)
+            assert artifact.sha256 == _release.sha256_file(path)
         assert body.expires - body.created == timedelta(days=90)
         if PDM.exists():  # pdm's own judgement ran too, not only the recomputed content_hash
             assert "lock --check` passed" in built.build_out
@@ -275,7 +276,7 @@ async def test_an_edited_signed_field_breaks_the_signature(
                 release.utc_text(body.expires),
                 release.utc_text(body.expires + timedelta(days=3650)),
             ),
-            "sha256": (body.artifacts[0].sha256, _release._sha256_file(manifest)),
+            "sha256": (body.artifacts[0].sha256, _release.sha256_file(manifest)),
             "path": (body.artifacts[0].path, "dist/other.whl"),
         }[field]
         _edit_signed_field(manifest, field, old, new)

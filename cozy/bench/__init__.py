@@ -31,6 +31,7 @@ from cozy.bench._common import BenchError, figure, raise_nofile_limit, relay_pro
 from cozy.bench._references import database_settings, per_event_commit, verify_ceiling
 from cozy.bench._scenarios import Peer, Sizes
 from ledger import migrate
+from model.excgroups import leaves
 from relay.embedded import embedded_postgres
 
 if TYPE_CHECKING:
@@ -69,7 +70,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = trio.run(_run, which, sizes, args.database_url)
     except* BenchError as group:
-        failures.extend(_leaves(group))
+        failures.extend(leaves(group))
     if failures:
         for exc in failures:
             print(f"error: {exc}", file=sys.stderr)
@@ -132,13 +133,6 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         "references": refs,
         "figures": figures(raw, refs),
     }
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
 
 
 def _progress(message: str) -> None:

@@ -1,0 +1,243 @@
+"""Relay → client frames: replies to requests and pushes (re-exported by `model.wire`).
+
+Callers use `model.wire`; see its docstring for the rules every frame follows.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from model._wire_base import ErrorCode, _Frame
+from model.envelope import SignedEvent
+from model.membership import MemberKind
+
+# --- relay → client -------------------------------------------------------------------------
+
+
+class Welcome(_Frame, frozen=True, tag="welcome"):
+    """First frame on every connection: who the relay is and what it accepts.
+
+    `challenge` is fresh random bytes for this connection: signed requests sign it
+    (model/proofs.py), so a signature made on one connection is refused on every other.
+    """
+
+    protocol: str
+    relay_pk: bytes
+    max_frame_bytes: int
+    max_body_bytes: int
+    challenge: bytes = b""
+
+
+class SignedUp(_Frame, frozen=True, tag="signed_up"):
+    rid: int
+    account_id: str
+
+
+class LoggedIn(_Frame, frozen=True, tag="logged_in"):
+    rid: int
+    account_id: str
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"LoggedIn(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
+
+
+class Authenticated(_Frame, frozen=True, tag="authenticated"):
+    rid: int
+    account_id: str
+
+
+class CollabCreated(_Frame, frozen=True, tag="collab_created"):
+    rid: int
+    collab_id: str
+
+
+class Appended(_Frame, frozen=True, tag="appended"):
+    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields."""
+
+    rid: int
+    collab_id: str
+    seq: int
+    event_id: bytes
+    chain: bytes
+    receipt_sig: bytes
+    duplicate: bool = False
+
+
+class Subscribed(_Frame, frozen=True, tag="subscribed"):
+    rid: int
+    collab_id: str
+    from_seq: int
+
+
+class Event(_Frame, frozen=True, tag="event"):
+    """A sequenced event pushed to a subscriber. Encoded once, sent to every subscriber."""
+
+    collab_id: str
+    seq: int
+    event: SignedEvent
+    chain: bytes
+
+
+class Withheld(_Frame, frozen=True, tag="withheld"):
+    """A position whose body is not for this subscriber (a DM between two other members).
+
+    Carries only what the subscriber needs to keep verifying the chain across it.
+    """
+
+    collab_id: str
+    seq: int
+    event_id: bytes
+    chain: bytes
+
+
+class CaughtUp(_Frame, frozen=True, tag="caught_up"):
+    """Everything up to `seq` has been sent; from here on events arrive live (if following)."""
+
+    collab_id: str
+    seq: int
+
+
+class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):
+    """The relay stopped this subscription. Resume with `Subscribe(from_seq=resume_from)`."""
+
+    collab_id: str
+    reason: str
+    resume_from: int
+
+
+class AccountInfo(_Frame, frozen=True, tag="account"):
+    """An entry of the relay's account directory. `kind` says whether the account is a person's
+    or an agent's: a client seats it in a collab only as that kind (None: a relay from before
+    the field, whose answer is not enough to add anyone)."""
+
+    rid: int
+    account_id: str
+    handle: str
+    sign_pk: bytes
+    box_pk: bytes
+    kind: MemberKind | None = None
+
+
+class KeystoreStored(_Frame, frozen=True, tag="keystore_stored"):
+    rid: int
+    version: int
+
+
+class Keystore(_Frame, frozen=True, tag="keystore"):
+    """The caller's sealed keystore (useless without the passphrase or recovery code)."""
+
+    rid: int
+    version: int
+    blob: bytes
+
+    def __repr__(self) -> str:
+        return f"Keystore(rid={self.rid}, version={self.version}, <{len(self.blob)} bytes>)"
+
+
+class ArtifactChunkStored(_Frame, frozen=True, tag="artifact_chunk_stored"):
+    rid: int
+    index: int
+
+
+class ArtifactStored(_Frame, frozen=True, tag="artifact_stored"):
+    rid: int
+    ref: str
+    size: int
+
+
+class ArtifactData(_Frame, frozen=True, tag="artifact_data"):
+    """One stored piece of an artifact, in order; the one with `final` ends the download."""
+
+    rid: int
+    index: int
+    data: bytes
+    final: bool
+
+    def __repr__(self) -> str:
+        return f"ArtifactData(rid={self.rid}, index={self.index}, <{len(self.data)} bytes>)"
+
+
+class Unsubscribed(_Frame, frozen=True, tag="unsubscribed"):
+    rid: int
+    collab_id: str
+
+
+class AgentCreated(_Frame, frozen=True, tag="agent_created"):
+    rid: int
+    account_id: str
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"AgentCreated(rid={self.rid}, account_id={self.account_id!r}, token=<redacted>)"
+
+
+class AgentRevoked(_Frame, frozen=True, tag="agent_revoked"):
+    rid: int
+    account_id: str
+
+
+class AgentInfo(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One agent in an `Agents` reply. `created_at` is in seconds since the epoch."""
+
+    account_id: str
+    handle: str
+    created_at: int
+    revoked: bool
+
+
+class Agents(_Frame, frozen=True, tag="agents"):
+    rid: int
+    agents: list[AgentInfo]
+
+
+class PasswordChanged(_Frame, frozen=True, tag="password_changed"):
+    """The new password is stored and every other session ended; `token` is this device's new
+    session (the old one was ended with the others)."""
+
+    rid: int
+    token: str
+    expires_at: int
+
+    def __repr__(self) -> str:
+        return f"PasswordChanged(rid={self.rid}, token=<redacted>)"
+
+
+class SessionsEnded(_Frame, frozen=True, tag="sessions_ended"):
+    """Every session of the account ended, this connection's too: log in again to go on."""
+
+    rid: int
+
+
+class ToolResult(_Frame, frozen=True, tag="tool_result"):
+    """The upstream's answer to a tool call, with every credential value scrubbed."""
+
+    rid: int
+    status: int
+    body: str
+
+
+class Pong(_Frame, frozen=True, tag="pong"):
+    rid: int
+
+
+class AccountKeysRotated(_Frame, frozen=True, tag="account_keys_rotated"):
+    rid: int
+    keystore_version: int
+
+
+class Collabs(_Frame, frozen=True, tag="collabs"):
+    rid: int
+    collab_ids: list[str]
+
+
+class Error(_Frame, frozen=True, tag="error"):
+    """A typed refusal. `rid` is None when the offending frame could not be read at all."""
+
+    rid: int | None
+    code: ErrorCode
+    message: str
+    # With code `stale`: the head the refused change or event must now be made against.
+    head_seq: int | None = None
