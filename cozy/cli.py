@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             "error: an address the relay listens on is already in use (the WebSocket port,"
-            " --port / COZY_LISTEN_PORT, or the ops port, COZY_OPS_PORT): stop the other"
+            " --port / COZY_LISTEN_PORT, or the ops port, --ops-port / COZY_OPS_PORT): stop the other"
             " process or choose another port",
             file=sys.stderr,
         )
