@@ -6,7 +6,6 @@ with a data dir of its own under tmp_path; the test only ever signals the proces
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import signal
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OPS_PORT = 9465
 
 
 @dataclass
@@ -96,16 +94,12 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
 
 
 @contextmanager
-def default_ops_port_taken() -> Iterator[None]:
-    """Hold 9465 for the test, unless something else on the machine already does: either way
-    the default is taken while the stacks start."""
+def a_taken_port() -> Iterator[int]:
+    """A loopback port this test holds: the stacks' configured ops port, taken."""
     with socket.socket() as holder:
-        try:
-            holder.bind(("127.0.0.1", DEFAULT_OPS_PORT))
-            holder.listen()
-        except OSError as exc:
-            assert exc.errno == errno.EADDRINUSE
-        yield
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
 
 
 def _healthz(ops_url: str) -> int:
@@ -126,28 +120,30 @@ def readme_first_steps() -> list[str]:
     return commands
 
 
-async def test_two_dev_stacks_run_side_by_side_while_the_default_ops_port_is_taken(
+async def test_two_dev_stacks_run_side_by_side_while_their_ops_port_is_taken(
     tmp_path: Path,
 ) -> None:
-    # Before: the second stack (and any stack while 9465 was taken) exited with "an address the
-    # relay listens on is already in use" unless COZY_OPS_PORT was set.
-    env = _dev_env()
-    with default_ops_port_taken():
+    # Before: a stack whose ops port (9465 by default, or COZY_OPS_PORT) was taken, by another
+    # `cozy dev` say, exited with "an address the relay listens on is already in use". The
+    # port is COZY_OPS_PORT here, held by this test, so that no other process on the machine
+    # is disturbed by a test holding the default; it is the same path as the default's.
+    with a_taken_port() as taken:
+        env = _dev_env(COZY_OPS_PORT=str(taken))
         async with (
             dev_stack("--data-dir", str(tmp_path / "one"), env=env) as one,
             dev_stack("--data-dir", str(tmp_path / "two"), env=env) as two,
         ):
             for stack in (one, two):
-                assert stack.ops_url != f"http://127.0.0.1:{DEFAULT_OPS_PORT}"
-                assert f"(port {DEFAULT_OPS_PORT} was taken; --ops-port" in stack.banner
+                assert stack.ops_url.startswith("http://127.0.0.1:")
+                assert f"(port {taken} was taken; --ops-port" in stack.banner
                 assert await trio.to_thread.run_sync(_healthz, stack.ops_url) == 200
             assert one.ops_url != two.ops_url
             assert one.relay_url != two.relay_url
             # --ops-port names the port exactly: taken, it is a one-line error, not a move.
-            taken, three = one.ops_url.rsplit(":", 1)[1], str(tmp_path / "three")
+            held, three = one.ops_url.rsplit(":", 1)[1], str(tmp_path / "three")
             with trio.fail_after(120):
                 refused = await trio.run_process(
-                    [*COZY, "dev", "--port", "0", "--ops-port", taken, "--data-dir", three],
+                    [*COZY, "dev", "--port", "0", "--ops-port", held, "--data-dir", three],
                     env=env,
                     capture_stdout=True,
                     capture_stderr=True,
