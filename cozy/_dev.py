@@ -62,7 +62,7 @@ async def _dev(config: RelayConfig) -> None:
         db = await stack.enter_async_context(embedded_postgres(config.data_dir / "postgres"))
         print("starting OpenBao dev server…", file=sys.stderr)
         bao = await stack.enter_async_context(embedded_openbao())
-        await trio.to_thread.run_sync(_devsecrets.put_all, bao.addr, bao.root_token, stored)
+        await trio.to_thread.run_sync(_devsecrets.restore, bao.addr, bao.root_token, stored)
         stack.enter_context(_devsecrets.running(config.data_dir, bao.addr, bao.root_token))
         config = dataclasses.replace(
             config, database_url=db, bao_addr=bao.addr, bao_token=Secret(bao.root_token.encode())

@@ -23,6 +23,7 @@ import hvac.exceptions
 import requests.exceptions
 
 from relay.config import ConfigError
+from relay.embedded import EmbeddedServiceError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -78,6 +79,17 @@ def save(data_dir: Path, spec: ToolSpec, value: str) -> None:
     fields = stored.setdefault(spec.secret_mount, {}).setdefault(spec.secret_path, {})
     fields[spec.secret_field] = value
     _write_private(data_dir / SECRETS_FILE, json.dumps(stored, indent=1).encode())
+
+
+def restore(addr: str, token: str, stored: Stored) -> None:
+    """`put_all` at start-up, failing in one line. Blocking (hvac): a worker thread."""
+    try:
+        put_all(addr, token, stored)
+    except (requests.exceptions.RequestException, hvac.exceptions.VaultError) as exc:
+        raise EmbeddedServiceError(
+            f"the OpenBao dev server refused the kept tool secrets ({type(exc).__name__});"
+            f" check {SECRETS_FILE} in the data dir, or delete it and put the secrets again"
+        ) from None
 
 
 def put_all(addr: str, token: str, stored: Stored) -> None:
