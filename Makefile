@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine (Python 3.11 + pip, no root, no services):
-#   make run   — install from the frozen pdm.lock, then start the embedded stack (`cozy dev`)
-#   make test  — install from the frozen pdm.lock, then lint, type-check and run the whole suite
+#   make run   — install what running needs from the frozen pdm.lock, then start `cozy dev`
+#   make test  — install everything from the frozen pdm.lock, then lint, type-check, run the suite
 # pdm itself is bootstrapped from PyPI into .tools/pdm (project-local, pinned; see
 # ../shared/SETUP-NOTES.md for why hishel is pinned beside it).
 
@@ -9,6 +9,7 @@ PDM_HOME := .tools/pdm
 PDM := $(PDM_HOME)/bin/pdm
 VENV := .venv
 STAMP := $(VENV)/.cozy-installed
+RUN_STAMP := $(VENV)/.cozy-run-installed
 ARGS ?=
 
 .PHONY: run test lint typecheck pytest install clean
@@ -17,16 +18,29 @@ $(PDM):
 	$(PYTHON) -m venv $(PDM_HOME)
 	$(PDM_HOME)/bin/pip install --quiet --disable-pip-version-check "pdm==2.29.4" "hishel[httpx2]>=1.4,<2"
 
-# `pdm sync` installs exactly what pdm.lock says and never re-resolves; --clean removes strays.
-$(STAMP): $(PDM) pdm.lock pyproject.toml
+# `pdm sync` installs exactly what pdm.lock says and never re-resolves. Two stamps: `make run`
+# installs the runtime dependencies only (`--prod`: no linters, test or bench tools); `make test`
+# installs every group and removes strays (`--clean`), which also satisfies `make run`. A run
+# install never removes test tools a test install put there, so `make test` after `make run`
+# only adds what is missing, and `make run` after `make test` does nothing.
+define VENV_FOR_PDM
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PDM) use --quiet --first $(VENV)/bin/python
+endef
+
+$(RUN_STAMP): $(PDM) pdm.lock pyproject.toml
+	$(VENV_FOR_PDM)
+	$(PDM) sync --prod
+	touch $(RUN_STAMP)
+
+$(STAMP): $(PDM) pdm.lock pyproject.toml
+	$(VENV_FOR_PDM)
 	$(PDM) sync --clean
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/cozy dev $(ARGS)
 
 lint: $(STAMP)

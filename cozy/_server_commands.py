@@ -1,9 +1,8 @@
-"""`cozy relay serve|migrate|verify-ledger|rebuild-projections|lockouts|rotate-jwt-key` and
-`cozy dev`."""
+"""`cozy relay serve|migrate|verify-ledger|rebuild-projections|lockouts|rotate-jwt-key`; `cozy dev`
+and `cozy bench` live in cozy/_dev.py and cozy/bench."""
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
@@ -17,13 +16,12 @@ from relay import _throttle
 from relay._run import run_relay
 from relay.config import (
     RelayConfig,
-    Secret,
     jwt_signing_key_origin,
     load_config,
     new_jwt_signing_key,
     rotate_jwt_signing_key,
 )
-from relay.embedded import embedded_openbao, embedded_postgres
+from relay.embedded import embedded_postgres
 
 if TYPE_CHECKING:
     import argparse
@@ -38,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
 
         return bench.main(args)
     if action == "dev":
-        config = load_config(data_dir=args.data_dir, port=args.port)
-        trio.run(_dev, config)
-        return 0
+        from cozy import _dev
+
+        return _dev.run(args)
     if action == "rotate-jwt-key":
         return _rotate_jwt_key(args)
     config = load_config(
@@ -66,35 +64,6 @@ def run(args: argparse.Namespace) -> int:
 
 async def _serve(config: RelayConfig) -> None:
     await run_relay(config)
-
-
-async def _dev(config: RelayConfig) -> None:
-    """Embedded Postgres + OpenBao dev server + relay; Ctrl-C stops all three."""
-    async with AsyncExitStack() as stack:
-        print("starting embedded Postgres…", file=sys.stderr)
-        db = await stack.enter_async_context(embedded_postgres(config.data_dir / "postgres"))
-        print("starting OpenBao dev server…", file=sys.stderr)
-        bao = await stack.enter_async_context(embedded_openbao())
-        config = dataclasses.replace(
-            config, database_url=db, bao_addr=bao.addr, bao_token=Secret(bao.root_token.encode())
-        )
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(run_relay, config)
-            print(
-                f"\n  relay    {relay.url}\n  postgres {config.data_dir / 'postgres'} (embedded)\n"
-                f"  openbao  {bao.addr} (dev mode, in memory; root token for `bao kv put`:"
-                f" {bao.root_token})\n\n"
-                "Try it in another shell:\n"
-                f"  export COZY_HOME=/tmp/cozy-alice COZY_PASSWORD='a long login password' "
-                "COZY_PASSPHRASE='a different long passphrase for keys'\n"
-                f"  .venv/bin/cozy account signup --relay {relay.url} --handle alice\n"
-                "  .venv/bin/cozy collab create demo     # prints the collab id\n"
-                "  .venv/bin/cozy post COLLAB_ID 'hello'\n"
-                "  .venv/bin/cozy tail COLLAB_ID\n\n"
-                "Ctrl-C stops the relay, OpenBao and Postgres.\n",
-                file=sys.stderr,
-                flush=True,
-            )
 
 
 async def _maintain(config: RelayConfig, action: str) -> int:

@@ -52,9 +52,29 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser(
         "dev", help="embedded Postgres + OpenBao dev server + relay, in the foreground"
     )
-    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--port", type=int, default=8765, help="WebSocket port (0: a free one)")
+    p.add_argument(
+        "--ops-port",
+        help="port of /healthz, /readyz, /metrics (0: a free one; off: none); default"
+        " COZY_OPS_PORT, else 9465, else a free port when that one is taken",
+    )
     p.add_argument("--data-dir", type=Path, default=Path(".cozy/dev"))
+    p.add_argument("--config", type=Path, help="relay TOML, e.g. its [tools.NAME] tables")
     p.set_defaults(server_action="dev")
+    secret = p.add_subparsers(dest="dev_action").add_parser(
+        "secret", help="tool secrets kept for the dev OpenBao"
+    )
+    put = secret.add_subparsers(dest="secret_action", required=True).add_parser(
+        "put",
+        help="keep a tool's secret (read from stdin or a prompt); cozy dev puts it into OpenBao"
+        " at every start",
+    )
+    put.add_argument("tool", help="the tool's name, as declared in [tools.NAME]")
+    # SUPPRESS: `cozy dev --data-dir D secret put T` keeps D (the sub-parser's default would win).
+    put.add_argument("--data-dir", type=Path, default=argparse.SUPPRESS)
+    put.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="the TOML that declares the tool"
+    )
 
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
@@ -176,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(
             "error: an address the relay listens on is already in use (the WebSocket port,"
-            " --port / COZY_LISTEN_PORT, or the ops port, COZY_OPS_PORT): stop the other"
+            " --port / COZY_LISTEN_PORT, or the ops port, --ops-port / COZY_OPS_PORT): stop the other"
             " process or choose another port",
             file=sys.stderr,
         )

@@ -19,6 +19,7 @@ gracefully with code 1001 and a reason. `/readyz` answers 503 from the moment sh
 from __future__ import annotations
 
 import contextlib
+import errno
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Final
@@ -147,6 +148,7 @@ class Relay:
         )
         self._ops = OpsApp(Readiness(ledger, config.bao_addr, self._readiness), self.metrics)
         self.ops_url = ""
+        self.ops_port_taken: int | None = None  # the configured ops port, when it was taken
         # SO-6: the Cloudflare Access gate, when configured; `access.statistics()` for metrics.
         self.access = None if config.cf_access is None else AccessVerifier(config.cf_access)
 
@@ -189,14 +191,20 @@ class Relay:
                 try:
                     bound = await ops.start(OpsServer(self._ops).serve, host, port)
                 except OSError as exc:
-                    log.error(
-                        "ops_listen_failed",
-                        host=host,
-                        port=port,
-                        error=exc.strerror,
-                        hint="set COZY_OPS_PORT to a free port, 0 for any, or off",
-                    )
-                    raise
+                    if self.config.ops_port_fallback and exc.errno == errno.EADDRINUSE:
+                        # `cozy dev` beside another relay: any free port beats not starting.
+                        log.info("ops_port_taken", port=port, hint="using a free port instead")
+                        self.ops_port_taken = port
+                        bound = await ops.start(OpsServer(self._ops).serve, host, 0)
+                    else:
+                        log.error(
+                            "ops_listen_failed",
+                            host=host,
+                            port=port,
+                            error=exc.strerror,
+                            hint="set COZY_OPS_PORT to a free port, 0 for any, or off",
+                        )
+                        raise
                 self.ops_url = ops_url(host, bound)
                 log.info("ops_listening", url=self.ops_url)
             async with trio.open_nursery() as relay:

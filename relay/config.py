@@ -107,6 +107,8 @@ class RelayConfig:
     # WebSocket origin so it need not be published. ops_port None: no listener; 0: a free port.
     ops_host: str = DEFAULT_OPS_HOST
     ops_port: int | None = DEFAULT_OPS_PORT
+    # `cozy dev` only: when ops_port is taken, listen on a free port instead of failing.
+    ops_port_fallback: bool = False
     # Cloudflare Access at the origin (SO-6): None means no Access check (local and dev use).
     cf_access: AccessPolicy | None = None
     # Start on a Postgres that may lose commits (fsync/synchronous_commit off): benchmarks only.

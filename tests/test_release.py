@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -595,3 +596,80 @@ def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:
     key.chmod(0o644)
     with pytest.raises(_release.KeyFileError, match="chmod 600"):
         _release.read_key(key)
+
+
+# --- the wheel, installed as a user would ---------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_the_release_wheel_installs_into_a_fresh_virtualenv_and_its_cozy_runs(
+    built: Built, tmp_path: Path
+) -> None:
+    """pip installs the built wheel into a new virtualenv, resolving the wheel's own declared
+    dependencies (pinned to the release's pdm.lock by a constraints file, fetched from the
+    package index or pip's cache), and its `cozy` runs there with nothing of this checkout on
+    the path."""
+    export = await trio.run_process(
+        [str(PDM), "export", "--prod", "--no-hashes", "--no-markers", "-f", "requirements"],
+        cwd=built.src,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert export.returncode == 0, export.stderr.decode()
+    # pip constraints are `name==version` only: drop extras (`psycopg[binary]`) and comments.
+    pins = [
+        re.sub(r"\[[^\]]*\]", "", line.strip())
+        for line in export.stdout.decode().splitlines()
+        if "==" in line and not line.startswith("#")
+    ]
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    venv = tmp_path / "fresh"
+    await trio.run_process([sys.executable, "-m", "venv", str(venv)])
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{venv / 'bin'}{os.pathsep}/usr/bin:/bin"
+    env["COZY_HOME"] = str(tmp_path / "home")
+    install = ["install", "--quiet", "-c", str(constraints), str(built.src / WHEEL)]
+    with trio.fail_after(600):
+        pip = await trio.run_process(
+            [str(venv / "bin" / "python"), "-m", "pip", *install],
+            cwd=tmp_path,
+            env=env,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert pip.returncode == 0, pip.stderr.decode()
+
+    async def fresh(*args: str) -> subprocess.CompletedProcess[bytes]:
+        with trio.fail_after(60):
+            return await trio.run_process(
+                [str(venv / "bin" / "cozy"), *args],
+                cwd=tmp_path,
+                env=env,
+                stdin=b"",
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+
+    for args in (("--help",), ("account", "--help"), ("dev", "--help")):
+        ran = await fresh(*args)
+        assert ran.returncode == 0, ran.stderr.decode()
+        assert b"usage: cozy" in ran.stdout
+    # Commands that load the server side (relay config, hvac, PyJWT) and write files for real.
+    rotated = await fresh("relay", "rotate-jwt-key", "--data-dir", str(tmp_path / "relay"))
+    assert rotated.returncode == 0, rotated.stderr.decode()
+    assert (tmp_path / "relay" / "jwt_signing_key").stat().st_mode & 0o777 == 0o600
+    keygen = await fresh("release", "keygen", "--out", str(tmp_path / "release-key"))
+    assert keygen.returncode == 0, keygen.stderr.decode()
+    # The code ran is the wheel's, not this checkout's; OpenBao's binary came with it.
+    where = await trio.run_process(
+        [str(venv / "bin" / "python"), "-c", "import cozy, relay; print(cozy.__file__)"],
+        cwd=tmp_path,
+        env=env,
+        capture_stdout=True,
+    )
+    assert str(venv) in where.stdout.decode()
+    assert (venv / "bin" / "bao").exists()
