@@ -13,20 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
-from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 import hvac
 import hvac.exceptions
 import requests.exceptions
 
+from localfs import atomic_write
 from relay.config import ConfigError
 from relay.embedded import EmbeddedServiceError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from pathlib import Path
 
     from relay.broker import ToolSpec
 
@@ -133,16 +132,5 @@ def running(data_dir: Path, addr: str, token: str) -> Iterator[None]:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    # mkstemp creates the file 0600, so the secrets are never readable by others, not even
-    # for a moment; the rename makes the write all-or-nothing.
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, mode=0o600)
