@@ -77,7 +77,7 @@ async def test_a_new_bot_starts_from_now_and_never_sees_what_came_before_it_join
             await nursery.start(with_backlog.run)
             await cozy("post", collab, "!weather Paris", env=env)
             await until(collab, env, ["the-bot", "seen !weather Paris"])
-            while "!weather Paris" not in fresh:
+            while "!weather Paris" not in fresh:  # noqa: ASYNC110
                 await trio.sleep(0.1)
             nursery.cancel_scope.cancel()
     assert fresh == ["!weather Paris"]
@@ -137,7 +137,7 @@ async def test_commands_parse_their_arguments_and_a_bad_one_gets_a_usage_line(
             await until(collab, env, ["the-bot", "New York for 3 days"])
             await cozy("post", collab, "!weather --days soon", env=env)
             with trio.fail_after(45):
-                while not [line for line in await tail(collab, env) if "usage:" in line[-1]]:
+                while not [line for line in await tail(collab, env) if "usage:" in line[-1]]:  # noqa: ASYNC110
                     await trio.sleep(0.3)
             await cozy("post", collab, "!weather Lima", env=env)  # still running
             lines = await until(collab, env, ["the-bot", "Lima for 1 days"])

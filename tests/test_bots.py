@@ -66,11 +66,13 @@ class _Example:
     def __init__(self, process: trio.Process) -> None:
         self.process = process
         self.stderr = b""
+        self.closed = trio.Event()  # stderr reached its end: everything it said is in
 
     async def collect(self) -> None:
         assert self.process.stderr is not None
         async for chunk in self.process.stderr:
             self.stderr += chunk
+        self.closed.set()
 
     async def wait_for_log(self, text: str) -> None:
         with trio.fail_after(45):
@@ -98,8 +100,7 @@ async def _stop(example: _Example) -> tuple[int, list[str]]:
     example.process.send_signal(signal.SIGINT)
     with trio.fail_after(30):
         code = await example.process.wait()
-        while example.process.stderr is not None and not example.stderr.endswith(b"\n"):
-            await trio.sleep(0.05)
+        await example.closed.wait()
     return code, example.stderr.removeprefix(before).decode().splitlines()
 
 
@@ -197,7 +198,7 @@ async def test_the_tool_bot_calls_the_example_weather_service_through_the_broker
             bot = await _start_bot(nursery, "tool_bot.py", creds)
             await cozy("post", collab, "!weather Paris --days 2", env=env)
             with trio.fail_after(45):
-                while not (answers := [t for w, t in await _tail(collab, env) if w == "the-bot"]):
+                while not (answers := [t for w, t in await _tail(collab, env) if w == "the-bot"]):  # noqa: ASYNC110
                     await trio.sleep(0.3)
             await _stop(bot)
         finally:
