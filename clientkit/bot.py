@@ -153,6 +153,7 @@ class Bot:
         self._on_alarm: AlarmHook | None = None
         self._seen: CollabView | None = None  # this session's read of the collab at its head
         self._store_checked = False
+        self._reached = False  # a connection to the relay was ever opened
 
     @classmethod
     def from_credentials(
@@ -273,10 +274,11 @@ class Bot:
                     await self._on_alarm(self, error)
                 elif not _retryable(error):
                     raise error from None  # TooManyConnections among them: retrying won't help
-                elif self.connections == 0:
+                elif not self._reached:
                     raise RelayUnreachable(
-                        f"cannot reach the relay at {self.credentials.relay_url} ({error}):"
-                        " is it running, and is that its address?"
+                        f"cannot reach the relay at {self.credentials.relay_url}"
+                        f" ({str(error) or type(error).__name__}): is it running, and is that"
+                        " its address?"
                     ) from None
                 else:
                     log.warning(
@@ -292,6 +294,7 @@ class Bot:
             connect(creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)) as client,
             trio.open_nursery() as nursery,
         ):
+            self._reached = True
             # Watched from the first request on: a relay that goes silent at any point (even
             # mid-handshake of a subscription) ends the session, and `run` reconnects.
             nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
@@ -309,6 +312,9 @@ class Bot:
         # goes out again (the same bytes) before anything new is signed.
         for device in (DEVICE, DM_DEVICE):
             await self._stream(device).resend_unacked(client)
+        self.connections += 1
+        for hook in self._on_connect if self.connections == 1 else self._on_resume:
+            await hook(self)
         # The collab at the relay's head: its keys, and how far this bot's own stream got (a
         # store that was lost or restored from a backup must not make a replay reuse counters).
         self._seen = await client.read(self.collab_id, box)
@@ -321,13 +327,8 @@ class Bot:
         if cursor == 0 and not self.backlog:  # a new bot starts from now
             state.commit_cursor(self.collab_id, self._seen.head)
             cursor = self._seen.head.seq
-        self.connections += 1
-        if self.connections == 1:
-            log.info("connected as %s in %s", self.handle, self.collab_id)
-        else:
-            log.info("reconnected as %s in %s", self.handle, self.collab_id)
-        for hook in self._on_connect if self.connections == 1 else self._on_resume:
-            await hook(self)
+        again = "re" if self.connections > 1 else ""
+        log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
         member = False  # whether the bot was a member at the entry being read
         async with client.history(
             self.collab_id,

@@ -216,17 +216,17 @@ async def test_an_example_bot_says_in_one_line_why_it_cannot_start(tmp_path: Pat
     unsafe = tmp_path / "open.cozy-agent"
     unsafe.write_text("{}")
     unsafe.chmod(0o644)
-    for args, says in (
-        ([], "usage: "),
-        ([str(tmp_path / "missing.cozy-agent")], "cannot read"),
-        ([str(unsafe)], "chmod 600"),
+    for args, says, status in (
+        ([], "usage: ", 1),  # sys.exit("usage: …")
+        ([str(tmp_path / "missing.cozy-agent")], "cannot read", 2),
+        ([str(unsafe)], "chmod 600", 2),
     ):
         with trio.fail_after(30):
             done = await trio.run_process(
                 [sys.executable, script, *args], capture_stderr=True, check=False
             )
         lines = done.stderr.decode().splitlines()
-        assert done.returncode == 2, lines
+        assert done.returncode == status, lines
         assert len(lines) == 1, lines
         assert says in lines[0]
 
