@@ -281,9 +281,7 @@ class Bot:
                         " its address?"
                     ) from None
                 else:
-                    log.warning(
-                        "connection to the relay lost (%s); reconnecting", type(error).__name__
-                    )
+                    log.warning("%s; reconnecting", _lost(error))
                 failures += 1
             started = True
             await trio.sleep(backoff_delay(failures, start=BACKOFF_START, cap=BACKOFF_CAP))
@@ -499,3 +497,11 @@ __all__ = [
     "NotAMember",
     "RelayUnreachable",
 ]
+
+
+def _lost(error: BaseException) -> str:
+    """What the log says about a lost connection: the close code and reason, or the error's
+    type (never a message that could quote data)."""
+    if isinstance(error, ConnectionLost):
+        return str(error)
+    return f"connection to the relay lost ({type(error).__name__})"

@@ -210,6 +210,27 @@ async def test_the_tool_bot_calls_the_example_weather_service_through_the_broker
     assert b"Traceback" not in bot.stderr
 
 
+async def test_a_revoked_bot_stops_with_one_line_and_a_failing_exit(
+    relay: Relay, tmp_path: Path
+) -> None:
+    """Old code: a revoked bot reconnected for ever (or died with a traceback)."""
+    collab, env, creds = await _setup(relay.url, tmp_path)
+    async with trio.open_nursery() as nursery:
+        bot = await _start_bot(nursery, "echo_bot.py", creds)
+        before = bot.stderr
+        await cozy("agent", "revoke", "the-bot", "--collab", collab, env=env)
+        with trio.fail_after(60):
+            code = await bot.process.wait()
+            await bot.closed.wait()
+    said = bot.stderr.removeprefix(before).decode().splitlines()
+    assert code == 1, said
+    assert b"Traceback" not in bot.stderr
+    # The log may first say the connection closed and the bot tried again; then one line.
+    assert said[-1].startswith("the-bot stopped: "), said
+    assert "revoked" in said[-1]
+    assert [line for line in said if "stopped" in line] == said[-1:]
+
+
 async def test_an_example_bot_says_in_one_line_why_it_cannot_start(tmp_path: Path) -> None:
     """Old code: a traceback for no arguments and for a credential file that is not there."""
     script = str(EXAMPLES / "echo_bot.py")
