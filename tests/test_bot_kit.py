@@ -147,3 +147,32 @@ async def test_commands_parse_their_arguments_and_a_bad_one_gets_a_usage_line(
     assert "\n" not in usage
     assert "--days" in usage
     assert "invalid int value" in usage
+
+
+def test_a_bot_author_finds_everything_in_clientkit() -> None:
+    """The examples import nothing but the standard library and `clientkit` (old code: they
+    needed `clientkit.bot` and `trio`; error codes came from `model.wire`, management
+    builders from the private `clientkit._collab`)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import clientkit
+
+    for name in ("Bot", "Context", "Author", "arg", "ErrorCode", "RelayRefused", "NotARecipient",
+                 "BotRemoved", "RelayUnreachable", "CredentialsError", "NotAMember",
+                 "add_member", "remove_member", "rotate_key", "change_role", "set_caps",
+                 "member_for", "Member", "Role", "MemberKind"):  # fmt: skip
+        assert hasattr(clientkit, name), name
+    examples = Path(__file__).resolve().parent.parent / "docs" / "examples"
+    for script in examples.glob("*.py"):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module != "__future__":
+                modules = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                assert module == "clientkit" or top in sys.stdlib_module_names, (script, module)
