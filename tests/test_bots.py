@@ -94,10 +94,11 @@ async def _start_bot(nursery: trio.Nursery, script: str, *args: str | Path) -> _
     return example
 
 
-async def _stop(example: _Example) -> tuple[int, list[str]]:
-    """SIGINT, as Ctrl-C does; returns the exit code and the lines it printed after."""
+async def _stop(example: _Example, signum: int = signal.SIGINT) -> tuple[int, list[str]]:
+    """SIGINT (as Ctrl-C does) or `signum`; returns the exit code and the lines it printed
+    after."""
     before = example.stderr
-    example.process.send_signal(signal.SIGINT)
+    example.process.send_signal(signum)
     with trio.fail_after(30):
         code = await example.process.wait()
         await example.closed.wait()
@@ -159,7 +160,8 @@ async def test_the_command_bot_parses_commands_and_answers_a_mistake_with_its_us
         await cozy("post", collab, "!roll banana", env=env)
         await cozy("post", collab, "!upper quiet please", env=env)
         lines = await _until(collab, env, ["the-bot", "QUIET PLEASE"])
-        await _stop(bot)
+        stopped = await _stop(bot, signal.SIGTERM)  # as a service manager stops it
+    assert stopped == (0, ["stopped: SIGTERM"])
     assert b"Traceback" not in bot.stderr
     [usage] = [text for who, text in lines if who == "the-bot" and text.startswith("usage:")]
     assert usage.startswith("usage: !roll")
