@@ -1,28 +1,39 @@
 """The bot kit: a bot is an agent that reacts to what happens in its collab.
 
-    bot = Bot.from_credentials("helper.cozy-agent", store="./helper-state")
+    bot = Bot("echo-bot.cozy-agent")          # its store defaults to ./echo-bot.state
 
     @bot.on_message
-    async def echo(ctx: Context, text: str) -> None:
-        await ctx.reply(f"you said: {text}")
+    async def echo(ctx: Context) -> None:
+        await ctx.reply(f"echo: {ctx.text}")
 
-    trio.run(bot.run)
+    bot.run_forever()
+
+Every handler has one shape, `async def handler(ctx)`: `ctx.text`, `ctx.author` (handle and
+account id), `ctx.entry` (the verified event), `ctx.is_dm`, `ctx.args` (a command's parsed
+arguments). `ctx.reply` answers where the message came from (a DM gets a DM to its author,
+sealed to the pair), `ctx.post` posts to the collab, `ctx.dm` writes to one member.
 
 What it takes care of, learning from what users of other bot SDKs trip over:
 
-- **State that must not be lost** lives in `store` (required; checked writable before anything
-  else): the verified head, the relay's receipts and the **cursor** — the last event whose
-  handler finished. Shutting down never revokes anything.
+- **Start from now.** A bot started for the first time (its store has no cursor) hands its
+  handlers only what is said from then on, not the collab's backlog; `backlog=True` hands it
+  everything since it joined. An entry from before the bot joined (or while it was not a
+  member) never reaches a handler, whatever the setting: it could not be answered (its
+  membership does not include the bot) and the bot was not there to hear it.
+- **State that must not be lost** lives in `store` (checked writable before anything else):
+  the verified head, the relay's receipts and the **cursor** — the last event whose handler
+  finished. Shutting down never revokes anything.
 - **Delivery is at least once; posts are exactly once.** The cursor is committed, together with
   the verified head, only after the handler returned; a crash in between replays that event on
-  restart, and nothing is ever skipped. A handler's posts are not repeated by a replay: each
-  reply is kept in the store, signed, before it is sent, and the handler's n-th `ctx.post` for
-  an entry returns the stored n-th reply (sending the kept bytes again if its ack was lost)
-  instead of signing a new one. Other side effects (tool calls, anything outside the collab)
-  happen again on a replay: make those idempotent (or check `ctx.entry.event_id`).
+  restart, and nothing is ever skipped. A handler's posts and DMs are not repeated by a replay:
+  each is kept in the store, signed, before it is sent, and the handler's n-th send for an
+  entry returns the stored n-th one (sending the kept bytes again if its ack was lost) instead
+  of signing a new one. Other side effects (tool calls, anything outside the collab) happen
+  again on a replay: make those idempotent (or check `ctx.entry.event_id`).
 - **Connections that die or go silent** are re-opened with jittered exponential backoff; a ping
   watchdog notices a silent socket. `on_connect` runs on the first connection, `on_resume` on
-  each reconnection.
+  each reconnection. A relay that cannot be reached at the very first connection is reported
+  (`RelayUnreachable`): that is a wrong URL or a relay not started, not a blip.
 - **A busy relay** (`overloaded`): `ctx.post` retries with jittered backoff for up to
   `Client.append`'s `retry_for`; past it `RelayOverloaded` reaches the handler, and if the
   handler lets it through, `run` backs off, reconnects and handles that event again (its post
@@ -30,107 +41,136 @@ What it takes care of, learning from what users of other bot SDKs trip over:
   by the client kit for 30 s and then, like any `overloaded`, by `run` reconnecting later.
   `too_many_connections` is not retried: `run` raises `TooManyConnections`,
   whose message says which connection to close.
+- **The end of the road is said, not retried**: a revoked token (`RelayRefused` with code
+  `unauthenticated`, or the relay closing the connection with 4003) and a removal from the
+  collab (`BotRemoved`) stop `run`.
 - **Integrity alarms are not swallowed.** An `IntegrityAlarm` (the relay lied: see
   docs/ordering.md) goes to the `on_alarm` hook if there is one and otherwise stops `run` by
   raising it: a bot must not keep acting on a history it cannot trust.
+- `run_forever()` is `run` for a script: it logs "connected as …", stops quietly on Ctrl-C or
+  SIGTERM and says in one line why it stopped, with a non-zero exit status for a failure.
 - The bot never sees its own events as new messages, posts with ordering evidence, and never
   holds a tool's secret (`ctx.call_tool` goes through the relay's broker).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, NoReturn
 
 import nacl.public
 import nacl.signing
 import trio
 from trio_websocket import ConnectionClosed
 
-from clientkit._agent import AgentCredentials, load_credentials
+from clientkit._agent import AgentCredentials, CredentialsError, load_credentials
+from clientkit._bot_commands import Command, UsageError, split_command
+from clientkit._bot_context import (
+    Author,
+    BotRemoved,
+    BotSetupError,
+    Context,
+    NotAMember,
+    RelayUnreachable,
+)
 from clientkit._client import Client, History, connect
 from clientkit._outbox import AuthorStream
 from clientkit._retry import backoff_delay
 from clientkit._state import ClientState
-from clientkit.errors import ConnectionLost, IntegrityAlarm, RelayOverloaded, RelayRefused
+from clientkit.errors import (
+    ConnectionLost,
+    IntegrityAlarm,
+    RelayOverloaded,
+    RelayRefused,
+)
 from model import content as contentmod
+from model import dm as dmmod
 from model import wire
 from model.chain import Head
 from model.envelope import seal_event
 from model.excgroups import innermost
+from model.membership import AddMember, CreateCollab, RemoveMember
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from model.envelope import SignedEvent
-    from model.membership import Proof
     from model.view import CollabView, Entry
 
-    MessageHandler = Callable[["Context", str], Awaitable[None]]
-    MemberHandler = Callable[["Context", Proof], Awaitable[None]]
+    Handler = Callable[["Context"], Awaitable[None]]
     Hook = Callable[["Bot"], Awaitable[None]]
     AlarmHook = Callable[["Bot", IntegrityAlarm], Awaitable[None]]
+    Sealer = Callable[[CollabView, contentmod.Evidence], SignedEvent]
 
-DEVICE: Final = "bot"
+DEVICE: Final = "bot"  # the author stream of the bot's posts (docs/ordering.md)
+DM_DEVICE: Final = "bot-dm"  # its DMs: kept and resent like posts, but they carry no evidence
 BACKOFF_START: Final = 0.5
 BACKOFF_CAP: Final = 30.0
 PING_EVERY: Final = 20.0
 PING_TIMEOUT: Final = 10.0
+REVOKED_CLOSE_CODE: Final = 4003  # the relay closes a revoked agent's connections with it
+
+log = logging.getLogger("clientkit.bot")
 
 
-class BotSetupError(Exception):
-    """The bot cannot start: the message says what to fix."""
-
-
-@dataclass
-class Context:
-    """What a handler gets: the entry, and ways to answer."""
-
-    bot: Bot
-    entry: Entry
-    _client: Client
-    _history: History
-    _posts: int = 0  # posts this handler made so far: the n-th is the same post on a replay
-
-    async def post(self, text: str) -> int:
-        """Post `text` to the collab (sealed, signed, with evidence). Returns its seq.
-
-        If the collab key rotated while the handler ran (a member was removed), the relay
-        bounces the post and it is sealed again under the new key, never stored under the old.
-        """
-        return await self.bot._post(self, text)
-
-    # Collabs have no threads yet: a reply is a post to the same collab.
-    reply = post
-
-    async def call_tool(self, tool: str, args: dict[str, str] | None = None) -> wire.ToolResult:
-        """Have the relay's broker call a tool (needs the `tool:NAME` capability)."""
-        return await self._client.call_tool(self.bot.collab_id, tool, args)
-
-
-@dataclass
 class Bot:
-    credentials: AgentCredentials
-    store: Path
-    _messages: list[MessageHandler] = field(default_factory=list)
-    _dms: list[MessageHandler] = field(default_factory=list)
-    _members: list[MemberHandler] = field(default_factory=list)
-    _on_connect: list[Hook] = field(default_factory=list)
-    _on_resume: list[Hook] = field(default_factory=list)
-    _on_alarm: AlarmHook | None = None
-    _seen: CollabView | None = None  # this session's read of the collab at the relay's head
-    connections: int = 0
-    ping_every: float = PING_EVERY
-    ping_timeout: float = PING_TIMEOUT
+    def __init__(
+        self,
+        credentials: str | Path | AgentCredentials,
+        *,
+        store: str | Path | None = None,
+        prefix: str = "!",
+        backlog: bool = False,
+    ) -> None:
+        """`credentials` is the 0600 file `cozy agent create` wrote (read when the bot starts,
+        or at once by `from_credentials`). `store` is where the bot keeps its cursor and
+        verified state; by default beside the credential file (`NAME.state` for
+        `NAME.cozy-agent`). Losing it means re-handling events. `prefix` starts a command.
+        `backlog` hands a bot's first run what was said since it joined, not only what is said
+        from then on."""
+        if isinstance(credentials, AgentCredentials):
+            self._credentials: AgentCredentials | None = credentials
+            self._source: Path | None = None
+        else:
+            self._credentials, self._source = None, Path(credentials)
+        if store is None:
+            if self._source is None:
+                raise BotSetupError("pass store=: where the bot keeps its cursor and state")
+            store = self._source.with_suffix(".state")
+        self.store = Path(store)
+        self.prefix = prefix
+        self.backlog = backlog
+        self.connections = 0
+        self.ping_every = PING_EVERY
+        self.ping_timeout = PING_TIMEOUT
+        self._messages: list[Handler] = []
+        self._dms: list[Handler] = []
+        self._members: list[Handler] = []
+        self._commands: dict[str, Command] = {}
+        self._on_connect: list[Hook] = []
+        self._on_resume: list[Hook] = []
+        self._on_alarm: AlarmHook | None = None
+        self._seen: CollabView | None = None  # this session's read of the collab at its head
+        self._store_checked = False
+        self._reached = False  # a connection to the relay was ever opened
 
     @classmethod
-    def from_credentials(cls, path: str | Path, *, store: str | Path) -> Bot:
-        """Load the 0600 credential file `cozy agent create` wrote; `store` is where the bot
-        keeps its cursor and verified state (required: losing it means re-handling events)."""
-        bot = cls(load_credentials(Path(path)), Path(store))
-        bot._check_store()
+    def from_credentials(
+        cls, path: str | Path, *, store: str | Path, prefix: str = "!", backlog: bool = False
+    ) -> Bot:
+        """Load the credential file and check the store now (raises `CredentialsError`,
+        `BotSetupError`), for code that wants to fail before it registers handlers."""
+        bot = cls(path, store=store, prefix=prefix, backlog=backlog)
+        bot._check_setup()
         return bot
+
+    @property
+    def credentials(self) -> AgentCredentials:
+        if self._credentials is None:
+            assert self._source is not None
+            self._credentials = load_credentials(self._source)
+        return self._credentials
 
     @property
     def collab_id(self) -> str:
@@ -140,7 +180,15 @@ class Bot:
     def account_id(self) -> str:
         return self.credentials.account_id
 
-    def _check_store(self) -> None:
+    @property
+    def handle(self) -> str:
+        return self.credentials.handle
+
+    def _check_setup(self) -> None:
+        """Raises `CredentialsError` or `BotSetupError`, each one line saying what to fix."""
+        _ = self.credentials
+        if self._store_checked:
+            return
         try:
             self.store.mkdir(mode=0o700, parents=True, exist_ok=True)
             probe = self.store / ".writable"
@@ -151,6 +199,7 @@ class Bot:
                 f"the bot's store {self.store} is not writable ({exc.strerror}): fix it before"
                 " starting, or the bot would re-handle or skip events after a restart"
             ) from None
+        self._store_checked = True
 
     @property
     def state(self) -> ClientState:
@@ -158,17 +207,33 @@ class Bot:
 
     # --- registration -------------------------------------------------------------------------
 
-    def on_message(self, fn: MessageHandler) -> MessageHandler:
+    def on_message(self, fn: Handler) -> Handler:
+        """Every message posted to the collab (not DMs; commands too)."""
         self._messages.append(fn)
         return fn
 
-    def on_dm(self, fn: MessageHandler) -> MessageHandler:
+    def on_dm(self, fn: Handler) -> Handler:
+        """Every direct message to the bot (`ctx.reply` answers with a DM)."""
         self._dms.append(fn)
         return fn
 
-    def on_member(self, fn: MemberHandler) -> MemberHandler:
+    def on_member(self, fn: Handler) -> Handler:
+        """Every membership change (`ctx.entry.proof`) after the bot joined."""
         self._members.append(fn)
         return fn
+
+    def command(self, name: str, *, help: str = "") -> Callable[[Handler], Handler]:
+        """`@bot.command("weather")`: runs for `PREFIX weather …`, in the collab or a DM,
+        with the `@arg`s below it parsed into `ctx.args`; a bad invocation is answered with
+        the command's usage in one line and never reaches the handler."""
+
+        def register(fn: Handler) -> Handler:
+            command = Command(name, fn, help)
+            command.build(self.prefix)
+            self._commands[name] = command
+            return fn
+
+        return register
 
     def on_connect(self, fn: Hook) -> Hook:
         self._on_connect.append(fn)
@@ -185,9 +250,18 @@ class Bot:
 
     # --- running ------------------------------------------------------------------------------
 
+    def run_forever(self) -> NoReturn:
+        """Run until Ctrl-C or SIGTERM, for a script: logs "connected as …", and when it stops
+        says why in one line on stderr and exits (0 for a signal, non-zero for a failure)."""
+        from clientkit._bot_run import run_forever
+
+        run_forever(self)
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. Reconnects on connection loss; raises integrity alarms
-        (unless `on_alarm` handles them) and refusals that retrying cannot fix."""
+        (unless `on_alarm` handles them), `RelayUnreachable` if the first connection fails,
+        and refusals that retrying cannot fix."""
+        self._check_setup()
         failures = 0
         started = False
         while True:
@@ -198,10 +272,16 @@ class Bot:
                 error = innermost(exc)
                 if isinstance(error, IntegrityAlarm) and self._on_alarm is not None:
                     await self._on_alarm(self, error)
-                elif not isinstance(
-                    error, (ConnectionLost, ConnectionClosed, OSError, _Silent, RelayOverloaded)
-                ) and not _overloaded(error):
+                elif not _retryable(error):
                     raise error from None  # TooManyConnections among them: retrying won't help
+                elif not self._reached:
+                    raise RelayUnreachable(
+                        f"cannot reach the relay at {self.credentials.relay_url}"
+                        f" ({str(error) or type(error).__name__}): is it running, and is that"
+                        " its address?"
+                    ) from None
+                else:
+                    log.warning("%s; reconnecting", _lost(error))
                 failures += 1
             started = True
             await trio.sleep(backoff_delay(failures, start=BACKOFF_START, cap=BACKOFF_CAP))
@@ -212,6 +292,7 @@ class Bot:
             connect(creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)) as client,
             trio.open_nursery() as nursery,
         ):
+            self._reached = True
             # Watched from the first request on: a relay that goes silent at any point (even
             # mid-handshake of a subscription) ends the session, and `run` reconnects.
             nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
@@ -227,19 +308,30 @@ class Bot:
         client.on_receipt = state.add_receipt
         # A reply signed before a crash or a lost connection, whose ack was never recorded,
         # goes out again (the same bytes) before anything new is signed.
-        await self._stream.resend_unacked(client)
+        for device in (DEVICE, DM_DEVICE):
+            await self._stream(device).resend_unacked(client)
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
         # The collab at the relay's head: its keys, and how far this bot's own stream got (a
         # store that was lost or restored from a backup must not make a replay reuse counters).
         self._seen = await client.read(self.collab_id, box)
-        keys = self._seen.known_keys()
+        if not self._seen.is_member:
+            raise BotRemoved(
+                f"{self.handle} is not a member of {self.collab_id}: it was removed (or never"
+                " added); a manager can add it again with `cozy collab add`"
+            )
         cursor = state.cursor(self.collab_id)
+        if cursor == 0 and not self.backlog:  # a new bot starts from now
+            state.commit_cursor(self.collab_id, self._seen.head)
+            cursor = self._seen.head.seq
+        again = "re" if self.connections > 1 else ""
+        log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
+        member = False  # whether the bot was a member at the entry being read
         async with client.history(
             self.collab_id,
             box,
-            keys=keys,
+            keys=self._seen.known_keys(),
             expect=state.head(self.collab_id),
             receipts=state.receipts(self.collab_id),
             follow=True,
@@ -247,12 +339,15 @@ class Bot:
             if task_status is not None:
                 task_status.started()
             async for entry in events:
-                if entry.seq > cursor:
-                    await self._dispatch(Context(self, entry, client, events))
+                member = _member_after(entry, member, self.account_id)
+                if entry.seq > cursor and member:
+                    await self._dispatch(client, events, entry)
                     # The entry's own position: a handler may have read the stream ahead
                     # (`History.read_ahead`), and those entries are still to be handled.
                     state.commit_cursor(self.collab_id, Head(entry.seq, entry.chain))
                     cursor = entry.seq
+        if not events.view.is_member:
+            raise BotRemoved(f"{self.handle} was removed from {self.collab_id}")
 
     async def _watchdog(self, client: Client, scope: trio.CancelScope) -> None:
         while True:
@@ -263,26 +358,37 @@ class Bot:
                 scope.cancel()
                 raise _Silent
 
-    async def _dispatch(self, ctx: Context) -> None:
-        entry = ctx.entry
-        if entry.author_id == self.account_id:
-            return  # never react to our own events
+    async def _dispatch(self, client: Client, history: History, entry: Entry) -> None:
+        if entry.author_id == self.account_id or not entry.author_id:
+            return  # never react to our own events (nor to a DM between others)
         if entry.proof is not None:
-            for member_handler in self._members:
-                await member_handler(ctx, entry.proof)
+            handlers = self._members
         elif isinstance(entry.content, contentmod.Message):
-            for handler in self._dms if entry.dm_to else self._messages:
-                await handler(ctx, entry.content.text)
+            handlers = self._dms if entry.dm_to else self._messages
+        else:
+            return
+        author = Author((await client.account(entry.author_id)).handle, entry.author_id)
+        ctx = Context(self, entry, author, client, history)
+        for handler in handlers:
+            await handler(ctx)
+        if isinstance(entry.content, contentmod.Message):
+            await self._run_command(ctx)
+
+    async def _run_command(self, ctx: Context) -> None:
+        invoked = split_command(ctx.text, self.prefix)
+        command = None if invoked is None else self._commands.get(invoked[0])
+        if invoked is None or command is None:
+            return  # not a command, or another bot's
+        try:
+            ctx.args = command.parse(invoked[1])
+        except UsageError as exc:
+            await ctx.reply(str(exc))
+            return
+        await command.handler(ctx)
+
+    # --- sending: everything the bot says leaves through `_send` ------------------------------
 
     async def _post(self, ctx: Context, text: str) -> int:
-        """Seal against the followed view; if the key rotated meanwhile (a member was removed
-        while the handler ran), the relay bounces it, the view reads its stream ahead to the
-        rotation, and it is sealed again under the new key.
-
-        The reply is the handler's n-th post for its entry: kept in the store before it is
-        sent, and on a replay of that entry (a crash or lost ack before the cursor was
-        committed) the same reply is sent again or, if stored, its seq returned — exactly once.
-        """
         signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
 
         def seal(view: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
@@ -298,27 +404,104 @@ class Bot:
                 epoch=epoch,
             )
 
-        ctx._posts += 1
-        sent = await self._stream.send(
+        return await self._send(ctx, DEVICE, b"reply", seal)
+
+    async def _dm(self, ctx: Context, to: str, text: str) -> int:
+        view = ctx._history.view
+        assert view.membership is not None
+        recipient = to if to in view.membership.members else None
+        if recipient is None and not to.startswith("a_"):
+            found = (await ctx._client.lookup(to)).account_id
+            recipient = found if found in view.membership.members else None
+        if recipient is None:
+            raise NotAMember(f"cannot DM {to}: not a member of {self.collab_id}")
+        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
+        box = nacl.public.PrivateKey(self.credentials.box_sk)
+
+        def seal(v: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
+            assert v.membership is not None
+            member = v.membership.members.get(recipient)
+            if member is None:
+                raise NotAMember(f"cannot DM {to}: no longer a member of {self.collab_id}")
+            return dmmod.seal_dm(
+                signing_key=signing_key,
+                sender_box_key=box,
+                recipient_box_pk=member.box_pk,  # from the fold, never from the directory
+                collab_id=self.collab_id,
+                sender_id=self.account_id,
+                recipient_id=recipient,
+                ts=evidence.clock,
+                epoch=v.membership.epoch,
+                content=contentmod.encode_content(contentmod.Message(text)),
+            )
+
+        return await self._send(ctx, DM_DEVICE, b"dm", seal)
+
+    async def _send(self, ctx: Context, device: str, kind: bytes, seal: Sealer) -> int:
+        """Seal against the followed view and append, exactly once per handler send.
+
+        If the key rotated meanwhile (a member was removed while the handler ran), the relay
+        bounces it, the view reads its stream ahead to the rotation, and it is sealed again.
+        The send is the handler's n-th for its entry: kept in the store before it is sent, and
+        on a replay of that entry (a crash or lost ack before the cursor was committed) the
+        same event is sent again or, if stored, its seq returned — exactly once.
+        """
+        ctx._sends += 1
+        sent = await self._stream(device).send(
             ctx._client,
             nacl.public.PrivateKey(self.credentials.box_sk),
             seal,
-            intent=b"reply:%s:%d" % (ctx.entry.event_id.hex().encode(), ctx._posts),
+            intent=b"%s:%s:%d" % (kind, ctx.entry.event_id.hex().encode(), ctx._sends),
             source=ctx.entry.seq,
             history=ctx._history,
             once=True,
         )
         return sent.seq
 
-    @property
-    def _stream(self) -> AuthorStream:
-        return AuthorStream(self.state, self.collab_id, DEVICE, seen=self._seen)
+    def _stream(self, device: str) -> AuthorStream:
+        return AuthorStream(self.state, self.collab_id, device, seen=self._seen)
 
 
-def _overloaded(error: BaseException) -> bool:
-    """A refusal that says the relay is busy (e.g. its catch-up caps): reconnecting later helps."""
-    return isinstance(error, RelayRefused) and error.code is wire.ErrorCode.OVERLOADED
+def _member_after(entry: Entry, was: bool, me: str) -> bool:
+    """Whether `me` is a member once `entry` is in: only a change naming `me` alters it."""
+    op = entry.proof.op if entry.proof is not None else None
+    if isinstance(op, CreateCollab) and op.owner.account_id == me:
+        return True
+    if isinstance(op, AddMember) and op.member.account_id == me:
+        return True
+    if isinstance(op, RemoveMember) and op.account_id == me:
+        return False
+    return was
+
+
+def _retryable(error: BaseException) -> bool:
+    """Errors a later connection can cure; a revocation (4003) is not one of them."""
+    if isinstance(error, ConnectionLost):
+        return error.code != REVOKED_CLOSE_CODE
+    if isinstance(error, RelayRefused):
+        return isinstance(error, RelayOverloaded) or error.code is wire.ErrorCode.OVERLOADED
+    return isinstance(error, (ConnectionClosed, OSError, _Silent))
 
 
 class _Silent(Exception):
     """The relay stopped answering pings."""
+
+
+__all__ = [
+    "Author",
+    "Bot",
+    "BotRemoved",
+    "BotSetupError",
+    "Context",
+    "CredentialsError",
+    "NotAMember",
+    "RelayUnreachable",
+]
+
+
+def _lost(error: BaseException) -> str:
+    """What the log says about a lost connection: the close code and reason, or the error's
+    type (never a message that could quote data)."""
+    if isinstance(error, ConnectionLost):
+        return str(error)
+    return f"connection to the relay lost ({type(error).__name__})"

@@ -15,7 +15,6 @@ that point runs, and the bot is then started again from its store by a new `Bot`
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sqlite3
 import sys
@@ -84,7 +83,6 @@ class _KillingState(ClientState):
         super().commit_cursor(collab_id, head)
 
 
-@dataclasses.dataclass
 class _KillableBot(Bot):
     kill_at: str | None = None
     replied: bool = False  # a reply was acked since the last cursor commit
@@ -96,11 +94,11 @@ class _KillableBot(Bot):
 
 def _answering(bot: _KillableBot) -> _KillableBot:
     @bot.on_message
-    async def answer(ctx: Context, text: str) -> None:
+    async def answer(ctx: Context) -> None:
         if bot.kill_at == "before_sign":
             bot.kill_at = None
             raise _Killed("before_sign")
-        await ctx.reply(f"re: {text}")
+        await ctx.reply(f"re: {ctx.text}")
 
     return bot
 
@@ -135,7 +133,7 @@ async def _bot_for(url: str, relay_pk: bytes, owner: User, tmp: Path) -> Path:
 async def _run_bot(creds: Path, store: Path, until_seq: int, kill_at: str | None) -> bool:
     """Run a fresh bot from its store until its cursor reaches `until_seq` (False) or it is
     killed at `kill_at` (True)."""
-    bot = _KillableBot.from_credentials(creds, store=store)
+    bot = _KillableBot.from_credentials(creds, store=store, backlog=True)  # posted before
     assert isinstance(bot, _KillableBot)
     _answering(bot)
     bot.kill_at = kill_at

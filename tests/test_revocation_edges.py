@@ -180,8 +180,8 @@ async def test_a_bot_reply_sealed_before_a_removal_is_resealed_not_lost(
     handling, removed = trio.Event(), trio.Event()
 
     @bot.on_message
-    async def answer(ctx: Context, text: str) -> None:
-        if text == "status?":
+    async def answer(ctx: Context) -> None:
+        if ctx.text == "status?":
             handling.set()
             await removed.wait()  # Carol is removed while the bot composes its answer
             await ctx.reply("all green")

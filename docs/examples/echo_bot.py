@@ -1,25 +1,28 @@
-"""Echo bot: answers every message in its collab. Run: python echo_bot.py CREDENTIALS STORE"""
+"""Echo bot: answers every message in its collab, and every DM with a DM.
+
+Run: python docs/examples/echo_bot.py echo-bot.cozy-agent   (see docs/bots.md)
+"""
 
 from __future__ import annotations
 
 import sys
 
-import trio
+from clientkit import Bot, Context
 
-from clientkit.bot import Bot, Context
-
-bot = Bot.from_credentials(sys.argv[1], store=sys.argv[2])
+if len(sys.argv) != 2:
+    sys.exit("usage: python echo_bot.py CREDENTIAL_FILE  (the file `cozy agent create` wrote)")
+bot = Bot(sys.argv[1])  # keeps its cursor in a store beside the file (echo-bot.state)
 
 
 @bot.on_message
-async def echo(ctx: Context, text: str) -> None:
-    await ctx.reply(f"echo: {text}")
+async def echo(ctx: Context) -> None:
+    await ctx.reply(f"echo: {ctx.text}")
 
 
 @bot.on_dm
-async def private(ctx: Context, text: str) -> None:
-    await ctx.reply(f"(someone sent me a DM of {len(text)} characters)")
+async def private(ctx: Context) -> None:
+    await ctx.reply(f"echo, just between us: {ctx.text}")  # a DM back to its author
 
 
 if __name__ == "__main__":
-    trio.run(bot.run)
+    bot.run_forever()

@@ -1,34 +1,36 @@
-"""Tool-calling bot: `!weather CITY` calls the operator's `weather` tool through the relay's
-broker (the API key stays in OpenBao) and posts the answer.
+"""Tool bot: `!weather Paris --days 3` calls the operator's `weather` tool through the relay's
+broker (the API key stays in OpenBao; the bot never holds it) and posts the answer.
 
-Run: python tool_bot.py CREDENTIALS STORE   (the agent needs --cap read --cap post
---cap tool:weather)
+Run: python docs/examples/tool_bot.py weather-bot.cozy-agent   (see docs/bots.md: the agent
+needs --cap tool:weather, and the relay the tool from docs/examples/tools.toml)
 """
 
 from __future__ import annotations
 
 import sys
 
-import trio
+from clientkit import Bot, Context, RelayRefused, arg
 
-from clientkit import RelayRefused
-from clientkit.bot import Bot, Context
+if len(sys.argv) != 2:
+    sys.exit("usage: python tool_bot.py CREDENTIAL_FILE  (the file `cozy agent create` wrote)")
+bot = Bot(sys.argv[1])
 
-bot = Bot.from_credentials(sys.argv[1], store=sys.argv[2])
 
-
-@bot.on_message
-async def weather(ctx: Context, text: str) -> None:
-    if not text.startswith("!weather "):
-        return
-    city = text.removeprefix("!weather ").strip()
+@bot.command("weather", help="the forecast for a city, e.g. !weather Paris --days 3")
+@arg("city", nargs="+")
+@arg("--days", type=int, default=1, choices=range(1, 8), metavar="1-7")
+async def weather(ctx: Context) -> None:
+    city = " ".join(ctx.args.city)
     try:
-        result = await ctx.call_tool("weather", {"city": city})
-    except RelayRefused as exc:
+        result = await ctx.call_tool("weather", {"city": city, "days": str(ctx.args.days)})
+    except RelayRefused as exc:  # not granted, not declared, upstream unreachable…
         await ctx.reply(f"the weather tool failed: {exc.message}")
         return
-    await ctx.reply(f"weather for {city} (HTTP {result.status}): {result.body[:500]}")
+    if result.status != 200:
+        await ctx.reply(f"the weather service answered HTTP {result.status}")
+        return
+    await ctx.reply(result.body[:500])
 
 
 if __name__ == "__main__":
-    trio.run(bot.run)
+    bot.run_forever()
