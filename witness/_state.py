@@ -1,0 +1,329 @@
+"""A witness's durable state: its key and, per log origin, the last checkpoint it cosigned.
+
+Why it must survive everything: a witness that forgets what it cosigned would cosign a fork the
+next time it is asked (it would trust the first checkpoint it sees again). So `serve` opens
+only an existing, initialised state directory and never creates one; `init` never overwrites.
+
+Layout of the state directory (mode 0700)::
+
+    witness.key       the Ed25519 seed, mode 0600, as `PRIVATE+KEY+<name>+<key id>+<base64>`
+    witness.vkey      the public verifier key string (what the witness prints and publishes)
+    state.sqlite      SQLite (WAL, synchronous=FULL): the format version, the key's verifier
+                      string, and one row per origin: size, root, checkpoint text, the note as
+                      the log sent it, and when it was cosigned
+
+Every add-checkpoint request is decided inside one `BEGIN IMMEDIATE` transaction: read the
+origin's row, decide (`model.tlog.witness_add_checkpoint`), write the new row, commit (fsync'd
+by synchronous=FULL), and only then is the 200 sent. That is the atomicity tlog-witness asks for
+(a slower request for an older size can never roll the record back), and what makes a
+`kill -9` right after a cosignature harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import stat
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from model import _crypto
+from model.note import (
+    ALG_COSIGNATURE_V1,
+    MalformedVerifierKey,
+    NoteSigner,
+    b64decode_strict,
+    b64encode,
+    is_valid_key_name,
+)
+from model.tlog import (
+    Checkpoint,
+    WitnessReply,
+    parse_add_checkpoint_request,
+    witness_add_checkpoint,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
+
+    from model.note import NoteVerifier
+
+FORMAT_VERSION: Final = 1
+KEY_FILE: Final = "witness.key"
+VKEY_FILE: Final = "witness.vkey"
+DB_FILE: Final = "state.sqlite"
+_PRIVATE_PREFIX: Final = "PRIVATE+KEY+"
+
+_SCHEMA: Final = """
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) STRICT;
+CREATE TABLE cosigned (
+    origin      TEXT PRIMARY KEY,
+    size        INTEGER NOT NULL CHECK (size >= 0),
+    root        BLOB NOT NULL CHECK (length(root) = 32),
+    body        TEXT NOT NULL,
+    note        BLOB NOT NULL,
+    cosigned_at INTEGER NOT NULL
+) STRICT;
+"""
+
+
+class WitnessStateError(Exception):
+    """The witness's state directory is missing, not initialised, or damaged. The message says
+    what to do; it is one line and never holds key material."""
+
+
+@dataclass(frozen=True, slots=True)
+class CosignedRecord:
+    """What the witness keeps per origin (for `status` output and tests)."""
+
+    origin: str
+    size: int
+    root: bytes
+    cosigned_at: int
+
+
+def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
+    # mode=rw: opening never creates a database, so a deleted state file is noticed instead of
+    # silently replaced by an empty one (which would make the witness trust a fork).
+    uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
+    conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    return conn
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: str, mode: int) -> None:
+    """Create `path` with `mode` (never overwriting), write, fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.write(fd, data.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def init_state(directory: Path, name: str) -> str:
+    """Create a witness's key and empty state in `directory`; return its verifier key string.
+
+    `directory` may exist only if empty. Raises `WitnessStateError` (already initialised, not
+    empty, a bad name, or the filesystem refused).
+    """
+    if not is_valid_key_name(name):
+        raise WitnessStateError(
+            f"--name {name!r} cannot be a key name: use one word with no spaces or '+', "
+            "ideally a schema-less URL such as witness.example.org/w1"
+        )
+    if (directory / KEY_FILE).exists() or (directory / DB_FILE).exists():
+        raise WitnessStateError(
+            f"{directory} already holds a witness; it is never overwritten (its state is what "
+            "keeps it from cosigning a fork): choose another --state directory"
+        )
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if any(directory.iterdir()):
+            raise WitnessStateError(
+                f"{directory} is not empty: give `cozy witness init` a new or empty directory"
+            )
+        os.chmod(directory, 0o700)
+        seed = _crypto.random_bytes(_crypto.SIGN_SEED_BYTES)
+        signer = NoteSigner(name, seed, ALG_COSIGNATURE_V1)
+        vkey = signer.verifier.vkey()
+        raw = b64encode(bytes([ALG_COSIGNATURE_V1]) + seed)
+        private = f"{_PRIVATE_PREFIX}{name}+{signer.verifier.key_id:08x}+{raw}\n"
+        db_path = directory / DB_FILE
+        conn = _connect(db_path, create=True)
+        try:
+            conn.executescript(_SCHEMA)
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("format", str(FORMAT_VERSION)), ("vkey", vkey)],
+            )
+        finally:
+            conn.close()
+        # The key comes last: a directory holding the key always holds a complete database.
+        _write_new(directory / VKEY_FILE, vkey + "\n", 0o644)
+        _write_new(directory / KEY_FILE, private, 0o600)
+        _fsync_dir(directory)
+    except OSError as exc:
+        raise WitnessStateError(
+            f"cannot create the witness state in {directory}: {exc.strerror}"
+        ) from None
+    return vkey
+
+
+def _read_signer(directory: Path) -> NoteSigner:
+    path = directory / KEY_FILE
+    try:
+        info = path.stat()
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        raise WitnessStateError(
+            f"{directory} holds no witness key: run `cozy witness init --state {directory} "
+            "--name NAME` first (or point --state at the directory you initialised)"
+        ) from None
+    except OSError as exc:
+        raise WitnessStateError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise WitnessStateError(
+            f"{path} is readable by other users: `chmod 600 {path}` (and consider the key "
+            "exposed: a copy could cosign forks in this witness's name)"
+        )
+    bad = WitnessStateError(f"{path} is not a witness key file; restore it from your backup")
+    if not text.startswith(_PRIVATE_PREFIX):
+        raise bad
+    name, _, rest = text[len(_PRIVATE_PREFIX) :].partition("+")
+    hex_id, _, b64 = rest.partition("+")
+    try:
+        raw = b64decode_strict(b64)
+        if len(raw) != 1 + _crypto.SIGN_SEED_BYTES or raw[0] != ALG_COSIGNATURE_V1:
+            raise bad
+        signer = NoteSigner(name, raw[1:], ALG_COSIGNATURE_V1)
+    except (ValueError, MalformedVerifierKey):
+        raise bad from None
+    if f"{signer.verifier.key_id:08x}" != hex_id:
+        raise bad
+    return signer
+
+
+class _LatestInTransaction(Mapping[str, Checkpoint]):
+    """The `latest` mapping `witness_add_checkpoint` reads, answered from the open transaction."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def __getitem__(self, origin: str) -> Checkpoint:
+        row = self._conn.execute(
+            "SELECT size, root, body FROM cosigned WHERE origin = ?", (origin,)
+        ).fetchone()
+        if row is None:
+            raise KeyError(origin)
+        size, root, _body = row
+        return Checkpoint(origin, int(size), bytes(root))
+
+    def __iter__(self) -> Iterator[str]:
+        for (origin,) in self._conn.execute("SELECT origin FROM cosigned"):
+            yield str(origin)
+
+    def __len__(self) -> int:
+        (count,) = self._conn.execute("SELECT count(*) FROM cosigned").fetchone()
+        return int(count)
+
+
+class WitnessStore:
+    """An opened state directory. Thread-safe; every method blocks (call from a worker thread)."""
+
+    def __init__(self, directory: Path, signer: NoteSigner, conn: sqlite3.Connection) -> None:
+        self.directory = directory
+        self._signer = signer
+        self._conn = conn
+        self._lock = threading.Lock()
+
+    @property
+    def verifier(self) -> NoteVerifier:
+        return self._signer.verifier
+
+    def add_checkpoint(
+        self, body: bytes, *, logs: Mapping[str, Sequence[NoteVerifier]], now: int
+    ) -> WitnessReply:
+        """Decide one request and, on 200, persist the new checkpoint before returning.
+
+        The read of the origin's record, the decision and the write are one transaction, so
+        concurrent requests are decided one after the other against committed state. Raises
+        `sqlite3.Error` if the write fails; the caller must then answer 5xx, not the reply.
+        """
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                reply = witness_add_checkpoint(
+                    body,
+                    logs=logs,
+                    latest=_LatestInTransaction(self._conn),
+                    cosigner=self._signer,
+                    now=now,
+                )
+                new = reply.cosigned
+                if new is not None:
+                    note = parse_add_checkpoint_request(body).checkpoint
+                    self._conn.execute(
+                        "INSERT INTO cosigned (origin, size, root, body, note, cosigned_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (origin) DO UPDATE SET"
+                        " size = excluded.size, root = excluded.root, body = excluded.body,"
+                        " note = excluded.note, cosigned_at = excluded.cosigned_at",
+                        (new.origin, new.size, new.root, new.body(), note, now),
+                    )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("ROLLBACK")
+                raise
+        return reply
+
+    def records(self) -> list[CosignedRecord]:
+        """Every origin's last cosigned checkpoint, sorted by origin."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT origin, size, root, cosigned_at FROM cosigned ORDER BY origin"
+            ).fetchall()
+        return [CosignedRecord(str(o), int(s), bytes(r), int(t)) for o, s, r, t in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def open_state(directory: Path) -> WitnessStore:
+    """Open an initialised state directory. Never creates anything.
+
+    Raises `WitnessStateError` with a one-line next step when the directory, the key or the
+    database is missing, the key file is readable by others, or the key and the database do
+    not belong together.
+    """
+    if not directory.is_dir():
+        raise WitnessStateError(
+            f"no witness state at {directory}: run `cozy witness init --state {directory} "
+            "--name NAME` first, or point --state at the directory you initialised"
+        )
+    signer = _read_signer(directory)
+    db_path = directory / DB_FILE
+    if not db_path.is_file():
+        raise WitnessStateError(
+            f"{db_path} is missing: restore it from your backup. A witness must not start "
+            "without the record of what it cosigned (it would then cosign a fork); if it is "
+            "truly lost, `cozy witness init` a new witness under a new name and key"
+        )
+    try:
+        conn = _connect(db_path, create=False)
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.Error:
+        raise WitnessStateError(
+            f"{db_path} is not a witness database (unreadable or damaged): restore it from "
+            "your backup"
+        ) from None
+    if meta.get("format") != str(FORMAT_VERSION):
+        conn.close()
+        raise WitnessStateError(
+            f"{db_path} has state format {meta.get('format')!r}; this cozy reads format "
+            f"{FORMAT_VERSION}: use the cozy version that wrote it"
+        )
+    if meta.get("vkey") != signer.verifier.vkey():
+        conn.close()
+        raise WitnessStateError(
+            f"{directory / KEY_FILE} and {db_path} belong to different witnesses: restore the "
+            "pair from one backup"
+        )
+    return WitnessStore(directory, signer, conn)
