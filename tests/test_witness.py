@@ -9,6 +9,7 @@ every cosignature is verified with model.note / model.tlog, as a relay's clients
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -16,6 +17,7 @@ import sqlite3
 import subprocess
 from pathlib import Path
 
+import h11
 import pytest
 import trio
 
@@ -35,6 +37,7 @@ from model.tlog import (
     Checkpoint,
     add_signatures,
     open_checkpoint,
+    parse_cosignature_reply,
     sign_checkpoint,
 )
 from tests.cli_harness import COZY
@@ -117,17 +120,17 @@ class WitnessProcess:
         await self._proc.wait()
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Send `signum` (SIGKILL after 15 s); the exit code. Safe when already stopped."""
         proc = self._proc
-        if proc is None or proc.returncode is not None:
-            return proc.returncode if proc is not None else 0
+        assert proc is not None
         with trio.CancelScope(shield=True):
-            proc.send_signal(signum)
-            with trio.move_on_after(15):
-                await proc.wait()
             if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        return proc.returncode
+                proc.send_signal(signum)
+                with trio.move_on_after(15):
+                    await proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+            return await proc.wait()
 
 
 async def cozy_witness(*args: str) -> tuple[int, str, str]:
@@ -503,3 +506,95 @@ async def test_a_signal_stops_the_witness_quietly(tmp_path: Path, signum: int) -
     logged = witness.log_path.read_text()
     assert "witness stopped" in logged
     assert "Traceback" not in logged
+
+
+async def test_the_witness_service_cosigns_what_an_independent_c2sp_log_sent(
+    tmp_path: Path,
+) -> None:
+    """Requests recorded from aics-tlog / aics-witness (tests/data/tlog_vectors.json, an
+    independent Python implementation of the C2SP specs), posted byte for byte to the real
+    service configured with their log key: cosigned, and the cosignatures verify."""
+    vectors = json.loads((Path(__file__).parent / "data" / "tlog_vectors.json").read_text())
+    their_log = NoteVerifier.from_vkey(vectors["log_vkey"])
+    state, w = await init_witness(tmp_path)
+    witness = WitnessProcess(state, "--log", vectors["log_vkey"])
+    await witness.start()
+    try:
+        for body in (
+            b"old 0\n\n" + vectors["checkpoints"]["13"].encode(),
+            vectors["their_request_13_21"].encode(),
+        ):
+            status, reply = await raw_post(witness.url, body)
+            assert status == 200, reply
+            note = body.partition(b"\n\n")[2]
+            sigs = parse_cosignature_reply(reply)
+            opened = open_checkpoint(add_signatures(note, sigs), their_log, witnesses=[w], quorum=1)
+            assert set(opened.cosigned_at) == {w.name}
+        assert opened.checkpoint.size == 21
+    finally:
+        await witness.stop()
+
+
+async def test_keep_alive_serves_several_requests_and_idle_connections_are_bounded(
+    tmp_path: Path,
+) -> None:
+    state, w = await init_witness(tmp_path)
+    log = Log()
+    witness = WitnessProcess(state, "--log", log.verifier.vkey())
+    await witness.start()
+    host, port = witness.url.removeprefix("http://").split(":")
+    try:
+        # tlog-witness recommends keep-alive: three steps of a log on one connection.
+        stream = await trio.open_tcp_stream(host, int(port))
+        async with stream:
+            conn = h11.Connection(h11.CLIENT)
+            old = 0
+            for grow in (2, 3, 4):
+                log.grow(grow)
+                body = log.request(old).encode()
+                head = h11.Request(
+                    method="POST",
+                    target="/add-checkpoint",
+                    headers=[("host", host), ("content-length", str(len(body)))],
+                )
+                await stream.send_all(
+                    conn.send(head) + conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage())
+                )
+                status, reply = 0, b""
+                with trio.fail_after(30):
+                    while True:
+                        event = conn.next_event()
+                        if event is h11.NEED_DATA:
+                            conn.receive_data(await stream.receive_some(65536))
+                        elif isinstance(event, h11.Response):
+                            status = event.status_code
+                        elif isinstance(event, h11.Data):
+                            reply += event.data
+                        elif isinstance(event, h11.EndOfMessage):
+                            break
+                assert status == 200
+                sigs = parse_cosignature_reply(reply)
+                assert assert_cosigned(log.note(), sigs, log, w) == len(log.leaves)
+                old = len(log.leaves)
+                conn.start_next_cycle()
+        # Idle connections beyond the bound are closed unanswered; the others are not starved.
+        idle = [await trio.open_tcp_stream(host, int(port)) for _ in range(64)]
+        try:
+            await trio.sleep(0.5)  # let the witness accept all of them
+            extra = await trio.open_tcp_stream(host, int(port))
+            async with extra:
+                await extra.send_all(b"POST /add-checkpoint HTTP/1.1\r\nhost: x\r\n\r\n")
+                with trio.fail_after(30):
+                    try:
+                        answer = await extra.receive_some(4096)
+                    except trio.BrokenResourceError:
+                        answer = b""  # closed with a reset: unanswered all the same
+                assert answer == b""
+        finally:
+            for s in idle:
+                await s.aclose()
+        await trio.sleep(0.5)
+        log.grow(1)
+        await submit_checkpoint(witness.url, log.request(old), witness=w)
+    finally:
+        await witness.stop()
