@@ -173,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         _logging.configure(level=logging.WARNING)
         return client_cli.run_command(args.run, args)
     if hasattr(args, "witness_action"):
+        _logging.configure(json=getattr(args, "json_logs", False))
         return witness_cli.run(args)
     if hasattr(args, "release_action"):
         from cozy import _release

@@ -9,6 +9,7 @@ every cosignature is verified with model.note / model.tlog, as a relay's clients
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,17 +26,20 @@ from clientkit import (
     WitnessBadRequest,
     WitnessConflict,
     WitnessProofRejected,
+    WitnessReplyInvalid,
+    WitnessUnavailable,
     WitnessUnknownLog,
     WitnessUntrustedSignature,
     submit_checkpoint,
 )
 from model import merkle
 from model.merkle import leaf_hash
-from model.note import NoteSigner, NoteVerifier, b64encode
+from model.note import ALG_COSIGNATURE_V1, NoteSigner, NoteVerifier, b64encode
 from model.tlog import (
     AddCheckpointRequest,
     Checkpoint,
     add_signatures,
+    cosign_checkpoint,
     open_checkpoint,
     parse_cosignature_reply,
     sign_checkpoint,
@@ -598,3 +602,80 @@ async def test_keep_alive_serves_several_requests_and_idle_connections_are_bound
         await submit_checkpoint(witness.url, log.request(old), witness=w)
     finally:
         await witness.stop()
+
+
+async def test_one_witness_per_state_and_a_taken_address_is_one_line(tmp_path: Path) -> None:
+    state, _ = await init_witness(tmp_path)
+    log_key = Log().verifier.vkey()
+    witness = WitnessProcess(state, "--log", log_key)
+    await witness.start()
+    try:
+        code, out, err = await cozy_witness("serve", "--state", str(state), "--log", log_key)
+        assert (code, out) == (1, "")
+        assert "another `cozy witness serve` is using" in err
+        assert len(err.strip().splitlines()) == 1
+        code, out, _ = await cozy_witness("status", "--state", str(state))  # reads alongside
+        assert (code, "nothing cosigned yet" in out) == (0, True)
+        other_state = tmp_path / "other"
+        other_state.mkdir()
+        other, _ = await init_witness(other_state)
+        taken = witness.url.removeprefix("http://")
+        code, _, err = await cozy_witness(
+            "serve", "--state", str(other), "--log", log_key, "--listen", taken
+        )
+        assert code == 1
+        assert "already in use" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        await witness.stop()
+
+
+async def test_submit_checkpoint_types_what_a_broken_or_hostile_witness_answers(
+    tmp_path: Path,
+) -> None:
+    """The log's side: every answer but a valid cosignature is a typed error, never a crash."""
+    log = Log()
+    log.grow(2)
+    request = log.request(0)
+    impostor = NoteSigner(WITNESS_NAME, bytes(range(9, 41)), ALG_COSIGNATURE_V1)
+    them = NoteSigner(WITNESS_NAME, bytes(range(2, 34)), ALG_COSIGNATURE_V1).verifier
+    forged = cosign_checkpoint(Checkpoint(ORIGIN, 2, merkle.tree_root(log.leaves)), impostor, 1)
+
+    answers = [
+        (b"200 OK", b"text/plain", b"not a signature line\n", WitnessReplyInvalid),
+        (b"200 OK", b"text/plain", forged.line().encode(), WitnessReplyInvalid),
+        (b"409 Conflict", b"text/x.tlog.size", b"twelve\n", WitnessUnavailable),
+        (b"500 Internal Server Error", b"text/plain", b"\x1b[31mboom\n", WitnessUnavailable),
+        (b"418 I'm a teapot", b"text/plain", b"", WitnessUnavailable),
+    ]
+
+    async def fake_witness(stream: trio.SocketStream) -> None:
+        status, ctype, body, _ = answers[0]
+        with trio.move_on_after(5):
+            await stream.receive_some(65536)
+        await stream.send_all(
+            b"HTTP/1.1 "
+            + status
+            + b"\r\ncontent-type: "
+            + ctype
+            + b"\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % len(body)
+            + body
+        )
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, fake_witness, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        while answers:
+            expected = answers[0][3]
+            with pytest.raises(expected) as caught:
+                await submit_checkpoint(f"http://127.0.0.1:{port}", request, witness=them)
+            assert "\x1b" not in str(caught.value)
+            answers.pop(0)
+        nursery.cancel_scope.cancel()
+    with pytest.raises(WitnessUnavailable):  # nothing listens there any more
+        await submit_checkpoint(f"http://127.0.0.1:{port}", request, witness=them)
+    with pytest.raises(ValueError):
+        await submit_checkpoint("ws://127.0.0.1:1", request)

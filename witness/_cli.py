@@ -119,11 +119,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
-
     import trio
 
-    from cozy import _logging
     from witness._logs import LogConfigError, build_trusted_logs
     from witness._state import open_state
 
@@ -135,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    store = open_state(args.state)
+    store = open_state(args.state, serving=True)
     try:
         try:
             logs = build_trusted_logs(
@@ -144,7 +141,6 @@ def _serve(args: argparse.Namespace) -> int:
         except LogConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        _logging.configure(json=args.json_logs, level=logging.INFO)
         return trio.run(_serve_until_signal, store, logs, host, port)
     finally:
         store.close()

@@ -22,6 +22,7 @@ by synchronous=FULL), and only then is the 200 sent. That is the atomicity tlog-
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import sqlite3
 import stat
@@ -227,10 +228,17 @@ class _LatestInTransaction(Mapping[str, Checkpoint]):
 class WitnessStore:
     """An opened state directory. Thread-safe; every method blocks (call from a worker thread)."""
 
-    def __init__(self, directory: Path, signer: NoteSigner, conn: sqlite3.Connection) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        signer: NoteSigner,
+        conn: sqlite3.Connection,
+        dir_lock: int | None = None,
+    ) -> None:
         self.directory = directory
         self._signer = signer
         self._conn = conn
+        self._dir_lock = dir_lock
         self._lock = threading.Lock()
 
     @property
@@ -284,14 +292,37 @@ class WitnessStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            if self._dir_lock is not None:
+                os.close(self._dir_lock)  # releases the flock
+                self._dir_lock = None
 
 
-def open_state(directory: Path) -> WitnessStore:
+def _lock_directory(directory: Path) -> int:
+    """An exclusive flock on the directory, held while serving: one witness per state.
+
+    Two processes on one record would still be consistent (SQLite serialises their
+    transactions), but one would answer 503 whenever the other held the write lock for long,
+    and a second `serve` is almost always a mistake (an old one still running).
+    """
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise WitnessStateError(
+            f"another `cozy witness serve` is using {directory}: stop it first (one witness "
+            "per state directory)"
+        ) from None
+    return fd
+
+
+def open_state(directory: Path, *, serving: bool = False) -> WitnessStore:
     """Open an initialised state directory. Never creates anything.
 
-    Raises `WitnessStateError` with a one-line next step when the directory, the key or the
-    database is missing, the key file is readable by others, or the key and the database do
-    not belong together.
+    With `serving`, also take the directory's exclusive lock (see `_lock_directory`). Raises
+    `WitnessStateError` with a one-line next step when the directory, the key or the database
+    is missing, the key file is readable by others, the key and the database do not belong
+    together, or (serving) another process serves it.
     """
     if not directory.is_dir():
         raise WitnessStateError(
@@ -326,4 +357,11 @@ def open_state(directory: Path) -> WitnessStore:
             f"{directory / KEY_FILE} and {db_path} belong to different witnesses: restore the "
             "pair from one backup"
         )
-    return WitnessStore(directory, signer, conn)
+    if not serving:
+        return WitnessStore(directory, signer, conn)
+    try:
+        dir_lock = _lock_directory(directory)
+    except BaseException:
+        conn.close()
+        raise
+    return WitnessStore(directory, signer, conn, dir_lock)
