@@ -31,6 +31,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
+from localfs import atomic_write
 from model import _crypto
 from model.note import (
     ALG_COSIGNATURE_V1,
@@ -100,24 +101,6 @@ def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     return conn
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: str, mode: int) -> None:
-    """Create `path` with `mode` (never overwriting), write, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.write(fd, data.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def init_state(directory: Path, name: str) -> str:
     """Create a witness's key and empty state in `directory`; return its verifier key string.
 
@@ -157,9 +140,8 @@ def init_state(directory: Path, name: str) -> str:
         finally:
             conn.close()
         # The key comes last: a directory holding the key always holds a complete database.
-        _write_new(directory / VKEY_FILE, vkey + "\n", 0o644)
-        _write_new(directory / KEY_FILE, private, 0o600)
-        _fsync_dir(directory)
+        atomic_write(directory / VKEY_FILE, (vkey + "\n").encode(), mode=0o644, overwrite=False)
+        atomic_write(directory / KEY_FILE, private.encode(), mode=0o600, overwrite=False)
     except OSError as exc:
         raise WitnessStateError(
             f"cannot create the witness state in {directory}: {exc.strerror}"
