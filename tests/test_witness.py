@@ -212,6 +212,7 @@ async def test_a_witness_cosigns_a_growing_log_and_every_cosignature_verifies(
     assert code == 0
     assert f"{ORIGIN} size=22" in out
     assert w.vkey() in out
+    assert "FORK" not in out  # an honest log's lost-track 409 is not evidence of anything
 
 
 async def test_concurrent_submissions_never_roll_the_witness_back(tmp_path: Path) -> None:
@@ -288,8 +289,21 @@ async def test_a_forked_checkpoint_is_refused_and_never_cosigned(tmp_path: Path)
     finally:
         await witness.stop()
     code, out, _ = await cozy_witness("status", "--state", str(state))
-    assert code == 0
-    assert f"size=8 root={merkle_b64(honest.leaves)}" in out
+    assert f"{ORIGIN} size=8 root={merkle_b64(honest.leaves)}" in out
+    # The fork the log signed is kept as evidence beside what was cosigned: two log-signed
+    # checkpoints of size 5 with different roots, and the one whose proof failed.
+    assert code == 3
+    assert f"FORK {ORIGIN} size=5 root={merkle_b64(other.leaves[:5])} refused=409" in out
+    assert f"FORK {ORIGIN} size=8 root={merkle_b64(other.leaves)} refused=422" in out
+    assert out.count("FORK ") == 2
+    db = sqlite3.connect(state / "state.sqlite")
+    try:
+        rows = db.execute("SELECT size, note FROM evidence ORDER BY size").fetchall()
+    finally:
+        db.close()
+    assert open_checkpoint(rows[0][1], honest.verifier).checkpoint == Checkpoint(
+        ORIGIN, 5, merkle.tree_root(other.leaves[:5])
+    )
 
 
 def merkle_b64(leaves: list[bytes]) -> str:

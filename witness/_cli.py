@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from witness._state import WitnessStore
 
 DEFAULT_LISTEN: Final = "127.0.0.1:8780"
+EXIT_FORK_SEEN: Final = 3
+"""`status` found a log-signed checkpoint refused as a fork (the user commands' integrity exit)."""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -109,13 +111,19 @@ def _status(args: argparse.Namespace) -> int:
     try:
         print(f"witness {store.verifier.vkey()}")
         records = store.records()
+        evidence = store.evidence()
     finally:
         store.close()
     if not records:
         print("nothing cosigned yet")
     for r in records:
         print(f"{r.origin} size={r.size} root={b64encode(r.root)} cosigned_at={r.cosigned_at}")
-    return 0
+    for e in evidence:
+        print(
+            f"FORK {e.origin} size={e.size} root={b64encode(e.root)} refused={e.status}"
+            f" received_at={e.received_at} (the log signed it; kept in {args.state}/state.sqlite)"
+        )
+    return EXIT_FORK_SEEN if evidence else 0
 
 
 def _serve(args: argparse.Namespace) -> int:

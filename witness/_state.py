@@ -9,8 +9,9 @@ Layout of the state directory (mode 0700)::
     witness.key       the Ed25519 seed, mode 0600, as `PRIVATE+KEY+<name>+<key id>+<base64>`
     witness.vkey      the public verifier key string (what the witness prints and publishes)
     state.sqlite      SQLite (WAL, synchronous=FULL): the format version, the key's verifier
-                      string, and one row per origin: size, root, checkpoint text, the note as
-                      the log sent it, and when it was cosigned
+                      string, one row per origin (size, root, checkpoint text, the note as the
+                      log sent it, when it was cosigned), and the first MAX_EVIDENCE_PER_ORIGIN
+                      log-signed checkpoints refused as forks of it (`evidence`)
 
 Every add-checkpoint request is decided inside one `BEGIN IMMEDIATE` transaction: read the
 origin's row, decide (`model.tlog.witness_add_checkpoint`), write the new row, commit (fsync'd
@@ -36,15 +37,18 @@ from model import _crypto
 from model.note import (
     ALG_COSIGNATURE_V1,
     MalformedVerifierKey,
+    NoteError,
     NoteSigner,
     b64decode_strict,
     b64encode,
     is_valid_key_name,
+    parse_note,
 )
 from model.tlog import (
     Checkpoint,
     WitnessReply,
     parse_add_checkpoint_request,
+    parse_checkpoint,
     witness_add_checkpoint,
 )
 
@@ -73,7 +77,19 @@ CREATE TABLE cosigned (
     note        BLOB NOT NULL,
     cosigned_at INTEGER NOT NULL
 ) STRICT;
+CREATE TABLE evidence (
+    origin      TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    root        BLOB NOT NULL,
+    status      INTEGER NOT NULL,
+    note        BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    PRIMARY KEY (origin, size, root)
+) STRICT;
 """
+MAX_EVIDENCE_PER_ORIGIN: Final = 16
+"""Refused log-signed checkpoints kept per origin (the first ones: a forking log cannot make a
+witness store without bound, and the first fork is the one that matters)."""
 
 
 class WitnessStateError(Exception):
@@ -89,6 +105,18 @@ class CosignedRecord:
     size: int
     root: bytes
     cosigned_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceRecord:
+    """A checkpoint the log signed and the witness refused as a fork of what it cosigned."""
+
+    origin: str
+    size: int
+    root: bytes
+    status: int
+    note: bytes
+    received_at: int
 
 
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
@@ -256,12 +284,57 @@ class WitnessStore:
                         " note = excluded.note, cosigned_at = excluded.cosigned_at",
                         (new.origin, new.size, new.root, new.body(), note, now),
                     )
+                elif reply.status in (409, 422):
+                    self._keep_evidence(body, reply.status, now)
                 self._conn.execute("COMMIT")
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     self._conn.execute("ROLLBACK")
                 raise
         return reply
+
+    def _keep_evidence(self, body: bytes, status: int, now: int) -> None:
+        """Keep a log-signed checkpoint refused as a fork of what was cosigned (tlog-witness
+        allows logging it): with the cosigned note beside it, two checkpoints the log signed
+        that cannot both be true. A 409 or 422 comes only after the log's signature verified.
+
+        Kept: the same size with another root (409: proof of a fork by itself), and a proof
+        that does not lead from the cosigned checkpoint (422: a fork, or a broken prover). Not
+        kept: a 409 for an old size (an honest log's late or lost-track request).
+        """
+        try:
+            note = parse_add_checkpoint_request(body).checkpoint
+            checkpoint = parse_checkpoint(parse_note(note).text)
+        except NoteError:
+            return
+        prior = _LatestInTransaction(self._conn).get(checkpoint.origin)
+        if prior is None:
+            return
+        forked = status == 422 or (checkpoint.size == prior.size and checkpoint.root != prior.root)
+        if not forked:
+            return
+        (kept,) = self._conn.execute(
+            "SELECT count(*) FROM evidence WHERE origin = ?", (checkpoint.origin,)
+        ).fetchone()
+        if kept >= MAX_EVIDENCE_PER_ORIGIN:
+            return
+        self._conn.execute(
+            "INSERT OR IGNORE INTO evidence (origin, size, root, status, note, received_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (checkpoint.origin, checkpoint.size, checkpoint.root, status, note, now),
+        )
+
+    def evidence(self) -> list[EvidenceRecord]:
+        """Every refused log-signed checkpoint kept, by origin then arrival."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT origin, size, root, status, note, received_at FROM evidence"
+                " ORDER BY origin, received_at"
+            ).fetchall()
+        return [
+            EvidenceRecord(str(o), int(s), bytes(r), int(st), bytes(n), int(t))
+            for o, s, r, st, n, t in rows
+        ]
 
     def records(self) -> list[CosignedRecord]:
         """Every origin's last cosigned checkpoint, sorted by origin."""
