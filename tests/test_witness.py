@@ -378,6 +378,14 @@ async def test_serve_refuses_to_start_without_its_initialised_state(tmp_path: Pa
     code, _, err = await cozy_witness("init", "--state", str(state), "--name", "again")
     assert code == 1
     assert "never overwritten" in err
+    # an init that died between the database and the key says how to start over
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "state.sqlite").write_bytes(b"")
+    code, _, err = await cozy_witness("init", "--state", str(half), "--name", "again")
+    assert (code, "did not finish" in err) == (1, True)
+    code, err = await serve(half)
+    assert (code, "holds no witness key" in err) == (1, True)
 
 
 async def test_a_key_file_others_can_read_is_refused(tmp_path: Path) -> None:

@@ -122,7 +122,8 @@ class EvidenceRecord:
 def _connect(path: Path, *, create: bool) -> sqlite3.Connection:
     # mode=rw: opening never creates a database, so a deleted state file is noticed instead of
     # silently replaced by an empty one (which would make the witness trust a fork).
-    uri = f"file:{path}?mode={'rwc' if create else 'rw'}"
+    # as_uri() percent-encodes the path: a directory name holding "?" or "#" stays a path.
+    uri = f"{path.resolve().as_uri()}?mode={'rwc' if create else 'rw'}"
     conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
@@ -140,7 +141,12 @@ def init_state(directory: Path, name: str) -> str:
             f"--name {name!r} cannot be a key name: use one word with no spaces or '+', "
             "ideally a schema-less URL such as witness.example.org/w1"
         )
-    if (directory / KEY_FILE).exists() or (directory / DB_FILE).exists():
+    if (directory / DB_FILE).exists() and not (directory / KEY_FILE).exists():
+        raise WitnessStateError(
+            f"an earlier `cozy witness init` in {directory} did not finish (a database but no "
+            "key): delete that directory and run init again"
+        )
+    if (directory / KEY_FILE).exists():
         raise WitnessStateError(
             f"{directory} already holds a witness; it is never overwritten (its state is what "
             "keeps it from cosigning a fork): choose another --state directory"
@@ -173,6 +179,11 @@ def init_state(directory: Path, name: str) -> str:
     except OSError as exc:
         raise WitnessStateError(
             f"cannot create the witness state in {directory}: {exc.strerror}"
+        ) from None
+    except sqlite3.Error as exc:
+        raise WitnessStateError(
+            f"cannot create the witness database in {directory} ({type(exc).__name__}): check "
+            "the disk and the directory's permissions"
         ) from None
     return vkey
 
