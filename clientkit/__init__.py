@@ -24,6 +24,7 @@ from clientkit._collab import member_for as member_for
 from clientkit._collab import set_caps as set_caps
 from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
+from clientkit._witness import submit_checkpoint as submit_checkpoint
 from clientkit.bot import Bot as Bot
 from clientkit.errors import AccessRefused as AccessRefused
 from clientkit.errors import AccountTakeoverDetected as AccountTakeoverDetected
@@ -41,6 +42,14 @@ from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected
 from clientkit.errors import TooManyConnections as TooManyConnections
 from clientkit.errors import WithholdingDetected as WithholdingDetected
+from clientkit.errors import WitnessBadRequest as WitnessBadRequest
+from clientkit.errors import WitnessConflict as WitnessConflict
+from clientkit.errors import WitnessError as WitnessError
+from clientkit.errors import WitnessProofRejected as WitnessProofRejected
+from clientkit.errors import WitnessReplyInvalid as WitnessReplyInvalid
+from clientkit.errors import WitnessUnavailable as WitnessUnavailable
+from clientkit.errors import WitnessUnknownLog as WitnessUnknownLog
+from clientkit.errors import WitnessUntrustedSignature as WitnessUntrustedSignature
 from clientkit.errors import WrongAccountKind as WrongAccountKind
 from model.epochs import NotARecipient as NotARecipient
 from model.membership import Member as Member

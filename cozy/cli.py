@@ -10,6 +10,7 @@ from pathlib import Path
 
 from clientkit import cli as client_cli
 from cozy import _logging
+from witness import _cli as witness_cli
 
 
 def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -162,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     client_cli.register(sub)
     _relay_commands(sub)
     _release_commands(sub)
+    witness_cli.register(sub)
     return parser
 
 
@@ -170,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     if hasattr(args, "run"):
         _logging.configure(level=logging.WARNING)
         return client_cli.run_command(args.run, args)
+    if hasattr(args, "witness_action"):
+        _logging.configure(json=getattr(args, "json_logs", False))
+        return witness_cli.run(args)
     if hasattr(args, "release_action"):
         from cozy import _release
 

@@ -25,7 +25,7 @@ from cozy.cli import build_parser
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "cli.md"
 # Where the shipped code lives; tests/conftest.py is read too, for COZY_TEST_DATABASE_URL.
-PACKAGES = ("clientkit", "cozy", "relay", "fanout", "ledger", "model")
+PACKAGES = ("clientkit", "cozy", "relay", "fanout", "ledger", "model", "witness")
 EXTRA_SOURCES = (ROOT / "tests" / "conftest.py",)
 _COZY_VAR = re.compile(r"COZY_[A-Z0-9_]+")
 # "### `cozy account signup`", or a group's "## Accounts: `cozy account`".
