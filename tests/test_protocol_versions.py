@@ -12,11 +12,14 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import msgspec
+import nacl.public
+import nacl.signing
 import pytest
 import trio
 import trio_websocket
 
 from model import protocol, wire
+from model.ids import new_id
 from tests.cli_harness import client_env, cozy
 
 if TYPE_CHECKING:
@@ -165,3 +168,31 @@ async def test_a_client_of_this_version_connects_to_a_relay_of_this_version(rela
     with trio.fail_after(20):
         async with connect(relay.url) as client:
             await client.request(lambda rid: wire.Ping(rid=rid), wire.Pong)
+
+
+async def test_a_bot_stops_on_a_version_mismatch_instead_of_reconnecting(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from clientkit import ProtocolMismatch
+    from clientkit._agent import AgentCredentials, save_credentials
+    from clientkit.bot import Bot
+
+    monkeypatch.setattr(wire, "PROTOCOL", NEWER)
+    creds = tmp_path / "bot.cozy-agent"
+    save_credentials(
+        creds,
+        AgentCredentials(
+            relay_url=relay.url,
+            relay_pk=relay.relay_pk.hex(),
+            account_id=new_id("a"),
+            handle="old-bot",
+            collab_id=new_id("c"),
+            sign_seed=bytes(nacl.signing.SigningKey.generate()),
+            box_sk=bytes(nacl.public.PrivateKey.generate()),
+            token="t",
+            expires_at=0,
+        ),
+    )
+    bot = Bot.from_credentials(creds, store=tmp_path / "store")
+    with trio.fail_after(20), pytest.raises(ProtocolMismatch, match="upgrade this client"):
+        await bot.run()
