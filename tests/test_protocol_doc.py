@@ -20,13 +20,18 @@ import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.inspect as mi
 import pytest
+import trio
 
+from clientkit._transport import open_websocket
 from model import envelope, membership, protocol, wire
+
+if TYPE_CHECKING:
+    from relay._server import Relay
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = (ROOT / "docs" / "protocol.md").read_text()
@@ -382,6 +387,39 @@ def test_batch_elements_are_frames_inline_as_the_page_says() -> None:
     )
     with pytest.raises(wire.MalformedFrame):
         wire.unbatch_replies(wrapped)
+
+
+async def test_the_relay_sends_batches_of_inline_frames(relay: Relay) -> None:
+    """What a real relay's writer coalesces is a map whose `frames` are maps, as the page says."""
+    n = 64
+    batches = 0
+    async with trio.open_nursery() as nursery:
+        async with open_websocket(relay.url, nursery) as ws:
+            with trio.fail_after(30):
+                assert _read(await ws.get_message())["t"] == "welcome"
+                for _ in range(20):  # the writer coalesces what is queued: almost always at once
+                    pings = [{**build("ping", REQUESTS["ping"]), "rid": i} for i in range(n)]
+                    await ws.send_message(msgspec.msgpack.encode({"t": "batch", "frames": pings}))
+                    seen: list[object] = []
+                    while len(seen) < n:
+                        message = _read(await ws.get_message())
+                        if message["t"] == "batch":
+                            batches += 1
+                            seen += message["frames"]
+                        else:
+                            seen.append(message)
+                    assert seen == [{"t": "pong", "rid": i} for i in range(n)]
+                    if batches:
+                        break
+        nursery.cancel_scope.cancel()
+    assert batches, "the relay never coalesced 64 queued replies into a batch"
+
+
+def _read(message: str | bytes) -> dict[str, Any]:
+    assert isinstance(message, bytes), "the relay sent a text message"
+    value = msgspec.msgpack.decode(message)
+    assert isinstance(value, dict)
+    return value
 
 
 # --- named types ----------------------------------------------------------------------------
