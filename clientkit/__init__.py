@@ -33,6 +33,7 @@ from clientkit.errors import ConnectionLost as ConnectionLost
 from clientkit.errors import EquivocationDetected as EquivocationDetected
 from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
+from clientkit.errors import ProtocolMismatch as ProtocolMismatch
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
 from clientkit.errors import RelayOverloaded as RelayOverloaded

@@ -20,9 +20,10 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from clientkit._retry import backoff_delay
-from clientkit.errors import ConnectionLost, RelayRefused, TooManyConnections
+from clientkit.errors import ConnectionLost, ProtocolMismatch, RelayRefused, TooManyConnections
 from model import wire
 from model.proofs import sign_request
+from model.protocol import PROTOCOL, announced_protocol
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -54,7 +55,7 @@ class ClientCore:
         self._one_shot: set[str] = set()  # subscriptions without follow
         self._finished: set[str] = set()  # one-shot subscriptions the relay has completed
         self._welcome = trio.Event()
-        self._closed: ConnectionLost | None = None
+        self._closed: ConnectionLost | ProtocolMismatch | None = None
         self.relay_pk = b""
         self.challenge = b""  # this connection's, from `Welcome`: signed requests sign it
         self.account_id: str | None = None
@@ -68,8 +69,17 @@ class ClientCore:
     async def _read_loop(self) -> None:
         try:
             while True:
-                for frame in wire.unbatch_replies(await self._ws.get_message()):  # type: ignore[arg-type]
+                message = await self._ws.get_message()
+                if not self._welcome.is_set():
+                    # Before our own frame types read it: a newer relay's welcome may not decode.
+                    announced = announced_protocol(message) if isinstance(message, bytes) else None
+                    if announced != PROTOCOL:
+                        raise ProtocolMismatch(announced)
+                for frame in wire.unbatch_replies(message):  # type: ignore[arg-type]
                     await self._route(frame)
+        except ProtocolMismatch as exc:
+            self._fail(exc)
+            await self._ws.aclose(wire.CloseCode.PROTOCOL_ERROR, "protocol mismatch")
         except ConnectionClosed as exc:
             reason = exc.reason
             self._fail(
@@ -77,7 +87,7 @@ class ClientCore:
             )
         except wire.MalformedFrame:
             self._fail(ConnectionLost(None, "relay sent a frame this client cannot read"))
-            await self._ws.aclose(1002, "malformed frame")
+            await self._ws.aclose(wire.CloseCode.PROTOCOL_ERROR, "malformed frame")
 
     async def _route(self, frame: wire.Reply) -> None:
         match frame:
@@ -104,7 +114,7 @@ class ClientCore:
                 if waiter is not None:
                     waiter.send_nowait(frame)
 
-    def _fail(self, err: ConnectionLost) -> None:
+    def _fail(self, err: ConnectionLost | ProtocolMismatch) -> None:
         self._closed = err
         self._welcome.set()
         for w in self._waiters.values():

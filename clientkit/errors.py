@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from model import wire
+from model.protocol import mismatch_message
 
 if TYPE_CHECKING:
     from model.envelope import SignedEvent
@@ -106,6 +107,16 @@ class AccessRefused(ClientError):
         super().__init__(f"the relay refused the connection (HTTP {status}: {reason}); {hint}")
         self.status = status
         self.reason = reason
+
+
+class ProtocolMismatch(ClientError):
+    """The relay speaks another version of the protocol than this client (docs/protocol.md
+    "Versions", ADR-0021). Not retried: every reconnect gets the same answer. The message says
+    who must upgrade; `relay_protocol` is what the relay announced (None: nothing readable)."""
+
+    def __init__(self, relay_protocol: str | None) -> None:
+        super().__init__(mismatch_message(relay_protocol))
+        self.relay_protocol = relay_protocol
 
 
 class RelayIdentityChanged(ClientError):

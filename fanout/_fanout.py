@@ -45,7 +45,7 @@ from fanout._message import Message, starts_new_batch
 from model import wire
 from model.envelope import SequencedEvent, event_id
 
-LAG_CLOSE_CODE: Final = 4008
+LAG_CLOSE_CODE: Final = wire.CloseCode.LAGGING
 
 
 # (collab_id, from_seq, max_events, max_bytes) -> (events, whether the ledger held more):

@@ -4,7 +4,9 @@ Every request carries a client-chosen ``rid``; the reply to it carries the same 
 (events, end-of-catch-up markers, subscription ends) carry no rid. Frames are frozen
 msgspec Structs decoded by one reused typed decoder per direction. Decoding is strict: unknown
 fields are refused, so a field added later must get a default (a newer side then still reads
-an older side's frames) and the protocol version in `Welcome` says which fields a peer knows.
+an older side's frames) and the protocol version in `Welcome` says which fields a peer knows
+(model/protocol.py reads it before these types do; ADR-0021). docs/protocol.md describes every
+frame, and tests/test_protocol_doc.py builds each one from that page.
 
 The request frames, both unions and the codec live here; the relay → client frames are in
 model/_wire_replies.py and the shared base and error codes in model/_wire_base.py (so no module
@@ -50,8 +52,9 @@ from model._wire_replies import Welcome as Welcome
 from model._wire_replies import Withheld as Withheld
 from model.envelope import SignedEvent
 from model.errors import DECODE_ERRORS as _DECODE_ERRORS
+from model.protocol import PROTOCOL as PROTOCOL
+from model.protocol import CloseCode as CloseCode
 
-PROTOCOL: Final = "cozylabs/1"
 # Largest frame the relay reads. Bigger frames get a `frame_too_large` error; frames beyond the
 # WebSocket layer's hard cap (WS_HARD_LIMIT) make it close the connection with code 1009.
 MAX_FRAME_BYTES: Final = 128 * 1024
@@ -274,6 +277,9 @@ class GetArtifact(_Frame, frozen=True, tag="get_artifact"):
 
 class Batch(_Frame, frozen=True, tag="batch"):
     """Several frames in one WebSocket message, handled in order as if sent one by one.
+
+    Each element is a frame's msgpack map placed inline (`Raw`), not wrapped in `bin`: the
+    message is one msgpack value, and inner frames are copied, never re-encoded.
 
     Either side may coalesce frames it already has queued; it saves a WebSocket frame and a
     syscall per frame for pipelined traffic. Batches do not nest.

@@ -230,7 +230,9 @@ class Connection:
     def reply(self, frame: wire.Reply) -> None:
         """Queue a reply; a client that cannot take its own replies is dropped as lagging."""
         if not self.offer(wire.encode(frame)) and not self._closing:
-            self.disconnect(4008, "client is not reading its replies: reconnect and resume")
+            self.disconnect(
+                wire.CloseCode.LAGGING, "client is not reading its replies: reconnect and resume"
+            )
 
     async def send(self, frame: bytes) -> None:
         """Send a frame now, waiting for the socket (artifact downloads)."""

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Final, Literal
 
 import trio
 
+from model import wire
 from relay._throttle import RateBudget, Throttled
 
 if TYPE_CHECKING:
@@ -38,8 +39,8 @@ if TYPE_CHECKING:
     from relay._connection import Connection
     from relay.config import FrontDoorLimits
 
-AUTH_TIMEOUT_CODE: Final = 4001
-EVICTED_CODE: Final = 4002
+AUTH_TIMEOUT_CODE: Final = wire.CloseCode.AUTH_TIMEOUT
+EVICTED_CODE: Final = wire.CloseCode.EVICTED
 
 Turn = Literal["signup", "login"]
 _TURNS: Final[tuple[Turn, ...]] = ("signup", "login")

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("cozy.relay")
 
-SHUTDOWN_CLOSE_CODE: Final = 1001
+SHUTDOWN_CLOSE_CODE: Final = wire.CloseCode.GOING_AWAY
 SHUTDOWN_GRACE: Final = 5.0
 HANDSHAKE_TIMEOUT: Final = 10.0
 # Messages trio-websocket reads ahead of the request loop, per connection. When they are not

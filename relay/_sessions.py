@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("cozy.relay")
 
-AGENT_REVOKED_CODE: Final = 4003
+AGENT_REVOKED_CODE: Final = wire.CloseCode.AGENT_REVOKED
 SESSION_EXPIRED: Final = "session expired: log in again"
 SESSIONS_ENDED: Final = (
     "this session was ended (every session of the account was ended, or its login password"
