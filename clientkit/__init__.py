@@ -38,6 +38,7 @@ from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
 from clientkit.errors import RelayOverloaded as RelayOverloaded
 from clientkit.errors import RelayRefused as RelayRefused
+from clientkit.errors import RelayUnreachable as RelayUnreachable
 from clientkit.errors import ReorderDetected as ReorderDetected
 from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected

@@ -119,6 +119,11 @@ class ProtocolMismatch(ClientError):
         self.relay_protocol = relay_protocol
 
 
+class RelayUnreachable(ClientError):
+    """The relay did not answer in time, or its TLS could not be set up; the message says what
+    to check. Nothing was sent to it."""
+
+
 class RelayIdentityChanged(ClientError):
     """The relay presented a different signing key than the one pinned in COZY_HOME."""
 
