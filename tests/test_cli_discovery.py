@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import stat
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,6 +13,8 @@ import pytest
 from tests.cli_harness import cli_signup, client_env, cozy
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from relay._server import Relay
 
 
@@ -75,12 +76,14 @@ async def test_agent_credentials_go_to_a_private_folder_in_cozy_home_and_listing
     alice = client_env(home)
     await cli_signup(relay.url, home, "alice")
     collab = (await cozy("collab", "create", "ops", env=alice)).stdout.decode().strip()
-    made = await cozy("agent", "create", collab, "helper", "--cap", "read", env=alice)
+    checkout = tmp_path / "checkout"  # where a person following the docs runs it
+    checkout.mkdir()
+    made = await cozy("agent", "create", collab, "helper", "--cap", "read", env=alice, cwd=checkout)
     creds = home / "agents" / "helper.cozy-agent"
     assert str(creds).encode() in made.stdout
     assert stat.S_IMODE(creds.stat().st_mode) == 0o600
     assert stat.S_IMODE(creds.parent.stat().st_mode) == 0o700
-    assert not (Path.cwd() / "helper.cozy-agent").exists()  # where `cozy` ran
+    assert not list(checkout.iterdir())
     again = await cozy("agent", "create", collab, "helper", env=alice, check=False)
     assert again.returncode == 1
     assert b"exists" in again.stderr
