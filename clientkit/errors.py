@@ -120,8 +120,9 @@ class ProtocolMismatch(ClientError):
 
 
 class RelayUnreachable(ClientError):
-    """The relay did not answer in time, or its TLS could not be set up; the message says what
-    to check. Nothing was sent to it."""
+    """The relay cannot be reached: it did not answer in time, its TLS could not be set up, or
+    (the bot kit, on its first connection) it is not running or the URL is wrong. The message
+    says what to check."""
 
 
 class RelayIdentityChanged(ClientError):
