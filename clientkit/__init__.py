@@ -14,7 +14,6 @@ from clientkit._bot_context import BotRemoved as BotRemoved
 from clientkit._bot_context import BotSetupError as BotSetupError
 from clientkit._bot_context import Context as Context
 from clientkit._bot_context import NotAMember as NotAMember
-from clientkit._bot_context import RelayUnreachable as RelayUnreachable
 from clientkit._client import Client as Client
 from clientkit._client import History as History
 from clientkit._client import connect as connect
@@ -38,6 +37,7 @@ from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
 from clientkit.errors import RelayOverloaded as RelayOverloaded
 from clientkit.errors import RelayRefused as RelayRefused
+from clientkit.errors import RelayUnreachable as RelayUnreachable
 from clientkit.errors import ReorderDetected as ReorderDetected
 from clientkit.errors import ReplayDetected as ReplayDetected
 from clientkit.errors import TamperDetected as TamperDetected

@@ -25,10 +25,6 @@ class BotRemoved(ClientError):
     """The bot is not (or no longer) a member of its collab: a human must add it again."""
 
 
-class RelayUnreachable(ClientError):
-    """The bot's first connection failed: the relay URL is wrong or the relay is not running."""
-
-
 @dataclass(frozen=True)
 class Author:
     """Who wrote an entry: the handle the relay's directory gives, and the account id (the

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import nacl.public
 import nacl.signing
@@ -14,6 +14,7 @@ from clientkit import _collab
 from clientkit._agent import AgentCredentials, save_credentials
 from clientkit._cli_changes import _manage
 from clientkit._cli_collabs import _check_caps
+from clientkit._cli_discovery import emit_json
 from clientkit._cli_session import (
     CliError,
     _connected,
@@ -37,10 +38,12 @@ if TYPE_CHECKING:
 async def cmd_agent_create(args: argparse.Namespace) -> None:
     """Create a bot's account with fresh keys, add it to the collab with its capabilities (a
     proof signed by this human), and write its 0600 credential file."""
-    me = await _unlock(Home.from_env())
+    home = Home.from_env()
     caps = tuple(args.cap or (CAP_READ, CAP_POST))
     _check_caps(MemberKind.AGENT, caps)
-    out = _free_path(args.out or f"{args.name}.cozy-agent")  # checked before anything is created
+    # Checked before anything is created.
+    out = _free_path(args.out) if args.out else _default_credentials_path(home, args.name)
+    me = await _unlock(home)
     sign = nacl.signing.SigningKey.generate()
     box = nacl.public.PrivateKey.generate()
     account_id = new_id("a")
@@ -71,6 +74,24 @@ async def cmd_agent_create(args: argparse.Namespace) -> None:
         f"agent {args.name} added to {args.collab} at seq {ack.seq} with {', '.join(caps)};"
         f" its credentials are in {out} (mode 0600): give that file to the bot and nobody else"
     )
+
+
+AGENTS_DIR: Final = "agents"
+
+
+def _default_credentials_path(home: Home, name: str) -> Path:
+    """COZY_HOME/agents/NAME.cozy-agent, in a directory only this user can enter: never the
+    current directory, which is a repository when following the docs (and a secret there is
+    one `git add .` from being published)."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise CliError(f"{name!r} cannot be an agent's name: use letters, digits, '-', '_', '.'")
+    folder = home.path / AGENTS_DIR
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
+    except OSError as exc:
+        raise CliError(f"cannot make {folder}: {exc.strerror}; check COZY_HOME") from None
+    return _free_path(str(folder / f"{name}.cozy-agent"))
 
 
 def _free_path(name: str) -> Path:
@@ -121,7 +142,7 @@ async def cmd_agent_revoke(args: argparse.Namespace) -> None:
         )
 
 
-async def cmd_account_agents(_args: argparse.Namespace) -> None:
+async def cmd_account_agents(args: argparse.Namespace) -> None:
     """The agents this account created (needs only a session: metadata)."""
     home = Home.from_env()
     profile = home.load_profile()
@@ -129,6 +150,19 @@ async def cmd_account_agents(_args: argparse.Namespace) -> None:
     async with connect(profile.relay_url, pinned_relay_pk=_pin(profile)) as client:
         await _session(client, home, profile, password)
         agents = await client.list_agents()
+    if args.json:
+        emit_json(
+            [
+                {
+                    "handle": a.handle,
+                    "account_id": a.account_id,
+                    "created_at": a.created_at,
+                    "revoked": a.revoked,
+                }
+                for a in agents
+            ]
+        )
+        return
     if not agents:
         print("you have created no agents (`cozy agent create COLLAB NAME` makes one)")
     for agent in agents:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from clientkit import _collab
 from clientkit._cli_changes import _manage, _post, _sealer
+from clientkit._cli_discovery import emit_json
 from clientkit._cli_session import CliError, _connected, _lookup, _member, _read, _unlock
 from clientkit._collab import fingerprint
 from clientkit._home import Home
@@ -135,16 +138,40 @@ async def cmd_collab_rotate(args: argparse.Namespace) -> None:
     print(f"rotated the collab key to epoch {epoch} at seq {ack.seq}")
 
 
+class MemberRow(msgspec.Struct, frozen=True):
+    """One member as `cozy collab members` lists them (the --json field names)."""
+
+    handle: str
+    account_id: str
+    role: str
+    kind: str
+    fingerprint: str  # of the keys this device's fold pinned for them
+    caps: list[str]
+
+
 async def cmd_collab_members(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with _connected(me) as client:
         view = await _read(client, me, args.collab)
         assert view.membership is not None
-        print(f"{args.collab}: epoch {view.membership.epoch}, head seq {view.head.seq}")
-        for m in view.membership.readers():
-            handle = (await client.account(m.account_id)).handle
-            caps = ",".join(m.caps) or "-"
-            print(
-                f"{handle}\t{m.role.value}\t{m.kind.value}"
-                f"\t{fingerprint(m.sign_pk, m.box_pk)}\t{caps}"
+        members = [
+            MemberRow(
+                handle=(await client.account(m.account_id)).handle,
+                account_id=m.account_id,
+                role=m.role.value,
+                kind=m.kind.value,
+                fingerprint=fingerprint(m.sign_pk, m.box_pk),
+                caps=list(m.caps),
             )
+            for m in view.membership.readers()
+        ]
+    epoch, head_seq = view.membership.epoch, view.head.seq
+    if args.json:
+        emit_json(
+            {"collab_id": args.collab, "epoch": epoch, "head_seq": head_seq, "members": members}
+        )
+        return
+    print(f"{args.collab}: epoch {epoch}, head seq {head_seq}")
+    for m in members:
+        caps = ",".join(m.caps) or "-"
+        print(f"{m.handle}\t{m.role}\t{m.kind}\t{m.fingerprint}\t{caps}")

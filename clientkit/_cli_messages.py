@@ -1,5 +1,5 @@
-"""Posting and reading: `cozy post`, `dm`, `attach`, `fetch`, `tail`, `verify`, and
-`cozy evidence check` with the proof export an equivocation alarm leaves behind."""
+"""Posting and reading: `cozy post`, `dm`, `attach`, `fetch`, `verify`, and `cozy evidence check`
+with the proof export an equivocation alarm leaves behind (`tail` is in `_cli_tail`)."""
 
 from __future__ import annotations
 
@@ -10,21 +10,19 @@ from typing import TYPE_CHECKING
 
 from clientkit._cli_changes import _after_lost_ack, _post, _sealer
 from clientkit._cli_session import CliError, _connected, _member, _read, _unlock
-from clientkit._collab import describe
 from clientkit._home import Home
 from clientkit.errors import ConnectionLost, EquivocationDetected, ForkDetected, TamperDetected
 from localfs import atomic_write
 from model import artifacts, dm, equivocation
 from model import content as contentmod
 from model._crypto import CryptoError, random_bytes
-from model.membership import AddMember
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterator
 
     from model.envelope import SignedEvent
-    from model.view import CollabView, Entry
+    from model.view import CollabView
 
 
 async def cmd_post(args: argparse.Namespace) -> None:
@@ -184,43 +182,6 @@ def _open_spool(spool: Path, out: Path, key: bytes, collab_id: str, ref: str) ->
     return written
 
 
-async def cmd_tail(args: argparse.Namespace) -> None:
-    me = await _unlock(Home.from_env())
-    # Verification always starts at the genesis (the membership fold needs every change), so
-    # `--from` only filters what is printed. The head saved last time must be on the path.
-    state = me.home.state
-    saved = state.head(args.collab)
-    async with _connected(me) as client:
-        names: dict[str, str] = {}
-        # Two passes: the first opens every epoch key this account was given (one arrives with
-        # the addition, after that epoch's earlier events), the second prints with all of them.
-        keys = (await _read(client, me, args.collab)).known_keys()
-        async with client.history(
-            args.collab,
-            me.box_key,
-            keys=keys,
-            expect=saved,
-            receipts=state.receipts(args.collab),
-            follow=args.follow,
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
-        ) as events:
-            try:
-                async for entry in events:
-                    if entry.seq % 100 == 0:
-                        state.save_head(args.collab, events.head)
-                    if entry.seq < args.from_seq:
-                        continue
-                    for account_id in (entry.author_id, entry.dm_to, *_mentioned(entry)):
-                        if account_id and account_id not in names:
-                            names[account_id] = (await client.account(account_id)).handle
-                    author = names.get(entry.author_id, "-")
-                    print(f"{entry.seq}\t{author}\t{describe(entry, names)}", flush=True)
-            finally:
-                # Only verified positions are saved, so a relay cannot roll this device back.
-                state.save_head(args.collab, events.head)
-
-
 async def cmd_verify(args: argparse.Namespace) -> None:
     """Re-verify a collab's whole history from seq 1 and print the head to compare with other
     members out of band; with --against, compare with the head another member read out."""
@@ -277,15 +238,6 @@ def _parse_head(text: str) -> tuple[int, str]:
     if not seq.isdigit() or len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
         raise CliError("--against takes a head as `cozy verify` prints it: SEQ:HEX (8+ hex digits)")
     return int(seq), prefix
-
-
-def _mentioned(entry: Entry) -> list[str]:
-    if entry.proof is None:
-        return []
-    op = entry.proof.op
-    if isinstance(op, AddMember):
-        return [op.member.account_id]
-    return [getattr(op, "account_id", "")]
 
 
 def _now_ms() -> int:

@@ -203,7 +203,11 @@ async def _unlock_with_passphrase(home: Home) -> tuple[Unlocked, str]:
         key = await trio.to_thread.run_sync(keystore.unwrap_key, sealed, passphrase)
         keys = keystore.open_content(sealed, key)
     except CryptoError:
-        raise CliError("wrong passphrase (or a damaged keystore): nothing was changed") from None
+        raise CliError(
+            "wrong passphrase (or a damaged keystore): nothing was changed. Check"
+            " COZY_PASSPHRASE; if it is forgotten, `cozy account recover` sets a new one with"
+            " your recovery code"
+        ) from None
     return Unlocked(home, profile, sealed, key, keys), passphrase
 
 
@@ -306,7 +310,10 @@ async def _read(client: Client, me: Unlocked, collab_id: str) -> CollabView:
         )
     except RelayRefused as exc:
         if exc.code is wire.ErrorCode.UNAUTHORIZED:
-            raise CliError(f"you are not a member of {collab_id} (or it does not exist)") from None
+            raise CliError(
+                f"you are not a member of {collab_id} (or it does not exist): `cozy collab list`"
+                " shows the collabs you are in"
+            ) from None
         raise
 
 
@@ -325,5 +332,8 @@ async def _lookup(client: Client, handle: str) -> wire.AccountInfo:
         return await client.lookup(handle)
     except RelayRefused as exc:
         if exc.code is wire.ErrorCode.NOT_FOUND:
-            raise CliError(f"no account is called {handle!r} on this relay") from None
+            raise CliError(
+                f"no account is called {handle!r} on this relay: check the spelling (they sign"
+                " up first, with `cozy account signup`)"
+            ) from None
         raise

@@ -26,7 +26,7 @@ from clientkit._appends import AppendCalls
 from clientkit._artifacts import ArtifactCalls
 from clientkit._history import History as History
 from clientkit._transport import CONNECT_TIMEOUT, open_websocket
-from clientkit.errors import AccessRefused, RelayIdentityChanged
+from clientkit.errors import AccessRefused, RelayIdentityChanged, RelayUnreachable
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -79,8 +79,13 @@ async def _connected(
             async with open_websocket(url, nursery, access_token=access_token) as ws:
                 client = Client(ws)
                 nursery.start_soon(client._read_loop)
-                with trio.fail_after(CONNECT_TIMEOUT):
+                with trio.move_on_after(CONNECT_TIMEOUT) as waited:
                     await client._welcome.wait()
+                if waited.cancelled_caught:
+                    raise RelayUnreachable(
+                        f"{url} accepted the connection but did not introduce itself within"
+                        f" {CONNECT_TIMEOUT:g} s: is it a CozyLabs relay?"
+                    )
                 if client._closed is not None:
                     raise client._closed
                 if pinned_relay_pk is not None and client.relay_pk != pinned_relay_pk:

@@ -21,6 +21,7 @@ import msgspec
 from clientkit._state import ClientState
 from localfs import atomic_write
 from model import keystore
+from model._crypto import CryptoError
 
 KDF_PROFILE_ENV: Final = "COZY_KDF_PROFILE"
 
@@ -64,8 +65,15 @@ class Home:
                 f"no account in {self.path}: run `cozy account signup --relay URL --handle H` "
                 "(or `cozy account restore` on a new device)"
             ) from None
+        except OSError as exc:
+            raise HomeError(
+                f"cannot read {self.path / 'profile.json'}: {exc.strerror}; check COZY_HOME"
+            ) from None
         except msgspec.DecodeError:
-            raise HomeError(f"{self.path / 'profile.json'} is damaged") from None
+            raise HomeError(
+                f"{self.path / 'profile.json'} is damaged: move COZY_HOME away, then run"
+                " `cozy account restore --relay URL --handle H` into an empty one"
+            ) from None
 
     def save_profile(self, profile: Profile) -> None:
         self._write("profile.json", msgspec.json.encode(profile))
@@ -76,10 +84,18 @@ class Home:
         return (self.path / "keystore.bin").exists()
 
     def load_keystore(self) -> keystore.SealedKeystore:
+        path = self.path / "keystore.bin"
         try:
-            return keystore.decode_sealed((self.path / "keystore.bin").read_bytes())
+            return keystore.decode_sealed(path.read_bytes())
         except FileNotFoundError:
             raise HomeError(f"no keystore in {self.path}: sign up or restore first") from None
+        except OSError as exc:
+            raise HomeError(f"cannot read {path}: {exc.strerror}; check COZY_HOME") from None
+        except CryptoError:
+            raise HomeError(
+                f"{path} is damaged: move it away, then run `cozy account restore --relay URL"
+                " --handle H` into an empty COZY_HOME (the relay keeps your keystore sealed)"
+            ) from None
 
     def save_keystore(self, sealed: keystore.SealedKeystore) -> None:
         self._write("keystore.bin", keystore.encode_sealed(sealed))

@@ -17,24 +17,33 @@ on it, to start its reader task. A version that called anything else would fail 
 with an AttributeError, never misbehave quietly; CHECKED_VERSIONS names the releases this was
 read against (tests/test_house.py pins the installed one, tests/test_client_close.py the
 handshake).
+
+A mistyped URL must not cost a person a traceback or a long wait: `check_relay_url` names the
+URL to use instead, a relay that does not answer in time raises `RelayUnreachable`, and a
+`wss://` URL for a relay that speaks plain WebSocket (the relay itself never speaks TLS: TLS
+ends at the edge in front of it, docs/deploy/) is found out within about a second by a plain
+upgrade on a second connection while the TLS handshake hangs (`_open_tls_stream`).
 """
 
 from __future__ import annotations
 
+import base64
 import collections
 import os
+import secrets
 import ssl
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Final, cast
 from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
 
+from clientkit.errors import ClientError, RelayUnreachable
 from model import wire
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 # The trio-websocket releases whose `wrap_client_stream` was checked to use only
 # `nursery.start_soon` (see `_ShieldedReader`).
@@ -50,8 +59,36 @@ ACCESS_CLIENT_ID_ENV: Final = "COZY_CF_ACCESS_CLIENT_ID"
 ACCESS_CLIENT_SECRET_ENV: Final = "COZY_CF_ACCESS_CLIENT_SECRET"  # noqa: S105 — a variable name
 
 
-class BadRelayUrl(ValueError):
-    """The relay URL is not ws://host:port/… or wss://host:port/…."""
+# A TLS handshake that has not finished after this long is checked for a relay that speaks
+# plain WebSocket on that port (the answer to a ClientHello it never gives).
+TLS_PROBE_AFTER: Final = 1.0
+# How long that check waits for the plain upgrade's answer.
+PLAIN_PROBE_TIMEOUT: Final = 3.0
+
+
+class BadRelayUrl(ClientError, ValueError):
+    """The relay URL is not ws://host:port/… or wss://host:port/… (or names TLS that the relay
+    does not speak); the message names the URL to use."""
+
+
+def check_relay_url(url: str) -> str:
+    """`url` if it is a relay URL (ws:// or wss:// with a host), else `BadRelayUrl` saying
+    which URL was probably meant. No I/O: callers check before doing slow work (sealing a
+    keystore) that would be wasted on a typo."""
+    parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss") and parts.hostname:
+        return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        guess = f"ws://{url}"
+    elif scheme.lower() in ("http", "https"):
+        guess = f"{'wss' if scheme.lower() == 'https' else 'ws'}://{rest}"
+    else:
+        guess = "ws://HOST:PORT"
+    raise BadRelayUrl(
+        f"{url!r} is not a relay URL: use {guess} (relay URLs start with ws://, or wss:// for"
+        " a relay behind TLS)"
+    )
 
 
 def access_headers(access_token: str | None = None) -> list[tuple[bytes, bytes]] | None:
@@ -124,17 +161,14 @@ async def open_websocket(
     way. The reader task runs in `nursery` until then.
     """
     headers = access_headers(access_token)
-    parts = urlsplit(url)
-    if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise BadRelayUrl(f"relay URL must look like ws://HOST:PORT or wss://HOST, got {url!r}")
+    parts = urlsplit(check_relay_url(url))
+    assert parts.hostname is not None  # checked
     port = parts.port or (443 if parts.scheme == "wss" else 80)
     resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    with trio.fail_after(CONNECT_TIMEOUT):
+    with _timed_out_as_unreachable(url):
         stream: trio.abc.Stream
         if parts.scheme == "wss":
-            stream = await trio.open_ssl_over_tcp_stream(
-                parts.hostname, port, ssl_context=ssl.create_default_context()
-            )
+            stream = await _open_tls_stream(parts.hostname, port, resource, url)
         else:
             stream = await trio.open_tcp_stream(parts.hostname, port)
         reader = _ShieldedReader(nursery)
@@ -159,6 +193,100 @@ async def open_websocket(
             await ws.aclose()
         reader.stop()
         await trio.aclose_forcefully(stream)
+
+
+@contextmanager
+def _timed_out_as_unreachable(url: str) -> Iterator[None]:
+    """`trio.fail_after(CONNECT_TIMEOUT)`, its timeout raised as `RelayUnreachable`."""
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT):
+            yield
+    except trio.TooSlowError:
+        raise RelayUnreachable(
+            f"the relay at {url} did not answer within {CONNECT_TIMEOUT:g} s: check the URL"
+            " and that the relay is running"
+        ) from None
+
+
+async def _open_tls_stream(host: str, port: int, resource: str, url: str) -> trio.SSLStream[Any]:
+    """A TLS stream whose handshake is done, or a one-line reason why there is none.
+
+    A relay speaking plain WebSocket never answers a ClientHello (its HTTP parser waits for the
+    end of a request line that never comes), so a handshake still pending after
+    TLS_PROBE_AFTER, or one that failed, is checked with a plain upgrade on a second connection:
+    if that is accepted, the URL should have said ws://.
+    """
+    tcp = await trio.open_tcp_stream(host, port)
+    tls = trio.SSLStream(tcp, ssl.create_default_context(), server_hostname=host)
+    plain = False
+    failed: ssl.SSLError | trio.BrokenResourceError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                nonlocal plain
+                await trio.sleep(TLS_PROBE_AFTER)
+                plain = await _speaks_plain_websocket(host, port, resource)
+                if plain:
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            try:
+                await tls.do_handshake()
+            except (ssl.SSLError, trio.BrokenResourceError) as exc:
+                failed = exc
+            nursery.cancel_scope.cancel()
+        if failed is not None and not plain:
+            plain = await _speaks_plain_websocket(host, port, resource)
+    except BaseException:
+        await trio.aclose_forcefully(tls)
+        raise
+    if plain:
+        await trio.aclose_forcefully(tls)
+        raise BadRelayUrl(
+            f"the relay at {url} does not speak TLS; use ws://{url.partition('://')[2]}"
+        )
+    if failed is not None:
+        await trio.aclose_forcefully(tls)
+        reason = failed.__cause__ or failed  # trio wraps the ssl module's error
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise RelayUnreachable(
+                f"the TLS certificate of {host}:{port} does not verify"
+                f" ({reason.verify_message}): check the URL"
+            ) from None
+        raise RelayUnreachable(
+            f"the TLS handshake with {host}:{port} failed ({_one_line(reason)}): check the URL"
+        ) from None
+    return tls
+
+
+async def _speaks_plain_websocket(host: str, port: int, resource: str) -> bool:
+    """Whether `host:port` accepts a WebSocket upgrade without TLS (answers 101). A TLS server
+    never does; an error or silence counts as no."""
+    key = base64.b64encode(secrets.token_bytes(16)).decode()
+    request = (
+        f"GET {resource} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    answer = b""
+    with trio.move_on_after(PLAIN_PROBE_TIMEOUT):
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        try:
+            await stream.send_all(request.encode())
+            while len(answer) < 12 and (more := await stream.receive_some(64)):
+                answer += more
+        except (OSError, trio.BrokenResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+    return answer.startswith((b"HTTP/1.1 101", b"HTTP/1.0 101"))
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class FrameReader:

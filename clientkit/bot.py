@@ -72,7 +72,6 @@ from clientkit._bot_context import (
     BotSetupError,
     Context,
     NotAMember,
-    RelayUnreachable,
 )
 from clientkit._client import Client, History, connect
 from clientkit._outbox import AuthorStream
@@ -83,6 +82,7 @@ from clientkit.errors import (
     IntegrityAlarm,
     RelayOverloaded,
     RelayRefused,
+    RelayUnreachable,
 )
 from model import content as contentmod
 from model import dm as dmmod
@@ -480,7 +480,7 @@ def _retryable(error: BaseException) -> bool:
         return error.code != REVOKED_CLOSE_CODE
     if isinstance(error, RelayRefused):
         return isinstance(error, RelayOverloaded) or error.code is wire.ErrorCode.OVERLOADED
-    return isinstance(error, (ConnectionClosed, OSError, _Silent))
+    return isinstance(error, (ConnectionClosed, OSError, _Silent, RelayUnreachable))
 
 
 class _Silent(Exception):

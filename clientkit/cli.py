@@ -7,23 +7,22 @@ session alone can only read. Exit codes: 0 ok, 1 refused or failed, 2 usage,
 3 integrity alarm (the relay delivered something that does not verify).
 
 This module is the entry point only: the argument parser (`register`) and the runner that turns
-errors into exit codes (`run_command`). The commands live by role in private modules:
-`_cli_accounts` (signup, restore, recover, passphrase, login, password, sessions),
-`_cli_rotate_keys`, `_cli_collabs`, `_cli_agents` and `_cli_messages` (post, dm, attach, fetch,
-tail, verify, evidence), on the shared plumbing in `_cli_session` (secrets, unlock, session,
-connection, reads) and `_cli_changes` (signed posts and membership changes, resent after a lost
-ack).
+errors into one line and an exit code (`run_command`, through `_cli_errors`). The commands live
+by role in private modules: `_cli_accounts` (signup, restore, recover, passphrase, login,
+password, sessions), `_cli_rotate_keys`, `_cli_collabs`, `_cli_agents`, `_cli_discovery`
+(collab list, account show, the `--json` form), `_cli_messages` (post, dm, attach, fetch,
+verify, evidence) and `_cli_tail`, on the shared plumbing in `_cli_session` (secrets, unlock,
+session, connection, reads) and `_cli_changes` (signed posts and membership changes, resent
+after a lost ack).
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import TYPE_CHECKING
 
 import trio
 
-from clientkit._agent import CredentialsError
 from clientkit._cli_accounts import (
     cmd_account_password,
     cmd_account_sessions,
@@ -43,20 +42,19 @@ from clientkit._cli_collabs import (
     cmd_collab_role,
     cmd_collab_rotate,
 )
+from clientkit._cli_discovery import cmd_account_show, cmd_collab_list
+from clientkit._cli_errors import report
 from clientkit._cli_messages import (
-    _export_proof,
     cmd_attach,
     cmd_dm,
     cmd_evidence_check,
     cmd_fetch,
     cmd_post,
-    cmd_tail,
     cmd_verify,
 )
 from clientkit._cli_rotate_keys import cmd_rotate_keys
-from clientkit._cli_session import EXIT_FAILED, EXIT_INTEGRITY, CliError
-from clientkit._home import HomeError
-from clientkit.errors import ClientError, EquivocationDetected, IntegrityAlarm
+from clientkit._cli_tail import cmd_tail
+from clientkit._transport import BadRelayUrl, check_relay_url
 from model.membership import Role
 
 if TYPE_CHECKING:
@@ -70,7 +68,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         dest="action", required=True
     )
     p = account.add_parser("signup", help="create an account on a relay")
-    p.add_argument("--relay", required=True, help="relay URL, e.g. ws://127.0.0.1:8765")
+    p.add_argument(
+        "--relay", required=True, type=_relay_url, help="relay URL, e.g. ws://127.0.0.1:8765"
+    )
     p.add_argument("--handle", required=True)
     p.set_defaults(run=cmd_signup)
     p = account.add_parser("login", help="get a fresh session token")
@@ -79,13 +79,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(run=cmd_login)
     p = account.add_parser("restore", help="set up this device from the relay's sealed keystore")
-    p.add_argument("--relay", required=True)
+    p.add_argument("--relay", required=True, type=_relay_url)
     p.add_argument("--handle", required=True)
     p.set_defaults(run=cmd_restore)
     p = account.add_parser(
         "recover", help="open the keystore with the recovery code; set a new passphrase"
     )
-    p.add_argument("--relay", help="needed when this device holds no account")
+    p.add_argument("--relay", type=_relay_url, help="needed when this device holds no account")
     p.add_argument("--handle")
     p.set_defaults(run=cmd_recover)
     p = account.add_parser("passphrase", help="change the encryption passphrase")
@@ -100,7 +100,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "password", help="change the login password (signed; ends your other sessions)"
     )
     p.set_defaults(run=cmd_account_password)
+    p = account.add_parser(
+        "show", help="this device's account: handle, kind, id and your key fingerprint"
+    )
+    _json_flag(p)
+    p.set_defaults(run=cmd_account_show)
     p = account.add_parser("agents", help="list the agents you created")
+    _json_flag(p)
     p.set_defaults(run=cmd_account_agents)
     p = account.add_parser("sessions", help="end every session of your account")
     p.add_argument(
@@ -111,6 +117,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=cmd_account_sessions)
 
     collab = sub.add_parser("collab", help="collabs").add_subparsers(dest="action", required=True)
+    p = collab.add_parser(
+        "list", help="the collabs you are in: id, name, your role, members, verified head"
+    )
+    _json_flag(p)
+    p.set_defaults(run=cmd_collab_list)
     p = collab.add_parser("create", help="create a collab (prints its id)")
     p.add_argument("name")
     p.set_defaults(run=cmd_collab_create)
@@ -151,6 +162,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(run=cmd_collab_rotate)
     p = collab.add_parser("members", help="list members as this device verified them")
     p.add_argument("collab")
+    _json_flag(p)
     p.set_defaults(run=cmd_collab_members)
 
     agent = sub.add_parser("agent", help="bots: create and revoke agents").add_subparsers(
@@ -160,7 +172,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("collab")
     p.add_argument("name", help="the agent's handle")
     p.add_argument("--cap", action="append", metavar="CAP", help="read, post or tool:NAME (repeat)")
-    p.add_argument("--out", help="credential file to write (default NAME.cozy-agent)")
+    p.add_argument(
+        "--out", help="credential file to write (default COZY_HOME/agents/NAME.cozy-agent)"
+    )
     p.set_defaults(run=cmd_agent_create)
     p = agent.add_parser(
         "revoke", help="revoke an agent's tokens; with --collab also remove it (rotates the key)"
@@ -214,30 +228,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("tail", help="print a collab's verified history (seq, author, text)")
     p.add_argument("collab")
     p.add_argument("--from", dest="from_seq", type=int, default=1, help="first seq to print")
-    p.add_argument("--follow", action="store_true", help="keep printing new events")
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="keep printing new events (reconnecting if the relay goes away)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object per event instead of a tab line"
+    )
     p.set_defaults(run=cmd_tail)
+
+
+def _relay_url(text: str) -> str:
+    """Checked while parsing, so a typo costs no Argon2id sealing before it is noticed."""
+    try:
+        return check_relay_url(text)
+    except BadRelayUrl as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON (stable field names)")
 
 
 def run_command(
     fn: Callable[[argparse.Namespace], Coroutine[Any, Any, None]], args: argparse.Namespace
 ) -> int:
-    """Run one async command and turn errors into messages and exit codes."""
+    """Run one async command; a failure becomes one line on stderr and an exit code
+    (`clientkit._cli_errors.report`), never a traceback."""
     try:
         trio.run(fn, args)
-    except IntegrityAlarm as exc:
-        print(f"INTEGRITY ALARM: {exc}", file=sys.stderr)
-        if isinstance(exc, EquivocationDetected):
-            _export_proof(exc)
-        return EXIT_INTEGRITY
-    except (CliError, ClientError, HomeError, CredentialsError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:
-        print(
-            f"error: cannot reach the relay ({exc.strerror or exc}); is it running?",
-            file=sys.stderr,
-        )
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        return 130
+    except BaseException as exc:  # noqa: BLE001 — every failure is reported (SystemExit re-raised)
+        return report(exc)
     return 0

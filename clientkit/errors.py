@@ -119,6 +119,12 @@ class ProtocolMismatch(ClientError):
         self.relay_protocol = relay_protocol
 
 
+class RelayUnreachable(ClientError):
+    """The relay cannot be reached: it did not answer in time, its TLS could not be set up, or
+    (the bot kit, on its first connection) it is not running or the URL is wrong. The message
+    says what to check."""
+
+
 class RelayIdentityChanged(ClientError):
     """The relay presented a different signing key than the one pinned in COZY_HOME."""
 

@@ -3,18 +3,22 @@ and `cozy bench` live in cozy/_dev.py and cozy/bench."""
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import trio
 
-from ledger import Ledger, LedgerError, migrate
+from ledger import Ledger, LedgerError, SchemaNotReady, migrate
 from model.errors import ModelError
 from relay import _throttle
 from relay._run import run_relay
 from relay.config import (
+    DEFAULT_DATA_DIR,
+    ConfigError,
     RelayConfig,
     jwt_signing_key_origin,
     load_config,
@@ -41,12 +45,17 @@ def run(args: argparse.Namespace) -> int:
         return _dev.run(args)
     if action == "rotate-jwt-key":
         return _rotate_jwt_key(args)
+    data_dir = args.data_dir
+    if action in _ON_EXISTING_LEDGER:
+        data_dir = _existing_ledger_dir(args)
     config = load_config(
         toml_path=args.config,
-        data_dir=args.data_dir,
+        data_dir=data_dir,
         host=getattr(args, "host", None),
         port=getattr(args, "port", None),
     )
+    if action in _ON_EXISTING_LEDGER and config.database_url is None:
+        _require_embedded_ledger(config.data_dir)
     try:
         if action == "serve":
             trio.run(_serve, config)
@@ -54,12 +63,64 @@ def run(args: argparse.Namespace) -> int:
         if action == "lockouts":
             return trio.run(_lockouts, config, args)
         return trio.run(_maintain, config, action)
+    except SchemaNotReady:
+        if action not in _ON_EXISTING_LEDGER:
+            raise
+        where = "DATABASE_URL" if config.database_url else f"{config.data_dir / 'postgres'}"
+        print(
+            f"error: the database at {where} holds no ledger (it was never migrated), so there"
+            " is nothing to check: point --data-dir or DATABASE_URL at the relay's data"
+            f" (`cozy dev` keeps it in {DEV_DATA_DIR})",
+            file=sys.stderr,
+        )
+        return 1
     except LedgerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except ModelError as exc:  # a management event in the ledger does not fold
         print(f"error: {exc}; run `cozy relay verify-ledger` to find tampering", file=sys.stderr)
         return 2
+
+
+# Commands that read or repair a ledger that must already exist: they never create a database,
+# and an empty one is refused rather than "checked".
+_ON_EXISTING_LEDGER: Final = ("verify-ledger", "rebuild-projections", "lockouts")
+# Where `cozy dev` keeps its embedded Postgres, relative to the directory it runs in (the
+# checkout, with `make run`); cozy/cli.py's `dev --data-dir` default.
+DEV_DATA_DIR: Final = Path(".cozy/dev")
+
+
+def _existing_ledger_dir(args: argparse.Namespace) -> Path | None:
+    """The data dir of a maintenance command given none: the relay's default (.cozy/relay)
+    if it holds a database, else `cozy dev`'s when run where `cozy dev` keeps one (a
+    checkout); neither is refused before anything is created. None leaves the choice to the
+    config (a TOML file, COZY_DATA_DIR, DATABASE_URL)."""
+    given: Path | None = args.data_dir
+    explicit = ("COZY_DATA_DIR", "COZY_RELAY_CONFIG", "DATABASE_URL")
+    if (
+        args.data_dir is not None
+        or args.config is not None
+        or any(v in os.environ for v in explicit)
+    ):
+        return given
+    if (DEFAULT_DATA_DIR / "postgres").exists():
+        return None
+    if (DEV_DATA_DIR / "postgres").exists():
+        print(f"using the ledger of `cozy dev` in {DEV_DATA_DIR}", file=sys.stderr)
+        return DEV_DATA_DIR
+    _require_embedded_ledger(DEFAULT_DATA_DIR)  # refuses: checked before the config makes keys
+    return None
+
+
+def _require_embedded_ledger(data_dir: Path) -> None:
+    """Refuse before an embedded Postgres is started: starting one in an empty directory would
+    create a database, and there is no ledger in a database just created."""
+    if not (data_dir / "postgres").exists():
+        raise ConfigError(
+            f"no ledger to work on: {data_dir / 'postgres'} does not exist and DATABASE_URL is"
+            f" not set. Pass the relay's --data-dir (`cozy dev` keeps its data in {DEV_DATA_DIR},"
+            " relative to where it runs) or set DATABASE_URL"
+        )
 
 
 async def _serve(config: RelayConfig) -> None:

@@ -7,6 +7,7 @@ import errno
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from clientkit import cli as client_cli
 from cozy import _logging
@@ -155,8 +156,16 @@ def _release_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line that names the help to read, like every other error (the
+    usage summary argparse prints first is in that help)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="cozy", description="CozyLabs end-to-end-encrypted collaboration relay"
     )
     sub = parser.add_subparsers(dest="command", required=True)

@@ -35,13 +35,15 @@ def client_env(home: Path, *, password: bool = True, **extra: str) -> dict[str, 
 
 
 async def cozy(
-    *args: str, env: dict[str, str], check: bool = True
+    *args: str, env: dict[str, str], check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[bytes]:
-    """Run one `cozy` command; with `check`, fail the test on a non-zero exit."""
+    """Run one `cozy` command (in `cwd`, default this process's); with `check`, fail the test
+    on a non-zero exit."""
     with trio.fail_after(60):
         result = await trio.run_process(
             [*COZY, *args],
             env=env,
+            cwd=cwd,
             stdin=b"",  # never a TTY: nothing may prompt
             capture_stdout=True,
             capture_stderr=True,

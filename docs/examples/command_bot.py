@@ -1,6 +1,6 @@
 """Command bot: `!roll 2d6 --plus 1` and `!upper some words`; a mistake gets a usage line.
 
-Run: python docs/examples/command_bot.py dice-bot.cozy-agent   (see docs/bots.md)
+Run: python docs/examples/command_bot.py $COZY_HOME/agents/dice-bot.cozy-agent   (see docs/bots.md)
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Echo bot: answers every message in its collab, and every DM with a DM.
 
-Run: python docs/examples/echo_bot.py echo-bot.cozy-agent   (see docs/bots.md)
+Run: python docs/examples/echo_bot.py $COZY_HOME/agents/echo-bot.cozy-agent   (see docs/bots.md)
 """
 
 from __future__ import annotations

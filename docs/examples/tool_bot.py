@@ -1,8 +1,9 @@
 """Tool bot: `!weather Paris --days 3` calls the operator's `weather` tool through the relay's
 broker (the API key stays in OpenBao; the bot never holds it) and posts the answer.
 
-Run: python docs/examples/tool_bot.py weather-bot.cozy-agent   (see docs/bots.md: the agent
-needs --cap tool:weather, and the relay the tool from docs/examples/tools.toml)
+Run: python docs/examples/tool_bot.py $COZY_HOME/agents/weather-bot.cozy-agent
+(see docs/bots.md: the agent needs --cap tool:weather, and the relay the tool from
+docs/examples/tools.toml)
 """
 
 from __future__ import annotations
