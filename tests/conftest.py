@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+import argon2
 import pytest
 
 import ledger as ledger_pkg
+from relay import _auth
 from tests.helpers import create_database, drop_database, with_dbname
 from tests.relay_harness import relay_config, running_relay
 
@@ -42,6 +44,34 @@ def _ops_on_free_ports() -> Iterator[None]:
         mp.setenv("COZY_OPS_PORT", os.environ.get("COZY_OPS_PORT", "0"))
         mp.setenv("COZY_ALLOW_TEST_KDF", os.environ.get("COZY_ALLOW_TEST_KDF", "1"))
         yield
+
+
+# The relay's password hashes in this process: Argon2id still, at the cheapest cost argon2-cffi
+# takes (1 pass, 1 MiB) instead of the shipped 3 passes over 64 MiB (~0.2 s a hash, twice per
+# test sign-up, on a 2-core CI machine). Test-only, like the keystores' INSECURE_TEST profile.
+TEST_PASSWORD_HASHER: argon2.PasswordHasher = argon2.PasswordHasher(
+    time_cost=1, memory_cost=1024, parallelism=1
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes() -> Iterator[None]:
+    """In-process relays hash and verify passwords with TEST_PASSWORD_HASHER. The tests of the
+    shipped parameters themselves (the rehash on login) take `shipped_password_hashes`.
+    Relays started as child processes (`cozy relay serve`, `cozy dev`) keep the shipped cost."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_auth, "_hasher", TEST_PASSWORD_HASHER)
+        mp.setattr(_auth, "_DUMMY_HASH", TEST_PASSWORD_HASHER.hash("dummy password for tests"))
+        yield
+
+
+@pytest.fixture
+def shipped_password_hashes(monkeypatch: pytest.MonkeyPatch) -> argon2.PasswordHasher:
+    """The relay's shipped password hasher, restored for one test (undoing the cheap one)."""
+    shipped = argon2.PasswordHasher()
+    monkeypatch.setattr(_auth, "_hasher", shipped)
+    monkeypatch.setattr(_auth, "_DUMMY_HASH", shipped.hash("dummy password for tests"))
+    return shipped
 
 
 @pytest.fixture(scope="session")
