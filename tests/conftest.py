@@ -11,7 +11,8 @@ isolated (and could run in parallel) without paying for a migration each time.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 import argon2
 import pytest
@@ -23,7 +24,6 @@ from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
-    from pathlib import Path
 
     from relay._server import Relay
 
@@ -32,6 +32,31 @@ _INSTALL_HINT = (
     "user may CREATE DATABASE, or install the embedded server from the lock file "
     "(`make install`, which provides the `pgserver` wheel)."
 )
+
+
+# The tests `make test-fast` leaves out (`-m "not slow"`): whole files, or one test function
+# (all its parameters). Measured in a full `make test` run on the 2-core CI machine; re-tune
+# from its `--durations` list. `make test`, what CI runs, runs them all.
+SLOW: Final = frozenset(
+    {
+        "tests/test_bench.py",
+    }
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the SLOW tests `slow`; a SLOW entry that names no test any more is an error."""
+    for key in SLOW:
+        file, _, func = key.partition("::")
+        path = Path(config.rootpath, file)
+        name = func.rpartition("::")[2]
+        if not path.is_file() or (name and f"def {name}(" not in path.read_text()):
+            raise pytest.UsageError(f"tests/conftest.py SLOW names no test: {key}")
+    for item in items:
+        function = item.nodeid.split("[")[0]
+        if function in SLOW or function.split("::")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
