@@ -11,6 +11,7 @@ isolated (and could run in parallel) without paying for a migration each time.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
@@ -34,28 +35,32 @@ _INSTALL_HINT = (
 )
 
 
-# The tests `make test-fast` leaves out (`-m "not slow"`): whole files, or one test function
-# (all its parameters). Measured in a full `make test` run on the 2-core CI machine; re-tune
-# from its `--durations` list. `make test`, what CI runs, runs them all.
-SLOW: Final = frozenset(
-    {
-        "tests/test_bench.py",
-    }
-)
+SLOW_LIST: Final = Path(__file__).with_name("slow_tests.txt")
+
+
+def _slow_tests(rootpath: Path) -> frozenset[str]:
+    """The entries of slow_tests.txt; one that names no file, test or class is an error."""
+    entries = frozenset(
+        line
+        for raw in SLOW_LIST.read_text().splitlines()
+        if (line := raw.strip()) and not line.startswith("#")
+    )
+    for entry in entries:
+        file, _, rest = entry.partition("::")
+        path = rootpath / file
+        name = rest.rpartition("::")[2]
+        if not path.is_file() or (name and not re.search(rf"\b{name}\b", path.read_text())):
+            raise pytest.UsageError(f"{SLOW_LIST.name} names no test: {entry}")
+    return entries
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the SLOW tests `slow`; a SLOW entry that names no test any more is an error."""
-    for key in SLOW:
-        file, _, func = key.partition("::")
-        path = Path(config.rootpath, file)
-        name = func.rpartition("::")[2]
-        if not path.is_file() or (name and f"def {name}(" not in path.read_text()):
-            raise pytest.UsageError(f"tests/conftest.py SLOW names no test: {key}")
+    """Mark the tests slow_tests.txt lists `slow`: `make test-fast` runs `-m "not slow"`."""
+    slow = _slow_tests(config.rootpath)
     for item in items:
-        function = item.nodeid.split("[")[0]
-        if function in SLOW or function.split("::")[0] in SLOW:
+        parts = item.nodeid.split("[")[0].split("::")
+        if any("::".join(parts[:n]) in slow for n in range(1, len(parts) + 1)):
             item.add_marker(pytest.mark.slow)
 
 
