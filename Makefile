@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine (Python 3.11 + pip, no root, no services):
 #   make run   — install what running needs from the frozen pdm.lock, then start `cozy dev`
 #   make test  — install everything from the frozen pdm.lock, then lint, type-check, run the suite
+#   make test-fast — the edit-test loop: lint and the suite without the tests marked `slow`
 # pdm itself is bootstrapped from PyPI into .tools/pdm (project-local, pinned; see
 # ../shared/SETUP-NOTES.md for why hishel is pinned beside it).
 
@@ -11,8 +12,13 @@ VENV := .venv
 STAMP := $(VENV)/.cozy-installed
 RUN_STAMP := $(VENV)/.cozy-run-installed
 ARGS ?=
+# pytest-xdist: one worker per core of the 2-core CI machine, each with its own embedded Postgres
+# (per-worker temp dirs). --dist loadfile keeps a file on one worker, so module-scoped relays
+# are started once and tests that run after their file's others still do.
+WORKERS ?= 2
+PARALLEL := -n $(WORKERS) --dist loadfile
 
-.PHONY: run test lint typecheck pytest install clean
+.PHONY: run test test-fast lint typecheck pytest install clean
 
 $(PDM):
 	$(PYTHON) -m venv $(PDM_HOME)
@@ -52,9 +58,14 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
 pytest: $(STAMP)
-	$(VENV)/bin/pytest $(ARGS)
+	$(VENV)/bin/pytest $(PARALLEL) $(ARGS)
 
 test: lint typecheck pytest
+
+# Not what CI runs: `make test` stays the complete check. Skips mypy and the `slow` tests
+# (child processes, fault scenarios, the relay fuzzers and property tests against a real relay).
+test-fast: lint
+	$(VENV)/bin/pytest $(PARALLEL) -m "not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(PDM_HOME) .pytest_cache .mypy_cache .ruff_cache

@@ -88,6 +88,12 @@ class ClientCore:
         except wire.MalformedFrame:
             self._fail(ConnectionLost(None, "relay sent a frame this client cannot read"))
             await self._ws.aclose(wire.CloseCode.PROTOCOL_ERROR, "malformed frame")
+        finally:
+            # Cancelled with its connection (the caller's scope ended): no reply can arrive any
+            # more, so a request still waiting, such as a subscription's shielded unsubscribe on
+            # the way out, raises ConnectionLost now instead of waiting out its timeout.
+            if self._closed is None:
+                self._fail(ConnectionLost(None, "the connection was closed"))
 
     async def _route(self, frame: wire.Reply) -> None:
         match frame:

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import hvac
+import hvac.exceptions
 import msgspec
 import pytest
 import trio
@@ -209,10 +210,28 @@ def elsewhere() -> Iterator[Recorder]:
         yield server
 
 
+async def _kv_ready(client: hvac.Client) -> None:
+    """Wait until the dev server's KV v2 mount takes writes. Right after start it may still be
+    upgrading the mount and refuse them ("Upgrading from non-versioned to versioned data"),
+    which a loaded machine (the suite on two xdist workers) hits."""
+    with trio.fail_after(30):
+        while True:
+            try:
+                await trio.to_thread.run_sync(
+                    lambda: client.secrets.kv.v2.read_configuration(mount_point="secret")
+                )
+                return
+            except hvac.exceptions.InvalidRequest as exc:
+                if "Upgrading" not in str(exc):
+                    raise
+            await trio.sleep(0.1)
+
+
 @pytest.fixture
 async def bao() -> AsyncIterator[tuple[str, str]]:
     async with embedded_openbao() as dev:
         client = hvac.Client(url=dev.addr, token=dev.root_token)
+        await _kv_ready(client)
         await trio.to_thread.run_sync(
             lambda: client.secrets.kv.v2.create_or_update_secret(
                 path="tools/echo", secret={"api_key": CANARY}, mount_point="secret"

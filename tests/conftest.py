@@ -11,17 +11,20 @@ isolated (and could run in parallel) without paying for a migration each time.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
+import argon2
 import pytest
 
 import ledger as ledger_pkg
+from relay import _auth
 from tests.helpers import create_database, drop_database, with_dbname
 from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
-    from pathlib import Path
 
     from relay._server import Relay
 
@@ -30,6 +33,35 @@ _INSTALL_HINT = (
     "user may CREATE DATABASE, or install the embedded server from the lock file "
     "(`make install`, which provides the `pgserver` wheel)."
 )
+
+
+SLOW_LIST: Final = Path(__file__).with_name("slow_tests.txt")
+
+
+def _slow_tests(rootpath: Path) -> frozenset[str]:
+    """The entries of slow_tests.txt; one that names no file, test or class is an error."""
+    entries = frozenset(
+        line
+        for raw in SLOW_LIST.read_text().splitlines()
+        if (line := raw.strip()) and not line.startswith("#")
+    )
+    for entry in entries:
+        file, _, rest = entry.partition("::")
+        path = rootpath / file
+        name = rest.rpartition("::")[2]
+        if not path.is_file() or (name and not re.search(rf"\b{name}\b", path.read_text())):
+            raise pytest.UsageError(f"{SLOW_LIST.name} names no test: {entry}")
+    return entries
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by mark
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark the tests slow_tests.txt lists `slow`: `make test-fast` runs `-m "not slow"`."""
+    slow = _slow_tests(config.rootpath)
+    for item in items:
+        parts = item.nodeid.split("[")[0].split("::")
+        if any("::".join(parts[:n]) in slow for n in range(1, len(parts) + 1)):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,6 +74,34 @@ def _ops_on_free_ports() -> Iterator[None]:
         mp.setenv("COZY_OPS_PORT", os.environ.get("COZY_OPS_PORT", "0"))
         mp.setenv("COZY_ALLOW_TEST_KDF", os.environ.get("COZY_ALLOW_TEST_KDF", "1"))
         yield
+
+
+# The relay's password hashes in this process: Argon2id still, at the cheapest cost argon2-cffi
+# takes (1 pass, 1 MiB) instead of the shipped 3 passes over 64 MiB (~0.2 s a hash, twice per
+# test sign-up, on a 2-core CI machine). Test-only, like the keystores' INSECURE_TEST profile.
+TEST_PASSWORD_HASHER: argon2.PasswordHasher = argon2.PasswordHasher(
+    time_cost=1, memory_cost=1024, parallelism=1
+)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _cheap_password_hashes() -> Iterator[None]:
+    """In-process relays hash and verify passwords with TEST_PASSWORD_HASHER. The tests of the
+    shipped parameters themselves (the rehash on login) take `shipped_password_hashes`.
+    Relays started as child processes (`cozy relay serve`, `cozy dev`) keep the shipped cost."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_auth, "_hasher", TEST_PASSWORD_HASHER)
+        mp.setattr(_auth, "_DUMMY_HASH", TEST_PASSWORD_HASHER.hash("dummy password for tests"))
+        yield
+
+
+@pytest.fixture
+def shipped_password_hashes(monkeypatch: pytest.MonkeyPatch) -> argon2.PasswordHasher:
+    """The relay's shipped password hasher, restored for one test (undoing the cheap one)."""
+    shipped = argon2.PasswordHasher()
+    monkeypatch.setattr(_auth, "_hasher", shipped)
+    monkeypatch.setattr(_auth, "_DUMMY_HASH", shipped.hash("dummy password for tests"))
+    return shipped
 
 
 @pytest.fixture(scope="session")

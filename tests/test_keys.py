@@ -87,7 +87,13 @@ def test_every_swap_of_neighbouring_symbols_is_caught(data: st.DataObject) -> No
 
 @pytest.mark.parametrize(
     "text",
-    ["", "ABCD-EFGH", "UUUU-" * 8 + "UU", recovery.new_recovery_code() + "-X"],
+    [
+        "",
+        "ABCD-EFGH",
+        "UUUU-" * 8 + "UU",
+        # A fixed test id: every xdist worker must collect the same names.
+        pytest.param(recovery.new_recovery_code() + "-X", id="a valid code and one more group"),
+    ],
 )
 def test_malformed_recovery_codes_are_refused_with_a_reason(text: str) -> None:
     with pytest.raises(recovery.InvalidRecoveryCode):

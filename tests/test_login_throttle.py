@@ -250,6 +250,7 @@ async def test_after_100_failures_in_an_hour_the_handle_is_locked_until_the_hour
 
 
 @pytest.mark.objective("SO-6")
+@pytest.mark.usefixtures("shipped_password_hashes")  # the relay's real hasher, not the tests'
 async def test_a_login_rehashes_a_password_hashed_with_weaker_argon2_parameters(
     relay: Relay, ledger: Ledger
 ) -> None:

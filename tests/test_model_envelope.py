@@ -407,9 +407,10 @@ def test_malformed_signed_bodies_are_invalid(body: bytes) -> None:
     [
         ("collab_id", "c_" + "a" * 25),
         ("collab_id", "c_" + "A" * 26),
-        ("collab_id", new_id("a")),
-        ("collab_id", new_id("c") + "\n"),
-        ("actor_id", new_id("c")),
+        # Random ids get fixed test ids: every xdist worker must collect the same names.
+        pytest.param("collab_id", new_id("a"), id="collab_id-an account id"),
+        pytest.param("collab_id", new_id("c") + "\n", id="collab_id-trailing newline"),
+        pytest.param("actor_id", new_id("c"), id="actor_id-a collab id"),
         ("actor_id", ""),
         ("kind", ""),
         ("kind", "1msg"),

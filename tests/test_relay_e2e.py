@@ -16,7 +16,7 @@ import trio_websocket
 
 import relay._connection as connection_module
 import relay._sequencer as sequencer_module
-from clientkit import Client, RelayRefused
+from clientkit import Client, RelayRefused, connect
 from clientkit._transport import FrameReader, open_websocket
 from ledger import Ledger
 from model import wire
@@ -25,7 +25,14 @@ from model.envelope import event_id
 from model.ids import new_id
 from relay._run import run_relay
 from tests.collab_sim import text_of
-from tests.relay_harness import User, relay_config, running_relay, session, sign_up
+from tests.relay_harness import (
+    PASSWORD,
+    User,
+    relay_config,
+    running_relay,
+    session,
+    sign_up,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -555,15 +562,23 @@ async def test_coalesced_messages_stay_under_the_clients_size_cap(
     assert seen == G + count
 
 
+async def fresh_token(url: str, user: User) -> str:
+    async with connect(url) as client:
+        return (await client.login(user.handle, PASSWORD)).token
+
+
 async def test_a_session_that_expires_on_an_open_connection_stops_working(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(relay_config(database_url, tmp_path), session_ttl_seconds=1)
+    config = dataclasses.replace(relay_config(database_url, tmp_path), session_ttl_seconds=2)
     async with running_relay(config) as r:
         user = await sign_up(r.url)
+        # A token from a login right here: on a loaded machine (the suite on two xdist workers)
+        # the one sign_up got could expire before the fresh append, which then failed.
+        user.token = await fresh_token(r.url, user)
         async with session(r.url, user) as client:
             await client.append(user.event("while fresh"))
-            await trio.sleep(1.2)
+            await trio.sleep(2.2)
             with pytest.raises(RelayRefused) as expired:
                 await client.append(user.event("too late"))
     assert expired.value.code is wire.ErrorCode.UNAUTHENTICATED
