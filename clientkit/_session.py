@@ -112,7 +112,8 @@ class Session:
         self.views: dict[str, CollabView] = {}
         self._reconnect = reconnect
         self._connections = AsyncExitStack()
-        self.client = self._adopt(client)
+        self.client = client
+        self._adopt(client)
 
     async def __aenter__(self) -> Session:
         return self
@@ -120,12 +121,11 @@ class Session:
     async def __aexit__(self, *_exc: object) -> None:
         await self._connections.aclose()
 
-    def _adopt(self, client: Client) -> Client:
+    def _adopt(self, client: Client) -> None:
         # Every receipt the relay signs for this device is kept; an earlier one for the same
         # position that disagrees is an equivocation proof (`Client._check_receipt`).
         client.on_receipt = self.state.add_receipt
         self.client = client
-        return client
 
     async def _reconnected(self) -> None:
         assert self._reconnect is not None
