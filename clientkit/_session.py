@@ -11,8 +11,9 @@ posts exactly once), and the views it verified. Here, and only here:
   device saved and show each of its receipted events at its seq, or an `IntegrityAlarm` is
   raised before anything is sealed or sent (a rolled-back relay cannot get a post, a DM, an
   attachment, a download or a membership change out of a device that saw more);
-- **posts carry ordering evidence** from this device's author stream, kept before sent
-  (clientkit/_outbox.py), and content is sealed by one function (`_appends.seal_content`);
+- **posts carry ordering evidence** from this device's author stream; posts and DMs are kept
+  before they are sent (clientkit/_outbox.py), and content is sealed by one function
+  (`_appends.seal_content`);
 - **retries**: a `stale` bounce is sealed again against a fresh checked read (the one loop in
   `Client.seal_and_append`), `overloaded` is retried by `Client.append`, and — when the session
   was given a way to `reconnect` — a connection lost before the ack is followed by the same
@@ -25,7 +26,6 @@ dispatch and cursors (clientkit/bot.py), and the wire calls themselves (`Client`
 from __future__ import annotations
 
 import hashlib
-import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -185,7 +185,11 @@ class Session:
         """Send again, the same bytes, this device's events in the collab whose ack was never
         recorded (a crash or a lost connection after signing): before anything new is signed.
         Returns those the relay has now stored."""
-        return await AuthorStream(self.state, collab_id, self.device).resend_unacked(self.client)
+        stored: list[SentEvent] = []
+        for device in (self.device, self.dm_device):
+            stream = AuthorStream(self.state, collab_id, device)
+            stored += await stream.resend_unacked(self.client)
+        return stored
 
     async def create_collab(self, name: str) -> str:
         """Create a collab owned by this account and post its name; returns its id."""
@@ -245,8 +249,90 @@ class Session:
                 evidence=evidence,
             )
 
-        stream = AuthorStream(self.state, collab_id, self.device, seen=self.views.get(collab_id))
-        intent = intent or _intent(collab_id, content, refs)
+        intent = intent or _intent(b"post", collab_id, content, refs)
+        return await self._send(
+            AuthorStream(self.state, collab_id, self.device, seen=self.views.get(collab_id)),
+            seal,
+            intent=intent,
+            source=source,
+            history=history,
+            once=once,
+        )
+
+    async def dm(
+        self,
+        collab_id: str,
+        to: str,
+        content: contentmod.Content | str,
+        *,
+        intent: bytes | None = None,
+        source: int = 0,
+        history: History | None = None,
+        once: bool = False,
+    ) -> Sent:
+        """A direct message to the member `to` (an account id), sealed to their box key as this
+        device's verified fold pinned it. Raises `NotAMember` if `to` is not a member there.
+
+        A DM carries no ordering evidence (docs/ordering.md), but it is kept before it is sent
+        and resent like a post, in a stream of its own (`dm_device`), with the same `intent`,
+        `source`, `history` and `once` (a rerun of the same DM after an interruption, or a bot's
+        replayed handler, does not send it twice).
+        """
+        if isinstance(content, str):
+            content = contentmod.Message(text=content)
+        body = contentmod.encode_content(content)
+        keys = self.keys
+
+        def seal(view: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
+            membership = view.membership
+            recipient = None if membership is None else membership.members.get(to)
+            if membership is None or recipient is None:
+                raise NotAMember(
+                    f"{to} is not a member of {collab_id}", collab_id=collab_id, account_id=to
+                )
+            return dm.seal_dm(
+                signing_key=keys.signing_key,
+                sender_box_key=keys.box_key,
+                recipient_box_pk=recipient.box_pk,  # from the fold, never from the directory
+                collab_id=collab_id,
+                sender_id=view.account_id,
+                recipient_id=to,
+                ts=evidence.clock,
+                epoch=membership.epoch,
+                content=body,
+            )
+
+        intent = intent or _intent(b"dm", collab_id, content, (to,))
+        return await self._send(
+            AuthorStream(self.state, collab_id, self.dm_device),
+            seal,
+            intent=intent,
+            source=source,
+            history=history,
+            once=once,
+        )
+
+    @property
+    def dm_device(self) -> str:
+        """The stream this device's DMs are kept in (they carry no evidence, so no reader
+        checks its counters: it only keeps them before they are sent)."""
+        return f"{self.device}-dm"
+
+    async def _send(
+        self,
+        stream: AuthorStream,
+        seal: Callable[[CollabView, contentmod.Evidence], SignedEvent],
+        *,
+        intent: bytes,
+        source: int,
+        history: History | None,
+        once: bool,
+    ) -> Sent:
+        """The one send of sealed content: against `history`'s view or a freshly checked one,
+        kept in `stream` before it is sent, sealed again after a `stale` bounce (against a
+        fresh checked read), and — when the session can `reconnect` — resent, the same bytes,
+        on a new connection after a lost ack."""
+        collab_id = stream.collab_id
 
         async def send(view: CollabView | None) -> Sent:
             return await stream.send(
@@ -269,63 +355,6 @@ class Session:
             await self._reconnected()
             # The kept event goes out again first (`AuthorStream.send`): the same bytes.
             return await send(await self.read(collab_id))
-
-    async def dm(
-        self,
-        collab_id: str,
-        to: str,
-        content: contentmod.Content | str,
-        *,
-        history: History | None = None,
-    ) -> Sent:
-        """A direct message to the member `to` (an account id), sealed to their box key as this
-        device's verified fold pinned it. Raises `NotAMember` if `to` is not a member there.
-
-        A DM carries no author-stream evidence (docs/ordering.md), so it is not kept in the
-        stream: a `stale` bounce seals it again against a fresh checked view (`history` as for
-        `post`), and a connection lost before the ack resends the same signed bytes when the
-        session can `reconnect`.
-        """
-        if isinstance(content, str):
-            content = contentmod.Message(text=content)
-        body = contentmod.encode_content(content)
-        keys = self.keys
-
-        def seal(view: CollabView) -> SignedEvent:
-            membership = view.membership
-            recipient = None if membership is None else membership.members.get(to)
-            if membership is None or recipient is None:
-                raise NotAMember(
-                    f"{to} is not a member of {collab_id}", collab_id=collab_id, account_id=to
-                )
-            return dm.seal_dm(
-                signing_key=keys.signing_key,
-                sender_box_key=keys.box_key,
-                recipient_box_pk=recipient.box_pk,
-                collab_id=collab_id,
-                sender_id=view.account_id,
-                recipient_id=to,
-                ts=_now_ms(),
-                epoch=membership.epoch,
-                content=body,
-            )
-
-        async def read() -> CollabView:
-            return await self.read(collab_id)
-
-        view = None if history is not None else await read()
-        try:
-            ack, _ = await self.client.seal_and_append(
-                collab_id, keys.box_key, seal, view=view, history=history, read=read
-            )
-        except ConnectionLost as exc:
-            if not self._can_resend(exc):
-                raise
-            await self._reconnected()
-            ack, _ = await self.client.seal_and_append(
-                collab_id, keys.box_key, seal, view=await read(), resend=exc.unacked, read=read
-            )
-        return Sent(ack.seq, earlier=ack.duplicate)
 
     async def manage(
         self,
@@ -402,20 +431,13 @@ class Session:
             yield attachment, pieces
 
 
-def _intent(collab_id: str, content: contentmod.Content, refs: tuple[str, ...]) -> bytes:
-    """What a post is for, by default: the same content with the same refs in the same collab
-    (a rerun of the same command) is the same intent."""
+def _intent(
+    what: bytes, collab_id: str, content: contentmod.Content, refs: tuple[str, ...]
+) -> bytes:
+    """What a post or DM is for, by default: the same content with the same refs (for a DM,
+    the recipient) in the same collab — a rerun of the same command — is the same intent."""
     return hashlib.sha256(
         b"\0".join(
-            [
-                b"post",
-                collab_id.encode(),
-                contentmod.encode_content(content),
-                *map(str.encode, refs),
-            ]
+            [what, collab_id.encode(), contentmod.encode_content(content), *map(str.encode, refs)]
         )
     ).digest()
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

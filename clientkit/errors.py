@@ -231,7 +231,7 @@ class NotAMember(ClientError):
     """The account named is not a member of the collab as this device's verified view folds it
     (a direct message — `Session.dm`, a bot's `ctx.dm` — to someone outside it, or removed)."""
 
-    def __init__(self, message: str, *, collab_id: str, account_id: str) -> None:
+    def __init__(self, message: str, *, collab_id: str = "", account_id: str = "") -> None:
         super().__init__(message)
         self.collab_id = collab_id
         self.account_id = account_id

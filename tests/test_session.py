@@ -100,11 +100,14 @@ async def test_session_posts_with_evidence_and_dms_only_the_recipient_can_read(
     assert entries[secret.seq].dm_to == bob.account_id
     assert entries[secret.seq].content == contentmod.Message("just for bob")
     # Both posts are events of Alice's author stream "laptop", kept before sent (the DM is
-    # not in it: it carries no evidence), and her reads saved the verified head.
+    # kept in a stream of its own: it carries no evidence), and her reads saved the head.
     alice_state = ClientState(tmp_path / "alice" / "state.db")
     last = alice_state.last_sent(cid, "laptop")
     assert last is not None
     assert (last.counter, last.seq) == (2, again.seq)
+    dm_kept = alice_state.last_sent(cid, "laptop-dm")  # DMs are kept before sent too
+    assert dm_kept is not None
+    assert dm_kept.seq == secret.seq
     head = alice_state.head(cid)
     assert head is not None
     assert head.seq >= again.seq
