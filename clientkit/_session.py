@@ -145,9 +145,8 @@ class Session:
 
         Without `keys`, the epoch keys this account was given come from this session's last
         read of the collab (`views`), or a read now, so entries from before its addition open
-        too. The caller decides
-        when to save the head (`History.head` is only ever a position that passed every
-        check); `read` saves it.
+        too. The caller decides when to save the head (`History.head` is only ever a position
+        that passed every check); `read` saves it.
         """
         if keys is None:
             seen = self.views.get(collab_id) or await self.read(collab_id)
