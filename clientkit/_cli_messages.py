@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clientkit._cli_session import CliError, _member, _opened, _unlock, _view
+from clientkit._cli_session import CliError, _as_member, _member, _opened, _unlock, _view
 from clientkit._home import Home
 from clientkit.errors import EquivocationDetected, ForkDetected, TamperDetected
 from localfs import atomic_write
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 async def cmd_post(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     async with _opened(me) as session:
-        sent = await session.post(args.collab, contentmod.Message(text=args.text))
+        with _as_member(args.collab):
+            sent = await session.post(args.collab, contentmod.Message(text=args.text))
     print(f"posted as seq {sent.seq}{' (already posted)' if sent.earlier else ''}")
 
 
@@ -43,7 +44,8 @@ async def cmd_attach(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     name, size = _file_facts(args.file)
     async with _opened(me) as session:
-        attached = await session.attach(args.collab, name, size, _read_pieces(args.file))
+        with _as_member(args.collab):
+            attached = await session.attach(args.collab, name, size, _read_pieces(args.file))
     print(attached.ref)
 
 

@@ -9,7 +9,7 @@ import getpass
 import os
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,7 @@ from model._crypto import CryptoError
 from model.membership import MemberKind
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
     from clientkit._home import Home, Profile
     from model.membership import Member
@@ -357,8 +357,16 @@ async def _read(client: Client, me: Unlocked, collab_id: str) -> CollabView:
 async def _view(session: Session, collab_id: str) -> CollabView:
     """This device's own verified view of the collab (the whole history, folded), checked
     against the head it saved and the receipts it holds (`Session.read`)."""
-    try:
+    with _as_member(collab_id):
         return await session.read(collab_id)
+
+
+@contextmanager
+def _as_member(collab_id: str) -> Iterator[None]:
+    """A session act on a collab this account cannot read, refused as one line that says what
+    to do (every act reads the collab first)."""
+    try:
+        yield
     except RelayRefused as exc:
         if exc.code is wire.ErrorCode.UNAUTHORIZED:
             raise CliError(
