@@ -13,7 +13,6 @@ from clientkit._bot_context import Author as Author
 from clientkit._bot_context import BotRemoved as BotRemoved
 from clientkit._bot_context import BotSetupError as BotSetupError
 from clientkit._bot_context import Context as Context
-from clientkit._bot_context import NotAMember as NotAMember
 from clientkit._client import Client as Client
 from clientkit._client import History as History
 from clientkit._client import connect as connect
@@ -23,6 +22,11 @@ from clientkit._collab import member_for as member_for
 from clientkit._collab import set_caps as set_caps
 from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
+from clientkit._outbox import Sent as Sent
+from clientkit._session import Attached as Attached
+from clientkit._session import Identity as Identity
+from clientkit._session import Keys as Keys
+from clientkit._session import Session as Session
 from clientkit._witness import submit_checkpoint as submit_checkpoint
 from clientkit.bot import Bot as Bot
 from clientkit.errors import AccessRefused as AccessRefused
@@ -32,6 +36,8 @@ from clientkit.errors import ConnectionLost as ConnectionLost
 from clientkit.errors import EquivocationDetected as EquivocationDetected
 from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
+from clientkit.errors import NoSuchAttachment as NoSuchAttachment
+from clientkit.errors import NotAMember as NotAMember
 from clientkit.errors import ProtocolMismatch as ProtocolMismatch
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged

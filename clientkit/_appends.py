@@ -35,7 +35,7 @@ from model.excgroups import first_error
 from model.ids import new_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Collection, Sequence
+    from collections.abc import Awaitable, Callable, Collection, Sequence
 
     import nacl.public
     import nacl.signing
@@ -118,6 +118,7 @@ class AppendCalls(HistoryCalls):
         past_box_keys: Sequence[nacl.public.PrivateKey] = (),
         own_sign_pks: Collection[bytes] = (),
         resend: SignedEvent | None = None,
+        read: Callable[[], Awaitable[CollabView]] | None = None,
     ) -> tuple[wire.Appended, CollabView]:
         """Make a management change against a freshly verified head.
 
@@ -131,25 +132,20 @@ class AppendCalls(HistoryCalls):
         If the connection is lost before the ack, the raised `ConnectionLost` carries the sent
         proof as `unacked`; pass it as `resend` on the next connection: that same signed proof
         is sent first (a rotation is never made twice), and `change` runs only if it is
-        refused as `stale`.
+        refused as `stale`. `read` is as for `seal_and_append`.
         """
-        for attempt in range(attempts):
-            view = await self.read(
+
+        def propose(view: CollabView) -> SignedEvent:
+            return _collab.proposal(view, signing_key, change(view), _now_ms())
+
+        async def read_fresh() -> CollabView:
+            return await self.read(
                 collab_id, box_key, past_box_keys=past_box_keys, own_sign_pks=own_sign_pks
             )
-            if resend is not None:
-                signed, resend = resend, None
-            else:
-                signed = _collab.proposal(view, signing_key, change(view), _now_ms())
-            try:
-                return await self.append(signed), view
-            except RelayRefused as exc:
-                if exc.code is not wire.ErrorCode.STALE or attempt == attempts - 1:
-                    raise
-            except ConnectionLost as exc:
-                exc.unacked = signed
-                raise
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        return await self.seal_and_append(
+            collab_id, box_key, propose, attempts=attempts, resend=resend, read=read or read_fresh
+        )
 
     async def seal_and_append(
         self,
@@ -161,6 +157,7 @@ class AppendCalls(HistoryCalls):
         history: History | None = None,
         attempts: int = 3,
         resend: SignedEvent | None = None,
+        read: Callable[[], Awaitable[CollabView]] | None = None,
     ) -> tuple[wire.Appended, CollabView]:
         """Seal content against a verified view of the collab and append it.
 
@@ -182,12 +179,17 @@ class AppendCalls(HistoryCalls):
         since). If the connection is lost before the ack, the raised `ConnectionLost` carries
         the sent event as `unacked`; pass it as `resend` on the next connection and that same
         signed event is sent first, sealed again only if it is refused as `stale`.
+
+        `read` reads the collab afresh (default: `read` with `box_key`): a `Session` passes its
+        checked read, which also holds the relay to this device's saved head and receipts.
+        This is the one retry-on-stale loop of the client kit: `manage`, `Session.post` and
+        `Session.dm` all go through it.
         """
         if history is not None:
             view = history.view
         for attempt in range(attempts):
             if view is None:
-                view = await self.read(collab_id, box_key)
+                view = await (read() if read is not None else self.read(collab_id, box_key))
             if resend is not None:
                 signed, resend = resend, None
             else:
@@ -391,21 +393,47 @@ class AppendCalls(HistoryCalls):
         evidence: contentmod.Evidence | None = None,
     ) -> wire.Appended:
         """Seal `content` (with the author's `evidence`, from `CollabView.evidence`) under the
-        collab key of `epoch` and append it."""
-        if self.account_id is None:
-            raise RelayRefused(wire.ErrorCode.UNAUTHENTICATED, "log in before posting")
-        signed = seal_event(
+        collab key of `epoch` and append it: the bare primitive, with no view, author stream or
+        retry (`Session.post` is the one with all three)."""
+        signed = seal_content(
             signing_key=signing_key,
             collab_key=collab_key,
-            collab_id=collab_id,
-            actor_id=self.account_id,
-            kind=contentmod.kind_of(content),
-            ts=ts,
-            content=contentmod.encode_content(content, evidence),
-            refs=refs,
             epoch=epoch,
+            collab_id=collab_id,
+            actor_id=self._me(),
+            content=content,
+            ts=ts,
+            refs=refs,
+            evidence=evidence,
         )
         return await self.append(signed)
+
+
+def seal_content(
+    *,
+    signing_key: nacl.signing.SigningKey,
+    collab_key: bytes,
+    epoch: int,
+    collab_id: str,
+    actor_id: str,
+    content: contentmod.Content,
+    ts: int,
+    refs: tuple[str, ...] = (),
+    evidence: contentmod.Evidence | None = None,
+) -> SignedEvent:
+    """The one sealing of collab content (a message, an attachment, the collab's name): its
+    kind, its encoding with the author's evidence, under the collab key of `epoch`."""
+    return seal_event(
+        signing_key=signing_key,
+        collab_key=collab_key,
+        collab_id=collab_id,
+        actor_id=actor_id,
+        kind=contentmod.kind_of(content),
+        ts=ts,
+        content=contentmod.encode_content(content, evidence),
+        refs=refs,
+        epoch=epoch,
+    )
 
 
 def _now_ms() -> int:

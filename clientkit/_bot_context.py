@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from clientkit.errors import ClientError
+from clientkit.errors import NotAMember as NotAMember  # `ctx.dm` to a non-member
 from model import content as contentmod
 
 if TYPE_CHECKING:
@@ -84,7 +85,3 @@ class Context:
     async def call_tool(self, tool: str, args: dict[str, str] | None = None) -> wire.ToolResult:
         """Have the relay's broker call a tool (needs the `tool:NAME` capability)."""
         return await self._client.call_tool(self.bot.collab_id, tool, args)
-
-
-class NotAMember(ClientError):
-    """`ctx.dm` to someone who is not a member of the bot's collab."""

@@ -17,12 +17,12 @@ from clientkit._cli_collabs import _check_caps
 from clientkit._cli_discovery import emit_json
 from clientkit._cli_session import (
     CliError,
-    _connected,
+    _opened,
     _password_for,
     _pin,
-    _read,
     _session,
     _unlock,
+    _view,
 )
 from clientkit._client import connect
 from clientkit._home import Home
@@ -47,15 +47,15 @@ async def cmd_agent_create(args: argparse.Namespace) -> None:
     sign = nacl.signing.SigningKey.generate()
     box = nacl.public.PrivateKey.generate()
     account_id = new_id("a")
-    async with _connected(me) as client:
-        created = await client.create_agent(
+    async with _opened(me) as session:
+        created = await session.client.create_agent(
             account_id, args.name, bytes(sign.verify_key), bytes(box.public_key)
         )
         new = Member(
             account_id, Role.MEMBER, MemberKind.AGENT, bytes(sign.verify_key),
             bytes(box.public_key), caps,
         )  # fmt: skip
-        ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
+        ack, _ = await _manage(session, args.collab, lambda v: _collab.add(v, new))
     save_credentials(
         out,
         AgentCredentials(
@@ -119,16 +119,16 @@ async def cmd_agent_revoke(args: argparse.Namespace) -> None:
             raise CliError("usage: cozy agent revoke NAME|ID [--collab COLLAB]")
         name, collabs = args.legacy, [args.agent, *collabs]
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        agent = _find_agent(await client.list_agents(), name)
+    async with _opened(me) as session:
+        agent = _find_agent(await session.client.list_agents(), name)
         done = ["already revoked" if agent.revoked else "every token revoked"]
         if not agent.revoked:
-            await client.revoke_agent(agent.account_id)
+            await session.client.revoke_agent(agent.account_id)
         for collab_id in collabs:
-            view = await _read(client, me, collab_id)
+            view = await _view(session, collab_id)
             if view.membership is not None and agent.account_id in view.membership.members:
                 ack, _ = await _manage(
-                    client, me, collab_id, lambda v: _collab.remove(v, agent.account_id)
+                    session, collab_id, lambda v: _collab.remove(v, agent.account_id)
                 )
                 done.append(f"removed from {collab_id} at seq {ack.seq}, key rotated")
             else:

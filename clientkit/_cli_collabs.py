@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from clientkit import _collab
-from clientkit._cli_changes import _manage, _post, _sealer
+from clientkit._cli_changes import _manage
 from clientkit._cli_discovery import emit_json
-from clientkit._cli_session import CliError, _connected, _lookup, _member, _read, _unlock
+from clientkit._cli_session import CliError, _lookup, _member, _opened, _unlock, _view
 from clientkit._collab import fingerprint
 from clientkit._home import Home
-from model import content as contentmod
 from model.membership import (
     CAP_POST,
     CAP_READ,
@@ -34,10 +33,8 @@ if TYPE_CHECKING:
 
 async def cmd_collab_create(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        collab_id, _key = await client.create_collab(me.signing_key, bytes(me.box_key.public_key))
-        meta = contentmod.CollabMeta(name=args.name)
-        await _post(client, me, collab_id, _sealer(me, collab_id, meta))
+    async with _opened(me) as session:
+        collab_id = await session.create_collab(args.name)
     print(collab_id)
 
 
@@ -46,10 +43,10 @@ async def cmd_collab_add(args: argparse.Namespace) -> None:
     kind = MemberKind.AGENT if args.agent else MemberKind.HUMAN
     caps = tuple(args.cap or ((CAP_READ, CAP_POST) if args.agent else ()))
     _check_caps(kind, caps)
-    async with _connected(me) as client:
-        info = await _lookup(client, args.handle)
+    async with _opened(me) as session:
+        info = await _lookup(session.client, args.handle)
         new = _collab.member_for(info, Role(args.role), kind, caps)  # refuses the wrong kind
-        ack, _ = await _manage(client, me, args.collab, lambda v: _collab.add(v, new))
+        ack, _ = await _manage(session, args.collab, lambda v: _collab.add(v, new))
     print(
         f"added {args.handle} as {args.role} at seq {ack.seq}; their key fingerprint is"
         f" {fingerprint(info.sign_pk, info.box_pk)} — check it with them out of band"
@@ -73,10 +70,10 @@ async def _change_member(
     """A signed change about one member, named by handle: their keys and kind as this device's
     fold pinned them go to `change_for`, whose change is sent with `_manage`."""
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        view = await _read(client, me, collab_id)
-        target = await _member(client, view, handle)
-        return await _manage(client, me, collab_id, change_for(target))
+    async with _opened(me) as session:
+        view = await _view(session, collab_id)
+        target = await _member(session.client, view, handle)
+        return await _manage(session, collab_id, change_for(target))
 
 
 async def cmd_collab_grant(args: argparse.Namespace) -> None:
@@ -130,8 +127,8 @@ async def cmd_collab_role(args: argparse.Namespace) -> None:
 
 async def cmd_collab_rotate(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        ack, view = await _manage(client, me, args.collab, _collab.rotate)
+    async with _opened(me) as session:
+        ack, view = await _manage(session, args.collab, _collab.rotate)
     assert view.membership is not None
     # A duplicate (resent after a lost ack) was answered against a view that holds it already.
     epoch = view.membership.epoch + (0 if ack.duplicate else 1)
@@ -151,12 +148,12 @@ class MemberRow(msgspec.Struct, frozen=True):
 
 async def cmd_collab_members(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        view = await _read(client, me, args.collab)
+    async with _opened(me) as session:
+        view = await _view(session, args.collab)
         assert view.membership is not None
         members = [
             MemberRow(
-                handle=(await client.account(m.account_id)).handle,
+                handle=(await session.client.account(m.account_id)).handle,
                 account_id=m.account_id,
                 role=m.role.value,
                 kind=m.kind.value,

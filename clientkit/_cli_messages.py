@@ -4,71 +4,38 @@ with the proof export an equivocation alarm leaves behind (`tail` is in `_cli_ta
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from clientkit._cli_changes import _after_lost_ack, _post, _sealer
-from clientkit._cli_session import CliError, _connected, _member, _read, _unlock
+from clientkit._cli_session import CliError, _as_member, _member, _opened, _unlock, _view
 from clientkit._home import Home
-from clientkit.errors import ConnectionLost, EquivocationDetected, ForkDetected, TamperDetected
+from clientkit.errors import EquivocationDetected, ForkDetected, TamperDetected
 from localfs import atomic_write
-from model import artifacts, dm, equivocation
+from model import artifacts, equivocation
 from model import content as contentmod
-from model._crypto import CryptoError, random_bytes
+from model._crypto import CryptoError
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Iterator
 
-    from model.envelope import SignedEvent
-    from model.view import CollabView
-
 
 async def cmd_post(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        sent = await _post(
-            client, me, args.collab, _sealer(me, args.collab, contentmod.Message(text=args.text))
-        )
+    async with _opened(me) as session:
+        with _as_member(args.collab):
+            sent = await session.post(args.collab, contentmod.Message(text=args.text))
     print(f"posted as seq {sent.seq}{' (already posted)' if sent.earlier else ''}")
 
 
 async def cmd_dm(args: argparse.Namespace) -> None:
     """A direct message, sealed to the recipient's key as this device's fold pinned it."""
     me = await _unlock(Home.from_env())
-    async with _connected(me) as client:
-        view = await _read(client, me, args.collab)
-        to = await _member(client, view, args.handle)
-
-        def seal(view: CollabView) -> SignedEvent:
-            assert view.membership is not None
-            return dm.seal_dm(
-                signing_key=me.signing_key,
-                sender_box_key=me.box_key,
-                recipient_box_pk=to.box_pk,
-                collab_id=args.collab,
-                sender_id=view.account_id,
-                recipient_id=to.account_id,
-                ts=_now_ms(),
-                epoch=view.membership.epoch,
-                content=contentmod.encode_content(contentmod.Message(text=args.text)),
-            )
-
-        # A DM carries no author-stream evidence (docs/ordering.md): it is not kept in the
-        # stream; a lost ack is answered by resending it on a new connection, as `_post` does.
-        view = await _read(client, me, args.collab)
-        try:
-            ack, _ = await client.seal_and_append(args.collab, me.box_key, seal, view=view)
-        except ConnectionLost as exc:
-            if exc.unacked is None:
-                raise
-            async with _after_lost_ack(me) as again:
-                view = await _read(again, me, args.collab)
-                ack, _ = await again.seal_and_append(
-                    args.collab, me.box_key, seal, view=view, resend=exc.unacked
-                )
-    print(f"sent a direct message to {args.handle} as seq {ack.seq}")
+    async with _opened(me) as session:
+        view = await _view(session, args.collab)
+        to = await _member(session.client, view, args.handle)
+        sent = await session.dm(args.collab, to.account_id, contentmod.Message(text=args.text))
+    print(f"sent a direct message to {args.handle} as seq {sent.seq}")
 
 
 async def cmd_attach(args: argparse.Namespace) -> None:
@@ -76,48 +43,28 @@ async def cmd_attach(args: argparse.Namespace) -> None:
     (with the file key, under the collab key) so exactly the collab's readers can open it."""
     me = await _unlock(Home.from_env())
     name, size = _file_facts(args.file)
-    file_key = random_bytes(32)
-    async with _connected(me) as client:
-        stored = await client.upload_artifact(
-            args.collab, artifacts.seal_stream(file_key, args.collab, _read_pieces(args.file))
-        )
-        attachment = contentmod.Attachment(name=name, size=size, ref=stored.ref, key=file_key)
-        await _post(client, me, args.collab, _sealer(me, args.collab, attachment, (stored.ref,)))
-    print(stored.ref)
+    async with _opened(me) as session:
+        with _as_member(args.collab):
+            attached = await session.attach(args.collab, name, size, _read_pieces(args.file))
+    print(attached.ref)
 
 
 async def cmd_fetch(args: argparse.Namespace) -> None:
     """Download an artifact to a spool file, then check it against its ref and decrypt it into
     OUT piece by piece; only a complete, verified file replaces OUT. Memory stays bounded.
 
-    The file key comes from the attachment event, read through this device's verified view."""
+    The file key comes from the attachment event, read through this device's checked view."""
     me = await _unlock(Home.from_env())
     out = Path(args.out)
     spool = out.with_name(f".{out.name}.download")
-    async with _connected(me) as client:
-        key = None
-        keys = (await _read(client, me, args.collab)).known_keys()
-        async with client.history(
-            args.collab,
-            me.box_key,
-            keys=keys,
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
-        ) as events:
-            async for entry in events:
-                if (
-                    isinstance(entry.content, contentmod.Attachment)
-                    and entry.content.ref == args.ref
-                ):
-                    key = entry.content.key
-        if key is None:
-            raise CliError(f"no attachment you can read in {args.collab} has the ref {args.ref}")
-        with _Spool(spool) as writer:
-            async with client.download_artifact(args.collab, args.ref) as pieces:
+    async with _opened(me) as session:
+        await _view(session, args.collab)  # a collab this account cannot read: one line
+        async with session.fetch(args.collab, args.ref) as (attachment, pieces):
+            with _Spool(spool) as writer:
                 async for piece in pieces:
                     writer.add(piece)
     try:
-        written = _open_spool(spool, out, key, args.collab, args.ref)
+        written = _open_spool(spool, out, attachment.key, args.collab, args.ref)
     finally:
         spool.unlink(missing_ok=True)
     print(f"{out}: {written} bytes, verified against {args.ref}")
@@ -188,18 +135,10 @@ async def cmd_verify(args: argparse.Namespace) -> None:
     me = await _unlock(Home.from_env())
     against = _parse_head(args.against) if args.against else None
     state = me.home.state
-    async with _connected(me) as client:
-        keys = (await _read(client, me, args.collab)).known_keys()
+    async with _opened(me) as session:
+        keys = (await _view(session, args.collab)).known_keys()
         count = 0
-        async with client.history(
-            args.collab,
-            me.box_key,
-            keys=keys,
-            expect=state.head(args.collab),
-            receipts=state.receipts(args.collab),
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
-        ) as events:
+        async with session.history(args.collab, keys=keys) as events:
             async for _ in events:
                 count += 1
                 if count % 500 == 0:
@@ -238,10 +177,6 @@ def _parse_head(text: str) -> tuple[int, str]:
     if not seq.isdigit() or len(prefix) < 8 or any(c not in "0123456789abcdef" for c in prefix):
         raise CliError("--against takes a head as `cozy verify` prints it: SEQ:HEX (8+ hex digits)")
     return int(seq), prefix
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 def _export_proof(alarm: EquivocationDetected) -> None:

@@ -173,13 +173,8 @@ async def _repin(
         )
     new_box_pk = bytes(me.box_key.public_key)
     try:
-        ack, _ = await client.manage(
-            old_key,
-            me.box_key,
-            collab_id,
-            lambda v: _collab.rekey(v, me.signing_key, new_box_pk),
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
+        ack, _ = await me.session_on(client).manage(
+            collab_id, lambda v: _collab.rekey(v, me.signing_key, new_box_pk), signing_key=old_key
         )
     except RelayRefused as exc:
         return f"NOT re-pinned: {exc.message}"

@@ -1,6 +1,7 @@
 """The CLI's shared plumbing: secrets from the environment or a prompt, the unlocked keystore
-(`Unlocked`), the login session, a verified connection (`_connected`) and this device's view of a
-collab (`_read`). Every command module builds on these; none of them parses arguments."""
+(`Unlocked`), the login session, a verified connection (`_connected`), the client session the
+commands act through (`_opened`, a `clientkit.Session`) and this device's checked view of a
+collab (`_view`, `_read`). Every command module builds on these; none of them parses arguments."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import getpass
 import os
 import sys
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,14 @@ import nacl.signing
 import trio
 
 from clientkit._client import Client, connect
+from clientkit._session import Identity, Keys, Session
 from clientkit.errors import RelayRefused
 from model import keystore, wire
 from model._crypto import CryptoError
+from model.membership import MemberKind
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Iterator
 
     from clientkit._home import Home, Profile
     from model.membership import Member
@@ -81,6 +84,23 @@ class Unlocked:
     def own_sign_pks(self) -> list[bytes]:
         """Every signing key this account has had: a `rekey` to any other is an alarm."""
         return [bytes(self.signing_key.verify_key), *(r.sign_pk for r in self.keys.retired)]
+
+    @property
+    def identity(self) -> Identity:
+        return Identity(self.profile.account_id, self.profile.handle, MemberKind.HUMAN)
+
+    @property
+    def session_keys(self) -> Keys:
+        return Keys(
+            self.signing_key, self.box_key, tuple(self.past_box_keys), tuple(self.own_sign_pks)
+        )
+
+    def session_on(self, client: Client) -> Session:
+        """A session over `client` with this device's state (it cannot reconnect: `_opened`
+        makes one that can)."""
+        return Session(
+            client, self.identity, self.session_keys, self.home.state, device=self.profile.device
+        )
 
     @property
     def rotating(self) -> bool:
@@ -293,6 +313,36 @@ async def _connected(me: Unlocked) -> AsyncIterator[Client]:
         yield client
 
 
+@asynccontextmanager
+async def _opened(me: Unlocked) -> AsyncIterator[Session]:
+    """A client session over a verified connection (`_connected`) that resends, on a new
+    connection, an event whose ack a lost connection never delivered."""
+    async with (
+        _connected(me) as client,
+        Session(
+            client,
+            me.identity,
+            me.session_keys,
+            me.home.state,
+            device=me.profile.device,
+            reconnect=lambda: _after_lost_ack(me),
+        ) as session,
+    ):
+        yield session
+
+
+@asynccontextmanager
+async def _after_lost_ack(me: Unlocked) -> AsyncIterator[Client]:
+    """A new connection for resending an event whose ack the lost one never delivered."""
+    print(
+        "the connection to the relay was lost before it confirmed; sending the same event"
+        " again (if it was stored, the relay says so and nothing is stored twice)…",
+        file=sys.stderr,
+    )
+    async with _connected(me) as client:
+        yield client
+
+
 _UNFINISHED_ROTATION = (
     "a key rotation of this account is unfinished: run `cozy account rotate-keys` to finish it"
     " (nothing else was done)"
@@ -300,14 +350,23 @@ _UNFINISHED_ROTATION = (
 
 
 async def _read(client: Client, me: Unlocked, collab_id: str) -> CollabView:
-    """This device's own verified view of the collab (the whole history, folded)."""
+    """This device's own checked view of the collab over `client` (see `_view`)."""
+    return await _view(me.session_on(client), collab_id)
+
+
+async def _view(session: Session, collab_id: str) -> CollabView:
+    """This device's own verified view of the collab (the whole history, folded), checked
+    against the head it saved and the receipts it holds (`Session.read`)."""
+    with _as_member(collab_id):
+        return await session.read(collab_id)
+
+
+@contextmanager
+def _as_member(collab_id: str) -> Iterator[None]:
+    """A session act on a collab this account cannot read, refused as one line that says what
+    to do (every act reads the collab first)."""
     try:
-        return await client.read(
-            collab_id,
-            me.box_key,
-            past_box_keys=me.past_box_keys,
-            own_sign_pks=me.own_sign_pks,
-        )
+        yield
     except RelayRefused as exc:
         if exc.code is wire.ErrorCode.UNAUTHORIZED:
             raise CliError(

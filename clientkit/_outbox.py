@@ -45,7 +45,7 @@ from model import wire
 from model.envelope import event_id
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     import nacl.public
 
@@ -138,6 +138,7 @@ class AuthorStream:
         view: CollabView | None = None,
         history: History | None = None,
         once: bool = False,
+        read: Callable[[], Awaitable[CollabView]] | None = None,
     ) -> Sent:
         """Seal (with the stream's next evidence), keep, then append one event for `intent`.
 
@@ -145,8 +146,8 @@ class AuthorStream:
         (an interrupted earlier attempt), its seq is returned and nothing new is signed; with
         `once` (a bot's replayed handler), so is the seq of any kept stored event for `intent`.
         Without `once` an intent whose event was acked is simply posted again: a person who
-        repeats a finished command means it. `view`/`history` are as for
-        `Client.seal_and_append`, which does the append (and seals again under a new key
+        repeats a finished command means it. `view`/`history`/`read` are
+        as for `Client.seal_and_append`, which does the append (and seals again under a new key
         after a `stale` bounce: the bounced event's counter is freed first). A refusal in
         NOT_STORED forgets the event and is raised; any other error leaves it kept.
         """
@@ -181,7 +182,7 @@ class AuthorStream:
 
         try:
             ack, _ = await client.seal_and_append(
-                self.collab_id, box_key, keep_and_seal, view=view, history=history
+                self.collab_id, box_key, keep_and_seal, view=view, history=history, read=read
             )
         except RelayRefused as exc:
             if attempt and exc.code in NOT_STORED:

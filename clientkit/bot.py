@@ -74,8 +74,8 @@ from clientkit._bot_context import (
     NotAMember,
 )
 from clientkit._client import Client, History, connect
-from clientkit._outbox import AuthorStream
 from clientkit._retry import backoff_delay
+from clientkit._session import Identity, Keys, Session
 from clientkit._state import ClientState
 from clientkit.errors import (
     ConnectionLost,
@@ -85,23 +85,19 @@ from clientkit.errors import (
     RelayUnreachable,
 )
 from model import content as contentmod
-from model import dm as dmmod
 from model import wire
 from model.chain import Head
-from model.envelope import seal_event
 from model.excgroups import innermost
-from model.membership import AddMember, CreateCollab, RemoveMember
+from model.membership import AddMember, CreateCollab, MemberKind, RemoveMember
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from model.envelope import SignedEvent
     from model.view import CollabView, Entry
 
     Handler = Callable[["Context"], Awaitable[None]]
     Hook = Callable[["Bot"], Awaitable[None]]
     AlarmHook = Callable[["Bot", IntegrityAlarm], Awaitable[None]]
-    Sealer = Callable[[CollabView, contentmod.Evidence], SignedEvent]
 
 DEVICE: Final = "bot"  # the author stream of the bot's posts (docs/ordering.md)
 DM_DEVICE: Final = "bot-dm"  # its DMs: kept and resent like posts, but they carry no evidence
@@ -152,6 +148,7 @@ class Bot:
         self._on_resume: list[Hook] = []
         self._on_alarm: AlarmHook | None = None
         self._seen: CollabView | None = None  # this session's read of the collab at its head
+        self._live: Session | None = None  # the client session of the current connection
         self._store_checked = False
         self._reached = False  # a connection to the relay was ever opened
 
@@ -300,22 +297,33 @@ class Bot:
             nursery.cancel_scope.cancel()
         raise ConnectionLost(None, "the relay ended the stream")
 
+    def _session_over(self, client: Client) -> Session:
+        """The bot as a client session (clientkit/_session.py): every read checked against
+        the store's saved head and receipts, every post and DM sealed, kept and retried there.
+        Its DM stream is `DM_DEVICE` (the session's `dm_device` of `DEVICE`)."""
+        creds = self.credentials
+        return Session(
+            client,
+            Identity(creds.account_id, creds.handle, MemberKind.AGENT),
+            Keys(nacl.signing.SigningKey(creds.sign_seed), nacl.public.PrivateKey(creds.box_sk)),
+            self.state,
+            device=DEVICE,
+        )
+
     async def _serve(self, client: Client, task_status: trio.TaskStatus[None] | None) -> None:
-        box = nacl.public.PrivateKey(self.credentials.box_sk)
         state = self.state
         await client.authenticate(self.credentials.token)
         client.use_key(nacl.signing.SigningKey(self.credentials.sign_seed))  # tool calls, uploads
-        client.on_receipt = state.add_receipt
+        session = self._live = self._session_over(client)
         # A reply signed before a crash or a lost connection, whose ack was never recorded,
         # goes out again (the same bytes) before anything new is signed.
-        for device in (DEVICE, DM_DEVICE):
-            await self._stream(device).resend_unacked(client)
+        await session.resend_unacked(self.collab_id)
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
         # The collab at the relay's head: its keys, and how far this bot's own stream got (a
         # store that was lost or restored from a backup must not make a replay reuse counters).
-        self._seen = await client.read(self.collab_id, box)
+        self._seen = await session.read(self.collab_id)
         if not self._seen.is_member:
             raise BotRemoved(
                 f"{self.handle} is not a member of {self.collab_id}: it was removed (or never"
@@ -328,13 +336,8 @@ class Bot:
         again = "re" if self.connections > 1 else ""
         log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
         member = False  # whether the bot was a member at the entry being read
-        async with client.history(
-            self.collab_id,
-            box,
-            keys=self._seen.known_keys(),
-            expect=state.head(self.collab_id),
-            receipts=state.receipts(self.collab_id),
-            follow=True,
+        async with session.history(
+            self.collab_id, keys=self._seen.known_keys(), follow=True
         ) as events:
             if task_status is not None:
                 task_status.started()
@@ -386,25 +389,10 @@ class Bot:
             return
         await command.handler(ctx)
 
-    # --- sending: everything the bot says leaves through `_send` ------------------------------
+    # --- sending: everything the bot says leaves through the connection's `Session` -----------
 
     async def _post(self, ctx: Context, text: str) -> int:
-        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
-
-        def seal(view: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
-            epoch, key = view.current_key()
-            return seal_event(
-                signing_key=signing_key,
-                collab_key=key,
-                collab_id=self.collab_id,
-                actor_id=self.account_id,
-                kind=contentmod.KIND_MESSAGE,
-                ts=evidence.clock,
-                content=contentmod.encode_content(contentmod.Message(text), evidence),
-                epoch=epoch,
-            )
-
-        return await self._send(ctx, DEVICE, b"reply", seal)
+        return await self._send(ctx, text)
 
     async def _dm(self, ctx: Context, to: str, text: str) -> int:
         view = ctx._history.view
@@ -415,30 +403,12 @@ class Bot:
             recipient = found if found in view.membership.members else None
         if recipient is None:
             raise NotAMember(f"cannot DM {to}: not a member of {self.collab_id}")
-        signing_key = nacl.signing.SigningKey(self.credentials.sign_seed)
-        box = nacl.public.PrivateKey(self.credentials.box_sk)
+        # Sealed to the key the bot's own fold pinned, never the directory's (`Session.dm`).
+        return await self._send(ctx, text, dm_to=recipient)
 
-        def seal(v: CollabView, evidence: contentmod.Evidence) -> SignedEvent:
-            assert v.membership is not None
-            member = v.membership.members.get(recipient)
-            if member is None:
-                raise NotAMember(f"cannot DM {to}: no longer a member of {self.collab_id}")
-            return dmmod.seal_dm(
-                signing_key=signing_key,
-                sender_box_key=box,
-                recipient_box_pk=member.box_pk,  # from the fold, never from the directory
-                collab_id=self.collab_id,
-                sender_id=self.account_id,
-                recipient_id=recipient,
-                ts=evidence.clock,
-                epoch=v.membership.epoch,
-                content=contentmod.encode_content(contentmod.Message(text)),
-            )
-
-        return await self._send(ctx, DM_DEVICE, b"dm", seal)
-
-    async def _send(self, ctx: Context, device: str, kind: bytes, seal: Sealer) -> int:
-        """Seal against the followed view and append, exactly once per handler send.
+    async def _send(self, ctx: Context, text: str, *, dm_to: str | None = None) -> int:
+        """Seal against the followed view and append, exactly once per handler send
+        (`Session.post` / `Session.dm` with the entry's intent, `once`).
 
         If the key rotated meanwhile (a member was removed while the handler ran), the relay
         bounces it, the view reads its stream ahead to the rotation, and it is sealed again.
@@ -446,20 +416,27 @@ class Bot:
         on a replay of that entry (a crash or lost ack before the cursor was committed) the
         same event is sent again or, if stored, its seq returned — exactly once.
         """
+        session = self._live
+        assert session is not None
         ctx._sends += 1
-        sent = await self._stream(device).send(
-            ctx._client,
-            nacl.public.PrivateKey(self.credentials.box_sk),
-            seal,
-            intent=b"%s:%s:%d" % (kind, ctx.entry.event_id.hex().encode(), ctx._sends),
-            source=ctx.entry.seq,
-            history=ctx._history,
-            once=True,
-        )
+        kind = b"reply" if dm_to is None else b"dm"
+        intent = b"%s:%s:%d" % (kind, ctx.entry.event_id.hex().encode(), ctx._sends)
+        source, history = ctx.entry.seq, ctx._history
+        if dm_to is None:
+            sent = await session.post(
+                self.collab_id, text, intent=intent, source=source, history=history, once=True
+            )
+        else:
+            sent = await session.dm(
+                self.collab_id,
+                dm_to,
+                text,
+                intent=intent,
+                source=source,
+                history=history,
+                once=True,
+            )
         return sent.seq
-
-    def _stream(self, device: str) -> AuthorStream:
-        return AuthorStream(self.state, self.collab_id, device, seen=self._seen)
 
 
 def _member_after(entry: Entry, was: bool, me: str) -> bool:

@@ -12,8 +12,9 @@ by role in private modules: `_cli_accounts` (signup, restore, recover, passphras
 password, sessions), `_cli_rotate_keys`, `_cli_collabs`, `_cli_agents`, `_cli_discovery`
 (collab list, account show, the `--json` form), `_cli_messages` (post, dm, attach, fetch,
 verify, evidence) and `_cli_tail`, on the shared plumbing in `_cli_session` (secrets, unlock,
-session, connection, reads) and `_cli_changes` (signed posts and membership changes, resent
-after a lost ack).
+the login, the connection and the `clientkit.Session` every command acts through) and
+`_cli_changes` (membership changes). Sealing, posting, retries and the checked read live in the
+Session, which the bot kit uses too.
 """
 
 from __future__ import annotations

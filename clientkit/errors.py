@@ -225,3 +225,22 @@ class WitnessUnavailable(WitnessError):
 class WitnessReplyInvalid(WitnessError):
     """The witness answered 200 with something that is not a valid cosignature by its key
     over this checkpoint. Do not count it toward a quorum; tell the witness's operator."""
+
+
+class NotAMember(ClientError):
+    """The account named is not a member of the collab as this device's verified view folds it
+    (a direct message — `Session.dm`, a bot's `ctx.dm` — to someone outside it, or removed)."""
+
+    def __init__(self, message: str, *, collab_id: str = "", account_id: str = "") -> None:
+        super().__init__(message)
+        self.collab_id = collab_id
+        self.account_id = account_id
+
+
+class NoSuchAttachment(ClientError):
+    """No attachment this account can read in the collab has the ref asked for."""
+
+    def __init__(self, message: str, *, collab_id: str, ref: str) -> None:
+        super().__init__(message)
+        self.collab_id = collab_id
+        self.ref = ref
