@@ -17,7 +17,7 @@ import trio
 import trio_websocket
 
 from clientkit._cli_discovery import emit_json
-from clientkit._cli_session import _connected, _read, _unlock
+from clientkit._cli_session import _as_member, _opened, _unlock
 from clientkit._collab import describe
 from clientkit._home import Home
 from clientkit._retry import backoff_delay
@@ -95,36 +95,26 @@ class _Tail:
         # so `--from` only filters what is printed. The head saved last time must be on the path.
         state = me.home.state
         self.subscribed = False
-        async with _connected(me) as client:
-            keys = None
-            if self._view is None:
-                # Two passes: the first opens every epoch key this account was given (one
-                # arrives with the addition, after that epoch's earlier events), the second
-                # prints with all of them.
-                keys = (await _read(client, me, args.collab)).known_keys()
-            async with client.history(
-                args.collab,
-                me.box_key,
-                view=self._view,  # after a reconnection: resume right after its head
-                keys=keys,
-                expect=state.head(args.collab),
-                receipts=state.receipts(args.collab),
-                follow=args.follow,
-                past_box_keys=me.past_box_keys,
-                own_sign_pks=me.own_sign_pks,
-            ) as events:
-                self.subscribed = True
-                try:
-                    async for entry in events:
-                        if entry.seq % 100 == 0:
-                            state.save_head(args.collab, events.head)
-                        if entry.seq >= args.from_seq:
-                            await self._print(client, entry)
-                finally:
-                    # Only verified positions are saved, so a relay cannot roll this device back;
-                    # the view resumes from the same position (the last entry handed out).
-                    state.save_head(args.collab, events.head)
-                    self._view = events.view
+        async with _opened(me) as session:
+            with _as_member(args.collab):
+                async with session.history(
+                    args.collab,
+                    view=self._view,  # after a reconnection: resume right after its head
+                    follow=args.follow,
+                ) as events:
+                    self.subscribed = True
+                    try:
+                        async for entry in events:
+                            if entry.seq % 100 == 0:
+                                state.save_head(args.collab, events.head)
+                            if entry.seq >= args.from_seq:
+                                await self._print(session.client, entry)
+                    finally:
+                        # Only verified positions are saved, so a relay cannot roll this device
+                        # back; the view resumes from the same position (the last entry handed
+                        # out).
+                        state.save_head(args.collab, events.head)
+                        self._view = events.view
 
     async def _print(self, client: Client, entry: Entry) -> None:
         names = self._names

@@ -138,7 +138,12 @@ class Session:
 
     @asynccontextmanager
     async def history(
-        self, collab_id: str, *, keys: dict[int, bytes] | None = None, follow: bool = False
+        self,
+        collab_id: str,
+        *,
+        keys: dict[int, bytes] | None = None,
+        follow: bool = False,
+        view: CollabView | None = None,
     ) -> AsyncIterator[History]:
         """Verified entries of the collab from the genesis, checked against this device's
         saved head and receipts (`Client.history` with `expect` and `receipts`).
@@ -146,9 +151,11 @@ class Session:
         Without `keys`, the epoch keys this account was given come from this session's last
         read of the collab (`views`), or a read now, so entries from before its addition open
         too. The caller decides when to save the head (`History.head` is only ever a position
-        that passed every check); `read` saves it.
+        that passed every check); `read` saves it. `view`, a view this session verified before
+        (a following tail after a reconnection), resumes right after its head instead of
+        reading from the genesis again.
         """
-        if keys is None:
+        if keys is None and view is None:
             seen = self.views.get(collab_id) or await self.read(collab_id)
             keys = seen.known_keys()
         async with self.client.history(
@@ -158,6 +165,7 @@ class Session:
             expect=self.state.head(collab_id),
             receipts=self.state.receipts(collab_id),
             follow=follow,
+            view=view,
             past_box_keys=self.keys.past_box_keys,
             own_sign_pks=self.keys.own_sign_pks,
         ) as events:
