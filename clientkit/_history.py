@@ -28,6 +28,7 @@ from clientkit.errors import (
     WithholdingDetected,
 )
 from model import wire
+from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served
 from model.errors import ChainMismatch
 from model.view import (
@@ -246,7 +247,9 @@ class History:
             raise self._alarm(TamperDetected, "event belongs to another collab", frame.seq)
         try:
             if isinstance(frame, wire.Withheld):
-                return self.view.ingest_withheld(frame.seq, frame.event_id, frame.chain)
+                return self.view.ingest_withheld(
+                    frame.seq, frame.event_id, frame.chain, _link(frame), frame.sig
+                )
             return self.view.ingest(frame.seq, frame.event, frame.chain)
         except (ViewRejected, ChainMismatch) as exc:
             raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
@@ -275,6 +278,13 @@ class History:
                 f"the history at seq {head.seq} differs from the one this device verified before",
                 head.seq,
             )
+
+
+def _link(frame: wire.Withheld) -> DmHeader:
+    """The DM header a `withheld` frame claims, for the fold to check against its author."""
+    return DmHeader(
+        DM_VERSION, frame.collab_id, frame.author_id, frame.recipient_id, frame.epoch, frame.sealed
+    )
 
 
 # What each proof the fold raises means to a person (the rest is tampering).

@@ -18,10 +18,11 @@ Hypothesis strategies for schedules are in `misbehaviours`.
 from __future__ import annotations
 
 import enum
+import os
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
@@ -35,7 +36,7 @@ from trio_websocket import (
 
 from model import wire
 from model.chain import Head, next_head, start_of
-from model.envelope import SequencedEvent, SignedEvent, event_id
+from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -56,6 +57,8 @@ class Lie(enum.StrEnum):
     TRUNCATE = "truncate"  # withhold the tail: stop early, claim to be caught up
     FORGE_RECEIPT = "forge_receipt"  # sign an ack's receipt for another seq
     DELAY = "delay"  # hold a subscription's history back for a while, then deliver it honestly
+    INVENT_WITHHELD = "invent_withheld"  # a made-up `withheld` DM link after the real head
+    RELABEL_WITHHELD = "relabel_withheld"  # show a real event as a `withheld` DM between others
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,81 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             return rechained([m.foreign.event, *rest[1:]])
         case Lie.TRUNCATE:
             return before
-        case Lie.FORGE_RECEIPT | Lie.DELAY:
-            return events
+        case Lie.FORGE_RECEIPT | Lie.DELAY | Lie.INVENT_WITHHELD | Lie.RELABEL_WITHHELD:
+            return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
 
 
 _RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE})
+WITHHELD_LIES = frozenset({Lie.INVENT_WITHHELD, Lie.RELABEL_WITHHELD})
+
+
+def withheld_lie(
+    history: Sequence[SequencedEvent], m: Misbehaviour
+) -> list[wire.Event | wire.Withheld]:
+    """The frames a relay telling `m` (one of `WITHHELD_LIES`) presents for `history`.
+
+    The relay holds every real event, so its lie is as good as it can make it: the chain always
+    extends, the link names real members (the collab's first author, and the author of the
+    event at `m.at` or someone else), and a relabelled event keeps its real id and its author's
+    real signature. What it cannot make is the author's signature over a DM header.
+    """
+    frames: list[wire.Event | wire.Withheld] = [
+        wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain) for e in history
+    ]
+    at = next((i for i, e in enumerate(history) if e.seq == m.at), None)
+    if not history or at is None:
+        return frames
+    bodies = [decode_body(e.event.body) for e in history]
+    target = history[at]
+    if m.lie is Lie.RELABEL_WITHHELD:
+        body = bodies[at]
+        recipient = next((b.actor_id for b in bodies if b.actor_id != body.actor_id), body.actor_id)
+        eid = event_id(target.event)
+        frames[at] = _withheld(
+            target, eid, target.chain, body.actor_id, recipient, body.epoch, target.event.sig
+        )
+        return frames
+    last = history[-1]
+    author = bodies[0].actor_id
+    recipient = next(
+        (b.actor_id for b in (bodies[at], *bodies) if b.actor_id != author), bodies[at].actor_id
+    )
+    eid = os.urandom(32)
+    invented = SequencedEvent(last.collab_id, last.seq + 1, last.event, next_head(last.chain, eid))
+    frames.append(
+        _withheld(
+            invented, eid, invented.chain, author, recipient, bodies[-1].epoch, os.urandom(64)
+        )
+    )
+    return frames
+
+
+def _withheld(
+    at: SequencedEvent,
+    eid: bytes,
+    chain: bytes,
+    author_id: str,
+    recipient_id: str,
+    epoch: int,
+    sig: bytes,
+) -> wire.Withheld:
+    fields: dict[str, Any] = {
+        "collab_id": at.collab_id,
+        "seq": at.seq,
+        "event_id": eid,
+        "chain": chain,
+        "author_id": author_id,
+        "recipient_id": recipient_id,
+        "epoch": epoch,
+        "sealed": os.urandom(32),
+        "sig": sig,
+    }
+    # Only the fields this protocol version's frame has (a harness that lies to older clients
+    # too: they were fooled by a bare position).
+    return wire.Withheld(
+        **{k: v for k, v in fields.items() if k in wire.Withheld.__struct_fields__}
+    )
 
 
 def misbehaviours(length: int, lies: Sequence[Lie] = tuple(Lie)) -> st.SearchStrategy[Misbehaviour]:
@@ -239,11 +311,17 @@ class LyingRelay:
             case wire.Subscribed():
                 held[frame.collab_id] = []
                 return [frame]
+            case wire.Withheld() if frame.collab_id in held and m.lie in WITHHELD_LIES:
+                return []  # the lie needs real DM links kept in order; none here to lie about
             case wire.Event() if frame.collab_id in held:
                 held[frame.collab_id].append(
                     SequencedEvent(frame.collab_id, frame.seq, frame.event, frame.chain)
                 )
                 return []
+            case wire.CaughtUp() if frame.collab_id in held and m.lie in WITHHELD_LIES:
+                frames = withheld_lie(held.pop(frame.collab_id), m)
+                last = frames[-1].seq if frames else 0
+                return [*frames, wire.CaughtUp(collab_id=frame.collab_id, seq=last)]
             case wire.CaughtUp() if frame.collab_id in held:
                 presented = lie(held.pop(frame.collab_id), m)
                 last = presented[-1].seq if presented else 0

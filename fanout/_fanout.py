@@ -23,7 +23,8 @@ stalls the sequencer or anyone else. Each published batch (one commit's events o
 becomes one `Message` — the events' frames in one `batch`, already framed for WebSocket — built
 once, and the same bytes go to every subscriber as one item of its outbox, written with one
 `send` (ADR-0005). A DM's body goes only to its two participants: everyone else gets a
-`withheld` frame with the event id and chain, enough to keep verifying the chain; so a batch
+`withheld` frame with the event id and chain, enough to keep verifying the chain, and the DM's
+signed header, which proves the position is a DM between two other members; so a batch
 holding DMs is built once per distinct view of it (usually three: each participant's, and
 everyone else's).
 
@@ -43,7 +44,7 @@ import trio
 from fanout._catchup import CatchupGate, CatchupLimits
 from fanout._message import Message, starts_new_batch
 from model import wire
-from model.envelope import SequencedEvent, event_id
+from model.envelope import SequencedEvent, decode_body, dm_header, dm_link_id
 
 LAG_CLOSE_CODE: Final = wire.CloseCode.LAGGING
 
@@ -125,9 +126,20 @@ def encode_event(ev: SequencedEvent) -> bytes:
 
 
 def _encode_withheld(ev: SequencedEvent) -> bytes:
+    """The link a non-participant gets for a DM: its header and signature, never its body
+    (only version-2 DMs have an audience, so the header exists)."""
+    header = dm_header(decode_body(ev.event.body))
     return wire.encode(
         wire.Withheld(
-            collab_id=ev.collab_id, seq=ev.seq, event_id=event_id(ev.event), chain=ev.chain
+            collab_id=ev.collab_id,
+            seq=ev.seq,
+            event_id=dm_link_id(header, ev.event.sig),
+            chain=ev.chain,
+            author_id=header.actor_id,
+            recipient_id=header.recipient_id,
+            epoch=header.epoch,
+            sealed=header.sealed,
+            sig=ev.event.sig,
         )
     )
 

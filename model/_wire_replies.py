@@ -83,13 +83,21 @@ class Event(_Frame, frozen=True, tag="event"):
 class Withheld(_Frame, frozen=True, tag="withheld"):
     """A position whose body is not for this subscriber (a DM between two other members).
 
-    Carries only what the subscriber needs to keep verifying the chain across it.
+    Carries what the subscriber needs to keep verifying the chain across it, and the DM's
+    signed header (`model.envelope.DmHeader`: author, recipient, epoch, a commitment to the
+    rest) with its author's signature, so the subscriber can check that the position really is
+    a DM between two other members and not an event the relay hides from it.
     """
 
     collab_id: str
     seq: int
     event_id: bytes
     chain: bytes
+    author_id: str
+    recipient_id: str
+    epoch: int
+    sealed: bytes
+    sig: bytes
 
 
 class CaughtUp(_Frame, frozen=True, tag="caught_up"):

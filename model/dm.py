@@ -22,7 +22,7 @@ import nacl.signing
 
 from model import _crypto, padding
 from model.envelope import (
-    EVENT_VERSION,
+    DM_VERSION,
     KIND_DM,
     EventBody,
     SignedEvent,
@@ -52,7 +52,7 @@ def seal_dm(
     content: bytes,
 ) -> SignedEvent:
     header = EventBody(
-        EVENT_VERSION, collab_id, sender_id, KIND_DM, ts, (recipient_id,), b"", b"", epoch
+        DM_VERSION, collab_id, sender_id, KIND_DM, ts, (recipient_id,), b"", b"", epoch
     )
     nonce = _crypto.random_bytes(nacl.public.Box.NONCE_SIZE)
     inner = _encoder.encode((content_associated_data(header), content))

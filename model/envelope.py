@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     import nacl.signing
 
 EVENT_VERSION: Final = 1
+# A direct message's body version: its signature covers its `DmHeader` (below), not the body
+# bytes, so members who may not see the sealed body can still check it (a `withheld` link).
+# A stored DM of version 1 keeps the old rule and is sent whole to every member (`audience_of`).
+DM_VERSION: Final = 2
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_REFS: Final = 16
 MAX_REF_CHARS: Final = 128
@@ -39,6 +43,8 @@ KIND_DM: Final = "dm"  # direct messages, sealed per pair (model/dm.py)
 DOMAIN_EVENT: Final = b"cozylabs/v1/event-signature\x00"
 DOMAIN_EVENT_ID: Final = b"cozylabs/v1/event-id\x00"
 DOMAIN_CONTENT_AD: Final = b"cozylabs/v1/content-ad\x00"
+DOMAIN_DM_HEADER: Final = b"cozylabs/v1/dm-header-signature\x00"
+DOMAIN_DM_SEALED: Final = b"cozylabs/v1/dm-sealed\x00"
 
 
 class EventBody(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -78,9 +84,91 @@ class SignedEvent(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_f
         return f"SignedEvent(<{len(self.body)} body bytes>, sig={self.sig[:4].hex()}…)"
 
 
+class DmHeader(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
+    """What a version-2 direct message's author signs, and all a third member learns of it.
+
+    `sealed` commits to the rest of the body (time, nonce, sealed box), so the signature covers
+    the whole DM while the header shows only who wrote to whom, under which epoch. The event id
+    of such a DM is a hash of this header and the signature, so a `withheld` link carrying them
+    proves its own place in the chain (docs/ordering.md).
+    """
+
+    v: int
+    collab_id: str
+    actor_id: str
+    recipient_id: str
+    epoch: int
+    sealed: bytes
+
+
+class _Peek(msgspec.Struct, frozen=True, array_like=True):
+    """The first fields of a body: enough to tell which signing rule it follows."""
+
+    v: int
+    collab_id: str
+    actor_id: str
+    kind: str
+
+
 _body_encoder = msgspec.msgpack.Encoder()
 _body_decoder = msgspec.msgpack.Decoder(EventBody)
+_peek_decoder = msgspec.msgpack.Decoder(_Peek)
 _ad_encoder = msgspec.msgpack.Encoder()
+
+
+def is_header_signed(body: EventBody) -> bool:
+    """Whether the body's signature covers its `DmHeader` instead of its bytes."""
+    return body.kind == KIND_DM and body.v == DM_VERSION and len(body.refs) == 1
+
+
+def dm_header(body: EventBody) -> DmHeader:
+    """The header a version-2 DM's author signs (call only when `is_header_signed`)."""
+    sealed = _crypto.domain_hash(
+        DOMAIN_DM_SEALED, body.ts.to_bytes(8, "big"), body.nonce, body.ciphertext
+    )
+    return DmHeader(body.v, body.collab_id, body.actor_id, body.refs[0], body.epoch, sealed)
+
+
+def dm_header_bytes(header: DmHeader) -> bytes:
+    return _body_encoder.encode(header)
+
+
+def dm_link_id(header: DmHeader, sig: bytes) -> bytes:
+    """The event id of the DM `header` describes (the same id its full body gives)."""
+    return _crypto.domain_hash(DOMAIN_EVENT_ID, dm_header_bytes(header), sig)
+
+
+def verify_dm_link(header: DmHeader, sig: bytes, author_public_key: bytes) -> bytes:
+    """Check a withheld DM's header signature; return the event id it proves.
+
+    Raises `BadSignature` when the author's key did not sign this header, `InvalidEvent` when
+    the header is not one a version-2 DM has."""
+    if header.v != DM_VERSION or not is_id(header.collab_id, "c"):
+        raise InvalidEvent("the withheld link is not the header of a direct message")
+    if not (is_id(header.actor_id, "a") and is_id(header.recipient_id, "a")):
+        raise InvalidEvent("the withheld link names no account as author or recipient")
+    signed = DOMAIN_DM_HEADER + dm_header_bytes(header)
+    if not _crypto.verify(author_public_key, signed, sig):
+        raise BadSignature("the withheld link's signature does not verify for its author")
+    return dm_link_id(header, sig)
+
+
+def _signed_part(body_bytes: bytes, body: EventBody | None) -> tuple[bytes, bytes]:
+    """(domain, bytes) the author's signature covers and the event id hashes with it."""
+    if body is None:
+        try:
+            peek = _peek_decoder.decode(body_bytes)
+        except DECODE_ERRORS:
+            return DOMAIN_EVENT, body_bytes
+        if peek.kind != KIND_DM or peek.v != DM_VERSION:
+            return DOMAIN_EVENT, body_bytes
+        try:
+            body = decode_body(body_bytes)
+        except InvalidEvent:
+            return DOMAIN_EVENT, body_bytes
+    if is_header_signed(body):
+        return DOMAIN_DM_HEADER, dm_header_bytes(dm_header(body))
+    return DOMAIN_EVENT, body_bytes
 
 
 def content_associated_data(body: EventBody) -> bytes:
@@ -91,9 +179,11 @@ def content_associated_data(body: EventBody) -> bytes:
     )  # fmt: skip
 
 
-def event_id(signed: SignedEvent) -> bytes:
-    """The event's identity: a hash of the signed event. Retries of one event share it."""
-    return _crypto.domain_hash(DOMAIN_EVENT_ID, signed.body, signed.sig)
+def event_id(signed: SignedEvent, body: EventBody | None = None) -> bytes:
+    """The event's identity: a hash of what its author signed and the signature (for a
+    version-2 DM, its header; else the body). Retries of one event share it. Pass the decoded
+    `body` when it is at hand, to save decoding it again."""
+    return _crypto.domain_hash(DOMAIN_EVENT_ID, _signed_part(signed.body, body)[1], signed.sig)
 
 
 def seal_event(
@@ -147,7 +237,8 @@ def sign_body(signing_key: nacl.signing.SigningKey, body: EventBody) -> SignedEv
             f"event body is {len(body_bytes)} bytes; the limit is {MAX_BODY_BYTES}. "
             "Attach large content as an artifact instead."
         )
-    return SignedEvent(body=body_bytes, sig=_crypto.sign(signing_key, DOMAIN_EVENT + body_bytes))
+    domain, part = _signed_part(body_bytes, body)
+    return SignedEvent(body=body_bytes, sig=_crypto.sign(signing_key, domain + part))
 
 
 def decode_body(body: bytes) -> EventBody:
@@ -158,8 +249,10 @@ def decode_body(body: bytes) -> EventBody:
         decoded = _body_decoder.decode(body)
     except DECODE_ERRORS as exc:
         raise InvalidEvent(f"event body does not decode: {exc}") from None
-    if decoded.v != EVENT_VERSION:
-        raise InvalidEvent(f"event version {decoded.v} is not supported (this side speaks 1)")
+    if decoded.v != EVENT_VERSION and not (decoded.v == DM_VERSION and decoded.kind == KIND_DM):
+        raise InvalidEvent(
+            f"event version {decoded.v} is not supported (this side speaks 1, and 2 for a dm)"
+        )
     _check_routing(decoded)
     if len(decoded.nonce) != (0 if decoded.kind == KIND_MANAGEMENT else _crypto.AEAD_NONCE_BYTES):
         raise InvalidEvent("event nonce has the wrong length for its kind")
@@ -198,16 +291,19 @@ def verify_event(
 
     Raises `BadSignature` when the signature does not hold for `author_public_key`, and
     `InvalidEvent` when the signed body is malformed. The signature is checked first so that
-    no parsing work is spent on forged input. A caller that already ran
+    no parsing work is spent on forged input (a version-2 DM is decoded first: its signature
+    covers a header made from the decoded body). A caller that already ran
     ``decode_body(signed.body)`` (the relay does, to route the event) passes the result as
     `decoded` so the hot path decodes each body once.
     """
     if len(signed.body) > MAX_BODY_BYTES:
         raise InvalidEvent(f"event body is {len(signed.body)} bytes; the limit is {MAX_BODY_BYTES}")
-    if not _crypto.verify(author_public_key, DOMAIN_EVENT + signed.body, signed.sig):
+    domain, part = _signed_part(signed.body, decoded)
+    if not _crypto.verify(author_public_key, domain + part, signed.sig):
         raise BadSignature("event signature does not verify for the claimed author")
     body = decode_body(signed.body) if decoded is None else decoded
-    return VerifiedEvent(signed, body, event_id(signed), _token=_VERIFIER)
+    eid = _crypto.domain_hash(DOMAIN_EVENT_ID, part, signed.sig)
+    return VerifiedEvent(signed, body, eid, _token=_VERIFIER)
 
 
 def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
@@ -254,7 +350,10 @@ class SequencedEvent(msgspec.Struct, frozen=True):
 
 
 def audience_of(body: EventBody) -> tuple[str, ...]:
-    """Who the relay delivers an event's body to: a DM's participants, or everyone (())."""
-    if body.kind == KIND_DM and body.refs:
+    """Who the relay delivers an event's body to: a DM's participants, or everyone (()).
+
+    Only a version-2 DM can be withheld from the others: its `withheld` link proves itself. A
+    version-1 DM (stored before) goes whole to everyone, who verify it and cannot open it."""
+    if is_header_signed(body):
         return (body.actor_id, body.refs[0])
     return ()

@@ -37,11 +37,13 @@ from model.dm import open_dm
 from model.envelope import (
     KIND_DM,
     KIND_MANAGEMENT,
+    DmHeader,
     SignedEvent,
     VerifiedEvent,
     decode_body,
     event_id,
     open_content,
+    verify_dm_link,
     verify_event,
 )
 from model.epochs import NotARecipient, open_wrap
@@ -105,7 +107,7 @@ class Entry(msgspec.Struct, frozen=True):
     seq: int
     event_id: bytes
     chain: bytes
-    author_id: str = ""  # "" when the relay withheld the body (a DM between others)
+    author_id: str = ""
     kind: str = ""
     ts: int = 0
     epoch: int = 0
@@ -197,19 +199,61 @@ class CollabView:
         if seq > self.head.seq + 1:
             raise WithholdingProven(f"seqs {self.head.seq + 1}..{seq - 1} are missing")
 
-    def ingest_withheld(self, seq: int, event_id: bytes, chain: bytes) -> Entry:
-        """A position whose body the relay kept from this account (a DM between others).
+    def ingest_withheld(
+        self, seq: int, event_id: bytes, chain: bytes, header: DmHeader, sig: bytes
+    ) -> Entry:
+        """A position whose body the relay kept from this account: a DM between two others.
 
-        The chain still has to extend: the relay can hide a body, not rewrite history.
+        The relay can hide a body, not rewrite history or invent a DM: the header must carry
+        its author's signature under the key the fold pins here, name two members of whom this
+        account is neither, be sealed under the epoch of this position, and hash (with the
+        signature) to the event id the chain extends by. Anything else is a position the relay
+        hides or made up, and raises `ViewRejected`.
         """
         self._check_position(seq)
         if event_id in self._ids:
             raise ReplayProven(f"seq {seq}: this event was already delivered earlier")
-        self.head = advance(self.head, seq, event_id, chain)
+        where = f"seq {seq}: a withheld position"
+        state = self.membership
+        author = None if state is None else state.members.get(header.actor_id)
+        if state is None or author is None:
+            raise ViewRejected(f"{where} names an author who is not a member here")
+        if header.collab_id != self.collab_id:
+            raise ViewRejected(f"{where} names another collab")
+        try:
+            proven = verify_dm_link(header, sig, author.sign_pk)
+        except ModelError as exc:
+            raise ViewRejected(
+                f"{where} is not a direct message its author signed: {exc}"
+            ) from None
+        if proven != event_id:
+            raise ViewRejected(f"{where}: its signed header is not the event the chain links")
+        if not author.may(CAP_POST):
+            raise ViewRejected(f"{where} is by an agent without the post capability")
+        if header.recipient_id not in state.members:
+            raise ViewRejected(f"{where} is addressed to a non-member")
+        if self.account_id in (header.actor_id, header.recipient_id):
+            raise ViewRejected(f"{where} is a direct message of this account: it was hidden")
+        if header.epoch != state.epoch:
+            raise ViewRejected(
+                f"{where} is sealed under key epoch {header.epoch}, but the collab is at"
+                f" {state.epoch}"
+            )
+        try:
+            self.head = advance(self.head, seq, event_id, chain)
+        except ModelError as exc:
+            raise ViewRejected(f"seq {seq}: {exc}") from None
         self._ids.add(event_id)
         self._chains.append(chain)
         return Entry(
-            seq, event_id, chain, unreadable="a direct message between other members (withheld)"
+            seq,
+            event_id,
+            chain,
+            header.actor_id,
+            KIND_DM,
+            epoch=header.epoch,
+            dm_to=header.recipient_id,
+            unreadable="a direct message between other members (withheld)",
         )
 
     def ingest(self, seq: int, signed: SignedEvent, chain: bytes) -> Entry:

@@ -1,7 +1,7 @@
 """Issue 4's "done when", through the `cozy` command as people would type it.
 
 Alice creates a collab, adds Bob and Carol, all three read; Alice DMs Bob (Carol's tail shows
-only that something was withheld); Alice removes Carol; new posts are readable by Alice and Bob
+only that Alice wrote Bob something, withheld); Alice removes Carol; new posts are readable by Alice and Bob
 and not by Carol; the relay's projections rebuild to the same state.
 """
 

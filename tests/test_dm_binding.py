@@ -22,7 +22,17 @@ from clientkit import IntegrityAlarm, RelayRefused, ReplayDetected, TamperDetect
 from model import content as contentmod
 from model import wire
 from model.dm import seal_dm
-from model.envelope import decode_body, sign_body
+from model.envelope import (
+    DM_VERSION,
+    EVENT_VERSION,
+    SignedEvent,
+    audience_of,
+    decode_body,
+    event_id,
+    sign_body,
+    verify_event,
+)
+from model.errors import ModelError
 from model.ids import new_id
 from tests.collab_sim import Sim
 from tests.evil_relay import EvilRelay
@@ -32,7 +42,6 @@ from tests.test_membership_relay import add
 
 if TYPE_CHECKING:
     from ledger import Ledger
-    from model.envelope import SignedEvent
     from model.view import Entry
     from relay._server import Relay
 
@@ -183,3 +192,36 @@ async def test_the_sequencer_refuses_a_dm_without_exactly_one_member_recipient(
         assert stored == [], "a refused DM was stored"
         ack = await a.append(to_bob)  # the control: to one member, accepted
         assert ack.seq == head + 1
+
+
+@pytest.mark.objective("ADR-0023")
+def test_a_dm_signed_over_its_header_still_covers_every_byte_of_its_body() -> None:
+    """A version-2 DM's author signs its header, not its bytes: the header's commitment must
+    bind time, nonce and sealed box, and the header the rest, so no byte can change."""
+    alice, bob = Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, bob)
+    dm = _dm(sim, alice, bob, SECRET, ts=TS0)
+    pk = bytes(alice.key.verify_key)
+    assert verify_event(dm, pk).event_id == event_id(dm)  # the header rule, both ways
+    for i in range(len(dm.body)):
+        body = bytearray(dm.body)
+        body[i] ^= 0x01
+        with pytest.raises(ModelError):
+            verify_event(SignedEvent(bytes(body), dm.sig), pk)
+
+
+@pytest.mark.objective("ADR-0023")
+def test_a_version_1_dm_goes_whole_to_everyone_and_only_a_version_2_dm_is_withheld() -> None:
+    """A DM stored before signed links has no header signature: withholding it from the
+    others would leave them a link they cannot check, so the relay sends it whole."""
+    alice, bob = Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, bob)
+    new = decode_body(_dm(sim, alice, bob, SECRET, ts=TS0).body)
+    assert new.v == DM_VERSION
+    assert audience_of(new) == (alice.id, bob.id)
+    old = msgspec.structs.replace(new, v=EVENT_VERSION)
+    assert audience_of(old) == ()
+    legacy = sign_body(alice.key, old)  # the version-1 rule: signed over the body bytes
+    assert verify_event(legacy, bytes(alice.key.verify_key)).body.v == EVENT_VERSION

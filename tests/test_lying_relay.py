@@ -7,6 +7,7 @@ must stay quiet when the proxy is honest.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -29,8 +30,6 @@ from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, session, sign_up
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from relay._server import Relay
 
 
@@ -158,3 +157,87 @@ async def test_cozy_verify_prints_the_head_and_names_a_fork_or_a_withheld_tail(
         assert lied.returncode == 3, lied.stderr
         assert b"INTEGRITY ALARM" in lied.stderr
         assert words in lied.stderr, lied.stderr
+
+
+# --- withheld links (issue 16, item 5) --------------------------------------------------------
+
+
+async def three_in_a_collab(relay: Relay, tmp_path: Path) -> tuple[dict[str, dict[str, str]], str]:
+    """Alice's collab with Bob and Carol, through the CLI; returns each one's env and the id."""
+    homes = {name: tmp_path / name for name in ("alice", "bob", "carol")}
+    for name, home in homes.items():
+        await cli_signup(relay.url, home, name)
+    env = {name: client_env(home) for name, home in homes.items()}
+    collab = (await cozy("collab", "create", "audit", env=env["alice"])).stdout.decode().strip()
+    for name in ("bob", "carol"):
+        await cozy("collab", "add", collab, name, env=env["alice"])
+    return env, collab
+
+
+def relay_through(env: dict[str, str], url: str) -> None:
+    home = Home(Path(env["COZY_HOME"]))
+    profile = home.load_profile()
+    profile.relay_url = url
+    home.save_profile(profile)
+
+
+@pytest.mark.objective("SO-4")
+async def test_an_invented_withheld_link_after_the_head_is_an_alarm_and_never_the_saved_head(
+    relay: Relay, tmp_path: Path
+) -> None:
+    env, collab = await three_in_a_collab(relay, tmp_path)
+    await cozy("post", collab, "carol writes", env=env["carol"])
+    await cozy("post", collab, "alice writes", env=env["alice"])
+    carol_seq = int((await cozy("verify", collab, env=env["bob"])).stdout.split(b"head ")[1]
+                    .split(b":")[0]) - 1  # fmt: skip
+    # Bob's relay appends a "DM from Alice to Carol" after the real head, chained correctly.
+    invent = Misbehaviour(Lie.INVENT_WITHHELD, carol_seq)
+    async with LyingRelay(relay.url, plan=lambda _n: invent).running() as url:
+        relay_through(env["bob"], url)
+        lied = await cozy("verify", collab, env=env["bob"], check=False)
+    assert lied.returncode == 3, lied.stderr
+    assert b"INTEGRITY ALARM" in lied.stderr
+    assert b"not a direct message its author signed" in lied.stderr, lied.stderr
+    # The link was never saved as Bob's verified head: the honest relay reads clean (before,
+    # the invented head was saved, and every honest read after it said "rolled back").
+    relay_through(env["bob"], relay.url)
+    honest = await cozy("verify", collab, env=env["bob"], check=False)
+    assert honest.returncode == 0, honest.stderr
+    assert f"head {carol_seq + 1}:".encode() in honest.stdout
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_real_event_relabelled_as_withheld_is_an_alarm(relay: Relay) -> None:
+    alice, bob, _carol, posted = await team_history(relay)
+    cid = alice.collab_id
+    # Carol's post shown to Bob as "a DM from Carol to Alice", and Alice's as one to Bob: the
+    # real ids (the chain holds) and the authors' real signatures, over the wrong bytes.
+    for hidden in (posted["carol"][1], posted["alice"][2]):
+        with pytest.raises(TamperDetected, match="not a direct message its author signed"):
+            await read_through(relay, bob, cid, Misbehaviour(Lie.RELABEL_WITHHELD, hidden))
+    await read_through(relay, bob, cid, None)
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_dm_withheld_from_a_third_member_verifies_and_their_chain_goes_on(
+    relay: Relay, tmp_path: Path
+) -> None:
+    env, collab = await three_in_a_collab(relay, tmp_path)
+    sent = await cozy("dm", collab, "bob", "for bob only", env=env["alice"])
+    dm_seq = int(sent.stdout.split(b" as seq ")[1])
+    await cozy("post", collab, "bob after the dm", env=env["bob"])
+    await cozy("post", collab, "carol after the dm", env=env["carol"])
+    tail = (await cozy("tail", collab, env=env["carol"])).stdout.decode().splitlines()
+    at_dm = next(line for line in tail if line.startswith(f"{dm_seq}\t"))
+    # Carol sees who wrote to whom (what the signed link proves), never the text.
+    assert at_dm.split("\t")[1] == "alice"
+    assert "withheld" in at_dm
+    assert "for bob only" not in "\n".join(tail)
+    assert tail[-1].endswith("carol after the dm")
+    heads = {
+        name: (await cozy("verify", collab, env=env[name])).stdout.split(b"head ")[1].split()[0]
+        for name in ("alice", "bob", "carol")
+    }
+    assert len(set(heads.values())) == 1, heads  # one history, the DM's link in it for Carol
+    bob_tail = (await cozy("tail", collab, env=env["bob"])).stdout.decode()
+    assert "for bob only" in bob_tail

@@ -16,19 +16,25 @@ import collections
 from typing import TYPE_CHECKING
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given, settings
 
-from clientkit.testing import Lie, Misbehaviour, lie
+from clientkit._history import _link
+from clientkit.testing import Lie, Misbehaviour, lie, withheld_lie
+from fanout._fanout import _encode_withheld, _frame_for
 from model import content as contentmod
+from model import wire
 from model.envelope import (
     KIND_MANAGEMENT,
     SequencedEvent,
+    audience_of,
     decode_body,
     open_content,
     verify_event,
 )
 from model.errors import ModelError
+from model.membership import Role
 from model.view import (
     CollabView,
     ForkProven,
@@ -231,3 +237,113 @@ def test_a_withheld_tail_reads_clean_alone_and_is_caught_against_a_saved_head(
     for e in presented:
         view.ingest(e.seq, e.event, e.chain)
     assert view.head.seq < saved.seq  # what `expect=` turns into ForkDetected (client level)
+
+
+# --- DMs and withheld links -----------------------------------------------------------------
+
+# After the setup: (author, recipient or None for a post, lag).
+WITH_DMS = st.lists(
+    st.tuples(st.integers(0, 2), st.none() | st.integers(0, 2), st.integers(0, 3)),
+    min_size=1,
+    max_size=10,
+)
+
+
+def with_dms(actions: list[tuple[int, int | None, int]]) -> tuple[Sim, list[Person]]:
+    people = [Person(), Person(), Person()]
+    sim = Sim(people[0])
+    sim.add(people[0], people[1])
+    sim.add(people[0], people[2])
+    for n, (who, to, lag) in enumerate(actions):
+        if to is None or to == who:
+            sim.post(people[who], f"post {n}", lag=min(lag, n))
+        else:
+            sim.dm(people[who], people[to].as_member(Role.MEMBER), f"dm {n}")
+    return sim, people
+
+
+def read_frames(sim: Sim, reader: Person, frames: list[wire.Event | wire.Withheld]) -> CollabView:
+    """Fold what `reader` is sent, as `clientkit` does (raises what the fold raises)."""
+    view = CollabView(sim.collab_id, reader.id, reader.box)
+    for frame in frames:
+        if isinstance(frame, wire.Withheld):
+            view.ingest_withheld(frame.seq, frame.event_id, frame.chain, _link(frame), frame.sig)
+        else:
+            view.ingest(frame.seq, frame.event, frame.chain)
+    return view
+
+
+def as_sent_to(sim: Sim, reader: Person) -> list[wire.Event | wire.Withheld]:
+    """The frames the relay's fan-out sends `reader` for this history (its real encoder)."""
+    out = []
+    for e in history(sim):
+        seq_event = SequencedEvent(e.collab_id, e.seq, e.event, e.chain,
+                                   audience_of(decode_body(e.event.body)))  # fmt: skip
+        frame = wire.decode_reply(_frame_for(seq_event, reader.id))
+        assert isinstance(frame, wire.Event | wire.Withheld)
+        out.append(frame)
+    return out
+
+
+@pytest.mark.objective("SO-4")
+@settings(max_examples=60, deadline=None)
+@given(actions=WITH_DMS)
+def test_an_honest_history_with_dms_never_alarms_and_every_member_reaches_one_head(
+    actions: list[tuple[int, int | None, int]],
+) -> None:
+    TRIED["honest with dms"] += 1
+    sim, people = with_dms(actions)
+    heads = set()
+    for reader in people:
+        frames = as_sent_to(sim, reader)
+        view = read_frames(sim, reader, frames)  # no alarm
+        heads.add((view.head.seq, view.head.chain))
+        for frame in frames:
+            if isinstance(frame, wire.Withheld):
+                assert reader.id not in (frame.author_id, frame.recipient_id)
+    assert len(heads) == 1
+
+
+@pytest.mark.objective("SO-4")
+@settings(max_examples=60, deadline=None)
+@given(actions=WITH_DMS, reader=st.integers(0, 2), at=st.integers(0, 100), relabel=st.booleans())
+def test_an_invented_or_relabelled_withheld_link_is_always_caught(
+    actions: list[tuple[int, int | None, int]], reader: int, at: int, relabel: bool
+) -> None:
+    lie_kind = Lie.RELABEL_WITHHELD if relabel else Lie.INVENT_WITHHELD
+    TRIED[lie_kind.value] += 1
+    sim, people = with_dms(actions)
+    full = history(sim)
+    seq = 1 + at % len(full)
+    honest_frames = {f.seq: f for f in as_sent_to(sim, people[reader])}
+    presented = withheld_lie(full, Misbehaviour(lie_kind, seq))
+    # The harness shows the reader the whole history; put back what the relay withholds from
+    # it honestly, so the only lie is the one told.
+    frames = [
+        f if isinstance(f, wire.Withheld) or f.seq not in honest_frames else honest_frames[f.seq]
+        for f in presented
+    ]
+    with pytest.raises(ViewRejected):
+        read_frames(sim, people[reader], frames)
+
+
+@pytest.mark.objective("SO-4")
+def test_a_dm_shown_as_withheld_to_its_own_participants_is_caught() -> None:
+    """The relay holds the DM and can send its genuine signed link, but not to the two people
+    it is for: that would hide it from them."""
+    alice, bob, carol = Person(), Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, bob)
+    sim.add(alice, carol)
+    sim.dm(alice, bob.as_member(Role.MEMBER), "for bob")
+    *before, dm = history(sim)
+    real_link = wire.decode_reply(
+        _encode_withheld(msgspec.structs.replace(dm, audience=(alice.id, bob.id)))
+    )
+    assert isinstance(real_link, wire.Withheld)
+    shown = [wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain)
+             for e in before]  # fmt: skip
+    assert read_frames(sim, carol, [*shown, real_link]).head.seq == dm.seq  # a third: fine
+    for participant in (alice, bob):
+        with pytest.raises(ViewRejected, match="it was hidden"):
+            read_frames(sim, participant, [*shown, real_link])
