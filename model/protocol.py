@@ -22,7 +22,7 @@ from model.errors import DECODE_ERRORS
 
 # The name of the protocol this code speaks. It changes (cozylabs/2, …) whenever a relay sends
 # something an older client of the same name could not decode or would misread (ADR-0021).
-PROTOCOL: Final = "cozylabs/1"
+PROTOCOL: Final = "cozylabs/2"
 
 _NAME = re.compile(r"cozylabs/([1-9][0-9]{0,8})")
 _probe = msgspec.msgpack.Decoder()
