@@ -73,6 +73,9 @@ class CheckpointBook:
     def held(self, relay_pk: bytes, collab_id: str) -> SignedHead | None:
         return self._load(relay_pk, collab_id)[0]
 
+    def top(self, relay_pk: bytes, collab_id: str) -> SignedHead | None:
+        return self._load(relay_pk, collab_id)[1]
+
     def tree_size(self, relay_pk: bytes, collab_id: str) -> int:
         """The size to announce in `subscribe`: the relay proves consistency from it."""
         held = self.held(relay_pk, collab_id)
