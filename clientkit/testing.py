@@ -270,7 +270,7 @@ class LyingRelay:
                 return [msgspec.structs.replace(frame, seq=frame.seq + 1)]
             case wire.Appended() if m.lie is Lie.TAMPER_INCLUSION and frame.inclusion:
                 first = bytes([frame.inclusion[0][0] ^ 1]) + frame.inclusion[0][1:]
-                return [msgspec.structs.replace(frame, inclusion=(first, *frame.inclusion[1:]))]
+                return [msgspec.structs.replace(frame, inclusion=[first, *frame.inclusion[1:]])]
         return [frame]
 
     def _signed_caught_up(

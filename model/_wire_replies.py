@@ -70,7 +70,7 @@ class Appended(_Frame, frozen=True, tag="appended"):
     receipt_sig: bytes
     duplicate: bool = False
     checkpoint: bytes = b""
-    inclusion: tuple[bytes, ...] = ()
+    inclusion: list[bytes] = msgspec.field(default_factory=list)
 
 
 class Subscribed(_Frame, frozen=True, tag="subscribed"):
@@ -111,7 +111,7 @@ class CaughtUp(_Frame, frozen=True, tag="caught_up"):
     seq: int
     checkpoint: bytes = b""
     proof_from: int = 0
-    consistency: tuple[bytes, ...] = ()
+    consistency: list[bytes] = msgspec.field(default_factory=list)
 
 
 class TreeHead(_Frame, frozen=True, tag="checkpoint"):
@@ -122,7 +122,7 @@ class TreeHead(_Frame, frozen=True, tag="checkpoint"):
     collab_id: str
     checkpoint: bytes
     proof_from: int
-    consistency: tuple[bytes, ...] = ()
+    consistency: list[bytes] = msgspec.field(default_factory=list)
 
 
 class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):

@@ -142,7 +142,7 @@ class CollabTrees:
             seq=seq,
             checkpoint=self._head_note(collab_id, tree, seq),
             proof_from=start,
-            consistency=tree.consistency_proof(start, seq),
+            consistency=list(tree.consistency_proof(start, seq)),
         )
 
     async def heartbeat(self, collab_id: str, sent_size: int) -> tuple[wire.TreeHead, int]:
@@ -155,6 +155,6 @@ class CollabTrees:
             collab_id=collab_id,
             checkpoint=self._head_note(collab_id, tree, size),
             proof_from=start,
-            consistency=tree.consistency_proof(start, size),
+            consistency=list(tree.consistency_proof(start, size)),
         )
         return frame, size

@@ -260,7 +260,7 @@ class Sequencer:
                 for (sub, _), a, sig, proof in zip(run, assignments, receipts, proofs, strict=True):
                     ack = appended(sub.rid, self.collab_id, a, sig)
                     if proof:
-                        ack = msgspec.structs.replace(ack, checkpoint=note, inclusion=proof)
+                        ack = msgspec.structs.replace(ack, checkpoint=note, inclusion=list(proof))
                     self._reply(sub, ack)
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:

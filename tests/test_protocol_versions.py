@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from relay._server import Relay
 
-NEWER = "cozylabs/2"
+NEWER = "cozylabs/3"
 
 
 async def test_a_client_refuses_a_relay_of_a_newer_protocol_with_a_typed_error(
@@ -66,7 +66,7 @@ async def test_the_cli_tells_an_old_client_to_upgrade_in_one_line(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     assert err.strip().splitlines()[-1] == lines[0]
-    assert lines[0].startswith("error: the relay speaks cozylabs/2, newer than this client")
+    assert lines[0].startswith("error: the relay speaks cozylabs/3, newer than this client")
     assert "upgrade this client" in lines[0]
     assert "Traceback" not in err
 
