@@ -3,12 +3,14 @@ fan-out (fanout/_fanout.py). Each belongs to the session that opened it and ends
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
 import trio
 from trio_websocket import ConnectionClosed
 
 from fanout import Subscription
+from ledger import LedgerError
 from model import wire
 from relay._context import RequestRefused
 
@@ -70,8 +72,10 @@ class Subscriptions:
     async def _stream(self, conn: Connection, sub: Subscription) -> None:
         try:
             if self._trees is not None:
-                # Held before the catch-up, so its `caught_up` can carry the checkpoint.
-                await self._trees.load(sub.collab_id)
+                # Held before the catch-up, so its `caught_up` can carry the checkpoint (without
+                # one when the ledger cannot be read now: the catch-up reports that itself).
+                with contextlib.suppress(LedgerError):
+                    await self._trees.load(sub.collab_id)
             await self._s.fanout.stream(sub)
             await self._heartbeats(conn, sub)
         except ConnectionClosed:
@@ -91,7 +95,10 @@ class Subscriptions:
             await trio.sleep(interval)
             if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
                 return
-            frame, size = await self._trees.heartbeat(sub.collab_id, sub.tree_size)
+            try:
+                frame, size = await self._trees.heartbeat(sub.collab_id, sub.tree_size)
+            except LedgerError:
+                continue  # the tree could not be read now: the next beat tries again
             if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
                 return
             conn.reply(frame)

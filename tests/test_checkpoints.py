@@ -14,12 +14,13 @@ import trio
 
 from clientkit import EquivocationDetected, ForkDetected, ReceiptInvalid, connect
 from clientkit._checkpoints import CheckpointBook
+from clientkit._home import Home
 from clientkit._state import ClientState
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
 from model import checkpoints, wire
 from model.checkpoints import CheckpointSigner, open_head
 from model.merkle import verify_consistency
-from tests.cli_harness import client_env, cozy
+from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 
 if TYPE_CHECKING:
@@ -178,3 +179,29 @@ async def test_an_ack_whose_inclusion_proof_was_tampered_with_is_refused(
         client.use_key(alice.signing_key)
         with pytest.raises(ReceiptInvalid, match="checkpoint"):
             await post(client, alice, alice.collab_id, "stored, but the proof is bent")
+
+
+@pytest.mark.objective("SO-4")
+async def test_cozy_verify_behind_the_devices_own_posts_saves_evidence_anyone_can_check(
+    relay: Relay, tmp_path: Path
+) -> None:
+    home = tmp_path / "alice"
+    await cli_signup(relay.url, home, "alice")
+    env = client_env(home)
+    collab = (await cozy("collab", "create", "audit", env=env)).stdout.decode().strip()
+    for n in range(3):
+        await cozy("post", collab, f"alice {n}", env=env)  # state.db keeps the acks' heads
+    assert ClientState(home / "state.db").checkpoints(collab)[1] is not None
+    signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
+    behind = Misbehaviour(Lie.BEHIND, 3)
+    profile = Home(home).load_profile()
+    async with LyingRelay(relay.url, plan=lambda _n: behind, signer=signer).running() as url:
+        profile.relay_url = url
+        Home(home).save_profile(profile)
+        lied = await cozy("verify", collab, env=env, check=False)
+    assert lied.returncode == 3, lied.stderr
+    assert b"INTEGRITY ALARM" in lied.stderr
+    saved = list((home / "evidence").glob("checkpoints-*.json"))
+    assert len(saved) == 1, lied.stderr
+    out = await cozy("evidence", "check", str(saved[0]), env=client_env(tmp_path / "anyone"))
+    assert out.stdout.startswith(b"valid proof: the relay signed contradicting checkpoints")
