@@ -205,3 +205,32 @@ async def test_cozy_verify_behind_the_devices_own_posts_saves_evidence_anyone_ca
     assert len(saved) == 1, lied.stderr
     out = await cozy("evidence", "check", str(saved[0]), env=client_env(tmp_path / "anyone"))
     assert out.stdout.startswith(b"valid proof: the relay signed contradicting checkpoints")
+
+
+async def test_a_following_reader_takes_heartbeats_and_new_heads_without_an_alarm(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=50
+    )
+    book = device(tmp_path)
+    async with running_relay(config) as relay:
+        alice = await sign_up(relay.url, "alice")
+        cid = alice.collab_id
+        await post_as(relay.url, alice, book, "before")
+        async with session(relay.url, alice) as client:
+            client.checkpoints = book
+            async with client.history(cid, alice.box_key, follow=True) as events:
+                with trio.fail_after(60):
+                    async for entry in events:
+                        if entry.seq == 2:  # read the post above: now post from elsewhere
+                            for n in range(3):
+                                await post_as(relay.url, alice, CheckpointBook(), f"live {n}")
+                        if entry.seq == 5:
+                            break
+                    # The verified head follows through the heartbeats to the newest size.
+                    while (held := book.held(relay.relay_pk, cid)) is None or held.size < 5:
+                        await trio.sleep(0.05)
+                        with trio.move_on_after(0.2):
+                            await events.__anext__()
+    assert held.size == 5
