@@ -364,6 +364,7 @@ class AppendCalls(HistoryCalls):
                 collab_id=ack.collab_id,
                 seq=ack.seq,
             )
+        self.checkpoints.check_ack(self.relay_pk, ack)
         if self.on_receipt is None:
             return
         signed_receipt = SignedReceipt(

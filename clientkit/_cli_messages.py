@@ -11,7 +11,7 @@ from clientkit._cli_session import CliError, _as_member, _member, _opened, _unlo
 from clientkit._home import Home
 from clientkit.errors import EquivocationDetected, ForkDetected, TamperDetected
 from localfs import atomic_write
-from model import artifacts, equivocation
+from model import artifacts, checkpoints, equivocation
 from model import content as contentmod
 from model._crypto import CryptoError
 
@@ -182,10 +182,15 @@ def _parse_head(text: str) -> tuple[int, str]:
 def _export_proof(alarm: EquivocationDetected) -> None:
     """Keep the relay's self-contradiction where the user can hand it on."""
     home = Home.from_env()
-    path = home.path / "evidence" / f"equivocation-{alarm.collab_id}-{alarm.seq}.json"
+    proof = alarm.proof
+    if isinstance(proof, checkpoints.CheckpointProof):
+        name, data = f"checkpoints-{alarm.collab_id}-{alarm.seq}.json", checkpoints.encode(proof)
+    else:
+        name, data = f"equivocation-{alarm.collab_id}-{alarm.seq}.json", equivocation.encode(proof)
+    path = home.path / "evidence" / name
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        atomic_write(path, equivocation.encode(alarm.proof), mode=0o600)
+        atomic_write(path, data, mode=0o600)
     except OSError as exc:
         print(f"(could not save the proof: {exc.strerror})", file=sys.stderr)
         return
@@ -201,8 +206,14 @@ async def cmd_evidence_check(args: argparse.Namespace) -> None:
 
 
 def _check_proof_file(file: str) -> str:
+    """Either kind of evidence: two receipts / a receipt and a served history
+    (model/equivocation.py), or two contradicting checkpoints (model/checkpoints.py)."""
     try:
-        proof = equivocation.decode(Path(file).read_bytes())
+        data = Path(file).read_bytes()
+        if checkpoints.PROOF_KIND.encode() in data:
+            cp = checkpoints.decode(data)
+            return f"valid proof: {checkpoints.check(cp)} (relay key {cp.relay_pk.hex()[:16]}…)"
+        proof = equivocation.decode(data)
         return f"valid proof: {equivocation.check(proof)} (relay key {proof.relay_pk.hex()[:16]}…)"
-    except (OSError, equivocation.NotAProof) as exc:
+    except (OSError, equivocation.NotAProof, checkpoints.NotAContradiction) as exc:
         raise CliError(f"{file}: {exc}") from None

@@ -74,6 +74,7 @@ async def cmd_rotate_keys(args: argparse.Namespace) -> None:
     async with connect(me.profile.relay_url, pinned_relay_pk=_pin(me.profile)) as client:
         await _session(client, me.home, me.profile, password)
         client.on_receipt = me.home.state.add_receipt
+        client.checkpoints.store = me.home.state
         print("[2/4] replacing your keys in the relay's directory…", file=sys.stderr)
         await _rotate_in_directory(client, me, old_key, old_box_pk, new_pair)
         ids = sorted({*await client.collabs(), *me.home.state.collabs()})

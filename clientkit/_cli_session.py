@@ -310,6 +310,7 @@ async def _connected(me: Unlocked) -> AsyncIterator[Client]:
         if me.rotating:  # adopted from another device that has not finished it
             raise CliError(_UNFINISHED_ROTATION)
         client.on_receipt = me.home.state.add_receipt
+        client.checkpoints.store = me.home.state
         yield client
 
 

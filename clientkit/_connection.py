@@ -19,6 +19,7 @@ import msgspec
 import trio
 from trio_websocket import ConnectionClosed
 
+from clientkit._checkpoints import CheckpointBook
 from clientkit._retry import backoff_delay
 from clientkit.errors import ConnectionLost, ProtocolMismatch, RelayRefused, TooManyConnections
 from model import wire
@@ -63,6 +64,9 @@ class ClientCore:
         # change state are signed with it. Without it they go unsigned and the relay refuses
         # them (`bad_signature`): a login session alone can only read.
         self._signing_key: nacl.signing.SigningKey | None = None
+        # The relay's signed checkpoints this client holds per collab (clientkit/_checkpoints.py);
+        # a caller with durable state gives it a store.
+        self.checkpoints = CheckpointBook()
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -101,7 +105,13 @@ class ClientCore:
                 self.relay_pk = frame.relay_pk
                 self.challenge = frame.challenge
                 self._welcome.set()
-            case wire.Event() | wire.Withheld() | wire.CaughtUp() | wire.SubscriptionEnded():
+            case (
+                wire.Event()
+                | wire.Withheld()
+                | wire.CaughtUp()
+                | wire.TreeHead()
+                | wire.SubscriptionEnded()
+            ):
                 chan = self._subs.get(frame.collab_id)
                 if chan is not None and frame.collab_id not in self._draining:
                     if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
@@ -247,7 +257,11 @@ class ClientCore:
             try:
                 await self.request(
                     lambda rid: wire.Subscribe(
-                        rid=rid, collab_id=collab_id, from_seq=from_seq, follow=follow
+                        rid=rid,
+                        collab_id=collab_id,
+                        from_seq=from_seq,
+                        follow=follow,
+                        tree_size=self.checkpoints.tree_size(self.relay_pk, collab_id),
                     ),
                     wire.Subscribed,
                 )

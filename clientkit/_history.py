@@ -211,7 +211,15 @@ class History:
                 raise self._client._closed or ConnectionLost() from None
             head = self.view.head
             match frame:
+                case wire.TreeHead():
+                    self._check_checkpoint(
+                        frame.checkpoint, frame.proof_from, frame.consistency, None
+                    )
                 case wire.CaughtUp():
+                    if frame.checkpoint:
+                        self._check_checkpoint(
+                            frame.checkpoint, frame.proof_from, frame.consistency, frame.seq
+                        )
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
@@ -253,6 +261,22 @@ class History:
             return self.view.ingest(frame.seq, frame.event, frame.chain)
         except (ViewRejected, ChainMismatch) as exc:
             raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
+
+    def _check_checkpoint(
+        self, note: bytes, proof_from: int, consistency: Sequence[bytes], seq: int | None
+    ) -> None:
+        """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
+        exactly the seq it reports."""
+        collab_id = self.view.collab_id
+        signed = self._client.checkpoints.check_head(
+            self._client.relay_pk, collab_id, note, proof_from, consistency
+        )
+        if seq is not None and signed.size != seq:
+            raise self._alarm(
+                TamperDetected,
+                f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
+                seq,
+            )
 
     def _check_receipt(self, entry: Entry) -> None:
         promised = self._receipts.get(entry.seq)

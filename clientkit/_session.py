@@ -125,6 +125,8 @@ class Session:
         # Every receipt the relay signs for this device is kept; an earlier one for the same
         # position that disagrees is an equivocation proof (`Client._check_receipt`).
         client.on_receipt = self.state.add_receipt
+        # And every signed checkpoint it verified (clientkit/_checkpoints.py).
+        client.checkpoints.store = self.state
         self.client = client
 
     async def _reconnected(self) -> None:

@@ -4,6 +4,7 @@ A relay must not be able to roll a device back or make it forget a promise, so w
 verified outlives the process: the last verified head per collab (a later history must pass
 through it), and every receipt the relay signed for this device's own appends (the history must
 later show that event at that seq; two receipts for one position are an equivocation proof);
+the relay's signed checkpoints it holds per collab (clientkit/_checkpoints.py);
 and this device's own author streams (`sent`): every event it signs is kept here *before* it is
 sent, so a crash or a lost ack is followed by a resend of those same signed bytes, never by a
 new event under a counter already used (clientkit/_outbox.py).
@@ -41,6 +42,11 @@ CREATE TABLE IF NOT EXISTS receipts (
     chain     BLOB NOT NULL,
     sig       BLOB NOT NULL,
     PRIMARY KEY (collab_id, seq, event_id, chain)
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    collab_id TEXT PRIMARY KEY,
+    held      BLOB,
+    top       BLOB
 );
 CREATE TABLE IF NOT EXISTS sent (
     collab_id TEXT NOT NULL,
@@ -195,6 +201,30 @@ class ClientState:
             int(s): SignedReceipt(collab_id, int(s), bytes(e), bytes(c), bytes(g))
             for s, e, c, g in rows
         }
+
+    # --- the relay's signed checkpoints (clientkit/_checkpoints.py) ---------------------------
+
+    def checkpoints(self, collab_id: str) -> tuple[bytes | None, bytes | None]:
+        """The checkpoint notes kept for a collab: (held, top)."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT held, top FROM checkpoints WHERE collab_id = ?", (collab_id,)
+            ).fetchone()
+        if row is None:
+            return None, None
+        return (
+            None if row[0] is None else bytes(row[0]),
+            None if row[1] is None else bytes(row[1]),
+        )
+
+    def save_checkpoints(self, collab_id: str, held: bytes | None, top: bytes | None) -> None:
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "INSERT INTO checkpoints (collab_id, held, top) VALUES (?, ?, ?)"
+                " ON CONFLICT (collab_id) DO UPDATE SET held = excluded.held, top = excluded.top",
+                (collab_id, held, top),
+            )
+            conn.commit()
 
     # --- this device's author streams (clientkit/_outbox.py) -----------------------------------
 

@@ -8,6 +8,7 @@ from model import wire
 from model.protocol import mismatch_message
 
 if TYPE_CHECKING:
+    from model.checkpoints import CheckpointProof
     from model.envelope import SignedEvent
     from model.equivocation import EquivocationProof
 
@@ -160,11 +161,18 @@ class ReplayDetected(IntegrityAlarm):
 
 
 class EquivocationDetected(IntegrityAlarm):
-    """The relay contradicted its own signed receipt. `proof` is transferable evidence:
-    export it with `model.equivocation.encode` and anyone can `check` it with the relay key."""
+    """The relay contradicted its own signed receipt or checkpoint. `proof` is transferable
+    evidence: export it with `model.equivocation.encode` (a receipt) or
+    `model.checkpoints.encode` (two checkpoints) and anyone can check it with the relay key
+    (`cozy evidence check`)."""
 
     def __init__(
-        self, message: str, *, collab_id: str, seq: int | None, proof: EquivocationProof
+        self,
+        message: str,
+        *,
+        collab_id: str,
+        seq: int | None,
+        proof: EquivocationProof | CheckpointProof,
     ) -> None:
         super().__init__(message, collab_id=collab_id, seq=seq)
         self.proof = proof

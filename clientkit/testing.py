@@ -18,7 +18,9 @@ Hypothesis strategies for schedules are in `misbehaviours`.
 from __future__ import annotations
 
 import enum
+import hashlib
 import os
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,11 +39,14 @@ from trio_websocket import (
 from model import wire
 from model.chain import Head, next_head, start_of
 from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id
+from model.merkle import LeafTree, leaf_hash
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     import hypothesis.strategies as st
+
+    from model.checkpoints import CheckpointSigner
 
 
 class Lie(enum.StrEnum):
@@ -59,6 +64,11 @@ class Lie(enum.StrEnum):
     DELAY = "delay"  # hold a subscription's history back for a while, then deliver it honestly
     INVENT_WITHHELD = "invent_withheld"  # a made-up `withheld` DM link after the real head
     RELABEL_WITHHELD = "relabel_withheld"  # show a real event as a `withheld` DM between others
+    # Signed-checkpoint lies (ADR-0020); the first two need the relay's key (`LyingRelay.signer`):
+    # a compromised relay signs them itself.
+    BEHIND = "behind"  # truncate before `at` and sign that smaller head as the newest (later)
+    FORK_HEAD = "fork_head"  # sign caught_up's head over another root (a forked history)
+    TAMPER_INCLUSION = "tamper_inclusion"  # flip a byte of an ack's inclusion proof
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,16 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             return rechained([m.foreign.event, *rest[1:]])
         case Lie.TRUNCATE:
             return before
-        case Lie.FORGE_RECEIPT | Lie.DELAY | Lie.INVENT_WITHHELD | Lie.RELABEL_WITHHELD:
+        case Lie.BEHIND:
+            return before
+        case (
+            Lie.FORGE_RECEIPT
+            | Lie.DELAY
+            | Lie.INVENT_WITHHELD
+            | Lie.RELABEL_WITHHELD
+            | Lie.FORK_HEAD
+            | Lie.TAMPER_INCLUSION
+        ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
 
@@ -221,6 +240,9 @@ class LyingRelay:
 
     upstream: str
     plan: Callable[[int], Misbehaviour | None] = lambda _n: None
+    # The relay's own checkpoint key, for the lies a compromised relay signs (`Lie.BEHIND`,
+    # `Lie.FORK_HEAD`): `model.checkpoints.CheckpointSigner(relay name, relay seed)`.
+    signer: CheckpointSigner | None = None
     url: str = ""
     connections: int = 0
     told: list[Misbehaviour] = field(default_factory=list)
@@ -301,9 +323,8 @@ class LyingRelay:
                 for out in self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 
-    @staticmethod
     def _present(
-        frame: wire.Reply, held: dict[str, History], m: Misbehaviour | None
+        self, frame: wire.Reply, held: dict[str, History], m: Misbehaviour | None
     ) -> list[wire.Reply]:
         if m is None:
             return [frame]
@@ -328,8 +349,28 @@ class LyingRelay:
                 return [
                     *(wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain)
                       for e in presented),
-                    wire.CaughtUp(collab_id=frame.collab_id, seq=last),
+                    self._signed_caught_up(frame, presented, last, m),
                 ]  # fmt: skip
             case wire.Appended() if m.lie is Lie.FORGE_RECEIPT:
                 return [msgspec.structs.replace(frame, seq=frame.seq + 1)]
+            case wire.Appended() if m.lie is Lie.TAMPER_INCLUSION and frame.inclusion:
+                first = bytes([frame.inclusion[0][0] ^ 1]) + frame.inclusion[0][1:]
+                return [msgspec.structs.replace(frame, inclusion=[first, *frame.inclusion[1:]])]
         return [frame]
+
+    def _signed_caught_up(
+        self, frame: wire.CaughtUp, presented: History, last: int, m: Misbehaviour
+    ) -> wire.CaughtUp:
+        """The `caught_up` a lying relay sends after `presented`: for the checkpoint lies, one
+        it signs with its own key (dated a second on, so the lie is the newer statement)."""
+        if m.lie not in (Lie.BEHIND, Lie.FORK_HEAD) or self.signer is None:
+            return wire.CaughtUp(collab_id=frame.collab_id, seq=last)
+        if m.lie is Lie.FORK_HEAD:
+            # The honest size and proof, over a root of another history.
+            forged = hashlib.sha256(b"another history" + frame.checkpoint).digest()
+            note = self.signer.sign(frame.collab_id, frame.seq, forged, int(time.time()) + 1)
+            return msgspec.structs.replace(frame, checkpoint=note)
+        # BEHIND: the real tree of what it presents (a history read from seq 1), as the newest.
+        tree = LeafTree(leaf_hash(event_id(e.event)) for e in presented)
+        note = self.signer.sign(frame.collab_id, last, tree.root(), int(time.time()) + 1)
+        return wire.CaughtUp(collab_id=frame.collab_id, seq=last, checkpoint=note)

@@ -82,6 +82,7 @@ class Subscription:
         "overflowed",
         "pending",
         "pending_bytes",
+        "tree_size",
     )
 
     def __init__(
@@ -98,6 +99,9 @@ class Subscription:
         self.admitted = False  # holds a catch-up slot (`Fanout.admit`) until live or gone
         self.pending: collections.deque[_Out] = collections.deque()
         self.pending_bytes = 0
+        # The size of the last checkpoint the subscriber holds: the client's `tree_size`, then
+        # each one sent (relay/_checkpoints.py proves consistency from it).
+        self.tree_size = 0
 
     def __repr__(self) -> str:
         return f"Subscription({self.collab_id}, next={self.next_seq}, live={self.live})"
@@ -233,8 +237,16 @@ def _frame_for(ev: SequencedEvent, account_id: str) -> bytes:
 class Fanout:
     """Subscriber registry and live streaming. Lives on the Trio loop; never blocks."""
 
-    def __init__(self, read_page: ReadPage, limits: CatchupLimits | None = None) -> None:
+    def __init__(
+        self,
+        read_page: ReadPage,
+        limits: CatchupLimits | None = None,
+        caught_up: Callable[[Subscription], wire.CaughtUp] | None = None,
+    ) -> None:
         self._read_page = read_page
+        # Builds a subscription's `caught_up` (the relay adds its signed checkpoint); called
+        # with no await around it, at the moment the subscriber has been sent its whole head.
+        self._caught_up = caught_up or _plain_caught_up
         self.limits = limits or CatchupLimits()
         self._gate = CatchupGate(self.limits)
         self._subs: dict[str, set[Subscription]] = {}
@@ -331,9 +343,7 @@ class Fanout:
                 if sub.ended:
                     return
             if not sub.follow:
-                if not sub.outbox.offer(
-                    wire.encode(wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1))
-                ):
+                if not sub.outbox.offer(wire.encode(self._caught_up(sub))):
                     self._lag(sub)
                 sub.ended = True
                 return
@@ -345,9 +355,7 @@ class Fanout:
         sub.pending_bytes = 0
         sub.live = True
         self._deliver(sub, backlog)
-        if not sub.ended and not sub.outbox.offer(
-            wire.encode(wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1))
-        ):
+        if not sub.ended and not sub.outbox.offer(wire.encode(self._caught_up(sub))):
             self._lag(sub)
 
     async def _read_messages(
@@ -473,3 +481,7 @@ def _already_ended(sub: Subscription) -> bool:
     """`sub.ended`, read through a call so the type checker does not carry the answer past
     the awaits after it (another task ends subscriptions)."""
     return sub.ended
+
+
+def _plain_caught_up(sub: Subscription) -> wire.CaughtUp:
+    return wire.CaughtUp(collab_id=sub.collab_id, seq=sub.next_seq - 1)

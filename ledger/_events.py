@@ -228,6 +228,14 @@ class Events:
             " are idempotent"
         )
 
+    def event_ids(self, collab_id: str) -> list[bytes]:
+        """Every event id of a collab in seq order: the leaves of its tree (ADR-0020)."""
+        with _translated(), self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT event_id FROM events WHERE collab_id = %s ORDER BY seq", (collab_id,)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
     def read_range(self, collab_id: str, from_seq: int, limit: int) -> list[SequencedEvent]:
         """Events with ``seq >= from_seq`` in seq order, at most `limit` of them."""
         with _translated(), self._pool.connection() as conn:

@@ -54,7 +54,13 @@ class CollabCreated(_Frame, frozen=True, tag="collab_created"):
 
 
 class Appended(_Frame, frozen=True, tag="appended"):
-    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields."""
+    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields.
+
+    `checkpoint` is the relay's signed, dated checkpoint of the collab's tree after the commit
+    group that stored the event (model/checkpoints.py; shared by every ack of the group) and
+    `inclusion` the proof that the event id is leaf `seq - 1` under it (ADR-0020). Empty on a
+    duplicate's ack and from a relay that keeps no tree.
+    """
 
     rid: int
     collab_id: str
@@ -63,6 +69,8 @@ class Appended(_Frame, frozen=True, tag="appended"):
     chain: bytes
     receipt_sig: bytes
     duplicate: bool = False
+    checkpoint: bytes = b""
+    inclusion: list[bytes] = msgspec.field(default_factory=list)
 
 
 class Subscribed(_Frame, frozen=True, tag="subscribed"):
@@ -101,10 +109,28 @@ class Withheld(_Frame, frozen=True, tag="withheld"):
 
 
 class CaughtUp(_Frame, frozen=True, tag="caught_up"):
-    """Everything up to `seq` has been sent; from here on events arrive live (if following)."""
+    """Everything up to `seq` has been sent; from here on events arrive live (if following).
+
+    `checkpoint` is the relay's signed, dated checkpoint of size `seq`, and `consistency` the
+    proof from size `proof_from` (the subscriber's `tree_size`, when not above `seq`) to it.
+    """
 
     collab_id: str
     seq: int
+    checkpoint: bytes = b""
+    proof_from: int = 0
+    consistency: list[bytes] = msgspec.field(default_factory=list)
+
+
+class TreeHead(_Frame, frozen=True, tag="checkpoint"):
+    """The heartbeat of an open subscription (at least every `checkpoint_interval` seconds):
+    the collab's current signed, dated checkpoint and the consistency proof from the size of
+    the last checkpoint sent on this subscription (`proof_from`)."""
+
+    collab_id: str
+    checkpoint: bytes
+    proof_from: int
+    consistency: list[bytes] = msgspec.field(default_factory=list)
 
 
 class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):

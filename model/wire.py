@@ -47,6 +47,7 @@ from model._wire_replies import SignedUp as SignedUp
 from model._wire_replies import Subscribed as Subscribed
 from model._wire_replies import SubscriptionEnded as SubscriptionEnded
 from model._wire_replies import ToolResult as ToolResult
+from model._wire_replies import TreeHead as TreeHead
 from model._wire_replies import Unsubscribed as Unsubscribed
 from model._wire_replies import Welcome as Welcome
 from model._wire_replies import Withheld as Withheld
@@ -170,6 +171,7 @@ class Subscribe(_Frame, frozen=True, tag="subscribe"):
     collab_id: str
     from_seq: int = 1
     follow: bool = True
+    tree_size: int = 0  # the size of the last checkpoint this device verified (ADR-0020)
 
 
 class Unsubscribe(_Frame, frozen=True, tag="unsubscribe"):
@@ -325,6 +327,7 @@ Reply = (
     | Event
     | Withheld
     | CaughtUp
+    | TreeHead
     | SubscriptionEnded
     | AccountInfo
     | Unsubscribed

@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from ledger import Ledger
     from model.chain import Head
     from model.membership import Membership, Operation
+    from relay._checkpoints import CollabTrees, GroupHead
     from relay._writer import LedgerWriter
 
     # Called after a committed management change: (collab_id, the change, the membership after
@@ -105,8 +106,9 @@ class Submission:
     author_pk: bytes
 
 
-# A committed run and its assignments, waiting in the ack stage for receipts.
-_Committed = tuple[list[tuple[Submission, VerifiedEvent]], list["Assignment"]]
+# A committed run, its assignments and the tree after it (None: no checkpoint for its acks),
+# waiting in the ack stage for receipts.
+_Committed = tuple[list[tuple[Submission, VerifiedEvent]], list["Assignment"], "GroupHead | None"]
 
 
 class SequencerStats(msgspec.Struct):
@@ -139,8 +141,10 @@ class Sequencer:
         crypto: CryptoPool,
         retire: Callable[[Sequencer], None],
         on_changed: OnChanged,
+        trees: CollabTrees | None = None,
     ) -> None:
         self.collab_id = collab_id
+        self._trees = trees
         self._retire = retire
         self._on_changed = on_changed
         self._ledger = ledger
@@ -240,12 +244,24 @@ class Sequencer:
         event; the runs come in commit order, so acks keep their order too.
         """
         async with committed:
-            async for run, assignments in committed:
+            async for run, assignments, group in committed:
                 receipts = await self._crypto.map(
                     partial(self._writer.sign_receipts, self.collab_id), assignments
                 )
-                for (sub, _), a, sig in zip(run, assignments, receipts, strict=True):
-                    self._reply(sub, appended(sub.rid, self.collab_id, a, sig))
+                note = b""
+                proofs: list[tuple[bytes, ...]] = [() for _ in assignments]
+                if group is not None and self._trees is not None:
+                    # One checkpoint for the group (ADR-0020), and each ack's inclusion proof.
+                    (note,) = await self._crypto.map(self._trees.sign_groups, [group])
+                    proofs = await self._crypto.map(
+                        partial(self._trees.inclusion_proofs, self.collab_id, group.size),
+                        [a.seq for a in assignments],
+                    )
+                for (sub, _), a, sig, proof in zip(run, assignments, receipts, proofs, strict=True):
+                    ack = appended(sub.rid, self.collab_id, a, sig)
+                    if proof:
+                        ack = msgspec.structs.replace(ack, checkpoint=note, inclusion=list(proof))
+                    self._reply(sub, ack)
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
         """Check each event against the membership at its position; persist content in runs
@@ -257,6 +273,13 @@ class Sequencer:
                 )
             except (LedgerError, ModelError) as exc:
                 self._head = None
+                self._fail(batch, exc)
+                return
+        if self._trees is not None and self._trees.loaded(self.collab_id) is None:
+            # Held before the write, so the group is added without an await after it.
+            try:
+                await self._trees.load(self.collab_id)
+            except LedgerError as exc:
                 self._fail(batch, exc)
                 return
         run: list[tuple[Submission, VerifiedEvent]] = []
@@ -349,7 +372,7 @@ class Sequencer:
                 assignments.append(Assignment(answer.seq, verified.event_id, answer.chain, True))
         if run:
             assert self._acks is not None
-            await self._acks.send((run, assignments))
+            await self._acks.send((run, assignments, None))
 
     def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
         if exc is not None:
@@ -428,9 +451,22 @@ class Sequencer:
                     )
                 )
         fresh.sort(key=lambda e: e.seq)
+        group = None
+        if self._trees is not None and fresh:
+            # Before publishing, with no await between: see relay/_checkpoints.py.
+            group = self._trees.add_group(
+                self.collab_id,
+                fresh[0].seq,
+                [
+                    a.event_id
+                    for a in sorted(
+                        (a for a in assignments if not a.duplicate), key=lambda a: a.seq
+                    )
+                ],
+            )
         self._fanout.publish(fresh)
         assert self._acks is not None
-        await self._acks.send((run, assignments))
+        await self._acks.send((run, assignments, group))
         return True
 
 
@@ -485,8 +521,10 @@ class SequencerRegistry:
         on_changed: OnChanged,
         db_threads: int = 6,
         cpu_threads: int = 2,
+        trees: CollabTrees | None = None,
     ) -> None:
         self._nursery = nursery
+        self._trees = trees
         self._on_changed = on_changed
         self._ledger = ledger
         self._writer = writer
@@ -528,6 +566,7 @@ class SequencerRegistry:
                     self._crypto,
                     self._retire,
                     self._on_changed,
+                    self._trees,
                 )
                 self._actors[collab_id] = actor
                 self._running += 1

@@ -35,10 +35,12 @@ from trio_websocket import (
 
 from fanout import Fanout, FanoutStats
 from model import wire
+from model.checkpoints import CheckpointSigner
 from model.envelope import MAX_BODY_BYTES
 from relay._accounts import Accounts
 from relay._artifacts import Artifacts
 from relay._cf_access import AccessDenied, AccessVerifier
+from relay._checkpoints import CollabTrees
 from relay._collabs import Collabs
 from relay._connection import Connection
 from relay._context import Services, where
@@ -57,6 +59,7 @@ from relay.config import bao_auth
 if TYPE_CHECKING:
     import nacl.signing
 
+    from fanout import Subscription
     from ledger import Ledger, Page
     from relay._cf_access import AccessIdentity
     from relay.config import RelayConfig
@@ -105,7 +108,13 @@ class Relay:
         self.ledger = ledger
         self.relay_key = relay_key
         self.relay_pk = bytes(relay_key.verify_key)
-        self.fanout = Fanout(self._read_page, config.catchup)
+        # Each collab's tree and the relay's signed checkpoints of it (ADR-0020).
+        self.trees = CollabTrees(
+            ledger,
+            CheckpointSigner(config.relay_name, bytes(relay_key)),
+            trio.CapacityLimiter(2),
+        )
+        self.fanout = Fanout(self._read_page, config.catchup, caught_up=self._caught_up)
         auth = bao_auth(config)
         self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))
         self.url = ""
@@ -120,7 +129,7 @@ class Relay:
         self._services = services = Services(
             config, ledger, self.fanout, self.broker, self.auth_counters
         )
-        self._subscriptions = Subscriptions(services)
+        self._subscriptions = Subscriptions(services, self.trees)
         # Sweeps uploads a crash left and old login-failure records (relay/_uploads.py).
         self.housekeeping = Housekeeping(ledger, config, services.db)
         self._sessions = sessions = Sessions(services, on_end=self._session_ended)
@@ -213,6 +222,12 @@ class Relay:
                 task_status.started(url)
             ops.cancel_scope.cancel()
 
+    def _caught_up(self, sub: Subscription) -> wire.CaughtUp:
+        frame = self.trees.caught_up(sub.collab_id, sub.next_seq - 1, sub.tree_size)
+        if frame.checkpoint:
+            sub.tree_size = frame.seq
+        return frame
+
     async def _serve_relay(self, *, task_status: trio.TaskStatus[str]) -> None:
         """The WebSocket relay itself, in the nursery order of the module docstring."""
         if self.access is not None:
@@ -238,6 +253,7 @@ class Relay:
                         writer,
                         self.fanout,
                         on_changed=self._collabs.changed,
+                        trees=self.trees,
                     )
                     async with trio.open_nursery() as accept:
                         server = await accept.start(

@@ -3,22 +3,27 @@ fan-out (fanout/_fanout.py). Each belongs to the session that opened it and ends
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING
 
+import trio
 from trio_websocket import ConnectionClosed
 
 from fanout import Subscription
+from ledger import LedgerError
 from model import wire
 from relay._context import RequestRefused
 
 if TYPE_CHECKING:
+    from relay._checkpoints import CollabTrees
     from relay._connection import Connection
     from relay._context import Services
 
 
 class Subscriptions:
-    def __init__(self, services: Services) -> None:
+    def __init__(self, services: Services, trees: CollabTrees | None = None) -> None:
         self._s = services
+        self._trees = trees
 
     def subscribe(self, conn: Connection, req: wire.Subscribe) -> None:
         if req.from_seq < 1:
@@ -35,6 +40,7 @@ class Subscriptions:
             follow=req.follow,
             account_id=conn.account_id or "",
         )
+        sub.tree_size = max(0, req.tree_size)
         if (busy := self._s.fanout.admit(sub)) is not None:  # catch-up caps (fanout/_catchup.py)
             raise self._s.overload(busy)
         # Registered now, with no await since its membership was checked, so a removal that
@@ -65,10 +71,35 @@ class Subscriptions:
 
     async def _stream(self, conn: Connection, sub: Subscription) -> None:
         try:
+            if self._trees is not None:
+                # Held before the catch-up, so its `caught_up` can carry the checkpoint (without
+                # one when the ledger cannot be read now: the catch-up reports that itself).
+                with contextlib.suppress(LedgerError):
+                    await self._trees.load(sub.collab_id)
             await self._s.fanout.stream(sub)
+            await self._heartbeats(conn, sub)
         except ConnectionClosed:
             self._s.fanout.remove(sub)
         finally:
             # A finished (non-following) subscription frees its collab slot on this connection.
             if sub.ended and conn.subscriptions.get(sub.collab_id) is sub:
                 del conn.subscriptions[sub.collab_id]
+
+    async def _heartbeats(self, conn: Connection, sub: Subscription) -> None:
+        """While the subscription is open, its current signed checkpoint at least every
+        `checkpoint_interval_ms` (ADR-0020), with the proof from the last one it was sent."""
+        if self._trees is None or not sub.follow:
+            return
+        interval = self._s.config.checkpoint_interval_ms / 1000
+        while True:
+            await trio.sleep(interval)
+            if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
+                return
+            try:
+                frame, size = await self._trees.heartbeat(sub.collab_id, sub.tree_size)
+            except LedgerError:
+                continue  # the tree could not be read now: the next beat tries again
+            if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
+                return
+            conn.reply(frame)
+            sub.tree_size = size

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from fanout import CatchupLimits
 from localfs import atomic_write
+from model.note import is_valid_key_name
 from relay._cf_access import DEFAULT_LEEWAY_SECONDS, AccessConfigError, AccessPolicy
 from relay.broker import BaoAuth, ToolSpec, tools_from_config
 
@@ -121,6 +122,11 @@ class RelayConfig:
     # commit before it starts the next group beside it, so a commit in doubt (its outcome being
     # settled, or its reply never coming) holds up only its own collabs.
     writer_stall_ms: int = 1000
+    # Signed checkpoints (ADR-0020): the relay's name, the first part of every collab's
+    # checkpoint origin `<relay_name>/collab/<collab_id>` (a key name: no spaces or '+'), and
+    # how often an open subscription gets a signed checkpoint when nothing else sent one.
+    relay_name: str = "cozy-relay"
+    checkpoint_interval_ms: int = 30_000
     # What catch-ups may cost and how many run at once (fanout/_catchup.py).
     catchup: CatchupLimits = field(default_factory=CatchupLimits)
     # Unauthenticated connections, Argon2 slots and the enumeration budgets (ADR-0018).
@@ -229,6 +235,13 @@ def load_config(
             pick("COZY_WRITER_STALL_MS", "writer_stall_ms", 1000),
             10,
             60_000,
+        ),
+        relay_name=_relay_name(pick("COZY_RELAY_NAME", "relay_name", "cozy-relay")),
+        checkpoint_interval_ms=_bounded_int(
+            "COZY_CHECKPOINT_INTERVAL_MS",
+            pick("COZY_CHECKPOINT_INTERVAL_MS", "checkpoint_interval_ms", 30_000),
+            10,
+            3_600_000,
         ),
         catchup=_catchup_limits(pick),
         front_door=_front_door(pick),
@@ -435,3 +448,13 @@ def _b64_seed(raw: str) -> bytes:
     if len(seed) != 32:
         raise ConfigError("COZY_RELAY_SIGNING_SEED must be base64 of exactly 32 bytes")
     return seed
+
+
+def _relay_name(value: object) -> str:
+    name = str(value)
+    if not is_valid_key_name(name + "/clock") or "\n" in name:
+        raise ConfigError(
+            f"COZY_RELAY_NAME must be a name without spaces or '+' (e.g. the public host), got"
+            f" {name!r}"
+        )
+    return name

@@ -20,6 +20,7 @@ from model.merkle import (
     ConsistencyProofInvalid,
     GroupTree,
     InclusionProofInvalid,
+    LeafTree,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
@@ -115,6 +116,28 @@ def test_every_proof_up_to_size_40_matches_the_reference_and_verifies() -> None:
             proof = consistency_proof(lh, m)
             assert list(proof) == ([] if m in (0, n) else ref_proof(m, d))
             verify_consistency(m, n, ref_mth(d[:m]), root, proof)
+
+
+def test_a_leaf_tree_answers_for_every_earlier_size_as_the_whole_list_does() -> None:
+    """LeafTree (what the relay keeps per collab) gives the reference's roots and proofs for
+    every size it has passed, every leaf and every (m, n) pair up to 40, grown one at a time."""
+    d = data(40)
+    lh = hashes(d)
+    tree = LeafTree()
+    for n in range(41):
+        for size in range(n + 1):
+            assert tree.root(size) == ref_mth(d[:size])
+            for i in range(size):
+                assert list(tree.inclusion_proof(i, size)) == ref_path(i, d[:size])
+            for m in range(size + 1):
+                expected = [] if m in (0, size) else ref_proof(m, d[:size])
+                assert list(tree.consistency_proof(m, size)) == expected
+        if n < 40:
+            tree.append(lh[n])
+    with pytest.raises(ValueError, match="not within"):
+        tree.root(41)
+    with pytest.raises(ValueError, match="32 bytes"):
+        tree.append(b"short")
 
 
 @settings(max_examples=60, deadline=None)

@@ -40,6 +40,7 @@ _SCALARS: dict[object, st.SearchStrategy[typing.Any]] = {
     SignedEvent: signed_events,
     dict[str, str]: st.dictionaries(texts, texts, max_size=4),
     list[str]: st.lists(texts, max_size=4),
+    list[bytes]: st.lists(blobs, max_size=4),
     list[wire.AgentInfo]: st.lists(
         st.builds(
             wire.AgentInfo, account_id=texts, handle=texts, created_at=ints, revoked=st.booleans()
@@ -105,7 +106,7 @@ def test_every_frame_type_has_a_distinct_tag() -> None:
     tags = [_tag(cls) for cls in (*REQUEST_TYPES, *REPLY_TYPES)]
     assert len(tags) == len(set(tags)), "a tag is shared between frame types"
     assert len(REQUEST_TYPES) == 21
-    assert len(REPLY_TYPES) == 28
+    assert len(REPLY_TYPES) == 29
 
 
 @pytest.mark.parametrize("cls", REQUEST_TYPES, ids=lambda c: c.__name__)

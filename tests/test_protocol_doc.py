@@ -377,7 +377,8 @@ def test_batch_elements_are_frames_inline_as_the_page_says() -> None:
     assert [decoded_builtins(f) for f in wire.unbatch_replies(message)] == [pong, caught_up]
     # ...and exactly what the relay's encoder (`wire.batch`, used by fan-out and every
     # connection's writer) produces.
-    sent = wire.batch([wire.encode(wire.Pong(rid=7)), wire.encode(wire.CaughtUp("s", 7))])
+    as_built = msgspec.convert(caught_up, wire.CaughtUp)
+    sent = wire.batch([wire.encode(wire.Pong(rid=7)), wire.encode(as_built)])
     assert sent == message
     assert msgspec.msgpack.decode(sent) == {"t": "batch", "frames": [pong, caught_up]}
 

@@ -1,0 +1,160 @@
+"""Each collab's Merkle tree over its event ids, and the relay's signed checkpoints of it (ADR-0020).
+
+One `LeafTree` per collab that was used since the relay started, built from the ledger's event
+ids on first use (one indexed read and 2n SHA-256; see ADR-0020 for why nothing is persisted)
+and extended by the collab's sequencer with every commit group, synchronously and before the
+group is published. So at any point where the Trio loop is not inside an await, the tree's size
+is the collab's newest published seq: a `caught_up` or a heartbeat signed then names exactly
+the head its subscriber has been sent, and is never smaller than a checkpoint given to an ack
+before it. A group's checkpoint is dated when the group is added (not when the crypto pool gets
+to signing it), so no honest checkpoint is dated after a larger one (model/checkpoints.py).
+
+A group that does not follow the tree (the actor that would have added the previous group
+failed between its commit and here) drops the tree; the next use reads it again from the ledger.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from model import wire
+from model.merkle import LeafTree, leaf_hash
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from ledger import Ledger
+    from model.checkpoints import CheckpointSigner
+
+
+@dataclass(frozen=True, slots=True)
+class GroupHead:
+    """The tree after one commit group: what its acks' checkpoint says, dated when added."""
+
+    collab_id: str
+    size: int
+    root: bytes
+    timestamp: int
+
+
+class CollabTrees:
+    def __init__(
+        self,
+        ledger: Ledger,
+        signer: CheckpointSigner,
+        db_limiter: trio.CapacityLimiter,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._ledger = ledger
+        self.signer = signer
+        self._db_limiter = db_limiter
+        self._clock = clock
+        self._trees: dict[str, LeafTree] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        # The newest checkpoint signed for a caught_up or a heartbeat, per collab: reused by
+        # every subscriber within the same second at the same size (one signature, not one each).
+        self._signed: dict[str, tuple[int, int, bytes]] = {}
+
+    def now(self) -> int:
+        return int(self._clock())
+
+    def loaded(self, collab_id: str) -> LeafTree | None:
+        return self._trees.get(collab_id)
+
+    async def load(self, collab_id: str) -> LeafTree:
+        """The collab's tree, read from the ledger (in a worker thread) if not held yet."""
+        tree = self._trees.get(collab_id)
+        if tree is not None:
+            return tree
+        lock = self._locks.setdefault(collab_id, trio.Lock())
+        async with lock:
+            tree = self._trees.get(collab_id)
+            if tree is None:
+                tree = await trio.to_thread.run_sync(
+                    self._read, collab_id, limiter=self._db_limiter
+                )
+                # A group added while this read ran is in it or follows it: keep the larger.
+                held = self._trees.get(collab_id)
+                if held is None or held.size < tree.size:
+                    self._trees[collab_id] = tree
+                tree = self._trees[collab_id]
+        return tree
+
+    def _read(self, collab_id: str) -> LeafTree:
+        return LeafTree(leaf_hash(i) for i in self._ledger.event_ids(collab_id))
+
+    def add_group(self, collab_id: str, first_seq: int, ids: Sequence[bytes]) -> GroupHead | None:
+        """Extend the tree with a committed group (ids of seqs first_seq…, in order). None when
+        the tree is not held or does not reach first_seq - 1 (then it is dropped and re-read)."""
+        tree = self._trees.get(collab_id)
+        if tree is None:
+            return None
+        end = first_seq - 1 + len(ids)
+        if tree.size < first_seq - 1:
+            del self._trees[collab_id]
+            return None
+        if tree.size > end:
+            # A read from the ledger already holds later groups, and a checkpoint of them may
+            # be out: one of this smaller size dated now could contradict it. No checkpoint.
+            return None
+        for seq in range(tree.size + 1, end + 1):
+            tree.append(leaf_hash(ids[seq - first_seq]))
+        return GroupHead(collab_id, end, tree.root(end), self.now())
+
+    def sign_groups(self, groups: Sequence[GroupHead]) -> list[bytes]:
+        """Thread-safe: each group's checkpoint note."""
+        return [self.signer.sign(g.collab_id, g.size, g.root, g.timestamp) for g in groups]
+
+    def inclusion_proofs(
+        self, collab_id: str, size: int, seqs: Sequence[int]
+    ) -> list[tuple[bytes, ...]]:
+        """Thread-safe (the tree only grows; every node under `size` is final)."""
+        tree = self._trees.get(collab_id)
+        if tree is None or tree.size < size:
+            return [() for _ in seqs]
+        return [tree.inclusion_proof(seq - 1, size) if seq <= size else () for seq in seqs]
+
+    def _head_note(self, collab_id: str, tree: LeafTree, size: int) -> bytes:
+        now = self.now()
+        held = self._signed.get(collab_id)
+        if held is not None and held[0] == size and held[1] == now:
+            return held[2]
+        note = self.signer.sign(collab_id, size, tree.root(size), now)
+        self._signed[collab_id] = (size, now, note)
+        return note
+
+    def caught_up(self, collab_id: str, seq: int, known_size: int) -> wire.CaughtUp:
+        """`caught_up` at `seq` with the checkpoint of size `seq` and the consistency proof from
+        the subscriber's `known_size` (none when that is above `seq`: the client will see a
+        smaller tree than it holds). Without a checkpoint when the tree is not held or has not
+        reached `seq` yet (the catch-up read a group its sequencer is still adding), or
+        is past it."""
+        tree = self._trees.get(collab_id)
+        if tree is None or tree.size != seq:
+            return wire.CaughtUp(collab_id=collab_id, seq=seq)
+        start = known_size if 0 <= known_size <= seq else 0
+        return wire.CaughtUp(
+            collab_id=collab_id,
+            seq=seq,
+            checkpoint=self._head_note(collab_id, tree, seq),
+            proof_from=start,
+            consistency=list(tree.consistency_proof(start, seq)),
+        )
+
+    async def heartbeat(self, collab_id: str, sent_size: int) -> tuple[wire.TreeHead, int]:
+        """The collab's current checkpoint, with the proof from `sent_size` (the last size sent
+        on this subscription), and its size."""
+        tree = await self.load(collab_id)
+        size = tree.size
+        start = sent_size if 0 <= sent_size <= size else 0
+        frame = wire.TreeHead(
+            collab_id=collab_id,
+            checkpoint=self._head_note(collab_id, tree, size),
+            proof_from=start,
+            consistency=list(tree.consistency_proof(start, size)),
+        )
+        return frame, size
