@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ledger import Ledger
     from relay._connection import Connection
     from relay._metrics import AuthCounters
-    from relay._sequencer import SequencerRegistry
+    from relay._registry import SequencerRegistry
     from relay.broker import Broker
     from relay.config import RelayConfig
 

@@ -47,7 +47,7 @@ from relay._context import Services, where
 from relay._dispatch import Dispatcher
 from relay._metrics import AuthCounters, MetricSources, RelayMetrics
 from relay._ops import OK, SHUTTING_DOWN, STARTING, OpsApp, OpsServer, Readiness, ops_url
-from relay._sequencer import SequencerRegistry, SequencerStats
+from relay._registry import SequencerRegistry
 from relay._sessions import Sessions
 from relay._subscriptions import Subscriptions
 from relay._throttle import caller_key
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
     from fanout import Subscription
     from ledger import Ledger, Page
     from relay._cf_access import AccessIdentity
+    from relay._sequencer import SequencerStats
     from relay.config import RelayConfig
 
 log = structlog.get_logger("cozy.relay")
