@@ -43,9 +43,14 @@ async def test_a_large_round_runs_on_both_threads() -> None:
     with trio.fail_after(10):
         pool = CryptoPool(2)
         seen: set[int] = set()
+        # Each share waits for the other to start: run one after the other (or both on one
+        # thread) they would break the barrier. Without it a share quick enough to finish before
+        # the next is handed out lets trio's thread cache reuse one thread, and the test flaked.
+        both = threading.Barrier(2, timeout=5)
 
         def record(items: Sequence[int]) -> list[int]:
             seen.add(threading.get_ident())
+            both.wait()
             return list(items)
 
         async with trio.open_nursery() as nursery:
