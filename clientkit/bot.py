@@ -83,6 +83,7 @@ from clientkit.errors import (
     RelayOverloaded,
     RelayRefused,
     RelayUnreachable,
+    StaleView,
 )
 from model import content as contentmod
 from model import wire
@@ -98,6 +99,7 @@ if TYPE_CHECKING:
     Handler = Callable[["Context"], Awaitable[None]]
     Hook = Callable[["Bot"], Awaitable[None]]
     AlarmHook = Callable[["Bot", IntegrityAlarm], Awaitable[None]]
+    StaleHook = Callable[["Bot", StaleView], Awaitable[None]]
 
 DEVICE: Final = "bot"  # the author stream of the bot's posts (docs/ordering.md)
 DM_DEVICE: Final = "bot-dm"  # its DMs: kept and resent like posts, but they carry no evidence
@@ -147,6 +149,7 @@ class Bot:
         self._on_connect: list[Hook] = []
         self._on_resume: list[Hook] = []
         self._on_alarm: AlarmHook | None = None
+        self._on_stale: StaleHook | None = None
         self._seen: CollabView | None = None  # this session's read of the collab at its head
         self._live: Session | None = None  # the client session of the current connection
         self._store_checked = False
@@ -245,6 +248,13 @@ class Bot:
         self._on_alarm = fn
         return fn
 
+    def on_stale(self, fn: StaleHook) -> StaleHook:
+        """Runs when the relay sent no fresh signed checkpoint within the staleness bound
+        (`StaleView`, once per stale spell); the bot keeps serving. Without a hook it is logged
+        as a warning."""
+        self._on_stale = fn
+        return fn
+
     # --- running ------------------------------------------------------------------------------
 
     def run_forever(self) -> NoReturn:
@@ -341,7 +351,17 @@ class Bot:
         ) as events:
             if task_status is not None:
                 task_status.started()
-            async for entry in events:
+            while True:
+                try:
+                    entry = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except StaleView as stale:  # a warning: keep serving, tell the owner
+                    if self._on_stale is not None:
+                        await self._on_stale(self, stale)
+                    else:
+                        log.warning("%s", stale)
+                    continue
                 member = _member_after(entry, member, self.account_id)
                 if entry.seq > cursor and member:
                     await self._dispatch(client, events, entry)
