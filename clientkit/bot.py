@@ -142,6 +142,8 @@ class Bot:
         self.connections = 0
         self.ping_every = PING_EVERY
         self.ping_timeout = PING_TIMEOUT
+        # The staleness bound of the bot's connections (`Client.stale_after`, ADR-0020).
+        self.stale_after: float | None = 45.0
         self._messages: list[Handler] = []
         self._dms: list[Handler] = []
         self._members: list[Handler] = []
@@ -323,6 +325,7 @@ class Bot:
     async def _serve(self, client: Client, task_status: trio.TaskStatus[None] | None) -> None:
         state = self.state
         await client.authenticate(self.credentials.token)
+        client.stale_after = self.stale_after
         client.use_key(nacl.signing.SigningKey(self.credentials.sign_seed))  # tool calls, uploads
         session = self._live = self._session_over(client)
         # A reply signed before a crash or a lost connection, whose ack was never recorded,

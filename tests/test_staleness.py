@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from clientkit import ClientError, IntegrityAlarm, StaleView
+from clientkit import Bot, ClientError, Context, IntegrityAlarm, StaleView
 from tests.cli_harness import COZY, cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, running_relay, session, sign_up
 from tests.test_cli_follow import _Lines
@@ -158,3 +158,43 @@ async def test_cozy_tail_follow_warns_once_on_a_stale_view_and_keeps_following(
     warnings = [line for line in err.lines if "StaleView" in line]
     assert len(warnings) == 1, err.lines
     assert warnings[0].startswith("warning: StaleView in ")
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_bot_facing_stopped_heartbeats_gets_on_stale_and_keeps_serving(
+    database_url: str, tmp_path: Path
+) -> None:
+    config = dataclasses.replace(
+        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=3_600_000
+    )
+    env = client_env(tmp_path / "alice")
+    async with running_relay(config) as relay:
+        await cli_signup(relay.url, tmp_path / "alice", "alice")
+        collab = (await cozy("collab", "create", "ops", env=env)).stdout.decode().strip()
+        creds = tmp_path / "bot.cozy-agent"
+        await cozy("agent", "create", collab, "the-bot", "--out", str(creds), env=env)
+        bot = Bot(creds, store=tmp_path / "store")
+        bot.stale_after = 1.0
+        stale: list[StaleView] = []
+        heard: list[str] = []
+
+        @bot.on_stale
+        async def warned(_bot: Bot, view: StaleView) -> None:
+            stale.append(view)
+
+        @bot.on_message
+        async def record(ctx: Context) -> None:
+            heard.append(ctx.text)
+
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(bot.run)
+                while not stale:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                await cozy("post", collab, "are you there", env=env)
+                while not heard:  # noqa: ASYNC110
+                    await trio.sleep(0.1)
+                nursery.cancel_scope.cancel()
+    assert heard == ["are you there"]
+    assert len(stale) == 1
+    assert stale[0].age >= 1.0
