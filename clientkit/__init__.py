@@ -46,6 +46,7 @@ from clientkit.errors import RelayRefused as RelayRefused
 from clientkit.errors import RelayUnreachable as RelayUnreachable
 from clientkit.errors import ReorderDetected as ReorderDetected
 from clientkit.errors import ReplayDetected as ReplayDetected
+from clientkit.errors import StaleView as StaleView
 from clientkit.errors import TamperDetected as TamperDetected
 from clientkit.errors import TooManyConnections as TooManyConnections
 from clientkit.errors import WithholdingDetected as WithholdingDetected

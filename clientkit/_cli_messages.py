@@ -4,12 +4,13 @@ with the proof export an equivocation alarm leaves behind (`tail` is in `_cli_ta
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from clientkit._cli_session import CliError, _as_member, _member, _opened, _unlock, _view
 from clientkit._home import Home
-from clientkit.errors import EquivocationDetected, ForkDetected, TamperDetected
+from clientkit.errors import EquivocationDetected, ForkDetected, StaleView, TamperDetected
 from localfs import atomic_write
 from model import artifacts, checkpoints, equivocation
 from model import content as contentmod
@@ -131,7 +132,10 @@ def _open_spool(spool: Path, out: Path, key: bytes, collab_id: str, ref: str) ->
 
 async def cmd_verify(args: argparse.Namespace) -> None:
     """Re-verify a collab's whole history from seq 1 and print the head to compare with other
-    members out of band; with --against, compare with the head another member read out."""
+    members out of band; with --against, compare with the head another member read out; with
+    --max-age, fail when the freshest signed head this device holds (after this read) is older:
+    a relay can keep serving an old head, but not sign a fresh date for it without its receipts
+    for newer events contradicting it (ADR-0020)."""
     me = await _unlock(Home.from_env())
     against = _parse_head(args.against) if args.against else None
     state = me.home.state
@@ -144,8 +148,15 @@ async def cmd_verify(args: argparse.Namespace) -> None:
                 if count % 500 == 0:
                     print(f"\r  verified {count} events…", end="", file=sys.stderr, flush=True)
         view = events.view
+        book, relay_pk = session.client.checkpoints, session.client.relay_pk
+        heads = (book.held(relay_pk, args.collab), book.top(relay_pk, args.collab))
     print(f"\r  verified {count} events", file=sys.stderr)
     state.save_head(args.collab, view.head)
+    if args.max_age is not None:
+        freshest = max((h.timestamp for h in heads if h is not None), default=0)
+        age = time.time() - freshest
+        if age > args.max_age:
+            raise StaleView(args.collab, age=age, bound=args.max_age)
     print(f"head {_short_head(view.head.seq, view.head.chain)}")
     if against is None:
         return

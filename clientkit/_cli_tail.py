@@ -26,6 +26,7 @@ from clientkit.errors import (
     ConnectionLost,
     RelayRefused,
     RelayUnreachable,
+    StaleView,
     TooManyConnections,
 )
 from model import content as contentmod
@@ -103,8 +104,16 @@ class _Tail:
                     follow=args.follow,
                 ) as events:
                     self.subscribed = True
+                    session.client.stale_after = args.stale_after or None
                     try:
-                        async for entry in events:
+                        while True:
+                            try:
+                                entry = await events.__anext__()
+                            except StopAsyncIteration:
+                                break
+                            except StaleView as stale:  # a warning: say it once, keep following
+                                print(f"warning: {stale}", file=sys.stderr, flush=True)
+                                continue
                             if entry.seq % 100 == 0:
                                 state.save_head(args.collab, events.head)
                             if entry.seq >= args.from_seq:

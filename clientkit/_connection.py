@@ -67,6 +67,11 @@ class ClientCore:
         # The relay's signed checkpoints this client holds per collab (clientkit/_checkpoints.py);
         # a caller with durable state gives it a store.
         self.checkpoints = CheckpointBook()
+        # The staleness bound, in seconds (ADR-0020): a following `History` that has received no
+        # signed checkpoint dated within it raises `StaleView`. The relay does not announce its
+        # heartbeat interval, so the default is its default (30 s) plus a grace of 15 s; set it
+        # to `None` to turn the check off, or to match a relay configured otherwise.
+        self.stale_after: float | None = 45.0
 
     # --- plumbing -----------------------------------------------------------------------------
 

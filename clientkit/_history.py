@@ -4,12 +4,14 @@ Everything the relay sends is untrusted: each event is verified (author signatur
 body, collab binding, contiguous seq, recomputed chain) and decrypted by this client's own fold
 (model/view.py) before a caller sees it; a gap is asked for again once, then is withholding;
 a saved head this device expects and the receipts it holds are checked on the way. Each failure
-raises its `IntegrityAlarm` subclass.
+raises its `IntegrityAlarm` subclass. While following, a relay that sends no signed checkpoint
+dated within the client's staleness bound raises `StaleView`, a warning, not an alarm.
 """
 
 from __future__ import annotations
 
 import collections
+import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -24,6 +26,7 @@ from clientkit.errors import (
     IntegrityAlarm,
     ReorderDetected,
     ReplayDetected,
+    StaleView,
     TamperDetected,
     WithholdingDetected,
 )
@@ -100,7 +103,10 @@ class HistoryCalls(ClientCore):
         (`EquivocationDetected` with a transferable proof otherwise). `past_box_keys` and
         `own_sign_pks` are as for `CollabView`: a `rekey` of this account to keys outside them
         raises `AccountTakeoverDetected`.
-        Without `follow` it ends once the history up to the relay's current head is in.
+        Without `follow` it ends once the history up to the relay's current head is in. With
+        `follow`, iteration raises `StaleView` (a `ClientError`, not an alarm) when no signed
+        checkpoint dated within `stale_after` seconds arrived; the iterator stays usable, and
+        reports again only after a fresher checkpoint re-armed it.
         """
         view = view or CollabView(
             collab_id,
@@ -143,6 +149,11 @@ class History:
         self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
         self._refilled_after: int | None = None  # the head a backfill was last asked from
         self._ahead: collections.deque[Entry] = collections.deque()  # verified, not handed out
+        # The staleness bound (ADR-0020): the newest signed timestamp received on this stream,
+        # when following began, and whether the current stale spell was reported already.
+        self._fresh = 0
+        self._since = time.time()
+        self._stale_reported = False
 
     async def _subscribe(self) -> None:
         self._frames = await self._subscription.enter_async_context(
@@ -204,9 +215,8 @@ class History:
 
     async def _next_entry(self) -> Entry:
         while not self._done:
-            assert self._frames is not None
             try:
-                frame = await self._frames.receive()
+                frame = await self._receive()
             except trio.EndOfChannel:
                 raise self._client._closed or ConnectionLost() from None
             head = self.view.head
@@ -250,6 +260,21 @@ class History:
                     return entry
         raise StopAsyncIteration
 
+    async def _receive(self) -> wire.Reply:
+        """The next frame; following, `StaleView` once the newest signed checkpoint is older
+        than the bound (once per spell: iterating on waits for frames again)."""
+        assert self._frames is not None
+        bound = self._client.stale_after
+        while self._follow and bound is not None and not self._stale_reported:
+            wait = max(self._fresh, self._since) + bound - time.time()
+            if wait <= 0:
+                self._stale_reported = True
+                age = time.time() - (self._fresh or self._since)
+                raise StaleView(self.view.collab_id, age=age, bound=bound)
+            with trio.move_on_after(wait):
+                return await self._frames.receive()
+        return await self._frames.receive()
+
     def _verify(self, frame: wire.Event | wire.Withheld) -> Entry:
         if frame.collab_id != self.view.collab_id:
             raise self._alarm(TamperDetected, "event belongs to another collab", frame.seq)
@@ -271,6 +296,8 @@ class History:
         signed = self._client.checkpoints.check_head(
             self._client.relay_pk, collab_id, note, proof_from, consistency
         )
+        if signed.timestamp > self._fresh:
+            self._fresh, self._stale_reported = signed.timestamp, False
         if seq is not None and signed.size != seq:
             raise self._alarm(
                 TamperDetected,

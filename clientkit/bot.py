@@ -83,6 +83,7 @@ from clientkit.errors import (
     RelayOverloaded,
     RelayRefused,
     RelayUnreachable,
+    StaleView,
 )
 from model import content as contentmod
 from model import wire
@@ -98,6 +99,7 @@ if TYPE_CHECKING:
     Handler = Callable[["Context"], Awaitable[None]]
     Hook = Callable[["Bot"], Awaitable[None]]
     AlarmHook = Callable[["Bot", IntegrityAlarm], Awaitable[None]]
+    StaleHook = Callable[["Bot", StaleView], Awaitable[None]]
 
 DEVICE: Final = "bot"  # the author stream of the bot's posts (docs/ordering.md)
 DM_DEVICE: Final = "bot-dm"  # its DMs: kept and resent like posts, but they carry no evidence
@@ -140,6 +142,8 @@ class Bot:
         self.connections = 0
         self.ping_every = PING_EVERY
         self.ping_timeout = PING_TIMEOUT
+        # The staleness bound of the bot's connections (`Client.stale_after`, ADR-0020).
+        self.stale_after: float | None = 45.0
         self._messages: list[Handler] = []
         self._dms: list[Handler] = []
         self._members: list[Handler] = []
@@ -147,6 +151,7 @@ class Bot:
         self._on_connect: list[Hook] = []
         self._on_resume: list[Hook] = []
         self._on_alarm: AlarmHook | None = None
+        self._on_stale: StaleHook | None = None
         self._seen: CollabView | None = None  # this session's read of the collab at its head
         self._live: Session | None = None  # the client session of the current connection
         self._store_checked = False
@@ -245,6 +250,13 @@ class Bot:
         self._on_alarm = fn
         return fn
 
+    def on_stale(self, fn: StaleHook) -> StaleHook:
+        """Runs when the relay sent no fresh signed checkpoint within the staleness bound
+        (`StaleView`, once per stale spell); the bot keeps serving. Without a hook it is logged
+        as a warning."""
+        self._on_stale = fn
+        return fn
+
     # --- running ------------------------------------------------------------------------------
 
     def run_forever(self) -> NoReturn:
@@ -313,6 +325,7 @@ class Bot:
     async def _serve(self, client: Client, task_status: trio.TaskStatus[None] | None) -> None:
         state = self.state
         await client.authenticate(self.credentials.token)
+        client.stale_after = self.stale_after
         client.use_key(nacl.signing.SigningKey(self.credentials.sign_seed))  # tool calls, uploads
         session = self._live = self._session_over(client)
         # A reply signed before a crash or a lost connection, whose ack was never recorded,
@@ -341,7 +354,17 @@ class Bot:
         ) as events:
             if task_status is not None:
                 task_status.started()
-            async for entry in events:
+            while True:
+                try:
+                    entry = await events.__anext__()
+                except StopAsyncIteration:
+                    break
+                except StaleView as stale:  # a warning: keep serving, tell the owner
+                    if self._on_stale is not None:
+                        await self._on_stale(self, stale)
+                    else:
+                        log.warning("%s", stale)
+                    continue
                 member = _member_after(entry, member, self.account_id)
                 if entry.seq > cursor and member:
                     await self._dispatch(client, events, entry)

@@ -20,6 +20,7 @@ Session, which the bot kit uses too.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import TYPE_CHECKING
 
 import trio
@@ -217,6 +218,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("collab")
     p.add_argument("--against", metavar="SEQ:HEX", help="a head another member read out")
+    p.add_argument(
+        "--max-age",
+        metavar="AGE",
+        type=duration,
+        help="fail when the freshest signed head this device holds is older (60s, 5m, 1h)",
+    )
     p.set_defaults(run=cmd_verify)
 
     evidence = sub.add_parser("evidence", help="proofs that a relay misbehaved").add_subparsers(
@@ -238,7 +245,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--json", action="store_true", help="one JSON object per event instead of a tab line"
     )
+    p.add_argument(
+        "--stale-after",
+        metavar="AGE",
+        type=duration,
+        default=45.0,
+        help="following, warn when no signed checkpoint is newer than this (default 45s; 0: off)",
+    )
     p.set_defaults(run=cmd_tail)
+
+
+def duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `5m` or `1h` (checked while parsing)."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smh]?)", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an age: write it like 60s, 5m or 1h")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 def _relay_url(text: str) -> str:

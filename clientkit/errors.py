@@ -130,6 +130,25 @@ class RelayIdentityChanged(ClientError):
     """The relay presented a different signing key than the one pinned in COZY_HOME."""
 
 
+class StaleView(ClientError):
+    """Not an integrity alarm: while following, no signed checkpoint of the collab dated within
+    the client's staleness bound arrived (`Client.stale_after`: the relay's heartbeat interval
+    plus a grace, ADR-0020). The relay stopped its heartbeats, or keeps signing an old date: the
+    view may be frozen. Raised once per stale spell by the follow iterator, which can be
+    iterated on; a fresher checkpoint re-arms it. `age` is in seconds, measured against this
+    device's clock from the newest signed timestamp received (or from subscribing, if none)."""
+
+    def __init__(self, collab_id: str, *, age: float, bound: float) -> None:
+        super().__init__(
+            f"StaleView in {collab_id}: the newest signed checkpoint of it this device has is"
+            f" {age:.0f} s old (bound {bound:g} s): the relay may be freezing this view; compare"
+            " heads with another member (`cozy verify`) or try again later"
+        )
+        self.collab_id = collab_id
+        self.age = age
+        self.bound = bound
+
+
 class IntegrityAlarm(ClientError):
     """The relay delivered something that fails verification. Do not trust the stream."""
 

@@ -52,7 +52,7 @@ class CollabTrees:
         self._ledger = ledger
         self.signer = signer
         self._db_limiter = db_limiter
-        self._clock = clock
+        self.clock = clock  # injectable: tests date checkpoints as a frozen relay would
         self._trees: dict[str, LeafTree] = {}
         self._locks: dict[str, trio.Lock] = {}
         # The newest checkpoint signed for a caught_up or a heartbeat, per collab: reused by
@@ -60,7 +60,7 @@ class CollabTrees:
         self._signed: dict[str, tuple[int, int, bytes]] = {}
 
     def now(self) -> int:
-        return int(self._clock())
+        return int(self.clock())
 
     def loaded(self, collab_id: str) -> LeafTree | None:
         return self._trees.get(collab_id)
