@@ -29,6 +29,8 @@ TEXT: Final = "text/plain; charset=utf-8"
 
 @dataclass(frozen=True, slots=True)
 class Limits:
+    """What one server allows; the defaults are what the ops listener and the witness share."""
+
     max_connections: int
     connection_lifetime: float
     request_timeout: float

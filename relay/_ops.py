@@ -19,11 +19,11 @@ orchestrator or Prometheus reaches it on a private interface.
   nothing for them; the two histograms are observed once per ledger commit.
 
 Anything else is 404; another method than GET on these paths is 405; a malformed request 400
-(431 for an oversized head). One hostile client costs little: a request head is at most
-MAX_HEAD_BYTES and may carry no body; each request must have arrived whole within
-REQUEST_TIMEOUT of the connection opening or of the previous answer (slowloris), and its answer
-must be taken within SEND_TIMEOUT; a connection lives at most CONNECTION_LIFETIME and
-MAX_REQUESTS requests; beyond MAX_CONNECTIONS open at once, new ones are closed unanswered.
+(431 for an oversized head). One hostile client costs little: a request head is at most 8 KiB
+and may carry no body; each request must have arrived whole within REQUEST_TIMEOUT of the
+connection opening or of the previous answer (slowloris), and its answer must be taken within
+SEND_TIMEOUT; a connection lives at most CONNECTION_LIFETIME and MAX_REQUESTS requests; beyond
+MAX_CONNECTIONS open at once, new ones are closed unanswered.
 """
 
 from __future__ import annotations
@@ -45,16 +45,12 @@ if TYPE_CHECKING:
     from ledger import Ledger
     from relay._metrics import RelayMetrics
 
-MAX_HEAD_BYTES: Final = 8 * 1024
-RECEIVE_BYTES: Final = 4096
 REQUEST_TIMEOUT: Final = 5.0
 SEND_TIMEOUT: Final = 5.0
 CONNECTION_LIFETIME: Final = 60.0
 MAX_REQUESTS: Final = 100
 MAX_CONNECTIONS: Final = 32
 CHECK_TIMEOUT: Final = 2.0
-LINGER_SECONDS: Final = 1.0
-LINGER_BYTES: Final = 64 * 1024
 
 # The words a readiness check may answer; anything but OK fails it.
 OK: Final = "ok"
@@ -145,18 +141,15 @@ class Readiness:
 
 
 def limits() -> Limits:
-    """The bounds above, read as each connection opens (so a test may shorten one)."""
+    """The bounds above (and httpserve's: heads of 8 KiB at most, a bounded linger), read as each
+    connection opens (so a test may shorten one)."""
     return Limits(
         max_connections=MAX_CONNECTIONS,
         connection_lifetime=CONNECTION_LIFETIME,
         request_timeout=REQUEST_TIMEOUT,
         send_timeout=SEND_TIMEOUT,
         max_requests=MAX_REQUESTS,
-        max_head_bytes=MAX_HEAD_BYTES,
         max_body_bytes=0,  # a request here may carry no body: 400, refused unread
-        receive_bytes=RECEIVE_BYTES,
-        linger_seconds=LINGER_SECONDS,
-        linger_bytes=LINGER_BYTES,
     )
 
 
