@@ -1,9 +1,9 @@
 """The operations listener: `/healthz`, `/readyz` and `/metrics` over plain HTTP/1.1.
 
-A small server of our own: h11 (the sans-I/O HTTP/1.1 state machine that wsproto already
-depends on) parses and frames, Trio moves the bytes. It listens on its own address (`ops_host`
-/ `ops_port`, default 127.0.0.1:9465), apart from the WebSocket origin, so the public tunnel
-never carries it and an orchestrator or Prometheus reaches it on a private interface.
+A small server of our own (httpserve, shared with `cozy witness`: h11 parses and frames, Trio
+moves the bytes). It listens on its own address (`ops_host` / `ops_port`, default
+127.0.0.1:9465), apart from the WebSocket origin, so the public tunnel never carries it and an
+orchestrator or Prometheus reaches it on a private interface.
 
 - `GET /healthz` — 200 `ok` while the process serves. It checks nothing else, so a slow
   database never gets a live relay restarted.
@@ -19,27 +19,24 @@ never carries it and an orchestrator or Prometheus reaches it on a private inter
   nothing for them; the two histograms are observed once per ledger commit.
 
 Anything else is 404; another method than GET on these paths is 405; a malformed request 400
-(431 for an oversized head). One hostile client costs little: a request head is at most
-MAX_HEAD_BYTES and may carry no body; each request must have arrived whole within
-REQUEST_TIMEOUT of the connection opening or of the previous answer (slowloris), and its answer
-must be taken within SEND_TIMEOUT; a connection lives at most CONNECTION_LIFETIME and
-MAX_REQUESTS requests; beyond MAX_CONNECTIONS open at once, new ones are closed unanswered.
+(431 for an oversized head). One hostile client costs little: a request head is at most 8 KiB
+and may carry no body; each request must have arrived whole within REQUEST_TIMEOUT of the
+connection opening or of the previous answer (slowloris), and its answer must be taken within
+SEND_TIMEOUT; a connection lives at most CONNECTION_LIFETIME and MAX_REQUESTS requests; beyond
+MAX_CONNECTIONS open at once, new ones are closed unanswered.
 """
 
 from __future__ import annotations
 
-import http
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-import h11
 import hvac
 import requests.exceptions
-import structlog
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from httpserve import Answer, HttpServer, Limits, Request, url_of
 from ledger import LedgerError
 
 if TYPE_CHECKING:
@@ -48,18 +45,12 @@ if TYPE_CHECKING:
     from ledger import Ledger
     from relay._metrics import RelayMetrics
 
-log = structlog.get_logger("cozy.ops")
-
-MAX_HEAD_BYTES: Final = 8 * 1024
-RECEIVE_BYTES: Final = 4096
 REQUEST_TIMEOUT: Final = 5.0
 SEND_TIMEOUT: Final = 5.0
 CONNECTION_LIFETIME: Final = 60.0
 MAX_REQUESTS: Final = 100
 MAX_CONNECTIONS: Final = 32
 CHECK_TIMEOUT: Final = 2.0
-LINGER_SECONDS: Final = 1.0
-LINGER_BYTES: Final = 64 * 1024
 
 # The words a readiness check may answer; anything but OK fails it.
 OK: Final = "ok"
@@ -75,7 +66,6 @@ ERROR: Final = "error"
 # the active node), performance standby (473).
 _BAO_SERVING: Final = frozenset({200, 429, 473})
 
-TEXT: Final = "text/plain; charset=utf-8"
 JSON: Final = "application/json"
 
 # --- readiness ------------------------------------------------------------------------------------
@@ -150,12 +140,17 @@ class Readiness:
 # --- the HTTP server -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
-    content_type: str = TEXT
-    headers: tuple[tuple[str, str], ...] = ()
+def limits() -> Limits:
+    """The bounds above (and httpserve's: heads of 8 KiB at most, a bounded linger), read as each
+    connection opens (so a test may shorten one)."""
+    return Limits(
+        max_connections=MAX_CONNECTIONS,
+        connection_lifetime=CONNECTION_LIFETIME,
+        request_timeout=REQUEST_TIMEOUT,
+        send_timeout=SEND_TIMEOUT,
+        max_requests=MAX_REQUESTS,
+        max_body_bytes=0,  # a request here may carry no body: 400, refused unread
+    )
 
 
 class OpsApp:
@@ -165,17 +160,16 @@ class OpsApp:
         self._readiness = readiness
         self._metrics = metrics
 
-    async def answer(self, method: str, target: str) -> Answer:
-        path = target.split("?", 1)[0]
+    async def answer(self, request: Request) -> Answer:
         routes: dict[str, Callable[[], Awaitable[Answer]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics_text,
         }
-        route = routes.get(path)
+        route = routes.get(request.path)
         if route is None:
             return Answer(404, b"not found: try /healthz, /readyz or /metrics\n")
-        if method != "GET":
+        if request.method != "GET":
             return Answer(405, b"only GET is served here\n", headers=(("allow", "GET"),))
         return await route()
 
@@ -197,11 +191,16 @@ class OpsApp:
 
 
 class OpsServer:
-    """HTTP/1.1 over Trio for an `OpsApp`, with the bounds in the module docstring."""
+    """HTTP/1.1 over Trio for an `OpsApp` (httpserve), with the bounds in the module docstring."""
 
     def __init__(self, app: OpsApp) -> None:
-        self._app = app
-        self._open = 0
+        self._http = HttpServer(
+            app.answer,
+            limits,
+            logger="cozy.ops",
+            failed_event="ops_request_failed",
+            malformed=b"bad request\n",
+        )
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -217,120 +216,7 @@ class OpsServer:
             listeners = listeners[:1]
         bound = int(listeners[0].socket.getsockname()[1])
         task_status.started(bound)
-        await trio.serve_listeners(self._handle, listeners)
-
-    async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._open >= MAX_CONNECTIONS:
-            await trio.aclose_forcefully(stream)
-            return
-        self._open += 1
-        try:
-            with trio.move_on_after(CONNECTION_LIFETIME):
-                await self._exchange(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client went away
-        except Exception as exc:  # noqa: BLE001 — one request's failure stays on its connection
-            log.error("ops_request_failed", error=type(exc).__name__)
-        finally:
-            try:
-                await _linger(stream)
-            finally:
-                self._open -= 1
-                await trio.aclose_forcefully(stream)
-
-    async def _exchange(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
-        for served in range(MAX_REQUESTS):
-            try:
-                with trio.move_on_after(REQUEST_TIMEOUT) as waited:
-                    request = await self._read_request(conn, stream)
-            except h11.RemoteProtocolError as exc:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    status = exc.error_status_hint
-                    await self._send(stream, conn, Answer(status, b"bad request\n"), close=True)
-                return
-            if waited.cancelled_caught:
-                return  # too slow (or idle too long between requests): close unanswered
-            if request is None:
-                return  # the client closed between requests
-            if _has_body(request):
-                await self._send(
-                    stream, conn, Answer(400, b"requests here carry no body\n"), close=True
-                )
-                return
-            method = request.method.decode("ascii", "replace")
-            answer = await self._app.answer(method, request.target.decode("ascii", "replace"))
-            last = served == MAX_REQUESTS - 1
-            await self._send(stream, conn, answer, close=last)
-            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
-                return  # `Connection: close` on either side, or a request body left unread
-            conn.start_next_cycle()
-
-    @staticmethod
-    async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.Request | None:
-        """The next request, once its head and end have arrived; None on a clean EOF."""
-        request: h11.Request | None = None
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(RECEIVE_BYTES))
-            elif isinstance(event, h11.Request):
-                request = event
-                if _has_body(event):
-                    return event  # refused unread
-            elif isinstance(event, h11.EndOfMessage):
-                return request
-            elif isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
-                return None  # (PAUSED cannot come before we answer; handled all the same)
-
-    @staticmethod
-    async def _send(
-        stream: trio.SocketStream, conn: h11.Connection, answer: Answer, *, close: bool
-    ) -> None:
-        headers = [
-            ("content-type", answer.content_type),
-            ("content-length", str(len(answer.body))),
-            ("cache-control", "no-store"),
-            ("x-content-type-options", "nosniff"),
-            *answer.headers,
-        ]
-        if close:
-            headers.append(("connection", "close"))
-        data = conn.send(
-            h11.Response(
-                status_code=answer.status,
-                headers=headers,
-                reason=http.HTTPStatus(answer.status).phrase.encode(),
-            )
-        )
-        data = (data or b"") + (conn.send(h11.Data(data=answer.body)) or b"")
-        data += conn.send(h11.EndOfMessage()) or b""
-        with trio.move_on_after(SEND_TIMEOUT):
-            await stream.send_all(data)
+        await self._http.serve_listeners(listeners)
 
 
-async def _linger(stream: trio.SocketStream) -> None:
-    """Close our side, then read and drop what the client still sends (for at most LINGER
-    seconds and bytes), so a request we refused unread does not turn the close into a reset
-    that destroys our answer before the client read it."""
-    with trio.move_on_after(LINGER_SECONDS):
-        try:
-            await stream.send_eof()
-            dropped = 0
-            while dropped < LINGER_BYTES and (chunk := await stream.receive_some(RECEIVE_BYTES)):
-                dropped += len(chunk)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-
-
-def _has_body(request: h11.Request) -> bool:
-    for name, value in request.headers:
-        if name == b"transfer-encoding":
-            return True
-        if name == b"content-length" and value.strip() != b"0":
-            return True
-    return False
-
-
-def ops_url(host: str, port: int) -> str:
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+ops_url: Final = url_of

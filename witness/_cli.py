@@ -157,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
 async def _serve_until_signal(store: WitnessStore, logs: TrustedLogs, host: str, port: int) -> int:
     import trio
 
-    from witness._http import WitnessServer, bound_address, open_listener, url_of
+    from httpserve import url_of
+    from witness._http import WitnessServer, bound_address, open_listener
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
