@@ -46,6 +46,8 @@ from model.envelope import (
 from model.epochs import open_wrap
 from model.errors import ModelError
 from model.membership import MemberKind, Role, valid_cap
+from model.note import parse_note
+from model.tlog import parse_checkpoint
 from tests.wire_tap import Direction, Opcode, Tap, parse_websocket
 
 if TYPE_CHECKING:
@@ -89,6 +91,8 @@ class Check(enum.Enum):
     NONCE = "nonce"
     CHALLENGE = "challenge"
     SALT = "salt"
+    CHECKPOINT = "checkpoint"  # the relay's signed note: origin, size, root hash, signatures
+    HASHES = "hashes"  # a Merkle proof: a list of 32-byte hashes
     # Opaque: must open as ciphertext with a key the members hold.
     CIPHERTEXT = "ciphertext"
     SEALED = "sealed"
@@ -134,7 +138,8 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
                              "new_sig": C.SIGNATURE},
     wire.ListCollabs: {"rid": _RID},
     wire.Append: {"rid": _RID, "event": C.EVENT},
-    wire.Subscribe: {"rid": _RID, "collab_id": _ID, "from_seq": C.NUMBER, "follow": C.FLAG},
+    wire.Subscribe: {"rid": _RID, "collab_id": _ID, "from_seq": C.NUMBER, "follow": C.FLAG,
+                     "tree_size": C.NUMBER},
     wire.Unsubscribe: {"rid": _RID, "collab_id": _ID},
     wire.GetAccount: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE},
     wire.CreateAgent: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE,
@@ -160,13 +165,17 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.Authenticated: {"rid": _RID, "account_id": _ID},
     wire.CollabCreated: {"rid": _RID, "collab_id": _ID},
     wire.Appended: {"rid": _RID, "collab_id": _ID, "seq": C.NUMBER, "event_id": C.HASH,
-                    "chain": C.HASH, "receipt_sig": C.SIGNATURE, "duplicate": C.FLAG},
+                    "chain": C.HASH, "receipt_sig": C.SIGNATURE, "duplicate": C.FLAG,
+                    "checkpoint": C.CHECKPOINT, "inclusion": C.HASHES},
     wire.Subscribed: {"rid": _RID, "collab_id": _ID, "from_seq": C.NUMBER},
     wire.Event: {"collab_id": _ID, "seq": C.NUMBER, "event": C.EVENT, "chain": C.HASH},
     wire.Withheld: {"collab_id": _ID, "seq": C.NUMBER, "event_id": C.HASH, "chain": C.HASH,
                     "author_id": _ID, "recipient_id": _ID, "epoch": C.NUMBER,
                     "sealed": C.HASH, "sig": C.SIGNATURE},
-    wire.CaughtUp: {"collab_id": _ID, "seq": C.NUMBER},
+    wire.CaughtUp: {"collab_id": _ID, "seq": C.NUMBER, "checkpoint": C.CHECKPOINT,
+                    "proof_from": C.NUMBER, "consistency": C.HASHES},
+    wire.TreeHead: {"collab_id": _ID, "checkpoint": C.CHECKPOINT, "proof_from": C.NUMBER,
+                    "consistency": C.HASHES},
     wire.SubscriptionEnded: {"collab_id": _ID, "reason": C.RELAY_TEXT, "resume_from": C.NUMBER},
     wire.AccountInfo: {"rid": _RID, "account_id": _ID, "handle": C.HANDLE,
                        "sign_pk": C.PUBLIC_KEY, "box_pk": C.PUBLIC_KEY, "kind": C.MEMBER_KIND},
@@ -280,6 +289,7 @@ _REF_RE = re.compile(r"^b2:[0-9a-f]{64}$")
 _UPLOAD_RE = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 _TOOL_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+$")
+_ORIGIN_RE = re.compile(r"^[A-Za-z0-9.:_-]+/collab/[a-z]_[a-z2-7]{26}$")
 
 
 def reads_as_text(data: bytes) -> bool:
@@ -498,6 +508,25 @@ class Walker:
 
     def _check_hash(self, v: Any, _p: Any, _w: str) -> str | None:
         return None if isinstance(v, bytes) and len(v) == 32 else "not a 32-byte hash"
+
+    def _check_checkpoint(self, v: Any, _p: Any, _w: str) -> str | None:
+        # Empty where none is due (a duplicate answered outside a commit group); otherwise a
+        # C2SP signed note whose text is a checkpoint of `<relay>/collab/<collab id>`: the
+        # collab id, a size and a root hash, the relay's signatures, and nothing else.
+        if v == b"":
+            return None
+        try:
+            note = parse_note(v)
+            checkpoint = parse_checkpoint(note.text)
+        except (ModelError, UnicodeDecodeError, ValueError):
+            return "not a signed checkpoint"
+        if not _ORIGIN_RE.match(checkpoint.origin) or checkpoint.extensions:
+            return "a checkpoint carrying more than an origin, a size and a root"
+        return None if note.signatures else "an unsigned checkpoint"
+
+    def _check_hashes(self, v: Any, _p: Any, _w: str) -> str | None:
+        ok = isinstance(v, list) and all(isinstance(h, bytes) and len(h) == 32 for h in v)
+        return None if ok else "not a list of 32-byte hashes"
 
     def _check_signature(self, v: Any, _p: Any, _w: str) -> str | None:
         # An empty signature only where nothing is signed (a sign-up without a keystore).
