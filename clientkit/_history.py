@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from clientkit._connection import ClientCore
+from clientkit._quorum import require_quorum
 from clientkit.errors import (
     AccountTakeoverDetected,
     ConnectionLost,
@@ -293,6 +294,9 @@ class History:
         """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
         exactly the seq it reports."""
         collab_id = self.view.collab_id
+        policy = self.view.membership.witnesses if self.view.membership is not None else None
+        if policy is not None:  # before the head is kept: without the quorum it is not taken
+            require_quorum(self._client.relay_pk, collab_id, note, policy)
         signed = self._client.checkpoints.check_head(
             self._client.relay_pk, collab_id, note, proof_from, consistency
         )
