@@ -7,6 +7,12 @@ with `QuorumNotMet` *before* clientkit/_checkpoints.py keeps it, so the device s
 it holds. A head that does not open under the relay key is left to `CheckpointBook.check_head`,
 which raises the integrity alarm for it.
 
+A read (`caught_up`) that meets a head without the quorum asks again from its verified head for
+up to `QUORUM_GRACE` seconds before refusing: an honest relay asks its witnesses as soon as a
+commit lands, so a head written a moment ago gets cosigned within a round. A heartbeat without
+the quorum is skipped, not refused (the next one, or the next read, brings the cosigned head;
+a relay that never does meets the staleness bound).
+
 Why a refusal and not an alarm: a head nobody cosigned may be a split view, or only slow or
 unreachable witnesses; the device cannot tell which, only that it cannot confirm freshness. A
 cosigned head that contradicts the held one is still an alarm (`ForkDetected`,
@@ -16,7 +22,7 @@ event included, and the head that follows them must meet the policy before it is
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from clientkit.errors import QuorumNotMet
 from model.checkpoints import CheckpointInvalid, open_head, witnessed
@@ -25,6 +31,11 @@ from model.tlog import QuorumNotMet as NoQuorum
 
 if TYPE_CHECKING:
     from model.membership import WitnessPolicy
+
+# A relay signs a new head before its witnesses cosigned it (they are asked right after the
+# commit), so a read that ends on a head without the quorum asks again for up to this long.
+QUORUM_GRACE: Final = 10.0
+QUORUM_RETRY: Final = 0.25
 
 
 def require_quorum(relay_pk: bytes, collab_id: str, note: bytes, policy: WitnessPolicy) -> None:
