@@ -354,7 +354,7 @@ def apply(
             return msgspec.structs.replace(state, members=members)
         case SetWitnesses(quorum=quorum, vkeys=vkeys):
             _require(signer.role is Role.OWNER, "role", "only owners set the witness policy")
-            return msgspec.structs.replace(state, witnesses=_witness_policy(quorum, vkeys))
+            return msgspec.structs.replace(state, witnesses=witness_policy(quorum, vkeys))
         case RemoveMember(account_id=target, new_epoch=epoch, wraps=wraps):
             current = members.get(target)
             _require(current is not None, "not_a_member", "that account is not a member")
@@ -435,7 +435,8 @@ def _rekey(state: Membership, signer: Member, op: RekeyMember) -> Membership:
     return msgspec.structs.replace(state, members=members, epoch=op.new_epoch)
 
 
-def _witness_policy(quorum: int, vkeys: tuple[str, ...]) -> WitnessPolicy | None:
+def witness_policy(quorum: int, vkeys: tuple[str, ...]) -> WitnessPolicy | None:
+    """The policy a `witnesses` op sets (None: no policy). Raises `ProofRejected("witnesses")`."""
     if quorum == 0 and not vkeys:
         return None
     _require(

@@ -14,7 +14,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from model.chain import Head, next_head, start_of
 from model.epochs import new_epoch_key, wrap_for
 from model.ids import new_id
-from model.note import ALG_COSIGNATURE_V1, NoteSigner
 from model.membership import (
     AddMember,
     ChangeRole,
@@ -28,10 +27,11 @@ from model.membership import (
     RotateKey,
     SetCaps,
     SetWitnesses,
-    WitnessPolicy,
     StaleProof,
+    WitnessPolicy,
     apply,
 )
+from model.note import ALG_COSIGNATURE_V1, NoteSigner
 from tests.helpers import Person
 
 COLLAB = new_id("c")
