@@ -23,6 +23,7 @@ from model.membership import WitnessPolicy
 from model.note import ALG_ED25519, NoteSignature, NoteVerifier, parse_note
 from model.tlog import AddCheckpointRequest, add_signatures
 from relay.config import WitnessTarget
+from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 from tests.test_witness import WitnessProcess, init_witness
 
@@ -186,3 +187,23 @@ async def test_a_split_view_no_witness_cosigned_is_refused_by_the_quorum(
 
 def open_head_lines(note: bytes) -> list[NoteSignature]:
     return list(parse_note(note).signatures)
+
+
+async def test_an_owner_sets_the_policy_with_the_cli_and_posts_and_reads_keep_working(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        env = client_env(tmp_path / "alice")
+        await cli_signup(relay.url, tmp_path / "alice", "alice")
+        collab = (await cozy("collab", "create", "demo", env=env)).stdout.decode().strip()
+        bad = await cozy("collab", "witnesses", collab, "not-a-key", env=env, check=False)
+        assert bad.returncode != 0
+        assert len(bad.stderr.decode().strip().splitlines()) == 1
+        assert b"witnesses" in bad.stderr
+        out = await cozy("collab", "witnesses", collab, *(w.vkey for w in witnesses), env=env)
+        assert "requires 2 of 2 witnesses" in out.stdout.decode()
+        for text in ("one", "two"):
+            await cozy("post", collab, text, env=env)  # each reads a head that needs cosigning
+        tail = (await cozy("tail", collab, env=env)).stdout.decode()
+        assert "required 2 of 2 witnesses" in tail
+        assert tail.rstrip().endswith("two")
