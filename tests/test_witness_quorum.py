@@ -20,9 +20,16 @@ from clientkit._quorum import require_quorum
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
 from model.checkpoints import CheckpointSigner, open_head, witnessed
 from model.membership import WitnessPolicy
-from model.note import ALG_ED25519, NoteSignature, NoteVerifier, parse_note
+from model.note import (
+    ALG_COSIGNATURE_V1,
+    ALG_ED25519,
+    NoteSignature,
+    NoteSigner,
+    NoteVerifier,
+    parse_note,
+)
 from model.tlog import AddCheckpointRequest, add_signatures
-from relay.config import WitnessTarget
+from relay.config import ConfigError, WitnessTarget, load_config
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 from tests.test_witness import WitnessProcess, init_witness
@@ -207,3 +214,21 @@ async def test_an_owner_sets_the_policy_with_the_cli_and_posts_and_reads_keep_wo
         tail = (await cozy("tail", collab, env=env)).stdout.decode()
         assert "required 2 of 2 witnesses" in tail
         assert tail.rstrip().endswith("two")
+
+
+def test_the_relay_reads_its_witnesses_from_the_environment_and_refuses_a_bad_one(
+    tmp_path: Path,
+) -> None:
+    vkey = NoteSigner("w.example/1", bytes(32), ALG_COSIGNATURE_V1).verifier.vkey()
+    env = {"COZY_DATA_DIR": str(tmp_path), "JWT_SIGNING_KEY": "k" * 32}
+    config = load_config(
+        env={**env, "COZY_WITNESSES": f"http://127.0.0.1:1 {vkey}, https://w/ {vkey}"}
+    )
+    assert config.witnesses == (
+        WitnessTarget("http://127.0.0.1:1", vkey),
+        WitnessTarget("https://w/", vkey),
+    )
+    log_key = NoteSigner("relay", bytes(32)).verifier.vkey()  # a log key, not a witness key
+    for bad in (f"http://x {log_key}", f"ftp://x {vkey}", "http://x"):
+        with pytest.raises(ConfigError, match="witness"):
+            load_config(env={**env, "COZY_WITNESSES": bad})
