@@ -257,6 +257,7 @@ class History:
                             if not await self._await_quorum():
                                 raise
                             continue
+                        self._quorum_deadline = None  # the next wait gets its own grace
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue

@@ -11,10 +11,11 @@ answer cost one extra request. Cosignature lines that verify under the witness's
 to `CollabTrees`, which appends them to `caught_up` and heartbeat checkpoints of that tree.
 
 Bounds: one round at a time, collabs in turn, the witnesses of one collab in parallel, each
-request within `SUBMIT_TIMEOUT` (witness/submit.py). A witness that refuses or is down is logged
-(by status, never bytes) and asked again next round; the relay keeps serving either way, and
-clients whose policy needs that witness refuse the uncosigned heads (`QuorumNotMet`) until it
-answers again.
+request within `SUBMIT_TIMEOUT` (witness/submit.py); a witness that did not answer is not asked
+about the round's other collabs, so a dead one costs one timeout per round, not one per collab.
+A witness that refuses or is down is logged (by status, never bytes) and asked again next round;
+the relay keeps serving either way, and clients whose policy needs that witness refuse the
+uncosigned heads (`QuorumNotMet`) until it answers again.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import trio
 
 from model.note import NoteVerifier
 from model.tlog import AddCheckpointRequest
-from witness.errors import WitnessConflict, WitnessError
+from witness.errors import WitnessConflict, WitnessError, WitnessUnavailable
 from witness.submit import submit_checkpoint
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Witnessing:
         # (witness url, collab) -> the size that witness last cosigned, as far as the relay knows.
         self._sizes: dict[tuple[str, str], int] = {}
         self.rounds = 0
+        self._down: set[str] = set()
 
     def poke(self) -> None:
         self._wake.set()
@@ -66,6 +68,7 @@ class Witnessing:
             await trio.sleep(min(self._interval, 0.2))
 
     async def round(self) -> None:
+        self._down = set()  # unreachable this round: not asked about its other collabs
         for collab_id, tree in self._trees.held().items():
             size = tree.size
             if size == 0 or all(self._sizes.get((u, collab_id)) == size for u, _ in self._targets):
@@ -74,7 +77,7 @@ class Witnessing:
             note = self._trees.signer.sign(collab_id, size, root, self._trees.now())
             async with trio.open_nursery() as nursery:
                 for url, witness in self._targets:
-                    if self._sizes.get((url, collab_id)) != size:
+                    if self._sizes.get((url, collab_id)) != size and url not in self._down:
                         nursery.start_soon(self._submit, url, witness, collab_id, tree, size, note)
         self.rounds += 1
 
@@ -99,6 +102,8 @@ class Witnessing:
                 old = self._sizes[key] = exc.size
                 continue
             except WitnessError as exc:
+                if isinstance(exc, WitnessUnavailable):
+                    self._down.add(url)
                 log.warning(
                     "witness_refused",
                     witness=url,
