@@ -27,7 +27,6 @@ from clientkit._session import Attached as Attached
 from clientkit._session import Identity as Identity
 from clientkit._session import Keys as Keys
 from clientkit._session import Session as Session
-from clientkit._witness import submit_checkpoint as submit_checkpoint
 from clientkit.bot import Bot as Bot
 from clientkit.errors import AccessRefused as AccessRefused
 from clientkit.errors import AccountTakeoverDetected as AccountTakeoverDetected
@@ -39,6 +38,7 @@ from clientkit.errors import IntegrityAlarm as IntegrityAlarm
 from clientkit.errors import NoSuchAttachment as NoSuchAttachment
 from clientkit.errors import NotAMember as NotAMember
 from clientkit.errors import ProtocolMismatch as ProtocolMismatch
+from clientkit.errors import QuorumNotMet as QuorumNotMet
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid
 from clientkit.errors import RelayIdentityChanged as RelayIdentityChanged
 from clientkit.errors import RelayOverloaded as RelayOverloaded
@@ -66,6 +66,7 @@ from model.membership import Role as Role
 from model.view import CollabView as CollabView
 from model.view import Entry as Entry
 from model.wire import ErrorCode as ErrorCode
+from witness.submit import submit_checkpoint as submit_checkpoint
 
 # Management changes, for `Client.manage(signing_key, box_key, collab_id, change)`: each builds
 # the change against the caller's own verified view (only a person may sign one).

@@ -1,4 +1,5 @@
-"""`cozy collab …`: create a collab, add / grant / remove / role, rotate its key, list members."""
+"""`cozy collab …`: create a collab, add / grant / remove / role, rotate its key, set its witness
+policy, list members."""
 
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from model.membership import (
     CAP_READ,
     CAP_TOOL_PREFIX,
     MemberKind,
+    ProofRejected,
     Role,
     SetCaps,
     valid_cap,
+    witness_policy,
 )
 
 if TYPE_CHECKING:
@@ -133,6 +136,29 @@ async def cmd_collab_rotate(args: argparse.Namespace) -> None:
     # A duplicate (resent after a lost ack) was answered against a view that holds it already.
     epoch = view.membership.epoch + (0 if ack.duplicate else 1)
     print(f"rotated the collab key to epoch {epoch} at seq {ack.seq}")
+
+
+async def cmd_collab_witnesses(args: argparse.Namespace) -> None:
+    """Set the collab's witness policy (owners): members then accept a head only when `--quorum`
+    of these witnesses cosigned it. No keys: remove the policy."""
+    vkeys = tuple(args.vkeys)
+    quorum = len(vkeys) if args.quorum is None else args.quorum
+    try:
+        policy = witness_policy(quorum, vkeys)
+    except ProofRejected as exc:
+        raise CliError(f"{exc}; give the keys `cozy witness init` printed") from None
+    me = await _unlock(Home.from_env())
+    async with _opened(me) as session:
+        ack, _ = await _manage(
+            session, args.collab, lambda _v: _collab.set_witnesses(quorum, vkeys)
+        )
+    if policy is None:
+        print(f"{args.collab} has no witness policy now (seq {ack.seq})")
+    else:
+        print(
+            f"{args.collab} requires {policy.quorum} of {len(policy.vkeys)} witnesses to cosign"
+            f" every head its members accept (seq {ack.seq})"
+        )
 
 
 class MemberRow(msgspec.Struct, frozen=True):

@@ -31,6 +31,7 @@ from model.membership import (
     Role,
     RotateKey,
     SetCaps,
+    SetWitnesses,
     management_event,
 )
 from model.proofs import KeyPair, sign_collab_rekey
@@ -141,6 +142,11 @@ def set_caps(
     return SetCaps(account_id=account_id, caps=(*kept, *(c for c in grant if c not in kept)))
 
 
+def set_witnesses(quorum: int, vkeys: tuple[str, ...]) -> Operation:
+    """The collab's witness policy: `quorum` of these witness keys (0 and none: no policy)."""
+    return SetWitnesses(quorum=quorum, vkeys=vkeys)
+
+
 def proposal(
     view: CollabView, signing_key: nacl.signing.SigningKey, op: Operation, ts: int
 ) -> SignedEvent:
@@ -178,6 +184,8 @@ def describe(entry: Entry, name: dict[str, str]) -> str:
                 )
             case SetCaps(account_id=a, caps=c):
                 return f"[gave {who(a)} the capabilities {', '.join(c) or '(none)'}]"
+            case SetWitnesses(quorum=k, vkeys=v):
+                return f"[required {k} of {len(v)} witnesses]" if v else "[removed the witnesses]"
     prefix = f"(DM to {who(entry.dm_to)}) " if entry.dm_to else ""
     match entry.content:
         case contentmod.Message(text=text):

@@ -11,12 +11,14 @@ dated within the client's staleness bound raises `StaleView`, a warning, not an 
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
 
+from clientkit import _quorum as quorum
 from clientkit._connection import ClientCore
 from clientkit.errors import (
     AccountTakeoverDetected,
@@ -24,6 +26,7 @@ from clientkit.errors import (
     EquivocationDetected,
     ForkDetected,
     IntegrityAlarm,
+    QuorumNotMet,
     ReorderDetected,
     ReplayDetected,
     StaleView,
@@ -154,6 +157,7 @@ class History:
         self._fresh = 0
         self._since = time.time()
         self._stale_reported = False
+        self._quorum_deadline: float | None = None  # waiting for witnesses to cosign (issue 16)
 
     async def _subscribe(self) -> None:
         self._frames = await self._subscription.enter_async_context(
@@ -179,6 +183,20 @@ class History:
         self._refilled_after = head
         await self._unsubscribe()
         await self._subscribe()
+
+    async def _await_quorum(self) -> bool:
+        """A `caught_up` without the witness quorum: an honest relay's witnesses answer within
+        a round, so ask again (from the verified head) until `quorum.QUORUM_GRACE` has passed
+        since the first refusal; False once it has (then the refusal stands)."""
+        now = trio.current_time()
+        if self._quorum_deadline is None:
+            self._quorum_deadline = now + quorum.QUORUM_GRACE
+        if now >= self._quorum_deadline:
+            return False
+        await trio.sleep(quorum.QUORUM_RETRY)
+        await self._unsubscribe()
+        await self._subscribe()
+        return True
 
     @property
     def head(self) -> Head:
@@ -222,14 +240,24 @@ class History:
             head = self.view.head
             match frame:
                 case wire.TreeHead():
-                    self._check_checkpoint(
-                        frame.checkpoint, frame.proof_from, frame.consistency, None
-                    )
+                    # A heartbeat without the witness quorum is not taken (the relay signed it
+                    # before the witnesses answered); a relay that never sends one that is
+                    # meets the staleness bound.
+                    with contextlib.suppress(QuorumNotMet):
+                        self._check_checkpoint(
+                            frame.checkpoint, frame.proof_from, frame.consistency, None
+                        )
                 case wire.CaughtUp():
                     if frame.checkpoint:
-                        self._check_checkpoint(
-                            frame.checkpoint, frame.proof_from, frame.consistency, frame.seq
-                        )
+                        try:
+                            self._check_checkpoint(
+                                frame.checkpoint, frame.proof_from, frame.consistency, frame.seq
+                            )
+                        except QuorumNotMet:
+                            if not await self._await_quorum():
+                                raise
+                            continue
+                        self._quorum_deadline = None  # the next wait gets its own grace
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
@@ -293,6 +321,9 @@ class History:
         """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
         exactly the seq it reports."""
         collab_id = self.view.collab_id
+        policy = self.view.membership.witnesses if self.view.membership is not None else None
+        if policy is not None:  # before the head is kept: without the quorum it is not taken
+            quorum.require_quorum(self._client.relay_pk, collab_id, note, policy)
         signed = self._client.checkpoints.check_head(
             self._client.relay_pk, collab_id, note, proof_from, consistency
         )

@@ -43,6 +43,7 @@ from clientkit._cli_collabs import (
     cmd_collab_remove,
     cmd_collab_role,
     cmd_collab_rotate,
+    cmd_collab_witnesses,
 )
 from clientkit._cli_discovery import cmd_account_show, cmd_collab_list
 from clientkit._cli_errors import report
@@ -162,6 +163,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = collab.add_parser("rotate", help="rotate the collab key without a membership change")
     p.add_argument("collab")
     p.set_defaults(run=cmd_collab_rotate)
+    p = collab.add_parser(
+        "witnesses", help="require k of these witnesses to cosign every head members accept"
+    )
+    p.add_argument("collab")
+    p.add_argument("vkeys", nargs="*", metavar="VKEY", help="a witness's verifier key (none: off)")
+    p.add_argument("--quorum", type=int, help="how many must cosign (default: all listed)")
+    p.set_defaults(run=cmd_collab_witnesses)
     p = collab.add_parser("members", help="list members as this device verified them")
     p.add_argument("collab")
     _json_flag(p)

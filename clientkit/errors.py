@@ -6,6 +6,14 @@ from typing import TYPE_CHECKING
 
 from model import wire
 from model.protocol import mismatch_message
+from witness.errors import WitnessBadRequest as WitnessBadRequest
+from witness.errors import WitnessConflict as WitnessConflict
+from witness.errors import WitnessError as WitnessError
+from witness.errors import WitnessProofRejected as WitnessProofRejected
+from witness.errors import WitnessReplyInvalid as WitnessReplyInvalid
+from witness.errors import WitnessUnavailable as WitnessUnavailable
+from witness.errors import WitnessUnknownLog as WitnessUnknownLog
+from witness.errors import WitnessUntrustedSignature as WitnessUntrustedSignature
 
 if TYPE_CHECKING:
     from model.checkpoints import CheckpointProof
@@ -207,51 +215,24 @@ class ReceiptInvalid(IntegrityAlarm):
     """An ack's receipt is not signed by the relay or does not match the event."""
 
 
-class WitnessError(ClientError):
-    """A tlog witness did not cosign a checkpoint. The subclass says why; `url` is the witness,
-    `status` its HTTP status (None when there was no answer)."""
+class QuorumNotMet(ClientError):
+    """A checkpoint of a collab whose owners set a witness policy (k of these witnesses) came
+    without k valid cosignatures from them: this device cannot confirm that anyone else was
+    shown the same history, so it does not accept the new head (it keeps the one it holds).
 
-    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
-        super().__init__(f"witness {url}: {message}")
-        self.url = url
-        self.status = status
+    Not an integrity alarm on its own: an honest relay whose witnesses are slow or down looks
+    the same. A relay showing this device a split view looks like this too (no honest witness
+    cosigns both branches), so it is never silently ignored either. Retry later; if it lasts,
+    ask the collab's owners to check the witnesses (`cozy witness status`)."""
 
-
-class WitnessConflict(WitnessError):
-    """409: the witness's last cosigned size for this origin is `size`, not the request's old
-    size (or it is the same size with another root: a fork, if the log signed both). Resubmit
-    with a consistency proof from `size`; never from a checkpoint the log did not sign."""
-
-    def __init__(self, message: str, *, url: str, size: int) -> None:
-        super().__init__(message, url=url, status=409)
+    def __init__(self, message: str, *, collab_id: str, size: int) -> None:
+        super().__init__(
+            f"collab {collab_id}: the relay's head of {size} events is not cosigned by the"
+            f" collab's witness quorum ({message}); retry in a few seconds, and if it lasts ask"
+            " an owner to check the witnesses"
+        )
+        self.collab_id = collab_id
         self.size = size
-
-
-class WitnessProofRejected(WitnessError):
-    """422: the consistency proof does not lead from the witness's last cosigned checkpoint to
-    this one. Either the proof was built wrong or the log forked; the witness will not cosign."""
-
-
-class WitnessUnknownLog(WitnessError):
-    """404: the witness does not witness this origin. Ask its operator to add the log."""
-
-
-class WitnessUntrustedSignature(WitnessError):
-    """403: no signature on the checkpoint verifies under a key the witness trusts for its
-    origin. Check the log key the witness was configured with."""
-
-
-class WitnessBadRequest(WitnessError):
-    """400 (or 413): the witness found the request malformed; its own words are in the message."""
-
-
-class WitnessUnavailable(WitnessError):
-    """The witness could not be reached, timed out, or answered with a server error. Retry."""
-
-
-class WitnessReplyInvalid(WitnessError):
-    """The witness answered 200 with something that is not a valid cosignature by its key
-    over this checkpoint. Do not count it toward a quorum; tell the witness's operator."""
 
 
 class NotAMember(ClientError):

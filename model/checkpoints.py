@@ -28,13 +28,16 @@ left to the staleness bound (issue 16, item 3).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
 from .errors import ModelError
 from .note import ALG_COSIGNATURE_V1, ALG_ED25519, Note, NoteError, NoteSigner, NoteVerifier
-from .tlog import Checkpoint, open_checkpoint, parse_checkpoint
+from .tlog import Checkpoint, QuorumNotMet, open_checkpoint, parse_checkpoint
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 ORIGIN_INFIX: Final = "/collab/"
 CLOCK_SUFFIX: Final = "/clock"
@@ -114,6 +117,25 @@ def open_head(note: bytes, relay_pk: bytes, collab_id: str) -> SignedHead:
         ) from None
     cp = opened.checkpoint
     return SignedHead(collab_id, origin, cp.size, cp.root, opened.cosigned_at[clock.name], note)
+
+
+def witnessed(
+    head: SignedHead, relay_pk: bytes, witnesses: Sequence[NoteVerifier], quorum: int
+) -> dict[str, int]:
+    """Check a collab's witness policy over an opened head: at least `quorum` of `witnesses`
+    cosigned its checkpoint (lines the relay appended to its note). Returns who cosigned when.
+
+    Raises `QuorumNotMet`, also when a listed witness's line does not verify over this
+    checkpoint (a line copied from another checkpoint proves nothing about this one).
+    """
+    log = NoteVerifier(head.origin, ALG_ED25519, relay_pk)
+    try:
+        opened = open_checkpoint(head.note, log, witnesses=witnesses, quorum=quorum)
+    except QuorumNotMet:
+        raise
+    except NoteError as exc:
+        raise QuorumNotMet(f"a witness line does not verify over this checkpoint: {exc}") from None
+    return dict(opened.cosigned_at)
 
 
 def contradiction(a: SignedHead, b: SignedHead) -> str | None:

@@ -37,6 +37,7 @@ import msgspec
 from model.envelope import EVENT_VERSION, KIND_MANAGEMENT, EventBody, SignedEvent, sign_body
 from model.errors import DECODE_ERRORS, ModelError
 from model.ids import is_id
+from model.note import ALG_COSIGNATURE_V1, NoteError, NoteVerifier
 from model.proofs import KeyPair, verify_collab_rekey
 
 if TYPE_CHECKING:
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 PROOF_VERSION: Final = 1
 MAX_MEMBERS: Final = 1000
 MAX_CAPS: Final = 32
+MAX_WITNESSES: Final = 16
 
 
 class Role(enum.StrEnum):
@@ -123,6 +125,16 @@ class SetCaps(msgspec.Struct, frozen=True, tag="caps", forbid_unknown_fields=Tru
     caps: tuple[str, ...]
 
 
+class SetWitnesses(msgspec.Struct, frozen=True, tag="witnesses", forbid_unknown_fields=True):
+    """The collab's witness policy (issue 16, docs/witness.md): members accept a checkpoint of
+    this collab only when at least `quorum` of the witnesses named by `vkeys` (C2SP verifier key
+    strings, type 0x04 cosignature/v1) cosigned it. Owners only: the policy decides which views
+    members can be shown. `quorum` 0 with no keys removes the policy."""
+
+    quorum: int
+    vkeys: tuple[str, ...]
+
+
 class RemoveMember(msgspec.Struct, frozen=True, tag="remove", forbid_unknown_fields=True):
     """Removal always rotates: `new_epoch` is the current epoch + 1, wrapped for who stays."""
 
@@ -153,7 +165,10 @@ class RekeyMember(msgspec.Struct, frozen=True, tag="rekey", forbid_unknown_field
         return f"RekeyMember(new_epoch={self.new_epoch})"
 
 
-Operation = CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey | RekeyMember | SetCaps
+Operation = (
+    CreateCollab | AddMember | ChangeRole | RemoveMember | RotateKey | RekeyMember | SetCaps
+    | SetWitnesses
+)  # fmt: skip
 
 
 class Proof(msgspec.Struct, frozen=True, array_like=True, forbid_unknown_fields=True):
@@ -182,12 +197,23 @@ class StaleProof(ProofRejected):
     """Made against another head than the one it would follow (replayed, or lost a race)."""
 
 
+class WitnessPolicy(msgspec.Struct, frozen=True, array_like=True):
+    """`quorum` of these witnesses must cosign a checkpoint before a member accepts it."""
+
+    quorum: int
+    vkeys: tuple[str, ...]
+
+    def verifiers(self) -> list[NoteVerifier]:
+        return [NoteVerifier.from_vkey(v) for v in self.vkeys]
+
+
 class Membership(msgspec.Struct, frozen=True):
-    """Who is in a collab, with which role, under which key epoch."""
+    """Who is in a collab, with which role, under which key epoch, and its witness policy."""
 
     collab_id: str
     members: dict[str, Member]
     epoch: int
+    witnesses: WitnessPolicy | None = None
 
     def role_of(self, account_id: str) -> Role | None:
         m = self.members.get(account_id)
@@ -326,6 +352,9 @@ def apply(
             _check_caps(current.kind, caps)
             members[target] = msgspec.structs.replace(current, caps=caps)
             return msgspec.structs.replace(state, members=members)
+        case SetWitnesses(quorum=quorum, vkeys=vkeys):
+            _require(signer.role is Role.OWNER, "role", "only owners set the witness policy")
+            return msgspec.structs.replace(state, witnesses=witness_policy(quorum, vkeys))
         case RemoveMember(account_id=target, new_epoch=epoch, wraps=wraps):
             current = members.get(target)
             _require(current is not None, "not_a_member", "that account is not a member")
@@ -348,7 +377,7 @@ def apply(
             )
             del members[target]
             _require_wraps(wraps, set(members), "the next key, for exactly the remaining members")
-            return Membership(collab_id=state.collab_id, members=members, epoch=epoch)
+            return msgspec.structs.replace(state, members=members, epoch=epoch)
         case RotateKey(new_epoch=epoch, wraps=wraps):
             _require(
                 signer.role in (Role.OWNER, Role.MANAGER),
@@ -403,7 +432,33 @@ def _rekey(state: Membership, signer: Member, op: RekeyMember) -> Membership:
         signer, sign_pk=op.sign_pk, box_pk=op.box_pk
     )
     _require_wraps(op.wraps, set(members), "the next key, for exactly the members")
-    return Membership(collab_id=state.collab_id, members=members, epoch=op.new_epoch)
+    return msgspec.structs.replace(state, members=members, epoch=op.new_epoch)
+
+
+def witness_policy(quorum: int, vkeys: tuple[str, ...]) -> WitnessPolicy | None:
+    """The policy a `witnesses` op sets (None: no policy). Raises `ProofRejected("witnesses")`."""
+    if quorum == 0 and not vkeys:
+        return None
+    _require(
+        len(vkeys) <= MAX_WITNESSES and 1 <= quorum <= len(vkeys),
+        "witnesses",
+        f"a witness policy is k of at most {MAX_WITNESSES} witness keys, 1 <= k <= their number",
+    )
+    try:
+        verifiers = [NoteVerifier.from_vkey(v) for v in vkeys]
+    except (NoteError, ValueError):
+        raise ProofRejected("witnesses", "a witness key is not a verifier key string") from None
+    _require(
+        all(v.alg == ALG_COSIGNATURE_V1 for v in verifiers),
+        "witnesses",
+        "witness keys are cosignature/v1 (type 0x04) verifier keys",
+    )
+    _require(
+        len({v.name for v in verifiers}) == len(verifiers),
+        "witnesses",
+        "each witness is named once",
+    )
+    return WitnessPolicy(quorum, tuple(v.vkey() for v in verifiers))
 
 
 def _genesis(proof: Proof) -> Membership:

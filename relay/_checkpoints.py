@@ -9,6 +9,11 @@ the head its subscriber has been sent, and is never smaller than a checkpoint gi
 before it. A group's checkpoint is dated when the group is added (not when the crypto pool gets
 to signing it), so no honest checkpoint is dated after a larger one (model/checkpoints.py).
 
+Witness cosignatures (relay/_witnessing.py) are kept per collab for the newest size a witness
+cosigned, and appended to every `caught_up` and heartbeat checkpoint of exactly that tree (a
+cosignature is over the checkpoint text, so it fits every note of that size and root, whatever
+the relay's own date line says).
+
 A group that does not follow the tree (the actor that would have added the previous group
 failed between its commit and here) drops the tree; the next use reads it again from the ledger.
 """
@@ -23,12 +28,14 @@ import trio
 
 from model import wire
 from model.merkle import LeafTree, leaf_hash
+from model.tlog import add_signatures
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from ledger import Ledger
     from model.checkpoints import CheckpointSigner
+    from model.note import NoteSignature
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +65,33 @@ class CollabTrees:
         # The newest checkpoint signed for a caught_up or a heartbeat, per collab: reused by
         # every subscriber within the same second at the same size (one signature, not one each).
         self._signed: dict[str, tuple[int, int, bytes]] = {}
+        # Per collab: the newest (size, root) any witness cosigned, and each witness's line.
+        self._cosigned: dict[str, tuple[int, bytes, dict[str, NoteSignature]]] = {}
+        # Called (synchronously) after a commit group grew a tree: wakes the witnessing task.
+        self.on_grow: Callable[[], None] | None = None
+
+    def held(self) -> dict[str, LeafTree]:
+        """The trees in memory now (the collabs used since start): what witnesses are shown."""
+        return dict(self._trees)
+
+    def add_cosignatures(
+        self, collab_id: str, size: int, root: bytes, lines: Sequence[NoteSignature]
+    ) -> None:
+        """Keep a witness's verified cosignature lines for the tree (`size`, `root`)."""
+        held = self._cosigned.get(collab_id)
+        if held is not None and held[0] > size:
+            return  # a late answer for a smaller tree: the newer lines are what clients need
+        if held is None or held[0] < size or held[1] != root:
+            held = (size, root, {})
+            self._cosigned[collab_id] = held
+        for line in lines:
+            held[2][line.name] = line
+
+    def cosignatures(self, collab_id: str, size: int, root: bytes) -> list[NoteSignature]:
+        held = self._cosigned.get(collab_id)
+        if held is None or (held[0], held[1]) != (size, root):
+            return []
+        return list(held[2].values())
 
     def now(self) -> int:
         return int(self.clock())
@@ -103,6 +137,8 @@ class CollabTrees:
             return None
         for seq in range(tree.size + 1, end + 1):
             tree.append(leaf_hash(ids[seq - first_seq]))
+        if self.on_grow is not None:
+            self.on_grow()
         return GroupHead(collab_id, end, tree.root(end), self.now())
 
     def sign_groups(self, groups: Sequence[GroupHead]) -> list[bytes]:
@@ -122,10 +158,12 @@ class CollabTrees:
         now = self.now()
         held = self._signed.get(collab_id)
         if held is not None and held[0] == size and held[1] == now:
-            return held[2]
-        note = self.signer.sign(collab_id, size, tree.root(size), now)
-        self._signed[collab_id] = (size, now, note)
-        return note
+            note = held[2]
+        else:
+            note = self.signer.sign(collab_id, size, tree.root(size), now)
+            self._signed[collab_id] = (size, now, note)
+        lines = self.cosignatures(collab_id, size, tree.root(size))
+        return add_signatures(note, lines) if lines else note
 
     def caught_up(self, collab_id: str, seq: int, known_size: int) -> wire.CaughtUp:
         """`caught_up` at `seq` with the checkpoint of size `seq` and the consistency proof from

@@ -52,6 +52,7 @@ from relay._sessions import Sessions
 from relay._subscriptions import Subscriptions
 from relay._throttle import caller_key
 from relay._uploads import Housekeeping
+from relay._witnessing import Witnessing
 from relay._writer import LedgerWriter
 from relay.broker import Broker, SecretStore
 from relay.config import bao_auth
@@ -115,6 +116,13 @@ class Relay:
             CheckpointSigner(config.relay_name, bytes(relay_key)),
             trio.CapacityLimiter(2),
         )
+        # Cosignatures from the configured witnesses, for collabs with a witness policy.
+        self.witnessing: Witnessing | None = None
+        if config.witnesses:
+            self.witnessing = Witnessing(
+                self.trees, config.witnesses, config.witness_interval_ms / 1000
+            )
+            self.trees.on_grow = self.witnessing.poke
         self.fanout = Fanout(self._read_page, config.catchup, caught_up=self._caught_up)
         auth = bao_auth(config)
         self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))
@@ -273,6 +281,8 @@ class Relay:
                         )
                         self.url = f"ws://{self.config.host}:{server.port}"
                         accept.start_soon(self.housekeeping.run, name="housekeeping")
+                        if self.witnessing is not None:
+                            accept.start_soon(self.witnessing.run, name="witnessing")
                         log.info("relay_listening", url=self.url, relay_pk=self.relay_pk.hex())
                         task_status.started(self.url)
                         await self._shutdown.wait()

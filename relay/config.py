@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 
 from fanout import CatchupLimits
 from localfs import atomic_write
-from model.note import is_valid_key_name
+from model.note import ALG_COSIGNATURE_V1, NoteError, NoteVerifier, is_valid_key_name
 from relay._cf_access import DEFAULT_LEEWAY_SECONDS, AccessConfigError, AccessPolicy
 from relay.broker import BaoAuth, ToolSpec, tools_from_config
 
@@ -91,6 +91,14 @@ FRONT_DOOR_ENV: Final = {
 
 
 @dataclass(frozen=True)
+class WitnessTarget:
+    """One witness the relay asks to cosign: its tlog-witness URL prefix and verifier key."""
+
+    url: str
+    vkey: str
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     database_url: str | None
     data_dir: Path
@@ -127,6 +135,11 @@ class RelayConfig:
     # how often an open subscription gets a signed checkpoint when nothing else sent one.
     relay_name: str = "cozy-relay"
     checkpoint_interval_ms: int = 30_000
+    # Witnesses (docs/witness.md): the relay submits each active collab's newest checkpoint to
+    # each (at most every `witness_interval_ms`, and soon after a commit) and hands out the
+    # cosignatures with its checkpoints, for members whose collab sets a witness policy.
+    witnesses: tuple[WitnessTarget, ...] = ()
+    witness_interval_ms: int = 1000
     # What catch-ups may cost and how many run at once (fanout/_catchup.py).
     catchup: CatchupLimits = field(default_factory=CatchupLimits)
     # Unauthenticated connections, Argon2 slots and the enumeration budgets (ADR-0018).
@@ -240,6 +253,13 @@ def load_config(
         checkpoint_interval_ms=_bounded_int(
             "COZY_CHECKPOINT_INTERVAL_MS",
             pick("COZY_CHECKPOINT_INTERVAL_MS", "checkpoint_interval_ms", 30_000),
+            10,
+            3_600_000,
+        ),
+        witnesses=_witnesses(pick("COZY_WITNESSES", "witnesses", ())),
+        witness_interval_ms=_bounded_int(
+            "COZY_WITNESS_INTERVAL_MS",
+            pick("COZY_WITNESS_INTERVAL_MS", "witness_interval_ms", 1000),
             10,
             3_600_000,
         ),
@@ -458,3 +478,36 @@ def _relay_name(value: object) -> str:
             f" {name!r}"
         )
     return name
+
+
+def _witnesses(raw: object) -> tuple[WitnessTarget, ...]:
+    """`COZY_WITNESSES="URL VKEY, URL VKEY"`, or TOML `[[witnesses]]` tables of url and vkey."""
+    pairs: list[tuple[object, object]] = []
+    if isinstance(raw, str):
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            first, _, rest = item.partition(" ")
+            pairs.append((first, rest.strip()))
+    elif isinstance(raw, list | tuple):
+        for entry in raw:
+            if isinstance(entry, WitnessTarget):
+                pairs.append((entry.url, entry.vkey))
+            elif isinstance(entry, dict):
+                pairs.append((entry.get("url"), entry.get("vkey")))
+            else:
+                raise ConfigError("each [[witnesses]] entry has a url and a vkey")
+    else:
+        raise ConfigError("witnesses: COZY_WITNESSES='URL VKEY, ...' or [[witnesses]] tables")
+    targets: list[WitnessTarget] = []
+    for url, vkey in pairs:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ConfigError(f"a witness URL is http(s)://host[:port][/prefix], not {url!r}")
+        try:
+            ok = isinstance(vkey, str) and NoteVerifier.from_vkey(vkey).alg == ALG_COSIGNATURE_V1
+        except NoteError:
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"witness {url}: give its verifier key string (`cozy witness init` printed it)"
+            )
+        targets.append(WitnessTarget(url, str(vkey)))
+    return tuple(targets)

@@ -26,9 +26,12 @@ from model.membership import (
     Role,
     RotateKey,
     SetCaps,
+    SetWitnesses,
     StaleProof,
+    WitnessPolicy,
     apply,
 )
+from model.note import ALG_COSIGNATURE_V1, NoteSigner
 from tests.helpers import Person
 
 COLLAB = new_id("c")
@@ -145,6 +148,34 @@ def test_grants_are_signed_changes_people_hold_only_tool_grants() -> None:
     state = step(state, owner, SetCaps(carol.id, ()), head)
     assert not state.members[carol.id].may("tool:raw")
     assert state.epoch == 0  # a grant or revocation does not rotate the key
+
+
+def test_only_owners_set_the_witness_policy_and_it_survives_later_changes() -> None:
+    owner, state, head = _fresh()
+    bob = Person()
+    state = step(state, owner, add(bob, Role.MANAGER), head)
+    w1, w2 = (
+        NoteSigner(f"witness.example/w{i}", bytes([i]) * 32, ALG_COSIGNATURE_V1) for i in (1, 2)
+    )
+    vkeys = (w1.verifier.vkey(), w2.verifier.vkey())
+    with pytest.raises(ProofRejected, match="role"):
+        step(state, bob, SetWitnesses(1, vkeys), head)  # a manager cannot change who confirms
+    state = step(state, owner, SetWitnesses(2, vkeys), head)
+    assert state.witnesses == WitnessPolicy(2, vkeys)
+    for bad in (
+        SetWitnesses(3, vkeys),  # more than listed
+        SetWitnesses(0, vkeys),  # a policy needs at least one
+        SetWitnesses(1, ("not a key",)),
+        SetWitnesses(1, (vkeys[0], vkeys[0])),  # one witness named twice
+        SetWitnesses(1, (NoteSigner("log", bytes(32)).verifier.vkey(),)),  # a log key (0x01)
+    ):
+        with pytest.raises(ProofRejected, match="witnesses"):
+            step(state, owner, bad, head)
+    # Removing a member and rotating keep the policy; an empty one removes it.
+    state = step(state, owner, remove(state, bob.id), head)
+    state = step(state, owner, rotate(state), head)
+    assert state.witnesses == WitnessPolicy(2, vkeys)
+    assert step(state, owner, SetWitnesses(0, ()), head).witnesses is None
 
 
 # --- the state machine --------------------------------------------------------------------------

@@ -5,7 +5,7 @@ relay calls to gather cosignatures; it holds no state. h11 frames the HTTP/1.1 e
 moves the bytes (TLS for https:// prefixes, with the system's trust store). One connection per
 call: a relay asking a handful of witnesses once per commit group does not need keep-alive yet.
 
-Every answer but 200 becomes a typed `WitnessError` (clientkit.errors). A 200 is parsed as
+Every answer but 200 becomes a typed `WitnessError` (witness/errors.py). A 200 is parsed as
 signature lines; given the witness's key, only its lines that verify over the checkpoint are
 returned, and a 200 with none is `WitnessReplyInvalid` (the spec tells clients to ignore lines
 from unknown keys, so those are dropped, not refused).
@@ -20,7 +20,14 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-from clientkit.errors import (
+from model.note import NoteError, open_note
+from model.tlog import (
+    MalformedWitnessMessage,
+    add_signatures,
+    parse_cosignature_reply,
+    parse_size_body,
+)
+from witness.errors import (
     WitnessBadRequest,
     WitnessConflict,
     WitnessProofRejected,
@@ -28,13 +35,6 @@ from clientkit.errors import (
     WitnessUnavailable,
     WitnessUnknownLog,
     WitnessUntrustedSignature,
-)
-from model.note import NoteError, open_note
-from model.tlog import (
-    MalformedWitnessMessage,
-    add_signatures,
-    parse_cosignature_reply,
-    parse_size_body,
 )
 
 if TYPE_CHECKING:

@@ -1,0 +1,50 @@
+"""A collab's witness policy, enforced on every signed head this device would take (issue 16).
+
+When the verified fold of a collab holds a policy (`model.membership.SetWitnesses`: k of these
+witness keys, set by an owner), a `caught_up` or heartbeat checkpoint is taken only with k valid
+cosignatures from distinct listed witnesses appended to it. Without them the head is refused
+with `QuorumNotMet` *before* clientkit/_checkpoints.py keeps it, so the device stays on the head
+it holds. A head that does not open under the relay key is left to `CheckpointBook.check_head`,
+which raises the integrity alarm for it.
+
+A read (`caught_up`) that meets a head without the quorum asks again from its verified head for
+up to `QUORUM_GRACE` seconds before refusing: an honest relay asks its witnesses as soon as a
+commit lands, so a head written a moment ago gets cosigned within a round. A heartbeat without
+the quorum is skipped, not refused (the next one, or the next read, brings the cosigned head;
+a relay that never does meets the staleness bound).
+
+Why a refusal and not an alarm: a head nobody cosigned may be a split view, or only slow or
+unreachable witnesses; the device cannot tell which, only that it cannot confirm freshness. A
+cosigned head that contradicts the held one is still an alarm (`ForkDetected`,
+`EquivocationDetected`), raised by the book. Acks' checkpoints need no quorum: they prove an
+event included, and the head that follows them must meet the policy before it is held.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Final
+
+from clientkit.errors import QuorumNotMet
+from model.checkpoints import CheckpointInvalid, open_head, witnessed
+from model.note import NoteError
+from model.tlog import QuorumNotMet as NoQuorum
+
+if TYPE_CHECKING:
+    from model.membership import WitnessPolicy
+
+# A relay signs a new head before its witnesses cosigned it (they are asked right after the
+# commit), so a read that ends on a head without the quorum asks again for up to this long.
+QUORUM_GRACE: Final = 10.0
+QUORUM_RETRY: Final = 0.25
+
+
+def require_quorum(relay_pk: bytes, collab_id: str, note: bytes, policy: WitnessPolicy) -> None:
+    """Raise `QuorumNotMet` unless `policy.quorum` of its witnesses cosigned `note`."""
+    try:
+        head = open_head(note, relay_pk, collab_id)
+    except CheckpointInvalid:
+        return  # not the relay's: check_head raises TamperDetected for it
+    try:
+        witnessed(head, relay_pk, policy.verifiers(), policy.quorum)
+    except (NoQuorum, NoteError) as exc:
+        raise QuorumNotMet(str(exc), collab_id=collab_id, size=head.size) from None
