@@ -46,7 +46,7 @@ from model.envelope import (
 from model.epochs import open_wrap
 from model.errors import ModelError
 from model.membership import MemberKind, Role, valid_cap
-from model.note import parse_note
+from model.note import NoteVerifier, parse_note
 from model.tlog import parse_checkpoint
 from tests.wire_tap import Direction, Opcode, Tap, parse_websocket
 
@@ -71,6 +71,7 @@ class Check(enum.Enum):
     ROLE = "role"
     MEMBER_KIND = "member_kind"
     CAPS = "caps"
+    WITNESS_KEYS = "witness_keys"  # C2SP verifier key strings of witnesses (public keys)
     HANDLE = "handle"
     REF = "ref"
     REFS = "refs"
@@ -218,6 +219,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
                              "box_pk": C.PUBLIC_KEY, "possession": C.SIGNATURE,
                              "new_epoch": C.NUMBER, "wraps": C.WRAPS},
     membership.SetCaps: {"account_id": _ID, "caps": C.CAPS},
+    membership.SetWitnesses: {"quorum": C.NUMBER, "vkeys": C.WITNESS_KEYS},
     # sealed keystores: the `keystore` / `blob` bytes
     keystore.SealedKeystore: {"v": C.NUMBER, "kdf": C.STRUCT, "wrapped_key": C.SEALED,
                               "sealed": C.SEALED, "recovery_wrap": C.SEALED},
@@ -227,7 +229,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
 PROOF_TYPES = {
     membership.Proof, membership.Member, membership.CreateCollab, membership.AddMember,
     membership.ChangeRole, membership.RemoveMember, membership.RotateKey,
-    membership.RekeyMember, membership.SetCaps,
+    membership.RekeyMember, membership.SetCaps, membership.SetWitnesses,
 }  # fmt: skip
 # Bytes fields that hold an encoded struct of their own (walked after decoding).
 EMBEDDED: dict[Check, type[msgspec.Struct]] = {
@@ -451,6 +453,14 @@ class Walker:
     def _check_caps(self, v: Any, _p: Any, _w: str) -> str | None:
         ok = isinstance(v, (list, tuple)) and all(isinstance(c, str) and valid_cap(c) for c in v)
         return None if ok else f"not capability names: {v!r:.60}"
+
+    def _check_witness_keys(self, v: Any, _p: Any, _w: str) -> str | None:
+        try:
+            for key in v:
+                NoteVerifier.from_vkey(key)
+        except (ModelError, TypeError, ValueError):
+            return f"not witness verifier keys: {v!r:.60}"
+        return None
 
     def _check_handle(self, v: Any, _p: Any, _w: str) -> str | None:
         return None if v in self.keys.handles else f"not a known handle: {v!r:.60}"

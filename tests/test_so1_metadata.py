@@ -52,7 +52,7 @@ from model import content as contentmod
 from model._crypto import random_bytes
 from model.envelope import EventBody, seal_event, sign_body
 from model.ids import new_id
-from model.membership import Member, MemberKind, Role
+from model.membership import Member, MemberKind, Role, SetWitnesses
 from tests.helpers import find_leaks
 from tests.metadata_walker import (
     FIELDS,
@@ -447,8 +447,9 @@ async def run_scenario(s: Scenario) -> Outcome:
 # --- the tests ------------------------------------------------------------------------------
 
 # Every classified struct occurs in the scenario except the broker's (it needs OpenBao; its
-# frames are covered by tests/test_broker.py and SO-9).
-EXPECTED_TYPES = set(FIELDS) - {wire.CallTool, wire.ToolResult}
+# frames are covered by tests/test_broker.py and SO-9) and the witness policy (it needs running
+# witnesses, or every read would refuse its heads: tests/test_witness_quorum.py and SO-4).
+EXPECTED_TYPES = set(FIELDS) - {wire.CallTool, wire.ToolResult, SetWitnesses}
 EXPECTED_CONNECTIONS = 8  # three sign-ups, Alice, Bob, the agent, Carol, Bob's new device
 
 
