@@ -21,6 +21,7 @@ from clientkit._cli_session import _as_member, _opened, _unlock
 from clientkit._collab import describe
 from clientkit._home import Home
 from clientkit._retry import backoff_delay
+from clientkit._transport import _one_line
 from clientkit.errors import (
     AccessRefused,
     ConnectionLost,
@@ -171,7 +172,7 @@ def _why(error: BaseException) -> str:
             return f"the connection closed: {reason or 'no reason given'}"
         case OSError():
             return error.strerror or "cannot connect"
-    return " ".join(str(error).split())[:200] or type(error).__name__
+    return _one_line(error)[:200]
 
 
 def _mentioned(entry: Entry) -> list[str]:
