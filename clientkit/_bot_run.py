@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 import trio
 
 from clientkit._agent import CredentialsError
-from clientkit.bot import BotRemoved, BotSetupError, RelayUnreachable
+from clientkit.bot import REVOKED_CLOSE_CODE, BotRemoved, BotSetupError, RelayUnreachable
 from clientkit.errors import (
     ClientError,
     ConnectionLost,
@@ -113,7 +113,7 @@ def describe_stop(exc: BaseException) -> tuple[str, int]:
                 " bot's owner for a new credential file (`cozy agent create`)",
                 1,
             )
-        case ConnectionLost() if exc.code == 4003:
+        case ConnectionLost() if exc.code == REVOKED_CLOSE_CODE:
             return (
                 "the bot was revoked (the relay closed its connection); ask its owner for a new"
                 " credential file (`cozy agent create`)",
