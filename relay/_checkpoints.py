@@ -156,13 +156,14 @@ class CollabTrees:
 
     def _head_note(self, collab_id: str, tree: LeafTree, size: int) -> bytes:
         now = self.now()
+        root = tree.root(size)
         held = self._signed.get(collab_id)
         if held is not None and held[0] == size and held[1] == now:
             note = held[2]
         else:
-            note = self.signer.sign(collab_id, size, tree.root(size), now)
+            note = self.signer.sign(collab_id, size, root, now)
             self._signed[collab_id] = (size, now, note)
-        lines = self.cosignatures(collab_id, size, tree.root(size))
+        lines = self.cosignatures(collab_id, size, root)
         return add_signatures(note, lines) if lines else note
 
     def caught_up(self, collab_id: str, seq: int, known_size: int) -> wire.CaughtUp:

@@ -244,23 +244,30 @@ class Sequencer:
         """
         async with committed:
             async for run, assignments, group in committed:
-                receipts = await self._crypto.map(
-                    partial(self._writer.sign_receipts, self.collab_id), assignments
-                )
+                # Each ack's receipt and inclusion proof in one pool job (one thread round).
+                signed = await self._crypto.map(partial(self._ack_parts, group), assignments)
                 note = b""
-                proofs: list[tuple[bytes, ...]] = [() for _ in assignments]
                 if group is not None and self._trees is not None:
-                    # One checkpoint for the group (ADR-0020), and each ack's inclusion proof.
+                    # One checkpoint for the group (ADR-0020).
                     (note,) = await self._crypto.map(self._trees.sign_groups, [group])
-                    proofs = await self._crypto.map(
-                        partial(self._trees.inclusion_proofs, self.collab_id, group.size),
-                        [a.seq for a in assignments],
-                    )
-                for (sub, _), a, sig, proof in zip(run, assignments, receipts, proofs, strict=True):
+                for (sub, _), a, (sig, proof) in zip(run, assignments, signed, strict=True):
                     ack = appended(sub.rid, self.collab_id, a, sig)
                     if proof:
                         ack = msgspec.structs.replace(ack, checkpoint=note, inclusion=list(proof))
                     self._reply(sub, ack)
+
+    def _ack_parts(
+        self, group: GroupHead | None, assignments: Sequence[Assignment]
+    ) -> list[tuple[bytes, tuple[bytes, ...]]]:
+        """Thread-safe, element-wise (a crypto-pool job): each assignment's receipt signature
+        and its inclusion proof in the group's tree (empty without a group or tree)."""
+        receipts = self._writer.sign_receipts(self.collab_id, assignments)
+        if group is None or self._trees is None:
+            return [(sig, ()) for sig in receipts]
+        proofs = self._trees.inclusion_proofs(
+            self.collab_id, group.size, [a.seq for a in assignments]
+        )
+        return list(zip(receipts, proofs, strict=True))
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
         """Check each event against the membership at its position; persist content in runs

@@ -78,7 +78,9 @@ class Witnessing:
             async with trio.open_nursery() as nursery:
                 for url, witness in self._targets:
                     if self._sizes.get((url, collab_id)) != size and url not in self._down:
-                        nursery.start_soon(self._submit, url, witness, collab_id, tree, size, note)
+                        nursery.start_soon(
+                            self._submit, url, witness, collab_id, tree, size, root, note
+                        )
         self.rounds += 1
 
     async def _submit(
@@ -88,6 +90,7 @@ class Witnessing:
         collab_id: str,
         tree: LeafTree,
         size: int,
+        root: bytes,
         note: bytes,
     ) -> None:
         key = (url, collab_id)
@@ -114,5 +117,5 @@ class Witnessing:
                 )
                 return
             self._sizes[key] = size
-            self._trees.add_cosignatures(collab_id, size, tree.root(size), lines)
+            self._trees.add_cosignatures(collab_id, size, root, lines)
             return
