@@ -16,6 +16,8 @@ import re
 import signal
 import sqlite3
 import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import h11
@@ -156,6 +158,20 @@ async def init_witness(tmp_path: Path, name: str = WITNESS_NAME) -> tuple[Path, 
     return state, NoteVerifier.from_vkey(out.strip())
 
 
+@asynccontextmanager
+async def serving_witness(
+    tmp_path: Path, log_vkey: str
+) -> AsyncIterator[tuple[WitnessProcess, NoteVerifier]]:
+    """A fresh witness state served for one log key; stopped on the way out."""
+    state, w = await init_witness(tmp_path)
+    witness = WitnessProcess(state, "--log", log_vkey)
+    await witness.start()
+    try:
+        yield witness, w
+    finally:
+        await witness.stop()
+
+
 def assert_cosigned(note: bytes, sigs: tuple[object, ...], log: Log, w: NoteVerifier) -> int:
     """Verify the witness's lines over the log's note as a client would; the cosigned size."""
     verified = open_checkpoint(add_signatures(note, sigs), log.verifier, witnesses=[w], quorum=1)  # type: ignore[arg-type]
@@ -251,12 +267,9 @@ async def test_concurrent_submissions_never_roll_the_witness_back(tmp_path: Path
 
 @pytest.mark.objective("SO-4")
 async def test_a_forked_checkpoint_is_refused_and_never_cosigned(tmp_path: Path) -> None:
-    state, w = await init_witness(tmp_path)
     honest = Log()
     honest.grow(5)
-    witness = WitnessProcess(state, "--log", honest.verifier.vkey())
-    await witness.start()
-    try:
+    async with serving_witness(tmp_path, honest.verifier.vkey()) as (witness, w):
         await submit_checkpoint(witness.url, honest.request(0), witness=w)
         # The relay shows someone else another history, signed with its real key.
         other = Log()
@@ -286,9 +299,7 @@ async def test_a_forked_checkpoint_is_refused_and_never_cosigned(tmp_path: Path)
         # The honest branch carries on.
         sigs = await submit_checkpoint(witness.url, honest.request(5), witness=w)
         assert assert_cosigned(honest.note(), sigs, honest, w) == 8
-    finally:
-        await witness.stop()
-    code, out, _ = await cozy_witness("status", "--state", str(state))
+    code, out, _ = await cozy_witness("status", "--state", str(witness.state))
     assert f"{ORIGIN} size=8 root={merkle_b64(honest.leaves)}" in out
     # The fork the log signed is kept as evidence beside what was cosigned: two log-signed
     # checkpoints of size 5 with different roots, and the one whose proof failed.
@@ -296,7 +307,7 @@ async def test_a_forked_checkpoint_is_refused_and_never_cosigned(tmp_path: Path)
     assert f"FORK {ORIGIN} size=5 root={merkle_b64(other.leaves[:5])} refused=409" in out
     assert f"FORK {ORIGIN} size=8 root={merkle_b64(other.leaves)} refused=422" in out
     assert out.count("FORK ") == 2
-    db = sqlite3.connect(state / "state.sqlite")
+    db = sqlite3.connect(witness.state / "state.sqlite")
     try:
         rows = db.execute("SELECT size, note FROM evidence ORDER BY size").fetchall()
     finally:
@@ -421,12 +432,9 @@ async def test_serve_needs_a_log_and_a_usable_listen_address(tmp_path: Path) -> 
 
 @pytest.mark.objective("SO-4")
 async def test_unknown_logs_and_untrusted_keys_are_refused(tmp_path: Path) -> None:
-    state, w = await init_witness(tmp_path)
     log = Log()
     log.grow(3)
-    witness = WitnessProcess(state, "--log", log.verifier.vkey())
-    await witness.start()
-    try:
+    async with serving_witness(tmp_path, log.verifier.vkey()) as (witness, w):
         stranger = Log(f"{RELAY}/collab/0ther", bytes(range(32)))
         stranger.grow(3)
         with pytest.raises(WitnessUnknownLog):
@@ -440,18 +448,13 @@ async def test_unknown_logs_and_untrusted_keys_are_refused(tmp_path: Path) -> No
         assert (await raw_post(witness.url, impostor.request(0).encode()))[0] == 403
         # Nothing was recorded: the real log's first checkpoint is still taken from size 0.
         await submit_checkpoint(witness.url, log.request(0), witness=w)
-    finally:
-        await witness.stop()
 
 
 @pytest.mark.objective("SO-4")
 async def test_junk_gets_a_4xx_and_the_witness_keeps_serving(tmp_path: Path) -> None:
-    state, w = await init_witness(tmp_path)
     log = Log()
     log.grow(2)
-    witness = WitnessProcess(state, "--log", log.verifier.vkey())
-    await witness.start()
-    try:
+    async with serving_witness(tmp_path, log.verifier.vkey()) as (witness, w):
         good = log.request(0).encode()
         for junk in (
             b"",
@@ -483,8 +486,6 @@ async def test_junk_gets_a_4xx_and_the_witness_keeps_serving(tmp_path: Path) -> 
         assert answer.startswith(b"HTTP/1.1 400")
         sigs = await submit_checkpoint(witness.url, log.request(0), witness=w)
         assert assert_cosigned(log.note(), sigs, log, w) == 2
-    finally:
-        await witness.stop()
 
 
 # --- Configuration and lifecycle -----------------------------------------------------------------
@@ -542,10 +543,7 @@ async def test_the_witness_service_cosigns_what_an_independent_c2sp_log_sent(
     service configured with their log key: cosigned, and the cosignatures verify."""
     vectors = json.loads((Path(__file__).parent / "data" / "tlog_vectors.json").read_text())
     their_log = NoteVerifier.from_vkey(vectors["log_vkey"])
-    state, w = await init_witness(tmp_path)
-    witness = WitnessProcess(state, "--log", vectors["log_vkey"])
-    await witness.start()
-    try:
+    async with serving_witness(tmp_path, vectors["log_vkey"]) as (witness, w):
         for body in (
             b"old 0\n\n" + vectors["checkpoints"]["13"].encode(),
             vectors["their_request_13_21"].encode(),
@@ -557,8 +555,6 @@ async def test_the_witness_service_cosigns_what_an_independent_c2sp_log_sent(
             opened = open_checkpoint(add_signatures(note, sigs), their_log, witnesses=[w], quorum=1)
             assert set(opened.cosigned_at) == {w.name}
         assert opened.checkpoint.size == 21
-    finally:
-        await witness.stop()
 
 
 async def test_keep_alive_serves_several_requests_and_idle_connections_are_bounded(
