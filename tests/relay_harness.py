@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import threading
 import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nacl.public
 import nacl.signing
@@ -32,8 +33,9 @@ if TYPE_CHECKING:
 PASSWORD = "correct horse battery staple"
 
 
-def relay_config(database_url: str, data_dir: Path) -> RelayConfig:
-    return RelayConfig(
+def relay_config(database_url: str, data_dir: Path, **overrides: Any) -> RelayConfig:
+    """The test relay's config; `overrides` replace fields (e.g. checkpoint_interval_ms)."""
+    config = RelayConfig(
         database_url=database_url,
         data_dir=data_dir,
         host="127.0.0.1",
@@ -54,6 +56,7 @@ def relay_config(database_url: str, data_dir: Path) -> RelayConfig:
         # refuses those (relay/_keystores.py).
         allow_test_kdf=True,
     )
+    return dataclasses.replace(config, **overrides)
 
 
 @asynccontextmanager

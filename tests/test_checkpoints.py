@@ -5,7 +5,6 @@ holding the relay's own key, as a compromised relay would."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -84,9 +83,7 @@ async def test_honest_posts_reads_and_restarts_keep_one_consistent_signed_tree(
 async def test_an_open_subscription_gets_a_signed_heartbeat_consistent_with_the_last(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=100
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=100)
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")
         cid = alice.collab_id
@@ -210,9 +207,7 @@ async def test_cozy_verify_behind_the_devices_own_posts_saves_evidence_anyone_ca
 async def test_a_following_reader_takes_heartbeats_and_new_heads_without_an_alarm(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=50
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=50)
     book = device(tmp_path)
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")

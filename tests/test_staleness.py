@@ -9,7 +9,6 @@ old date, as a relay serving an old signed head would)."""
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import subprocess
 import time
@@ -55,9 +54,7 @@ async def follow_until_stale(url: str, *, stale_after: float) -> tuple[StaleView
 async def test_a_relay_that_stops_heartbeats_makes_a_follower_report_stale_view(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=3_600_000
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=3_600_000)
     async with running_relay(config) as relay:
         started = time.time()
         stale, _ = await follow_until_stale(relay.url, stale_after=1.0)
@@ -73,9 +70,7 @@ async def test_a_relay_that_stops_heartbeats_makes_a_follower_report_stale_view(
 async def test_a_relay_that_heartbeats_an_old_signed_date_makes_a_follower_report_stale_view(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=100
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=100)
     async with running_relay(config) as relay:
         frozen = time.time() - 3600
         relay.trees.clock = lambda: frozen  # signs on, heartbeats on, always an hour ago
@@ -86,9 +81,7 @@ async def test_a_relay_that_heartbeats_an_old_signed_date_makes_a_follower_repor
 async def test_honest_heartbeats_never_report_a_stale_view(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=100
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=100)
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")
         async with session(relay.url, alice) as client:
@@ -129,9 +122,7 @@ async def test_cozy_verify_max_age_fails_on_an_old_signed_head_and_passes_on_a_f
 async def test_cozy_tail_follow_warns_once_on_a_stale_view_and_keeps_following(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=3_600_000
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=3_600_000)
     env = client_env(tmp_path / "alice")
     async with running_relay(config) as relay, trio.open_nursery() as nursery:
         await cli_signup(relay.url, tmp_path / "alice", "alice")
@@ -164,9 +155,7 @@ async def test_cozy_tail_follow_warns_once_on_a_stale_view_and_keeps_following(
 async def test_a_bot_facing_stopped_heartbeats_gets_on_stale_and_keeps_serving(
     database_url: str, tmp_path: Path
 ) -> None:
-    config = dataclasses.replace(
-        relay_config(database_url, tmp_path / "relay"), checkpoint_interval_ms=3_600_000
-    )
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=3_600_000)
     env = client_env(tmp_path / "alice")
     async with running_relay(config) as relay:
         await cli_signup(relay.url, tmp_path / "alice", "alice")
