@@ -64,3 +64,19 @@ async def cli_signup(relay_url: str, home: Path, handle: str) -> str:
     codes = CODE_RE.findall(out)
     assert len(codes) == 1, out.decode()
     return codes[0].decode()
+
+
+async def tail(collab: str, env: dict[str, str]) -> list[list[str]]:
+    """`cozy tail` as (author, text) pairs."""
+    out = (await cozy("tail", collab, env=env)).stdout.decode()
+    return [line.split("\t")[1:] for line in out.splitlines()]
+
+
+async def until(collab: str, env: dict[str, str], line: list[str]) -> list[list[str]]:
+    """`cozy tail` again until it shows `line` (author, text); all it showed then."""
+    with trio.fail_after(45):
+        while True:
+            lines = await tail(collab, env)
+            if line in lines:
+                return lines
+            await trio.sleep(0.3)

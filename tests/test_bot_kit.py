@@ -12,27 +12,12 @@ import pytest
 import trio
 
 from clientkit import Bot, Context, arg
-from tests.cli_harness import cli_signup, client_env, cozy
+from tests.cli_harness import cli_signup, client_env, cozy, tail, until
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from relay._server import Relay
-
-
-async def tail(collab: str, env: dict[str, str]) -> list[list[str]]:
-    """`cozy tail` as (author, text) pairs."""
-    out = (await cozy("tail", collab, env=env)).stdout.decode()
-    return [line.split("\t")[1:] for line in out.splitlines()]
-
-
-async def until(collab: str, env: dict[str, str], line: list[str]) -> list[list[str]]:
-    with trio.fail_after(45):
-        while True:
-            lines = await tail(collab, env)
-            if line in lines:
-                return lines
-            await trio.sleep(0.3)
 
 
 async def collab_with_history(relay_url: str, tmp_path: Path) -> tuple[str, dict[str, str], Path]:

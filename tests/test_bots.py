@@ -35,7 +35,7 @@ from relay.broker import tools_from_config
 from relay.config import Secret
 from relay.embedded import free_port
 from tests.broker_harness import bao
-from tests.cli_harness import cli_signup, client_env, cozy
+from tests.cli_harness import cli_signup, client_env, cozy, tail, until
 from tests.relay_harness import relay_config, running_relay
 
 if TYPE_CHECKING:
@@ -44,20 +44,6 @@ if TYPE_CHECKING:
 __all__ = ["bao"]  # fixtures
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
-
-
-async def _tail(collab: str, env: dict[str, str]) -> list[list[str]]:
-    out = (await cozy("tail", collab, env=env)).stdout.decode()
-    return [line.split("\t")[1:] for line in out.splitlines()]
-
-
-async def _until(collab: str, env: dict[str, str], line: list[str]) -> list[list[str]]:
-    with trio.fail_after(45):
-        while True:
-            lines = await _tail(collab, env)
-            if line in lines:
-                return lines
-            await trio.sleep(0.3)
 
 
 class _Example:
@@ -131,7 +117,7 @@ async def test_the_echo_bot_answers_once_per_message_across_a_restart(
         bot = await _start_bot(nursery, "echo_bot.py", creds)
         assert b"connected as the-bot in " in bot.stderr
         await cozy("post", collab, "hello", env=env)
-        await _until(collab, env, ["the-bot", "echo: hello"])
+        await until(collab, env, ["the-bot", "echo: hello"])
         code, said = await _stop(bot)
     assert (code, said) == (0, ["stopped: Ctrl-C"])
     # Restarted from its store, it does not answer "hello" again (the cursor was committed
@@ -139,9 +125,9 @@ async def test_the_echo_bot_answers_once_per_message_across_a_restart(
     await cozy("post", collab, "while you slept", env=env)
     async with trio.open_nursery() as nursery:
         bot = await _start_bot(nursery, "echo_bot.py", creds)
-        lines = await _until(collab, env, ["the-bot", "echo: while you slept"])
+        lines = await until(collab, env, ["the-bot", "echo: while you slept"])
         await cozy("post", collab, "again", env=env)
-        lines = await _until(collab, env, ["the-bot", "echo: again"])
+        lines = await until(collab, env, ["the-bot", "echo: again"])
         await _stop(bot)
     assert b"Traceback" not in bot.stderr
     assert lines.count(["the-bot", "echo: hello"]) == 1
@@ -156,10 +142,10 @@ async def test_the_command_bot_parses_commands_and_answers_a_mistake_with_its_us
     async with trio.open_nursery() as nursery:
         bot = await _start_bot(nursery, "command_bot.py", creds)
         await cozy("post", collab, "!roll 3d1 --plus 2", env=env)
-        await _until(collab, env, ["the-bot", "alice rolled 3d1+2: 5"])
+        await until(collab, env, ["the-bot", "alice rolled 3d1+2: 5"])
         await cozy("post", collab, "!roll banana", env=env)
         await cozy("post", collab, "!upper quiet please", env=env)
-        lines = await _until(collab, env, ["the-bot", "QUIET PLEASE"])
+        lines = await until(collab, env, ["the-bot", "QUIET PLEASE"])
         stopped = await _stop(bot, signal.SIGTERM)  # as a service manager stops it
     assert stopped == (0, ["stopped: SIGTERM"])
     assert b"Traceback" not in bot.stderr
@@ -200,7 +186,7 @@ async def test_the_tool_bot_calls_the_example_weather_service_through_the_broker
             bot = await _start_bot(nursery, "tool_bot.py", creds)
             await cozy("post", collab, "!weather Paris --days 2", env=env)
             with trio.fail_after(45):
-                while not (answers := [t for w, t in await _tail(collab, env) if w == "the-bot"]):  # noqa: ASYNC110
+                while not (answers := [t for w, t in await tail(collab, env) if w == "the-bot"]):  # noqa: ASYNC110
                     await trio.sleep(0.3)
             await _stop(bot)
         finally:
@@ -278,12 +264,12 @@ async def test_the_bot_rides_out_a_relay_restart_and_resumes_after_its_cursor(
         async with running_relay(config) as relay:
             await nursery.start(bot.run)
             await cozy("post", collab, "before the restart", env=env)
-            await _until(collab, env, ["the-bot", "got before the restart"])
+            await until(collab, env, ["the-bot", "got before the restart"])
         # The relay is down; the bot backs off and retries. Then it comes back.
         async with running_relay(config) as relay:
             assert relay.url.endswith(str(config.port))
             await cozy("post", collab, "after the restart", env=env)
-            lines = await _until(collab, env, ["the-bot", "got after the restart"])
+            lines = await until(collab, env, ["the-bot", "got after the restart"])
             nursery.cancel_scope.cancel()
     assert handled == ["before the restart", "after the restart"]  # each exactly once
     assert resumed
