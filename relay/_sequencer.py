@@ -60,6 +60,7 @@ from model.envelope import (
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
 from model.sequencer import Assignment
+from relay import _stages
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -103,6 +104,8 @@ class Submission:
     event: SignedEvent
     body: EventBody  # decode_body(event.body), done once when the relay routed the append
     author_pk: bytes
+    # Its stage times so far, only while the relay records them (relay/_stages.py).
+    stamps: list[float] | None = None
 
 
 # A committed run, its assignments and the tree after it (None: no checkpoint for its acks),
@@ -212,7 +215,11 @@ class Sequencer:
                         break
                 for sub in batch:
                     self._pending[id(sub)] = sub
+                if _stages.RECORDER is not None:
+                    _stamp(batch)
                 checked = await self._crypto.map(_verify_batch, batch)
+                if _stages.RECORDER is not None:
+                    _stamp(batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
                 for sub, result in zip(batch, checked, strict=True):
                     if isinstance(result, VerifiedEvent):
@@ -430,9 +437,14 @@ class Sequencer:
         Returns False when nothing was written (the authors were told to retry).
         """
         assert self._head is not None
+        timing: list[float] | None = None
+        if _stages.RECORDER is not None:
+            timing = []
+            _stamp([sub for sub, _ in run])
         try:
             head, assignments = await self._writer.write(
-                AppendRequest(self.collab_id, self._head, [v for _, v in run], membership)
+                AppendRequest(self.collab_id, self._head, [v for _, v in run], membership),
+                timing,
             )
         except LedgerError as exc:
             # Not acked: the ledger returns only once the rows are known to be stored (a commit
@@ -470,6 +482,8 @@ class Sequencer:
                     )
                 ],
             )
+        if timing is not None:
+            _record(self.collab_id, run, assignments, timing)
         self._fanout.publish(fresh)
         assert self._acks is not None
         await self._acks.send((run, assignments, group))
@@ -487,6 +501,31 @@ def appended(rid: int, collab_id: str, a: Assignment, receipt_sig: bytes) -> wir
         receipt_sig=receipt_sig,
         duplicate=a.duplicate,
     )
+
+
+def _stamp(subs: Sequence[Submission]) -> None:
+    """Stage times (relay/_stages.py): the same moment for each submission of a batch."""
+    at = _stages.now()
+    for sub in subs:
+        if sub.stamps is not None:
+            sub.stamps.append(at)
+
+
+def _record(
+    collab_id: str,
+    run: Sequence[tuple[Submission, VerifiedEvent]],
+    assignments: Sequence[Assignment],
+    timing: list[float],
+) -> None:
+    """Hand the stage times of a committed run's fresh events to the recorder, stamped
+    `published` now (fan-out is handed them next, with no await between)."""
+    recorder = _stages.RECORDER
+    if recorder is None or len(timing) != 2:
+        return
+    at = _stages.now()
+    for (sub, _), a in zip(run, assignments, strict=True):
+        if sub.stamps is not None and not a.duplicate:
+            recorder.event(collab_id, a.seq, [*sub.stamps, *timing, at])
 
 
 def _verify_batch(

@@ -13,7 +13,10 @@ JSON document per line:
 3. each subscriber reads until it has ``expect`` events from seq B on, is dropped (counted
    in ``dropped``), or ``timeout`` seconds after T passed; the child prints the counts and, when
    ``samples_path`` is set, writes each delivery's latency (receipt - the event's scheduled
-   send time T + (seq - B)/R, in seconds) to that file as native doubles.
+   send time T + (seq - B)/R, in seconds) to that file as native doubles, and when
+   ``receipts_path`` is set, each delivery's (local port, seq, receipt time) as three doubles
+   (matched with the relay's stage times, relay/_stages.py). ``cpu_seconds_timed`` is the CPU
+   it used from the go line on: the load generator's share of the measured phase.
 
 Every delivery is counted, and each subscriber checks that its seqs are contiguous (the count
 of breaks is reported as ``seq_errors``; the bench fails on any). The subscribers speak
@@ -116,6 +119,11 @@ class LeanSocket:
             raise SubscriberError(f"WebSocket upgrade refused: {lines[0].decode(errors='replace')}")
         return sock
 
+    @property
+    def local_port(self) -> int:
+        port: int = self._stream.socket.getsockname()[1]
+        return port
+
     async def _fill(self) -> None:
         chunk = await self._stream.receive_some(RECV_BYTES)
         if not chunk:
@@ -204,6 +212,7 @@ class _Sub:
     times: array.array[float] = field(default_factory=lambda: array.array("d"))
     dropped: bool = False
     seq_errors: int = 0  # deliveries whose seq was not the one after the previous
+    port: int = 0  # its local TCP port: how the relay's stage times name this subscriber
 
 
 async def _expect(sock: LeanSocket, tag: str) -> list[_Probe]:
@@ -232,6 +241,7 @@ async def _subscriber(
     try:
         async with opening:
             sock = await LeanSocket.connect(spec["url"])
+            sub.port = sock.local_port
             await _expect(sock, "welcome")
             await sock.send(wire.encode(wire.Authenticate(rid=0, token=spec["token"])))
             await _expect(sock, "authenticated")
@@ -287,10 +297,12 @@ async def _main(spec: dict[str, Any]) -> None:
                 failed += 1
         _emit({"ready": ok, "failed": failed})
         go = json.loads(await _read_line(stdin))
+        cpu_at_go = _cpu_seconds()
         deadline = go["t0"] + go["timeout"]
         with trio.move_on_after(max(0.0, deadline - time.monotonic())):
             await all_done.wait()
         nursery.cancel_scope.cancel()
+    cpu_timed = _cpu_seconds() - cpu_at_go
     t0, rate, base = go["t0"], go["rate"], go["base_seq"]
     times = [t for s in subs for t in s.times]
     if spec.get("samples_path"):
@@ -304,6 +316,19 @@ async def _main(spec: dict[str, Any]) -> None:
         )
         with open(spec["samples_path"], "wb") as f:  # noqa: ASYNC230 — the loop is finished
             samples.tofile(f)
+    if spec.get("receipts_path"):
+        # (port, seq, receipt time) per delivery, matched with the relay's stage times.
+        receipts = array.array(
+            "d",
+            (
+                x
+                for s in subs
+                for seq, t in zip(s.seqs, s.times, strict=True)
+                for x in (s.port, seq, t)
+            ),
+        )
+        with open(spec["receipts_path"], "wb") as f:  # noqa: ASYNC230 — the loop is finished
+            receipts.tofile(f)
     _emit(
         {
             "deliveries": len(times),
@@ -311,6 +336,7 @@ async def _main(spec: dict[str, Any]) -> None:
             "dropped": sum(s.dropped for s in subs),
             "seq_errors": sum(s.seq_errors for s in subs),
             "cpu_seconds": _cpu_seconds(),
+            "cpu_seconds_timed": round(cpu_timed, 3),
             "first": min(times, default=0.0),
             "last": max(times, default=0.0),
         }
