@@ -183,11 +183,13 @@ class Connection:
                         self._room.unpark_all()
                     data = out[0] if len(out) == 1 else b"".join(out)
                     out.clear()  # hold one copy of what is being written, not two
+                    if written:
+                        # Stamped as the bytes go to the socket: the subscriber may read them
+                        # before this task runs again.
+                        self._record_deliveries(written, _stages.now())
+                        written.clear()
                     await send_framed(self.ws, data)
                     self._unsent -= taken
-                    if written is not None:
-                        self._record_deliveries(written)
-                        written.clear()
         except ConnectionClosed:
             pass
         finally:
@@ -221,10 +223,12 @@ class Connection:
             return False
         # Nothing queued ahead of a fan-out message: write it now if the socket is drained
         # (this saves the writer task a wakeup per published batch), else queue it as usual.
-        if self._unsent == 0 and isinstance(frame, Message) and write_now(self.ws, frame.framed):
-            if _stages.RECORDER is not None:
-                self._record_deliveries([frame])
-            return True
+        if self._unsent == 0 and isinstance(frame, Message):
+            at = 0.0 if _stages.RECORDER is None else _stages.now()
+            if write_now(self.ws, frame.framed):
+                if at:
+                    self._record_deliveries([frame], at)
+                return True
         n = len(frame)
         frames = frame.events if isinstance(frame, Message) else 1
         if not self._fits(n, frames):
@@ -238,12 +242,11 @@ class Connection:
         self.outbox_frames += frames
         return True
 
-    def _record_deliveries(self, messages: list[Message]) -> None:
-        """Stage times: the live messages just written to this subscriber's socket."""
+    def _record_deliveries(self, messages: list[Message], at: float) -> None:
+        """Stage times: live messages written to this subscriber's socket at `at`."""
         recorder = _stages.RECORDER
         if recorder is None:
             return
-        at = _stages.now()
         if self._peer_port is None:
             remote = self.ws.remote
             self._peer_port = remote.port if isinstance(remote, Endpoint) else 0

@@ -86,6 +86,12 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
+# A batch this small is verified on the Trio loop (~40 µs per signature here) instead of in the
+# crypto pool: at a steady trickle of appends each event comes alone, and the pool's round trip
+# (a task wakeup, a worker-thread hop each way, and waiting behind a round of receipts already
+# running) cost several times the signature check itself in latency (docs/performance.md,
+# "Where the latency goes"). Larger batches still go to the pool, on every core.
+INLINE_VERIFY: Final = 2
 
 
 class Replier(Protocol):
@@ -217,7 +223,10 @@ class Sequencer:
                     self._pending[id(sub)] = sub
                 if _stages.RECORDER is not None:
                     _stamp(batch)
-                checked = await self._crypto.map(_verify_batch, batch)
+                if len(batch) <= INLINE_VERIFY:
+                    checked = _verify_batch(batch)
+                else:
+                    checked = await self._crypto.map(_verify_batch, batch)
                 if _stages.RECORDER is not None:
                     _stamp(batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []

@@ -236,7 +236,8 @@ async def relay_process(
     """
     # One bench account stands in for many clients, so lift the per-account connection cap
     # (an operator setting) to what the idle-subscriber scenario opens, and the front door's
-    # limits that charge one address (connections not yet authenticated, sign-ups), since
+    # limits that charge one address (connections not yet authenticated, sign-ups) and the
+    # catch-up caps per account and relay, since
     # every bench client connects from loopback at once. The ops listener takes a free port,
     # so two benches (or a bench and a relay) on one machine do not collide on 9465.
     env = dict(
@@ -245,6 +246,9 @@ async def relay_process(
         COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
         COZY_MAX_UNAUTHENTICATED_CONNECTIONS="100000",
         COZY_SIGNUPS_PER_CALLER_PER_HOUR="100000",
+        # Hundreds of its subscribers catch up at once (from an empty collab, so briefly).
+        COZY_CATCHUPS_PER_ACCOUNT="100000",
+        COZY_CATCHUPS_PER_RELAY="100000",
         COZY_OPS_PORT="0",
     )
     ops_url = ""
