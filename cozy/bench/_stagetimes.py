@@ -9,14 +9,18 @@ latency into consecutive stages that add up to it:
 - `ingress`: due → the relay queued it to its collab's inbox (publisher lateness, the
   publisher's socket, the relay's reader and routing);
 - `inbox`: → the verify stage took it; `verify`: → its batch's signatures were checked;
-- `commit_wait`: → the writer's thread began the transaction holding it (the write stage's
-  queue, the group commit's gathering, the thread hop);
+- `commit_wait`: → the writer's thread began the transaction holding it; in two parts,
+  `write_queue` (→ the collab's write stage handed its run to the writer: waiting for the
+  collab's previous batch to be written) and `group_wait` (→ the transaction began: the
+  writer's group gathering, the group before it, the thread hop);
 - `commit`: the transaction (INSERT/COPY + COMMIT);
 - `wakeup`: commit → the sequencer on the Trio loop handed it to fan-out;
 - `fanout`: → the relay wrote it to this subscriber's socket (per delivery);
 - `socket`: → this subscriber read it (kernel, and the subscriber process's own scheduling).
 
-Per-event stages are counted once per event, the last two once per delivery.
+Per-event stages are counted once per event, the last two once per delivery. The stages add
+up to the delivery's latency (`write_queue` and `group_wait` are the two parts of
+`commit_wait`, shown under it).
 """
 
 from __future__ import annotations
@@ -31,7 +35,16 @@ from cozy.bench._common import BenchError, percentiles
 if TYPE_CHECKING:
     from pathlib import Path
 
-EVENT_STAGES: Final = ("ingress", "inbox", "verify", "commit_wait", "commit", "wakeup")
+EVENT_STAGES: Final = (
+    "ingress",
+    "inbox",
+    "verify",
+    "commit_wait",
+    "write_queue",
+    "group_wait",
+    "commit",
+    "wakeup",
+)
 DELIVERY_STAGES: Final = ("fanout", "socket")
 
 
@@ -53,7 +66,7 @@ def breakdown(
         seq: s for c, seq, s in doc["events"] if c == collab_id and len(s) == 7
     }
     per: dict[str, list[float]] = {name: [] for name in (*EVENT_STAGES, *DELIVERY_STAGES)}
-    for seq, (received, taken, verified, _writing, started, committed, published) in sorted(
+    for seq, (received, taken, verified, writing, started, committed, published) in sorted(
         stamps.items()
     ):
         due = t0 + (seq - base_seq) / rate
@@ -64,6 +77,8 @@ def breakdown(
                 taken - received,
                 verified - taken,
                 started - verified,
+                writing - verified,
+                started - writing,
                 committed - started,
                 published - committed,
             ),
@@ -101,8 +116,9 @@ def table(stages: dict[str, dict[str, float]]) -> str:
     """The breakdown as lines for the human summary."""
     lines = [f"  {'stage':<12} {'p50 ms':>9} {'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9}"]
     for name, p in stages.items():
+        label = f"  {name}" if name in ("write_queue", "group_wait") else name
         lines.append(
-            f"  {name:<12} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f}"
+            f"  {label:<12} {p['p50_ms']:>9.3f} {p['p99_ms']:>9.3f}"
             f" {p['p999_ms']:>9.3f} {p['max_ms']:>9.3f}"
         )
     return "\n".join(lines)
