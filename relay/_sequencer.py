@@ -119,6 +119,19 @@ class Submission:
 _Committed = tuple[list[tuple[Submission, VerifiedEvent]], list["Assignment"], "GroupHead | None"]
 
 
+@dataclass(slots=True)
+class _Written:
+    """A run the write stage is done with, for the publish stage: its committed fresh events
+    (none for a run of duplicates), and for a management change what to tell the relay once
+    its event is published."""
+
+    run: list[tuple[Submission, VerifiedEvent]]
+    assignments: list[Assignment]
+    fresh: list[SequencedEvent]
+    changed: tuple[Operation, Membership] | None = None
+    timing: list[float] | None = None  # stage times (relay/_stages.py), when recorded
+
+
 class SequencerStats(msgspec.Struct):
     collab_id: str
     head_seq: int
@@ -165,6 +178,7 @@ class Sequencer:
         self._membership: Membership | None = None
         self._in_flight = 0  # verified batches handed to the write stage, not yet written
         self._acks: trio.MemorySendChannel[_Committed] | None = None  # set while running
+        self._written: trio.MemorySendChannel[_Written] | None = None  # set while running
         # This batch's refusals, answered once its writes are done (`_answer_refused`).
         self._refused: list[tuple[Submission, VerifiedEvent, Refused]] = []
         # Submissions taken from the inbox and not answered yet, by identity: if the actor
@@ -188,9 +202,11 @@ class Sequencer:
             list[tuple[Submission, VerifiedEvent]]
         ](1)
         self._acks, acks_recv = trio.open_memory_channel[_Committed](ACK_QUEUE)
+        self._written, written_recv = trio.open_memory_channel[_Written](ACK_QUEUE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify_stage, verified_send)
             nursery.start_soon(self._write_stage, verified_recv)
+            nursery.start_soon(self._publish_stage, written_recv)
             nursery.start_soon(self._ack_stage, acks_recv)
 
     async def _verify_stage(
@@ -243,14 +259,50 @@ class Sequencer:
     async def _write_stage(
         self, batches: trio.MemoryReceiveChannel[list[tuple[Submission, VerifiedEvent]]]
     ) -> None:
-        assert self._acks is not None
-        async with batches, self._acks:
+        assert self._written is not None
+        async with batches, self._written:
             async for batch in batches:
                 try:
                     await self._write_batch(batch)
                     await self._answer_refused()
                 finally:
                     self._in_flight -= 1
+
+    async def _publish_stage(self, written: trio.MemoryReceiveChannel[_Written]) -> None:
+        """Extend the collab's tree with each committed run, publish it, then queue it for its
+        acks; in commit order.
+
+        Its own task, so the write stage hands the next batch to the ledger writer as soon as
+        a commit returns: fan-out to many subscribers (a socket write each) then runs while
+        the next transaction commits in its thread, instead of before it is even started
+        (docs/performance.md, "Where the latency goes"). The tree grows and the run is
+        published with no await between (relay/_checkpoints.py), and a membership change is
+        reported only once its event is published (the removed member gets it first).
+        """
+        assert self._acks is not None
+        async with written, self._acks:
+            async for item in written:
+                group = None
+                fresh = item.fresh
+                if fresh:
+                    if self._trees is not None:
+                        group = self._trees.add_group(
+                            self.collab_id,
+                            fresh[0].seq,
+                            [
+                                a.event_id
+                                for a in sorted(
+                                    (a for a in item.assignments if not a.duplicate),
+                                    key=lambda a: a.seq,
+                                )
+                            ],
+                        )
+                    if item.timing is not None:
+                        _record(self.collab_id, item.run, item.assignments, item.timing)
+                    self._fanout.publish(fresh)
+                if item.changed is not None:
+                    self._on_changed(self.collab_id, *item.changed)
+                await self._acks.send((item.run, item.assignments, group))
 
     async def _ack_stage(self, committed: trio.MemoryReceiveChannel[_Committed]) -> None:
         """Sign the receipts of committed runs in the crypto pool, then ack their authors.
@@ -343,10 +395,10 @@ class Sequencer:
         if isinstance(decision, Refused):
             self._refuse(sub, verified, decision)
             return
-        if await self._write_run([(sub, verified)], decision.membership):
+        assert decision.proof is not None
+        changed = (decision.proof.op, decision.membership)
+        if await self._write_run([(sub, verified)], decision.membership, changed):
             self._membership = decision.membership
-            assert decision.proof is not None
-            self._on_changed(self.collab_id, decision.proof.op, decision.membership)
 
     def _refuse(self, sub: Submission, verified: VerifiedEvent, refusal: Refused) -> None:
         """Hold a refusal until the batch is written: it is final only once the event's id is
@@ -393,8 +445,8 @@ class Sequencer:
                 run.append((sub, verified))
                 assignments.append(Assignment(answer.seq, verified.event_id, answer.chain, True))
         if run:
-            assert self._acks is not None
-            await self._acks.send((run, assignments, None))
+            assert self._written is not None
+            await self._written.send(_Written(run, assignments, []))
 
     def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
         if exc is not None:
@@ -438,10 +490,13 @@ class Sequencer:
         return len(held)
 
     async def _write_run(
-        self, run: list[tuple[Submission, VerifiedEvent]], membership: Membership | None = None
+        self,
+        run: list[tuple[Submission, VerifiedEvent]],
+        membership: Membership | None = None,
+        changed: tuple[Operation, Membership] | None = None,
     ) -> bool:
-        """Persist one run of events (with the new `membership`, for a change); publish it;
-        queue it for its receipts and acks.
+        """Persist one run of events (with the new `membership`, for a change, and `changed`
+        to report once it is published); hand it to the publish stage.
 
         Returns False when nothing was written (the authors were told to retry).
         """
@@ -478,24 +533,8 @@ class Sequencer:
                     )
                 )
         fresh.sort(key=lambda e: e.seq)
-        group = None
-        if self._trees is not None and fresh:
-            # Before publishing, with no await between: see relay/_checkpoints.py.
-            group = self._trees.add_group(
-                self.collab_id,
-                fresh[0].seq,
-                [
-                    a.event_id
-                    for a in sorted(
-                        (a for a in assignments if not a.duplicate), key=lambda a: a.seq
-                    )
-                ],
-            )
-        if timing is not None:
-            _record(self.collab_id, run, assignments, timing)
-        self._fanout.publish(fresh)
-        assert self._acks is not None
-        await self._acks.send((run, assignments, group))
+        assert self._written is not None
+        await self._written.send(_Written(run, assignments, fresh, changed, timing))
         return True
 
 
