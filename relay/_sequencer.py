@@ -1,12 +1,13 @@
 """One sequencer actor per active collab: the single writer of that collab's ledger.
 
 Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
-three stages joined by small channels, so the signatures of batch n+1 are checked while batch n
-is being written and the receipts of batch n-1 are signed:
+four stages joined by small channels, so the signatures of batch n+1 are checked while batch n
+is being written, batch n-1 is fanned out and the receipts of batch n-2 are signed:
 
-    inbox ──► verify stage (worker thread, whole batch) ──► write stage (the group-commit
-              writer: dedup lookup + assign + COPY + commit) ──► fan-out, then ack stage
-              (worker thread: sign receipts) ──► ack authors
+    inbox ──► verify stage (crypto pool, whole batch; a batch of one or two on the loop)
+          ──► write stage (the group-commit writer: dedup lookup + assign + COPY + commit)
+          ──► publish stage (the collab's tree, fan-out, membership callbacks)
+          ──► ack stage (crypto pool: sign receipts) ──► ack authors
 
 The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
 `Membership`, folded from its `mgmt` events when the actor starts, and asks the pure admission
@@ -29,8 +30,9 @@ registry answers every submission it held with `overloaded`, forgets it, and the
 for that collab starts a fresh actor that re-reads head and membership from the ledger. The
 exception never reaches the sequencers nursery, so the relay and every other collab go on.
 
-Persist first, then notify: acks and fan-out only ever see committed events (the ack stage
-only receives a batch once `LedgerWriter.write` has returned it committed). Worker-thread
+Persist first, then notify: acks and fan-out only ever see committed events (the publish
+stage only receives a batch once `LedgerWriter.write` has returned it committed), and an
+author's ack follows its event's publication. Worker-thread
 calls are not abandoned on cancellation, so a write that started is finished (committed or
 rolled back) before the actor exits. Shutdown closes the inboxes; each actor drains what it
 holds, then exits.
