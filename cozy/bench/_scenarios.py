@@ -320,9 +320,11 @@ async def latency(relay: RelayProcess, sizes: Sizes, peer: Peer, work: Path) -> 
         t0 = time.monotonic() + 0.3
         gen.go(t0=t0, rate=rate, base_seq=2, timeout=sizes.latency_seconds + 30)
         cpu_before = _cpu_seconds()
+        relay_cpu_before = _process_cpu(relay.pid)
         behind = await _paced_publish(relay, actor, events, t0, rate)
         publisher_cpu = _cpu_seconds() - cpu_before
-        res = await gen.results()
+        res = await gen.results()  # every delivery made (or the timeout)
+        relay_cpu = _process_cpu(relay.pid) - relay_cpu_before
     finally:
         gen.kill()
     delays = await trio.to_thread.run_sync(_read_samples, work)
@@ -355,6 +357,11 @@ async def latency(relay: RelayProcess, sizes: Sizes, peer: Peer, work: Path) -> 
         "loadgen_cpu_seconds": res["cpu_seconds"],
         "subscribers_cpu_share": round(res["cpu_seconds_timed"] / window, 3),
         "publisher_cpu_share": round(publisher_cpu / window, 3),
+        # CPU per event and per delivery: what each side costs, whatever else the machine ran.
+        "relay_cpu_us_per_event": round(relay_cpu / count * 1e6, 1),
+        "subscribers_cpu_us_per_delivery": round(
+            res["cpu_seconds_timed"] / max(res["deliveries"], 1) * 1e6, 2
+        ),
         "publisher_max_behind_ms": round(behind * 1000, 3),
         "stage_times": stages,
     } | percentiles(delays)
@@ -364,6 +371,12 @@ def _cpu_seconds() -> float:
     """This process's CPU time so far (the publisher is the only thing it runs meanwhile)."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of the process `pid` so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def _read_samples(work: Path) -> array.array[float]:
