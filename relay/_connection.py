@@ -156,7 +156,7 @@ class Connection:
                         size += n
                         if isinstance(item, Message):
                             self.outbox_frames -= item.events
-                            if written is not None:
+                            if written is not None and _stages.sampled(item.last_seq):
                                 written.append(item)
                             if run:
                                 out.append(ws_binary_frame(wire.batch(run)))
@@ -224,7 +224,11 @@ class Connection:
         # Nothing queued ahead of a fan-out message: write it now if the socket is drained
         # (this saves the writer task a wakeup per published batch), else queue it as usual.
         if self._unsent == 0 and isinstance(frame, Message):
-            at = 0.0 if _stages.RECORDER is None else _stages.now()
+            at = (
+                _stages.now()
+                if _stages.RECORDER is not None and _stages.sampled(frame.last_seq)
+                else 0.0
+            )
             if write_now(self.ws, frame.framed):
                 if at:
                     self._record_deliveries([frame], at)
@@ -252,8 +256,7 @@ class Connection:
             self._peer_port = remote.port if isinstance(remote, Endpoint) else 0
         port = self._peer_port
         for msg in messages:
-            if msg.last_seq:
-                recorder.delivery(port, msg.last_seq, msg.events, at)
+            recorder.delivery(port, msg.last_seq, msg.events, at)
 
     def reply(self, frame: wire.Reply) -> None:
         """Queue a reply; a client that cannot take its own replies is dropped as lagging."""

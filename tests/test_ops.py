@@ -409,6 +409,7 @@ async def test_stage_times_follow_each_append_from_inbox_to_socket(
     """With COZY_STAGE_TIMES on, each append's stamps come back in path order (received →
     published) with the subscriber's deliveries, taken once: the bench's breakdown needs both."""
     monkeypatch.setattr(_stages, "RECORDER", None)  # the switch is per process: undone after
+    monkeypatch.setattr(_stages, "DELIVERY_SAMPLE", 1)  # every message's writes, not 1 in 8
     config = relay_config(database_url, tmp_path, stage_times=True)
     with trio.fail_after(60):
         async with running_relay(config) as relay:
