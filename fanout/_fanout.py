@@ -192,6 +192,10 @@ class _Group:
             msgs = self._messages[view] = _messages(
                 [o.for_account(account_id) for o in self.frames]
             )
+            last = self.first_seq - 1
+            for msg in msgs:
+                last += msg.events
+                msg.last_seq = last
         return msgs
 
 

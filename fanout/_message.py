@@ -43,11 +43,13 @@ class Message:
     """One complete relay message (a frame, or a `batch` of frames): sent as is, never wrapped
     in another batch. `framed` is its WebSocket frame, built once for every connection."""
 
-    __slots__ = ("events", "framed")
+    __slots__ = ("events", "framed", "last_seq")
 
     def __init__(self, payload: bytes, events: int) -> None:
         self.framed = ws_binary_frame(payload)
         self.events = events  # how many event frames it carries (for the delivery count)
+        # The seq of its last event, for a live message (the relay's stage times); else 0.
+        self.last_seq = 0
 
     def __len__(self) -> int:
         return len(self.framed)

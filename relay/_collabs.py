@@ -35,7 +35,7 @@ from model.membership import (
 )
 from model.proofs import KeyPair
 from model.sequencer import Assignment
-from relay import _rekey
+from relay import _rekey, _stages
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
 from relay._sequencer import InboxFull, ShuttingDown, Submission, appended
@@ -179,10 +179,11 @@ class Collabs:
                 f"this connection already has {conn.appends_in_flight} appends waiting for their"
                 f" acks (at most {MAX_APPENDS_IN_FLIGHT}, 16 MiB): wait for acks, then retry"
             )
+        sub = Submission(ticket, req.rid, req.event, body, author_pk)
+        if _stages.RECORDER is not None:
+            sub.stamps = [_stages.now()]
         try:
-            sequencers.submit_nowait(
-                body.collab_id, Submission(ticket, req.rid, req.event, body, author_pk)
-            )
+            sequencers.submit_nowait(body.collab_id, sub)
         except InboxFull:
             ticket.release()
             raise self._s.overload(

@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, Endpoint
 
 from fanout import Message, starts_new_batch, ws_binary_frame
 from model import wire
 from model._crypto import random_bytes
 from model.proofs import CHALLENGE_BYTES
+from relay import _stages
 from relay._wsraw import abort_stream, check_compatible, send_framed, write_now
 
 if TYPE_CHECKING:
@@ -110,6 +111,7 @@ class Connection:
         self._dropped = False
         self._flushed = trio.Event()
         self._room = trio.lowlevel.ParkingLot()  # catch-ups waiting for the outbox to drain
+        self._peer_port: int | None = None  # for stage times (relay/_stages.py), when asked
 
     @property
     def closing(self) -> bool:
@@ -135,6 +137,8 @@ class Connection:
         fan-out `Message` is written as the WebSocket frame it already is.
         """
         recv = self._out_recv
+        # Live messages in the send underway, while stage times are recorded (relay/_stages.py).
+        written: list[Message] | None = [] if _stages.RECORDER is not None else None
         try:
             async with recv:
                 while True:
@@ -152,6 +156,8 @@ class Connection:
                         size += n
                         if isinstance(item, Message):
                             self.outbox_frames -= item.events
+                            if written is not None and _stages.sampled(item.last_seq):
+                                written.append(item)
                             if run:
                                 out.append(ws_binary_frame(wire.batch(run)))
                                 run, run_size = [], 0
@@ -177,6 +183,11 @@ class Connection:
                         self._room.unpark_all()
                     data = out[0] if len(out) == 1 else b"".join(out)
                     out.clear()  # hold one copy of what is being written, not two
+                    if written:
+                        # Stamped as the bytes go to the socket: the subscriber may read them
+                        # before this task runs again.
+                        self._record_deliveries(written, _stages.now())
+                        written.clear()
                     await send_framed(self.ws, data)
                     self._unsent -= taken
         except ConnectionClosed:
@@ -212,8 +223,16 @@ class Connection:
             return False
         # Nothing queued ahead of a fan-out message: write it now if the socket is drained
         # (this saves the writer task a wakeup per published batch), else queue it as usual.
-        if self._unsent == 0 and isinstance(frame, Message) and write_now(self.ws, frame.framed):
-            return True
+        if self._unsent == 0 and isinstance(frame, Message):
+            at = (
+                _stages.now()
+                if _stages.RECORDER is not None and _stages.sampled(frame.last_seq)
+                else 0.0
+            )
+            if write_now(self.ws, frame.framed):
+                if at:
+                    self._record_deliveries([frame], at)
+                return True
         n = len(frame)
         frames = frame.events if isinstance(frame, Message) else 1
         if not self._fits(n, frames):
@@ -226,6 +245,18 @@ class Connection:
         self.outbox_bytes += n
         self.outbox_frames += frames
         return True
+
+    def _record_deliveries(self, messages: list[Message], at: float) -> None:
+        """Stage times: live messages written to this subscriber's socket at `at`."""
+        recorder = _stages.RECORDER
+        if recorder is None:
+            return
+        if self._peer_port is None:
+            remote = self.ws.remote
+            self._peer_port = remote.port if isinstance(remote, Endpoint) else 0
+        port = self._peer_port
+        for msg in messages:
+            recorder.delivery(port, msg.last_seq, msg.events, at)
 
     def reply(self, frame: wire.Reply) -> None:
         """Queue a reply; a client that cannot take its own replies is dropped as lagging."""

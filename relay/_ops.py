@@ -18,6 +18,10 @@ orchestrator or Prometheus reaches it on a private interface.
   actors' `statistics()` snapshots (`RelayCollector`), so the sequencer and fan-out loops pay
   nothing for them; the two histograms are observed once per ledger commit.
 
+- `GET /debug/stages` — only while stage times are on (`COZY_STAGE_TIMES=1`, a bench
+  diagnostic): the per-event stage stamps collected since the last call, as JSON, then cleared
+  (relay/_stages.py). Off, the path is 404 like any other.
+
 Anything else is 404; another method than GET on these paths is 405; a malformed request 400
 (431 for an oversized head). One hostile client costs little: a request head is at most 8 KiB
 and may carry no body; each request must have arrived whole within REQUEST_TIMEOUT of the
@@ -32,6 +36,7 @@ import json
 from typing import TYPE_CHECKING, Final
 
 import hvac
+import msgspec
 import requests.exceptions
 import trio
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -44,6 +49,7 @@ if TYPE_CHECKING:
 
     from ledger import Ledger
     from relay._metrics import RelayMetrics
+    from relay._stages import StageRecorder
 
 REQUEST_TIMEOUT: Final = 5.0
 SEND_TIMEOUT: Final = 5.0
@@ -156,9 +162,12 @@ def limits() -> Limits:
 class OpsApp:
     """Routes a request to its answer; knows nothing of sockets."""
 
-    def __init__(self, readiness: Readiness, metrics: RelayMetrics) -> None:
+    def __init__(
+        self, readiness: Readiness, metrics: RelayMetrics, stages: StageRecorder | None = None
+    ) -> None:
         self._readiness = readiness
         self._metrics = metrics
+        self._stages = stages
 
     async def answer(self, request: Request) -> Answer:
         routes: dict[str, Callable[[], Awaitable[Answer]]] = {
@@ -166,6 +175,8 @@ class OpsApp:
             "/readyz": self._readyz,
             "/metrics": self._metrics_text,
         }
+        if self._stages is not None:
+            routes["/debug/stages"] = self._stage_times
         route = routes.get(request.path)
         if route is None:
             return Answer(404, b"not found: try /healthz, /readyz or /metrics\n")
@@ -183,6 +194,11 @@ class OpsApp:
         if failing:
             body["failing"] = failing
         return Answer(503 if failing else 200, json.dumps(body).encode() + b"\n", JSON)
+
+    async def _stage_times(self) -> Answer:
+        # Taken and cleared: each bench run reads only its own events (relay/_stages.py).
+        assert self._stages is not None
+        return Answer(200, msgspec.json.encode(self._stages.take()), JSON)
 
     async def _metrics_text(self) -> Answer:
         # The classic text format (0.0.4): every Prometheus and agent reads it, and our names

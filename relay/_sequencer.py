@@ -1,12 +1,13 @@
 """One sequencer actor per active collab: the single writer of that collab's ledger.
 
 Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
-three stages joined by small channels, so the signatures of batch n+1 are checked while batch n
-is being written and the receipts of batch n-1 are signed:
+four stages joined by small channels, so the signatures of batch n+1 are checked while batch n
+is being written, batch n-1 is fanned out and the receipts of batch n-2 are signed:
 
-    inbox ──► verify stage (worker thread, whole batch) ──► write stage (the group-commit
-              writer: dedup lookup + assign + COPY + commit) ──► fan-out, then ack stage
-              (worker thread: sign receipts) ──► ack authors
+    inbox ──► verify stage (crypto pool, whole batch; a batch of one or two on the loop)
+          ──► write stage (the group-commit writer: dedup lookup + assign + COPY + commit)
+          ──► publish stage (the collab's tree, fan-out, membership callbacks)
+          ──► ack stage (crypto pool: sign receipts) ──► ack authors
 
 The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
 `Membership`, folded from its `mgmt` events when the actor starts, and asks the pure admission
@@ -29,8 +30,9 @@ registry answers every submission it held with `overloaded`, forgets it, and the
 for that collab starts a fresh actor that re-reads head and membership from the ledger. The
 exception never reaches the sequencers nursery, so the relay and every other collab go on.
 
-Persist first, then notify: acks and fan-out only ever see committed events (the ack stage
-only receives a batch once `LedgerWriter.write` has returned it committed). Worker-thread
+Persist first, then notify: acks and fan-out only ever see committed events (the publish
+stage only receives a batch once `LedgerWriter.write` has returned it committed), and an
+author's ack follows its event's publication. Worker-thread
 calls are not abandoned on cancellation, so a write that started is finished (committed or
 rolled back) before the actor exits. Shutdown closes the inboxes; each actor drains what it
 holds, then exits.
@@ -60,6 +62,7 @@ from model.envelope import (
 )
 from model.errors import BadSignature, InvalidEvent, ModelError
 from model.sequencer import Assignment
+from relay import _stages
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -85,6 +88,12 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
+# A batch this small is verified on the Trio loop (~40 µs per signature here) instead of in the
+# crypto pool: at a steady trickle of appends each event comes alone, and the pool's round trip
+# (a task wakeup, a worker-thread hop each way, and waiting behind a round of receipts already
+# running) cost several times the signature check itself in latency (docs/performance.md,
+# "Where the latency goes"). Larger batches still go to the pool, on every core.
+INLINE_VERIFY: Final = 2
 
 
 class Replier(Protocol):
@@ -103,11 +112,26 @@ class Submission:
     event: SignedEvent
     body: EventBody  # decode_body(event.body), done once when the relay routed the append
     author_pk: bytes
+    # Its stage times so far, only while the relay records them (relay/_stages.py).
+    stamps: list[float] | None = None
 
 
 # A committed run, its assignments and the tree after it (None: no checkpoint for its acks),
 # waiting in the ack stage for receipts.
 _Committed = tuple[list[tuple[Submission, VerifiedEvent]], list["Assignment"], "GroupHead | None"]
+
+
+@dataclass(slots=True)
+class _Written:
+    """A run the write stage is done with, for the publish stage: its committed fresh events
+    (none for a run of duplicates), and for a management change what to tell the relay once
+    its event is published."""
+
+    run: list[tuple[Submission, VerifiedEvent]]
+    assignments: list[Assignment]
+    fresh: list[SequencedEvent]
+    changed: tuple[Operation, Membership] | None = None
+    timing: list[float] | None = None  # stage times (relay/_stages.py), when recorded
 
 
 class SequencerStats(msgspec.Struct):
@@ -156,6 +180,7 @@ class Sequencer:
         self._membership: Membership | None = None
         self._in_flight = 0  # verified batches handed to the write stage, not yet written
         self._acks: trio.MemorySendChannel[_Committed] | None = None  # set while running
+        self._written: trio.MemorySendChannel[_Written] | None = None  # set while running
         # This batch's refusals, answered once its writes are done (`_answer_refused`).
         self._refused: list[tuple[Submission, VerifiedEvent, Refused]] = []
         # Submissions taken from the inbox and not answered yet, by identity: if the actor
@@ -179,9 +204,11 @@ class Sequencer:
             list[tuple[Submission, VerifiedEvent]]
         ](1)
         self._acks, acks_recv = trio.open_memory_channel[_Committed](ACK_QUEUE)
+        self._written, written_recv = trio.open_memory_channel[_Written](ACK_QUEUE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._verify_stage, verified_send)
             nursery.start_soon(self._write_stage, verified_recv)
+            nursery.start_soon(self._publish_stage, written_recv)
             nursery.start_soon(self._ack_stage, acks_recv)
 
     async def _verify_stage(
@@ -212,7 +239,14 @@ class Sequencer:
                         break
                 for sub in batch:
                     self._pending[id(sub)] = sub
-                checked = await self._crypto.map(_verify_batch, batch)
+                if _stages.RECORDER is not None:
+                    _stamp(batch)
+                if len(batch) <= INLINE_VERIFY:
+                    checked = _verify_batch(batch)
+                else:
+                    checked = await self._crypto.map(_verify_batch, batch)
+                if _stages.RECORDER is not None:
+                    _stamp(batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
                 for sub, result in zip(batch, checked, strict=True):
                     if isinstance(result, VerifiedEvent):
@@ -227,14 +261,50 @@ class Sequencer:
     async def _write_stage(
         self, batches: trio.MemoryReceiveChannel[list[tuple[Submission, VerifiedEvent]]]
     ) -> None:
-        assert self._acks is not None
-        async with batches, self._acks:
+        assert self._written is not None
+        async with batches, self._written:
             async for batch in batches:
                 try:
                     await self._write_batch(batch)
                     await self._answer_refused()
                 finally:
                     self._in_flight -= 1
+
+    async def _publish_stage(self, written: trio.MemoryReceiveChannel[_Written]) -> None:
+        """Extend the collab's tree with each committed run, publish it, then queue it for its
+        acks; in commit order.
+
+        Its own task, so the write stage hands the next batch to the ledger writer as soon as
+        a commit returns: fan-out to many subscribers (a socket write each) then runs while
+        the next transaction commits in its thread, instead of before it is even started
+        (docs/performance.md, "Where the latency goes"). The tree grows and the run is
+        published with no await between (relay/_checkpoints.py), and a membership change is
+        reported only once its event is published (the removed member gets it first).
+        """
+        assert self._acks is not None
+        async with written, self._acks:
+            async for item in written:
+                group = None
+                fresh = item.fresh
+                if fresh:
+                    if self._trees is not None:
+                        group = self._trees.add_group(
+                            self.collab_id,
+                            fresh[0].seq,
+                            [
+                                a.event_id
+                                for a in sorted(
+                                    (a for a in item.assignments if not a.duplicate),
+                                    key=lambda a: a.seq,
+                                )
+                            ],
+                        )
+                    if item.timing is not None:
+                        _record(self.collab_id, item.run, item.assignments, item.timing)
+                    self._fanout.publish(fresh)
+                if item.changed is not None:
+                    self._on_changed(self.collab_id, *item.changed)
+                await self._acks.send((item.run, item.assignments, group))
 
     async def _ack_stage(self, committed: trio.MemoryReceiveChannel[_Committed]) -> None:
         """Sign the receipts of committed runs in the crypto pool, then ack their authors.
@@ -327,10 +397,10 @@ class Sequencer:
         if isinstance(decision, Refused):
             self._refuse(sub, verified, decision)
             return
-        if await self._write_run([(sub, verified)], decision.membership):
+        assert decision.proof is not None
+        changed = (decision.proof.op, decision.membership)
+        if await self._write_run([(sub, verified)], decision.membership, changed):
             self._membership = decision.membership
-            assert decision.proof is not None
-            self._on_changed(self.collab_id, decision.proof.op, decision.membership)
 
     def _refuse(self, sub: Submission, verified: VerifiedEvent, refusal: Refused) -> None:
         """Hold a refusal until the batch is written: it is final only once the event's id is
@@ -377,8 +447,8 @@ class Sequencer:
                 run.append((sub, verified))
                 assignments.append(Assignment(answer.seq, verified.event_id, answer.chain, True))
         if run:
-            assert self._acks is not None
-            await self._acks.send((run, assignments, None))
+            assert self._written is not None
+            await self._written.send(_Written(run, assignments, []))
 
     def _fail(self, batch: list[tuple[Submission, VerifiedEvent]], exc: Exception | None) -> None:
         if exc is not None:
@@ -422,17 +492,25 @@ class Sequencer:
         return len(held)
 
     async def _write_run(
-        self, run: list[tuple[Submission, VerifiedEvent]], membership: Membership | None = None
+        self,
+        run: list[tuple[Submission, VerifiedEvent]],
+        membership: Membership | None = None,
+        changed: tuple[Operation, Membership] | None = None,
     ) -> bool:
-        """Persist one run of events (with the new `membership`, for a change); publish it;
-        queue it for its receipts and acks.
+        """Persist one run of events (with the new `membership`, for a change, and `changed`
+        to report once it is published); hand it to the publish stage.
 
         Returns False when nothing was written (the authors were told to retry).
         """
         assert self._head is not None
+        timing: list[float] | None = None
+        if _stages.RECORDER is not None:
+            timing = []
+            _stamp([sub for sub, _ in run])
         try:
             head, assignments = await self._writer.write(
-                AppendRequest(self.collab_id, self._head, [v for _, v in run], membership)
+                AppendRequest(self.collab_id, self._head, [v for _, v in run], membership),
+                timing,
             )
         except LedgerError as exc:
             # Not acked: the ledger returns only once the rows are known to be stored (a commit
@@ -457,22 +535,8 @@ class Sequencer:
                     )
                 )
         fresh.sort(key=lambda e: e.seq)
-        group = None
-        if self._trees is not None and fresh:
-            # Before publishing, with no await between: see relay/_checkpoints.py.
-            group = self._trees.add_group(
-                self.collab_id,
-                fresh[0].seq,
-                [
-                    a.event_id
-                    for a in sorted(
-                        (a for a in assignments if not a.duplicate), key=lambda a: a.seq
-                    )
-                ],
-            )
-        self._fanout.publish(fresh)
-        assert self._acks is not None
-        await self._acks.send((run, assignments, group))
+        assert self._written is not None
+        await self._written.send(_Written(run, assignments, fresh, changed, timing))
         return True
 
 
@@ -487,6 +551,31 @@ def appended(rid: int, collab_id: str, a: Assignment, receipt_sig: bytes) -> wir
         receipt_sig=receipt_sig,
         duplicate=a.duplicate,
     )
+
+
+def _stamp(subs: Sequence[Submission]) -> None:
+    """Stage times (relay/_stages.py): the same moment for each submission of a batch."""
+    at = _stages.now()
+    for sub in subs:
+        if sub.stamps is not None:
+            sub.stamps.append(at)
+
+
+def _record(
+    collab_id: str,
+    run: Sequence[tuple[Submission, VerifiedEvent]],
+    assignments: Sequence[Assignment],
+    timing: list[float],
+) -> None:
+    """Hand the stage times of a committed run's fresh events to the recorder, stamped
+    `published` now (fan-out is handed them next, with no await between)."""
+    recorder = _stages.RECORDER
+    if recorder is None or len(timing) != 2:
+        return
+    at = _stages.now()
+    for (sub, _), a in zip(run, assignments, strict=True):
+        if sub.stamps is not None and not a.duplicate:
+            recorder.event(collab_id, a.seq, [*sub.stamps, *timing, at])
 
 
 def _verify_batch(

@@ -37,6 +37,7 @@ from fanout import Fanout, FanoutStats
 from model import wire
 from model.checkpoints import CheckpointSigner
 from model.envelope import MAX_BODY_BYTES
+from relay import _stages
 from relay._accounts import Accounts
 from relay._artifacts import Artifacts
 from relay._cf_access import AccessDenied, AccessVerifier
@@ -164,7 +165,11 @@ class Relay:
                 cf_access=lambda: None if self.access is None else self.access.statistics(),
             )
         )
-        self._ops = OpsApp(Readiness(ledger, config.bao_addr, self._readiness), self.metrics)
+        # Stage times (relay/_stages.py): a bench diagnostic, on for the whole process.
+        stages = _stages.enable() if config.stage_times else None
+        self._ops = OpsApp(
+            Readiness(ledger, config.bao_addr, self._readiness), self.metrics, stages
+        )
         self.ops_url = ""
         self.ops_port_taken: int | None = None  # the configured ops port, when it was taken
         # SO-6: the Cloudflare Access gate, when configured; `access.statistics()` for metrics.

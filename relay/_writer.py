@@ -63,6 +63,9 @@ class _Job:
     request: AppendRequest
     done: trio.Event = field(default_factory=trio.Event)
     result: Written | LedgerError | None = None
+    # time.monotonic() when its group's transaction began and committed (relay/_stages.py).
+    started: float = 0.0
+    committed: float = 0.0
 
 
 class WriterStats(msgspec.Struct):
@@ -110,11 +113,13 @@ class LedgerWriter:
                 self._stalled,
             )
 
-    async def write(self, request: AppendRequest) -> Written:
+    async def write(self, request: AppendRequest, timing: list[float] | None = None) -> Written:
         """Persist one collab's batch (with others) and return its new head and assignments.
 
         Raises `LedgerError` if it was not written. Not abandoned on cancellation: once queued,
-        the caller waits for the outcome so an ack is never lost for a committed event.
+        the caller waits for the outcome so an ack is never lost for a committed event. Given
+        `timing` (stage times, relay/_stages.py), a written batch appends to it when its
+        group's transaction began and when it committed, on the machine-wide monotonic clock.
         """
         job = _Job(request)
         try:
@@ -126,6 +131,8 @@ class LedgerWriter:
         if isinstance(job.result, LedgerError):
             raise job.result
         assert job.result is not None
+        if timing is not None:
+            timing += (job.started, job.committed)
         return job.result
 
     def close(self) -> None:
@@ -211,6 +218,7 @@ class LedgerWriter:
         """Worker thread: one transaction for the group."""
         pending = group
         for _attempt in range(2):
+            began = time.monotonic()
             started = time.perf_counter()
             try:
                 results = self._ledger.append_batches([j.request for j in pending])
@@ -232,6 +240,7 @@ class LedgerWriter:
                     job.result = exc
                 return
             elapsed = time.perf_counter() - started
+            committed = time.monotonic()
             written = 0
             with self._lock:
                 self._transactions += 1
@@ -241,6 +250,7 @@ class LedgerWriter:
                     duplicates = sum(a.duplicate for a in assignments)
                     self._duplicates += duplicates
                     written += len(assignments) - duplicates
+                    job.started, job.committed = began, committed
                     job.result = (head, assignments)
             if self._on_commit is not None:
                 self._on_commit(written, elapsed)

@@ -154,6 +154,9 @@ class RelayConfig:
     # Accept keystores sealed with the documented test Argon2id profile (t=1, 8 MiB) instead of
     # MODERATE. Test suites only: a database thief cracks such a keystore in no time.
     allow_test_kdf: bool = False
+    # Stamp each append's path through the relay for `cozy bench latency` (relay/_stages.py),
+    # served at the ops listener's /debug/stages. A diagnostic: off in production.
+    stage_times: bool = False
 
 
 def load_config(
@@ -231,6 +234,7 @@ def load_config(
             "COZY_ALLOW_UNSAFE_DURABILITY",
             pick("COZY_ALLOW_UNSAFE_DURABILITY", "allow_unsafe_durability", False),
         ),
+        stage_times=_flag("COZY_STAGE_TIMES", pick("COZY_STAGE_TIMES", "stage_times", False)),
         max_connections_per_account=_bounded_int(
             "COZY_MAX_CONNECTIONS_PER_ACCOUNT",
             pick("COZY_MAX_CONNECTIONS_PER_ACCOUNT", "max_connections_per_account", 16),

@@ -78,10 +78,10 @@ def _inject(monkeypatch: pytest.MonkeyPatch, stage: str, victim: str) -> list[st
     elif stage == "write":
         write = LedgerWriter.write
 
-        async def fake_write(self: LedgerWriter, request: Any) -> Any:
+        async def fake_write(self: LedgerWriter, request: Any, *rest: Any) -> Any:
             if not hits and request.collab_id == victim:
                 boom()
-            return await write(self, request)
+            return await write(self, request, *rest)
 
         monkeypatch.setattr(LedgerWriter, "write", fake_write)
     elif stage == "ack":

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import relay._ops as ops
 from clientkit import RelayRefused, connect
 from model import wire
+from relay import _stages
 from relay.embedded import embedded_openbao, free_port
 from tests.relay_harness import PASSWORD, post, relay_config, running_relay, session, sign_up
 
@@ -391,3 +392,49 @@ async def test_each_relay_has_its_own_registry(database_url: str, tmp_path: Path
                 assert on_a["cozy_events_appended_total"] == 1
                 assert on_b["cozy_events_appended_total"] == 0
                 assert a.ops_url != b.ops_url
+
+
+# --- stage times (a bench diagnostic) --------------------------------------------------------
+
+
+async def test_stage_times_are_served_only_when_turned_on(relay: Relay) -> None:
+    """Production relays do not expose the diagnostic: the path is a 404 like any other."""
+    with trio.fail_after(20):
+        assert (await get(relay.ops_url, "/debug/stages")).status == 404
+
+
+async def test_stage_times_follow_each_append_from_inbox_to_socket(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With COZY_STAGE_TIMES on, each append's stamps come back in path order (received →
+    published) with the subscriber's deliveries, taken once: the bench's breakdown needs both."""
+    monkeypatch.setattr(_stages, "RECORDER", None)  # the switch is per process: undone after
+    monkeypatch.setattr(_stages, "DELIVERY_SAMPLE", 1)  # every message's writes, not 1 in 8
+    config = relay_config(database_url, tmp_path, stage_times=True)
+    with trio.fail_after(60):
+        async with running_relay(config) as relay:
+            user = await sign_up(relay.url)
+            await get(relay.ops_url, "/debug/stages")  # what signing up stamped
+            async with session(relay.url, user) as writer, session(relay.url, user) as reader:
+                async with reader.subscribe(user.collab_id) as frames:
+                    while not isinstance(await frames.receive(), wire.CaughtUp):
+                        pass
+                    seqs = [await post(writer, user, user.collab_id, f"m{i}") for i in range(3)]
+                    got: list[int] = []
+                    while len(got) < 3:
+                        frame = await frames.receive()
+                        if isinstance(frame, wire.Event):
+                            got.append(frame.seq)
+            reply = await get(relay.ops_url, "/debug/stages")
+            assert reply.status == 200
+            doc = reply.json()
+            events = {seq: stamps for c, seq, stamps in doc["events"] if c == user.collab_id}  # type: ignore[union-attr]
+            assert sorted(events) == seqs
+            for stamps in events.values():
+                assert len(stamps) == len(_stages.EVENT_STAMPS)
+                assert stamps == sorted(stamps)  # one clock, in path order
+            delivered = {last for _port, last, _n, _at in doc["deliveries"]}  # type: ignore[union-attr]
+            assert set(seqs) <= delivered
+            again = (await get(relay.ops_url, "/debug/stages")).json()
+            assert again["events"] == []
+            assert again["deliveries"] == []

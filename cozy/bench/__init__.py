@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from cozy.bench import _scenarios
+from cozy.bench import _scenarios, _stagetimes
 from cozy.bench._common import BenchError, figure, raise_nofile_limit, relay_process
 from cozy.bench._references import database_settings, per_event_commit, verify_ceiling
 from cozy.bench._scenarios import Peer, Sizes
@@ -77,6 +77,14 @@ def main(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(result, indent=2))
     print(summary(result), file=sys.stderr)
+    if stages := result["scenarios"].get("latency", {}).get("stage_times"):
+        lat = result["scenarios"]["latency"]
+        print(
+            f"latency stages ({stages['deliveries_timed']:,} deliveries timed; load generator"
+            f" used {lat['subscribers_cpu_share']} + {lat['publisher_cpu_share']} of a core):\n"
+            + _stagetimes.table(stages["stages"]),
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -98,7 +106,8 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         # the allocator would reuse) colours the next, least of all the RSS per subscriber.
         for i, name in enumerate(which):
             _progress(f"{name}: running")
-            async with relay_process(url, tmp / f"relay-{name}") as relay:
+            stage_times = name == "latency"  # where each append's time goes
+            async with relay_process(url, tmp / f"relay-{name}", stage_times=stage_times) as relay:
                 if name == "append":
                     raw[name] = await _scenarios.append(relay, sizes, peer, samples)
                 elif name == "latency":

@@ -216,6 +216,7 @@ async def pump_all(
 class RelayProcess:
     url: str
     pid: int
+    ops_url: str = ""  # its ops listener, when stage times are on (relay/_stages.py)
 
 
 # How often to pick another port when the one `free_port` found was taken before the child bound
@@ -224,14 +225,19 @@ PORT_ATTEMPTS = 3
 
 
 @asynccontextmanager
-async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[RelayProcess]:
+async def relay_process(
+    database_url: str, data_dir: Path, *, stage_times: bool = False
+) -> AsyncIterator[RelayProcess]:
     """`cozy relay serve` in a child process; its log goes to relay.log beside `data_dir`.
 
     The child inherits this process's raised open-file limit (see `raise_nofile_limit`).
+    With `stage_times`, the relay stamps each append's path (relay/_stages.py) and its ops
+    listener, on a port picked here, serves them at /debug/stages.
     """
     # One bench account stands in for many clients, so lift the per-account connection cap
     # (an operator setting) to what the idle-subscriber scenario opens, and the front door's
-    # limits that charge one address (connections not yet authenticated, sign-ups), since
+    # limits that charge one address (connections not yet authenticated, sign-ups) and the
+    # catch-up caps per account and relay, since
     # every bench client connects from loopback at once. The ops listener takes a free port,
     # so two benches (or a bench and a relay) on one machine do not collide on 9465.
     env = dict(
@@ -240,8 +246,16 @@ async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[Rela
         COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
         COZY_MAX_UNAUTHENTICATED_CONNECTIONS="100000",
         COZY_SIGNUPS_PER_CALLER_PER_HOUR="100000",
+        # Hundreds of its subscribers catch up at once (from an empty collab, so briefly).
+        COZY_CATCHUPS_PER_ACCOUNT="100000",
+        COZY_CATCHUPS_PER_RELAY="100000",
         COZY_OPS_PORT="0",
     )
+    ops_url = ""
+    if stage_times:
+        ops_port = free_port()
+        env |= {"COZY_STAGE_TIMES": "1", "COZY_OPS_PORT": str(ops_port)}
+        ops_url = f"http://127.0.0.1:{ops_port}"
     log_path = data_dir.parent / "relay.log"
     with log_path.open("wb") as log_file:
         async with trio.open_nursery() as nursery:
@@ -262,7 +276,7 @@ async def relay_process(database_url: str, data_dir: Path) -> AsyncIterator[Rela
                         continue  # someone took the port between free_port and the bind
                     raise BenchError(f"{exc}; the end of its log:\n{tail}") from None
             try:
-                yield RelayProcess(f"ws://127.0.0.1:{port}", proc.pid)
+                yield RelayProcess(f"ws://127.0.0.1:{port}", proc.pid, ops_url)
             finally:
                 proc.terminate()
                 with trio.move_on_after(10):

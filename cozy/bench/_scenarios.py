@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import array
 import json
+import resource
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs in the venv
 import trio
 
 from clientkit._transport import open_websocket
+from cozy.bench import _stagetimes
 from cozy.bench._common import (
     Actor,
     BenchError,
@@ -186,6 +189,7 @@ class _Loadgen:
                 "from_seq": from_seq,
                 "expect": expect,
                 "samples_path": str(samples_dir / f"lat-{k}.bin") if samples_dir else "",
+                "receipts_path": str(samples_dir / f"recv-{k}.bin") if samples_dir else "",
             }
             children.append(
                 subprocess.Popen(  # noqa: S603 — our own interpreter and module
@@ -230,6 +234,7 @@ class _Loadgen:
             "dropped": sum(d["dropped"] for d in docs),
             "last": max(d["last"] for d in docs),
             "cpu_seconds": round(sum(d["cpu_seconds"] for d in docs), 3),
+            "cpu_seconds_timed": round(sum(d["cpu_seconds_timed"] for d in docs), 3),
         }
 
     def kill(self) -> None:
@@ -314,11 +319,26 @@ async def latency(relay: RelayProcess, sizes: Sizes, peer: Peer, work: Path) -> 
         ready, failed = await gen.ready()
         t0 = time.monotonic() + 0.3
         gen.go(t0=t0, rate=rate, base_seq=2, timeout=sizes.latency_seconds + 30)
+        cpu_before = _cpu_seconds()
+        relay_cpu_before = _process_cpu(relay.pid)
         behind = await _paced_publish(relay, actor, events, t0, rate)
-        res = await gen.results()
+        publisher_cpu = _cpu_seconds() - cpu_before
+        res = await gen.results()  # every delivery made (or the timeout)
+        relay_cpu = _process_cpu(relay.pid) - relay_cpu_before
     finally:
         gen.kill()
     delays = await trio.to_thread.run_sync(_read_samples, work)
+    stages: dict[str, Any] = {}
+    if relay.ops_url:
+        doc = await trio.to_thread.run_sync(_stagetimes.fetch, relay.ops_url)
+        stages = await trio.to_thread.run_sync(
+            partial(
+                _stagetimes.breakdown, doc, work, t0=t0, rate=rate, base_seq=2, collab_id=collab
+            )
+        )
+    # The load generator's share of a core over the measured phase (publish start to the last
+    # delivery): what it took from the two cores the relay and Postgres also run on.
+    window = max(res["last"] - t0, 1e-9)
     peer.spec["latency"] = {
         "subscribers": n,
         "rate": rate,
@@ -335,8 +355,28 @@ async def latency(relay: RelayProcess, sizes: Sizes, peer: Peer, work: Path) -> 
         "expected_deliveries": n * count,
         "dropped_subscribers": res["dropped"],
         "loadgen_cpu_seconds": res["cpu_seconds"],
+        "subscribers_cpu_share": round(res["cpu_seconds_timed"] / window, 3),
+        "publisher_cpu_share": round(publisher_cpu / window, 3),
+        # CPU per event and per delivery: what each side costs, whatever else the machine ran.
+        "relay_cpu_us_per_event": round(relay_cpu / count * 1e6, 1),
+        "subscribers_cpu_us_per_delivery": round(
+            res["cpu_seconds_timed"] / max(res["deliveries"], 1) * 1e6, 2
+        ),
         "publisher_max_behind_ms": round(behind * 1000, 3),
+        "stage_times": stages,
     } | percentiles(delays)
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time so far (the publisher is the only thing it runs meanwhile)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of the process `pid` so far."""
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def _read_samples(work: Path) -> array.array[float]:
