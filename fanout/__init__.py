@@ -12,5 +12,6 @@ from fanout._fanout import Subscription as Subscription
 from fanout._fanout import encode_event as encode_event
 from fanout._message import BATCH_BYTES as BATCH_BYTES
 from fanout._message import Message as Message
+from fanout._message import framed_batch as framed_batch
 from fanout._message import starts_new_batch as starts_new_batch
 from fanout._message import ws_binary_frame as ws_binary_frame

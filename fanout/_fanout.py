@@ -210,12 +210,12 @@ def _messages(frames: Iterable[bytes]) -> list[Message]:
     size = 0
     for frame in frames:
         if starts_new_batch(len(run), size, len(frame)):
-            out.append(Message(wire.batch(run), len(run)))
+            out.append(Message.of_frames(run))
             run, size = [], 0
         run.append(frame)
         size += len(frame)
     if run:
-        out.append(Message(wire.batch(run), len(run)))
+        out.append(Message.of_frames(run))
     return out
 
 
@@ -372,9 +372,11 @@ class Fanout:
                 items, more = page
                 ahead = None
                 if more:
-                    # Most pages end at the byte bound: ask for about as many events as this
-                    # one held, since the ledger scans (not sends) every event it may return.
-                    limit = min(self.limits.page_events, len(items) * 3 // 2 + 1)
+                    # The ledger scans every event a page may hold, so ask for about as many
+                    # as the byte bound let in last time (pages of like-sized events), or
+                    # four times as many when the event count was what bound the page.
+                    grow = 4 if len(items) >= limit else 1.5
+                    limit = min(self.limits.page_events, int(len(items) * grow) + 1)
                     ahead = _Prefetch()
                     nursery.start_soon(ahead.run, self._read, sub, items[-1][0] + 1, limit)
                 messages = _catchup_messages(items, sub.account_id)

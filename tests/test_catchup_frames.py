@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import msgspec
 import nacl.public
 import psycopg
 import pytest
 
-from fanout import encode_event
+from fanout import Message, encode_event, framed_batch, ws_binary_frame
 from ledger._frames import event_prefix, frame_sql
 from model import content as contentmod
 from model import wire
@@ -112,3 +113,19 @@ def test_read_frames_pages_like_read_page_with_every_event_framed_and_each_dm_le
     assert max(len(p) for p in by_bytes) == 3
     assert all(len(p) == 1 for p in frame_pages(1000, 1))  # one event even when too big
     assert ledger.read_frames(collab_id, 33, 10, 1 << 30) == ([], False)
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 512, 65_535, 65_536])
+def test_a_batch_joined_in_one_copy_is_the_bytes_msgspec_writes(n: int) -> None:
+    """`wire.batch` and fan-out's `framed_batch` join frames after a hand-made header; the
+    result must be what msgspec encodes for `Batch` (and its WebSocket frame), byte for byte."""
+    frames = [wire.encode(wire.Pong(rid=i)) for i in range(n)]
+    by_msgspec = (
+        frames[0]
+        if n == 1
+        else msgspec.msgpack.encode(wire.Batch(frames=[msgspec.Raw(f) for f in frames]))
+    )
+    assert wire.batch(frames) == by_msgspec
+    assert framed_batch(frames) == ws_binary_frame(by_msgspec)
+    assert Message.of_frames(frames).framed == ws_binary_frame(by_msgspec)
+    assert wire.unbatch_replies(wire.batch(frames)) == [wire.Pong(rid=i) for i in range(n)]
