@@ -364,35 +364,48 @@ class Fanout:
         """Queue the ledger from `sub.next_seq` to the head it finds; False when the
         subscription must stop. While one page is queued the next is read (`_Prefetch`), so
         the ledger's round trip overlaps the socket's writing; a catch-up holds at most two
-        pages: the one being queued, as messages, and the one read ahead."""
-        limit = self.limits.page_events
-        page = await self._read(sub, sub.next_seq, limit)
+        pages: the one being queued, as messages, and the one read ahead. A failed read
+        raises here as itself (not in an exception group), as a read without the nursery
+        would."""
+        page = await self._read(sub, sub.next_seq, self.limits.page_events)
+        failure: Exception | None = None
         async with trio.open_nursery() as nursery:
-            while True:
-                items, more = page
-                ahead = None
-                if more:
-                    # The ledger scans every event a page may hold, so ask for about as many
-                    # as the byte bound let in last time (pages of like-sized events), or
-                    # four times as many when the event count was what bound the page.
-                    grow = 4 if len(items) >= limit else 1.5
-                    limit = min(self.limits.page_events, int(len(items) * grow) + 1)
-                    ahead = _Prefetch()
-                    nursery.start_soon(ahead.run, self._read, sub, items[-1][0] + 1, limit)
-                messages = _catchup_messages(items, sub.account_id)
-                del items, page  # the page is held once, as messages
-                while messages:
-                    message, last_seq = messages.popleft()  # let go of each once it is queued
-                    if not await self._queue(sub, message):
-                        nursery.cancel_scope.cancel()
-                        return False
-                    sub.next_seq = last_seq + 1
-                if sub.ended:
-                    nursery.cancel_scope.cancel()
+            try:
+                done = await self._queue_pages(sub, page, nursery)
+            except Exception as exc:  # noqa: BLE001 — re-raised below, outside the nursery
+                failure, done = exc, False
+            nursery.cancel_scope.cancel()  # a read ahead that is no longer wanted
+        if failure is not None:
+            raise failure
+        return done
+
+    async def _queue_pages(
+        self, sub: Subscription, page: tuple[Sequence[PageItem], bool], nursery: trio.Nursery
+    ) -> bool:
+        limit = self.limits.page_events
+        while True:
+            items, more = page
+            ahead = None
+            if more:
+                # The ledger scans every event a page may hold, so ask for about as many as
+                # the byte bound let in last time (pages of like-sized events), or four
+                # times as many when the event count was what bound the page.
+                grow = 4 if len(items) >= limit else 1.5
+                limit = min(self.limits.page_events, int(len(items) * grow) + 1)
+                ahead = _Prefetch()
+                nursery.start_soon(ahead.run, self._read, sub, items[-1][0] + 1, limit)
+            messages = _catchup_messages(items, sub.account_id)
+            del items, page  # the page is held once, as messages
+            while messages:
+                message, last_seq = messages.popleft()  # let go of each once it is queued
+                if not await self._queue(sub, message):
                     return False
-                if ahead is None:
-                    return True
-                page = await ahead.page()
+                sub.next_seq = last_seq + 1
+            if sub.ended:
+                return False
+            if ahead is None:
+                return True
+            page = await ahead.page()
 
     async def _read(
         self, sub: Subscription, from_seq: int, max_events: int
