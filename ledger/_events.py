@@ -303,21 +303,23 @@ class Events:
         caller decides per subscriber who sees its body. `max_bytes` bounds the frames' bytes.
         """
         prefix = event_prefix(collab_id)
+        dm = f"kind = '{KIND_DM}'"
         rows = self._page_rows(
             _PAGE_SQL.format(
-                columns=f"CASE WHEN {_IN_PAGE} AND kind <> '{KIND_DM}'"
-                f" THEN {frame_sql('%(prefix)s')} END,"
-                f" CASE WHEN {_IN_PAGE} AND kind = '{KIND_DM}' THEN body END, sig, chain, kind"
+                columns=f"CASE WHEN {_IN_PAGE} AND NOT {dm} THEN {frame_sql('%(prefix)s')} END,"
+                f" CASE WHEN {_IN_PAGE} AND {dm} THEN body END,"
+                f" CASE WHEN {dm} THEN sig END, CASE WHEN {dm} THEN chain END"
             ),
             {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes,
              "overhead": len(prefix) + _FRAME_BYTES, "prefix": prefix},
         )  # fmt: skip
-        items: list[tuple[int, bytes | SequencedEvent]] = []
-        for seq, frame, body, sig, chain, kind in rows:
-            if frame is not None:
-                items.append((seq, frame))
-            elif body is not None:
-                items.append((seq, _sequenced(collab_id, (seq, body, sig, chain, kind))))
+        items: list[tuple[int, bytes | SequencedEvent]] = [
+            (seq, frame)
+            if frame is not None
+            else (seq, _sequenced(collab_id, (seq, body, sig, chain, KIND_DM)))
+            for seq, frame, body, sig, chain in rows
+            if frame is not None or body is not None
+        ]
         return FramePage(items, more=len(rows) > len(items))
 
     def _page_rows(self, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
