@@ -32,7 +32,6 @@ from cozy.bench._common import (
     save_payloads,
     setup_actors,
 )
-from cozy.bench._subscribers import LeanSocket, expect_frame
 from model import wire
 
 if TYPE_CHECKING:
@@ -40,6 +39,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from cozy.bench._common import RelayProcess
+    from cozy.bench._subscribers import LeanSocket
     from model.envelope import SignedEvent
 
 BODY_SIZES = {"512B": 512, "4KiB": 4096}
@@ -464,6 +464,10 @@ async def catchup(relay: RelayProcess, sizes: Sizes, peer: Peer) -> dict[str, An
     relay delivered in order. Its CPU time is reported (`reader_cpu_seconds`): decoding every
     event fully, as the bench once did, made the reader the thing measured.
     """
+    # Imported here: `python -m cozy.bench._subscribers` imports this package first, and a
+    # module-level import would load that module twice (runpy warns).
+    from cozy.bench._subscribers import LeanSocket, expect_frame
+
     total = sizes.catchup_events
     (actor,) = await setup_actors(relay.url, accounts=1, collabs_each=1, tag="up")
     events = await trio.to_thread.run_sync(presign, actor, total, 512)
