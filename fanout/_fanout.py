@@ -49,9 +49,12 @@ from model.envelope import SequencedEvent, decode_body, dm_header, dm_link_id
 LAG_CLOSE_CODE: Final = wire.CloseCode.LAGGING
 
 
-# (collab_id, from_seq, max_events, max_bytes) -> (events, whether the ledger held more):
-# `Ledger.read_page` run in a worker thread.
-ReadPage = Callable[[str, int, int, int], Awaitable[tuple[Sequence[SequencedEvent], bool]]]
+# An event of a catch-up page: (seq, its `event` frame), or (seq, the event) for a DM, whose
+# frame depends on who reads it.
+PageItem = tuple[int, bytes | SequencedEvent]
+# (collab_id, from_seq, max_events, max_bytes) -> (items, whether the ledger held more):
+# `Ledger.read_frames` run in a worker thread.
+ReadPage = Callable[[str, int, int, int], Awaitable[tuple[Sequence[PageItem], bool]]]
 
 
 class Outbox(Protocol):
@@ -207,26 +210,29 @@ def _messages(frames: Iterable[bytes]) -> list[Message]:
     size = 0
     for frame in frames:
         if starts_new_batch(len(run), size, len(frame)):
-            out.append(Message(wire.batch(run), len(run)))
+            out.append(Message.of_frames(run))
             run, size = [], 0
         run.append(frame)
         size += len(frame)
     if run:
-        out.append(Message(wire.batch(run), len(run)))
+        out.append(Message.of_frames(run))
     return out
 
 
 def _catchup_messages(
-    events: Sequence[SequencedEvent], account_id: str
+    items: Sequence[PageItem], account_id: str
 ) -> collections.deque[tuple[Message, int]]:
     """A ledger page as `account_id` may see it, in `batch` messages by the one batching rule
-    (`_messages`), each with the seq of its last event. Only the frame this account sees is
-    encoded for each event."""
+    (`_messages`), each with the seq of its last event. Frames the ledger built are spliced in
+    as they are; only a DM's frame is encoded here, the one this account may see."""
     out: collections.deque[tuple[Message, int]] = collections.deque()
     sent = 0
-    for message in _messages(_frame_for(ev, account_id) for ev in events):
+    frames = (
+        item if isinstance(item, bytes) else _frame_for(item, account_id) for _, item in items
+    )
+    for message in _messages(frames):
         sent += message.events
-        out.append((message, events[sent - 1].seq))
+        out.append((message, items[sent - 1][0]))
     return out
 
 
@@ -336,16 +342,8 @@ class Fanout:
         self.register(sub)
         while True:
             sub.overflowed = False
-            more = True
-            while more:
-                messages, more = await self._read_messages(sub)
-                while messages:
-                    message, last_seq = messages.popleft()  # let go of each once it is queued
-                    if not await self._queue(sub, message):
-                        return
-                    sub.next_seq = last_seq + 1
-                if sub.ended:
-                    return
+            if not await self._replay(sub):
+                return
             if not sub.follow:
                 if not sub.outbox.offer(wire.encode(self._caught_up(sub))):
                     self._lag(sub)
@@ -362,16 +360,57 @@ class Fanout:
         if not sub.ended and not sub.outbox.offer(wire.encode(self._caught_up(sub))):
             self._lag(sub)
 
-    async def _read_messages(
-        self, sub: Subscription
-    ) -> tuple[collections.deque[tuple[Message, int]], bool]:
-        """The next ledger page as messages, and whether the ledger held more. The events
-        themselves are dropped here, so a catch-up holds one copy of its page."""
-        limits = self.limits
-        events, more = await self._read_page(
-            sub.collab_id, sub.next_seq, limits.page_events, limits.page_bytes
-        )
-        return _catchup_messages(events, sub.account_id), more
+    async def _replay(self, sub: Subscription) -> bool:
+        """Queue the ledger from `sub.next_seq` to the head it finds; False when the
+        subscription must stop. While one page is queued the next is read (`_Prefetch`), so
+        the ledger's round trip overlaps the socket's writing; a catch-up holds at most two
+        pages: the one being queued, as messages, and the one read ahead. A failed read
+        raises here as itself (not in an exception group), as a read without the nursery
+        would."""
+        page = await self._read(sub, sub.next_seq, self.limits.page_events)
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            try:
+                done = await self._queue_pages(sub, page, nursery)
+            except Exception as exc:  # noqa: BLE001 — re-raised below, outside the nursery
+                failure, done = exc, False
+            nursery.cancel_scope.cancel()  # a read ahead that is no longer wanted
+        if failure is not None:
+            raise failure
+        return done
+
+    async def _queue_pages(
+        self, sub: Subscription, page: tuple[Sequence[PageItem], bool], nursery: trio.Nursery
+    ) -> bool:
+        limit = self.limits.page_events
+        while True:
+            items, more = page
+            ahead = None
+            if more:
+                # The ledger scans every event a page may hold, so ask for about as many as
+                # the byte bound let in last time (pages of like-sized events), or four
+                # times as many when the event count was what bound the page.
+                grow = 4 if len(items) >= limit else 1.5
+                limit = min(self.limits.page_events, int(len(items) * grow) + 1)
+                ahead = _Prefetch()
+                nursery.start_soon(ahead.run, self._read, sub, items[-1][0] + 1, limit)
+            messages = _catchup_messages(items, sub.account_id)
+            del items, page  # the page is held once, as messages
+            while messages:
+                message, last_seq = messages.popleft()  # let go of each once it is queued
+                if not await self._queue(sub, message):
+                    return False
+                sub.next_seq = last_seq + 1
+            if sub.ended:
+                return False
+            if ahead is None:
+                return True
+            page = await ahead.page()
+
+    async def _read(
+        self, sub: Subscription, from_seq: int, max_events: int
+    ) -> tuple[Sequence[PageItem], bool]:
+        return await self._read_page(sub.collab_id, from_seq, max_events, self.limits.page_bytes)
 
     async def _queue(self, sub: Subscription, message: Message) -> bool:
         """Queue one catch-up message once the outbox has room for it; False when the
@@ -479,6 +518,38 @@ class Fanout:
             f"subscriber {how} on {sub.collab_id}: reconnect and resume after the last seq you"
             f" received (at most {sub.next_seq - 1} was queued)",
         )
+
+
+class _Prefetch:
+    """A ledger page read beside the catch-up that will need it next. Its outcome, error
+    included, is handed over by `page` (not raised in the nursery), so a failed read reaches
+    the catch-up exactly as a read it made itself would."""
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        self._page: tuple[Sequence[PageItem], bool] | None = None
+        self._error: Exception | None = None
+
+    async def run(
+        self,
+        read: Callable[[Subscription, int, int], Awaitable[tuple[Sequence[PageItem], bool]]],
+        sub: Subscription,
+        from_seq: int,
+        max_events: int,
+    ) -> None:
+        try:
+            self._page = await read(sub, from_seq, max_events)
+        except Exception as exc:  # noqa: BLE001 — handed to the catch-up, re-raised there
+            self._error = exc
+        finally:
+            self._done.set()
+
+    async def page(self) -> tuple[Sequence[PageItem], bool]:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._page is not None
+        return self._page
 
 
 def _already_ended(sub: Subscription) -> bool:

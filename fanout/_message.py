@@ -27,16 +27,26 @@ def starts_new_batch(run_frames: int, run_bytes: int, frame_bytes: int) -> bool:
     )
 
 
+def _ws_head(n: int) -> bytes:
+    """The header of an unmasked, unfragmented binary WebSocket frame of `n` payload bytes."""
+    if n < 126:
+        return struct.pack("!BB", _FIN_BINARY, n)
+    if n < 1 << 16:
+        return struct.pack("!BBH", _FIN_BINARY, 126, n)
+    return struct.pack("!BBQ", _FIN_BINARY, 127, n)
+
+
 def ws_binary_frame(payload: bytes) -> bytes:
     """The unmasked, unfragmented WebSocket frame carrying `payload` as one binary message."""
-    n = len(payload)
-    if n < 126:
-        head = struct.pack("!BB", _FIN_BINARY, n)
-    elif n < 1 << 16:
-        head = struct.pack("!BBH", _FIN_BINARY, 126, n)
-    else:
-        head = struct.pack("!BBQ", _FIN_BINARY, 127, n)
-    return head + payload
+    return _ws_head(len(payload)) + payload
+
+
+def framed_batch(frames: list[bytes]) -> bytes:
+    """`ws_binary_frame(wire.batch(frames))` in one copy of the frames, not two."""
+    if len(frames) == 1:
+        return ws_binary_frame(frames[0])
+    head = wire.batch_head(len(frames))
+    return b"".join([_ws_head(len(head) + sum(map(len, frames))), head, *frames])
 
 
 class Message:
@@ -50,6 +60,14 @@ class Message:
         self.events = events  # how many event frames it carries (for the delivery count)
         # The seq of its last event, for a live message (the relay's stage times); else 0.
         self.last_seq = 0
+
+    @classmethod
+    def of_frames(cls, frames: list[bytes]) -> Message:
+        """The `batch` of `frames` (the frame itself when alone), framed in one copy."""
+        message = cls.__new__(cls)
+        message.framed = framed_batch(frames)
+        message.events = len(frames)
+        return message
 
     def __len__(self) -> int:
         return len(self.framed)

@@ -6,6 +6,7 @@ from ledger._accounts import KeystoreRow as KeystoreRow
 from ledger._artifacts import ArtifactRow as ArtifactRow
 from ledger._artifacts import SweepReport as SweepReport
 from ledger._events import AppendRequest as AppendRequest
+from ledger._events import FramePage as FramePage
 from ledger._events import Page as Page
 from ledger._events import StoredAt as StoredAt
 from ledger._integrity import LedgerReport as LedgerReport

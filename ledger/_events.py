@@ -16,6 +16,7 @@ import psycopg
 import psycopg.errors
 
 from ledger._db import _translated
+from ledger._frames import event_prefix, frame_sql
 from ledger._projection import _fold_membership, _write_projection
 from ledger.errors import LedgerUnavailable, SequencingConflict
 from model import chain as chainmod
@@ -35,11 +36,40 @@ if TYPE_CHECKING:
 SETTLE_SECONDS = 5.0
 _EVENT_ID_UNIQUE = "events_event_id_key"  # the UNIQUE (event_id) of migration 1
 
+# What an event costs in a page besides its body: its signature and chain (`read_page`), or
+# in a frame also the keys and headers after the per-collab prefix (`read_frames`).
+_ROW_BYTES = 96
+_FRAME_BYTES = 128
+_IN_PAGE = "rn <= %(events)s AND (rn = 1 OR run <= %(bytes)s)"
+# One page of a collab from a seq: the rows whose running size (`overhead` per row plus the
+# body) fits `bytes` (and always the first), at most `events` of them, with `{columns}`
+# (which return the page's bodies only `_IN_PAGE`); and the one row after the page, whose
+# body is never read, to say the ledger held more.
+_PAGE_SQL = (
+    "SELECT seq, {columns} FROM ("
+    "  SELECT seq, body, sig, chain, kind, octet_length(body) + %(overhead)s AS size,"
+    "    row_number() OVER w AS rn, sum(octet_length(body) + %(overhead)s) OVER w AS run"
+    "  FROM events WHERE collab_id = %(collab)s AND seq >= %(from)s"
+    "  WINDOW w AS (ORDER BY seq ROWS UNBOUNDED PRECEDING)"
+    "  ORDER BY seq LIMIT %(events)s + 1"
+    " ) AS page"
+    " WHERE rn <= 2 OR run - size <= %(bytes)s"
+    " ORDER BY seq"
+)
+
 
 class Page(NamedTuple):
     """One page of a collab's events (`Ledger.read_page`); `more`: the ledger held more."""
 
     events: list[SequencedEvent]
+    more: bool
+
+
+class FramePage(NamedTuple):
+    """One page of a collab's events as `event` frames (`Ledger.read_frames`): each item is
+    (seq, frame), or (seq, SequencedEvent) for a DM; `more`: the ledger held more."""
+
+    items: list[tuple[int, bytes | SequencedEvent]]
     more: bool
 
 
@@ -257,25 +287,49 @@ class Events:
         (Postgres reads a TOASTed body's length without the body), and the one row past the
         page, which sets `more`, comes back without its body.
         """
-        with _translated(), self._pool.connection() as conn:
-            rows = conn.execute(
-                "SELECT seq,"
-                "  CASE WHEN rn <= %(events)s AND (rn = 1 OR run <= %(bytes)s) THEN body END,"
-                "  sig, chain, kind"
-                " FROM ("
-                "  SELECT seq, body, sig, chain, kind, octet_length(body) + 96 AS size,"
-                "    row_number() OVER w AS rn, sum(octet_length(body) + 96) OVER w AS run"
-                "  FROM events WHERE collab_id = %(collab)s AND seq >= %(from)s"
-                "  WINDOW w AS (ORDER BY seq ROWS UNBOUNDED PRECEDING)"
-                "  ORDER BY seq LIMIT %(events)s + 1"
-                " ) AS page"
-                # the page, and the one row after it (never the rows after that one)
-                " WHERE rn <= 2 OR run - size <= %(bytes)s"
-                " ORDER BY seq",
-                {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes},
-            ).fetchall()
+        rows = self._page_rows(
+            _PAGE_SQL.format(columns=f"CASE WHEN {_IN_PAGE} THEN body END, sig, chain, kind"),
+            {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes,
+             "overhead": _ROW_BYTES},
+        )  # fmt: skip
         events = [_sequenced(collab_id, r) for r in rows if r[1] is not None]
         return Page(events, more=len(rows) > len(events))
+
+    def read_frames(
+        self, collab_id: str, from_seq: int, max_events: int, max_bytes: int
+    ) -> FramePage:
+        """`read_page` for a catch-up: each event comes as (seq, its `event` frame, built by
+        Postgres: ledger/_frames.py), except a DM, which comes as (seq, SequencedEvent) so the
+        caller decides per subscriber who sees its body. `max_bytes` bounds the frames' bytes.
+        """
+        prefix = event_prefix(collab_id)
+        dm = f"kind = '{KIND_DM}'"
+        rows = self._page_rows(
+            _PAGE_SQL.format(
+                columns=f"CASE WHEN {_IN_PAGE} AND NOT {dm} THEN {frame_sql('%(prefix)s')} END,"
+                f" CASE WHEN {_IN_PAGE} AND {dm} THEN body END,"
+                f" CASE WHEN {dm} THEN sig END, CASE WHEN {dm} THEN chain END"
+            ),
+            {"collab": collab_id, "from": from_seq, "events": max_events, "bytes": max_bytes,
+             "overhead": len(prefix) + _FRAME_BYTES, "prefix": prefix},
+        )  # fmt: skip
+        items: list[tuple[int, bytes | SequencedEvent]] = [
+            (seq, frame)
+            if frame is not None
+            else (seq, _sequenced(collab_id, (seq, body, sig, chain, KIND_DM)))
+            for seq, frame, body, sig, chain in rows
+            if frame is not None or body is not None
+        ]
+        return FramePage(items, more=len(rows) > len(items))
+
+    def _page_rows(self, sql: str, params: dict[str, object]) -> list[tuple[Any, ...]]:
+        """Run one page query in a single round trip: BEGIN, the query and COMMIT go out
+        together (pipeline mode), and results come back binary (no hex-encoded bodies)."""
+        with _translated(), self._pool.connection() as conn:
+            with conn.pipeline():
+                cur = conn.execute(sql, params, binary=True)
+                conn.commit()
+            return cur.fetchall()
 
     def head_and_membership(self, collab_id: str) -> tuple[chainmod.Head, Membership | None]:
         """The collab's head and its membership folded from the ledger, from one snapshot.

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 from trio_websocket import ConnectionClosed, Endpoint
 
-from fanout import Message, starts_new_batch, ws_binary_frame
+from fanout import Message, framed_batch, starts_new_batch
 from model import wire
 from model._crypto import random_bytes
 from model.proofs import CHALLENGE_BYTES
@@ -159,12 +159,12 @@ class Connection:
                             if written is not None and _stages.sampled(item.last_seq):
                                 written.append(item)
                             if run:
-                                out.append(ws_binary_frame(wire.batch(run)))
+                                out.append(framed_batch(run))
                                 run, run_size = [], 0
                             out.append(item.framed)
                         else:
                             if starts_new_batch(len(run), run_size, n):
-                                out.append(ws_binary_frame(wire.batch(run)))
+                                out.append(framed_batch(run))
                                 run, run_size = [], 0
                             self.outbox_frames -= 1
                             run.append(item)
@@ -176,7 +176,7 @@ class Connection:
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
                     if run:
-                        out.append(ws_binary_frame(wire.batch(run)))
+                        out.append(framed_batch(run))
                     if self._dropped:
                         return
                     if self._room:  # a catch-up waits: taken off the queue, it may queue more

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     import nacl.signing
 
     from fanout import Subscription
-    from ledger import Ledger, Page
+    from ledger import FramePage, Ledger
     from relay._cf_access import AccessIdentity
     from relay._sequencer import SequencerStats
     from relay.config import RelayConfig
@@ -374,7 +374,7 @@ class Relay:
 
     async def _read_page(
         self, collab_id: str, from_seq: int, max_events: int, max_bytes: int
-    ) -> Page:
+    ) -> FramePage:
         return await self._services.db(
-            self.ledger.read_page, collab_id, from_seq, max_events, max_bytes
+            self.ledger.read_frames, collab_id, from_seq, max_events, max_bytes
         )

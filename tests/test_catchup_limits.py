@@ -22,7 +22,7 @@ import trio
 import trio_websocket
 
 from clientkit._transport import FrameReader
-from fanout import BATCH_BYTES, LAG_CLOSE_CODE, CatchupLimits
+from fanout import BATCH_BYTES, LAG_CLOSE_CODE, PAGES_HELD, CatchupLimits
 from model import wire
 from model.envelope import SignedEvent, seal_event
 from relay._connection import WRITE_BYTES
@@ -41,10 +41,12 @@ pytestmark = pytest.mark.usefixtures("database_url")
 
 MiB = 1024 * 1024
 LIMITS = CatchupLimits()  # the relay's defaults, which the memory test runs with
-# What one stalled catch-up may pin: its page, its share of the outbox and one message over
-# it, and what the connection's writer holds while the socket does not take it (a chunk of
-# about WRITE_BYTES, plus the message that crossed it).
-PER_CATCHUP_BYTES = LIMITS.page_bytes + LIMITS.outbox_bytes + WRITE_BYTES + 2 * BATCH_BYTES
+# What one stalled catch-up may pin: its pages (the one it queues, the one it read ahead), its
+# share of the outbox and one message over it, and what the connection's writer holds while
+# the socket does not take it (a chunk of about WRITE_BYTES, plus the message that crossed it).
+PER_CATCHUP_BYTES = (
+    PAGES_HELD * LIMITS.page_bytes + LIMITS.outbox_bytes + WRITE_BYTES + 2 * BATCH_BYTES
+)
 MARGIN_BYTES = 64 * MiB  # fifty connections' own state, allocator slack
 G = 1  # the genesis event
 STALLED = 50
@@ -136,7 +138,7 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
     database_url: str, tmp_path: Path
 ) -> None:
     """Fifty connections subscribe from seq 1 to a ~38 MiB collab and stop reading. The
-    relay's resident memory grows by at most 50 x PER_CATCHUP_BYTES (3.5 MiB) plus a fixed
+    relay's resident memory grows by at most 50 x PER_CATCHUP_BYTES (4.5 MiB) plus a fixed
     margin; and one of them, once it reads again, gets every event once and in order, then
     `caught_up`. Before the fix: +1903 MiB (88 MiB before, 1990 MiB peak)."""
     ops_port = free_port()

@@ -241,7 +241,7 @@ class _Sub:
     next_seq: int = 0
 
 
-async def _expect(sock: LeanSocket, tag: str) -> list[_Probe]:
+async def expect_frame(sock: LeanSocket, tag: str) -> list[_Probe]:
     """Read until a frame tagged `tag` arrives; what came after it in the same read."""
     while True:
         frames = await sock.frames()
@@ -265,14 +265,14 @@ async def _subscriber(
         async with opening:
             sock = await LeanSocket.connect(spec["url"])
             sub.port = sock.local_port
-            await _expect(sock, "welcome")
+            await expect_frame(sock, "welcome")
             await sock.send(wire.encode(wire.Authenticate(rid=0, token=spec["token"])))
-            await _expect(sock, "authenticated")
+            await expect_frame(sock, "authenticated")
             request = wire.Subscribe(rid=1, collab_id=spec["collab_id"], from_seq=spec["from_seq"])
             await sock.send(wire.encode(request))
             # Nothing is published before every subscriber is ready, so nothing that follows
             # `caught_up` in the same read is an event to count.
-            await _expect(sock, "caught_up")
+            await expect_frame(sock, "caught_up")
     except (SubscriberError, OSError, trio.BrokenResourceError, msgspec.DecodeError):
         sub.dropped = True
         if sock is not None:
