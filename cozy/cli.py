@@ -62,6 +62,11 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--data-dir", type=Path, default=Path(".cozy/dev"))
     p.add_argument("--config", type=Path, help="relay TOML, e.g. its [tools.NAME] tables")
+    p.add_argument(
+        "--no-witness",
+        action="store_true",
+        help="start no witness (by default one runs on a free loopback port, state in the data dir)",
+    )
     p.set_defaults(server_action="dev")
     secret = p.add_subparsers(dest="dev_action").add_parser(
         "secret", help="tool secrets kept for the dev OpenBao"
