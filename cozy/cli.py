@@ -93,6 +93,12 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--events", type=int, help="events per append scenario (default 20000)")
     p.add_argument("--idle-subscribers", type=int, help="idle subscribers to open (default 5000)")
     p.add_argument("--catchup-events", type=int, help="events to replay (default 100000)")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="BASE",
+        help="also print each figure's change against a saved run (`cozy bench … > BASE`)",
+    )
     p.add_argument("--loadgen-procs", type=int, help="subscriber processes (default 2)")
     p.add_argument("--database-url", help="use this Postgres instead of an embedded one")
     p.add_argument(

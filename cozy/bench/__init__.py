@@ -9,7 +9,8 @@ verifications of the same events, and NATS JetStream doing the same job with the
 payloads (see `_references` and `_jetstream`).
 
 Prints one JSON document on stdout and a human summary on stderr. docs/performance.md explains
-the scenarios and the table format.
+the scenarios and the table format. `--compare BASE.json` (a saved stdout) adds each figure's
+change against that run (`_compare`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from cozy.bench import _scenarios, _stagetimes
+from cozy.bench import _compare, _scenarios, _stagetimes
 from cozy.bench._common import BenchError, figure, raise_nofile_limit, relay_process
+from cozy.bench._compare import CompareError
 from cozy.bench._references import database_settings, per_event_commit, verify_ceiling
 from cozy.bench._scenarios import Peer, Sizes
 from ledger import migrate
@@ -44,7 +46,7 @@ CHOICES: Final = ("all", *SCENARIOS)
 # COZY_MAX_CONNECTIONS_PER_ACCOUNT's ceiling, less room for the bench's own connections.
 MAX_IDLE_SUBSCRIBERS: Final = 9990
 
-__all__ = ["CHOICES", "SCENARIOS", "BenchError", "main"]
+__all__ = ["CHOICES", "SCENARIOS", "BenchError", "CompareError", "main"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,6 +67,14 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    base: dict[str, Any] | None = None
+    if args.compare is not None:  # before the run: a wrong BASE costs no benchmark
+        try:
+            base = _compare.load_base(args.compare)
+            _compare.check_comparable(base, vars(sizes), args.compare)
+        except _compare.CompareError as refused:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
     which = SCENARIOS if args.which == "all" else (args.which,)
     failures: list[BaseException] = []
     try:
@@ -75,6 +85,8 @@ def main(args: argparse.Namespace) -> int:
         for exc in failures:
             print(f"error: {exc}", file=sys.stderr)
         return 1
+    if base is not None:
+        result["comparison"] = _compare.comparison(result, base)
     print(json.dumps(result, indent=2))
     print(summary(result), file=sys.stderr)
     if stages := result["scenarios"].get("latency", {}).get("stage_times"):
@@ -85,6 +97,8 @@ def main(args: argparse.Namespace) -> int:
             + _stagetimes.table(stages["stages"]),
             file=sys.stderr,
         )
+    if base is not None:
+        print(_compare.render(result["comparison"]), file=sys.stderr)
     return 0
 
 
