@@ -28,7 +28,13 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from cozy.bench import _compare, _scenarios, _stagetimes
-from cozy.bench._common import BenchError, figure, raise_nofile_limit, relay_process
+from cozy.bench._common import (
+    BenchError,
+    RelayProcess,
+    figure,
+    raise_nofile_limit,
+    relay_process,
+)
 from cozy.bench._compare import CompareError
 from cozy.bench._references import database_settings, per_event_commit, verify_ceiling
 from cozy.bench._scenarios import Peer, Sizes
@@ -118,19 +124,27 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         raw: dict[str, Any] = {}
         # A fresh relay per scenario: nothing one leaves behind (idle sequencers, freed memory
         # the allocator would reuse) colours the next, least of all the RSS per subscriber.
-        for i, name in enumerate(which):
-            _progress(f"{name}: running")
-            stage_times = name == "latency"  # where each append's time goes
-            async with relay_process(url, tmp / f"relay-{name}", stage_times=stage_times) as relay:
-                if name == "append":
-                    raw[name] = await _scenarios.append(relay, sizes, peer, samples)
-                elif name == "latency":
-                    (tmp / "latency").mkdir()
-                    raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
-                else:
-                    raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
-                if i == len(which) - 1 and not samples:  # the references need such events
-                    samples["512B"] = await _scenarios.reference_events(relay, sizes)
+        # A quick run shares one (`Sizes.relay_per_scenario`) but for latency, whose relay
+        # stamps stage times; the shared one stops before the references.
+        async with AsyncExitStack() as shared_relay:
+            shared: RelayProcess | None = None
+            for i, name in enumerate(which):
+                _progress(f"{name}: running")
+                stage_times = name == "latency"  # where each append's time goes
+                async with AsyncExitStack() as own_relay:
+                    if sizes.relay_per_scenario or stage_times:
+                        relay = await own_relay.enter_async_context(
+                            relay_process(url, tmp / f"relay-{name}", stage_times=stage_times)
+                        )
+                    else:
+                        if shared is None:
+                            shared = await shared_relay.enter_async_context(
+                                relay_process(url, tmp / "relay")
+                            )
+                        relay = shared
+                    await _scenario(name, relay, sizes, peer, samples, raw, tmp)
+                    if i == len(which) - 1 and not samples:  # the references need such events
+                        samples["512B"] = await _scenarios.reference_events(relay, sizes)
         # No relay is running: the references run one after another on a quieter machine.
         _progress("references: one commit per event, Ed25519 verify ceiling, JetStream")
         refs: dict[str, Any] = {"per_event_commit": {}, "verify_ceiling": {}}
@@ -156,6 +170,25 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         "references": refs,
         "figures": figures(raw, refs),
     }
+
+
+async def _scenario(
+    name: str,
+    relay: RelayProcess,
+    sizes: Sizes,
+    peer: Peer,
+    samples: dict[str, tuple[list[SignedEvent], bytes]],
+    raw: dict[str, Any],
+    tmp: Path,
+) -> None:
+    """Run scenario `name` against `relay`; its raw measurements go to `raw[name]`."""
+    if name == "append":
+        raw[name] = await _scenarios.append(relay, sizes, peer, samples)
+    elif name == "latency":
+        (tmp / "latency").mkdir()
+        raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
+    else:
+        raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
 
 
 def _progress(message: str) -> None:
