@@ -20,6 +20,7 @@ from clientkit._collab import change_role as change_role
 from clientkit._collab import describe as describe
 from clientkit._collab import member_for as member_for
 from clientkit._collab import set_caps as set_caps
+from clientkit._connection import StaleBound as StaleBound
 from clientkit._home import Home as Home
 from clientkit._home import Profile as Profile
 from clientkit._outbox import Sent as Sent

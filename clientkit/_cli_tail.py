@@ -105,7 +105,8 @@ class _Tail:
                     follow=args.follow,
                 ) as events:
                     self.subscribed = True
-                    session.client.stale_after = args.stale_after or None
+                    if args.stale_after is not None:  # else the relay's interval, plus grace
+                        session.client.stale_after = args.stale_after or None
                     try:
                         while True:
                             try:

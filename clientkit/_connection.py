@@ -11,6 +11,7 @@ pipeline and collab management (`_appends.py`), artifacts (`_artifacts.py`); `Cl
 from __future__ import annotations
 
 import contextlib
+import enum
 import itertools
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final, TypeVar
@@ -22,7 +23,7 @@ from trio_websocket import ConnectionClosed
 from clientkit._checkpoints import CheckpointBook
 from clientkit._retry import backoff_delay
 from clientkit.errors import ConnectionLost, ProtocolMismatch, RelayRefused, TooManyConnections
-from model import wire
+from model import checkpoints, wire
 from model.proofs import sign_request
 from model.protocol import PROTOCOL, announced_protocol
 
@@ -41,6 +42,13 @@ RETRY_START: Final = 0.05
 RETRY_CAP: Final = 2.0
 # `overloaded` refusals of subscribes (the relay's catch-up caps) are retried for this long.
 SUBSCRIBE_RETRY_FOR: Final = 30.0
+
+
+class StaleBound(enum.Enum):
+    """`Client.stale_after = StaleBound.FROM_RELAY` (the default): the relay's announced
+    heartbeat interval plus a grace, rather than a number of seconds."""
+
+    FROM_RELAY = "from_relay"
 
 
 class ClientCore:
@@ -68,10 +76,18 @@ class ClientCore:
         # a caller with durable state gives it a store.
         self.checkpoints = CheckpointBook()
         # The staleness bound, in seconds (ADR-0020): a following `History` that has received no
-        # signed checkpoint dated within it raises `StaleView`. The relay does not announce its
-        # heartbeat interval, so the default is its default (30 s) plus a grace of 15 s; set it
-        # to `None` to turn the check off, or to match a relay configured otherwise.
-        self.stale_after: float | None = 45.0
+        # signed checkpoint dated within it raises `StaleView`. By default (`FROM_RELAY`) it
+        # follows the heartbeat interval the relay announced in `welcome` plus a grace
+        # (`model.checkpoints.stale_after`: 45 s for the default 30 s, or when none was
+        # announced); a number sets it, `None` turns the check off.
+        self.stale_after: float | StaleBound | None = StaleBound.FROM_RELAY
+        self.heartbeat_ms = 0  # as the relay announced it in `welcome` (0: not announced)
+
+    def staleness_bound(self) -> float | None:
+        """The bound in force, in seconds (None: off): `stale_after`, resolved."""
+        if self.stale_after is StaleBound.FROM_RELAY:
+            return checkpoints.stale_after(self.heartbeat_ms)
+        return self.stale_after
 
     # --- plumbing -----------------------------------------------------------------------------
 
@@ -109,6 +125,7 @@ class ClientCore:
             case wire.Welcome():
                 self.relay_pk = frame.relay_pk
                 self.challenge = frame.challenge
+                self.heartbeat_ms = frame.heartbeat_ms
                 self._welcome.set()
             case (
                 wire.Event()

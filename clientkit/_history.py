@@ -292,7 +292,7 @@ class History:
         """The next frame; following, `StaleView` once the newest signed checkpoint is older
         than the bound (once per spell: iterating on waits for frames again)."""
         assert self._frames is not None
-        bound = self._client.stale_after
+        bound = self._client.staleness_bound()
         while self._follow and bound is not None and not self._stale_reported:
             wait = max(self._fresh, self._since) + bound - time.time()
             if wait <= 0:

@@ -74,6 +74,7 @@ from clientkit._bot_context import (
     NotAMember,
 )
 from clientkit._client import Client, History, connect
+from clientkit._connection import StaleBound
 from clientkit._retry import backoff_delay
 from clientkit._session import Identity, Keys, Session
 from clientkit._state import ClientState
@@ -142,8 +143,9 @@ class Bot:
         self.connections = 0
         self.ping_every = PING_EVERY
         self.ping_timeout = PING_TIMEOUT
-        # The staleness bound of the bot's connections (`Client.stale_after`, ADR-0020).
-        self.stale_after: float | None = 45.0
+        # The staleness bound of the bot's connections (`Client.stale_after`, ADR-0020): by
+        # default the relay's announced heartbeat interval plus a grace.
+        self.stale_after: float | StaleBound | None = StaleBound.FROM_RELAY
         self._messages: list[Handler] = []
         self._dms: list[Handler] = []
         self._members: list[Handler] = []

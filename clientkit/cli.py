@@ -257,8 +257,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--stale-after",
         metavar="AGE",
         type=duration,
-        default=45.0,
-        help="following, warn when no signed checkpoint is newer than this (default 45s; 0: off)",
+        help="following, warn when no signed checkpoint is newer than this (default: the relay's"
+        " announced heartbeat interval plus a grace, 45s for its default; 0: off)",
     )
     p.set_defaults(run=cmd_tail)
 

@@ -69,6 +69,7 @@ class Lie(enum.StrEnum):
     BEHIND = "behind"  # truncate before `at` and sign that smaller head as the newest (later)
     FORK_HEAD = "fork_head"  # sign caught_up's head over another root (a forked history)
     TAMPER_INCLUSION = "tamper_inclusion"  # flip a byte of an ack's inclusion proof
+    SILENCE = "silence"  # stop heartbeats: drop every `checkpoint` push (everything else honest)
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,8 @@ class LyingRelay:
     ) -> list[wire.Reply]:
         if m is None:
             return [frame]
+        if m.lie is Lie.SILENCE:
+            return [] if isinstance(frame, wire.TreeHead) else [frame]
         match frame:
             case wire.Subscribed():
                 held[frame.collab_id] = []

@@ -1,10 +1,11 @@
-"""`cozy dev` (embedded Postgres + OpenBao dev server + relay) and `cozy dev secret put`.
+"""`cozy dev` (embedded Postgres + OpenBao dev server + witness + relay) and `cozy dev secret put`.
 
 Two dev stacks may run on one machine: the WebSocket port comes from `--port` (0: a free one)
 and the ops listener moves to a free port when its default (or COZY_OPS_PORT) is taken, unless
 `--ops-port` names one. OpenBao runs in dev mode (in memory), so the tool secrets a developer
 gives `cozy dev secret put` are also kept in a 0600 file in the data dir and put into OpenBao
-again each time `cozy dev` starts (cozy/_devsecrets.py).
+again each time `cozy dev` starts (cozy/_devsecrets.py). Unless `--no-witness`, a witness runs
+beside the relay with its state in the data dir, and the relay submits to it (cozy/_devwitness.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from cozy import _devsecrets
+from cozy._devwitness import DevWitness, dev_witness
 from model.scrub import MIN_SECRET_BYTES
 from relay._run import run_relay
 from relay.config import ConfigError, RelayConfig, Secret, load_config
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Mapping
 
+    from relay._server import Relay
     from relay.broker import ToolSpec
 
 # The README's first steps, printed by the banner with this stack's relay URL in place of
@@ -50,12 +53,12 @@ def run(args: argparse.Namespace) -> int:
     )
     # Without --ops-port, a taken ops port (often another `cozy dev`'s) moves to a free one.
     config = dataclasses.replace(config, ops_port_fallback=args.ops_port is None)
-    trio.run(_dev, config)
+    trio.run(_dev, config, not args.no_witness)
     return 0
 
 
-async def _dev(config: RelayConfig) -> None:
-    """Embedded Postgres + OpenBao dev server + relay; Ctrl-C stops all three."""
+async def _dev(config: RelayConfig, with_witness: bool) -> None:
+    """Embedded Postgres + OpenBao dev server + witness + relay; Ctrl-C stops them all."""
     stored = _devsecrets.load(config.data_dir)
     async with AsyncExitStack() as stack:
         print("starting embedded Postgres…", file=sys.stderr)
@@ -67,8 +70,21 @@ async def _dev(config: RelayConfig) -> None:
         config = dataclasses.replace(
             config, database_url=db, bao_addr=bao.addr, bao_token=Secret(bao.root_token.encode())
         )
+        witness: DevWitness | None = None
+        if with_witness:
+            witness = await stack.enter_async_context(dev_witness(config))
+            config = witness.configure(config)
         async with trio.open_nursery() as nursery:
-            relay = await nursery.start(run_relay, config)
+            if witness is not None:
+                nursery.start_soon(witness.serve)
+
+            async def relay_then_stop(task_status: trio.TaskStatus[Relay]) -> None:
+                # The relay owns the signals (SIGINT/SIGTERM); once it has shut down, the
+                # witness stops with it.
+                await run_relay(config, task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            relay = await nursery.start(relay_then_stop)
             print(
                 _banner(
                     relay.url,
@@ -78,6 +94,7 @@ async def _dev(config: RelayConfig) -> None:
                     bao.addr,
                     bao.root_token,
                     stored,
+                    witness,
                 ),
                 file=sys.stderr,
                 flush=True,
@@ -92,6 +109,7 @@ def _banner(
     bao_addr: str,
     bao_token: str,
     stored: _devsecrets.Stored,
+    witness: DevWitness | None = None,
 ) -> str:
     ops = ops_url or "off"
     if ops_port_taken is not None:
@@ -102,14 +120,35 @@ def _banner(
         f"  ops      {ops}",
         f"  postgres {config.data_dir / 'postgres'} (embedded)",
         f"  openbao  {bao_addr} (dev mode; root token for `bao kv put`: {bao_token})",
+        *_witness_lines(witness),
         *_tool_lines(config.tools, stored),
         "",
         "Try it in another shell:",
         *(f"  {line.replace(README_RELAY_URL, url)}" for line in TRY_IT),
+        *_require_lines(witness),
         "",
-        "Ctrl-C stops the relay, OpenBao and Postgres.",
+        f"Ctrl-C stops the relay, {'the witness, ' if witness else ''}OpenBao and Postgres.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _witness_lines(witness: DevWitness | None) -> list[str]:
+    if witness is None:
+        return ["  witness  off (--no-witness)"]
+    return [
+        f"  witness  {witness.url} (state in {witness.state})",
+        f"           key {witness.vkey}",
+    ]
+
+
+def _require_lines(witness: DevWitness | None) -> list[str]:
+    if witness is None:
+        return []
+    return [
+        "",
+        "Require the dev witness's cosignature in that collab (1 of 1):",
+        f"  {witness.require_command()}",
+    ]
 
 
 def _tool_lines(tools: Mapping[str, ToolSpec], stored: _devsecrets.Stored) -> list[str]:

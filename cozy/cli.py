@@ -62,6 +62,11 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.add_argument("--data-dir", type=Path, default=Path(".cozy/dev"))
     p.add_argument("--config", type=Path, help="relay TOML, e.g. its [tools.NAME] tables")
+    p.add_argument(
+        "--no-witness",
+        action="store_true",
+        help="start no witness (by default one runs on a free loopback port, state in the data dir)",
+    )
     p.set_defaults(server_action="dev")
     secret = p.add_subparsers(dest="dev_action").add_parser(
         "secret", help="tool secrets kept for the dev OpenBao"
@@ -88,6 +93,12 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--events", type=int, help="events per append scenario (default 20000)")
     p.add_argument("--idle-subscribers", type=int, help="idle subscribers to open (default 5000)")
     p.add_argument("--catchup-events", type=int, help="events to replay (default 100000)")
+    p.add_argument(
+        "--compare",
+        type=Path,
+        metavar="BASE",
+        help="also print each figure's change against a saved run (`cozy bench … > BASE`)",
+    )
     p.add_argument("--loadgen-procs", type=int, help="subscriber processes (default 2)")
     p.add_argument("--database-url", help="use this Postgres instead of an embedded one")
     p.add_argument(

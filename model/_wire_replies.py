@@ -19,6 +19,9 @@ class Welcome(_Frame, frozen=True, tag="welcome"):
 
     `challenge` is fresh random bytes for this connection: signed requests sign it
     (model/proofs.py), so a signature made on one connection is refused on every other.
+    `heartbeat_ms` is how often an open subscription gets a signed checkpoint when nothing else
+    sent one (the relay's `COZY_CHECKPOINT_INTERVAL_MS`; 0: not announced): a client's default
+    staleness bound follows it (`model.checkpoints.stale_after`).
     """
 
     protocol: str
@@ -26,6 +29,7 @@ class Welcome(_Frame, frozen=True, tag="welcome"):
     max_frame_bytes: int
     max_body_bytes: int
     challenge: bytes = b""
+    heartbeat_ms: int = 0
 
 
 class SignedUp(_Frame, frozen=True, tag="signed_up"):

@@ -44,6 +44,25 @@ CLOCK_SUFFIX: Final = "/clock"
 PROOF_KIND: Final = "cozylabs-checkpoint-contradiction/1"
 
 
+DEFAULT_STALE_AFTER: Final = 45.0
+"""The staleness bound, in seconds, against a relay that does not announce its heartbeat
+interval (`welcome.heartbeat_ms` 0): the relay's default interval (30 s) plus its grace."""
+MIN_STALE_GRACE: Final = 5.0
+
+
+def stale_after(heartbeat_ms: int) -> float:
+    """The staleness bound for a relay that announced `heartbeat_ms` (0: none announced).
+
+    The interval plus a grace of half of it, and never less than `MIN_STALE_GRACE` seconds:
+    signed dates are whole seconds, and a loaded relay or device may send or read a heartbeat a
+    little late, which must not pass for a frozen view. 30 s gives 45 s, the old default.
+    """
+    if heartbeat_ms <= 0:
+        return DEFAULT_STALE_AFTER
+    interval = heartbeat_ms / 1000
+    return interval + max(interval / 2, MIN_STALE_GRACE)
+
+
 def collab_origin(relay_name: str, collab_id: str) -> str:
     """The checkpoint origin (and log key name) of one collab on a relay."""
     return f"{relay_name}{ORIGIN_INFIX}{collab_id}"

@@ -348,6 +348,7 @@ class Relay:
                     max_frame_bytes=wire.MAX_FRAME_BYTES,
                     max_body_bytes=MAX_BODY_BYTES,
                     challenge=conn.challenge,
+                    heartbeat_ms=self.config.checkpoint_interval_ms,
                 )
             )
             try:

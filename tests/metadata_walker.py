@@ -160,7 +160,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     # relay → client
     wire.Welcome: {"protocol": C.PROTOCOL, "relay_pk": C.PUBLIC_KEY,
                    "max_frame_bytes": C.NUMBER, "max_body_bytes": C.NUMBER,
-                   "challenge": C.CHALLENGE},
+                   "challenge": C.CHALLENGE, "heartbeat_ms": C.NUMBER},
     wire.SignedUp: {"rid": _RID, "account_id": _ID},
     wire.LoggedIn: {"rid": _RID, "account_id": _ID, "token": C.TOKEN, "expires_at": C.NUMBER},
     wire.Authenticated: {"rid": _RID, "account_id": _ID},

@@ -1,16 +1,30 @@
-"""`cozy bench all --quick` runs end to end and reports every figure with its references.
+"""`cozy bench all --quick` runs end to end and reports every figure with its references, and
+`--compare BASE.json` reports each figure's change against a saved run.
 
 A shape test, not a timed one: it asserts what the run did (every subscriber got every event,
 the catch-up replayed the whole collab) and that each figure carries same-run references as
-ratios, never how fast anything was.
+ratios, never how fast anything was. The comparison is fed saved documents, so only one bench
+ever runs.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
+
+from cozy import bench
+from cozy.bench._compare import CompareError, check_comparable, comparison, load_base, render
+from cozy.bench._scenarios import Sizes
+from cozy.cli import build_parser
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+BENCH = [sys.executable, "-m", "cozy.cli", "bench"]
 
 RATE_REFS = {"per_event_commit", "verify_ceiling"}
 EXPECTED_FIGURES = {
@@ -29,12 +43,36 @@ EXPECTED_FIGURES = {
 }
 
 
-async def test_bench_all_quick_reports_every_figure_with_its_references() -> None:
+def saved_run(figures: dict[str, float], sizes: dict[str, Any]) -> dict[str, Any]:
+    """A document as `cozy bench` saves it, with these figure values (each with one reference
+    of value 1.0, so each ratio is the value)."""
+    return {
+        "benchmark": "cozy bench",
+        "sizes": json.loads(json.dumps(sizes)),
+        "figures": {
+            name: {
+                "value": value,
+                "unit": "x",
+                "better": "lower"
+                if name.startswith(("latency.", "subscribers.bytes"))
+                else "higher",
+                "refs": {"per_event_commit": {"value": 1.0, "unit": "x", "ratio": value}},
+            }
+            for name, value in figures.items()
+        },
+    }
+
+
+async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path: Path) -> None:
+    # Before (--compare): there was no way to see a run's change against an earlier one.
+    base_path = tmp_path / "base.json"
+    base = saved_run(dict.fromkeys(EXPECTED_FIGURES, 10.0), vars(Sizes.quick()))
+    base_path.write_text(json.dumps(base))
     # The bench's own embedded Postgres: the test database runs with fsync off, which the
     # relay rightly refuses.
     with trio.fail_after(150):
         done = await trio.run_process(
-            [sys.executable, "-m", "cozy.cli", "bench", "all", "--quick"],
+            [*BENCH, "all", "--quick", "--compare", str(base_path)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,
@@ -73,3 +111,91 @@ async def test_bench_all_quick_reports_every_figure_with_its_references() -> Non
     js = result["references"]["jetstream"]
     assert js["sync_interval"] == "always"
     assert js["catchup"]["events"] == result["sizes"]["catchup_events"]
+
+    # --compare: every figure against BASE, in the JSON and one line each in the summary.
+    compared = result["comparison"]
+    assert set(compared["figures"]) == EXPECTED_FIGURES
+    assert compared["only_here"] == compared["only_in_base"] == []
+    for name, c in compared["figures"].items():
+        value = figures[name]["value"]
+        assert c["base"] == 10.0
+        assert c["value"] == value
+        assert c["change_pct"] == round((value - 10.0) / 10.0 * 100, 1), name
+        higher = figures[name]["better"] == "higher"
+        assert c["better"] is (None if value == 10.0 else (value > 10.0) is higher), name
+        for ref, r in c["ratios"].items():  # the references both runs have
+            assert r == {"base": 10.0, "ratio": figures[name]["refs"][ref]["ratio"]}, name
+    table = summary.split("compared with BASE", 1)[1]
+    for name in EXPECTED_FIGURES:
+        assert f"\n{name} " in table, name
+
+    # The saved stdout of this run is itself a BASE: compared with itself, nothing changed.
+    saved = tmp_path / "run.json"
+    saved.write_bytes(done.stdout)
+    same = comparison(result, load_base(saved))
+    assert {c["change_pct"] for c in same["figures"].values()} <= {0.0, None}
+    assert {c["better"] for c in same["figures"].values()} == {None}
+    assert "same" in render(same)
+
+
+def test_a_saved_run_with_figures_only_one_side_has_lists_them() -> None:
+    ours = saved_run({"append.1_collab_512B": 200.0, "latency.p50": 4.0}, {})
+    theirs = saved_run({"append.1_collab_512B": 100.0, "catchup.events_per_s": 9.0}, {})
+    compared = comparison(ours, theirs)
+    assert compared["figures"]["append.1_collab_512B"]["change_pct"] == 100.0
+    assert compared["figures"]["append.1_collab_512B"]["better"] is True
+    assert compared["only_here"] == ["latency.p50"]
+    assert compared["only_in_base"] == ["catchup.events_per_s"]
+    text = render(compared)
+    assert "+100.0% better" in text
+    assert "latency.p50                  not in BASE" in text
+    assert "catchup.events_per_s         in BASE only" in text
+
+
+BAD_BASES = {
+    "missing": (None, "no such file; save a run first with `cozy bench all >"),
+    "not JSON": (b"cozy bench: append: running\n{", "is not JSON: save the stdout of"),
+    "not a bench run": (b'{"figures": {}}', "is not a `cozy bench` run"),
+    "other sizes": (
+        json.dumps(saved_run({"latency.p50": 1.0}, vars(Sizes()))).encode(),
+        "was run with other sizes (",
+    ),
+    "unreadable": (b"\xff\xfe not utf-8", "cannot read it"),
+}
+
+
+@pytest.mark.parametrize("what", list(BAD_BASES))
+def test_a_bad_base_is_one_line_and_exit_2_before_anything_runs(
+    tmp_path: Path, what: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    content, says = BAD_BASES[what]
+    base = tmp_path / "base.json"
+    if content is not None:
+        base.write_bytes(content)
+    with pytest.raises(CompareError):  # the typed error behind the line
+        check_comparable(load_base(base), vars(Sizes.quick()), base)
+    # `cozy bench`'s own entry, in this process: a bench that started anyway would run for a
+    # minute or more and print progress.
+    args = build_parser().parse_args(["bench", "all", "--quick", "--compare", str(base)])
+    assert bench.main(args) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [err.strip()], err
+    assert err.startswith(f"error: --compare {base}")
+    assert says in err
+    assert out == ""
+
+
+async def test_cozy_bench_with_a_missing_base_says_how_to_save_one(tmp_path: Path) -> None:
+    base = tmp_path / "base.json"
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [*BENCH, "all", "--quick", "--compare", str(base)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == [
+        f"error: --compare {base}: no such file; save a run first with `cozy bench all > {base}`"
+    ]
+    assert done.stdout == b""

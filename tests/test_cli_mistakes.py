@@ -222,8 +222,9 @@ async def test_mistakes_made_against_a_relay_are_one_line_each(
     relay: Relay, tmp_path: Path, database_url: str
 ) -> None:
     alice_home, bob_home = tmp_path / "alice", tmp_path / "bob"
-    await cli_signup(relay.url, alice_home, "alice")
-    await cli_signup(relay.url, bob_home, "bob")
+    async with trio.open_nursery() as nursery:  # two people signing up at once
+        nursery.start_soon(cli_signup, relay.url, alice_home, "alice")
+        nursery.start_soon(cli_signup, relay.url, bob_home, "bob")
     alice = client_env(alice_home)
     collab = (await cozy("collab", "create", "ops", env=alice)).stdout.decode().strip()
     await cozy("post", collab, "hello", env=alice)

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from cozy._dev import README_RELAY_URL
-from tests.cli_harness import COZY, client_env
+from tests.cli_harness import COZY, client_env, cozy, until
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Iterator
@@ -40,6 +40,8 @@ class Stack:
     ops_url: str
     bao_addr: str
     bao_token: str
+    witness_url: str | None
+    witness_vkey: str | None
 
 
 def _dev_env(**extra: str) -> dict[str, str]:
@@ -75,6 +77,7 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
         banner = text[text.index("  relay    ws://") :]
         openbao = re.search(r"openbao  (\S+) .*`bao kv put`: (\S+)\)", banner)
         assert openbao is not None, banner
+        witness = re.search(r"witness  (http://\S+) .*\n +key (\S+)", banner)
         yield Stack(
             proc,
             banner,
@@ -82,6 +85,8 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
             ops_url=" ".join(re.findall(r"ops      (\S+)", banner)),
             bao_addr=openbao[1],
             bao_token=openbao[2],
+            witness_url=witness[1] if witness else None,
+            witness_vkey=witness[2] if witness else None,
         )
     finally:
         proc.send_signal(signal.SIGINT)
@@ -139,6 +144,10 @@ async def test_two_dev_stacks_run_side_by_side_while_their_ops_port_is_taken(
                 assert await trio.to_thread.run_sync(_healthz, stack.ops_url) == 200
             assert one.ops_url != two.ops_url
             assert one.relay_url != two.relay_url
+            assert one.witness_url is not None
+            assert two.witness_url is not None
+            assert one.witness_url != two.witness_url
+            assert one.witness_vkey != two.witness_vkey
             # --ops-port names the port exactly: taken, it is a one-line error, not a move.
             held, three = one.ops_url.rsplit(":", 1)[1], str(tmp_path / "three")
             with trio.fail_after(120):
@@ -155,22 +164,33 @@ async def test_two_dev_stacks_run_side_by_side_while_their_ops_port_is_taken(
             assert b"Traceback" not in refused.stderr
 
 
-async def test_the_banner_prints_the_readme_first_steps_and_they_work(tmp_path: Path) -> None:
+async def test_the_banner_prints_the_readme_first_steps_and_the_dev_witness_and_they_work(
+    tmp_path: Path,
+) -> None:
     # Before: the banner's passphrase ('… for keys') was not the README's, and its commands
-    # (COLLAB_ID placeholders) were not the README's `C=$(…)` ones.
-    env = _dev_env(COZY_OPS_PORT="0")
-    async with dev_stack("--data-dir", str(tmp_path / "dev"), env=env) as dev:
+    # (COLLAB_ID placeholders) were not the README's `C=$(…)` ones. And `cozy dev` started no
+    # witness: a developer had to init and serve one, wire the relay to it and find its key
+    # by hand to try a witness policy.
+    data_dir, home = tmp_path / "dev", tmp_path / "alice"
+    args = ("--data-dir", str(data_dir), "--ops-port", "0")
+    async with dev_stack(*args, env=_dev_env()) as dev:
+        assert dev.witness_url is not None
+        assert dev.witness_url.startswith("http://127.0.0.1:")
         steps = dev.banner.split("Try it in another shell:\n", 1)[1].split("\n\n", 1)[0]
         lines = [line.strip() for line in steps.splitlines()]
         readme = readme_first_steps()
         for line in lines:
             assert line.replace(dev.relay_url, README_RELAY_URL) in readme, line
+        # The dev witness's line, then a post and a read that need its cosignature.
+        require = dev.banner.split("(1 of 1):\n", 1)[1].splitlines()[0].strip()
+        assert require == f".venv/bin/cozy collab witnesses $C {dev.witness_vkey} --quorum 1"
+        lines += [require, '.venv/bin/cozy post $C "cosigned"', ".venv/bin/cozy tail $C"]
         # Run them as printed (from a shell in the checkout, as the README says), with the
         # documented test KDF so the sign-up takes a moment, and a home of this test's own.
-        script = "\n".join(lines).replace("/tmp/cozy-alice", str(tmp_path / "alice"))
+        script = "\n".join(lines).replace("/tmp/cozy-alice", str(home))
         with trio.fail_after(120):
             ran = await trio.run_process(
-                ["bash", "-euc", script],
+                ["bash", "-euc", script + '\necho "C=$C"'],
                 env=client_env(tmp_path / "unused"),
                 cwd=ROOT,
                 capture_stdout=True,
@@ -180,6 +200,26 @@ async def test_the_banner_prints_the_readme_first_steps_and_they_work(tmp_path: 
         assert ran.returncode == 0, ran.stderr.decode()
         assert b"signed up as alice" in ran.stdout
         assert b"\talice\thello" in ran.stdout
+        assert b"requires 1 of 1 witnesses" in ran.stdout
+        # A read under the 1-of-1 policy takes a head only with the dev witness's cosignature.
+        assert b"\talice\tcosigned" in ran.stdout
+        collab = re.findall(r"^C=(\S+)$", ran.stdout.decode(), re.M)[0]
+        relay_port = dev.relay_url.rsplit(":", 1)[1]
+    status = await trio.to_thread.run_sync(_witness_status, data_dir / "witness")
+    [(origin, size)] = status.items()
+    assert origin.endswith(f"/collab/{collab}")
+    assert size >= 3  # the collab's creation, the policy, the posts
+
+    # Restarted on the same data dir (and relay port: the device keeps the URL it signed up
+    # on), the stack serves the same witness, which goes on from what it cosigned.
+    exported = dict(re.findall(r"(COZY_\w+)='([^']+)'", lines[0]))  # the README's own
+    env = client_env(home, **exported)
+    async with dev_stack(*args, "--port", relay_port, env=_dev_env()) as again:
+        assert again.witness_vkey == dev.witness_vkey
+        await cozy("post", collab, "after a restart", env=env)
+        await until(collab, env, ["alice", "after a restart"])
+    later = await trio.to_thread.run_sync(_witness_status, data_dir / "witness")
+    assert later[origin] > size
 
 
 TOOLS_TOML = """
@@ -262,8 +302,10 @@ async def test_tool_secrets_survive_a_restart_of_the_dev_openbao(tmp_path: Path)
         first_banner = first.banner
     assert not (data_dir / "openbao.json").exists(), "the stopped stack still names its OpenBao"
 
-    async with dev_stack(*args, env=_dev_env()) as second:
+    async with dev_stack(*args, "--no-witness", env=_dev_env()) as second:
         assert second.bao_token != first.bao_token  # a new, empty dev server
+        assert "  witness  off (--no-witness)" in second.banner
+        assert second.witness_url is None
         assert "no secret yet" not in second.banner
         weather = await trio.to_thread.run_sync(_read_secret, second, "secret", "tools/weather")
         maps = await trio.to_thread.run_sync(_read_secret, second, "devkv", "tools/maps")
@@ -290,3 +332,14 @@ async def test_secret_put_for_an_undeclared_tool_or_an_empty_value_says_what_to_
     assert len(empty.stderr.decode().splitlines()) == 1
     assert b"at least 4 bytes" in empty.stderr
     assert not (tmp_path / "dev" / "dev-secrets.json").exists()
+
+
+def _witness_status(state: Path) -> dict[str, int]:
+    """`cozy witness status`: origin → size last cosigned."""
+    out = subprocess.run(
+        [*COZY, "witness", "status", "--state", str(state)],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout.decode()
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\S+/collab/\S+) size=(\d+)", out, re.M)}

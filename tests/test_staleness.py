@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from clientkit import Bot, ClientError, Context, IntegrityAlarm, StaleView
+from clientkit import Bot, ClientError, Context, IntegrityAlarm, StaleBound, StaleView
+from clientkit.testing import Lie, LyingRelay, Misbehaviour
 from tests.cli_harness import COZY, cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, running_relay, session, sign_up
 from tests.test_cli_follow import _Lines
@@ -78,14 +79,42 @@ async def test_a_relay_that_heartbeats_an_old_signed_date_makes_a_follower_repor
     assert stale.age >= 3600
 
 
+@pytest.mark.objective("SO-4")
+async def test_a_client_with_no_bound_follows_the_announced_heartbeat_and_sees_it_stop(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Before: the relay did not announce its heartbeat interval and a client's default bound
+    # was a fixed 45 s, so against a relay beating every second a stopped heartbeat went
+    # unreported for 45 s (this test timed out).
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=1000)
+    async with running_relay(config) as relay:
+        silent = LyingRelay(relay.url, plan=lambda _n: Misbehaviour(Lie.SILENCE, at=1))
+        async with silent.running() as url:
+            alice = await sign_up(url, "alice")
+            async with session(url, alice) as client:
+                assert client.stale_after is StaleBound.FROM_RELAY  # nothing set
+                assert client.heartbeat_ms == 1000
+                bound = client.staleness_bound()
+                assert bound is not None
+                assert 1.0 < bound <= 10.0
+                async with client.history(alice.collab_id, alice.box_key, follow=True) as events:
+                    with trio.fail_after(30):
+                        with pytest.raises(StaleView) as caught:
+                            async for _ in events:
+                                pass
+    assert caught.value.bound == bound
+    assert caught.value.age >= bound
+
+
 async def test_honest_heartbeats_never_report_a_stale_view(
     database_url: str, tmp_path: Path
 ) -> None:
+    # No bound set: the client follows the relay's announced 100 ms interval plus its grace.
     config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=100)
     async with running_relay(config) as relay:
         alice = await sign_up(relay.url, "alice")
         async with session(relay.url, alice) as client:
-            client.stale_after = 4.0
+            assert client.heartbeat_ms == 100
             async with client.history(alice.collab_id, alice.box_key, follow=True) as events:
                 with trio.move_on_after(6):
                     async for _ in events:  # a StaleView here fails the test

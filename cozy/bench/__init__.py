@@ -9,7 +9,8 @@ verifications of the same events, and NATS JetStream doing the same job with the
 payloads (see `_references` and `_jetstream`).
 
 Prints one JSON document on stdout and a human summary on stderr. docs/performance.md explains
-the scenarios and the table format.
+the scenarios and the table format. `--compare BASE.json` (a saved stdout) adds each figure's
+change against that run (`_compare`).
 """
 
 from __future__ import annotations
@@ -26,8 +27,15 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from cozy.bench import _scenarios, _stagetimes
-from cozy.bench._common import BenchError, figure, raise_nofile_limit, relay_process
+from cozy.bench import _compare, _scenarios, _stagetimes
+from cozy.bench._common import (
+    BenchError,
+    RelayProcess,
+    figure,
+    raise_nofile_limit,
+    relay_process,
+)
+from cozy.bench._compare import CompareError
 from cozy.bench._references import database_settings, per_event_commit, verify_ceiling
 from cozy.bench._scenarios import Peer, Sizes
 from ledger import migrate
@@ -44,7 +52,7 @@ CHOICES: Final = ("all", *SCENARIOS)
 # COZY_MAX_CONNECTIONS_PER_ACCOUNT's ceiling, less room for the bench's own connections.
 MAX_IDLE_SUBSCRIBERS: Final = 9990
 
-__all__ = ["CHOICES", "SCENARIOS", "BenchError", "main"]
+__all__ = ["CHOICES", "SCENARIOS", "BenchError", "CompareError", "main"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -65,6 +73,14 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    base: dict[str, Any] | None = None
+    if args.compare is not None:  # before the run: a wrong BASE costs no benchmark
+        try:
+            base = _compare.load_base(args.compare)
+            _compare.check_comparable(base, vars(sizes), args.compare)
+        except _compare.CompareError as refused:
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
     which = SCENARIOS if args.which == "all" else (args.which,)
     failures: list[BaseException] = []
     try:
@@ -75,6 +91,8 @@ def main(args: argparse.Namespace) -> int:
         for exc in failures:
             print(f"error: {exc}", file=sys.stderr)
         return 1
+    if base is not None:
+        result["comparison"] = _compare.comparison(result, base)
     print(json.dumps(result, indent=2))
     print(summary(result), file=sys.stderr)
     if stages := result["scenarios"].get("latency", {}).get("stage_times"):
@@ -85,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
             + _stagetimes.table(stages["stages"]),
             file=sys.stderr,
         )
+    if base is not None:
+        print(_compare.render(result["comparison"]), file=sys.stderr)
     return 0
 
 
@@ -104,19 +124,27 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         raw: dict[str, Any] = {}
         # A fresh relay per scenario: nothing one leaves behind (idle sequencers, freed memory
         # the allocator would reuse) colours the next, least of all the RSS per subscriber.
-        for i, name in enumerate(which):
-            _progress(f"{name}: running")
-            stage_times = name == "latency"  # where each append's time goes
-            async with relay_process(url, tmp / f"relay-{name}", stage_times=stage_times) as relay:
-                if name == "append":
-                    raw[name] = await _scenarios.append(relay, sizes, peer, samples)
-                elif name == "latency":
-                    (tmp / "latency").mkdir()
-                    raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
-                else:
-                    raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
-                if i == len(which) - 1 and not samples:  # the references need such events
-                    samples["512B"] = await _scenarios.reference_events(relay, sizes)
+        # A quick run shares one (`Sizes.relay_per_scenario`) but for latency, whose relay
+        # stamps stage times; the shared one stops before the references.
+        async with AsyncExitStack() as shared_relay:
+            shared: RelayProcess | None = None
+            for i, name in enumerate(which):
+                _progress(f"{name}: running")
+                stage_times = name == "latency"  # where each append's time goes
+                async with AsyncExitStack() as own_relay:
+                    if sizes.relay_per_scenario or stage_times:
+                        relay = await own_relay.enter_async_context(
+                            relay_process(url, tmp / f"relay-{name}", stage_times=stage_times)
+                        )
+                    else:
+                        if shared is None:
+                            shared = await shared_relay.enter_async_context(
+                                relay_process(url, tmp / "relay")
+                            )
+                        relay = shared
+                    await _scenario(name, relay, sizes, peer, samples, raw, tmp)
+                    if i == len(which) - 1 and not samples:  # the references need such events
+                        samples["512B"] = await _scenarios.reference_events(relay, sizes)
         # No relay is running: the references run one after another on a quieter machine.
         _progress("references: one commit per event, Ed25519 verify ceiling, JetStream")
         refs: dict[str, Any] = {"per_event_commit": {}, "verify_ceiling": {}}
@@ -142,6 +170,25 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
         "references": refs,
         "figures": figures(raw, refs),
     }
+
+
+async def _scenario(
+    name: str,
+    relay: RelayProcess,
+    sizes: Sizes,
+    peer: Peer,
+    samples: dict[str, tuple[list[SignedEvent], bytes]],
+    raw: dict[str, Any],
+    tmp: Path,
+) -> None:
+    """Run scenario `name` against `relay`; its raw measurements go to `raw[name]`."""
+    if name == "append":
+        raw[name] = await _scenarios.append(relay, sizes, peer, samples)
+    elif name == "latency":
+        (tmp / "latency").mkdir()
+        raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
+    else:
+        raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
 
 
 def _progress(message: str) -> None:

@@ -62,20 +62,28 @@ class Sizes:
     baseline_events: int = 5000
     jetstream_sequential: int = 5000
     loadgen_procs: int = 2
+    # A fresh relay process per scenario, so nothing one leaves behind colours the next. A
+    # quick run shares one (latency keeps its own, which stamps stage times): it checks that
+    # every scenario runs, not what it measures, and a relay start is seconds of a loaded CI
+    # machine.
+    relay_per_scenario: bool = True
 
     @classmethod
     def quick(cls) -> Sizes:
+        """A smoke run: every scenario and reference, at sizes that only prove they run."""
         return cls(
-            append_events=300,
+            append_events=100,
             fanout_subscribers=(1, 10),
-            fanout_deliveries=3000,
-            fanout_min_events=100,
-            latency_seconds=0.3,
-            latency_subscribers=10,
-            idle_subscribers=20,
-            catchup_events=500,
-            baseline_events=200,
-            jetstream_sequential=200,
+            fanout_deliveries=300,
+            fanout_min_events=20,
+            latency_seconds=0.2,
+            latency_subscribers=5,
+            idle_subscribers=10,
+            catchup_events=100,
+            baseline_events=50,
+            jetstream_sequential=50,
+            loadgen_procs=1,
+            relay_per_scenario=False,
         )
 
 
