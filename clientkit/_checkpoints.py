@@ -7,10 +7,11 @@ Per collab the device keeps two of the relay's signed, dated checkpoints (model/
   proof from the size this device announced in `subscribe` (`tree_size`) or from the last one
   the relay sent on that subscription. Its size is what the next `subscribe` announces.
 - `top`: the largest one it was given at all, including the checkpoint an ack proves its event
-  included under (a receipt). It is what a later, smaller head is measured against.
+  included under (the ack's receipt: the relay signs no other). It is what a later, smaller
+  head is measured against.
 
 Every new checkpoint must open under the pinned relay key (else `TamperDetected`, or
-`ReceiptInvalid` on an ack, as must the ack's inclusion proof); must not contradict `held` or
+`ReceiptInvalid` on an ack, which must carry one, as must the ack's inclusion proof); must not contradict `held` or
 `top` (same size and another root, or smaller and dated strictly later: `EquivocationDetected`
 carrying both notes, which `cozy evidence check` verifies); and, when larger than `held` with a
 proof from `held`'s size, must be consistent with it (else `ForkDetected`). A larger one with a
@@ -33,12 +34,11 @@ from model.checkpoints import (
     contradiction,
     open_head,
 )
-from model.merkle import ProofInvalid, leaf_hash, verify_consistency, verify_inclusion
+from model.equivocation import ReceiptUnproven, SignedReceipt, open_receipt
+from model.merkle import ProofInvalid, verify_consistency
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-
-    from model import wire
 
 
 class CheckpointStore(Protocol):
@@ -81,29 +81,26 @@ class CheckpointBook:
         held = self.held(relay_pk, collab_id)
         return 0 if held is None else held.size
 
-    def check_ack(self, relay_pk: bytes, ack: wire.Appended) -> None:
-        """An ack's checkpoint and inclusion proof (nothing to check when it has none: a
-        duplicate's ack, or a relay without trees; its receipt signature is checked anyway)."""
-        if not ack.checkpoint:
-            return
+    def check_ack(self, relay_pk: bytes, receipt: SignedReceipt) -> None:
+        """An ack's receipt: its checkpoint must open under the relay key and include the event
+        at its seq (`ReceiptInvalid` otherwise, also when it has none), and must not contradict
+        what this device holds; the largest becomes `top`."""
         try:
-            head = open_head(ack.checkpoint, relay_pk, ack.collab_id)
-            if not 1 <= ack.seq <= head.size:
-                raise ProofInvalid(f"seq {ack.seq} is not in a tree of {head.size}")
-            verify_inclusion(
-                leaf_hash(ack.event_id), ack.seq - 1, head.size, ack.inclusion, head.root
-            )
-        except (CheckpointInvalid, ProofInvalid) as exc:
+            if not receipt.checkpoint:
+                raise ReceiptUnproven("the ack carries no checkpoint")
+            head = open_receipt(relay_pk, receipt)
+        except ReceiptUnproven as exc:
             raise ReceiptInvalid(
-                f"the ack's checkpoint does not prove the event stored: {exc}",
-                collab_id=ack.collab_id,
-                seq=ack.seq,
+                f"the ack's receipt does not prove the event stored: {exc}",
+                collab_id=receipt.collab_id,
+                seq=receipt.seq,
             ) from None
-        held, top = self._load(relay_pk, ack.collab_id)
+        assert head is not None
+        held, top = self._load(relay_pk, receipt.collab_id)
         self._compare(relay_pk, head, (held, top))
         if top is None or head.size > top.size:
             top = head
-        self._save(ack.collab_id, held, top)
+        self._save(receipt.collab_id, held, top)
 
     def check_head(
         self,
