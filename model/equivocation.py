@@ -86,14 +86,25 @@ def open_receipt(relay_pk: bytes, receipt: SignedReceipt) -> SignedHead | None:
         return None
     try:
         head = open_head(receipt.checkpoint, relay_pk, receipt.collab_id)
+    except CheckpointInvalid as exc:
+        raise ReceiptUnproven(f"the checkpoint does not prove the event stored: {exc}") from None
+    check_included(receipt, head)
+    return head
+
+
+def check_included(receipt: SignedReceipt, head: SignedHead) -> None:
+    """The receipt's proof places its event at leaf `seq - 1` of `head` (opened from the
+    receipt's own checkpoint by the caller). Raises `ReceiptUnproven`."""
+    try:
+        if head.note != receipt.checkpoint or head.collab_id != receipt.collab_id:
+            raise ProofInvalid("the receipt is not under this checkpoint")
         if not 1 <= receipt.seq <= head.size:
             raise ProofInvalid(f"seq {receipt.seq} is not in a tree of {head.size}")
         verify_inclusion(
             leaf_hash(receipt.event_id), receipt.seq - 1, head.size, receipt.inclusion, head.root
         )
-    except (CheckpointInvalid, ProofInvalid) as exc:
+    except ProofInvalid as exc:
         raise ReceiptUnproven(f"the checkpoint does not prove the event stored: {exc}") from None
-    return head
 
 
 def disagree(a: SignedReceipt, b: SignedReceipt) -> bool:
