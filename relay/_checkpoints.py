@@ -154,11 +154,11 @@ class CollabTrees:
         group's size is final."""
         out: list[tuple[bytes, list[tuple[bytes, ...]]]] = []
         for g, seqs in jobs:
-            note = self.signer.sign(g.collab_id, g.size, g.root, g.timestamp)
             tree = self._trees.get(g.collab_id)
             if tree is None or tree.size < g.size:  # dropped meanwhile: no proof to give
                 out.append((b"", [() for _ in seqs]))
                 continue
+            note = self.signer.sign(g.collab_id, g.size, g.root, g.timestamp)
             out.append((note, [tree.inclusion_proof(seq - 1, g.size) for seq in seqs]))
         return out
 

@@ -329,7 +329,9 @@ class Sequencer:
                     try:
                         note, proofs = await self._trees.latest_receipts(self.collab_id, seqs)
                     except (ReceiptsNotReady, LedgerError):
-                        self._fail(run, None)  # stored, so the retry gets its seq back
+                        # Stored, but not provable now: the retry gets its seq and a receipt.
+                        for sub, _ in run:
+                            self._reply(sub, _unproven(sub.rid))
                         continue
                 for (sub, _), a, proof in zip(run, assignments, proofs, strict=True):
                     self._reply(sub, appended(sub.rid, self.collab_id, a, note, proof))
@@ -575,6 +577,15 @@ def _record(
     for (sub, _), a in zip(run, assignments, strict=True):
         if sub.stamps is not None and not a.duplicate:
             recorder.event(collab_id, a.seq, [*sub.stamps, *timing, at])
+
+
+def _unproven(rid: int) -> wire.Error:
+    return wire.Error(
+        rid=rid,
+        code=wire.ErrorCode.OVERLOADED,
+        message="the relay stored this event but cannot prove it yet; retry it (appends are"
+        " idempotent: it gets its seq back, with its receipt)",
+    )
 
 
 def _verify_batch(
