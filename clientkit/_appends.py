@@ -3,7 +3,8 @@
 Creating a collab, management changes against a freshly verified head (`manage`), sealing
 against a verified view with a re-seal after a `stale` bounce (`seal_and_append`), and the
 pipelined appends themselves: a per-connection window, backoff on `overloaded`, and a check of
-every ack's signed receipt (kept through `on_receipt` to catch equivocation).
+every ack's receipt, an inclusion proof under the relay's signed checkpoint (kept through
+`on_receipt` to catch equivocation).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from clientkit.errors import (
 )
 from model import content as contentmod
 from model import wire
-from model.chain import Receipt, verify_receipt
 from model.envelope import event_id, seal_event
 from model.equivocation import PROOF_KIND, EquivocationProof, SignedReceipt
 from model.excgroups import first_error
@@ -355,30 +355,33 @@ class AppendCalls(HistoryCalls):
         return again + unsent, refused
 
     def _check_receipt(self, signed: SignedEvent, ack: wire.Appended) -> None:
-        receipt = Receipt(ack.collab_id, ack.seq, ack.event_id, ack.chain)
-        if ack.event_id != event_id(signed) or not verify_receipt(
-            self.relay_pk, receipt, ack.receipt_sig
-        ):
+        """The ack's receipt (its checkpoint and inclusion proof, ADR-0020) must prove this
+        event stored at the ack's seq under the relay key; it is kept (`on_receipt`), and one
+        kept before for the same position that disagrees is an equivocation proof."""
+        if ack.event_id != event_id(signed):
             raise ReceiptInvalid(
-                "ack receipt does not match the event or the relay key",
+                "the relay acked another event than the one sent",
                 collab_id=ack.collab_id,
                 seq=ack.seq,
             )
-        self.checkpoints.check_ack(self.relay_pk, ack)
+        receipt = SignedReceipt(
+            ack.collab_id,
+            ack.seq,
+            ack.event_id,
+            ack.chain,
+            checkpoint=ack.checkpoint,
+            inclusion=list(ack.inclusion),
+        )
+        self.checkpoints.check_ack(self.relay_pk, receipt)
         if self.on_receipt is None:
             return
-        signed_receipt = SignedReceipt(
-            ack.collab_id, ack.seq, ack.event_id, ack.chain, ack.receipt_sig
-        )
-        earlier = self.on_receipt(signed_receipt)
+        earlier = self.on_receipt(receipt)
         if earlier is not None:
             raise EquivocationDetected(
                 "the relay signed two different events for the same position",
                 collab_id=ack.collab_id,
                 seq=ack.seq,
-                proof=EquivocationProof(
-                    PROOF_KIND, self.relay_pk, earlier, other_receipt=signed_receipt
-                ),
+                proof=EquivocationProof(PROOF_KIND, self.relay_pk, earlier, other_receipt=receipt),
             )
 
     async def post(

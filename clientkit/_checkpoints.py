@@ -7,10 +7,11 @@ Per collab the device keeps two of the relay's signed, dated checkpoints (model/
   proof from the size this device announced in `subscribe` (`tree_size`) or from the last one
   the relay sent on that subscription. Its size is what the next `subscribe` announces.
 - `top`: the largest one it was given at all, including the checkpoint an ack proves its event
-  included under (a receipt). It is what a later, smaller head is measured against.
+  included under (the ack's receipt: the relay signs no other). It is what a later, smaller
+  head is measured against.
 
 Every new checkpoint must open under the pinned relay key (else `TamperDetected`, or
-`ReceiptInvalid` on an ack, as must the ack's inclusion proof); must not contradict `held` or
+`ReceiptInvalid` on an ack, which must carry one, as must the ack's inclusion proof); must not contradict `held` or
 `top` (same size and another root, or smaller and dated strictly later: `EquivocationDetected`
 carrying both notes, which `cozy evidence check` verifies); and, when larger than `held` with a
 proof from `held`'s size, must be consistent with it (else `ForkDetected`). A larger one with a
@@ -33,12 +34,14 @@ from model.checkpoints import (
     contradiction,
     open_head,
 )
-from model.merkle import ProofInvalid, leaf_hash, verify_consistency, verify_inclusion
+from model.equivocation import ReceiptUnproven, SignedReceipt, check_included
+from model.merkle import ProofInvalid, verify_consistency
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from model import wire
+
+_OPENED_MAX = 64  # opened notes remembered per book
 
 
 class CheckpointStore(Protocol):
@@ -56,15 +59,50 @@ class CheckpointBook:
         self.store = store
         self._held: dict[str, SignedHead | None] = {}
         self._top: dict[str, SignedHead | None] = {}
+        # Notes this book opened, by (relay key, collab, exact bytes): the acks of one commit
+        # group share one note, and the saved `held`/`top` are read back on every check, so
+        # each is verified once, not two signatures per ack and per read (the key is the bytes
+        # themselves: a note edited on disk is not found here and is verified again).
+        self._opened: dict[tuple[bytes, str, bytes], SignedHead] = {}
+
+    def _open(self, note: bytes, relay_pk: bytes, collab_id: str) -> SignedHead:
+        """`open_head`, remembered. Raises `CheckpointInvalid`."""
+        key = (relay_pk, collab_id, note)
+        head = self._opened.get(key)
+        if head is None:
+            head = open_head(note, relay_pk, collab_id)
+            if len(self._opened) >= _OPENED_MAX:
+                self._opened.clear()
+            self._opened[key] = head
+        return head
+
+    def _reopen(self, note: bytes | None, relay_pk: bytes, collab_id: str) -> SignedHead | None:
+        """A saved note, checked again (it is on disk: it may have been edited or re-pinned)."""
+        if note is None:
+            return None
+        try:
+            return self._open(note, relay_pk, collab_id)
+        except CheckpointInvalid:
+            return None
 
     def _load(self, relay_pk: bytes, collab_id: str) -> tuple[SignedHead | None, SignedHead | None]:
         if self.store is not None:
             held, top = self.store.checkpoints(collab_id)
-            return _reopen(held, relay_pk, collab_id), _reopen(top, relay_pk, collab_id)
+            return self._reopen(held, relay_pk, collab_id), self._reopen(top, relay_pk, collab_id)
         return self._held.get(collab_id), self._top.get(collab_id)
 
-    def _save(self, collab_id: str, held: SignedHead | None, top: SignedHead | None) -> None:
+    def _save(
+        self,
+        collab_id: str,
+        held: SignedHead | None,
+        top: SignedHead | None,
+        was: tuple[SignedHead | None, SignedHead | None] | None = None,
+    ) -> None:
+        """Keep `held` and `top` (a durable store is written only when one changed from `was`,
+        what `_load` returned)."""
         self._held[collab_id], self._top[collab_id] = held, top
+        if was is not None and was[0] is held and was[1] is top:
+            return
         if self.store is not None:
             self.store.save_checkpoints(
                 collab_id, None if held is None else held.note, None if top is None else top.note
@@ -81,29 +119,29 @@ class CheckpointBook:
         held = self.held(relay_pk, collab_id)
         return 0 if held is None else held.size
 
-    def check_ack(self, relay_pk: bytes, ack: wire.Appended) -> None:
-        """An ack's checkpoint and inclusion proof (nothing to check when it has none: a
-        duplicate's ack, or a relay without trees; its receipt signature is checked anyway)."""
-        if not ack.checkpoint:
-            return
+    def check_ack(self, relay_pk: bytes, receipt: SignedReceipt) -> None:
+        """An ack's receipt: its checkpoint must open under the relay key and include the event
+        at its seq (`ReceiptInvalid` otherwise, also when it has none), and must not contradict
+        what this device holds; the largest becomes `top`."""
         try:
-            head = open_head(ack.checkpoint, relay_pk, ack.collab_id)
-            if not 1 <= ack.seq <= head.size:
-                raise ProofInvalid(f"seq {ack.seq} is not in a tree of {head.size}")
-            verify_inclusion(
-                leaf_hash(ack.event_id), ack.seq - 1, head.size, ack.inclusion, head.root
-            )
-        except (CheckpointInvalid, ProofInvalid) as exc:
+            if not receipt.checkpoint:
+                raise ReceiptUnproven("the ack carries no checkpoint")
+            try:
+                head = self._open(receipt.checkpoint, relay_pk, receipt.collab_id)
+            except CheckpointInvalid as exc:
+                raise ReceiptUnproven(f"its checkpoint does not verify: {exc}") from None
+            check_included(receipt, head)
+        except ReceiptUnproven as exc:
             raise ReceiptInvalid(
-                f"the ack's checkpoint does not prove the event stored: {exc}",
-                collab_id=ack.collab_id,
-                seq=ack.seq,
+                f"the ack's receipt does not prove the event stored: {exc}",
+                collab_id=receipt.collab_id,
+                seq=receipt.seq,
             ) from None
-        held, top = self._load(relay_pk, ack.collab_id)
+        was = held, top = self._load(relay_pk, receipt.collab_id)
         self._compare(relay_pk, head, (held, top))
         if top is None or head.size > top.size:
             top = head
-        self._save(ack.collab_id, held, top)
+        self._save(receipt.collab_id, held, top, was)
 
     def check_head(
         self,
@@ -115,7 +153,7 @@ class CheckpointBook:
     ) -> SignedHead:
         """A `caught_up`'s or heartbeat's checkpoint. Returns it once it passed."""
         try:
-            head = open_head(note, relay_pk, collab_id)
+            head = self._open(note, relay_pk, collab_id)
         except CheckpointInvalid as exc:
             raise TamperDetected(
                 f"the relay's checkpoint does not verify: {exc}", collab_id=collab_id, seq=None
@@ -156,13 +194,3 @@ class CheckpointBook:
                         PROOF_KIND, relay_pk, head.collab_id, other.note, head.note
                     ),
                 )
-
-
-def _reopen(note: bytes | None, relay_pk: bytes, collab_id: str) -> SignedHead | None:
-    """A saved note, checked again (it is on disk: it may have been edited or re-pinned)."""
-    if note is None:
-        return None
-    try:
-        return open_head(note, relay_pk, collab_id)
-    except CheckpointInvalid:
-        return None

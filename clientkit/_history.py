@@ -35,7 +35,7 @@ from clientkit.errors import (
 )
 from model import wire
 from model.envelope import DM_VERSION, DmHeader
-from model.equivocation import PROOF_KIND, EquivocationProof, Served
+from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
 from model.errors import ChainMismatch
 from model.view import (
     CollabView,
@@ -338,7 +338,8 @@ class History:
 
     def _check_receipt(self, entry: Entry) -> None:
         promised = self._receipts.get(entry.seq)
-        if promised is None or (promised.event_id, promised.chain) == (entry.event_id, entry.chain):
+        served = Served(entry.seq, entry.event_id, entry.chain)
+        if promised is None or not contradicted_by(promised, served):
             return
         raise EquivocationDetected(
             "the relay acked one of this account's events at this seq, and now serves another",
@@ -348,7 +349,7 @@ class History:
                 PROOF_KIND,
                 self._client.relay_pk,
                 promised,
-                served=Served(entry.seq, entry.event_id, entry.chain),
+                served=served,
             ),
         )
 

@@ -2,8 +2,10 @@
 
 A relay must not be able to roll a device back or make it forget a promise, so what the device
 verified outlives the process: the last verified head per collab (a later history must pass
-through it), and every receipt the relay signed for this device's own appends (the history must
-later show that event at that seq; two receipts for one position are an equivocation proof);
+through it), and every receipt the relay gave for this device's own appends (an inclusion proof
+under its signed checkpoint, or, kept from an older relay, a per-event signature: the history
+must later show that event at that seq; two receipts for one position that disagree are an
+equivocation proof);
 the relay's signed checkpoints it holds per collab (clientkit/_checkpoints.py);
 and this device's own author streams (`sent`): every event it signs is kept here *before* it is
 sent, so a crash or a lost ack is followed by a resend of those same signed bytes, never by a
@@ -18,9 +20,11 @@ from contextlib import closing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from model.chain import Head
 from model.envelope import SignedEvent
-from model.equivocation import SignedReceipt
+from model.equivocation import SignedReceipt, disagree
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,11 +40,13 @@ CREATE TABLE IF NOT EXISTS cursors (
     seq       INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS receipts (
-    collab_id TEXT NOT NULL,
-    seq       INTEGER NOT NULL,
-    event_id  BLOB NOT NULL,
-    chain     BLOB NOT NULL,
-    sig       BLOB NOT NULL,
+    collab_id  TEXT NOT NULL,
+    seq        INTEGER NOT NULL,
+    event_id   BLOB NOT NULL,
+    chain      BLOB NOT NULL,
+    sig        BLOB NOT NULL,
+    checkpoint BLOB NOT NULL DEFAULT x'',
+    inclusion  BLOB NOT NULL DEFAULT x'',
     PRIMARY KEY (collab_id, seq, event_id, chain)
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -61,6 +67,11 @@ CREATE TABLE IF NOT EXISTS sent (
     PRIMARY KEY (collab_id, device, counter)
 );
 """
+# `receipts`: a receipt is `checkpoint` (the relay's signed checkpoint note) with `inclusion`
+# (the msgpack list of the event's inclusion proof under it), and `sig` empty (ADR-0020); a row
+# kept from an older relay has `sig` (its per-event signature, ADR-0007) and empty `checkpoint`.
+# A state.db made before receipts became inclusion proofs gets the two columns added on open
+# (`_upgrade`), its rows staying old-shape receipts, which are checked as they always were.
 # `sent`: one row per event this device signed in a collab's author stream `device`. `seq` is
 # NULL while the outcome is unknown (signed, maybe sent, no ack recorded). `intent` is what the
 # caller meant by it (a bot: the event handled and the post's number in that handler; the CLI:
@@ -103,6 +114,43 @@ def _sent_row(row: tuple[object, ...]) -> SentEvent:
     )
 
 
+# PRAGMA user_version of a state.db whose `receipts` has the inclusion-proof columns.
+_VERSION = 1
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Bring a state.db written by an older client up to `_VERSION` (idempotent)."""
+    if int(conn.execute("PRAGMA user_version").fetchone()[0]) >= _VERSION:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    columns = {str(row[1]) for row in conn.execute("PRAGMA table_info(receipts)")}
+    for column in ("checkpoint", "inclusion"):
+        if column not in columns:
+            conn.execute(f"ALTER TABLE receipts ADD COLUMN {column} BLOB NOT NULL DEFAULT x''")
+    conn.execute(f"PRAGMA user_version = {_VERSION}")
+    conn.execute("COMMIT")
+
+
+_proof_encoder = msgspec.msgpack.Encoder()
+_proof_decoder = msgspec.msgpack.Decoder(list[bytes])
+
+
+def _receipt_row(collab_id: str, row: tuple[object, ...]) -> SignedReceipt:
+    s, e, c, g, n, i = row
+    return SignedReceipt(
+        collab_id,
+        int(s),  # type: ignore[call-overload]
+        bytes(e),  # type: ignore[call-overload]
+        bytes(c),  # type: ignore[call-overload]
+        bytes(g),  # type: ignore[call-overload]
+        bytes(n),  # type: ignore[call-overload]
+        _proof_decoder.decode(bytes(i)) if i else [],  # type: ignore[call-overload]
+    )
+
+
+_RECEIPT_COLUMNS = "seq, event_id, chain, sig, checkpoint, inclusion"
+
+
 class ClientState:
     def __init__(self, path: Path) -> None:
         self._path = path
@@ -114,6 +162,7 @@ class ClientState:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
+        _upgrade(conn)
         return conn
 
     def head(self, collab_id: str) -> Head | None:
@@ -172,35 +221,41 @@ class ClientState:
             conn.execute("COMMIT")
 
     def add_receipt(self, receipt: SignedReceipt) -> SignedReceipt | None:
-        """Keep a receipt; return an earlier one for the same position that disagrees."""
+        """Keep a receipt; return an earlier one for the same position that disagrees with it
+        (`model.equivocation.disagree`: the two are then an equivocation proof)."""
         with closing(self._connect()) as conn:
             conn.execute("BEGIN IMMEDIATE")
-            other = conn.execute(
-                "SELECT event_id, chain, sig FROM receipts WHERE collab_id = ? AND seq = ?"
-                " AND (event_id != ? OR chain != ?) LIMIT 1",
-                (receipt.collab_id, receipt.seq, receipt.event_id, receipt.chain),
-            ).fetchone()
+            rows = conn.execute(
+                f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE collab_id = ? AND seq = ?",  # noqa: S608 — constant columns
+                (receipt.collab_id, receipt.seq),
+            ).fetchall()
             conn.execute(
-                "INSERT OR IGNORE INTO receipts (collab_id, seq, event_id, chain, sig)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (receipt.collab_id, receipt.seq, receipt.event_id, receipt.chain, receipt.sig),
+                f"INSERT OR IGNORE INTO receipts (collab_id, {_RECEIPT_COLUMNS})"  # noqa: S608 — constant columns
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    receipt.collab_id,
+                    receipt.seq,
+                    receipt.event_id,
+                    receipt.chain,
+                    receipt.sig,
+                    receipt.checkpoint,
+                    _proof_encoder.encode(receipt.inclusion) if receipt.checkpoint else b"",
+                ),
             )
             conn.execute("COMMIT")
-        if other is None:
-            return None
-        return SignedReceipt(
-            receipt.collab_id, receipt.seq, bytes(other[0]), bytes(other[1]), bytes(other[2])
-        )
+        for row in rows:
+            earlier = _receipt_row(receipt.collab_id, row)
+            if disagree(earlier, receipt):
+                return earlier
+        return None
 
     def receipts(self, collab_id: str) -> dict[int, SignedReceipt]:
         with closing(self._connect()) as conn:
             rows = conn.execute(
-                "SELECT seq, event_id, chain, sig FROM receipts WHERE collab_id = ?", (collab_id,)
+                f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE collab_id = ?",  # noqa: S608 — constant columns
+                (collab_id,),
             ).fetchall()
-        return {
-            int(s): SignedReceipt(collab_id, int(s), bytes(e), bytes(c), bytes(g))
-            for s, e, c, g in rows
-        }
+        return {int(row[0]): _receipt_row(collab_id, row) for row in rows}
 
     # --- the relay's signed checkpoints (clientkit/_checkpoints.py) ---------------------------
 

@@ -212,7 +212,8 @@ class AccountTakeoverDetected(IntegrityAlarm):
 
 
 class ReceiptInvalid(IntegrityAlarm):
-    """An ack's receipt is not signed by the relay or does not match the event."""
+    """An ack names another event, or its receipt (checkpoint and inclusion proof) is missing,
+    not signed by the relay, or does not place the event at the ack's seq."""
 
 
 class QuorumNotMet(ClientError):

@@ -10,7 +10,7 @@ Two layers:
   can expose it.
 - `LyingRelay` — a WebSocket proxy that sits between clients and a real relay, passes every
   request through, and presents each non-following subscription's history through `lie` (and can
-  forge `appended` receipts). One misbehaviour per client connection, or none.
+  forge `appended` receipts: `Lie.FORGE_RECEIPT`, `TAMPER_INCLUSION` and the `_RECEIPT_LIES`). One misbehaviour per client connection, or none.
 
 Hypothesis strategies for schedules are in `misbehaviours`.
 """
@@ -38,15 +38,15 @@ from trio_websocket import (
 
 from model import wire
 from model.chain import Head, next_head, start_of
+from model.checkpoints import CheckpointSigner
 from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id
 from model.merkle import LeafTree, leaf_hash
+from model.tlog import parse_checkpoint
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
 
     import hypothesis.strategies as st
-
-    from model.checkpoints import CheckpointSigner
 
 
 class Lie(enum.StrEnum):
@@ -60,7 +60,7 @@ class Lie(enum.StrEnum):
     TAMPER = "tamper"  # flip one byte of a body
     SPLICE = "splice"  # replace an event with one from another collab
     TRUNCATE = "truncate"  # withhold the tail: stop early, claim to be caught up
-    FORGE_RECEIPT = "forge_receipt"  # sign an ack's receipt for another seq
+    FORGE_RECEIPT = "forge_receipt"  # ack at another seq than its receipt's leaf index
     DELAY = "delay"  # hold a subscription's history back for a while, then deliver it honestly
     INVENT_WITHHELD = "invent_withheld"  # a made-up `withheld` DM link after the real head
     RELABEL_WITHHELD = "relabel_withheld"  # show a real event as a `withheld` DM between others
@@ -70,6 +70,10 @@ class Lie(enum.StrEnum):
     FORK_HEAD = "fork_head"  # sign caught_up's head over another root (a forked history)
     TAMPER_INCLUSION = "tamper_inclusion"  # flip a byte of an ack's inclusion proof
     SILENCE = "silence"  # stop heartbeats: drop every `checkpoint` push (everything else honest)
+    # Receipt lies (an ack's receipt is its checkpoint and inclusion proof, ADR-0020):
+    STRIP_RECEIPT = "strip_receipt"  # ack without its checkpoint and inclusion proof
+    FOREIGN_CHECKPOINT = "foreign_checkpoint"  # the ack's checkpoint, signed by another key
+    EXCLUDE_EVENT = "exclude_event"  # (needs `signer`) a signed tree without the acked event
 
 
 @dataclass(frozen=True)
@@ -147,12 +151,16 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             | Lie.RELABEL_WITHHELD
             | Lie.FORK_HEAD
             | Lie.TAMPER_INCLUSION
+            | Lie.STRIP_RECEIPT
+            | Lie.FOREIGN_CHECKPOINT
+            | Lie.EXCLUDE_EVENT
         ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
 
 
 _RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE})
+_RECEIPT_LIES = frozenset({Lie.STRIP_RECEIPT, Lie.FOREIGN_CHECKPOINT, Lie.EXCLUDE_EVENT})
 WITHHELD_LIES = frozenset({Lie.INVENT_WITHHELD, Lie.RELABEL_WITHHELD})
 
 
@@ -359,7 +367,28 @@ class LyingRelay:
             case wire.Appended() if m.lie is Lie.TAMPER_INCLUSION and frame.inclusion:
                 first = bytes([frame.inclusion[0][0] ^ 1]) + frame.inclusion[0][1:]
                 return [msgspec.structs.replace(frame, inclusion=[first, *frame.inclusion[1:]])]
+            case wire.Appended() if m.lie in _RECEIPT_LIES:
+                return [self._lying_receipt(frame, m)]
         return [frame]
+
+    def _lying_receipt(self, frame: wire.Appended, m: Misbehaviour) -> wire.Appended:
+        """An ack whose receipt does not prove its event stored: stripped, re-signed under a key
+        that is not the relay's, or (with the relay's own key) over a tree without the event."""
+        if m.lie is Lie.STRIP_RECEIPT:
+            return msgspec.structs.replace(frame, checkpoint=b"", inclusion=[])
+        text = frame.checkpoint.decode().split("\n\n", 1)[0] + "\n"
+        honest = parse_checkpoint(text)
+        relay_name = honest.origin.removesuffix(f"/collab/{frame.collab_id}")
+        when = int(time.time())
+        if m.lie is Lie.FOREIGN_CHECKPOINT:
+            other = CheckpointSigner(relay_name, os.urandom(32))
+            note = other.sign(frame.collab_id, honest.size, honest.root, when)
+            return msgspec.structs.replace(frame, checkpoint=note)
+        assert self.signer is not None, "EXCLUDE_EVENT needs the relay's key (`signer`)"
+        tree = LeafTree(leaf_hash(os.urandom(32)) for _ in range(honest.size))
+        note = self.signer.sign(frame.collab_id, honest.size, tree.root(), when)
+        proof = list(tree.inclusion_proof(frame.seq - 1))
+        return msgspec.structs.replace(frame, checkpoint=note, inclusion=proof)
 
     def _signed_caught_up(
         self, frame: wire.CaughtUp, presented: History, last: int, m: Misbehaviour

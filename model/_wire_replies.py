@@ -58,12 +58,14 @@ class CollabCreated(_Frame, frozen=True, tag="collab_created"):
 
 
 class Appended(_Frame, frozen=True, tag="appended"):
-    """The ack: the event is durable at `seq`. `receipt_sig` signs the `Receipt` fields.
+    """The ack: the event is durable at `seq`, and its receipt (ADR-0020).
 
-    `checkpoint` is the relay's signed, dated checkpoint of the collab's tree after the commit
-    group that stored the event (model/checkpoints.py; shared by every ack of the group) and
-    `inclusion` the proof that the event id is leaf `seq - 1` under it (ADR-0020). Empty on a
-    duplicate's ack and from a relay that keeps no tree.
+    The receipt is `checkpoint`, the relay's signed, dated checkpoint of the collab's tree (the
+    one after the commit group that stored the event, shared by every ack of the group; for a
+    duplicate, one that covers its stored seq), and `inclusion`, the proof that `event_id` is
+    leaf `seq - 1` under it (model/equivocation.py `open_receipt`). The relay signs once per
+    group, not per event. `chain` is the head after the event, unsigned (the client recomputes
+    it from the history). A client refuses an ack whose receipt is missing or does not verify.
     """
 
     rid: int
@@ -71,7 +73,6 @@ class Appended(_Frame, frozen=True, tag="appended"):
     seq: int
     event_id: bytes
     chain: bytes
-    receipt_sig: bytes
     duplicate: bool = False
     checkpoint: bytes = b""
     inclusion: list[bytes] = msgspec.field(default_factory=list)

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 ORIGIN_INFIX: Final = "/collab/"
 CLOCK_SUFFIX: Final = "/clock"
 PROOF_KIND: Final = "cozylabs-checkpoint-contradiction/1"
+_MAX_LOG_SIGNERS: Final = 4096
 
 
 DEFAULT_STALE_AFTER: Final = 45.0
@@ -75,12 +76,15 @@ def clock_name(relay_name: str) -> str:
 class CheckpointSigner:
     """The relay's key as the signer of its collabs' checkpoints. Holds the seed; thread-safe."""
 
-    __slots__ = ("_clock", "_relay_name", "_seed")
+    __slots__ = ("_clock", "_logs", "_relay_name", "_seed")
 
     def __init__(self, relay_name: str, seed: bytes) -> None:
         self._relay_name = relay_name
         self._seed = seed
         self._clock = NoteSigner(clock_name(relay_name), seed, ALG_COSIGNATURE_V1)
+        # Each origin's log signer, kept: making one derives the key from the seed again (a
+        # scalar multiplication, as costly as a signature), once per commit group otherwise.
+        self._logs: dict[str, NoteSigner] = {}
 
     @property
     def relay_name(self) -> str:
@@ -93,7 +97,11 @@ class CheckpointSigner:
         """The checkpoint (origin, size, root) signed by the log key and dated `timestamp`."""
         origin = collab_origin(self._relay_name, collab_id)
         body = Checkpoint(origin, size, root).body()
-        log = NoteSigner(origin, self._seed, ALG_ED25519)
+        log = self._logs.get(origin)
+        if log is None:
+            if len(self._logs) >= _MAX_LOG_SIGNERS:
+                self._logs.clear()
+            log = self._logs[origin] = NoteSigner(origin, self._seed, ALG_ED25519)
         return Note(body, (log.sign(body), self._clock.cosign(body, timestamp))).encode()
 
 

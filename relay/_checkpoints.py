@@ -38,6 +38,10 @@ if TYPE_CHECKING:
     from model.note import NoteSignature
 
 
+class ReceiptsNotReady(Exception):
+    """A stored seq the collab's tree does not reach yet (its group is being added)."""
+
+
 @dataclass(frozen=True, slots=True)
 class GroupHead:
     """The tree after one commit group: what its acks' checkpoint says, dated when added."""
@@ -141,18 +145,39 @@ class CollabTrees:
             self.on_grow()
         return GroupHead(collab_id, end, tree.root(end), self.now())
 
-    def sign_groups(self, groups: Sequence[GroupHead]) -> list[bytes]:
-        """Thread-safe: each group's checkpoint note."""
-        return [self.signer.sign(g.collab_id, g.size, g.root, g.timestamp) for g in groups]
+    def group_receipts(
+        self, jobs: Sequence[tuple[GroupHead, Sequence[int]]]
+    ) -> list[tuple[bytes, list[tuple[bytes, ...]]]]:
+        """Thread-safe, element-wise (a crypto-pool job): for each committed group, its
+        checkpoint note and the inclusion proof under it of each of `seqs` (the receipts of its
+        acks: one signature for the whole group). The tree only grows, so every node under the
+        group's size is final."""
+        out: list[tuple[bytes, list[tuple[bytes, ...]]]] = []
+        for g, seqs in jobs:
+            tree = self._trees.get(g.collab_id)
+            if tree is None or tree.size < g.size:  # dropped meanwhile: no proof to give
+                out.append((b"", [() for _ in seqs]))
+                continue
+            note = self.signer.sign(g.collab_id, g.size, g.root, g.timestamp)
+            out.append((note, [tree.inclusion_proof(seq - 1, g.size) for seq in seqs]))
+        return out
 
-    def inclusion_proofs(
-        self, collab_id: str, size: int, seqs: Sequence[int]
-    ) -> list[tuple[bytes, ...]]:
-        """Thread-safe (the tree only grows; every node under `size` is final)."""
-        tree = self._trees.get(collab_id)
-        if tree is None or tree.size < size:
-            return [() for _ in seqs]
-        return [tree.inclusion_proof(seq - 1, size) if seq <= size else () for seq in seqs]
+    async def latest_receipts(
+        self, collab_id: str, seqs: Sequence[int]
+    ) -> tuple[bytes, list[tuple[bytes, ...]]]:
+        """Receipts for stored positions outside a commit group (a duplicate's stored seq, a
+        group whose tree was dropped): the inclusion proof of each seq under the collab's
+        current checkpoint (the one `caught_up` gets, reused within the second).
+
+        Raises `ReceiptsNotReady` when the tree does not reach a seq yet: its group committed
+        and its sequencer has not added it (a moment; the author retries)."""
+        tree = await self.load(collab_id)
+        size = tree.size
+        if any(not 1 <= seq <= size for seq in seqs):
+            raise ReceiptsNotReady(collab_id)
+        return self._head_note(collab_id, tree, size), [
+            tree.inclusion_proof(seq - 1, size) for seq in seqs
+        ]
 
     def _head_note(self, collab_id: str, tree: LeafTree, size: int) -> bytes:
         now = self.now()

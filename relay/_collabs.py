@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 import structlog
+import trio
 
 from ledger import AlreadyExists
 from model import wire
@@ -36,6 +37,7 @@ from model.membership import (
 from model.proofs import KeyPair
 from model.sequencer import Assignment
 from relay import _rekey, _stages
+from relay._checkpoints import ReceiptsNotReady
 from relay._connection import MAX_APPENDS_IN_FLIGHT
 from relay._context import RequestRefused, refuse, where
 from relay._sequencer import InboxFull, ShuttingDown, Submission, appended
@@ -50,6 +52,10 @@ log = structlog.get_logger("cozy.relay")
 
 # A collab's genesis event must be this fresh (ms) when it reaches the relay.
 CREATE_COLLAB_MAX_SKEW_MS: Final = 10 * 60 * 1000
+# A duplicate found stored before its group reached the collab's tree: wait this long, this many
+# times, for the tree to catch up before asking the author to retry.
+_RECEIPT_WAIT: Final = 0.01
+_RECEIPT_TRIES: Final = 20
 
 
 class Collabs:
@@ -198,7 +204,8 @@ class Collabs:
 
     async def answer_if_stored(self, conn: Connection, req: wire.Append, body: EventBody) -> bool:
         """If the sender's own event `req` is stored already, answer it as a duplicate with its
-        stored seq, chain and receipt and return True; else return False (the caller refuses
+        stored seq, chain and receipt (an inclusion proof under the collab's current
+        checkpoint) and return True; else return False (the caller refuses
         as usual). Only an event the sender names itself the author of, and whose stored
         author is the sender, is answered: a removed member (the authorization point asks for
         a non-member on a row with `own_stored_fate`) learns the fate of its own retried event,
@@ -214,9 +221,19 @@ class Collabs:
         if at is None or at.collab_id != body.collab_id or at.actor_id != sender:
             return False
         assignment = Assignment(at.seq, eid, at.chain, duplicate=True)
-        (receipt,) = sequencers.sign_receipts(body.collab_id, [assignment])
-        conn.reply(appended(req.rid, body.collab_id, assignment, receipt))
-        return True
+        for _wait in range(_RECEIPT_TRIES):
+            try:
+                note, (proof,) = await sequencers.receipts(body.collab_id, [at.seq])
+            except ReceiptsNotReady:
+                # Committed, and its sequencer is adding the group to the tree right now.
+                await trio.sleep(_RECEIPT_WAIT)
+                continue
+            conn.reply(appended(req.rid, body.collab_id, assignment, note, proof))
+            return True
+        raise self._s.overload(
+            "the relay cannot prove this event stored yet; retry it (appends are idempotent:"
+            " a stored event gets its seq back)"
+        )
 
     async def _check_addition(self, op: Operation) -> None:
         """An added member's pinned keys and kind must be that account's (SO-5): every member's

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
 
     from fanout import Fanout
     from ledger import Ledger
-    from model.sequencer import Assignment
     from relay._checkpoints import CollabTrees
     from relay._sequencer import OnChanged, SequencerStats, Submission
     from relay._writer import LedgerWriter
@@ -45,7 +44,7 @@ class SequencerRegistry:
         on_changed: OnChanged,
         db_threads: int = 6,
         cpu_threads: int = 2,
-        trees: CollabTrees | None = None,
+        trees: CollabTrees,
     ) -> None:
         self._nursery = nursery
         self._trees = trees
@@ -54,7 +53,7 @@ class SequencerRegistry:
         self._writer = writer
         self._fanout = fanout
         self._db_limiter = trio.CapacityLimiter(db_threads)
-        # Verification and receipt signing of every actor, coalesced (relay/_cryptopool.py).
+        # Verification and receipts (checkpoints) of every actor, coalesced (relay/_cryptopool.py).
         # It runs in the sequencer nursery and is closed once the last actor has exited.
         self._crypto = CryptoPool(cpu_threads)
         nursery.start_soon(self._crypto.run, name="crypto-pool")
@@ -66,9 +65,12 @@ class SequencerRegistry:
     def statistics(self) -> list[SequencerStats]:
         return [a.statistics() for a in self._actors.values()]
 
-    def sign_receipts(self, collab_id: str, assignments: Sequence[Assignment]) -> list[bytes]:
-        """The relay's receipts for stored positions (`LedgerWriter.sign_receipts`)."""
-        return self._writer.sign_receipts(collab_id, assignments)
+    async def receipts(
+        self, collab_id: str, seqs: Sequence[int]
+    ) -> tuple[bytes, list[tuple[bytes, ...]]]:
+        """Receipts for stored positions: the collab's current checkpoint and each seq's
+        inclusion proof under it (`CollabTrees.latest_receipts`)."""
+        return await self._trees.latest_receipts(collab_id, seqs)
 
     def submit_nowait(self, collab_id: str, submission: Submission) -> None:
         """Queue an append for its collab's actor without waiting.

@@ -2,12 +2,12 @@
 
 Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
 four stages joined by small channels, so the signatures of batch n+1 are checked while batch n
-is being written, batch n-1 is fanned out and the receipts of batch n-2 are signed:
+is being written, batch n-1 is fanned out and the receipts of batch n-2 are made:
 
     inbox ──► verify stage (crypto pool, whole batch; a batch of one or two on the loop)
           ──► write stage (the group-commit writer: dedup lookup + assign + COPY + commit)
           ──► publish stage (the collab's tree, fan-out, membership callbacks)
-          ──► ack stage (crypto pool: sign receipts) ──► ack authors
+          ──► ack stage (crypto pool: the group's checkpoint, inclusion proofs) ──► ack authors
 
 The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
 `Membership`, folded from its `mgmt` events when the actor starts, and asks the pure admission
@@ -41,7 +41,6 @@ holds, then exits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Final, Protocol
 
 import msgspec
@@ -63,6 +62,7 @@ from model.envelope import (
 from model.errors import BadSignature, InvalidEvent, ModelError
 from model.sequencer import Assignment
 from relay import _stages
+from relay._checkpoints import ReceiptsNotReady
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -164,7 +164,7 @@ class Sequencer:
         crypto: CryptoPool,
         retire: Callable[[Sequencer], None],
         on_changed: OnChanged,
-        trees: CollabTrees | None = None,
+        trees: CollabTrees,
     ) -> None:
         self.collab_id = collab_id
         self._trees = trees
@@ -307,37 +307,34 @@ class Sequencer:
                 await self._acks.send((item.run, item.assignments, group))
 
     async def _ack_stage(self, committed: trio.MemoryReceiveChannel[_Committed]) -> None:
-        """Sign the receipts of committed runs in the crypto pool, then ack their authors.
+        """Make the receipts of committed runs, then ack their authors (ADR-0020).
 
-        Off the write stage, so the next group commit does not wait for ~20 µs of Ed25519 per
-        event; the runs come in commit order, so acks keep their order too.
+        A run from a commit group gets the group's checkpoint, signed once for the whole
+        group, and each event's inclusion proof under it: one crypto-pool job, so one thread
+        round shared with every other sequencer's jobs. Off the write stage, so the next group
+        commit does not wait for it. Duplicates (and a group whose tree was dropped) get their
+        proofs under the collab's current checkpoint. The runs come in commit order, so acks
+        keep their order too.
         """
         async with committed:
             async for run, assignments, group in committed:
-                # Each ack's receipt and inclusion proof in one pool job (one thread round).
-                signed = await self._crypto.map(partial(self._ack_parts, group), assignments)
-                note = b""
-                if group is not None and self._trees is not None:
-                    # One checkpoint for the group (ADR-0020).
-                    (note,) = await self._crypto.map(self._trees.sign_groups, [group])
-                for (sub, _), a, (sig, proof) in zip(run, assignments, signed, strict=True):
-                    ack = appended(sub.rid, self.collab_id, a, sig)
-                    if proof:
-                        ack = msgspec.structs.replace(ack, checkpoint=note, inclusion=list(proof))
-                    self._reply(sub, ack)
-
-    def _ack_parts(
-        self, group: GroupHead | None, assignments: Sequence[Assignment]
-    ) -> list[tuple[bytes, tuple[bytes, ...]]]:
-        """Thread-safe, element-wise (a crypto-pool job): each assignment's receipt signature
-        and its inclusion proof in the group's tree (empty without a group or tree)."""
-        receipts = self._writer.sign_receipts(self.collab_id, assignments)
-        if group is None or self._trees is None:
-            return [(sig, ()) for sig in receipts]
-        proofs = self._trees.inclusion_proofs(
-            self.collab_id, group.size, [a.seq for a in assignments]
-        )
-        return list(zip(receipts, proofs, strict=True))
+                seqs = [a.seq for a in assignments]
+                note: bytes = b""
+                proofs: list[tuple[bytes, ...]] = []
+                if group is not None:
+                    ((note, proofs),) = await self._crypto.map(
+                        self._trees.group_receipts, [(group, seqs)]
+                    )
+                if not note:
+                    try:
+                        note, proofs = await self._trees.latest_receipts(self.collab_id, seqs)
+                    except (ReceiptsNotReady, LedgerError):
+                        # Stored, but not provable now: the retry gets its seq and a receipt.
+                        for sub, _ in run:
+                            self._reply(sub, _unproven(sub.rid))
+                        continue
+                for (sub, _), a, proof in zip(run, assignments, proofs, strict=True):
+                    self._reply(sub, appended(sub.rid, self.collab_id, a, note, proof))
 
     async def _write_batch(self, batch: list[tuple[Submission, VerifiedEvent]]) -> None:
         """Check each event against the membership at its position; persist content in runs
@@ -351,7 +348,7 @@ class Sequencer:
                 self._head = None
                 self._fail(batch, exc)
                 return
-        if self._trees is not None and self._trees.loaded(self.collab_id) is None:
+        if self._trees.loaded(self.collab_id) is None:
             # Held before the write, so the group is added without an await after it.
             try:
                 await self._trees.load(self.collab_id)
@@ -540,16 +537,20 @@ class Sequencer:
         return True
 
 
-def appended(rid: int, collab_id: str, a: Assignment, receipt_sig: bytes) -> wire.Appended:
-    """The ack of an append stored at `a` (a fresh position, or a duplicate's stored one)."""
+def appended(
+    rid: int, collab_id: str, a: Assignment, checkpoint: bytes, inclusion: Sequence[bytes]
+) -> wire.Appended:
+    """The ack of an append stored at `a` (a fresh position, or a duplicate's stored one), with
+    its receipt: the checkpoint and the event's inclusion proof under it."""
     return wire.Appended(
         rid=rid,
         collab_id=collab_id,
         seq=a.seq,
         event_id=a.event_id,
         chain=a.chain,
-        receipt_sig=receipt_sig,
         duplicate=a.duplicate,
+        checkpoint=checkpoint,
+        inclusion=list(inclusion),
     )
 
 
@@ -576,6 +577,15 @@ def _record(
     for (sub, _), a in zip(run, assignments, strict=True):
         if sub.stamps is not None and not a.duplicate:
             recorder.event(collab_id, a.seq, [*sub.stamps, *timing, at])
+
+
+def _unproven(rid: int) -> wire.Error:
+    return wire.Error(
+        rid=rid,
+        code=wire.ErrorCode.OVERLOADED,
+        message="the relay stored this event but cannot prove it yet; retry it (appends are"
+        " idempotent: it gets its seq back, with its receipt)",
+    )
 
 
 def _verify_batch(

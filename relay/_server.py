@@ -255,7 +255,6 @@ class Relay:
             async with trio.open_nursery() as connections, trio.open_nursery() as writers:
                 writer = self._writer = LedgerWriter(
                     self.ledger,
-                    self.relay_key,
                     on_commit=self.metrics.observe_commit,
                     stall_after=self.config.writer_stall_ms / 1000,
                 )

@@ -3,9 +3,10 @@
 Every sequencer hands its verified batch here and waits; the writer takes everything queued —
 batches of many collabs — and commits them in one transaction. One commit (and one fsync) then
 covers many collabs, which is what lets a relay with many active collabs approach the rate of
-one busy collab. Receipts are signed by the sequencers after `write` returns (so after the
-commit), in their own worker threads, while this writer already runs the next transaction. Each sequencer has at most one batch in
-flight, so per-collab order is untouched; the writer never reorders within a collab.
+one busy collab. Receipts (one signed checkpoint per collab's group, ADR-0020) are made by the
+sequencers after `write` returns (so after the commit), in the crypto pool, while this writer
+already runs the next transaction. Each sequencer has at most one batch in flight, so
+per-collab order is untouched; the writer never reorders within a collab.
 
 If the transaction fails because some collab's head was stale, those requests fail alone and
 the rest are written in a second transaction; any other ledger error fails the whole group and
@@ -37,12 +38,9 @@ import structlog
 import trio
 
 from ledger import AppendRequest, LedgerError, SequencingConflict
-from model.chain import Receipt, sign_receipt
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
-
-    import nacl.signing
+    from collections.abc import Callable
 
     from ledger import Ledger
     from model.chain import Head
@@ -84,7 +82,6 @@ class LedgerWriter:
     def __init__(
         self,
         ledger: Ledger,
-        relay_key: nacl.signing.SigningKey,
         *,
         on_commit: Callable[[int, float], None] | None = None,
         stall_after: float = 1.0,
@@ -93,7 +90,6 @@ class LedgerWriter:
         transaction (for metrics): it must be quick and thread-safe. `stall_after`: seconds
         the writer waits for one group before starting the next beside it."""
         self._ledger = ledger
-        self._relay_key = relay_key
         self._on_commit = on_commit
         self._send, self._recv = trio.open_memory_channel[_Job](1024)
         self._stall_after = stall_after
@@ -204,15 +200,6 @@ class LedgerWriter:
                 job.done.set()
             finished.set()
             self._slots.release()
-
-    def sign_receipts(self, collab_id: str, assignments: Sequence[Assignment]) -> list[bytes]:
-        """The relay's receipt for each committed assignment (ADR-0007). Pure and thread-safe:
-        sequencers call it in their own worker threads after `write` returned, so the single
-        writer thread goes straight on to the next commit instead of signing (ADR-0004)."""
-        return [
-            sign_receipt(self._relay_key, Receipt(collab_id, a.seq, a.event_id, a.chain))
-            for a in assignments
-        ]
 
     def _write_group(self, group: list[_Job]) -> None:
         """Worker thread: one transaction for the group."""

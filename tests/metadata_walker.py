@@ -166,7 +166,7 @@ FIELDS: dict[type[msgspec.Struct], dict[str, Check]] = {
     wire.Authenticated: {"rid": _RID, "account_id": _ID},
     wire.CollabCreated: {"rid": _RID, "collab_id": _ID},
     wire.Appended: {"rid": _RID, "collab_id": _ID, "seq": C.NUMBER, "event_id": C.HASH,
-                    "chain": C.HASH, "receipt_sig": C.SIGNATURE, "duplicate": C.FLAG,
+                    "chain": C.HASH, "duplicate": C.FLAG,
                     "checkpoint": C.CHECKPOINT, "inclusion": C.HASHES},
     wire.Subscribed: {"rid": _RID, "collab_id": _ID, "from_seq": C.NUMBER},
     wire.Event: {"collab_id": _ID, "seq": C.NUMBER, "event": C.EVENT, "chain": C.HASH},

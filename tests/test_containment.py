@@ -20,6 +20,7 @@ from model import wire
 from model.envelope import event_id
 from model.membership import Member, MemberKind, Role
 from relay import _sequencer
+from relay._checkpoints import CollabTrees
 from relay._writer import LedgerWriter
 from tests.fault_harness import CuttingProxy
 from tests.relay_harness import relay_config, running_relay, session, sign_up
@@ -85,14 +86,14 @@ def _inject(monkeypatch: pytest.MonkeyPatch, stage: str, victim: str) -> list[st
 
         monkeypatch.setattr(LedgerWriter, "write", fake_write)
     elif stage == "ack":
-        sign = LedgerWriter.sign_receipts
+        receipts = CollabTrees.group_receipts
 
-        def fake_sign(self: LedgerWriter, collab_id: str, assignments: Any) -> list[bytes]:
-            if not hits and collab_id == victim:
+        def fake_receipts(self: CollabTrees, jobs: Any) -> Any:
+            if not hits and any(group.collab_id == victim for group, _ in jobs):
                 boom()
-            return sign(self, collab_id, assignments)
+            return receipts(self, jobs)
 
-        monkeypatch.setattr(LedgerWriter, "sign_receipts", fake_sign)
+        monkeypatch.setattr(CollabTrees, "group_receipts", fake_receipts)
     elif stage == "writer-thread":
         append = Ledger.append_batches
 

@@ -2,12 +2,14 @@
 it leaves is checkable by anyone with nothing but the relay's public key.
 
 The contradicting receipts here are signed with the real relay's key (the test holds it), as a
-compromised relay would sign them.
+compromised relay would sign them: in both shapes, an inclusion proof under a signed checkpoint
+(ADR-0020) and the per-event signature devices kept from older relays (ADR-0007).
 """
 
 from __future__ import annotations
 
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -17,7 +19,9 @@ from clientkit import EquivocationDetected
 from clientkit._state import ClientState
 from model import equivocation
 from model.chain import Receipt, sign_receipt
+from model.checkpoints import CheckpointSigner
 from model.equivocation import PROOF_KIND, EquivocationProof, NotAProof, SignedReceipt
+from model.merkle import LeafTree, leaf_hash
 from tests.cli_harness import client_env, cozy
 from tests.relay_harness import session, sign_up
 
@@ -27,22 +31,36 @@ if TYPE_CHECKING:
     from relay._server import Relay
 
 
-def forged(relay: Relay, collab_id: str, seq: int) -> SignedReceipt:
-    """A receipt the relay's key signs for an event that never sat at `seq`."""
-    r = Receipt(collab_id, seq, secrets.token_bytes(32), secrets.token_bytes(32))
-    return SignedReceipt(r.collab_id, r.seq, r.event_id, r.chain, sign_receipt(relay.relay_key, r))
+SHAPES = ["inclusion", "signature"]
+
+
+def forged(relay: Relay, collab_id: str, seq: int, shape: str) -> SignedReceipt:
+    """A receipt the relay's key signs for an event that never sat at `seq`: an inclusion proof
+    under a checkpoint it signed of a tree holding that event there, or (the receipts devices
+    kept from older relays, ADR-0007) a per-event signature."""
+    eid, chain = secrets.token_bytes(32), secrets.token_bytes(32)
+    if shape == "signature":
+        sig = sign_receipt(relay.relay_key, Receipt(collab_id, seq, eid, chain))
+        return SignedReceipt(collab_id, seq, eid, chain, sig)
+    leaves = [leaf_hash(secrets.token_bytes(32)) for _ in range(seq - 1)] + [leaf_hash(eid)]
+    tree = LeafTree(leaves)
+    signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
+    note = signer.sign(collab_id, seq, tree.root(), int(time.time()))
+    proof = list(tree.inclusion_proof(seq - 1))
+    return SignedReceipt(collab_id, seq, eid, chain, checkpoint=note, inclusion=proof)
 
 
 @pytest.mark.objective("SO-4")
+@pytest.mark.parametrize("shape", SHAPES)
 async def test_two_receipts_for_one_seq_become_a_checkable_proof(
-    relay: Relay, tmp_path: Path
+    relay: Relay, tmp_path: Path, shape: str
 ) -> None:
     alice = await sign_up(relay.url, "alice")
     state = ClientState(tmp_path / "state.db")
     async with session(relay.url, alice) as client:
         client.on_receipt = state.add_receipt
         # Earlier, the relay promised this device another event at the seq the next post gets.
-        state.add_receipt(forged(relay, alice.collab_id, 2))
+        state.add_receipt(forged(relay, alice.collab_id, 2, shape))
         with pytest.raises(EquivocationDetected) as alarm:
             await client.append(alice.event("hello"))
     proof = alarm.value.proof
@@ -67,11 +85,16 @@ async def test_two_receipts_for_one_seq_become_a_checkable_proof(
 
 
 @pytest.mark.objective("SO-4")
-async def test_an_acked_event_served_elsewhere_later_is_an_equivocation(relay: Relay) -> None:
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_an_acked_event_served_elsewhere_later_is_an_equivocation(
+    relay: Relay, shape: str
+) -> None:
     alice = await sign_up(relay.url, "alice")
     async with session(relay.url, alice) as client:
         await client.append(alice.event("real"))
-        promised = {2: forged(relay, alice.collab_id, 2)}  # "your event is at seq 2" — it is not
+        promised = {
+            2: forged(relay, alice.collab_id, 2, shape)
+        }  # "your event is at seq 2" — it is not
         with pytest.raises(EquivocationDetected) as alarm:
             async with client.history(alice.collab_id, alice.box_key, receipts=promised) as events:
                 async for _ in events:

@@ -64,7 +64,7 @@ async def test_the_relay_logs_ids_and_codes_but_no_secret_or_content(
         "content canary": "CANARY-log",
         "ciphertext": signed.body.hex()[-40:],
         "ciphertext (base64)": base64.b64encode(signed.body).decode()[-40:],
-        "receipt": ack.receipt_sig.hex(),
+        "receipt": ack.checkpoint.hex()[-40:],
     }
     for what, value in forbidden.items():
         assert value not in logs, f"the {what} reached the logs"

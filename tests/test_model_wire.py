@@ -149,7 +149,7 @@ def test_optional_fields_take_their_defaults() -> None:
     frame = wire.decode_request(msgspec.msgpack.encode({"t": "get_account", "rid": 2}))
     assert frame == wire.GetAccount(rid=2, account_id=None, handle=None)
     appended = {"t": "appended", "rid": 3, "collab_id": collab, "seq": 1, "event_id": b"e",
-                "chain": b"c", "receipt_sig": b"s"}  # fmt: skip
+                "chain": b"c"}  # fmt: skip
     reply = wire.decode_reply(msgspec.msgpack.encode(appended))
     assert isinstance(reply, wire.Appended)
     assert reply.duplicate is False

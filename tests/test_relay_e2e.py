@@ -20,8 +20,9 @@ from clientkit import Client, RelayRefused, connect
 from clientkit._transport import FrameReader, open_websocket
 from ledger import Ledger
 from model import wire
-from model.chain import Head, Receipt, advance, verify_receipt
+from model.chain import Head, advance
 from model.envelope import event_id
+from model.equivocation import SignedReceipt, open_receipt
 from model.ids import new_id
 from relay._run import run_relay
 from tests.collab_sim import text_of
@@ -122,8 +123,17 @@ async def test_posts_are_sequenced_acked_with_receipts_and_delivered_verified(
             head = await genesis_head(client, alice)
             for a in acks:
                 head = advance(head, a.seq, a.event_id, a.chain)
-                receipt = Receipt(alice.collab_id, a.seq, a.event_id, a.chain)
-                assert verify_receipt(relay.relay_pk, receipt, a.receipt_sig)
+                receipt = SignedReceipt(
+                    alice.collab_id,
+                    a.seq,
+                    a.event_id,
+                    a.chain,
+                    checkpoint=a.checkpoint,
+                    inclusion=a.inclusion,
+                )
+                proven = open_receipt(relay.relay_pk, receipt)
+                assert proven is not None
+                assert proven.size >= a.seq
             async with client.history(alice.collab_id, alice.box_key) as events:
                 texts = [text_of(d) async for d in events]
     assert texts == [None] + [f"m{i}" for i in range(5)]  # the genesis, then the posts
