@@ -67,6 +67,7 @@ class Message:
         message = cls.__new__(cls)
         message.framed = framed_batch(frames)
         message.events = len(frames)
+        message.last_seq = 0
         return message
 
     def __len__(self) -> int:

@@ -240,13 +240,13 @@ class Sequencer:
                 for sub in batch:
                     self._pending[id(sub)] = sub
                 if _stages.RECORDER is not None:
-                    _stamp(batch)
+                    _stages.stamp(sub.stamps for sub in batch)
                 if len(batch) <= INLINE_VERIFY:
                     checked = _verify_batch(batch)
                 else:
                     checked = await self._crypto.map(_verify_batch, batch)
                 if _stages.RECORDER is not None:
-                    _stamp(batch)
+                    _stages.stamp(sub.stamps for sub in batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
                 for sub, result in zip(batch, checked, strict=True):
                     if isinstance(result, VerifiedEvent):
@@ -300,7 +300,14 @@ class Sequencer:
                             ],
                         )
                     if item.timing is not None:
-                        _record(self.collab_id, item.run, item.assignments, item.timing)
+                        _stages.record(
+                            self.collab_id,
+                            [
+                                (sub.stamps, a)
+                                for (sub, _), a in zip(item.run, item.assignments, strict=True)
+                            ],
+                            item.timing,
+                        )
                     self._fanout.publish(fresh)
                 if item.changed is not None:
                     self._on_changed(self.collab_id, *item.changed)
@@ -503,7 +510,7 @@ class Sequencer:
         timing: list[float] | None = None
         if _stages.RECORDER is not None:
             timing = []
-            _stamp([sub for sub, _ in run])
+            _stages.stamp(sub.stamps for sub, _ in run)
         try:
             head, assignments = await self._writer.write(
                 AppendRequest(self.collab_id, self._head, [v for _, v in run], membership),
@@ -552,31 +559,6 @@ def appended(
         checkpoint=checkpoint,
         inclusion=list(inclusion),
     )
-
-
-def _stamp(subs: Sequence[Submission]) -> None:
-    """Stage times (relay/_stages.py): the same moment for each submission of a batch."""
-    at = _stages.now()
-    for sub in subs:
-        if sub.stamps is not None:
-            sub.stamps.append(at)
-
-
-def _record(
-    collab_id: str,
-    run: Sequence[tuple[Submission, VerifiedEvent]],
-    assignments: Sequence[Assignment],
-    timing: list[float],
-) -> None:
-    """Hand the stage times of a committed run's fresh events to the recorder, stamped
-    `published` now (fan-out is handed them next, with no await between)."""
-    recorder = _stages.RECORDER
-    if recorder is None or len(timing) != 2:
-        return
-    at = _stages.now()
-    for (sub, _), a in zip(run, assignments, strict=True):
-        if sub.stamps is not None and not a.duplicate:
-            recorder.event(collab_id, a.seq, [*sub.stamps, *timing, at])
 
 
 def _unproven(rid: int) -> wire.Error:

@@ -27,9 +27,14 @@ listener, which answers 404 while the recorder is off.
 from __future__ import annotations
 
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
+
+    from model.sequencer import Assignment
 
 EVENT_STAMPS: Final = (
     "received",
@@ -106,3 +111,27 @@ def enable() -> StageRecorder:
     if RECORDER is None:
         RECORDER = StageRecorder()
     return RECORDER
+
+
+def stamp(stamps: Iterable[list[float] | None]) -> None:
+    """The same moment on each stamped submission of a batch (unstamped ones are skipped)."""
+    at = now()
+    for one in stamps:
+        if one is not None:
+            one.append(at)
+
+
+def record(
+    collab_id: str,
+    run: Sequence[tuple[list[float] | None, Assignment]],
+    timing: list[float],
+) -> None:
+    """Hand the stage times of a committed run's fresh events to the recorder, stamped
+    `published` now (fan-out is handed them next, with no await between)."""
+    recorder = RECORDER
+    if recorder is None or len(timing) != 2:
+        return
+    at = now()
+    for stamps, a in run:
+        if stamps is not None and not a.duplicate:
+            recorder.event(collab_id, a.seq, [*stamps, *timing, at])
