@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
     from model.chain import Head
     from model.equivocation import SignedReceipt
+    from model.membership import WitnessPolicy
 
 
 class HistoryCalls(ClientCore):
@@ -248,16 +249,25 @@ class History:
                             frame.checkpoint, frame.proof_from, frame.consistency, None
                         )
                 case wire.CaughtUp():
-                    if frame.checkpoint:
-                        try:
+                    try:
+                        if frame.checkpoint:
                             self._check_checkpoint(
                                 frame.checkpoint, frame.proof_from, frame.consistency, frame.seq
                             )
-                        except QuorumNotMet:
-                            if not await self._await_quorum():
-                                raise
-                            continue
-                        self._quorum_deadline = None  # the next wait gets its own grace
+                        elif self._policy() is not None:
+                            # With a policy a head must be cosigned: one without a checkpoint
+                            # at all (dropped, or not signed yet) is not confirmed either.
+                            raise QuorumNotMet(
+                                "it carries no signed checkpoint",
+                                collab_id=self.view.collab_id,
+                                size=frame.seq,
+                            )
+                    except QuorumNotMet:
+                        if not await self._await_quorum():
+                            raise
+                        continue
+                    self._quorum_deadline = None  # the next wait gets its own grace
+                    self._check_behind_receipts(frame.seq)
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
@@ -320,19 +330,46 @@ class History:
     ) -> None:
         """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
         exactly the seq it reports."""
-        collab_id = self.view.collab_id
-        policy = self.view.membership.witnesses if self.view.membership is not None else None
+        collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
+        policy = self._policy()
+        witnessed_at: int | None = None
         if policy is not None:  # before the head is kept: without the quorum it is not taken
-            quorum.require_quorum(self._client.relay_pk, collab_id, note, policy)
+            try:
+                witnessed_at = quorum.require_quorum(relay_pk, collab_id, note, policy)
+            except QuorumNotMet:
+                # Refused, but what the relay signed still counts: a head behind one of this
+                # device's receipts, dated later, is an equivocation whoever cosigned it.
+                self._client.checkpoints.compare(relay_pk, collab_id, note)
+                raise
         signed = self._client.checkpoints.check_head(
-            self._client.relay_pk, collab_id, note, proof_from, consistency
+            relay_pk, collab_id, note, proof_from, consistency
         )
-        if signed.timestamp > self._fresh:
-            self._fresh, self._stale_reported = signed.timestamp, False
+        # Freshness (the staleness bound): with a witness policy, from the witnesses' dates,
+        # which a relay withholding events behind what they saw cannot renew.
+        fresh = signed.timestamp if witnessed_at is None else witnessed_at
+        if fresh > self._fresh:
+            self._fresh, self._stale_reported = fresh, False
         if seq is not None and signed.size != seq:
             raise self._alarm(
                 TamperDetected,
                 f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
+                seq,
+            )
+
+    def _policy(self) -> WitnessPolicy | None:
+        membership = self.view.membership
+        return None if membership is None else membership.witnesses
+
+    def _check_behind_receipts(self, seq: int) -> None:
+        """A `caught_up` that ends before an event the relay acked to this device before this
+        read began (the receipts it was given): the relay hides the device's own event from it,
+        signed checkpoint or not (a honest relay's catch-up reads after every earlier commit)."""
+        acked = max(self._receipts, default=0)
+        if acked > seq:
+            raise self._alarm(
+                WithholdingDetected,
+                f"the relay acked this device's event at seq {acked}, but says the history ends"
+                f" at {seq}: it is withholding it",
                 seq,
             )
 

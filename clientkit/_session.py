@@ -30,9 +30,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import trio
+
+from clientkit import _quorum as quorum
 from clientkit._appends import seal_content
 from clientkit._outbox import AuthorStream, Sent
-from clientkit.errors import ConnectionLost, NoSuchAttachment, NotAMember
+from clientkit.errors import ConnectionLost, NoSuchAttachment, NotAMember, QuorumNotMet
 from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
@@ -357,13 +360,48 @@ class Session:
             )
 
         try:
-            return await send(None if history is not None else await self.read(collab_id))
+            sent = await send(None if history is not None else await self.read(collab_id))
         except ConnectionLost as exc:
             if not self._can_resend(exc):
                 raise
             await self._reconnected()
             # The kept event goes out again first (`AuthorStream.send`): the same bytes.
-            return await send(await self.read(collab_id))
+            sent = await send(await self.read(collab_id))
+        seen = history.view if history is not None else self.views.get(collab_id)
+        if seen is not None and seen.membership is not None and seen.membership.witnesses:
+            await self._witnessed(collab_id, sent.seq)
+        return sent
+
+    async def _witnessed(self, collab_id: str, seq: int) -> None:
+        """In a collab with a witness policy, a post counts as published only once a head the
+        witness quorum cosigned includes it: read until one does, for up to `QUORUM_GRACE`.
+
+        Why (docs/ordering.md): the author is the only one who knows of an event the relay
+        acked; a relay that then hides it from everyone, witnesses included, shows every other
+        member a consistent, freshly cosigned history without it. Here the author finds out at
+        once (`QuorumNotMet`; a rerun of the command resends nothing new, `Sent.earlier`). A
+        relay that hides the event from its own author instead is `WithholdingDetected`
+        (the read is checked against the ack's receipt)."""
+        deadline = trio.current_time() + quorum.QUORUM_GRACE
+        why = "no head they cosigned includes it"
+        while True:
+            try:
+                await self.read(collab_id)  # refuses a head without the quorum, after the grace
+            except QuorumNotMet as exc:
+                why, deadline = "they did not cosign the head that includes it", 0.0
+                size = exc.size
+            else:
+                held = self.client.checkpoints.held(self.client.relay_pk, collab_id)
+                size = 0 if held is None else held.size
+                if size >= seq:
+                    return
+            if trio.current_time() >= deadline:
+                raise QuorumNotMet(
+                    f"the relay stored your event at seq {seq}, but {why}",
+                    collab_id=collab_id,
+                    size=size,
+                )
+            await trio.sleep(quorum.QUORUM_RETRY)
 
     async def manage(
         self,

@@ -69,6 +69,15 @@ class CollabTrees:
         self._cosigned: dict[str, tuple[int, bytes, dict[str, NoteSignature]]] = {}
         # Called (synchronously) after a commit group grew a tree: wakes the witnessing task.
         self.on_grow: Callable[[], None] | None = None
+        # Per collab: when (trio's clock) a `caught_up` or heartbeat checkpoint was last made,
+        # i.e. someone reads it: the witnessing task keeps those collabs' cosignatures fresh.
+        self._read_at: dict[str, float] = {}
+
+    def read_since(self, collab_id: str, seconds: float) -> bool:
+        """Whether a `caught_up` or heartbeat checkpoint of the collab was made in the last
+        `seconds`."""
+        at = self._read_at.get(collab_id)
+        return at is not None and trio.current_time() - at <= seconds
 
     def held(self) -> dict[str, LeafTree]:
         """The trees in memory now (the collabs used since start): what witnesses are shown."""
@@ -155,6 +164,7 @@ class CollabTrees:
         return [tree.inclusion_proof(seq - 1, size) if seq <= size else () for seq in seqs]
 
     def _head_note(self, collab_id: str, tree: LeafTree, size: int) -> bytes:
+        self._read_at[collab_id] = trio.current_time()
         now = self.now()
         root = tree.root(size)
         held = self._signed.get(collab_id)

@@ -121,7 +121,10 @@ class Relay:
         self.witnessing: Witnessing | None = None
         if config.witnesses:
             self.witnessing = Witnessing(
-                self.trees, config.witnesses, config.witness_interval_ms / 1000
+                self.trees,
+                config.witnesses,
+                config.witness_interval_ms / 1000,
+                refresh=config.checkpoint_interval_ms / 3000,
             )
             self.trees.on_grow = self.witnessing.poke
         self.fanout = Fanout(self._read_page, config.catchup, caught_up=self._caught_up)
