@@ -34,6 +34,7 @@ from clientkit.errors import (
     WithholdingDetected,
 )
 from model import wire
+from model.checkpoints import open_head
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served
 from model.errors import ChainMismatch
@@ -143,6 +144,13 @@ class History:
         self._client = client
         self.view = view
         self._receipts = receipts
+        # The largest position the relay vouched for to this device before this read began (a
+        # receipt, or a signed checkpoint held): no honest head sent afterwards is smaller.
+        held = (
+            client.checkpoints.held(client.relay_pk, view.collab_id),
+            client.checkpoints.top(client.relay_pk, view.collab_id),
+        )
+        self._floor = max(max(receipts, default=0), *(0 if h is None else h.size for h in held))
         self._follow = follow
         self._expect = expect
         self._done = False
@@ -248,6 +256,9 @@ class History:
                         self._check_checkpoint(
                             frame.checkpoint, frame.proof_from, frame.consistency, None
                         )
+                    # (It opened: check_head raised TamperDetected otherwise.)
+                    collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
+                    self._check_floor(open_head(frame.checkpoint, relay_pk, collab_id).size)
                 case wire.CaughtUp():
                     try:
                         if frame.checkpoint:
@@ -267,7 +278,6 @@ class History:
                             raise
                         continue
                     self._quorum_deadline = None  # the next wait gets its own grace
-                    self._check_behind_receipts(frame.seq)
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
@@ -278,6 +288,7 @@ class History:
                             f" history ends at {head.seq}: it was rolled back",
                             head.seq,
                         )
+                    self._check_floor(frame.seq)
                     self._done = not self._follow
                 case wire.SubscriptionEnded():
                     if self.view.membership is not None and not self.view.is_member:
@@ -360,17 +371,18 @@ class History:
         membership = self.view.membership
         return None if membership is None else membership.witnesses
 
-    def _check_behind_receipts(self, seq: int) -> None:
-        """A `caught_up` that ends before an event the relay acked to this device before this
-        read began (the receipts it was given): the relay hides the device's own event from it,
-        signed checkpoint or not (a honest relay's catch-up reads after every earlier commit)."""
-        acked = max(self._receipts, default=0)
-        if acked > seq:
+    def _check_floor(self, size: int) -> None:
+        """A head (a `caught_up`, a heartbeat's tree) smaller than a position the relay vouched
+        for to this device before this read began: it hides what it acked or signed, with or
+        without a fresh signature (a signed one dated later is also `EquivocationDetected`, by
+        the book). An honest relay's head only grows, and its catch-up reads after every
+        earlier commit."""
+        if size < self._floor:
             raise self._alarm(
                 WithholdingDetected,
-                f"the relay acked this device's event at seq {acked}, but says the history ends"
-                f" at {seq}: it is withholding it",
-                seq,
+                f"the relay vouched for seq {self._floor} to this device before (an ack or a"
+                f" signed head), but now says the history ends at {size}: it is withholding it",
+                size,
             )
 
     def _check_receipt(self, entry: Entry) -> None:
