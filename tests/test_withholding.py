@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from pathlib import Path
 
+    from model.view import CollabView
     from relay._server import Relay
 
 # Heartbeats every 300 ms; the relay refreshes a read collab's cosignatures every 100 ms.
@@ -137,7 +138,7 @@ async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witness
         cid = alice.collab_id
         async with session(relay.url, alice) as client:
             client.stale_after = 6.0
-            view = None
+            view: CollabView | None = None
             for leg in range(2):
                 async with client.history(cid, alice.box_key, follow=True, view=view) as events:
                     with trio.move_on_after(8.0):  # idle: only heartbeats arrive
@@ -155,6 +156,7 @@ async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witness
                     view = events.view
             held = client.checkpoints.held(relay.relay_pk, cid)
             assert held is not None
+            assert view is not None
             policy = view.membership.witnesses if view.membership else None
             assert policy is not None
             assert time.time() - quorum.witnessed_at(relay.relay_pk, held, policy) < 6.0
