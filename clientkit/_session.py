@@ -35,7 +35,13 @@ import trio
 from clientkit import _quorum as quorum
 from clientkit._appends import seal_content
 from clientkit._outbox import AuthorStream, Sent
-from clientkit.errors import ConnectionLost, NoSuchAttachment, NotAMember, QuorumNotMet
+from clientkit.errors import (
+    ConnectionLost,
+    NoSuchAttachment,
+    NotAMember,
+    PostUnconfirmed,
+    QuorumNotMet,
+)
 from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
@@ -190,6 +196,18 @@ class Session:
         self.state.save_head(collab_id, events.head)
         self.views[collab_id] = events.view
         return events.view
+
+    async def _read_on(self, collab_id: str) -> None:
+        """`read`, resumed from this session's last view of the collab when it has one (a bot
+        confirming each reply does not read from the genesis each time)."""
+        view = self.views.get(collab_id)
+        if view is None:
+            await self.read(collab_id)
+            return
+        async with self.history(collab_id, view=view) as events:
+            async for _ in events:
+                pass
+        self.state.save_head(collab_id, events.head)
 
     # --- changes -------------------------------------------------------------------------------
 
@@ -379,16 +397,16 @@ class Session:
         Why (docs/ordering.md): the author is the only one who knows of an event the relay
         acked; a relay that then hides it from everyone, witnesses included, shows every other
         member a consistent, freshly cosigned history without it. Here the author finds out at
-        once (`QuorumNotMet`; a rerun of the command resends nothing new, `Sent.earlier`). A
-        relay that hides the event from its own author instead is `WithholdingDetected`
+        once (`PostUnconfirmed`, a `QuorumNotMet`: the event is stored, so a rerun would post
+        it again). A relay that hides the event from its own author instead is `WithholdingDetected`
         (the read is checked against the ack's receipt)."""
         deadline = trio.current_time() + quorum.QUORUM_GRACE
-        why = "no head they cosigned includes it"
+        why = "no head the witnesses cosigned includes it"
         while True:
-            try:
-                await self.read(collab_id)  # refuses a head without the quorum, after the grace
+            try:  # refuses a head without the quorum, after the grace
+                await self._read_on(collab_id)
             except QuorumNotMet as exc:
-                why, deadline = "they did not cosign the head that includes it", 0.0
+                why, deadline = "the witnesses did not cosign the head that includes it", 0.0
                 size = exc.size
             else:
                 held = self.client.checkpoints.held(self.client.relay_pk, collab_id)
@@ -396,11 +414,7 @@ class Session:
                 if size >= seq:
                     return
             if trio.current_time() >= deadline:
-                raise QuorumNotMet(
-                    f"the relay stored your event at seq {seq}, but {why}",
-                    collab_id=collab_id,
-                    size=size,
-                )
+                raise PostUnconfirmed(why, collab_id=collab_id, seq=seq, size=size)
             await trio.sleep(quorum.QUORUM_RETRY)
 
     async def manage(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from clientkit import QuorumNotMet, StaleView, WithholdingDetected
+from clientkit import PostUnconfirmed, QuorumNotMet, StaleView, WithholdingDetected
 from clientkit import _quorum as quorum
 from clientkit.errors import WitnessConflict
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
@@ -179,9 +179,12 @@ async def test_an_acked_post_no_witness_quorum_confirms_is_not_reported_publishe
             assert (await me.post(cid, "confirmed")).seq == size + 1  # returns once cosigned
             for w in witnesses:
                 await w.stop()
-            with trio.fail_after(60), pytest.raises(QuorumNotMet) as caught:
+            with trio.fail_after(60), pytest.raises(PostUnconfirmed) as caught:
                 await me.post(cid, "acked, then shown to nobody")
+        assert isinstance(caught.value, QuorumNotMet)
+        assert caught.value.seq == size + 2
         assert f"stored your event at seq {size + 2}" in str(caught.value)
+        assert "do not post it again" in str(caught.value)
         assert "\n" not in str(caught.value)
 
 
