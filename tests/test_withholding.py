@@ -30,6 +30,7 @@ from model.checkpoints import CheckpointSigner
 from model.note import NoteVerifier
 from model.tlog import AddCheckpointRequest
 from relay.config import WitnessTarget
+from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 from tests.test_session import as_session
 from tests.test_witness import WitnessProcess, init_witness
@@ -235,3 +236,25 @@ async def test_heads_without_a_checkpoint_in_a_witnessed_collab_are_refused_not_
             held = client.checkpoints.held(relay.relay_pk, alice.collab_id)
             assert held is not None
             assert held.size == view.head.seq
+
+
+@pytest.mark.objective("SO-4")
+async def test_cozy_post_says_in_one_line_when_no_witness_quorum_confirms_the_post(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`cozy post` in a witnessed collab whose witnesses never see the new head: exit status
+    not 0 and one line naming the seq and saying not to post again. (Before: exit 0.)"""
+    async with witnessed_relay(database_url, tmp_path) as (_relay, witnesses):
+        env = client_env(tmp_path / "alice")
+        await cli_signup(_relay.url, tmp_path / "alice", "alice")
+        collab = (await cozy("collab", "create", "demo", env=env)).stdout.decode().strip()
+        await cozy("collab", "witnesses", collab, *(w.vkey for w in witnesses), env=env)
+        await cozy("post", collab, "confirmed", env=env)
+        for w in witnesses:
+            await w.stop()
+        out = await cozy("post", collab, "shown to nobody", env=env, check=False)
+    err = out.stderr.decode().strip()
+    assert out.returncode != 0, err
+    assert len(err.splitlines()) == 1, err
+    assert "stored your event at seq" in err
+    assert "do not post it again" in err
