@@ -73,6 +73,7 @@ class CollabTrees:
         # relay when it has witnesses): a heartbeat right after a commit would otherwise carry
         # no quorum, members would skip it, and a follower could miss the staleness bound.
         self.cosign_wait = 0.0
+        self.witnesses = 0  # how many witnesses the relay asks (a heartbeat waits for each)
         self._cosigned_changed = trio.Event()
         # Per collab: when (trio's clock) a `caught_up` or heartbeat checkpoint was last made,
         # i.e. someone reads it: the witnessing task keeps those collabs' cosignatures fresh.
@@ -209,7 +210,7 @@ class CollabTrees:
             while self.cosign_wait > 0:
                 changed = self._cosigned_changed
                 held = self._cosigned.get(collab_id)
-                if held is not None and held[0] >= tree.size:
+                if held is not None and held[0] >= tree.size and len(held[2]) >= self.witnesses:
                     break
                 await changed.wait()
         size = tree.size

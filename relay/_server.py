@@ -127,6 +127,7 @@ class Relay:
                 refresh=config.checkpoint_interval_ms / 3000,
             )
             self.trees.on_grow = self.witnessing.poke
+            self.trees.witnesses = len(config.witnesses)
             self.trees.cosign_wait = (
                 min(2 * config.witness_interval_ms, config.checkpoint_interval_ms / 2) / 1000
             )
