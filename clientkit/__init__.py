@@ -38,6 +38,7 @@ from clientkit.errors import ForkDetected as ForkDetected
 from clientkit.errors import IntegrityAlarm as IntegrityAlarm
 from clientkit.errors import NoSuchAttachment as NoSuchAttachment
 from clientkit.errors import NotAMember as NotAMember
+from clientkit.errors import PostUnconfirmed as PostUnconfirmed
 from clientkit.errors import ProtocolMismatch as ProtocolMismatch
 from clientkit.errors import QuorumNotMet as QuorumNotMet
 from clientkit.errors import ReceiptInvalid as ReceiptInvalid

@@ -178,6 +178,16 @@ class CheckpointBook:
         self._save(collab_id, held, top)
         return head
 
+    def compare(self, relay_pk: bytes, collab_id: str, note: bytes) -> None:
+        """Raise `EquivocationDetected` when `note` contradicts a checkpoint held, without
+        keeping it: a head refused for another reason (no witness quorum) still proves what it
+        contradicts. A note that does not open is left to `check_head`."""
+        try:
+            head = open_head(note, relay_pk, collab_id)
+        except CheckpointInvalid:
+            return
+        self._compare(relay_pk, head, self._load(relay_pk, collab_id))
+
     def _compare(
         self, relay_pk: bytes, head: SignedHead, known: tuple[SignedHead | None, SignedHead | None]
     ) -> None:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from clientkit import _quorum as quorum
 from clientkit._cli_session import CliError, _as_member, _member, _opened, _unlock, _view
 from clientkit._home import Home
 from clientkit.errors import EquivocationDetected, ForkDetected, StaleView, TamperDetected
@@ -153,7 +154,11 @@ async def cmd_verify(args: argparse.Namespace) -> None:
     print(f"\r  verified {count} events", file=sys.stderr)
     state.save_head(args.collab, view.head)
     if args.max_age is not None:
-        freshest = max((h.timestamp for h in heads if h is not None), default=0)
+        # With a witness policy, the witnesses' dates (docs/ordering.md, "Whose date").
+        policy = view.membership.witnesses if view.membership is not None else None
+        freshest = max(
+            (quorum.witnessed_at(relay_pk, h, policy) for h in heads if h is not None), default=0
+        )
         age = time.time() - freshest
         if age > args.max_age:
             raise StaleView(args.collab, age=age, bound=args.max_age)

@@ -34,6 +34,7 @@ from clientkit.errors import (
     WithholdingDetected,
 )
 from model import wire
+from model.checkpoints import open_head
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
 from model.errors import ChainMismatch
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
     from model.chain import Head
     from model.equivocation import SignedReceipt
+    from model.membership import WitnessPolicy
 
 
 class HistoryCalls(ClientCore):
@@ -142,6 +144,13 @@ class History:
         self._client = client
         self.view = view
         self._receipts = receipts
+        # The largest position the relay vouched for to this device before this read began (a
+        # receipt, or a signed checkpoint held): no honest head sent afterwards is smaller.
+        held = (
+            client.checkpoints.held(client.relay_pk, view.collab_id),
+            client.checkpoints.top(client.relay_pk, view.collab_id),
+        )
+        self._floor = max(max(receipts, default=0), *(0 if h is None else h.size for h in held))
         self._follow = follow
         self._expect = expect
         self._done = False
@@ -247,17 +256,28 @@ class History:
                         self._check_checkpoint(
                             frame.checkpoint, frame.proof_from, frame.consistency, None
                         )
+                    # (It opened: check_head raised TamperDetected otherwise.)
+                    collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
+                    self._check_floor(open_head(frame.checkpoint, relay_pk, collab_id).size)
                 case wire.CaughtUp():
-                    if frame.checkpoint:
-                        try:
+                    try:
+                        if frame.checkpoint:
                             self._check_checkpoint(
                                 frame.checkpoint, frame.proof_from, frame.consistency, frame.seq
                             )
-                        except QuorumNotMet:
-                            if not await self._await_quorum():
-                                raise
-                            continue
-                        self._quorum_deadline = None  # the next wait gets its own grace
+                        elif self._policy() is not None:
+                            # With a policy a head must be cosigned: one without a checkpoint
+                            # at all (dropped, or not signed yet) is not confirmed either.
+                            raise QuorumNotMet(
+                                "it carries no signed checkpoint",
+                                collab_id=self.view.collab_id,
+                                size=frame.seq,
+                            )
+                    except QuorumNotMet:
+                        if not await self._await_quorum():
+                            raise
+                        continue
+                    self._quorum_deadline = None  # the next wait gets its own grace
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
@@ -268,6 +288,7 @@ class History:
                             f" history ends at {head.seq}: it was rolled back",
                             head.seq,
                         )
+                    self._check_floor(frame.seq)
                     self._done = not self._follow
                 case wire.SubscriptionEnded():
                     if self.view.membership is not None and not self.view.is_member:
@@ -320,20 +341,48 @@ class History:
     ) -> None:
         """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
         exactly the seq it reports."""
-        collab_id = self.view.collab_id
-        policy = self.view.membership.witnesses if self.view.membership is not None else None
+        collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
+        policy = self._policy()
+        witnessed_at: int | None = None
         if policy is not None:  # before the head is kept: without the quorum it is not taken
-            quorum.require_quorum(self._client.relay_pk, collab_id, note, policy)
+            try:
+                witnessed_at = quorum.require_quorum(relay_pk, collab_id, note, policy)
+            except QuorumNotMet:
+                # Refused, but what the relay signed still counts: a head behind one of this
+                # device's receipts, dated later, is an equivocation whoever cosigned it.
+                self._client.checkpoints.compare(relay_pk, collab_id, note)
+                raise
         signed = self._client.checkpoints.check_head(
-            self._client.relay_pk, collab_id, note, proof_from, consistency
+            relay_pk, collab_id, note, proof_from, consistency
         )
-        if signed.timestamp > self._fresh:
-            self._fresh, self._stale_reported = signed.timestamp, False
+        # Freshness (the staleness bound): with a witness policy, from the witnesses' dates,
+        # which a relay withholding events behind what they saw cannot renew.
+        fresh = signed.timestamp if witnessed_at is None else witnessed_at
+        if fresh > self._fresh:
+            self._fresh, self._stale_reported = fresh, False
         if seq is not None and signed.size != seq:
             raise self._alarm(
                 TamperDetected,
                 f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
                 seq,
+            )
+
+    def _policy(self) -> WitnessPolicy | None:
+        membership = self.view.membership
+        return None if membership is None else membership.witnesses
+
+    def _check_floor(self, size: int) -> None:
+        """A head (a `caught_up`, a heartbeat's tree) smaller than a position the relay vouched
+        for to this device before this read began: it hides what it acked or signed, with or
+        without a fresh signature (a signed one dated later is also `EquivocationDetected`, by
+        the book). An honest relay's head only grows, and its catch-up reads after every
+        earlier commit."""
+        if size < self._floor:
+            raise self._alarm(
+                WithholdingDetected,
+                f"the relay vouched for seq {self._floor} to this device before (an ack or a"
+                f" signed head), but now says the history ends at {size}: it is withholding it",
+                size,
             )
 
     def _check_receipt(self, entry: Entry) -> None:

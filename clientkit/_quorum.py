@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Final
 
 from clientkit.errors import QuorumNotMet
-from model.checkpoints import CheckpointInvalid, open_head, witnessed
+from model.checkpoints import CheckpointInvalid, SignedHead, open_head, witnessed
 from model.note import NoteError
 from model.tlog import QuorumNotMet as NoQuorum
 
@@ -38,13 +38,38 @@ QUORUM_GRACE: Final = 10.0
 QUORUM_RETRY: Final = 0.25
 
 
-def require_quorum(relay_pk: bytes, collab_id: str, note: bytes, policy: WitnessPolicy) -> None:
-    """Raise `QuorumNotMet` unless `policy.quorum` of its witnesses cosigned `note`."""
+def require_quorum(relay_pk: bytes, collab_id: str, note: bytes, policy: WitnessPolicy) -> int:
+    """Raise `QuorumNotMet` unless `policy.quorum` of its witnesses cosigned `note`; return
+    the date (Unix seconds) by which that many had: see `witnessed_at`."""
     try:
         head = open_head(note, relay_pk, collab_id)
     except CheckpointInvalid:
-        return  # not the relay's: check_head raises TamperDetected for it
+        return 0  # not the relay's: check_head raises TamperDetected for it
     try:
-        witnessed(head, relay_pk, policy.verifiers(), policy.quorum)
+        dates = witnessed(head, relay_pk, policy.verifiers(), policy.quorum)
     except (NoQuorum, NoteError) as exc:
         raise QuorumNotMet(str(exc), collab_id=collab_id, size=head.size) from None
+    return _kth_freshest(dates, policy.quorum)
+
+
+def witnessed_at(relay_pk: bytes, head: SignedHead, policy: WitnessPolicy | None) -> int:
+    """How fresh a held head is, for the staleness bound (docs/ordering.md).
+
+    Without a policy, the relay's own date. With one, the date of the `quorum`-th freshest valid
+    cosignature by a listed witness (0 without the quorum): "by then, k witnesses had seen this
+    as the largest tree". The relay can date its own signature as it likes, but an honest witness
+    that cosigned a larger tree refuses to date an older one again, so a head withheld behind
+    what the witnesses saw stops getting fresher.
+    """
+    if policy is None:
+        return head.timestamp
+    try:
+        dates = witnessed(head, relay_pk, policy.verifiers(), policy.quorum)
+    except (NoQuorum, NoteError):
+        return 0
+    return _kth_freshest(dates, policy.quorum)
+
+
+def _kth_freshest(dates: dict[str, int], k: int) -> int:
+    ordered = sorted(dates.values(), reverse=True)
+    return ordered[k - 1] if 0 < k <= len(ordered) else 0

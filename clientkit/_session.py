@@ -30,9 +30,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import trio
+
+from clientkit import _quorum as quorum
 from clientkit._appends import seal_content
 from clientkit._outbox import AuthorStream, Sent
-from clientkit.errors import ConnectionLost, NoSuchAttachment, NotAMember
+from clientkit.errors import (
+    ConnectionLost,
+    NoSuchAttachment,
+    NotAMember,
+    PostUnconfirmed,
+    QuorumNotMet,
+)
 from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
@@ -187,6 +196,18 @@ class Session:
         self.state.save_head(collab_id, events.head)
         self.views[collab_id] = events.view
         return events.view
+
+    async def _read_on(self, collab_id: str) -> None:
+        """`read`, resumed from this session's last view of the collab when it has one (a bot
+        confirming each reply does not read from the genesis each time)."""
+        view = self.views.get(collab_id)
+        if view is None:
+            await self.read(collab_id)
+            return
+        async with self.history(collab_id, view=view) as events:
+            async for _ in events:
+                pass
+        self.state.save_head(collab_id, events.head)
 
     # --- changes -------------------------------------------------------------------------------
 
@@ -357,13 +378,44 @@ class Session:
             )
 
         try:
-            return await send(None if history is not None else await self.read(collab_id))
+            sent = await send(None if history is not None else await self.read(collab_id))
         except ConnectionLost as exc:
             if not self._can_resend(exc):
                 raise
             await self._reconnected()
             # The kept event goes out again first (`AuthorStream.send`): the same bytes.
-            return await send(await self.read(collab_id))
+            sent = await send(await self.read(collab_id))
+        seen = history.view if history is not None else self.views.get(collab_id)
+        if seen is not None and seen.membership is not None and seen.membership.witnesses:
+            await self._witnessed(collab_id, sent.seq)
+        return sent
+
+    async def _witnessed(self, collab_id: str, seq: int) -> None:
+        """In a collab with a witness policy, a post counts as published only once a head the
+        witness quorum cosigned includes it: read until one does, for up to `QUORUM_GRACE`.
+
+        Why (docs/ordering.md): the author is the only one who knows of an event the relay
+        acked; a relay that then hides it from everyone, witnesses included, shows every other
+        member a consistent, freshly cosigned history without it. Here the author finds out at
+        once (`PostUnconfirmed`, a `QuorumNotMet`: the event is stored, so a rerun would post
+        it again). A relay that hides the event from its own author instead is `WithholdingDetected`
+        (the read is checked against the ack's receipt)."""
+        deadline = trio.current_time() + quorum.QUORUM_GRACE
+        why = "no head the witnesses cosigned includes it"
+        while True:
+            try:  # refuses a head without the quorum, after the grace
+                await self._read_on(collab_id)
+            except QuorumNotMet as exc:
+                why, deadline = "the witnesses did not cosign the head that includes it", 0.0
+                size = exc.size
+            else:
+                held = self.client.checkpoints.held(self.client.relay_pk, collab_id)
+                size = 0 if held is None else held.size
+                if size >= seq:
+                    return
+            if trio.current_time() >= deadline:
+                raise PostUnconfirmed(why, collab_id=collab_id, seq=seq, size=size)
+            await trio.sleep(quorum.QUORUM_RETRY)
 
     async def manage(
         self,

@@ -236,6 +236,25 @@ class QuorumNotMet(ClientError):
         self.size = size
 
 
+class PostUnconfirmed(QuorumNotMet):
+    """The relay stored (acked) this device's event in a collab with a witness policy, but no
+    head the witness quorum cosigned includes it within the grace: other members may never be
+    shown it, and this device is the only one that knows (docs/ordering.md). Not an integrity
+    alarm (the witnesses may be slow or down). The event is stored: posting it again would post
+    it twice."""
+
+    def __init__(self, why: str, *, collab_id: str, seq: int, size: int) -> None:
+        ClientError.__init__(
+            self,
+            f"collab {collab_id}: the relay stored your event at seq {seq}, but {why}, so other"
+            f" members may not see it; do not post it again: run `cozy verify {collab_id}` in a"
+            " minute, and if it lasts ask an owner to check the witnesses",
+        )
+        self.collab_id = collab_id
+        self.size = size
+        self.seq = seq
+
+
 class NotAMember(ClientError):
     """The account named is not a member of the collab as this device's verified view folds it
     (a direct message — `Session.dm`, a bot's `ctx.dm` — to someone outside it, or removed)."""

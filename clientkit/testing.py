@@ -38,10 +38,11 @@ from trio_websocket import (
 
 from model import wire
 from model.chain import Head, next_head, start_of
-from model.checkpoints import CheckpointSigner
+from model.checkpoints import CheckpointSigner, clock_name
 from model.envelope import SequencedEvent, SignedEvent, decode_body, event_id
 from model.merkle import LeafTree, leaf_hash
-from model.tlog import parse_checkpoint
+from model.note import parse_note
+from model.tlog import add_signatures, parse_checkpoint
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -74,6 +75,11 @@ class Lie(enum.StrEnum):
     STRIP_RECEIPT = "strip_receipt"  # ack without its checkpoint and inclusion proof
     FOREIGN_CHECKPOINT = "foreign_checkpoint"  # the ack's checkpoint, signed by another key
     EXCLUDE_EVENT = "exclude_event"  # (needs `signer`) a signed tree without the acked event
+    # Withhold the newest events from a follower (needs `signer`): honest up to the first
+    # `caught_up`, then every later event is hidden and each heartbeat is that head re-signed
+    # with a fresh date, carrying the witness cosignatures it came with (the best a relay can do:
+    # an honest witness that saw a larger tree will not cosign the old one again).
+    FREEZE = "freeze"
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             | Lie.STRIP_RECEIPT
             | Lie.FOREIGN_CHECKPOINT
             | Lie.EXCLUDE_EVENT
+            | Lie.FREEZE
         ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
@@ -319,6 +326,7 @@ class LyingRelay:
         self, relay: WebSocketConnection, client: WebSocketConnection, m: Misbehaviour | None
     ) -> None:
         held: dict[str, History] = {}  # collab -> catch-up events held back until caught_up
+        frozen: dict[str, bytes] = {}  # collab -> the head a `Lie.FREEZE` keeps showing
         lied = 0
         while True:
             data = await relay.get_message()
@@ -329,7 +337,8 @@ class LyingRelay:
                     lied += 1
                     if m is not None and m.lie is Lie.DELAY:
                         await trio.sleep(DELAY_SECONDS)
-                for out in self._present(frame, held, m):
+                presented = self._freeze(frame, frozen) if m and m.lie is Lie.FREEZE else None
+                for out in presented if presented is not None else self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 
     def _present(
@@ -389,6 +398,32 @@ class LyingRelay:
         note = self.signer.sign(frame.collab_id, honest.size, tree.root(), when)
         proof = list(tree.inclusion_proof(frame.seq - 1))
         return msgspec.structs.replace(frame, checkpoint=note, inclusion=proof)
+
+    def _freeze(self, frame: wire.Reply, frozen: dict[str, bytes]) -> list[wire.Reply]:
+        match frame:
+            case wire.CaughtUp() if frame.collab_id not in frozen and frame.checkpoint:
+                frozen[frame.collab_id] = frame.checkpoint
+            case wire.Event() | wire.Withheld() if frame.collab_id in frozen:
+                return []
+            case wire.TreeHead() if frame.collab_id in frozen:
+                return [self._refreshed(frame.collab_id, frozen[frame.collab_id])]
+        return [frame]
+
+    def _refreshed(self, collab_id: str, note: bytes) -> wire.TreeHead:
+        """`note`'s tree signed again by the relay's key, dated now, with the witness lines it
+        had (a cosignature is over the checkpoint text, so old lines still verify)."""
+        assert self.signer is not None, "Lie.FREEZE needs the relay's key"
+        parsed = parse_note(note)
+        cp = parse_checkpoint(parsed.text)
+        own = {cp.origin, clock_name(self.signer.relay_name)}
+        fresh = self.signer.sign(collab_id, cp.size, cp.root, int(time.time()))
+        lines = [sig for sig in parsed.signatures if sig.name not in own]
+        return wire.TreeHead(
+            collab_id=collab_id,
+            checkpoint=add_signatures(fresh, lines) if lines else fresh,
+            proof_from=cp.size,
+            consistency=[],
+        )
 
     def _signed_caught_up(
         self, frame: wire.CaughtUp, presented: History, last: int, m: Misbehaviour

@@ -73,6 +73,21 @@ class CollabTrees:
         self._cosigned: dict[str, tuple[int, bytes, dict[str, NoteSignature]]] = {}
         # Called (synchronously) after a commit group grew a tree: wakes the witnessing task.
         self.on_grow: Callable[[], None] | None = None
+        # How long a heartbeat waits for the witnesses to cosign the current tree (set by the
+        # relay when it has witnesses): a heartbeat right after a commit would otherwise carry
+        # no quorum, members would skip it, and a follower could miss the staleness bound.
+        self.cosign_wait = 0.0
+        self.witnesses = 0  # how many witnesses the relay asks (a heartbeat waits for each)
+        self._cosigned_changed = trio.Event()
+        # Per collab: when (trio's clock) a `caught_up` or heartbeat checkpoint was last made,
+        # i.e. someone reads it: the witnessing task keeps those collabs' cosignatures fresh.
+        self._read_at: dict[str, float] = {}
+
+    def read_since(self, collab_id: str, seconds: float) -> bool:
+        """Whether a `caught_up` or heartbeat checkpoint of the collab was made in the last
+        `seconds`."""
+        at = self._read_at.get(collab_id)
+        return at is not None and trio.current_time() - at <= seconds
 
     def held(self) -> dict[str, LeafTree]:
         """The trees in memory now (the collabs used since start): what witnesses are shown."""
@@ -90,6 +105,8 @@ class CollabTrees:
             self._cosigned[collab_id] = held
         for line in lines:
             held[2][line.name] = line
+        self._cosigned_changed.set()
+        self._cosigned_changed = trio.Event()
 
     def cosignatures(self, collab_id: str, size: int, root: bytes) -> list[NoteSignature]:
         held = self._cosigned.get(collab_id)
@@ -180,6 +197,7 @@ class CollabTrees:
         ]
 
     def _head_note(self, collab_id: str, tree: LeafTree, size: int) -> bytes:
+        self._read_at[collab_id] = trio.current_time()
         now = self.now()
         root = tree.root(size)
         held = self._signed.get(collab_id)
@@ -213,6 +231,13 @@ class CollabTrees:
         """The collab's current checkpoint, with the proof from `sent_size` (the last size sent
         on this subscription), and its size."""
         tree = await self.load(collab_id)
+        with trio.move_on_after(self.cosign_wait):
+            while self.cosign_wait > 0:
+                changed = self._cosigned_changed
+                held = self._cosigned.get(collab_id)
+                if held is not None and held[0] >= tree.size and len(held[2]) >= self.witnesses:
+                    break
+                await changed.wait()
         size = tree.size
         start = sent_size if 0 <= sent_size <= size else 0
         frame = wire.TreeHead(

@@ -121,9 +121,16 @@ class Relay:
         self.witnessing: Witnessing | None = None
         if config.witnesses:
             self.witnessing = Witnessing(
-                self.trees, config.witnesses, config.witness_interval_ms / 1000
+                self.trees,
+                config.witnesses,
+                config.witness_interval_ms / 1000,
+                refresh=config.checkpoint_interval_ms / 3000,
             )
             self.trees.on_grow = self.witnessing.poke
+            self.trees.witnesses = len(config.witnesses)
+            self.trees.cosign_wait = (
+                min(2 * config.witness_interval_ms, config.checkpoint_interval_ms / 2) / 1000
+            )
         self.fanout = Fanout(self._read_page, config.catchup, caught_up=self._caught_up)
         auth = bao_auth(config)
         self.broker = Broker(config.tools, None if auth is None else SecretStore(auth))

@@ -3,12 +3,20 @@
 One task in the relay's accept nursery, apart from the sequencers: nothing here is awaited by a
 commit. It wakes soon after a commit group grew a tree (`CollabTrees.on_grow`) or every
 `witness_interval_ms`, and for each collab whose tree in memory is larger than what every
-witness last cosigned, signs one checkpoint of the tree as it is and submits it to each witness
+witness last cosigned — or, for a collab someone is reading, whose newest cosignature is older
+than `refresh` seconds — signs one checkpoint of the tree as it is and submits it to each witness
 at once (C2SP tlog-witness: `old` = the size that witness last cosigned for this origin, with
 the consistency proof from it). A 409 names the witness's size: the relay proves again from it
 (once per round), so a relay restart, a witness restored from a backup that is behind, or a lost
 answer cost one extra request. Cosignature lines that verify under the witness's key are handed
 to `CollabTrees`, which appends them to `caught_up` and heartbeat checkpoints of that tree.
+
+Why an unchanged head is submitted again (issue 16, docs/ordering.md "The staleness bound"): in a
+collab with a witness policy, members measure freshness by the dates of the witnesses'
+cosignatures, not by the relay's own. An honest relay keeps them fresh by asking again while the
+collab is read (a `caught_up` or heartbeat signed within twice `refresh`); a witness that cosigned
+a larger tree refuses the old one (409), so a relay that keeps showing members an old head cannot
+date it freshly, and every follower with the policy reports `StaleView` within its bound.
 
 Bounds: one round at a time, collabs in turn, the witnesses of one collab in parallel, each
 request within `SUBMIT_TIMEOUT` (witness/submit.py); a witness that did not answer is not asked
@@ -44,14 +52,24 @@ RETRIES: Final = 2  # a 409, then the proof from the size it named
 
 class Witnessing:
     def __init__(
-        self, trees: CollabTrees, targets: Sequence[WitnessTarget], interval: float
+        self,
+        trees: CollabTrees,
+        targets: Sequence[WitnessTarget],
+        interval: float,
+        refresh: float | None = None,
     ) -> None:
+        """`refresh`: how old a read collab's newest cosignature may get before its unchanged
+        head is submitted again (default: `interval`); the relay passes a third of its heartbeat
+        interval, so a heartbeat carries cosignatures at most that old."""
         self._trees = trees
         self._targets = [(t.url, NoteVerifier.from_vkey(t.vkey)) for t in targets]
         self._interval = interval
+        self._refresh = interval if refresh is None else max(refresh, interval)
         self._wake = trio.Event()
-        # (witness url, collab) -> the size that witness last cosigned, as far as the relay knows.
+        # (witness url, collab) -> the size that witness last cosigned, as far as the relay knows,
+        # and when (trio's clock) it did.
         self._sizes: dict[tuple[str, str], int] = {}
+        self._cosigned_at: dict[tuple[str, str], float] = {}
         self.rounds = 0
         self._down: set[str] = set()
 
@@ -69,18 +87,30 @@ class Witnessing:
 
     async def round(self) -> None:
         self._down = set()  # unreachable this round: not asked about its other collabs
+        now = trio.current_time()
         for collab_id, tree in self._trees.held().items():
             size = tree.size
-            if size == 0 or all(self._sizes.get((u, collab_id)) == size for u, _ in self._targets):
+            read = self._trees.read_since(collab_id, 2 * self._refresh)
+            due = [
+                (url, witness)
+                for url, witness in self._targets
+                if url not in self._down
+                and (
+                    self._sizes.get((url, collab_id)) != size
+                    or (
+                        read and now - self._cosigned_at.get((url, collab_id), 0.0) >= self._refresh
+                    )
+                )
+            ]
+            if size == 0 or not due:
                 continue
             root = tree.root(size)
             note = self._trees.signer.sign(collab_id, size, root, self._trees.now())
             async with trio.open_nursery() as nursery:
-                for url, witness in self._targets:
-                    if self._sizes.get((url, collab_id)) != size and url not in self._down:
-                        nursery.start_soon(
-                            self._submit, url, witness, collab_id, tree, size, root, note
-                        )
+                for url, witness in due:
+                    nursery.start_soon(
+                        self._submit, url, witness, collab_id, tree, size, root, note
+                    )
         self.rounds += 1
 
     async def _submit(
@@ -117,5 +147,6 @@ class Witnessing:
                 )
                 return
             self._sizes[key] = size
+            self._cosigned_at[key] = trio.current_time()
             self._trees.add_cosignatures(collab_id, size, root, lines)
             return

@@ -1,0 +1,260 @@
+"""Withholding the newest events from every member (issue 16, "Done when"; docs/ordering.md).
+
+Real relay, real `cozy witness serve` processes it submits to, the real client kit; lies come
+from `clientkit.testing.LyingRelay` holding the relay's own key. The two halves:
+
+- members: in a collab with a witness policy, freshness is measured from the witnesses' dates;
+  the relay re-submits an unchanged head so honest heads stay fresh, and a witness that saw a
+  larger tree refuses to date the old one again, so a follower shown a frozen head reports
+  `StaleView` within its bound (on the relay's own dates it never would);
+- the author: the only one who knows of an acked event. A post in a witnessed collab is not
+  reported published until a head the quorum cosigned includes it, and a read that ends before
+  one of this device's receipts is an alarm, signed checkpoint or not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import trio
+
+from clientkit import PostUnconfirmed, QuorumNotMet, StaleView, WithholdingDetected
+from clientkit import _quorum as quorum
+from clientkit.errors import WitnessConflict
+from clientkit.testing import Lie, LyingRelay, Misbehaviour
+from model.checkpoints import CheckpointSigner
+from model.note import NoteVerifier
+from model.tlog import AddCheckpointRequest
+from relay.config import WitnessTarget
+from tests.cli_harness import cli_signup, client_env, cozy
+from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
+from tests.test_session import as_session
+from tests.test_witness import WitnessProcess, init_witness
+from tests.test_witness_quorum import cosigned, log_vkey, set_policy
+from witness.submit import submit_checkpoint
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from model.view import CollabView
+    from relay._server import Relay
+
+# Heartbeats every 300 ms; the relay refreshes a read collab's cosignatures every 100 ms.
+FAST = {"checkpoint_interval_ms": 300, "witness_interval_ms": 100}
+
+
+@asynccontextmanager
+async def witnessed_relay(
+    database_url: str, tmp_path: Path, **overrides: Any
+) -> AsyncIterator[tuple[Relay, list[WitnessProcess]]]:
+    config = relay_config(database_url, tmp_path / "relay", **FAST, **overrides)
+    witnesses = []
+    for i in (1, 2):
+        state, _ = await init_witness(tmp_path / f"w{i}", name=f"witness.example/w{i}")
+        w = WitnessProcess(state, "--log-prefix", f"{config.relay_name}/collab/", log_vkey(config))
+        await w.start()
+        witnesses.append(w)
+    config = dataclasses.replace(
+        config, witnesses=tuple(WitnessTarget(w.url, w.vkey) for w in witnesses)
+    )
+    try:
+        async with running_relay(config) as relay:
+            yield relay, witnesses
+    finally:
+        for w in witnesses:
+            await w.stop()
+
+
+async def witnessed_collab(relay: Relay, witnesses: list[WitnessProcess]) -> tuple[User, int]:
+    """Alice's collab under a 2-of-2 policy, with a post; the size both witnesses cosigned."""
+    alice = await sign_up(relay.url, "alice")
+    await set_policy(relay.url, alice, 2, tuple(w.vkey for w in witnesses))
+    async with session(relay.url, alice) as client:
+        await post(client, alice, alice.collab_id, "before")
+    return alice, await cosigned(relay, alice.collab_id, 2)
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_relay_withholding_the_tail_from_every_member_is_a_stale_view_for_each(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The relay keeps showing a follower the head it had, re-signed with fresh dates and the
+    witness cosignatures it came with, while new events are stored and shown to the witnesses.
+    (Before: the follower measured freshness by the relay's own date and never noticed.)"""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, size = await witnessed_collab(relay, witnesses)
+        cid = alice.collab_id
+        signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
+        freeze = Misbehaviour(Lie.FREEZE, 1)
+        lying = LyingRelay(relay.url, plan=lambda _n: freeze, signer=signer)
+        async with lying.running() as url, session(url, alice) as client:
+            client.stale_after = 3.0
+            async with client.history(cid, alice.box_key, follow=True) as events:
+                with trio.fail_after(60):
+                    async for _ in events:  # catch up to the head the relay will freeze
+                        if events.view.head.seq >= size:
+                            break
+                frozen = events.view.head.seq
+                with trio.fail_after(60):
+                    async with session(relay.url, alice) as other:
+                        await post(other, alice, cid, "hidden from everyone")
+                    grown = await cosigned(relay, cid, 2)  # the witnesses saw the new event
+                    assert grown > frozen
+                    started = time.time()
+                    with pytest.raises(StaleView) as caught:
+                        async for _ in events:
+                            pass
+        assert caught.value.age >= 3.0
+        assert time.time() - started < 60
+        assert events.view.head.seq == frozen  # nothing after the freeze was shown
+        # Why the relay cannot do better: each witness cosigned the larger tree and refuses to
+        # date the frozen one again.
+        held = client.checkpoints.held(relay.relay_pk, cid)
+        assert held is not None
+        assert held.size == frozen
+        again = signer.sign(cid, held.size, held.root, int(time.time()))
+        for w in witnesses:
+            with pytest.raises(WitnessConflict):
+                await submit_checkpoint(
+                    w.url,
+                    AddCheckpointRequest(held.size, (), again),
+                    witness=NoteVerifier.from_vkey(w.vkey),
+                )
+
+
+@pytest.mark.objective("SO-4")
+async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witnessed_view_fresh(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Nothing is posted for longer than the bound, a witness restarts and the follower
+    resubscribes: the relay keeps its cosignatures fresh and nothing is reported. (Before: the
+    relay submitted only heads that grew, so an idle witnessed collab's cosignatures aged.)"""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, _ = await witnessed_collab(relay, witnesses)
+        cid = alice.collab_id
+        async with session(relay.url, alice) as client:
+            client.stale_after = 6.0
+            view: CollabView | None = None
+            for leg in range(2):
+                async with client.history(cid, alice.box_key, follow=True, view=view) as events:
+                    with trio.move_on_after(8.0):  # idle: only heartbeats arrive
+                        async for _ in events:
+                            pass
+                    if leg == 0:  # a witness restarts on the same address and state
+                        port = witnesses[0].url.rsplit(":", 1)[1]
+                        assert await witnesses[0].stop() == 0
+                        restarted = WitnessProcess(witnesses[0].state, *witnesses[0].args)
+                        restarted.args = (*restarted.args, "--listen", f"127.0.0.1:{port}")
+                        await restarted.start()
+                        witnesses[0] = restarted
+                        async with session(relay.url, alice) as other:
+                            await post(other, alice, cid, "after the restart")
+                    view = events.view
+            held = client.checkpoints.held(relay.relay_pk, cid)
+            assert held is not None
+            assert view is not None
+            policy = view.membership.witnesses if view.membership else None
+            assert policy is not None
+            assert time.time() - quorum.witnessed_at(relay.relay_pk, held, policy) < 6.0
+            assert held.size == view.head.seq
+
+
+@pytest.mark.objective("SO-4")
+async def test_an_acked_post_no_witness_quorum_confirms_is_not_reported_published(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay stores and acks the post but its witnesses never see it (here: they are
+    down), so no other member could ever learn of it. `Session.post` says so instead of
+    returning. (Before: the post returned as published.)"""
+    monkeypatch.setattr(quorum, "QUORUM_GRACE", 1.0)
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, size = await witnessed_collab(relay, witnesses)
+        cid = alice.collab_id
+        async with session(relay.url, alice) as client:
+            me = as_session(client, alice, tmp_path / "alice")
+            assert (await me.post(cid, "confirmed")).seq == size + 1  # returns once cosigned
+            for w in witnesses:
+                await w.stop()
+            with trio.fail_after(60), pytest.raises(PostUnconfirmed) as caught:
+                await me.post(cid, "acked, then shown to nobody")
+        assert isinstance(caught.value, QuorumNotMet)
+        assert caught.value.seq == size + 2
+        assert f"stored your event at seq {size + 2}" in str(caught.value)
+        assert "do not post it again" in str(caught.value)
+        assert "\n" not in str(caught.value)
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_caught_up_behind_the_devices_own_receipt_is_withholding_even_unsigned(
+    relay: Relay, tmp_path: Path
+) -> None:
+    """The device holds the relay's ack for its event at seq n; the relay then says the
+    history ends at n - 1 and drops the optional checkpoint (or backdates it to the ack's
+    second), so no signed pair contradicts. (Before: accepted without complaint.)"""
+    alice = await sign_up(relay.url, "alice")
+    cid = alice.collab_id
+    async with session(relay.url, alice) as client:
+        me = as_session(client, alice, tmp_path / "alice")
+        await me.post(cid, "one")
+        acked = (await me.post(cid, "two")).seq  # acked; this device has not read it since
+    truncate = Misbehaviour(Lie.TRUNCATE, acked)  # serves 1..acked-1, caught_up unsigned
+    async with (
+        LyingRelay(relay.url, plan=lambda _n: truncate).running() as url,
+        session(url, alice) as client,
+    ):
+        me = as_session(client, alice, tmp_path / "alice")
+        with pytest.raises(WithholdingDetected, match=f"seq {acked}"):
+            await me.read(cid)
+    async with session(relay.url, alice) as client:  # the honest relay: nothing alarms
+        me = as_session(client, alice, tmp_path / "alice")
+        assert (await me.read(cid)).head.seq == acked
+
+
+@pytest.mark.objective("SO-4")
+async def test_heads_without_a_checkpoint_in_a_witnessed_collab_are_refused_not_taken(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A downgrade: the relay drops the checkpoint from `caught_up` in a collab with a witness
+    policy. Unconfirmed, so refused like a head without the quorum (not an alarm)."""
+    monkeypatch.setattr(quorum, "QUORUM_GRACE", 1.0)
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, _ = await witnessed_collab(relay, witnesses)
+        truncate = Misbehaviour(Lie.TRUNCATE, 99)  # all of it, but caught_up without checkpoint
+        async with (
+            LyingRelay(relay.url, plan=lambda _n: truncate).running() as url,
+            session(url, alice) as client,
+        ):
+            with pytest.raises(QuorumNotMet, match="no signed checkpoint"):
+                await client.read(alice.collab_id, alice.box_key)
+        async with session(relay.url, alice) as client:  # the honest relay afterwards: taken
+            view = await client.read(alice.collab_id, alice.box_key)
+            held = client.checkpoints.held(relay.relay_pk, alice.collab_id)
+            assert held is not None
+            assert held.size == view.head.seq
+
+
+@pytest.mark.objective("SO-4")
+async def test_cozy_post_says_in_one_line_when_no_witness_quorum_confirms_the_post(
+    database_url: str, tmp_path: Path
+) -> None:
+    """`cozy post` in a witnessed collab whose witnesses never see the new head: exit status
+    not 0 and one line naming the seq and saying not to post again. (Before: exit 0.)"""
+    async with witnessed_relay(database_url, tmp_path) as (_relay, witnesses):
+        env = client_env(tmp_path / "alice")
+        await cli_signup(_relay.url, tmp_path / "alice", "alice")
+        collab = (await cozy("collab", "create", "demo", env=env)).stdout.decode().strip()
+        await cozy("collab", "witnesses", collab, *(w.vkey for w in witnesses), env=env)
+        await cozy("post", collab, "confirmed", env=env)
+        for w in witnesses:
+            await w.stop()
+        out = await cozy("post", collab, "shown to nobody", env=env, check=False)
+    err = out.stderr.decode().strip()
+    assert out.returncode != 0, err
+    assert len(err.splitlines()) == 1, err
+    assert "stored your event at seq" in err
+    assert "do not post it again" in err
