@@ -15,6 +15,7 @@ it, so one connection's flood costs a bounded amount of memory (docs/protocol.md
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -26,7 +27,13 @@ from model import wire
 from model._crypto import random_bytes
 from model.proofs import CHALLENGE_BYTES
 from relay import _stages
-from relay._wsraw import abort_stream, check_compatible, send_framed, write_now
+from relay._wsraw import (
+    abort_stream,
+    check_compatible,
+    release_handshake,
+    send_framed,
+    write_now,
+)
 
 if TYPE_CHECKING:
     from trio_websocket import WebSocketConnection
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
     from model.authz import MemberView
     from model.membership import MemberKind
     from relay._cf_access import AccessIdentity
+    from relay._timers import Timer
 
 OUTBOX_FRAMES: Final = 8192
 # The outbox's byte budget. Live event frames are shared by every subscriber (encoded once), so
@@ -64,6 +72,46 @@ class ArtifactUpload:
 
 
 class Connection:
+    """One client connection's state. An idle one holds no task of its own (its writer runs
+    only while the outbox has something to send; its timers live in relay/_timers.py) and
+    only what it needs: slots, not a `__dict__`, and the outbox's deque exists while there is
+    something in it (docs/performance.md, "Memory per idle subscriber")."""
+
+    __slots__ = (
+        "_closing",
+        "_dead",
+        "_dropped",
+        "_outbox",
+        "_outbox_bytes_limit",
+        "_outbox_frames_limit",
+        "_peer_port",
+        "_room",
+        "_unsent",
+        "_writer_done",
+        "access",
+        "account_id",
+        "account_kind",
+        "append_bytes_in_flight",
+        "appends_in_flight",
+        "background_tasks",
+        "box_pk",
+        "caller",
+        "challenge",
+        "expiry",
+        "member_of",
+        "membership_generation",
+        "nursery",
+        "outbox_bytes",
+        "outbox_frames",
+        "session_ended",
+        "session_expires_at",
+        "session_tasks",
+        "sign_pk",
+        "subscriptions",
+        "uploads",
+        "ws",
+    )
+
     def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
         self.ws = ws
         # Sent in `Welcome`; signed requests sign it, so their signatures hold on this
@@ -80,23 +128,26 @@ class Connection:
         # Everything below belongs to the current session, and ends with it (relay/_sessions.py).
         self.uploads: dict[str, ArtifactUpload] = {}  # artifact uploads in progress
         self.subscriptions: dict[str, Subscription] = {}  # by collab
-        self.session_tasks: set[trio.CancelScope] = set()  # tool calls, downloads
+        # Tool calls and downloads (a dict as an ordered set: an empty one holds no table).
+        self.session_tasks: dict[trio.CancelScope, None] = {}
         # collab -> the sender's membership there, checked once and then cached until a removal
         # evicts it; `membership_generation` moves on every eviction, so a lookup that started
         # before one never writes its stale answer back.
         self.member_of: dict[str, MemberView] = {}
         self.membership_generation = 0
-        # Set whenever the session changes (bound, rebound, ended), to wake its expiry watch.
-        self.session_changed = trio.Event()
+        # The bound session's expiry timer (relay/_sessions.py re-arms it on every change).
+        self.expiry: Timer | None = None
         # Who Cloudflare Access let through (SO-6), when the relay checks it; else None.
         self.access: AccessIdentity | None = None
         # Whom the relay's rate budgets charge for this connection (relay._throttle.caller_key).
         self.caller = ""
         self.nursery = nursery
         check_compatible(ws)  # the writer sends through relay/_wsraw.py
+        release_handshake(ws)  # open now: the upgrade's parser state is not needed again
         # Items are single frames (coalesced into batches by the writer) or whole messages
-        # built once by fan-out for every subscriber (written as they are).
-        self._out_send, self._out_recv = trio.open_memory_channel[bytes | Message](OUTBOX_FRAMES)
+        # built once by fan-out for every subscriber (written as they are). None while empty
+        # and no writer runs: an idle connection keeps no queue.
+        self._outbox: deque[bytes | Message] | None = None
         # The limits as they were when the connection opened (a test gives one connection a tiny
         # outbox by patching the module constant around its creation).
         self._outbox_bytes_limit = OUTBOX_BYTES
@@ -109,8 +160,11 @@ class Connection:
         self.background_tasks = 0
         self._closing = False
         self._dropped = False
-        self._flushed = trio.Event()
-        self._room = trio.lowlevel.ParkingLot()  # catch-ups waiting for the outbox to drain
+        self._dead = False  # a send found the connection closed: nothing more is written
+        # Set when the running writer ends; None while none runs (started by `offer`).
+        self._writer_done: trio.Event | None = None
+        # Catch-ups waiting for the outbox to drain; made by the first that waits.
+        self._room: trio.lowlevel.ParkingLot | None = None
         self._peer_port: int | None = None  # for stage times (relay/_stages.py), when asked
 
     @property
@@ -128,72 +182,63 @@ class Connection:
         self.append_bytes_in_flight += size
         return AppendTicket(self, size)
 
-    async def run_writer(self) -> None:
-        """Send queued items in order until the outbox closes; then close the socket.
+    async def _run_writer(self, outbox: deque[bytes | Message], done: trio.Event) -> None:
+        """Send queued items in order until the outbox is empty, then end (`offer` starts the
+        next writer); once closing, until everything queued is sent.
 
         Everything already queued goes out in one `send` (up to about WRITE_BYTES): runs of
         single frames are coalesced into `batch` messages of at most MAX_BATCH_FRAMES frames and
         BATCH_BYTES bytes (so a batch never exceeds what a client accepts), each framed here; a
         fan-out `Message` is written as the WebSocket frame it already is.
         """
-        recv = self._out_recv
         # Live messages in the send underway, while stage times are recorded (relay/_stages.py).
         written: list[Message] | None = [] if _stages.RECORDER is not None else None
         try:
-            async with recv:
-                while True:
-                    try:
-                        item = await recv.receive()
-                    except trio.EndOfChannel:
-                        return
-                    out: list[bytes] = []
-                    run: list[bytes] = []
-                    run_size = size = taken = 0
-                    while True:
-                        taken += 1
-                        n = len(item)
-                        self.outbox_bytes -= n
-                        size += n
-                        if isinstance(item, Message):
-                            self.outbox_frames -= item.events
-                            if written is not None and _stages.sampled(item.last_seq):
-                                written.append(item)
-                            if run:
-                                out.append(framed_batch(run))
-                                run, run_size = [], 0
-                            out.append(item.framed)
-                        else:
-                            if starts_new_batch(len(run), run_size, n):
-                                out.append(framed_batch(run))
-                                run, run_size = [], 0
-                            self.outbox_frames -= 1
-                            run.append(item)
-                            run_size += n
-                        if size >= WRITE_BYTES:
-                            break
-                        try:
-                            item = recv.receive_nowait()
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                    if run:
-                        out.append(framed_batch(run))
-                    if self._dropped:
-                        return
-                    if self._room:  # a catch-up waits: taken off the queue, it may queue more
-                        self._room.unpark_all()
-                    data = out[0] if len(out) == 1 else b"".join(out)
-                    out.clear()  # hold one copy of what is being written, not two
-                    if written:
-                        # Stamped as the bytes go to the socket: the subscriber may read them
-                        # before this task runs again.
-                        self._record_deliveries(written, _stages.now())
-                        written.clear()
-                    await send_framed(self.ws, data)
-                    self._unsent -= taken
+            while outbox and not self._dropped:
+                out: list[bytes] = []
+                run: list[bytes] = []
+                run_size = size = taken = 0
+                while outbox and size < WRITE_BYTES:
+                    item = outbox.popleft()
+                    taken += 1
+                    n = len(item)
+                    self.outbox_bytes -= n
+                    size += n
+                    if isinstance(item, Message):
+                        self.outbox_frames -= item.events
+                        if written is not None and _stages.sampled(item.last_seq):
+                            written.append(item)
+                        if run:
+                            out.append(framed_batch(run))
+                            run, run_size = [], 0
+                        out.append(item.framed)
+                    else:
+                        if starts_new_batch(len(run), run_size, n):
+                            out.append(framed_batch(run))
+                            run, run_size = [], 0
+                        self.outbox_frames -= 1
+                        run.append(item)
+                        run_size += n
+                if run:
+                    out.append(framed_batch(run))
+                if self._room:  # a catch-up waits: taken off the queue, it may queue more
+                    self._room.unpark_all()
+                data = out[0] if len(out) == 1 else b"".join(out)
+                out.clear()  # hold one copy of what is being written, not two
+                if written:
+                    # Stamped as the bytes go to the socket: the subscriber may read them
+                    # before this task runs again.
+                    self._record_deliveries(written, _stages.now())
+                    written.clear()
+                await send_framed(self.ws, data)
+                self._unsent -= taken
         except ConnectionClosed:
-            pass
+            self._dead = True  # what is offered from now on stays queued (and counted)
         finally:
-            self._flushed.set()
+            if self._dropped or (not self._dead and not outbox):
+                self._outbox = None  # idle again (or dropped): let the deque go
+            self._writer_done = None
+            done.set()
 
     async def wait_for_room(self, message: Message, share: int) -> bool:
         """Wait until `message` may be queued as catch-up: the outbox is empty, or it holds at
@@ -205,6 +250,8 @@ class Connection:
                 self.outbox_bytes <= share and self._fits(len(message), message.events)
             ):
                 return True
+            if self._room is None:
+                self._room = trio.lowlevel.ParkingLot()
             await self._room.park()
         return False
 
@@ -237,10 +284,15 @@ class Connection:
         frames = frame.events if isinstance(frame, Message) else 1
         if not self._fits(n, frames):
             return False
-        try:
-            self._out_send.send_nowait(frame)
-        except (trio.WouldBlock, trio.ClosedResourceError):
+        outbox = self._outbox
+        if outbox is None:
+            outbox = self._outbox = deque()
+        elif len(outbox) >= OUTBOX_FRAMES:
             return False
+        outbox.append(frame)
+        if self._writer_done is None and not self._dead:
+            done = self._writer_done = trio.Event()
+            self.nursery.start_soon(self._run_writer, outbox, done)
         self._unsent += 1
         self.outbox_bytes += n
         self.outbox_frames += frames
@@ -274,8 +326,10 @@ class Connection:
         if self._closing:
             return
         self._closing = self._dropped = True
-        self._out_send.close()
-        self._room.unpark_all()
+        if self._outbox is not None and self._writer_done is None:
+            self._outbox = None  # pending frames are discarded (a running writer stops)
+        if self._room is not None:
+            self._room.unpark_all()
         self.nursery.start_soon(self._close_socket, code, reason)
 
     def close_gracefully(self, code: int, reason: str) -> None:
@@ -283,13 +337,18 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        self._out_send.close()
-        self._room.unpark_all()
+        if self._room is not None:
+            self._room.unpark_all()
         self.nursery.start_soon(self._close_after_flush, code, reason)
 
+    def ended(self) -> None:
+        """The connection's handler is done (its nursery closes): offer nothing more."""
+        self._closing = True
+
     async def _close_after_flush(self, code: int, reason: str) -> None:
-        with trio.move_on_after(CLOSE_TIMEOUT):
-            await self._flushed.wait()
+        if (done := self._writer_done) is not None:  # what is queued is being written
+            with trio.move_on_after(CLOSE_TIMEOUT):
+                await done.wait()
         await self._close_socket(code, reason)
 
     async def _close_socket(self, code: int, reason: str) -> None:

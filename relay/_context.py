@@ -27,6 +27,7 @@ from model import wire
 from model.excgroups import leaves
 from relay._connection import MAX_BACKGROUND_TASKS
 from relay._frontdoor import FrontDoor
+from relay._timers import Timers
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -73,8 +74,10 @@ class Services:
         self.broker = broker
         self.auth_counters = auth_counters
         self.db_limiter = trio.CapacityLimiter(DB_THREADS)
+        # Every per-connection timer (session expiry, login deadline, heartbeats), one task.
+        self.timers = Timers()
         # Unauthenticated connections, fair Argon2 slots, enumeration budgets (ADR-0018).
-        self.front_door = FrontDoor(config.front_door)
+        self.front_door = FrontDoor(config.front_door, self.timers)
         self.sequencers: SequencerRegistry | None = None  # set while the relay serves
         self.overloaded = 0  # requests shed with `overloaded` (a bound was reached)
         self.connection_refusals = 0  # logins/auths refused: too many connections
@@ -104,14 +107,14 @@ class Services:
             )
         conn.background_tasks += 1
         scope = trio.CancelScope()
-        conn.session_tasks.add(scope)
+        conn.session_tasks[scope] = None
 
         async def run() -> None:
             try:
                 with scope:
                     await fn(*args)
             finally:
-                conn.session_tasks.discard(scope)
+                conn.session_tasks.pop(scope, None)
                 conn.background_tasks -= 1
 
         conn.nursery.start_soon(run)

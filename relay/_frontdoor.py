@@ -26,6 +26,7 @@ import math
 from collections import OrderedDict, deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Final, Literal
 
 import trio
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
     from relay._connection import Connection
+    from relay._timers import Timer, Timers
     from relay.config import FrontDoorLimits
 
 AUTH_TIMEOUT_CODE: Final = wire.CloseCode.AUTH_TIMEOUT
@@ -145,15 +147,16 @@ class Argon2Slots:
 class FrontDoor:
     """Unauthenticated connections, Argon2 slots and enumeration budgets of one relay."""
 
-    def __init__(self, limits: FrontDoorLimits) -> None:
+    def __init__(self, limits: FrontDoorLimits, timers: Timers) -> None:
         self.limits = limits
+        self._timers = timers
         self.argon2 = Argon2Slots(limits.argon2_slots)
         self.signups = RateBudget(limits.signups_per_caller_per_hour, limits.signups_per_hour)
         self.lookups = RateBudget(
             limits.handle_lookups_per_caller_per_hour, limits.handle_lookups_per_hour
         )
-        # Unauthenticated connections, oldest first.
-        self._waiting: OrderedDict[Connection, None] = OrderedDict()
+        # Unauthenticated connections, oldest first, each with its deadline's timer.
+        self._waiting: OrderedDict[Connection, Timer] = OrderedDict()
         self._busy: dict[Connection, trio.Event] = {}  # a login or sign-up being answered
         self.evicted = 0
         self.timed_out = 0
@@ -169,12 +172,14 @@ class FrontDoor:
         The oldest that is not waiting for a login or sign-up answer goes first, so a flood of
         new sockets does not cut off a user whose login is already in the Argon2 queue.
         """
-        self._waiting[conn] = None
+        self._waiting[conn] = self._timers.call_later(
+            self.limits.auth_timeout_seconds, partial(self._deadline_passed, conn)
+        )
         while len(self._waiting) > self.limits.max_unauthenticated_connections:
             oldest = next((c for c in self._waiting if c not in self._busy), None)
             if oldest is None:
                 oldest = next(iter(self._waiting))
-            del self._waiting[oldest]
+            self._waiting.pop(oldest).cancel()
             self.evicted += 1
             oldest.close_gracefully(
                 EVICTED_CODE,
@@ -182,21 +187,31 @@ class FrontDoor:
             )
 
     def authenticated(self, conn: Connection) -> None:
-        """The connection logged in or authenticated: it no longer counts against the cap."""
-        self._waiting.pop(conn, None)
+        """The connection logged in or authenticated: it no longer counts against the cap, and
+        its deadline is off."""
+        if (deadline := self._waiting.pop(conn, None)) is not None:
+            deadline.cancel()
 
     def closed(self, conn: Connection) -> None:
-        self._waiting.pop(conn, None)
+        self.authenticated(conn)
 
-    async def enforce_deadline(self, conn: Connection) -> None:
-        """Close `conn` if it is still unauthenticated `auth_timeout_seconds` after it opened.
+    def _deadline_passed(self, conn: Connection) -> None:
+        """`auth_timeout_seconds` after `admit` (a timer, relay/_timers.py): close `conn` if it
+        is still unauthenticated. A login or sign-up in progress is answered first (its reply
+        flushed with the close), in a task of the connection's own."""
+        if conn not in self._waiting or conn.closing:
+            return
+        if conn in self._busy:
+            conn.nursery.start_soon(self._close_after_answer, conn)
+        else:
+            self._time_out(conn)
 
-        Run in the connection's nursery from the moment it is accepted. A login or sign-up in
-        progress at the deadline is answered first (its reply flushed with the close).
-        """
-        await trio.sleep(self.limits.auth_timeout_seconds)
+    async def _close_after_answer(self, conn: Connection) -> None:
         while (busy := self._busy.get(conn)) is not None:
             await busy.wait()
+        self._time_out(conn)
+
+    def _time_out(self, conn: Connection) -> None:
         if conn in self._waiting and not conn.closing:
             self._waiting.pop(conn, None)
             self.timed_out += 1

@@ -28,7 +28,6 @@ import structlog
 import trio
 from trio_websocket import (
     ConnectionClosed,
-    WebSocketConnection,
     WebSocketRequest,
     serve_websocket,
 )
@@ -237,6 +236,8 @@ class Relay:
                         raise
                 self.ops_url = ops_url(host, bound)
                 log.info("ops_listening", url=self.ops_url)
+            # Outlives every connection: their timers fire here (relay/_timers.py).
+            ops.start_soon(self._services.timers.run, name="timers")
             async with trio.open_nursery() as relay:
                 url = await relay.start(self._serve_relay)
                 self._listening = True
@@ -329,50 +330,45 @@ class Relay:
             log.info("access_verified", **identity.log_fields())
         ws = await request.accept()
         self._accepted += 1
+        # The connection is served in this same coroutine (not one more awaited inside it): a
+        # frame less for every idle connection to keep.
         try:
-            await self._serve_connection(ws, identity)
+            async with trio.open_nursery() as nursery:
+                conn = Connection(ws, nursery)
+                conn.access = identity
+                conn.caller = caller_key(None if identity is None else identity.subject, ws.remote)
+                self._connections.add(conn)
+                self.front_door.admit(conn)  # over the cap, the oldest unauthenticated one closes
+                conn.reply(
+                    wire.Welcome(
+                        protocol=wire.PROTOCOL,
+                        relay_pk=self.relay_pk,
+                        max_frame_bytes=wire.MAX_FRAME_BYTES,
+                        max_body_bytes=MAX_BODY_BYTES,
+                        challenge=conn.challenge,
+                        heartbeat_ms=self.config.checkpoint_interval_ms,
+                    )
+                )
+                try:
+                    while True:
+                        data = await ws.get_message()
+                        # Once closing, keep reading until the close handshake ends the loop (so the
+                        # close frame with its code and reason gets out), but act on nothing more.
+                        if not conn.closing:
+                            await self._dispatcher.on_frame(conn, data)
+                except ConnectionClosed:
+                    pass
+                finally:
+                    conn.ended()
+                    self._connections.discard(conn)
+                    self.front_door.closed(conn)
+                    self._sessions.unfile(conn)
+                    self._subscriptions.drop_all(conn)
+                    self._artifacts.abandon(conn)
+                    nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 — contain a connection's failure to itself
             # Not log.exception: an exception's message may quote request data.
             log.error("connection_failed", error=type(exc).__name__, where=where(exc))
-
-    async def _serve_connection(
-        self, ws: WebSocketConnection, identity: AccessIdentity | None = None
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            conn = Connection(ws, nursery)
-            conn.access = identity
-            conn.caller = caller_key(None if identity is None else identity.subject, ws.remote)
-            self._connections.add(conn)
-            self.front_door.admit(conn)  # over the cap, the oldest unauthenticated one closes
-            nursery.start_soon(conn.run_writer)
-            nursery.start_soon(self._sessions.watch_expiry, conn)
-            nursery.start_soon(self.front_door.enforce_deadline, conn)
-            conn.reply(
-                wire.Welcome(
-                    protocol=wire.PROTOCOL,
-                    relay_pk=self.relay_pk,
-                    max_frame_bytes=wire.MAX_FRAME_BYTES,
-                    max_body_bytes=MAX_BODY_BYTES,
-                    challenge=conn.challenge,
-                    heartbeat_ms=self.config.checkpoint_interval_ms,
-                )
-            )
-            try:
-                while True:
-                    data = await ws.get_message()
-                    # Once closing, keep reading until the close handshake ends the loop (so the
-                    # close frame with its code and reason gets out), but act on nothing more.
-                    if not conn.closing:
-                        await self._dispatcher.on_frame(conn, data)
-            except ConnectionClosed:
-                pass
-            finally:
-                self._connections.discard(conn)
-                self.front_door.closed(conn)
-                self._sessions.unfile(conn)
-                self._subscriptions.drop_all(conn)
-                self._artifacts.abandon(conn)
-                nursery.cancel_scope.cancel()
 
     def _session_ended(self, conn: Connection, reason: str) -> None:
         """A session ended with its connection still open: end what it opened."""

@@ -4,8 +4,9 @@ A connection is bound to an account by a login or a token (`bind`). What it open
 binding — subscriptions, artifact uploads, tool calls and downloads in progress — belongs to the
 session, and ends with it, at once (SO-5, SO-6):
 
-- expiry: each connection has a watch that fires at the session's expiry, not merely at the
-  next request, so a quiet subscription stops being fed when its session runs out;
+- expiry: each bound connection has a timer (relay/_timers.py) that fires at the session's
+  expiry, not merely at the next request, so a quiet subscription stops being fed when its
+  session runs out;
 - re-authentication as another account: the old account's subscriptions and uploads end before
   the new binding takes effect, so nothing opened under one account keeps serving another;
 - revocation of an agent: every connection bound to it is closed (4003), and every subscription
@@ -22,12 +23,11 @@ and lets revocation find them, without scanning every open connection.
 
 from __future__ import annotations
 
-import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Final
 
 import structlog
-import trio
 
 from model import wire
 from model.authz import Standing
@@ -167,6 +167,9 @@ class Sessions:
 
     def unfile(self, conn: Connection) -> None:
         """Take `conn` out of the by-account index (it closed, or binds another account)."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
         account_id = self._filed_under.pop(conn, None)
         if account_id is not None:
             filed = self._by_account[account_id]
@@ -224,21 +227,21 @@ class Sessions:
         conn.session_expires_at = expires
         self._changed(conn)
 
-    @staticmethod
-    def _changed(conn: Connection) -> None:
-        event, conn.session_changed = conn.session_changed, trio.Event()
-        event.set()
-
-    async def watch_expiry(self, conn: Connection) -> None:
-        """Runs for the connection's life: ends its session the moment it expires."""
-        while True:
-            changed = conn.session_changed
-            if conn.account_id is None:
-                await changed.wait()
-                continue
+    def _changed(self, conn: Connection) -> None:
+        """The session was bound, renewed or ended: (re)arm its expiry timer, if bound."""
+        if conn.expiry is not None:
+            conn.expiry.cancel()
+            conn.expiry = None
+        if conn.account_id is not None:
             left = conn.session_expires_at - time.time()
-            with trio.move_on_after(max(0.0, left) if math.isfinite(left) else math.inf):
-                await changed.wait()
-                continue
-            if conn.account_id is not None and time.time() >= conn.session_expires_at:
-                self.end(conn, SESSION_EXPIRED)
+            conn.expiry = self._s.timers.call_later(left, partial(self._expire, conn))
+
+    def _expire(self, conn: Connection) -> None:
+        """The session's expiry timer fired: end it, unless the wall clock says not yet."""
+        conn.expiry = None
+        if conn.account_id is None:
+            return
+        if time.time() >= conn.session_expires_at:
+            self.end(conn, SESSION_EXPIRED)
+        else:  # Trio's clock ran ahead of the wall clock: wait for the rest
+            self._changed(conn)

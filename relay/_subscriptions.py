@@ -4,9 +4,9 @@ fan-out (fanout/_fanout.py). Each belongs to the session that opened it and ends
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import TYPE_CHECKING
 
-import trio
 from trio_websocket import ConnectionClosed
 
 from fanout import Subscription
@@ -77,7 +77,7 @@ class Subscriptions:
                 with contextlib.suppress(LedgerError):
                     await self._trees.load(sub.collab_id)
             await self._s.fanout.stream(sub)
-            await self._heartbeats(conn, sub)
+            self._next_heartbeat(conn, sub)
         except ConnectionClosed:
             self._s.fanout.remove(sub)
         finally:
@@ -85,21 +85,35 @@ class Subscriptions:
             if sub.ended and conn.subscriptions.get(sub.collab_id) is sub:
                 del conn.subscriptions[sub.collab_id]
 
-    async def _heartbeats(self, conn: Connection, sub: Subscription) -> None:
+    def _next_heartbeat(self, conn: Connection, sub: Subscription) -> None:
         """While the subscription is open, its current signed checkpoint at least every
-        `checkpoint_interval_ms` (ADR-0020), with the proof from the last one it was sent."""
-        if self._trees is None or not sub.follow:
+        `checkpoint_interval_ms` (ADR-0020), with the proof from the last one it was sent.
+
+        A timer per beat (relay/_timers.py), not a task asleep per subscription: an idle
+        subscriber costs no task between beats; each beat (a tree read) runs in a short task.
+        """
+        if self._trees is None or not sub.follow or not _current(conn, sub):
             return
         interval = self._s.config.checkpoint_interval_ms / 1000
-        while True:
-            await trio.sleep(interval)
-            if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
-                return
-            try:
-                frame, size = await self._trees.heartbeat(sub.collab_id, sub.tree_size)
-            except LedgerError:
-                continue  # the tree could not be read now: the next beat tries again
-            if sub.ended or conn.subscriptions.get(sub.collab_id) is not sub:
-                return
-            conn.reply(frame)
-            sub.tree_size = size
+        self._s.timers.call_later(interval, partial(self._heartbeat_due, conn, sub))
+
+    def _heartbeat_due(self, conn: Connection, sub: Subscription) -> None:
+        if _current(conn, sub):
+            conn.nursery.start_soon(self._heartbeat, conn, sub)
+
+    async def _heartbeat(self, conn: Connection, sub: Subscription) -> None:
+        assert self._trees is not None
+        try:
+            frame, size = await self._trees.heartbeat(sub.collab_id, sub.tree_size)
+        except LedgerError:
+            pass  # the tree could not be read now: the next beat tries again
+        else:
+            if _current(conn, sub):
+                conn.reply(frame)
+                sub.tree_size = size
+        self._next_heartbeat(conn, sub)
+
+
+def _current(conn: Connection, sub: Subscription) -> bool:
+    """`sub` is still open on `conn` (not ended, unsubscribed, or gone with the connection)."""
+    return not sub.ended and conn.subscriptions.get(sub.collab_id) is sub

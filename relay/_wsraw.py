@@ -19,6 +19,13 @@ trio-websocket's server negotiates no extensions, so the frames need no RSV bits
 tests/test_wsraw.py pins it: if an upgrade of trio-websocket changes these internals, every
 connection fails with this error and that test fails, rather than frames being written wrong.
 `abort_stream` closes `_stream` for a peer that ignores the close handshake.
+
+`release_handshake` lets go of the HTTP upgrade's parser once the connection is open: wsproto
+keeps its `H11Handshake` (an h11 connection with its buffer and states, and an event queue)
+for the connection's whole life, though after the upgrade its only use is `WSConnection.events`
+asking it for events (it has none left). An idle subscriber is mostly such bookkeeping, so the
+relay swaps it for a shared empty stand-in (docs/performance.md, "Memory per idle
+subscriber"); tests/test_wsraw.py pins the wsproto version and its shape.
 """
 
 from __future__ import annotations
@@ -32,13 +39,20 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 import trio_websocket
+import wsproto
 from trio_websocket import ConnectionClosed
+from wsproto.handshake import H11Handshake
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from trio_websocket import WebSocketConnection
+    from wsproto.events import Event
 
 # The trio-websocket releases whose internals this module was checked against.
 CHECKED_VERSIONS: Final = ("0.12.2",)
+# The wsproto releases whose `WSConnection` `release_handshake` was checked against.
+CHECKED_WSPROTO_VERSIONS: Final = ("1.3.2",)
 # `write_now` writes only while the socket's send buffer would hold at most this much.
 WRITE_NOW_BYTES: Final = 8 * 1024
 log = structlog.get_logger("cozy.connection")
@@ -57,6 +71,13 @@ def check_compatible(ws: WebSocketConnection | None = None) -> None:
         raise IncompatibleWebSocketLibrary(
             f"trio-websocket {version} is installed; relay/_wsraw.py was checked against"
             f" {', '.join(CHECKED_VERSIONS)}: re-check its internals and extend CHECKED_VERSIONS"
+        )
+    version = getattr(wsproto, "__version__", "?")
+    if version not in CHECKED_WSPROTO_VERSIONS:
+        raise IncompatibleWebSocketLibrary(
+            f"wsproto {version} is installed; relay/_wsraw.py was checked against"
+            f" {', '.join(CHECKED_WSPROTO_VERSIONS)}: re-check `WSConnection` (its use of"
+            " `handshake` once open) and extend CHECKED_WSPROTO_VERSIONS"
         )
     if ws is None:
         return
@@ -127,3 +148,35 @@ async def send_framed(ws: WebSocketConnection, data: bytes) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await ws._abort_web_socket()
             raise ConnectionClosed(ws._close_reason) from None
+
+
+class _SpentHandshake:
+    """Stands in for wsproto's `H11Handshake` once the connection is open: `WSConnection`
+    reads only `events()` from it then (`state`, `send` and `receive_data` go to its
+    `connection`), and a finished handshake has no events left."""
+
+    __slots__ = ()
+
+    def events(self) -> Iterator[Event]:
+        return iter(())
+
+
+_SPENT_HANDSHAKE: Final = _SpentHandshake()
+
+
+def release_handshake(ws: WebSocketConnection) -> bool:
+    """Drop the open connection's HTTP upgrade state (about 2.5 KiB); True if it was dropped.
+
+    Only when the upgrade is complete (wsproto has its `connection`) and every handshake event
+    was taken; otherwise nothing changes (the connection then just keeps those bytes).
+    """
+    proto = ws._wsproto
+    handshake = proto.handshake
+    if (
+        proto.connection is None
+        or not isinstance(handshake, H11Handshake)
+        or handshake._events  # an event not yet taken: keep it where `events()` finds it
+    ):
+        return False
+    proto.handshake = _SPENT_HANDSHAKE  # type: ignore[assignment]
+    return True

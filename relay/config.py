@@ -239,7 +239,7 @@ def load_config(
             "COZY_MAX_CONNECTIONS_PER_ACCOUNT",
             pick("COZY_MAX_CONNECTIONS_PER_ACCOUNT", "max_connections_per_account", 16),
             1,
-            10_000,
+            100_000,
         ),
         max_artifact_bytes=_bounded_int(
             "COZY_MAX_ARTIFACT_BYTES",

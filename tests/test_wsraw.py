@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 import trio_websocket
+import wsproto
 from trio_websocket import ConnectionClosed, serve_websocket
 
 from clientkit._transport import open_websocket
@@ -193,3 +194,41 @@ async def test_a_partial_direct_write_aborts_the_connection(
             await server_done.wait()
             nursery.cancel_scope.cancel()
     assert ended == ["server"]
+
+
+def test_the_installed_wsproto_is_a_checked_version() -> None:
+    # If this fails after an upgrade: re-read wsproto's WSConnection (what it asks of
+    # `handshake` once `connection` is set) against `release_handshake`, then extend the list.
+    assert wsproto.__version__ in _wsraw.CHECKED_WSPROTO_VERSIONS
+
+
+async def test_a_connection_without_its_handshake_state_still_talks_pings_and_closes() -> None:
+    """`release_handshake` drops the upgrade's parser once open; everything after the upgrade
+    (messages both ways, the library's ping/pong, the close handshake with its code) works."""
+    released: list[bool] = []
+    got: list[bytes] = []
+
+    async def handler(ws: WebSocketConnection) -> None:
+        released.append(_wsraw.release_handshake(ws))
+        released.append(_wsraw.release_handshake(ws))  # a second call changes nothing
+        got.append(await ws.get_message())
+        await ws.send_message(b"pong-me")
+        await ws.ping(b"p1")  # answered by the client's reader: a pong through wsproto
+        await _wsraw.send_framed(ws, ws_binary_frame(b"framed"))
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()  # until the client closes
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve_one(nursery, handler)
+            async with open_websocket(url, nursery) as client:
+                await client.send_message(b"hello")
+                assert await client.get_message() == b"pong-me"
+                assert await client.get_message() == b"framed"
+                await client.ping(b"p2")  # the server's wsproto answers it
+                await client.aclose(4000, "done")
+            assert client.closed is not None
+            assert client.closed.code == 4000
+            nursery.cancel_scope.cancel()
+    assert released == [True, False]
+    assert got == [b"hello"]

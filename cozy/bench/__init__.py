@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 SCENARIOS: Final = ("append", "fanout", "latency", "subscribers", "catchup")
 CHOICES: Final = ("all", *SCENARIOS)
 # COZY_MAX_CONNECTIONS_PER_ACCOUNT's ceiling, less room for the bench's own connections.
-MAX_IDLE_SUBSCRIBERS: Final = 9990
+MAX_IDLE_SUBSCRIBERS: Final = 99_990
 
 __all__ = ["CHOICES", "SCENARIOS", "BenchError", "CompareError", "main"]
 
@@ -69,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
     if sizes.idle_subscribers > MAX_IDLE_SUBSCRIBERS:
         print(
             f"error: --idle-subscribers is at most {MAX_IDLE_SUBSCRIBERS}: one bench account"
-            " opens them all and the relay allows an account 10,000 connections at most",
+            " opens them all and the relay allows an account 100,000 connections at most",
             file=sys.stderr,
         )
         return 2

@@ -243,7 +243,9 @@ async def relay_process(
     env = dict(
         os.environ,
         DATABASE_URL=database_url,
-        COZY_MAX_CONNECTIONS_PER_ACCOUNT="10000",
+        COZY_MAX_CONNECTIONS_PER_ACCOUNT="100000",
+        # Its one session outlasts opening 10,000 idle subscribers on a busy machine.
+        COZY_SESSION_TTL="86400",
         COZY_MAX_UNAUTHENTICATED_CONNECTIONS="100000",
         COZY_SIGNUPS_PER_CALLER_PER_HOUR="100000",
         # Hundreds of its subscribers catch up at once (from an empty collab, so briefly).

@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 STREAM = "COLLABS"
 CONSUMERS_PER_CONNECTION = 50
 OPEN_CONCURRENCY = 64
+# Seconds a JetStream API request (an ordered consumer's creation) may take: nats-py's 5 s
+# default timed out creating 10,000 idle consumers on the shared 2-core machine.
+JS_API_TIMEOUT = 60.0
 MAX_CONSUMERS = 100_000
 
 
@@ -159,7 +162,7 @@ async def _ordered_consumers(
         async with gate:
             await (
                 conns[i // per_connection]
-                .jetstream()
+                .jetstream(timeout=JS_API_TIMEOUT)
                 .subscribe(
                     subject, ordered_consumer=True, deliver_policy=DeliverPolicy.NEW, cb=cb(i)
                 )

@@ -442,6 +442,12 @@ async def subscribers(relay: RelayProcess, sizes: Sizes, peer: Peer) -> dict[str
         open_seconds = time.monotonic() - opened_at
         await trio.sleep(1.0)
         after = relay_proc.memory_info().rss
+        # Said now too: the probe below can fail on a busy machine, and this is the figure.
+        print(
+            f"cozy bench: subscribers: {ready} ready, relay RSS {before} -> {after} B,"
+            f" {(after - before) / max(ready, 1):.0f} B per subscriber",
+            file=sys.stderr,
+        )
         gen.go(t0=time.monotonic(), rate=1.0, base_seq=2, timeout=30.0)
         await pump(relay.url, actor, [probe], 1)
         res = await gen.results()

@@ -1,0 +1,100 @@
+"""What an idle subscriber costs the relay (issue 17, target 4; docs/performance.md).
+
+An idle, authenticated, subscribed connection used to keep five Trio tasks of its own asleep in
+the relay (the writer, the session-expiry watch, the login deadline, the subscription's
+heartbeat loop, besides trio-websocket's handler and reader), about 2.7 KiB each. Now its
+timers live in one relay-wide task (relay/_timers.py) and its writer runs only while there is
+something to send, so what is left per connection is trio-websocket's two tasks. The relay's
+tasks are told from the test's clients by their ancestry (under `run_relay`'s serving task).
+
+That the behaviours those tasks carried still hold (expiry ends a quiet subscription, the
+login deadline closes, heartbeats arrive, a lagging client is dropped) is tested where they
+are: tests/test_session_end.py, tests/test_front_door.py, tests/test_checkpoints.py,
+tests/test_overload.py.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import TYPE_CHECKING
+
+import trio
+
+from clientkit._transport import FrameReader, open_websocket
+from model import wire
+from tests.relay_harness import relay_config, running_relay, sign_up
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from tests.relay_harness import User
+
+SUBSCRIBERS = 12
+# trio-websocket's own per connection: the handler task (the relay's request loop runs in it)
+# and the reader task.
+TASKS_PER_IDLE_SUBSCRIBER = 2
+
+
+def _relay_tasks() -> collections.Counter[str]:
+    """Every task the relay runs (those under `run_relay`'s serving task), by name."""
+    out: collections.Counter[str] = collections.Counter()
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    stack = [(root, False)]
+    while stack:
+        task, relays = stack.pop()
+        relays = relays or task.name.endswith("serve_then_stop")
+        if relays:
+            out[task.name] += 1
+        for nursery in task.child_nurseries:
+            stack.extend((child, relays) for child in nursery.child_tasks)
+    assert out, "the relay's serving task was not found (renamed in relay/_run.py?)"
+    return out
+
+
+async def _hold_idle(
+    url: str, user: User, done: trio.Event, *, task_status: trio.TaskStatus[None]
+) -> None:
+    """One more connection: authenticated, subscribed, caught up, then left alone until
+    `done`."""
+    async with trio.open_nursery() as nursery, open_websocket(url, nursery) as ws:
+        frames = FrameReader(ws)
+        assert isinstance(await frames.next(), wire.Welcome)
+        await ws.send_message(wire.encode(wire.Authenticate(rid=1, token=user.token)))
+        assert isinstance(await frames.next(), wire.Authenticated)
+        subscribe = wire.Subscribe(rid=2, collab_id=user.collab_id, from_seq=1)
+        await ws.send_message(wire.encode(subscribe))
+        while not isinstance(frame := await frames.next(), wire.CaughtUp):
+            assert not isinstance(frame, wire.Error), frame
+        task_status.started()
+        await done.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
+        user = await sign_up(relay.url)
+        done = trio.Event()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                await clients.start(_hold_idle, relay.url, user, done)  # warm: first-use state
+                before = _relay_tasks()
+                for _ in range(SUBSCRIBERS):
+                    await clients.start(_hold_idle, relay.url, user, done)
+                # Each connection's last reply (`caught_up`) may still be on its way out: wait
+                # for the relay to go quiet (a writer task ends once its outbox is empty).
+                allowed = TASKS_PER_IDLE_SUBSCRIBER * SUBSCRIBERS
+                for _ in range(200):
+                    after = _relay_tasks()
+                    if after.total() - before.total() <= allowed:
+                        break
+                    await trio.sleep(0.05)
+                done.set()
+        extra = {
+            name: (after[name] - before[name]) / SUBSCRIBERS
+            for name in after
+            if after[name] > before[name]
+        }
+        assert after.total() - before.total() <= allowed, f"tasks per idle subscriber: {extra}"
