@@ -188,6 +188,23 @@ class Session:
         self.views[collab_id] = events.view
         return events.view
 
+    async def verify(
+        self, collab_id: str, *, progress: Callable[[int], None] | None = None
+    ) -> CollabView:
+        """Re-verify the collab's whole history from seq 1 (what `cozy verify` promises: no
+        saved shortcut is taken), checked against the saved head and receipts; the new head is
+        saved. `progress` is called with the count of events verified so far, now and then."""
+        keys = (await self.read(collab_id)).known_keys()
+        count = 0
+        async with self.history(collab_id, keys=keys) as events:
+            async for _ in events:
+                count += 1
+                if progress is not None and count % 500 == 0:
+                    progress(count)
+        self.state.save_head(collab_id, events.head)
+        self.views[collab_id] = events.view
+        return events.view
+
     # --- changes -------------------------------------------------------------------------------
 
     async def resend_unacked(self, collab_id: str) -> list[SentEvent]:
