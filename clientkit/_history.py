@@ -34,6 +34,7 @@ from clientkit.errors import (
     WithholdingDetected,
 )
 from model import wire
+from model.chain import Head
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
 from model.errors import ChainMismatch
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 
     import nacl.public
 
-    from model.chain import Head
     from model.equivocation import SignedReceipt
 
 
@@ -118,6 +118,7 @@ class HistoryCalls(ClientCore):
             keys,
             past_box_keys=past_box_keys,
             own_sign_pks=own_sign_pks,
+            hold=True,  # one pass: content from before a mid-epoch addition opens all the same
         )
         history = History(self, view, follow=follow, expect=expect, receipts=receipts or {})
         try:
@@ -152,6 +153,7 @@ class History:
         self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
         self._refilled_after: int | None = None  # the head a backfill was last asked from
         self._ahead: collections.deque[Entry] = collections.deque()  # verified, not handed out
+        self._ready: collections.deque[Entry] = collections.deque()  # final in the fold, checked
         # The staleness bound (ADR-0020): the newest signed timestamp received on this stream,
         # when following began, and whether the current stale spell was reported already.
         self._fresh = 0
@@ -203,7 +205,7 @@ class History:
         """The last position that passed every check (signature, chain, the saved head this
         device expects, the receipts it holds): after an alarm, the one before the event that
         raised it, although the view may have taken that event in already."""
-        return self.view.head if self._alarmed_at is None else self._alarmed_at
+        return self.view.settled_head if self._alarmed_at is None else self._alarmed_at
 
     def __aiter__(self) -> History:
         return self
@@ -231,8 +233,23 @@ class History:
             return self._ahead.popleft()
         return await self._next_entry()
 
+    def _take_ready(self) -> None:
+        """Move what the fold made final into `_ready`, each checked against the receipts."""
+        for entry in self.view.drain():
+            try:
+                self._check_receipt(entry)
+            except IntegrityAlarm:
+                self._alarmed_at = Head(entry.seq - 1, self.view.chain_at(entry.seq - 1) or b"")
+                raise
+            self._ready.append(entry)
+
+    def _settle(self) -> None:
+        """Caught up (or the stream ended): what the fold still holds is final, unreadable."""
+        self.view.settle()
+        self._take_ready()
+
     async def _next_entry(self) -> Entry:
-        while not self._done:
+        while not self._ready and not self._done:
             try:
                 frame = await self._receive()
             except trio.EndOfChannel:
@@ -269,23 +286,26 @@ class History:
                             head.seq,
                         )
                     self._done = not self._follow
+                    self._settle()
                 case wire.SubscriptionEnded():
                     if self.view.membership is not None and not self.view.is_member:
                         self._done = True  # removed: the relay ends the stream, as it should
+                        self._settle()
                         continue
                     raise ConnectionLost(None, frame.reason)
                 case wire.Event() | wire.Withheld() if frame.seq > head.seq + 1:
                     await self._backfill(head.seq + 1, frame.seq - 1)
                 case wire.Event() | wire.Withheld():
-                    before = self.view.head
+                    before = self.view.settled_head
                     try:
-                        entry = self._verify(frame)
+                        self._verify(frame)
                         self._check_expected()
-                        self._check_receipt(entry)
                     except IntegrityAlarm:
                         self._alarmed_at = before
                         raise
-                    return entry
+                    self._take_ready()
+        if self._ready:
+            return self._ready.popleft()
         raise StopAsyncIteration
 
     async def _receive(self) -> wire.Reply:

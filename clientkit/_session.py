@@ -150,16 +150,13 @@ class Session:
         """Verified entries of the collab from the genesis, checked against this device's
         saved head and receipts (`Client.history` with `expect` and `receipts`).
 
-        Without `keys`, the epoch keys this account was given come from this session's last
-        read of the collab (`views`), or a read now, so entries from before its addition open
-        too. The caller decides when to save the head (`History.head` is only ever a position
-        that passed every check); `read` saves it. `view`, a view this session verified before
-        (a following tail after a reconnection), resumes right after its head instead of
-        reading from the genesis again.
+        One pass: entries from before this account's addition to an epoch open all the same
+        (the fold holds them until the epoch's key arrives, model/view.py `hold`). The caller
+        decides when to save the head (`History.head` is only ever a position that passed every
+        check); `read` saves it. `view`, a view this session verified before (a following tail
+        after a reconnection), resumes right after its head instead of reading from the genesis
+        again.
         """
-        if keys is None and view is None:
-            seen = self.views.get(collab_id) or await self.read(collab_id)
-            keys = seen.known_keys()
         async with self.client.history(
             collab_id,
             self.keys.box_key,
@@ -181,7 +178,7 @@ class Session:
         rolled back behind the saved head), and `RelayRefused` (`unauthorized`) for a collab
         this account cannot read.
         """
-        async with self.history(collab_id, keys={}) as events:
+        async with self.history(collab_id) as events:
             async for _ in events:
                 pass
         self.state.save_head(collab_id, events.head)
@@ -194,9 +191,8 @@ class Session:
         """Re-verify the collab's whole history from seq 1 (what `cozy verify` promises: no
         saved shortcut is taken), checked against the saved head and receipts; the new head is
         saved. `progress` is called with the count of events verified so far, now and then."""
-        keys = (await self.read(collab_id)).known_keys()
         count = 0
-        async with self.history(collab_id, keys=keys) as events:
+        async with self.history(collab_id) as events:
             async for _ in events:
                 count += 1
                 if progress is not None and count % 500 == 0:

@@ -18,6 +18,7 @@ events after the clocks stop), so a ratio of 1.0 means "as long as one core's Ed
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import nacl.public
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from clientkit import Client
     from cozy.bench._common import RelayProcess
     from model.envelope import SignedEvent
+    from model.membership import Operation
+    from model.view import CollabView
 
 MESSAGE_BYTES: Final = 256
 PING: Final = "bench: are you there?"
@@ -61,6 +64,10 @@ class _Person:
             ClientState(home / "state.db"),
             device="bench",
         )
+
+
+def _add(member: Member, view: CollabView) -> Operation:
+    return add(view, member)
 
 
 async def _signup(url: str, handle: str) -> _Person:
@@ -118,7 +125,7 @@ async def client(relay: RelayProcess, events: int, work: Path) -> dict[str, Any]
                 bytes(bot_box.public_key), (CAP_READ, CAP_POST),
             ),
         ):  # fmt: skip
-            await session.manage(collab_id, lambda v, m=member: add(v, m))
+            await session.manage(collab_id, partial(_add, member))
         view = await session.read(collab_id)
         epoch, key = view.current_key()
         base = view.head.seq
