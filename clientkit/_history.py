@@ -233,6 +233,13 @@ class History:
             return self._ahead.popleft()
         return await self._next_entry()
 
+    def buffered(self) -> bool:
+        """Whether more is already here to hand out without waiting for the relay (a reader
+        may batch its own bookkeeping while it is)."""
+        if self._ahead or self._ready:
+            return True
+        return self._frames is not None and self._frames.statistics().current_buffer_used > 0
+
     def _take_ready(self) -> None:
         """Move what the fold made final into `_ready`, each checked against the receipts."""
         for entry in self.view.drain():
@@ -278,6 +285,13 @@ class History:
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
+                    if frame.seq < head.seq:  # resumed from a verified view: it was longer
+                        raise self._alarm(
+                            ForkDetected,
+                            f"this device verified seq {head.seq} before, but the relay's"
+                            f" history ends at {frame.seq}: it was rolled back",
+                            frame.seq,
+                        )
                     if self._expect is not None and self._expect.seq > head.seq:
                         raise self._alarm(
                             ForkDetected,

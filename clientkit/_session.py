@@ -37,6 +37,7 @@ from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
 from model.epochs import NotARecipient
+from model.view import CollabView, SnapshotRejected
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
     from model import wire
     from model.envelope import SignedEvent
     from model.membership import MemberKind, Operation
-    from model.view import CollabView
 
 
 @dataclass(frozen=True)
@@ -172,18 +172,52 @@ class Session:
 
     async def read(self, collab_id: str) -> CollabView:
         """This account's verified view of the collab up to the relay's head, checked against
-        the head this device saved and the receipts it holds; the new head is saved.
+        the head this device saved and the receipts it holds; the new head and the fold there
+        are saved (`save_view`), and the next read resumes from them (`resume_view`).
 
         Raises the `IntegrityAlarm` the relay earned (`ForkDetected` for a history that was
         rolled back behind the saved head), and `RelayRefused` (`unauthorized`) for a collab
         this account cannot read.
         """
-        async with self.history(collab_id) as events:
+        async with self.history(collab_id, view=self.resume_view(collab_id)) as events:
             async for _ in events:
                 pass
         self.state.save_head(collab_id, events.head)
+        self.save_view(collab_id, events.view)
         self.views[collab_id] = events.view
         return events.view
+
+    def save_view(self, collab_id: str, view: CollabView) -> None:
+        """Keep `view` (verified by this session, its head saved) sealed in this device's
+        state, so a later read takes only what came after its head. A view still holding
+        content (model/view.py `hold`) is not kept."""
+        sealed = view.seal()
+        if sealed is not None:
+            self.state.save_view(collab_id, view.head, sealed)
+
+    def resume_view(self, collab_id: str, *, before: int | None = None) -> CollabView | None:
+        """The fold this device kept (`save_view`), when it opens as this account's own at a
+        head on the saved head's path, and (with `before`) ends before that seq; None
+        otherwise — the caller reads from the genesis. Nothing the relay says is trusted for
+        it: the history after it must still pass through the saved head (`history`'s
+        `expect`), and a relay that now ends before it is a rollback (`ForkDetected`)."""
+        kept = self.state.view(collab_id)
+        if kept is None or (before is not None and kept[0].seq >= before):
+            return None
+        head, sealed = kept
+        try:
+            return CollabView.resume(
+                sealed,
+                head,
+                collab_id,
+                self.identity.account_id,
+                self.keys.box_key,
+                past_box_keys=self.keys.past_box_keys,
+                own_sign_pks=self.keys.own_sign_pks,
+                hold=True,
+            )
+        except SnapshotRejected:
+            return None
 
     async def verify(
         self, collab_id: str, *, progress: Callable[[int], None] | None = None

@@ -122,7 +122,7 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
     assert idle["ready"] == idle["held"] == result["sizes"]["idle_subscribers"]
     assert raw["catchup"]["events"] == result["sizes"]["catchup_events"] + 1  # + genesis
     client = raw["client"]
-    assert client["head_seq"] == client["events"] + 4  # + genesis, name, two additions
+    assert client["head_seq"] == client["events"] + 14  # + genesis, name, two additions, 10 new
     assert client["bot_reconnects"] == 0
     for name, run in raw["append"].items():
         assert run["events"] > 0, name

@@ -8,7 +8,8 @@ events after the clocks stop), so a ratio of 1.0 means "as long as one core's Ed
 
 - `verify`: `Session.verify`, what `cozy verify` runs — a fresh device re-verifies from seq 1.
 - `tail` then `tail_again`: a non-following `cozy tail` on one device (`Session.history`),
-  twice: the second may use what the first saved.
+  then, after `NEW_EVENTS` more, `cozy tail --from` the first of them: what it costs to see
+  what is new (the second may resume from the fold the first kept).
 - `bot_catchup`: a fresh bot store (`backlog=True`) until its handler has seen the last event,
   with the reconnections it needed (`bot_reconnects`).
 - `bot_restart_reply`: that bot stopped and started again on its store, a message posted as it
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
 MESSAGE_BYTES: Final = 256
 PING: Final = "bench: are you there?"
+NEW_EVENTS: Final = 10  # posted between `tail` and `tail again`
 
 
 class _Person:
@@ -149,14 +151,20 @@ async def client(relay: RelayProcess, events: int, work: Path) -> dict[str, Any]
         out["verify_s"] = time.perf_counter() - started
         if verified.head.seq != head:
             raise BenchError(f"verify read {verified.head.seq} events, expected {head}")
-    for name in ("tail_s", "tail_again_s"):
+    # `cozy tail`, then — NEW_EVENTS later — `cozy tail --from` the first new seq.
+    for name, first in (("tail_s", 1), ("tail_again_s", head + 1)):
+        if first > 1:
+            new = _messages(bob, collab_id, epoch, key, NEW_EVENTS, int(time.time() * 1000))
+            await pump(url, bob.actor, new, 32)
+            head += NEW_EVENTS
         async with connect(url) as conn:
             await conn.login(alice.actor.handle, PASSWORD)
             started = time.perf_counter()
-            last = await _tail(alice.session(conn, work / "tail"), collab_id)
+            last = await _tail(alice.session(conn, work / "tail"), collab_id, first)
             out[name] = time.perf_counter() - started
             if last != head:
                 raise BenchError(f"tail ended at {last}, expected {head}")
+    out["head_seq"] = head
 
     creds = AgentCredentials(
         relay_url=url,
@@ -178,16 +186,19 @@ async def client(relay: RelayProcess, events: int, work: Path) -> dict[str, Any]
     return out
 
 
-async def _tail(session: Session, collab_id: str) -> int:
-    """What a non-following `cozy tail` does (without printing): the checked history once,
-    its head saved as it goes."""
+async def _tail(session: Session, collab_id: str, first: int) -> int:
+    """What a non-following `cozy tail --from first` does (without printing): the checked
+    history once (from the fold this device kept, when `first` is past it), its head saved as
+    it goes and the fold at the end. Returns the last seq handed out."""
     last = 0
-    async with session.history(collab_id) as events:
+    start = session.resume_view(collab_id, before=first)
+    async with session.history(collab_id, view=start) as events:
         async for entry in events:
             last = entry.seq
             if entry.seq % 100 == 0:
                 session.state.save_head(collab_id, events.head)
     session.state.save_head(collab_id, events.head)
+    session.save_view(collab_id, events.view)
     return last
 
 
