@@ -20,6 +20,7 @@ import trio
 
 from clientkit import _quorum as quorum
 from clientkit._connection import ClientCore
+from clientkit._verifiers import BATCH, Batch
 from clientkit.errors import (
     AccountTakeoverDetected,
     ConnectionLost,
@@ -54,7 +55,9 @@ if TYPE_CHECKING:
 
     import nacl.public
 
+    from model.envelope import Prechecked
     from model.equivocation import SignedReceipt
+    from model.membership import Membership
 
 
 class HistoryCalls(ClientCore):
@@ -160,8 +163,15 @@ class History:
         self._since = time.time()
         self._stale_reported = False
         self._quorum_deadline: float | None = None  # waiting for witnesses to cosign (issue 16)
+        # Frames taken off the subscription in batches, their signatures checked in worker
+        # threads (clientkit/_verifiers.py): the one being folded, and the next one.
+        self._batch: Batch | None = None
+        self._next: Batch | None = None
+        self._checked: Prechecked | None = None
+        self._keys_of: tuple[Membership | None, dict[str, bytes]] = (None, {})
 
     async def _subscribe(self) -> None:
+        self._batch = self._next = self._checked = None  # another subscription's frames
         self._frames = await self._subscription.enter_async_context(
             self._client.subscribe(self.view.collab_id, self.view.head.seq + 1, follow=self._follow)
         )
@@ -236,7 +246,7 @@ class History:
     def buffered(self) -> bool:
         """Whether more is already here to hand out without waiting for the relay (a reader
         may batch its own bookkeeping while it is)."""
-        if self._ahead or self._ready:
+        if self._ahead or self._ready or self._next or (self._batch and self._batch.frames):
             return True
         return self._frames is not None and self._frames.statistics().current_buffer_used > 0
 
@@ -323,6 +333,39 @@ class History:
         raise StopAsyncIteration
 
     async def _receive(self) -> wire.Reply:
+        """The next frame, from the batch being folded; the batch after it is taken off the
+        subscription (whatever is there already) and checked by the workers meanwhile."""
+        if self._batch is None or not self._batch.frames:
+            current = self._next
+            if current is None:
+                first = await self._receive_one()
+                current = Batch([first, *self._take_buffered()], self._member_keys())
+            more = self._take_buffered()
+            self._next = Batch(more, self._member_keys()) if more else None
+            self._checked = await current.checked()
+            self._batch = current
+        return self._batch.frames.popleft()
+
+    def _take_buffered(self) -> list[wire.Reply]:
+        assert self._frames is not None
+        out: list[wire.Reply] = []
+        while len(out) < BATCH:
+            try:
+                out.append(self._frames.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return out
+
+    def _member_keys(self) -> dict[str, bytes]:
+        """Each member's signing key as the fold has them now: the workers' guess of the key
+        each event is signed with (the fold checks again any event they guessed wrong)."""
+        membership = self.view.membership
+        if self._keys_of[0] is not membership:
+            members = {} if membership is None else membership.members
+            self._keys_of = (membership, {a: m.sign_pk for a, m in members.items()})
+        return self._keys_of[1]
+
+    async def _receive_one(self) -> wire.Reply:
         """The next frame; following, `StaleView` once the newest signed checkpoint is older
         than the bound (once per spell: iterating on waits for frames again)."""
         assert self._frames is not None
@@ -345,7 +388,7 @@ class History:
                 return self.view.ingest_withheld(
                     frame.seq, frame.event_id, frame.chain, _link(frame), frame.sig
                 )
-            return self.view.ingest(frame.seq, frame.event, frame.chain)
+            return self.view.ingest(frame.seq, frame.event, frame.chain, prechecked=self._checked)
         except (ViewRejected, ChainMismatch) as exc:
             raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
 

@@ -46,6 +46,7 @@ from model.envelope import (
     KIND_DM,
     KIND_MANAGEMENT,
     DmHeader,
+    Prechecked,
     SignedEvent,
     VerifiedEvent,
     decode_body,
@@ -451,9 +452,18 @@ class CollabView:
             self._queue.append(entry)
         return entry
 
-    def ingest(self, seq: int, signed: SignedEvent, chain: bytes) -> Entry:
+    def ingest(
+        self,
+        seq: int,
+        signed: SignedEvent,
+        chain: bytes,
+        *,
+        prechecked: Prechecked | None = None,
+    ) -> Entry:
         """Verify and fold one event. Raises `ViewRejected` / `ChainMismatch`; then the view
-        is unchanged and must not be fed further."""
+        is unchanged and must not be fed further. `prechecked` holds signatures checked ahead
+        (model/envelope.py `precheck`): one that held for the key this fold pins is not
+        checked again."""
         self._check_position(seq)
         try:
             body = decode_body(signed.body)
@@ -467,13 +477,15 @@ class CollabView:
         try:
             if body.kind == KIND_MANAGEMENT:
                 proof = proof_of(body)
-                verified = verify_event(signed, signer_key(state, proof), decoded=body)
+                verified = verify_event(
+                    signed, signer_key(state, proof), decoded=body, prechecked=prechecked
+                )
                 after = apply(state, proof, self.head, actor_id=body.actor_id)
             else:
                 author = None if state is None else state.members.get(body.actor_id)
                 if state is None or author is None:
                     raise ViewRejected("the author is not a member of the collab at this position")
-                verified = verify_event(signed, author.sign_pk, decoded=body)
+                verified = verify_event(signed, author.sign_pk, decoded=body, prechecked=prechecked)
                 if not author.may(CAP_POST):
                     raise ViewRejected("an agent without the post capability wrote this")
                 if body.epoch != state.epoch:
