@@ -37,7 +37,8 @@ from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
 from model.epochs import NotARecipient
-from model.view import CollabView, SnapshotRejected
+from model.view import CollabView
+from model.viewsnap import SnapshotRejected
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -179,11 +180,14 @@ class Session:
         rolled back behind the saved head), and `RelayRefused` (`unauthorized`) for a collab
         this account cannot read.
         """
-        async with self.history(collab_id, view=self.resume_view(collab_id)) as events:
+        start = self.resume_view(collab_id)
+        kept = None if start is None else start.head
+        async with self.history(collab_id, view=start) as events:
             async for _ in events:
                 pass
         self.state.save_head(collab_id, events.head)
-        self.save_view(collab_id, events.view)
+        if events.view.head != kept:  # nothing new: the kept fold is this one already
+            self.save_view(collab_id, events.view)
         self.views[collab_id] = events.view
         return events.view
 
@@ -232,6 +236,7 @@ class Session:
                 if progress is not None and count % 500 == 0:
                     progress(count)
         self.state.save_head(collab_id, events.head)
+        self.save_view(collab_id, events.view)
         self.views[collab_id] = events.view
         return events.view
 

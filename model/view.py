@@ -32,14 +32,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from model import content as contentmod
-from model._crypto import (
-    AEAD_NONCE_BYTES,
-    CryptoError,
-    aead_decrypt,
-    aead_encrypt,
-    domain_hash,
-    random_bytes,
-)
+from model._crypto import CryptoError
 from model.chain import Head, advance, start_of
 from model.dm import open_dm
 from model.envelope import (
@@ -70,6 +63,7 @@ from model.membership import (
     proof_of,
     signer_key,
 )
+from model.viewsnap import Snapshot, open_snapshot, seal_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -105,10 +99,6 @@ class ForkProven(ViewRejected):
     histories (or rewrote this one)."""
 
 
-class SnapshotRejected(ModelError):
-    """A saved snapshot of the fold does not open as this device's own for the saved head."""
-
-
 class ForeignRekeyProven(ViewRejected):
     """A `rekey` signed with this account's own pinned key re-pinned it to keys this device
     does not hold: whoever holds the account's old key took the account over in this collab."""
@@ -131,38 +121,6 @@ class Entry(msgspec.Struct, frozen=True):
 
     def __repr__(self) -> str:
         return f"Entry(seq={self.seq}, kind={self.kind!r}, author={self.author_id!r})"
-
-
-class _Snapshot(msgspec.Struct, frozen=True, array_like=True):
-    """A fold's state at its head, as `CollabView.seal` keeps it (sealed: it holds epoch keys)."""
-
-    collab_id: str
-    account_id: str
-    seq: int
-    chain: bytes
-    membership: Membership | None
-    keys: dict[int, bytes]
-    bad_wraps: list[int]
-    joined: bool
-    chains: list[bytes]
-    ids: list[bytes]
-    streams: list[tuple[str, str, int, bytes]]
-    whole: bool
-
-
-_SNAPSHOT_KEY = b"cozy/view-snapshot-key/v1"
-_SNAPSHOT_AD = b"cozy/view-snapshot/v1"
-
-
-def _snapshot_key(box_key: nacl.public.PrivateKey) -> bytes:
-    """The key a device seals its own snapshots under: only the unlocked account opens them."""
-    return domain_hash(_SNAPSHOT_KEY, bytes(box_key))
-
-
-def _snapshot_ad(collab_id: str, account_id: str, head: Head) -> bytes:
-    return domain_hash(
-        _SNAPSHOT_AD, collab_id.encode(), account_id.encode(), str(head.seq).encode(), head.chain
-    )
 
 
 class CollabView:
@@ -259,7 +217,7 @@ class CollabView:
         `resume` opens it only for that head (or one before it on the saved head's path)."""
         if self._held:
             return None
-        snap = _Snapshot(
+        snap = Snapshot(
             self.collab_id,
             self.account_id,
             self.head.seq,
@@ -273,11 +231,7 @@ class CollabView:
             [(a, d, n, e) for (a, d), (n, e) in self._streams.items()],
             self._whole,
         )
-        nonce = random_bytes(AEAD_NONCE_BYTES)
-        ad = _snapshot_ad(self.collab_id, self.account_id, self.head)
-        return nonce + aead_encrypt(
-            _snapshot_key(self._box_key), nonce, msgspec.msgpack.encode(snap), ad
-        )
+        return seal_snapshot(snap, self._box_key)
 
     @classmethod
     def resume(
@@ -293,24 +247,10 @@ class CollabView:
         hold: bool = False,
     ) -> CollabView:
         """The fold `seal` kept at `head`, ready to take seq ``head.seq + 1``. Raises
-        `SnapshotRejected` for anything but this account's own sealed fold of this collab at
+        `SnapshotRejected` (model/viewsnap.py) for anything but this account's own sealed fold of this collab at
         exactly `head` (damaged, tampered with, another head, another key): the caller then
         reads from the genesis, it never trusts what it cannot open."""
-        nonce, box = sealed[:AEAD_NONCE_BYTES], sealed[AEAD_NONCE_BYTES:]
-        try:
-            plain = aead_decrypt(
-                _snapshot_key(box_key), nonce, box, _snapshot_ad(collab_id, account_id, head)
-            )
-            snap = msgspec.msgpack.decode(plain, type=_Snapshot)
-        except (CryptoError, msgspec.DecodeError, msgspec.ValidationError):
-            raise SnapshotRejected("the saved view does not open for this head") from None
-        if (
-            (snap.collab_id, snap.account_id, snap.seq, snap.chain)
-            != (collab_id, account_id, head.seq, head.chain)
-            or len(snap.chains) != head.seq + 1
-            or snap.chains[-1] != head.chain
-        ):
-            raise SnapshotRejected("the saved view is not of this head")
+        snap = open_snapshot(sealed, head, collab_id, account_id, box_key)
         view = cls(
             collab_id,
             account_id,
