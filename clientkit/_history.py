@@ -246,8 +246,14 @@ class History:
     def buffered(self) -> bool:
         """Whether more is already here to hand out without waiting for the relay (a reader
         may batch its own bookkeeping while it is)."""
-        if self._ahead or self._ready or self._next or (self._batch and self._batch.frames):
+        if self._ahead or self._ready:
             return True
+        for batch in (self._batch, self._next):
+            if batch is not None and any(
+                isinstance(f, wire.Event | wire.Withheld) for f in batch.frames
+            ):
+                return True
+        # Not yet taken into a batch: only when more than a batch's worth came in at once.
         return self._frames is not None and self._frames.statistics().current_buffer_used > 0
 
     def _take_ready(self) -> None:
