@@ -76,7 +76,7 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
     base_path.write_text(json.dumps(base))
     # The bench's own embedded Postgres: the test database runs with fsync off, which the
     # relay rightly refuses.
-    with trio.fail_after(150):
+    with trio.fail_after(240):  # six scenarios, the client kit's among them
         done = await trio.run_process(
             [*BENCH, "all", "--quick", "--compare", str(base_path)],
             capture_stdout=True,
