@@ -269,11 +269,12 @@ def figures(raw: dict[str, Any]) -> dict[str, Any]:
     `client.verify_rate` is `cozy verify`'s events/s against one thread's verifications/s."""
     ref_s = {"verify_ceiling": {"value": round(raw["verify_ceiling_s"], 3), "unit": "s"}}
     out = {
-        f"client.{name}": figure(raw[f"{name}_s"], "s", "lower", ref_s)
+        # Rounded first, as `figure` rounds what it prints: the ratio is of the printed values.
+        f"client.{name}": figure(round(raw[f"{name}_s"], 3), "s", "lower", ref_s)
         for name in ("verify", "tail", "tail_again", "bot_restart_reply", "bot_catchup")
     }
     out["client.verify_rate"] = figure(
-        raw["verified_events"] / raw["verify_s"],
+        round(raw["verified_events"] / raw["verify_s"], 3),
         "events/s",
         "higher",
         {"verify_ceiling": {"value": raw["verify_ceiling_per_s"], "unit": "verifications/s"}},
