@@ -139,20 +139,17 @@ async def cmd_verify(args: argparse.Namespace) -> None:
     for newer events contradicting it (ADR-0020)."""
     me = await _unlock(Home.from_env())
     against = _parse_head(args.against) if args.against else None
-    state = me.home.state
     async with _opened(me) as session:
-        keys = (await _view(session, args.collab)).known_keys()
-        count = 0
-        async with session.history(args.collab, keys=keys) as events:
-            async for _ in events:
-                count += 1
-                if count % 500 == 0:
-                    print(f"\r  verified {count} events…", end="", file=sys.stderr, flush=True)
-        view = events.view
+        with _as_member(args.collab):
+            view = await session.verify(
+                args.collab,
+                progress=lambda n: print(
+                    f"\r  verified {n} events…", end="", file=sys.stderr, flush=True
+                ),
+            )
         book, relay_pk = session.client.checkpoints, session.client.relay_pk
         heads = (book.held(relay_pk, args.collab), book.top(relay_pk, args.collab))
-    print(f"\r  verified {count} events", file=sys.stderr)
-    state.save_head(args.collab, view.head)
+    print(f"\r  verified {view.head.seq} events", file=sys.stderr)
     if args.max_age is not None:
         # With a witness policy, the witnesses' dates (docs/ordering.md, "Whose date").
         policy = view.membership.witnesses if view.membership is not None else None

@@ -93,15 +93,17 @@ class _Tail:
 
     async def connect_and_print(self) -> None:
         me, args = self._me, self._args
-        # Verification always starts at the genesis (the membership fold needs every change),
-        # so `--from` only filters what is printed. The head saved last time must be on the path.
+        # Verification starts at the genesis (the membership fold needs every change), or at
+        # the fold this device kept (`Session.resume_view`) when `--from` is past it: `--from`
+        # filters what is printed. The head saved last time must be on the path.
         state = me.home.state
         self.subscribed = False
         async with _opened(me) as session:
             with _as_member(args.collab):
                 async with session.history(
                     args.collab,
-                    view=self._view,  # after a reconnection: resume right after its head
+                    # after a reconnection: resume right after its head
+                    view=self._view or session.resume_view(args.collab, before=args.from_seq),
                     follow=args.follow,
                 ) as events:
                     self.subscribed = True
@@ -125,6 +127,8 @@ class _Tail:
                         # back; the view resumes from the same position (the last entry handed
                         # out).
                         state.save_head(args.collab, events.head)
+                        if events.head == events.view.head:  # all of it verified: keep it
+                            session.save_view(args.collab, events.view)
                         self._view = events.view
 
     async def _print(self, client: Client, entry: Entry) -> None:

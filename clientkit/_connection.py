@@ -82,6 +82,11 @@ class ClientCore:
         # announced); a number sets it, `None` turns the check off.
         self.stale_after: float | StaleBound | None = StaleBound.FROM_RELAY
         self.heartbeat_ms = 0  # as the relay announced it in `welcome` (0: not announced)
+        # Liveness, for a watchdog (the bot's): when a message last arrived, and whether the
+        # reader is waiting for a slow consumer to take a pushed frame (then the relay is not
+        # silent: this side is busy, and the pong waits behind the frames it already sent).
+        self._last_heard = 0.0
+        self._backpressured = False
 
     def staleness_bound(self) -> float | None:
         """The bound in force, in seconds (None: off): `stale_after`, resolved."""
@@ -95,6 +100,7 @@ class ClientCore:
         try:
             while True:
                 message = await self._ws.get_message()
+                self._last_heard = trio.current_time()
                 if not self._welcome.is_set():
                     # Before our own frame types read it: a newer relay's welcome may not decode.
                     announced = announced_protocol(message) if isinstance(message, bytes) else None
@@ -138,7 +144,14 @@ class ClientCore:
                 if chan is not None and frame.collab_id not in self._draining:
                     if isinstance(frame, wire.CaughtUp) and frame.collab_id in self._one_shot:
                         self._finished.add(frame.collab_id)  # the relay ended it
-                    await chan.send(frame)
+                    try:
+                        chan.send_nowait(frame)
+                    except trio.WouldBlock:
+                        self._backpressured = True
+                        try:
+                            await chan.send(frame)
+                        finally:
+                            self._backpressured = False
             case _:
                 rid = getattr(frame, "rid", None)
                 stream = self._streams.get(rid) if isinstance(rid, int) else None
@@ -151,6 +164,11 @@ class ClientCore:
                 waiter = self._waiters.pop(rid, None) if rid is not None else None
                 if waiter is not None:
                     waiter.send_nowait(frame)
+
+    def heard_since(self, when: float) -> bool:
+        """Whether the relay showed it is alive since `when` (Trio time): a message arrived,
+        or the reader is held up by this client's own slow consumer."""
+        return self._last_heard >= when or self._backpressured
 
     def _fail(self, err: ConnectionLost | ProtocolMismatch) -> None:
         self._closed = err

@@ -20,6 +20,7 @@ import trio
 
 from clientkit import _quorum as quorum
 from clientkit._connection import ClientCore
+from clientkit._verifiers import BATCH, Batch
 from clientkit.errors import (
     AccountTakeoverDetected,
     ConnectionLost,
@@ -34,6 +35,7 @@ from clientkit.errors import (
     WithholdingDetected,
 )
 from model import wire
+from model.chain import Head
 from model.checkpoints import open_head
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
@@ -54,9 +56,9 @@ if TYPE_CHECKING:
 
     import nacl.public
 
-    from model.chain import Head
+    from model.envelope import Prechecked
     from model.equivocation import SignedReceipt
-    from model.membership import WitnessPolicy
+    from model.membership import Membership, WitnessPolicy
 
 
 class HistoryCalls(ClientCore):
@@ -120,6 +122,7 @@ class HistoryCalls(ClientCore):
             keys,
             past_box_keys=past_box_keys,
             own_sign_pks=own_sign_pks,
+            hold=True,  # one pass: content from before a mid-epoch addition opens all the same
         )
         history = History(self, view, follow=follow, expect=expect, receipts=receipts or {})
         try:
@@ -161,14 +164,22 @@ class History:
         self._frames: trio.MemoryReceiveChannel[wire.Reply] | None = None
         self._refilled_after: int | None = None  # the head a backfill was last asked from
         self._ahead: collections.deque[Entry] = collections.deque()  # verified, not handed out
+        self._ready: collections.deque[Entry] = collections.deque()  # final in the fold, checked
         # The staleness bound (ADR-0020): the newest signed timestamp received on this stream,
         # when following began, and whether the current stale spell was reported already.
         self._fresh = 0
         self._since = time.time()
         self._stale_reported = False
         self._quorum_deadline: float | None = None  # waiting for witnesses to cosign (issue 16)
+        # Frames taken off the subscription in batches, their signatures checked in worker
+        # threads (clientkit/_verifiers.py): the one being folded, and the next one.
+        self._batch: Batch | None = None
+        self._next: Batch | None = None
+        self._checked: Prechecked | None = None
+        self._keys_of: tuple[Membership | None, dict[str, bytes]] = (None, {})
 
     async def _subscribe(self) -> None:
+        self._batch = self._next = self._checked = None  # another subscription's frames
         self._frames = await self._subscription.enter_async_context(
             self._client.subscribe(self.view.collab_id, self.view.head.seq + 1, follow=self._follow)
         )
@@ -212,7 +223,7 @@ class History:
         """The last position that passed every check (signature, chain, the saved head this
         device expects, the receipts it holds): after an alarm, the one before the event that
         raised it, although the view may have taken that event in already."""
-        return self.view.head if self._alarmed_at is None else self._alarmed_at
+        return self.view.settled_head if self._alarmed_at is None else self._alarmed_at
 
     def __aiter__(self) -> History:
         return self
@@ -240,8 +251,36 @@ class History:
             return self._ahead.popleft()
         return await self._next_entry()
 
+    def buffered(self) -> bool:
+        """Whether more is already here to hand out without waiting for the relay (a reader
+        may batch its own bookkeeping while it is)."""
+        if self._ahead or self._ready:
+            return True
+        for batch in (self._batch, self._next):
+            if batch is not None and any(
+                isinstance(f, wire.Event | wire.Withheld) for f in batch.frames
+            ):
+                return True
+        # Not yet taken into a batch: only when more than a batch's worth came in at once.
+        return self._frames is not None and self._frames.statistics().current_buffer_used > 0
+
+    def _take_ready(self) -> None:
+        """Move what the fold made final into `_ready`, each checked against the receipts."""
+        for entry in self.view.drain():
+            try:
+                self._check_receipt(entry)
+            except IntegrityAlarm:
+                self._alarmed_at = Head(entry.seq - 1, self.view.chain_at(entry.seq - 1) or b"")
+                raise
+            self._ready.append(entry)
+
+    def _settle(self) -> None:
+        """Caught up (or the stream ended): what the fold still holds is final, unreadable."""
+        self.view.settle()
+        self._take_ready()
+
     async def _next_entry(self) -> Entry:
-        while not self._done:
+        while not self._ready and not self._done:
             try:
                 frame = await self._receive()
             except trio.EndOfChannel:
@@ -281,6 +320,13 @@ class History:
                     if frame.seq > head.seq:  # claims to have sent more than arrived
                         await self._backfill(head.seq + 1, frame.seq)
                         continue
+                    if frame.seq < head.seq:  # resumed from a verified view: it was longer
+                        raise self._alarm(
+                            ForkDetected,
+                            f"this device verified seq {head.seq} before, but the relay's"
+                            f" history ends at {frame.seq}: it was rolled back",
+                            frame.seq,
+                        )
                     if self._expect is not None and self._expect.seq > head.seq:
                         raise self._alarm(
                             ForkDetected,
@@ -290,26 +336,62 @@ class History:
                         )
                     self._check_floor(frame.seq)
                     self._done = not self._follow
+                    self._settle()
                 case wire.SubscriptionEnded():
                     if self.view.membership is not None and not self.view.is_member:
                         self._done = True  # removed: the relay ends the stream, as it should
+                        self._settle()
                         continue
                     raise ConnectionLost(None, frame.reason)
                 case wire.Event() | wire.Withheld() if frame.seq > head.seq + 1:
                     await self._backfill(head.seq + 1, frame.seq - 1)
                 case wire.Event() | wire.Withheld():
-                    before = self.view.head
+                    before = self.view.settled_head
                     try:
-                        entry = self._verify(frame)
+                        self._verify(frame)
                         self._check_expected()
-                        self._check_receipt(entry)
                     except IntegrityAlarm:
                         self._alarmed_at = before
                         raise
-                    return entry
+                    self._take_ready()
+        if self._ready:
+            return self._ready.popleft()
         raise StopAsyncIteration
 
     async def _receive(self) -> wire.Reply:
+        """The next frame, from the batch being folded; the batch after it is taken off the
+        subscription (whatever is there already) and checked by the workers meanwhile."""
+        if self._batch is None or not self._batch.frames:
+            current = self._next
+            if current is None:
+                first = await self._receive_one()
+                current = Batch([first, *self._take_buffered()], self._member_keys())
+            more = self._take_buffered()
+            self._next = Batch(more, self._member_keys()) if more else None
+            self._checked = await current.checked()
+            self._batch = current
+        return self._batch.frames.popleft()
+
+    def _take_buffered(self) -> list[wire.Reply]:
+        assert self._frames is not None
+        out: list[wire.Reply] = []
+        while len(out) < BATCH:
+            try:
+                out.append(self._frames.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return out
+
+    def _member_keys(self) -> dict[str, bytes]:
+        """Each member's signing key as the fold has them now: the workers' guess of the key
+        each event is signed with (the fold checks again any event they guessed wrong)."""
+        membership = self.view.membership
+        if self._keys_of[0] is not membership:
+            members = {} if membership is None else membership.members
+            self._keys_of = (membership, {a: m.sign_pk for a, m in members.items()})
+        return self._keys_of[1]
+
+    async def _receive_one(self) -> wire.Reply:
         """The next frame; following, `StaleView` once the newest signed checkpoint is older
         than the bound (once per spell: iterating on waits for frames again)."""
         assert self._frames is not None
@@ -332,7 +414,7 @@ class History:
                 return self.view.ingest_withheld(
                     frame.seq, frame.event_id, frame.chain, _link(frame), frame.sig
                 )
-            return self.view.ingest(frame.seq, frame.event, frame.chain)
+            return self.view.ingest(frame.seq, frame.event, frame.chain, prechecked=self._checked)
         except (ViewRejected, ChainMismatch) as exc:
             raise self._alarm(_ALARMS.get(type(exc), TamperDetected), str(exc), frame.seq) from None
 

@@ -46,6 +46,8 @@ from model import artifacts, dm
 from model import content as contentmod
 from model._crypto import random_bytes
 from model.epochs import NotARecipient
+from model.view import CollabView
+from model.viewsnap import SnapshotRejected
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Iterable
@@ -59,7 +61,6 @@ if TYPE_CHECKING:
     from model import wire
     from model.envelope import SignedEvent
     from model.membership import MemberKind, Operation
-    from model.view import CollabView
 
 
 @dataclass(frozen=True)
@@ -159,16 +160,13 @@ class Session:
         """Verified entries of the collab from the genesis, checked against this device's
         saved head and receipts (`Client.history` with `expect` and `receipts`).
 
-        Without `keys`, the epoch keys this account was given come from this session's last
-        read of the collab (`views`), or a read now, so entries from before its addition open
-        too. The caller decides when to save the head (`History.head` is only ever a position
-        that passed every check); `read` saves it. `view`, a view this session verified before
-        (a following tail after a reconnection), resumes right after its head instead of
-        reading from the genesis again.
+        One pass: entries from before this account's addition to an epoch open all the same
+        (the fold holds them until the epoch's key arrives, model/view.py `hold`). The caller
+        decides when to save the head (`History.head` is only ever a position that passed every
+        check); `read` saves it. `view`, a view this session verified before (a following tail
+        after a reconnection), resumes right after its head instead of reading from the genesis
+        again.
         """
-        if keys is None and view is None:
-            seen = self.views.get(collab_id) or await self.read(collab_id)
-            keys = seen.known_keys()
         async with self.client.history(
             collab_id,
             self.keys.box_key,
@@ -184,16 +182,70 @@ class Session:
 
     async def read(self, collab_id: str) -> CollabView:
         """This account's verified view of the collab up to the relay's head, checked against
-        the head this device saved and the receipts it holds; the new head is saved.
+        the head this device saved and the receipts it holds; the new head and the fold there
+        are saved (`save_view`), and the next read resumes from them (`resume_view`).
 
         Raises the `IntegrityAlarm` the relay earned (`ForkDetected` for a history that was
         rolled back behind the saved head), and `RelayRefused` (`unauthorized`) for a collab
         this account cannot read.
         """
-        async with self.history(collab_id, keys={}) as events:
+        start = self.resume_view(collab_id)
+        kept = None if start is None else start.head
+        async with self.history(collab_id, view=start) as events:
             async for _ in events:
                 pass
         self.state.save_head(collab_id, events.head)
+        if events.view.head != kept:  # nothing new: the kept fold is this one already
+            self.save_view(collab_id, events.view)
+        self.views[collab_id] = events.view
+        return events.view
+
+    def save_view(self, collab_id: str, view: CollabView) -> None:
+        """Keep `view` (verified by this session, its head saved) sealed in this device's
+        state, so a later read takes only what came after its head. A view still holding
+        content (model/view.py `hold`) is not kept."""
+        sealed = view.seal()
+        if sealed is not None:
+            self.state.save_view(collab_id, view.head, sealed)
+
+    def resume_view(self, collab_id: str, *, before: int | None = None) -> CollabView | None:
+        """The fold this device kept (`save_view`), when it opens as this account's own at a
+        head on the saved head's path, and (with `before`) ends before that seq; None
+        otherwise — the caller reads from the genesis. Nothing the relay says is trusted for
+        it: the history after it must still pass through the saved head (`history`'s
+        `expect`), and a relay that now ends before it is a rollback (`ForkDetected`)."""
+        kept = self.state.view(collab_id)
+        if kept is None or (before is not None and kept[0].seq >= before):
+            return None
+        head, sealed = kept
+        try:
+            return CollabView.resume(
+                sealed,
+                head,
+                collab_id,
+                self.identity.account_id,
+                self.keys.box_key,
+                past_box_keys=self.keys.past_box_keys,
+                own_sign_pks=self.keys.own_sign_pks,
+                hold=True,
+            )
+        except SnapshotRejected:
+            return None
+
+    async def verify(
+        self, collab_id: str, *, progress: Callable[[int], None] | None = None
+    ) -> CollabView:
+        """Re-verify the collab's whole history from seq 1 (what `cozy verify` promises: no
+        saved shortcut is taken), checked against the saved head and receipts; the new head is
+        saved. `progress` is called with the count of events verified so far, now and then."""
+        count = 0
+        async with self.history(collab_id) as events:
+            async for _ in events:
+                count += 1
+                if progress is not None and count % 500 == 0:
+                    progress(count)
+        self.state.save_head(collab_id, events.head)
+        self.save_view(collab_id, events.view)
         self.views[collab_id] = events.view
         return events.view
 

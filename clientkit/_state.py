@@ -7,6 +7,7 @@ under its signed checkpoint, or, kept from an older relay, a per-event signature
 must later show that event at that seq; two receipts for one position that disagree are an
 equivocation proof);
 the relay's signed checkpoints it holds per collab (clientkit/_checkpoints.py);
+a sealed snapshot of its verified fold per collab (`views`, so a read resumes at the head);
 and this device's own author streams (`sent`): every event it signs is kept here *before* it is
 sent, so a crash or a lost ack is followed by a resend of those same signed bytes, never by a
 new event under a counter already used (clientkit/_outbox.py).
@@ -53,6 +54,12 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     collab_id TEXT PRIMARY KEY,
     held      BLOB,
     top       BLOB
+);
+CREATE TABLE IF NOT EXISTS views (
+    collab_id TEXT PRIMARY KEY,
+    seq       INTEGER NOT NULL,
+    chain     BLOB NOT NULL,
+    sealed    BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS sent (
     collab_id TEXT NOT NULL,
@@ -256,6 +263,36 @@ class ClientState:
                 (collab_id,),
             ).fetchall()
         return {int(row[0]): _receipt_row(collab_id, row) for row in rows}
+
+    # --- this device's verified fold per collab (model/view.py `CollabView.seal`) -------------
+
+    def view(self, collab_id: str) -> tuple[Head, bytes] | None:
+        """The sealed snapshot of the collab's fold kept here and the head it was made at;
+        None when there is none, or when it is not on the saved head's path (ahead of it, or
+        another chain at the same seq): such a row is not this device's last verified work."""
+        with closing(self._connect()) as conn:
+            row = conn.execute(
+                "SELECT v.seq, v.chain, v.sealed, h.seq, h.chain FROM views AS v"
+                " JOIN heads AS h USING (collab_id) WHERE collab_id = ?",
+                (collab_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        seq, chain, sealed, head_seq, head_chain = row
+        if seq > head_seq or (seq == head_seq and bytes(chain) != bytes(head_chain)):
+            return None
+        return Head(int(seq), bytes(chain)), bytes(sealed)
+
+    def save_view(self, collab_id: str, head: Head, sealed: bytes) -> None:
+        """Keep a sealed snapshot of the fold at `head` (a head this device verified and
+        saved), replacing the one before."""
+        with closing(self._connect()) as conn:
+            conn.execute(
+                "INSERT INTO views (collab_id, seq, chain, sealed) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (collab_id) DO UPDATE SET seq = excluded.seq,"
+                " chain = excluded.chain, sealed = excluded.sealed",
+                (collab_id, head.seq, head.chain, sealed),
+            )
 
     # --- the relay's signed checkpoints (clientkit/_checkpoints.py) ---------------------------
 

@@ -24,8 +24,9 @@ What it takes care of, learning from what users of other bot SDKs trip over:
   the verified head, the relay's receipts and the **cursor** — the last event whose handler
   finished. Shutting down never revokes anything.
 - **Delivery is at least once; posts are exactly once.** The cursor is committed, together with
-  the verified head, only after the handler returned; a crash in between replays that event on
-  restart, and nothing is ever skipped. A handler's posts and DMs are not repeated by a replay:
+  the verified head, only after the handler returned (in batches while a backlog is handled:
+  at most `CURSOR_EVERY` entries or `CURSOR_AFTER` seconds, at once for live traffic, and when
+  the bot stops); a crash replays what was handled since, and nothing is ever skipped. A handler's posts and DMs are not repeated by a replay:
   each is kept in the store, signed, before it is sent, and the handler's n-th send for an
   entry returns the stored n-th one (sending the kept bytes again if its ack was lost) instead
   of signing a new one. Other side effects (tool calls, anything outside the collab) happen
@@ -108,6 +109,11 @@ BACKOFF_START: Final = 0.5
 BACKOFF_CAP: Final = 30.0
 PING_EVERY: Final = 20.0
 PING_TIMEOUT: Final = 10.0
+# While a backlog is handled, the cursor is committed every this many entries or seconds.
+CURSOR_EVERY: Final = 1000
+CURSOR_AFTER: Final = 1.0
+# And the fold at the cursor is kept this often (sealed, in the store: a restart resumes there).
+VIEW_EVERY: Final = 30.0
 REVOKED_CLOSE_CODE: Final = 4003  # the relay closes a revoked agent's connections with it
 
 log = logging.getLogger("clientkit.bot")
@@ -336,53 +342,65 @@ class Bot:
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
-        # The collab at the relay's head: its keys, and how far this bot's own stream got (a
-        # store that was lost or restored from a backup must not make a replay reuse counters).
-        self._seen = await session.read(self.collab_id)
-        if not self._seen.is_member:
-            raise BotRemoved(
-                f"{self.handle} is not a member of {self.collab_id}: it was removed (or never"
-                " added); a manager can add it again with `cozy collab add`"
-            )
-        cursor = state.cursor(self.collab_id)
-        if cursor == 0 and not self.backlog:  # a new bot starts from now
-            state.commit_cursor(self.collab_id, self._seen.head)
-            cursor = self._seen.head.seq
+        cursor = _Cursor(session, self.collab_id, state.cursor(self.collab_id))
+        # Where the stream resumes: the fold this store kept at (or before) the cursor, or the
+        # genesis (Session.resume_view: the store's own sealed work, checked against its head).
+        start = session.resume_view(self.collab_id, before=cursor.seq + 1) if cursor.seq else None
+        if cursor.seq == 0 and not self.backlog:  # a new bot starts from now
+            # The collab at the relay's head, and how far this bot's own stream got (a store
+            # that was lost or restored from a backup must not make a replay reuse counters).
+            start = self._seen = await session.read(self.collab_id)
+            if not start.is_member:
+                raise BotRemoved(
+                    f"{self.handle} is not a member of {self.collab_id}: it was removed (or"
+                    " never added); a manager can add it again with `cozy collab add`"
+                )
+            state.commit_cursor(self.collab_id, start.head)
+            cursor.seq = start.head.seq
         again = "re" if self.connections > 1 else ""
         log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
-        member = False  # whether the bot was a member at the entry being read
-        async with session.history(
-            self.collab_id, keys=self._seen.known_keys(), follow=True
-        ) as events:
+        # Whether the bot was a member at the entry being read.
+        member = start is not None and start.is_member
+        # One pass from there: the handlers are handed what is past the cursor.
+        async with session.history(self.collab_id, view=start, follow=True) as events:
             if task_status is not None:
                 task_status.started()
-            while True:
-                try:
-                    entry = await events.__anext__()
-                except StopAsyncIteration:
-                    break
-                except StaleView as stale:  # a warning: keep serving, tell the owner
-                    if self._on_stale is not None:
-                        await self._on_stale(self, stale)
-                    else:
-                        log.warning("%s", stale)
-                    continue
-                member = _member_after(entry, member, self.account_id)
-                if entry.seq > cursor and member:
-                    await self._dispatch(client, events, entry)
-                    # The entry's own position: a handler may have read the stream ahead
-                    # (`History.read_ahead`), and those entries are still to be handled.
-                    state.commit_cursor(self.collab_id, Head(entry.seq, entry.chain))
-                    cursor = entry.seq
+            try:
+                while True:
+                    try:
+                        entry = await events.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except StaleView as stale:  # a warning: keep serving, tell the owner
+                        if self._on_stale is not None:
+                            await self._on_stale(self, stale)
+                        else:
+                            log.warning("%s", stale)
+                        continue
+                    member = _member_after(entry, member, self.account_id)
+                    if entry.seq > cursor.seq and member:
+                        await self._dispatch(client, events, entry)
+                        # The entry's own position: a handler may have read the stream ahead
+                        # (`History.read_ahead`), and those entries are still to be handled.
+                        cursor.handled(
+                            Head(entry.seq, entry.chain), events.view, more=events.buffered()
+                        )
+            finally:
+                cursor.commit(final=True)  # what was handled stays handled, however it ends
+            self._seen = events.view
         if not events.view.is_member:
             raise BotRemoved(f"{self.handle} was removed from {self.collab_id}")
 
     async def _watchdog(self, client: Client, scope: trio.CancelScope) -> None:
+        """Ends the session when the relay goes silent: no pong within `ping_timeout`, and
+        nothing else heard since the ping went out. A bot busy catching up is not silence: the
+        pong is queued behind events the relay already sent, which count as a sign of life."""
         while True:
             await trio.sleep(self.ping_every)
+            pinged = trio.current_time()
             with trio.move_on_after(self.ping_timeout) as waited:
                 await client.request(lambda rid: wire.Ping(rid=rid), wire.Pong)
-            if waited.cancelled_caught:
+            if waited.cancelled_caught and not client.heard_since(pinged):
                 scope.cancel()
                 raise _Silent
 
@@ -462,6 +480,50 @@ class Bot:
                 once=True,
             )
         return sent.seq
+
+
+class _Cursor:
+    """The bot's cursor (the last entry whose handlers finished), committed with the verified
+    head in batches: at most `CURSOR_EVERY` entries or `CURSOR_AFTER` seconds behind while a
+    backlog is being handled, at once when nothing more is queued (live traffic), and when the
+    session ends. A crash replays at most that batch: delivery is at least once, and posts and
+    DMs are exactly once (each is kept in the store, by entry, before it is sent)."""
+
+    def __init__(self, session: Session, collab_id: str, seq: int) -> None:
+        self._session = session
+        self._collab_id = collab_id
+        self.seq = seq
+        self._pending: Head | None = None
+        self._committed: Head | None = None
+        self._view: CollabView | None = None
+        self._count = 0
+        self._since = self._kept = trio.current_time()
+
+    def handled(self, head: Head, view: CollabView, *, more: bool) -> None:
+        self.seq, self._pending, self._view = head.seq, head, view
+        self._count += 1
+        if (
+            not more
+            or self._count >= CURSOR_EVERY
+            or trio.current_time() - self._since >= CURSOR_AFTER
+        ):
+            self.commit()
+
+    def commit(self, *, final: bool = False) -> None:
+        """Commit what is pending; now and then (`VIEW_EVERY` seconds, and when the session
+        ends) keep the fold at the cursor too, so a restart resumes there."""
+        pending, view, now = self._pending, self._view, trio.current_time()
+        if pending is not None:
+            self._session.state.commit_cursor(self._collab_id, pending)
+            self._committed = pending
+        if (
+            view is not None
+            and view.head == self._committed  # not read ahead: the fold is at the cursor
+            and (final or now - self._kept >= VIEW_EVERY)
+        ):
+            self._session.save_view(self._collab_id, view)
+            self._kept = now
+        self._pending, self._count, self._since = None, 0, now
 
 
 def _member_after(entry: Entry, was: bool, me: str) -> bool:

@@ -86,11 +86,16 @@ def _relay_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = sub.add_parser("bench", help="benchmarks that print JSON")
     p.add_argument(
         "which",
-        choices=["all", "append", "fanout", "latency", "subscribers", "catchup"],
+        choices=["all", "append", "fanout", "latency", "subscribers", "catchup", "client"],
         help="one scenario, or all of them (see docs/performance.md)",
     )
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of about a minute")
-    p.add_argument("--events", type=int, help="events per append scenario (default 20000)")
+    p.add_argument(
+        "--events",
+        type=int,
+        help="events per append scenario (default 20000); with `client`, the collab's length"
+        " (default 10000)",
+    )
     p.add_argument("--idle-subscribers", type=int, help="idle subscribers to open (default 5000)")
     p.add_argument("--catchup-events", type=int, help="events to replay (default 100000)")
     p.add_argument(

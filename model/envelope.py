@@ -24,6 +24,8 @@ from model.errors import DECODE_ERRORS, BadSignature, InvalidEvent
 from model.ids import is_id
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
     import nacl.signing
 
 EVENT_VERSION: Final = 1
@@ -284,8 +286,55 @@ class VerifiedEvent:
 _VERIFIER = object()
 
 
+class Prechecked:
+    """Event signatures that held, checked ahead of the fold (`precheck`, which a reader runs in
+    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core). The fold
+    still decides which key each event must be signed with; `verify_event` skips its own check
+    only for that exact key, signature and body. Only `precheck` makes one."""
+
+    __slots__ = ("_held",)
+
+    def __init__(self, held: set[tuple[bytes, bytes, bytes]], *, _token: object) -> None:
+        if _token is not _VERIFIER:
+            raise TypeError("Prechecked is only made by model.envelope.precheck")
+        self._held = held
+
+    def holds(self, signed: SignedEvent, public_key: bytes) -> bool:
+        return (public_key, signed.sig, signed.body) in self._held
+
+
+def precheck(events: Sequence[SignedEvent], keys: Mapping[str, bytes]) -> Prechecked:
+    """Check each content event's signature with the key `keys` gives its claimed author (a
+    guess: the members' keys where a reader is; management events are left to the fold). The
+    result holds those that held. Blocking, and mostly without the GIL: for worker threads."""
+    held: set[tuple[bytes, bytes, bytes]] = set()
+    for signed in events:
+        if len(signed.body) > MAX_BODY_BYTES:
+            continue
+        try:
+            peek = _peek_decoder.decode(signed.body)
+        except DECODE_ERRORS:
+            continue
+        public_key = keys.get(peek.actor_id)
+        if public_key is None or peek.kind == KIND_MANAGEMENT:
+            continue
+        domain, part = _signed_part(signed.body, None)
+        if _crypto.verify(public_key, domain + part, signed.sig):
+            held.add((public_key, signed.sig, signed.body))
+    return Prechecked(held, _token=_VERIFIER)
+
+
+def merge_prechecked(parts: Sequence[Prechecked]) -> Prechecked:
+    """One `Prechecked` holding what each of `parts` holds."""
+    return Prechecked(set().union(*(p._held for p in parts)), _token=_VERIFIER)
+
+
 def verify_event(
-    signed: SignedEvent, author_public_key: bytes, *, decoded: EventBody | None = None
+    signed: SignedEvent,
+    author_public_key: bytes,
+    *,
+    decoded: EventBody | None = None,
+    prechecked: Prechecked | None = None,
 ) -> VerifiedEvent:
     """Check the signature over the exact body bytes, then decode them.
 
@@ -299,7 +348,9 @@ def verify_event(
     if len(signed.body) > MAX_BODY_BYTES:
         raise InvalidEvent(f"event body is {len(signed.body)} bytes; the limit is {MAX_BODY_BYTES}")
     domain, part = _signed_part(signed.body, decoded)
-    if not _crypto.verify(author_public_key, domain + part, signed.sig):
+    if not (
+        prechecked is not None and prechecked.holds(signed, author_public_key)
+    ) and not _crypto.verify(author_public_key, domain + part, signed.sig):
         raise BadSignature("event signature does not verify for the claimed author")
     body = decode_body(signed.body) if decoded is None else decoded
     eid = _crypto.domain_hash(DOMAIN_EVENT_ID, part, signed.sig)

@@ -26,6 +26,7 @@ with `unreadable` saying why, and the fold goes on.
 
 from __future__ import annotations
 
+import collections
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -38,6 +39,7 @@ from model.envelope import (
     KIND_DM,
     KIND_MANAGEMENT,
     DmHeader,
+    Prechecked,
     SignedEvent,
     VerifiedEvent,
     decode_body,
@@ -61,6 +63,7 @@ from model.membership import (
     proof_of,
     signer_key,
 )
+from model.viewsnap import Snapshot, open_snapshot, seal_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -132,10 +135,18 @@ class CollabView:
         *,
         past_box_keys: Iterable[nacl.public.PrivateKey] = (),
         own_sign_pks: Iterable[bytes] = (),
+        hold: bool = False,
     ) -> None:
         """`keys` are epoch keys an earlier fold of this collab by this account opened: a
         member added mid-epoch receives that epoch's key with the addition, so a second pass
         primed with it reads the epoch's earlier events too.
+
+        `hold` reads them in one pass instead: content of the current epoch that this account
+        holds no key for yet is held back (with everything after it) until the epoch's key
+        arrives (then it opens, as a primed pass would have opened it), the epoch changes, or
+        the reader calls `settle` (then it is unreadable, as in a primed pass that ended
+        there). Take the entries that are final with `drain`; `settled_head` is the last
+        position before anything held.
 
         `past_box_keys` are this account's box keys from before its key rotations (each
         position is read with the box key pinned there). `own_sign_pks` are every signing
@@ -157,6 +168,12 @@ class CollabView:
         # (author, device) -> (counter, event id) of the last readable event of that stream
         self._streams: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._whole = True  # every content event so far was readable to this account
+        self._hold = hold
+        self._queue: collections.deque[Entry] = collections.deque()  # for `drain`, in order
+        # seq -> (the event, why it is unreadable if its key never comes), for `hold`; all of
+        # one epoch, `_held_epoch`.
+        self._held: dict[int, tuple[VerifiedEvent, str]] = {}
+        self._held_epoch = -1
 
     @property
     def is_member(self) -> bool:
@@ -190,6 +207,122 @@ class CollabView:
     def known_keys(self) -> dict[int, bytes]:
         """The epoch keys this fold opened (to prime a later pass; never log them)."""
         return dict(self._keys)
+
+    # --- snapshots: this device's own verified fold, kept so a later read resumes at its head
+
+    def seal(self) -> bytes | None:
+        """This fold at its head, sealed (XChaCha20-Poly1305) under a key derived from this
+        account's box key, bound to the collab, the account and the head; None while content
+        is held (only a settled fold is kept). Keep it beside the verified head it was made at:
+        `resume` opens it only for that head (or one before it on the saved head's path)."""
+        if self._held:
+            return None
+        snap = Snapshot(
+            self.collab_id,
+            self.account_id,
+            self.head.seq,
+            self.head.chain,
+            self.membership,
+            self._keys,
+            sorted(self._bad_wraps),
+            self._joined,
+            self._chains,
+            list(self._ids),
+            [(a, d, n, e) for (a, d), (n, e) in self._streams.items()],
+            self._whole,
+        )
+        return seal_snapshot(snap, self._box_key)
+
+    @classmethod
+    def resume(
+        cls,
+        sealed: bytes,
+        head: Head,
+        collab_id: str,
+        account_id: str,
+        box_key: nacl.public.PrivateKey,
+        *,
+        past_box_keys: Iterable[nacl.public.PrivateKey] = (),
+        own_sign_pks: Iterable[bytes] = (),
+        hold: bool = False,
+    ) -> CollabView:
+        """The fold `seal` kept at `head`, ready to take seq ``head.seq + 1``. Raises
+        `SnapshotRejected` (model/viewsnap.py) for anything but this account's own sealed fold of this collab at
+        exactly `head` (damaged, tampered with, another head, another key): the caller then
+        reads from the genesis, it never trusts what it cannot open."""
+        snap = open_snapshot(sealed, head, collab_id, account_id, box_key)
+        view = cls(
+            collab_id,
+            account_id,
+            box_key,
+            snap.keys,
+            past_box_keys=past_box_keys,
+            own_sign_pks=own_sign_pks,
+            hold=hold,
+        )
+        view.head = head
+        view.membership = snap.membership
+        view._bad_wraps = set(snap.bad_wraps)
+        view._joined = snap.joined
+        view._chains = snap.chains
+        view._ids = set(snap.ids)
+        view._streams = {(a, d): (n, e) for a, d, n, e in snap.streams}
+        view._whole = snap.whole
+        return view
+
+    @property
+    def settled_head(self) -> Head:
+        """The head before the first held position (the head when nothing is held): only up
+        to there has every check run."""
+        if not self._held:
+            return self.head
+        first = min(self._held) - 1
+        return Head(first, self._chains[first])
+
+    def drain(self) -> list[Entry]:
+        """The entries taken in since the last call that are final, in seq order (with
+        `hold`, everything before the first held one)."""
+        out: list[Entry] = []
+        while self._queue and self._queue[0].seq not in self._held:
+            out.append(self._queue.popleft())
+        return out
+
+    def settle(self) -> None:
+        """End holding for now (the reader is caught up, or the stream ended): what is held
+        is unreadable to this account, as a pass primed with every key it has would show it."""
+        if not self._held:
+            return
+        held, self._held = self._held, {}
+        self._queue = collections.deque(
+            msgspec.structs.replace(e, unreadable=held[e.seq][1]) if e.seq in held else e
+            for e in self._queue
+        )
+        self._streams.clear()  # as `ingest` does for an unreadable content event
+        self._whole = False
+
+    def _release(self) -> None:
+        """The held epoch's key arrived: open what was held, in order, as if it had come in
+        with the key already known (the author streams it extends come after it anyway)."""
+        held, self._held = self._held, {}
+        queue = collections.deque[Entry]()
+        for entry in self._queue:
+            if entry.seq in held:
+                entry, stream = self._open(
+                    msgspec.structs.replace(entry, unreadable=""), held[entry.seq][0]
+                )
+                self._follow(entry, stream)
+            queue.append(entry)
+        self._queue = queue
+
+    def _follow(
+        self, entry: Entry, stream: tuple[tuple[str, str], tuple[int, bytes]] | None
+    ) -> None:
+        if stream is not None:
+            self._streams[stream[0]] = stream[1]
+        elif entry.unreadable and entry.kind != KIND_DM:
+            # This account cannot follow the authors' streams across what it cannot read.
+            self._streams.clear()
+            self._whole = False
 
     def _check_position(self, seq: int) -> None:
         if seq <= self.head.seq:
@@ -245,7 +378,7 @@ class CollabView:
             raise ViewRejected(f"seq {seq}: {exc}") from None
         self._ids.add(event_id)
         self._chains.append(chain)
-        return Entry(
+        entry = Entry(
             seq,
             event_id,
             chain,
@@ -255,10 +388,22 @@ class CollabView:
             dm_to=header.recipient_id,
             unreadable="a direct message between other members (withheld)",
         )
+        if self._hold:
+            self._queue.append(entry)
+        return entry
 
-    def ingest(self, seq: int, signed: SignedEvent, chain: bytes) -> Entry:
+    def ingest(
+        self,
+        seq: int,
+        signed: SignedEvent,
+        chain: bytes,
+        *,
+        prechecked: Prechecked | None = None,
+    ) -> Entry:
         """Verify and fold one event. Raises `ViewRejected` / `ChainMismatch`; then the view
-        is unchanged and must not be fed further."""
+        is unchanged and must not be fed further. `prechecked` holds signatures checked ahead
+        (model/envelope.py `precheck`): one that held for the key this fold pins is not
+        checked again."""
         self._check_position(seq)
         try:
             body = decode_body(signed.body)
@@ -272,13 +417,15 @@ class CollabView:
         try:
             if body.kind == KIND_MANAGEMENT:
                 proof = proof_of(body)
-                verified = verify_event(signed, signer_key(state, proof), decoded=body)
+                verified = verify_event(
+                    signed, signer_key(state, proof), decoded=body, prechecked=prechecked
+                )
                 after = apply(state, proof, self.head, actor_id=body.actor_id)
             else:
                 author = None if state is None else state.members.get(body.actor_id)
                 if state is None or author is None:
                     raise ViewRejected("the author is not a member of the collab at this position")
-                verified = verify_event(signed, author.sign_pk, decoded=body)
+                verified = verify_event(signed, author.sign_pk, decoded=body, prechecked=prechecked)
                 if not author.may(CAP_POST):
                     raise ViewRejected("an agent without the post capability wrote this")
                 if body.epoch != state.epoch:
@@ -298,16 +445,19 @@ class CollabView:
         if body.kind == KIND_MANAGEMENT:
             entry = msgspec.structs.replace(entry, proof=proof)
             self._take_wraps(proof, after)
+            if self._held and after.epoch != self._held_epoch:
+                self.settle()  # the held epoch ended without its key reaching this account
         elif body.kind == KIND_DM:
             entry = self._open_dm(entry, verified, after)
         else:
             entry, stream = self._open(entry, verified)
-        if stream is not None:
-            self._streams[stream[0]] = stream[1]
-        elif entry.unreadable and body.kind != KIND_DM:
-            # This account cannot follow the authors' streams across what it cannot read.
-            self._streams.clear()
-            self._whole = False
+            if self._hold and entry.unreadable and self._holdable(entry.epoch):
+                self._held[seq] = (verified, entry.unreadable)
+                self._held_epoch = entry.epoch
+        if seq not in self._held:
+            self._follow(entry, stream)
+        if self._hold:
+            self._queue.append(entry)
         self._ids.add(verified.event_id)
         self._chains.append(chain)
         self.membership, self.head = after, new_head
@@ -332,6 +482,11 @@ class CollabView:
         me = state.members.get(self.account_id)
         return self._box_key if me is None else self._box_keys.get(me.box_pk)
 
+    def _holdable(self, epoch: int) -> bool:
+        """Whether content of `epoch` this account cannot open yet may still open in this pass:
+        no key for it was opened (a bad wrap stays bad)."""
+        return epoch not in self._keys and epoch not in self._bad_wraps
+
     def _take_wraps(self, proof: Proof, after: Membership) -> None:
         op = proof.op
         if not isinstance(op, (CreateCollab, AddMember, RemoveMember, RotateKey, RekeyMember)):
@@ -343,6 +498,8 @@ class CollabView:
             if box_key is None:
                 raise CryptoError("this device does not hold the box key pinned here")
             self._keys[after.epoch] = open_wrap(op.wraps, self.account_id, box_key)
+            if self._held and after.epoch == self._held_epoch:
+                self._release()
         except CryptoError:
             # Signed by a member, so not the relay's doing: this account simply has no key for
             # the epoch, and its content shows as unreadable (`_open`) rather than halting.

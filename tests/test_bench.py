@@ -40,6 +40,12 @@ EXPECTED_FIGURES = {
     "subscribers.held",
     "subscribers.bytes_each",
     "catchup.events_per_s",
+    "client.verify",
+    "client.verify_rate",
+    "client.tail",
+    "client.tail_again",
+    "client.bot_restart_reply",
+    "client.bot_catchup",
 }
 
 
@@ -70,7 +76,7 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
     base_path.write_text(json.dumps(base))
     # The bench's own embedded Postgres: the test database runs with fsync off, which the
     # relay rightly refuses.
-    with trio.fail_after(150):
+    with trio.fail_after(240):  # six scenarios, the client kit's among them
         done = await trio.run_process(
             [*BENCH, "all", "--quick", "--compare", str(base_path)],
             capture_stdout=True,
@@ -81,7 +87,14 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
     result = json.loads(done.stdout)
     summary = done.stderr.decode()
 
-    assert result["scenarios_run"] == ["append", "fanout", "latency", "subscribers", "catchup"]
+    assert result["scenarios_run"] == [
+        "append",
+        "fanout",
+        "latency",
+        "subscribers",
+        "catchup",
+        "client",
+    ]
     figures = result["figures"]
     assert set(figures) == EXPECTED_FIGURES
     for name, fig in figures.items():
@@ -91,9 +104,12 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
         for ref_name, ref in fig["refs"].items():
             assert ref["value"] > 0, (name, ref_name)
             assert ref["ratio"] == round(fig["value"] / ref["value"], 3), (name, ref_name)
-        if not name.startswith("subscribers."):
-            assert set(fig["refs"]) >= RATE_REFS, name
-        assert any(r.startswith("jetstream") for r in fig["refs"]), name
+        if name.startswith("client."):  # the client kit's own figures: no JetStream analogue
+            assert set(fig["refs"]) == {"verify_ceiling"}, name
+        else:
+            if not name.startswith("subscribers."):
+                assert set(fig["refs"]) >= RATE_REFS, name
+            assert any(r.startswith("jetstream") for r in fig["refs"]), name
         assert name in summary  # and each one is in the human summary
 
     # What the run did, counted at the subscribers.
@@ -105,6 +121,9 @@ async def test_bench_all_quick_reports_every_figure_with_its_references(tmp_path
     idle = raw["subscribers"]
     assert idle["ready"] == idle["held"] == result["sizes"]["idle_subscribers"]
     assert raw["catchup"]["events"] == result["sizes"]["catchup_events"] + 1  # + genesis
+    client = raw["client"]
+    assert client["head_seq"] == client["events"] + 14  # + genesis, name, two additions, 10 new
+    assert client["bot_reconnects"] == 0
     for name, run in raw["append"].items():
         assert run["events"] > 0, name
     assert result["database"]["fsync"] == "on"

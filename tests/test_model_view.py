@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hypothesis.strategies as st
 import pytest
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from clientkit import _collab
@@ -22,7 +22,7 @@ from model.membership import (
     Role,
     decode_proof,
 )
-from model.view import CollabView, ViewRejected
+from model.view import CollabView, Entry, ViewRejected
 from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
 from tests.helpers import TS0, Person
 
@@ -228,3 +228,67 @@ def test_a_member_added_mid_epoch_reads_the_epochs_earlier_events_on_a_primed_pa
     sim.change(alice, _collab.rotate)
     later = sim.post(alice, "epoch 1")
     assert text_of({e.seq: e for e in sim.read(primed)[1]}[later]) == "epoch 1"
+
+
+def _one_pass(sim: Sim, person: Person) -> list[Entry]:
+    """What a reader with `hold` (one pass, clientkit's `History`) hands out, settled at the end."""
+    view = CollabView(sim.collab_id, person.id, person.box, hold=True)
+    out: list[Entry] = []
+    for seq, signed, chain in sim.events:
+        view.ingest(seq, signed, chain)
+        out += view.drain()
+    view.settle()
+    return out + view.drain()
+
+
+def _primed(sim: Sim, person: Person) -> list[Entry]:
+    """The two passes clientkit used to make: a key pass, then a pass primed with its keys."""
+    keys = sim.read(sim.view(person))[0].known_keys()
+    return sim.read(CollabView(sim.collab_id, person.id, person.box, keys))[1]
+
+
+@pytest.mark.objective("SO-7")
+@settings(max_examples=25, deadline=None)
+@given(
+    script=st.lists(
+        st.sampled_from(["post_a", "post_c", "add_b", "remove_b", "rotate", "dm"]), max_size=14
+    )
+)
+def test_one_pass_reads_exactly_what_a_pass_primed_with_every_key_reads(script: list[str]) -> None:
+    alice, bob, carol = Person(), Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, carol)
+    bob_in = False
+    for step in script:
+        if step == "post_a":
+            sim.post(alice, "from alice")
+        elif step == "post_c":
+            sim.post(carol, "from carol")
+        elif step == "add_b" and not bob_in:
+            sim.add(alice, bob)
+            bob_in = True
+        elif step == "remove_b" and bob_in:
+            sim.remove(alice, bob)
+            bob_in = False
+        elif step == "rotate":
+            sim.change(alice, _collab.rotate)
+        elif step == "dm":
+            sim.dm(alice, carol.as_member(Role.MEMBER), "psst")
+    for person in (alice, bob, carol):
+        assert _one_pass(sim, person) == _primed(sim, person)
+
+
+def test_one_pass_holds_the_epochs_earlier_events_until_the_key_comes() -> None:
+    alice, bob = Person(), Person()
+    sim = Sim(alice)
+    early = sim.post(alice, "before bob")
+    added = sim.add(alice, bob)
+    view = CollabView(sim.collab_id, bob.id, bob.box, hold=True)
+    handed: list[Entry] = []
+    for seq, signed, chain in sim.events:
+        view.ingest(seq, signed, chain)
+        if seq == early:
+            assert view.settled_head.seq == early - 1  # held: not checked through yet
+        handed += view.drain()
+    assert [e.seq for e in handed] == list(range(1, added + 1))
+    assert text_of({e.seq: e for e in handed}[early]) == "before bob"

@@ -1,7 +1,7 @@
 """`cozy bench`: a real relay (its own process) on a real Postgres, driven over WebSockets.
 
 Scenarios (`cozy bench all` runs each in turn): `append`, `fanout`, `latency`, `subscribers`,
-`catchup`. The load generator runs in this process (and, for subscribers, in further child
+`catchup`, `client` (the client kit's reads and a bot, `_client`). The load generator runs in this process (and, for subscribers, in further child
 processes), the relay in a child process, Postgres in a third, so none shares the relay's
 GIL; all share this machine's cores. Every figure comes with references measured in the same
 run, as ratios: one INSERT + commit per event to the same Postgres, one core's Ed25519
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from cozy.bench import _compare, _scenarios, _stagetimes
+from cozy.bench import _client, _compare, _scenarios, _stagetimes
 from cozy.bench._common import (
     BenchError,
     RelayProcess,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
     from model.envelope import SignedEvent
 
-SCENARIOS: Final = ("append", "fanout", "latency", "subscribers", "catchup")
+SCENARIOS: Final = ("append", "fanout", "latency", "subscribers", "catchup", "client")
 CHOICES: Final = ("all", *SCENARIOS)
 # COZY_MAX_CONNECTIONS_PER_ACCOUNT's ceiling, less room for the bench's own connections.
 MAX_IDLE_SUBSCRIBERS: Final = 99_990
@@ -58,10 +58,11 @@ __all__ = ["CHOICES", "SCENARIOS", "BenchError", "CompareError", "main"]
 def main(args: argparse.Namespace) -> int:
     sizes = Sizes.quick() if args.quick else Sizes()
     for attr, value in (
-        ("append_events", args.events),
+        ("append_events", args.events if args.which != "client" else None),
         ("client_batch", args.client_batch),
         ("idle_subscribers", args.idle_subscribers),
         ("catchup_events", args.catchup_events),
+        ("client_events", args.events if args.which == "client" else None),
         ("loadgen_procs", args.loadgen_procs),
     ):
         if value is not None:
@@ -143,19 +144,22 @@ async def _run(which: tuple[str, ...], sizes: Sizes, database_url: str | None) -
                             )
                         relay = shared
                     await _scenario(name, relay, sizes, peer, samples, raw, tmp)
-                    if i == len(which) - 1 and not samples:  # the references need such events
+                    relay_scenarios = [n for n in which if n != "client"]
+                    if i == len(which) - 1 and not samples and relay_scenarios:
+                        # the references need such events
                         samples["512B"] = await _scenarios.reference_events(relay, sizes)
-        # No relay is running: the references run one after another on a quieter machine.
-        _progress("references: one commit per event, Ed25519 verify ceiling, JetStream")
         refs: dict[str, Any] = {"per_event_commit": {}, "verify_ceiling": {}}
-        for size_name, (events, pk) in samples.items():
-            refs["per_event_commit"][size_name] = await trio.to_thread.run_sync(
-                per_event_commit, url, events
-            )
-            refs["verify_ceiling"][size_name] = await trio.to_thread.run_sync(
-                verify_ceiling, events, pk
-            )
-        refs["jetstream"] = await trio.to_thread.run_sync(_run_jetstream, peer)
+        if samples:  # the client scenario measures its own reference
+            # No relay is running: the references run one after another on a quieter machine.
+            _progress("references: one commit per event, Ed25519 verify ceiling, JetStream")
+            for size_name, (events, pk) in samples.items():
+                refs["per_event_commit"][size_name] = await trio.to_thread.run_sync(
+                    per_event_commit, url, events
+                )
+                refs["verify_ceiling"][size_name] = await trio.to_thread.run_sync(
+                    verify_ceiling, events, pk
+                )
+            refs["jetstream"] = await trio.to_thread.run_sync(_run_jetstream, peer)
     return {
         "benchmark": "cozy bench",
         "scenarios_run": list(which),
@@ -187,6 +191,9 @@ async def _scenario(
     elif name == "latency":
         (tmp / "latency").mkdir()
         raw[name] = await _scenarios.latency(relay, sizes, peer, tmp / "latency")
+    elif name == "client":
+        (tmp / "client").mkdir()
+        raw[name] = await _client.client(relay, sizes.client_events, tmp / "client")
     else:
         raw[name] = await getattr(_scenarios, name)(relay, sizes, peer)
 
@@ -220,7 +227,7 @@ def _run_jetstream(peer: Peer) -> dict[str, Any]:
 def figures(raw: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
     """Every headline number with its same-run references as ratios (see `_common.figure`)."""
     out: dict[str, Any] = {}
-    js = refs["jetstream"]
+    js = refs.get("jetstream", {})
     commit, verify = refs["per_event_commit"], refs["verify_ceiling"]
     base = "512B"
 
@@ -289,6 +296,8 @@ def figures(raw: dict[str, Any], refs: dict[str, Any]) -> dict[str, Any]:
             "higher",
             rate_refs(base, {"jetstream": {"value": j["events_per_s"], "unit": "msg/s"}}),
         )
+    if "client" in raw:
+        out |= _client.figures(raw["client"])
     return out
 
 

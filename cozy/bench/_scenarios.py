@@ -59,6 +59,7 @@ class Sizes:
     latency_subscribers: int = 100
     idle_subscribers: int = 5000
     catchup_events: int = 100_000
+    client_events: int = 10_000  # `bench client`; --events there sets it (issue 17: 100000)
     baseline_events: int = 5000
     jetstream_sequential: int = 5000
     loadgen_procs: int = 2
@@ -80,6 +81,7 @@ class Sizes:
             latency_subscribers=5,
             idle_subscribers=10,
             catchup_events=100,
+            client_events=100,
             baseline_events=50,
             jetstream_sequential=50,
             loadgen_procs=1,
