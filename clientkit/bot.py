@@ -357,6 +357,14 @@ class Bot:
                 )
             state.commit_cursor(self.collab_id, start.head)
             cursor.seq = start.head.seq
+        if self.collab_id not in session.views and not any(
+            state.last_sent(self.collab_id, device) for device in (DEVICE, DM_DEVICE)
+        ):
+            # Handlers replaying entries see the collab as it was then, and a store that was
+            # lost (or is new) knows nothing of how far this bot's own streams got: one read
+            # at the relay's head first (Session.views: the streams' position for every send),
+            # so a replayed reply never reuses a counter. A store that sent before knows.
+            await session.read(self.collab_id)
         again = "re" if self.connections > 1 else ""
         log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
         # Whether the bot was a member at the entry being read.

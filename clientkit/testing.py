@@ -262,6 +262,9 @@ class LyingRelay:
     url: str = ""
     connections: int = 0
     told: list[Misbehaviour] = field(default_factory=list)
+    # collab -> the seq before its latest subscription's first: where an empty catch-up ends
+    # (a device resuming from its kept view subscribes past seq 1).
+    _before: dict[str, int] = field(default_factory=dict)
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
@@ -351,6 +354,7 @@ class LyingRelay:
         match frame:
             case wire.Subscribed():
                 held[frame.collab_id] = []
+                self._before[frame.collab_id] = frame.from_seq - 1
                 return [frame]
             case wire.Withheld() if frame.collab_id in held and m.lie in WITHHELD_LIES:
                 return []  # the lie needs real DM links kept in order; none here to lie about
@@ -361,11 +365,11 @@ class LyingRelay:
                 return []
             case wire.CaughtUp() if frame.collab_id in held and m.lie in WITHHELD_LIES:
                 frames = withheld_lie(held.pop(frame.collab_id), m)
-                last = frames[-1].seq if frames else 0
+                last = frames[-1].seq if frames else self._before.get(frame.collab_id, 0)
                 return [*frames, wire.CaughtUp(collab_id=frame.collab_id, seq=last)]
             case wire.CaughtUp() if frame.collab_id in held:
                 presented = lie(held.pop(frame.collab_id), m)
-                last = presented[-1].seq if presented else 0
+                last = presented[-1].seq if presented else self._before.get(frame.collab_id, 0)
                 return [
                     *(wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain)
                       for e in presented),
