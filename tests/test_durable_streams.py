@@ -65,44 +65,28 @@ class _KillingState(ClientState):
     def _maybe_kill(self, point: str) -> None:
         if self._bot.kill_at == point:
             self._bot.kill_at = None
-            self._bot.dead = True
+            self._bot.killed = True
             raise _Killed(point)
 
-    def _dead(self) -> bool:
-        """A killed process writes nothing more: not even from the `finally` blocks that the
-        simulated kill (an exception) still runs on its way out. Its writes are dropped."""
-        return self._bot.dead
-
     def keep_signed(self, event: SentEvent) -> None:
-        if self._dead():
-            return
         super().keep_signed(event)
         self._maybe_kill("after_sign")  # signed and kept, not sent
 
     def add_receipt(self, receipt: SignedReceipt) -> SignedReceipt | None:
-        if self._dead():
-            return None
         self._maybe_kill("after_send")  # stored by the relay; its ack never recorded
         self._bot.replied = True  # (only the bot's replies are appended)
         return super().add_receipt(receipt)
 
     def commit_cursor(self, collab_id: str, head: Head) -> None:
-        if self._dead():
-            return
         if self._bot.replied:  # the reply's ack recorded; the cursor not committed
             self._maybe_kill("after_ack")
         self._bot.replied = False
         super().commit_cursor(collab_id, head)
 
-    def save_view(self, collab_id: str, head: Head, sealed: bytes) -> None:
-        if self._dead():
-            return
-        super().save_view(collab_id, head, sealed)
-
 
 class _KillableBot(Bot):
     kill_at: str | None = None
-    dead: bool = False  # killed: its store takes no more writes
+    killed: bool = False  # the kill point was reached (the poll below may see the cursor first)
     replied: bool = False  # a reply was acked since the last cursor commit
 
     @property
@@ -171,7 +155,9 @@ async def _run_bot(creds: Path, store: Path, until_seq: int, kill_at: str | None
         if killed is None or rest is not None:
             raise
         return True
-    return False
+    # The simulated kill is an exception: the bot's `finally` still commits its cursor on the
+    # way out, so the poll can see the cursor before the kill reaches this nursery.
+    return bot.killed
 
 
 async def _read_all(url: str, reader: User, cid: str) -> tuple[CollabView, list[str]]:
