@@ -344,6 +344,12 @@ class LyingRelay:
                 for out in presented if presented is not None else self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 
+    def _empty_end(self, collab_id: str, m: Misbehaviour) -> int:
+        """Where a catch-up that presents no event says the history ends: before the
+        subscription's first seq, or before `m.at` for a lie that cuts the history there."""
+        before = self._before.get(collab_id, 0)
+        return min(before, m.at - 1) if m.lie in (Lie.TRUNCATE, Lie.BEHIND) else before
+
     def _present(
         self, frame: wire.Reply, held: dict[str, History], m: Misbehaviour | None
     ) -> list[wire.Reply]:
@@ -365,11 +371,11 @@ class LyingRelay:
                 return []
             case wire.CaughtUp() if frame.collab_id in held and m.lie in WITHHELD_LIES:
                 frames = withheld_lie(held.pop(frame.collab_id), m)
-                last = frames[-1].seq if frames else self._before.get(frame.collab_id, 0)
+                last = frames[-1].seq if frames else self._empty_end(frame.collab_id, m)
                 return [*frames, wire.CaughtUp(collab_id=frame.collab_id, seq=last)]
             case wire.CaughtUp() if frame.collab_id in held:
                 presented = lie(held.pop(frame.collab_id), m)
-                last = presented[-1].seq if presented else self._before.get(frame.collab_id, 0)
+                last = presented[-1].seq if presented else self._empty_end(frame.collab_id, m)
                 return [
                     *(wire.Event(collab_id=e.collab_id, seq=e.seq, event=e.event, chain=e.chain)
                       for e in presented),
