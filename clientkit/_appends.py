@@ -364,14 +364,7 @@ class AppendCalls(HistoryCalls):
                 collab_id=ack.collab_id,
                 seq=ack.seq,
             )
-        receipt = SignedReceipt(
-            ack.collab_id,
-            ack.seq,
-            ack.event_id,
-            ack.chain,
-            checkpoint=ack.checkpoint,
-            inclusion=list(ack.inclusion),
-        )
+        receipt = SignedReceipt.of_ack(ack)
         self.checkpoints.check_ack(self.relay_pk, receipt)
         if self.on_receipt is None:
             return

@@ -18,7 +18,7 @@ them to the operator, an auditor or the other members.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 
@@ -26,6 +26,9 @@ from model.chain import Receipt, verify_receipt
 from model.checkpoints import CheckpointInvalid, SignedHead, open_head
 from model.errors import ModelError
 from model.merkle import ProofInvalid, leaf_hash, verify_inclusion
+
+if TYPE_CHECKING:
+    from model import wire
 
 PROOF_KIND: Final = "cozylabs-equivocation-proof/1"
 
@@ -51,6 +54,18 @@ class SignedReceipt(msgspec.Struct, frozen=True):
 
     def receipt(self) -> Receipt:
         return Receipt(self.collab_id, self.seq, self.event_id, self.chain)
+
+    @classmethod
+    def of_ack(cls, ack: wire.Appended) -> SignedReceipt:
+        """The receipt an `appended` ack carries: its checkpoint and inclusion proof."""
+        return cls(
+            ack.collab_id,
+            ack.seq,
+            ack.event_id,
+            ack.chain,
+            checkpoint=ack.checkpoint,
+            inclusion=list(ack.inclusion),
+        )
 
 
 class Served(msgspec.Struct, frozen=True):

@@ -87,15 +87,7 @@ async def test_every_ack_and_a_duplicates_ack_carry_a_receipt_that_proves_the_st
         again = await client.append(signed)  # a retry after a lost ack
     assert (again.seq, again.duplicate) == (first.seq, True)
     for ack in (first, *acks, again):
-        receipt = SignedReceipt(
-            ack.collab_id,
-            ack.seq,
-            ack.event_id,
-            ack.chain,
-            checkpoint=ack.checkpoint,
-            inclusion=ack.inclusion,
-        )
-        head = open_receipt(relay.relay_pk, receipt)
+        head = open_receipt(relay.relay_pk, SignedReceipt.of_ack(ack))
         assert head is not None
         assert head.size >= ack.seq
     # The duplicate's checkpoint covers everything stored since: it is the collab's current one.

@@ -123,15 +123,7 @@ async def test_posts_are_sequenced_acked_with_receipts_and_delivered_verified(
             head = await genesis_head(client, alice)
             for a in acks:
                 head = advance(head, a.seq, a.event_id, a.chain)
-                receipt = SignedReceipt(
-                    alice.collab_id,
-                    a.seq,
-                    a.event_id,
-                    a.chain,
-                    checkpoint=a.checkpoint,
-                    inclusion=a.inclusion,
-                )
-                proven = open_receipt(relay.relay_pk, receipt)
+                proven = open_receipt(relay.relay_pk, SignedReceipt.of_ack(a))
                 assert proven is not None
                 assert proven.size >= a.seq
             async with client.history(alice.collab_id, alice.box_key) as events:

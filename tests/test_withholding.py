@@ -14,9 +14,7 @@ from `clientkit.testing.LyingRelay` holding the relay's own key. The two halves:
 
 from __future__ import annotations
 
-import dataclasses
 import time
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -29,16 +27,16 @@ from clientkit.testing import Lie, LyingRelay, Misbehaviour
 from model.checkpoints import CheckpointSigner
 from model.note import NoteVerifier
 from model.tlog import AddCheckpointRequest
-from relay.config import WitnessTarget
+from tests import test_witness_quorum as quorum_tests
 from tests.cli_harness import cli_signup, client_env, cozy
-from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
+from tests.relay_harness import User, post, session, sign_up
 from tests.test_session import as_session
-from tests.test_witness import WitnessProcess, init_witness
-from tests.test_witness_quorum import cosigned, log_vkey, set_policy
+from tests.test_witness import WitnessProcess
+from tests.test_witness_quorum import cosigned, set_policy
 from witness.submit import submit_checkpoint
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
     from model.view import CollabView
@@ -48,26 +46,11 @@ if TYPE_CHECKING:
 FAST = {"checkpoint_interval_ms": 300, "witness_interval_ms": 100}
 
 
-@asynccontextmanager
-async def witnessed_relay(
+def witnessed_relay(
     database_url: str, tmp_path: Path, **overrides: Any
-) -> AsyncIterator[tuple[Relay, list[WitnessProcess]]]:
-    config = relay_config(database_url, tmp_path / "relay", **FAST, **overrides)
-    witnesses = []
-    for i in (1, 2):
-        state, _ = await init_witness(tmp_path / f"w{i}", name=f"witness.example/w{i}")
-        w = WitnessProcess(state, "--log-prefix", f"{config.relay_name}/collab/", log_vkey(config))
-        await w.start()
-        witnesses.append(w)
-    config = dataclasses.replace(
-        config, witnesses=tuple(WitnessTarget(w.url, w.vkey) for w in witnesses)
-    )
-    try:
-        async with running_relay(config) as relay:
-            yield relay, witnesses
-    finally:
-        for w in witnesses:
-            await w.stop()
+) -> AbstractAsyncContextManager[tuple[Relay, list[WitnessProcess]]]:
+    """The witness-quorum tests' relay and two witnesses, with fast heartbeats."""
+    return quorum_tests.witnessed_relay(database_url, tmp_path, **{**FAST, **overrides})
 
 
 async def witnessed_collab(relay: Relay, witnesses: list[WitnessProcess]) -> tuple[User, int]:
@@ -146,12 +129,7 @@ async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witness
                         async for _ in events:
                             pass
                     if leg == 0:  # a witness restarts on the same address and state
-                        port = witnesses[0].url.rsplit(":", 1)[1]
-                        assert await witnesses[0].stop() == 0
-                        restarted = WitnessProcess(witnesses[0].state, *witnesses[0].args)
-                        restarted.args = (*restarted.args, "--listen", f"127.0.0.1:{port}")
-                        await restarted.start()
-                        witnesses[0] = restarted
+                        witnesses[0] = await witnesses[0].restarted()
                         async with session(relay.url, alice) as other:
                             await post(other, alice, cid, "after the restart")
                     view = events.view

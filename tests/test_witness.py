@@ -120,6 +120,14 @@ class WitnessProcess:
         self.url = match.group(1).decode()
         self.vkey = vkey.group(1).decode()
 
+    async def restarted(self) -> WitnessProcess:
+        """Stop this witness cleanly and start it again on the same address and state."""
+        port = self.url.rsplit(":", 1)[1]
+        assert await self.stop() == 0
+        again = WitnessProcess(self.state, *self.args, "--listen", f"127.0.0.1:{port}")
+        await again.start()
+        return again
+
     async def kill9(self) -> None:
         assert self._proc is not None
         self._proc.kill()

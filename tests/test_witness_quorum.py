@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nacl.signing
 import pytest
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from relay.config import RelayConfig
 
 
+WITNESS_ROUND = "witness_interval_ms"
+
+
 def log_vkey(config: RelayConfig) -> str:
     """The relay's checkpoint key as a witness operator configures it (`--log-prefix`)."""
     assert config.relay_signing_seed is not None
@@ -51,10 +54,11 @@ def log_vkey(config: RelayConfig) -> str:
 
 @asynccontextmanager
 async def witnessed_relay(
-    database_url: str, tmp_path: Path
+    database_url: str, tmp_path: Path, **overrides: Any
 ) -> AsyncIterator[tuple[Relay, list[WitnessProcess]]]:
-    """A relay configured with two real witnesses that trust its collabs' checkpoints."""
-    config = relay_config(database_url, tmp_path / "relay")
+    """A relay configured with two real witnesses that trust its collabs' checkpoints
+    (`overrides`: further relay settings; witness rounds every 100 ms unless given)."""
+    config = relay_config(database_url, tmp_path / "relay", **{WITNESS_ROUND: 100, **overrides})
     witnesses = []
     for i in (1, 2):
         state, _ = await init_witness(tmp_path / f"w{i}", name=f"witness.example/w{i}")
@@ -62,9 +66,7 @@ async def witnessed_relay(
         await w.start()
         witnesses.append(w)
     config = dataclasses.replace(
-        config,
-        witnesses=tuple(WitnessTarget(w.url, w.vkey) for w in witnesses),
-        witness_interval_ms=100,
+        config, witnesses=tuple(WitnessTarget(w.url, w.vkey) for w in witnesses)
     )
     try:
         async with running_relay(config) as relay:
@@ -125,12 +127,7 @@ async def test_a_two_of_two_policy_accepts_heads_both_witnesses_cosigned_across_
         assert len(witnessed(held, relay.relay_pk, policy.verifiers(), 2)) == 2
         # A witness restarts (same state, same address): the relay keeps gathering, the client
         # keeps accepting, and nothing alarms.
-        port = witnesses[0].url.rsplit(":", 1)[1]
-        assert await witnesses[0].stop() == 0
-        restarted = WitnessProcess(witnesses[0].state, *witnesses[0].args)
-        restarted.args = (*restarted.args, "--listen", f"127.0.0.1:{port}")
-        await restarted.start()
-        witnesses[0] = restarted
+        witnesses[0] = await witnesses[0].restarted()
         async with session(relay.url, alice) as client:
             await post(client, alice, cid, "after the witness restarted")
         later = await cosigned(relay, cid, 2)
