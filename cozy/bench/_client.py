@@ -82,9 +82,15 @@ async def _signup(url: str, handle: str) -> _Person:
 
 
 def _messages(
-    person: _Person, collab_id: str, epoch: int, key: bytes, count: int, ts: int
+    person: _Person,
+    collab_id: str,
+    epoch: int,
+    key: bytes,
+    count: int,
+    ts: int,
+    text: str = "x" * MESSAGE_BYTES,
 ) -> list[SignedEvent]:
-    data = contentmod.encode_content(contentmod.Message(text="x" * MESSAGE_BYTES))
+    data = contentmod.encode_content(contentmod.Message(text=text))
     return [
         seal_event(
             signing_key=person.actor.signing_key,
@@ -241,19 +247,7 @@ async def _bots(
 
     # Restart on the same store; the message goes in as it starts.
     bot = make_bot()
-    data = contentmod.encode_content(contentmod.Message(text=PING))
-    ping = [
-        seal_event(
-            signing_key=alice.actor.signing_key,
-            collab_key=key,
-            collab_id=collab_id,
-            actor_id=alice.actor.account_id,
-            kind="msg",
-            ts=int(time.time() * 1000),
-            content=data,
-            epoch=epoch,
-        )
-    ]
+    ping = _messages(alice, collab_id, epoch, key, 1, int(time.time() * 1000), text=PING)
     async with trio.open_nursery() as nursery:
         started = time.perf_counter()
         nursery.start_soon(bot.run)
