@@ -46,7 +46,8 @@ SUBSCRIBE_RETRY_FOR: Final = 30.0
 
 class StaleBound(enum.Enum):
     """`Client.stale_after = StaleBound.FROM_RELAY` (the default): the relay's announced
-    heartbeat interval plus a grace, rather than a number of seconds."""
+    heartbeat interval plus a grace, rather than a number of seconds; never looser than the
+    45 s default (`model.checkpoints.stale_after`)."""
 
     FROM_RELAY = "from_relay"
 

@@ -57,11 +57,16 @@ def stale_after(heartbeat_ms: int) -> float:
     The interval plus a grace of half of it, and never less than `MIN_STALE_GRACE` seconds:
     signed dates are whole seconds, and a loaded relay or device may send or read a heartbeat a
     little late, which must not pass for a frozen view. 30 s gives 45 s, the old default.
+
+    The announcement can only tighten the default, never loosen it: the bound guards against
+    the relay, so a relay announcing an hour must not buy itself an hour and a half of frozen
+    view. A client of a relay that really beats slower than every 30 s sets its bound itself.
     """
+    default = DEFAULT_STALE_AFTER  # read at call time (tests lower it)
     if heartbeat_ms <= 0:
-        return DEFAULT_STALE_AFTER
+        return default
     interval = heartbeat_ms / 1000
-    return interval + max(interval / 2, MIN_STALE_GRACE)
+    return min(interval + max(interval / 2, MIN_STALE_GRACE), default)
 
 
 def collab_origin(relay_name: str, collab_id: str) -> str:

@@ -20,6 +20,7 @@ import trio
 
 from clientkit import Bot, ClientError, Context, IntegrityAlarm, StaleBound, StaleView
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
+from model import checkpoints
 from tests.cli_harness import COZY, cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, running_relay, session, sign_up
 from tests.test_cli_follow import _Lines
@@ -104,6 +105,26 @@ async def test_a_client_with_no_bound_follows_the_announced_heartbeat_and_sees_i
                                 pass
     assert caught.value.bound == bound
     assert caught.value.age >= bound
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_relay_announcing_a_long_heartbeat_cannot_loosen_the_default_bound(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay is who a staleness bound guards against: announcing the longest interval its
+    config takes (an hour) must not stretch a client's default bound to an hour and a half.
+    The default is lowered to 3 s here only so that the test is short."""
+    monkeypatch.setattr(checkpoints, "DEFAULT_STALE_AFTER", 3.0)
+    config = relay_config(database_url, tmp_path / "relay", checkpoint_interval_ms=3_600_000)
+    async with running_relay(config) as relay:
+        alice = await sign_up(relay.url, "alice")
+        async with session(relay.url, alice) as client:
+            assert client.heartbeat_ms == 3_600_000
+            assert client.staleness_bound() == 3.0
+            async with client.history(alice.collab_id, alice.box_key, follow=True) as events:
+                with trio.fail_after(30), pytest.raises(StaleView):
+                    async for _ in events:
+                        pass
 
 
 async def test_honest_heartbeats_never_report_a_stale_view(
