@@ -73,16 +73,35 @@ def test_every_single_mistyped_symbol_is_caught(data: st.DataObject) -> None:
         recovery.parse_code(typo)
 
 
-@settings(max_examples=300, deadline=None)  # timing under CI load is not the property
-@given(data=st.data())
-def test_every_swap_of_neighbouring_symbols_is_caught(data: st.DataObject) -> None:
-    chars = [c for c in recovery.new_recovery_code() if c != "-"]
-    pos = data.draw(st.integers(0, len(chars) - 2), label="pos")
-    if chars[pos] == chars[pos + 1]:
-        return  # swapping equal symbols changes nothing
-    chars[pos], chars[pos + 1] = chars[pos + 1], chars[pos]
-    with pytest.raises(recovery.InvalidRecoveryCode, match="checksum"):
-        recovery.parse_code("".join(chars))
+def test_every_swap_of_neighbouring_symbols_is_caught() -> None:
+    # Every position of 300 issued codes, not one drawn position: the swap of the last body
+    # symbol with the first check symbol slipped through for 1 code in 32, and a drawn position
+    # found it once in CI as a flaky failure.
+    for _ in range(300):
+        code = [c for c in recovery.new_recovery_code() if c != "-"]
+        for pos in range(len(code) - 1):
+            if code[pos] == code[pos + 1]:
+                continue  # swapping equal symbols changes nothing
+            chars = list(code)
+            chars[pos], chars[pos + 1] = chars[pos + 1], chars[pos]
+            with pytest.raises(recovery.InvalidRecoveryCode, match="checksum"):
+                recovery.parse_code("".join(chars))
+
+
+def test_codes_issued_before_the_swap_rule_still_parse() -> None:
+    # A code in the class new_recovery_code no longer issues (last body symbol and first check
+    # symbol 16 apart) was valid before: its owner's written-down copy must still open.
+    secret = next(
+        s
+        for s in (n.to_bytes(20, "big") for n in range(1 << 16))
+        if (
+            ALPHABET.index(recovery._b32(s)[-1])
+            - ALPHABET.index(recovery._check(recovery._b32(s))[0])
+        )
+        % 32
+        == 16
+    )
+    assert recovery.parse_code(recovery.format_code(secret)) == secret
 
 
 @pytest.mark.parametrize(
