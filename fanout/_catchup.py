@@ -5,10 +5,10 @@ connection. A client that stops reading must not make the relay hold more than a
 for it, and many cheap clients must not make it hold many such amounts (issue 13, item 6). So:
 
 - the ledger is read in pages of at most `page_events` events and `page_bytes` bytes, and the
-  next page is read while one is queued (so the database's round trip overlaps the socket),
-  never further ahead: a catch-up holds at most `PAGES_HELD` pages;
+  next two pages are read while one is queued (so the database's round trips overlap the
+  socket and use both cores), never further ahead: a catch-up holds at most `PAGES_HELD` pages;
 - a page is queued message by message, each only while the connection's outbox holds at most
-  `outbox_bytes`; a client that does not read pins at most two pages and that share of its
+  `outbox_bytes`; a client that does not read pins at most three pages and that share of its
   outbox (plus what the connection's writer is writing), and after `stall_seconds` without
   room it is disconnected as lagging, so it does not hold its slot for ever;
 - at most `per_connection` catch-ups run on one connection, `per_account` over all of an
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Final, TypeVar
 
 MiB: Final = 1024 * 1024
-# Pages a catch-up holds at once: the one it is queueing and the one it reads ahead.
-PAGES_HELD: Final = 2
+# Pages a catch-up holds at once: the one it is queueing and the two it reads ahead.
+PAGES_HELD: Final = 3
 K = TypeVar("K")
 
 

@@ -14,8 +14,8 @@ If `pending` overflows during a long catch-up it is dropped and step 2 runs agai
 Catch-up costs bounded memory whatever the client does (fanout/_catchup.py): each ledger page
 is bounded in events and in bytes, becomes pre-framed `batch` messages (as live batches do),
 and goes through the connection's bounded outbox, each message only once the outbox holds at
-most a small share; the next page is read only when this one is queued. A subscriber that stops
-reading pins one page and that share, is disconnected as lagging after a while without room,
+most a small share; at most two pages are read ahead of the one being queued. A subscriber that
+stops reading pins those pages and that share, is disconnected as lagging after a while without room,
 and how many catch-ups may run at once is capped per connection, account and relay. Live frames
 are offered to the subscriber's outbox without waiting: a full outbox means the subscriber lags,
 and it is disconnected with a reason and the seq to resume from, so a slow subscriber never
@@ -41,7 +41,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 import trio
 
-from fanout._catchup import CatchupGate, CatchupLimits
+from fanout._catchup import PAGES_HELD, CatchupGate, CatchupLimits
 from fanout._message import Message, starts_new_batch
 from model import wire
 from model.envelope import SequencedEvent, decode_body, dm_header, dm_link_id
@@ -126,6 +126,7 @@ class FanoutStats(msgspec.Struct):
     catchups: int = 0  # catch-ups running now (following or not)
     catchup_refusals: int = 0  # subscribes refused with `overloaded` by a catch-up cap
     catchup_stalls: int = 0  # catch-ups disconnected for finding no room in their outbox
+    catchup_reads_dropped: int = 0  # pages read ahead from a wrong guess, read again
 
 
 def encode_event(ev: SequencedEvent) -> bytes:
@@ -266,6 +267,7 @@ class Fanout:
         self._deliveries = 0
         self._lagging = 0
         self._stalls = 0
+        self._reads_dropped = 0
 
     def statistics(self) -> FanoutStats:
         """O(subscriptions): meant for a metrics scrape, not for the publish path."""
@@ -279,6 +281,7 @@ class Fanout:
             catchups=self._gate.running,
             catchup_refusals=self._gate.refused,
             catchup_stalls=self._stalls,
+            catchup_reads_dropped=self._reads_dropped,
         )
 
     def publish(self, events: Sequence[SequencedEvent]) -> None:
@@ -364,11 +367,10 @@ class Fanout:
 
     async def _replay(self, sub: Subscription) -> bool:
         """Queue the ledger from `sub.next_seq` to the head it finds; False when the
-        subscription must stop. While one page is queued the next is read (`_Prefetch`), so
-        the ledger's round trip overlaps the socket's writing; a catch-up holds at most two
-        pages: the one being queued, as messages, and the one read ahead. A failed read
-        raises here as itself (not in an exception group), as a read without the nursery
-        would."""
+        subscription must stop. While one page is queued the next ones are read
+        (`_queue_pages`), so the ledger's round trips overlap the socket and each other; a
+        catch-up holds at most `PAGES_HELD` pages. A failed read raises here as itself (not in
+        an exception group), as a read without the nursery would."""
         page = await self._read(sub, sub.next_seq, self.limits.page_events)
         failure: Exception | None = None
         async with trio.open_nursery() as nursery:
@@ -376,7 +378,7 @@ class Fanout:
                 done = await self._queue_pages(sub, page, nursery)
             except Exception as exc:  # noqa: BLE001 — re-raised below, outside the nursery
                 failure, done = exc, False
-            nursery.cancel_scope.cancel()  # a read ahead that is no longer wanted
+            nursery.cancel_scope.cancel()  # reads ahead that are no longer wanted
         if failure is not None:
             raise failure
         return done
@@ -384,18 +386,35 @@ class Fanout:
     async def _queue_pages(
         self, sub: Subscription, page: tuple[Sequence[PageItem], bool], nursery: trio.Nursery
     ) -> bool:
-        limit = self.limits.page_events
+        """Queue `page` and the pages after it, reading up to PAGES_HELD - 1 of them ahead.
+
+        Postgres builds a page's frames on one core (ledger/_frames.py), and that, not the
+        socket, is what bounds a catch-up; two reads at once use both cores. Where a page ends
+        is known only once it is read (it is bounded by bytes too), so the second read ahead is
+        a guess: pages are asked for by an event count that should fit the byte bound (from the
+        sizes of the page just read), the guess starts where such a page would end, and a read
+        that does not start where the page before it ended is dropped (cancelled) and read
+        again from the right seq. A guess is only made while pages do end at their count.
+        """
+        limits = self.limits
+        ahead: collections.deque[_Prefetch] = collections.deque()
+        requested = limits.page_events  # the event count `page` was read with
         while True:
             items, more = page
-            ahead = None
             if more:
-                # The ledger scans every event a page may hold, so ask for about as many as
-                # the byte bound let in last time (pages of like-sized events), or four
-                # times as many when the event count was what bound the page.
-                grow = 4 if len(items) >= limit else 1.5
-                limit = min(self.limits.page_events, int(len(items) * grow) + 1)
-                ahead = _Prefetch()
-                nursery.start_soon(ahead.run, self._read, sub, items[-1][0] + 1, limit)
+                next_seq = items[-1][0] + 1
+                if ahead and ahead[0].from_seq != next_seq:  # a wrong guess, and what followed
+                    for read in ahead:
+                        read.cancel()
+                    self._reads_dropped += len(ahead)
+                    ahead.clear()
+                limit = _page_events(items, limits.page_events, limits.page_bytes)
+                wanted = PAGES_HELD - 1 if len(items) == requested else 1
+                while len(ahead) < wanted:
+                    start = ahead[-1].from_seq + ahead[-1].max_events if ahead else next_seq
+                    read = _Prefetch(start, limit)
+                    nursery.start_soon(read.run, self._read, sub)
+                    ahead.append(read)
             messages = _catchup_messages(items, sub.account_id)
             del items, page  # the page is held once, as messages
             while messages:
@@ -405,9 +424,11 @@ class Fanout:
                 sub.next_seq = last_seq + 1
             if sub.ended:
                 return False
-            if ahead is None:
+            if not more:
                 return True
-            page = await ahead.page()
+            read = ahead.popleft()
+            requested = read.max_events
+            page = await read.page()
 
     async def _read(
         self, sub: Subscription, from_seq: int, max_events: int
@@ -523,11 +544,15 @@ class Fanout:
 
 
 class _Prefetch:
-    """A ledger page read beside the catch-up that will need it next. Its outcome, error
-    included, is handed over by `page` (not raised in the nursery), so a failed read reaches
-    the catch-up exactly as a read it made itself would."""
+    """A ledger page read beside the catch-up that will need it next, from `from_seq`, at most
+    `max_events`. Its outcome, error included, is handed over by `page` (not raised in the
+    nursery), so a failed read reaches the catch-up exactly as a read it made itself would.
+    `cancel` drops a read that guessed wrong (the thread's query finishes, unused)."""
 
-    def __init__(self) -> None:
+    def __init__(self, from_seq: int, max_events: int) -> None:
+        self.from_seq = from_seq
+        self.max_events = max_events
+        self._scope = trio.CancelScope()
         self._done = trio.Event()
         self._page: tuple[Sequence[PageItem], bool] | None = None
         self._error: Exception | None = None
@@ -536,15 +561,17 @@ class _Prefetch:
         self,
         read: Callable[[Subscription, int, int], Awaitable[tuple[Sequence[PageItem], bool]]],
         sub: Subscription,
-        from_seq: int,
-        max_events: int,
     ) -> None:
-        try:
-            self._page = await read(sub, from_seq, max_events)
-        except Exception as exc:  # noqa: BLE001 — handed to the catch-up, re-raised there
-            self._error = exc
-        finally:
-            self._done.set()
+        with self._scope:
+            try:
+                self._page = await read(sub, self.from_seq, self.max_events)
+            except Exception as exc:  # noqa: BLE001 — handed to the catch-up, re-raised there
+                self._error = exc
+            finally:
+                self._done.set()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
 
     async def page(self) -> tuple[Sequence[PageItem], bool]:
         await self._done.wait()
@@ -552,6 +579,17 @@ class _Prefetch:
             raise self._error
         assert self._page is not None
         return self._page
+
+
+def _page_events(items: Sequence[PageItem], most: int, page_bytes: int) -> int:
+    """How many events to ask the next page for: as many as should fit four fifths of
+    `page_bytes` at the sizes of `items` (so the page ends at its count and the read after it
+    can be guessed), at most `most`."""
+    size = sum(
+        len(item) if isinstance(item, bytes) else len(item.event.body) + len(item.event.sig)
+        for _, item in items
+    )
+    return max(1, min(most, page_bytes * 4 // 5 * len(items) // max(size, 1)))
 
 
 def _already_ended(sub: Subscription) -> bool:

@@ -229,6 +229,11 @@ def _fanout_metrics(fan: FanoutStats) -> Iterator[Metric]:
         "Catch-ups disconnected after finding no room in their outbox for the stall time.",
         fan.catchup_stalls,
     )
+    yield _counter(
+        "cozy_catchup_reads_dropped",
+        "Catch-up pages read ahead at a guessed seq that proved wrong (read again).",
+        fan.catchup_reads_dropped,
+    )
 
 
 def _access_metrics(access: AccessCounters) -> Iterator[Metric]:

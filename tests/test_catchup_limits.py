@@ -41,7 +41,7 @@ pytestmark = pytest.mark.usefixtures("database_url")
 
 MiB = 1024 * 1024
 LIMITS = CatchupLimits()  # the relay's defaults, which the memory test runs with
-# What one stalled catch-up may pin: its pages (the one it queues, the one it read ahead), its
+# What one stalled catch-up may pin: its pages (the one it queues, the two it read ahead), its
 # share of the outbox and one message over it, and what the connection's writer holds while
 # the socket does not take it (a chunk of about WRITE_BYTES, plus the message that crossed it).
 PER_CATCHUP_BYTES = (
@@ -138,7 +138,7 @@ async def test_fifty_stalled_catchups_keep_the_relay_under_its_memory_bound(
     database_url: str, tmp_path: Path
 ) -> None:
     """Fifty connections subscribe from seq 1 to a ~38 MiB collab and stop reading. The
-    relay's resident memory grows by at most 50 x PER_CATCHUP_BYTES (4.5 MiB) plus a fixed
+    relay's resident memory grows by at most 50 x PER_CATCHUP_BYTES (5.5 MiB) plus a fixed
     margin; and one of them, once it reads again, gets every event once and in order, then
     `caught_up`. Before the fix: +1903 MiB (88 MiB before, 1990 MiB peak)."""
     ops_port = free_port()
@@ -369,3 +369,29 @@ async def test_a_catchup_of_many_small_pages_hands_over_to_live_without_gap_or_d
                             if frame.seq == G + 120:
                                 break
     assert got == list(range(1, G + 121))
+
+
+async def test_pages_read_ahead_at_a_wrong_guess_are_read_again_without_gap_or_duplicate(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Two pages are read ahead, the second from where the first should end; events whose sizes
+    jump (short runs, then long ones) make pages end early, so guesses go wrong. Every seq
+    still arrives exactly once, in order, and the wrong reads were seen and dropped."""
+    limits = CatchupLimits(page_events=64, page_bytes=4000)
+    async with relay_with(database_url, tmp_path, limits) as relay:
+        with trio.fail_after(120):
+            alice = await sign_up(relay.url, "alice")
+            async with session(relay.url, alice) as poster, session(relay.url, alice) as reader:
+                texts = [("x" * (900 if (i // 7) % 2 else 10)) + str(i) for i in range(150)]
+                await poster.append_many(
+                    [alice.event(t, ts=1_700_000_000_000 + i) for i, t in enumerate(texts)]
+                )
+                got: list[int] = []
+                async with reader.subscribe(alice.collab_id, follow=False) as frames:
+                    async for frame in frames:
+                        if isinstance(frame, wire.Event):
+                            got.append(frame.seq)
+                        elif isinstance(frame, wire.CaughtUp):
+                            break
+    assert got == list(range(1, G + 151))
+    assert relay.fanout.statistics().catchup_reads_dropped > 0
