@@ -16,13 +16,22 @@ for it, and many cheap clients must not make it hold many such amounts (issue 13
   with `overloaded` and a message saying which cap and what to do (`CatchupGate.admit`).
 
 `CatchupGate` is plain bookkeeping (no I/O): the fan-out admits a subscription before its
-catch-up and releases it when the subscription goes live, finishes or is removed.
+catch-up and releases it when the subscription goes live, finishes or is removed. `Prefetch`
+is one page read ahead, and `page_events` sizes the next page so it can be guessed
+(`Fanout._queue_pages`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
+
+import trio
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable, Sequence
+
+    from fanout._fanout import PageItem, Subscription
 
 MiB: Final = 1024 * 1024
 # Pages a catch-up holds at once: the one it is queueing and the two it reads ahead.
@@ -102,3 +111,52 @@ def _decrement(counts: dict[K, int], key: K) -> None:
         counts[key] = left
     else:
         del counts[key]
+
+
+class Prefetch:
+    """A ledger page read beside the catch-up that will need it next, from `from_seq`, at most
+    `max_events`. Its outcome, error included, is handed over by `page` (not raised in the
+    nursery), so a failed read reaches the catch-up exactly as a read it made itself would.
+    `cancel` drops a read that guessed wrong (the thread's query finishes, unused)."""
+
+    def __init__(self, from_seq: int, max_events: int) -> None:
+        self.from_seq = from_seq
+        self.max_events = max_events
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._page: tuple[Sequence[PageItem], bool] | None = None
+        self._error: Exception | None = None
+
+    async def run(
+        self,
+        read: Callable[[Subscription, int, int], Awaitable[tuple[Sequence[PageItem], bool]]],
+        sub: Subscription,
+    ) -> None:
+        with self._scope:
+            try:
+                self._page = await read(sub, self.from_seq, self.max_events)
+            except Exception as exc:  # noqa: BLE001 — handed to the catch-up, re-raised there
+                self._error = exc
+            finally:
+                self._done.set()
+
+    def cancel(self) -> None:
+        self._scope.cancel()
+
+    async def page(self) -> tuple[Sequence[PageItem], bool]:
+        await self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._page is not None
+        return self._page
+
+
+def page_events(items: Sequence[PageItem], most: int, page_bytes: int) -> int:
+    """How many events to ask the next page for: as many as should fit four fifths of
+    `page_bytes` at the sizes of `items` (so the page ends at its count and the read after it
+    can be guessed), at most `most`."""
+    size = sum(
+        len(item) if isinstance(item, bytes) else len(item.event.body) + len(item.event.sig)
+        for _, item in items
+    )
+    return max(1, min(most, page_bytes * 4 // 5 * len(items) // max(size, 1)))

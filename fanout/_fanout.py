@@ -41,7 +41,7 @@ from typing import Final, NamedTuple, Protocol
 import msgspec
 import trio
 
-from fanout._catchup import PAGES_HELD, CatchupGate, CatchupLimits
+from fanout._catchup import PAGES_HELD, CatchupGate, CatchupLimits, Prefetch, page_events
 from fanout._message import Message, starts_new_batch
 from model import wire
 from model.envelope import SequencedEvent, decode_body, dm_header, dm_link_id
@@ -397,7 +397,7 @@ class Fanout:
         again from the right seq. A guess is only made while pages do end at their count.
         """
         limits = self.limits
-        ahead: collections.deque[_Prefetch] = collections.deque()
+        ahead: collections.deque[Prefetch] = collections.deque()
         requested = limits.page_events  # the event count `page` was read with
         while True:
             items, more = page
@@ -408,11 +408,11 @@ class Fanout:
                         read.cancel()
                     self._reads_dropped += len(ahead)
                     ahead.clear()
-                limit = _page_events(items, limits.page_events, limits.page_bytes)
+                limit = page_events(items, limits.page_events, limits.page_bytes)
                 wanted = PAGES_HELD - 1 if len(items) == requested else 1
                 while len(ahead) < wanted:
                     start = ahead[-1].from_seq + ahead[-1].max_events if ahead else next_seq
-                    read = _Prefetch(start, limit)
+                    read = Prefetch(start, limit)
                     nursery.start_soon(read.run, self._read, sub)
                     ahead.append(read)
             messages = _catchup_messages(items, sub.account_id)
@@ -541,55 +541,6 @@ class Fanout:
             f"subscriber {how} on {sub.collab_id}: reconnect and resume after the last seq you"
             f" received (at most {sub.next_seq - 1} was queued)",
         )
-
-
-class _Prefetch:
-    """A ledger page read beside the catch-up that will need it next, from `from_seq`, at most
-    `max_events`. Its outcome, error included, is handed over by `page` (not raised in the
-    nursery), so a failed read reaches the catch-up exactly as a read it made itself would.
-    `cancel` drops a read that guessed wrong (the thread's query finishes, unused)."""
-
-    def __init__(self, from_seq: int, max_events: int) -> None:
-        self.from_seq = from_seq
-        self.max_events = max_events
-        self._scope = trio.CancelScope()
-        self._done = trio.Event()
-        self._page: tuple[Sequence[PageItem], bool] | None = None
-        self._error: Exception | None = None
-
-    async def run(
-        self,
-        read: Callable[[Subscription, int, int], Awaitable[tuple[Sequence[PageItem], bool]]],
-        sub: Subscription,
-    ) -> None:
-        with self._scope:
-            try:
-                self._page = await read(sub, self.from_seq, self.max_events)
-            except Exception as exc:  # noqa: BLE001 — handed to the catch-up, re-raised there
-                self._error = exc
-            finally:
-                self._done.set()
-
-    def cancel(self) -> None:
-        self._scope.cancel()
-
-    async def page(self) -> tuple[Sequence[PageItem], bool]:
-        await self._done.wait()
-        if self._error is not None:
-            raise self._error
-        assert self._page is not None
-        return self._page
-
-
-def _page_events(items: Sequence[PageItem], most: int, page_bytes: int) -> int:
-    """How many events to ask the next page for: as many as should fit four fifths of
-    `page_bytes` at the sizes of `items` (so the page ends at its count and the read after it
-    can be guessed), at most `most`."""
-    size = sum(
-        len(item) if isinstance(item, bytes) else len(item.event.body) + len(item.event.sig)
-        for _, item in items
-    )
-    return max(1, min(most, page_bytes * 4 // 5 * len(items) // max(size, 1)))
 
 
 def _already_ended(sub: Subscription) -> bool:
