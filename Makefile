@@ -6,6 +6,11 @@
 # ../shared/SETUP-NOTES.md for why hishel is pinned beside it).
 
 PYTHON ?= python3
+# Python keeps compiled bytecode in __pycache__/ (git-ignored) so the next process skips compiling.
+# Some machines set PYTHONDONTWRITEBYTECODE for every process; the suite starts a few hundred
+# `cozy` and relay processes, and each of them then recompiled the client kit, Trio, msgspec …
+# (~0.5 s of CPU a process, minutes of the suite). Every recipe here runs without it.
+unexport PYTHONDONTWRITEBYTECODE
 PDM_HOME := .tools/pdm
 PDM := $(PDM_HOME)/bin/pdm
 VENV := .venv

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Final
 
-from zxcvbn import zxcvbn
-
 MIN_CHARS: Final = 15
 MIN_SCORE: Final = 3
 MAX_CHARS: Final = 1024  # zxcvbn is superlinear; nobody types more
@@ -41,6 +39,10 @@ def check_passphrase(passphrase: str, *, handle: str = "", login_password: str =
         )
     if len(passphrase) > MAX_CHARS:
         raise WeakPassphrase(f"the passphrase is longer than {MAX_CHARS} characters")
+    # Imported here: its frequency lists cost ~0.2 s, which only the commands that choose a new
+    # passphrase should pay (not `cozy post`, `cozy tail`, … nor `cozy --help`).
+    from zxcvbn import zxcvbn
+
     context = [c for c in (handle, login_password) if c]
     result = zxcvbn(passphrase, user_inputs=context)
     if result["score"] < MIN_SCORE:

@@ -1,14 +1,19 @@
-"""Structured logs (structlog). Events carry ids and codes, never secrets or ciphertext."""
+"""Structured logs (structlog). Events carry ids and codes, never secrets or ciphertext.
+
+Only the server side logs through structlog (the relay, the witness, the dev stack); the client
+kit never imports it (an import-linter contract), so the people's commands do not configure it
+and do not pay for importing it (~0.3 s with its console renderer's optional `rich`).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
 
-import structlog
-
 
 def configure(*, json: bool = False, level: int = logging.INFO) -> None:
+    import structlog
+
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

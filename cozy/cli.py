@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -195,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if hasattr(args, "run"):
-        _logging.configure(level=logging.WARNING)
+        # No structlog set-up: the client kit never logs through it (see cozy/_logging.py).
         return client_cli.run_command(args.run, args)
     if hasattr(args, "witness_action"):
         _logging.configure(json=getattr(args, "json_logs", False))

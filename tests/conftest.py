@@ -69,8 +69,12 @@ def _ops_on_free_ports() -> Iterator[None]:
     """Relays that tests start from the environment (`cozy relay serve`, `cozy dev` as child
     processes) put their operations listener on a free port, not on the fixed default 9465
     that concurrent runs would fight over. They also accept keystores sealed with the test
-    Argon2id profile that test clients use (COZY_ALLOW_TEST_KDF; never on by default)."""
+    Argon2id profile that test clients use (COZY_ALLOW_TEST_KDF; never on by default). And
+    they keep compiled bytecode even where the machine sets PYTHONDONTWRITEBYTECODE (the
+    Makefile drops it too): a few hundred child processes would each recompile the client kit,
+    Trio and msgspec from source, about 0.5 s of CPU apiece."""
     with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
         mp.setenv("COZY_OPS_PORT", os.environ.get("COZY_OPS_PORT", "0"))
         mp.setenv("COZY_ALLOW_TEST_KDF", os.environ.get("COZY_ALLOW_TEST_KDF", "1"))
         yield
