@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto
 import wsproto.connection
@@ -397,3 +398,34 @@ async def test_a_partial_direct_write_aborts_the_connection(
             await server_done.wait()
             nursery.cancel_scope.cancel()
     assert ended == ["server"]
+
+
+async def test_writers_take_turns_in_order_and_a_cancelled_one_gives_its_turn_up() -> None:
+    async def handler(ws: WebSocket) -> None:
+        await ws._take_turn()  # a send in progress: the writers below wait, in order
+        scopes = [trio.CancelScope() for _ in range(3)]
+
+        async def send(i: int) -> None:
+            with scopes[i]:
+                await ws.send_framed(ws_binary_frame(b"%d" % i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(send, i)
+                await trio.testing.wait_all_tasks_blocked()
+            scopes[1].cancel()  # gives up while waiting
+            await trio.testing.wait_all_tasks_blocked()
+            ws._end_turn()
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await ws.send_framed(ws_binary_frame(b"never"))  # cancelled before its turn
+        await ws.send_framed(ws_binary_frame(b"last"))  # the turn was not kept by it
+        await _until_closed(ws)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, handler)
+            async with open_websocket(url, nursery) as client:
+                got = [await client.get_message() for _ in range(3)]
+            nursery.cancel_scope.cancel()
+    assert got == [b"0", b"2", b"last"]
