@@ -27,23 +27,15 @@ from model import wire
 from model._crypto import random_bytes
 from model.proofs import CHALLENGE_BYTES
 from relay import _stages
-from relay._wsraw import (
-    abort_stream,
-    check_compatible,
-    release_handshake,
-    send_framed,
-    write_now,
-)
 
 if TYPE_CHECKING:
-    from trio_websocket import WebSocketConnection
-
     from fanout import Subscription
     from model.artifacts import RefHasher
     from model.authz import MemberView
     from model.membership import MemberKind
     from relay._cf_access import AccessIdentity
     from relay._timers import Timer
+    from relay._wsraw import WebSocket
 
 OUTBOX_FRAMES: Final = 8192
 # The outbox's byte budget. Live event frames are shared by every subscriber (encoded once), so
@@ -112,7 +104,7 @@ class Connection:
         "ws",
     )
 
-    def __init__(self, ws: WebSocketConnection, nursery: trio.Nursery) -> None:
+    def __init__(self, ws: WebSocket, nursery: trio.Nursery) -> None:
         self.ws = ws
         # Sent in `Welcome`; signed requests sign it, so their signatures hold on this
         # connection only (model/proofs.py).
@@ -142,8 +134,6 @@ class Connection:
         # Whom the relay's rate budgets charge for this connection (relay._throttle.caller_key).
         self.caller = ""
         self.nursery = nursery
-        check_compatible(ws)  # the writer sends through relay/_wsraw.py
-        release_handshake(ws)  # open now: the upgrade's parser state is not needed again
         # Items are single frames (coalesced into batches by the writer) or whole messages
         # built once by fan-out for every subscriber (written as they are). None while empty
         # and no writer runs: an idle connection keeps no queue.
@@ -230,7 +220,7 @@ class Connection:
                     # before this task runs again.
                     self._record_deliveries(written, _stages.now())
                     written.clear()
-                await send_framed(self.ws, data)
+                await self.ws.send_framed(data)
                 self._unsent -= taken
         except ConnectionClosed:
             self._dead = True  # what is offered from now on stays queued (and counted)
@@ -276,7 +266,7 @@ class Connection:
                 if _stages.RECORDER is not None and _stages.sampled(frame.last_seq)
                 else 0.0
             )
-            if write_now(self.ws, frame.framed):
+            if self.ws.write_now(frame.framed):
                 if at:
                     self._record_deliveries([frame], at)
                 return True
@@ -355,7 +345,7 @@ class Connection:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             await self.ws.aclose(code, reason)
         if scope.cancelled_caught:
-            await abort_stream(self.ws)  # the peer ignored our close
+            await self.ws.abort()  # the peer ignored our close
 
 
 class AppendTicket:

@@ -26,11 +26,7 @@ from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    WebSocketRequest,
-    serve_websocket,
-)
+from trio_websocket import ConnectionClosed
 
 from fanout import Fanout, FanoutStats
 from model import wire
@@ -54,6 +50,7 @@ from relay._throttle import caller_key
 from relay._uploads import Housekeeping
 from relay._witnessing import Witnessing
 from relay._writer import LedgerWriter
+from relay._wsraw import WebSocketServer
 from relay.broker import Broker, SecretStore
 from relay.config import bao_auth
 
@@ -64,6 +61,7 @@ if TYPE_CHECKING:
     from ledger import FramePage, Ledger
     from relay._cf_access import AccessIdentity
     from relay._sequencer import SequencerStats
+    from relay._wsraw import UpgradeRequest
     from relay.config import RelayConfig
 
 log = structlog.get_logger("cozy.relay")
@@ -71,10 +69,6 @@ log = structlog.get_logger("cozy.relay")
 SHUTDOWN_CLOSE_CODE: Final = wire.CloseCode.GOING_AWAY
 SHUTDOWN_GRACE: Final = 5.0
 HANDSHAKE_TIMEOUT: Final = 10.0
-# Messages trio-websocket reads ahead of the request loop, per connection. When they are not
-# taken, it stops reading the socket (TCP backpressure): at most READ_QUEUE * WS_HARD_LIMIT
-# bytes wait per connection.
-READ_QUEUE: Final = 64
 # Bytes asked of the socket per read (trio-websocket's default is 4 KiB): a 32-append batch of
 # 4 KiB events is ~135 KiB, so this is ~4 reads and wsproto feeds per message instead of ~33.
 # The buffer exists only while a read returns data, so idle connections do not pay for it.
@@ -277,21 +271,19 @@ class Relay:
                         trees=self.trees,
                     )
                     async with trio.open_nursery() as accept:
-                        server = await accept.start(
-                            partial(
-                                serve_websocket,
-                                self._handle,
-                                self.config.host,
-                                self.config.port,
-                                None,
-                                handler_nursery=connections,
-                                message_queue_size=READ_QUEUE,
-                                receive_buffer_size=RECEIVE_BUFFER,
-                                max_message_size=wire.WS_HARD_LIMIT,
-                                connect_timeout=HANDSHAKE_TIMEOUT,
-                            )
+                        # The relay's own WebSocket server (relay/_wsraw.py): one task per
+                        # connection, which reads the socket when the request loop asks.
+                        server = WebSocketServer(
+                            self._handle,
+                            handler_nursery=connections,
+                            receive_buffer_size=RECEIVE_BUFFER,
+                            max_message_size=wire.WS_HARD_LIMIT,
+                            connect_timeout=HANDSHAKE_TIMEOUT,
                         )
-                        self.url = f"ws://{self.config.host}:{server.port}"
+                        port = await accept.start(
+                            partial(server.serve, self.config.host, self.config.port)
+                        )
+                        self.url = f"ws://{self.config.host}:{port}"
                         accept.start_soon(self.housekeeping.run, name="housekeeping")
                         if self.witnessing is not None:
                             accept.start_soon(self.witnessing.run, name="witnessing")
@@ -315,7 +307,7 @@ class Relay:
 
     # --- per connection -------------------------------------------------------------------------
 
-    async def _handle(self, request: WebSocketRequest) -> None:
+    async def _handle(self, request: UpgradeRequest) -> None:
         identity: AccessIdentity | None = None
         if self.access is not None:
             # SO-6: Cloudflare Access before any other surface. A refused upgrade gets a plain

@@ -1,182 +1,536 @@
-"""Writing already-framed WebSocket messages to a trio-websocket connection.
+"""The relay's WebSocket server: wsproto on a Trio socket stream, one task per connection.
 
-Why: fan-out builds each published batch's WebSocket frame once (`fanout.Message`) and every
-subscriber's connection writes the same bytes; a connection's writer frames its own coalesced
-replies the same way, so one drained outbox is one `send`. trio-websocket has no public call
-for writing bytes that are already a frame; `send_message` would frame (and copy) the message
-again for every connection through wsproto.
+Why not trio-websocket's `serve_websocket` (the clients still use trio-websocket): it runs two
+tasks per connection (the handler, and a reader feeding a 64-message channel), a nursery of its
+own, three Events and a lock, and keeps the upgrade request and its parser for the connection's
+whole life: half of what an idle subscriber cost the relay (10.6 of 21.2 KB allocated;
+docs/performance.md, "Memory per idle subscriber"). Here the connection's one task reads the
+socket itself, in `get_message`, when the relay's request loop asks for the next message: the
+loop is already serial, so nothing was gained by reading ahead, and a client that sends faster
+than the relay answers meets TCP backpressure sooner (what it had queued in the channel waits in
+its socket buffer instead). The price: a ping or close that arrives while a request is being
+answered (a login waiting for Argon2) is answered when that request is done.
 
-This module is the only place in the relay that touches trio-websocket's private state
-(tests/test_house.py checks the source tree; the client's one reliance on its internals is
-pinned in clientkit/_transport.py), and only to do what its own `WebSocketConnection._send`
-does: check `_close_reason`, hold `_stream_lock` (the lock its reader task also takes to send
-pongs and the close frame, so frames never interleave), and `send_all` on `_stream`; a broken
-stream is handled by its `_abort_web_socket`, as `_send` does. wsproto keeps no per-message
-state on the sending side between complete messages (only a fragmented message in progress,
-which trio-websocket never leaves open), so frames written beside it do not confuse it; and
-trio-websocket's server negotiates no extensions, so the frames need no RSV bits.
-`check_compatible` asserts all of this for every connection (`Connection` calls it first) and
-tests/test_wsraw.py pins it: if an upgrade of trio-websocket changes these internals, every
-connection fails with this error and that test fails, rather than frames being written wrong.
-`abort_stream` closes `_stream` for a peer that ignores the close handshake.
+The protocol is wsproto's (frame parsing, masking, control frames, UTF-8 and close-code checks);
+what this module adds is the I/O, the same limits the relay had (`max_message_size`: a larger
+message is answered with close code 1009; a handshake not done within `connect_timeout` is
+dropped), the close handshake, and the two relay-specific ways of writing: `send_framed` writes
+bytes that are already unmasked frames (fan-out builds each published message once for every
+subscriber: `fanout.Message`), and `write_now` writes them straight into a drained socket.
 
-`release_handshake` lets go of the HTTP upgrade's parser once the connection is open: wsproto
-keeps its `H11Handshake` (an h11 connection with its buffer and states, and an event queue)
-for the connection's whole life, though after the upgrade its only use is `WSConnection.events`
-asking it for events (it has none left). An idle subscriber is mostly such bookkeeping, so the
-relay swaps it for a shared empty stand-in (docs/performance.md, "Memory per idle
-subscriber"); tests/test_wsraw.py pins the wsproto version and its shape.
+Who does what on one connection:
+
+- The relay's request loop (the connection's task) calls `get_message`, which reads the socket,
+  answers pings, answers the peer's close and ends with `ConnectionClosed` once the close
+  handshake is done or the stream ended. A message that is too large, or a protocol error,
+  is answered with a close frame carrying the code, and ends the connection.
+- Writers (the relay's outbox writer, an artifact download, the close) take the connection's
+  send turn, strictly first come, first served, so frames never interleave; a waiting writer is
+  parked on a `ParkingLot` made only when a second one arrives.
+- `aclose` sends the close frame and waits for the request loop to read the peer's answer (the
+  caller bounds the wait; `abort` ends a stream whose peer ignored it). Once the close began,
+  no data frame is written and messages still arriving are discarded.
+
+Kept per open connection: the stream, wsproto's frame parser (its `Connection`, whose
+event deque, never used here, is swapped for an empty tuple: `_drop_event_queue`), and a few
+fields; the upgrade's request and HTTP parser go once it is answered.
+
+`ConnectionClosed`, `CloseReason` and `Endpoint` are trio-websocket's public types, so the
+relay's code and its tests catch the same exceptions as before. Only this module and
+clientkit/_transport.py may import wsproto or touch trio-websocket's private state
+(tests/test_house.py); tests/test_wsraw.py pins the wsproto version and checks a stock
+trio-websocket client against this server.
 """
 
 from __future__ import annotations
 
 import array
+import contextlib
+import errno
 import fcntl
 import os
 import termios
+from collections import deque
 from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
-import trio_websocket
 import wsproto
-from trio_websocket import ConnectionClosed
-from wsproto.handshake import H11Handshake
+from trio_websocket import CloseReason, ConnectionClosed, Endpoint
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Awaitable, Callable, Sequence
 
-    from trio_websocket import WebSocketConnection
-    from wsproto.events import Event
+    from wsproto.connection import Connection as Protocol
 
-# The trio-websocket releases whose internals this module was checked against.
-CHECKED_VERSIONS: Final = ("0.12.2",)
-# The wsproto releases whose `WSConnection` `release_handshake` was checked against.
+# The wsproto releases this module was checked against (its `Connection` events and states).
 CHECKED_WSPROTO_VERSIONS: Final = ("1.3.2",)
 # `write_now` writes only while the socket's send buffer would hold at most this much.
 WRITE_NOW_BYTES: Final = 8 * 1024
+ABNORMAL_CLOSURE: Final = 1006
+MESSAGE_TOO_BIG: Final = 1009
+# accept() errors that mean "out of file descriptors or memory for now": wait, then retry
+# (as trio.serve_listeners does), rather than stop listening.
+_ACCEPT_CAPACITY_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+)
+_ACCEPT_RETRY_SECONDS: Final = 0.1
 log = structlog.get_logger("cozy.connection")
-_ATTRIBUTES: Final = ("_close_reason", "_stream_lock", "_stream", "_wsproto", "_abort_web_socket")
 
 
 class IncompatibleWebSocketLibrary(RuntimeError):
-    """trio-websocket is not a version whose internals `send_framed` was checked against."""
+    """wsproto is not a version this module was checked against."""
 
 
-def check_compatible(ws: WebSocketConnection | None = None) -> None:
-    """Raise `IncompatibleWebSocketLibrary` unless trio-websocket is a checked version (and,
-    given a connection, it has the internals `send_framed` uses and no extension)."""
-    version = getattr(trio_websocket, "__version__", "?")
-    if version not in CHECKED_VERSIONS:
-        raise IncompatibleWebSocketLibrary(
-            f"trio-websocket {version} is installed; relay/_wsraw.py was checked against"
-            f" {', '.join(CHECKED_VERSIONS)}: re-check its internals and extend CHECKED_VERSIONS"
-        )
+def check_compatible() -> None:
+    """Raise `IncompatibleWebSocketLibrary` unless wsproto is a checked version."""
     version = getattr(wsproto, "__version__", "?")
     if version not in CHECKED_WSPROTO_VERSIONS:
         raise IncompatibleWebSocketLibrary(
             f"wsproto {version} is installed; relay/_wsraw.py was checked against"
-            f" {', '.join(CHECKED_WSPROTO_VERSIONS)}: re-check `WSConnection` (its use of"
-            " `handshake` once open) and extend CHECKED_WSPROTO_VERSIONS"
+            f" {', '.join(CHECKED_WSPROTO_VERSIONS)}: re-check its `Connection` (events, states,"
+            " close handling) and extend CHECKED_WSPROTO_VERSIONS"
         )
-    if ws is None:
-        return
-    missing = [a for a in _ATTRIBUTES if not hasattr(ws, a)]
-    if missing or not isinstance(ws._stream_lock, trio.StrictFIFOLock):
-        raise IncompatibleWebSocketLibrary(f"trio-websocket internals changed: {missing}")
-    proto = getattr(ws._wsproto.connection, "_proto", None)
-    if proto is None or getattr(proto, "extensions", None) != []:
-        raise IncompatibleWebSocketLibrary("a WebSocket extension was negotiated (or unknown)")
 
 
-def write_now(ws: WebSocketConnection, data: bytes) -> bool:
-    """Write `data` (complete frames, at most WRITE_NOW_BYTES) straight to the socket without
-    waiting, or do nothing and return False. True means the kernel took all of it.
+class Limits:
+    """What every connection of one server shares (one object, not a copy per connection)."""
 
-    For the live fan-out path: a subscriber whose socket is drained gets its message in the
-    publishing task, with no writer-task wakeup. It only tries when nothing can be in the way
-    or left half-written: the caller has nothing queued before it (see `Connection.offer`), no
-    send of the connection is in progress (the stream lock is free), it is not closing, it is a
-    plain TCP socket, and what its send buffer holds (TIOCOUTQ) plus `data` is at most
-    WRITE_NOW_BYTES, half of Linux's default TCP send buffer (16 KiB, which the relay never
-    lowers), so the kernel takes it whole. Should the kernel take
-    only part anyway, the connection cannot continue (half a frame is on the wire and the lock
-    cannot be held across tasks to finish it), so it is aborted: the client reconnects and
-    resumes, exactly as after a lagging disconnect.
+    __slots__ = ("max_message_size", "receive_buffer_size")
+
+    def __init__(self, max_message_size: int, receive_buffer_size: int) -> None:
+        self.max_message_size = max_message_size
+        self.receive_buffer_size = receive_buffer_size
+
+
+class WebSocket:
+    """One open server-side WebSocket connection (see the module docstring for who calls what).
+
+    Slots, and nothing made before it is needed: a connection that only waits for its next
+    message holds its stream, wsproto's frame parser and a few fields.
     """
-    if (
-        len(data) > WRITE_NOW_BYTES
-        or ws._close_reason
-        or ws._stream_lock.locked()
-        or not isinstance(ws._stream, trio.SocketStream)
-    ):
-        return False
-    fd = ws._stream.socket.fileno()
-    try:
-        # Bytes still in the send buffer (sent but unacknowledged too: a peer's delayed ACK
-        # keeps a few KiB there for a while even when it reads promptly).
-        queued = array.array("i", [0])
-        fcntl.ioctl(fd, termios.TIOCOUTQ, queued)
-        if queued[0] + len(data) > WRITE_NOW_BYTES:
-            return False
-        written = os.write(fd, data)
-    except OSError:  # full (EAGAIN), broken or closed: the writer's send_all will tell
-        return False
-    if written == len(data):
-        return True
-    log.warning("direct_write_partial", written=written, size=len(data))
-    ws._stream.socket.close()  # the reader and writer see the stream closed and end
-    return False
 
+    __slots__ = (
+        "_close_reason",
+        "_closed",
+        "_finished",
+        "_limits",
+        "_parts",
+        "_proto",
+        "_send_waiters",
+        "_sending",
+        "_size",
+        "_stream",
+    )
 
-async def abort_stream(ws: WebSocketConnection) -> None:
-    """Close the connection's TCP stream at once, without a close handshake: for a peer that
-    ignored ours. trio-websocket's `aclose` gives up waiting but leaves the stream open."""
-    await trio.aclose_forcefully(ws._stream)
+    def __init__(self, stream: trio.SocketStream, proto: Protocol, limits: Limits) -> None:
+        self._stream = stream
+        self._proto = proto
+        self._limits = limits
+        # Set once either side began the close (or the stream ended): no data frame is written.
+        self._close_reason: CloseReason | None = None
+        self._finished = False  # the close handshake is over or the stream ended: nothing is read
+        self._closed: trio.Event | None = None  # made by an `aclose` waiting for the finish
+        self._parts: list[bytes | bytearray | str] | None = (
+            None  # a message arriving in several frames
+        )
+        self._size = 0
+        self._sending = False  # some task has the send turn
+        self._send_waiters: trio.lowlevel.ParkingLot | None = None
 
+    @property
+    def closed(self) -> CloseReason | None:
+        """Why the connection is closing or closed (None while open), as trio-websocket says."""
+        return self._close_reason
 
-async def send_framed(ws: WebSocketConnection, data: bytes) -> None:
-    """Write `data`, one or more complete unmasked frames, in order with the connection's own
-    sends. Raises `ConnectionClosed` like `send_message` once the connection is closing."""
-    async with ws._stream_lock:
-        # Checked under the lock: `aclose` sets the reason before it queues the close frame
-        # for this (FIFO) lock, so nothing is written after a close frame.
-        if ws._close_reason:
-            raise ConnectionClosed(ws._close_reason)
+    @property
+    def finished(self) -> bool:
+        """The close handshake is over or the stream ended: nothing more is read."""
+        return self._finished
+
+    @property
+    def remote(self) -> Endpoint | str:
+        """The peer's address (trio-websocket's `Endpoint` for a TCP peer)."""
         try:
-            await ws._stream.send_all(data)
+            address, port = self._stream.socket.getpeername()[:2]
+            return Endpoint(address, port, is_ssl=False)
+        except (OSError, ValueError, TypeError):  # gone already, or not an IP peer
+            return "unknown"
+
+    # --- reading: only the connection's own task --------------------------------------------
+
+    async def get_message(self) -> bytes | str:
+        """The next complete message. Raises `ConnectionClosed` once the connection ended (the
+        peer closed, the close this side began was answered, or the stream broke); messages
+        that arrive after this side began closing are discarded."""
+        while True:
+            message = await self._next_message()
+            if message is not None:
+                return message
+            if self._finished:
+                break
+            try:
+                data = await self._stream.receive_some(self._limits.receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                data = b""
+            if not data:
+                self._finish(CloseReason(ABNORMAL_CLOSURE, None))
+                break
+            try:
+                self._proto.receive_data(data)
+            except RemoteProtocolError:  # not expected once open: wsproto reports a close
+                await self._fail(1002, "protocol error")
+        raise ConnectionClosed(self._close_reason)
+
+    async def _next_message(self) -> bytes | str | None:
+        """Handle what wsproto parsed so far; the first complete message, if any. (A helper,
+        so that no event stays referenced while `get_message` sleeps in its read.)"""
+        if self._finished:
+            return None
+        proto = self._proto
+        for event in proto.events():
+            if isinstance(event, BytesMessage | TextMessage):
+                if self._close_reason is not None:
+                    continue  # closing: pending messages are discarded
+                message = await self._take_part(event)
+                if message is not None:
+                    return message
+            elif isinstance(event, Ping):
+                if self._close_reason is None:
+                    await self._send_control(proto.send(event.response()))
+            elif isinstance(event, CloseConnection):
+                await self._on_close(event)
+            # a Pong needs nothing: this side sends no pings
+            if self.finished:  # (a property: mypy would keep the check above narrowed)
+                break
+        return None
+
+    async def _take_part(self, event: BytesMessage | TextMessage) -> bytes | str | None:
+        """Add one frame's data to the message in progress; the message once it is complete."""
+        self._size += len(event.data)
+        if self._size > self._limits.max_message_size:
+            self._parts, self._size = None, 0
+            limit = self._limits.max_message_size
+            await self._fail(MESSAGE_TOO_BIG, f"Exceeded maximum message size: {limit} bytes")
+            return None
+        if event.message_finished and self._parts is None:
+            self._size = 0
+            return bytes(event.data) if isinstance(event, BytesMessage) else event.data
+        parts = self._parts
+        if parts is None:
+            parts = self._parts = []
+        parts.append(event.data)
+        if not event.message_finished:
+            return None
+        self._parts, self._size = None, 0
+        if isinstance(event, BytesMessage):
+            return b"".join(parts)  # type: ignore[arg-type]  # one message's parts, all bytes
+        return "".join(parts)  # type: ignore[arg-type]
+
+    async def _on_close(self, event: CloseConnection) -> None:
+        proto = self._proto
+        if proto.state is ConnectionState.REMOTE_CLOSING:  # the peer began: answer it
+            if self._close_reason is None:
+                self._close_reason = CloseReason(event.code, event.reason or None)
+            await self._send_control(proto.send(event.response()))
+        elif proto.state is ConnectionState.OPEN:
+            # wsproto's verdict on a malformed frame (1002, or 1007 for bad UTF-8): say so.
+            await self._fail(event.code, event.reason or "protocol error")
+            return
+        # else: the answer to the close this side sent (LOCAL_CLOSING -> CLOSED)
+        self._finish(self._close_reason or CloseReason(event.code, event.reason or None))
+        # RFC 6455 §7.1.1: the server closes the TCP connection first.
+        await self._close_stream()
+
+    async def _fail(self, code: int, reason: str) -> None:
+        """End the connection for the peer's fault: a close frame with `code`, then the end."""
+        if self._proto.state is ConnectionState.OPEN:
+            self._close_reason = CloseReason(code, reason)
+            await self._send_control(self._proto.send(CloseConnection(code=code, reason=reason)))
+        self._finish(self._close_reason or CloseReason(code, reason))
+        await self._close_stream()
+
+    def _finish(self, reason: CloseReason) -> None:
+        if self._close_reason is None:
+            self._close_reason = reason
+        self._finished = True
+        if self._closed is not None:
+            self._closed.set()
+
+    # --- writing: any task, one at a time ---------------------------------------------------
+
+    async def _take_turn(self) -> None:
+        if not self._sending:
+            # Raises if cancelled, else returns without yielding: the turn is still free.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._sending = True
+            return
+        if self._send_waiters is None:
+            self._send_waiters = trio.lowlevel.ParkingLot()
+        await self._send_waiters.park()  # woken with the turn handed over (`_end_turn`)
+
+    def _end_turn(self) -> None:
+        waiters = self._send_waiters
+        if waiters is not None and waiters.unpark(count=1):
+            return  # the turn passes to the longest waiting sender
+        self._sending = False
+        self._send_waiters = None
+
+    async def _write(self, data: bytes, *, control: bool) -> None:
+        """Write `data` in this task's send turn. Data (not `control`) frames are refused with
+        `ConnectionClosed` once the close began: checked in the turn, so nothing follows the
+        close frame."""
+        await self._take_turn()
+        try:
+            if not control and self._close_reason is not None:
+                raise ConnectionClosed(self._close_reason)
+            await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            await ws._abort_web_socket()
-            raise ConnectionClosed(ws._close_reason) from None
+            self._finish(CloseReason(ABNORMAL_CLOSURE, None))
+            raise ConnectionClosed(self._close_reason) from None
+        finally:
+            self._end_turn()
 
+    async def _send_control(self, data: bytes) -> None:
+        """A pong or a close frame: a broken stream ends the connection, raising nothing."""
+        with contextlib.suppress(ConnectionClosed):
+            await self._write(data, control=True)
 
-class _SpentHandshake:
-    """Stands in for wsproto's `H11Handshake` once the connection is open: `WSConnection`
-    reads only `events()` from it then (`state`, `send` and `receive_data` go to its
-    `connection`), and a finished handshake has no events left."""
+    async def send_message(self, message: bytes | str) -> None:
+        """Send one message. Raises `ConnectionClosed` once the connection is closing."""
+        if self._close_reason is not None:
+            raise ConnectionClosed(self._close_reason)
+        event = BytesMessage(data=message) if isinstance(message, bytes) else TextMessage(message)
+        await self._write(self._proto.send(event), control=False)
 
-    __slots__ = ()
+    async def send_framed(self, data: bytes) -> None:
+        """Write `data`, one or more complete unmasked frames, in order with the other sends.
+        Raises `ConnectionClosed` like `send_message` once the connection is closing.
 
-    def events(self) -> Iterator[Event]:
-        return iter(())
+        The server negotiates no extension, so the frames need no RSV bits; wsproto keeps no
+        per-message state on the sending side between complete messages (and this server never
+        leaves one half sent), so frames written beside it do not confuse it."""
+        await self._write(data, control=False)
 
+    def write_now(self, data: bytes) -> bool:
+        """Write `data` (complete frames, at most WRITE_NOW_BYTES) straight to the socket
+        without waiting, or do nothing and return False. True means the kernel took all of it.
 
-_SPENT_HANDSHAKE: Final = _SpentHandshake()
-
-
-def release_handshake(ws: WebSocketConnection) -> bool:
-    """Drop the open connection's HTTP upgrade state (about 2.5 KiB); True if it was dropped.
-
-    Only when the upgrade is complete (wsproto has its `connection`) and every handshake event
-    was taken; otherwise nothing changes (the connection then just keeps those bytes).
-    """
-    proto = ws._wsproto
-    handshake = proto.handshake
-    if (
-        proto.connection is None
-        or not isinstance(handshake, H11Handshake)
-        or handshake._events  # an event not yet taken: keep it where `events()` finds it
-    ):
+        For the live fan-out path: a subscriber whose socket is drained gets its message in the
+        publishing task, with no writer-task wakeup. It only tries when nothing can be in the
+        way or left half-written: the caller has nothing queued before it (see
+        `Connection.offer`), no send of the connection is in progress, it is not closing, and
+        what its send buffer holds (TIOCOUTQ) plus `data` is at most WRITE_NOW_BYTES, half of
+        Linux's default TCP send buffer (16 KiB, which the relay never lowers), so the kernel
+        takes it whole. Should the kernel take only part anyway, the connection cannot continue
+        (half a frame is on the wire), so it is aborted: the client reconnects and resumes,
+        exactly as after a lagging disconnect.
+        """
+        if len(data) > WRITE_NOW_BYTES or self._close_reason is not None or self._sending:
+            return False
+        sock = self._stream.socket
+        try:
+            fd = sock.fileno()
+            # Bytes still in the send buffer (sent but unacknowledged too: a peer's delayed
+            # ACK keeps a few KiB there for a while even when it reads promptly).
+            queued = array.array("i", [0])
+            fcntl.ioctl(fd, termios.TIOCOUTQ, queued)
+            if queued[0] + len(data) > WRITE_NOW_BYTES:
+                return False
+            written = os.write(fd, data)
+        except OSError:  # full (EAGAIN), broken or closed: a writer's send will tell
+            return False
+        if written == len(data):
+            return True
+        log.warning("direct_write_partial", written=written, size=len(data))
+        sock.close()  # the reader and any writer see the stream closed and end
         return False
-    proto.handshake = _SPENT_HANDSHAKE  # type: ignore[assignment]
-    return True
+
+    # --- closing ----------------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Begin the close handshake with `code` and `reason`, wait until the peer answered
+        (read by `get_message` in the connection's task), then close the stream. Returns at
+        once when the close had already begun. The caller bounds the wait (`abort` then)."""
+        if self._close_reason is not None:
+            return
+        self._close_reason = CloseReason(code, reason)
+        if self._proto.state is ConnectionState.OPEN:
+            frame = self._proto.send(CloseConnection(code=code, reason=reason))
+            await self._send_control(frame)
+        if not self._finished:
+            if self._closed is None:
+                self._closed = trio.Event()
+            await self._closed.wait()
+        await self._close_stream()
+
+    async def abort(self) -> None:
+        """Close the TCP stream at once, without a close handshake: for a peer that ignored
+        ours. `get_message` then ends with `ConnectionClosed`."""
+        self._finish(CloseReason(ABNORMAL_CLOSURE, None))
+        await trio.aclose_forcefully(self._stream)
+
+    async def _close_stream(self) -> None:
+        await trio.aclose_forcefully(self._stream)  # a socket's close does not wait
+
+
+def _drop_event_queue(proto: Protocol) -> None:
+    """Replace the open connection's `_events` deque (0.7 KiB: an empty deque keeps a block)
+    with an empty tuple. wsproto 1.3.2's `Connection` queues there only in
+    `receive_data(None)` (an end of stream, which this module never reports that way) and
+    `events()` only drains it, so the queue is never used here; `check_compatible` pins the
+    version this was read against."""
+    if isinstance(getattr(proto, "_events", None), deque) and not proto._events:
+        proto._events = ()  # type: ignore[assignment]
+
+
+class UpgradeRequest:
+    """A client's WebSocket upgrade request, to `accept` or `reject` (once)."""
+
+    __slots__ = ("_handshake", "_limits", "_stream", "headers")
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        handshake: WSConnection,
+        request: Request,
+        limits: Limits,
+    ) -> None:
+        self._stream = stream
+        self._handshake: WSConnection | None = handshake
+        self._limits = limits
+        # The request's headers, as trio-websocket gives them: (name, value) byte pairs.
+        self.headers: Sequence[tuple[bytes, bytes]] = tuple(request.extra_headers)
+
+    def _spent(self) -> WSConnection:
+        handshake, self._handshake = self._handshake, None
+        if handshake is None:
+            raise RuntimeError("this upgrade request was already answered")
+        self.headers = ()  # nothing of the upgrade is kept once it is answered
+        return handshake
+
+    async def accept(self) -> WebSocket:
+        """Complete the upgrade; the open connection. Raises `ConnectionClosed` when the
+        client is gone already."""
+        handshake = self._spent()
+        data = handshake.send(AcceptConnection())
+        proto = handshake.connection  # the open connection's protocol; the upgrade's goes
+        assert proto is not None
+        _drop_event_queue(proto)
+        ws = WebSocket(self._stream, proto, self._limits)
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            ws._finish(CloseReason(ABNORMAL_CLOSURE, None))
+            raise ConnectionClosed(ws.closed) from None
+        return ws
+
+    async def reject(self, status_code: int, *, body: bytes = b"") -> None:
+        """Answer with a plain HTTP `status_code` (and `body`); no WebSocket opens. Raises
+        `ConnectionClosed` when the client is gone already."""
+        handshake = self._spent()
+        headers = [(b"Content-length", str(len(body)).encode("ascii"))] if body else []
+        data = handshake.send(
+            RejectConnection(status_code=status_code, headers=headers, has_body=bool(body))
+        )
+        if body:
+            data += handshake.send(RejectData(data=body))
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ConnectionClosed(CloseReason(ABNORMAL_CLOSURE, None)) from None
+        finally:
+            await trio.aclose_forcefully(self._stream)
+
+
+class WebSocketServer:
+    """Listens and serves each connection in one task of `handler_nursery`: the upgrade (within
+    `connect_timeout`), then `handler(request)`; the stream is closed when the handler returns.
+    """
+
+    def __init__(
+        self,
+        handler: Callable[[UpgradeRequest], Awaitable[None]],
+        *,
+        handler_nursery: trio.Nursery,
+        max_message_size: int,
+        receive_buffer_size: int,
+        connect_timeout: float,
+    ) -> None:
+        check_compatible()
+        self._handler = handler
+        self._handler_nursery = handler_nursery
+        self._limits = Limits(max_message_size, receive_buffer_size)
+        self._connect_timeout = connect_timeout
+        self.port = 0
+
+    async def serve(
+        self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on `host`:`port` (0 for any free port) until cancelled; `task_status` gets
+        the port once listening."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_from, listener)
+            task_status.started(self.port)
+
+    async def _accept_from(self, listener: trio.SocketListener) -> None:
+        async with listener:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    log.error("accept_failed", error=errno.errorcode.get(exc.errno or 0, "?"))
+                    await trio.sleep(_ACCEPT_RETRY_SECONDS)
+                else:
+                    self._handler_nursery.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: trio.SocketStream) -> None:
+        """One connection's task, from the upgrade to the closed stream."""
+        try:
+            request = None  # none within connect_timeout: the stream is closed
+            with trio.move_on_after(self._connect_timeout):
+                request = await self._read_request(stream)
+            if request is not None:
+                await self._handler(request)  # holds no reference to it here once answered
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _read_request(self, stream: trio.SocketStream) -> UpgradeRequest | None:
+        """Read the HTTP upgrade request; None (answered with 400 when it was malformed) when
+        there is none to serve."""
+        handshake = WSConnection(ConnectionType.SERVER)
+        while True:
+            for event in handshake.events():
+                if isinstance(event, Request):
+                    return UpgradeRequest(stream, handshake, event, self._limits)
+            try:
+                data = await stream.receive_some(self._limits.receive_buffer_size)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return None
+            if not data:
+                return None
+            try:
+                handshake.receive_data(data)
+            except RemoteProtocolError as exc:
+                if exc.event_hint is not None:  # a 400 answer, built by wsproto
+                    with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                        await stream.send_all(handshake.send(exc.event_hint))
+                return None

@@ -1,8 +1,9 @@
 """House rules that review alone did not keep, checked over the source tree.
 
-Each concern has one home, and these tests name it: trio-websocket's internals
-(relay/_wsraw.py and clientkit/_transport.py, the modules that pin the versions they were read
-against), replacing a file (localfs.atomic_write), walking an exception group
+Each concern has one home, and these tests name it: the WebSocket protocol's internals
+(relay/_wsraw.py, the relay's own server on wsproto, and clientkit/_transport.py, the client's
+one reliance on trio-websocket's private state: the modules that pin the versions they were
+read against; nothing else imports wsproto or trio-websocket's private modules), replacing a file (localfs.atomic_write), walking an exception group
 (model/excgroups.py), drawing retry jitter (clientkit/_retry.py); and no module outside the
 tests grows past MAX_LINES. The layer rules (who may import whom) are import-linter's
 contracts in pyproject.toml, run by `make lint`.

@@ -3,9 +3,13 @@
 An idle, authenticated, subscribed connection used to keep five Trio tasks of its own asleep in
 the relay (the writer, the session-expiry watch, the login deadline, the subscription's
 heartbeat loop, besides trio-websocket's handler and reader), about 2.7 KiB each. Now its
-timers live in one relay-wide task (relay/_timers.py) and its writer runs only while there is
-something to send, so what is left per connection is trio-websocket's two tasks. The relay's
-tasks are told from the test's clients by their ancestry (under `run_relay`'s serving task).
+timers live in one relay-wide task (relay/_timers.py), its writer runs only while there is
+something to send, and the relay's own WebSocket server (relay/_wsraw.py) reads the socket in
+the request loop's task, so what is left per connection is that one task. The relay's tasks
+are told from the test's clients by their ancestry (under `run_relay`'s serving task).
+
+The second test looks at what an idle connection's objects still refer to: no upgrade request
+or parser, no message channel, no outbox, no Event or lock made before it was needed.
 
 That the behaviours those tasks carried still hold (expiry ends a quiet subscription, the
 login deadline closes, heartbeats arrive, a lagging client is dropped) is tested where they
@@ -16,6 +20,7 @@ tests/test_overload.py.
 from __future__ import annotations
 
 import collections
+import gc
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,9 +35,8 @@ if TYPE_CHECKING:
     from tests.relay_harness import User
 
 SUBSCRIBERS = 12
-# trio-websocket's own per connection: the handler task (the relay's request loop runs in it)
-# and the reader task.
-TASKS_PER_IDLE_SUBSCRIBER = 2
+# The connection's task: the relay's request loop, which also reads the socket.
+TASKS_PER_IDLE_SUBSCRIBER = 1
 
 
 def _relay_tasks() -> collections.Counter[str]:
@@ -98,3 +102,71 @@ async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
             if after[name] > before[name]
         }
         assert after.total() - before.total() <= allowed, f"tasks per idle subscriber: {extra}"
+
+
+# What an idle connection must not keep: the upgrade (its request and HTTP parser), a message
+# channel or a second task's plumbing, or an Event, lock or queue made before it was needed.
+NOT_KEPT_WHEN_IDLE = frozenset(
+    {
+        "H11Handshake",
+        "WSConnection",
+        "WebSocketRequest",
+        "UpgradeRequest",
+        "Request",
+        "MemorySendChannel",
+        "MemoryReceiveChannel",
+        "MemoryChannelState",
+        "Event",
+        "StrictFIFOLock",
+        "ParkingLot",
+        "deque",
+    }
+)
+
+
+def _kept(obj: object, depth: int) -> set[str]:
+    """The type names of what `obj` refers to, up to `depth` references deep; a dict (such as
+    an object's `__dict__`) is looked through at no cost in depth. (wsproto's parser keeps a
+    deque of parsed events two levels down: its own business, out of reach at depth 2.)"""
+    names: set[str] = set()
+
+    def walk(item: object, depth: int) -> None:
+        for ref in gc.get_referents(item):
+            if isinstance(ref, type):
+                continue
+            if isinstance(ref, dict):
+                walk(ref, depth)
+                continue
+            names.add(type(ref).__name__)
+            if depth > 1:
+                walk(ref, depth - 1)
+
+    walk(obj, depth)
+    return names
+
+
+async def test_an_idle_connection_keeps_no_upgrade_state_channel_or_early_made_objects(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
+        user = await sign_up(relay.url)
+        done = trio.Event()
+        with trio.fail_after(60):
+            async with trio.open_nursery() as clients:
+                for _ in range(3):
+                    await clients.start(_hold_idle, relay.url, user, done)
+                idle = [c for c in relay._connections if c.subscriptions]
+                for _ in range(200):  # until each one's last reply was written
+                    if all(c.outbox_frames == 0 and c._writer_done is None for c in idle):
+                        break
+                    await trio.sleep(0.05)
+                kept = {
+                    "connection": set().union(*(_kept(c, 1) for c in idle)),
+                    "websocket": set().union(*(_kept(c.ws, 2) for c in idle)),
+                }
+                done.set()
+        assert len(idle) == 3
+        assert {k: v & NOT_KEPT_WHEN_IDLE for k, v in kept.items()} == {
+            "connection": set(),
+            "websocket": set(),
+        }

@@ -1,28 +1,33 @@
-"""relay/_wsraw.py writes pre-framed messages beside trio-websocket: pin what it relies on.
+"""relay/_wsraw.py, the relay's own WebSocket server: a stock client talks to it, and it keeps
+the promises trio-websocket's server kept for the relay.
 
-The relay's writers send `fanout.Message` frames (built once for every subscriber) through
-trio-websocket's private stream lock and stream. These tests fail loudly when an upgrade of
-trio-websocket changes the internals (or the version) that module was checked against, and
-show over a real loopback socket that a stock trio-websocket client reads the frames — every
-length encoding, interleaved with the library's own sends — and that nothing is written once
-the connection is closing.
+Over a real loopback socket, with trio-websocket's client (what clientkit uses): messages both
+ways, pre-built frames (every length encoding) interleaved with its own sends, pings answered,
+the close handshake from either side with its code, the message size cap (1009), a malformed
+frame (1002), a refused upgrade, an upgrade that never comes, and the direct write's rules.
+The wsproto version it was checked against is pinned.
 """
 
 from __future__ import annotations
 
 import array
+import ast
 import contextlib
 import fcntl
+import inspect
 import os
 import termios
 from typing import TYPE_CHECKING
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 import wsproto
-from trio_websocket import ConnectionClosed, serve_websocket
+import wsproto.connection
+from trio_websocket import ConnectionClosed
 
+from clientkit import AccessRefused, connect
 from clientkit._transport import open_websocket
 from fanout import Message, ws_binary_frame
 from relay import _wsraw
@@ -30,31 +35,71 @@ from relay import _wsraw
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from trio_websocket import WebSocketConnection, WebSocketRequest
+    from relay._wsraw import UpgradeRequest, WebSocket
 
 
-async def _serve_one(
-    nursery: trio.Nursery, handler: Callable[[WebSocketConnection], Awaitable[None]]
+async def _serve(
+    nursery: trio.Nursery,
+    handler: Callable[[WebSocket], Awaitable[None]],
+    *,
+    max_message_size: int = 1024 * 1024,
+    connect_timeout: float = 10.0,
+    on_request: Callable[[UpgradeRequest], Awaitable[None]] | None = None,
 ) -> str:
-    """A loopback WebSocket server running `handler` on each connection; its URL."""
+    """A loopback server accepting every upgrade and running `handler` on the connection (or
+    `on_request` on the request itself); its URL."""
 
-    async def accept(request: WebSocketRequest) -> None:
-        await handler(await request.accept())
+    async def accept(request: UpgradeRequest) -> None:
+        if on_request is not None:
+            await on_request(request)
+        else:
+            await handler(await request.accept())
 
-    server = await nursery.start(serve_websocket, accept, "127.0.0.1", 0, None)
-    return f"ws://127.0.0.1:{server.port}/"
+    server = _wsraw.WebSocketServer(
+        accept,
+        handler_nursery=nursery,
+        max_message_size=max_message_size,
+        receive_buffer_size=64 * 1024,
+        connect_timeout=connect_timeout,
+    )
+    port = await nursery.start(server.serve, "127.0.0.1", 0)
+    return f"ws://127.0.0.1:{port}/"
 
 
-def test_the_installed_trio_websocket_is_a_checked_version() -> None:
-    # If this fails after an upgrade: re-read trio_websocket/_impl.py (WebSocketConnection._send,
-    # aclose, _abort_web_socket) against relay/_wsraw.py, then extend CHECKED_VERSIONS.
-    assert trio_websocket.__version__ in _wsraw.CHECKED_VERSIONS
+async def _until_closed(ws: WebSocket) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        while True:
+            await ws.get_message()
+
+
+def test_the_installed_wsproto_is_a_checked_version() -> None:
+    # If this fails after an upgrade: re-read wsproto's `Connection` (its events, states and
+    # close handling) against relay/_wsraw.py, then extend CHECKED_WSPROTO_VERSIONS.
+    assert wsproto.__version__ in _wsraw.CHECKED_WSPROTO_VERSIONS
     _wsraw.check_compatible()
 
 
+def test_wsproto_queues_events_only_where_this_server_never_goes() -> None:
+    # `_drop_event_queue` swaps an open connection's `_events` deque for an empty tuple; that
+    # holds while wsproto appends to it only in `receive_data(None)`, which the server never
+    # calls (an ended stream is handled before wsproto sees it).
+    source = inspect.getsource(wsproto.connection.Connection)
+    assert source.count("self._events.append(") == 1
+    receive = inspect.getsource(wsproto.connection.Connection.receive_data)
+    none_branch = receive[receive.index("if data is None:") : receive.index("return")]
+    assert "self._events.append(" in none_branch
+    fed = [
+        node.args[0]
+        for node in ast.walk(ast.parse(inspect.getsource(_wsraw)))
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "receive_data"
+    ]
+    assert fed
+    assert all(isinstance(arg, ast.Name) and arg.id == "data" for arg in fed)  # never None
+
+
 def test_an_unchecked_version_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(trio_websocket, "__version__", "99.0.0")
-    with pytest.raises(_wsraw.IncompatibleWebSocketLibrary, match="re-check its internals"):
+    monkeypatch.setattr(wsproto, "__version__", "99.0.0")
+    with pytest.raises(_wsraw.IncompatibleWebSocketLibrary, match="re-check its `Connection`"):
         _wsraw.check_compatible()
 
 
@@ -67,49 +112,82 @@ def test_frame_headers_follow_rfc6455() -> None:
     assert (len(msg), msg.events) == (9, 3)
 
 
-async def test_a_stock_client_reads_prebuilt_frames_interleaved_with_library_sends() -> None:
+async def test_a_stock_client_talks_reads_prebuilt_frames_and_gets_pings_answered() -> None:
     payloads = [b"", b"a", b"b" * 125, b"c" * 126, b"d" * 65535, b"e" * 65536, b"f" * 300_000]
-    checked: list[bool] = []
+    got_by_server: list[bytes | str] = []
 
-    async def handler(ws: WebSocketConnection) -> None:
-        _wsraw.check_compatible(ws)  # a real server connection has what send_framed uses
-        checked.append(True)
+    async def handler(ws: WebSocket) -> None:
+        got_by_server.append(await ws.get_message())
+        got_by_server.append(await ws.get_message())  # a big one, in many reads
         for i, p in enumerate(payloads):
             if i % 2:
-                await ws.send_message(p)  # trio-websocket's own path, under the same lock
+                await ws.send_message(p)  # framed by wsproto, in the same send turn order
             else:
-                await _wsraw.send_framed(ws, Message(p, 1).framed)
+                await ws.send_framed(Message(p, 1).framed)
         # Several frames in one write, as a writer sends a drained outbox.
-        await _wsraw.send_framed(ws, b"".join(ws_binary_frame(p) for p in (b"x", b"yy", b"zzz")))
-        with contextlib.suppress(ConnectionClosed):
-            await ws.get_message()  # until the client closes
+        await ws.send_framed(b"".join(ws_binary_frame(p) for p in (b"x", b"yy", b"zzz")))
+        await ws.send_message("text too")
+        await _until_closed(ws)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve_one(nursery, handler)
+            url = await _serve(nursery, handler)
             async with open_websocket(url, nursery) as client:
-                got = [await client.get_message() for _ in range(len(payloads) + 3)]
+                await client.send_message(b"hello")
+                await client.send_message(b"g" * 200_000)
+                await client.ping(b"p1")  # answered by the server's request loop
+                got = [await client.get_message() for _ in range(len(payloads) + 4)]
             nursery.cancel_scope.cancel()
-    assert checked == [True]
-    assert got == [*payloads, b"x", b"yy", b"zzz"]
+    assert got_by_server == [b"hello", b"g" * 200_000]
+    assert got == [*payloads, b"x", b"yy", b"zzz", "text too"]
+
+
+async def test_the_client_closes_and_the_server_sees_its_code() -> None:
+    closed: list[trio_websocket.CloseReason | None] = []
+    done = trio.Event()
+
+    async def handler(ws: WebSocket) -> None:
+        await _until_closed(ws)
+        closed.append(ws.closed)
+        done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, handler)
+            async with open_websocket(url, nursery) as client:
+                await client.aclose(4000, "done")
+            assert client.closed is not None
+            assert client.closed.code == 4000  # the server answered the close
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert closed[0] is not None
+    assert (closed[0].code, closed[0].reason) == (4000, "done")
 
 
 async def test_nothing_is_written_once_the_connection_is_closing() -> None:
     outcome: list[str] = []
     done = trio.Event()
 
-    async def handler(ws: WebSocketConnection) -> None:
-        await _wsraw.send_framed(ws, ws_binary_frame(b"before"))
-        await ws.aclose(4008, "bye")
-        try:
-            await _wsraw.send_framed(ws, ws_binary_frame(b"after"))
-        except ConnectionClosed:
-            outcome.append("refused")
+    async def handler(ws: WebSocket) -> None:
+        async def close() -> None:
+            await ws.aclose(4008, "bye")  # returns once the request loop read the answer
+            outcome.append("closed")
+
+        await ws.send_framed(ws_binary_frame(b"before"))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close)
+            await trio.sleep(0.1)
+            for send in (ws.send_framed(ws_binary_frame(b"after")), ws.send_message(b"after")):
+                try:
+                    await send
+                except ConnectionClosed:
+                    outcome.append("refused")
+            await _until_closed(ws)
         done.set()
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve_one(nursery, handler)
+            url = await _serve(nursery, handler)
             async with open_websocket(url, nursery) as client:
                 assert await client.get_message() == b"before"
                 with pytest.raises(ConnectionClosed) as closed:
@@ -117,48 +195,174 @@ async def test_nothing_is_written_once_the_connection_is_closing() -> None:
             await done.wait()
             nursery.cancel_scope.cancel()
     assert closed.value.reason is not None
-    assert closed.value.reason.code == 4008
-    assert outcome == ["refused"]
+    assert (closed.value.reason.code, closed.value.reason.reason) == (4008, "bye")
+    assert outcome == ["refused", "refused", "closed"]
+
+
+async def test_a_message_over_the_cap_is_answered_with_1009_and_ends_the_connection() -> None:
+    ended: list[trio_websocket.CloseReason | None] = []
+    done = trio.Event()
+
+    async def handler(ws: WebSocket) -> None:
+        assert await ws.get_message() == b"s" * 1000  # at the cap: fine
+        await _until_closed(ws)
+        ended.append(ws.closed)
+        done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, handler, max_message_size=1000)
+            async with open_websocket(url, nursery) as client:
+                await client.send_message(b"s" * 1000)
+                await client.send_message(b"s" * 1001)
+                with pytest.raises(ConnectionClosed) as closed:
+                    await client.get_message()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert closed.value.reason is not None
+    assert closed.value.reason.code == 1009
+    assert ended[0] is not None
+    assert ended[0].code == 1009
+
+
+async def test_a_malformed_frame_is_answered_with_1002() -> None:
+    ended: list[trio_websocket.CloseReason | None] = []
+    done = trio.Event()
+
+    async def handler(ws: WebSocket) -> None:
+        await _until_closed(ws)
+        ended.append(ws.closed)
+        done.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, handler)
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += await stream.receive_some()
+            assert answer.startswith(b"HTTP/1.1 101")
+            await stream.send_all(b"\x82\x02hi")  # unmasked: a client must mask (RFC 6455 5.1)
+            rest = b""
+            while chunk := await stream.receive_some():
+                rest += chunk
+            await stream.aclose()
+            await done.wait()
+            nursery.cancel_scope.cancel()
+    assert rest[:1] == b"\x88"  # a close frame
+    assert int.from_bytes(rest[2:4], "big") == 1002
+    assert ended[0] is not None
+    assert ended[0].code == 1002
+
+
+async def test_a_refused_upgrade_gets_its_status_and_body_and_no_websocket() -> None:
+    async def refuse(request: UpgradeRequest) -> None:
+        assert (b"cf-access-token", b"t0ken") in request.headers  # as trio-websocket gave them
+        await request.reject(403, body=b"not you")
+
+    async def never(ws: WebSocket) -> None:
+        raise AssertionError("no connection should open")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, never, on_request=refuse)
+            with pytest.raises(AccessRefused) as refused:  # the kit's word for a 403 upgrade
+                async with connect(url, access_token="t0ken"):
+                    pass
+            nursery.cancel_scope.cancel()
+    assert (refused.value.status, refused.value.reason) == (403, "not you")
+
+
+async def test_a_socket_that_never_upgrades_is_dropped_after_the_connect_timeout() -> None:
+    async def never(ws: WebSocket) -> None:
+        raise AssertionError("no connection should open")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, never, connect_timeout=0.2)
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET / HTTP/1.1\r\n")  # and nothing more
+            assert await stream.receive_some() == b""  # the server hung up
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_ignores_the_close_is_cut_off_by_abort() -> None:
+    ended = trio.Event()
+
+    async def handler(ws: WebSocket) -> None:
+        async def close() -> None:
+            with trio.move_on_after(0.2) as scope:
+                await ws.aclose(4001, "go")
+            assert scope.cancelled_caught  # the peer never answered
+            await ws.abort()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close)
+            await _until_closed(ws)  # ends: the stream was closed under it
+        ended.set()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, handler)
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(
+                b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            await ended.wait()  # read nothing, answer nothing
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
 
 
 async def test_write_now_writes_only_into_a_drained_socket_with_no_send_in_progress() -> None:
     results: dict[str, bool] = {}
     filled = trio.Event()
 
-    async def handler(ws: WebSocketConnection) -> None:
-        results["drained"] = _wsraw.write_now(ws, ws_binary_frame(b"now"))
-        async with ws._stream_lock:  # another send of the connection is in progress
-            results["locked"] = _wsraw.write_now(ws, ws_binary_frame(b"never"))
+    async def handler(ws: WebSocket) -> None:
+        results["drained"] = ws.write_now(ws_binary_frame(b"now"))
+        await ws._take_turn()  # another send of the connection is in progress
+        results["sending"] = ws.write_now(ws_binary_frame(b"never"))
+        ws._end_turn()
         big = ws_binary_frame(b"z" * (_wsraw.WRITE_NOW_BYTES + 1))
-        results["too_big"] = _wsraw.write_now(ws, big)
+        results["too_big"] = ws.write_now(big)
         # The client stops reading: fill the socket with whole frames until the kernel refuses.
         frame = ws_binary_frame(b"f" * 1000)
         with trio.move_on_after(5):
             while True:
-                await _wsraw.send_framed(ws, frame)
+                await ws.send_framed(frame)
                 if _queued(ws) > _wsraw.WRITE_NOW_BYTES:
                     break
-        results["queue_not_empty"] = _wsraw.write_now(ws, ws_binary_frame(b"late"))
+        results["queue_not_empty"] = ws.write_now(ws_binary_frame(b"late"))
         filled.set()
-        with contextlib.suppress(ConnectionClosed):
-            await ws.get_message()  # until the client closes
+        await _until_closed(ws)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve_one(nursery, handler)
+            url = await _serve(nursery, handler)
             async with open_websocket(url, nursery, message_queue_size=0) as client:
                 assert await client.get_message() == b"now"
                 await filled.wait()
             nursery.cancel_scope.cancel()
-    assert results == {"drained": True, "locked": False, "too_big": False, "queue_not_empty": False}
+    assert results == {
+        "drained": True,
+        "sending": False,
+        "too_big": False,
+        "queue_not_empty": False,
+    }
 
 
-def _queued(ws: WebSocketConnection) -> int:
+def _queued(ws: WebSocket) -> int:
     """Bytes in the server socket's send buffer (what `write_now` checks)."""
-    stream = ws._stream
-    assert isinstance(stream, trio.SocketStream)
     queued = array.array("i", [0])
-    fcntl.ioctl(stream.socket.fileno(), termios.TIOCOUTQ, queued)
+    fcntl.ioctl(ws._stream.socket.fileno(), termios.TIOCOUTQ, queued)
     return queued[0]
 
 
@@ -175,10 +379,10 @@ async def test_a_partial_direct_write_aborts_the_connection(
     def half(fd: int, data: bytes) -> int:
         return real_write(fd, data[: len(data) // 2])
 
-    async def handler(ws: WebSocketConnection) -> None:
+    async def handler(ws: WebSocket) -> None:
         with monkeypatch.context() as m:
             m.setattr(os, "write", half)
-            assert not _wsraw.write_now(ws, ws_binary_frame(b"h" * 1000))
+            assert not ws.write_now(ws_binary_frame(b"h" * 1000))
         try:
             await ws.get_message()
         except ConnectionClosed:
@@ -187,7 +391,7 @@ async def test_a_partial_direct_write_aborts_the_connection(
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve_one(nursery, handler)
+            url = await _serve(nursery, handler)
             async with open_websocket(url, nursery) as client:
                 with pytest.raises(ConnectionClosed):
                     await client.get_message()  # never a message made of the half frame
@@ -196,39 +400,32 @@ async def test_a_partial_direct_write_aborts_the_connection(
     assert ended == ["server"]
 
 
-def test_the_installed_wsproto_is_a_checked_version() -> None:
-    # If this fails after an upgrade: re-read wsproto's WSConnection (what it asks of
-    # `handshake` once `connection` is set) against `release_handshake`, then extend the list.
-    assert wsproto.__version__ in _wsraw.CHECKED_WSPROTO_VERSIONS
+async def test_writers_take_turns_in_order_and_a_cancelled_one_gives_its_turn_up() -> None:
+    async def handler(ws: WebSocket) -> None:
+        await ws._take_turn()  # a send in progress: the writers below wait, in order
+        scopes = [trio.CancelScope() for _ in range(3)]
 
+        async def send(i: int) -> None:
+            with scopes[i]:
+                await ws.send_framed(ws_binary_frame(b"%d" % i))
 
-async def test_a_connection_without_its_handshake_state_still_talks_pings_and_closes() -> None:
-    """`release_handshake` drops the upgrade's parser once open; everything after the upgrade
-    (messages both ways, the library's ping/pong, the close handshake with its code) works."""
-    released: list[bool] = []
-    got: list[bytes] = []
-
-    async def handler(ws: WebSocketConnection) -> None:
-        released.append(_wsraw.release_handshake(ws))
-        released.append(_wsraw.release_handshake(ws))  # a second call changes nothing
-        got.append(await ws.get_message())
-        await ws.send_message(b"pong-me")
-        await ws.ping(b"p1")  # answered by the client's reader: a pong through wsproto
-        await _wsraw.send_framed(ws, ws_binary_frame(b"framed"))
-        with contextlib.suppress(ConnectionClosed):
-            await ws.get_message()  # until the client closes
+        async with trio.open_nursery() as nursery:
+            for i in range(3):
+                nursery.start_soon(send, i)
+                await trio.testing.wait_all_tasks_blocked()
+            scopes[1].cancel()  # gives up while waiting
+            await trio.testing.wait_all_tasks_blocked()
+            ws._end_turn()
+        with trio.CancelScope() as cancelled:
+            cancelled.cancel()
+            await ws.send_framed(ws_binary_frame(b"never"))  # cancelled before its turn
+        await ws.send_framed(ws_binary_frame(b"last"))  # the turn was not kept by it
+        await _until_closed(ws)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve_one(nursery, handler)
+            url = await _serve(nursery, handler)
             async with open_websocket(url, nursery) as client:
-                await client.send_message(b"hello")
-                assert await client.get_message() == b"pong-me"
-                assert await client.get_message() == b"framed"
-                await client.ping(b"p2")  # the server's wsproto answers it
-                await client.aclose(4000, "done")
-            assert client.closed is not None
-            assert client.closed.code == 4000
+                got = [await client.get_message() for _ in range(3)]
             nursery.cancel_scope.cancel()
-    assert released == [True, False]
-    assert got == [b"hello"]
+    assert got == [b"0", b"2", b"last"]
