@@ -368,9 +368,11 @@ class History:
             current = self._next
             if current is None:
                 first = await self._receive_one()
-                current = Batch([first, *self._take_buffered()], self._member_keys())
+                current = Batch(
+                    [first, *self._take_buffered()], self._member_keys(), self.view.known_keys()
+                )
             more = self._take_buffered()
-            self._next = Batch(more, self._member_keys()) if more else None
+            self._next = Batch(more, self._member_keys(), self.view.known_keys()) if more else None
             self._checked = await current.checked()
             self._batch = current
         return self._batch.frames.popleft()
