@@ -46,6 +46,10 @@ if TYPE_CHECKING:
 # half a minute (as the bot kit's reconnects).
 BACKOFF_START: Final = 0.5
 BACKOFF_CAP: Final = 30.0
+# The verified head is saved at most this often while entries stream in (and when it ends):
+# each save is a transaction with a full sync, which per 100 entries cost a 100k-event tail
+# about as much as verifying it.
+SAVE_HEAD_EVERY: Final = 1.0
 # Refusals a relay gives while it restarts or sheds load: worth connecting again for.
 _PASSING: Final[frozenset[wire.ErrorCode]] = frozenset(
     {wire.ErrorCode.SHUTTING_DOWN, wire.ErrorCode.OVERLOADED, wire.ErrorCode.INTERNAL}
@@ -109,6 +113,7 @@ class _Tail:
                     self.subscribed = True
                     if args.stale_after is not None:  # else the relay's interval, plus grace
                         session.client.stale_after = args.stale_after or None
+                    saved = trio.current_time()
                     try:
                         while True:
                             try:
@@ -118,8 +123,9 @@ class _Tail:
                             except StaleView as stale:  # a warning: say it once, keep following
                                 print(f"warning: {stale}", file=sys.stderr, flush=True)
                                 continue
-                            if entry.seq % 100 == 0:
+                            if trio.current_time() - saved >= SAVE_HEAD_EVERY:
                                 state.save_head(args.collab, events.head)
+                                saved = trio.current_time()
                             if entry.seq >= args.from_seq:
                                 await self._print(session.client, entry)
                     finally:

@@ -157,6 +157,8 @@ class History:
         self._follow = follow
         self._expect = expect
         self._done = False
+        # Whether the fold took in a `caught_up`: it reached the relay's head at least once.
+        self.caught_up = False
         # The head before an event that raised an alarm: `head` never names an event that did
         # not pass every check, so a caller saving it cannot save the relay's lie.
         self._alarmed_at: Head | None = None
@@ -337,6 +339,7 @@ class History:
                     self._check_floor(frame.seq)
                     self._done = not self._follow
                     self._settle()
+                    self.caught_up = True
                 case wire.SubscriptionEnded():
                     if self.view.membership is not None and not self.view.is_member:
                         self._done = True  # removed: the relay ends the stream, as it should
@@ -365,9 +368,11 @@ class History:
             current = self._next
             if current is None:
                 first = await self._receive_one()
-                current = Batch([first, *self._take_buffered()], self._member_keys())
+                current = Batch(
+                    [first, *self._take_buffered()], self._member_keys(), self.view.known_keys()
+                )
             more = self._take_buffered()
-            self._next = Batch(more, self._member_keys()) if more else None
+            self._next = Batch(more, self._member_keys(), self.view.known_keys()) if more else None
             self._checked = await current.checked()
             self._batch = current
         return self._batch.frames.popleft()

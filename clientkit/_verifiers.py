@@ -5,7 +5,11 @@ verifies: so frames are taken off a subscription in batches, and each batch's co
 are checked in worker threads (`model.envelope.precheck`, with the members' keys as the reader's
 fold has them) while the fold takes in the batch before it. The fold stays the only judge:
 it skips its own check only for an event whose signature held under exactly the key it pins
-there (`Prechecked`), and checks every other event itself, in order, as before.
+there (`Prechecked`), and checks every other event itself, in order, as before. The workers
+also decrypt the content they can with the reader's epoch keys (the fold's main thread used to
+spend as long decrypting each event as the rest of its fold, most of it waiting to get the GIL
+back from the workers after each call); the fold takes that plaintext only for the exact body
+and the key it would use itself.
 
 The workers are a process-wide pool (`concurrent.futures`, one thread per core): they never
 touch Trio, and a batch's result is awaited through a Trio worker thread.
@@ -49,7 +53,12 @@ def _executor() -> ThreadPoolExecutor:
 class Batch:
     """Frames taken off a subscription, in order, with their signatures being checked."""
 
-    def __init__(self, frames: list[wire.Reply], keys: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        frames: list[wire.Reply],
+        keys: Mapping[str, bytes],
+        collab_keys: Mapping[int, bytes] | None = None,
+    ) -> None:
         self.frames = collections.deque(frames)
         events: list[SignedEvent] = [f.event for f in frames if isinstance(f, wire.Event)]
         self._futures: list[Future[Prechecked]] = []
@@ -57,7 +66,7 @@ class Batch:
             step = -(-len(events) // WORKERS)
             pool = _executor()
             self._futures = [
-                pool.submit(precheck, events[i : i + step], keys)
+                pool.submit(precheck, events[i : i + step], keys, collab_keys)
                 for i in range(0, len(events), step)
             ]
 

@@ -25,8 +25,9 @@ What it takes care of, learning from what users of other bot SDKs trip over:
   finished. Shutting down never revokes anything.
 - **Delivery is at least once; posts are exactly once.** The cursor is committed, together with
   the verified head, only after the handler returned (in batches while a backlog is handled:
-  at most `CURSOR_EVERY` entries or `CURSOR_AFTER` seconds, at once for live traffic, and when
-  the bot stops); a crash replays what was handled since, and nothing is ever skipped. A handler's posts and DMs are not repeated by a replay:
+  at most `CURSOR_EVERY` entries or `CURSOR_AFTER` seconds, at once for live traffic, within
+  `CURSOR_AFTER` once the stream goes quiet, and when the bot stops; clientkit/_bot_cursor.py);
+  a crash replays what was handled since, and nothing is ever skipped. A handler's posts and DMs are not repeated by a replay:
   each is kept in the store, signed, before it is sent, and the handler's n-th send for an
   entry returns the stored n-th one (sending the kept bytes again if its ack was lost) instead
   of signing a new one. Other side effects (tool calls, anything outside the collab) happen
@@ -74,6 +75,7 @@ from clientkit._bot_context import (
     Context,
     NotAMember,
 )
+from clientkit._bot_cursor import Cursor
 from clientkit._client import Client, History, connect
 from clientkit._connection import StaleBound
 from clientkit._retry import backoff_delay
@@ -109,11 +111,6 @@ BACKOFF_START: Final = 0.5
 BACKOFF_CAP: Final = 30.0
 PING_EVERY: Final = 20.0
 PING_TIMEOUT: Final = 10.0
-# While a backlog is handled, the cursor is committed every this many entries or seconds.
-CURSOR_EVERY: Final = 1000
-CURSOR_AFTER: Final = 1.0
-# And the fold at the cursor is kept this often (sealed, in the store: a restart resumes there).
-VIEW_EVERY: Final = 30.0
 REVOKED_CLOSE_CODE: Final = 4003  # the relay closes a revoked agent's connections with it
 
 log = logging.getLogger("clientkit.bot")
@@ -162,6 +159,7 @@ class Bot:
         self._on_stale: StaleHook | None = None
         self._seen: CollabView | None = None  # this session's read of the collab at its head
         self._live: Session | None = None  # the client session of the current connection
+        self._placed = False  # whether the store knows where the bot's author stream got
         self._store_checked = False
         self._reached = False  # a connection to the relay was ever opened
 
@@ -313,7 +311,7 @@ class Bot:
             # Watched from the first request on: a relay that goes silent at any point (even
             # mid-handshake of a subscription) ends the session, and `run` reconnects.
             nursery.start_soon(self._watchdog, client, nursery.cancel_scope)
-            await self._serve(client, task_status)
+            await self._serve(client, task_status, nursery)
             nursery.cancel_scope.cancel()
         raise ConnectionLost(None, "the relay ended the stream")
 
@@ -330,7 +328,12 @@ class Bot:
             device=DEVICE,
         )
 
-    async def _serve(self, client: Client, task_status: trio.TaskStatus[None] | None) -> None:
+    async def _serve(
+        self,
+        client: Client,
+        task_status: trio.TaskStatus[None] | None,
+        nursery: trio.Nursery,
+    ) -> None:
         state = self.state
         await client.authenticate(self.credentials.token)
         client.stale_after = self.stale_after
@@ -342,7 +345,8 @@ class Bot:
         self.connections += 1
         for hook in self._on_connect if self.connections == 1 else self._on_resume:
             await hook(self)
-        cursor = _Cursor(session, self.collab_id, state.cursor(self.collab_id))
+        cursor = Cursor(session, self.collab_id, state.cursor(self.collab_id))
+        nursery.start_soon(cursor.commit_when_quiet)
         # Where the stream resumes: the fold this store kept at (or before) the cursor, or the
         # genesis (Session.resume_view: the store's own sealed work, checked against its head).
         start = session.resume_view(self.collab_id, before=cursor.seq + 1) if cursor.seq else None
@@ -357,14 +361,14 @@ class Bot:
                 )
             state.commit_cursor(self.collab_id, start.head)
             cursor.seq = start.head.seq
-        if self.collab_id not in session.views and not any(
+        # Handlers replaying entries see the collab as it was then, and a store that was lost
+        # (or is new) knows nothing of how far this bot's own stream got: before its first post
+        # the collab is read at the relay's head (`_place_stream`), so a replayed reply never
+        # reuses a counter. A store that sent before knows; a backlog that posts nothing, or
+        # whose first post comes once the stream caught up, is read once, not twice.
+        self._placed = self.collab_id in session.views or any(
             state.last_sent(self.collab_id, device) for device in (DEVICE, DM_DEVICE)
-        ):
-            # Handlers replaying entries see the collab as it was then, and a store that was
-            # lost (or is new) knows nothing of how far this bot's own streams got: one read
-            # at the relay's head first (Session.views: the streams' position for every send),
-            # so a replayed reply never reuses a counter. A store that sent before knows.
-            await session.read(self.collab_id)
+        )
         again = "re" if self.connections > 1 else ""
         log.info("%sconnected as %s in %s", again, self.handle, self.collab_id)
         # Whether the bot was a member at the entry being read.
@@ -473,7 +477,10 @@ class Bot:
         kind = b"reply" if dm_to is None else b"dm"
         intent = b"%s:%s:%d" % (kind, ctx.entry.event_id.hex().encode(), ctx._sends)
         source, history = ctx.entry.seq, ctx._history
+        if dm_to is None and not self._placed and not history.caught_up:
+            await self._place_stream(session)  # (a DM carries no counter readers check)
         if dm_to is None:
+            self._placed = True  # its posts from here on are in the store (`last_sent`)
             sent = await session.post(
                 self.collab_id, text, intent=intent, source=source, history=history, once=True
             )
@@ -489,49 +496,19 @@ class Bot:
             )
         return sent.seq
 
-
-class _Cursor:
-    """The bot's cursor (the last entry whose handlers finished), committed with the verified
-    head in batches: at most `CURSOR_EVERY` entries or `CURSOR_AFTER` seconds behind while a
-    backlog is being handled, at once when nothing more is queued (live traffic), and when the
-    session ends. A crash replays at most that batch: delivery is at least once, and posts and
-    DMs are exactly once (each is kept in the store, by entry, before it is sent)."""
-
-    def __init__(self, session: Session, collab_id: str, seq: int) -> None:
-        self._session = session
-        self._collab_id = collab_id
-        self.seq = seq
-        self._pending: Head | None = None
-        self._committed: Head | None = None
-        self._view: CollabView | None = None
-        self._count = 0
-        self._since = self._kept = trio.current_time()
-
-    def handled(self, head: Head, view: CollabView, *, more: bool) -> None:
-        self.seq, self._pending, self._view = head.seq, head, view
-        self._count += 1
-        if (
-            not more
-            or self._count >= CURSOR_EVERY
-            or trio.current_time() - self._since >= CURSOR_AFTER
-        ):
-            self.commit()
-
-    def commit(self, *, final: bool = False) -> None:
-        """Commit what is pending; now and then (`VIEW_EVERY` seconds, and when the session
-        ends) keep the fold at the cursor too, so a restart resumes there."""
-        pending, view, now = self._pending, self._view, trio.current_time()
-        if pending is not None:
-            self._session.state.commit_cursor(self._collab_id, pending)
-            self._committed = pending
-        if (
-            view is not None
-            and view.head == self._committed  # not read ahead: the fold is at the cursor
-            and (final or now - self._kept >= VIEW_EVERY)
-        ):
-            self._session.save_view(self._collab_id, view)
-            self._kept = now
-        self._pending, self._count, self._since = None, 0, now
+    async def _place_stream(self, session: Session) -> None:
+        """Where this bot's author stream got, for a store that does not know (new, or lost):
+        the collab read at the relay's head on a connection of its own (the bot's own
+        subscription is mid-backlog on its connection), its view kept in `Session.views`, from
+        which every post takes its counter (`AuthorStream.seen`)."""
+        creds = self.credentials
+        async with connect(
+            creds.relay_url, pinned_relay_pk=bytes.fromhex(creds.relay_pk)
+        ) as client:
+            await client.authenticate(creds.token)
+            client.stale_after = self.stale_after
+            reader = self._session_over(client)
+            session.views[self.collab_id] = await reader.read(self.collab_id)
 
 
 def _member_after(entry: Entry, was: bool, me: str) -> bool:

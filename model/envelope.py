@@ -290,24 +290,48 @@ class Prechecked:
     """Event signatures that held, checked ahead of the fold (`precheck`, which a reader runs in
     worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core). The fold
     still decides which key each event must be signed with; `verify_event` skips its own check
-    only for that exact key, signature and body. Only `precheck` makes one."""
+    only for that exact key, signature and body. Only `precheck` makes one.
 
-    __slots__ = ("_held",)
+    It also holds content the workers decrypted with the collab keys the reader had (`opened`):
+    the fold takes those bytes only for the exact body and the key it would decrypt it with
+    itself, which gives the same plaintext (AEAD decryption is a function of the key, the nonce,
+    the ciphertext and the associated data, all of them in the body), so the fold's main thread
+    does not hand the GIL over to the workers once per event to decrypt it."""
 
-    def __init__(self, held: set[tuple[bytes, bytes, bytes]], *, _token: object) -> None:
+    __slots__ = ("_held", "_opened")
+
+    def __init__(
+        self,
+        held: set[tuple[bytes, bytes, bytes]],
+        opened: dict[tuple[bytes, bytes], bytes] | None = None,
+        *,
+        _token: object,
+    ) -> None:
         if _token is not _VERIFIER:
             raise TypeError("Prechecked is only made by model.envelope.precheck")
         self._held = held
+        self._opened = opened or {}
 
     def holds(self, signed: SignedEvent, public_key: bytes) -> bool:
         return (public_key, signed.sig, signed.body) in self._held
 
+    def opened(self, signed: SignedEvent, collab_key: bytes) -> bytes | None:
+        """The AEAD plaintext of `signed`'s content under `collab_key`, if a worker opened it."""
+        return self._opened.get((collab_key, signed.body))
 
-def precheck(events: Sequence[SignedEvent], keys: Mapping[str, bytes]) -> Prechecked:
+
+def precheck(
+    events: Sequence[SignedEvent],
+    keys: Mapping[str, bytes],
+    collab_keys: Mapping[int, bytes] | None = None,
+) -> Prechecked:
     """Check each content event's signature with the key `keys` gives its claimed author (a
     guess: the members' keys where a reader is; management events are left to the fold). The
-    result holds those that held. Blocking, and mostly without the GIL: for worker threads."""
+    result holds those that held, and (with `collab_keys`, the reader's epoch keys) the content
+    of those it could decrypt (not DMs: they are sealed per pair). Blocking, and mostly without
+    the GIL: for worker threads."""
     held: set[tuple[bytes, bytes, bytes]] = set()
+    opened: dict[tuple[bytes, bytes], bytes] = {}
     for signed in events:
         if len(signed.body) > MAX_BODY_BYTES:
             continue
@@ -319,14 +343,41 @@ def precheck(events: Sequence[SignedEvent], keys: Mapping[str, bytes]) -> Preche
         if public_key is None or peek.kind == KIND_MANAGEMENT:
             continue
         domain, part = _signed_part(signed.body, None)
-        if _crypto.verify(public_key, domain + part, signed.sig):
-            held.add((public_key, signed.sig, signed.body))
-    return Prechecked(held, _token=_VERIFIER)
+        if not _crypto.verify(public_key, domain + part, signed.sig):
+            continue
+        held.add((public_key, signed.sig, signed.body))
+        if collab_keys and peek.kind != KIND_DM:
+            _preopen(signed.body, collab_keys, opened)
+    return Prechecked(held, opened, _token=_VERIFIER)
+
+
+def _preopen(
+    body_bytes: bytes, collab_keys: Mapping[int, bytes], opened: dict[tuple[bytes, bytes], bytes]
+) -> None:
+    """Decrypt one content body with the key of its epoch, if there is one; a body that does
+    not decode or open is left to the fold (which then finds the same)."""
+    try:
+        body = _body_decoder.decode(body_bytes)
+    except DECODE_ERRORS:
+        return
+    key = collab_keys.get(body.epoch)
+    if key is None:
+        return
+    try:
+        plain = _crypto.aead_decrypt(
+            key, body.nonce, body.ciphertext, content_associated_data(body)
+        )
+    except _crypto.CryptoError:
+        return
+    opened[(key, body_bytes)] = plain
 
 
 def merge_prechecked(parts: Sequence[Prechecked]) -> Prechecked:
     """One `Prechecked` holding what each of `parts` holds."""
-    return Prechecked(set().union(*(p._held for p in parts)), _token=_VERIFIER)
+    opened: dict[tuple[bytes, bytes], bytes] = {}
+    for p in parts:
+        opened |= p._opened
+    return Prechecked(set().union(*(p._held for p in parts)), opened, _token=_VERIFIER)
 
 
 def verify_event(
@@ -357,11 +408,16 @@ def verify_event(
     return VerifiedEvent(signed, body, eid, _token=_VERIFIER)
 
 
-def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
+def open_content(
+    event: VerifiedEvent, collab_key: bytes, *, prechecked: Prechecked | None = None
+) -> bytes:
     """Decrypt a verified event's content and strip its padding. Raises `CryptoError`
-    (opaque) on any failure, a malformed padding included."""
+    (opaque) on any failure, a malformed padding included. `prechecked` may hold the
+    plaintext already (decrypted by a worker with this key, from these body bytes)."""
     b = event.body
-    plain = _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
+    plain = None if prechecked is None else prechecked.opened(event.signed, collab_key)
+    if plain is None:
+        plain = _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
     try:
         return padding.unpad(plain)
     except padding.BadPadding:

@@ -450,7 +450,7 @@ class CollabView:
         elif body.kind == KIND_DM:
             entry = self._open_dm(entry, verified, after)
         else:
-            entry, stream = self._open(entry, verified)
+            entry, stream = self._open(entry, verified, prechecked)
             if self._hold and entry.unreadable and self._holdable(entry.epoch):
                 self._held[seq] = (verified, entry.unreadable)
                 self._held_epoch = entry.epoch
@@ -506,7 +506,7 @@ class CollabView:
             self._bad_wraps.add(after.epoch)
 
     def _open(
-        self, entry: Entry, verified: VerifiedEvent
+        self, entry: Entry, verified: VerifiedEvent, prechecked: Prechecked | None = None
     ) -> tuple[Entry, tuple[tuple[str, str], tuple[int, bytes]] | None]:
         key = self._keys.get(entry.epoch)
         if key is None:
@@ -518,7 +518,8 @@ class CollabView:
                 why = f"sealed under key epoch {entry.epoch}, before this account joined"
             return msgspec.structs.replace(entry, unreadable=why), None
         try:
-            content, evidence = contentmod.decode_content(open_content(verified, key))
+            plain = open_content(verified, key, prechecked=prechecked)
+            content, evidence = contentmod.decode_content(plain)
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED), None
         stream = None if evidence is None else self._check_evidence(entry, evidence)

@@ -20,7 +20,7 @@ import sqlite3
 import sys
 from contextlib import closing
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import nacl.public
 import nacl.signing
@@ -36,6 +36,7 @@ from clientkit.bot import Bot, Context
 from model import content as contentmod
 from model.ids import new_id
 from model.membership import Member, MemberKind, Role
+from model.view import CollabView
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import post, relay_config, relay_in_thread, session, sign_up
 from tests.test_membership_relay import add
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from clientkit._state import SentEvent
     from model.chain import Head
     from model.equivocation import SignedReceipt
-    from model.view import CollabView
     from relay._server import Relay
     from tests.relay_harness import User
 
@@ -319,3 +319,66 @@ def _kill_hook(tmp: Path, kill_at: str) -> str:
         "import os\nfrom clientkit._state import ClientState\n" + patch
     )
     return os.pathsep.join([str(hook), *sys.path])
+
+
+async def _backlog_bot(relay: Relay, tmp_path: Path) -> tuple[Bot, list[str], int]:
+    """Alice's collab with three messages said after the bot joined, and a new bot
+    (`backlog=True`) that only listens; returns it, what it heard, and the last seq."""
+    alice = await sign_up(relay.url, "alice")
+    creds = await _bot_for(relay.url, relay.relay_pk, alice, tmp_path)
+    async with session(relay.url, alice) as a:
+        last = [await post(a, alice, alice.collab_id, t) for t in ("one", "two", "three")][-1]
+    bot = Bot.from_credentials(creds, store=tmp_path / "store", backlog=True)
+    heard: list[str] = []
+
+    @bot.on_message
+    async def listen(ctx: Context) -> None:
+        heard.append(ctx.text)
+
+    return bot, heard, last
+
+
+async def test_a_fresh_bot_takes_in_each_backlog_event_once_when_it_posts_nothing(
+    relay: Relay, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Old code: a bot with a new store first read the whole collab at the relay's head (to
+    learn where its own stream got), then read it again from the genesis for its handlers:
+    every event verified, opened and folded twice (each seq taken in 2 times). Now that read
+    waits for the bot's first post (`test_a_bot_whose_store_was_lost_…` posts mid-backlog),
+    and a backlog that posts nothing is taken in once."""
+    bot, heard, _ = await _backlog_bot(relay, tmp_path)
+    taken: dict[int, int] = {}
+    ingest = CollabView.ingest
+
+    def counted(view: CollabView, seq: int, *args: Any, **kwargs: Any) -> Any:
+        taken[seq] = taken.get(seq, 0) + 1
+        return ingest(view, seq, *args, **kwargs)
+
+    monkeypatch.setattr(CollabView, "ingest", counted)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bot.run)
+            while len(heard) < 3:  # noqa: ASYNC110 — the handler's list: no event to await
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert heard == ["one", "two", "three"]
+    assert taken
+    assert max(taken.values()) == 1, taken
+
+
+async def test_a_bot_gone_quiet_after_its_backlog_commits_its_cursor_without_stopping(
+    relay: Relay, tmp_path: Path
+) -> None:
+    """Old code: the cursor of a backlog's last entry stayed uncommitted for as long as the
+    bot then sat idle (a `caught_up` frame still queued when it was handled counted as more
+    to come, and nothing came), so a crash then replayed the whole last batch; it is
+    committed within `CURSOR_AFTER` now (the wait below stopped at its 60 s guard before)."""
+    bot, heard, last = await _backlog_bot(relay, tmp_path)
+    state = ClientState(tmp_path / "store" / "state.db")
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(bot.run)
+            while state.cursor(bot.collab_id) < last:  # noqa: ASYNC110 — polled SQLite
+                await trio.sleep(0.05)
+            assert heard == ["one", "two", "three"]  # and still running: not the final commit
+            nursery.cancel_scope.cancel()

@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from clientkit import _collab
+from model import _crypto
 from model._crypto import CryptoError
 from model.dm import open_dm
-from model.envelope import decode_body, seal_event, verify_event
+from model.envelope import decode_body, precheck, seal_event, verify_event
 from model.epochs import NotARecipient, new_epoch_key, open_wrap
 from model.membership import (
     MemberKind,
@@ -292,3 +293,40 @@ def test_one_pass_holds_the_epochs_earlier_events_until_the_key_comes() -> None:
         handed += view.drain()
     assert [e.seq for e in handed] == list(range(1, added + 1))
     assert text_of({e.seq: e for e in handed}[early]) == "before bob"
+
+
+def test_content_the_workers_opened_is_read_as_the_fold_reads_it_without_decrypting_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Old code: `precheck` only checked signatures, so the fold decrypted every content event
+    itself on the reader's main thread (handing the GIL to the verifying workers each time:
+    `precheck` took no keys, a TypeError here). Now the workers also open what they can with
+    the reader's epoch keys, and the fold takes those bytes for exactly that key and body: the
+    same entries, and no decryption of its own."""
+    alice, carol = Person(), Person()
+    sim = Sim(alice)
+    sim.add(alice, carol)
+    for i in range(3):
+        sim.post(alice, f"a{i}")
+        sim.post(carol, f"c{i}")
+    sim.change(alice, _collab.rotate)
+    sim.post(carol, "after the rotation")
+    final, plain = sim.read(sim.view(carol))
+    assert final.membership is not None
+    members = {a: m.sign_pk for a, m in final.membership.members.items()}
+    ahead = precheck([signed for _, signed, _ in sim.events], members, final.known_keys())
+    decrypted: list[bytes] = []
+    real = _crypto.aead_decrypt
+
+    def counted(key: bytes, nonce: bytes, ciphertext: bytes, associated: bytes) -> bytes:
+        decrypted.append(nonce)
+        return real(key, nonce, ciphertext, associated)
+
+    monkeypatch.setattr(_crypto, "aead_decrypt", counted)
+    view = CollabView(sim.collab_id, carol.id, carol.box)
+    entries = [
+        view.ingest(seq, signed, chain, prechecked=ahead) for seq, signed, chain in sim.events
+    ]
+    assert entries == plain
+    assert [text_of(e) for e in entries if text_of(e)][-1] == "after the rotation"
+    assert decrypted == []

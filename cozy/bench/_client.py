@@ -28,6 +28,7 @@ import trio
 
 from clientkit import Bot, Context, connect
 from clientkit._agent import AgentCredentials
+from clientkit._cli_tail import SAVE_HEAD_EVERY
 from clientkit._collab import add
 from clientkit._session import Identity, Keys, Session
 from clientkit._state import ClientState
@@ -199,11 +200,13 @@ async def _tail(session: Session, collab_id: str, first: int) -> int:
     it goes and the fold at the end. Returns the last seq handed out."""
     last = 0
     start = session.resume_view(collab_id, before=first)
+    saved = trio.current_time()
     async with session.history(collab_id, view=start) as events:
         async for entry in events:
             last = entry.seq
-            if entry.seq % 100 == 0:
+            if trio.current_time() - saved >= SAVE_HEAD_EVERY:
                 session.state.save_head(collab_id, events.head)
+                saved = trio.current_time()
     session.state.save_head(collab_id, events.head)
     session.save_view(collab_id, events.view)
     return last
