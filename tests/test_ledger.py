@@ -456,6 +456,14 @@ def test_read_page_is_bounded_in_events_and_bytes_and_says_whether_more_follow(
     assert not last.more
     assert ledger.read_page(collab_id, G + 26, 10, 1 << 30) == ([], False)
     assert ledger.read_page(collab_id, 1, 100, 1 << 30).events == everything
+    # Parameters of every integer width: a page from a seq past 2**15 (or 2**31) with a count
+    # that takes it past the next width. The seq range's bound once added them as sent (two
+    # smallints), and the catch-up of every collab longer than 32,767 - 4,096 events failed.
+    for from_seq, count in ((32_000, 4096), (2**31 - 10, 4096), (1, 60_000)):
+        assert ledger.read_page(collab_id, from_seq, count, 1 << 30).events == (
+            everything if from_seq == 1 else []
+        )
+        assert ledger.read_frames(collab_id, from_seq, count, 1 << 30).more is False
 
 
 # --- verify_ledger --------------------------------------------------------------------------
