@@ -13,7 +13,7 @@ import msgspec
 import psycopg
 import pytest
 import trio
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from clientkit import RelayRefused, TamperDetected, _collab, connect
 from ledger import Ledger
@@ -386,6 +386,11 @@ STEP = st.tuples(
     max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(steps=st.lists(STEP, min_size=4, max_size=14))
+# CI drew this life: the first owner makes someone else owner and is removed by them, so the
+# reader must be whoever is still a member.
+@example(
+    steps=[("add", 0, 1, Role.OWNER), ("remove", 1, 0, Role.OWNER), ("post", 1, 1, Role.OWNER)]
+)
 def test_rebuilt_projections_equal_the_live_ones_after_a_random_life(
     database_url: str, tmp_path: Path, steps: list[tuple[str, int, int, Role]]
 ) -> None:
@@ -396,19 +401,21 @@ def test_rebuilt_projections_equal_the_live_ones_after_a_random_life(
 async def _random_life(
     database_url: str, tmp_path: Path, steps: list[tuple[str, int, int, Role]]
 ) -> None:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
-        people = [await sign_up(relay.url) for _ in range(4)]
-        owner = people[0]
-        cid = owner.collab_id
-        for action, actor_i, target_i, role in steps:
-            await _act(relay.url, cid, action, people[actor_i], people[target_i], role)
-        async with session(relay.url, owner) as client:
-            folded = (await client.read(cid, owner.box_key)).membership
-    assert folded is not None
     ledger = Ledger(database_url)
     ledger.open()
     try:
-        live = ledger.members(cid)
+        async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
+            people = [await sign_up(relay.url) for _ in range(4)]
+            cid = people[0].collab_id
+            for action, actor_i, target_i, role in steps:
+                await _act(relay.url, cid, action, people[actor_i], people[target_i], role)
+            live = ledger.members(cid)
+            assert live is not None
+            # Read as someone still in it: the first owner may have been removed.
+            reader = next(p for p in people if p.account_id in live[1])
+            async with session(relay.url, reader) as client:
+                folded = (await client.read(cid, reader.box_key)).membership
+        assert folded is not None
         assert live == (
             folded.epoch,
             {a: (m.role.value, m.kind.value) for a, m in folded.members.items()},
