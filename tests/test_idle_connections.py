@@ -30,6 +30,7 @@ from model import wire
 from tests.relay_harness import relay_config, running_relay, sign_up
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from pathlib import Path
 
     from tests.relay_harness import User
@@ -75,6 +76,14 @@ async def _hold_idle(
         nursery.cancel_scope.cancel()
 
 
+async def _settle(quiet: Callable[[], bool]) -> None:
+    """Wait (at most 10 s) until `quiet()`; the caller's assertions then say what is wrong."""
+    for _ in range(200):
+        if quiet():
+            return
+        await trio.sleep(0.05)
+
+
 async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
     database_url: str, tmp_path: Path
 ) -> None:
@@ -90,11 +99,8 @@ async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
                 # Each connection's last reply (`caught_up`) may still be on its way out: wait
                 # for the relay to go quiet (a writer task ends once its outbox is empty).
                 allowed = TASKS_PER_IDLE_SUBSCRIBER * SUBSCRIBERS
-                for _ in range(200):
-                    after = _relay_tasks()
-                    if after.total() - before.total() <= allowed:
-                        break
-                    await trio.sleep(0.05)
+                await _settle(lambda: _relay_tasks().total() - before.total() <= allowed)
+                after = _relay_tasks()
                 done.set()
         extra = {
             name: (after[name] - before[name]) / SUBSCRIBERS
@@ -156,10 +162,10 @@ async def test_an_idle_connection_keeps_no_upgrade_state_channel_or_early_made_o
                 for _ in range(3):
                     await clients.start(_hold_idle, relay.url, user, done)
                 idle = [c for c in relay._connections if c.subscriptions]
-                for _ in range(200):  # until each one's last reply was written
-                    if all(c.outbox_frames == 0 and c._writer_done is None for c in idle):
-                        break
-                    await trio.sleep(0.05)
+                # until each one's last reply was written
+                await _settle(
+                    lambda: all(c.outbox_frames == 0 and c._writer_done is None for c in idle)
+                )
                 kept = {
                     "connection": set().union(*(_kept(c, 1) for c in idle)),
                     "websocket": set().union(*(_kept(c.ws, 2) for c in idle)),

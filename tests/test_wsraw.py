@@ -72,6 +72,15 @@ async def _until_closed(ws: WebSocket) -> None:
             await ws.get_message()
 
 
+async def _record_close(
+    ws: WebSocket, reasons: list[trio_websocket.CloseReason | None], done: trio.Event
+) -> None:
+    """Read until the connection ends, then record why."""
+    await _until_closed(ws)
+    reasons.append(ws.closed)
+    done.set()
+
+
 def test_the_installed_wsproto_is_a_checked_version() -> None:
     # If this fails after an upgrade: re-read wsproto's `Connection` (its events, states and
     # close handling) against relay/_wsraw.py, then extend CHECKED_WSPROTO_VERSIONS.
@@ -147,9 +156,7 @@ async def test_the_client_closes_and_the_server_sees_its_code() -> None:
     done = trio.Event()
 
     async def handler(ws: WebSocket) -> None:
-        await _until_closed(ws)
-        closed.append(ws.closed)
-        done.set()
+        await _record_close(ws, closed, done)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -205,9 +212,7 @@ async def test_a_message_over_the_cap_is_answered_with_1009_and_ends_the_connect
 
     async def handler(ws: WebSocket) -> None:
         assert await ws.get_message() == b"s" * 1000  # at the cap: fine
-        await _until_closed(ws)
-        ended.append(ws.closed)
-        done.set()
+        await _record_close(ws, ended, done)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -230,9 +235,7 @@ async def test_a_malformed_frame_is_answered_with_1002() -> None:
     done = trio.Event()
 
     async def handler(ws: WebSocket) -> None:
-        await _until_closed(ws)
-        ended.append(ws.closed)
-        done.set()
+        await _record_close(ws, ended, done)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
