@@ -296,6 +296,32 @@ async def test_a_socket_that_never_upgrades_is_dropped_after_the_connect_timeout
             nursery.cancel_scope.cancel()
 
 
+async def test_an_upgrade_request_that_never_ends_is_refused_before_it_grows() -> None:
+    """The cheapest memory attack on the handshake: one header line that never ends. h11
+    (under wsproto) holds at most 16 KiB of an unfinished request, so the server answers 400
+    and hangs up long before the connect timeout, instead of buffering what is sent."""
+
+    async def never(ws: WebSocket) -> None:
+        raise AssertionError("no connection should open")
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            url = await _serve(nursery, never, connect_timeout=15)
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"GET / HTTP/1.1\r\nX-Long: ")
+            answer = b""
+            with trio.fail_after(5):  # well before the 15 s connect timeout
+                with contextlib.suppress(trio.BrokenResourceError):
+                    for _ in range(64):  # up to 1 MiB, 16 KiB at a time
+                        await stream.send_all(b"a" * 16384)
+                while chunk := await stream.receive_some():
+                    answer += chunk
+            assert answer.startswith(b"HTTP/1.1 400 "), answer[:80]
+            await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_peer_that_ignores_the_close_is_cut_off_by_abort() -> None:
     ended = trio.Event()
 
