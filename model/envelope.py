@@ -364,12 +364,9 @@ def _preopen(
     if key is None:
         return
     try:
-        plain = _crypto.aead_decrypt(
-            key, body.nonce, body.ciphertext, content_associated_data(body)
-        )
+        opened[(key, body_bytes)] = _decrypt(key, body)
     except _crypto.CryptoError:
         return
-    opened[(key, body_bytes)] = plain
 
 
 def merge_prechecked(parts: Sequence[Prechecked]) -> Prechecked:
@@ -414,14 +411,21 @@ def open_content(
     """Decrypt a verified event's content and strip its padding. Raises `CryptoError`
     (opaque) on any failure, a malformed padding included. `prechecked` may hold the
     plaintext already (decrypted by a worker with this key, from these body bytes)."""
-    b = event.body
     plain = None if prechecked is None else prechecked.opened(event.signed, collab_key)
     if plain is None:
-        plain = _crypto.aead_decrypt(collab_key, b.nonce, b.ciphertext, content_associated_data(b))
+        plain = _decrypt(collab_key, event.body)
     try:
         return padding.unpad(plain)
     except padding.BadPadding:
         raise _crypto.CryptoError("decryption failed") from None
+
+
+def _decrypt(collab_key: bytes, body: EventBody) -> bytes:
+    """The padded plaintext of a content body (the one decryption `precheck`'s workers and
+    `open_content` share, so the two cannot open a body differently)."""
+    return _crypto.aead_decrypt(
+        collab_key, body.nonce, body.ciphertext, content_associated_data(body)
+    )
 
 
 def _check_routing(body: EventBody) -> None:
