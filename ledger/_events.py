@@ -35,6 +35,20 @@ if TYPE_CHECKING:
 # How long a commit whose reply was lost may take to settle before the append is refused.
 SETTLE_SECONDS = 5.0
 _EVENT_ID_UNIQUE = "events_event_id_key"  # the UNIQUE (event_id) of migration 1
+# A group commit of at most this many events is written in pipeline mode: its whole
+# transaction in two round trips (BEGIN, the INSERTs and the transaction id; then COMMIT)
+# instead of five (BEGIN, COPY's start and end, the id, COMMIT). Each round trip is also a
+# GIL hand-back for the writer's thread, which waits behind the busy Trio loop, so at a
+# steady trickle of appends this is most of an append's commit time (docs/performance.md,
+# "Where the latency goes"). Larger groups COPY: per row, COPY costs a fraction of an INSERT.
+PIPELINED_EVENTS = 16
+_INSERT_EVENT = (
+    "INSERT INTO events (collab_id, seq, event_id, actor_id, kind, ts, body, sig, chain)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+)
+# Sent as text every time (never a prepared statement): the commit-fault harness
+# (tests/fault_harness.py) recognises a transaction that wrote events by it.
+_XACT_ID = "SELECT pg_current_xact_id()::text"
 
 # What an event costs in a page besides its body: its signature and chain (`read_page`), or
 # in a frame also the keys and headers after the per-collab prefix (`read_frames`).
@@ -152,30 +166,89 @@ class Events:
             raise ValueError("an event was routed to a collab other than the one it names")
         all_ids = [e.event_id for r in requests for e in r.events]
         results: list[tuple[chainmod.Head, list[Assignment]]] = []
-        xid: str | None = None  # set once COMMIT is about to be sent
+        # This transaction's id, learnt before COMMIT is sent: if the connection drops while
+        # COMMIT is in flight, the outcome is unknown, and the id is how we find it out
+        # (`_settle_commit`) instead of guessing.
+        xid: list[str] = []
         try:
             with _translated(), self._pool.connection() as conn:
                 # Fast path: assume no id is stored yet (retries are rare) and let the unique
                 # index on event_id say otherwise; only then look the ids up and redo it. This
                 # saves a round trip and an index probe per event on every group commit.
+                if len(all_ids) <= PIPELINED_EVENTS and self._append_pipelined(
+                    conn, requests, results, xid
+                ):
+                    return results
+                results.clear()
                 rows = self._append_in(conn, requests, all_ids, results, lookup=False)
                 if rows is None:
                     results.clear()
                     rows = self._append_in(conn, requests, all_ids, results, lookup=True)
                     assert rows is not None
                 if rows:
-                    # Remember this transaction's id before committing: if the connection drops
-                    # while COMMIT is in flight, the outcome is unknown, and the id is how we
-                    # find it out (below) instead of guessing.
-                    r = conn.execute("SELECT pg_current_xact_id()::text").fetchone()
+                    r = conn.execute(_XACT_ID, prepare=False).fetchone()
                     assert r is not None
-                    xid = str(r[0])
+                    xid.append(str(r[0]))
                     conn.commit()
         except LedgerUnavailable:
-            if xid is None:
+            if not xid:
                 raise  # failed before COMMIT was sent: the server rolls the transaction back
-            self._settle_commit(xid, results)
+            self._settle_commit(xid[0], results)
         return results
+
+    def _append_pipelined(
+        self,
+        conn: psycopg.Connection[Any],
+        requests: Sequence[AppendRequest],
+        results: list[tuple[chainmod.Head, list[Assignment]]],
+        xid: list[str],
+    ) -> bool:
+        """`append_batches`'s fast path for a small group, committed in two round trips
+        (`PIPELINED_EVENTS`). False when an id turned out to be stored already (a retry):
+        nothing was written and the caller redoes the group with the lookup.
+
+        Autocommit with an explicit BEGIN, so that psycopg queues BEGIN in the pipeline
+        instead of waiting for it; the connection goes back to the pool as it came (or is
+        closed, so the pool drops it, when it cannot be reset).
+        """
+        rows: list[tuple[object, ...]] = []
+        for req in requests:
+            new_head, assignments = assign(req.head, [e.event_id for e in req.events], {})
+            results.append((new_head, assignments))
+            rows.extend(
+                _event_row(req.collab_id, a.seq, e, a.chain)
+                for a, e in zip(assignments, req.events, strict=True)
+                if not a.duplicate  # the same id twice in the group: stored once
+            )
+        conn.autocommit = True
+        try:
+            with conn.pipeline() as pipe:
+                conn.execute("BEGIN", prepare=False)
+                with conn.cursor() as cur:
+                    cur.executemany(_INSERT_EVENT, rows)
+                for req in requests:
+                    if req.membership is not None:
+                        _write_projection(conn, req.membership)
+                ask = conn.execute(_XACT_ID, prepare=False)
+                pipe.sync()  # round trip 1: BEGIN, the INSERTs, the id
+                r = ask.fetchone()
+                assert r is not None
+                xid.append(str(r[0]))
+                conn.execute("COMMIT", prepare=False)  # round trip 2: sent as the pipeline ends
+        except psycopg.errors.UniqueViolation as exc:
+            conn.rollback()
+            if exc.diag.constraint_name == _EVENT_ID_UNIQUE:
+                return False
+            stale = _stale_collabs(conn, requests)
+            raise SequencingConflict(
+                f"collabs {stale} were appended to by another writer", stale
+            ) from exc
+        finally:
+            if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                conn.close()  # broken or mid-transaction: not fit to go back to the pool
+            else:
+                conn.autocommit = False
+        return True
 
     def _append_in(
         self,

@@ -90,8 +90,9 @@ class OwnedPostgres:
 class CuttingProxy:
     """TCP on loopback → a Postgres unix socket, able to cut a connection at COMMIT.
 
-    `arm(mode)` cuts the next COMMIT of a transaction that wrote events (one that ran
-    ``COPY events``), on whichever connection sends it first:
+    `arm(mode)` cuts the next COMMIT of a transaction that wrote events (one that asked for
+    its transaction id, as the ledger does before committing events), on whichever connection
+    sends it first:
     ``after_commit`` forwards COMMIT, swallows the server's reply and closes both sides (the
     transaction committed, its client cannot know); ``instead_of_commit`` closes both sides
     without forwarding it (the server rolls back); ``hold_commit`` holds COMMIT back until
@@ -140,7 +141,8 @@ class CuttingProxy:
             async def upstream() -> None:
                 wrote = False
                 async for data in client:
-                    wrote = wrote or b"COPY events" in data
+                    # Both ways of writing events ask for the transaction's id, as text.
+                    wrote = wrote or b"pg_current_xact_id" in data
                     if b"COMMIT\x00" in data and wrote and self._mode is not None:
                         mode, self._mode = self._mode, None
                         self.cuts += 1
