@@ -93,8 +93,7 @@ MAX_BATCH: Final = 256
 # (a task wakeup, a worker-thread hop each way, and waiting behind a round of receipts already
 # running) cost several times the signature check itself in latency (docs/performance.md,
 # "Where the latency goes"). Larger batches still go to the pool, on every core.
-INLINE_VERIFY: Final = 8
-INLINE_RECEIPTS: Final = 16
+INLINE_VERIFY: Final = 2
 
 
 class Replier(Protocol):
@@ -341,12 +340,9 @@ class Sequencer:
                 note: bytes = b""
                 proofs: list[tuple[bytes, ...]] = []
                 if group is not None:
-                    if len(seqs) <= INLINE_RECEIPTS:
-                        ((note, proofs),) = self._trees.group_receipts([(group, seqs)])
-                    else:
-                        ((note, proofs),) = await self._crypto.map(
-                            self._trees.group_receipts, [(group, seqs)]
-                        )
+                    ((note, proofs),) = await self._crypto.map(
+                        self._trees.group_receipts, [(group, seqs)]
+                    )
                 if not note:
                     try:
                         note, proofs = await self._trees.latest_receipts(self.collab_id, seqs)
