@@ -15,7 +15,7 @@ import trio
 from ledger import Ledger, LedgerError, SchemaNotReady, migrate
 from model.errors import ModelError
 from relay import _throttle
-from relay._run import run_relay
+from relay._run import run_relay, settle_heap
 from relay.config import (
     DEFAULT_DATA_DIR,
     ConfigError,
@@ -124,7 +124,9 @@ def _require_embedded_ledger(data_dir: Path) -> None:
 
 
 async def _serve(config: RelayConfig) -> None:
-    await run_relay(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_relay, config)
+        settle_heap()
 
 
 async def _maintain(config: RelayConfig, action: str) -> int:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 from contextlib import AsyncExitStack
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import structlog
 import trio
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from relay.config import RelayConfig
 
 log = structlog.get_logger("cozy.relay")
+YOUNG_GC_THRESHOLD: Final = 10_000  # see `settle_heap`
 
 
 async def run_relay(
@@ -65,6 +67,27 @@ async def run_relay(
             if handle_signals:
                 nursery.start_soon(_stop_on_signal, relay)
             task_status.started(relay)
+
+
+def settle_heap() -> None:
+    """Once a relay process serves: freeze what start-up made, for the garbage collector.
+
+    Modules, classes, functions, the config and the pools are some 90,000 objects the cycle
+    collector would otherwise walk again in every full collection, with the Trio loop
+    stopped: six full collections in a 5-second latency run took up to 68 ms each, the
+    largest single pause in an append's path (docs/performance.md, "Where the latency goes").
+    None of them ever becomes garbage. Only for `cozy relay serve`'s own process: an
+    embedding process (tests, `cozy dev`) owns its heap.
+    """
+    gc.collect()  # what start-up left behind is freed, not frozen
+    gc.freeze()
+    # And a young collection every 10,000 net allocations instead of 700: the request path
+    # allocates coroutines, frames and lists by the thousand per append, most of them freed by
+    # reference counting anyway; collecting every 700 walked the in-flight ones again and
+    # again (a 5-second latency run: 824 young collections, 253 ms of collector time with the
+    # loop stopped; at 10,000: 168 and 59 ms).
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
 async def _stop_on_signal(relay: Relay) -> None:
