@@ -29,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from clientkit import ConnectionLost, RelayRefused, _collab
 from ledger import Ledger
 from model import content as contentmod
+from model import wire
 from model.envelope import event_id, seal_event
 from model.membership import Member, MemberKind, Role
 from relay.embedded import free_port, wait_until_listening
@@ -424,6 +425,11 @@ async def follow(url: str, owner: User, collab_id: str, follower: Follower) -> N
                     follower.saw(entry.seq)
         except RECONNECTABLE:
             pass
+        except RelayRefused as refused:
+            # Reconnecting while the ledger is down meets `overloaded` ("retry shortly"), at
+            # login or at the subscribe: a real follower retries it, as the authors do.
+            if refused.code is not wire.ErrorCode.OVERLOADED:
+                raise
         await trio.sleep(0.1)
 
 
