@@ -261,10 +261,9 @@ class Sequencer:
     async def _write_stage(
         self, batches: trio.MemoryReceiveChannel[list[tuple[Submission, VerifiedEvent]]]
     ) -> None:
-        """Write verified batches in order; whatever was verified while the previous write
-        committed goes into the next write together (docs/performance.md, "Where the latency
-        goes"): under a steady stream each event then waits for at most one commit of its
-        collab, instead of queueing for one commit per batch the verify stage made."""
+        """Write verified batches in order, all those verified while the previous write
+        committed in one: an event then waits for at most one commit of its collab, not one
+        per batch ahead of it (docs/performance.md, "Where the latency goes")."""
         assert self._written is not None
         async with batches, self._written:
             async for first in batches:

@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from ledger import Ledger, LedgerUnavailable
+from ledger._events import PIPELINED_EVENTS
 from tests.fault_harness import CuttingProxy
 from tests.helpers import make_account, make_collab, make_events
 
@@ -37,15 +38,21 @@ async def _through_proxy(database_url: str, nursery: trio.Nursery) -> tuple[Cutt
     return proxy, proxy.url()
 
 
+# A small group is written in pipeline mode, a large one with COPY (ledger/_events.py): both
+# must learn their transaction id before COMMIT is sent.
+GROUP_SIZES = pytest.mark.parametrize("size", [5, PIPELINED_EVENTS + 1], ids=["pipelined", "copy"])
+
+
+@GROUP_SIZES
 async def test_a_commit_whose_reply_is_lost_is_found_committed(
-    database_url: str, direct: Ledger
+    database_url: str, direct: Ledger, size: int
 ) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             proxy, url = await _through_proxy(database_url, nursery)
             owner = make_account(direct)
             collab_id, key = make_collab(direct, owner)
-            events = make_events(owner, collab_id, key, 5)
+            events = make_events(owner, collab_id, key, size)
             ledger = Ledger(url)
             await trio.to_thread.run_sync(ledger.open)
             try:
@@ -58,20 +65,21 @@ async def test_a_commit_whose_reply_is_lost_is_found_committed(
             assert proxy.cuts == 1  # the reply to COMMIT really was lost
             stored = direct.read_range(collab_id, 2, 100)
             assert [(e.seq, e.chain) for e in stored] == [(a.seq, a.chain) for a in assigned]
-            assert [a.seq for a in assigned] == [2, 3, 4, 5, 6]
+            assert [a.seq for a in assigned] == list(range(2, 2 + size))
             assert direct.head(collab_id) == head
             nursery.cancel_scope.cancel()
 
 
+@GROUP_SIZES
 async def test_a_commit_that_never_reached_the_server_is_refused(
-    database_url: str, direct: Ledger
+    database_url: str, direct: Ledger, size: int
 ) -> None:
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             proxy, url = await _through_proxy(database_url, nursery)
             owner = make_account(direct)
             collab_id, key = make_collab(direct, owner)
-            events = make_events(owner, collab_id, key, 5)
+            events = make_events(owner, collab_id, key, size)
             ledger = Ledger(url)
             await trio.to_thread.run_sync(ledger.open)
             try:
@@ -88,6 +96,6 @@ async def test_a_commit_that_never_reached_the_server_is_refused(
                 )
             finally:
                 ledger.close()
-            assert [a.seq for a in assigned] == [2, 3, 4, 5, 6]
+            assert [a.seq for a in assigned] == list(range(2, 2 + size))
             assert not any(a.duplicate for a in assigned)
             nursery.cancel_scope.cancel()

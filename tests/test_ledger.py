@@ -295,6 +295,31 @@ def test_stale_head_is_a_sequencing_conflict_and_writes_nothing(
     assert head.seq == G + 7
 
 
+def test_a_pipelined_append_hands_its_connection_back_transactional(
+    database_url: str, alice: Actor
+) -> None:
+    """Small groups are written in autocommit + pipeline mode (ledger/_events.py); the pooled
+    connection must come back out of autocommit whatever happened (a fresh append, a retry
+    met by the unique index, a stale head), or every later multi-statement write through
+    that pool would commit statement by statement."""
+    store = ledger_pkg.Ledger(database_url, max_connections=1)  # one connection: the same one
+    store.open()
+    try:
+        collab_id, ck = make_collab(store, alice)
+        first = make_events(alice, collab_id, ck, 2)
+        stale = store.head(collab_id)
+        append(store, collab_id, first)  # fresh
+        _, again = store.append_batch(collab_id, store.head(collab_id), first)  # a retry
+        assert all(a.duplicate for a in again)
+        with pytest.raises(SequencingConflict):  # a stale head
+            store.append_batch(collab_id, stale, make_events(alice, collab_id, ck, 2, ts=2))
+        with store._pool.connection() as conn:
+            assert conn.autocommit is False
+        assert count_events(database_url, collab_id) == G + 2
+    finally:
+        store.close()
+
+
 def test_two_writers_racing_on_one_collab_cannot_both_win(
     ledger: Ledger, database_url: str, alice: Actor, collab: tuple[str, bytes]
 ) -> None:
