@@ -184,7 +184,13 @@ class Connection:
         # Live messages in the send underway, while stage times are recorded (relay/_stages.py).
         written: list[Message] | None = [] if _stages.RECORDER is not None else None
         try:
-            while outbox and not self._dropped:
+            while not self._dropped:
+                # First the rest of a direct write the kernel took only in part (`offer`).
+                # Checked on every round, with no await between it and ending: a tail left
+                # while this writer was sending is never left behind.
+                await self.ws.flush()
+                if not outbox:
+                    break
                 out: list[bytes] = []
                 run: list[bytes] = []
                 run_size = size = taken = 0
@@ -258,8 +264,8 @@ class Connection:
         `reply`)."""
         if self._closing:
             return False
-        # Nothing queued ahead of a fan-out message: write it now if the socket is drained
-        # (this saves the writer task a wakeup per published batch), else queue it as usual.
+        # Nothing queued ahead of a fan-out message: write it now if the kernel takes it (this
+        # saves the writer task a wakeup per published batch), else queue it as usual.
         if self._unsent == 0 and isinstance(frame, Message):
             at = (
                 _stages.now()
@@ -269,6 +275,8 @@ class Connection:
             if self.ws.write_now(frame.framed):
                 if at:
                     self._record_deliveries([frame], at)
+                if self.ws.tail_pending:  # taken only in part: a writer finishes it
+                    self._start_writer(self._outbox if self._outbox is not None else deque())
                 return True
         n = len(frame)
         frames = frame.events if isinstance(frame, Message) else 1
@@ -276,17 +284,23 @@ class Connection:
             return False
         outbox = self._outbox
         if outbox is None:
-            outbox = self._outbox = deque()
+            outbox = deque()
         elif len(outbox) >= OUTBOX_FRAMES:
             return False
         outbox.append(frame)
-        if self._writer_done is None and not self._dead:
-            done = self._writer_done = trio.Event()
-            self.nursery.start_soon(self._run_writer, outbox, done)
+        self._start_writer(outbox)
         self._unsent += 1
         self.outbox_bytes += n
         self.outbox_frames += frames
         return True
+
+    def _start_writer(self, outbox: deque[bytes | Message]) -> None:
+        """Make `outbox` the queue and start its writer, unless one runs (it takes what is
+        queued) or a send found the connection closed."""
+        self._outbox = outbox
+        if self._writer_done is None and not self._dead:
+            done = self._writer_done = trio.Event()
+            self.nursery.start_soon(self._run_writer, outbox, done)
 
     def _record_deliveries(self, messages: list[Message], at: float) -> None:
         """Stage times: live messages written to this subscriber's socket at `at`."""

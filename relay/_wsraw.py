@@ -16,7 +16,7 @@ what this module adds is the I/O, the same limits the relay had (`max_message_si
 message is answered with close code 1009; a handshake not done within `connect_timeout` is
 dropped), the close handshake, and the two relay-specific ways of writing: `send_framed` writes
 bytes that are already unmasked frames (fan-out builds each published message once for every
-subscriber: `fanout.Message`), and `write_now` writes them straight into a drained socket.
+subscriber: `fanout.Message`), and `write_now` writes them straight into the socket.
 
 Who does what on one connection:
 
@@ -44,12 +44,9 @@ trio-websocket client against this server.
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
-import fcntl
 import os
-import termios
 from collections import deque
 from typing import TYPE_CHECKING, Final
 
@@ -78,8 +75,6 @@ if TYPE_CHECKING:
 
 # The wsproto releases this module was checked against (its `Connection` events and states).
 CHECKED_WSPROTO_VERSIONS: Final = ("1.3.2",)
-# `write_now` writes only while the socket's send buffer would hold at most this much.
-WRITE_NOW_BYTES: Final = 8 * 1024
 ABNORMAL_CLOSURE: Final = 1006
 MESSAGE_TOO_BIG: Final = 1009
 # accept() errors that mean "out of file descriptors or memory for now": wait, then retry
@@ -134,6 +129,7 @@ class WebSocket:
         "_sending",
         "_size",
         "_stream",
+        "_tail",
     )
 
     def __init__(self, stream: trio.SocketStream, proto: Protocol, limits: Limits) -> None:
@@ -150,6 +146,9 @@ class WebSocket:
         self._size = 0
         self._sending = False  # some task has the send turn
         self._send_waiters: trio.lowlevel.ParkingLot | None = None
+        # The rest of a frame `write_now` left half-written (the kernel took only part):
+        # written before anything else, by the next send turn (`flush`).
+        self._tail: memoryview | None = None
 
     @property
     def closed(self) -> CloseReason | None:
@@ -295,9 +294,13 @@ class WebSocket:
         close frame."""
         await self._take_turn()
         try:
+            tail, self._tail = self._tail, None
+            if tail is not None:  # half a frame is on the wire: it is finished first
+                await self._stream.send_all(tail)
             if not control and self._close_reason is not None:
                 raise ConnectionClosed(self._close_reason)
-            await self._stream.send_all(data)
+            if data:
+                await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._finish(CloseReason(ABNORMAL_CLOSURE, None))
             raise ConnectionClosed(self._close_reason) from None
@@ -321,43 +324,44 @@ class WebSocket:
         Raises `ConnectionClosed` like `send_message` once the connection is closing.
 
         The server negotiates no extension, so the frames need no RSV bits; wsproto keeps no
-        per-message state on the sending side between complete messages (and this server never
-        leaves one half sent), so frames written beside it do not confuse it."""
+        per-message state on the sending side between complete messages (and a frame this
+        server left half sent is finished before any other), so frames written beside it do
+        not confuse it."""
         await self._write(data, control=False)
 
     def write_now(self, data: bytes) -> bool:
-        """Write `data` (complete frames, at most WRITE_NOW_BYTES) straight to the socket
-        without waiting, or do nothing and return False. True means the kernel took all of it.
+        """Write `data` (complete frames) straight to the socket without waiting, or do
+        nothing and return False (then queue it for a writer, as usual).
 
-        For the live fan-out path: a subscriber whose socket is drained gets its message in the
-        publishing task, with no writer-task wakeup. It only tries when nothing can be in the
-        way or left half-written: the caller has nothing queued before it (see
-        `Connection.offer`), no send of the connection is in progress, it is not closing, and
-        what its send buffer holds (TIOCOUTQ) plus `data` is at most WRITE_NOW_BYTES, half of
-        Linux's default TCP send buffer (16 KiB, which the relay never lowers), so the kernel
-        takes it whole. Should the kernel take only part anyway, the connection cannot continue
-        (half a frame is on the wire), so it is aborted: the client reconnects and resumes,
-        exactly as after a lagging disconnect.
+        For the live fan-out path: a subscriber gets its message in the publishing task, with
+        no writer-task wakeup. It is tried only when nothing can be in the way: the caller has
+        nothing queued before it (see `Connection.offer`), no send of the connection is in
+        progress or half done, and it is not closing. False when the kernel takes none of it
+        (the send buffer is full). When it takes only part, the rest is kept and written
+        before anything else by the next send turn: True, and `tail_pending` says the caller
+        must `flush` soon (a frame half sent would hold back the connection's pongs, its
+        close and every later message).
         """
-        if len(data) > WRITE_NOW_BYTES or self._close_reason is not None or self._sending:
+        if self._close_reason is not None or self._sending or self._tail is not None:
             return False
-        sock = self._stream.socket
         try:
-            fd = sock.fileno()
-            # Bytes still in the send buffer (sent but unacknowledged too: a peer's delayed
-            # ACK keeps a few KiB there for a while even when it reads promptly).
-            queued = array.array("i", [0])
-            fcntl.ioctl(fd, termios.TIOCOUTQ, queued)
-            if queued[0] + len(data) > WRITE_NOW_BYTES:
-                return False
-            written = os.write(fd, data)
+            written = os.write(self._stream.socket.fileno(), data)
         except OSError:  # full (EAGAIN), broken or closed: a writer's send will tell
             return False
-        if written == len(data):
-            return True
-        log.warning("direct_write_partial", written=written, size=len(data))
-        sock.close()  # the reader and any writer see the stream closed and end
-        return False
+        if written < len(data):
+            self._tail = memoryview(data)[written:]
+        return True
+
+    @property
+    def tail_pending(self) -> bool:
+        """`write_now` left part of a frame unwritten: `flush` must follow."""
+        return self._tail is not None
+
+    async def flush(self) -> None:
+        """Write what `write_now` left unwritten, in this task's send turn. Raises
+        `ConnectionClosed` if the stream broke."""
+        if self._tail is not None:
+            await self._write(b"", control=True)
 
     # --- closing ----------------------------------------------------------------------------
 

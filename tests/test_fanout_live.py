@@ -10,6 +10,7 @@ together), and check what each member's socket carried.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import pytest
@@ -152,3 +153,31 @@ async def test_a_dm_replayed_in_a_catch_up_reaches_participants_only_as_stored(
             assert (frame.event, frame.chain) == (stored[seq].event, stored[seq].chain)
         assert isinstance(got[dm_seq], wire.Withheld if handle == "carol" else wire.Event)
         assert handle == "carol" or got[dm_seq].event == dm  # type: ignore[union-attr]
+
+
+async def test_a_live_message_the_kernel_took_in_part_arrives_whole_without_another_event(
+    relay: Relay, raw: Raw, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fan-out writes a live message straight into a subscriber's socket; should the kernel
+    take only part of it, the connection's writer must finish it at once (not when the next
+    event comes, which may be never), before anything else."""
+    with trio.fail_after(60):
+        alice, bob, _ = await team(relay)
+        cid = alice.collab_id
+        async with session(relay.url, alice) as a:
+            view = await a.read(cid, alice.box_key)
+        follower = await _follow(raw, relay, alice, cid)
+        real_write = os.write
+        halved: list[int] = []
+
+        def half_once(fd: int, data: bytes | memoryview) -> int:
+            if halved:
+                return real_write(fd, data)
+            halved.append(len(data))
+            return real_write(fd, data[: len(data) // 2])
+
+        monkeypatch.setattr(os, "write", half_once)
+        _, seqs, _ = await _post_notes_around_a_dm(raw, relay, alice, bob, view)
+        got = await _read_until(follower, seqs[-1])
+    assert halved, "the live message was not written directly"
+    assert sorted(s for s in got if s >= seqs[0]) == seqs
