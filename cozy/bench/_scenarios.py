@@ -129,7 +129,9 @@ async def append(
         for layout, actors in layouts.items():
             per_actor = sizes.append_events // len(actors)
             batches = [await trio.to_thread.run_sync(presign, a, per_actor, body) for a in actors]
+            relay_cpu = _process_cpu(relay.pid)
             elapsed = await pump_all(relay.url, actors, batches, sizes.client_batch)
+            relay_cpu = _process_cpu(relay.pid) - relay_cpu
             sent = per_actor * len(actors)
             name = f"{layout}_{size_name}"
             out[name] = {
@@ -139,6 +141,9 @@ async def append(
                 "events": sent,
                 "seconds": round(elapsed, 3),
                 "events_per_s": round(sent / elapsed, 1),
+                # What each event cost the relay (every thread), whatever else the machine ran:
+                # steadier from run to run than events/s on a shared machine.
+                "relay_cpu_us_per_event": round(relay_cpu / sent * 1e6, 1),
             }
             # The same events, interleaved across collabs as they were offered.
             flat, index = _interleave(actors, batches)
