@@ -75,6 +75,10 @@ if TYPE_CHECKING:
 
 # The wsproto releases this module was checked against (its `Connection` events and states).
 CHECKED_WSPROTO_VERSIONS: Final = ("1.3.2",)
+# The largest message `write_now` writes: what a frame the kernel took only in part may leave
+# on a connection beyond its outbox's count. Larger ones (catch-up pages, big commit groups) go
+# through the connection's writer and are counted there.
+WRITE_NOW_BYTES: Final = 64 * 1024
 ABNORMAL_CLOSURE: Final = 1006
 MESSAGE_TOO_BIG: Final = 1009
 # accept() errors that mean "out of file descriptors or memory for now": wait, then retry
@@ -330,8 +334,8 @@ class WebSocket:
         await self._write(data, control=False)
 
     def write_now(self, data: bytes) -> bool:
-        """Write `data` (complete frames) straight to the socket without waiting, or do
-        nothing and return False (then queue it for a writer, as usual).
+        """Write `data` (complete frames, at most WRITE_NOW_BYTES) straight to the socket
+        without waiting, or do nothing and return False (then queue it for a writer, as usual).
 
         For the live fan-out path: a subscriber gets its message in the publishing task, with
         no writer-task wakeup. It is tried only when nothing can be in the way: the caller has
@@ -342,7 +346,12 @@ class WebSocket:
         must `flush` soon (a frame half sent would hold back the connection's pongs, its
         close and every later message).
         """
-        if self._close_reason is not None or self._sending or self._tail is not None:
+        if (
+            len(data) > WRITE_NOW_BYTES
+            or self._close_reason is not None
+            or self._sending
+            or self._tail is not None
+        ):
             return False
         try:
             written = os.write(self._stream.socket.fileno(), data)

@@ -362,6 +362,7 @@ async def test_write_now_writes_until_the_kernel_takes_nothing_and_never_beside_
         await ws._take_turn()  # another send of the connection is in progress
         results["sending"] = ws.write_now(ws_binary_frame(b"never"))
         ws._end_turn()
+        results["too_big"] = ws.write_now(ws_binary_frame(b"z" * _wsraw.WRITE_NOW_BYTES))
         # The client does not read: write directly until the kernel takes nothing more.
         n = 0
         while not ws.tail_pending:
@@ -383,7 +384,12 @@ async def test_write_now_writes_until_the_kernel_takes_nothing_and_never_beside_
                 await filled.wait()
                 got = [await client.get_message() for _ in written]
             nursery.cancel_scope.cancel()
-    assert results == {"drained": True, "sending": False, "refused_while_half_sent": True}
+    assert results == {
+        "drained": True,
+        "sending": False,
+        "too_big": False,
+        "refused_while_half_sent": True,
+    }
     assert len(written) > 10  # the kernel took many before it was full
     assert got == written
 
