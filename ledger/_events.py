@@ -211,24 +211,14 @@ class Events:
         instead of waiting for it; the connection goes back to the pool as it came (or is
         closed, so the pool drops it, when it cannot be reset).
         """
-        rows: list[tuple[object, ...]] = []
-        for req in requests:
-            new_head, assignments = assign(req.head, [e.event_id for e in req.events], {})
-            results.append((new_head, assignments))
-            rows.extend(
-                _event_row(req.collab_id, a.seq, e, a.chain)
-                for a, e in zip(assignments, req.events, strict=True)
-                if not a.duplicate  # the same id twice in the group: stored once
-            )
+        rows = _assign_rows(requests, {}, results)
         conn.autocommit = True
         try:
             with conn.pipeline() as pipe:
                 conn.execute("BEGIN", prepare=False)
                 with conn.cursor() as cur:
                     cur.executemany(_INSERT_EVENT, rows)
-                for req in requests:
-                    if req.membership is not None:
-                        _write_projection(conn, req.membership)
+                _write_projections(conn, requests)
                 ask = conn.execute(_XACT_ID, prepare=False)
                 pipe.sync()  # round trip 1: BEGIN, the INSERTs, the id
                 r = ask.fetchone()
@@ -236,13 +226,8 @@ class Events:
                 xid.append(str(r[0]))
                 conn.execute("COMMIT", prepare=False)  # round trip 2: sent as the pipeline ends
         except psycopg.errors.UniqueViolation as exc:
-            conn.rollback()
-            if exc.diag.constraint_name == _EVENT_ID_UNIQUE:
-                return False
-            stale = _stale_collabs(conn, requests)
-            raise SequencingConflict(
-                f"collabs {stale} were appended to by another writer", stale
-            ) from exc
+            _refused_write(conn, requests, exc, retry=True)
+            return False  # an id is stored already: redo with the lookup
         finally:
             if conn.closed or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
                 conn.close()  # broken or mid-transaction: not fit to go back to the pool
@@ -265,33 +250,16 @@ class Events:
         one turns out to be stored (a retry), the transaction is rolled back and None returned,
         so the caller redoes it with the lookup.
         """
-        rows: list[tuple[object, ...]] = []
-        known: dict[bytes, tuple[int, bytes]] = {}
-        if lookup:
-            # event ids are globally unique (the body names its collab): one lookup serves all.
-            known = _positions_of(conn, all_ids)
-        for req in requests:
-            new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
-            results.append((new_head, assignments))
-            rows.extend(
-                _event_row(req.collab_id, a.seq, e, a.chain)
-                for a, e in zip(assignments, req.events, strict=True)
-                if not a.duplicate
-            )
+        # event ids are globally unique (the body names its collab): one lookup serves all.
+        known = _positions_of(conn, all_ids) if lookup else {}
+        rows = _assign_rows(requests, known, results)
         if rows:
             try:
                 _copy_events(conn, rows)
-                for req in requests:
-                    if req.membership is not None:
-                        _write_projection(conn, req.membership)
+                _write_projections(conn, requests)
             except psycopg.errors.UniqueViolation as exc:
-                conn.rollback()
-                if not lookup and exc.diag.constraint_name == _EVENT_ID_UNIQUE:
-                    return None  # an id is stored already: redo with the lookup
-                stale = _stale_collabs(conn, requests)
-                raise SequencingConflict(
-                    f"collabs {stale} were appended to by another writer", stale
-                ) from exc
+                _refused_write(conn, requests, exc, retry=not lookup)
+                return None  # an id is stored already: redo with the lookup
         return rows
 
     def _settle_commit(
@@ -448,6 +416,49 @@ def _event_row(collab_id: str, seq: int, ev: VerifiedEvent, chain: bytes) -> tup
     b = ev.body
     return (collab_id, seq, ev.event_id, b.actor_id, b.kind, b.ts, ev.signed.body, ev.signed.sig,
             chain)  # fmt: skip
+
+
+def _assign_rows(
+    requests: Sequence[AppendRequest],
+    known: dict[bytes, tuple[int, bytes]],
+    results: list[tuple[chainmod.Head, list[Assignment]]],
+) -> list[tuple[object, ...]]:
+    """Assign each request's events their positions (`known`: ids stored already), append
+    the new head and assignments to `results`, and return the rows to write: one per new id
+    (an id twice in a group, or stored already, is a duplicate and written once)."""
+    rows: list[tuple[object, ...]] = []
+    for req in requests:
+        new_head, assignments = assign(req.head, [e.event_id for e in req.events], known)
+        results.append((new_head, assignments))
+        rows.extend(
+            _event_row(req.collab_id, a.seq, e, a.chain)
+            for a, e in zip(assignments, req.events, strict=True)
+            if not a.duplicate
+        )
+    return rows
+
+
+def _write_projections(conn: psycopg.Connection[Any], requests: Sequence[AppendRequest]) -> None:
+    for req in requests:
+        if req.membership is not None:
+            _write_projection(conn, req.membership)
+
+
+def _refused_write(
+    conn: psycopg.Connection[Any],
+    requests: Sequence[AppendRequest],
+    exc: psycopg.errors.UniqueViolation,
+    *,
+    retry: bool,
+) -> None:
+    """A group's write hit a unique index: roll it back. Returns when an event id was stored
+    already and `retry` (the caller redoes the group with the lookup); otherwise another writer
+    took a position first: raises `SequencingConflict` naming the collabs whose head moved."""
+    conn.rollback()
+    if retry and exc.diag.constraint_name == _EVENT_ID_UNIQUE:
+        return
+    stale = _stale_collabs(conn, requests)
+    raise SequencingConflict(f"collabs {stale} were appended to by another writer", stale) from exc
 
 
 def _copy_events(
