@@ -266,11 +266,11 @@ class Sequencer:
         per batch ahead of it (docs/performance.md, "Where the latency goes")."""
         assert self._written is not None
         async with batches, self._written:
-            async for first in batches:
-                batch, taken = first, 1
+            async for batch in batches:
+                taken = 1
                 while len(batch) < MAX_BATCH:
                     try:
-                        batch = batch + batches.receive_nowait()
+                        batch.extend(batches.receive_nowait())  # the verify stage's own list
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
                     taken += 1
