@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import gc
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import trio
@@ -30,9 +31,10 @@ from model import wire
 from tests.relay_harness import relay_config, running_relay, sign_up
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable
     from pathlib import Path
 
+    from relay._server import Relay
     from tests.relay_harness import User
 
 SUBSCRIBERS = 12
@@ -84,24 +86,40 @@ async def _settle(quiet: Callable[[], bool]) -> None:
         await trio.sleep(0.05)
 
 
-async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
+@asynccontextmanager
+async def _idle_subscribers(
     database_url: str, tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[Relay, Callable[[], Awaitable[None]]]]:
+    """A relay, and `hold()` to open one more idle subscriber on it (`_hold_idle`); all of
+    them are let go when the block ends (within 60 s)."""
     async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
         user = await sign_up(relay.url)
         done = trio.Event()
         with trio.fail_after(60):
             async with trio.open_nursery() as clients:
-                await clients.start(_hold_idle, relay.url, user, done)  # warm: first-use state
-                before = _relay_tasks()
-                for _ in range(SUBSCRIBERS):
+
+                async def hold() -> None:
                     await clients.start(_hold_idle, relay.url, user, done)
-                # Each connection's last reply (`caught_up`) may still be on its way out: wait
-                # for the relay to go quiet (a writer task ends once its outbox is empty).
-                allowed = TASKS_PER_IDLE_SUBSCRIBER * SUBSCRIBERS
-                await _settle(lambda: _relay_tasks().total() - before.total() <= allowed)
-                after = _relay_tasks()
-                done.set()
+
+                try:
+                    yield relay, hold
+                finally:
+                    done.set()
+
+
+async def test_an_idle_subscriber_keeps_no_task_of_its_own_in_the_relay(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with _idle_subscribers(database_url, tmp_path) as (_, hold):
+        await hold()  # warm: first-use state
+        before = _relay_tasks()
+        for _ in range(SUBSCRIBERS):
+            await hold()
+        # Each connection's last reply (`caught_up`) may still be on its way out: wait for the
+        # relay to go quiet (a writer task ends once its outbox is empty).
+        allowed = TASKS_PER_IDLE_SUBSCRIBER * SUBSCRIBERS
+        await _settle(lambda: _relay_tasks().total() - before.total() <= allowed)
+        after = _relay_tasks()
         extra = {
             name: (after[name] - before[name]) / SUBSCRIBERS
             for name in after
@@ -154,23 +172,16 @@ def _kept(obj: object, depth: int) -> set[str]:
 async def test_an_idle_connection_keeps_no_upgrade_state_channel_or_early_made_objects(
     database_url: str, tmp_path: Path
 ) -> None:
-    async with running_relay(relay_config(database_url, tmp_path / "relay")) as relay:
-        user = await sign_up(relay.url)
-        done = trio.Event()
-        with trio.fail_after(60):
-            async with trio.open_nursery() as clients:
-                for _ in range(3):
-                    await clients.start(_hold_idle, relay.url, user, done)
-                idle = [c for c in relay._connections if c.subscriptions]
-                # until each one's last reply was written
-                await _settle(
-                    lambda: all(c.outbox_frames == 0 and c._writer_done is None for c in idle)
-                )
-                kept = {
-                    "connection": set().union(*(_kept(c, 1) for c in idle)),
-                    "websocket": set().union(*(_kept(c.ws, 2) for c in idle)),
-                }
-                done.set()
+    async with _idle_subscribers(database_url, tmp_path) as (relay, hold):
+        for _ in range(3):
+            await hold()
+        idle = [c for c in relay._connections if c.subscriptions]
+        # until each one's last reply was written
+        await _settle(lambda: all(c.outbox_frames == 0 and c._writer_done is None for c in idle))
+        kept = {
+            "connection": set().union(*(_kept(c, 1) for c in idle)),
+            "websocket": set().union(*(_kept(c.ws, 2) for c in idle)),
+        }
         assert len(idle) == 3
         assert {k: v & NOT_KEPT_WHEN_IDLE for k, v in kept.items()} == {
             "connection": set(),

@@ -14,6 +14,7 @@ import ast
 import contextlib
 import inspect
 import os
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pytest
@@ -69,13 +70,18 @@ async def _until_closed(ws: WebSocket) -> None:
             await ws.get_message()
 
 
-async def _record_close(
-    ws: WebSocket, reasons: list[trio_websocket.CloseReason | None], done: trio.Event
-) -> None:
-    """Read until the connection ends, then record why."""
-    await _until_closed(ws)
-    reasons.append(ws.closed)
-    done.set()
+@dataclass
+class _Ends:
+    """Why the server's side of a connection ended, once `record` saw it end."""
+
+    reasons: list[trio_websocket.CloseReason | None] = field(default_factory=list)
+    done: trio.Event = field(default_factory=trio.Event)
+
+    async def record(self, ws: WebSocket) -> None:
+        """A handler's last step: read until the connection ends, then record why."""
+        await _until_closed(ws)
+        self.reasons.append(ws.closed)
+        self.done.set()
 
 
 def test_the_installed_wsproto_is_a_checked_version() -> None:
@@ -149,23 +155,19 @@ async def test_a_stock_client_talks_reads_prebuilt_frames_and_gets_pings_answere
 
 
 async def test_the_client_closes_and_the_server_sees_its_code() -> None:
-    closed: list[trio_websocket.CloseReason | None] = []
-    done = trio.Event()
-
-    async def handler(ws: WebSocket) -> None:
-        await _record_close(ws, closed, done)
+    ends = _Ends()
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve(nursery, handler)
+            url = await _serve(nursery, ends.record)
             async with open_websocket(url, nursery) as client:
                 await client.aclose(4000, "done")
             assert client.closed is not None
             assert client.closed.code == 4000  # the server answered the close
-            await done.wait()
+            await ends.done.wait()
             nursery.cancel_scope.cancel()
-    assert closed[0] is not None
-    assert (closed[0].code, closed[0].reason) == (4000, "done")
+    assert ends.reasons[0] is not None
+    assert (ends.reasons[0].code, ends.reasons[0].reason) == (4000, "done")
 
 
 async def test_nothing_is_written_once_the_connection_is_closing() -> None:
@@ -204,12 +206,11 @@ async def test_nothing_is_written_once_the_connection_is_closing() -> None:
 
 
 async def test_a_message_over_the_cap_is_answered_with_1009_and_ends_the_connection() -> None:
-    ended: list[trio_websocket.CloseReason | None] = []
-    done = trio.Event()
+    ends = _Ends()
 
     async def handler(ws: WebSocket) -> None:
         assert await ws.get_message() == b"s" * 1000  # at the cap: fine
-        await _record_close(ws, ended, done)
+        await ends.record(ws)
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
@@ -219,24 +220,20 @@ async def test_a_message_over_the_cap_is_answered_with_1009_and_ends_the_connect
                 await client.send_message(b"s" * 1001)
                 with pytest.raises(ConnectionClosed) as closed:
                     await client.get_message()
-            await done.wait()
+            await ends.done.wait()
             nursery.cancel_scope.cancel()
     assert closed.value.reason is not None
     assert closed.value.reason.code == 1009
-    assert ended[0] is not None
-    assert ended[0].code == 1009
+    assert ends.reasons[0] is not None
+    assert ends.reasons[0].code == 1009
 
 
 async def test_a_malformed_frame_is_answered_with_1002() -> None:
-    ended: list[trio_websocket.CloseReason | None] = []
-    done = trio.Event()
-
-    async def handler(ws: WebSocket) -> None:
-        await _record_close(ws, ended, done)
+    ends = _Ends()
 
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve(nursery, handler)
+            url = await _serve(nursery, ends.record)
             port = int(url.rsplit(":", 1)[1].strip("/"))
             stream = await trio.open_tcp_stream("127.0.0.1", port)
             await stream.send_all(
@@ -252,12 +249,12 @@ async def test_a_malformed_frame_is_answered_with_1002() -> None:
             while chunk := await stream.receive_some():
                 rest += chunk
             await stream.aclose()
-            await done.wait()
+            await ends.done.wait()
             nursery.cancel_scope.cancel()
     assert rest[:1] == b"\x88"  # a close frame
     assert int.from_bytes(rest[2:4], "big") == 1002
-    assert ended[0] is not None
-    assert ended[0].code == 1002
+    assert ends.reasons[0] is not None
+    assert ends.reasons[0].code == 1002
 
 
 async def test_a_refused_upgrade_gets_its_status_and_body_and_no_websocket() -> None:
