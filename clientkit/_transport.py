@@ -13,10 +13,10 @@ its own that only this module lifts, after the handshake or its bound.
 That shield is the client's one reliance on trio-websocket's internals, and it lives only here
 (tests/test_house.py checks the source tree; the relay serves WebSocket with its own wsproto
 server, relay/_wsraw.py): it hands `wrap_client_stream` a stand-in nursery, trusting that the
-library only ever calls `start_soon` on it, to start its reader task. A version that called anything else would fail every connect
-with an AttributeError, never misbehave quietly; CHECKED_VERSIONS names the releases this was
-read against (tests/test_house.py pins the installed one, tests/test_client_close.py the
-handshake).
+library only ever calls `start_soon` on it, to start its reader task. A version that called
+anything else would fail every connect with an AttributeError, never misbehave quietly;
+CHECKED_VERSIONS names the releases this was read against (tests/test_house.py pins the
+installed one, tests/test_client_close.py the handshake).
 
 A mistyped URL must not cost a person a traceback or a long wait: `check_relay_url` names the
 URL to use instead, a relay that does not answer in time raises `RelayUnreachable`, and a

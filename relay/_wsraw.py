@@ -394,7 +394,7 @@ class WebSocket:
         """Close the TCP stream at once, without a close handshake: for a peer that ignored
         ours. `get_message` then ends with `ConnectionClosed`."""
         self._finish(CloseReason(ABNORMAL_CLOSURE, None))
-        await trio.aclose_forcefully(self._stream)
+        await self._close_stream()
 
     async def _close_stream(self) -> None:
         await trio.aclose_forcefully(self._stream)  # a socket's close does not wait
