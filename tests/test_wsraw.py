@@ -70,6 +70,15 @@ async def _until_closed(ws: WebSocket) -> None:
             await ws.get_message()
 
 
+async def _never(ws: WebSocket) -> None:
+    raise AssertionError("no connection should open")
+
+
+async def _raw_stream(url: str) -> trio.SocketStream:
+    """A plain TCP connection to the server at `url`, to speak to it byte by byte."""
+    return await trio.open_tcp_stream("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
+
+
 @dataclass
 class _Ends:
     """Why the server's side of a connection ended, once `record` saw it end."""
@@ -234,8 +243,7 @@ async def test_a_malformed_frame_is_answered_with_1002() -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             url = await _serve(nursery, ends.record)
-            port = int(url.rsplit(":", 1)[1].strip("/"))
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await _raw_stream(url)
             await stream.send_all(
                 b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -262,12 +270,9 @@ async def test_a_refused_upgrade_gets_its_status_and_body_and_no_websocket() -> 
         assert (b"cf-access-token", b"t0ken") in request.headers  # as trio-websocket gave them
         await request.reject(403, body=b"not you")
 
-    async def never(ws: WebSocket) -> None:
-        raise AssertionError("no connection should open")
-
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve(nursery, never, on_request=refuse)
+            url = await _serve(nursery, _never, on_request=refuse)
             with pytest.raises(AccessRefused) as refused:  # the kit's word for a 403 upgrade
                 async with connect(url, access_token="t0ken"):
                     pass
@@ -276,14 +281,10 @@ async def test_a_refused_upgrade_gets_its_status_and_body_and_no_websocket() -> 
 
 
 async def test_a_socket_that_never_upgrades_is_dropped_after_the_connect_timeout() -> None:
-    async def never(ws: WebSocket) -> None:
-        raise AssertionError("no connection should open")
-
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve(nursery, never, connect_timeout=0.2)
-            port = int(url.rsplit(":", 1)[1].strip("/"))
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            url = await _serve(nursery, _never, connect_timeout=0.2)
+            stream = await _raw_stream(url)
             await stream.send_all(b"GET / HTTP/1.1\r\n")  # and nothing more
             assert await stream.receive_some() == b""  # the server hung up
             await stream.aclose()
@@ -295,14 +296,10 @@ async def test_an_upgrade_request_that_never_ends_is_refused_before_it_grows() -
     (under wsproto) holds at most 16 KiB of an unfinished request, so the server answers 400
     and hangs up long before the connect timeout, instead of buffering what is sent."""
 
-    async def never(ws: WebSocket) -> None:
-        raise AssertionError("no connection should open")
-
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            url = await _serve(nursery, never, connect_timeout=15)
-            port = int(url.rsplit(":", 1)[1].strip("/"))
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            url = await _serve(nursery, _never, connect_timeout=15)
+            stream = await _raw_stream(url)
             await stream.send_all(b"GET / HTTP/1.1\r\nX-Long: ")
             answer = b""
             with trio.fail_after(5):  # well before the 15 s connect timeout
@@ -334,8 +331,7 @@ async def test_a_peer_that_ignores_the_close_is_cut_off_by_abort() -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             url = await _serve(nursery, handler)
-            port = int(url.rsplit(":", 1)[1].strip("/"))
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await _raw_stream(url)
             await stream.send_all(
                 b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                 b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
