@@ -63,9 +63,9 @@ async def run_relay(
                 await relay.serve(task_status=task_status)
                 nursery.cancel_scope.cancel()  # also ends the signal watcher
 
+            if handle_signals:  # before listening: a signal from then on stops it in order
+                await nursery.start(_stop_on_signal, relay)
             await nursery.start(serve_then_stop)
-            if handle_signals:
-                nursery.start_soon(_stop_on_signal, relay)
             task_status.started(relay)
 
 
@@ -90,8 +90,11 @@ def settle_heap() -> None:
     gc.set_threshold(YOUNG_GC_THRESHOLD, older, oldest)
 
 
-async def _stop_on_signal(relay: Relay) -> None:
+async def _stop_on_signal(
+    relay: Relay, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        task_status.started()
         async for signum in signals:
             log.info("signal_received", signal=signal.Signals(signum).name)
             relay.request_shutdown()
