@@ -1,13 +1,12 @@
 """One sequencer actor per active collab: the single writer of that collab's ledger.
 
 Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
-four stages joined by small channels, so the signatures of batch n+1 are checked while batch n
-is being written, batch n-1 is fanned out and the receipts of batch n-2 are made:
+four stages joined by small channels, so batch n+1 is verified while batch n is written:
 
     inbox ──► verify stage (crypto pool, whole batch; a batch of one or two on the loop)
           ──► write stage (the group-commit writer: dedup lookup + assign + COPY + commit)
           ──► publish stage (the collab's tree, fan-out, membership callbacks)
-          ──► ack stage (crypto pool: the group's checkpoint, inclusion proofs) ──► ack authors
+          ──► ack stage (crypto pool, a small group on the loop: checkpoint, proofs) ──► acks
 
 The write stage is also where membership is enforced (ADR-0010): the actor holds the collab's
 `Membership`, folded from its `mgmt` events when the actor starts, and asks the pure admission
@@ -32,10 +31,9 @@ exception never reaches the sequencers nursery, so the relay and every other col
 
 Persist first, then notify: acks and fan-out only ever see committed events (the publish
 stage only receives a batch once `LedgerWriter.write` has returned it committed), and an
-author's ack follows its event's publication. Worker-thread
-calls are not abandoned on cancellation, so a write that started is finished (committed or
-rolled back) before the actor exits. Shutdown closes the inboxes; each actor drains what it
-holds, then exits.
+author's ack follows its event's publication. Worker-thread calls are not abandoned on
+cancellation, so a write that started is finished (committed or rolled back) before the actor
+exits. Shutdown closes the inboxes; each actor drains what it holds, then exits.
 """
 
 from __future__ import annotations
@@ -88,12 +86,13 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
-# A batch this small is verified on the Trio loop (~40 µs per signature here) instead of in the
-# crypto pool: at a steady trickle of appends each event comes alone, and the pool's round trip
-# (a task wakeup, a worker-thread hop each way, and waiting behind a round of receipts already
-# running) cost several times the signature check itself in latency (docs/performance.md,
-# "Where the latency goes"). Larger batches still go to the pool, on every core.
+# A batch this small is verified on the Trio loop (~40 µs per signature here): at a trickle of
+# appends each event comes alone, and the crypto pool's round trip (a task wakeup, a thread hop
+# each way, maybe a round already running) cost several times the check itself in latency
+# (docs/performance.md, "Where the latency goes"). A commit group this small has its receipts
+# (one signature, a proof per event) made there too, while the pool is idle (`small`).
 INLINE_VERIFY: Final = 2
+INLINE_RECEIPTS: Final = 16
 
 
 class Replier(Protocol):
@@ -326,12 +325,11 @@ class Sequencer:
     async def _ack_stage(self, committed: trio.MemoryReceiveChannel[_Committed]) -> None:
         """Make the receipts of committed runs, then ack their authors (ADR-0020).
 
-        A run from a commit group gets the group's checkpoint, signed once for the whole
-        group, and each event's inclusion proof under it: one crypto-pool job, so one thread
-        round shared with every other sequencer's jobs. Off the write stage, so the next group
-        commit does not wait for it. Duplicates (and a group whose tree was dropped) get their
-        proofs under the collab's current checkpoint. The runs come in commit order, so acks
-        keep their order too.
+        A run from a commit group gets the group's checkpoint, signed once for the whole group,
+        and each event's inclusion proof under it: one crypto-pool job, sharing a round with
+        other sequencers' jobs (or on the loop, if small and the pool idle). Off the write
+        stage, so the next commit does not wait for it. Duplicates (and a group whose tree was
+        dropped) get proofs under the collab's current checkpoint. Acks keep commit order.
         """
         async with committed:
             async for run, assignments, group in committed:
@@ -340,7 +338,9 @@ class Sequencer:
                 proofs: list[tuple[bytes, ...]] = []
                 if group is not None:
                     ((note, proofs),) = await self._crypto.map(
-                        self._trees.group_receipts, [(group, seqs)]
+                        self._trees.group_receipts,
+                        [(group, seqs)],
+                        small=len(seqs) <= INLINE_RECEIPTS,
                     )
                 if not note:
                     try:

@@ -84,3 +84,39 @@ def test_shares_cover_every_item_once_in_order() -> None:
         assert len(shares) <= threads
         covered = [(id(j), i) for share in shares for j, s, e in share for i in range(s, e)]
         assert covered == [(id(j), i) for j in jobs for i in range(len(j.items))]
+
+
+async def test_a_small_job_runs_on_the_loop_only_while_the_pool_is_idle() -> None:
+    with trio.fail_after(10):
+        pool = CryptoPool(2)
+        loop_thread = threading.get_ident()
+        holding, release = threading.Event(), threading.Event()
+
+        def where(items: Sequence[int]) -> list[int]:
+            return [threading.get_ident() for _ in items]
+
+        def hold(items: Sequence[int]) -> list[int]:
+            holding.set()
+            release.wait(5)
+            return list(items)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            assert await pool.map(where, [0], small=True) == [loop_thread]
+            assert await pool.map(where, [0]) != [loop_thread]  # not small: a round
+            nursery.start_soon(pool.map, hold, [0])
+            await trio.to_thread.run_sync(holding.wait, 5)
+            got: list[int] = []
+            answered = trio.Event()
+
+            async def small_while_busy() -> None:
+                got.extend(await pool.map(where, [0], small=True))
+                answered.set()
+
+            nursery.start_soon(small_while_busy)
+            await trio.sleep(0.1)
+            assert not got  # queued behind the held round, not run on the loop
+            release.set()
+            await answered.wait()
+            pool.close()
+        assert got != [loop_thread]
