@@ -6,6 +6,7 @@ import dataclasses
 import secrets
 from contextlib import AsyncExitStack
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -37,7 +38,6 @@ from tests.relay_harness import (
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
-    from pathlib import Path
 
     from relay._server import Relay
 
@@ -378,6 +378,14 @@ async def test_a_frame_beyond_the_websocket_cap_closes_only_that_connection(
 # --- backpressure -------------------------------------------------------------------------------
 
 
+def _kernel_buffer(name: str, field: int) -> int:
+    """One of Linux's TCP buffer sizes (`min default max`), or 4 MiB where it cannot be read."""
+    try:
+        return int(Path(f"/proc/sys/net/ipv4/{name}").read_text().split()[field])
+    except (OSError, ValueError, IndexError):
+        return 4 * 1024 * 1024
+
+
 async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without_loss(
     raw: Raw, relay: Relay, alice: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -389,7 +397,11 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
     assert isinstance(await next_reply(slow), wire.Subscribed)
     assert isinstance(await next_reply(slow), wire.Event)  # the genesis
     assert isinstance(await next_reply(slow), wire.CaughtUp)
-    total = 1500
+    # A burst larger than the kernel can buffer for a reader that reads nothing (the relay's
+    # send buffer grows up to tcp_wmem's maximum, the reader's stays at tcp_rmem's default),
+    # so the relay must find the subscriber lagging: ~8 KB per event.
+    text = "x" * 8000
+    total = max(300, 2 * (_kernel_buffer("tcp_wmem", 2) + _kernel_buffer("tcp_rmem", 1)) // 8000)
     fast_seen: list[int] = []
     with trio.fail_after(60):
         async with session(relay.url, alice) as fast, session(relay.url, alice) as poster:
@@ -398,9 +410,7 @@ async def test_a_lagging_subscriber_is_dropped_with_a_reason_and_resumes_without
                 async with trio.open_nursery() as nursery:
 
                     async def burst() -> None:
-                        events = [
-                            alice.event("x" * 400, ts=1_700_000_000_000 + i) for i in range(total)
-                        ]
+                        events = [alice.event(text, ts=1_700_000_000_000 + i) for i in range(total)]
                         ws = await raw.authed(relay.url, alice)
                         for i, ev in enumerate(events):
                             await ws.send_message(wire.encode(wire.Append(rid=100 + i, event=ev)))
