@@ -86,12 +86,12 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
-# A batch this small is verified on the Trio loop (~40 µs per signature here): at a trickle of
-# appends each event comes alone, and the crypto pool's round trip (a task wakeup, a thread hop
-# each way, maybe a round already running) cost several times the check itself in latency
-# (docs/performance.md, "Where the latency goes"). A commit group this small has its receipts
-# (one signature, a proof per event) made there too, while the pool is idle (`small`).
-INLINE_VERIFY: Final = 2
+# While the crypto pool is idle, a batch this small is verified on the Trio loop (~70 µs per
+# signature here), and a commit group this small gets its receipts there (one signature, a
+# proof per event): the pool's round trip (a task wakeup, a thread hop each way) costs more
+# loop time than the work, and as much latency again (docs/performance.md, "Where the latency
+# goes"). A busy pool gets them, so that its round runs them on every core (`small`).
+INLINE_VERIFY: Final = 8
 INLINE_RECEIPTS: Final = 16
 
 
@@ -240,10 +240,8 @@ class Sequencer:
                     self._pending[id(sub)] = sub
                 if _stages.RECORDER is not None:
                     _stages.stamp(sub.stamps for sub in batch)
-                if len(batch) <= INLINE_VERIFY:
-                    checked = _verify_batch(batch)
-                else:
-                    checked = await self._crypto.map(_verify_batch, batch)
+                small = len(batch) <= INLINE_VERIFY
+                checked = await self._crypto.map(_verify_batch, batch, small=small)
                 if _stages.RECORDER is not None:
                     _stages.stamp(sub.stamps for sub in batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
-import threading
 from contextlib import closing
 from typing import TYPE_CHECKING
 
 import pytest
-import trio
 
 from clientkit import ReceiptInvalid, connect
 from clientkit._checkpoints import CheckpointBook
 from clientkit._state import ClientState
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
-from model import equivocation, wire
+from model import equivocation
 from model.chain import Receipt, sign_receipt
 from model.checkpoints import CheckpointSigner
 from model.equivocation import SignedReceipt, open_receipt
@@ -30,7 +28,6 @@ from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import post, session, sign_up
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
     from pathlib import Path
 
     from relay._server import Relay
@@ -158,44 +155,3 @@ async def test_a_device_with_old_style_receipts_keeps_posting_verifying_and_prov
     proof = equivocation.decode(saved[0].read_bytes())
     assert proof.receipt.sig
     assert not proof.receipt.checkpoint
-
-
-async def test_a_lone_groups_receipts_skip_an_idle_crypto_pool_but_queue_behind_a_busy_one(
-    relay: Relay, tmp_path: Path
-) -> None:
-    """A trickle of appends (one per commit group) gets its receipts made on the loop: the
-    pool's round would cost two thread hand-offs, more loop time than the signature itself.
-    While the pool is busy they still go to it, so a hundred collabs committing together sign
-    on every core instead of on the loop. Either way the receipt proves the event stored.
-    Old code: every group's receipts took a pool round."""
-    pool = relay._sequencers._crypto
-    alice = await sign_up(relay.url, "alice")
-    async with session(relay.url, alice) as client:
-        await client.append(alice.event("the actor starts"))
-        rounds = pool.rounds
-        lone = await client.append(alice.event("alone in its group"))
-        assert pool.rounds == rounds, "a lone group's receipts waited for a crypto-pool round"
-
-        holding, release = threading.Event(), threading.Event()
-
-        def hold(items: Sequence[int]) -> list[bool]:
-            holding.set()
-            return [release.wait(10) for _ in items]
-
-        acked: list[wire.Appended] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.map, hold, [0])
-            await trio.to_thread.run_sync(holding.wait, 10)
-            assert not pool.idle
-
-            async def append_while_busy() -> None:
-                acked.append(await client.append(alice.event("behind a busy pool")))
-
-            nursery.start_soon(append_while_busy)
-            await trio.sleep(0.5)
-            assert not acked, "receipts were made on the loop while the crypto pool was busy"
-            release.set()
-    for ack in (lone, *acked):
-        head = open_receipt(relay.relay_pk, SignedReceipt.of_ack(ack))
-        assert head is not None
-        assert head.size >= ack.seq
