@@ -48,6 +48,7 @@ class CryptoPool:
         self._send, self._recv = trio.open_memory_channel[_Job](math.inf)
         self.rounds = 0  # thread rounds run, for statistics
         self._in_round = False
+        self._closed = False
 
     async def map(
         self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, small: bool = False
@@ -79,11 +80,12 @@ class CryptoPool:
 
     @property
     def idle(self) -> bool:
-        """No round is running or queued."""
-        return not self._in_round and self._send.statistics().current_buffer_used == 0
+        """Open, and no round is running or queued."""
+        return not (self._closed or self._in_round or self._send.statistics().current_buffer_used)
 
     def close(self) -> None:
         """No more jobs; `run` returns once the queued ones are done."""
+        self._closed = True
         self._send.close()
 
     async def run(self) -> None:

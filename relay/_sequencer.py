@@ -3,7 +3,7 @@
 Each actor owns a bounded inbox (its fixed buffer is the backpressure on submitters) and runs
 four stages joined by small channels, so batch n+1 is verified while batch n is written:
 
-    inbox ──► verify stage (crypto pool, whole batch; a batch of one or two on the loop)
+    inbox ──► verify stage (crypto pool, whole batch; a small one on the loop if it is idle)
           ──► write stage (the group-commit writer: dedup lookup + assign + COPY + commit)
           ──► publish stage (the collab's tree, fan-out, membership callbacks)
           ──► ack stage (crypto pool, a small group on the loop: checkpoint, proofs) ──► acks

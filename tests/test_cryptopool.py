@@ -120,3 +120,5 @@ async def test_a_small_job_runs_on_the_loop_only_while_the_pool_is_idle() -> Non
             await answered.wait()
             pool.close()
         assert got != [loop_thread]
+        with pytest.raises(trio.ClosedResourceError):  # closed: not even on the loop
+            await pool.map(where, [0], small=True)
