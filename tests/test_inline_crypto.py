@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
+import pytest
 import trio
 
 from model import wire
@@ -22,7 +23,9 @@ from tests.relay_harness import session, sign_up
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ledger import AppendRequest
     from relay._server import Relay
+    from relay._writer import Written
 
 
 async def test_a_few_appends_are_verified_and_receipted_on_the_loop_while_the_pool_is_idle(
@@ -45,40 +48,52 @@ async def test_a_few_appends_are_verified_and_receipted_on_the_loop_while_the_po
 
 
 async def test_a_lone_groups_receipts_skip_an_idle_crypto_pool_but_queue_behind_a_busy_one(
-    relay: Relay,
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A trickle of appends (one per commit group) gets its receipts made on the loop: the
     pool's round would cost two thread hand-offs, more loop time than the signature itself.
     While the pool is busy they still go to it, so a hundred collabs committing together sign
     on every core instead of on the loop. Either way the receipt proves the event stored.
-    Old code: every group's receipts took a pool round."""
+    Old code: every group's receipts took a pool round. Without the idle check, the second
+    append is acked while the pool is still held."""
     pool = relay._sequencers._crypto
+    writer = relay._sequencers._writer
     alice = await sign_up(relay.url, "alice")
-    async with session(relay.url, alice) as client:
+    async with session(relay.url, alice) as client, trio.open_nursery() as nursery:
         await client.append(alice.event("the actor starts"))
         rounds = pool.rounds
         lone = await client.append(alice.event("alone in its group"))
         assert pool.rounds == rounds, "a lone group's receipts waited for a crypto-pool round"
 
+        # Next, the pool is made busy between the commit and the receipts: the event was
+        # verified on the loop, and only its receipts can wait for the pool.
         holding, release = threading.Event(), threading.Event()
 
         def hold(items: Sequence[int]) -> list[bool]:
             holding.set()
             return [release.wait(10) for _ in items]
 
-        acked: list[wire.Appended] = []
-        async with trio.open_nursery() as nursery:
+        write = writer.write
+
+        async def write_then_hold(
+            request: AppendRequest, timing: list[float] | None = None
+        ) -> Written:
+            written = await write(request, timing)
             nursery.start_soon(pool.map, hold, [0])
             await trio.to_thread.run_sync(holding.wait, 10)
-            assert not pool.idle
+            return written
 
-            async def append_while_busy() -> None:
-                acked.append(await client.append(alice.event("behind a busy pool")))
+        monkeypatch.setattr(writer, "write", write_then_hold)
+        acked: list[wire.Appended] = []
 
-            nursery.start_soon(append_while_busy)
-            await trio.sleep(0.5)
-            assert not acked, "receipts were made on the loop while the crypto pool was busy"
-            release.set()
+        async def append_while_busy() -> None:
+            acked.append(await client.append(alice.event("behind a busy pool")))
+
+        nursery.start_soon(append_while_busy)
+        await trio.to_thread.run_sync(holding.wait, 10)
+        await trio.sleep(0.5)
+        assert not acked, "receipts were made on the loop while the crypto pool was busy"
+        release.set()
     for ack in (lone, *acked):
         head = open_receipt(relay.relay_pk, SignedReceipt.of_ack(ack))
         assert head is not None
