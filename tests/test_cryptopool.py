@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pytest
 import trio
 
-from relay._cryptopool import MIN_SHARE, CryptoPool, _Job, _shares
+from relay._cryptopool import INLINE_BUDGET, MIN_SHARE, CryptoPool, _Job, _shares
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -122,3 +122,25 @@ async def test_a_small_job_runs_on_the_loop_only_while_the_pool_is_idle() -> Non
         assert got != [loop_thread]
         with pytest.raises(trio.ClosedResourceError):  # closed: not even on the loop
             await pool.map(where, [0], small=True)
+
+
+async def test_a_flood_of_small_jobs_reaches_the_threads_after_the_inline_budget() -> None:
+    """Small jobs run on the loop never make the pool busy: a flood of them (a hundred collabs
+    appending an event each) must still reach the threads instead of taking the whole loop.
+    Old code: every one ran on the loop, and the pool never ran a round."""
+    with trio.fail_after(10):
+        pool = CryptoPool(2)
+        loop_thread = threading.get_ident()
+
+        def where(items: Sequence[int]) -> list[int]:
+            return [threading.get_ident() for _ in items]
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            ran = [await pool.map(where, [0], small=True) for _ in range(4 * INLINE_BUDGET)]
+            pool.close()
+        on_loop = sum(r == [loop_thread] for r in ran)
+        assert pool.rounds >= 3, "a flood of small jobs never reached the crypto threads"
+        # Between two rounds at most INLINE_BUDGET items ran on the loop.
+        assert on_loop <= INLINE_BUDGET * (pool.rounds + 1)
+        assert on_loop >= INLINE_BUDGET  # the first ones, on an idle pool, did run there
