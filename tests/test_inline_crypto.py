@@ -41,10 +41,7 @@ async def test_a_few_appends_are_verified_and_receipted_on_the_loop_while_the_po
         acks = await client.append_many([alice.event(f"m{i}") for i in range(INLINE_VERIFY)])
         assert pool.rounds == rounds, "a few appends waited for a crypto-pool round"
     assert [a.seq for a in acks] == list(range(acks[0].seq, acks[0].seq + INLINE_VERIFY))
-    for ack in acks:
-        head = open_receipt(relay.relay_pk, SignedReceipt.of_ack(ack))
-        assert head is not None
-        assert head.size >= ack.seq
+    _assert_proven(relay, acks)
 
 
 async def test_a_lone_groups_receipts_skip_an_idle_crypto_pool_but_queue_behind_a_busy_one(
@@ -94,7 +91,12 @@ async def test_a_lone_groups_receipts_skip_an_idle_crypto_pool_but_queue_behind_
         await trio.sleep(0.5)
         assert not acked, "receipts were made on the loop while the crypto pool was busy"
         release.set()
-    for ack in (lone, *acked):
+    _assert_proven(relay, [lone, *acked])
+
+
+def _assert_proven(relay: Relay, acks: Sequence[wire.Appended]) -> None:
+    """Each ack's receipt opens under the relay's key and covers the ack's seq."""
+    for ack in acks:
         head = open_receipt(relay.relay_pk, SignedReceipt.of_ack(ack))
         assert head is not None
         assert head.size >= ack.seq
