@@ -24,7 +24,7 @@ from model.errors import DECODE_ERRORS, BadSignature, InvalidEvent
 from model.ids import is_id
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Iterable, Mapping, Sequence
 
     import nacl.signing
 
@@ -288,9 +288,10 @@ _VERIFIER = object()
 
 class Prechecked:
     """Event signatures that held, checked ahead of the fold (`precheck`, which a reader runs in
-    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core). The fold
-    still decides which key each event must be signed with; `verify_event` skips its own check
-    only for that exact key, signature and body. Only `precheck` makes one.
+    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core) or of the
+    relay's sequencer (`vouched`, for checks its worker processes made). The fold still decides
+    which key each event must be signed with; `verify_event` skips its own check only for that
+    exact key, signature and body. Only `precheck` and `vouched` make one.
 
     It also holds content the workers decrypted with the collab keys the reader had (`opened`):
     the fold takes those bytes only for the exact body and the key it would decrypt it with
@@ -349,6 +350,22 @@ def precheck(
         if collab_keys and peek.kind != KIND_DM:
             _preopen(signed.body, collab_keys, opened)
     return Prechecked(held, opened, _token=_VERIFIER)
+
+
+def signature_check(
+    signed: SignedEvent, author_public_key: bytes, *, decoded: EventBody | None = None
+) -> tuple[bytes, bytes, bytes]:
+    """(public key, message, signature): exactly the check `verify_event` makes for `signed`,
+    for a checker that runs it elsewhere (the relay's worker processes) and hands its verdict
+    back through `vouched`."""
+    domain, part = _signed_part(signed.body, decoded)
+    return author_public_key, domain + part, signed.sig
+
+
+def vouched(held: Iterable[tuple[SignedEvent, bytes]]) -> Prechecked:
+    """A `Prechecked` for events whose `signature_check` with the given key held: the caller
+    vouches that `_crypto.verify` said so (in another process), as `precheck` does itself."""
+    return Prechecked({(pk, ev.sig, ev.body) for ev, pk in held}, _token=_VERIFIER)
 
 
 def _preopen(

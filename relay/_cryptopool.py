@@ -7,6 +7,11 @@ The pool takes every job queued since its last round — from any number of sequ
 their items into one contiguous share per thread and runs the shares in parallel (PyNaCl
 releases the GIL), then hands each job its results in order.
 
+Signature checks go to worker processes instead of threads when the relay has them
+(relay/_sigprocs.py): in a thread, each check hands the GIL back and forth with the loop. They
+share the round with the thread jobs, so a hundred collabs' batches still reach the writer
+together.
+
 Jobs must be pure, element-wise functions (`fn(items)` returns one result per item, and
 `fn(a + b) == fn(a) + fn(b)`): the pool may split one job's items across threads. Nothing is
 written here, so a caller that is cancelled may stop waiting; its results are dropped.
@@ -20,8 +25,13 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
+from relay._sigcheck import Check, check_signatures
+from relay._sigprocs import WorkerLost
+
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
+
+    from relay._sigprocs import SignatureWorkers
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,13 +53,15 @@ class _Job:
     done: trio.Event = field(default_factory=trio.Event)
     parts: dict[int, list[Any]] = field(default_factory=dict)  # start index -> results
     error: BaseException | None = None
+    remote: bool = False  # signature checks, for the worker processes when there are any
 
 
 class CryptoPool:
     """Runs element-wise crypto jobs of many callers on `threads` worker threads at once."""
 
-    def __init__(self, threads: int = 2) -> None:
+    def __init__(self, threads: int = 2, workers: SignatureWorkers | None = None) -> None:
         self._threads = max(1, threads)
+        self._workers = workers if workers is not None and workers.count else None
         self._send, self._recv = trio.open_memory_channel[_Job](math.inf)
         self.rounds = 0  # thread rounds run, for statistics
         self._in_round = False
@@ -71,12 +83,24 @@ class CryptoPool:
 
         Raises what `fn` raised. Raises `trio.ClosedResourceError` once the pool is closed.
         """
+        return await self._submit(fn, items, small=small, remote=False)
+
+    async def check_signatures(self, checks: Sequence[Check], *, small: bool = False) -> list[bool]:
+        """Whether each (public key, message, signature) holds, like `map` with
+        `relay._sigcheck.check_signatures`, but in the worker processes when there are any."""
+        return await self._submit(check_signatures, checks, small=small, remote=True)
+
+    async def _submit(
+        self, fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], *, small: bool, remote: bool
+    ) -> list[R]:
         if not items:
             return []
         if small and self.idle and self._inline + len(items) <= INLINE_BUDGET:
             self._inline += len(items)
             return fn(items)
-        job = _Job(fn, items)
+        job = _Job(fn, items, remote=remote and self._workers is not None)
+        if job.remote and self._workers is not None:
+            self._workers.want()
         self._send.send_nowait(job)
         await job.done.wait()
         if job.error is not None:
@@ -97,6 +121,15 @@ class CryptoPool:
         self._send.close()
 
     async def run(self) -> None:
+        """Run rounds until the pool is closed and its queue drained; the pool's worker
+        processes, if any, run beside them and are stopped on the way out."""
+        async with trio.open_nursery() as nursery:
+            if self._workers is not None:
+                nursery.start_soon(self._workers.run, name="signature-workers")
+            await self._rounds()
+            nursery.cancel_scope.cancel()
+
+    async def _rounds(self) -> None:
         async with self._recv:
             async for first in self._recv:
                 jobs = [first]
@@ -108,9 +141,14 @@ class CryptoPool:
                 self._in_round = True
                 self._inline = 0
                 try:
+                    local = [job for job in jobs if not job.remote]
+                    remote = [job for job in jobs if job.remote]
                     async with trio.open_nursery() as nursery:
-                        for share in _shares(jobs, self._threads):
+                        for share in _shares(local, self._threads):
                             nursery.start_soon(_run_share, share)
+                        if remote and self._workers is not None:
+                            for index, share in enumerate(_shares(remote, self._workers.count)):
+                                nursery.start_soon(_run_remote, self._workers, index, share)
                     self.rounds += 1
                 finally:
                     self._in_round = False
@@ -127,8 +165,27 @@ async def _run_share(share: list[tuple[_Job, int, int]]) -> None:
     await trio.to_thread.run_sync(_work, share)
 
 
+async def _run_remote(
+    workers: SignatureWorkers, index: int, share: list[tuple[_Job, int, int]]
+) -> None:
+    """One worker process checks the share; if it is not running or fails, a thread does."""
+    checks: list[Check] = []
+    for job, start, end in share:
+        checks.extend(job.items[start:end])
+    try:
+        verdicts = await workers.check(index, checks)
+    except WorkerLost:
+        verdicts = await trio.to_thread.run_sync(check_signatures, checks)
+    at = 0
+    for job, start, end in share:
+        job.parts[start] = verdicts[at : at + end - start]
+        at += end - start
+
+
 def _shares(jobs: list[_Job], threads: int) -> list[list[tuple[_Job, int, int]]]:
     """Cut the jobs' items, in order, into at most `threads` runs of about equal length."""
+    if not jobs:
+        return []
     total = sum(len(j.items) for j in jobs)
     size = max(MIN_SHARE, math.ceil(total / threads))
     shares: list[list[tuple[_Job, int, int]]] = [[]]

@@ -13,6 +13,7 @@ import trio
 from model.excgroups import leaves
 from relay._cryptopool import CryptoPool
 from relay._sequencer import InboxFull, Sequencer, ShuttingDown
+from relay._sigprocs import SignatureWorkers
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -44,6 +45,7 @@ class SequencerRegistry:
         on_changed: OnChanged,
         db_threads: int = 6,
         cpu_threads: int = 2,
+        signature_workers: int = 2,
         trees: CollabTrees,
     ) -> None:
         self._nursery = nursery
@@ -55,7 +57,7 @@ class SequencerRegistry:
         self._db_limiter = trio.CapacityLimiter(db_threads)
         # Verification and receipts (checkpoints) of every actor, coalesced (relay/_cryptopool.py).
         # It runs in the sequencer nursery and is closed once the last actor has exited.
-        self._crypto = CryptoPool(cpu_threads)
+        self._crypto = CryptoPool(cpu_threads, SignatureWorkers(signature_workers))
         nursery.start_soon(self._crypto.run, name="crypto-pool")
         self._actors: dict[str, Sequencer] = {}
         self._running = 0  # actors started and not yet exited (retired ones included)

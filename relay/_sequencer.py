@@ -55,12 +55,12 @@ from model.envelope import (
     SignedEvent,
     VerifiedEvent,
     audience_of,
-    verify_event,
 )
-from model.errors import BadSignature, InvalidEvent, ModelError
+from model.errors import ModelError
 from model.sequencer import Assignment
 from relay import _stages
 from relay._checkpoints import ReceiptsNotReady
+from relay._verifying import verify_appends
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -86,12 +86,11 @@ ACK_QUEUE: Final = 4
 # fresh one (which re-reads the head), so idle collabs cost nothing.
 IDLE_SECONDS: Final = 300.0
 MAX_BATCH: Final = 256
-# While the crypto pool is idle, a batch this small is verified on the Trio loop (~70 µs per
-# signature here), and a commit group this small gets its receipts there (one signature, a
-# proof per event): the pool's round trip (a task wakeup, a thread hop each way) costs more
-# loop time than the work, and as much latency again (docs/performance.md, "Where the latency
-# goes"). A busy pool gets them, so that its round runs them on every core (`small`).
-INLINE_VERIFY: Final = 8
+# While the crypto pool is idle, a commit group this small gets its receipts on the Trio loop
+# (one signature, a proof per event): the pool's round trip (a task wakeup, a thread hop each
+# way) costs more loop time than the work, and as much latency again (docs/performance.md,
+# "Where the latency goes"). A busy pool gets them, so that its round runs them on every core
+# (`small`; relay/_verifying.py does the same for signature checks).
 INLINE_RECEIPTS: Final = 16
 
 
@@ -240,8 +239,7 @@ class Sequencer:
                     self._pending[id(sub)] = sub
                 if _stages.RECORDER is not None:
                     _stages.stamp(sub.stamps for sub in batch)
-                small = len(batch) <= INLINE_VERIFY
-                checked = await self._crypto.map(_verify_batch, batch, small=small)
+                checked = await verify_appends(self._crypto, batch)
                 if _stages.RECORDER is not None:
                     _stages.stamp(sub.stamps for sub in batch)
                 good: list[tuple[Submission, VerifiedEvent]] = []
@@ -576,23 +574,3 @@ def _unproven(rid: int) -> wire.Error:
         message="the relay stored this event but cannot prove it yet; retry it (appends are"
         " idempotent: it gets its seq back, with its receipt)",
     )
-
-
-def _verify_batch(
-    batch: Sequence[Submission],
-) -> list[VerifiedEvent | tuple[wire.ErrorCode, str]]:
-    """Worker thread: check every signature in the batch (PyNaCl releases the GIL)."""
-    out: list[VerifiedEvent | tuple[wire.ErrorCode, str]] = []
-    for sub in batch:
-        try:
-            out.append(verify_event(sub.event, sub.author_pk, decoded=sub.body))
-        except BadSignature:
-            out.append(
-                (
-                    wire.ErrorCode.BAD_SIGNATURE,
-                    "event signature does not verify with your account key; nothing was stored",
-                )
-            )
-        except InvalidEvent as exc:
-            out.append((wire.ErrorCode.INVALID_EVENT, f"{exc}; nothing was stored"))
-    return out

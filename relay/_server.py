@@ -269,6 +269,7 @@ class Relay:
                         self.fanout,
                         on_changed=self._collabs.changed,
                         trees=self.trees,
+                        signature_workers=self.config.signature_workers,
                     )
                     async with trio.open_nursery() as accept:
                         # The relay's own WebSocket server (relay/_wsraw.py): one task per

@@ -130,6 +130,10 @@ class RelayConfig:
     # commit before it starts the next group beside it, so a commit in doubt (its outcome being
     # settled, or its reply never coming) holds up only its own collabs.
     writer_stall_ms: int = 1000
+    # Worker processes that check appends' signatures (relay/_sigprocs.py), started on the first
+    # batch that needs them: in threads the checks share the relay's GIL. 0 checks them in
+    # threads only.
+    signature_workers: int = 2
     # Signed checkpoints (ADR-0020): the relay's name, the first part of every collab's
     # checkpoint origin `<relay_name>/collab/<collab_id>` (a key name: no spaces or '+'), and
     # how often an open subscription gets a signed checkpoint when nothing else sent one.
@@ -252,6 +256,9 @@ def load_config(
             pick("COZY_WRITER_STALL_MS", "writer_stall_ms", 1000),
             10,
             60_000,
+        ),
+        signature_workers=_bounded_int(
+            "COZY_SIGNATURE_WORKERS", pick("COZY_SIGNATURE_WORKERS", "signature_workers", 2), 0, 64
         ),
         relay_name=_relay_name(pick("COZY_RELAY_NAME", "relay_name", "cozy-relay")),
         checkpoint_interval_ms=_bounded_int(

@@ -19,7 +19,7 @@ from ledger import Ledger
 from model import wire
 from model.envelope import event_id
 from model.membership import Member, MemberKind, Role
-from relay import _sequencer
+from relay import _sequencer, _verifying
 from relay._checkpoints import CollabTrees
 from relay._writer import LedgerWriter
 from tests.fault_harness import CuttingProxy
@@ -68,14 +68,14 @@ def _inject(monkeypatch: pytest.MonkeyPatch, stage: str, victim: str) -> list[st
         raise RuntimeError(f"injected fault in the {stage} stage")
 
     if stage == "verify":
-        verify = _sequencer._verify_batch
+        verify = _verifying.verdicts
 
-        def fake_verify(batch: Sequence[_sequencer.Submission]) -> list[Any]:
+        def fake_verify(batch: Sequence[_sequencer.Submission], held: Sequence[bool]) -> list[Any]:
             if not hits and batch[0].body.collab_id == victim:
                 boom()
-            return verify(batch)
+            return verify(batch, held)
 
-        monkeypatch.setattr(_sequencer, "_verify_batch", fake_verify)
+        monkeypatch.setattr(_verifying, "verdicts", fake_verify)
     elif stage == "write":
         write = LedgerWriter.write
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
@@ -291,6 +292,16 @@ def settled_tasks(world: World, samples: int = 20) -> int:
 
 @pytest.fixture(scope="module")
 def baseline(world: World) -> Baseline:
+    # The signature-check workers start on the first burst of appends, each with a task that
+    # keeps it running: standing tasks, started here so the fuzz's bursts do not add them.
+    assert world.relay is not None
+    workers = world.relay._sequencers._crypto._workers
+    assert workers is not None
+    trio.from_thread.run_sync(workers.want, trio_token=world.token)
+    deadline = time.monotonic() + 20
+    while len(workers.pids()) < workers.count:
+        assert time.monotonic() < deadline, "the relay's signature workers never started"
+        threading.Event().wait(0.01)
     return Baseline(row_counts(world), settled_tasks(world), world.probe_rounds)
 
 

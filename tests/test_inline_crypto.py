@@ -17,7 +17,7 @@ import trio
 
 from model import wire
 from model.equivocation import SignedReceipt, open_receipt
-from relay._sequencer import INLINE_VERIFY
+from relay._verifying import INLINE_VERIFY
 from tests.relay_harness import session, sign_up
 
 if TYPE_CHECKING:

@@ -1,0 +1,112 @@
+"""Batched Ed25519 checks, and the worker process that runs them off the relay's interpreter.
+
+A thread that checks signatures shares the relay's GIL: PyNaCl releases it for each
+signature, but the thread must take it back for each one while the loop thread runs Python,
+and on this kind of VM each hand-over is a futex wake (docs/performance.md, "Fourth pass").
+A worker process has an interpreter of its own, so its checks contend with nothing but the
+other processes for the cores. It is `python -m relay._sigcheck`: it imports this module and
+PyNaCl only (~50 ms, ~16 MB), reads requests on stdin and answers on stdout.
+
+What crosses the pipe is public: account public keys, the signed bytes and the signatures.
+The verdict is the worker's, so the worker is as trusted as the relay's own threads; it runs
+the same `check_signatures` they would.
+
+Framing (little-endian): a request is `u32 length` then `u32 count` and `count` checks, each
+`u16 key length, u16 signature length, u32 message length` and the three byte strings; the
+reply is `count` bytes, 1 where the signature holds and 0 where it does not.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from typing import TYPE_CHECKING, BinaryIO, Final
+
+from model._crypto import verify
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+# (public key, signed message, signature)
+Check = tuple[bytes, bytes, bytes]
+
+# The worker's first reply, before any request: its imports are done.
+READY: Final = b"R"
+# A request larger than this is refused by the worker (it exits): far above any round, which
+# holds at most a few thousand events of at most the relay's body limit.
+MAX_REQUEST: Final = 256 * 1024 * 1024
+
+_U32 = struct.Struct("<I")
+_ITEM = struct.Struct("<HHI")
+
+
+def check_signatures(checks: Sequence[Check]) -> list[bool]:
+    """Element-wise (`f(a + b) == f(a) + f(b)`), so a pool may split it anywhere."""
+    return [verify(pk, message, sig) for pk, message, sig in checks]
+
+
+def encode_request(checks: Sequence[Check]) -> bytes:
+    parts = [b"", _U32.pack(len(checks))]
+    for pk, message, sig in checks:
+        parts += (_ITEM.pack(len(pk), len(sig), len(message)), pk, sig, message)
+    size = sum(map(len, parts))
+    parts[0] = _U32.pack(size)
+    return b"".join(parts)
+
+
+def decode_request(payload: bytes) -> list[Check]:
+    """The checks of one request's payload (after its length). Raises `ValueError` when the
+    payload is not exactly a request."""
+    try:
+        (count,) = _U32.unpack_from(payload, 0)
+        at = _U32.size
+        out: list[Check] = []
+        for _ in range(count):
+            pk_len, sig_len, msg_len = _ITEM.unpack_from(payload, at)
+            at += _ITEM.size
+            pk = payload[at : at + pk_len]
+            sig = payload[at + pk_len : at + pk_len + sig_len]
+            at += pk_len + sig_len
+            message = payload[at : at + msg_len]
+            at += msg_len
+            out.append((pk, message, sig))
+    except struct.error as exc:
+        raise ValueError(f"truncated signature-check request: {exc}") from None
+    if at > len(payload):
+        raise ValueError("truncated signature-check request")
+    if at < len(payload):
+        raise ValueError("signature-check request longer than its checks")
+    return out
+
+
+def encode_reply(verdicts: Sequence[bool]) -> bytes:
+    return bytes(verdicts)
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> int:
+    """The worker's loop: answer each request until end of input. Returns the exit code: 0 at
+    end of input, 2 on a malformed request (the relay then runs its checks in threads)."""
+    replies.write(READY)
+    replies.flush()
+    while True:
+        head = requests.read(_U32.size)
+        if not head:
+            return 0
+        if len(head) != _U32.size:
+            return 2
+        (size,) = _U32.unpack(head)
+        if size > MAX_REQUEST:
+            return 2
+        payload = requests.read(size)
+        if len(payload) != size:
+            return 2
+        try:
+            checks = decode_request(payload)
+        except ValueError:
+            return 2
+        replies.write(encode_reply(check_signatures(checks)))
+        replies.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.stdin.buffer, sys.stdout.buffer))

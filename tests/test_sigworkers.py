@@ -1,0 +1,245 @@
+"""Signature checks in worker processes (relay/_sigcheck.py, relay/_sigprocs.py).
+
+Checked in a thread, each signature hands the relay's GIL back and forth with the loop; a
+worker process has an interpreter of its own. What these tests hold the workers to: a forged
+signature is refused whichever process checks it, each verdict lands on its own event, and a
+worker that dies, never starts or garbles its replies costs the relay a round in its threads,
+never an answer.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+import msgspec
+import nacl.signing
+import pytest
+import trio
+
+from clientkit import RelayRefused
+from ledger import Ledger
+from model import wire
+from model.envelope import event_id
+from relay._cryptopool import CryptoPool
+from relay._sigcheck import Check, check_signatures, decode_request, encode_request
+from relay._sigprocs import RESTART_PAUSE, SignatureWorkers, WorkerLost
+from tests.relay_harness import session, sign_up
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from relay._server import Relay
+
+_KEY = nacl.signing.SigningKey(b"k" * 32)
+_OTHER = nacl.signing.SigningKey(b"o" * 32)
+
+
+def _good(i: int) -> Check:
+    message = f"message {i}".encode() * 20
+    return bytes(_KEY.verify_key), message, _KEY.sign(message).signature
+
+
+def _forgeries() -> list[Check]:
+    """The cheap forgeries: another key's signature, a changed message, truncated, empty."""
+    pk, message, sig = _good(0)
+    return [
+        (pk, message, _OTHER.sign(message).signature),
+        (pk, message + b"!", sig),
+        (pk, message, sig[:63]),
+        (pk, message, b""),
+        (b"", message, sig),
+        (bytes(_OTHER.verify_key), message, sig),
+    ]
+
+
+def _mixed(n: int, forged_at: Sequence[int]) -> tuple[list[Check], list[bool]]:
+    checks = [_good(i) for i in range(n)]
+    forgeries = _forgeries()
+    for k, at in enumerate(forged_at):
+        checks[at] = forgeries[k % len(forgeries)]
+    return checks, [i not in forged_at for i in range(n)]
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
+    with trio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 — process state: no event to await
+            await trio.sleep(0.01)
+
+
+def _dead(pid: int) -> bool:
+    """Exited (a zombie until its parent reaps it) or gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_requests_round_trip_and_a_malformed_one_is_refused() -> None:
+    checks = [_good(1), *_forgeries()]
+    payload = encode_request(checks)[4:]
+    assert decode_request(payload) == checks
+    with pytest.raises(ValueError, match="truncated"):
+        decode_request(payload[:-1])
+    with pytest.raises(ValueError, match="longer"):
+        decode_request(payload + b"x")
+    assert check_signatures(checks) == [True] + [False] * len(_forgeries())
+
+
+@pytest.mark.objective("SO-3")
+async def test_a_worker_process_refuses_each_cheap_forgery() -> None:
+    workers = SignatureWorkers(1)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(workers.run)
+            with pytest.raises(WorkerLost):  # not wanted yet: nothing was started
+                await workers.check(0, [_good(0)])
+            workers.want()
+            await _until(lambda: workers.ready(0))
+            checks = [_good(0), *_forgeries(), _good(1)]
+            verdicts = await workers.check(0, checks)
+            nursery.cancel_scope.cancel()
+    assert verdicts == [True] + [False] * len(_forgeries()) + [True]
+    assert workers.answered == len(checks)
+
+
+async def test_a_pools_rounds_give_each_job_its_own_verdicts_from_both_workers() -> None:
+    """Shares cut across jobs: a verdict off by one place would pass a forgery."""
+    workers = SignatureWorkers(2)
+    pool = CryptoPool(2, workers)
+    jobs = [_mixed(n, forged) for n, forged in [(70, [0, 69]), (33, [16]), (130, [64, 65, 129])]]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: workers.ready(0) and workers.ready(1))
+            got: dict[int, list[bool]] = {}
+
+            async def call(k: int) -> None:
+                got[k] = await pool.check_signatures(jobs[k][0])
+
+            async with trio.open_nursery() as callers:
+                for k in range(len(jobs)):
+                    callers.start_soon(call, k)
+            pool.close()
+    assert [got[k] for k in range(len(jobs))] == [want for _, want in jobs]
+    assert workers.answered == sum(len(c) for c, _ in jobs), "some checks skipped the workers"
+
+
+async def test_a_killed_worker_costs_a_round_in_threads_then_is_started_again() -> None:
+    workers = SignatureWorkers(1)
+    pool = CryptoPool(2, workers)
+    checks, want = _mixed(100, [3, 50, 99])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: workers.ready(0))
+            (pid,) = workers.pids()
+            os.kill(pid, signal.SIGKILL)
+            await _until(lambda: _dead(pid))
+            assert await pool.check_signatures(checks) == want
+            assert workers.answered == 0
+            assert workers.lost == 1
+            await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
+            assert workers.pids() != [pid]
+            assert await pool.check_signatures(checks) == want
+            assert workers.answered == len(checks)
+            pool.close()
+    with pytest.raises(ProcessLookupError):  # stopped and reaped with the pool
+        os.kill(pid, 0)
+
+
+_GARBLER = """
+import sys
+sys.stdout.buffer.write(b"R"); sys.stdout.buffer.flush()
+head = sys.stdin.buffer.read(4)
+sys.stdin.buffer.read(int.from_bytes(head, "little"))
+sys.stdout.buffer.write(b"\\x07" * 4096); sys.stdout.buffer.flush()
+sys.stdin.buffer.read()
+"""
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
+        pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
+        pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
+    ],
+)
+async def test_a_broken_worker_never_costs_an_answer(command: list[str]) -> None:
+    workers = SignatureWorkers(1, command)
+    pool = CryptoPool(2, workers)
+    checks, want = _mixed(64, [0, 31, 63])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            for _ in range(3):
+                assert await pool.check_signatures(checks) == want
+                await trio.sleep(0.2)
+            pool.close()
+    assert workers.answered == 0
+
+
+async def test_closing_the_pool_stops_its_workers() -> None:
+    workers = SignatureWorkers(2)
+    pool = CryptoPool(2, workers)
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: len(workers.pids()) == 2)
+            pids = workers.pids()
+            pool.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def _stored_ids(database_url: str, collab_id: str) -> set[bytes]:
+    store = Ledger(database_url)
+    store.open()
+    try:
+        return {event_id(r.event) for r in store.read_range(collab_id, 1, 1_000_000)}
+    finally:
+        store.close()
+
+
+@pytest.mark.objective("SO-3")
+async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
+    relay: Relay, database_url: str
+) -> None:
+    """A burst of appends is checked in the relay's worker processes; forgeries hidden in it
+    (another account's signature, a wrong key) are refused one by one and the rest stored.
+    Then the workers are killed mid-stream: every append still gets its answer."""
+    workers = relay._sequencers._crypto._workers
+    assert workers is not None
+    alice = await sign_up(relay.url, "alice")
+    mallory = await sign_up(relay.url, "mallory")
+    async with session(relay.url, alice) as client:
+        await client.append_many([alice.event(f"warm {i}") for i in range(64)])
+        await _until(lambda: workers.ready(0) and workers.ready(1))
+        answered = workers.answered
+        burst = [alice.event(f"burst {i}") for i in range(64)]
+        forged = {5: mallory.event("x").sig, 40: _OTHER.sign(burst[40].body).signature}
+        for at, sig in forged.items():
+            burst[at] = msgspec.structs.replace(burst[at], sig=sig)
+        with pytest.raises(RelayRefused) as refused:
+            await client.append_many(burst)
+        assert refused.value.code is wire.ErrorCode.BAD_SIGNATURE
+        assert workers.answered - answered >= len(burst), "the burst skipped the workers"
+        stored = await trio.to_thread.run_sync(_stored_ids, database_url, alice.collab_id)
+        for i, ev in enumerate(burst):
+            assert (event_id(ev) in stored) is (i not in forged), f"event {i}"
+
+        for pid in workers.pids():
+            os.kill(pid, signal.SIGKILL)
+        after = [alice.event(f"after the kill {i}") for i in range(64)]
+        acks = await client.append_many(after)
+        assert [a.seq for a in acks] == list(range(acks[0].seq, acks[0].seq + len(after)))
+    stored = await trio.to_thread.run_sync(_stored_ids, database_url, alice.collab_id)
+    assert {event_id(ev) for ev in after} <= stored
