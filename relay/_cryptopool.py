@@ -39,6 +39,10 @@ R = TypeVar("R")
 # Below this many items per thread, splitting costs more (an extra thread hand-off) than it
 # saves: a round that small runs on one thread.
 MIN_SHARE: Final = 32
+# Below this many signature checks in a round, the threads take them: a worker process's wakeup
+# costs as much as a thread's, and the GIL hand-offs it saves are few (docs/performance.md,
+# "Fourth pass": at a trickle of appends, p50 latency rose ~15 % when every round used them).
+MIN_REMOTE: Final = 64
 # Items of `small` jobs run on the loop between two rounds, at most. Inline work never makes the
 # pool busy, so without a bound a flood of small jobs (many collabs, an event each) would all
 # be verified on the loop while the threads sat idle: past this, the next small job takes a
@@ -141,8 +145,10 @@ class CryptoPool:
                 self._in_round = True
                 self._inline = 0
                 try:
-                    local = [job for job in jobs if not job.remote]
                     remote = [job for job in jobs if job.remote]
+                    if sum(len(job.items) for job in remote) < MIN_REMOTE:
+                        remote = []
+                    local = [job for job in jobs if not job.remote] if remote else jobs
                     async with trio.open_nursery() as nursery:
                         for share in _shares(local, self._threads):
                             nursery.start_soon(_run_share, share)

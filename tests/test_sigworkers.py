@@ -23,7 +23,7 @@ from clientkit import RelayRefused
 from ledger import Ledger
 from model import wire
 from model.envelope import event_id
-from relay._cryptopool import CryptoPool
+from relay._cryptopool import MIN_REMOTE, CryptoPool
 from relay._sigcheck import Check, check_signatures, decode_request, encode_request
 from relay._sigprocs import RESTART_PAUSE, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
@@ -127,6 +127,24 @@ async def test_a_pools_rounds_give_each_job_its_own_verdicts_from_both_workers()
             pool.close()
     assert [got[k] for k in range(len(jobs))] == [want for _, want in jobs]
     assert workers.answered == sum(len(c) for c, _ in jobs), "some checks skipped the workers"
+
+
+async def test_a_round_of_few_checks_stays_in_the_threads() -> None:
+    """A worker's wakeup costs as much as a thread's: below MIN_REMOTE checks in a round, the
+    GIL hand-offs it would save are too few to pay for it (docs/performance.md)."""
+    workers = SignatureWorkers(1)
+    pool = CryptoPool(2, workers)
+    checks, want = _mixed(MIN_REMOTE, [1, MIN_REMOTE - 1])
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: workers.ready(0))
+            assert await pool.check_signatures(checks[: MIN_REMOTE - 1]) == want[: MIN_REMOTE - 1]
+            assert workers.answered == 0
+            assert await pool.check_signatures(checks) == want
+            assert workers.answered == MIN_REMOTE
+            pool.close()
 
 
 async def test_a_killed_worker_costs_a_round_in_threads_then_is_started_again() -> None:
