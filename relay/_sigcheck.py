@@ -18,6 +18,7 @@ reply is `count` bytes, 1 where the signature holds and 0 where it does not.
 
 from __future__ import annotations
 
+import signal
 import struct
 import sys
 from typing import TYPE_CHECKING, BinaryIO, Final
@@ -109,4 +110,7 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C in a terminal reaches the whole process group: the relay stops its workers itself
+    # (end of input) once it has drained, so the worker must not die first and print a trace.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(serve(sys.stdin.buffer, sys.stdout.buffer))

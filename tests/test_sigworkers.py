@@ -99,6 +99,9 @@ async def test_a_worker_process_refuses_each_cheap_forgery() -> None:
                 await workers.check(0, [_good(0)])
             workers.want()
             await _until(lambda: workers.ready(0))
+            # Ctrl-C reaches a terminal's whole process group: the relay stops its workers
+            # itself once drained, so they must outlive it.
+            os.kill(workers.pids()[0], signal.SIGINT)
             checks = [_good(0), *_forgeries(), _good(1)]
             verdicts = await workers.check(0, checks)
             nursery.cancel_scope.cancel()
