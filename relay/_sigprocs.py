@@ -31,6 +31,10 @@ RESTART_PAUSE: Final = (0.5, 60.0)
 STABLE_SECONDS: Final = 60.0
 # How long a worker may take to exit after its input is closed before it is killed.
 STOP_TIMEOUT: Final = 2.0
+# A worker that has not answered a batch this long (a base plus a margin per check, ~25 times what a
+# check costs) is taken for hung (stopped, starved, wedged): it is replaced, and the threads
+# check the batch, so a stuck worker delays appends by at most this much.
+REPLY_TIMEOUT: Final = (1.0, 0.002)
 
 
 class WorkerLost(Exception):
@@ -125,7 +129,10 @@ class SignatureWorkers:
         if worker is None:
             raise WorkerLost("the signature worker is not running")
         try:
-            verdicts = await worker.check(checks)
+            with trio.move_on_after(REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)):
+                verdicts = await worker.check(checks)  # cancelled, the worker is marked lost
+            if worker.lost.is_set():
+                raise WorkerLost("a signature worker did not answer in time")
         except WorkerLost:
             self._ready[index] = None
             raise

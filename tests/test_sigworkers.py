@@ -25,7 +25,7 @@ from model import wire
 from model.envelope import event_id
 from relay._cryptopool import MIN_REMOTE, CryptoPool
 from relay._sigcheck import Check, check_signatures, decode_request, encode_request
-from relay._sigprocs import RESTART_PAUSE, SignatureWorkers, WorkerLost
+from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
 
 if TYPE_CHECKING:
@@ -172,6 +172,30 @@ async def test_a_killed_worker_costs_a_round_in_threads_then_is_started_again() 
             pool.close()
     with pytest.raises(ProcessLookupError):  # stopped and reaped with the pool
         os.kill(pid, 0)
+
+
+async def test_a_hung_worker_is_replaced_and_its_batch_checked_in_threads() -> None:
+    """A worker that stops answering (here SIGSTOP: a debugger, a starved or wedged process)
+    delays a round by at most REPLY_TIMEOUT, then is killed and started again."""
+    workers = SignatureWorkers(1)
+    pool = CryptoPool(2, workers)
+    checks, want = _mixed(100, [0, 99])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: workers.ready(0))
+            (pid,) = workers.pids()
+            os.kill(pid, signal.SIGSTOP)
+            began = trio.current_time()
+            assert await pool.check_signatures(checks) == want
+            assert trio.current_time() - began < REPLY_TIMEOUT[0] + 100 * REPLY_TIMEOUT[1] + 2
+            assert workers.answered == 0
+            await _until(lambda: _dead(pid))  # killed, even stopped
+            await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
+            assert await pool.check_signatures(checks) == want
+            assert workers.answered == len(checks)
+            pool.close()
 
 
 _GARBLER = """
