@@ -11,9 +11,11 @@ What crosses the pipe is public: account public keys, the signed bytes and the s
 The verdict is the worker's, so the worker is as trusted as the relay's own threads; it runs
 the same `check_signatures` they would.
 
-Framing (little-endian): a request is `u32 length` then `u32 count` and `count` checks, each
-`u16 key length, u16 signature length, u32 message length` and the three byte strings; the
-reply is `count` bytes, 1 where the signature holds and 0 where it does not.
+Framing (little-endian): a request is `u32 length` then `u32 request id, u32 count` and
+`count` checks, each `u16 key length, u16 signature length, u32 message length` and the three
+byte strings; the reply is the request id then `count` bytes, 1 where the signature holds and
+0 where it does not. The id makes a worker that got out of step (a reply too long, a reply
+for another request) fail loudly instead of lending one batch's verdicts to the next.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ READY: Final = b"R"
 MAX_REQUEST: Final = 256 * 1024 * 1024
 
 _U32 = struct.Struct("<I")
+_HEAD = struct.Struct("<II")
 _ITEM = struct.Struct("<HHI")
 
 
@@ -46,8 +49,8 @@ def check_signatures(checks: Sequence[Check]) -> list[bool]:
     return [verify(pk, message, sig) for pk, message, sig in checks]
 
 
-def encode_request(checks: Sequence[Check]) -> bytes:
-    parts = [b"", _U32.pack(len(checks))]
+def encode_request(request_id: int, checks: Sequence[Check]) -> bytes:
+    parts = [b"", _HEAD.pack(request_id, len(checks))]
     for pk, message, sig in checks:
         parts += (_ITEM.pack(len(pk), len(sig), len(message)), pk, sig, message)
     size = sum(map(len, parts))
@@ -55,12 +58,12 @@ def encode_request(checks: Sequence[Check]) -> bytes:
     return b"".join(parts)
 
 
-def decode_request(payload: bytes) -> list[Check]:
-    """The checks of one request's payload (after its length). Raises `ValueError` when the
-    payload is not exactly a request."""
+def decode_request(payload: bytes) -> tuple[int, list[Check]]:
+    """The request id and checks of one request's payload (after its length). Raises
+    `ValueError` when the payload is not exactly a request."""
     try:
-        (count,) = _U32.unpack_from(payload, 0)
-        at = _U32.size
+        request_id, count = _HEAD.unpack_from(payload, 0)
+        at = _HEAD.size
         out: list[Check] = []
         for _ in range(count):
             pk_len, sig_len, msg_len = _ITEM.unpack_from(payload, at)
@@ -77,11 +80,25 @@ def decode_request(payload: bytes) -> list[Check]:
         raise ValueError("truncated signature-check request")
     if at < len(payload):
         raise ValueError("signature-check request longer than its checks")
-    return out
+    return request_id, out
 
 
-def encode_reply(verdicts: Sequence[bool]) -> bytes:
-    return bytes(verdicts)
+def encode_reply(request_id: int, verdicts: Sequence[bool]) -> bytes:
+    return _U32.pack(request_id) + bytes(verdicts)
+
+
+def reply_size(checks: int) -> int:
+    return _U32.size + checks
+
+
+def decode_reply(request_id: int, reply: bytes) -> list[bool]:
+    """The verdicts of a reply of `reply_size` bytes. Raises `ValueError` unless it answers
+    `request_id` with one 0 or 1 per check."""
+    (answered,) = _U32.unpack_from(reply, 0)
+    verdicts = reply[_U32.size :]
+    if answered != request_id or verdicts.strip(b"\x00\x01"):
+        raise ValueError("the reply does not answer this request")
+    return [b == 1 for b in verdicts]
 
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> int:
@@ -102,10 +119,10 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> int:
         if len(payload) != size:
             return 2
         try:
-            checks = decode_request(payload)
+            request_id, checks = decode_request(payload)
         except ValueError:
             return 2
-        replies.write(encode_reply(check_signatures(checks)))
+        replies.write(encode_reply(request_id, check_signatures(checks)))
         replies.flush()
 
 

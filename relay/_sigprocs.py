@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from relay._sigcheck import READY, Check, encode_request
+from relay._sigcheck import READY, Check, decode_reply, encode_request, reply_size
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -50,28 +50,30 @@ class _Worker:
         self._stdout = proc.stdout
         self.lost = trio.Event()
         self._busy = False
+        self._requests = 0
 
     async def check(self, checks: Sequence[Check]) -> list[bool]:
         if self._busy:  # the pool gives one share per worker per round; framing relies on it
             raise RuntimeError("a signature worker was given two batches at once")
         self._busy = True
+        self._requests = request_id = (self._requests + 1) % 2**32
         try:
             try:
-                await self._stdin.send_all(encode_request(checks))
+                await self._stdin.send_all(encode_request(request_id, checks))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise WorkerLost("a signature worker exited") from None
-            reply = await self.receive_exactly(len(checks))
+            reply = await self.receive_exactly(reply_size(len(checks)))
+            try:
+                return decode_reply(request_id, reply)
+            except ValueError:
+                raise WorkerLost("a signature worker answered out of step") from None
         except BaseException:
-            # Dead, or cancelled between request and reply: either way its pipes are out of
-            # step now, so it is done.
+            # Dead, out of step, or cancelled between request and reply: either way its
+            # pipes cannot be trusted to line up any more, so it is done.
             self.lost.set()
             raise
         finally:
             self._busy = False
-        if any(b > 1 for b in reply):
-            self.lost.set()
-            raise WorkerLost("a signature worker answered outside its framing")
-        return [b == 1 for b in reply]
 
     async def receive_exactly(self, n: int) -> bytes:
         got = bytearray()

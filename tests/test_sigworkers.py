@@ -24,7 +24,14 @@ from ledger import Ledger
 from model import wire
 from model.envelope import event_id
 from relay._cryptopool import MIN_REMOTE, CryptoPool
-from relay._sigcheck import Check, check_signatures, decode_request, encode_request
+from relay._sigcheck import (
+    Check,
+    check_signatures,
+    decode_reply,
+    decode_request,
+    encode_reply,
+    encode_request,
+)
 from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
 
@@ -80,8 +87,13 @@ def _dead(pid: int) -> bool:
 
 def test_requests_round_trip_and_a_malformed_one_is_refused() -> None:
     checks = [_good(1), *_forgeries()]
-    payload = encode_request(checks)[4:]
-    assert decode_request(payload) == checks
+    payload = encode_request(7, checks)[4:]
+    assert decode_request(payload) == (7, checks)
+    verdicts = [True, False, True]
+    assert decode_reply(7, encode_reply(7, verdicts)) == verdicts
+    for stale in (encode_reply(6, verdicts), b"\x07\x00\x00\x00\x01\x02\x00"):
+        with pytest.raises(ValueError, match="does not answer"):
+            decode_reply(7, stale)
     with pytest.raises(ValueError, match="truncated"):
         decode_request(payload[:-1])
     with pytest.raises(ValueError, match="longer"):
@@ -206,12 +218,23 @@ sys.stdin.buffer.read(int.from_bytes(head, "little"))
 sys.stdout.buffer.write(b"\\x07" * 4096); sys.stdout.buffer.flush()
 sys.stdin.buffer.read()
 """
+# Well-formed replies, all "holds", but each for the request before: a worker out of step.
+_OUT_OF_STEP = """
+import sys
+sys.stdout.buffer.write(b"R"); sys.stdout.buffer.flush()
+while head := sys.stdin.buffer.read(4):
+    payload = sys.stdin.buffer.read(int.from_bytes(head, "little"))
+    rid, count = int.from_bytes(payload[:4], "little"), int.from_bytes(payload[4:8], "little")
+    sys.stdout.buffer.write((rid - 1).to_bytes(4, "little") + b"\\x01" * count)
+    sys.stdout.buffer.flush()
+"""
 
 
 @pytest.mark.parametrize(
     "command",
     [
         pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
+        pytest.param([sys.executable, "-c", _OUT_OF_STEP], id="out-of-step-replies"),
         pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
         pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
     ],
