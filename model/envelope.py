@@ -24,7 +24,7 @@ from model.errors import DECODE_ERRORS, BadSignature, InvalidEvent
 from model.ids import is_id
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping, Sequence
+    from collections.abc import Mapping, Sequence
 
     import nacl.signing
 
@@ -288,10 +288,9 @@ _VERIFIER = object()
 
 class Prechecked:
     """Event signatures that held, checked ahead of the fold (`precheck`, which a reader runs in
-    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core) or of the
-    relay's sequencer (`vouched`, for checks its worker processes made). The fold still decides
-    which key each event must be signed with; `verify_event` skips its own check only for that
-    exact key, signature and body. Only `precheck` and `vouched` make one.
+    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core). The fold
+    still decides which key each event must be signed with; `verify_event` skips its own check
+    only for that exact key, signature and body. Only `precheck` makes one.
 
     It also holds content the workers decrypted with the collab keys the reader had (`opened`):
     the fold takes those bytes only for the exact body and the key it would decrypt it with
@@ -357,15 +356,9 @@ def signature_check(
 ) -> tuple[bytes, bytes, bytes]:
     """(public key, message, signature): exactly the check `verify_event` makes for `signed`,
     for a checker that runs it elsewhere (the relay's worker processes) and hands its verdict
-    back through `vouched`."""
+    back as `verify_event`'s `held`."""
     domain, part = _signed_part(signed.body, decoded)
     return author_public_key, domain + part, signed.sig
-
-
-def vouched(held: Iterable[tuple[SignedEvent, bytes]]) -> Prechecked:
-    """A `Prechecked` for events whose `signature_check` with the given key held: the caller
-    vouches that `_crypto.verify` said so (in another process), as `precheck` does itself."""
-    return Prechecked({(pk, ev.sig, ev.body) for ev, pk in held}, _token=_VERIFIER)
 
 
 def _preopen(
@@ -400,6 +393,7 @@ def verify_event(
     *,
     decoded: EventBody | None = None,
     prechecked: Prechecked | None = None,
+    held: bool | None = None,
 ) -> VerifiedEvent:
     """Check the signature over the exact body bytes, then decode them.
 
@@ -408,14 +402,18 @@ def verify_event(
     no parsing work is spent on forged input (a version-2 DM is decoded first: its signature
     covers a header made from the decoded body). A caller that already ran
     ``decode_body(signed.body)`` (the relay does, to route the event) passes the result as
-    `decoded` so the hot path decodes each body once.
+    `decoded` so the hot path decodes each body once. A caller that ran this event's
+    `signature_check` elsewhere (the relay's worker processes) passes its verdict as `held`,
+    and the signature is not checked again, either way.
     """
     if len(signed.body) > MAX_BODY_BYTES:
         raise InvalidEvent(f"event body is {len(signed.body)} bytes; the limit is {MAX_BODY_BYTES}")
     domain, part = _signed_part(signed.body, decoded)
-    if not (
-        prechecked is not None and prechecked.holds(signed, author_public_key)
-    ) and not _crypto.verify(author_public_key, domain + part, signed.sig):
+    if held is None:
+        held = (
+            prechecked is not None and prechecked.holds(signed, author_public_key)
+        ) or _crypto.verify(author_public_key, domain + part, signed.sig)
+    if not held:
         raise BadSignature("event signature does not verify for the claimed author")
     body = decode_body(signed.body) if decoded is None else decoded
     eid = _crypto.domain_hash(DOMAIN_EVENT_ID, part, signed.sig)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -21,6 +22,7 @@ import trio
 
 from clientkit import RelayRefused
 from ledger import Ledger
+from model import _crypto as model_crypto
 from model import wire
 from model.envelope import event_id
 from relay._cryptopool import MIN_REMOTE, CryptoPool
@@ -266,6 +268,38 @@ async def test_closing_the_pool_stops_its_workers() -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.objective("SO-6")
+async def test_a_flood_of_forgeries_costs_one_check_each_and_none_on_the_loop(
+    relay: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cheapest abuse of verification: a member sends bursts of badly signed appends. Each
+    forgery's signature is checked once, by a worker (or a crypto thread); the verify stage
+    then answers `bad_signature` on that verdict instead of checking it again on the loop,
+    which would have doubled the cost of each forgery and put it on the relay's loop.
+    Old code: `verify_event` checked every signature the pool refused once more."""
+    checked_on_loop = 0
+    verify = model_crypto.verify
+
+    def counting(public_key: bytes, message: bytes, signature: bytes) -> bool:
+        nonlocal checked_on_loop
+        if threading.current_thread() is threading.main_thread():
+            checked_on_loop += 1
+        return verify(public_key, message, signature)
+
+    alice = await sign_up(relay.url, "alice")
+    monkeypatch.setattr(model_crypto, "verify", counting)
+    forged = [
+        msgspec.structs.replace(alice.event(f"forged {i}"), sig=_OTHER.sign(b"x").signature)
+        for i in range(3 * MIN_REMOTE)
+    ]
+    async with session(relay.url, alice) as client:
+        for burst in (forged[:1], forged[1:4], forged[4:]):  # on the loop, then to the pool
+            with pytest.raises(RelayRefused) as refused:
+                await client.append_many(burst)
+            assert refused.value.code is wire.ErrorCode.BAD_SIGNATURE
+    assert checked_on_loop == 0
 
 
 def _stored_ids(database_url: str, collab_id: str) -> set[bytes]:
