@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -38,7 +39,7 @@ from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, Work
 from tests.relay_harness import session, sign_up
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     from relay._server import Relay
 
@@ -87,6 +88,20 @@ def _dead(pid: int) -> bool:
         return True
 
 
+@asynccontextmanager
+async def _ready_pool(count: int) -> AsyncIterator[tuple[CryptoPool, SignatureWorkers]]:
+    """A running pool whose `count` workers are ready; closed (workers stopped) on exit."""
+    workers = SignatureWorkers(count)
+    pool = CryptoPool(2, workers)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            workers.want()
+            await _until(lambda: len(workers.pids()) == count)
+            yield pool, workers
+            pool.close()
+
+
 def test_requests_round_trip_and_a_malformed_one_is_refused() -> None:
     checks = [_good(1), *_forgeries()]
     payload = encode_request(7, checks)[4:]
@@ -125,23 +140,16 @@ async def test_a_worker_process_refuses_each_cheap_forgery() -> None:
 
 async def test_a_pools_rounds_give_each_job_its_own_verdicts_from_both_workers() -> None:
     """Shares cut across jobs: a verdict off by one place would pass a forgery."""
-    workers = SignatureWorkers(2)
-    pool = CryptoPool(2, workers)
     jobs = [_mixed(n, forged) for n, forged in [(70, [0, 69]), (33, [16]), (130, [64, 65, 129])]]
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-            workers.want()
-            await _until(lambda: workers.ready(0) and workers.ready(1))
-            got: dict[int, list[bool]] = {}
+    got: dict[int, list[bool]] = {}
+    async with _ready_pool(2) as (pool, workers):
 
-            async def call(k: int) -> None:
-                got[k] = await pool.check_signatures(jobs[k][0])
+        async def call(k: int) -> None:
+            got[k] = await pool.check_signatures(jobs[k][0])
 
-            async with trio.open_nursery() as callers:
-                for k in range(len(jobs)):
-                    callers.start_soon(call, k)
-            pool.close()
+        async with trio.open_nursery() as callers:
+            for k in range(len(jobs)):
+                callers.start_soon(call, k)
     assert [got[k] for k in range(len(jobs))] == [want for _, want in jobs]
     assert workers.answered == sum(len(c) for c, _ in jobs), "some checks skipped the workers"
 
@@ -149,67 +157,37 @@ async def test_a_pools_rounds_give_each_job_its_own_verdicts_from_both_workers()
 async def test_a_round_of_few_checks_stays_in_the_threads() -> None:
     """A worker's wakeup costs as much as a thread's: below MIN_REMOTE checks in a round, the
     GIL hand-offs it would save are too few to pay for it (docs/performance.md)."""
-    workers = SignatureWorkers(1)
-    pool = CryptoPool(2, workers)
     checks, want = _mixed(MIN_REMOTE, [1, MIN_REMOTE - 1])
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-            workers.want()
-            await _until(lambda: workers.ready(0))
-            assert await pool.check_signatures(checks[: MIN_REMOTE - 1]) == want[: MIN_REMOTE - 1]
-            assert workers.answered == 0
-            assert await pool.check_signatures(checks) == want
-            assert workers.answered == MIN_REMOTE
-            pool.close()
+    async with _ready_pool(1) as (pool, workers):
+        assert await pool.check_signatures(checks[: MIN_REMOTE - 1]) == want[: MIN_REMOTE - 1]
+        assert workers.answered == 0
+        assert await pool.check_signatures(checks) == want
+        assert workers.answered == MIN_REMOTE
 
 
-async def test_a_killed_worker_costs_a_round_in_threads_then_is_started_again() -> None:
-    workers = SignatureWorkers(1)
-    pool = CryptoPool(2, workers)
-    checks, want = _mixed(100, [3, 50, 99])
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-            workers.want()
-            await _until(lambda: workers.ready(0))
-            (pid,) = workers.pids()
-            os.kill(pid, signal.SIGKILL)
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+async def test_a_lost_worker_costs_a_round_in_threads_then_is_started_again(
+    how: signal.Signals,
+) -> None:
+    """Killed, or hung (SIGSTOP: a debugger, a starved or wedged process; it delays the round
+    by at most REPLY_TIMEOUT), the worker is replaced and the threads check its batch."""
+    checks, want = _mixed(100, [0, 50, 99])
+    async with _ready_pool(1) as (pool, workers):
+        (pid,) = workers.pids()
+        os.kill(pid, how)
+        if how == signal.SIGKILL:
             await _until(lambda: _dead(pid))
-            assert await pool.check_signatures(checks) == want
-            assert workers.answered == 0
-            assert workers.lost == 1
-            await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
-            assert workers.pids() != [pid]
-            assert await pool.check_signatures(checks) == want
-            assert workers.answered == len(checks)
-            pool.close()
+        began = trio.current_time()
+        assert await pool.check_signatures(checks) == want
+        assert trio.current_time() - began < REPLY_TIMEOUT[0] + 100 * REPLY_TIMEOUT[1] + 2
+        assert (workers.answered, workers.lost) == (0, 1)
+        await _until(lambda: _dead(pid))  # killed, even stopped
+        await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
+        assert workers.pids() != [pid]
+        assert await pool.check_signatures(checks) == want
+        assert workers.answered == len(checks)
     with pytest.raises(ProcessLookupError):  # stopped and reaped with the pool
         os.kill(pid, 0)
-
-
-async def test_a_hung_worker_is_replaced_and_its_batch_checked_in_threads() -> None:
-    """A worker that stops answering (here SIGSTOP: a debugger, a starved or wedged process)
-    delays a round by at most REPLY_TIMEOUT, then is killed and started again."""
-    workers = SignatureWorkers(1)
-    pool = CryptoPool(2, workers)
-    checks, want = _mixed(100, [0, 99])
-    with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-            workers.want()
-            await _until(lambda: workers.ready(0))
-            (pid,) = workers.pids()
-            os.kill(pid, signal.SIGSTOP)
-            began = trio.current_time()
-            assert await pool.check_signatures(checks) == want
-            assert trio.current_time() - began < REPLY_TIMEOUT[0] + 100 * REPLY_TIMEOUT[1] + 2
-            assert workers.answered == 0
-            await _until(lambda: _dead(pid))  # killed, even stopped
-            await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
-            assert await pool.check_signatures(checks) == want
-            assert workers.answered == len(checks)
-            pool.close()
 
 
 _GARBLER = """
@@ -256,15 +234,8 @@ async def test_a_broken_worker_never_costs_an_answer(command: list[str]) -> None
 
 
 async def test_closing_the_pool_stops_its_workers() -> None:
-    workers = SignatureWorkers(2)
-    pool = CryptoPool(2, workers)
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pool.run)
-            workers.want()
-            await _until(lambda: len(workers.pids()) == 2)
-            pids = workers.pids()
-            pool.close()
+    async with _ready_pool(2) as (_, workers):
+        pids = workers.pids()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
