@@ -115,6 +115,10 @@ class CryptoPool:
         return out
 
     @property
+    def workers(self) -> SignatureWorkers | None:
+        return self._workers
+
+    @property
     def idle(self) -> bool:
         """Open, and no round is running or queued."""
         return not (self._closed or self._in_round or self._send.statistics().current_buffer_used)

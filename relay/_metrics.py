@@ -160,6 +160,23 @@ class RelayCollector(Collector):
                 " doubt); later groups were written beside them.",
                 writer.stalled_groups,
             )
+        yield _gauge(
+            "cozy_signature_workers_ready",
+            "Signature-check worker processes ready (none until the first burst of appends).",
+            relay.signature_workers_ready,
+        )
+        yield _counter(
+            "cozy_signature_workers_lost",
+            "Signature-check workers that died, hung or answered out of step and were replaced;"
+            " the crypto threads checked their batches.",
+            relay.signature_workers_lost,
+        )
+        yield _counter(
+            "cozy_signature_checks_in_workers",
+            "Append signatures checked in the worker processes (the others in the crypto"
+            " threads or on the loop).",
+            relay.signature_checks_in_workers,
+        )
         fan = relay.fanout
         if fan is not None:
             yield from _fanout_metrics(fan)

@@ -64,6 +64,11 @@ class SequencerRegistry:
         self.failures = 0  # actors that ended with an exception (each one contained)
         self._closed = False
 
+    @property
+    def signature_workers(self) -> SignatureWorkers | None:
+        """The crypto pool's worker processes (None when `signature_workers` is 0)."""
+        return self._crypto.workers
+
     def statistics(self) -> list[SequencerStats]:
         return [a.statistics() for a in self._actors.values()]
 

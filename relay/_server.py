@@ -92,6 +92,9 @@ class RelayStats:
     connection_limit_refusals: int = 0
     sequencer_failures: int = 0  # actors that failed and were dropped (each one contained)
     writer_stalled_groups: int = 0  # group commits the writer stopped waiting for (in doubt)
+    signature_workers_ready: int = 0  # signature-check worker processes ready (ADR-0022)
+    signature_workers_lost: int = 0  # ready workers that died, hung or got out of step
+    signature_checks_in_workers: int = 0  # checks the workers answered
 
 
 class Relay:
@@ -192,7 +195,18 @@ class Relay:
             writer_stalled_groups=0
             if self._writer is None
             else self._writer.statistics().stalled_groups,
+            **self._signature_worker_stats(),
         )
+
+    def _signature_worker_stats(self) -> dict[str, int]:
+        workers = None if self._sequencers is None else self._sequencers.signature_workers
+        if workers is None:
+            return {}
+        return {
+            "signature_workers_ready": len(workers.pids()),
+            "signature_workers_lost": workers.lost,
+            "signature_checks_in_workers": workers.answered,
+        }
 
     def request_shutdown(self) -> None:
         self._shutdown.set()

@@ -181,7 +181,12 @@ class SignatureWorkers:
                 return
             self._ready[index] = worker
             self.started += 1
-            await worker.lost.wait()
+            async with trio.open_nursery() as watch:
+                # Lost mid-batch (the pool finds out), or exited while idle (found here, so it
+                # is replaced before the next round needs it).
+                watch.start_soon(_lost_on_exit, worker)
+                await worker.lost.wait()
+                watch.cancel_scope.cancel()
             self._ready[index] = None
             self.lost += 1
             await _stop_shielded(worker)
@@ -189,6 +194,11 @@ class SignatureWorkers:
         finally:
             self._ready[index] = None
             await _stop_shielded(worker)
+
+
+async def _lost_on_exit(worker: _Worker) -> None:
+    await worker.proc.wait()
+    worker.lost.set()
 
 
 async def _stop_shielded(worker: _Worker) -> None:

@@ -37,6 +37,7 @@ from relay._sigcheck import (
 )
 from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
+from tests.test_ops import metrics
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable, Sequence
@@ -311,8 +312,15 @@ async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
 
         for pid in workers.pids():
             os.kill(pid, signal.SIGKILL)
+        await _until(lambda: workers.lost == 2)  # found dead while idle, not at the next round
         after = [alice.event(f"after the kill {i}") for i in range(64)]
         acks = await client.append_many(after)
         assert [a.seq for a in acks] == list(range(acks[0].seq, acks[0].seq + len(after)))
+    # What an operator sees: the checks the workers made, the two lost, both back.
+    scraped = await metrics(relay.ops_url)
+    assert scraped["cozy_signature_checks_in_workers_total"] >= 2 * len(burst)
+    assert scraped["cozy_signature_workers_lost_total"] == 2
+    await _until(lambda: workers.ready(0) and workers.ready(1), RESTART_PAUSE[0] + 10)
+    assert (await metrics(relay.ops_url))["cozy_signature_workers_ready"] == 2
     stored = await trio.to_thread.run_sync(_stored_ids, database_url, alice.collab_id)
     assert {event_id(ev) for ev in after} <= stored
