@@ -318,7 +318,7 @@ async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
         assert [a.seq for a in acks] == list(range(acks[0].seq, acks[0].seq + len(after)))
     # What an operator sees: the checks the workers made, the two lost, both back.
     scraped = await metrics(relay.ops_url)
-    assert scraped["cozy_signature_checks_in_workers_total"] >= 2 * len(burst)
+    assert scraped["cozy_signature_checks_in_workers_total"] >= len(burst)
     assert scraped["cozy_signature_workers_lost_total"] == 2
     await _until(lambda: workers.ready(0) and workers.ready(1), RESTART_PAUSE[0] + 10)
     assert (await metrics(relay.ops_url))["cozy_signature_workers_ready"] == 2
