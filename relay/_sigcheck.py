@@ -35,9 +35,9 @@ Check = tuple[bytes, bytes, bytes]
 
 # The worker's first reply, before any request: its imports are done.
 READY: Final = b"R"
-# A request larger than this is refused by the worker (it exits): far above any round, which
-# holds at most a few thousand events of at most the relay's body limit.
-MAX_REQUEST: Final = 256 * 1024 * 1024
+# A request larger than this is refused by the worker (it exits), so the relay never sends one:
+# such a round (thousands of events near the body limit) is checked in threads instead.
+MAX_REQUEST: Final = 64 * 1024 * 1024
 
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<II")
@@ -47,6 +47,11 @@ _ITEM = struct.Struct("<HHI")
 def check_signatures(checks: Sequence[Check]) -> list[bool]:
     """Element-wise (`f(a + b) == f(a) + f(b)`), so a pool may split it anywhere."""
     return [verify(pk, message, sig) for pk, message, sig in checks]
+
+
+def request_size(checks: Sequence[Check]) -> int:
+    """The bytes of `encode_request(_, checks)` after its length."""
+    return _HEAD.size + sum(_ITEM.size + len(pk) + len(m) + len(sig) for pk, m, sig in checks)
 
 
 def encode_request(request_id: int, checks: Sequence[Check]) -> bytes:

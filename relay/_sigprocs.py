@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from relay._sigcheck import READY, Check, decode_reply, encode_request, reply_size
+from relay._sigcheck import (
+    MAX_REQUEST,
+    READY,
+    Check,
+    decode_reply,
+    encode_request,
+    reply_size,
+    request_size,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -38,7 +46,8 @@ REPLY_TIMEOUT: Final = (1.0, 0.002)
 
 
 class WorkerLost(Exception):
-    """The worker cannot answer: not started yet, or it died or broke its framing mid-batch."""
+    """The worker cannot answer this batch: not started yet, dead, hung or out of step, or the
+    batch is too large for one request."""
 
 
 class _Worker:
@@ -130,6 +139,8 @@ class SignatureWorkers:
         worker = self._ready[index]
         if worker is None:
             raise WorkerLost("the signature worker is not running")
+        if request_size(checks) > MAX_REQUEST:
+            raise WorkerLost("too large for one request")  # the worker itself is fine
         try:
             with trio.move_on_after(REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)):
                 verdicts = await worker.check(checks)  # cancelled, the worker is marked lost

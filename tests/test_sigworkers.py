@@ -26,6 +26,7 @@ from ledger import Ledger
 from model import _crypto as model_crypto
 from model import wire
 from model.envelope import event_id
+from relay import _sigprocs
 from relay._cryptopool import MIN_REMOTE, CryptoPool
 from relay._sigcheck import (
     Check,
@@ -34,6 +35,7 @@ from relay._sigcheck import (
     decode_request,
     encode_reply,
     encode_request,
+    request_size,
 )
 from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
@@ -106,6 +108,7 @@ async def _ready_pool(count: int) -> AsyncIterator[tuple[CryptoPool, SignatureWo
 def test_requests_round_trip_and_a_malformed_one_is_refused() -> None:
     checks = [_good(1), *_forgeries()]
     payload = encode_request(7, checks)[4:]
+    assert len(payload) == request_size(checks)
     assert decode_request(payload) == (7, checks)
     verdicts = [True, False, True]
     assert decode_reply(7, encode_reply(7, verdicts)) == verdicts
@@ -164,6 +167,20 @@ async def test_a_round_of_few_checks_stays_in_the_threads() -> None:
         assert workers.answered == 0
         assert await pool.check_signatures(checks) == want
         assert workers.answered == MIN_REMOTE
+
+
+async def test_a_round_too_large_for_one_request_goes_to_the_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker exits on a request over MAX_REQUEST, so none is sent: the threads check
+    that round and the worker stays, ready for the next."""
+    checks, want = _mixed(100, [0, 99])
+    async with _ready_pool(1) as (pool, workers):
+        monkeypatch.setattr(_sigprocs, "MAX_REQUEST", request_size(checks) - 1)
+        assert await pool.check_signatures(checks) == want
+        assert (workers.answered, workers.lost, workers.ready(0)) == (0, 0, True)
+        assert await pool.check_signatures(checks[:-1]) == want[:-1]
+        assert workers.answered == len(checks) - 1
 
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
