@@ -7,6 +7,7 @@ with the same signed payloads, so the peer runs the same work later in the same 
 from __future__ import annotations
 
 import array
+import contextlib
 import json
 import resource
 import subprocess
@@ -390,9 +391,17 @@ def _cpu_seconds() -> float:
 
 
 def _process_cpu(pid: int) -> float:
-    """CPU seconds (user + system, every thread) of the process `pid` so far."""
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
+    """CPU seconds (user + system, every thread) of the process `pid` and its children so far:
+    the relay's signature-check workers (ADR-0022) do part of its work, and one it replaced
+    counts once reaped (`children_*`)."""
+    proc = psutil.Process(pid)
+    times = proc.cpu_times()
+    total = times.user + times.system + times.children_user + times.children_system
+    for child in proc.children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child_times = child.cpu_times()
+            total += child_times.user + child_times.system
+    return float(total)
 
 
 def _read_samples(work: Path) -> array.array[float]:
