@@ -29,6 +29,7 @@ from model.envelope import (
     event_id,
     open_content,
     seal_event,
+    signature_check,
     verify_event,
 )
 from model.errors import BadSignature, InvalidEvent
@@ -538,3 +539,19 @@ def test_a_body_decoded_ahead_of_time_saves_work_but_not_the_signature_check() -
     forged = msgspec.structs.replace(HONEST, sig=bytes(64))
     with pytest.raises(BadSignature):
         verify_event(forged, ALICE.sign_pk, decoded=decoded)
+
+
+def test_a_signature_checked_elsewhere_is_judged_by_its_verdict_on_exactly_the_same_bytes() -> None:
+    """The relay's worker processes check `signature_check`'s triple and hand back `held`:
+    the triple is what `verify_event` itself would check, and the verdict is final both ways
+    (a refused signature is not checked again; the length check still comes first)."""
+    assert _crypto.verify(*signature_check(HONEST, ALICE.sign_pk))
+    forged = msgspec.structs.replace(HONEST, sig=bytes(64))
+    assert not _crypto.verify(*signature_check(forged, ALICE.sign_pk))
+    trusted = verify_event(HONEST, ALICE.sign_pk, held=True)
+    assert trusted.event_id == verify_event(HONEST, ALICE.sign_pk).event_id
+    with pytest.raises(BadSignature):
+        verify_event(HONEST, ALICE.sign_pk, held=False)
+    huge = msgspec.structs.replace(HONEST, body=bytes(MAX_BODY_BYTES + 1))
+    with pytest.raises(InvalidEvent):
+        verify_event(huge, ALICE.sign_pk, held=True)
