@@ -102,9 +102,10 @@ class CryptoPool:
         if small and self.idle and self._inline + len(items) <= INLINE_BUDGET:
             self._inline += len(items)
             return fn(items)
-        job = _Job(fn, items, remote=remote and self._workers is not None)
-        if job.remote and self._workers is not None:
-            self._workers.want()
+        workers = self._workers if remote else None
+        job = _Job(fn, items, remote=workers is not None)
+        if workers is not None:
+            workers.want()
         self._send.send_nowait(job)
         await job.done.wait()
         if job.error is not None:
@@ -149,16 +150,17 @@ class CryptoPool:
                 self._in_round = True
                 self._inline = 0
                 try:
-                    remote = [job for job in jobs if job.remote]
+                    workers = self._workers
+                    remote = [job for job in jobs if job.remote] if workers else []
                     if sum(len(job.items) for job in remote) < MIN_REMOTE:
                         remote = []
                     local = [job for job in jobs if not job.remote] if remote else jobs
                     async with trio.open_nursery() as nursery:
                         for share in _shares(local, self._threads):
                             nursery.start_soon(_run_share, share)
-                        if remote and self._workers is not None:
-                            for index, share in enumerate(_shares(remote, self._workers.count)):
-                                nursery.start_soon(_run_remote, self._workers, index, share)
+                        if workers is not None:
+                            for index, share in enumerate(_shares(remote, workers.count)):
+                                nursery.start_soon(_run_remote, workers, index, share)
                     self.rounds += 1
                 finally:
                     self._in_round = False
@@ -178,14 +180,16 @@ async def _run_share(share: list[tuple[_Job, int, int]]) -> None:
 async def _run_remote(
     workers: SignatureWorkers, index: int, share: list[tuple[_Job, int, int]]
 ) -> None:
-    """One worker process checks the share; if it is not running or fails, a thread does."""
+    """One worker process checks the share; if it is not running or fails, a thread runs it
+    as any other share."""
     checks: list[Check] = []
     for job, start, end in share:
         checks.extend(job.items[start:end])
     try:
         verdicts = await workers.check(index, checks)
     except WorkerLost:
-        verdicts = await trio.to_thread.run_sync(check_signatures, checks)
+        await _run_share(share)
+        return
     at = 0
     for job, start, end in share:
         job.parts[start] = verdicts[at : at + end - start]
