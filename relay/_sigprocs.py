@@ -115,9 +115,8 @@ class SignatureWorkers:
     def __init__(self, count: int, command: Sequence[str] | None = None) -> None:
         self.count = max(0, count)
         self._command = list(command or [sys.executable, "-m", "relay._sigcheck"])
-        self._ready: list[_Worker | None] = [None] * self.count
+        self._ready: list[_Worker | None] = [None] * self.count  # set by `_run_one`
         self._wanted = trio.Event()
-        self.started = 0  # workers that became ready, for statistics
         self.lost = 0  # ready workers lost since, for statistics
         self.answered = 0  # checks the workers answered (the rest ran in threads)
 
@@ -126,29 +125,30 @@ class SignatureWorkers:
         first batch, so a relay that never gets one never spawns a process)."""
         self._wanted.set()
 
+    def _live(self, index: int) -> _Worker | None:
+        """Worker `index` if it is ready and not lost (its keeper replaces a lost one)."""
+        worker = self._ready[index]
+        return None if worker is None or worker.lost.is_set() else worker
+
     def ready(self, index: int) -> bool:
-        return self._ready[index] is not None
+        return self._live(index) is not None
 
     def pids(self) -> list[int]:
         """The ready workers' process ids (tests and operators look at them)."""
-        return [w.proc.pid for w in self._ready if w is not None]
+        return [w.proc.pid for i in range(self.count) if (w := self._live(i)) is not None]
 
     async def check(self, index: int, checks: Sequence[Check]) -> list[bool]:
         """Worker `index`'s verdicts on `checks`, in order. Raises `WorkerLost` when it is not
         ready or fails; the caller checks them elsewhere."""
-        worker = self._ready[index]
+        worker = self._live(index)
         if worker is None:
             raise WorkerLost("the signature worker is not running")
         if request_size(checks) > MAX_REQUEST:
             raise WorkerLost("too large for one request")  # the worker itself is fine
-        try:
-            with trio.move_on_after(REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)):
-                verdicts = await worker.check(checks)  # cancelled, the worker is marked lost
-            if worker.lost.is_set():
-                raise WorkerLost("a signature worker did not answer in time")
-        except WorkerLost:
-            self._ready[index] = None
-            raise
+        with trio.move_on_after(REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)) as timer:
+            verdicts = await worker.check(checks)  # cancelled, it marks itself lost
+        if timer.cancelled_caught:
+            raise WorkerLost("a signature worker did not answer in time")
         self.answered += len(verdicts)
         return verdicts
 
@@ -181,37 +181,32 @@ class SignatureWorkers:
             log.error("signature_worker_not_started", worker=index, error=str(exc))
             return
         worker = _Worker(proc)
+        ready = False
         try:
             hello = b""
             with trio.move_on_after(START_TIMEOUT):
                 with contextlib.suppress(WorkerLost):
                     hello = await worker.receive_exactly(len(READY))
-            if hello != READY:
-                await _stop_shielded(worker)
-                log.error("signature_worker_not_ready", worker=index, returncode=proc.returncode)
-                return
-            self._ready[index] = worker
-            self.started += 1
-            async with trio.open_nursery() as watch:
-                # Lost mid-batch (the pool finds out), or exited while idle (found here, so it
-                # is replaced before the next round needs it).
-                watch.start_soon(_lost_on_exit, worker)
-                await worker.lost.wait()
-                watch.cancel_scope.cancel()
-            self._ready[index] = None
-            self.lost += 1
-            await _stop_shielded(worker)
-            log.warning("signature_worker_lost", worker=index, returncode=proc.returncode)
+            if hello == READY:
+                ready = True
+                self._ready[index] = worker
+                async with trio.open_nursery() as watch:
+                    # Lost mid-batch (the pool finds out), or exited while idle (found here, so
+                    # it is replaced before the next round needs it).
+                    watch.start_soon(_lost_on_exit, worker)
+                    await worker.lost.wait()
+                    watch.cancel_scope.cancel()
+                self.lost += 1
         finally:
             self._ready[index] = None
-            await _stop_shielded(worker)
+            with trio.CancelScope(shield=True):
+                await worker.stop()
+        if ready:
+            log.warning("signature_worker_lost", worker=index, returncode=proc.returncode)
+        else:
+            log.error("signature_worker_not_ready", worker=index, returncode=proc.returncode)
 
 
 async def _lost_on_exit(worker: _Worker) -> None:
     await worker.proc.wait()
     worker.lost.set()
-
-
-async def _stop_shielded(worker: _Worker) -> None:
-    with trio.CancelScope(shield=True):
-        await worker.stop()
