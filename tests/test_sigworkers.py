@@ -22,7 +22,6 @@ import pytest
 import trio
 
 from clientkit import RelayRefused
-from ledger import Ledger
 from model import _crypto as model_crypto
 from model import wire
 from model.envelope import event_id
@@ -37,12 +36,14 @@ from relay._sigcheck import (
     encode_request,
     request_size,
 )
-from relay._sigprocs import REPLY_TIMEOUT, RESTART_PAUSE, SignatureWorkers, WorkerLost
+from relay._sigprocs import REPLY_TIMEOUT, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
 from tests.test_ops import metrics
+from tests.test_overload import wait_until
+from tests.test_relay_e2e import ledger_rows
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from relay._server import Relay
 
@@ -76,12 +77,6 @@ def _mixed(n: int, forged_at: Sequence[int]) -> tuple[list[Check], list[bool]]:
     return checks, [i not in forged_at for i in range(n)]
 
 
-async def _until(condition: Callable[[], bool], seconds: float = 10.0) -> None:
-    with trio.fail_after(seconds):
-        while not condition():  # noqa: ASYNC110 — process state: no event to await
-            await trio.sleep(0.01)
-
-
 def _dead(pid: int) -> bool:
     """Exited (a zombie until its parent reaps it) or gone."""
     try:
@@ -100,7 +95,7 @@ async def _ready_pool(count: int) -> AsyncIterator[tuple[CryptoPool, SignatureWo
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.run)
             workers.want()
-            await _until(lambda: len(workers.pids()) == count)
+            await wait_until(lambda: len(workers.pids()) == count)
             yield pool, workers
             pool.close()
 
@@ -131,7 +126,7 @@ async def test_a_worker_process_refuses_each_cheap_forgery() -> None:
             with pytest.raises(WorkerLost):  # not wanted yet: nothing was started
                 await workers.check(0, [_good(0)])
             workers.want()
-            await _until(lambda: workers.ready(0))
+            await wait_until(lambda: workers.ready(0))
             # Ctrl-C reaches a terminal's whole process group: the relay stops its workers
             # itself once drained, so they must outlive it.
             os.kill(workers.pids()[0], signal.SIGINT)
@@ -194,13 +189,13 @@ async def test_a_lost_worker_costs_a_round_in_threads_then_is_started_again(
         (pid,) = workers.pids()
         os.kill(pid, how)
         if how == signal.SIGKILL:
-            await _until(lambda: _dead(pid))
+            await wait_until(lambda: _dead(pid))
         began = trio.current_time()
         assert await pool.check_signatures(checks) == want
         assert trio.current_time() - began < REPLY_TIMEOUT[0] + 100 * REPLY_TIMEOUT[1] + 2
         assert (workers.answered, workers.lost) == (0, 1)
-        await _until(lambda: _dead(pid))  # killed, even stopped
-        await _until(lambda: workers.ready(0), RESTART_PAUSE[0] + 10)
+        await wait_until(lambda: _dead(pid))  # killed, even stopped
+        await wait_until(lambda: workers.ready(0))
         assert workers.pids() != [pid]
         assert await pool.check_signatures(checks) == want
         assert workers.answered == len(checks)
@@ -291,29 +286,21 @@ async def test_a_flood_of_forgeries_costs_one_check_each_and_none_on_the_loop(
     assert checked_on_loop == 0
 
 
-def _stored_ids(database_url: str, collab_id: str) -> set[bytes]:
-    store = Ledger(database_url)
-    store.open()
-    try:
-        return {event_id(r.event) for r in store.read_range(collab_id, 1, 1_000_000)}
-    finally:
-        store.close()
-
-
 @pytest.mark.objective("SO-3")
 async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
     relay: Relay, database_url: str
 ) -> None:
     """A burst of appends is checked in the relay's worker processes; forgeries hidden in it
     (another account's signature, a wrong key) are refused one by one and the rest stored.
-    Then the workers are killed mid-stream: every append still gets its answer."""
+    Then both workers are killed between two bursts: every append of the next one still gets
+    its answer."""
     workers = relay._sequencers._crypto._workers
     assert workers is not None
     alice = await sign_up(relay.url, "alice")
     mallory = await sign_up(relay.url, "mallory")
     async with session(relay.url, alice) as client:
         await client.append_many([alice.event(f"warm {i}") for i in range(64)])
-        await _until(lambda: workers.ready(0) and workers.ready(1))
+        await wait_until(lambda: workers.ready(0) and workers.ready(1))
         answered = workers.answered
         burst = [alice.event(f"burst {i}") for i in range(64)]
         forged = {5: mallory.event("x").sig, 40: _OTHER.sign(burst[40].body).signature}
@@ -323,13 +310,16 @@ async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
             await client.append_many(burst)
         assert refused.value.code is wire.ErrorCode.BAD_SIGNATURE
         assert workers.answered - answered >= len(burst), "the burst skipped the workers"
-        stored = await trio.to_thread.run_sync(_stored_ids, database_url, alice.collab_id)
+        stored = {
+            eid
+            for _, eid in await trio.to_thread.run_sync(ledger_rows, database_url, alice.collab_id)
+        }
         for i, ev in enumerate(burst):
             assert (event_id(ev) in stored) is (i not in forged), f"event {i}"
 
         for pid in workers.pids():
             os.kill(pid, signal.SIGKILL)
-        await _until(lambda: workers.lost == 2)  # found dead while idle, not at the next round
+        await wait_until(lambda: workers.lost == 2)  # found dead while idle, not at the next round
         after = [alice.event(f"after the kill {i}") for i in range(64)]
         acks = await client.append_many(after)
         assert [a.seq for a in acks] == list(range(acks[0].seq, acks[0].seq + len(after)))
@@ -337,7 +327,9 @@ async def test_forged_events_in_a_burst_are_refused_by_the_relays_workers(
     scraped = await metrics(relay.ops_url)
     assert scraped["cozy_signature_checks_in_workers_total"] >= len(burst)
     assert scraped["cozy_signature_workers_lost_total"] == 2
-    await _until(lambda: workers.ready(0) and workers.ready(1), RESTART_PAUSE[0] + 10)
+    await wait_until(lambda: workers.ready(0) and workers.ready(1))
     assert (await metrics(relay.ops_url))["cozy_signature_workers_ready"] == 2
-    stored = await trio.to_thread.run_sync(_stored_ids, database_url, alice.collab_id)
+    stored = {
+        eid for _, eid in await trio.to_thread.run_sync(ledger_rows, database_url, alice.collab_id)
+    }
     assert {event_id(ev) for ev in after} <= stored
