@@ -31,6 +31,7 @@ from clientkit._session import Session as Session
 from clientkit.bot import Bot as Bot
 from clientkit.errors import AccessRefused as AccessRefused
 from clientkit.errors import AccountTakeoverDetected as AccountTakeoverDetected
+from clientkit.errors import BadSetting as BadSetting
 from clientkit.errors import ClientError as ClientError
 from clientkit.errors import ConnectionLost as ConnectionLost
 from clientkit.errors import EquivocationDetected as EquivocationDetected

@@ -174,7 +174,7 @@ class History:
         self._stale_reported = False
         self._quorum_deadline: float | None = None  # waiting for witnesses to cosign (issue 16)
         # Frames taken off the subscription in batches, their signatures checked in worker
-        # threads (clientkit/_verifiers.py): the one being folded, and the next one.
+        # processes (clientkit/_verifiers.py): the one being folded, and the next one.
         self._batch: Batch | None = None
         self._next: Batch | None = None
         self._checked: Prechecked | None = None
@@ -368,14 +368,24 @@ class History:
             current = self._next
             if current is None:
                 first = await self._receive_one()
-                current = Batch(
-                    [first, *self._take_buffered()], self._member_keys(), self.view.known_keys()
-                )
+                current = Batch([first, *self._take_buffered()])
             more = self._take_buffered()
-            self._next = Batch(more, self._member_keys(), self.view.known_keys()) if more else None
-            self._checked = await current.checked()
-            self._batch = current
+            self._next = Batch(more) if more else None
+            await self._start(current)
+        elif not self._batch.started and self._member_keys():
+            # The batch came before the fold knew a member's key (the genesis was in it): the
+            # rest of it is checked now, rather than one by one by the fold.
+            await self._start(self._batch)
+        assert self._batch is not None
         return self._batch.frames.popleft()
+
+    async def _start(self, current: Batch) -> None:
+        keys = self._member_keys()
+        current.start(keys)
+        if self._next is not None:
+            self._next.start(keys)
+        self._checked = await current.checked()
+        self._batch = current
 
     def _take_buffered(self) -> list[wire.Reply]:
         assert self._frames is not None

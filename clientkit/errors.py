@@ -138,6 +138,10 @@ class RelayIdentityChanged(ClientError):
     """The relay presented a different signing key than the one pinned in COZY_HOME."""
 
 
+class BadSetting(ClientError):
+    """An environment variable the client kit reads holds a value it cannot use."""
+
+
 class StaleView(ClientError):
     """Not an integrity alarm: while following, no signed checkpoint of the collab dated within
     the client's staleness bound arrived (`Client.stale_after`: the relay's heartbeat interval

@@ -59,6 +59,9 @@ class Lie(enum.StrEnum):
     DUPLICATE = "duplicate"  # deliver one event twice at the same seq
     REPLAY = "replay"  # append an old event again at the end, re-chained
     TAMPER = "tamper"  # flip one byte of a body
+    # Flip one byte of a body's ciphertext and re-chain from it, as a relay inventing content
+    # would: the body decodes and the chain holds, only the author's signature shows the lie.
+    FORGE = "forge"
     SPLICE = "splice"  # replace an event with one from another collab
     TRUNCATE = "truncate"  # withhold the tail: stop early, claim to be caught up
     FORGE_RECEIPT = "forge_receipt"  # ack at another seq than its receipt's leaf index
@@ -143,6 +146,11 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             body[-1] ^= 1
             tampered = SignedEvent(bytes(body), events[at].event.sig)
             return [*before, msgspec.structs.replace(events[at], event=tampered), *events[at + 1 :]]
+        case Lie.FORGE:
+            decoded = decode_body(rest[0].body)
+            ciphertext = bytes([decoded.ciphertext[0] ^ 1]) + decoded.ciphertext[1:]
+            forged = msgspec.msgpack.encode(msgspec.structs.replace(decoded, ciphertext=ciphertext))
+            return rechained([SignedEvent(forged, rest[0].sig), *rest[1:]])
         case Lie.SPLICE:
             assert m.foreign is not None, "SPLICE needs an event of another collab"
             return rechained([m.foreign.event, *rest[1:]])
@@ -166,7 +174,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
     raise AssertionError(m)  # pragma: no cover
 
 
-_RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE})
+_RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE, Lie.FORGE})
 _RECEIPT_LIES = frozenset({Lie.STRIP_RECEIPT, Lie.FOREIGN_CHECKPOINT, Lie.EXCLUDE_EVENT})
 WITHHELD_LIES = frozenset({Lie.INVENT_WITHHELD, Lie.RELABEL_WITHHELD})
 

@@ -287,51 +287,53 @@ _VERIFIER = object()
 
 
 class Prechecked:
-    """Event signatures that held, checked ahead of the fold (`precheck`, which a reader runs in
-    worker threads: PyNaCl releases the GIL, so a catch-up verifies on every core). The fold
-    still decides which key each event must be signed with; `verify_event` skips its own check
-    only for that exact key, signature and body. Only `precheck` makes one.
+    """Event signatures that held, checked ahead of the fold (a `PrecheckPlan`'s checks, which
+    a reader runs in worker processes, so a catch-up verifies on every core). The fold still
+    decides which key each event must be signed with; `verify_event` skips its own check only
+    for that exact key, signature and body. Only `PrecheckPlan.result` makes one."""
 
-    It also holds content the workers decrypted with the collab keys the reader had (`opened`):
-    the fold takes those bytes only for the exact body and the key it would decrypt it with
-    itself, which gives the same plaintext (AEAD decryption is a function of the key, the nonce,
-    the ciphertext and the associated data, all of them in the body), so the fold's main thread
-    does not hand the GIL over to the workers once per event to decrypt it."""
+    __slots__ = ("_held",)
 
-    __slots__ = ("_held", "_opened")
-
-    def __init__(
-        self,
-        held: set[tuple[bytes, bytes, bytes]],
-        opened: dict[tuple[bytes, bytes], bytes] | None = None,
-        *,
-        _token: object,
-    ) -> None:
+    def __init__(self, held: set[tuple[bytes, bytes, bytes]], *, _token: object) -> None:
         if _token is not _VERIFIER:
-            raise TypeError("Prechecked is only made by model.envelope.precheck")
+            raise TypeError("Prechecked is only made by model.envelope.PrecheckPlan.result")
         self._held = held
-        self._opened = opened or {}
 
     def holds(self, signed: SignedEvent, public_key: bytes) -> bool:
         return (public_key, signed.sig, signed.body) in self._held
 
-    def opened(self, signed: SignedEvent, collab_key: bytes) -> bytes | None:
-        """The AEAD plaintext of `signed`'s content under `collab_key`, if a worker opened it."""
-        return self._opened.get((collab_key, signed.body))
+
+class PrecheckPlan:
+    """The signature checks a reader can run ahead of its fold, and what their verdicts let the
+    fold skip. Made by `plan_precheck`; `checks` are (public key, signed message, signature),
+    what `sigworker.check_signatures` takes, in any process. A verdict is trusted as the
+    reader's own threads would be: the fold takes it only for the key it pins itself."""
+
+    __slots__ = ("_refs", "checks")
+
+    def __init__(
+        self, checks: list[tuple[bytes, bytes, bytes]], refs: list[tuple[bytes, bytes, bytes]]
+    ) -> None:
+        self.checks = checks
+        self._refs = refs
+
+    def result(self, verdicts: Sequence[bool]) -> Prechecked:
+        """The signatures that held, one verdict per check. Raises `ValueError` when the
+        verdicts do not match the checks one for one."""
+        if len(verdicts) != len(self._refs):
+            raise ValueError(f"{len(verdicts)} verdicts for {len(self._refs)} checks")
+        return Prechecked(
+            {ref for ref, held in zip(self._refs, verdicts, strict=True) if held is True},
+            _token=_VERIFIER,
+        )
 
 
-def precheck(
-    events: Sequence[SignedEvent],
-    keys: Mapping[str, bytes],
-    collab_keys: Mapping[int, bytes] | None = None,
-) -> Prechecked:
-    """Check each content event's signature with the key `keys` gives its claimed author (a
-    guess: the members' keys where a reader is; management events are left to the fold). The
-    result holds those that held, and (with `collab_keys`, the reader's epoch keys) the content
-    of those it could decrypt (not DMs: they are sealed per pair). Blocking, and mostly without
-    the GIL: for worker threads."""
-    held: set[tuple[bytes, bytes, bytes]] = set()
-    opened: dict[tuple[bytes, bytes], bytes] = {}
+def plan_precheck(events: Sequence[SignedEvent], keys: Mapping[str, bytes]) -> PrecheckPlan:
+    """A check of each content event's signature with the key `keys` gives its claimed author
+    (a guess: the members' keys as the reader's fold has them; management events are left to
+    the fold). Cheap: one peek at each body's header, no signature work."""
+    checks: list[tuple[bytes, bytes, bytes]] = []
+    refs: list[tuple[bytes, bytes, bytes]] = []
     for signed in events:
         if len(signed.body) > MAX_BODY_BYTES:
             continue
@@ -343,12 +345,9 @@ def precheck(
         if public_key is None or peek.kind == KIND_MANAGEMENT:
             continue
         domain, part = _signed_part(signed.body, None)
-        if not _crypto.verify(public_key, domain + part, signed.sig):
-            continue
-        held.add((public_key, signed.sig, signed.body))
-        if collab_keys and peek.kind != KIND_DM:
-            _preopen(signed.body, collab_keys, opened)
-    return Prechecked(held, opened, _token=_VERIFIER)
+        checks.append((public_key, domain + part, signed.sig))
+        refs.append((public_key, signed.sig, signed.body))
+    return PrecheckPlan(checks, refs)
 
 
 def signature_check(
@@ -359,32 +358,6 @@ def signature_check(
     back as `verify_event`'s `held`."""
     domain, part = _signed_part(signed.body, decoded)
     return author_public_key, domain + part, signed.sig
-
-
-def _preopen(
-    body_bytes: bytes, collab_keys: Mapping[int, bytes], opened: dict[tuple[bytes, bytes], bytes]
-) -> None:
-    """Decrypt one content body with the key of its epoch, if there is one; a body that does
-    not decode or open is left to the fold (which then finds the same)."""
-    try:
-        body = _body_decoder.decode(body_bytes)
-    except DECODE_ERRORS:
-        return
-    key = collab_keys.get(body.epoch)
-    if key is None:
-        return
-    try:
-        opened[(key, body_bytes)] = _decrypt(key, body)
-    except _crypto.CryptoError:
-        return
-
-
-def merge_prechecked(parts: Sequence[Prechecked]) -> Prechecked:
-    """One `Prechecked` holding what each of `parts` holds."""
-    opened: dict[tuple[bytes, bytes], bytes] = {}
-    for p in parts:
-        opened |= p._opened
-    return Prechecked(set().union(*(p._held for p in parts)), opened, _token=_VERIFIER)
 
 
 def verify_event(
@@ -420,27 +393,16 @@ def verify_event(
     return VerifiedEvent(signed, body, eid, _token=_VERIFIER)
 
 
-def open_content(
-    event: VerifiedEvent, collab_key: bytes, *, prechecked: Prechecked | None = None
-) -> bytes:
+def open_content(event: VerifiedEvent, collab_key: bytes) -> bytes:
     """Decrypt a verified event's content and strip its padding. Raises `CryptoError`
-    (opaque) on any failure, a malformed padding included. `prechecked` may hold the
-    plaintext already (decrypted by a worker with this key, from these body bytes)."""
-    plain = None if prechecked is None else prechecked.opened(event.signed, collab_key)
-    if plain is None:
-        plain = _decrypt(collab_key, event.body)
+    (opaque) on any failure, a malformed padding included."""
+    plain = _crypto.aead_decrypt(
+        collab_key, event.body.nonce, event.body.ciphertext, content_associated_data(event.body)
+    )
     try:
         return padding.unpad(plain)
     except padding.BadPadding:
         raise _crypto.CryptoError("decryption failed") from None
-
-
-def _decrypt(collab_key: bytes, body: EventBody) -> bytes:
-    """The padded plaintext of a content body (the one decryption `precheck`'s workers and
-    `open_content` share, so the two cannot open a body differently)."""
-    return _crypto.aead_decrypt(
-        collab_key, body.nonce, body.ciphertext, content_associated_data(body)
-    )
 
 
 def _check_routing(body: EventBody) -> None:

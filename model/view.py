@@ -402,7 +402,7 @@ class CollabView:
     ) -> Entry:
         """Verify and fold one event. Raises `ViewRejected` / `ChainMismatch`; then the view
         is unchanged and must not be fed further. `prechecked` holds signatures checked ahead
-        (model/envelope.py `precheck`): one that held for the key this fold pins is not
+        (model/envelope.py `PrecheckPlan`): one that held for the key this fold pins is not
         checked again."""
         self._check_position(seq)
         try:
@@ -450,7 +450,7 @@ class CollabView:
         elif body.kind == KIND_DM:
             entry = self._open_dm(entry, verified, after)
         else:
-            entry, stream = self._open(entry, verified, prechecked)
+            entry, stream = self._open(entry, verified)
             if self._hold and entry.unreadable and self._holdable(entry.epoch):
                 self._held[seq] = (verified, entry.unreadable)
                 self._held_epoch = entry.epoch
@@ -506,7 +506,7 @@ class CollabView:
             self._bad_wraps.add(after.epoch)
 
     def _open(
-        self, entry: Entry, verified: VerifiedEvent, prechecked: Prechecked | None = None
+        self, entry: Entry, verified: VerifiedEvent
     ) -> tuple[Entry, tuple[tuple[str, str], tuple[int, bytes]] | None]:
         key = self._keys.get(entry.epoch)
         if key is None:
@@ -518,7 +518,7 @@ class CollabView:
                 why = f"sealed under key epoch {entry.epoch}, before this account joined"
             return msgspec.structs.replace(entry, unreadable=why), None
         try:
-            plain = open_content(verified, key, prechecked=prechecked)
+            plain = open_content(verified, key)
             content, evidence = contentmod.decode_content(plain)
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED), None

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
-from relay._sigcheck import Check, check_signatures
 from relay._sigprocs import WorkerLost
+from sigworker import Check, check_signatures
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -91,7 +91,7 @@ class CryptoPool:
 
     async def check_signatures(self, checks: Sequence[Check], *, small: bool = False) -> list[bool]:
         """Whether each (public key, message, signature) holds, like `map` with
-        `relay._sigcheck.check_signatures`, but in the worker processes when there are any."""
+        `sigworker.check_signatures`, but in the worker processes when there are any."""
         return await self._submit(check_signatures, checks, small=small, remote=True)
 
     async def _submit(

@@ -1,4 +1,4 @@
-"""The relay's signature-check worker processes (relay/_sigcheck.py), kept running.
+"""The relay's signature-check worker processes (`python -m sigworker`), kept running.
 
 Each worker is started when the crypto pool first has a batch for it and restarted when it is
 lost, with a growing pause if it keeps failing. Until one is ready, and whenever one fails
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Final
 import structlog
 import trio
 
-from relay._sigcheck import (
+from sigworker import (
     MAX_REQUEST,
     READY,
     Check,
@@ -114,7 +114,7 @@ class SignatureWorkers:
 
     def __init__(self, count: int, command: Sequence[str] | None = None) -> None:
         self.count = max(0, count)
-        self._command = list(command or [sys.executable, "-m", "relay._sigcheck"])
+        self._command = list(command or [sys.executable, "-m", "sigworker"])
         self._ready: list[_Worker | None] = [None] * self.count  # set by `_run_one`
         self._wanted = trio.Event()
         self.lost = 0  # ready workers lost since, for statistics

@@ -21,7 +21,17 @@ import trio_websocket
 from clientkit import _transport
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("model", "localfs", "httpserve", "ledger", "fanout", "relay", "clientkit", "cozy")
+PACKAGES = (
+    "model",
+    "localfs",
+    "httpserve",
+    "sigworker",
+    "ledger",
+    "fanout",
+    "relay",
+    "clientkit",
+    "cozy",
+)
 MAX_LINES = 600
 WEBSOCKET_INTERNALS_ALLOWED = {"relay/_wsraw.py", "clientkit/_transport.py"}
 

@@ -15,7 +15,7 @@ from clientkit import _collab
 from model import _crypto
 from model._crypto import CryptoError
 from model.dm import open_dm
-from model.envelope import decode_body, precheck, seal_event, verify_event
+from model.envelope import decode_body, plan_precheck, seal_event, verify_event
 from model.epochs import NotARecipient, new_epoch_key, open_wrap
 from model.membership import (
     MemberKind,
@@ -24,6 +24,7 @@ from model.membership import (
     decode_proof,
 )
 from model.view import CollabView, Entry, ViewRejected
+from sigworker import check_signatures
 from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
 from tests.helpers import TS0, Person
 
@@ -295,14 +296,15 @@ def test_one_pass_holds_the_epochs_earlier_events_until_the_key_comes() -> None:
     assert text_of({e.seq: e for e in handed}[early]) == "before bob"
 
 
-def test_content_the_workers_opened_is_read_as_the_fold_reads_it_without_decrypting_again(
+def test_verdicts_from_ahead_spare_the_fold_its_checks_only_for_the_key_it_pins(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Old code: `precheck` only checked signatures, so the fold decrypted every content event
-    itself on the reader's main thread (handing the GIL to the verifying workers each time:
-    `precheck` took no keys, a TypeError here). Now the workers also open what they can with
-    the reader's epoch keys, and the fold takes those bytes for exactly that key and body: the
-    same entries, and no decryption of its own."""
+    """A reader checks a batch's signatures ahead of its fold (in worker processes,
+    clientkit/_verifiers.py), under its guess of each author's key. The fold skips its own
+    check only where a check held for exactly the key it pins: with a right guess it checks
+    no content signature itself, with a wrong one (Carol's events checked under Alice's key)
+    it checks those itself, and either way reads what it reads alone. Verdicts that do not
+    match the checks one for one are refused."""
     alice, carol = Person(), Person()
     sim = Sim(alice)
     sim.add(alice, carol)
@@ -314,19 +316,27 @@ def test_content_the_workers_opened_is_read_as_the_fold_reads_it_without_decrypt
     final, plain = sim.read(sim.view(carol))
     assert final.membership is not None
     members = {a: m.sign_pk for a, m in final.membership.members.items()}
-    ahead = precheck([signed for _, signed, _ in sim.events], members, final.known_keys())
-    decrypted: list[bytes] = []
-    real = _crypto.aead_decrypt
+    signed = [s for _, s, _ in sim.events]
+    checked: list[bytes] = []
+    real = _crypto.verify
 
-    def counted(key: bytes, nonce: bytes, ciphertext: bytes, associated: bytes) -> bytes:
-        decrypted.append(nonce)
-        return real(key, nonce, ciphertext, associated)
+    def counted(public_key: bytes, message: bytes, signature: bytes) -> bool:
+        checked.append(public_key)
+        return real(public_key, message, signature)
 
-    monkeypatch.setattr(_crypto, "aead_decrypt", counted)
-    view = CollabView(sim.collab_id, carol.id, carol.box)
-    entries = [
-        view.ingest(seq, signed, chain, prechecked=ahead) for seq, signed, chain in sim.events
-    ]
-    assert entries == plain
-    assert [text_of(e) for e in entries if text_of(e)][-1] == "after the rotation"
-    assert decrypted == []
+    for keys, fold_checks in (
+        (members, 0),
+        ({**members, carol.id: bytes(alice.key.verify_key)}, 4),
+    ):
+        plan = plan_precheck(signed, keys)
+        ahead = plan.result(check_signatures(plan.checks))
+        with pytest.raises(ValueError, match="verdicts"):
+            plan.result([True] * (len(plan.checks) - 1))
+        monkeypatch.setattr(_crypto, "verify", counted)
+        checked.clear()
+        view = CollabView(sim.collab_id, carol.id, carol.box)
+        entries = [view.ingest(seq, s, chain, prechecked=ahead) for seq, s, chain in sim.events]
+        monkeypatch.setattr(_crypto, "verify", real)
+        assert entries == plain
+        management = sum(1 for e in entries if e.proof is not None)
+        assert len(checked) == management + fold_checks

@@ -1,4 +1,4 @@
-"""Signature checks in worker processes (relay/_sigcheck.py, relay/_sigprocs.py).
+"""Signature checks in worker processes (sigworker/, relay/_sigprocs.py).
 
 Checked in a thread, each signature hands the relay's GIL back and forth with the loop; a
 worker process has an interpreter of its own. What these tests hold the workers to: a forged
@@ -27,7 +27,8 @@ from model import wire
 from model.envelope import event_id
 from relay import _sigprocs
 from relay._cryptopool import MIN_REMOTE, CryptoPool
-from relay._sigcheck import (
+from relay._sigprocs import REPLY_TIMEOUT, SignatureWorkers, WorkerLost
+from sigworker import (
     Check,
     check_signatures,
     decode_reply,
@@ -36,7 +37,6 @@ from relay._sigcheck import (
     encode_request,
     request_size,
 )
-from relay._sigprocs import REPLY_TIMEOUT, SignatureWorkers, WorkerLost
 from tests.relay_harness import session, sign_up
 from tests.test_ops import metrics
 from tests.test_overload import wait_until

@@ -1,15 +1,17 @@
-"""Batched Ed25519 checks, and the worker process that runs them off the relay's interpreter.
+"""Batched Ed25519 checks, and the worker process that runs them off the caller's interpreter.
 
-A thread that checks signatures shares the relay's GIL: PyNaCl releases it for each
-signature, but the thread must take it back for each one while the loop thread runs Python,
+A thread that checks signatures shares its process's GIL: PyNaCl releases it for each
+signature, but the thread must take it back for each one while the main thread runs Python,
 and on this kind of VM each hand-over is a futex wake (docs/performance.md, "Fourth pass").
 A worker process has an interpreter of its own, so its checks contend with nothing but the
-other processes for the cores. It is `python -m relay._sigcheck`: it imports this module and
-PyNaCl only (~50 ms, ~16 MB), reads requests on stdin and answers on stdout.
+other processes for the cores. It is `python -m sigworker`: it imports this package, `model`'s
+crypto and PyNaCl only (~50 ms, ~16 MB), reads requests on stdin and answers on stdout.
 
-What crosses the pipe is public: account public keys, the signed bytes and the signatures.
-The verdict is the worker's, so the worker is as trusted as the relay's own threads; it runs
-the same `check_signatures` they would.
+Shared by the relay (appends, ADR-0022; kept running by relay/_sigprocs.py) and the client kit
+(a catch-up's signatures, ADR-0023; clientkit/_sigprocs.py), so it imports nothing of ours
+but `model`. What crosses the pipe is public: account public keys, the signed bytes and the
+signatures. The verdict is the worker's, so the worker is as trusted as its parent's own
+threads; it runs the same `check_signatures` they would.
 
 Framing (little-endian): a request is `u32 length` then `u32 request id, u32 count` and
 `count` checks, each `u16 key length, u16 signature length, u32 message length` and the three
@@ -20,9 +22,7 @@ for another request) fail loudly instead of lending one batch's verdicts to the 
 
 from __future__ import annotations
 
-import signal
 import struct
-import sys
 from typing import TYPE_CHECKING, BinaryIO, Final
 
 from model._crypto import verify
@@ -129,10 +129,3 @@ def serve(requests: BinaryIO, replies: BinaryIO) -> int:
             return 2
         replies.write(encode_reply(request_id, check_signatures(checks)))
         replies.flush()
-
-
-if __name__ == "__main__":
-    # Ctrl-C in a terminal reaches the whole process group: the relay stops its workers itself
-    # (end of input) once it has drained, so the worker must not die first and print a trace.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    sys.exit(serve(sys.stdin.buffer, sys.stdout.buffer))
