@@ -1,0 +1,128 @@
+"""The client's signature-check worker processes (clientkit/_sigprocs.py; ADR-0023).
+
+A reader's catch-up sends its batches' signature checks to `python -m sigworker` processes.
+What these tests hold them to: each verdict is the one the reader's own thread would give
+(forgeries refused, in place), a worker that dies, never starts, garbles its replies or hangs
+costs a share checked in the calling thread, never a verdict, and the workers end with the
+client process. The relay side of the same workers is tests/test_sigworkers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from clientkit import BadSetting, _sigprocs
+from clientkit._sigprocs import SignatureCheckers, worker_count
+from sigworker import check_signatures
+from tests.test_sigworkers import _GARBLER, _OUT_OF_STEP, _dead, _mixed
+
+# Answers READY, then never answers a request: a worker stopped or wedged.
+_HANGS = """
+import sys, time
+sys.stdout.buffer.write(b"R"); sys.stdout.buffer.flush()
+time.sleep(600)
+"""
+
+
+def test_verdicts_are_the_threads_own_whichever_worker_gives_them() -> None:
+    """Two workers answering shares of one batch at once, forgeries among them: each verdict
+    lands on its own check, as `check_signatures` in the calling thread gives it."""
+    checkers = SignatureCheckers(2)
+    try:
+        shares = [_mixed(300, [0, 7, 299]), _mixed(256, [128]), _mixed(64, [])]
+        with ThreadPoolExecutor(2) as threads:
+            for _ in range(3):
+                got = list(threads.map(checkers.check, [checks for checks, _ in shares]))
+                assert got == [want for _, want in shares]
+        assert checkers.answered == 3 * sum(len(checks) for checks, _ in shares)
+        assert len(checkers.pids()) == 2
+        assert checkers.lost == 0
+    finally:
+        checkers.close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
+        pytest.param([sys.executable, "-c", _OUT_OF_STEP], id="out-of-step-replies"),
+        pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
+        pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
+    ],
+)
+def test_a_broken_worker_never_costs_a_verdict(command: list[str]) -> None:
+    checkers = SignatureCheckers(1, command)
+    checks, want = _mixed(64, [0, 31, 63])
+    try:
+        for _ in range(3):
+            assert checkers.check(checks) == want
+        assert checkers.answered == 0
+        assert checkers.pids() == []
+    finally:
+        checkers.close()
+
+
+def test_a_hung_worker_is_killed_and_its_share_checked_in_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Old code (the prototype): the reader waited on a hung worker for ever."""
+    monkeypatch.setattr(_sigprocs, "REPLY_TIMEOUT", (0.5, 0.0))
+    checkers = SignatureCheckers(1, [sys.executable, "-c", _HANGS])
+    checks, want = _mixed(40, [3])
+    try:
+        began = time.monotonic()
+        assert checkers.check(checks) == want
+        assert time.monotonic() - began < 5
+        assert checkers.lost == 1
+        assert checkers.pids() == []
+    finally:
+        checkers.close()
+
+
+def test_the_workers_end_with_the_client_process() -> None:
+    """A reader's workers are its children: when the client process ends (normally here; a
+    killed one closes their input all the same) they end too, not left behind."""
+    script = """
+import sys
+from clientkit._sigprocs import checkers
+from tests.test_sigworkers import _mixed
+checks, want = _mixed(64, [5])
+assert checkers().check(checks) == want
+print(*checkers().pids())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env={**os.environ, "COZY_VERIFY_WORKERS": "2"},
+    )
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 1  # one share, one worker
+    deadline = time.monotonic() + 10
+    while not all(_dead(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_dead(pid) for pid in pids)
+
+
+def test_the_worker_setting_is_checked_and_zero_means_threads_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("COZY_VERIFY_WORKERS", "lots")
+    with pytest.raises(BadSetting, match="COZY_VERIFY_WORKERS must be a whole number"):
+        worker_count()
+    monkeypatch.setenv("COZY_VERIFY_WORKERS", "65")
+    with pytest.raises(BadSetting):
+        worker_count()
+    monkeypatch.setenv("COZY_VERIFY_WORKERS", "0")
+    checkers = SignatureCheckers(worker_count())
+    checks, want = _mixed(64, [9])
+    assert checkers.check(checks) == want == check_signatures(checks)
+    assert (checkers.answered, checkers.pids()) == (0, [])
