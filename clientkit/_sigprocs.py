@@ -85,6 +85,8 @@ class _Worker:
         assert self.proc.stdout is not None
         self._stdin: IO[bytes] = self.proc.stdin
         self._stdout = self.proc.stdout.fileno()
+        # A worker that stopped reading must not block a request's write for ever either.
+        os.set_blocking(self._stdin.fileno(), False)
         self._requests = 0
         self.ready = False  # it answered READY
 
@@ -94,15 +96,26 @@ class _Worker:
                 raise WorkerLost("the signature worker did not start")
             self.ready = True
         self._requests = request_id = (self._requests + 1) % 2**32
-        try:
-            self._stdin.write(encode_request(request_id, checks))
-        except OSError:
-            raise WorkerLost("the signature worker exited") from None
         deadline = time.monotonic() + REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)
+        self._write(encode_request(request_id, checks), deadline)
         try:
             return decode_reply(request_id, self._read(reply_size(len(checks)), deadline))
         except ValueError:
             raise WorkerLost("the signature worker answered out of step") from None
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        fd = self._stdin.fileno()
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([], [fd], [], left)[1]:
+                raise WorkerLost("the signature worker did not take its request in time")
+            try:
+                view = view[os.write(fd, view) :]
+            except BlockingIOError:
+                continue
+            except OSError:
+                raise WorkerLost("the signature worker exited") from None
 
     def _read(self, n: int, deadline: float) -> bytes:
         got = bytearray()

@@ -68,13 +68,16 @@ def test_a_broken_worker_never_costs_a_verdict(command: list[str]) -> None:
         checkers.close()
 
 
+@pytest.mark.parametrize("count", [40, 400], ids=["reply-never-comes", "request-never-read"])
 def test_a_hung_worker_is_killed_and_its_share_checked_in_the_thread(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, count: int
 ) -> None:
-    """Old code (the prototype): the reader waited on a hung worker for ever."""
+    """A worker that stops answering, or stops reading: 400 checks are more than a pipe holds,
+    so the request's write would block. Old code (the prototype, then a blocking write): the
+    reader waited on the worker for ever."""
     monkeypatch.setattr(_sigprocs, "REPLY_TIMEOUT", (0.5, 0.0))
     checkers = SignatureCheckers(1, [sys.executable, "-c", _HANGS])
-    checks, want = _mixed(40, [3])
+    checks, want = _mixed(count, [3])
     try:
         began = time.monotonic()
         assert checkers.check(checks) == want
