@@ -10,6 +10,7 @@ client process. The relay side of the same workers is tests/test_sigworkers.py.
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -86,6 +87,26 @@ def test_a_hung_worker_is_killed_and_its_share_checked_in_the_thread(
         assert checkers.pids() == []
     finally:
         checkers.close()
+
+
+def test_a_reader_with_over_a_thousand_open_files_still_uses_its_workers() -> None:
+    """A bot beside its own sockets can hold more than FD_SETSIZE (1024) descriptors, so its
+    workers' pipes get numbers `select` refuses. Old code (`select.select`): ValueError out of
+    the reader's history."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    checkers = SignatureCheckers(1)
+    try:
+        checks, want = _mixed(64, [2])
+        assert checkers.check(checks) == want
+        assert checkers.answered == len(checks)
+    finally:
+        checkers.close()
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_the_workers_end_with_the_client_process() -> None:
