@@ -21,7 +21,7 @@ import pytest
 from clientkit import BadSetting, _sigprocs
 from clientkit._sigprocs import SignatureCheckers, worker_count
 from sigworker import check_signatures
-from tests.test_sigworkers import _GARBLER, _OUT_OF_STEP, _dead, _mixed
+from tests.test_sigworkers import BROKEN_WORKERS, _dead, _mixed
 
 # Answers READY, then never answers a request: a worker stopped or wedged.
 _HANGS = """
@@ -48,15 +48,7 @@ def test_verdicts_are_the_threads_own_whichever_worker_gives_them() -> None:
         checkers.close()
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
-        pytest.param([sys.executable, "-c", _OUT_OF_STEP], id="out-of-step-replies"),
-        pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
-        pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
-    ],
-)
+@pytest.mark.parametrize("command", BROKEN_WORKERS)
 def test_a_broken_worker_never_costs_a_verdict(command: list[str]) -> None:
     checkers = SignatureCheckers(1, command)
     checks, want = _mixed(64, [0, 31, 63])

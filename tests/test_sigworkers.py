@@ -223,15 +223,16 @@ while head := sys.stdin.buffer.read(4):
 """
 
 
-@pytest.mark.parametrize(
-    "command",
-    [
-        pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
-        pytest.param([sys.executable, "-c", _OUT_OF_STEP], id="out-of-step-replies"),
-        pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
-        pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
-    ],
-)
+# Workers that never give a usable answer (also tests/test_client_sigworkers.py).
+BROKEN_WORKERS = [
+    pytest.param([sys.executable, "-c", _GARBLER], id="garbled-replies"),
+    pytest.param([sys.executable, "-c", _OUT_OF_STEP], id="out-of-step-replies"),
+    pytest.param([sys.executable, "-c", "import sys; sys.exit(3)"], id="exits-at-start"),
+    pytest.param(["/nonexistent/cozy-signature-worker"], id="cannot-start"),
+]
+
+
+@pytest.mark.parametrize("command", BROKEN_WORKERS)
 async def test_a_broken_worker_never_costs_an_answer(command: list[str]) -> None:
     workers = SignatureWorkers(1, command)
     pool = CryptoPool(2, workers)
