@@ -102,10 +102,7 @@ class CryptoPool:
         if small and self.idle and self._inline + len(items) <= INLINE_BUDGET:
             self._inline += len(items)
             return fn(items)
-        workers = self._workers if remote else None
-        job = _Job(fn, items, remote=workers is not None)
-        if workers is not None:
-            workers.want()
+        job = _Job(fn, items, remote=remote and self._workers is not None)
         self._send.send_nowait(job)
         await job.done.wait()
         if job.error is not None:
@@ -154,6 +151,11 @@ class CryptoPool:
                     remote = [job for job in jobs if job.remote] if workers else []
                     if sum(len(job.items) for job in remote) < MIN_REMOTE:
                         remote = []
+                    elif workers is not None:
+                        # The first round the workers would take starts them (this one runs
+                        # in the threads if none is ready yet): a relay that never sees a
+                        # burst never spawns a process.
+                        workers.want()
                     local = [job for job in jobs if not job.remote] if remote else jobs
                     async with trio.open_nursery() as nursery:
                         for share in _shares(local, self._threads):

@@ -122,7 +122,8 @@ class SignatureWorkers:
 
     def want(self) -> None:
         """There is work for the workers: `run` starts them now (the pool calls this on its
-        first batch, so a relay that never gets one never spawns a process)."""
+        first round of MIN_REMOTE checks or more, so a relay that never sees a burst never
+        spawns a process)."""
         self._wanted.set()
 
     def _live(self, index: int) -> _Worker | None:

@@ -164,6 +164,27 @@ async def test_a_round_of_few_checks_stays_in_the_threads() -> None:
         assert workers.answered == MIN_REMOTE
 
 
+async def test_workers_start_only_once_a_round_is_large_enough_for_them() -> None:
+    """A relay whose rounds all stay in the threads (a trickle of appends) spawns no process:
+    two idle interpreters are ~32 MB for nothing. Old code: any signature check handed to the
+    pool started the workers, so `cozy dev` had two after a few sequential posts."""
+    workers = SignatureWorkers(1)
+    pool = CryptoPool(2, workers)
+    checks, want = _mixed(MIN_REMOTE, [0])
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pool.run)
+            for _ in range(5):
+                assert await pool.check_signatures(checks[:8]) == want[:8]
+            await trio.sleep(0.5)
+            assert workers.pids() == []
+            assert await pool.check_signatures(checks) == want  # in threads: none ready yet
+            await wait_until(lambda: len(workers.pids()) == 1)
+            assert await pool.check_signatures(checks) == want
+            assert workers.answered == MIN_REMOTE
+            pool.close()
+
+
 async def test_a_round_too_large_for_one_request_goes_to_the_threads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
