@@ -344,8 +344,7 @@ def plan_precheck(events: Sequence[SignedEvent], keys: Mapping[str, bytes]) -> P
         public_key = keys.get(peek.actor_id)
         if public_key is None or peek.kind == KIND_MANAGEMENT:
             continue
-        domain, part = _signed_part(signed.body, None)
-        checks.append((public_key, domain + part, signed.sig))
+        checks.append(signature_check(signed, public_key))
         refs.append((public_key, signed.sig, signed.body))
     return PrecheckPlan(checks, refs)
 
