@@ -164,6 +164,7 @@ class SignatureCheckers:
         self._running = 0  # started and not stopped, idle or busy
         self._lock = threading.Lock()
         self._retry_at = 0.0  # while in the future, no worker is started (one failed to)
+        self._closed = False
         self.answered = 0  # checks the workers answered (the rest ran in the calling thread)
         self.lost = 0  # workers killed after failing a request
 
@@ -182,8 +183,14 @@ class SignatureCheckers:
             self._lose(worker)
             raise
         with self._lock:
-            self._idle.append(worker)
             self.answered += len(verdicts)
+            closed = self._closed
+            if not closed:
+                self._idle.append(worker)
+            else:
+                self._running -= 1
+        if closed:
+            worker.stop()  # it was busy when the pool closed
         return verdicts
 
     def pids(self) -> list[int]:
@@ -196,7 +203,7 @@ class SignatureCheckers:
         with self._lock:
             idle, self._idle = self._idle, []
             self._running -= len(idle)
-            self._retry_at = float("inf")  # closed: no new worker
+            self._closed = True  # no new worker, and a busy one stops when its request ends
         for worker in idle:
             worker.stop()
 
@@ -204,7 +211,7 @@ class SignatureCheckers:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-            if self._running >= self.count or time.monotonic() < self._retry_at:
+            if self._closed or self._running >= self.count or time.monotonic() < self._retry_at:
                 return None
             self._running += 1
         try:

@@ -101,6 +101,24 @@ def test_a_reader_with_over_a_thousand_open_files_still_uses_its_workers() -> No
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
+def test_a_worker_busy_when_the_pool_closes_is_stopped_after_its_request() -> None:
+    """Old code: `close` stopped the idle workers only, and a busy one went back to the idle
+    list when its request ended, left running until the process exited."""
+    checkers = SignatureCheckers(2)
+    checks, want = _mixed(2000, [1999])
+    with ThreadPoolExecutor(1) as thread:
+        busy = thread.submit(checkers.check, checks)
+        deadline = time.monotonic() + 10
+        while checkers.pids() == [] and checkers._running == 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        checkers.close()
+        assert busy.result() == want
+    assert checkers.pids() == []
+    assert checkers._running == 0
+    assert checkers.check(checks[:64]) == want[:64]  # closed: checked in the calling thread
+    assert checkers.answered in (0, len(checks))
+
+
 def test_the_workers_end_with_the_client_process() -> None:
     """A reader's workers are its children: when the client process ends (normally here; a
     killed one closes their input all the same) they end too, not left behind."""
