@@ -52,6 +52,7 @@ async def test_a_history_longer_than_a_batch_reads_as_posted_with_the_workers_ch
     answered = _sigprocs.checkers().answered
     async with session(relay.url, alice) as reader:
         async with reader.history(alice.collab_id, alice.box_key) as history:
+            await trio.sleep(0.5)  # the history arrives meanwhile: it is read in large batches
             entries = [entry async for entry in history]
     read = [text_of(e) for e in entries if e.seq > 1]  # after the genesis
     assert read == [*texts[:garbled_at], None, *texts[garbled_at:]]
