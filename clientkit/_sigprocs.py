@@ -37,10 +37,14 @@ from clientkit.errors import BadSetting
 from sigworker import (
     MAX_REQUEST,
     READY,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    WorkerLost,
     check_signatures,
     decode_reply,
     encode_request,
     reply_size,
+    reply_timeout,
     request_size,
 )
 
@@ -50,17 +54,8 @@ if TYPE_CHECKING:
     from sigworker import Check
 
 WORKERS_ENV: Final = "COZY_VERIFY_WORKERS"
-# How long a new worker may take to import (the first request waits for it).
-START_TIMEOUT: Final = 10.0
-# A reply later than this (a base plus a margin per check, ~25 times what a check costs) is
-# taken for a hung worker: it is killed and the share is checked in the calling thread.
-REPLY_TIMEOUT: Final = (1.0, 0.002)
-STOP_TIMEOUT: Final = 2.0
+# After a worker fails to start, none is started again for this long.
 RETRY_SECONDS: Final = 60.0
-
-
-class WorkerLost(Exception):
-    """The worker did not answer this request (dead, hung, out of step, or never ready)."""
 
 
 def worker_count() -> int:
@@ -97,7 +92,7 @@ class _Worker:
                 raise WorkerLost("the signature worker did not start")
             self.ready = True
         self._requests = request_id = (self._requests + 1) % 2**32
-        deadline = time.monotonic() + REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)
+        deadline = time.monotonic() + reply_timeout(len(checks))
         self._write(encode_request(request_id, checks), deadline)
         try:
             return decode_reply(request_id, self._read(reply_size(len(checks)), deadline))

@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 
-from relay._sigprocs import WorkerLost
-from sigworker import Check, check_signatures
+from sigworker import Check, WorkerLost, check_signatures
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence

@@ -19,10 +19,14 @@ import trio
 from sigworker import (
     MAX_REQUEST,
     READY,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
     Check,
+    WorkerLost,
     decode_reply,
     encode_request,
     reply_size,
+    reply_timeout,
     request_size,
 )
 
@@ -31,23 +35,10 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("cozy.crypto")
 
-# A worker that does not say it is ready this soon is stopped and started again.
-START_TIMEOUT: Final = 10.0
 # The pause before starting a lost worker again doubles from the first to the second while it
 # keeps failing, and starts over once a worker has run this long.
 RESTART_PAUSE: Final = (0.5, 60.0)
 STABLE_SECONDS: Final = 60.0
-# How long a worker may take to exit after its input is closed before it is killed.
-STOP_TIMEOUT: Final = 2.0
-# A worker that has not answered a batch this long (a base plus a margin per check, ~25 times what a
-# check costs) is taken for hung (stopped, starved, wedged): it is replaced, and the threads
-# check the batch, so a stuck worker delays appends by at most this much.
-REPLY_TIMEOUT: Final = (1.0, 0.002)
-
-
-class WorkerLost(Exception):
-    """The worker cannot answer this batch: not started yet, dead, hung or out of step, or the
-    batch is too large for one request."""
 
 
 class _Worker:
@@ -146,7 +137,7 @@ class SignatureWorkers:
             raise WorkerLost("the signature worker is not running")
         if request_size(checks) > MAX_REQUEST:
             raise WorkerLost("too large for one request")  # the worker itself is fine
-        with trio.move_on_after(REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * len(checks)) as timer:
+        with trio.move_on_after(reply_timeout(len(checks))) as timer:
             verdicts = await worker.check(checks)  # cancelled, it marks itself lost
         if timer.cancelled_caught:
             raise WorkerLost("a signature worker did not answer in time")

@@ -39,9 +39,27 @@ READY: Final = b"R"
 # such a round (thousands of events near the body limit) is checked in threads instead.
 MAX_REQUEST: Final = 64 * 1024 * 1024
 
+# What a parent (relay/_sigprocs.py, clientkit/_sigprocs.py) allows a worker: this long to say
+# READY after it starts, this long to exit once its input is closed before it is killed, and
+# for a reply a base plus a margin per check (~25 times what a check costs; `reply_timeout`),
+# past which it is taken for hung (stopped, starved, wedged) and its checks run elsewhere.
+START_TIMEOUT: Final = 10.0
+STOP_TIMEOUT: Final = 2.0
+REPLY_TIMEOUT: Final = (1.0, 0.002)
+
 _U32 = struct.Struct("<I")
 _HEAD = struct.Struct("<II")
 _ITEM = struct.Struct("<HHI")
+
+
+class WorkerLost(Exception):
+    """A worker cannot answer this batch: not started or ready, dead, hung, out of step, or
+    the batch is too large for one request. Its parent checks the batch elsewhere."""
+
+
+def reply_timeout(checks: int) -> float:
+    """Seconds a worker may take to answer a request of `checks` checks."""
+    return REPLY_TIMEOUT[0] + REPLY_TIMEOUT[1] * checks
 
 
 def check_signatures(checks: Sequence[Check]) -> list[bool]:

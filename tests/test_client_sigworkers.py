@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from clientkit import BadSetting, _sigprocs
+import sigworker
+from clientkit import BadSetting
 from clientkit._sigprocs import SignatureCheckers, worker_count
 from sigworker import check_signatures
 from tests.test_sigworkers import BROKEN_WORKERS, _dead, _mixed
@@ -68,7 +69,7 @@ def test_a_hung_worker_is_killed_and_its_share_checked_in_the_thread(
     """A worker that stops answering, or stops reading: 400 checks are more than a pipe holds,
     so the request's write would block. Old code (the prototype, then a blocking write): the
     reader waited on the worker for ever."""
-    monkeypatch.setattr(_sigprocs, "REPLY_TIMEOUT", (0.5, 0.0))
+    monkeypatch.setattr(sigworker, "REPLY_TIMEOUT", (0.5, 0.0))
     checkers = SignatureCheckers(1, [sys.executable, "-c", _HANGS])
     checks, want = _mixed(count, [3])
     try:

@@ -27,9 +27,11 @@ from model import wire
 from model.envelope import event_id
 from relay import _sigprocs
 from relay._cryptopool import MIN_REMOTE, CryptoPool
-from relay._sigprocs import REPLY_TIMEOUT, SignatureWorkers, WorkerLost
+from relay._sigprocs import SignatureWorkers
 from sigworker import (
+    REPLY_TIMEOUT,
     Check,
+    WorkerLost,
     check_signatures,
     decode_reply,
     decode_request,
