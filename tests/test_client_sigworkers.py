@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import sigworker
-from clientkit import BadSetting
+from clientkit import BadSetting, _sigprocs
 from clientkit._sigprocs import SignatureCheckers, worker_count
 from sigworker import check_signatures
 from tests.test_sigworkers import BROKEN_WORKERS, _dead, _mixed
@@ -82,6 +82,24 @@ def test_a_hung_worker_is_killed_and_its_share_checked_in_the_thread(
         checkers.close()
 
 
+def test_a_share_too_large_for_one_request_is_checked_in_the_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker exits on a request over MAX_REQUEST, so none is sent (and none is started for
+    it): the calling thread checks the share. Old code (no size check here): the request went
+    to a worker, which answered under its own, larger limit."""
+    checkers = SignatureCheckers(1)
+    checks, want = _mixed(100, [0, 99])
+    monkeypatch.setattr(_sigprocs, "MAX_REQUEST", sigworker.request_size(checks) - 1)
+    try:
+        assert checkers.check(checks) == want
+        assert (checkers.answered, checkers.pids(), checkers.lost) == (0, [], 0)
+        assert checkers.check(checks[:-1]) == want[:-1]  # under the limit: a worker answers
+        assert checkers.answered == len(checks) - 1
+    finally:
+        checkers.close()
+
+
 def test_a_reader_with_over_a_thousand_open_files_still_uses_its_workers() -> None:
     """A bot beside its own sockets can hold more than FD_SETSIZE (1024) descriptors, so its
     workers' pipes get numbers `select` refuses. Old code (`select.select`): ValueError out of
@@ -117,7 +135,7 @@ def test_a_worker_busy_when_the_pool_closes_is_stopped_after_its_request() -> No
     assert checkers.pids() == []
     assert checkers._running == 0
     assert checkers.check(checks[:64]) == want[:64]  # closed: checked in the calling thread
-    assert checkers.answered in (0, len(checks))
+    assert checkers.answered == len(checks)  # the busy worker's answer was used
 
 
 def test_the_workers_end_with_the_client_process() -> None:
