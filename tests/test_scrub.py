@@ -39,6 +39,15 @@ SECRETS = st.text(
 TEXT = st.text(max_size=40)
 
 
+def _shows(text: str, secret: str) -> bool:
+    """Whether `secret` is in `text` outside every marker.
+
+    A secret that is part of the marker itself (``"[REDACTE"``), or that the marker completes
+    with the text next to it, tells a reader nothing: the marker is the same for every secret.
+    """
+    return any(secret in part for part in text.split(MARKER))
+
+
 def _b64_decodings(text: str) -> list[bytes]:
     """Everything any run of base64 characters in `text` decodes to, at every alignment."""
     out = []
@@ -75,15 +84,15 @@ def test_textual_encodings_of_a_secret_never_survive(
     out = scrub(f"{before}{encoded}{after}", [secret])
     assert MARKER in out
     # Decode the output the way an attacker would and look for the secret.
-    assert secret not in out
-    assert secret not in urllib.parse.unquote_plus(out)
+    assert not _shows(out, secret)
+    assert not _shows(urllib.parse.unquote_plus(out), secret)
     assert secret.encode().hex() not in out.lower()
     if how == "json":
         try:
             decoded = json.loads(f'"{out}"')
         except json.JSONDecodeError:
             decoded = ""  # scrubbing broke an escape next to the secret: nothing to decode
-        assert secret not in decoded
+        assert not _shows(decoded, secret)
 
 
 @pytest.mark.objective("SO-9")
@@ -260,7 +269,7 @@ def _oracle_recovers(got: str, secret: str, stack: list[Layer], charset: str) ->
         stages = [text]
         for _name, _encode, decode in reversed(stack):
             stages.append(decode(stages[-1]))
-        if any(secret in stage for stage in stages):
+        if any(_shows(stage, secret) for stage in stages):
             return True
     return False
 
