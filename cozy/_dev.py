@@ -92,7 +92,6 @@ async def _dev(config: RelayConfig, with_witness: bool) -> None:
                     relay.ops_port_taken,
                     config,
                     bao.addr,
-                    bao.root_token,
                     stored,
                     witness,
                 ),
@@ -107,7 +106,6 @@ def _banner(
     ops_port_taken: int | None,
     config: RelayConfig,
     bao_addr: str,
-    bao_token: str,
     stored: _devsecrets.Stored,
     witness: DevWitness | None = None,
 ) -> str:
@@ -119,7 +117,9 @@ def _banner(
         f"  relay    {url}",
         f"  ops      {ops}",
         f"  postgres {config.data_dir / 'postgres'} (embedded)",
-        f"  openbao  {bao_addr} (dev mode; root token for `bao kv put`: {bao_token})",
+        # The root token stays in its 0600 file: output is often kept (`make run > log`, CI).
+        f"  openbao  {bao_addr} (dev mode; its root token, for `bao kv put`, is in"
+        f" {config.data_dir / _devsecrets.RUNNING_FILE})",
         *_witness_lines(witness),
         *_tool_lines(config.tools, stored),
         "",

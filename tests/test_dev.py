@@ -6,6 +6,7 @@ with a data dir of its own under tmp_path; the test only ever signals the proces
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -66,6 +67,7 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
     )
     assert proc.stdout is not None
     output = b""
+    token = "the root token, once the banner names its file"
     try:
         with trio.fail_after(120):
             while b"Ctrl-C stops" not in output:
@@ -75,8 +77,13 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
                 output += chunk
         text = output.decode()
         banner = text[text.index("  relay    ws://") :]
-        openbao = re.search(r"openbao  (\S+) .*`bao kv put`: (\S+)\)", banner)
+        openbao = re.search(r"openbao  (\S+) .*`bao kv put`, is in (\S+)\)", banner)
         assert openbao is not None, banner
+        running = trio.Path(openbao[2])
+        named = json.loads(await running.read_text(encoding="utf-8"))
+        assert named["addr"] == openbao[1]
+        assert (await running.stat()).st_mode & 0o077 == 0
+        token = named["token"]
         witness = re.search(r"witness  (http://\S+) .*\n +key (\S+)", banner)
         yield Stack(
             proc,
@@ -84,7 +91,7 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
             relay_url=re.findall(r"relay    (ws://\S+)", banner)[0],
             ops_url=" ".join(re.findall(r"ops      (\S+)", banner)),
             bao_addr=openbao[1],
-            bao_token=openbao[2],
+            bao_token=token,
             witness_url=witness[1] if witness else None,
             witness_vkey=witness[2] if witness else None,
         )
@@ -96,6 +103,8 @@ async def dev_stack(*args: str, env: dict[str, str]) -> AsyncIterator[Stack]:
         proc.stdout.close()
     assert proc.returncode == 0, output.decode(errors="replace")
     assert b"Traceback" not in output
+    # The root token is a secret: never in the output a developer keeps (`make run > log`).
+    assert token.encode() not in output
 
 
 @contextmanager
