@@ -11,10 +11,9 @@ dated within the client's staleness bound raises `StaleView`, a warning, not an 
 from __future__ import annotations
 
 import collections
-import contextlib
 import time
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import trio
 
@@ -56,9 +55,13 @@ if TYPE_CHECKING:
 
     import nacl.public
 
+    from model.checkpoints import SignedHead
     from model.envelope import Prechecked
     from model.equivocation import SignedReceipt
     from model.membership import Membership, WitnessPolicy
+
+# Signed heads ahead of the fold kept for `_bind` (an honest relay sends one or two at a time).
+_UNBOUND_MAX: Final = 64
 
 
 class HistoryCalls(ClientCore):
@@ -173,6 +176,10 @@ class History:
         self._since = time.time()
         self._stale_reported = False
         self._quorum_deadline: float | None = None  # waiting for witnesses to cosign (issue 16)
+        # Signed heads larger than the fold when they came (a `caught_up` before its backfill),
+        # by size: (root, the date it vouches for, if it may renew freshness). Each is compared
+        # with the fold's own tree when the fold reaches its size (`_bind`).
+        self._unbound: dict[int, tuple[bytes, int | None]] = {}
         # Frames taken off the subscription in batches, their signatures checked in worker
         # processes (clientkit/_verifiers.py): the one being folded, and the next one.
         self._batch: Batch | None = None
@@ -290,16 +297,19 @@ class History:
             head = self.view.head
             match frame:
                 case wire.TreeHead():
-                    # A heartbeat without the witness quorum is not taken (the relay signed it
-                    # before the witnesses answered); a relay that never sends one that is
-                    # meets the staleness bound.
-                    with contextlib.suppress(QuorumNotMet):
+                    # (`_check_checkpoint` raised TamperDetected if it does not open.)
+                    try:
                         self._check_checkpoint(
                             frame.checkpoint, frame.proof_from, frame.consistency, None
                         )
-                    # (It opened: check_head raised TamperDetected otherwise.)
-                    collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
-                    self._check_floor(open_head(frame.checkpoint, relay_pk, collab_id).size)
+                    except QuorumNotMet:
+                        # A heartbeat without the witness quorum is not taken (the relay signed
+                        # it before the witnesses answered) and renews nothing; a relay that
+                        # never sends one that is meets the staleness bound. Its signature
+                        # still binds the relay to the history it names.
+                        unconfirmed = self._opened(frame.checkpoint)
+                        self._bind(unconfirmed.size, unconfirmed.root, None)
+                    self._check_floor(self._opened(frame.checkpoint).size)
                 case wire.CaughtUp():
                     try:
                         if frame.checkpoint:
@@ -353,6 +363,9 @@ class History:
                     try:
                         self._verify(frame)
                         self._check_expected()
+                        reached = self._unbound.pop(self.view.head.seq, None)
+                        if reached is not None:
+                            self._bind(self.view.head.seq, *reached)
                     except IntegrityAlarm:
                         self._alarmed_at = before
                         raise
@@ -452,17 +465,47 @@ class History:
         signed = self._client.checkpoints.check_head(
             relay_pk, collab_id, note, proof_from, consistency
         )
-        # Freshness (the staleness bound): with a witness policy, from the witnesses' dates,
-        # which a relay withholding events behind what they saw cannot renew.
-        fresh = signed.timestamp if witnessed_at is None else witnessed_at
-        if fresh > self._fresh:
-            self._fresh, self._stale_reported = fresh, False
         if seq is not None and signed.size != seq:
             raise self._alarm(
                 TamperDetected,
                 f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
                 seq,
             )
+        # Freshness (the staleness bound): with a witness policy, from the witnesses' dates,
+        # which a relay withholding events behind what they saw cannot renew.
+        self._bind(
+            signed.size, signed.root, signed.timestamp if witnessed_at is None else witnessed_at
+        )
+
+    def _opened(self, note: bytes) -> SignedHead:
+        return open_head(note, self._client.relay_pk, self.view.collab_id)
+
+    def _bind(self, size: int, root: bytes, fresh: int | None) -> None:
+        """Tie a signed head to the history this relay sent this device (ADR-0020's tree is over
+        the same event ids the fold took): at the fold's size, the roots must be equal, else
+        the relay signed one history and sent another (a split view, cosigned or not). Only a
+        head so tied renews freshness (`fresh`, its date): a head of a history the device was
+        not shown — larger, or another — says nothing about how fresh this device's view is.
+
+        A head larger than the fold waits until the fold reaches it (its events come later:
+        a `caught_up` before its backfill). A smaller one is not compared (the fold keeps no
+        older roots) and renews nothing: an honest relay names exactly the head it has sent."""
+        seq = self.view.head.seq
+        if size > seq:
+            if len(self._unbound) < _UNBOUND_MAX:
+                self._unbound[size] = (root, fresh)
+            return
+        if size < seq:
+            return
+        if root != self.view.tree_root():
+            raise self._alarm(
+                ForkDetected,
+                f"the relay signed a tree of {size} events that is not the history it sent this"
+                " device: it shows others another one",
+                size,
+            )
+        if fresh is not None and fresh > self._fresh:
+            self._fresh, self._stale_reported = fresh, False
 
     def _policy(self) -> WitnessPolicy | None:
         membership = self.view.membership

@@ -63,7 +63,8 @@ from model.membership import (
     proof_of,
     signer_key,
 )
-from model.viewsnap import Snapshot, open_snapshot, seal_snapshot
+from model.merkle import CompactRange, leaf_hash
+from model.viewsnap import Snapshot, SnapshotRejected, open_snapshot, seal_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -165,6 +166,9 @@ class CollabView:
         self._joined = False  # this account has been a member at some position
         self._chains: list[bytes] = [self.head.chain]  # chain hash after each seq, from 0
         self._ids: set[bytes] = set()
+        # The collab's Merkle tree over the event ids taken (ADR-0020's leaves): a signed head
+        # of the view's size must have its root, or the relay signed another history.
+        self._tree = CompactRange()
         # (author, device) -> (counter, event id) of the last readable event of that stream
         self._streams: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._whole = True  # every content event so far was readable to this account
@@ -204,6 +208,11 @@ class CollabView:
         """The chain hash this view verified at `seq` (None beyond the head)."""
         return self._chains[seq] if 0 <= seq < len(self._chains) else None
 
+    def tree_root(self) -> bytes:
+        """The Merkle root (RFC 9162) over the event ids of seqs 1…head: what the relay's
+        signed checkpoint of that size must say, if it signed the history it sent."""
+        return self._tree.root()
+
     def known_keys(self) -> dict[int, bytes]:
         """The epoch keys this fold opened (to prime a later pass; never log them)."""
         return dict(self._keys)
@@ -230,6 +239,7 @@ class CollabView:
             list(self._ids),
             [(a, d, n, e) for (a, d), (n, e) in self._streams.items()],
             self._whole,
+            list(self._tree.nodes),
         )
         return seal_snapshot(snap, self._box_key)
 
@@ -266,6 +276,7 @@ class CollabView:
         view._joined = snap.joined
         view._chains = snap.chains
         view._ids = set(snap.ids)
+        view._tree = _restored_tree(snap)
         view._streams = {(a, d): (n, e) for a, d, n, e in snap.streams}
         view._whole = snap.whole
         return view
@@ -377,6 +388,7 @@ class CollabView:
         except ModelError as exc:
             raise ViewRejected(f"seq {seq}: {exc}") from None
         self._ids.add(event_id)
+        self._tree.append(leaf_hash(event_id))
         self._chains.append(chain)
         entry = Entry(
             seq,
@@ -459,6 +471,7 @@ class CollabView:
         if self._hold:
             self._queue.append(entry)
         self._ids.add(verified.event_id)
+        self._tree.append(leaf_hash(verified.event_id))
         self._chains.append(chain)
         self.membership, self.head = after, new_head
         self._joined = self._joined or self.is_member
@@ -586,3 +599,11 @@ class CollabView:
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)
+
+
+def _restored_tree(snap: Snapshot) -> CompactRange:
+    """The kept fold's tree border, which must be of its head's size."""
+    try:
+        return CompactRange.from_nodes(snap.seq, snap.tree or ())
+    except ValueError:
+        raise SnapshotRejected("the kept view's tree is not of its head") from None

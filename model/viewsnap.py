@@ -48,6 +48,9 @@ class Snapshot(msgspec.Struct, frozen=True, array_like=True):
     ids: list[bytes]
     streams: list[tuple[str, str, int, bytes]]  # (author, device, counter, last event id)
     whole: bool
+    # The border of the Merkle tree over `ids` in seq order (model.merkle.CompactRange.nodes).
+    # None in a fold kept before views carried it: such a fold is not resumed (read again).
+    tree: list[bytes] | None = None
 
 
 def _key(box_key: nacl.public.PrivateKey) -> bytes:
@@ -86,4 +89,6 @@ def open_snapshot(
         or snap.chains[-1] != head.chain
     ):
         raise SnapshotRejected("the kept view is not of this head")
+    if snap.tree is None:
+        raise SnapshotRejected("the kept view has no tree (kept by an older client): read again")
     return snap

@@ -7,6 +7,7 @@ the test is about a lying relay. Every reader folds the same events with real ke
 from __future__ import annotations
 
 import hypothesis.strategies as st
+import msgspec
 import pytest
 from hypothesis import given, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -15,7 +16,7 @@ from clientkit import _collab
 from model import _crypto
 from model._crypto import CryptoError
 from model.dm import open_dm
-from model.envelope import decode_body, plan_precheck, seal_event, verify_event
+from model.envelope import decode_body, event_id, plan_precheck, seal_event, verify_event
 from model.epochs import NotARecipient, new_epoch_key, open_wrap
 from model.membership import (
     MemberKind,
@@ -23,7 +24,9 @@ from model.membership import (
     Role,
     decode_proof,
 )
+from model.merkle import leaf_hash, tree_root
 from model.view import CollabView, Entry, ViewRejected
+from model.viewsnap import SnapshotRejected, open_snapshot, seal_snapshot
 from sigworker import check_signatures
 from tests.collab_sim import FORGERIES, Sim, forged_collab, text_of
 from tests.helpers import TS0, Person
@@ -340,3 +343,29 @@ def test_verdicts_from_ahead_spare_the_fold_its_checks_only_for_the_key_it_pins(
         assert entries == plain
         management = sum(1 for e in entries if e.proof is not None)
         assert len(checked) == management + fold_checks
+
+
+def test_the_fold_keeps_the_tree_a_signed_head_of_its_size_must_have_and_a_kept_fold_too() -> None:
+    """The fold's tree is ADR-0020's (leaves are the event ids in seq order), so a relay's
+    checkpoint of the fold's size can be compared with it; a kept fold carries it, and one kept
+    without it (an older client) or with a tree of another size is not resumed."""
+    sim, alice, bob, _carol = _team()
+    sim.post(alice, "one")
+    sim.post(bob, "two")
+    view = sim.read(sim.view(bob))[0]
+    ids = [event_id(signed) for _seq, signed, _chain in sim.events]
+    assert view.head.seq == len(ids)
+    assert view.tree_root() == tree_root([leaf_hash(i) for i in ids])
+    sealed = view.seal()
+    assert sealed is not None
+    resumed = CollabView.resume(sealed, view.head, sim.collab_id, bob.id, bob.box)
+    assert resumed.tree_root() == view.tree_root()
+    sim.post(alice, "three")
+    seq, signed, chain = sim.events[-1]
+    resumed.ingest(seq, signed, chain)
+    assert resumed.tree_root() == tree_root([leaf_hash(i) for i in [*ids, event_id(signed)]])
+    snap = open_snapshot(sealed, view.head, sim.collab_id, bob.id, bob.box)
+    for tree in (None, snap.tree[:-1] if snap.tree else [b"\0" * 32]):
+        other = seal_snapshot(msgspec.structs.replace(snap, tree=tree), bob.box)
+        with pytest.raises(SnapshotRejected):
+            CollabView.resume(other, view.head, sim.collab_id, bob.id, bob.box)
