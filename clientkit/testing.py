@@ -83,6 +83,10 @@ class Lie(enum.StrEnum):
     # with a fresh date, carrying the witness cosignatures it came with (the best a relay can do:
     # an honest witness that saw a larger tree will not cosign the old one again).
     FREEZE = "freeze"
+    # Hide the first live event from a follower (after its `caught_up`) and pass the relay's
+    # heartbeats on unchanged: heads the witnesses cosigned, of the history that holds it. A
+    # relay showing its witnesses one history and a member another, with real cosignatures.
+    HIDE_LIVE = "hide_live"
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             | Lie.FOREIGN_CHECKPOINT
             | Lie.EXCLUDE_EVENT
             | Lie.FREEZE
+            | Lie.HIDE_LIVE
         ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
@@ -252,6 +257,17 @@ def misbehaviours(length: int, lies: Sequence[Lie] = tuple(Lie)) -> st.SearchStr
     import hypothesis.strategies as st
 
     return st.builds(Misbehaviour, st.sampled_from(list(lies)), st.integers(1, max(length, 1)))
+
+
+def _hide_live(frame: wire.Reply, live: dict[str, bool]) -> list[wire.Reply]:
+    """`Lie.HIDE_LIVE`: every frame but the first event after a collab's `caught_up`."""
+    match frame:
+        case wire.CaughtUp():
+            live.setdefault(frame.collab_id, False)
+        case wire.Event() if live.get(frame.collab_id) is False:
+            live[frame.collab_id] = True
+            return []
+    return [frame]
 
 
 # --- the proxy ------------------------------------------------------------------------------------
@@ -338,6 +354,7 @@ class LyingRelay:
     ) -> None:
         held: dict[str, History] = {}  # collab -> catch-up events held back until caught_up
         frozen: dict[str, bytes] = {}  # collab -> the head a `Lie.FREEZE` keeps showing
+        live: dict[str, bool] = {}  # collab -> whether `Lie.HIDE_LIVE` hid its event yet
         lied = 0
         while True:
             data = await relay.get_message()
@@ -349,6 +366,8 @@ class LyingRelay:
                     if m is not None and m.lie is Lie.DELAY:
                         await trio.sleep(DELAY_SECONDS)
                 presented = self._freeze(frame, frozen) if m and m.lie is Lie.FREEZE else None
+                if m and m.lie is Lie.HIDE_LIVE:
+                    presented = _hide_live(frame, live)
                 for out in presented if presented is not None else self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 

@@ -111,6 +111,46 @@ async def test_a_relay_withholding_the_tail_from_every_member_is_a_stale_view_fo
 
 
 @pytest.mark.objective("SO-4")
+async def test_heads_the_witnesses_cosigned_of_a_history_the_follower_was_not_shown_keep_it_stale(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The relay hides a new event from one follower but not from its witnesses, and passes on
+    its real heartbeats: heads of the history that holds the event, dated and cosigned by both
+    witnesses. Such a head says nothing about how fresh the follower's own view is. (Before: it
+    was taken, with a valid consistency proof from the held head, and renewed the follower's
+    freshness, so the follower went on without the event and without a report.)"""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, size = await witnessed_collab(relay, witnesses)
+        cid = alice.collab_id
+        hide = Misbehaviour(Lie.HIDE_LIVE, 1)
+        lying = LyingRelay(relay.url, plan=lambda _n: hide)
+        async with lying.running() as url, session(url, alice) as client:
+            client.stale_after = 3.0
+            async with client.history(cid, alice.box_key, follow=True) as events:
+                with trio.fail_after(60):
+                    async for _ in events:
+                        if events.view.head.seq >= size:
+                            break
+                shown = events.view.head.seq
+                with trio.fail_after(60):
+                    async with session(relay.url, alice) as other:
+                        await post(other, alice, cid, "hidden from one follower")
+                    grown = await cosigned(relay, cid, 2)
+                    assert grown > shown
+                    started = time.time()
+                    with pytest.raises(StaleView) as caught:
+                        async for _ in events:
+                            pass
+        assert caught.value.age >= 3.0
+        assert time.time() - started < 60
+        assert events.view.head.seq == shown
+        # The relay did send it the cosigned larger head (the device holds it as its top).
+        top = client.checkpoints.top(relay.relay_pk, cid)
+        assert top is not None
+        assert top.size > shown
+
+
+@pytest.mark.objective("SO-4")
 async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witnessed_view_fresh(
     database_url: str, tmp_path: Path
 ) -> None:
