@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from contextlib import AbstractAsyncContextManager
     from pathlib import Path
 
+    from clientkit import Client
     from model.view import CollabView
     from relay._server import Relay
 
@@ -62,6 +63,36 @@ async def witnessed_collab(relay: Relay, witnesses: list[WitnessProcess]) -> tup
     return alice, await cosigned(relay, alice.collab_id, 2)
 
 
+async def _stale_after_a_post_the_witnesses_saw(
+    relay: Relay, alice: User, size: int, lying: LyingRelay
+) -> tuple[Client, int]:
+    """Follow alice's collab through `lying` (a 3 s bound) up to `size`, post past it directly,
+    wait until both witnesses cosigned the larger tree, then expect `StaleView` within the
+    bound and nothing shown past `size`. Returns the follower's client and the head it kept."""
+    cid = alice.collab_id
+    async with lying.running() as url, session(url, alice) as client:
+        client.stale_after = 3.0
+        async with client.history(cid, alice.box_key, follow=True) as events:
+            with trio.fail_after(60):
+                async for _ in events:  # catch up to the head the relay will lie from
+                    if events.view.head.seq >= size:
+                        break
+            shown = events.view.head.seq
+            with trio.fail_after(60):
+                async with session(relay.url, alice) as other:
+                    await post(other, alice, cid, "hidden from the follower")
+                grown = await cosigned(relay, cid, 2)  # the witnesses saw the new event
+                assert grown > shown
+                started = time.time()
+                with pytest.raises(StaleView) as caught:
+                    async for _ in events:
+                        pass
+    assert caught.value.age >= 3.0
+    assert time.time() - started < 60
+    assert events.view.head.seq == shown  # nothing after it was shown
+    return client, shown
+
+
 @pytest.mark.objective("SO-4")
 async def test_a_relay_withholding_the_tail_from_every_member_is_a_stale_view_for_each(
     database_url: str, tmp_path: Path
@@ -73,28 +104,8 @@ async def test_a_relay_withholding_the_tail_from_every_member_is_a_stale_view_fo
         alice, size = await witnessed_collab(relay, witnesses)
         cid = alice.collab_id
         signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
-        freeze = Misbehaviour(Lie.FREEZE, 1)
-        lying = LyingRelay(relay.url, plan=lambda _n: freeze, signer=signer)
-        async with lying.running() as url, session(url, alice) as client:
-            client.stale_after = 3.0
-            async with client.history(cid, alice.box_key, follow=True) as events:
-                with trio.fail_after(60):
-                    async for _ in events:  # catch up to the head the relay will freeze
-                        if events.view.head.seq >= size:
-                            break
-                frozen = events.view.head.seq
-                with trio.fail_after(60):
-                    async with session(relay.url, alice) as other:
-                        await post(other, alice, cid, "hidden from everyone")
-                    grown = await cosigned(relay, cid, 2)  # the witnesses saw the new event
-                    assert grown > frozen
-                    started = time.time()
-                    with pytest.raises(StaleView) as caught:
-                        async for _ in events:
-                            pass
-        assert caught.value.age >= 3.0
-        assert time.time() - started < 60
-        assert events.view.head.seq == frozen  # nothing after the freeze was shown
+        freeze = LyingRelay(relay.url, plan=lambda _n: Misbehaviour(Lie.FREEZE, 1), signer=signer)
+        client, frozen = await _stale_after_a_post_the_witnesses_saw(relay, alice, size, freeze)
         # Why the relay cannot do better: each witness cosigned the larger tree and refuses to
         # date the frozen one again.
         held = client.checkpoints.held(relay.relay_pk, cid)
@@ -122,28 +133,8 @@ async def test_heads_the_witnesses_cosigned_of_a_history_the_follower_was_not_sh
     async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
         alice, size = await witnessed_collab(relay, witnesses)
         cid = alice.collab_id
-        hide = Misbehaviour(Lie.HIDE_LIVE, 1)
-        lying = LyingRelay(relay.url, plan=lambda _n: hide)
-        async with lying.running() as url, session(url, alice) as client:
-            client.stale_after = 3.0
-            async with client.history(cid, alice.box_key, follow=True) as events:
-                with trio.fail_after(60):
-                    async for _ in events:
-                        if events.view.head.seq >= size:
-                            break
-                shown = events.view.head.seq
-                with trio.fail_after(60):
-                    async with session(relay.url, alice) as other:
-                        await post(other, alice, cid, "hidden from one follower")
-                    grown = await cosigned(relay, cid, 2)
-                    assert grown > shown
-                    started = time.time()
-                    with pytest.raises(StaleView) as caught:
-                        async for _ in events:
-                            pass
-        assert caught.value.age >= 3.0
-        assert time.time() - started < 60
-        assert events.view.head.seq == shown
+        hide = LyingRelay(relay.url, plan=lambda _n: Misbehaviour(Lie.HIDE_LIVE, 1))
+        client, shown = await _stale_after_a_post_the_witnesses_saw(relay, alice, size, hide)
         # The relay did send it the cosigned larger head (the device holds it as its top).
         top = client.checkpoints.top(relay.relay_pk, cid)
         assert top is not None
