@@ -272,18 +272,6 @@ FUZZ: Final = settings(
 )
 
 
-# The relay runs in a thread of this process, and a library it runs draws from the global
-# `random` (psycopg_pool jitters a new connection's lifetime with `random.random()` in its
-# worker thread). Hypothesis compares the global state around each draw, cannot tell threads
-# apart, and reports that as our strategy using `random` — a flaky failure (CI, b391d12).
-# Our strategies are held to the rule by tests/test_house.py, which rejects any `random.`
-# draw outside clientkit/_retry.py, so only this warning is let through here.
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:Do not use the `random` module inside strategies"
-    ":hypothesis.errors.HypothesisDeprecationWarning"
-)
-
-
 @dataclass
 class Baseline:
     rows: dict[str, int]

@@ -103,13 +103,17 @@ def test_a_secret_inside_base64_at_any_offset_does_not_survive(
     secret: str, before: bytes, after: bytes, urlsafe: bool
 ) -> None:
     encode = base64.urlsafe_b64encode if urlsafe else base64.b64encode
+    middle = secret.encode()[2:-2]
+    # Neighbours that spell the middle themselves are no leak (Hypothesis mixes the code's own
+    # literals into its draws: the secret "--events" beside the bytes b"\xa5event\x92").
+    assume(middle not in before + secret.encode()[:2])
+    assume(middle not in secret.encode()[-2:] + after)
     stream = encode(before + secret.encode() + after).decode()
     out = scrub(f"Authorization: Basic {stream} (echoed)", [secret])
     assert MARKER in out
     for decoded in _b64_decodings(out):
         assert secret.encode() not in decoded
     # What is left cannot hold the secret's middle either (a long run of its bytes).
-    middle = secret.encode()[2:-2]
     for decoded in _b64_decodings(out):
         assert middle not in decoded
 
