@@ -64,7 +64,7 @@ from model.membership import (
     signer_key,
 )
 from model.merkle import CompactRange, leaf_hash
-from model.viewsnap import Snapshot, SnapshotRejected, open_snapshot, seal_snapshot
+from model.viewsnap import Snapshot, open_snapshot, seal_snapshot, snapshot_tree
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -166,8 +166,7 @@ class CollabView:
         self._joined = False  # this account has been a member at some position
         self._chains: list[bytes] = [self.head.chain]  # chain hash after each seq, from 0
         self._ids: set[bytes] = set()
-        # The collab's Merkle tree over the event ids taken (ADR-0020's leaves): a signed head
-        # of the view's size must have its root, or the relay signed another history.
+        # ADR-0020's tree over the event ids taken: a signed head of this size must have its root.
         self._tree = CompactRange()
         # (author, device) -> (counter, event id) of the last readable event of that stream
         self._streams: dict[tuple[str, str], tuple[int, bytes]] = {}
@@ -209,8 +208,7 @@ class CollabView:
         return self._chains[seq] if 0 <= seq < len(self._chains) else None
 
     def tree_root(self) -> bytes:
-        """The Merkle root (RFC 9162) over the event ids of seqs 1…head: what the relay's
-        signed checkpoint of that size must say, if it signed the history it sent."""
+        """The root over the ids of seqs 1…head: a relay's checkpoint of that size must say it."""
         return self._tree.root()
 
     def known_keys(self) -> dict[int, bytes]:
@@ -276,7 +274,7 @@ class CollabView:
         view._joined = snap.joined
         view._chains = snap.chains
         view._ids = set(snap.ids)
-        view._tree = _restored_tree(snap)
+        view._tree = snapshot_tree(snap)
         view._streams = {(a, d): (n, e) for a, d, n, e in snap.streams}
         view._whole = snap.whole
         return view
@@ -599,11 +597,3 @@ class CollabView:
         except (CryptoError, ModelError):
             return msgspec.structs.replace(entry, unreadable=_GARBLED)
         return msgspec.structs.replace(entry, content=content)
-
-
-def _restored_tree(snap: Snapshot) -> CompactRange:
-    """The kept fold's tree border, which must be of its head's size."""
-    try:
-        return CompactRange.from_nodes(snap.seq, snap.tree or ())
-    except ValueError:
-        raise SnapshotRejected("the kept view's tree is not of its head") from None

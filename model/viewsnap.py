@@ -19,6 +19,7 @@ from model._crypto import AEAD_NONCE_BYTES, CryptoError, aead_decrypt, aead_encr
 from model._crypto import random_bytes as _random_bytes
 from model.errors import ModelError
 from model.membership import Membership
+from model.merkle import CompactRange
 
 if TYPE_CHECKING:
     import nacl.public
@@ -89,6 +90,14 @@ def open_snapshot(
         or snap.chains[-1] != head.chain
     ):
         raise SnapshotRejected("the kept view is not of this head")
-    if snap.tree is None:
-        raise SnapshotRejected("the kept view has no tree (kept by an older client): read again")
+    snapshot_tree(snap)
     return snap
+
+
+def snapshot_tree(snap: Snapshot) -> CompactRange:
+    """The kept fold's tree border. Raises `SnapshotRejected` unless it is of the head's size
+    (none at all: kept by an older client, so the reader reads again from the genesis)."""
+    try:
+        return CompactRange.from_nodes(snap.seq, () if snap.tree is None else snap.tree)
+    except ValueError:
+        raise SnapshotRejected("the kept view carries no tree of its head's size") from None
