@@ -119,6 +119,16 @@ class CheckpointBook:
         held = self.held(relay_pk, collab_id)
         return 0 if held is None else held.size
 
+    def open(self, relay_pk: bytes, collab_id: str, note: bytes) -> SignedHead:
+        """A `caught_up`'s or heartbeat's note, opened under the relay key (nothing kept).
+        Raises `TamperDetected` if it does not open."""
+        try:
+            return self._open(note, relay_pk, collab_id)
+        except CheckpointInvalid as exc:
+            raise TamperDetected(
+                f"the relay's checkpoint does not verify: {exc}", collab_id=collab_id, seq=None
+            ) from None
+
     def check_ack(self, relay_pk: bytes, receipt: SignedReceipt) -> None:
         """An ack's receipt: its checkpoint must open under the relay key and include the event
         at its seq (`ReceiptInvalid` otherwise, also when it has none), and must not contradict
@@ -152,12 +162,7 @@ class CheckpointBook:
         consistency: Sequence[bytes],
     ) -> SignedHead:
         """A `caught_up`'s or heartbeat's checkpoint. Returns it once it passed."""
-        try:
-            head = self._open(note, relay_pk, collab_id)
-        except CheckpointInvalid as exc:
-            raise TamperDetected(
-                f"the relay's checkpoint does not verify: {exc}", collab_id=collab_id, seq=None
-            ) from None
+        head = self.open(relay_pk, collab_id, note)
         held, top = self._load(relay_pk, collab_id)
         self._compare(relay_pk, head, (held, top))
         if held is None or (head.size == held.size and head.timestamp > held.timestamp):

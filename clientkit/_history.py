@@ -35,7 +35,6 @@ from clientkit.errors import (
 )
 from model import wire
 from model.chain import Head
-from model.checkpoints import open_head
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
 from model.errors import ChainMismatch
@@ -450,8 +449,16 @@ class History:
         self, note: bytes, proof_from: int, consistency: Sequence[bytes], seq: int | None
     ) -> None:
         """A signed head of this collab (clientkit/_checkpoints.py); a `caught_up`'s must be of
-        exactly the seq it reports."""
+        exactly the seq it reports. It is tied to the fold (`_bind`) before the book keeps it:
+        a head of another history than the one sent is never held."""
         collab_id, relay_pk = self.view.collab_id, self._client.relay_pk
+        signed = self._opened(note)
+        if seq is not None and signed.size != seq:
+            raise self._alarm(
+                TamperDetected,
+                f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
+                seq,
+            )
         policy = self._policy()
         witnessed_at: int | None = None
         if policy is not None:  # before the head is kept: without the quorum it is not taken
@@ -462,23 +469,16 @@ class History:
                 # device's receipts, dated later, is an equivocation whoever cosigned it.
                 self._client.checkpoints.compare(relay_pk, collab_id, note)
                 raise
-        signed = self._client.checkpoints.check_head(
-            relay_pk, collab_id, note, proof_from, consistency
-        )
-        if seq is not None and signed.size != seq:
-            raise self._alarm(
-                TamperDetected,
-                f"the relay reports caught up at seq {seq} under a checkpoint of {signed.size}",
-                seq,
-            )
         # Freshness (the staleness bound): with a witness policy, from the witnesses' dates,
         # which a relay withholding events behind what they saw cannot renew.
         self._bind(
             signed.size, signed.root, signed.timestamp if witnessed_at is None else witnessed_at
         )
+        self._client.checkpoints.check_head(relay_pk, collab_id, note, proof_from, consistency)
 
     def _opened(self, note: bytes) -> SignedHead:
-        return open_head(note, self._client.relay_pk, self.view.collab_id)
+        """The note opened under the relay key; `TamperDetected` if it does not open."""
+        return self._client.checkpoints.open(self._client.relay_pk, self.view.collab_id, note)
 
     def _bind(self, size: int, root: bytes, fresh: int | None) -> None:
         """Tie a signed head to the history this relay sent this device (ADR-0020's tree is over

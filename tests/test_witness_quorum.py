@@ -159,9 +159,12 @@ async def test_a_split_view_no_witness_cosigned_is_refused_by_the_quorum(
         # Without a policy a fresh device holds no head the forked one contradicts, but the
         # fork's root is not the tree of the events it was sent: the fold's own tree shows it.
         lying = LyingRelay(relay.url, plan=lambda _n: fork, signer=signer)
+        control = CheckpointBook()
         async with lying.running() as url:
             with pytest.raises(ForkDetected, match="not the history it sent"):
-                await read_on(url, alice, CheckpointBook())
+                await read_on(url, alice, control)
+        assert control.held(relay.relay_pk, cid) is None  # nor kept to build on
+        assert control.top(relay.relay_pk, cid) is None
         await set_policy(relay.url, alice, 2, vkeys)
         async with session(relay.url, alice) as client:
             await post(client, alice, cid, "the real history")
