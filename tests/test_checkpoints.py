@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import msgspec
+import nacl.signing
 import pytest
 import trio
 
@@ -18,7 +19,7 @@ from clientkit._state import ClientState
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
 from model import checkpoints, wire
 from model.checkpoints import CheckpointSigner, open_head
-from model.merkle import verify_consistency
+from model.merkle import LeafTree, leaf_hash, verify_consistency
 from tests.cli_harness import cli_signup, client_env, cozy
 from tests.relay_harness import User, post, relay_config, running_relay, session, sign_up
 
@@ -150,6 +151,8 @@ async def test_a_signed_head_that_does_not_extend_the_verified_one_is_a_fork(
     book = device(tmp_path)
     await post_as(relay.url, alice, book, "first")
     await read_as(relay.url, alice, book)  # the device verified this head
+    verified = book.held(relay.relay_pk, alice.collab_id)
+    assert verified is not None
     await post_as(relay.url, alice, device(tmp_path / "other"), "second")  # another device
     signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
     fork = Misbehaviour(Lie.FORK_HEAD, 1)
@@ -157,8 +160,30 @@ async def test_a_signed_head_that_does_not_extend_the_verified_one_is_a_fork(
     async with lying.running() as url, connect(url) as client:
         client.checkpoints = book
         await client.authenticate(alice.token)
-        with pytest.raises(ForkDetected, match="does not extend"):
+        # The fold's own tree shows it first: the forked root is not the history it was sent.
+        with pytest.raises(ForkDetected, match="not the history it sent"):
             await client.read(alice.collab_id, alice.box_key)
+    assert book.held(relay.relay_pk, alice.collab_id) == verified  # the fork was not kept
+
+
+@pytest.mark.objective("SO-4")
+def test_a_head_ahead_of_the_fold_must_extend_the_held_one() -> None:
+    """A head larger than what arrived (a `caught_up` before its backfill) is checked against
+    the held head by its consistency proof before its events come: a forked one is refused."""
+    seed = bytes(range(32))
+    relay_pk = bytes(nacl.signing.SigningKey(seed).verify_key)
+    signer, cid = CheckpointSigner("relay.test", seed), "c_fork"
+    honest = LeafTree(leaf_hash(bytes([i]) * 32) for i in range(4))
+    forked = LeafTree(leaf_hash(bytes([i if i else 9]) * 32) for i in range(4))
+    book = CheckpointBook()
+    book.check_head(relay_pk, cid, signer.sign(cid, 2, honest.root(2), 100), 0, [])
+    with pytest.raises(ForkDetected, match="does not extend"):
+        note = signer.sign(cid, 4, forked.root(4), 101)
+        book.check_head(relay_pk, cid, note, 2, list(forked.consistency_proof(2, 4)))
+    assert book.held(relay_pk, cid) is not None
+    assert book.held(relay_pk, cid).size == 2
+    note = signer.sign(cid, 4, honest.root(4), 102)
+    assert book.check_head(relay_pk, cid, note, 2, list(honest.consistency_proof(2, 4))).size == 4
 
 
 @pytest.mark.objective("SO-4")
