@@ -35,9 +35,11 @@ from clientkit.errors import (
 )
 from model import wire
 from model.chain import Head
+from model.checkpoints import CheckpointInvalid
 from model.envelope import DM_VERSION, DmHeader
 from model.equivocation import PROOF_KIND, EquivocationProof, Served, contradicted_by
 from model.errors import ChainMismatch
+from model.merkle import ProofInvalid
 from model.view import (
     CollabView,
     Entry,
@@ -309,6 +311,8 @@ class History:
                         unconfirmed = self._opened(frame.checkpoint)
                         self._bind(unconfirmed.size, unconfirmed.root, None)
                     self._check_floor(self._opened(frame.checkpoint).size)
+                    if frame.witnessed:
+                        self._renew_from_witnessed(frame)
                 case wire.CaughtUp():
                     try:
                         if frame.checkpoint:
@@ -475,6 +479,31 @@ class History:
             signed.size, signed.root, signed.timestamp if witnessed_at is None else witnessed_at
         )
         self._client.checkpoints.check_head(relay_pk, collab_id, note, proof_from, consistency)
+
+    def _renew_from_witnessed(self, frame: wire.TreeHead) -> None:
+        """Commits outran the witnesses: the heartbeat also carries the newest head they
+        cosigned. It renews freshness only through a head tied to the fold (`_bind`) and the
+        proof that this head extends it (clientkit/_quorum.py); a proof that fails is a fork."""
+        head, policy = self._opened(frame.checkpoint), self._policy()
+        if policy is None or head.size != self.view.head.seq:
+            return  # nothing to renew, or the head is not tied to the fold (yet)
+        relay_pk = self._client.relay_pk
+        try:
+            date = quorum.extended_witnessed(
+                relay_pk, head, frame.witnessed, frame.witnessed_proof, policy
+            )
+        except CheckpointInvalid as exc:
+            raise self._alarm(
+                TamperDetected, f"a witnessed head does not verify: {exc}", None
+            ) from None
+        except QuorumNotMet:
+            return
+        except ProofInvalid:
+            why = "does not extend the smaller head its witnesses cosigned: another history"
+            raise self._alarm(ForkDetected, f"the relay's head {why}", head.size) from None
+        self._client.checkpoints.compare(relay_pk, head.collab_id, frame.witnessed)
+        if date > self._fresh:
+            self._fresh, self._stale_reported = date, False
 
     def _opened(self, note: bytes) -> SignedHead:
         """The note opened under the relay key; `TamperDetected` if it does not open."""

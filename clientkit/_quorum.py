@@ -26,10 +26,13 @@ from typing import TYPE_CHECKING, Final
 
 from clientkit.errors import QuorumNotMet
 from model.checkpoints import CheckpointInvalid, SignedHead, open_head, witnessed
+from model.merkle import verify_consistency
 from model.note import NoteError
 from model.tlog import QuorumNotMet as NoQuorum
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from model.membership import WitnessPolicy
 
 # A relay signs a new head before its witnesses cosigned it (they are asked right after the
@@ -73,3 +76,32 @@ def witnessed_at(relay_pk: bytes, head: SignedHead, policy: WitnessPolicy | None
 def _kth_freshest(dates: dict[str, int], k: int) -> int:
     ordered = sorted(dates.values(), reverse=True)
     return ordered[k - 1] if 0 < k <= len(ordered) else 0
+
+
+def extended_witnessed(
+    relay_pk: bytes,
+    head: SignedHead,
+    note: bytes,
+    proof: Sequence[bytes],
+    policy: WitnessPolicy,
+) -> int:
+    """The date a heartbeat's `witnessed` head renews freshness with: the newest head the
+    quorum cosigned, smaller than `head` (which the witnesses had not cosigned yet).
+
+    Call it only with a `head` tied to the reader's own fold (its size and root): the proof
+    that `head` extends the witnessed one then shows the witnesses' tree is a prefix of what the
+    reader holds, so "by then, k witnesses had seen this as the largest tree" holds for the
+    reader's view too. Raises `CheckpointInvalid` (not the relay's), `QuorumNotMet` (not
+    cosigned by the quorum, or not smaller) and `model.merkle.ProofInvalid` (`head` does not
+    extend it: the relay showed its witnesses another history).
+    """
+    shown = open_head(note, relay_pk, head.collab_id)
+    if shown.size >= head.size:
+        raise QuorumNotMet(
+            "a witnessed head must be smaller than the heartbeat's",
+            collab_id=head.collab_id,
+            size=shown.size,
+        )
+    date = require_quorum(relay_pk, head.collab_id, note, policy)
+    verify_consistency(shown.size, head.size, shown.root, head.root, proof)
+    return date

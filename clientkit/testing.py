@@ -87,6 +87,9 @@ class Lie(enum.StrEnum):
     # heartbeats on unchanged: heads the witnesses cosigned, of the history that holds it. A
     # relay showing its witnesses one history and a member another, with real cosignatures.
     HIDE_LIVE = "hide_live"
+    # Bend the proof that a heartbeat's head extends the older head its witnesses cosigned
+    # (`witnessed_proof`, sent when commits outran them): a head of another history than theirs.
+    BEND_WITNESSED = "bend_witnessed"
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             | Lie.EXCLUDE_EVENT
             | Lie.FREEZE
             | Lie.HIDE_LIVE
+            | Lie.BEND_WITNESSED
         ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
@@ -268,6 +272,15 @@ def _hide_live(frame: wire.Reply, live: dict[str, bool]) -> list[wire.Reply]:
             live[frame.collab_id] = True
             return []
     return [frame]
+
+
+def _bend_witnessed(frame: wire.Reply) -> wire.Reply:
+    """`Lie.BEND_WITNESSED`: a byte of a heartbeat's `witnessed_proof` flipped."""
+    if not isinstance(frame, wire.TreeHead) or not frame.witnessed_proof:
+        return frame
+    first, *rest = frame.witnessed_proof
+    bent = bytes([first[0] ^ 1]) + first[1:]
+    return msgspec.structs.replace(frame, witnessed_proof=[bent, *rest])
 
 
 # --- the proxy ------------------------------------------------------------------------------------
@@ -368,6 +381,8 @@ class LyingRelay:
                 presented = self._freeze(frame, frozen) if m and m.lie is Lie.FREEZE else None
                 if m and m.lie is Lie.HIDE_LIVE:
                     presented = _hide_live(frame, live)
+                if m and m.lie is Lie.BEND_WITNESSED:
+                    presented = [_bend_witnessed(frame)]
                 for out in presented if presented is not None else self._present(frame, held, m):
                     await client.send_message(wire.encode(out))
 

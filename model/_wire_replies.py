@@ -130,12 +130,17 @@ class CaughtUp(_Frame, frozen=True, tag="caught_up"):
 class TreeHead(_Frame, frozen=True, tag="checkpoint"):
     """The heartbeat of an open subscription (at least every `checkpoint_interval` seconds):
     the collab's current signed, dated checkpoint and the consistency proof from the size of
-    the last checkpoint sent on this subscription (`proof_from`)."""
+    the last checkpoint sent on this subscription (`proof_from`). When the witnesses have not
+    cosigned that checkpoint (commits outran them), also the newest one they did cosign, with
+    its cosignatures (`witnessed`), and the consistency proof from its size to the current
+    one (`witnessed_proof`)."""
 
     collab_id: str
     checkpoint: bytes
     proof_from: int
     consistency: list[bytes] = msgspec.field(default_factory=list)
+    witnessed: bytes = b""
+    witnessed_proof: list[bytes] = msgspec.field(default_factory=list)
 
 
 class SubscriptionEnded(_Frame, frozen=True, tag="subscription_ended"):

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from model import wire
@@ -52,6 +53,10 @@ class GroupHead:
     timestamp: int
 
 
+Cosigned = tuple[int, bytes, dict[str, "NoteSignature"], bytes]
+"""(size, root, each witness's cosignature line, the note the relay submitted for that tree)."""
+
+
 class CollabTrees:
     def __init__(
         self,
@@ -69,8 +74,12 @@ class CollabTrees:
         # The newest checkpoint signed for a caught_up or a heartbeat, per collab: reused by
         # every subscriber within the same second at the same size (one signature, not one each).
         self._signed: dict[str, tuple[int, int, bytes]] = {}
-        # Per collab: the newest (size, root) any witness cosigned, and each witness's line.
-        self._cosigned: dict[str, tuple[int, bytes, dict[str, NoteSignature]]] = {}
+        # Per collab: the newest (size, root) any witness cosigned, each witness's line, and the
+        # note the relay submitted for it (dated while the tree had that size).
+        self._cosigned: dict[str, Cosigned] = {}
+        # Per collab: the newest of those every witness asked had cosigned (what a heartbeat
+        # carries as `witnessed` when commits outran them: a quorum's lines on one tree).
+        self._complete: dict[str, Cosigned] = {}
         # Called (synchronously) after a commit group grew a tree: wakes the witnessing task.
         self.on_grow: Callable[[], None] | None = None
         # How long a heartbeat waits for the witnesses to cosign the current tree (set by the
@@ -94,17 +103,20 @@ class CollabTrees:
         return dict(self._trees)
 
     def add_cosignatures(
-        self, collab_id: str, size: int, root: bytes, lines: Sequence[NoteSignature]
+        self, collab_id: str, size: int, root: bytes, lines: Sequence[NoteSignature], note: bytes
     ) -> None:
-        """Keep a witness's verified cosignature lines for the tree (`size`, `root`)."""
+        """Keep a witness's verified cosignature lines for the tree (`size`, `root`), which
+        it gave for `note`."""
         held = self._cosigned.get(collab_id)
         if held is not None and held[0] > size:
             return  # a late answer for a smaller tree: the newer lines are what clients need
         if held is None or held[0] < size or held[1] != root:
-            held = (size, root, {})
-            self._cosigned[collab_id] = held
+            held = (size, root, {}, note)
+        self._cosigned[collab_id] = held = (held[0], held[1], held[2], note)
         for line in lines:
             held[2][line.name] = line
+        if len(held[2]) >= self.witnesses:
+            self._complete[collab_id] = held
         self._cosigned_changed.set()
         self._cosigned_changed = trio.Event()
 
@@ -246,4 +258,15 @@ class CollabTrees:
             proof_from=start,
             consistency=list(tree.consistency_proof(start, size)),
         )
+        held = self._complete.get(collab_id) or self._cosigned.get(collab_id)
+        lines = self.cosignatures(collab_id, size, tree.root(size))
+        if held is not None and held[0] < size and len(lines) < self.witnesses:
+            # The tree outran its witnesses (commits faster than a round): the newest head they
+            # did cosign, as submitted, and the proof that this head extends it, so a follower
+            # can still renew its freshness from their dates (docs/ordering.md).
+            frame = msgspec.structs.replace(
+                frame,
+                witnessed=add_signatures(held[3], list(held[2].values())),
+                witnessed_proof=list(tree.consistency_proof(held[0], size)),
+            )
         return frame, size

@@ -148,5 +148,5 @@ class Witnessing:
                 return
             self._sizes[key] = size
             self._cosigned_at[key] = trio.current_time()
-            self._trees.add_cosignatures(collab_id, size, root, lines)
+            self._trees.add_cosignatures(collab_id, size, root, lines, note)
             return

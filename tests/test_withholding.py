@@ -20,10 +20,19 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import trio
 
-from clientkit import PostUnconfirmed, QuorumNotMet, StaleView, WithholdingDetected
+from clientkit import (
+    ClientError,
+    ForkDetected,
+    IntegrityAlarm,
+    PostUnconfirmed,
+    QuorumNotMet,
+    StaleView,
+    WithholdingDetected,
+)
 from clientkit import _quorum as quorum
 from clientkit.errors import WitnessConflict
 from clientkit.testing import Lie, LyingRelay, Misbehaviour
+from model import content as contentmod
 from model.checkpoints import CheckpointSigner
 from model.note import NoteVerifier
 from model.tlog import AddCheckpointRequest
@@ -139,6 +148,83 @@ async def test_heads_the_witnesses_cosigned_of_a_history_the_follower_was_not_sh
         top = client.checkpoints.top(relay.relay_pk, cid)
         assert top is not None
         assert top.size > shown
+
+
+async def _follow_while_busy(
+    relay: Relay, alice: User, url: str, seconds: float
+) -> tuple[list[ClientError], int, int]:
+    """Follow alice's collab through `url` (a 3 s bound) while another connection posts back to
+    back for `seconds`, faster than a witnessing round. Returns the `StaleView`s reported (and
+    the alarm that ended the read, last), the events posted and the follower's head."""
+    cid, reported, posted = alice.collab_id, list[ClientError](), 0
+    async with session(url, alice) as client, session(relay.url, alice) as writer:
+        client.stale_after = 3.0
+        view = await writer.read(cid, alice.box_key)
+        epoch, key = view.current_key()
+
+        async def write() -> None:
+            nonlocal posted
+            end = trio.current_time() + seconds
+            while trio.current_time() < end:
+                posted += 1
+                now = int(time.time() * 1000)  # one device per event: each stream's first
+                await writer.post(
+                    signing_key=alice.signing_key,
+                    collab_key=key,
+                    epoch=epoch,
+                    collab_id=cid,
+                    content=contentmod.Message(f"busy {posted}"),
+                    ts=now,
+                    evidence=view.evidence(f"busy-{posted}", now),
+                )
+
+        async with client.history(cid, alice.box_key, follow=True) as events:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write)
+                with trio.move_on_after(seconds + 2):
+                    while True:
+                        try:
+                            async for _ in events:
+                                pass
+                        except StaleView as exc:
+                            reported.append(exc)
+                        except IntegrityAlarm as exc:
+                            reported.append(exc)
+                            break
+                nursery.cancel_scope.cancel()
+        return reported, posted, events.view.head.seq
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_collab_busier_than_its_witnesses_keeps_its_followers_fresh(
+    database_url: str, tmp_path: Path
+) -> None:
+    """Posts back to back for 10 s: the tree outruns the witnessing rounds, so no heartbeat's
+    own head is cosigned. The heartbeat carries the newest head they did cosign and the proof
+    that its head extends it; the follower's tree ties them to its history. (Before: the
+    follower reported a stale view although nothing was withheld, ~430 events/s.)"""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, _ = await witnessed_collab(relay, witnesses)
+        reported, posted, head = await _follow_while_busy(relay, alice, relay.url, 10.0)
+    assert posted > 500, "not busy enough to outrun the witnesses"
+    assert head >= posted
+    assert reported == []
+
+
+@pytest.mark.objective("SO-4")
+async def test_a_witnessed_head_the_heartbeat_does_not_extend_is_a_fork(
+    database_url: str, tmp_path: Path
+) -> None:
+    """The relay bends the proof that a busy heartbeat's head extends the head its witnesses
+    cosigned: it would show them one history and this follower another."""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, _ = await witnessed_collab(relay, witnesses)
+        bend = LyingRelay(relay.url, plan=lambda _n: Misbehaviour(Lie.BEND_WITNESSED, 1))
+        async with bend.running() as url:
+            reported, _, _ = await _follow_while_busy(relay, alice, url, 10.0)
+    assert reported, "the bent proof was never sent or never noticed"
+    assert isinstance(reported[-1], ForkDetected)
+    assert "witnesses cosigned" in str(reported[-1])
 
 
 @pytest.mark.objective("SO-4")
