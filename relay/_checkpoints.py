@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import msgspec
 import trio
 
 from model import wire
@@ -110,9 +109,9 @@ class CollabTrees:
         held = self._cosigned.get(collab_id)
         if held is not None and held[0] > size:
             return  # a late answer for a smaller tree: the newer lines are what clients need
-        if held is None or held[0] < size or held[1] != root:
-            held = (size, root, {}, note)
-        self._cosigned[collab_id] = held = (held[0], held[1], held[2], note)
+        same = held is not None and (held[0], held[1]) == (size, root)
+        held = (size, root, held[2] if same and held is not None else {}, note)
+        self._cosigned[collab_id] = held
         for line in lines:
             held[2][line.name] = line
         if len(held[2]) >= self.witnesses:
@@ -252,21 +251,25 @@ class CollabTrees:
                 await changed.wait()
         size = tree.size
         start = sent_size if 0 <= sent_size <= size else 0
+        witnessed, witnessed_proof = self._witnessed(collab_id, tree, size)
         frame = wire.TreeHead(
             collab_id=collab_id,
             checkpoint=self._head_note(collab_id, tree, size),
             proof_from=start,
             consistency=list(tree.consistency_proof(start, size)),
+            witnessed=witnessed,
+            witnessed_proof=witnessed_proof,
         )
-        held = self._complete.get(collab_id) or self._cosigned.get(collab_id)
-        lines = self.cosignatures(collab_id, size, tree.root(size))
-        if held is not None and held[0] < size and len(lines) < self.witnesses:
-            # The tree outran its witnesses (commits faster than a round): the newest head they
-            # did cosign, as submitted, and the proof that this head extends it, so a follower
-            # can still renew its freshness from their dates (docs/ordering.md).
-            frame = msgspec.structs.replace(
-                frame,
-                witnessed=add_signatures(held[3], list(held[2].values())),
-                witnessed_proof=list(tree.consistency_proof(held[0], size)),
-            )
         return frame, size
+
+    def _witnessed(self, collab_id: str, tree: LeafTree, size: int) -> tuple[bytes, list[bytes]]:
+        """When the tree outran its witnesses (commits faster than a round), the newest smaller
+        head they all cosigned, as submitted, and the proof that the tree of `size` extends it:
+        a follower can still renew its freshness from their dates (docs/ordering.md)."""
+        held = self._complete.get(collab_id) or self._cosigned.get(collab_id)
+        if held is None or held[0] >= size:
+            return b"", []
+        if len(self.cosignatures(collab_id, size, tree.root(size))) >= self.witnesses:
+            return b"", []
+        note = add_signatures(held[3], list(held[2].values()))
+        return note, list(tree.consistency_proof(held[0], size))
