@@ -245,8 +245,7 @@ class CollabTrees:
         with trio.move_on_after(self.cosign_wait):
             while self.cosign_wait > 0:
                 changed = self._cosigned_changed
-                held = self._cosigned.get(collab_id)
-                if held is not None and held[0] >= tree.size and len(held[2]) >= self.witnesses:
+                if self._fully_cosigned(collab_id, tree.size):
                     break
                 await changed.wait()
         size = tree.size
@@ -262,14 +261,20 @@ class CollabTrees:
         )
         return frame, size
 
+    def _fully_cosigned(self, collab_id: str, size: int) -> bool:
+        """Whether every witness the relay asks has cosigned the tree of `size` (or a later)."""
+        complete = self._complete.get(collab_id)
+        return complete is not None and complete[0] >= size
+
     def _witnessed(self, collab_id: str, tree: LeafTree, size: int) -> tuple[bytes, list[bytes]]:
         """When the tree outran its witnesses (commits faster than a round), the newest smaller
-        head they all cosigned, as submitted, and the proof that the tree of `size` extends it:
-        a follower can still renew its freshness from their dates (docs/ordering.md)."""
+        head they all cosigned (else the newest any did), as submitted, and the proof that the
+        tree of `size` extends it: a follower can still renew its freshness from their dates
+        (docs/ordering.md)."""
+        if self._fully_cosigned(collab_id, size):
+            return b"", []  # the checkpoint itself carries every witness's line
         held = self._complete.get(collab_id) or self._cosigned.get(collab_id)
         if held is None or held[0] >= size:
-            return b"", []
-        if len(self.cosignatures(collab_id, size, tree.root(size))) >= self.witnesses:
             return b"", []
         note = add_signatures(held[3], list(held[2].values()))
         return note, list(tree.consistency_proof(held[0], size))
