@@ -298,7 +298,7 @@ class History:
             head = self.view.head
             match frame:
                 case wire.TreeHead():
-                    # (`_check_checkpoint` raised TamperDetected if it does not open.)
+                    beat = self._opened(frame.checkpoint)
                     try:
                         self._check_checkpoint(
                             frame.checkpoint, frame.proof_from, frame.consistency, None
@@ -308,11 +308,10 @@ class History:
                         # it before the witnesses answered) and renews nothing; a relay that
                         # never sends one that is meets the staleness bound. Its signature
                         # still binds the relay to the history it names.
-                        unconfirmed = self._opened(frame.checkpoint)
-                        self._bind(unconfirmed.size, unconfirmed.root, None)
-                    self._check_floor(self._opened(frame.checkpoint).size)
+                        self._bind(beat.size, beat.root, None)
+                    self._check_floor(beat.size)
                     if frame.witnessed:
-                        self._renew_from_witnessed(frame)
+                        self._renew_from_witnessed(frame, beat)
                 case wire.CaughtUp():
                     try:
                         if frame.checkpoint:
@@ -480,11 +479,12 @@ class History:
         )
         self._client.checkpoints.check_head(relay_pk, collab_id, note, proof_from, consistency)
 
-    def _renew_from_witnessed(self, frame: wire.TreeHead) -> None:
-        """Commits outran the witnesses: the heartbeat also carries the newest head they
-        cosigned. It renews freshness only through a head tied to the fold (`_bind`) and the
-        proof that this head extends it (clientkit/_quorum.py); a proof that fails is a fork."""
-        head, policy = self._opened(frame.checkpoint), self._policy()
+    def _renew_from_witnessed(self, frame: wire.TreeHead, head: SignedHead) -> None:
+        """Commits outran the witnesses: the heartbeat (whose checkpoint is `head`) also carries
+        the newest head they cosigned. It renews freshness only through a head tied to the fold
+        (`_bind`) and the proof that this head extends it (clientkit/_quorum.py); a proof that
+        fails is a fork."""
+        policy = self._policy()
         if policy is None or head.size != self.view.head.seq:
             return  # nothing to renew, or the head is not tied to the fold (yet)
         relay_pk = self._client.relay_pk
