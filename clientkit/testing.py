@@ -90,6 +90,9 @@ class Lie(enum.StrEnum):
     # Bend the proof that a heartbeat's head extends the older head its witnesses cosigned
     # (`witnessed_proof`, sent when commits outran them): a head of another history than theirs.
     BEND_WITNESSED = "bend_witnessed"
+    # (needs `signer`) Replace a heartbeat's `witnessed` head by the same tree signed again by the
+    # relay's key, dated now, with no witness's line: a date the witnesses never gave.
+    UNWITNESSED = "unwitnessed"
 
 
 @dataclass(frozen=True)
@@ -178,6 +181,7 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
             | Lie.FREEZE
             | Lie.HIDE_LIVE
             | Lie.BEND_WITNESSED
+            | Lie.UNWITNESSED
         ):
             return events  # told on the wire (`LyingRelay`, `withheld_lie`), not as events
     raise AssertionError(m)  # pragma: no cover
@@ -186,6 +190,9 @@ def lie(history: Sequence[SequencedEvent], m: Misbehaviour) -> History:
 _RECHAINING = frozenset({Lie.DROP, Lie.SWAP, Lie.SPLICE, Lie.FORGE})
 _RECEIPT_LIES = frozenset({Lie.STRIP_RECEIPT, Lie.FOREIGN_CHECKPOINT, Lie.EXCLUDE_EVENT})
 WITHHELD_LIES = frozenset({Lie.INVENT_WITHHELD, Lie.RELABEL_WITHHELD})
+# Lies told frame by frame on a subscription's stream, live ones included (`_on_stream`), not
+# about the catch-up history `_present` holds back until `caught_up`.
+_STREAM_LIES = frozenset({Lie.FREEZE, Lie.HIDE_LIVE, Lie.BEND_WITNESSED, Lie.UNWITNESSED})
 
 
 def withheld_lie(
@@ -366,8 +373,8 @@ class LyingRelay:
         self, relay: WebSocketConnection, client: WebSocketConnection, m: Misbehaviour | None
     ) -> None:
         held: dict[str, History] = {}  # collab -> catch-up events held back until caught_up
-        frozen: dict[str, bytes] = {}  # collab -> the head a `Lie.FREEZE` keeps showing
-        live: dict[str, bool] = {}  # collab -> whether `Lie.HIDE_LIVE` hid its event yet
+        # collab -> the head a `Lie.FREEZE` keeps showing, or whether `Lie.HIDE_LIVE` hid yet
+        stream: dict[str, Any] = {}
         lied = 0
         while True:
             data = await relay.get_message()
@@ -378,13 +385,32 @@ class LyingRelay:
                     lied += 1
                     if m is not None and m.lie is Lie.DELAY:
                         await trio.sleep(DELAY_SECONDS)
-                presented = self._freeze(frame, frozen) if m and m.lie is Lie.FREEZE else None
-                if m and m.lie is Lie.HIDE_LIVE:
-                    presented = _hide_live(frame, live)
-                if m and m.lie is Lie.BEND_WITNESSED:
-                    presented = [_bend_witnessed(frame)]
-                for out in presented if presented is not None else self._present(frame, held, m):
+                if m is not None and m.lie in _STREAM_LIES:
+                    presented = self._on_stream(frame, m.lie, stream)
+                else:
+                    presented = self._present(frame, held, m)
+                for out in presented:
                     await client.send_message(wire.encode(out))
+
+    def _on_stream(self, frame: wire.Reply, lie: Lie, stream: dict[str, Any]) -> list[wire.Reply]:
+        match lie:
+            case Lie.FREEZE:
+                return self._freeze(frame, stream)
+            case Lie.HIDE_LIVE:
+                return _hide_live(frame, stream)
+            case Lie.BEND_WITNESSED:
+                return [_bend_witnessed(frame)]
+            case _:
+                return [self._unwitnessed(frame)]
+
+    def _unwitnessed(self, frame: wire.Reply) -> wire.Reply:
+        """`Lie.UNWITNESSED`: the heartbeat's `witnessed` tree, dated now by the relay alone."""
+        if not isinstance(frame, wire.TreeHead) or not frame.witnessed:
+            return frame
+        assert self.signer is not None, "Lie.UNWITNESSED needs the relay's key"
+        cp = parse_checkpoint(parse_note(frame.witnessed).text)
+        alone = self.signer.sign(frame.collab_id, cp.size, cp.root, int(time.time()))
+        return msgspec.structs.replace(frame, witnessed=alone)
 
     def _empty_end(self, collab_id: str, m: Misbehaviour) -> int:
         """Where a catch-up that presents no event says the history ends: before the

@@ -261,6 +261,27 @@ async def test_a_witnessed_head_the_heartbeat_does_not_extend_is_a_fork(
 
 
 @pytest.mark.objective("SO-4")
+async def test_a_witnessed_head_the_witnesses_did_not_cosign_renews_nothing(
+    database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The relay (its own key) replaces a busy heartbeat's `witnessed` head by the same tree
+    dated now by itself alone, so the proof still holds: the date is the witnesses' to give,
+    and the follower reports a stale view instead of taking the relay's."""
+    async with witnessed_relay(database_url, tmp_path) as (relay, witnesses):
+        alice, _ = await witnessed_collab(relay, witnesses)
+        carried = _slow_witnesses(monkeypatch, relay)
+        signer = CheckpointSigner(relay.config.relay_name, bytes(relay.relay_key))
+        alone = LyingRelay(
+            relay.url, plan=lambda _n: Misbehaviour(Lie.UNWITNESSED, 1), signer=signer
+        )
+        async with alone.running() as url:
+            reported, _, _ = await _follow_while_busy(relay, alice, url, 10.0)
+    assert len(carried) >= 5, "the witnesses kept up: no witnessed head to replace"
+    assert reported, "a witnessed head without the witnesses' lines kept the follower fresh"
+    assert all(isinstance(r, StaleView) for r in reported), reported
+
+
+@pytest.mark.objective("SO-4")
 async def test_honest_heartbeats_reconnects_and_a_witness_restart_keep_a_witnessed_view_fresh(
     database_url: str, tmp_path: Path
 ) -> None:
