@@ -64,7 +64,7 @@ from model.membership import (
     signer_key,
 )
 from model.merkle import CompactRange, leaf_hash
-from model.viewsnap import Snapshot, open_snapshot, seal_snapshot, snapshot_tree
+from model.viewsnap import Snapshot, open_snapshot, seal_snapshot
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -258,7 +258,7 @@ class CollabView:
         `SnapshotRejected` (model/viewsnap.py) for anything but this account's own sealed fold of this collab at
         exactly `head` (damaged, tampered with, another head, another key): the caller then
         reads from the genesis, it never trusts what it cannot open."""
-        snap = open_snapshot(sealed, head, collab_id, account_id, box_key)
+        snap, tree = open_snapshot(sealed, head, collab_id, account_id, box_key)
         view = cls(
             collab_id,
             account_id,
@@ -274,7 +274,7 @@ class CollabView:
         view._joined = snap.joined
         view._chains = snap.chains
         view._ids = set(snap.ids)
-        view._tree = snapshot_tree(snap)
+        view._tree = tree
         view._streams = {(a, d): (n, e) for a, d, n, e in snap.streams}
         view._whole = snap.whole
         return view

@@ -72,9 +72,10 @@ def seal_snapshot(snap: Snapshot, box_key: nacl.public.PrivateKey) -> bytes:
 
 def open_snapshot(
     sealed: bytes, head: Head, collab_id: str, account_id: str, box_key: nacl.public.PrivateKey
-) -> Snapshot:
-    """The kept fold of `collab_id` by `account_id` at exactly `head`. Raises
-    `SnapshotRejected` for anything else (damaged, edited, another head, another key)."""
+) -> tuple[Snapshot, CompactRange]:
+    """The kept fold of `collab_id` by `account_id` at exactly `head`, and its tree. Raises
+    `SnapshotRejected` for anything else (damaged, edited, another head, another key, kept by
+    an older client without a tree)."""
     nonce, box = sealed[:AEAD_NONCE_BYTES], sealed[AEAD_NONCE_BYTES:]
     try:
         plain = aead_decrypt(
@@ -90,13 +91,12 @@ def open_snapshot(
         or snap.chains[-1] != head.chain
     ):
         raise SnapshotRejected("the kept view is not of this head")
-    snapshot_tree(snap)
-    return snap
+    return snap, _tree(snap)
 
 
-def snapshot_tree(snap: Snapshot) -> CompactRange:
-    """The kept fold's tree border. Raises `SnapshotRejected` unless it is of the head's size
-    (none at all: kept by an older client, so the reader reads again from the genesis)."""
+def _tree(snap: Snapshot) -> CompactRange:
+    """The kept fold's tree border, which must be of the head's size (none at all: kept by an
+    older client, so the reader reads again from the genesis)."""
     try:
         return CompactRange.from_nodes(snap.seq, () if snap.tree is None else snap.tree)
     except ValueError:

@@ -364,7 +364,7 @@ def test_the_fold_keeps_the_tree_a_signed_head_of_its_size_must_have_and_a_kept_
     seq, signed, chain = sim.events[-1]
     resumed.ingest(seq, signed, chain)
     assert resumed.tree_root() == tree_root([leaf_hash(i) for i in [*ids, event_id(signed)]])
-    snap = open_snapshot(sealed, view.head, sim.collab_id, bob.id, bob.box)
+    snap, _ = open_snapshot(sealed, view.head, sim.collab_id, bob.id, bob.box)
     for tree in (None, snap.tree[:-1] if snap.tree else [b"\0" * 32]):
         other = seal_snapshot(msgspec.structs.replace(snap, tree=tree), bob.box)
         with pytest.raises(SnapshotRejected):
